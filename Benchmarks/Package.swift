@@ -1,0 +1,43 @@
+// swift-tools-version: 6.2
+// Benchmarks live in their own package so that peers used only for comparison
+// (postgres-nio, async-algorithms) never enter the library's dependency graph.
+import PackageDescription
+
+let package = Package(
+    name: "realtime-sync-benchmarks",
+    platforms: [.macOS(.v15)],
+    dependencies: [
+        .package(name: "swift-realtime-sync", path: ".."),
+        .package(url: "https://github.com/vapor/postgres-nio.git", exact: "1.33.2"),
+        .package(url: "https://github.com/apple/swift-async-algorithms.git", from: "1.0.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+    ],
+    targets: [
+        // issue 2: SELECT $1::int round trips on one PostgresConnection
+        .executableTarget(
+            name: "pg-roundtrip",
+            dependencies: [.product(name: "PoolKit", package: "swift-realtime-sync")],
+            path: "Sources/pg-roundtrip"
+        ),
+        // issue 3: pool lease/release and real-database throughput vs postgres-nio's PostgresClient
+        .executableTarget(
+            name: "pool-bench",
+            dependencies: [
+                .product(name: "PoolKit", package: "swift-realtime-sync"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/pool-bench"
+        ),
+        // issue 4: JobScheduler lateness, schedule/cancel cost, memory vs a naive Task-per-job baseline
+        .executableTarget(
+            name: "scheduler-bench",
+            dependencies: [
+                .product(name: "Scheduler", package: "swift-realtime-sync"),
+                .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+            ],
+            path: "Sources/scheduler-bench"
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,1 @@
+// PoolKit: a bounded connection pool and a libpq-backed PostgresConnection.
