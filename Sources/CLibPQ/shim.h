@@ -1,4 +1,13 @@
 #ifndef CLIBPQ_SHIM_H
 #define CLIBPQ_SHIM_H
 #include <libpq-fe.h>
+#ifdef __linux__
+/* PoolKit's reactor waits on libpq sockets with epoll; Glibc's Swift module does not export it. */
+#include <sys/epoll.h>
+#include <spawn.h>
+/* glibc >= 2.34 has these, but only declares them under _GNU_SOURCE. EmbeddedPostgres uses them so
+   that the long-lived server it starts inherits none of the test process's descriptors. */
+extern int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *actions, int from);
+extern int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *actions, const char *path);
+#endif
 #endif

@@ -1,1 +1,0 @@
-// PoolKit: a bounded connection pool and a libpq-backed PostgresConnection.

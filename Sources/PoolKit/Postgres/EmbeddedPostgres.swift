@@ -1,0 +1,330 @@
+import Foundation
+import Synchronization
+import CLibPQ
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A throwaway PostgreSQL cluster for tests, demos and local runs.
+///
+/// `start()` runs `initdb` into a fresh temporary folder and starts the server with
+/// `pg_ctl` on a free loopback port, with `wal_level=logical` and room for replication slots and
+/// WAL senders. When the process runs as root the server runs as the `postgres` user (PostgreSQL
+/// refuses to run as root). `stop()` stops the server and removes the folder; it is idempotent
+/// and also runs when the process exits normally. A cluster left behind by a process that was
+/// killed is removed by the next `start()` on the machine.
+///
+/// ```swift
+/// let pg = try await EmbeddedPostgres.start()
+/// let conn = try await PostgresConnection.connect(to: pg.url)
+/// ```
+public final class EmbeddedPostgres: Sendable {
+    /// How to start the cluster.
+    public struct Options: Sendable {
+        /// Extra `name=value` server settings, added after the defaults.
+        public var settings: [String: String]
+        /// The folder under which the cluster's temporary folder is made. Default: the system's
+        /// temporary directory.
+        public var parentDirectory: String
+        /// The longest `pg_ctl start` may wait for the server to accept connections. Default 60 s.
+        public var startTimeout: Duration
+
+        /// Creates options.
+        public init(settings: [String: String] = [:], parentDirectory: String = NSTemporaryDirectory(),
+                    startTimeout: Duration = .seconds(60)) {
+            self.settings = settings
+            self.parentDirectory = parentDirectory
+            self.startTimeout = startTimeout
+        }
+    }
+
+    /// A `postgres://` URL for the superuser `postgres`, database `postgres`, over TCP on 127.0.0.1.
+    public let url: String
+    /// The TCP port the server listens on (127.0.0.1 only).
+    public let port: Int
+    /// The cluster's temporary folder (data, socket and log).
+    public let directory: String
+    /// The folder holding `initdb`, `pg_ctl` and `postgres`.
+    public let binDirectory: String
+
+    private let runAsUser: String?
+    private let stopped = Mutex(false)
+
+    private init(url: String, port: Int, directory: String, binDirectory: String, runAsUser: String?) {
+        self.url = url
+        self.port = port
+        self.directory = directory
+        self.binDirectory = binDirectory
+        self.runAsUser = runAsUser
+    }
+
+    /// The data folder inside `directory`.
+    public var dataDirectory: String { directory + "/data" }
+
+    /// Starts a new cluster. Blocking steps (initdb, pg_ctl) run off the Swift concurrency pool.
+    public static func start(_ options: Options = Options()) async throws -> EmbeddedPostgres {
+        try await withCheckedThrowingContinuation { cont in
+            DispatchQueue.global().async {
+                do { cont.resume(returning: try startBlocking(options)) } catch { cont.resume(throwing: error) }
+            }
+        }
+    }
+
+    /// Starts a new cluster, blocking the calling thread; use from synchronous code only.
+    public static func startBlocking(_ options: Options = Options()) throws -> EmbeddedPostgres {
+        let bin = try findBinDirectory()
+        reapOrphans(parent: options.parentDirectory, bin: bin)
+        let asRoot = geteuid() == 0
+        let user: String? = asRoot ? "postgres" : nil
+        if asRoot, getpwnam("postgres") == nil {
+            throw EmbeddedPostgresError(message: "running as root, but there is no 'postgres' user to run the server as (PostgreSQL refuses to run as root): install postgresql, which creates it")
+        }
+        var template = Array((options.parentDirectory.hasSuffix("/") ? options.parentDirectory : options.parentDirectory + "/").utf8CString.dropLast())
+        template += Array("realtime-sync-pg-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else {
+            throw EmbeddedPostgresError(message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno)))")
+        }
+        let dir = String(cString: made)
+        // Record who owns this cluster so a later start can reap it if this process dies.
+        try? "\(getpid())".write(toFile: dir + "/owner.pid", atomically: true, encoding: .utf8)
+        if let user, let pw = getpwnam(user) {
+            chown(dir, pw.pointee.pw_uid, pw.pointee.pw_gid)
+            chmod(dir, 0o700)
+        }
+        let port = try freePort()
+        let pg = EmbeddedPostgres(url: "postgres://postgres@127.0.0.1:\(port)/postgres?sslmode=disable",
+                                  port: port, directory: dir, binDirectory: bin, runAsUser: user)
+        do {
+            try pg.runTool("initdb", ["-D", pg.dataDirectory, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                                      "--locale=C", "--no-sync", "--no-instructions"])
+            var settings: [(String, String)] = [
+                ("listen_addresses", "'127.0.0.1'"), ("port", "\(port)"),
+                ("unix_socket_directories", "'\(dir)'"),
+                ("wal_level", "logical"), ("max_replication_slots", "40"), ("max_wal_senders", "40"),
+                ("max_connections", "300"), ("fsync", "off"), ("full_page_writes", "off"),
+                ("shared_buffers", "128MB"), ("log_min_messages", "warning"),
+            ]
+            for (k, v) in options.settings.sorted(by: { $0.key < $1.key }) { settings.append((k, v)) }
+            let conf = settings.map { "\($0.0) = \($0.1)" }.joined(separator: "\n") + "\n"
+            let confPath = pg.dataDirectory + "/postgresql.conf"
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: confPath))
+            try handle.seekToEnd()
+            try handle.write(contentsOf: Data(conf.utf8))
+            try handle.close()
+            let wait = Int(options.startTimeout.components.seconds)
+            try pg.runTool("pg_ctl", ["-D", pg.dataDirectory, "-l", dir + "/server.log", "-w", "-t", "\(wait)", "start"])
+        } catch {
+            pg.stop()
+            throw error
+        }
+        EmbeddedRegistry.shared.add(pg)
+        return pg
+    }
+
+    /// Stops the server (fast shutdown) and removes the folder. Idempotent; blocking for up to a
+    /// few seconds while the server exits.
+    public func stop() {
+        let already = stopped.withLock { s -> Bool in
+            defer { s = true }
+            return s
+        }
+        guard !already else { return }
+        EmbeddedRegistry.shared.remove(self)
+        let pid = serverPID
+        if FileManager.default.fileExists(atPath: dataDirectory + "/postmaster.pid") {
+            _ = try? runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "-t", "30", "stop"])
+        }
+        // pg_ctl returns once postmaster.pid is gone; wait (bounded) for the process itself.
+        if let pid {
+            var waited = 0
+            while processIsAlive(pid) && waited < 5000 {
+                usleep(10_000)
+                waited += 10
+            }
+            if processIsAlive(pid) { kill(pid, SIGKILL) }
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Stops the server and removes the folder without blocking a Swift concurrency thread.
+    public func shutdown() async {
+        await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().async {
+                self.stop()
+                cont.resume()
+            }
+        }
+    }
+
+    /// Restarts the server on the same port and data (for tests of reconnect behaviour).
+    public func restart() throws {
+        try runTool("pg_ctl", ["-D", dataDirectory, "-l", directory + "/server.log", "-m", "fast", "-w", "-t", "60", "restart"])
+    }
+
+    /// Stops the server but keeps the data, so that `startAgain()` can bring it back.
+    public func stopServer() throws {
+        try runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "-t", "30", "stop"])
+    }
+
+    /// Starts a server stopped with `stopServer()`.
+    public func startAgain() throws {
+        try runTool("pg_ctl", ["-D", dataDirectory, "-l", directory + "/server.log", "-w", "-t", "60", "start"])
+    }
+
+    /// The postmaster's process ID, when the server is running.
+    public var serverPID: Int32? {
+        guard let text = try? String(contentsOfFile: dataDirectory + "/postmaster.pid", encoding: .utf8),
+              let first = text.split(separator: "\n").first else { return nil }
+        return Int32(first)
+    }
+
+    @discardableResult
+    private func runTool(_ tool: String, _ args: [String]) throws -> String {
+        try Self.run(binDirectory + "/" + tool, args, as: runAsUser)
+    }
+
+    /// Runs a tool to completion with its output in a file. Uses `posix_spawn` + `waitpid`, not
+    /// Foundation's `Process`: on Linux, `Process` learns of the child's exit through a socket the
+    /// child inherits, and the server that `pg_ctl start` leaves running would inherit it too, so
+    /// `waitUntilExit()` would never return.
+    static func run(_ path: String, _ args: [String], as user: String?) throws -> String {
+        var argv: [String]
+        if let user {
+            argv = [findExecutable("runuser", path: "/usr/sbin:/usr/bin:/sbin:/bin") ?? "/usr/sbin/runuser", "-u", user, "--", path] + args
+        } else {
+            argv = [path] + args
+        }
+        let outPath = NSTemporaryDirectory() + "/realtime-sync-pgtool-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log"
+        defer { unlink(outPath) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_addchdir_np(&actions, "/")
+        // Nothing of ours (sockets, pipes) may leak into the long-lived server.
+        posix_spawn_file_actions_addclosefrom_np(&actions, 3)
+        var cargs = argv.map { strdup($0) } + [nil]
+        defer { cargs.forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, nil, &cargs, environ)
+        guard rc == 0 else {
+            throw EmbeddedPostgresError(message: "could not run \(argv[0]): \(String(cString: strerror(rc)))")
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+        let exited = (status & 0x7f) == 0
+        let code = exited ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        guard code == 0 else {
+            throw EmbeddedPostgresError(message: "\((path as NSString).lastPathComponent) \(args.joined(separator: " ")) failed (exit \(code)): \(text.suffix(2000))")
+        }
+        return text
+    }
+
+    static func findExecutable(_ name: String, path: String? = nil) -> String? {
+        let path = path ?? ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        for dir in path.split(separator: ":") {
+            let candidate = "\(dir)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
+    }
+
+    /// Finds the folder with `initdb`, `pg_ctl` and `postgres`: PATH first (resolving links),
+    /// then the newest `/usr/lib/postgresql/*/bin`.
+    static func findBinDirectory(path: String? = nil, versionsRoot: String = "/usr/lib/postgresql") throws -> String {
+        func complete(_ dir: String) -> Bool {
+            ["initdb", "pg_ctl", "postgres"].allSatisfy { FileManager.default.isExecutableFile(atPath: dir + "/" + $0) }
+        }
+        if let initdb = findExecutable("initdb", path: path) {
+            let resolved = (try? FileManager.default.destinationOfSymbolicLink(atPath: initdb)) ?? initdb
+            let full = resolved.hasPrefix("/") ? resolved : ((initdb as NSString).deletingLastPathComponent + "/" + resolved)
+            let dir = (full as NSString).deletingLastPathComponent
+            if complete(dir) { return dir }
+        }
+        let root = versionsRoot
+        let versions = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [])
+            .compactMap { v -> (Int, String)? in Int(v).map { ($0, v) } }
+            .sorted { $0.0 > $1.0 }
+        for (_, v) in versions where complete("\(root)/\(v)/bin") { return "\(root)/\(v)/bin" }
+        throw EmbeddedPostgresError(message: "PostgreSQL server binaries not found: install postgresql (looked for initdb, pg_ctl and postgres on PATH and in /usr/lib/postgresql/*/bin)")
+    }
+
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw EmbeddedPostgresError(message: "socket() failed: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = 0
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { throw EmbeddedPostgresError(message: "could not find a free port: \(String(cString: strerror(errno)))") }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    /// Stops and removes clusters whose owning process is gone (left by a killed test run).
+    static func reapOrphans(parent: String, bin: String) {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
+        for name in entries where name.hasPrefix("realtime-sync-pg-") {
+            let dir = (parent as NSString).appendingPathComponent(name)
+            guard let text = try? String(contentsOfFile: dir + "/owner.pid", encoding: .utf8),
+                  let owner = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { continue }
+            if processIsAlive(owner) { continue }
+            let user: String? = geteuid() == 0 ? "postgres" : nil
+            if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") {
+                _ = try? run(bin + "/pg_ctl", ["-D", dir + "/data", "-m", "immediate", "-w", "-t", "10", "stop"], as: user)
+            }
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+    }
+}
+
+/// True when `pid` names a running process (a zombie, which a container's init may never reap,
+/// counts as gone).
+func processIsAlive(_ pid: Int32) -> Bool {
+    guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return true }
+    let state = stat[stat.index(after: close)...].split(separator: " ").first
+    return state != "Z" && state != "X"
+}
+
+/// A failure to find, start or stop the embedded cluster.
+public struct EmbeddedPostgresError: Error, Sendable, CustomStringConvertible {
+    /// What went wrong and what to do.
+    public var message: String
+    /// The message.
+    public var description: String { "EmbeddedPostgres: \(message)" }
+}
+
+/// Every running embedded cluster, stopped at process exit.
+final class EmbeddedRegistry: Sendable {
+    static let shared = EmbeddedRegistry()
+    private let clusters = Mutex<[ObjectIdentifier: EmbeddedPostgres]>([:])
+
+    private init() {
+        atexit {
+            EmbeddedRegistry.shared.stopAll()
+        }
+    }
+
+    func add(_ pg: EmbeddedPostgres) { clusters.withLock { $0[ObjectIdentifier(pg)] = pg } }
+    func remove(_ pg: EmbeddedPostgres) { clusters.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(pg)) } }
+
+    func stopAll() {
+        let all = clusters.withLock { c -> [EmbeddedPostgres] in
+            defer { c.removeAll() }
+            return Array(c.values)
+        }
+        for pg in all { pg.stop() }
+    }
+}

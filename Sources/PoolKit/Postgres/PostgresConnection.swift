@@ -1,0 +1,738 @@
+import CLibPQ
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import Synchronization
+
+/// A notification delivered by `NOTIFY` on a channel this connection listens to.
+public struct PostgresNotification: Sendable, Hashable {
+    /// The channel name.
+    public var channel: String
+    /// The payload ("" when none was given).
+    public var payload: String
+    /// The backend PID of the session that sent it.
+    public var senderPID: Int32
+}
+
+/// The transaction state of a connection, as libpq reports it.
+public enum PostgresTransactionStatus: Sendable, Hashable {
+    /// Idle, not in a transaction block.
+    case idle
+    /// A statement is running.
+    case active
+    /// Idle inside a transaction block.
+    case inTransaction
+    /// Idle inside a failed transaction block (only ROLLBACK will be accepted).
+    case inFailedTransaction
+    /// The connection is bad or closed.
+    case unknown
+}
+
+/// One libpq connection to PostgreSQL, driven in non-blocking mode.
+///
+/// Every wait is for socket readiness on PoolKit's reactor thread (`epoll`), so a query never
+/// blocks a Swift concurrency thread; the few libpq calls that can block (name resolution during
+/// connect, `PQcancel`) run on a Dispatch thread. A connection runs one statement at a time; a
+/// second concurrent call fails with `PostgresError.Code.invalidUsage` rather than corrupting the
+/// protocol. Cancelling the calling Task during a statement sends a cancel request to the server
+/// and throws `CancellationError`, and the connection stays usable.
+///
+/// ```swift
+/// let conn = try await PostgresConnection.connect(to: "postgres://app@localhost:5432/app")
+/// defer { Task { await conn.close() } }
+/// let rows = try await conn.query("SELECT id, name FROM users WHERE id = $1", 42)
+/// for row in rows { print(try row.decode(String.self, named: "name") ?? "NULL") }
+/// ```
+public final class PostgresConnection: @unchecked Sendable {
+    // @unchecked Sendable: this class wraps the libpq `PGconn` handle, which is not thread-safe.
+    // Every libpq call on it is made while holding `state`'s lock, the handle is read only
+    // through that lock, and it is freed exactly once by `close()` after being taken out of it.
+
+    /// How to connect.
+    public struct Configuration: Sendable {
+        /// A `postgres://user:password@host:port/db?sslmode=...&application_name=...` URL
+        /// (a unix-socket directory may be given as `host=/path` or a percent-encoded host) or a
+        /// libpq `key=value` string.
+        public var connectionString: String
+        /// The longest a connect (TCP, TLS, authentication) may take. Default 10 s.
+        public var connectTimeout: Duration
+        /// Where server notices and connection events are logged.
+        public var logger: Logger
+
+        /// Creates a configuration.
+        public init(_ connectionString: String, connectTimeout: Duration = .seconds(10),
+                    logger: Logger = Logger(label: "PoolKit.PostgresConnection")) {
+            self.connectionString = connectionString
+            self.connectTimeout = connectTimeout
+            self.logger = logger
+        }
+    }
+
+    // @unchecked Sendable: holds the libpq handle; it only ever lives inside `state`'s Mutex.
+    struct State: @unchecked Sendable {
+        var pg: OpaquePointer?
+        var fd: Int32
+        var busy = false
+        var broken = false
+        var notifications: [PostgresNotification] = []
+        var notificationHead = 0
+        var listenerOnSocket = false
+        var listenerActive = false
+        var listenerParked: CheckedContinuation<Void, Never>?
+    }
+
+    let state: Mutex<State>
+    private let noticeSink: NoticeSink
+    /// The configuration this connection was made with.
+    public let configuration: Configuration
+    /// The server's backend process ID for this session.
+    public let backendPID: Int32
+    /// The server's version, e.g. `15.18`.
+    public let serverVersion: String
+    /// The server's version as a number, e.g. `150018`.
+    public let serverVersionNumber: Int
+    /// The host this connection reached (a name, address or socket directory).
+    public let host: String
+    /// The port this connection reached.
+    public let port: String
+
+    fileprivate init(pg: OpaquePointer, configuration: Configuration, noticeSink: NoticeSink) {
+        self.configuration = configuration
+        self.noticeSink = noticeSink
+        self.backendPID = PQbackendPID(pg)
+        self.serverVersionNumber = Int(PQserverVersion(pg))
+        self.serverVersion = PQparameterStatus(pg, "server_version").map { String(cString: $0) } ?? "unknown"
+        self.host = PQhost(pg).map { String(cString: $0) } ?? ""
+        self.port = PQport(pg).map { String(cString: $0) } ?? ""
+        self.state = Mutex(State(pg: pg, fd: PQsocket(pg)))
+    }
+
+    deinit {
+        // The owner should call close(); this is the safety net so the PGconn is never leaked.
+        let (pg, fd) = state.withLock { s in (s.pg, s.fd) }
+        if let pg {
+            SocketReactor.shared.forget(fd: fd)
+            PQfinish(pg)
+        }
+    }
+
+    // MARK: Connecting
+
+    /// Connects with a URL or `key=value` string; see `Configuration`.
+    public static func connect(to connectionString: String, connectTimeout: Duration = .seconds(10),
+                               logger: Logger = Logger(label: "PoolKit.PostgresConnection")) async throws -> PostgresConnection {
+        try await connect(Configuration(connectionString, connectTimeout: connectTimeout, logger: logger))
+    }
+
+    /// Connects without blocking a Swift concurrency thread (`PQconnectStartParams` +
+    /// `PQconnectPoll`), bounded by `connectTimeout` and ended at once by Task cancellation.
+    public static func connect(_ configuration: Configuration) async throws -> PostgresConnection {
+        try Task.checkCancellation()
+        let starter = ConnectAttempt(configuration: configuration)
+        return try await withThrowingTaskGroup(of: PostgresConnection?.self) { group in
+            group.addTask { try await starter.run() }
+            group.addTask {
+                try await Task.sleep(for: configuration.connectTimeout)
+                return nil
+            }
+            defer { group.cancelAll() }
+            while let result = try await group.next() {
+                if let conn = result { return conn }
+                // The timer fired first.
+                group.cancelAll()
+                throw starter.timeoutError()
+            }
+            throw CancellationError()
+        }
+    }
+
+    // MARK: State
+
+    /// True once the connection is closed or known dead (terminated by the server, network
+    /// failure). A broken connection must be discarded.
+    public var isBroken: Bool {
+        state.withLock { s in
+            guard let pg = s.pg else { return true }
+            return s.broken || PQstatus(pg) == CONNECTION_BAD
+        }
+    }
+
+    /// True once `close()` has been called.
+    public var isClosed: Bool { state.withLock { $0.pg == nil } }
+
+    /// The transaction state as of the last completed statement.
+    public var transactionStatus: PostgresTransactionStatus {
+        state.withLock { s in
+            guard let pg = s.pg else { return .unknown }
+            switch PQtransactionStatus(pg) {
+            case PQTRANS_IDLE: return .idle
+            case PQTRANS_ACTIVE: return .active
+            case PQTRANS_INTRANS: return .inTransaction
+            case PQTRANS_INERROR: return .inFailedTransaction
+            default: return .unknown
+            }
+        }
+    }
+
+    // MARK: Statements
+
+    /// Runs one statement with `$1...$n` parameters (extended protocol, `PQsendQueryParams`);
+    /// pass `nil` for SQL NULL. Parameters are always sent as data, never spliced into the SQL.
+    @discardableResult
+    public func query(_ sql: String, _ parameters: (any PostgresBindable)?...) async throws -> PostgresQueryResult {
+        try await query(sql, parameters: parameters)
+    }
+
+    /// Runs one statement with `$1...$n` parameters given as an array; `nil` is SQL NULL.
+    @discardableResult
+    public func query(_ sql: String, parameters: [(any PostgresBindable)?]) async throws -> PostgresQueryResult {
+        let params = parameters.map { $0?.postgresParameter }
+        let results = try await run { pg in
+            sendQueryParams(pg, sql, params)
+        }
+        guard let last = results.last else {
+            throw PostgresError(code: .invalidUsage, message: "statement returned no result")
+        }
+        return last
+    }
+
+    /// Runs one or more `;`-separated statements with the simple protocol (`PQsendQuery`), for
+    /// DDL, transaction control and scripts. Returns one result per statement.
+    @discardableResult
+    public func execute(_ sql: String) async throws -> [PostgresQueryResult] {
+        try await run { pg in PQsendQuery(pg, sql) }
+    }
+
+    /// Quotes `identifier` for use as an SQL identifier (`PQescapeIdentifier`).
+    public func escapeIdentifier(_ identifier: String) throws -> String {
+        try state.withLock { s in
+            guard let pg = s.pg else { throw closedError() }
+            let utf8 = Array(identifier.utf8)
+            guard let out = utf8.withUnsafeBufferPointer({ buf in
+                buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
+                    PQescapeIdentifier(pg, $0, buf.count)
+                }
+            }) else {
+                throw PostgresError(code: .invalidUsage, message: "cannot quote identifier: \(lastError(pg))")
+            }
+            defer { PQfreemem(out) }
+            return String(cString: out)
+        }
+    }
+
+    /// Quotes `literal` for use as an SQL string literal (`PQescapeLiteral`). Prefer parameters.
+    public func escapeLiteral(_ literal: String) throws -> String {
+        try state.withLock { s in
+            guard let pg = s.pg else { throw closedError() }
+            let utf8 = Array(literal.utf8)
+            guard let out = utf8.withUnsafeBufferPointer({ buf in
+                buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
+                    PQescapeLiteral(pg, $0, buf.count)
+                }
+            }) else {
+                throw PostgresError(code: .invalidUsage, message: "cannot quote literal: \(lastError(pg))")
+            }
+            defer { PQfreemem(out) }
+            return String(cString: out)
+        }
+    }
+
+    // MARK: LISTEN / NOTIFY
+
+    /// Starts listening on `channel` (quoted with `PQescapeIdentifier`, so any name is safe).
+    public func listen(_ channel: String) async throws {
+        try await execute("LISTEN " + escapeIdentifier(channel))
+    }
+
+    /// Stops listening on `channel`.
+    public func unlisten(_ channel: String) async throws {
+        try await execute("UNLISTEN " + escapeIdentifier(channel))
+    }
+
+    /// Stops listening on every channel.
+    public func unlistenAll() async throws {
+        try await execute("UNLISTEN *")
+    }
+
+    /// The notifications for the channels this connection listens to, in the order the server
+    /// sent them. Iterate from one task at a time. Iteration ends when the connection closes;
+    /// it throws when the connection breaks.
+    public var notifications: PostgresNotificationSequence { PostgresNotificationSequence(connection: self) }
+
+    // MARK: Closing
+
+    /// Closes the connection and frees the `PGconn` exactly once. Idempotent. A statement or
+    /// notification wait in progress ends with `connectionClosed`.
+    public func close() async {
+        closeNow()
+    }
+
+    func closeNow() {
+        let (pg, fd, parked) = state.withLock { s -> (OpaquePointer?, Int32, CheckedContinuation<Void, Never>?) in
+            let pg = s.pg
+            s.pg = nil
+            let parked = s.listenerParked
+            s.listenerParked = nil
+            return (pg, s.fd, parked)
+        }
+        guard let pg else { return }
+        SocketReactor.shared.forget(fd: fd)
+        parked?.resume()
+        // PQfinish sends Terminate and closes the socket; in non-blocking mode it does not wait.
+        PQfinish(pg)
+    }
+
+    /// Asks the server to cancel the statement this connection is running, if any
+    /// (`PQcancel`, on a Dispatch thread). Returns once the request was delivered.
+    public func cancelRunningQuery() async {
+        let cancel: CancelHandle? = state.withLock { s in
+            guard let pg = s.pg, let c = PQgetCancel(pg) else { return nil }
+            return CancelHandle(c)
+        }
+        guard let cancel else { return }
+        _ = await BlockingExecutor.run { cancel.send() }
+    }
+
+    // MARK: The statement loop
+
+    private enum Step {
+        case done
+        case wait(Int32, SocketInterest)
+    }
+
+    /// Sends with `send`, flushes and collects every result until libpq reports the end.
+    func run(_ send: (OpaquePointer) -> Int32) async throws -> [PostgresQueryResult] {
+        try Task.checkCancellation()
+        let (fd, kickListener): (Int32, Bool) = try state.withLock { s in
+            guard let pg = s.pg else { throw closedError() }
+            guard !s.busy else {
+                throw PostgresError(code: .invalidUsage,
+                                    message: "connection \(PQbackendPID(pg)) is already running a statement; a PostgresConnection runs one statement at a time (use a ConnectionPool for concurrency)")
+            }
+            if s.broken || PQstatus(pg) == CONNECTION_BAD {
+                throw brokenError(pg, context: "connection is broken")
+            }
+            s.busy = true
+            if send(pg) == 0 {
+                s.busy = false
+                let bad = PQstatus(pg) == CONNECTION_BAD
+                if bad { s.broken = true }
+                throw bad ? brokenError(pg, context: "could not send statement") : PostgresError(code: .invalidUsage, message: lastError(pg))
+            }
+            return (s.fd, s.listenerOnSocket)
+        }
+        if kickListener { SocketReactor.shared.interrupt(fd: fd) }
+        defer { finishStatement() }
+
+        var results: [PostgresQueryResult] = []
+        var firstError: PostgresError?
+        var cancelRequested = false
+        var flushed = false
+        while true {
+            let step: Step = try state.withLock { s in
+                guard let pg = s.pg else { throw closedError() }
+                if !flushed {
+                    let f = PQflush(pg)
+                    if f < 0 { s.broken = true; throw brokenError(pg, context: "could not send statement") }
+                    if f == 1 {
+                        // Must also read: the server may be waiting for us to drain its output.
+                        if PQconsumeInput(pg) == 0 { s.broken = true; throw brokenError(pg, context: "connection lost") }
+                        return .wait(s.fd, .writable)
+                    }
+                    flushed = true
+                }
+                if PQconsumeInput(pg) == 0 {
+                    s.broken = true
+                    throw brokenError(pg, context: "connection lost")
+                }
+                drainNotifications(pg, into: &s)
+                while PQisBusy(pg) == 0 {
+                    guard let r = PQgetResult(pg) else { return .done }
+                    let box = ResultBox(r)
+                    switch PQresultStatus(r) {
+                    case PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_EMPTY_QUERY, PGRES_SINGLE_TUPLE:
+                        results.append(makeResult(box))
+                    case PGRES_COPY_IN, PGRES_COPY_OUT, PGRES_COPY_BOTH:
+                        if firstError == nil {
+                            firstError = PostgresError(code: .invalidUsage, message: "COPY is not supported by query()/execute()")
+                        }
+                    default:
+                        if firstError == nil { firstError = serverError(box.pointer, pg) }
+                    }
+                }
+                return .wait(s.fd, .readable)
+            }
+            guard case let .wait(fd, interest) = step else { break }
+            switch await SocketReactor.shared.wait(fd: fd, for: interest, cancellable: !cancelRequested) {
+            case .ready:
+                continue
+            case .cancelled:
+                cancelRequested = true
+                await cancelRunningQuery()
+            case .interrupted:
+                // A notification listener held the socket, or close() ran; kick and re-check.
+                SocketReactor.shared.interrupt(fd: fd)
+            }
+        }
+        if cancelRequested { throw CancellationError() }
+        if let firstError {
+            if firstError.code == .server, firstError.severity == "FATAL" || isBroken {
+                var e = firstError
+                e.code = .connectionBroken
+                throw e
+            }
+            throw firstError
+        }
+        return results
+    }
+
+    private func finishStatement() {
+        let parked = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.busy = false
+            let p = s.listenerParked
+            s.listenerParked = nil
+            return p
+        }
+        parked?.resume()
+    }
+
+    private func makeResult(_ box: ResultBox) -> PostgresQueryResult {
+        let tag = String(cString: PQcmdStatus(box.pointer))
+        let tuples = String(cString: PQcmdTuples(box.pointer))
+        let hasRows = PQresultStatus(box.pointer) == PGRES_TUPLES_OK || PQresultStatus(box.pointer) == PGRES_SINGLE_TUPLE
+        return PostgresQueryResult(box: hasRows ? box : nil, commandTag: tag, rowsAffected: Int(tuples))
+    }
+
+    // MARK: Notifications plumbing
+
+    enum ListenerStep {
+        case deliver(PostgresNotification)
+        case finished
+        case park
+        case waitSocket(Int32)
+    }
+
+    func nextNotificationStep() throws -> ListenerStep {
+        try state.withLock { s in
+            if let n = takeBuffered(&s) { return .deliver(n) }
+            guard let pg = s.pg else { return .finished }
+            if s.busy { return .park }
+            if PQconsumeInput(pg) == 0 {
+                s.broken = true
+                throw brokenError(pg, context: "connection lost while waiting for notifications")
+            }
+            drainNotifications(pg, into: &s)
+            if let n = takeBuffered(&s) { return .deliver(n) }
+            s.listenerOnSocket = true
+            return .waitSocket(s.fd)
+        }
+    }
+
+    func beginListening() throws {
+        try state.withLock { s in
+            guard !s.listenerActive else {
+                throw PostgresError(code: .invalidUsage, message: "notifications are already being awaited by another task on this connection")
+            }
+            s.listenerActive = true
+        }
+    }
+
+    func endListening() {
+        state.withLock { s in
+            s.listenerActive = false
+            s.listenerOnSocket = false
+        }
+    }
+
+    func leftSocket() { state.withLock { $0.listenerOnSocket = false } }
+
+    func park() async {
+        await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
+            let resumeNow = state.withLock { s -> Bool in
+                if s.busy && s.pg != nil && s.notificationHead >= s.notifications.count && !Task.isCancelled {
+                    s.listenerParked = cont
+                    return false
+                }
+                return true
+            }
+            if resumeNow { cont.resume() }
+        }
+    }
+
+    private func takeBuffered(_ s: inout State) -> PostgresNotification? {
+        guard s.notificationHead < s.notifications.count else { return nil }
+        let n = s.notifications[s.notificationHead]
+        s.notificationHead += 1
+        if s.notificationHead == s.notifications.count {
+            s.notifications.removeAll(keepingCapacity: true)
+            s.notificationHead = 0
+        }
+        return n
+    }
+
+    private func drainNotifications(_ pg: OpaquePointer, into s: inout State) {
+        var any = false
+        while let n = PQnotifies(pg) {
+            let note = PostgresNotification(
+                channel: String(cString: n.pointee.relname),
+                payload: String(cString: n.pointee.extra),
+                senderPID: n.pointee.be_pid)
+            PQfreemem(n)
+            s.notifications.append(note)
+            any = true
+        }
+        if any, let parked = s.listenerParked {
+            s.listenerParked = nil
+            parked.resume()
+        }
+    }
+
+    // MARK: Errors
+
+    func closedError() -> PostgresError {
+        PostgresError(code: .connectionClosed, message: "connection to \(host):\(port) is closed", host: host, port: port)
+    }
+
+    func brokenError(_ pg: OpaquePointer, context: String) -> PostgresError {
+        PostgresError(code: .connectionBroken,
+                      message: "\(context) (backend \(backendPID) at \(host):\(port)): \(lastError(pg))",
+                      host: host, port: port)
+    }
+}
+
+/// Builds a `PostgresError` from a failed `PGresult`.
+func serverError(_ res: OpaquePointer, _ pg: OpaquePointer?) -> PostgresError {
+    func field(_ code: Character) -> String? {
+        PQresultErrorField(res, Int32(code.asciiValue!)).map { String(cString: $0) }
+    }
+    let message = field("M") ?? String(cString: PQresultErrorMessage(res)).trimmingTrailingNewlines()
+    return PostgresError(
+        code: .server, message: message, sqlState: field("C"), severity: field("V") ?? field("S"),
+        detail: field("D"), hint: field("H"), position: field("P").flatMap { Int($0) })
+}
+
+func lastError(_ pg: OpaquePointer) -> String {
+    String(cString: PQerrorMessage(pg)).trimmingTrailingNewlines()
+}
+
+extension String {
+    func trimmingTrailingNewlines() -> String {
+        var s = Substring(self)
+        while let last = s.last, last == "\n" || last == " " { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+/// Sends `PQsendQueryParams` with text or binary parameters and text results.
+private func sendQueryParams(_ pg: OpaquePointer, _ sql: String, _ params: [PostgresParameter?]) -> Int32 {
+    let n = params.count
+    if n == 0 {
+        return PQsendQueryParams(pg, sql, 0, nil, nil, nil, nil, 0)
+    }
+    // One contiguous buffer for every value (each NUL-terminated for text parameters).
+    var storage = [UInt8]()
+    storage.reserveCapacity(params.reduce(0) { $0 + ($1?.bytes.count ?? 0) + 1 })
+    var offsets = [Int](repeating: -1, count: n)
+    var lengths = [Int32](repeating: 0, count: n)
+    var formats = [Int32](repeating: 0, count: n)
+    var types = [UInt32](repeating: 0, count: n)
+    for (i, p) in params.enumerated() {
+        guard let p else { continue }
+        offsets[i] = storage.count
+        storage.append(contentsOf: p.bytes)
+        storage.append(0)
+        lengths[i] = Int32(p.bytes.count)
+        formats[i] = p.isBinary ? 1 : 0
+        types[i] = p.typeOID
+    }
+    return storage.withUnsafeBufferPointer { buf in
+        buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) { base in
+            var values = [UnsafePointer<CChar>?](repeating: nil, count: n)
+            for i in 0..<n where offsets[i] >= 0 { values[i] = UnsafePointer(base + offsets[i]) }
+            return PQsendQueryParams(pg, sql, Int32(n), types, values, lengths, formats, 0)
+        }
+    }
+}
+
+/// A `PGcancel` freed exactly once.
+final class CancelHandle: @unchecked Sendable {
+    // @unchecked: PQcancel is documented thread-safe; the handle is freed only in deinit.
+    let pointer: OpaquePointer
+    init(_ pointer: OpaquePointer) { self.pointer = pointer }
+    deinit { PQfreeCancel(pointer) }
+
+    /// Sends the cancel request (blocking: call off the cooperative pool). Returns an error text or nil.
+    func send() -> String? {
+        var buf = [CChar](repeating: 0, count: 256)
+        let ok = PQcancel(pointer, &buf, Int32(buf.count))
+        if ok == 1 { return nil }
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// Routes libpq notices (e.g. `NOTICE: table does not exist, skipping`) to swift-log instead of stderr.
+final class NoticeSink: Sendable {
+    let logger: Logger
+    init(logger: Logger) { self.logger = logger }
+}
+
+/// One non-blocking connect (`PQconnectStartParams` + `PQconnectPoll`).
+final class ConnectAttempt: Sendable {
+    let configuration: Configuration
+    typealias Configuration = PostgresConnection.Configuration
+    private let target = Mutex<(host: String, port: String, lastError: String)>(("?", "?", ""))
+
+    init(configuration: Configuration) { self.configuration = configuration }
+
+    func timeoutError() -> PostgresError {
+        let t = target.withLock { $0 }
+        return PostgresError(
+            code: .connectTimeout,
+            message: "could not connect to \(t.host):\(t.port) within \(configuration.connectTimeout) (connectTimeout=\(configuration.connectTimeout))\(t.lastError.isEmpty ? "" : ": \(t.lastError)")",
+            host: t.host, port: t.port)
+    }
+
+    private func failure(_ pg: OpaquePointer) -> PostgresError {
+        let host = PQhost(pg).map { String(cString: $0) } ?? "?"
+        let port = PQport(pg).map { String(cString: $0) } ?? "?"
+        return PostgresError(code: .connectionFailed,
+                             message: "could not connect to \(host):\(port): \(lastError(pg))",
+                             host: host, port: port)
+    }
+
+    func run() async throws -> PostgresConnection {
+        let cs = configuration.connectionString
+        // Name resolution happens inside PQconnectStartParams/PQconnectPoll, so both run on a
+        // Dispatch thread, never on the cooperative pool.
+        let handle = await BlockingExecutor.run { () -> ConnHandle? in
+            let keys = ["dbname", "fallback_application_name", "client_encoding"]
+            let values = [cs, "swift-realtime-sync", "UTF8"]
+            let kp = keys.map { strdup($0) } + [nil]
+            let vp = values.map { strdup($0) } + [nil]
+            defer { (kp + vp).forEach { free($0) } }
+            let pg = kp.map { UnsafePointer($0) }.withUnsafeBufferPointer { k in
+                vp.map { UnsafePointer($0) }.withUnsafeBufferPointer { v in
+                    PQconnectStartParams(k.baseAddress, v.baseAddress, 1)
+                }
+            }
+            return pg.map(ConnHandle.init)
+        }
+        guard let handle else {
+            throw PostgresError(code: .connectionFailed, message: "libpq could not allocate a connection (out of memory)")
+        }
+        var owned = true
+        defer { if owned { handle.finish() } }
+        let pg = handle.pointer
+        recordTarget(pg)
+        if PQstatus(pg) == CONNECTION_BAD {
+            let e = failure(pg)
+            if PQhost(pg) == nil {
+                throw PostgresError(code: .invalidConfiguration, message: "invalid connection string: \(lastError(pg))")
+            }
+            throw e
+        }
+        var poll = PGRES_POLLING_WRITING
+        while true {
+            switch poll {
+            case PGRES_POLLING_OK:
+                guard PQsetnonblocking(pg, 1) == 0 else { throw failure(pg) }
+                let sink = NoticeSink(logger: configuration.logger)
+                PQsetNoticeReceiver(pg, { arg, res in
+                    guard let arg, let res else { return }
+                    let sink = Unmanaged<NoticeSink>.fromOpaque(arg).takeUnretainedValue()
+                    let e = serverError(res, nil)
+                    sink.logger.debug("postgres notice: \(e.message)", metadata: ["sqlstate": "\(e.sqlState ?? "")"])
+                }, Unmanaged.passUnretained(sink).toOpaque())
+                owned = false
+                return PostgresConnection(pg: pg, configuration: configuration, noticeSink: sink)
+            case PGRES_POLLING_FAILED:
+                throw failure(pg)
+            case PGRES_POLLING_READING, PGRES_POLLING_WRITING:
+                let fd = PQsocket(pg)
+                let outcome = await SocketReactor.shared.wait(fd: fd, for: poll == PGRES_POLLING_READING ? .readable : .writable)
+                if outcome == .cancelled {
+                    SocketReactor.shared.forget(fd: fd)
+                    throw CancellationError()
+                }
+                let next = await BlockingExecutor.run { PQconnectPoll(handle.pointer) }
+                if PQsocket(pg) != fd { SocketReactor.shared.forget(fd: fd) }
+                recordTarget(pg)
+                poll = next
+            default:
+                throw failure(pg)
+            }
+        }
+    }
+
+    private func recordTarget(_ pg: OpaquePointer) {
+        let host = PQhost(pg).map { String(cString: $0) } ?? "?"
+        let port = PQport(pg).map { String(cString: $0) } ?? "?"
+        let err = lastError(pg)
+        target.withLock { $0 = (host, port, err) }
+    }
+}
+
+/// A `PGconn` during connect, finished at most once.
+final class ConnHandle: @unchecked Sendable {
+    // @unchecked: used by one connect attempt at a time (the poll loop), handed over on success.
+    let pointer: OpaquePointer
+    init(_ pointer: OpaquePointer) { self.pointer = pointer }
+    func finish() {
+        let fd = PQsocket(pointer)
+        if fd >= 0 { SocketReactor.shared.forget(fd: fd) }
+        PQfinish(pointer)
+    }
+}
+
+/// The notifications of one connection as an `AsyncSequence`.
+public struct PostgresNotificationSequence: AsyncSequence, Sendable {
+    /// Elements are notifications.
+    public typealias Element = PostgresNotification
+    let connection: PostgresConnection
+
+    /// Makes the iterator; iterate from one task at a time.
+    public func makeAsyncIterator() -> Iterator { Iterator(connection: connection) }
+
+    /// Waits for the next notification.
+    public struct Iterator: AsyncIteratorProtocol {
+        let connection: PostgresConnection
+
+        /// The next notification; nil when the connection closed or the Task was cancelled.
+        public mutating func next() async throws -> PostgresNotification? {
+            try connection.beginListening()
+            defer { connection.endListening() }
+            while true {
+                if Task.isCancelled { return nil }
+                switch try connection.nextNotificationStep() {
+                case .deliver(let n):
+                    return n
+                case .finished:
+                    return nil
+                case .park:
+                    let conn = connection
+                    await withTaskCancellationHandler {
+                        await conn.park()
+                    } onCancel: {
+                        conn.unpark()
+                    }
+                case .waitSocket(let fd):
+                    let outcome = await SocketReactor.shared.wait(fd: fd, for: .readable)
+                    connection.leftSocket()
+                    if outcome == .cancelled { return nil }
+                }
+            }
+        }
+    }
+}
+
+extension PostgresConnection {
+    func unpark() {
+        let p = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            let p = s.listenerParked
+            s.listenerParked = nil
+            return p
+        }
+        p?.resume()
+    }
+}

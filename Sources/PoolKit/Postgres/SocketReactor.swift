@@ -1,0 +1,197 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Dispatch
+import CLibPQ
+import Synchronization
+
+/// What a waiter on a socket wants to hear about.
+enum SocketInterest: Sendable {
+    case readable
+    case writable
+}
+
+/// How a wait on a socket ended.
+enum SocketWaitOutcome: Sendable {
+    /// The socket is ready (or in error/hang-up state, which libpq will report on its next call).
+    case ready
+    /// The calling Task was cancelled while waiting.
+    case cancelled
+    /// Another party asked the waiter to step aside (`interrupt(fd:)`).
+    case interrupted
+}
+
+/// One reactor thread that waits on socket readiness with `epoll` for every libpq connection
+/// in the process.
+///
+/// Why a dedicated thread and not `DispatchSource`: libpq is driven in non-blocking mode, and
+/// every wait is one-shot (wait, then call libpq until it would block again). A single epoll
+/// thread with `EPOLLONESHOT` registrations costs one `epoll_ctl` per wait and resumes the
+/// waiting continuation directly, with no dispatch queue in between; dispatch sources on Linux
+/// are themselves built on an epoll thread plus a queue hop, and must be suspended/resumed and
+/// cancelled with care around `close()`. Nothing here ever blocks a Swift concurrency thread:
+/// only the reactor thread sleeps in `epoll_wait`.
+final class SocketReactor: Sendable {
+    /// The process-wide reactor, started on first use. It lives as long as the process (a
+    /// documented root: the thread is the one unstructured execution context PoolKit owns).
+    static let shared = SocketReactor()
+
+    private struct Waiter {
+        var id: UInt64
+        var continuation: CheckedContinuation<SocketWaitOutcome, Never>
+    }
+
+    private struct State {
+        var waiters: [Int32: Waiter] = [:]
+        var nextID: UInt64 = 0
+        /// fds currently known to the epoll set (registered and not yet removed).
+        var registered: Set<Int32> = []
+    }
+
+    private let epollFD: Int32
+    private let state = Mutex(State())
+
+    private init() {
+        epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
+        precondition(epollFD >= 0, "epoll_create1 failed: errno \(errno)")
+        let fd = epollFD
+        let thread = ReactorThread { [unowned self] in self.loop(epollFD: fd) }
+        thread.start()
+    }
+
+    /// Waits until `fd` is readable or writable. Cancellation of the calling Task ends the wait
+    /// with `.cancelled` when `cancellable` is true; otherwise the wait ignores cancellation.
+    func wait(fd: Int32, for interest: SocketInterest, cancellable: Bool = true) async -> SocketWaitOutcome {
+        if cancellable && Task.isCancelled { return .cancelled }
+        let id = state.withLock { s -> UInt64 in
+            s.nextID &+= 1
+            return s.nextID
+        }
+        if !cancellable {
+            return await withCheckedContinuation { cont in
+                self.arm(fd: fd, interest: interest, waiter: Waiter(id: id, continuation: cont))
+            }
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { cont in
+                self.arm(fd: fd, interest: interest, waiter: Waiter(id: id, continuation: cont))
+            }
+        } onCancel: {
+            self.resume(fd: fd, id: id, with: .cancelled)
+        }
+    }
+
+    /// Ends a pending wait on `fd` (if any) with `.interrupted`.
+    func interrupt(fd: Int32) {
+        resume(fd: fd, id: nil, with: .interrupted)
+    }
+
+    /// Removes `fd` from the epoll set before its owner closes it. Any pending wait ends with
+    /// `.interrupted`.
+    func forget(fd: Int32) {
+        let waiter = state.withLock { s -> Waiter? in
+            if s.registered.remove(fd) != nil {
+                var ev = epoll_event()
+                _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &ev)
+            }
+            return s.waiters.removeValue(forKey: fd)
+        }
+        waiter?.continuation.resume(returning: .interrupted)
+    }
+
+    private func arm(fd: Int32, interest: SocketInterest, waiter: Waiter) {
+        let outcome: SocketWaitOutcome? = state.withLock { s in
+            if s.waiters[fd] != nil {
+                // One waiter per socket: a libpq connection is used by one task at a time.
+                return .interrupted
+            }
+            var ev = epoll_event()
+            let base: UInt32 = interest == .readable ? UInt32(EPOLLIN.rawValue) : UInt32(EPOLLOUT.rawValue)
+            ev.events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
+            ev.data.fd = fd
+            var rc: Int32
+            if s.registered.contains(fd) {
+                rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
+                if rc != 0 && errno == ENOENT {
+                    // The fd was closed and its number reused: register it anew.
+                    rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
+                }
+            } else {
+                rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
+                if rc != 0 && errno == EEXIST {
+                    rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
+                }
+            }
+            if rc != 0 {
+                // A bad fd: let libpq discover and report the broken connection.
+                s.registered.remove(fd)
+                return .ready
+            }
+            s.registered.insert(fd)
+            s.waiters[fd] = waiter
+            return nil
+        }
+        if let outcome { waiter.continuation.resume(returning: outcome) }
+    }
+
+    private func resume(fd: Int32, id: UInt64?, with outcome: SocketWaitOutcome) {
+        let waiter = state.withLock { s -> Waiter? in
+            guard let w = s.waiters[fd], id == nil || w.id == id else { return nil }
+            s.waiters[fd] = nil
+            return w
+        }
+        waiter?.continuation.resume(returning: outcome)
+    }
+
+    private func loop(epollFD: Int32) {
+        let capacity = 64
+        let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
+        defer { events.deallocate() }
+        while true {
+            let n = epoll_wait(epollFD, events, Int32(capacity), -1)
+            if n < 0 {
+                if errno == EINTR { continue }
+                fatalError("epoll_wait failed: errno \(errno)")
+            }
+            for i in 0..<Int(n) {
+                let fd = events[i].data.fd
+                resume(fd: fd, id: nil, with: .ready)
+            }
+        }
+    }
+}
+
+/// A plain pthread for the reactor loop (not a Swift concurrency thread).
+private final class ReactorThread: @unchecked Sendable {
+    // @unchecked: `body` is set once in init and only read by the new thread.
+    private let body: () -> Void
+
+    init(body: @escaping () -> Void) { self.body = body }
+
+    func start() {
+        var tid = pthread_t()
+        let unmanaged = Unmanaged.passRetained(self)
+        let rc = pthread_create(&tid, nil, { arg in
+            let me = Unmanaged<ReactorThread>.fromOpaque(arg!).takeRetainedValue()
+            me.body()
+            return nil
+        }, unmanaged.toOpaque())
+        precondition(rc == 0, "could not start the PoolKit reactor thread: \(rc)")
+        pthread_detach(tid)
+    }
+}
+
+/// Runs blocking work (DNS in libpq's connect, `PQcancel`, `PQfinish`) on a Dispatch thread,
+/// never on the Swift concurrency pool.
+enum BlockingExecutor {
+    private static let queue = DispatchQueue(label: "PoolKit.blocking", attributes: .concurrent)
+
+    /// Runs `body` off the cooperative pool and returns its result.
+    static func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { cont in
+            queue.async { cont.resume(returning: body()) }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+import Foundation
+import Testing
+@testable import PoolKit
+
+@Suite("PostgresConnection against a real PostgreSQL")
+struct PostgresConnectionTests {
+    @Test("every supported type, NULL and non-ASCII text round-trip as parameters")
+    func roundTripTypes() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let text = "héllo wörld ✓ 日本語 🐘"
+            let bytes: [UInt8] = [0, 1, 2, 0xFF, 0x80, 10, 13, 0x5C]
+            let rows = try await conn.query(
+                "SELECT $1::int4 AS i, $2::int8 AS big, $3::float8 AS d, $4::bool AS b, $5::text AS t, $6::bytea AS raw, $7::jsonb AS j, $8::text AS n, $9::float8 AS inf, $10::int2 AS small",
+                Int(-42), Int64.max, 3.141592653589793, true, text, bytes, PostgresJSON(#"{"a": [1, 2.5, null, "x"]}"#), nil, Double.infinity, Int32(7))
+            #expect(rows.count == 1)
+            let row = rows[0]
+            #expect(try row.decode(Int.self, named: "i") == -42)
+            #expect(try row.decode(Int64.self, named: "big") == Int64.max)
+            #expect(try row.decode(Double.self, named: "d") == 3.141592653589793)
+            #expect(try row.decode(Bool.self, named: "b") == true)
+            #expect(try row.decode(String.self, named: "t") == text)
+            #expect(try row.decode([UInt8].self, named: "raw") == bytes)
+            #expect(try row.decode(PostgresJSON.self, named: "j")?.text == #"{"a": [1, 2.5, null, "x"]}"#)
+            #expect(try row.decode(String.self, named: "n") == nil)
+            #expect(row["n"]?.isNull == true)
+            #expect(try row.decode(Double.self, named: "inf") == .infinity)
+            #expect(try row.decode(Int32.self, at: 9) == 7)
+            #expect(rows.columns.map(\.typeOID) == [23, 20, 701, 16, 25, 17, 3802, 25, 701, 21])
+            #expect(rows.commandTag == "SELECT 1")
+            #expect(rows.rowsAffected == 1)
+            // Decoding a value into the wrong type is an error that names the column, not a crash.
+            #expect(throws: PostgresError.self) { try row.decode(Int.self, named: "t") }
+            #expect(throws: PostgresError.self) { try row.decode(Int.self, named: "no_such_column") }
+        }
+    }
+
+    @Test("a parameter holding SQL stays data")
+    func injectionStaysData() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            try await conn.execute("DROP TABLE IF EXISTS injection_x; CREATE TABLE injection_x (v text)")
+            let evil = "'; DROP TABLE injection_x; --"
+            let inserted = try await conn.query("INSERT INTO injection_x (v) VALUES ($1)", evil)
+            #expect(inserted.rowsAffected == 1)
+            #expect(inserted.commandTag == "INSERT 0 1")
+            let back = try await conn.query("SELECT v FROM injection_x")
+            #expect(try back[0].decode(String.self, at: 0) == evil)
+            try await conn.execute("DROP TABLE injection_x")
+        }
+    }
+
+    @Test("execute runs several statements with the simple protocol")
+    func executeScript() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let results = try await conn.execute("CREATE TEMP TABLE s (a int); INSERT INTO s VALUES (1),(2),(3); UPDATE s SET a = a + 1 WHERE a > 1; SELECT sum(a) FROM s")
+            #expect(results.map(\.commandTag) == ["CREATE TABLE", "INSERT 0 3", "UPDATE 2", "SELECT 1"])
+            #expect(try results[3][0].decode(Int.self, at: 0) == 8)
+            #expect(conn.transactionStatus == .idle)
+            try await conn.execute("BEGIN")
+            #expect(conn.transactionStatus == .inTransaction)
+            await #expect(throws: PostgresError.self) { try await conn.query("SELECT 1/0") }
+            #expect(conn.transactionStatus == .inFailedTransaction)
+            try await conn.execute("ROLLBACK")
+            #expect(conn.transactionStatus == .idle)
+            #expect(!conn.isBroken)
+        }
+    }
+
+    @Test("a syntax error surfaces SQLSTATE 42601 with its position")
+    func syntaxError() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            do {
+                try await conn.query("SELECT * FROMM pg_class")
+                Issue.record("expected a syntax error")
+            } catch let error as PostgresError {
+                #expect(error.code == .server)
+                #expect(error.sqlState == "42601")
+                #expect(error.position == 10)
+                #expect(error.severity == "ERROR")
+                #expect(error.message.contains("syntax error"))
+                #expect(!error.isConnectionBroken)
+            }
+            // The connection is still usable.
+            #expect(try await conn.query("SELECT 1")[0].decode(Int.self, at: 0) == 1)
+            #expect(conn.serverVersionNumber >= 100000)
+            #expect(!conn.serverVersion.isEmpty)
+            #expect(conn.backendPID > 0)
+        }
+    }
+
+    @Test("cancelling the Task during pg_sleep(10) returns within 1 s and the connection stays usable")
+    func cancellation() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let start = ContinuousClock.now
+            let task = Task { try await conn.query("SELECT pg_sleep(10)") }
+            try await Task.sleep(for: .milliseconds(100))
+            task.cancel()
+            let result = await task.result
+            let ms = elapsedMilliseconds(since: start)
+            #expect(ms < 1000, "cancel took \(ms) ms")
+            switch result {
+            case .success: Issue.record("pg_sleep(10) should have been cancelled")
+            case .failure(let error): #expect(error is CancellationError, "got \(error)")
+            }
+            #expect(try await conn.query("SELECT 1")[0].decode(Int.self, at: 0) == 1)
+            #expect(conn.transactionStatus == .idle)
+            #expect(!conn.isBroken)
+        }
+    }
+
+    @Test("a Task already cancelled sends nothing and throws CancellationError")
+    func alreadyCancelled() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let task = Task {
+                withUnsafeCurrentTask { $0?.cancel() }
+                return try await conn.query("SELECT 1")
+            }
+            await #expect(throws: CancellationError.self) { try await task.value }
+            #expect(try await conn.query("SELECT 2")[0].decode(Int.self, at: 0) == 2)
+        }
+    }
+
+    @Test("pg_terminate_backend: the next query fails as a broken connection")
+    func terminatedBackend() async throws {
+        try await TestDatabase.withDatabase { url in
+            let victim = try await PostgresConnection.connect(to: url)
+            let killer = try await PostgresConnection.connect(to: url)
+            defer { victim.closeNow(); killer.closeNow() }
+            let killed = try await killer.query("SELECT pg_terminate_backend($1)", Int(victim.backendPID))
+            #expect(try killed[0].decode(Bool.self, at: 0) == true)
+            // Give the server a moment to deliver the FATAL message and close the socket.
+            try await Task.sleep(for: .milliseconds(50))
+            do {
+                try await victim.query("SELECT 1")
+                Issue.record("a terminated connection must not answer")
+            } catch let error as PostgresError {
+                #expect(error.isConnectionBroken, "got \(error)")
+                #expect(error.code == .connectionBroken)
+            }
+            #expect(victim.isBroken)
+            // And it stays broken, failing fast.
+            await #expect(throws: PostgresError.self) { try await victim.query("SELECT 1") }
+        }
+    }
+
+    @Test("notifications on two channels arrive with their payloads, in order")
+    func notifications() async throws {
+        try await TestDatabase.withDatabase { url in
+            let listener = try await PostgresConnection.connect(to: url)
+            let sender = try await PostgresConnection.connect(to: url)
+            defer { listener.closeNow(); sender.closeNow() }
+            // A channel name that needs quoting proves it is escaped, not concatenated.
+            let channels = ["orders", "Weird \"Chan\"; DROP"]
+            for c in channels { try await listener.listen(c) }
+            let expected = (0..<10).map { i in (channels[i % 2], "payload \(i) ✓") }
+            let collector = Task { () -> [PostgresNotification] in
+                var got: [PostgresNotification] = []
+                for try await n in listener.notifications {
+                    got.append(n)
+                    if got.count == expected.count { break }
+                }
+                return got
+            }
+            // Half sent while the listener waits on an idle socket, half in one transaction.
+            for (c, p) in expected.prefix(5) { try await sender.query("SELECT pg_notify($1, $2)", c, p) }
+            try await sender.execute("BEGIN")
+            for (c, p) in expected.dropFirst(5) { try await sender.query("SELECT pg_notify($1, $2)", c, p) }
+            try await sender.execute("COMMIT")
+            let got = try await collector.value
+            #expect(got.map(\.channel) == expected.map(\.0))
+            #expect(got.map(\.payload) == expected.map(\.1))
+            #expect(got.allSatisfy { $0.senderPID == sender.backendPID })
+            // Notifications that arrive while the listener runs its own statement are kept.
+            try await sender.query("SELECT pg_notify($1, 'during')", channels[0])
+            try await Task.sleep(for: .milliseconds(20))
+            try await listener.query("SELECT 1")
+            var it = listener.notifications.makeAsyncIterator()
+            #expect(try await it.next()?.payload == "during")
+            try await listener.unlisten(channels[0])
+            try await listener.unlistenAll()
+        }
+    }
+
+    @Test("connecting to a closed port fails fast, naming host and port")
+    func closedPort() async throws {
+        let port = try EmbeddedPostgres.freePort()
+        let start = ContinuousClock.now
+        do {
+            _ = try await PostgresConnection.connect(to: "postgres://nobody@127.0.0.1:\(port)/db", connectTimeout: .seconds(3))
+            Issue.record("connect to a closed port succeeded")
+        } catch let error as PostgresError {
+            #expect(error.code == .connectionFailed)
+            #expect(error.description.contains("127.0.0.1"))
+            #expect(error.description.contains("\(port)"))
+            #expect(error.host == "127.0.0.1")
+        }
+        #expect(elapsedMilliseconds(since: start) < 3000)
+    }
+
+    @Test("a bad connection string is reported as such")
+    func badConnectionString() async throws {
+        await #expect(throws: PostgresError.self) {
+            _ = try await PostgresConnection.connect(to: "postgres://[not-a-url")
+        }
+    }
+
+    @Test("1,000 open/close cycles leave open file descriptors within 2 of the start")
+    func noDescriptorLeak() async throws {
+        try await TestDatabase.withDatabaseAlone { url in
+            // Warm up lazily created runtime resources (reactor, dispatch threads).
+            for _ in 0..<5 { await (try await PostgresConnection.connect(to: url)).close() }
+            let before = openFileDescriptorCount()
+            for i in 0..<1000 {
+                let conn = try await PostgresConnection.connect(to: url)
+                if i % 10 == 0 { try await conn.query("SELECT $1::int", i) }
+                await conn.close()
+                await conn.close() // idempotent
+            }
+            let after = openFileDescriptorCount()
+            #expect(abs(after - before) <= 2, "fds before \(before), after \(after)")
+        }
+    }
+}
+
+@Suite("EmbeddedPostgres")
+struct EmbeddedPostgresTests {
+    @Test("start and stop leave no postgres process and no temporary folder")
+    func startStop() async throws {
+        let pg = try await EmbeddedPostgres.start()
+        let pid = try #require(pg.serverPID)
+        let dir = pg.directory
+        #expect(FileManager.default.fileExists(atPath: dir))
+        let conn = try await PostgresConnection.connect(to: pg.url)
+        let wal = try await conn.query("SHOW wal_level")
+        #expect(try wal[0].decode(String.self, at: 0) == "logical")
+        await conn.close()
+        await pg.shutdown()
+        await pg.shutdown() // idempotent
+        #expect(!processIsAlive(pid), "postmaster \(pid) still alive")
+        #expect(!FileManager.default.fileExists(atPath: dir))
+        // No process anywhere still refers to the cluster's folder.
+        let procs = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        let stragglers = procs.filter { p in
+            guard Int(p) != nil, let cmd = try? String(contentsOfFile: "/proc/\(p)/cmdline", encoding: .utf8) else { return false }
+            return cmd.contains(dir)
+        }
+        #expect(stragglers.isEmpty, "processes still using \(dir): \(stragglers)")
+    }
+
+    @Test("missing server binaries give an error that says to install postgresql")
+    func missingBinariesMessage() throws {
+        do {
+            _ = try EmbeddedPostgres.findBinDirectory(path: "/nonexistent", versionsRoot: "/nonexistent")
+            Issue.record("lookup in empty folders must fail")
+        } catch let error as EmbeddedPostgresError {
+            #expect(error.message.hasPrefix("PostgreSQL server binaries not found: install postgresql"))
+        }
+        let found = try EmbeddedPostgres.findBinDirectory()
+        #expect(FileManager.default.isExecutableFile(atPath: found + "/initdb"))
+    }
+}
