@@ -55,9 +55,11 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "PoolKitTests", dependencies: ["PoolKit"]),
+        // Test-only helpers shared by the test targets (one database per test process).
+        .target(name: "TestSupport", dependencies: ["PoolKit"], path: "Tests/Support"),
+        .testTarget(name: "PoolKitTests", dependencies: ["PoolKit", "TestSupport"]),
         .testTarget(name: "SchedulerTests", dependencies: ["Scheduler"]),
-        .testTarget(name: "RealtimeSyncTests", dependencies: ["RealtimeSync", "PoolKit"]),
+        .testTarget(name: "RealtimeSyncTests", dependencies: ["RealtimeSync", "PoolKit", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

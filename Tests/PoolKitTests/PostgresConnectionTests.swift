@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import PoolKit
+import TestSupport
 
 @Suite("PostgresConnection against a real PostgreSQL")
 struct PostgresConnectionTests {

@@ -252,7 +252,8 @@ public final class EmbeddedPostgres: Sendable {
         throw EmbeddedPostgresError(message: "PostgreSQL server binaries not found: install postgresql (looked for initdb, pg_ctl and postgres on PATH and in /usr/lib/postgresql/*/bin)")
     }
 
-    static func freePort() throws -> Int {
+    /// A TCP port on 127.0.0.1 that nothing listens on at the moment of the call.
+    public static func freePort() throws -> Int {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw EmbeddedPostgresError(message: "socket() failed: \(String(cString: strerror(errno)))") }
         defer { close(fd) }

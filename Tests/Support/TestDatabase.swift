@@ -1,10 +1,14 @@
 import Foundation
 import PoolKit
 
+/// Shared by every test target (they run in one process), so that a test that needs the
+/// database alone (fd counting, server restarts) can exclude all others.
+///
 /// The database the integration tests use: `REALTIME_SYNC_TEST_DATABASE_URL` when set, else one
 /// `EmbeddedPostgres` per test process (started on first use, stopped at process exit).
-actor TestDatabase {
-    static let shared = TestDatabase()
+public actor TestDatabase {
+    /// The one instance per test process.
+    public static let shared = TestDatabase()
 
     private var cluster: EmbeddedPostgres?
     private var url: String?
@@ -14,7 +18,7 @@ actor TestDatabase {
     private var waiting: [(exclusive: Bool, continuation: CheckedContinuation<Void, Never>)] = []
 
     /// The connection URL, starting the embedded cluster the first time.
-    func connectionURL() async throws -> String {
+    public func connectionURL() async throws -> String {
         if let url { return url }
         if let env = ProcessInfo.processInfo.environment["REALTIME_SYNC_TEST_DATABASE_URL"], !env.isEmpty {
             url = env
@@ -30,13 +34,13 @@ actor TestDatabase {
     }
 
     /// The embedded cluster, when the tests started one (nil with an external database).
-    func embedded() async throws -> EmbeddedPostgres? {
+    public func embedded() async throws -> EmbeddedPostgres? {
         _ = try await connectionURL()
         return cluster
     }
 
     /// Runs `body` while no exclusive test runs (most integration tests).
-    static func withDatabase<T: Sendable>(_ body: @Sendable (String) async throws -> T) async throws -> T {
+    public static func withDatabase<T: Sendable>(_ body: @Sendable (String) async throws -> T) async throws -> T {
         let url = try await shared.connectionURL()
         await shared.acquire(exclusive: false)
         do {
@@ -50,7 +54,7 @@ actor TestDatabase {
     }
 
     /// Runs `body` alone among the tests that use this lock (fd counting, server restarts).
-    static func withDatabaseAlone<T: Sendable>(_ body: @Sendable (String) async throws -> T) async throws -> T {
+    public static func withDatabaseAlone<T: Sendable>(_ body: @Sendable (String) async throws -> T) async throws -> T {
         let url = try await shared.connectionURL()
         await shared.acquire(exclusive: true)
         do {
@@ -90,12 +94,12 @@ actor TestDatabase {
 }
 
 /// Open file descriptors of this process.
-func openFileDescriptorCount() -> Int {
+public func openFileDescriptorCount() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
 }
 
 /// Milliseconds since `start`.
-func elapsedMilliseconds(since start: ContinuousClock.Instant) -> Double {
+public func elapsedMilliseconds(since start: ContinuousClock.Instant) -> Double {
     let d = ContinuousClock.now - start
     return Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
 }
