@@ -43,7 +43,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         public var metricsLabel: String
 
         /// Creates a configuration with the documented defaults.
-        public init(shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 512, metricsLabel: String = "default") {
+        public init(shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 64, metricsLabel: String = "default") {
             self.shutdownDeadline = shutdownDeadline
             self.randomSeed = randomSeed
             self.maxStartsPerWakeup = maxStartsPerWakeup
@@ -127,6 +127,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// Jobs may be scheduled before `run()` starts; they fire once it runs.
     /// - Throws: `SchedulerError` if the trigger or options are invalid (the
     ///   message names the knob) or the scheduler is shutting down.
+    @_specialize(where C == ContinuousClock)
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions = JobOptions(), _ body: @escaping Body) throws -> JobHandle {
         let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
@@ -204,6 +205,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var jobs = 0
     }
 
+    @_specialize(where C == ContinuousClock)
     private func driverLoop(_ group: inout DiscardingTaskGroup) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
         while true {
@@ -269,6 +271,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     }
 
     /// The one timer: sleeps on the clock until `deadline`, then wakes the driver.
+    @_specialize(where C == ContinuousClock)
     private func timer(_ deadline: Int64) async {
         var fired = true
         do {
@@ -285,6 +288,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     }
 
     /// One run, as a child task of the driver's group.
+    @_specialize(where C == ContinuousClock)
     private func execute(_ start: SchedulerState<C.Instant>.RunStart) async {
         let startInstant = clock.now
         let lateness = ticks(startInstant) &- start.scheduled
@@ -343,6 +347,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// task cancels every run at once. Returns once every run has ended and no
     /// timer is left.
     /// - Throws: `SchedulerError.alreadyRunning` if called twice.
+    @_specialize(where C == ContinuousClock)
     public func run() async throws {
         let state = core.withLock { core -> Lifecycle in
             let s = core.lifecycle
@@ -448,6 +453,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     // MARK: - Handles and statistics
 
+    @_specialize(where C == ContinuousClock)
     func cancelJob(_ id: JobID) {
         let (controls, resumes) = core.withLock { core in
             (core.machine.cancel(id), core.machine.takeResumes())

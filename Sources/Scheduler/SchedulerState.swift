@@ -175,32 +175,35 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         return false
     }
 
-    private func job(_ id: JobID) -> Job? {
+    /// True if `id` names the job now in its slot (no copy of the record).
+    @inline(__always)
+    private func isLive(_ id: JobID) -> Bool {
         let s = Int(id.slot)
-        guard s < jobs.count, jobs[s].serial == id.serial, jobs[s].flags.contains(.inUse) else { return nil }
-        return jobs[s]
+        return s < jobs.count && jobs[s].serial == id.serial && jobs[s].flags.contains(.inUse)
     }
 
     /// True if the job was cancelled, shut down, completed, or never existed.
     func isGone(_ id: JobID) -> Bool {
-        guard let j = job(id) else { return true }
-        return j.flags.contains(.gone)
+        guard isLive(id) else { return true }
+        return jobs[Int(id.slot)].flags.contains(.gone)
     }
 
     /// The job's queue deadline (its next run, or pending retry), if queued.
     func nextDue(_ id: JobID) -> Int64? {
-        guard let j = job(id), !j.flags.contains(.gone) else { return nil }
+        guard isLive(id), !jobs[Int(id.slot)].flags.contains(.gone) else { return nil }
         return queue.deadline(of: id.slot)
     }
 
     /// True if `id` has an entry in the timer queue.
     func isQueued(_ id: JobID) -> Bool {
-        job(id) != nil && queue.contains(id.slot)
+        isLive(id) && queue.contains(id.slot)
     }
 
     /// Statistics of one job.
     func statistics(of id: JobID) -> JobStatistics? {
-        guard let j = job(id), !j.flags.contains(.gone) || j.inFlight > 0 else { return nil }
+        guard isLive(id) else { return nil }
+        let j = jobs[Int(id.slot)]
+        guard !j.flags.contains(.gone) || j.inFlight > 0 else { return nil }
         return JobStatistics(
             name: j.name, runs: j.stats.runs, failures: UInt64(j.stats.failures),
             skippedOverlaps: UInt64(j.stats.skipped), missedRuns: UInt64(j.stats.missed),
@@ -315,7 +318,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// of its runs in progress (the shell cancels their tasks). Nil if the job
     /// was already gone.
     mutating func cancel(_ id: JobID) -> [RunControl]? {
-        guard let j = job(id), !j.flags.contains(.gone) else { return nil }
+        guard isLive(id), !jobs[Int(id.slot)].flags.contains(.gone) else { return nil }
         let s = Int(id.slot)
         markGone(s)
         var controls: [RunControl] = []
@@ -341,7 +344,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// Registers a waiter resumed when no run of the job is in progress.
     /// Returns false (nothing registered) if there is none already.
     mutating func addWaiter(_ id: JobID, _ c: CheckedContinuation<Void, Never>) -> Bool {
-        guard job(id) != nil else { return false }
+        guard isLive(id) else { return false }
         waiters[id.slot, default: []].append(c)
         return true
     }
@@ -355,10 +358,10 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         jobs[s].options.retry = nil
         jobs[s].serial = 0
         jobs[s].flags = []
-        burstTimes[UInt32(s)] = nil
+        if !burstTimes.isEmpty { burstTimes[UInt32(s)] = nil }
         slotsInUse -= 1
         freeJobs.append(UInt32(s))
-        if let w = waiters.removeValue(forKey: UInt32(s)) { pendingResumes.append(contentsOf: w) }
+        if !waiters.isEmpty, let w = waiters.removeValue(forKey: UInt32(s)) { pendingResumes.append(contentsOf: w) }
     }
 
     /// Gives the tables' memory back once nothing is left in them.
