@@ -1,0 +1,280 @@
+import Foundation
+
+/// A parsed cron expression evaluated in a time zone.
+///
+/// Five fields (`minute hour day-of-month month day-of-week`) or six with a
+/// leading seconds field. Each field takes `*`, values, ranges `a-b`, steps
+/// `*/n`, `a-b/n`, `a/n`, and comma lists; months and weekdays accept names
+/// (`JAN`, `MON`), weekday 7 is Sunday, `?` means `*`. The macros `@yearly`,
+/// `@annually`, `@monthly`, `@weekly`, `@daily`, `@midnight` and `@hourly` are
+/// accepted. As in Vixie cron, when both day-of-month and day-of-week are
+/// restricted a day matches if either matches.
+///
+/// Matching is done on local wall-clock time in `timeZone`. Across DST:
+/// - a local time skipped by a spring-forward gap fires once, at the first
+///   valid instant after the gap (e.g. `30 2 * * *` in Europe/Berlin on the
+///   last Sunday of March fires at 03:00 CEST);
+/// - a local time repeated by a fall-back overlap fires once, at its first
+///   occurrence.
+public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
+    /// The text the expression was parsed from.
+    public let source: String
+    /// The time zone whose wall clock the fields refer to.
+    public let timeZone: TimeZone
+
+    let seconds: UInt64  // bits 0...59
+    let minutes: UInt64  // bits 0...59
+    let hours: UInt64  // bits 0...23
+    let daysOfMonth: UInt64  // bits 1...31
+    let months: UInt64  // bits 1...12
+    let daysOfWeek: UInt64  // bits 0...6, 0 = Sunday
+    let domRestricted: Bool
+    let dowRestricted: Bool
+    /// True when the expression had a seconds field.
+    public let hasSeconds: Bool
+
+    /// Parses `expression` for `timeZone`.
+    /// - Throws: `SchedulerError` with code `.invalidCronExpression` naming the field.
+    public init(_ expression: String, timeZone: TimeZone = .current) throws {
+        self.source = expression
+        self.timeZone = timeZone
+        var text = expression.trimmingCharacters(in: .whitespaces)
+        switch text.lowercased() {
+        case "@yearly", "@annually": text = "0 0 1 1 *"
+        case "@monthly": text = "0 0 1 * *"
+        case "@weekly": text = "0 0 * * 0"
+        case "@daily", "@midnight": text = "0 0 * * *"
+        case "@hourly": text = "0 * * * *"
+        default: break
+        }
+        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        guard fields.count == 5 || fields.count == 6 else {
+            throw SchedulerError(
+                .invalidCronExpression,
+                "cron expression '\(expression)' has \(fields.count) fields; expected 5 (minute hour day-of-month month day-of-week) or 6 (with leading seconds) (Trigger.cron)"
+            )
+        }
+        hasSeconds = fields.count == 6
+        let f = hasSeconds ? fields : ["0"] + fields
+        func parse(_ i: Int, _ name: String, _ lo: Int, _ hi: Int, _ names: [String] = []) throws -> (UInt64, Bool) {
+            try CronExpression.parseField(f[i], name: name, lo: lo, hi: hi, names: names, expression: expression)
+        }
+        seconds = try parse(0, "second", 0, 59).0
+        minutes = try parse(1, "minute", 0, 59).0
+        hours = try parse(2, "hour", 0, 23).0
+        let dom = try parse(3, "day-of-month", 1, 31)
+        daysOfMonth = dom.0
+        domRestricted = dom.1
+        months = try parse(4, "month", 1, 12, ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]).0
+        var dow = try parse(5, "day-of-week", 0, 7, ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])
+        if dow.0 & (1 << 7) != 0 { dow.0 = (dow.0 | 1) & ~(1 << 7) }
+        daysOfWeek = dow.0
+        dowRestricted = dow.1
+        // A day-of-month that no selected month has (e.g. 31 in February only) never fires.
+        var possible = false
+        for m in 1...12 where months & (1 << UInt64(m)) != 0 {
+            let maxDay = CronExpression.daysIn(month: m, year: 2024)  // leap year: Feb 29 allowed
+            if daysOfMonth & CronExpression.mask(1, maxDay) != 0 { possible = true }
+        }
+        if !possible && !(dowRestricted && domRestricted) {
+            throw SchedulerError(
+                .invalidCronExpression,
+                "cron expression '\(expression)' never fires: no selected month has the selected day-of-month (Trigger.cron)"
+            )
+        }
+    }
+
+    /// `source` and time zone identifier.
+    public var description: String { "\(source) [\(timeZone.identifier)]" }
+
+    static func mask(_ lo: Int, _ hi: Int) -> UInt64 {
+        guard hi >= lo else { return 0 }
+        var m: UInt64 = 0
+        for v in lo...hi { m |= 1 << UInt64(v) }
+        return m
+    }
+
+    private static func parseField(
+        _ field: String, name: String, lo: Int, hi: Int, names: [String], expression: String
+    ) throws -> (UInt64, Bool) {
+        func fail(_ why: String) -> SchedulerError {
+            SchedulerError(.invalidCronExpression, "cron expression '\(expression)': \(name) field '\(field)' \(why) (Trigger.cron)")
+        }
+        func value(_ s: Substring) throws -> Int {
+            if let v = Int(s) {
+                guard v >= lo && v <= hi else { throw fail("has value \(v) outside \(lo)-\(hi)") }
+                return v
+            }
+            if let i = names.firstIndex(of: s.uppercased()) {
+                return i + (name == "month" ? 1 : 0)
+            }
+            throw fail("has '\(s)', which is not a number\(names.isEmpty ? "" : " or name")")
+        }
+        var result: UInt64 = 0
+        var restricted = true
+        if field == "*" || field == "?" { restricted = false }
+        for item in field.split(separator: ",", omittingEmptySubsequences: false) {
+            guard !item.isEmpty else { throw fail("has an empty list item") }
+            let parts = item.split(separator: "/", omittingEmptySubsequences: false)
+            guard parts.count <= 2 else { throw fail("has more than one '/'") }
+            var step = 1
+            if parts.count == 2 {
+                guard let s = Int(parts[1]), s > 0 else { throw fail("has step '\(parts[1])'; a step must be a positive number") }
+                step = s
+            }
+            let range = parts[0]
+            var a: Int
+            var b: Int
+            if range == "*" || range == "?" {
+                a = lo
+                b = hi
+                if name == "day-of-week" { b = 6 }
+            } else if let dash = range.firstIndex(of: "-") {
+                a = try value(range[range.startIndex..<dash])
+                b = try value(range[range.index(after: dash)...])
+                guard a <= b else { throw fail("has range \(a)-\(b) whose start is after its end") }
+            } else {
+                a = try value(range)
+                b = parts.count == 2 ? hi : a
+            }
+            var v = a
+            while v <= b {
+                result |= 1 << UInt64(v)
+                v += step
+            }
+        }
+        return (result, restricted)
+    }
+
+    // MARK: - Civil calendar arithmetic (proleptic Gregorian, days since 1970-01-01)
+
+    static func daysFromCivil(_ y0: Int, _ m: Int, _ d: Int) -> Int {
+        let y = m <= 2 ? y0 - 1 : y0
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let mp = (m + 9) % 12
+        let doy = (153 * mp + 2) / 5 + d - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        return era * 146097 + doe - 719468
+    }
+
+    static func civilFromDays(_ z0: Int) -> (year: Int, month: Int, day: Int) {
+        let z = z0 + 719468
+        let era = (z >= 0 ? z : z - 146096) / 146097
+        let doe = z - era * 146097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365
+        let y = yoe + era * 400
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        return (m <= 2 ? y + 1 : y, m, d)
+    }
+
+    static func daysIn(month: Int, year: Int) -> Int {
+        switch month {
+        case 2: return (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 ? 29 : 28
+        case 4, 6, 9, 11: return 30
+        default: return 31
+        }
+    }
+
+    /// The lowest set bit at or above `from` in `mask`, if any at or below `upTo`.
+    @inline(__always)
+    static func next(in mask: UInt64, from: Int, upTo: Int) -> Int? {
+        guard from <= upTo, from < 64 else { return nil }
+        let m = mask >> UInt64(from)
+        guard m != 0 else { return nil }
+        let v = from + m.trailingZeroBitCount
+        return v <= upTo ? v : nil
+    }
+
+    private func dayMatches(day: Int, weekday: Int) -> Bool {
+        let dom = daysOfMonth & (1 << UInt64(day)) != 0
+        let dow = daysOfWeek & (1 << UInt64(weekday)) != 0
+        if domRestricted && dowRestricted { return dom || dow }
+        return dom && dow
+    }
+
+    // MARK: - Time zone mapping (Foundation TimeZone)
+
+    private func offset(at seconds: Int) -> Int {
+        timeZone.secondsFromGMT(for: Date(timeIntervalSince1970: TimeInterval(seconds)))
+    }
+
+    /// The instant (seconds since 1970) of local wall time `wall` (naive seconds):
+    /// the first occurrence if the wall time is repeated and later than `after`,
+    /// the later occurrence if only that one is after `after`, the end of the
+    /// gap if the wall time was skipped; nil if no such instant is after `after`.
+    private func instant(forWall wall: Int, after: Int) -> Int? {
+        let offsets = Set([offset(at: wall - 86_400), offset(at: wall), offset(at: wall + 86_400)])
+        var valid: [Int] = []
+        for o in offsets where offset(at: wall - o) == o { valid.append(wall - o) }
+        valid.sort()
+        if let first = valid.first(where: { $0 > after }) { return first }
+        if !valid.isEmpty { return nil }
+        // Skipped local time: the first valid instant after the gap is the transition itself.
+        var lo = wall - (offsets.max() ?? 0)
+        var hi = wall - (offsets.min() ?? 0)
+        let before = offset(at: lo)
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2
+            if offset(at: mid) == before { lo = mid } else { hi = mid }
+        }
+        return hi > after ? hi : nil
+    }
+
+    /// The first instant strictly after `date` at which the expression fires,
+    /// or nil if there is none within the next 8 years.
+    public func nextDate(after date: Date) -> Date? {
+        guard let s = nextSecond(after: Int(date.timeIntervalSince1970.rounded(.down))) else { return nil }
+        return Date(timeIntervalSince1970: TimeInterval(s))
+    }
+
+    /// `nextDate(after:)` on whole seconds since 1970.
+    func nextSecond(after t: Int) -> Int? {
+        var wall = t + offset(at: t) + 1
+        let limit = wall + 8 * 366 * 86_400
+        while wall < limit {
+            let days = Int((Double(wall) / 86_400).rounded(.down))
+            var secOfDay = wall - days * 86_400
+            let (y, mo, d) = CronExpression.civilFromDays(days)
+            if months & (1 << UInt64(mo)) == 0 {
+                // first day of the next month
+                let (ny, nm) = mo == 12 ? (y + 1, 1) : (y, mo + 1)
+                wall = CronExpression.daysFromCivil(ny, nm, 1) * 86_400
+                continue
+            }
+            let weekday = ((days % 7) + 7 + 4) % 7
+            if !dayMatches(day: d, weekday: weekday) {
+                wall = (days + 1) * 86_400
+                continue
+            }
+            var h = secOfDay / 3600
+            var mi = (secOfDay / 60) % 60
+            var se = secOfDay % 60
+            guard let nh = CronExpression.next(in: hours, from: h, upTo: 23) else {
+                wall = (days + 1) * 86_400
+                continue
+            }
+            if nh != h { h = nh; mi = 0; se = 0 }
+            guard let nmi = CronExpression.next(in: minutes, from: mi, upTo: 59) else {
+                wall = days * 86_400 + (h + 1) * 3600
+                continue
+            }
+            if nmi != mi { mi = nmi; se = 0 }
+            guard let nse = CronExpression.next(in: seconds, from: se, upTo: 59) else {
+                wall = days * 86_400 + h * 3600 + (mi + 1) * 60
+                continue
+            }
+            se = nse
+            secOfDay = h * 3600 + mi * 60 + se
+            wall = days * 86_400 + secOfDay
+            if let instant = instant(forWall: wall, after: t) {
+                return instant
+            }
+            wall += 1
+        }
+        return nil
+    }
+}

@@ -1,0 +1,117 @@
+/// What to do when a job comes due while a previous run of it is still in progress.
+public enum OverlapPolicy: Sendable, Hashable {
+    /// Do not start; count a skipped overlap (default).
+    case skip
+    /// Remember one run and start it as soon as the current one ends; further
+    /// occurrences meanwhile are skipped.
+    case queueOne
+    /// Start alongside, up to `max` runs in progress at once; beyond that, skip.
+    case concurrent(max: Int)
+}
+
+/// What to do when a job fell behind by at least one full occurrence (the
+/// process stalled, the machine slept, or the driver was starved), so that
+/// more than one occurrence is due at once.
+///
+/// An occurrence that is merely late (the next one is not yet due) always runs.
+public enum MissedRunPolicy: Sendable, Hashable {
+    /// Run none of the overdue occurrences; count them as missed and wait for
+    /// the next occurrence in the future (default).
+    case skip
+    /// Run once now for all of them (for the latest); count the others as coalesced.
+    case coalesce
+    /// Run up to `max` of the most recent ones back to back, now; count the rest as missed.
+    case burst(max: Int)
+}
+
+/// What a job's in-progress runs do when the scheduler shuts down.
+public enum ShutdownBehavior: Sendable, Hashable {
+    /// Let the run finish, up to the shutdown deadline; then cancel it (default).
+    case drain
+    /// Cancel the run's task at once.
+    case cancel
+}
+
+/// Retry of a failed run with capped exponential backoff.
+///
+/// Attempt `n + 1` starts `min(initialBackoff * multiplier^(n-1), maxBackoff)`
+/// after attempt `n` failed, up to `maxAttempts` attempts in all. If the job's
+/// next regular occurrence comes first, the retry is dropped and the regular
+/// run starts again at attempt 1.
+public struct RetryPolicy: Sendable, Hashable {
+    /// Attempts in all, including the first (>= 1).
+    public var maxAttempts: Int
+    /// Wait before the first retry.
+    public var initialBackoff: Duration
+    /// Upper bound of any wait.
+    public var maxBackoff: Duration
+    /// Growth factor per attempt (>= 1).
+    public var multiplier: Double
+
+    /// Creates a retry policy.
+    public init(maxAttempts: Int = 3, initialBackoff: Duration = .seconds(1), maxBackoff: Duration = .seconds(60), multiplier: Double = 2) {
+        self.maxAttempts = maxAttempts
+        self.initialBackoff = initialBackoff
+        self.maxBackoff = maxBackoff
+        self.multiplier = multiplier
+    }
+
+    /// The wait after failed attempt `attempt` (1-based).
+    public func backoff(afterAttempt attempt: Int) -> Duration {
+        let initial = Double(initialBackoff.nanoseconds)
+        let value = initial * Foundation.pow(multiplier, Double(max(0, attempt - 1)))
+        let capped = Swift.min(value, Double(maxBackoff.nanoseconds))
+        return .nanoseconds(Int64(capped))
+    }
+}
+
+import Foundation
+
+/// Per-job options.
+public struct JobOptions: Sendable {
+    /// A name for logs, metrics labels you add yourself, and statistics.
+    public var name: String
+    /// See `OverlapPolicy`; default `.skip`.
+    public var overlap: OverlapPolicy
+    /// See `MissedRunPolicy`; default `.skip`.
+    public var missedRuns: MissedRunPolicy
+    /// Each occurrence is delayed by a uniform random amount in `0...jitter`.
+    /// The grid itself does not drift.
+    public var jitter: Duration
+    /// If set, a run still in progress after this long has its task cancelled.
+    public var timeout: Duration?
+    /// If set, a failed run is retried with backoff.
+    public var retry: RetryPolicy?
+    /// What in-progress runs do at shutdown; default `.drain`.
+    public var shutdown: ShutdownBehavior
+
+    /// Creates options; every parameter has the documented default.
+    public init(
+        name: String = "job",
+        overlap: OverlapPolicy = .skip,
+        missedRuns: MissedRunPolicy = .skip,
+        jitter: Duration = .zero,
+        timeout: Duration? = nil,
+        retry: RetryPolicy? = nil,
+        shutdown: ShutdownBehavior = .drain
+    ) {
+        self.name = name
+        self.overlap = overlap
+        self.missedRuns = missedRuns
+        self.jitter = jitter
+        self.timeout = timeout
+        self.retry = retry
+        self.shutdown = shutdown
+    }
+}
+
+extension Duration {
+    /// Whole nanoseconds, saturating.
+    var nanoseconds: Int64 {
+        let (s, a) = components
+        let (ns, overflow) = s.multipliedReportingOverflow(by: 1_000_000_000)
+        if overflow { return s < 0 ? .min : .max }
+        let (sum, o2) = ns.addingReportingOverflow(a / 1_000_000_000)
+        return o2 ? (s < 0 ? .min : .max) : sum
+    }
+}

@@ -1,0 +1,527 @@
+import Foundation
+import Logging
+import Metrics
+import ServiceLifecycle
+import Synchronization
+
+/// The job whose run the current task is executing (to make `cancelAndWait()`
+/// from inside a run return instead of waiting for itself).
+enum CurrentRun {
+    @TaskLocal static var job: JobID?
+}
+
+/// Runs periodic and one-shot jobs on one timer queue driven by one task.
+///
+/// - One driver: `run()` owns a task group. Its own task pops due jobs from a
+///   single indexed heap and starts each run as a child task of that group;
+///   it sleeps on the injected `Clock` until the next deadline. There is never
+///   a sleeping task per job.
+/// - Decisions (policies, retries, statistics, shutdown) are made by a pure
+///   state machine (`SchedulerState`) under one lock; this class only performs
+///   them: starts and cancels tasks, sleeps, logs, counts.
+/// - Cron triggers are mapped to the clock through `wallClock`: at each
+///   occurrence the next wall-clock fire time `w` is computed and the job is
+///   queued at `clock.now + (w - wallClock())`. Wall-clock jumps are thus
+///   picked up at the next occurrence. With a `ManualClock`, the wall clock
+///   defaults to `ManualClock.wallClock()`, so tests control both.
+/// - Lifetime: `run()` returns after shutdown, once every run has ended and
+///   every timer is gone. Use it as a swift-service-lifecycle `Service`, or
+///   call `run()` in a task of your own and `shutdown(deadline:)`.
+public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.Duration == Duration {
+    /// A job body.
+    public typealias Body = @Sendable (JobContext<C.Instant>) async throws -> Void
+
+    /// Scheduler-wide settings.
+    public struct Configuration: Sendable {
+        /// How long graceful shutdown (from the service group) lets `.drain` runs finish.
+        public var shutdownDeadline: Duration
+        /// Seed for jitter; nil picks a random one.
+        public var randomSeed: UInt64?
+        /// How many runs the driver starts before it looks at the clock again.
+        public var maxStartsPerWakeup: Int
+        /// `scheduler` dimension of the metrics.
+        public var metricsLabel: String
+
+        /// Creates a configuration with the documented defaults.
+        public init(shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 64, metricsLabel: String = "default") {
+            self.shutdownDeadline = shutdownDeadline
+            self.randomSeed = randomSeed
+            self.maxStartsPerWakeup = maxStartsPerWakeup
+            self.metricsLabel = metricsLabel
+        }
+    }
+
+    enum Lifecycle: Sendable { case idle, running, finished }
+
+    struct Core: Sendable {
+        var machine: SchedulerState<C.Instant>
+        var lifecycle = Lifecycle.idle
+        var driverParked = false
+        var wakePending = false
+        var driver: CheckedContinuation<Void, Never>?
+        var liveTimers: [Int64] = []
+        var runTasks = 0
+        var shutdownStartedAt: Int64?
+        var shutdownEndedAt: Int64?
+        var shutdownWaiters: [CheckedContinuation<ShutdownReport, Never>] = []
+        var report: ShutdownReport?
+    }
+
+    /// The clock everything waits on.
+    public let clock: C
+    let wallClock: @Sendable () -> Date
+    let logger: Logger
+    let configuration: Configuration
+    let epoch: C.Instant
+    let flags = SchedulerFlags()
+    let core: Mutex<Core>
+    let activity: (@Sendable () -> Void)?
+    let runsCounter: Counter
+    let failuresCounter: Counter
+    let skippedCounter: Counter
+    let missedCounter: Counter
+    let latenessTimer: Metrics.Timer
+    let jobsGauge: Gauge
+    let inFlightGauge: Gauge
+
+    /// Creates a scheduler on `clock`.
+    /// - Parameters:
+    ///   - wallClock: the wall-clock time used to place cron occurrences;
+    ///     default `Date()`, or `ManualClock.wallClock()` when `clock` is a `ManualClock`.
+    public init(clock: C, wallClock: (@Sendable () -> Date)? = nil, logger: Logger = Logger(label: "swift-realtime-sync.scheduler"), configuration: Configuration = Configuration()) {
+        self.clock = clock
+        if let manual = clock as? ManualClock {
+            self.wallClock = wallClock ?? { @Sendable in manual.wallClock() }
+            self.activity = { @Sendable in manual.noteActivity() }
+        } else {
+            self.wallClock = wallClock ?? { @Sendable in Date() }
+            self.activity = nil
+        }
+        self.logger = logger
+        self.configuration = configuration
+        self.epoch = clock.now
+        let seed = configuration.randomSeed ?? UInt64.random(in: 0...UInt64.max)
+        self.core = Mutex(Core(machine: SchedulerState(seed: seed)))
+        let dims = [("scheduler", configuration.metricsLabel)]
+        runsCounter = Counter(label: "scheduler.job.runs", dimensions: dims)
+        failuresCounter = Counter(label: "scheduler.job.failures", dimensions: dims)
+        skippedCounter = Counter(label: "scheduler.job.skipped_overlaps", dimensions: dims)
+        missedCounter = Counter(label: "scheduler.job.missed_runs", dimensions: dims)
+        latenessTimer = Metrics.Timer(label: "scheduler.job.lateness", dimensions: dims)
+        jobsGauge = Gauge(label: "scheduler.jobs", dimensions: dims)
+        inFlightGauge = Gauge(label: "scheduler.runs.in_flight", dimensions: dims)
+    }
+
+    // MARK: - Time conversion
+
+    @inline(__always)
+    func ticks(_ instant: C.Instant) -> Int64 { epoch.duration(to: instant).nanoseconds }
+
+    @inline(__always)
+    func instant(_ ticks: Int64) -> C.Instant { epoch.advanced(by: .nanoseconds(ticks)) }
+
+    // MARK: - Scheduling
+
+    /// Schedules `body` on `trigger`.
+    ///
+    /// Jobs may be scheduled before `run()` starts; they fire once it runs.
+    /// - Throws: `SchedulerError` if the trigger or options are invalid (the
+    ///   message names the knob) or the scheduler is shutting down.
+    @_specialize(where C == ContinuousClock)
+    @discardableResult
+    public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions = JobOptions(), _ body: @escaping Body) throws -> JobHandle {
+        let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
+        let nowInstant = clock.now
+        let now = ticks(nowInstant)
+        let grid: Int64
+        let due: Int64
+        switch trigger.kind {
+        case .fixedRate(let period, let first, let firstDelay):
+            grid = first.map(ticks) ?? now &+ (firstDelay ?? period).nanoseconds
+            due = grid
+        case .fixedDelay(let delay, let initial):
+            grid = now &+ (initial ?? delay).nanoseconds
+            due = grid
+        case .onceAfter(let delay):
+            grid = now &+ delay.nanoseconds
+            due = grid
+        case .onceAt(let at):
+            grid = ticks(at)
+            due = grid
+        case .cron(let expression):
+            let wall = wallClock()
+            guard let next = expression.nextSecond(after: Int(wall.timeIntervalSince1970.rounded(.down))) else {
+                throw SchedulerError(.invalidCronExpression, "job '\(options.name)': cron expression '\(expression.source)' has no occurrence in the next 8 years (Trigger.cron)")
+            }
+            grid = Int64(next)
+            due = now &+ Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9))
+        }
+        let (id, wake) = try core.withLock { core -> (JobID, CheckedContinuation<Void, Never>?) in
+            let id = try core.machine.schedule(
+                name: options.name, trigger: compactTrigger, options: compactOptions, body: body,
+                firstGrid: grid, firstDue: due)
+            return (id, Self.needsDriver(core) ? Self.signal(&core) : nil)
+        }
+        wake?.resume()
+        activity?()
+        return JobHandle(id: id, owner: self)
+    }
+
+    // MARK: - Driver
+
+    /// True if the driver must look at the state: runs are ready, the earliest
+    /// deadline has no timer armed at or before it, or draining is complete.
+    @inline(__always)
+    static func needsDriver(_ core: Core) -> Bool {
+        if core.lifecycle != .running { return false }
+        if core.machine.isDrained { return true }
+        guard let d = core.machine.nextDeadline else { return false }
+        for t in core.liveTimers where t <= d { return false }
+        return true
+    }
+
+    /// Wakes the driver: returns its continuation to resume outside the lock,
+    /// or records a pending wake-up if it is not parked.
+    @inline(__always)
+    static func signal(_ core: inout Core) -> CheckedContinuation<Void, Never>? {
+        if core.driverParked {
+            core.driverParked = false
+            let c = core.driver
+            core.driver = nil
+            return c
+        }
+        core.wakePending = true
+        return nil
+    }
+
+    private struct Step {
+        var due = SchedulerState<C.Instant>.Due()
+        var arm: Int64?
+        var more = false
+        var exit = false
+        var resumes: [CheckedContinuation<Void, Never>] = []
+        var skipped: UInt64 = 0
+        var missed: UInt64 = 0
+        var jobs = 0
+    }
+
+    @_specialize(where C == ContinuousClock)
+    private func driverLoop(_ group: inout DiscardingTaskGroup) async {
+        let limit = Swift.max(1, configuration.maxStartsPerWakeup)
+        while true {
+            let step = core.withLock { core -> Step in
+                var step = Step()
+                core.wakePending = false
+                let now = ticks(clock.now)
+                let skippedBefore = core.machine.totalSkipped
+                let missedBefore = core.machine.totalMissed &+ core.machine.totalCoalesced
+                step.due = core.machine.advance(now: now, wall: wallClock(), limit: limit)
+                step.skipped = core.machine.totalSkipped &- skippedBefore
+                step.missed = core.machine.totalMissed &+ core.machine.totalCoalesced &- missedBefore
+                step.jobs = core.machine.liveJobs
+                step.resumes = core.machine.takeResumes()
+                core.runTasks += step.due.starts.count
+                if core.machine.isDrained && core.runTasks == 0 {
+                    step.exit = true
+                    return step
+                }
+                if core.machine.hasDue(now: now) {
+                    step.more = true
+                } else if let d = core.machine.nextDeadline {
+                    if d <= now {
+                        step.more = true
+                    } else if !core.liveTimers.contains(where: { $0 <= d }) {
+                        core.liveTimers.append(d)
+                        step.arm = d
+                    }
+                }
+                return step
+            }
+            for r in step.resumes { r.resume() }
+            for (control, reason) in step.due.cancels { control.cancel(reason) }
+            for start in step.due.starts {
+                group.addTask { await self.execute(start) }
+            }
+            if let d = step.arm {
+                group.addTask { await self.timer(d) }
+            }
+            if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
+            if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
+            jobsGauge.record(step.jobs)
+            if step.exit { return }
+            if step.more { continue }
+            await park()
+        }
+    }
+
+    private func park() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let resumeNow = core.withLock { core -> Bool in
+                if core.wakePending {
+                    core.wakePending = false
+                    return true
+                }
+                core.driverParked = true
+                core.driver = c
+                return false
+            }
+            if resumeNow { c.resume() }
+            activity?()
+        }
+    }
+
+    /// The one timer: sleeps on the clock until `deadline`, then wakes the driver.
+    @_specialize(where C == ContinuousClock)
+    private func timer(_ deadline: Int64) async {
+        var fired = true
+        do {
+            try await clock.sleep(until: instant(deadline), tolerance: nil)
+        } catch {
+            fired = false
+        }
+        let wake = core.withLock { core -> CheckedContinuation<Void, Never>? in
+            if let i = core.liveTimers.firstIndex(of: deadline) { core.liveTimers.remove(at: i) }
+            return fired ? Self.signal(&core) : nil
+        }
+        wake?.resume()
+        activity?()
+    }
+
+    /// One run, as a child task of the driver's group.
+    @_specialize(where C == ContinuousClock)
+    private func execute(_ start: SchedulerState<C.Instant>.RunStart) async {
+        let startInstant = clock.now
+        let lateness = ticks(startInstant) &- start.scheduled
+        let cancelledBeforeStart = withUnsafeCurrentTask { task -> Bool in
+            guard let task else { return false }
+            // Lifetime: RunControl calls this only between install and uninstall,
+            // under its lock, i.e. while this task is running (see RunControl).
+            nonisolated(unsafe) let current = task
+            return start.control.install { current.cancel() }
+        }
+        var outcome = SchedulerState<C.Instant>.Outcome.notStarted
+        if !cancelledBeforeStart {
+            let context = JobContext(
+                scheduledTime: instant(start.scheduled), actualStart: startInstant, attempt: start.attempt,
+                jobName: start.name, handle: JobHandle(id: start.job, owner: self), baseLogger: logger, flags: flags)
+            do {
+                try await CurrentRun.$job.withValue(start.job) {
+                    try await start.body(context)
+                }
+                outcome = .success
+            } catch {
+                let reason = start.control.reason
+                if reason != nil && reason != .timeout {
+                    outcome = .cancelled
+                } else {
+                    outcome = reason == .timeout ? .cancelled : .failure
+                    failuresCounter.increment()
+                    logger.warning(
+                        reason == .timeout ? "job run timed out" : "job run failed",
+                        metadata: ["job": "\(start.name)", "attempt": "\(start.attempt)", "error": "\(error)"])
+                }
+            }
+            start.control.uninstall()
+            runsCounter.increment()
+            latenessTimer.recordNanoseconds(lateness)
+        }
+        let end = ticks(clock.now)
+        let (wake, resumes, inFlight) = core.withLock { core -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>], Int) in
+            core.machine.finish(start, outcome: outcome, lateness: lateness, now: end)
+            core.runTasks -= 1
+            if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil {
+                core.shutdownEndedAt = end
+            }
+            return (Self.needsDriver(core) ? Self.signal(&core) : nil, core.machine.takeResumes(), core.machine.inFlight)
+        }
+        wake?.resume()
+        for r in resumes { r.resume() }
+        if inFlight == 0 { inFlightGauge.record(0) }
+        activity?()
+    }
+
+    // MARK: - Service
+
+    /// Runs the driver until shutdown. Graceful shutdown (swift-service-lifecycle)
+    /// starts `shutdown` with `Configuration.shutdownDeadline`; cancelling the
+    /// task cancels every run at once. Returns once every run has ended and no
+    /// timer is left.
+    /// - Throws: `SchedulerError.alreadyRunning` if called twice.
+    @_specialize(where C == ContinuousClock)
+    public func run() async throws {
+        let state = core.withLock { core -> Lifecycle in
+            let s = core.lifecycle
+            if s == .idle { core.lifecycle = .running }
+            return s
+        }
+        switch state {
+        case .finished: return
+        case .running: throw SchedulerError(.alreadyRunning, "JobScheduler.run() called while the scheduler is already running; run it once (one ServiceGroup entry)")
+        case .idle: break
+        }
+        logger.debug("scheduler started")
+        await withTaskCancellationHandler {
+            await withGracefulShutdownHandler {
+                await withDiscardingTaskGroup { group in
+                    await self.driverLoop(&group)
+                    // Only superseded timers can be left; every run has ended.
+                    group.cancelAll()
+                }
+            } onGracefulShutdown: {
+                self.beginShutdown(deadline: self.configuration.shutdownDeadline)
+            }
+        } onCancel: {
+            self.cancelEverything()
+        }
+        let (report, waiters) = core.withLock { core -> (ShutdownReport, [CheckedContinuation<ShutdownReport, Never>]) in
+            core.lifecycle = .finished
+            let r = Self.makeReport(core)
+            core.report = r
+            let w = core.shutdownWaiters
+            core.shutdownWaiters = []
+            return (r, w)
+        }
+        for w in waiters { w.resume(returning: report) }
+        logger.info(
+            "scheduler stopped",
+            metadata: ["drained": "\(report.drainedRuns)", "cutOff": "\(report.cutOff.count)", "duration": "\(report.duration)"])
+        activity?()
+    }
+
+    private static func makeReport(_ core: Core) -> ShutdownReport {
+        let start = core.shutdownStartedAt ?? 0
+        let end = core.shutdownEndedAt ?? start
+        return ShutdownReport(
+            drainedRuns: core.machine.drainedRuns, cutOff: core.machine.cutOff,
+            jobsRemoved: core.machine.jobsRemovedAtShutdown, duration: .nanoseconds(Swift.max(0, end - start)))
+    }
+
+    /// Starts shutting down without waiting: stops firing, cancels `.cancel`
+    /// runs, lets `.drain` runs finish until `deadline` from now.
+    public func beginShutdown(deadline: Duration) {
+        flags.markShuttingDown()
+        let (cancels, wake, resumes) = core.withLock { core -> ([(RunControl, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+            let now = ticks(clock.now)
+            if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
+            let cancels = core.machine.beginShutdown(deadline: now &+ deadline.nanoseconds)
+            if core.lifecycle == .idle {
+                core.lifecycle = .finished
+                core.shutdownEndedAt = now
+                core.report = Self.makeReport(core)
+                return (cancels, nil, core.machine.takeResumes())
+            }
+            if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil { core.shutdownEndedAt = now }
+            return (cancels, Self.signal(&core), core.machine.takeResumes())
+        }
+        for (c, r) in cancels { c.cancel(r) }
+        wake?.resume()
+        for r in resumes { r.resume() }
+        activity?()
+    }
+
+    private func cancelEverything() {
+        flags.markShuttingDown()
+        let (cancels, wake, resumes) = core.withLock { core -> ([(RunControl, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+            let now = ticks(clock.now)
+            if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
+            let cancels = core.machine.cancelEverything()
+            return (cancels, Self.signal(&core), core.machine.takeResumes())
+        }
+        for (c, r) in cancels { c.cancel(r) }
+        wake?.resume()
+        for r in resumes { r.resume() }
+        activity?()
+    }
+
+    /// Shuts down and waits: stops firing (no run starts after this is
+    /// called), cancels runs of `.cancel` jobs, lets `.drain` runs finish for
+    /// up to `deadline` and then cancels them, and returns once `run()` has
+    /// released everything. Idempotent; later calls return the same report.
+    /// If `run()` never started, returns at once.
+    @discardableResult
+    public func shutdown(deadline: Duration = .seconds(10)) async -> ShutdownReport {
+        beginShutdown(deadline: deadline)
+        return await withCheckedContinuation { (c: CheckedContinuation<ShutdownReport, Never>) in
+            let report = core.withLock { core -> ShutdownReport? in
+                if core.lifecycle == .finished { return core.report ?? Self.makeReport(core) }
+                core.shutdownWaiters.append(c)
+                return nil
+            }
+            if let report { c.resume(returning: report) }
+        }
+    }
+
+    // MARK: - Handles and statistics
+
+    @_specialize(where C == ContinuousClock)
+    func cancelJob(_ id: JobID) {
+        let (controls, resumes) = core.withLock { core in
+            (core.machine.cancel(id), core.machine.takeResumes())
+        }
+        if let controls {
+            for c in controls { c.cancel(.jobCancelled) }
+        }
+        for r in resumes { r.resume() }
+        activity?()
+    }
+
+    func cancelJobAndWait(_ id: JobID) async {
+        cancelJob(id)
+        if CurrentRun.job == id { return }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let registered = core.withLock { $0.machine.addWaiter(id, c) }
+            if !registered { c.resume() }
+        }
+    }
+
+    func delayUntilNextRun(_ id: JobID) -> Duration? {
+        guard let due = core.withLock({ $0.machine.nextDue(id) }) else { return nil }
+        return .nanoseconds(Swift.max(0, due &- ticks(clock.now)))
+    }
+
+    func isJobGone(_ id: JobID) -> Bool {
+        core.withLock { $0.machine.isGone(id) }
+    }
+
+    func statistics(of id: JobID) -> JobStatistics? {
+        core.withLock { $0.machine.statistics(of: id) }
+    }
+
+    /// When the job runs next on this scheduler's clock, or nil if no run is planned.
+    public func nextRun(of handle: JobHandle) -> C.Instant? {
+        guard handle.owner === self, let due = core.withLock({ $0.machine.nextDue(handle.id) }) else { return nil }
+        return instant(due)
+    }
+
+    /// Statistics of all jobs.
+    public var statistics: SchedulerStatistics {
+        core.withLock { $0.machine.statistics }
+    }
+
+    /// Statistics of one job, or nil once it is gone.
+    public func statistics(for handle: JobHandle) -> JobStatistics? {
+        guard handle.owner === self else { return nil }
+        return statistics(of: handle.id)
+    }
+
+    /// True if `handle`'s job holds an entry in the timer queue.
+    public func isQueued(_ handle: JobHandle) -> Bool {
+        guard handle.owner === self else { return false }
+        return core.withLock { $0.machine.isQueued(handle.id) }
+    }
+}
+
+extension JobScheduler where C == ContinuousClock {
+    /// A scheduler on the `ContinuousClock`, with `Date()` as its wall clock.
+    public convenience init(logger: Logger = Logger(label: "swift-realtime-sync.scheduler"), configuration: Configuration = Configuration()) {
+        self.init(clock: ContinuousClock(), wallClock: nil, logger: logger, configuration: configuration)
+    }
+}
+
+extension JobScheduler: CustomStringConvertible {
+    /// A one-line summary.
+    public var description: String {
+        let s = statistics
+        return "JobScheduler(jobs: \(s.jobs), inFlight: \(s.inFlight), runs: \(s.runs), failures: \(s.failures))"
+    }
+}

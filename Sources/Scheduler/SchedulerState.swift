@@ -1,0 +1,690 @@
+import Foundation
+
+/// SplitMix64: a small deterministic generator for jitter.
+struct SplitMix64: RandomNumberGenerator, Sendable {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+final class CronBox: Sendable {
+    let expression: CronExpression
+    init(_ e: CronExpression) { expression = e }
+}
+
+final class RetryBox: Sendable {
+    let policy: RetryPolicy
+    init(_ p: RetryPolicy) { policy = p }
+}
+
+/// State bits of a job record.
+struct JobFlags: OptionSet, Sendable {
+    var rawValue: UInt8
+    static let gone = JobFlags(rawValue: 1)  // cancelled / shut down / completed: never fires again
+    static let queuedRun = JobFlags(rawValue: 2)  // overlap .queueOne holds a run
+    static let retryPending = JobFlags(rawValue: 4)  // the queue key is a retry, not the regular due
+    static let inUse = JobFlags(rawValue: 8)
+}
+
+/// The scheduler's bookkeeping as a value type: jobs, the timer queue, runs in
+/// progress, run timeouts, statistics and the shutdown phase.
+///
+/// It takes events (schedule, cancel, time passed, run finished, shutdown)
+/// and returns what the shell must do (start these runs, cancel those tasks,
+/// resume those waiters). It never sleeps, never spawns, never reads a clock:
+/// time comes in as ticks (nanoseconds since the scheduler's epoch) and, for
+/// cron, as a wall-clock `Date`.
+struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration == Duration {
+    typealias Body = @Sendable (JobContext<Instant>) async throws -> Void
+
+    enum CompactTrigger: Sendable {
+        case fixedRate(period: Int64)
+        case fixedDelay(delay: Int64)
+        case once
+        case cron(CronBox)
+    }
+
+    struct CompactOptions: Sendable {
+        var jitter: Int64
+        var timeout: Int64  // 0: none
+        var retry: RetryBox?
+        var overlapKind: UInt8  // 0 skip, 1 queueOne, 2 concurrent
+        var overlapMax: UInt16
+        var missedKind: UInt8  // 0 skip, 1 coalesce, 2 burst
+        var missedMax: UInt16
+        var cancelOnShutdown: Bool
+    }
+
+    struct Stats: Sendable {
+        var runs: UInt64 = 0
+        var failures: UInt32 = 0
+        var skipped: UInt32 = 0
+        var missed: UInt32 = 0
+        var coalesced: UInt32 = 0
+        var histogram = SIMD8<UInt32>()
+    }
+
+    struct Job: Sendable {
+        var body: Body?
+        var name: String
+        var trigger: CompactTrigger
+        var options: CompactOptions
+        var serial: UInt64
+        var grid: Int64 = 0  // fixed rate: unjittered next occurrence; cron: its wall second
+        var regularDue: Int64 = .max  // deadline of the next regular occurrence
+        var queuedAt: Int64 = 0
+        var firstRun: Int32 = -1
+        var inFlight: UInt16 = 0
+        var attempt: UInt16 = 1  // attempt number of the pending retry
+        var burstRemaining: UInt16 = 0
+        var flags: JobFlags = []
+        var stats = Stats()
+    }
+
+    struct Run: Sendable {
+        var control: RunControl?
+        var serial: UInt64 = 0
+        var jobSlot: UInt32 = 0
+        var next: Int32 = -1
+        var prev: Int32 = -1
+        var attempt: UInt16 = 1
+        var cut = false  // counted in the shutdown report's cut-off runs
+    }
+
+    /// A run the shell must start as a child task.
+    struct RunStart: Sendable {
+        let job: JobID
+        let runSlot: UInt32
+        let runSerial: UInt64
+        let body: Body
+        let name: String
+        let scheduled: Int64
+        let attempt: Int
+        let control: RunControl
+    }
+
+    /// How a run ended.
+    enum Outcome: Sendable {
+        case success
+        case failure
+        case cancelled  // threw after its task was cancelled by us
+        case notStarted  // cancelled before the body started
+    }
+
+    enum Phase: Sendable, Equatable {
+        case running
+        case draining(deadline: Int64)
+    }
+
+    private(set) var jobs: [Job] = []
+    private var freeJobs: [UInt32] = []
+    private(set) var queue = TimerQueue()
+    private var runs: [Run] = []
+    private var freeRuns: [UInt32] = []
+    private(set) var timeouts = TimerQueue()
+    private var ready: [RunStart] = []
+    private var waiters: [UInt32: [CheckedContinuation<Void, Never>]] = [:]
+    private var rng: SplitMix64
+    private var nextSerial: UInt64 = 1
+    private var nextRunSerial: UInt64 = 1
+    private(set) var phase: Phase = .running
+    private var deadlinePassed = false
+
+    private(set) var liveJobs = 0
+    private var slotsInUse = 0
+    private(set) var inFlight = 0
+    // totals
+    private(set) var totalRuns: UInt64 = 0
+    private(set) var totalFailures: UInt64 = 0
+    private(set) var totalTimeouts: UInt64 = 0
+    private(set) var totalSkipped: UInt64 = 0
+    private(set) var totalMissed: UInt64 = 0
+    private(set) var totalCoalesced: UInt64 = 0
+    private(set) var histogram = SIMD8<UInt64>()
+    // shutdown report
+    private(set) var cutOff: [ShutdownReport.CutOffRun] = []
+    private(set) var drainedRuns = 0
+    private(set) var jobsRemovedAtShutdown = 0
+
+    init(seed: UInt64) {
+        rng = SplitMix64(state: seed)
+    }
+
+    // MARK: - Queries
+
+    /// The earliest time something must happen: a job comes due, a run times
+    /// out, the shutdown deadline passes; `Int64.min` if runs are ready now.
+    var nextDeadline: Int64? {
+        if !ready.isEmpty { return .min }
+        var d = queue.min?.deadline
+        if let t = timeouts.min?.deadline { d = Swift.min(d ?? t, t) }
+        if case .draining(let deadline) = phase, !deadlinePassed, inFlight > 0 {
+            d = Swift.min(d ?? deadline, deadline)
+        }
+        return d
+    }
+
+    /// True while draining once no run is in progress.
+    var isDrained: Bool {
+        if case .draining = phase { return inFlight == 0 && ready.isEmpty }
+        return false
+    }
+
+    /// True if `id` names the job now in its slot (no copy of the record).
+    @inline(__always)
+    private func isLive(_ id: JobID) -> Bool {
+        let s = Int(id.slot)
+        return s < jobs.count && jobs[s].serial == id.serial && jobs[s].flags.contains(.inUse)
+    }
+
+    /// True if the job was cancelled, shut down, completed, or never existed.
+    func isGone(_ id: JobID) -> Bool {
+        guard isLive(id) else { return true }
+        return jobs[Int(id.slot)].flags.contains(.gone)
+    }
+
+    /// The job's queue deadline (its next run, or pending retry), if queued.
+    func nextDue(_ id: JobID) -> Int64? {
+        guard isLive(id), !jobs[Int(id.slot)].flags.contains(.gone) else { return nil }
+        return queue.deadline(of: id.slot)
+    }
+
+    /// True if `id` has an entry in the timer queue.
+    func isQueued(_ id: JobID) -> Bool {
+        isLive(id) && queue.contains(id.slot)
+    }
+
+    /// Statistics of one job.
+    func statistics(of id: JobID) -> JobStatistics? {
+        guard isLive(id) else { return nil }
+        let j = jobs[Int(id.slot)]
+        guard !j.flags.contains(.gone) || j.inFlight > 0 else { return nil }
+        return JobStatistics(
+            name: j.name, runs: j.stats.runs, failures: UInt64(j.stats.failures),
+            skippedOverlaps: UInt64(j.stats.skipped), missedRuns: UInt64(j.stats.missed),
+            coalescedRuns: UInt64(j.stats.coalesced), inFlight: Int(j.inFlight),
+            lateness: LatenessHistogram(counts: (0..<8).map { UInt64(j.stats.histogram[$0]) }))
+    }
+
+    /// Statistics of everything.
+    var statistics: SchedulerStatistics {
+        SchedulerStatistics(
+            jobs: liveJobs, queuedTimers: queue.count + timeouts.count, runs: totalRuns,
+            failures: totalFailures, timeouts: totalTimeouts, skippedOverlaps: totalSkipped,
+            missedRuns: totalMissed, coalescedRuns: totalCoalesced, inFlight: inFlight,
+            lateness: LatenessHistogram(counts: (0..<8).map { histogram[$0] }))
+    }
+
+    /// Slots allocated in the job table (including free ones), for tests.
+    var jobTableCapacity: Int { jobs.count }
+
+    // MARK: - Schedule
+
+    private mutating func jitter(_ options: CompactOptions) -> Int64 {
+        options.jitter > 0 ? Int64(rng.next() % UInt64(options.jitter + 1)) : 0
+    }
+
+    static func validate(_ trigger: Trigger<Instant>, _ options: JobOptions) throws -> (CompactTrigger, CompactOptions) {
+        func bad(_ code: SchedulerError.Code, _ m: String) -> SchedulerError { SchedulerError(code, "job '\(options.name)': \(m)") }
+        let compact: CompactTrigger
+        switch trigger.kind {
+        case .fixedRate(let period, _, let firstDelay):
+            guard period > .zero else { throw bad(.invalidTrigger, "interval \(period) must be greater than zero (Trigger.every interval)") }
+            if let f = firstDelay, f < .zero { throw bad(.invalidTrigger, "first delay \(f) must not be negative (Trigger.every firstAfter)") }
+            compact = .fixedRate(period: period.nanoseconds)
+        case .fixedDelay(let delay, let initial):
+            guard delay >= .zero else { throw bad(.invalidTrigger, "delay \(delay) must not be negative (Trigger.fixedDelay delay)") }
+            if let i = initial, i < .zero { throw bad(.invalidTrigger, "initial delay \(i) must not be negative (Trigger.fixedDelay initialDelay)") }
+            compact = .fixedDelay(delay: delay.nanoseconds)
+        case .onceAfter(let d):
+            guard d >= .zero else { throw bad(.invalidTrigger, "delay \(d) must not be negative (Trigger.once after)") }
+            compact = .once
+        case .onceAt:
+            compact = .once
+        case .cron(let e):
+            compact = .cron(CronBox(e))
+        }
+        guard options.jitter >= .zero else { throw bad(.invalidOption, "jitter \(options.jitter) must not be negative (JobOptions.jitter)") }
+        if let t = options.timeout, t <= .zero { throw bad(.invalidOption, "timeout \(t) must be greater than zero (JobOptions.timeout)") }
+        var o = CompactOptions(
+            jitter: options.jitter.nanoseconds, timeout: options.timeout?.nanoseconds ?? 0, retry: nil,
+            overlapKind: 0, overlapMax: 1, missedKind: 0, missedMax: 1, cancelOnShutdown: options.shutdown == .cancel)
+        switch options.overlap {
+        case .skip: o.overlapKind = 0
+        case .queueOne: o.overlapKind = 1
+        case .concurrent(let max):
+            guard max >= 1 && max <= Int(UInt16.max) else { throw bad(.invalidOption, "concurrent(max: \(max)) must be within 1...65535 (JobOptions.overlap)") }
+            o.overlapKind = 2
+            o.overlapMax = UInt16(max)
+        }
+        switch options.missedRuns {
+        case .skip: o.missedKind = 0
+        case .coalesce: o.missedKind = 1
+        case .burst(let max):
+            guard max >= 1 && max <= Int(UInt16.max) else { throw bad(.invalidOption, "burst(max: \(max)) must be within 1...65535 (JobOptions.missedRuns)") }
+            o.missedKind = 2
+            o.missedMax = UInt16(max)
+        }
+        if let r = options.retry {
+            guard r.maxAttempts >= 1 && r.maxAttempts <= Int(UInt16.max) else { throw bad(.invalidOption, "retry maxAttempts \(r.maxAttempts) must be within 1...65535 (RetryPolicy.maxAttempts)") }
+            guard r.multiplier >= 1 else { throw bad(.invalidOption, "retry multiplier \(r.multiplier) must be at least 1 (RetryPolicy.multiplier)") }
+            guard r.initialBackoff >= .zero, r.maxBackoff >= r.initialBackoff else {
+                throw bad(.invalidOption, "retry backoff \(r.initialBackoff)...\(r.maxBackoff) must be non-negative and ordered (RetryPolicy.initialBackoff, maxBackoff)")
+            }
+            o.retry = RetryBox(r)
+        }
+        return (compact, o)
+    }
+
+    /// Adds a job. `firstDue` comes from the shell, which knows the clock:
+    /// the first occurrence in ticks (and, for cron, its wall second).
+    mutating func schedule(
+        name: String, trigger: CompactTrigger, options: CompactOptions, body: @escaping Body,
+        firstGrid: Int64, firstDue: Int64
+    ) throws -> JobID {
+        guard phase == .running else {
+            throw SchedulerError(.shutDown, "job '\(name)' not scheduled: the scheduler is shutting down or shut down (JobScheduler.shutdown)")
+        }
+        let slot: UInt32
+        if let s = freeJobs.popLast() {
+            slot = s
+        } else {
+            guard jobs.count < Int(UInt32.max) else {
+                throw SchedulerError(.tooManyJobs, "job '\(name)' not scheduled: \(jobs.count) job slots in use (cancel jobs you no longer need)")
+            }
+            slot = UInt32(jobs.count)
+            jobs.append(Job(body: nil, name: "", trigger: .once, options: options, serial: 0))
+        }
+        let serial = nextSerial
+        nextSerial &+= 1
+        let due = firstDue &+ jitter(options)
+        jobs[Int(slot)] = Job(
+            body: body, name: name, trigger: trigger, options: options, serial: serial,
+            grid: firstGrid, regularDue: due, flags: [.inUse])
+        queue.insert(slot, deadline: due)
+        liveJobs += 1
+        slotsInUse += 1
+        return JobID(slot: slot, serial: serial)
+    }
+
+    // MARK: - Cancel
+
+    /// Cancels a job: removes it from the queue now and returns the controls
+    /// of its runs in progress (the shell cancels their tasks). Nil if the job
+    /// was already gone.
+    mutating func cancel(_ id: JobID) -> [RunControl]? {
+        guard isLive(id), !jobs[Int(id.slot)].flags.contains(.gone) else { return nil }
+        let s = Int(id.slot)
+        markGone(s)
+        var controls: [RunControl] = []
+        var r = jobs[s].firstRun
+        while r >= 0 {
+            if let c = runs[Int(r)].control { controls.append(c) }
+            r = runs[Int(r)].next
+        }
+        if jobs[s].inFlight == 0 { freeSlot(s) }
+        compactIfEmpty()
+        return controls
+    }
+
+    private mutating func markGone(_ s: Int) {
+        if !jobs[s].flags.contains(.gone) { liveJobs -= 1 }
+        jobs[s].flags.insert(.gone)
+        jobs[s].flags.remove([.queuedRun, .retryPending])
+        jobs[s].burstRemaining = 0
+        jobs[s].regularDue = .max
+        queue.remove(UInt32(s))
+    }
+
+    /// Registers a waiter resumed when no run of the job is in progress.
+    /// Returns false (nothing registered) if there is none already.
+    mutating func addWaiter(_ id: JobID, _ c: CheckedContinuation<Void, Never>) -> Bool {
+        guard isLive(id) else { return false }
+        waiters[id.slot, default: []].append(c)
+        return true
+    }
+
+    private mutating func freeSlot(_ s: Int) {
+        if !jobs[s].flags.contains(.gone) { liveJobs -= 1 }
+        queue.remove(UInt32(s))
+        jobs[s].body = nil
+        jobs[s].name = ""
+        jobs[s].trigger = .once
+        jobs[s].options.retry = nil
+        jobs[s].serial = 0
+        jobs[s].flags = []
+        if !burstTimes.isEmpty { burstTimes[UInt32(s)] = nil }
+        slotsInUse -= 1
+        freeJobs.append(UInt32(s))
+        if !waiters.isEmpty, let w = waiters.removeValue(forKey: UInt32(s)) { pendingResumes.append(contentsOf: w) }
+    }
+
+    /// Gives the tables' memory back once nothing is left in them.
+    private mutating func compactIfEmpty() {
+        if slotsInUse == 0 && waiters.isEmpty && jobs.count > 0 {
+            jobs = []
+            freeJobs = []
+            queue.removeAll()
+            burstTimes = [:]
+        }
+        if inFlight == 0 && ready.isEmpty && runs.count > 64 {
+            runs = []
+            freeRuns = []
+            timeouts.removeAll()
+        }
+    }
+
+    /// Waiters released by the last event; the shell takes and resumes them.
+    private(set) var pendingResumes: [CheckedContinuation<Void, Never>] = []
+
+    /// Takes the waiters to resume.
+    mutating func takeResumes() -> [CheckedContinuation<Void, Never>] {
+        if pendingResumes.isEmpty { return [] }
+        defer { pendingResumes = [] }
+        return pendingResumes
+    }
+
+    // MARK: - Time passes
+
+    /// Result of `advance(now:wall:limit:)`.
+    struct Due: Sendable {
+        var starts: [RunStart] = []
+        var cancels: [(RunControl, CancelReason)] = []
+    }
+
+    /// Everything due at `now`: runs to start (at most `limit` from the queue
+    /// per call; call again while `hasDue(now:)`), tasks to cancel for
+    /// timeouts and the shutdown deadline.
+    mutating func advance(now: Int64, wall: Date, limit: Int = .max) -> Due {
+        var due = Due()
+        if case .draining(let deadline) = phase, !deadlinePassed, now >= deadline {
+            deadlinePassed = true
+            for i in runs.indices {
+                if let c = runs[i].control, !runs[i].cut {
+                    runs[i].cut = true
+                    due.cancels.append((c, .shutdownDeadline))
+                    cutOff.append(.init(jobName: jobs[Int(runs[i].jobSlot)].name, attempt: Int(runs[i].attempt), reason: .deadlineExceeded))
+                }
+            }
+        }
+        while let e = timeouts.popDue(now: now) {
+            if let c = runs[Int(e.id)].control { due.cancels.append((c, .timeout)) }
+        }
+        if !ready.isEmpty {
+            due.starts = ready
+            ready = []
+        }
+        while due.starts.count < limit, let e = queue.popDue(now: now) {
+            fire(Int(e.id), due: e.deadline, now: now, wall: wall, into: &due.starts)
+        }
+        compactIfEmpty()
+        return due
+    }
+
+    /// True if a queued job is due at `now`.
+    func hasDue(now: Int64) -> Bool {
+        if let m = queue.min { return m.deadline <= now }
+        return false
+    }
+
+    private mutating func fire(_ s: Int, due: Int64, now: Int64, wall: Date, into starts: inout [RunStart]) {
+        if jobs[s].flags.contains(.retryPending) {
+            jobs[s].flags.remove(.retryPending)
+            if jobs[s].regularDue != .max { queue.insert(UInt32(s), deadline: jobs[s].regularDue) }
+            startOrOverlap(s, scheduled: due, attempt: jobs[s].attempt, now: now, into: &starts)
+            return
+        }
+        jobs[s].attempt = 1
+        var k: Int64 = 1
+        var times: [Int64] = []  // scheduled ticks of the overdue occurrences (only when k > 1)
+        switch jobs[s].trigger {
+        case .fixedRate(let period):
+            if now - due >= period {
+                k = 1 + (now - due) / period
+            }
+            let grid = jobs[s].grid
+            if k > 1 {
+                let keep = Int64(jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1)
+                for i in Swift.max(0, k - keep)..<k { times.append(i == 0 ? due : grid + i * period) }
+            }
+            jobs[s].grid = grid + k * period
+            jobs[s].regularDue = jobs[s].grid + jitter(jobs[s].options)
+            queue.insert(UInt32(s), deadline: jobs[s].regularDue)
+        case .cron(let box):
+            let wallSecond = Int(wall.timeIntervalSince1970.rounded(.down))
+            var walls = [Int(jobs[s].grid)]
+            var next = box.expression.nextSecond(after: Int(jobs[s].grid))
+            while let n = next, n <= wallSecond, walls.count < 100_000 {
+                walls.append(n)
+                next = box.expression.nextSecond(after: n)
+            }
+            k = Int64(walls.count)
+            if k > 1 {
+                for w in walls.suffix(jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1) {
+                    times.append(due + Int64(w - walls[0]) * 1_000_000_000)
+                }
+            }
+            if let n = next {
+                jobs[s].grid = Int64(n)
+                let delta = (Double(n) - wall.timeIntervalSince1970) * 1e9
+                jobs[s].regularDue = now + Swift.max(0, Int64(delta)) + jitter(jobs[s].options)
+                queue.insert(UInt32(s), deadline: jobs[s].regularDue)
+            } else {
+                jobs[s].regularDue = .max
+                jobs[s].flags.insert(.gone)  // never fires again: completes after this run
+                liveJobs -= 1
+            }
+        case .fixedDelay:
+            jobs[s].regularDue = .max
+        case .once:
+            jobs[s].regularDue = .max
+            jobs[s].flags.insert(.gone)
+            liveJobs -= 1
+        }
+        if k == 1 {
+            startOrOverlap(s, scheduled: due, attempt: 1, now: now, into: &starts)
+        } else {
+            switch jobs[s].options.missedKind {
+            case 0:
+                jobs[s].stats.missed &+= UInt32(truncatingIfNeeded: k)
+                totalMissed &+= UInt64(k)
+            case 1:
+                jobs[s].stats.coalesced &+= UInt32(truncatingIfNeeded: k - 1)
+                totalCoalesced &+= UInt64(k - 1)
+                startOrOverlap(s, scheduled: times.last!, attempt: 1, now: now, into: &starts)
+            default:
+                let n = times.count
+                jobs[s].stats.missed &+= UInt32(truncatingIfNeeded: k - Int64(n))
+                totalMissed &+= UInt64(k - Int64(n))
+                startOrOverlap(s, scheduled: times[0], attempt: 1, now: now, into: &starts)
+                if n > 1 {
+                    jobs[s].burstRemaining = UInt16(n - 1)
+                    burstTimes[UInt32(s)] = Array(times.dropFirst())
+                }
+            }
+        }
+        if jobs[s].flags.contains(.gone) && jobs[s].inFlight == 0 && !queue.contains(UInt32(s)) {
+            freeSlot(s)
+        }
+    }
+
+    /// Scheduled times of the remaining burst runs, per job slot (rare path).
+    private var burstTimes: [UInt32: [Int64]] = [:]
+
+    private mutating func startOrOverlap(_ s: Int, scheduled: Int64, attempt: UInt16, now: Int64, into starts: inout [RunStart]) {
+        let inFlightNow = jobs[s].inFlight
+        if inFlightNow == 0 || (jobs[s].options.overlapKind == 2 && inFlightNow < jobs[s].options.overlapMax) {
+            starts.append(start(s, scheduled: scheduled, attempt: attempt, now: now))
+            return
+        }
+        if jobs[s].options.overlapKind == 1 && !jobs[s].flags.contains(.queuedRun) {
+            jobs[s].flags.insert(.queuedRun)
+            jobs[s].queuedAt = scheduled
+            return
+        }
+        jobs[s].stats.skipped &+= 1
+        totalSkipped &+= 1
+    }
+
+    private mutating func start(_ s: Int, scheduled: Int64, attempt: UInt16, now: Int64) -> RunStart {
+        let r: Int
+        if let f = freeRuns.popLast() {
+            r = Int(f)
+        } else {
+            r = runs.count
+            runs.append(Run())
+        }
+        let control = RunControl()
+        let serial = nextRunSerial
+        nextRunSerial &+= 1
+        let head = jobs[s].firstRun
+        runs[r] = Run(control: control, serial: serial, jobSlot: UInt32(s), next: head, prev: -1, attempt: attempt)
+        if head >= 0 { runs[Int(head)].prev = Int32(r) }
+        jobs[s].firstRun = Int32(r)
+        jobs[s].inFlight += 1
+        inFlight += 1
+        if jobs[s].options.timeout > 0 {
+            timeouts.insert(UInt32(r), deadline: now &+ jobs[s].options.timeout)
+        }
+        return RunStart(
+            job: JobID(slot: UInt32(s), serial: jobs[s].serial), runSlot: UInt32(r), runSerial: serial,
+            body: jobs[s].body!, name: jobs[s].name, scheduled: scheduled, attempt: Int(attempt), control: control)
+    }
+
+    // MARK: - A run ended
+
+    /// Records the end of a run and decides what follows: a fixed-delay job's
+    /// next occurrence, a retry, a queued or burst run (started by the shell
+    /// on its next `advance`). Returns the job's name and whether the shell's
+    /// driver must look at the queue again.
+    mutating func finish(_ start: RunStart, outcome: Outcome, lateness: Int64, now: Int64) {
+        let r = Int(start.runSlot)
+        guard r < runs.count, runs[r].serial == start.runSerial else { return }
+        let reason = runs[r].control?.reason
+        let wasCut = runs[r].cut
+        timeouts.remove(UInt32(r))
+        let s = Int(runs[r].jobSlot)
+        // unlink
+        let (prev, next) = (runs[r].prev, runs[r].next)
+        if prev >= 0 { runs[Int(prev)].next = next } else { jobs[s].firstRun = next }
+        if next >= 0 { runs[Int(next)].prev = prev }
+        runs[r] = Run()
+        freeRuns.append(UInt32(r))
+        inFlight -= 1
+        jobs[s].inFlight -= 1
+        defer { compactIfEmpty() }
+
+        if outcome != .notStarted {
+            let b = LatenessHistogram.bucket(lateness)
+            jobs[s].stats.runs &+= 1
+            jobs[s].stats.histogram[b] &+= 1
+            totalRuns &+= 1
+            histogram[b] &+= 1
+            if case .draining = phase, !wasCut { drainedRuns += 1 }
+        }
+        let failed = outcome == .failure || (outcome == .cancelled && reason == .timeout)
+        if failed {
+            jobs[s].stats.failures &+= 1
+            totalFailures &+= 1
+        }
+        if reason == .timeout { totalTimeouts &+= 1 }
+
+        if jobs[s].flags.contains(.gone) {
+            if jobs[s].inFlight == 0 && !queue.contains(UInt32(s)) {
+                if let retry = jobs[s].options.retry?.policy, failed, start.attempt < retry.maxAttempts,
+                    reason != .jobCancelled, phase == .running, jobs[s].body != nil,
+                    case .once = jobs[s].trigger
+                {
+                    // a one-shot job's retry keeps it alive
+                    jobs[s].flags.remove(.gone)
+                    liveJobs += 1
+                    scheduleRetry(s, retry: retry, attempt: start.attempt, now: now)
+                } else {
+                    freeSlot(s)
+                }
+            }
+            return
+        }
+        if case .fixedDelay(let delay) = jobs[s].trigger, jobs[s].inFlight == 0 {
+            jobs[s].regularDue = now &+ delay &+ jitter(jobs[s].options)
+            queue.insert(UInt32(s), deadline: jobs[s].regularDue)
+        }
+        if failed, let retry = jobs[s].options.retry?.policy, start.attempt < retry.maxAttempts {
+            scheduleRetry(s, retry: retry, attempt: start.attempt, now: now)
+        }
+        if jobs[s].burstRemaining > 0, var times = burstTimes[UInt32(s)], !times.isEmpty {
+            jobs[s].burstRemaining -= 1
+            let t = times.removeFirst()
+            burstTimes[UInt32(s)] = times.isEmpty ? nil : times
+            ready.append(self.start(s, scheduled: t, attempt: 1, now: now))
+        } else if jobs[s].flags.contains(.queuedRun) {
+            jobs[s].flags.remove(.queuedRun)
+            ready.append(self.start(s, scheduled: jobs[s].queuedAt, attempt: 1, now: now))
+        }
+    }
+
+    private mutating func scheduleRetry(_ s: Int, retry: RetryPolicy, attempt: Int, now: Int64) {
+        let at = now &+ retry.backoff(afterAttempt: attempt).nanoseconds
+        if at < jobs[s].regularDue {
+            jobs[s].flags.insert(.retryPending)
+            jobs[s].attempt = UInt16(attempt + 1)
+            queue.insert(UInt32(s), deadline: at)
+        }
+    }
+
+    // MARK: - Shutdown
+
+    /// Stops firing: removes every job from the queue, drops ready runs, and
+    /// returns the runs to cancel now (jobs with `ShutdownBehavior.cancel`).
+    /// Runs of other jobs drain until `deadline`, after which `advance`
+    /// cancels them.
+    mutating func beginShutdown(deadline: Int64) -> [(RunControl, CancelReason)] {
+        guard phase == .running else { return [] }
+        phase = .draining(deadline: deadline)
+        var cancels: [(RunControl, CancelReason)] = []
+        for s in jobs.indices where jobs[s].flags.contains(.inUse) {
+            if !jobs[s].flags.contains(.gone) { jobsRemovedAtShutdown += 1 }
+            markGone(s)
+            if jobs[s].options.cancelOnShutdown {
+                var r = jobs[s].firstRun
+                while r >= 0 {
+                    if let c = runs[Int(r)].control, !runs[Int(r)].cut {
+                        runs[Int(r)].cut = true
+                        cancels.append((c, .shutdownPolicy))
+                        cutOff.append(.init(jobName: jobs[s].name, attempt: Int(runs[Int(r)].attempt), reason: .cancelledByPolicy))
+                    }
+                    r = runs[Int(r)].next
+                }
+            }
+        }
+        // ready runs never start
+        let abandoned = ready
+        ready = []
+        for a in abandoned { finish(a, outcome: .notStarted, lateness: 0, now: 0) }
+        burstTimes = [:]
+        for s in jobs.indices where jobs[s].flags.contains(.inUse) && jobs[s].inFlight == 0 {
+            freeSlot(s)
+        }
+        compactIfEmpty()
+        return cancels
+    }
+
+    /// The scheduler's own task was cancelled: cancel every run now.
+    mutating func cancelEverything() -> [(RunControl, CancelReason)] {
+        var cancels = beginShutdown(deadline: .min)
+        deadlinePassed = true
+        for i in runs.indices {
+            if let c = runs[i].control, !runs[i].cut {
+                runs[i].cut = true
+                cancels.append((c, .schedulerCancelled))
+                cutOff.append(.init(jobName: jobs[Int(runs[i].jobSlot)].name, attempt: Int(runs[i].attempt), reason: .schedulerCancelled))
+            }
+        }
+        return cancels
+    }
+}

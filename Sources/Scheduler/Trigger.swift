@@ -1,0 +1,61 @@
+import Foundation
+
+/// When a job runs.
+///
+/// `Instant` is the scheduler clock's instant type; write triggers with the
+/// static factories and let the compiler infer it:
+/// `scheduler.schedule(.every(.seconds(5))) { ... }`.
+public struct Trigger<Instant: InstantProtocol>: Sendable where Instant.Duration == Duration {
+    enum Kind: Sendable {
+        /// Fixed rate: occurrences on a grid `first + n * period`.
+        case fixedRate(period: Duration, first: Instant?, firstDelay: Duration?)
+        /// Fixed delay: next run `delay` after the previous run ended.
+        case fixedDelay(delay: Duration, initialDelay: Duration?)
+        /// Once, `delay` after scheduling.
+        case onceAfter(Duration)
+        /// Once, at an instant.
+        case onceAt(Instant)
+        /// Cron in a time zone, mapped to the clock through the wall clock.
+        case cron(CronExpression)
+    }
+
+    let kind: Kind
+
+    /// Fixed rate: runs every `interval`, on a grid that does not drift with run
+    /// duration. The first run is at `startingAt`, or one interval after scheduling.
+    public static func every(_ interval: Duration, startingAt first: Instant? = nil) -> Self {
+        Self(kind: .fixedRate(period: interval, first: first, firstDelay: nil))
+    }
+
+    /// Fixed rate with the first run `firstDelay` after scheduling (use `.zero` to run at once).
+    public static func every(_ interval: Duration, firstAfter firstDelay: Duration) -> Self {
+        Self(kind: .fixedRate(period: interval, first: nil, firstDelay: firstDelay))
+    }
+
+    /// Fixed delay: each run starts `delay` after the previous run ended. The
+    /// first run is `initialDelay` (default: `delay`) after scheduling.
+    public static func fixedDelay(_ delay: Duration, initialDelay: Duration? = nil) -> Self {
+        Self(kind: .fixedDelay(delay: delay, initialDelay: initialDelay))
+    }
+
+    /// Runs once, `delay` after scheduling.
+    public static func once(after delay: Duration) -> Self {
+        Self(kind: .onceAfter(delay))
+    }
+
+    /// Runs once at `instant` (at once if it is in the past).
+    public static func once(at instant: Instant) -> Self {
+        Self(kind: .onceAt(instant))
+    }
+
+    /// Runs on a parsed cron expression (see `CronExpression` for DST rules).
+    public static func cron(_ expression: CronExpression) -> Self {
+        Self(kind: .cron(expression))
+    }
+
+    /// Parses `expression` and runs on it in `timeZone`.
+    /// - Throws: `SchedulerError` `.invalidCronExpression`.
+    public static func cron(_ expression: String, timeZone: TimeZone = .current) throws -> Self {
+        Self(kind: .cron(try CronExpression(expression, timeZone: timeZone)))
+    }
+}

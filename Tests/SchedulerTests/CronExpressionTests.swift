@@ -1,0 +1,124 @@
+import Foundation
+import Testing
+
+@testable import Scheduler
+
+@Suite("CronExpression")
+struct CronExpressionTests {
+    static func date(_ s: String) -> Date {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime]
+        return f.date(from: s)!
+    }
+
+    struct Case: Sendable, CustomTestStringConvertible {
+        var expression: String
+        var zone: String
+        var after: String
+        var expected: String
+        var note: String
+        var testDescription: String { "\(note): '\(expression)' [\(zone)] after \(after)" }
+    }
+
+    static let cases: [Case] = [
+        // Europe/Berlin spring forward: 2024-03-31 02:00 CET -> 03:00 CEST (01:00Z)
+        Case(expression: "30 2 * * *", zone: "Europe/Berlin", after: "2024-03-30T12:00:00Z", expected: "2024-03-31T01:00:00Z",
+             note: "Berlin skipped 02:30 runs once at 03:00 CEST"),
+        Case(expression: "30 2 * * *", zone: "Europe/Berlin", after: "2024-03-31T01:00:00Z", expected: "2024-04-01T00:30:00Z",
+             note: "Berlin day after the gap back at 02:30 CEST"),
+        Case(expression: "*/15 * * * *", zone: "Europe/Berlin", after: "2024-03-31T00:50:00Z", expected: "2024-03-31T01:00:00Z",
+             note: "Berlin every 15 min: the skipped hour collapses to one run at 03:00"),
+        Case(expression: "*/15 * * * *", zone: "Europe/Berlin", after: "2024-03-31T01:00:00Z", expected: "2024-03-31T01:15:00Z",
+             note: "Berlin every 15 min continues at 03:15 CEST"),
+        // Europe/Berlin fall back: 2024-10-27 03:00 CEST -> 02:00 CET (01:00Z)
+        Case(expression: "30 2 * * *", zone: "Europe/Berlin", after: "2024-10-26T12:00:00Z", expected: "2024-10-27T00:30:00Z",
+             note: "Berlin repeated 02:30 runs at its first occurrence (CEST)"),
+        Case(expression: "30 2 * * *", zone: "Europe/Berlin", after: "2024-10-27T00:30:00Z", expected: "2024-10-28T01:30:00Z",
+             note: "Berlin repeated 02:30 does not run again at 02:30 CET"),
+        Case(expression: "0 * * * *", zone: "Europe/Berlin", after: "2024-10-27T00:00:00Z", expected: "2024-10-27T02:00:00Z",
+             note: "Berlin hourly: 02:00 runs once, next is 03:00 CET"),
+        // America/New_York spring forward: 2024-03-10 02:00 EST -> 03:00 EDT (07:00Z)
+        Case(expression: "30 2 * * *", zone: "America/New_York", after: "2024-03-09T12:00:00Z", expected: "2024-03-10T07:00:00Z",
+             note: "New York skipped 02:30 runs once at 03:00 EDT"),
+        Case(expression: "30 2 * * *", zone: "America/New_York", after: "2024-03-10T07:00:00Z", expected: "2024-03-11T06:30:00Z",
+             note: "New York day after the gap at 02:30 EDT"),
+        // America/New_York fall back: 2024-11-03 02:00 EDT -> 01:00 EST (06:00Z)
+        Case(expression: "30 1 * * *", zone: "America/New_York", after: "2024-11-02T12:00:00Z", expected: "2024-11-03T05:30:00Z",
+             note: "New York repeated 01:30 runs at its first occurrence (EDT)"),
+        Case(expression: "30 1 * * *", zone: "America/New_York", after: "2024-11-03T05:30:00Z", expected: "2024-11-04T06:30:00Z",
+             note: "New York repeated 01:30 does not run again at 01:30 EST"),
+        Case(expression: "0,30 * * * *", zone: "America/New_York", after: "2024-11-03T05:30:00Z", expected: "2024-11-03T07:00:00Z",
+             note: "New York half-hourly: the repeated hour runs once"),
+        Case(expression: "30 1 * * *", zone: "America/New_York", after: "2024-11-03T06:10:00Z", expected: "2024-11-03T06:30:00Z",
+             note: "New York started inside the repeated hour: 01:30 EST is the first occurrence after start"),
+        // month ends
+        Case(expression: "0 0 31 * *", zone: "UTC", after: "2024-04-15T00:00:00Z", expected: "2024-05-31T00:00:00Z",
+             note: "31st skips April"),
+        Case(expression: "0 0 30 * *", zone: "UTC", after: "2024-01-31T00:00:00Z", expected: "2024-03-30T00:00:00Z",
+             note: "30th skips February"),
+        Case(expression: "59 23 31 12 *", zone: "UTC", after: "2024-12-31T23:59:00Z", expected: "2025-12-31T23:59:00Z",
+             note: "year end rolls a year"),
+        Case(expression: "0 0 1 * *", zone: "Europe/Berlin", after: "2024-01-31T12:00:00Z", expected: "2024-01-31T23:00:00Z",
+             note: "first of month in Berlin is 23:00Z the day before"),
+        // leap day
+        Case(expression: "0 0 29 2 *", zone: "UTC", after: "2024-03-01T00:00:00Z", expected: "2028-02-29T00:00:00Z",
+             note: "leap day waits for the next leap year"),
+        Case(expression: "0 0 29 2 *", zone: "UTC", after: "2023-01-01T00:00:00Z", expected: "2024-02-29T00:00:00Z",
+             note: "leap day 2024"),
+        Case(expression: "0 12 28-29 2 *", zone: "UTC", after: "2023-02-28T12:00:00Z", expected: "2024-02-28T12:00:00Z",
+             note: "no Feb 29 in 2023"),
+        // fields
+        Case(expression: "0 0 13 * 5", zone: "UTC", after: "2024-09-01T00:00:00Z", expected: "2024-09-06T00:00:00Z",
+             note: "day-of-month OR day-of-week (Vixie)"),
+        Case(expression: "0 9 * * MON-FRI", zone: "UTC", after: "2024-06-07T10:00:00Z", expected: "2024-06-10T09:00:00Z",
+             note: "weekday names skip the weekend"),
+        Case(expression: "*/10 * * * * *", zone: "UTC", after: "2024-01-01T00:00:05Z", expected: "2024-01-01T00:00:10Z",
+             note: "six fields with seconds"),
+        Case(expression: "0 0 * * 7", zone: "UTC", after: "2024-06-07T00:00:00Z", expected: "2024-06-09T00:00:00Z",
+             note: "weekday 7 is Sunday"),
+        Case(expression: "@hourly", zone: "UTC", after: "2024-06-07T10:00:00Z", expected: "2024-06-07T11:00:00Z",
+             note: "macro"),
+    ]
+
+    @Test("next fire time matches the known answer", arguments: cases)
+    func knownAnswers(_ c: Case) throws {
+        let cron = try CronExpression(c.expression, timeZone: TimeZone(identifier: c.zone)!)
+        let next = cron.nextDate(after: Self.date(c.after))
+        #expect(next == Self.date(c.expected), "\(c.note): got \(String(describing: next))")
+    }
+
+    @Test("a day of DST change in Berlin fires hourly 23 times, the fall-back day 24 times (each local hour once)")
+    func dstDayCounts() throws {
+        let cron = try CronExpression("0 * * * *", timeZone: TimeZone(identifier: "Europe/Berlin")!)
+        func count(from: String, to: String) -> Int {
+            var n = 0
+            var t = Self.date(from)
+            let end = Self.date(to)
+            while let next = cron.nextDate(after: t), next < end {
+                n += 1
+                t = next
+            }
+            return n
+        }
+        // local midnight to midnight
+        #expect(count(from: "2024-03-30T22:59:59Z", to: "2024-03-31T22:00:00Z") == 23)
+        #expect(count(from: "2024-10-26T21:59:59Z", to: "2024-10-27T23:00:00Z") == 24)
+    }
+
+    @Test("invalid expressions name the field and the knob")
+    func invalid() {
+        for (text, word) in [("61 * * * *", "minute"), ("* * *", "fields"), ("0 0 31 2 *", "never fires"),
+                             ("0 25 * * *", "hour"), ("*/0 * * * *", "step"), ("0 0 * FOO *", "month")] {
+            do {
+                _ = try CronExpression(text, timeZone: TimeZone(identifier: "UTC")!)
+                Issue.record("'\(text)' should not parse")
+            } catch let e as SchedulerError {
+                #expect(e.code == .invalidCronExpression)
+                #expect(e.message.contains(word), "\(e.message)")
+                #expect(e.message.contains("Trigger.cron"))
+            } catch {
+                Issue.record("unexpected \(error)")
+            }
+        }
+    }
+}

@@ -1,0 +1,516 @@
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@testable import Scheduler
+
+typealias Context = JobContext<ManualClock.Instant>
+
+/// Records what runs saw.
+final class Recorder: Sendable {
+    struct Event: Sendable, Equatable, CustomStringConvertible {
+        var start: Duration
+        var scheduled: Duration
+        var attempt: Int
+        var description: String { "start \(start) scheduled \(scheduled) attempt \(attempt)" }
+    }
+
+    let events = Mutex<[Event]>([])
+    let notes = Mutex<[String]>([])
+
+    func record(_ c: Context) {
+        events.withLock { $0.append(Event(start: c.actualStart.offset, scheduled: c.scheduledTime.offset, attempt: c.attempt)) }
+    }
+
+    func note(_ s: String) { notes.withLock { $0.append(s) } }
+
+    var starts: [Duration] { events.withLock { $0.map(\.start) } }
+    var scheduled: [Duration] { events.withLock { $0.map(\.scheduled) } }
+    var all: [Event] { events.withLock { $0 } }
+    var allNotes: [String] { notes.withLock { $0 } }
+}
+
+let quiet = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+
+func s(_ seconds: Double) -> Duration { .milliseconds(Int64((seconds * 1000).rounded())) }
+
+/// Runs `body` with a scheduler on a manual clock whose `run()` is a child
+/// task; shuts down and checks that nothing is left alive afterwards.
+func withScheduler(
+    _ body: (JobScheduler<ManualClock>, ManualClock) async throws -> Void
+) async throws {
+    let clock = ManualClock()
+    let scheduler = JobScheduler(clock: clock, logger: quiet, configuration: .init(randomSeed: 42))
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await scheduler.run() }
+        try await body(scheduler, clock)
+        await scheduler.shutdown(deadline: .zero)
+        try await group.waitForAll()
+    }
+    let live = scheduler.liveTasks
+    #expect(live.timers == 0 && live.runs == 0 && live.finished)
+    #expect(clock.sleeperCount == 0)
+}
+
+@Suite("JobScheduler on a manual clock")
+struct JobSchedulerTests {
+    // MARK: - Triggers
+
+    @Test("fixed rate keeps its grid; fixed delay counts from the end of the previous run")
+    func fixedRateVersusFixedDelay() async throws {
+        try await withScheduler { scheduler, clock in
+            let rate = Recorder()
+            let delay = Recorder()
+            try scheduler.schedule(.every(.seconds(10)), options: .init(name: "rate")) { c in
+                rate.record(c)
+                try await clock.sleep(for: .seconds(3))
+            }
+            try scheduler.schedule(.fixedDelay(.seconds(10)), options: .init(name: "delay")) { c in
+                delay.record(c)
+                try await clock.sleep(for: .seconds(3))
+            }
+            await scheduler.advance(by: .seconds(40))
+            #expect(rate.starts == [s(10), s(20), s(30), s(40)])
+            #expect(delay.starts == [s(10), s(23), s(36)])
+        }
+    }
+
+    @Test("once after a delay and once at an instant run exactly once, then the job is gone")
+    func once() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let a = try scheduler.schedule(.once(after: .seconds(5))) { c in r.record(c) }
+            let b = try scheduler.schedule(.once(at: clock.now.advanced(by: .seconds(7)))) { c in r.record(c) }
+            #expect(a.nextRun == .seconds(5))
+            await scheduler.advance(by: .seconds(20))
+            #expect(r.starts == [s(5), s(7)])
+            #expect(a.isCancelled && b.isCancelled)
+            #expect(scheduler.statistics.jobs == 0)
+        }
+    }
+
+    @Test("cron trigger fires on wall-clock boundaries of the manual clock")
+    func cronOnManualClock() async throws {
+        // origin 1_700_000_000 = 2023-11-14T22:13:20Z
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            try scheduler.schedule(try .cron("*/15 * * * * *", timeZone: TimeZone(identifier: "UTC")!)) { c in r.record(c) }
+            await scheduler.advance(by: .seconds(60))
+            // wall seconds 20 -> next multiples of 15: :30, :45, :00, :15
+            #expect(r.starts == [s(10), s(25), s(40), s(55)])
+        }
+    }
+
+    // MARK: - Overlap policies (period 1 s, run 2.25 s)
+
+    @Test("overlap skip: occurrences during a run are skipped and counted")
+    func overlapSkip() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(overlap: .skip)) { c in
+                r.record(c)
+                try await clock.sleep(for: s(2.25))
+            }
+            await scheduler.advance(by: s(7.5))
+            #expect(r.starts == [s(1), s(4), s(7)])
+            #expect(h.statistics?.skippedOverlaps == 4)
+        }
+    }
+
+    @Test("overlap queueOne: one occurrence waits and starts when the run ends")
+    func overlapQueueOne() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(overlap: .queueOne)) { c in
+                r.record(c)
+                try await clock.sleep(for: s(2.25))
+            }
+            await scheduler.advance(by: s(7.5))
+            #expect(r.starts == [s(1), s(3.25), s(5.5)])
+            #expect(r.scheduled == [s(1), s(2), s(4)])
+            #expect(h.statistics?.skippedOverlaps == 3)  // at 3, 5 and 7
+        }
+    }
+
+    @Test("overlap concurrent(max: 2): at most two runs at once")
+    func overlapConcurrent() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(overlap: .concurrent(max: 2))) { c in
+                r.record(c)
+                try await clock.sleep(for: s(2.25))
+            }
+            await scheduler.advance(by: s(7.5))
+            #expect(r.starts == [s(1), s(2), s(4), s(5), s(7)])
+            #expect(h.statistics?.skippedOverlaps == 2)  // at 3 and 6
+        }
+    }
+
+    // MARK: - Missed-run policies after a 10-period stall
+
+    @Test("missed skip: after a stall none of the overdue runs happen; the grid resumes")
+    func missedSkip() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(missedRuns: .skip)) { c in r.record(c) }
+            await scheduler.advance(by: s(1.5))
+            await scheduler.stall(for: s(10))  // now 11.5: occurrences 2...11 are overdue
+            #expect(r.starts == [s(1)])
+            #expect(h.statistics?.missedRuns == 10)
+            await scheduler.advance(by: s(0.5))
+            #expect(r.starts == [s(1), s(12)])
+        }
+    }
+
+    @Test("missed coalesce: one run for all overdue occurrences")
+    func missedCoalesce() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(missedRuns: .coalesce)) { c in r.record(c) }
+            await scheduler.advance(by: s(1.5))
+            await scheduler.stall(for: s(10))
+            #expect(r.starts == [s(1), s(11.5)])
+            #expect(r.scheduled == [s(1), s(11)])
+            #expect(h.statistics?.coalescedRuns == 9)
+            await scheduler.advance(by: s(0.5))
+            #expect(r.starts == [s(1), s(11.5), s(12)])
+        }
+    }
+
+    @Test("missed burst(max: 3): the three most recent run back to back, the rest are missed")
+    func missedBurst() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(missedRuns: .burst(max: 3))) { c in r.record(c) }
+            await scheduler.advance(by: s(1.5))
+            await scheduler.stall(for: s(10))
+            #expect(r.starts == [s(1), s(11.5), s(11.5), s(11.5)])
+            #expect(r.scheduled == [s(1), s(9), s(10), s(11)])
+            #expect(h.statistics?.missedRuns == 7)
+            await scheduler.advance(by: s(0.5))
+            #expect(r.starts.last == s(12))
+        }
+    }
+
+    // MARK: - Jitter
+
+    @Test("jitter delays each occurrence within 0...jitter and the grid does not drift")
+    func jitterInBounds() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            try scheduler.schedule(.every(.seconds(1)), options: .init(jitter: .milliseconds(200))) { c in r.record(c) }
+            await scheduler.advance(by: s(100.5))
+            let events = r.all
+            #expect(events.count == 100)
+            var offsets = Set<Duration>()
+            for (i, e) in events.enumerated() {
+                let grid = Duration.seconds(i + 1)
+                let offset = e.scheduled - grid
+                #expect(offset >= .zero && offset <= .milliseconds(200), "run \(i): \(e)")
+                #expect(e.start == e.scheduled)
+                offsets.insert(offset)
+            }
+            #expect(offsets.count > 10, "jitter was applied")
+        }
+    }
+
+    // MARK: - Cancel
+
+    @Test("cancel before the first run: it never runs and leaves the queue")
+    func cancelBeforeFirstRun() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1))) { c in r.record(c) }
+            #expect(scheduler.isQueued(h))
+            h.cancel()
+            #expect(!scheduler.isQueued(h))
+            #expect(h.isCancelled)
+            #expect(h.nextRun == nil)
+            await scheduler.advance(by: .seconds(5))
+            #expect(r.starts.isEmpty)
+        }
+    }
+
+    @Test("cancel during a run: the run's task sees cancellation and no further run starts")
+    func cancelDuringRun() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1))) { c in
+                r.record(c)
+                do {
+                    try await clock.sleep(for: .seconds(30))
+                    r.note("finished")
+                } catch is CancellationError {
+                    r.note("cancelled: \(Task.isCancelled)")
+                }
+            }
+            await scheduler.advance(by: s(1.5))
+            #expect(h.statistics?.inFlight == 1)
+            h.cancel()
+            await scheduler.waitUntilIdle()
+            #expect(r.allNotes == ["cancelled: true"])
+            await scheduler.advance(by: .seconds(5))
+            #expect(r.starts == [s(1)])
+            #expect(scheduler.statistics.inFlight == 0)
+        }
+    }
+
+    @Test("cancel twice is harmless; cancelAndWait returns once the run has ended")
+    func cancelTwiceAndWait() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1))) { c in
+                r.record(c)
+                try? await clock.sleep(for: .seconds(30))
+                r.note("ended")
+            }
+            await scheduler.advance(by: s(1.5))
+            await h.cancelAndWait()
+            #expect(r.allNotes == ["ended"])
+            h.cancel()
+            h.cancel()
+            await h.cancelAndWait()
+            #expect(h.isCancelled)
+            await scheduler.advance(by: .seconds(3))
+            #expect(r.starts == [s(1)])
+        }
+    }
+
+    @Test("cancel from inside the job's own run")
+    func cancelFromInside() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            try scheduler.schedule(.every(.seconds(1))) { c in
+                r.record(c)
+                if c.attempt == 1 && r.starts.count == 3 {
+                    c.handle.cancel()
+                    await c.handle.cancelAndWait()  // returns: it cannot wait for itself
+                    r.note("cancelled inside: \(Task.isCancelled)")
+                }
+            }
+            await scheduler.advance(by: .seconds(10))
+            #expect(r.starts == [s(1), s(2), s(3)])
+            #expect(r.allNotes == ["cancelled inside: true"])
+        }
+    }
+
+    @Test("after cancelling 10,000 handles the queue holds nothing of them")
+    func tenThousandCancels() async throws {
+        try await withScheduler { scheduler, _ in
+            var handles: [JobHandle] = []
+            for i in 0..<10_000 {
+                handles.append(try scheduler.schedule(.every(.seconds(Int64(1 + i % 60)))) { _ in })
+            }
+            #expect(scheduler.statistics.jobs == 10_000)
+            #expect(scheduler.statistics.queuedTimers == 10_000)
+            for h in handles { h.cancel() }
+            let stats = scheduler.statistics
+            #expect(stats.jobs == 0)
+            #expect(stats.queuedTimers == 0)
+            #expect(scheduler.core.withLock { $0.machine.jobTableCapacity } == 0)
+            #expect(scheduler.core.withLock { $0.machine.queue.entries.capacity } == 0)
+            #expect(handles.allSatisfy { $0.isCancelled && !scheduler.isQueued($0) })
+            await scheduler.advance(by: .seconds(61))
+            #expect(scheduler.statistics.runs == 0)
+        }
+    }
+
+    // MARK: - Failures
+
+    @Test("a throwing job keeps running on schedule; failures are counted")
+    func throwingKeepsSchedule() async throws {
+        struct Boom: Error {}
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(10))) { c in
+                r.record(c)
+                throw Boom()
+            }
+            await scheduler.advance(by: .seconds(50))
+            #expect(r.starts == [s(10), s(20), s(30), s(40), s(50)])
+            #expect(h.statistics?.failures == 5)
+            #expect(scheduler.statistics.failures == 5)
+        }
+    }
+
+    @Test("a throwing job retries with capped exponential backoff, then resumes its schedule")
+    func retryWithBackoff() async throws {
+        struct Boom: Error {}
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let retry = RetryPolicy(maxAttempts: 4, initialBackoff: .seconds(1), maxBackoff: .seconds(3), multiplier: 2)
+            try scheduler.schedule(.every(.seconds(10)), options: .init(retry: retry)) { c in
+                r.record(c)
+                throw Boom()
+            }
+            await scheduler.advance(by: .seconds(27))
+            #expect(r.starts == [s(10), s(11), s(13), s(16), s(20), s(21), s(23), s(26)])
+            #expect(r.all.map(\.attempt) == [1, 2, 3, 4, 1, 2, 3, 4])
+        }
+    }
+
+    @Test("a run over its timeout has its task cancelled and counts as a failure")
+    func timeout() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(10)), options: .init(timeout: .seconds(2))) { c in
+                r.record(c)
+                do {
+                    try await clock.sleep(for: .seconds(5))
+                    r.note("finished")
+                } catch {
+                    r.note("cancelled at \(clock.now.offset)")
+                    throw error
+                }
+            }
+            await scheduler.advance(by: .seconds(15))
+            #expect(r.allNotes == ["cancelled at 12.0 seconds"])
+            #expect(h.statistics?.failures == 1)
+            #expect(scheduler.statistics.timeouts == 1)
+        }
+    }
+
+    // MARK: - Shutdown
+
+    @Test("shutdown with drain waits for the run in progress; nothing is alive afterwards")
+    func shutdownDrain() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet)
+        let r = Recorder()
+        try scheduler.schedule(.every(.seconds(1)), options: .init(shutdown: .drain)) { c in
+            r.record(c)
+            do {
+                try await clock.sleep(for: .seconds(5))
+                r.note("finished at \(clock.now.offset)")
+            } catch {
+                r.note("cancelled")
+            }
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            await scheduler.advance(by: s(1.5))
+            scheduler.beginShutdown(deadline: .seconds(10))
+            #expect(scheduler.statistics.jobs == 0)
+            async let report = scheduler.shutdown()
+            await scheduler.advance(by: .seconds(5))
+            let result = await report
+            #expect(result.drainedRuns == 1)
+            #expect(result.cutOff.isEmpty)
+            #expect(result.duration == .seconds(4.5))
+            try await group.waitForAll()
+        }
+        #expect(r.allNotes == ["finished at 6.0 seconds"])
+        let live = scheduler.liveTasks
+        #expect(live.timers == 0 && live.runs == 0 && live.finished)
+        #expect(clock.sleeperCount == 0)
+        clock.advance(by: .seconds(100))
+        #expect(r.starts == [s(1)])
+        #expect(throws: SchedulerError.self) { try scheduler.schedule(.every(.seconds(1))) { _ in } }
+    }
+
+    @Test("shutdown with drain cancels a run still going at the deadline and reports it")
+    func shutdownDrainDeadline() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet)
+        let r = Recorder()
+        try scheduler.schedule(.once(after: .seconds(1)), options: .init(name: "long")) { _ in
+            do {
+                try await clock.sleep(for: .seconds(60))
+                r.note("finished")
+            } catch {
+                r.note("cancelled at \(clock.now.offset)")
+            }
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            await scheduler.advance(by: .seconds(1))
+            scheduler.beginShutdown(deadline: .seconds(2))
+            async let report = scheduler.shutdown()
+            await scheduler.advance(by: .seconds(2))
+            let result = await report
+            #expect(result.cutOff == [.init(jobName: "long", attempt: 1, reason: .deadlineExceeded)])
+            #expect(result.drainedRuns == 0)
+            try await group.waitForAll()
+        }
+        #expect(r.allNotes == ["cancelled at 3.0 seconds"])
+        #expect(clock.sleeperCount == 0)
+    }
+
+    @Test("shutdown with cancel cancels the run at once and reports it")
+    func shutdownCancel() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet)
+        let r = Recorder()
+        try scheduler.schedule(.every(.seconds(1)), options: .init(name: "sync", shutdown: .cancel)) { c in
+            r.record(c)
+            do {
+                try await clock.sleep(for: .seconds(60))
+                r.note("finished")
+            } catch {
+                r.note("cancelled at \(clock.now.offset), shutting down: \(c.isShuttingDown)")
+            }
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            await scheduler.advance(by: s(1.5))
+            let result = await scheduler.shutdown(deadline: .seconds(30))
+            #expect(result.cutOff == [.init(jobName: "sync", attempt: 1, reason: .cancelledByPolicy)])
+            try await group.waitForAll()
+        }
+        #expect(r.allNotes == ["cancelled at 1.5 seconds, shutting down: true"])
+        let live = scheduler.liveTasks
+        #expect(live.timers == 0 && live.runs == 0 && live.finished)
+        #expect(clock.sleeperCount == 0)
+        clock.advance(by: .seconds(10))
+        #expect(r.starts == [s(1)])
+    }
+
+    @Test("cancelling the scheduler's task cancels every run and run() returns")
+    func taskCancellation() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet)
+        let r = Recorder()
+        try scheduler.schedule(.every(.seconds(1))) { _ in
+            do { try await clock.sleep(for: .seconds(60)) } catch { r.note("cancelled") }
+        }
+        let task = Task { try await scheduler.run() }  // root owned by this test
+        await scheduler.advance(by: s(1.5))
+        task.cancel()
+        try await task.value
+        #expect(r.allNotes == ["cancelled"])
+        #expect(clock.sleeperCount == 0)
+        #expect(scheduler.liveTasks.finished)
+    }
+
+    // MARK: - Statistics and errors
+
+    @Test("statistics count runs and lateness; invalid options name the knob")
+    func statisticsAndErrors() async throws {
+        try await withScheduler { scheduler, _ in
+            let h = try scheduler.schedule(.every(.seconds(1)), options: .init(name: "tick")) { _ in }
+            await scheduler.advance(by: .seconds(3))
+            let st = try #require(h.statistics)
+            #expect(st.name == "tick" && st.runs == 3 && st.failures == 0)
+            #expect(st.lateness.counts[0] == 3)  // on a manual clock runs start exactly on time
+            #expect(scheduler.statistics.runs == 3)
+            #expect(scheduler.nextRun(of: h) == ManualClock.Instant(offset: .seconds(4)))
+            #expect(h.nextRun == .seconds(1))
+
+            for (trigger, options, knob) in [
+                (Trigger<ManualClock.Instant>.every(.zero), JobOptions(), "Trigger.every"),
+                (.every(.seconds(1)), JobOptions(overlap: .concurrent(max: 0)), "JobOptions.overlap"),
+                (.every(.seconds(1)), JobOptions(missedRuns: .burst(max: 0)), "JobOptions.missedRuns"),
+                (.every(.seconds(1)), JobOptions(jitter: .seconds(-1)), "JobOptions.jitter"),
+                (.every(.seconds(1)), JobOptions(timeout: .zero), "JobOptions.timeout"),
+                (.every(.seconds(1)), JobOptions(retry: .init(maxAttempts: 0)), "RetryPolicy.maxAttempts"),
+            ] {
+                #expect {
+                    try scheduler.schedule(trigger, options: options) { _ in }
+                } throws: { error in
+                    (error as? SchedulerError)?.message.contains(knob) == true
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+import Foundation
+import Testing
+
+@testable import Scheduler
+
+/// The bookkeeping alone: no tasks, no clock, time passed in as ticks.
+@Suite("SchedulerState")
+struct SchedulerStateTests {
+    typealias State = SchedulerState<ManualClock.Instant>
+    static let second: Int64 = 1_000_000_000
+    static let wall = Date(timeIntervalSince1970: 0)
+
+    static func add(_ state: inout State, _ trigger: Trigger<ManualClock.Instant>, _ options: JobOptions = JobOptions(), at now: Int64 = 0, first: Int64) throws -> JobID {
+        let (t, o) = try State.validate(trigger, options)
+        return try state.schedule(name: options.name, trigger: t, options: o, body: { _ in }, firstGrid: first, firstDue: first)
+    }
+
+    @Test("a fixed-rate job fires once per period and is requeued on its grid")
+    func fixedRate() throws {
+        var state = State(seed: 1)
+        let id = try Self.add(&state, .every(.seconds(1)), first: Self.second)
+        #expect(state.advance(now: Self.second - 1, wall: Self.wall).starts.isEmpty)
+        let due = state.advance(now: Self.second + 5, wall: Self.wall)
+        #expect(due.starts.count == 1)
+        #expect(due.starts[0].scheduled == Self.second)
+        #expect(state.nextDue(id) == 2 * Self.second)
+        state.finish(due.starts[0], outcome: .success, lateness: 5, now: Self.second + 10)
+        #expect(state.statistics.runs == 1)
+        #expect(state.inFlight == 0)
+    }
+
+    @Test("skip overlap: a due occurrence while in flight is counted, not started")
+    func skipOverlap() throws {
+        var state = State(seed: 1)
+        _ = try Self.add(&state, .every(.seconds(1)), first: Self.second)
+        let first = state.advance(now: Self.second, wall: Self.wall)
+        let second = state.advance(now: 2 * Self.second, wall: Self.wall)
+        #expect(first.starts.count == 1 && second.starts.isEmpty)
+        #expect(state.statistics.skippedOverlaps == 1)
+    }
+
+    @Test("cancel removes the queue entry at once and returns the running run's control")
+    func cancel() throws {
+        var state = State(seed: 1)
+        let id = try Self.add(&state, .every(.seconds(1)), first: Self.second)
+        let other = try Self.add(&state, .every(.seconds(1)), first: 10 * Self.second)
+        let run = state.advance(now: Self.second, wall: Self.wall).starts[0]
+        let cancelled = state.cancel(id)
+        let controls = try #require(cancelled)
+        #expect(controls.count == 1 && controls[0] === run.control)
+        #expect(!state.isQueued(id) && state.isGone(id))
+        #expect(state.cancel(id) == nil)  // idempotent
+        #expect(state.queue.count == 1)
+        _ = state.cancel(other)
+        state.finish(run, outcome: .cancelled, lateness: 0, now: Self.second)
+        #expect(state.queue.isEmpty && state.jobTableCapacity == 0)
+    }
+
+    @Test("burst and coalesce after a stall decide from the overdue count")
+    func missed() throws {
+        var state = State(seed: 1)
+        let a = try Self.add(&state, .every(.seconds(1)), JobOptions(missedRuns: .coalesce), first: Self.second)
+        let b = try Self.add(&state, .every(.seconds(1)), JobOptions(missedRuns: .burst(max: 2)), first: Self.second)
+        let due = state.advance(now: 10 * Self.second + 1, wall: Self.wall)  // occurrences 1...10
+        #expect(due.starts.count == 2)
+        #expect(state.statistics(of: a)?.coalescedRuns == 9)
+        #expect(state.statistics(of: b)?.missedRuns == 8)
+        let burstRun = due.starts.first { $0.job == b }!
+        #expect(burstRun.scheduled == 9 * Self.second)
+        state.finish(burstRun, outcome: .success, lateness: 0, now: 10 * Self.second + 2)
+        let next = state.advance(now: 10 * Self.second + 2, wall: Self.wall)
+        #expect(next.starts.map(\.scheduled) == [10 * Self.second])
+    }
+
+    @Test("shutdown removes every job and cancels only .cancel runs; the deadline cuts off the rest")
+    func shutdown() throws {
+        var state = State(seed: 1)
+        _ = try Self.add(&state, .every(.seconds(1)), JobOptions(name: "drain"), first: Self.second)
+        _ = try Self.add(&state, .every(.seconds(1)), JobOptions(name: "cancel", shutdown: .cancel), first: Self.second)
+        let runs = state.advance(now: Self.second, wall: Self.wall).starts
+        let cancels = state.beginShutdown(deadline: 5 * Self.second)
+        #expect(cancels.count == 1 && cancels[0].1 == .shutdownPolicy)
+        #expect(state.queue.isEmpty && state.liveJobs == 0)
+        #expect(state.nextDeadline == 5 * Self.second)
+        let late = state.advance(now: 5 * Self.second, wall: Self.wall)
+        #expect(late.starts.isEmpty && late.cancels.count == 1 && late.cancels[0].1 == .shutdownDeadline)
+        for r in runs { state.finish(r, outcome: .cancelled, lateness: 0, now: 5 * Self.second) }
+        #expect(state.isDrained)
+        #expect(state.cutOff.map(\.reason) == [.cancelledByPolicy, .deadlineExceeded])
+        #expect(throws: SchedulerError.self) { try Self.add(&state, .every(.seconds(1)), first: 0) }
+    }
+}
