@@ -1,3 +1,4 @@
+import Synchronization
 import Testing
 @testable import PoolKit
 
@@ -291,5 +292,89 @@ struct PoolStressTests {
         sim.run { sim in sim.checkInvariants() }
         #expect(sim.maxTotalSeen == 20)
         #expect(sim.tasks.allSatisfy { $0 == .done }, "\(Dictionary(grouping: sim.tasks, by: { $0 }).mapValues(\.count))")
+    }
+}
+
+@Suite("Pool stress (real concurrency, shell)")
+struct PoolShellStressTests {
+    /// 300 tasks against the real shell on a manual clock that a driver task
+    /// advances: random holds, cancellations, timeouts, broken connections and
+    /// failing connects. Checks the limits while running and that nothing leaks.
+    @Test func threeHundredTasksAgainstTheShell() async throws {
+        let workers = 300
+        let configuration = ConnectionPoolConfiguration(
+            name: "shell-stress", maxOpen: 6, minIdle: 1, maxIdle: 4,
+            maxLifetime: .milliseconds(200), lifetimeJitter: .milliseconds(50), maxIdleTime: .milliseconds(50),
+            acquireTimeout: .milliseconds(30), maxWaiters: 100, maxConcurrentConnects: 2,
+            connectBackoff: .init(initial: .milliseconds(1), maximum: .milliseconds(5), jitter: 0.5),
+            leakThreshold: .milliseconds(20)
+        )
+        let factory = MockFactory()
+        let connectRandom = Mutex(SplitMix64(seed: 99))
+        let success = SharedCounter(), timeouts = SharedCounter(), cancelled = SharedCounter()
+        let rejected = SharedCounter(), done = SharedCounter()
+        let pool = try await withRunningPool(configuration, factory: factory, connect: {
+            if connectRandom.withLock({ $0.fraction() < 0.15 }) { throw MockError.connectRefused }
+            return try factory.make()
+        }) { pool, clock, _ in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    while done.value < workers {
+                        for _ in 0..<20 { await Task.yield() }
+                        let s = pool.statistics
+                        #expect(s.open + s.opening <= configuration.maxOpen)
+                        #expect(s.idle + s.inUse == s.open)
+                        clock.advance(by: .milliseconds(1))
+                    }
+                }
+                for i in 0..<workers {
+                    group.addTask {
+                        var random = SplitMix64(seed: UInt64(i) &+ 1)
+                        let holdYields = Int(random.next() % 20)
+                        let cancelAfter: Int? = random.fraction() < 0.15 ? Int(random.next() % 30) : nil
+                        let breakIt = random.fraction() < 0.05
+                        await withTaskGroup(of: Void.self) { attempt in
+                            attempt.addTask {
+                                do {
+                                    try await pool.withConnection(label: "worker-\(i)") { connection in
+                                        #expect(connection.closeCount == 0, "lent a closed connection")
+                                        connection.enter()
+                                        for _ in 0..<holdYields { await Task.yield() }
+                                        connection.leave()
+                                        if breakIt { connection.breakIt() }
+                                    }
+                                    success.increment()
+                                } catch let error as ConnectionPoolError {
+                                    if error.code == .acquireTimeout { timeouts.increment() } else { rejected.increment() }
+                                } catch is CancellationError {
+                                    cancelled.increment()
+                                } catch {
+                                    Issue.record("unexpected error \(error)")
+                                }
+                            }
+                            if let cancelAfter {
+                                for _ in 0..<cancelAfter { await Task.yield() }
+                                attempt.cancelAll()
+                            }
+                        }
+                        done.increment()
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(success.value + timeouts.value + cancelled.value + rejected.value == workers, "every task ended")
+            #expect(success.value > 0)
+            let s = pool.statistics
+            #expect(s.inUse == 0 && s.waiting == 0)
+        }
+        // run() was cancelled: forced drain. Every connection ever made is closed exactly once,
+        // and none was ever lent to two holders at once.
+        let made = factory.made
+        #expect(!made.isEmpty)
+        for connection in made {
+            #expect(connection.closeCount == 1, "\(connection) closed \(connection.closeCount) times")
+            #expect(connection.maxHolders <= 1, "\(connection) lent twice at once")
+        }
+        #expect(pool.statistics.open == 0)
     }
 }

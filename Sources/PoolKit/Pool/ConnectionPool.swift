@@ -14,6 +14,39 @@ public struct ConnectionLease<Connection: PoolableConnection>: Sendable {
     let leaseID: UInt64
 }
 
+/// What a waiting acquire is resumed with.
+///
+/// These types live outside the generic ``ConnectionPool`` on purpose: the state
+/// machine and the lock-protected state are then concrete types, compiled and
+/// specialized once in PoolKit, and the hot path needs no generic metadata.
+enum PoolWaitOutcome: Sendable {
+    case leased(PoolMachine.Lease, waited: Duration)
+    case failed(ConnectionPoolError)
+    case cancelled
+}
+
+/// The state machine as the shell uses it: connections as class existentials, waiters as continuations.
+typealias PoolMachine = PoolStateMachine<any AnyObject & Sendable, UnsafeContinuation<PoolWaitOutcome, Never>>
+
+/// Everything the pool's `Mutex` protects.
+struct PoolShellState {
+    var machine: PoolMachine
+    var runStarted = false
+    var drainReport: DrainReport?
+    var drainReportWaiters: [CheckedContinuation<DrainReport, Never>] = []
+    var publishedIdle = -1
+    var publishedUsed = -1
+    var publishedPending = -1
+
+    /// Records the count gauges when they changed (inside the lock, so in order).
+    mutating func publish(_ metrics: PoolMetrics) {
+        let idle = machine.idleCount, used = machine.inUseCount, pending = machine.waiterCount
+        if idle != publishedIdle { publishedIdle = idle; metrics.idle.record(idle) }
+        if used != publishedUsed { publishedUsed = used; metrics.used.record(used) }
+        if pending != publishedPending { publishedPending = pending; metrics.pending.record(pending) }
+    }
+}
+
 /// A bounded, fair, leak-finding, drainable pool of connections.
 ///
 /// ```swift
@@ -37,31 +70,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// `maxConcurrentConnects` at a time; should honour task cancellation.
     public typealias ConnectionFactory = @Sendable () async throws -> Connection
 
-    typealias Machine = PoolStateMachine<any AnyObject & Sendable, UnsafeContinuation<WaitOutcome, Never>>
-
-    enum WaitOutcome: Sendable {
-        case leased(Machine.Lease, waited: Duration)
-        case failed(ConnectionPoolError)
-        case cancelled
-    }
-
-    struct ShellState {
-        var machine: Machine
-        var runStarted = false
-        var drainReport: DrainReport?
-        var drainReportWaiters: [CheckedContinuation<DrainReport, Never>] = []
-        var publishedIdle = -1
-        var publishedUsed = -1
-        var publishedPending = -1
-
-        /// Records the count gauges when they changed (inside the lock, so in order).
-        mutating func publish(_ metrics: PoolMetrics) {
-            let idle = machine.idleCount, used = machine.inUseCount, pending = machine.waiterCount
-            if idle != publishedIdle { publishedIdle = idle; metrics.idle.record(idle) }
-            if used != publishedUsed { publishedUsed = used; metrics.used.record(used) }
-            if pending != publishedPending { publishedPending = pending; metrics.pending.record(pending) }
-        }
-    }
+    typealias Machine = PoolMachine
+    typealias WaitOutcome = PoolWaitOutcome
+    typealias ShellState = PoolShellState
 
     /// The configuration in force (clamped into range).
     public let configuration: ConnectionPoolConfiguration
@@ -137,7 +148,22 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         line: Int = #line,
         _ body: nonisolated(nonsending) (Connection) async throws -> Result
     ) async throws -> Result {
-        let lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
+        var fast: ConnectionLease<Connection>?
+        if let raw = leaseIfIdle(Machine.Request(label: label, fileID: fileID, line: line)) {
+            // Fast path: no suspension, no waiter bookkeeping.
+            let connection = unsafeDowncast(raw.connection, to: Connection.self)
+            if connection.isBroken {
+                await giveBack(raw, reusable: false)
+            } else {
+                fast = ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID)
+            }
+        }
+        let lease: ConnectionLease<Connection>
+        if let fast {
+            lease = fast
+        } else {
+            lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
+        }
         let result: Result
         do {
             result = try await body(lease.connection)
@@ -198,7 +224,44 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 )
             }
         }
-        await finishRelease(slot: lease.slot, leaseID: lease.leaseID, reusable: reusable)
+        if let remaining = finishReleaseSynchronously(slot: lease.slot, leaseID: lease.leaseID, reusable: reusable) {
+            await perform(remaining)
+        }
+    }
+
+    /// The synchronous fast path of `lease`: an idle connection if nobody waits.
+    private func leaseIfIdle(_ request: Machine.Request) -> Machine.Lease? {
+        let now = self.now()
+        let leased = state.withLock { s -> (lease: Machine.Lease, rescheduleTimer: Bool)? in
+            guard let leased = s.machine.leaseIfIdle(request: request, now: now) else { return nil }
+            s.publish(metrics)
+            return leased
+        }
+        guard let (raw, rescheduleTimer) = leased else { return nil }
+        if rescheduleTimer { timerWake.signal() }
+        metrics.waitTime.recordNanoseconds(0)
+        return raw
+    }
+
+    /// Runs the part of a release that needs no waiting; returns what is left (closes) if anything.
+    private func finishReleaseSynchronously(slot: Int, leaseID: UInt64, reusable: Bool) -> Machine.Actions? {
+        let now = self.now()
+        let result = state.withLock { s -> Machine.ReleaseResult in
+            let result = s.machine.finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
+            s.publish(metrics)
+            return result
+        }
+        if let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if result.rescheduleTimer { timerWake.signal() }
+        switch result.action {
+        case .none, .idled:
+            return nil
+        case .handoff(let handoff):
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+            return nil
+        case .actions(let actions):
+            return actions
+        }
     }
 
     // MARK: - Introspection
@@ -387,12 +450,14 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     }
 
     /// Returns a connection the caller did not use (cancelled, or found broken).
+    nonisolated(nonsending)
     private func giveBack(_ lease: Machine.Lease, reusable: Bool) async {
         guard state.withLock({ $0.machine.beginRelease(slot: lease.slot, leaseID: lease.leaseID) }) else { return }
         let stillGood = reusable && !unsafeDowncast(lease.connection, to: Connection.self).isBroken
         await finishRelease(slot: lease.slot, leaseID: lease.leaseID, reusable: stillGood)
     }
 
+    nonisolated(nonsending)
     private func finishRelease(slot: Int, leaseID: UInt64, reusable: Bool) async {
         let now = self.now()
         let result = state.withLock { s -> Machine.ReleaseResult in
@@ -495,6 +560,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     }
 
     /// Performs all actions, closing connections in this task.
+    nonisolated(nonsending)
     private func perform(_ actions: Machine.Actions) async {
         performWithoutClosing(actions)
         if actions.closes.count == 1 {
@@ -506,6 +572,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
     }
 
+    nonisolated(nonsending)
     private func close(_ close: Machine.Close) async {
         logger.debug("closing connection", metadata: [
             "db.client.connection.id": "\(close.connectionID)", "reason": "\(close.reason.rawValue)",

@@ -3,7 +3,7 @@ import Metrics
 /// The pool's swift-metrics instruments, named after OpenTelemetry's database
 /// client semantic conventions (`db.client.connection.*`), each with the
 /// attribute `db.client.connection.pool.name`.
-struct PoolMetrics: Sendable {
+final class PoolMetrics: Sendable {
     /// `db.client.connection.count{db.client.connection.state=idle}`.
     let idle: Gauge
     /// `db.client.connection.count{db.client.connection.state=used}`.

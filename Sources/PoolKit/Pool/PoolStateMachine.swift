@@ -147,17 +147,21 @@ struct PoolStateMachine<Connection, Waiter> {
         var leakReported = false
     }
 
-    private enum SlotState {
-        case free
-        case connecting
-        case idle(Connection, since: Time)
-        case held(Connection, Holder)
-        case returning(Connection, Holder)
+    private enum SlotKind: UInt8 {
+        case free, connecting, idle, held, returning
     }
 
+    /// One connection's bookkeeping. Flat fields (not an enum with payloads) so
+    /// that the hot path updates them in place without copying the connection
+    /// or the holder's strings.
     private struct Slot {
         var connectionID: UInt64
-        var state: SlotState
+        var kind: SlotKind
+        var connection: Connection?
+        /// Valid while held or returning.
+        var holder: Holder
+        /// Valid while idle.
+        var idleSince: Time = .zero
         var expiresAt: Time?
     }
 
@@ -234,6 +238,14 @@ struct PoolStateMachine<Connection, Waiter> {
         return .mustWait(waiterID: nextWaiterID)
     }
 
+    /// The synchronous fast path without side effects on failure: the most
+    /// recently used idle connection if nobody waits, else nil.
+    mutating func leaseIfIdle(request: Request, now: Time) -> (lease: Lease, rescheduleTimer: Bool)? {
+        guard phase == .running, waiters.isEmpty, let slot = idle.popLast() else { return nil }
+        let lease = hold(slot: slot, request: request, now: now)
+        return (lease, noteLeakDeadline(now: now))
+    }
+
     /// Queues a waiter (at the back; at the front for a waiter whose handed-over
     /// connection turned out broken). Lends at once if a connection became idle
     /// meanwhile and nobody else waits.
@@ -270,10 +282,9 @@ struct PoolStateMachine<Connection, Waiter> {
     /// First half of a release: claims the lease so that a second release of the
     /// same lease is a no-op. Returns false for a stale or double release.
     mutating func beginRelease(slot: Int, leaseID: UInt64) -> Bool {
-        guard slot >= 0, slot < slots.count, case .held(let connection, let holder) = slots[slot].state,
-              holder.leaseID == leaseID
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .held, slots[slot].holder.leaseID == leaseID
         else { return false }
-        slots[slot].state = .returning(connection, holder)
+        slots[slot].kind = .returning
         return true
     }
 
@@ -281,11 +292,11 @@ struct PoolStateMachine<Connection, Waiter> {
     /// `prepareForReuse()`: hands the connection to the head waiter, makes it
     /// idle, or closes it (broken, expired, too many idle, draining).
     mutating func finishRelease(slot: Int, leaseID: UInt64, now: Time, reusable: Bool) -> ReleaseResult {
-        guard slot >= 0, slot < slots.count, case .returning(let connection, let holder) = slots[slot].state,
-              holder.leaseID == leaseID
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .returning, slots[slot].holder.leaseID == leaseID,
+              let connection = slots[slot].connection
         else { return ReleaseResult() }
         inUse -= 1
-        var result = ReleaseResult(useTime: now - holder.since)
+        var result = ReleaseResult(useTime: now - slots[slot].holder.since)
 
         if phase != .running {
             var actions = Actions()
@@ -324,7 +335,7 @@ struct PoolStateMachine<Connection, Waiter> {
                 return result
             }
             let lru = idle.removeFirst()
-            if case .idle(let old, _) = slots[lru].state {
+            if slots[lru].kind == .idle, let old = slots[lru].connection {
                 close(slot: lru, connection: old, reason: .maxIdle, into: &actions)
             }
             makeIdle(slot: slot, connection: connection, now: now)
@@ -332,7 +343,9 @@ struct PoolStateMachine<Connection, Waiter> {
             result.action = .actions(actions)
             return result
         }
-        makeIdle(slot: slot, connection: connection, now: now)
+        slots[slot].kind = .idle
+        slots[slot].idleSince = now
+        idle.append(slot)
         result.rescheduleTimer = noteIdleDeadline(slot: slot, now: now)
         result.action = .idled
         return result
@@ -343,7 +356,7 @@ struct PoolStateMachine<Connection, Waiter> {
     /// A connect finished: the connection goes to the head waiter or becomes idle.
     mutating func connected(_ request: ConnectRequest, connection: Connection, now: Time) -> Actions {
         var actions = Actions()
-        guard request.slot < slots.count, case .connecting = slots[request.slot].state,
+        guard request.slot < slots.count, slots[request.slot].kind == .connecting,
               slots[request.slot].connectionID == request.connectionID
         else {
             actions.closes.append(Close(connection: connection, connectionID: request.connectionID, reason: .drain))
@@ -377,7 +390,7 @@ struct PoolStateMachine<Connection, Waiter> {
     /// A connect failed: back off (capped exponential with jitter) and remember the error for waiters.
     mutating func connectFailed(_ request: ConnectRequest, error: any Error, now: Time) -> Actions {
         var actions = Actions()
-        guard request.slot < slots.count, case .connecting = slots[request.slot].state,
+        guard request.slot < slots.count, slots[request.slot].kind == .connecting,
               slots[request.slot].connectionID == request.connectionID
         else { return actions }
         connecting -= 1
@@ -417,20 +430,20 @@ struct PoolStateMachine<Connection, Waiter> {
         }
         if let threshold = configuration.leakThreshold {
             for index in slots.indices {
-                guard case .held(let connection, var holder) = slots[index].state,
-                      !holder.leakReported, now - holder.since >= threshold
+                guard slots[index].kind == .held, !slots[index].holder.leakReported,
+                      now - slots[index].holder.since >= threshold
                 else { continue }
-                holder.leakReported = true
-                slots[index].state = .held(connection, holder)
+                slots[index].holder.leakReported = true
                 stats.leaksReported += 1
-                actions.leaks.append(holderInfo(slot: index, holder: holder, now: now))
+                actions.leaks.append(holderInfo(slot: index, holder: slots[index].holder, now: now))
             }
         }
         guard phase == .running else { return actions }
         var k = 0
         while k < idle.count {
             let slot = idle[k]
-            guard case .idle(let connection, let since) = slots[slot].state else { k += 1; continue }
+            guard slots[slot].kind == .idle, let connection = slots[slot].connection else { k += 1; continue }
+            let since = slots[slot].idleSince
             if let expiresAt = slots[slot].expiresAt, expiresAt <= now {
                 idle.remove(at: k)
                 close(slot: slot, connection: connection, reason: .lifetime, into: &actions)
@@ -464,16 +477,16 @@ struct PoolStateMachine<Connection, Waiter> {
         if let threshold = configuration.leakThreshold { consider(now + threshold) }
         if let maxIdleTime = configuration.maxIdleTime { consider(now + maxIdleTime) }
         for slot in slots {
-            switch slot.state {
-            case .held(_, let holder):
-                if let threshold = configuration.leakThreshold, !holder.leakReported { consider(holder.since + threshold) }
+            switch slot.kind {
+            case .held:
+                if let threshold = configuration.leakThreshold, !slot.holder.leakReported { consider(slot.holder.since + threshold) }
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
             case .returning:
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
-            case .idle(_, let since):
+            case .idle:
                 if let expiresAt = slot.expiresAt { consider(expiresAt) }
                 if let maxIdleTime = configuration.maxIdleTime, established > configuration.minIdle {
-                    consider(since + maxIdleTime)
+                    consider(slot.idleSince + maxIdleTime)
                 }
             case .free, .connecting:
                 break
@@ -497,7 +510,7 @@ struct PoolStateMachine<Connection, Waiter> {
             start.waitersFailed += 1
         }
         for slot in idle {
-            if case .idle(let connection, _) = slots[slot].state {
+            if slots[slot].kind == .idle, let connection = slots[slot].connection {
                 close(slot: slot, connection: connection, reason: .drain, into: &start.actions)
                 start.idleClosed += 1
             }
@@ -516,16 +529,14 @@ struct PoolStateMachine<Connection, Waiter> {
         guard phase == .draining else { return end }
         phase = .closed
         for index in slots.indices {
-            switch slots[index].state {
-            case .held(let connection, let holder), .returning(let connection, let holder):
-                end.cutOff.append((connection, holderInfo(slot: index, holder: holder, now: now)))
-                inUse -= 1
-                established -= 1
-                stats.closedByDrain += 1
-                freeSlot(index)
-            default:
-                break
-            }
+            guard slots[index].kind == .held || slots[index].kind == .returning,
+                  let connection = slots[index].connection
+            else { continue }
+            end.cutOff.append((connection, holderInfo(slot: index, holder: slots[index].holder, now: now)))
+            inUse -= 1
+            established -= 1
+            stats.closedByDrain += 1
+            freeSlot(index)
         }
         end.connectsAbandoned = connecting
         end.returnedInTime = drainReturned
@@ -549,11 +560,8 @@ struct PoolStateMachine<Connection, Waiter> {
     func holders(now: Time) -> [ConnectionHolder] {
         var result: [ConnectionHolder] = []
         for index in slots.indices {
-            switch slots[index].state {
-            case .held(_, let holder), .returning(_, let holder):
-                result.append(holderInfo(slot: index, holder: holder, now: now))
-            default:
-                break
+            if slots[index].kind == .held || slots[index].kind == .returning {
+                result.append(holderInfo(slot: index, holder: slots[index].holder, now: now))
             }
         }
         return result.sorted { $0.heldFor > $1.heldFor }
@@ -588,11 +596,12 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func hold(slot: Int, request: Request, now: Time) -> Lease {
-        guard case .idle(let connection, _) = slots[slot].state else {
+        guard slots[slot].kind == .idle, let connection = slots[slot].connection else {
             preconditionFailure("idle list holds a slot that is not idle")
         }
         nextLeaseID &+= 1
-        slots[slot].state = .held(connection, Holder(leaseID: nextLeaseID, request: request, since: now))
+        slots[slot].kind = .held
+        slots[slot].holder = Holder(leaseID: nextLeaseID, request: request, since: now)
         inUse += 1
         stats.leases += 1
         return Lease(connection: connection, slot: slot, leaseID: nextLeaseID, connectionID: slots[slot].connectionID)
@@ -600,7 +609,9 @@ struct PoolStateMachine<Connection, Waiter> {
 
     private mutating func handOff(slot: Int, connection: Connection, to entry: WaiterEntry, now: Time) -> Handoff {
         nextLeaseID &+= 1
-        slots[slot].state = .held(connection, Holder(leaseID: nextLeaseID, request: entry.request, since: now))
+        slots[slot].kind = .held
+        slots[slot].connection = connection
+        slots[slot].holder = Holder(leaseID: nextLeaseID, request: entry.request, since: now)
         inUse += 1
         stats.leases += 1
         let waited = now - entry.enqueuedAt
@@ -611,7 +622,9 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func makeIdle(slot: Int, connection: Connection, now: Time) {
-        slots[slot].state = .idle(connection, since: now)
+        slots[slot].kind = .idle
+        slots[slot].connection = connection
+        slots[slot].idleSince = now
         idle.append(slot)
     }
 
@@ -629,7 +642,10 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func allocateSlot(connectionID: UInt64) -> Int {
-        let slot = Slot(connectionID: connectionID, state: .connecting, expiresAt: nil)
+        let slot = Slot(
+            connectionID: connectionID, kind: .connecting, connection: nil,
+            holder: Holder(leaseID: 0, request: Request(label: nil, fileID: "", line: 0), since: .zero), expiresAt: nil
+        )
         if let index = freeSlots.popLast() {
             slots[index] = slot
             return index
@@ -639,7 +655,9 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func freeSlot(_ index: Int) {
-        slots[index].state = .free
+        slots[index].kind = .free
+        slots[index].connection = nil
+        slots[index].holder.request = Request(label: nil, fileID: "", line: 0)
         slots[index].expiresAt = nil
         freeSlots.append(index)
     }
