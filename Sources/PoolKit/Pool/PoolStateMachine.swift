@@ -157,9 +157,6 @@ struct PoolStateMachine<Connection, Waiter> {
     private struct Slot {
         var connectionID: UInt64
         var kind: SlotKind
-        var connection: Connection?
-        /// Valid while held or returning.
-        var holder: Holder
         /// Valid while idle.
         var idleSince: Time = .zero
         var expiresAt: Time?
@@ -176,6 +173,10 @@ struct PoolStateMachine<Connection, Waiter> {
     let configuration: ConnectionPoolConfiguration
     private(set) var phase: Phase = .running
     private var slots: [Slot] = []
+    /// Per slot (same index as `slots`): the connection, and its holder while held.
+    /// Kept apart so that `Slot` is a trivial value the hot path reads without retains.
+    private var connections: [Connection?] = []
+    private var holdersBySlot: [Holder] = []
     private var freeSlots: [Int] = []
     /// Idle slots, least recently used first, most recently used last.
     private var idle: [Int] = []
@@ -282,7 +283,7 @@ struct PoolStateMachine<Connection, Waiter> {
     /// First half of a release: claims the lease so that a second release of the
     /// same lease is a no-op. Returns false for a stale or double release.
     mutating func beginRelease(slot: Int, leaseID: UInt64) -> Bool {
-        guard slot >= 0, slot < slots.count, slots[slot].kind == .held, slots[slot].holder.leaseID == leaseID
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .held, holdersBySlot[slot].leaseID == leaseID
         else { return false }
         slots[slot].kind = .returning
         return true
@@ -292,11 +293,21 @@ struct PoolStateMachine<Connection, Waiter> {
     /// `prepareForReuse()`: hands the connection to the head waiter, makes it
     /// idle, or closes it (broken, expired, too many idle, draining).
     mutating func finishRelease(slot: Int, leaseID: UInt64, now: Time, reusable: Bool) -> ReleaseResult {
-        guard slot >= 0, slot < slots.count, slots[slot].kind == .returning, slots[slot].holder.leaseID == leaseID,
-              let connection = slots[slot].connection
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .returning, holdersBySlot[slot].leaseID == leaseID
         else { return ReleaseResult() }
         inUse -= 1
-        var result = ReleaseResult(useTime: now - slots[slot].holder.since)
+        var result = ReleaseResult(useTime: now - holdersBySlot[slot].since)
+        if phase == .running, reusable, waiters.isEmpty, idle.count < configuration.maxIdle,
+           slots[slot].expiresAt.map({ $0 > now }) ?? true {
+            // The common case, without touching the connection reference.
+            slots[slot].kind = .idle
+            slots[slot].idleSince = now
+            idle.append(slot)
+            result.rescheduleTimer = noteIdleDeadline(slot: slot, now: now)
+            result.action = .idled
+            return result
+        }
+        let connection = connections[slot]!
 
         if phase != .running {
             var actions = Actions()
@@ -335,7 +346,7 @@ struct PoolStateMachine<Connection, Waiter> {
                 return result
             }
             let lru = idle.removeFirst()
-            if slots[lru].kind == .idle, let old = slots[lru].connection {
+            if slots[lru].kind == .idle, let old = connections[lru] {
                 close(slot: lru, connection: old, reason: .maxIdle, into: &actions)
             }
             makeIdle(slot: slot, connection: connection, now: now)
@@ -430,19 +441,19 @@ struct PoolStateMachine<Connection, Waiter> {
         }
         if let threshold = configuration.leakThreshold {
             for index in slots.indices {
-                guard slots[index].kind == .held, !slots[index].holder.leakReported,
-                      now - slots[index].holder.since >= threshold
+                guard slots[index].kind == .held, !holdersBySlot[index].leakReported,
+                      now - holdersBySlot[index].since >= threshold
                 else { continue }
-                slots[index].holder.leakReported = true
+                holdersBySlot[index].leakReported = true
                 stats.leaksReported += 1
-                actions.leaks.append(holderInfo(slot: index, holder: slots[index].holder, now: now))
+                actions.leaks.append(holderInfo(slot: index, holder: holdersBySlot[index], now: now))
             }
         }
         guard phase == .running else { return actions }
         var k = 0
         while k < idle.count {
             let slot = idle[k]
-            guard slots[slot].kind == .idle, let connection = slots[slot].connection else { k += 1; continue }
+            guard slots[slot].kind == .idle, let connection = connections[slot] else { k += 1; continue }
             let since = slots[slot].idleSince
             if let expiresAt = slots[slot].expiresAt, expiresAt <= now {
                 idle.remove(at: k)
@@ -476,10 +487,11 @@ struct PoolStateMachine<Connection, Waiter> {
         if let backoffUntil { consider(backoffUntil) }
         if let threshold = configuration.leakThreshold { consider(now + threshold) }
         if let maxIdleTime = configuration.maxIdleTime { consider(now + maxIdleTime) }
-        for slot in slots {
+        for (index, slot) in slots.enumerated() {
             switch slot.kind {
             case .held:
-                if let threshold = configuration.leakThreshold, !slot.holder.leakReported { consider(slot.holder.since + threshold) }
+                let holder = holdersBySlot[index]
+                if let threshold = configuration.leakThreshold, !holder.leakReported { consider(holder.since + threshold) }
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
             case .returning:
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
@@ -510,7 +522,7 @@ struct PoolStateMachine<Connection, Waiter> {
             start.waitersFailed += 1
         }
         for slot in idle {
-            if slots[slot].kind == .idle, let connection = slots[slot].connection {
+            if slots[slot].kind == .idle, let connection = connections[slot] {
                 close(slot: slot, connection: connection, reason: .drain, into: &start.actions)
                 start.idleClosed += 1
             }
@@ -530,9 +542,9 @@ struct PoolStateMachine<Connection, Waiter> {
         phase = .closed
         for index in slots.indices {
             guard slots[index].kind == .held || slots[index].kind == .returning,
-                  let connection = slots[index].connection
+                  let connection = connections[index]
             else { continue }
-            end.cutOff.append((connection, holderInfo(slot: index, holder: slots[index].holder, now: now)))
+            end.cutOff.append((connection, holderInfo(slot: index, holder: holdersBySlot[index], now: now)))
             inUse -= 1
             established -= 1
             stats.closedByDrain += 1
@@ -561,7 +573,7 @@ struct PoolStateMachine<Connection, Waiter> {
         var result: [ConnectionHolder] = []
         for index in slots.indices {
             if slots[index].kind == .held || slots[index].kind == .returning {
-                result.append(holderInfo(slot: index, holder: slots[index].holder, now: now))
+                result.append(holderInfo(slot: index, holder: holdersBySlot[index], now: now))
             }
         }
         return result.sorted { $0.heldFor > $1.heldFor }
@@ -596,12 +608,12 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func hold(slot: Int, request: Request, now: Time) -> Lease {
-        guard slots[slot].kind == .idle, let connection = slots[slot].connection else {
+        guard slots[slot].kind == .idle, let connection = connections[slot] else {
             preconditionFailure("idle list holds a slot that is not idle")
         }
         nextLeaseID &+= 1
         slots[slot].kind = .held
-        slots[slot].holder = Holder(leaseID: nextLeaseID, request: request, since: now)
+        holdersBySlot[slot] = Holder(leaseID: nextLeaseID, request: request, since: now)
         inUse += 1
         stats.leases += 1
         return Lease(connection: connection, slot: slot, leaseID: nextLeaseID, connectionID: slots[slot].connectionID)
@@ -610,8 +622,8 @@ struct PoolStateMachine<Connection, Waiter> {
     private mutating func handOff(slot: Int, connection: Connection, to entry: WaiterEntry, now: Time) -> Handoff {
         nextLeaseID &+= 1
         slots[slot].kind = .held
-        slots[slot].connection = connection
-        slots[slot].holder = Holder(leaseID: nextLeaseID, request: entry.request, since: now)
+        connections[slot] = connection
+        holdersBySlot[slot] = Holder(leaseID: nextLeaseID, request: entry.request, since: now)
         inUse += 1
         stats.leases += 1
         let waited = now - entry.enqueuedAt
@@ -623,7 +635,7 @@ struct PoolStateMachine<Connection, Waiter> {
 
     private mutating func makeIdle(slot: Int, connection: Connection, now: Time) {
         slots[slot].kind = .idle
-        slots[slot].connection = connection
+        connections[slot] = connection
         slots[slot].idleSince = now
         idle.append(slot)
     }
@@ -642,22 +654,21 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func allocateSlot(connectionID: UInt64) -> Int {
-        let slot = Slot(
-            connectionID: connectionID, kind: .connecting, connection: nil,
-            holder: Holder(leaseID: 0, request: Request(label: nil, fileID: "", line: 0), since: .zero), expiresAt: nil
-        )
+        let slot = Slot(connectionID: connectionID, kind: .connecting, expiresAt: nil)
         if let index = freeSlots.popLast() {
             slots[index] = slot
             return index
         }
         slots.append(slot)
+        connections.append(nil)
+        holdersBySlot.append(Holder(leaseID: 0, request: Request(label: nil, fileID: "", line: 0), since: .zero))
         return slots.count - 1
     }
 
     private mutating func freeSlot(_ index: Int) {
         slots[index].kind = .free
-        slots[index].connection = nil
-        slots[index].holder.request = Request(label: nil, fileID: "", line: 0)
+        connections[index] = nil
+        holdersBySlot[index].request = Request(label: nil, fileID: "", line: 0)
         slots[index].expiresAt = nil
         freeSlots.append(index)
     }
