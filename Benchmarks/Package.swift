@@ -25,6 +25,9 @@ let package = Package(
             dependencies: [
                 .product(name: "PoolKit", package: "swift-realtime-sync"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
+                // postgres-nio's pool itself, with its own mocks, for the no-I/O comparison
+                .product(name: "_ConnectionPoolModule", package: "postgres-nio"),
+                .product(name: "_ConnectionPoolTestUtils", package: "postgres-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             path: "Sources/pool-bench"

@@ -1,1 +1,273 @@
-print("placeholder")
+// pool-bench: PoolKit's ConnectionPool against postgres-nio's pool (issue 3).
+//
+//   pool-bench mock [--iterations N] [--runs R]   lease+release, no-I/O mock connection:
+//                                                  1 task, and 32 tasks on 8 connections,
+//                                                  PoolKit vs postgres-nio, same run
+//   pool-bench handoff [--iterations N]            release -> waiting task latency (p50/p99/p999)
+//   pool-bench all                                  mock + handoff
+//   pool-bench postgres ...                         real database (to be added: needs PostgresConnection)
+//
+// Build and run in release: `cd Benchmarks && swift build -c release --product pool-bench`.
+import _ConnectionPoolModule
+import _ConnectionPoolTestUtils
+import Foundation
+import Logging
+import PoolKit
+import Synchronization
+
+// MARK: - Command line
+
+let arguments = Array(CommandLine.arguments.dropFirst())
+let command = arguments.first ?? "all"
+
+func option(_ name: String, default value: Int) -> Int {
+    guard let i = arguments.firstIndex(of: name), i + 1 < arguments.count, let v = Int(arguments[i + 1]) else { return value }
+    return v
+}
+
+// MARK: - Mocks
+
+/// A connection that does no I/O: the cost measured is the pool's alone.
+final class BenchConnection: PoolableConnection {
+    let id: Int
+    init(id: Int) { self.id = id }
+    var isBroken: Bool { false }
+    func prepareForReuse() async throws {}
+    func cancelRunningQuery() async {}
+    func close() async {}
+}
+
+final class Counter: Sendable {
+    let value = Atomic<Int>(0)
+    func next() -> Int { value.add(1, ordering: .relaxed).newValue }
+}
+
+/// A value shared between tasks.
+final class Shared<Value: Sendable>: Sendable {
+    let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R: Sendable>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+}
+
+@inline(never)
+func blackHole<T>(_ value: T) {}
+
+func makeOurPool(connections: Int) -> PoolKit.ConnectionPool<BenchConnection, ContinuousClock> {
+    let ids = Counter()
+    var configuration = PoolKit.ConnectionPoolConfiguration(name: "bench", maxOpen: connections, minIdle: connections, maxIdle: connections)
+    configuration.maxConcurrentConnects = connections
+    var logger = Logger(label: "pool-bench")
+    logger.logLevel = .warning
+    return PoolKit.ConnectionPool(configuration: configuration, logger: logger) { BenchConnection(id: ids.next()) }
+}
+
+typealias NIOPool = _ConnectionPoolModule.ConnectionPool<
+    MockConnection, Int, ConnectionIDGenerator, ConnectionRequest<MockConnection>, Int,
+    MockPingPongBehavior<MockConnection>, NoOpConnectionPoolMetrics<Int>, ContinuousClock
+>
+
+func makeNIOPool(connections: Int) -> NIOPool {
+    let factory = MockConnectionFactory<ContinuousClock>(autoMaxStreams: 1)
+    var configuration = _ConnectionPoolModule.ConnectionPoolConfiguration()
+    configuration.minimumConnectionCount = connections
+    configuration.maximumConnectionSoftLimit = connections
+    configuration.maximumConnectionHardLimit = connections
+    return NIOPool(
+        configuration: configuration,
+        idGenerator: ConnectionIDGenerator(),
+        keepAliveBehavior: MockPingPongBehavior(keepAliveFrequency: nil, connectionType: MockConnection.self),
+        observabilityDelegate: NoOpConnectionPoolMetrics(connectionIDType: Int.self),
+        clock: ContinuousClock()
+    ) { id, pool in
+        try await factory.makeConnection(id: id, for: pool)
+    }
+}
+
+// MARK: - Lease/release throughput
+
+struct Throughput {
+    var name: String
+    var cyclesPerSecond: Double
+}
+
+/// Runs `tasks` tasks that each do `iterations / tasks` lease+release cycles; returns cycles/s.
+func measure(tasks: Int, iterations: Int, _ cycle: @escaping @Sendable () async throws -> Void) async throws -> Double {
+    let perTask = iterations / tasks
+    let clock = ContinuousClock()
+    let start = clock.now
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for _ in 0..<tasks {
+            group.addTask {
+                for _ in 0..<perTask { try await cycle() }
+            }
+        }
+        try await group.waitForAll()
+    }
+    let elapsed = start.duration(to: clock.now)
+    let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    return Double(perTask * tasks) / seconds
+}
+
+func waitUntil(_ condition: () -> Bool) async {
+    while !condition() { await Task.yield() }
+}
+
+func ourThroughput(tasks: Int, connections: Int, iterations: Int, runs: Int) async throws -> Double {
+    let pool = makeOurPool(connections: connections)
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await pool.run() }
+        await waitUntil { pool.statistics.idle == connections }
+        var best = 0.0
+        _ = try await measure(tasks: tasks, iterations: iterations / 10) { try await pool.withConnection { blackHole($0) } } // warm-up
+        for _ in 0..<runs {
+            best = max(best, try await measure(tasks: tasks, iterations: iterations) {
+                try await pool.withConnection { blackHole($0) }
+            })
+        }
+        group.cancelAll()
+        return best
+    }
+}
+
+func nioThroughput(tasks: Int, connections: Int, iterations: Int, runs: Int) async throws -> Double {
+    let pool = makeNIOPool(connections: connections)
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { await pool.run() }
+        var best = 0.0
+        _ = try await measure(tasks: tasks, iterations: iterations / 10) { try await pool.withConnection { blackHole($0) } } // warm-up
+        for _ in 0..<runs {
+            best = max(best, try await measure(tasks: tasks, iterations: iterations) {
+                try await pool.withConnection { blackHole($0) }
+            })
+        }
+        group.cancelAll()
+        return best
+    }
+}
+
+func format(_ v: Double) -> String {
+    if v >= 1e6 { return String(format: "%.2fM", v / 1e6) }
+    return String(format: "%.0fk", v / 1e3)
+}
+
+func runMock() async throws {
+    let iterations = option("--iterations", default: 2_000_000)
+    let nioIterations = option("--nio-iterations", default: 300_000)
+    let runs = option("--runs", default: 3)
+    print("lease+release cycles/s, no-I/O mock connection (best of \(runs) runs)")
+    print("workload                      PoolKit      postgres-nio   ratio")
+    let only = option("--tasks", default: 0)
+    for (tasks, connections) in [(1, 8), (32, 8)] where only == 0 || only == tasks {
+        let ours = try await ourThroughput(tasks: tasks, connections: connections, iterations: iterations, runs: runs)
+        let theirs = try await nioThroughput(tasks: tasks, connections: connections, iterations: nioIterations, runs: runs)
+        let name = tasks == 1 ? "1 task, 8 connections" : "\(tasks) tasks on \(connections) connections"
+        print(
+            name.padding(toLength: 30, withPad: " ", startingAt: 0)
+                + format(ours).padding(toLength: 13, withPad: " ", startingAt: 0)
+                + format(theirs).padding(toLength: 15, withPad: " ", startingAt: 0)
+                + String(format: "%.1fx", ours / theirs)
+        )
+    }
+}
+
+// MARK: - Handoff latency
+
+func percentile(_ sorted: [Duration], _ p: Double) -> Duration {
+    sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+}
+
+func micros(_ d: Duration) -> String {
+    String(format: "%.2f µs", Double(d.components.attoseconds) / 1e12 + Double(d.components.seconds) * 1e6)
+}
+
+/// A connection is released while the releaser keeps its thread busy; how long
+/// until the task that waited for it runs with it?
+func runHandoff() async throws {
+    let iterations = option("--iterations", default: 20_000)
+    print("handoff latency: release -> waiting task running with the connection (\(iterations) handoffs, releaser stays busy)")
+    // PoolKit: the releaser holds the only connection; a second task waits for it.
+    let pool = makeOurPool(connections: 1)
+    let latencies = try await withThrowingTaskGroup(of: Void.self) { group -> [Duration] in
+        group.addTask { try await pool.run() }
+        await waitUntil { pool.statistics.idle == 1 }
+        var result: [Duration] = []
+        let clock = ContinuousClock()
+        for _ in 0..<iterations {
+            let held = try await pool.lease()
+            let resumedAt = Shared<ContinuousClock.Instant?>(nil)
+            let releasedAt = try await withThrowingTaskGroup(of: Void.self) { inner -> ContinuousClock.Instant in
+                inner.addTask {
+                    let lease = try await pool.lease()
+                    let now = clock.now
+                    resumedAt.withLock { $0 = now }
+                    await pool.release(lease)
+                }
+                await waitUntil { pool.statistics.waiting == 1 }
+                let releasedAt = clock.now
+                await pool.release(held)
+                let busyUntil = clock.now.advanced(by: .microseconds(200))
+                while clock.now < busyUntil, resumedAt.withLock({ $0 }) == nil {}
+                try await inner.waitForAll()
+                return releasedAt
+            }
+            result.append(releasedAt.duration(to: resumedAt.withLock { $0 }!))
+        }
+        group.cancelAll()
+        return result.sorted()
+    }
+    print("PoolKit       p50 \(micros(percentile(latencies, 0.5)))   p99 \(micros(percentile(latencies, 0.99)))   p99.9 \(micros(percentile(latencies, 0.999)))   max \(micros(latencies.last!))")
+
+    let nio = makeNIOPool(connections: 1)
+    let nioLatencies = try await withThrowingTaskGroup(of: Void.self) { group -> [Duration] in
+        group.addTask { await nio.run() }
+        var result: [Duration] = []
+        let clock = ContinuousClock()
+        let warm = try await nio.leaseConnection()
+        warm.release()
+        for _ in 0..<iterations {
+            let held = try await nio.leaseConnection()
+            let resumedAt = Shared<ContinuousClock.Instant?>(nil)
+            let started = Shared(false)
+            let releasedAt = try await withThrowingTaskGroup(of: Void.self) { inner -> ContinuousClock.Instant in
+                inner.addTask {
+                    started.withLock { $0 = true }
+                    let lease = try await nio.leaseConnection()
+                    let now = clock.now
+                    resumedAt.withLock { $0 = now }
+                    lease.release()
+                }
+                // postgres-nio exposes no waiter count: give the waiter time to queue.
+                await waitUntil { started.withLock { $0 } }
+                for _ in 0..<50 { await Task.yield() }
+                let releasedAt = clock.now
+                held.release()
+                let busyUntil = clock.now.advanced(by: .microseconds(200))
+                while clock.now < busyUntil, resumedAt.withLock({ $0 }) == nil {}
+                try await inner.waitForAll()
+                return releasedAt
+            }
+            result.append(releasedAt.duration(to: resumedAt.withLock { $0 }!))
+        }
+        group.cancelAll()
+        return result.sorted()
+    }
+    print("postgres-nio  p50 \(micros(percentile(nioLatencies, 0.5)))   p99 \(micros(percentile(nioLatencies, 0.99)))   p99.9 \(micros(percentile(nioLatencies, 0.999)))   max \(micros(nioLatencies.last!))")
+}
+
+// MARK: - Main
+
+switch command {
+case "mock":
+    try await runMock()
+case "handoff":
+    try await runHandoff()
+case "all":
+    try await runMock()
+    print()
+    try await runHandoff()
+case "postgres":
+    print("pool-bench postgres: the real-database benchmark arrives with PostgresConnection (issue 2); see docs/bench-notes/pool.md")
+default:
+    print("usage: pool-bench [mock|handoff|all|postgres] [--iterations N] [--nio-iterations N] [--runs R]")
+    exit(2)
+}

@@ -1,0 +1,606 @@
+import Logging
+import Metrics
+import ServiceLifecycle
+import Synchronization
+
+/// A connection lent by a ``ConnectionPool``. Give it back with
+/// ``ConnectionPool/release(_:)``; releasing it twice is harmless.
+public struct ConnectionLease<Connection: PoolableConnection>: Sendable {
+    /// The connection; use it only until the lease is released.
+    public let connection: Connection
+    /// The pool's id of the connection (as in logs and ``ConnectionHolder``).
+    public let connectionID: UInt64
+    let slot: Int
+    let leaseID: UInt64
+}
+
+/// What a waiting acquire is resumed with.
+///
+/// These types live outside the generic ``ConnectionPool`` on purpose: the state
+/// machine and the lock-protected state are then concrete types, compiled and
+/// specialized once in PoolKit, and the hot path needs no generic metadata.
+enum PoolWaitOutcome: Sendable {
+    case leased(PoolMachine.Lease, waited: Duration)
+    case failed(ConnectionPoolError)
+    case cancelled
+}
+
+/// The state machine as the shell uses it: connections as class existentials, waiters as continuations.
+typealias PoolMachine = PoolStateMachine<any AnyObject & Sendable, UnsafeContinuation<PoolWaitOutcome, Never>>
+
+/// Everything the pool's `Mutex` protects.
+struct PoolShellState {
+    var machine: PoolMachine
+    var runStarted = false
+    var drainReport: DrainReport?
+    var drainReportWaiters: [CheckedContinuation<DrainReport, Never>] = []
+    var publishedIdle = -1
+    var publishedUsed = -1
+    var publishedPending = -1
+
+    /// Records the count gauges when they changed (inside the lock, so in order).
+    mutating func publish(_ metrics: PoolMetrics) {
+        let idle = machine.idleCount, used = machine.inUseCount, pending = machine.waiterCount
+        if idle != publishedIdle { publishedIdle = idle; metrics.idle.record(idle) }
+        if used != publishedUsed { publishedUsed = used; metrics.used.record(used) }
+        if pending != publishedPending { publishedPending = pending; metrics.pending.record(pending) }
+    }
+}
+
+/// A bounded, fair, leak-finding, drainable pool of connections.
+///
+/// ```swift
+/// let pool = ConnectionPool(configuration: .init(maxOpen: 10)) { try await PostgresConnection.connect(...) }
+/// // run() owns the connects, timers and the drain; put it in a ServiceGroup
+/// // or a task group for the pool's whole life.
+/// try await pool.withConnection(label: "load-user") { conn in ... }
+/// ```
+///
+/// Design: every decision is made by ``PoolStateMachine`` (a pure value type)
+/// under one `Mutex`; this shell performs the resulting actions. An idle
+/// connection is lent without suspending; a waiter is resumed directly by the
+/// releasing task (direct handoff, FIFO). Connects, the timer (timeouts,
+/// idle/lifetime expiry, leak reports, backoff) and the shutdown drain run as
+/// child tasks of ``run()``, which is the root that owns them. Closes run in the
+/// task that decided them (the releaser, the timer, the drain).
+///
+/// ``run()`` must be running for connects and timeouts to happen.
+public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sendable where C.Duration == Duration {
+    /// Opens a new connection. Called by ``run()``'s child tasks, at most
+    /// `maxConcurrentConnects` at a time; should honour task cancellation.
+    public typealias ConnectionFactory = @Sendable () async throws -> Connection
+
+    typealias Machine = PoolMachine
+    typealias WaitOutcome = PoolWaitOutcome
+    typealias ShellState = PoolShellState
+
+    /// The configuration in force (clamped into range).
+    public let configuration: ConnectionPoolConfiguration
+    let clock: C
+    let epoch: C.Instant
+    let factory: ConnectionFactory
+    let logger: Logger
+    let metrics: PoolMetrics
+    let state: Mutex<ShellState>
+    let connectRequests: AsyncStream<Machine.ConnectRequest>
+    let connectRequestsContinuation: AsyncStream<Machine.ConnectRequest>.Continuation
+    let timerWake = WakeSignal()
+    let drainedSignal = WakeSignal()
+
+    /// Creates a pool. Nothing is opened until ``run()`` runs (it then opens `minIdle` connections).
+    ///
+    /// - Parameters:
+    ///   - configuration: the knobs; see ``ConnectionPoolConfiguration``.
+    ///   - clock: the clock for every timeout and deadline (inject a manual clock in tests).
+    ///   - logger: receives connect failures, leak reports, drain summaries.
+    ///   - connectionFactory: opens one connection.
+    public convenience init(
+        configuration: ConnectionPoolConfiguration = ConnectionPoolConfiguration(),
+        clock: C,
+        logger: Logger = Logger(label: "PoolKit.ConnectionPool"),
+        connectionFactory: @escaping ConnectionFactory
+    ) {
+        self.init(
+            configuration: configuration, clock: clock, logger: logger,
+            seed: UInt64.random(in: .min ... .max), connectionFactory: connectionFactory
+        )
+    }
+
+    /// Creates a pool with a fixed seed for the lifetime and backoff jitter (tests).
+    init(
+        configuration: ConnectionPoolConfiguration, clock: C, logger: Logger, seed: UInt64,
+        connectionFactory: @escaping ConnectionFactory
+    ) {
+        let configuration = configuration.normalized
+        self.configuration = configuration
+        self.clock = clock
+        self.epoch = clock.now
+        self.factory = connectionFactory
+        var logger = logger
+        logger[metadataKey: "db.client.connection.pool.name"] = .string(configuration.name)
+        self.logger = logger
+        self.metrics = PoolMetrics(configuration: configuration)
+        (connectRequests, connectRequestsContinuation) = AsyncStream.makeStream(of: Machine.ConnectRequest.self)
+        var machine = Machine(configuration: configuration, seed: seed)
+        let warmUp = machine.start(now: .zero)
+        for request in warmUp.connects { connectRequestsContinuation.yield(request) }
+        state = Mutex(ShellState(machine: machine))
+    }
+
+    // MARK: - Leasing
+
+    /// Runs `body` with a connection and gives the connection back afterwards,
+    /// also when `body` throws or the task is cancelled. The main API.
+    ///
+    /// - Parameters:
+    ///   - label: names the holder in ``holders()``, leak reports and timeout errors.
+    ///   - timeout: overrides `acquireTimeout` for this call.
+    ///   - fileID: the holder's source file, reported with `label`.
+    ///   - line: the holder's source line.
+    ///   - body: uses the connection; must not keep it.
+    /// - Throws: ``ConnectionPoolError`` (`POOL_ACQUIRE_TIMEOUT`, `POOL_TOO_MANY_WAITERS`,
+    ///   `POOL_SHUT_DOWN`), `CancellationError`, or what `body` throws.
+    nonisolated(nonsending)
+    public func withConnection<Result>(
+        label: String? = nil,
+        timeout: Duration? = nil,
+        fileID: String = #fileID,
+        line: Int = #line,
+        _ body: nonisolated(nonsending) (Connection) async throws -> Result
+    ) async throws -> Result {
+        var fast: ConnectionLease<Connection>?
+        if let raw = leaseIfIdle(Machine.Request(label: label, fileID: fileID, line: line)) {
+            // Fast path: no suspension, no waiter bookkeeping.
+            let connection = unsafeDowncast(raw.connection, to: Connection.self)
+            if connection.isBroken {
+                await giveBack(raw, reusable: false)
+            } else {
+                fast = ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID)
+            }
+        }
+        let lease: ConnectionLease<Connection>
+        if let fast {
+            lease = fast
+        } else {
+            lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
+        }
+        let result: Result
+        do {
+            result = try await body(lease.connection)
+        } catch {
+            await self.release(lease)
+            throw error
+        }
+        await self.release(lease)
+        return result
+    }
+
+    /// Lends a connection; the caller must ``release(_:)`` it. For code that
+    /// cannot use ``withConnection(label:timeout:fileID:line:_:)``.
+    ///
+    /// Returns at once, without suspending, if a connection is idle and nobody
+    /// waits. Otherwise waits in FIFO order until a connection is handed over,
+    /// the timeout passes, or the task is cancelled. A connection found broken
+    /// is discarded and the caller keeps its place and its deadline.
+    nonisolated(nonsending)
+    public func lease(
+        label: String? = nil,
+        timeout: Duration? = nil,
+        fileID: String = #fileID,
+        line: Int = #line
+    ) async throws -> ConnectionLease<Connection> {
+        let request = Machine.Request(label: label, fileID: fileID, line: line)
+        var deadline: Duration?
+        var requeue = false
+        while true {
+            let raw = try await acquire(request, timeout: timeout, deadline: &deadline, atFront: requeue)
+            let connection = unsafeDowncast(raw.connection, to: Connection.self)
+            if !connection.isBroken {
+                return ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID)
+            }
+            logger.debug("discarding broken connection on lease", metadata: ["db.client.connection.id": "\(raw.connectionID)"])
+            await giveBack(raw, reusable: false)
+            requeue = true
+        }
+    }
+
+    /// Gives a leased connection back. A broken connection, or one whose
+    /// `prepareForReuse()` throws, is closed (and replaced if needed); otherwise
+    /// it goes straight to the first waiter or becomes idle. Releasing a lease
+    /// twice, or after a drain cut it off, does nothing.
+    nonisolated(nonsending)
+    public func release(_ lease: ConnectionLease<Connection>) async {
+        let claimed = state.withLock { $0.machine.beginRelease(slot: lease.slot, leaseID: lease.leaseID) }
+        guard claimed else { return }
+        var reusable = !lease.connection.isBroken
+        if reusable {
+            do {
+                try await lease.connection.prepareForReuse()
+            } catch {
+                reusable = false
+                logger.debug(
+                    "closing connection whose reset failed",
+                    metadata: ["db.client.connection.id": "\(lease.connectionID)", "error": "\(error)"]
+                )
+            }
+        }
+        if let remaining = finishReleaseSynchronously(slot: lease.slot, leaseID: lease.leaseID, reusable: reusable) {
+            await perform(remaining)
+        }
+    }
+
+    /// The synchronous fast path of `lease`: an idle connection if nobody waits.
+    private func leaseIfIdle(_ request: Machine.Request) -> Machine.Lease? {
+        let now = self.now()
+        let leased = state.withLock { s -> (lease: Machine.Lease, rescheduleTimer: Bool)? in
+            guard let leased = s.machine.leaseIfIdle(request: request, now: now) else { return nil }
+            s.publish(metrics)
+            return leased
+        }
+        guard let (raw, rescheduleTimer) = leased else { return nil }
+        if rescheduleTimer { timerWake.signal() }
+        metrics.waitTime.recordNanoseconds(0)
+        return raw
+    }
+
+    /// Runs the part of a release that needs no waiting; returns what is left (closes) if anything.
+    private func finishReleaseSynchronously(slot: Int, leaseID: UInt64, reusable: Bool) -> Machine.Actions? {
+        let now = self.now()
+        let result = state.withLock { s -> Machine.ReleaseResult in
+            let result = s.machine.finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
+            s.publish(metrics)
+            return result
+        }
+        if let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if result.rescheduleTimer { timerWake.signal() }
+        switch result.action {
+        case .none, .idled:
+            return nil
+        case .handoff(let handoff):
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+            return nil
+        case .actions(let actions):
+            return actions
+        }
+    }
+
+    // MARK: - Introspection
+
+    /// A snapshot of counts and counters.
+    public var statistics: PoolStatistics {
+        state.withLock { $0.machine.statistics() }
+    }
+
+    /// Every connection lent out right now, longest held first, with its holder's label and source location.
+    public func holders() -> [ConnectionHolder] {
+        let now = self.now()
+        return state.withLock { $0.machine.holders(now: now) }
+    }
+
+    // MARK: - Service
+
+    /// Runs the pool: opens connections, fires timeouts, closes idle and old
+    /// connections, reports leaks. On graceful shutdown (swift-service-lifecycle)
+    /// it drains with `drainTimeout`; on task cancellation it drains at once.
+    /// Returns when the pool is drained. Call it once.
+    public func run() async throws {
+        let first = state.withLock { s -> Bool in
+            defer { s.runStarted = true }
+            return !s.runStarted
+        }
+        guard first else {
+            logger.error("ConnectionPool.run() called more than once; the second call returns at once")
+            return
+        }
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.runTimer() }
+            group.addTask {
+                do {
+                    try await gracefulShutdown()
+                    _ = await self.drain(deadline: self.clock.now.advanced(by: self.configuration.drainTimeout))
+                } catch {
+                    _ = await self.drain(deadline: self.clock.now)
+                }
+            }
+            for await request in connectRequests {
+                group.addTask { await self.connect(request) }
+            }
+            group.cancelAll()
+        }
+    }
+
+    /// Drains the pool: new acquires fail at once, waiters fail, idle
+    /// connections close, held connections are awaited until `deadline` (and
+    /// closed as they come back); at the deadline their queries are cancelled on
+    /// the server and they are closed. Returns what it did and whom it cut off.
+    /// Idempotent: later calls wait for the first drain and return its report.
+    /// Cancelling the calling task cuts off at once.
+    public func drain(deadline: C.Instant) async -> DrainReport {
+        let startedAt = now()
+        let start = state.withLock { s -> Machine.DrainStart in
+            let start = s.machine.beginDrain(now: startedAt)
+            s.publish(metrics)
+            return start
+        }
+        if start.alreadyStarted { return await waitForDrainReport() }
+        logger.info("draining pool", metadata: ["waiters": "\(start.waitersFailed)", "idle": "\(start.idleClosed)"])
+        await perform(start.actions)
+        timerWake.signal()
+        if !start.actions.drained {
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { await self.drainedSignal.wait() }
+                group.addTask { try? await self.clock.sleep(until: deadline, tolerance: nil) }
+                _ = await group.next()
+                group.cancelAll()
+            }
+        }
+        let endedAt = now()
+        let end = state.withLock { s -> Machine.DrainEnd in
+            let end = s.machine.endDrain(now: endedAt)
+            s.publish(metrics)
+            return end
+        }
+        if !end.cutOff.isEmpty {
+            await withDiscardingTaskGroup { group in
+                for (object, holder) in end.cutOff {
+                    let connection = unsafeDowncast(object, to: Connection.self)
+                    group.addTask {
+                        self.logger.warning("drain deadline passed: cancelling query and closing connection", metadata: [
+                            "db.client.connection.id": "\(holder.connectionID)", "holder": "\(holder)",
+                        ])
+                        await connection.cancelRunningQuery()
+                        await connection.close()
+                    }
+                }
+            }
+        }
+        var report = DrainReport()
+        report.duration = now() - startedAt
+        report.waitersFailed = start.waitersFailed
+        report.idleClosed = start.idleClosed
+        report.returnedInTime = end.returnedInTime
+        report.cutOff = end.cutOff.map(\.holder)
+        report.connectsAbandoned = end.connectsAbandoned
+        let waiters = state.withLock { s -> [CheckedContinuation<DrainReport, Never>] in
+            s.drainReport = report
+            defer { s.drainReportWaiters = [] }
+            return s.drainReportWaiters
+        }
+        for waiter in waiters { waiter.resume(returning: report) }
+        connectRequestsContinuation.finish()
+        timerWake.signal()
+        logger.info("pool \(report)")
+        return report
+    }
+
+    // MARK: - Internals
+
+    /// Time since the pool's epoch, as the state machine counts it.
+    func now() -> Duration { epoch.duration(to: clock.now) }
+
+    nonisolated(nonsending)
+    private func acquire(
+        _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, atFront: Bool
+    ) async throws -> Machine.Lease {
+        let now = self.now()
+        let immediate = state.withLock { s -> Machine.ImmediateLease in
+            let result = s.machine.leaseImmediately(request: request, now: now)
+            s.publish(metrics)
+            return result
+        }
+        let waiterID: UInt64
+        switch immediate {
+        case .leased(let lease, let rescheduleTimer):
+            if rescheduleTimer { timerWake.signal() }
+            metrics.waitTime.recordNanoseconds(0)
+            return lease
+        case .failed(let error):
+            throw error
+        case .mustWait(let id):
+            waiterID = id
+        }
+        let waitDeadline = deadline ?? now + (timeout ?? configuration.acquireTimeout)
+        deadline = waitDeadline
+        let outcome: WaitOutcome = await withTaskCancellationHandler {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<WaitOutcome, Never>) in
+                let enqueueAt = self.now()
+                let result = state.withLock { s -> Machine.EnqueueResult? in
+                    if Task.isCancelled { return nil }
+                    let result = s.machine.enqueue(
+                        waiterID: waiterID, waiter: continuation, request: request,
+                        now: enqueueAt, deadline: waitDeadline, atFront: atFront
+                    )
+                    s.publish(metrics)
+                    return result
+                }
+                switch result {
+                case nil:
+                    continuation.resume(returning: .cancelled)
+                case .leased(let lease, let rescheduleTimer)?:
+                    if rescheduleTimer { timerWake.signal() }
+                    continuation.resume(returning: .leased(lease, waited: .zero))
+                case .failed(let error)?:
+                    continuation.resume(returning: .failed(error))
+                case .enqueued(let actions)?:
+                    performWithoutClosing(actions)
+                }
+            }
+        } onCancel: {
+            let waiter = state.withLock { s -> UnsafeContinuation<WaitOutcome, Never>? in
+                let waiter = s.machine.cancelWaiter(id: waiterID)
+                s.publish(metrics)
+                return waiter
+            }
+            waiter?.resume(returning: .cancelled)
+        }
+        switch outcome {
+        case .leased(let lease, let waited):
+            metrics.waitTime.record(waited)
+            if Task.isCancelled {
+                // Handed over just as the caller gave up: the connection goes back.
+                await giveBack(lease, reusable: true)
+                throw CancellationError()
+            }
+            return lease
+        case .failed(let error):
+            throw error
+        case .cancelled:
+            throw CancellationError()
+        }
+    }
+
+    /// Returns a connection the caller did not use (cancelled, or found broken).
+    nonisolated(nonsending)
+    private func giveBack(_ lease: Machine.Lease, reusable: Bool) async {
+        guard state.withLock({ $0.machine.beginRelease(slot: lease.slot, leaseID: lease.leaseID) }) else { return }
+        let stillGood = reusable && !unsafeDowncast(lease.connection, to: Connection.self).isBroken
+        await finishRelease(slot: lease.slot, leaseID: lease.leaseID, reusable: stillGood)
+    }
+
+    nonisolated(nonsending)
+    private func finishRelease(slot: Int, leaseID: UInt64, reusable: Bool) async {
+        let now = self.now()
+        let result = state.withLock { s -> Machine.ReleaseResult in
+            let result = s.machine.finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
+            s.publish(metrics)
+            return result
+        }
+        if let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if result.rescheduleTimer { timerWake.signal() }
+        switch result.action {
+        case .none, .idled:
+            return
+        case .handoff(let handoff):
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+        case .actions(let actions):
+            await perform(actions)
+        }
+    }
+
+    /// The timer: sleeps until the state machine's next deadline (or until a
+    /// new, earlier one appears), then lets it act. Ends when the pool is closed.
+    private func runTimer() async {
+        while !Task.isCancelled {
+            let wake = state.withLock { s -> Duration?? in
+                s.machine.phase == .closed ? .none : .some(s.machine.scheduleNextWakeup(now: self.now()))
+            }
+            guard let wake else { return }
+            await withTaskGroup(of: Void.self) { group in
+                if let wake {
+                    group.addTask { try? await self.clock.sleep(until: self.epoch.advanced(by: wake), tolerance: nil) }
+                }
+                group.addTask { await self.timerWake.wait() }
+                _ = await group.next()
+                group.cancelAll()
+            }
+            if Task.isCancelled { return }
+            let now = self.now()
+            let actions = state.withLock { s -> Machine.Actions in
+                let actions = s.machine.tick(now: now)
+                s.publish(metrics)
+                return actions
+            }
+            await perform(actions)
+        }
+    }
+
+    /// Opens one connection (a child task of `run()`).
+    private func connect(_ request: Machine.ConnectRequest) async {
+        let startedAt = now()
+        do {
+            let connection = try await factory()
+            let openedAt = now()
+            metrics.createTime.record(openedAt - startedAt)
+            logger.debug("opened connection", metadata: [
+                "db.client.connection.id": "\(request.connectionID)", "duration": "\(formatDuration(openedAt - startedAt))",
+            ])
+            let actions = state.withLock { s -> Machine.Actions in
+                let actions = s.machine.connected(request, connection: connection, now: openedAt)
+                s.publish(metrics)
+                return actions
+            }
+            await perform(actions)
+        } catch {
+            let failedAt = now()
+            let actions = state.withLock { s -> Machine.Actions in
+                let actions = s.machine.connectFailed(request, error: error, now: failedAt)
+                s.publish(metrics)
+                return actions
+            }
+            logger.warning("connect failed", metadata: [
+                "db.client.connection.id": "\(request.connectionID)", "error": "\(error)",
+                "retry_in": "\(actions.backoff.map(formatDuration) ?? "-")",
+            ])
+            await perform(actions)
+        }
+    }
+
+    /// Performs the actions that need no waiting: resumes waiters, starts connects, wakes the timer.
+    private func performWithoutClosing(_ actions: Machine.Actions) {
+        for handoff in actions.handoffs {
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+        }
+        for (waiter, error) in actions.failures {
+            if error.code == .acquireTimeout {
+                metrics.timeouts.increment()
+                logger.debug("acquire timed out", metadata: ["error": "\(error)"])
+            }
+            waiter.resume(returning: .failed(error))
+        }
+        for request in actions.connects { connectRequestsContinuation.yield(request) }
+        for holder in actions.leaks {
+            metrics.leaks.increment()
+            logger.warning("connection held longer than leakThreshold=\(configuration.leakThreshold.map(formatDuration) ?? "-")", metadata: [
+                "db.client.connection.id": "\(holder.connectionID)", "holder.label": "\(holder.label ?? "-")",
+                "holder.location": "\(holder.fileID):\(holder.line)", "held_for": "\(formatDuration(holder.heldFor))",
+            ])
+        }
+        if actions.rescheduleTimer { timerWake.signal() }
+        if actions.drained { drainedSignal.signal() }
+    }
+
+    /// Performs all actions, closing connections in this task.
+    nonisolated(nonsending)
+    private func perform(_ actions: Machine.Actions) async {
+        performWithoutClosing(actions)
+        if actions.closes.count == 1 {
+            await close(actions.closes[0])
+        } else if !actions.closes.isEmpty {
+            await withDiscardingTaskGroup { group in
+                for close in actions.closes { group.addTask { await self.close(close) } }
+            }
+        }
+    }
+
+    nonisolated(nonsending)
+    private func close(_ close: Machine.Close) async {
+        logger.debug("closing connection", metadata: [
+            "db.client.connection.id": "\(close.connectionID)", "reason": "\(close.reason.rawValue)",
+        ])
+        await unsafeDowncast(close.connection, to: Connection.self).close()
+    }
+
+    private func waitForDrainReport() async -> DrainReport {
+        await withCheckedContinuation { (continuation: CheckedContinuation<DrainReport, Never>) in
+            let report = state.withLock { s -> DrainReport? in
+                if let report = s.drainReport { return report }
+                s.drainReportWaiters.append(continuation)
+                return nil
+            }
+            if let report { continuation.resume(returning: report) }
+        }
+    }
+}
+
+extension ConnectionPool where C == ContinuousClock {
+    /// Creates a pool on the continuous clock.
+    public convenience init(
+        configuration: ConnectionPoolConfiguration = ConnectionPoolConfiguration(),
+        logger: Logger = Logger(label: "PoolKit.ConnectionPool"),
+        connectionFactory: @escaping ConnectionFactory
+    ) {
+        self.init(configuration: configuration, clock: ContinuousClock(), logger: logger, connectionFactory: connectionFactory)
+    }
+}
+
+extension ConnectionPool: Service {}

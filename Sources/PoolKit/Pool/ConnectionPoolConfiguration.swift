@@ -1,0 +1,106 @@
+/// The knobs of a ``ConnectionPool``. Every knob has a safe default, and every
+/// error the pool throws names the knobs that caused it.
+///
+/// Values are clamped into a consistent range when the pool is created:
+/// `1 <= maxOpen`, `0 <= minIdle <= maxIdle <= maxOpen`, `1 <= maxConcurrentConnects`.
+public struct ConnectionPoolConfiguration: Sendable, Hashable {
+    /// Capped exponential backoff with jitter for failed connects.
+    ///
+    /// After the n-th consecutive failure the pool opens nothing for
+    /// `min(maximum, initial * 2^(n-1))`, shortened by a random fraction of up to
+    /// `jitter` (0...1) so that many pools do not retry in lockstep.
+    public struct ConnectBackoff: Sendable, Hashable {
+        /// Delay after the first failure. Default 100 ms.
+        public var initial: Duration
+        /// Upper bound of the delay. Default 10 s.
+        public var maximum: Duration
+        /// Fraction (0...1) of the delay that is randomly removed. Default 0.2.
+        public var jitter: Double
+
+        /// Creates a backoff policy.
+        public init(initial: Duration = .milliseconds(100), maximum: Duration = .seconds(10), jitter: Double = 0.2) {
+            self.initial = initial
+            self.maximum = maximum
+            self.jitter = jitter
+        }
+    }
+
+    /// Name used in logs, errors and the `db.client.connection.pool.name` metric attribute. Default `"default"`.
+    public var name: String
+    /// Hard limit on open connections, counting those being opened; never exceeded. Default 10.
+    public var maxOpen: Int
+    /// Connections the pool keeps open (idle when the pool is quiet), so the first
+    /// requests after a quiet period find a warm connection. Idle expiry never takes
+    /// the pool below it. Default 0.
+    public var minIdle: Int
+    /// Idle connections kept at most; a return beyond this closes the least recently used idle connection. Default 10 (= the default `maxOpen`; clamped to `maxOpen`).
+    public var maxIdle: Int
+    /// A connection older than its own lifetime (`maxLifetime` minus a random share of
+    /// `lifetimeJitter`) is closed when it is idle or returned, never while held, and
+    /// replaced as needed. `nil`: no limit. Default 30 min.
+    public var maxLifetime: Duration?
+    /// Spread of lifetimes so that connections opened together do not expire together. Default 1 min.
+    public var lifetimeJitter: Duration
+    /// An idle connection unused for this long is closed (but never below `minIdle`). `nil`: never. Default 10 min.
+    public var maxIdleTime: Duration?
+    /// How long an acquire may wait before it fails with ``ConnectionPoolError/Code/acquireTimeout``. Default 30 s.
+    public var acquireTimeout: Duration
+    /// Waiters beyond this number are refused at once with ``ConnectionPoolError/Code/tooManyWaiters`` (load shedding). Default 1,000.
+    public var maxWaiters: Int
+    /// Connects that may run at the same time (no connect storms). Default 2.
+    public var maxConcurrentConnects: Int
+    /// Retry policy after failed connects. Waiters keep waiting and are told the last connect error if they time out.
+    public var connectBackoff: ConnectBackoff
+    /// A connection held longer than this is reported once (warning log + `db.client.connection.leaks` counter)
+    /// with its holder's label and source location. `nil`: off. Default 60 s.
+    public var leakThreshold: Duration?
+    /// How long `run()` lets holders finish after graceful shutdown before their queries are cancelled and their connections closed. Default 10 s.
+    public var drainTimeout: Duration
+
+    /// Creates a configuration; every parameter has the documented default.
+    public init(
+        name: String = "default",
+        maxOpen: Int = 10,
+        minIdle: Int = 0,
+        maxIdle: Int = 10,
+        maxLifetime: Duration? = .seconds(30 * 60),
+        lifetimeJitter: Duration = .seconds(60),
+        maxIdleTime: Duration? = .seconds(10 * 60),
+        acquireTimeout: Duration = .seconds(30),
+        maxWaiters: Int = 1_000,
+        maxConcurrentConnects: Int = 2,
+        connectBackoff: ConnectBackoff = ConnectBackoff(),
+        leakThreshold: Duration? = .seconds(60),
+        drainTimeout: Duration = .seconds(10)
+    ) {
+        self.name = name
+        self.maxOpen = maxOpen
+        self.minIdle = minIdle
+        self.maxIdle = maxIdle
+        self.maxLifetime = maxLifetime
+        self.lifetimeJitter = lifetimeJitter
+        self.maxIdleTime = maxIdleTime
+        self.acquireTimeout = acquireTimeout
+        self.maxWaiters = maxWaiters
+        self.maxConcurrentConnects = maxConcurrentConnects
+        self.connectBackoff = connectBackoff
+        self.leakThreshold = leakThreshold
+        self.drainTimeout = drainTimeout
+    }
+
+    /// The configuration with every value clamped into its valid range.
+    var normalized: ConnectionPoolConfiguration {
+        var c = self
+        c.maxOpen = max(1, c.maxOpen)
+        c.maxIdle = min(max(0, c.maxIdle), c.maxOpen)
+        c.minIdle = min(max(0, c.minIdle), c.maxIdle)
+        c.maxWaiters = max(0, c.maxWaiters)
+        c.maxConcurrentConnects = max(1, c.maxConcurrentConnects)
+        c.lifetimeJitter = max(.zero, c.lifetimeJitter)
+        if let lifetime = c.maxLifetime { c.lifetimeJitter = min(c.lifetimeJitter, lifetime) }
+        c.connectBackoff.jitter = min(max(0, c.connectBackoff.jitter), 1)
+        c.connectBackoff.initial = max(.zero, c.connectBackoff.initial)
+        c.connectBackoff.maximum = max(c.connectBackoff.initial, c.connectBackoff.maximum)
+        return c
+    }
+}

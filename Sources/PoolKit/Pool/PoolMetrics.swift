@@ -1,0 +1,54 @@
+import Metrics
+
+/// The pool's swift-metrics instruments, named after OpenTelemetry's database
+/// client semantic conventions (`db.client.connection.*`), each with the
+/// attribute `db.client.connection.pool.name`.
+final class PoolMetrics: Sendable {
+    /// `db.client.connection.count{db.client.connection.state=idle}`.
+    let idle: Gauge
+    /// `db.client.connection.count{db.client.connection.state=used}`.
+    let used: Gauge
+    /// `db.client.connection.pending_requests`: waiters.
+    let pending: Gauge
+    /// `db.client.connection.max`: `maxOpen`.
+    let max: Gauge
+    /// `db.client.connection.idle.max` / `.idle.min`.
+    let idleMax: Gauge
+    let idleMin: Gauge
+    /// `db.client.connection.timeouts`: acquires that hit `acquireTimeout`.
+    let timeouts: Counter
+    /// `db.client.connection.wait_time`: time to obtain a connection.
+    let waitTime: Metrics.Timer
+    /// `db.client.connection.use_time`: time between lease and release.
+    let useTime: Metrics.Timer
+    /// `db.client.connection.create_time`: time to open a connection.
+    let createTime: Metrics.Timer
+    /// `db.client.connection.leaks` (not an OpenTelemetry name): leases held past `leakThreshold`.
+    let leaks: Counter
+
+    init(configuration: ConnectionPoolConfiguration) {
+        let pool = ("db.client.connection.pool.name", configuration.name)
+        idle = Gauge(label: "db.client.connection.count", dimensions: [pool, ("db.client.connection.state", "idle")])
+        used = Gauge(label: "db.client.connection.count", dimensions: [pool, ("db.client.connection.state", "used")])
+        pending = Gauge(label: "db.client.connection.pending_requests", dimensions: [pool])
+        max = Gauge(label: "db.client.connection.max", dimensions: [pool])
+        idleMax = Gauge(label: "db.client.connection.idle.max", dimensions: [pool])
+        idleMin = Gauge(label: "db.client.connection.idle.min", dimensions: [pool])
+        timeouts = Counter(label: "db.client.connection.timeouts", dimensions: [pool])
+        waitTime = Metrics.Timer(label: "db.client.connection.wait_time", dimensions: [pool], preferredDisplayUnit: .seconds)
+        useTime = Metrics.Timer(label: "db.client.connection.use_time", dimensions: [pool], preferredDisplayUnit: .seconds)
+        createTime = Metrics.Timer(label: "db.client.connection.create_time", dimensions: [pool], preferredDisplayUnit: .seconds)
+        leaks = Counter(label: "db.client.connection.leaks", dimensions: [pool])
+        max.record(configuration.maxOpen)
+        idleMax.record(configuration.maxIdle)
+        idleMin.record(configuration.minIdle)
+    }
+}
+
+extension Metrics.Timer {
+    /// Records a `Duration`.
+    func record(_ duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        recordNanoseconds(seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000)
+    }
+}

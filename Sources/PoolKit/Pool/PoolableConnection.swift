@@ -1,0 +1,22 @@
+/// A connection the pool can manage.
+///
+/// The pool owns every connection its factory returns: it is the only one that
+/// calls ``close()``, and it calls it exactly once per connection (idle expiry,
+/// lifetime, `maxIdle`, broken, failed reset, drain). A conforming type must be
+/// safe to call from any task, but the pool lends it to one holder at a time.
+public protocol PoolableConnection: AnyObject, Sendable {
+    /// True once the connection is known to be unusable (server gone, protocol error).
+    ///
+    /// Read on every lease and every return, so it must be cheap and must not block
+    /// (an atomic flag the driver sets when it sees an error or EOF is ideal).
+    var isBroken: Bool { get }
+    /// Makes a returned connection ready for the next holder (e.g. ROLLBACK an open transaction, UNLISTEN *). Throwing means: close it instead.
+    ///
+    /// Runs in the releasing task before the connection is handed on. It should
+    /// return at once when there is nothing to clean (the common case).
+    func prepareForReuse() async throws
+    /// Asks the server to cancel whatever the connection is running now (used by drain after its deadline). Must not block a cooperative thread.
+    func cancelRunningQuery() async
+    /// Closes the connection; idempotent.
+    func close() async
+}

@@ -1,0 +1,293 @@
+import Logging
+import Synchronization
+import Testing
+@testable import PoolKit
+
+typealias TestPool = ConnectionPool<MockConnection, ManualClock>
+
+/// Runs `body` with a pool whose `run()` is running in a child task; cancels
+/// `run()` afterwards (a forced drain) and returns the pool for final checks.
+@discardableResult
+func withRunningPool(
+    _ configuration: ConnectionPoolConfiguration,
+    clock: ManualClock = ManualClock(),
+    factory: MockFactory = MockFactory(),
+    connect: (@Sendable () async throws -> MockConnection)? = nil,
+    _ body: (TestPool, ManualClock, MockFactory) async throws -> Void
+) async throws -> TestPool {
+    let pool = TestPool(
+        configuration: configuration, clock: clock, logger: Logger(label: "test"), seed: 1,
+        connectionFactory: connect ?? { try factory.make() }
+    )
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await pool.run() }
+        try await body(pool, clock, factory)
+        group.cancelAll()
+        try await group.waitForAll()
+    }
+    return pool
+}
+
+func baseConfiguration(_ edit: (inout ConnectionPoolConfiguration) -> Void = { _ in }) -> ConnectionPoolConfiguration {
+    var c = ConnectionPoolConfiguration(
+        name: "shell", maxOpen: 2, minIdle: 1, maxIdle: 2, maxLifetime: nil, maxIdleTime: nil,
+        acquireTimeout: .seconds(5), maxWaiters: 100, maxConcurrentConnects: 2, leakThreshold: nil
+    )
+    edit(&c)
+    return c
+}
+
+@Suite("ConnectionPool (shell, mock connection, manual clock)")
+struct ConnectionPoolTests {
+    @Test func withConnectionLendsAndReturnsAndResetsTheConnection() async throws {
+        let pool = try await withRunningPool(baseConfiguration()) { pool, _, factory in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let id = try await pool.withConnection(label: "first") { conn in
+                #expect(pool.statistics.inUse == 1)
+                #expect(pool.holders().first?.label == "first")
+                #expect(pool.holders().first?.fileID.hasSuffix("ConnectionPoolTests.swift") == true)
+                return conn.id
+            }
+            #expect(pool.statistics.inUse == 0 && pool.statistics.idle == 1)
+            #expect(factory.made.first?.id == id)
+            #expect(factory.made.first?.state.withLock { $0.resets } == 1, "reset on return")
+            // also on throw
+            await #expect(throws: MockError.self) {
+                try await pool.withConnection { _ in throw MockError.resetFailed }
+            }
+            #expect(pool.statistics.inUse == 0)
+        }
+        #expect(pool.statistics.open == 0, "run() cancelled: drained")
+    }
+
+    @Test func acquireTimeoutThrowsAClearErrorNamingTheHolder() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease(label: "slow-report")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    let error = await #expect(throws: ConnectionPoolError.self) { _ = try await pool.lease() }
+                    #expect(error?.code == .acquireTimeout)
+                    #expect(error?.description.contains("1/1 in use for 5s (maxOpen=1, acquireTimeout=5s)") == true)
+                    #expect(error?.description.contains("'slow-report' at PoolKitTests/ConnectionPoolTests.swift") == true)
+                }
+                await eventually("waiting") { pool.statistics.waiting == 1 }
+                clock.advance(by: .seconds(5))
+                try await group.waitForAll()
+            }
+            #expect(pool.statistics.timeouts == 1)
+            await pool.release(lease)
+        }
+    }
+
+    @Test func cancellationEndsAWaitAtOnce() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease()
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    await #expect(throws: CancellationError.self) { _ = try await pool.lease() }
+                }
+                await eventually("waiting") { pool.statistics.waiting == 1 }
+                group.cancelAll()
+            }
+            #expect(pool.statistics.waiting == 0)
+            #expect(pool.statistics.cancelledWaits == 1)
+            await pool.release(lease)
+            #expect(pool.statistics.idle == 1, "the connection is not lost to the cancelled waiter")
+        }
+    }
+
+    @Test func waiterIsServedByDirectHandoff() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease()
+            try await withThrowingTaskGroup(of: UInt64.self) { group in
+                group.addTask { try await pool.withConnection { conn in UInt64(conn.id) } }
+                await eventually("waiting") { pool.statistics.waiting == 1 }
+                await pool.release(lease)
+                let served = try await group.next()
+                #expect(served == lease.connectionID, "the released connection went straight to the waiter")
+            }
+            #expect(pool.statistics.waitCount == 1)
+        }
+    }
+
+    @Test func brokenConnectionsAreDiscardedAndReplaced() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }) { pool, _, factory in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let first = try await pool.lease()
+            first.connection.breakIt()
+            await pool.release(first)
+            #expect(first.connection.closeCount == 1)
+            let second = try await pool.lease()
+            #expect(second.connection !== first.connection)
+            #expect(!second.connection.isBroken)
+            // broken while idle: found on lease, discarded, the caller still gets a good one
+            await pool.release(second)
+            second.connection.breakIt()
+            let third = try await pool.lease()
+            #expect(third.connection !== second.connection && !third.connection.isBroken)
+            await pool.release(third)
+            #expect(pool.statistics.closedBroken == 2)
+            #expect(factory.made.count == 3)
+        }
+    }
+
+    @Test func failedResetClosesTheConnection() async throws {
+        try await withRunningPool(baseConfiguration()) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease()
+            lease.connection.state.withLock { $0.failReset = true }
+            await pool.release(lease)
+            #expect(lease.connection.closeCount == 1)
+            #expect(pool.statistics.closedBroken == 1)
+        }
+    }
+
+    @Test func releasingTwiceIsHarmless() async throws {
+        try await withRunningPool(baseConfiguration()) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease()
+            await pool.release(lease)
+            let again = try await pool.lease()
+            await pool.release(lease)   // stale: must not return `again`'s connection
+            #expect(pool.statistics.inUse == 1)
+            #expect(again.connection.state.withLock { $0.resets } == 1)
+            await pool.release(again)
+            #expect(pool.statistics.inUse == 0)
+        }
+    }
+
+    @Test func leaksAreReportedWithHolder() async throws {
+        try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease(label: "forgotten")
+            clock.advance(by: .seconds(11))
+            await eventually("leak reported") { pool.statistics.leaksReported == 1 }
+            #expect(pool.holders().first?.heldFor == .seconds(11))
+            await pool.release(lease)
+        }
+    }
+
+    @Test func drainFailsWaitersAwaitsHoldersThenCancelsAndClosesThem() async throws {
+        let clock = ManualClock()
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }, clock: clock) { pool, clock, factory in
+            await eventually("warm-up") { pool.statistics.idle == 2 }
+            let returned = try await pool.lease(label: "returns-in-time")
+            let stuck = try await pool.lease(label: "stuck")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    let e = await #expect(throws: ConnectionPoolError.self) { _ = try await pool.lease() }
+                    #expect(e?.code == .shutDown)
+                }
+                await eventually("waiting") { pool.statistics.waiting == 1 }
+                group.addTask {
+                    let report = await pool.drain(deadline: clock.now.advanced(by: .seconds(10)))
+                    #expect(report.waitersFailed == 1)
+                    #expect(report.returnedInTime == 1)
+                    #expect(report.cutOff.map(\.label) == ["stuck"])
+                    #expect(report.description.contains("1 cut off ['stuck' at"))
+                }
+                await eventually("draining") { pool.statistics.waiting == 0 }
+                await #expect(throws: ConnectionPoolError.self) { _ = try await pool.lease() }
+                await pool.release(returned)
+                #expect(returned.connection.closeCount == 1, "returned during drain: closed, not reused")
+                clock.advance(by: .seconds(10))
+                try await group.waitForAll()
+            }
+            #expect(stuck.connection.state.withLock { $0.cancels } == 1, "query cancelled on the server")
+            #expect(stuck.connection.closeCount == 1)
+            await pool.release(stuck)   // late release after the cut-off: harmless
+            #expect(factory.made.allSatisfy { $0.closeCount == 1 })
+            let again = await pool.drain(deadline: clock.now)
+            #expect(again.cutOff.map(\.label) == ["stuck"], "drain is idempotent")
+        }
+    }
+
+    @Test func connectFailuresBackOffAndTheWaiterLearnsTheError() async throws {
+        let factory = MockFactory()
+        factory.failNext(1_000)
+        try await withRunningPool(baseConfiguration { $0.minIdle = 0; $0.acquireTimeout = .seconds(3) }, factory: factory) { pool, clock, _ in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    let e = await #expect(throws: ConnectionPoolError.self) { _ = try await pool.lease() }
+                    #expect(e?.code == .acquireTimeout)
+                    #expect(e?.description.contains("connection refused (mock)") == true)
+                }
+                await eventually("first connect failed") { pool.statistics.connectFailures >= 1 }
+                for _ in 0..<30 {
+                    clock.advance(by: .milliseconds(100))
+                    await eventually("timer asleep, no connect in flight") {
+                        pool.statistics.waiting == 0 || (pool.statistics.opening == 0 && clock.sleeperCount >= 1)
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let attempts = factory.state.withLock { $0.attempts }
+            #expect(attempts >= 3 && attempts <= 12, "backoff bounds the attempts over 3s: \(attempts)")
+        }
+    }
+
+    /// HikariCP's spike against the real shell: connect 150 ms and queries 2 ms
+    /// on a manual clock, minIdle 5, maxOpen 50, 50 requests at once.
+    @Test func spikeAgainstTheShellEndsWithAtMostSixConnections() async throws {
+        let work = ManualClock()
+        let connectTime = Duration.milliseconds(150), queryTime = Duration.milliseconds(2)
+        let configuration = ConnectionPoolConfiguration(
+            name: "spike", maxOpen: 50, minIdle: 5, maxIdle: 50, maxLifetime: nil, maxIdleTime: nil,
+            acquireTimeout: .seconds(30), leakThreshold: nil
+        )
+        let factory = MockFactory()
+        let finished = SharedCounter()
+        try await withRunningPool(configuration, factory: factory, connect: {
+            try await work.sleep(until: work.now.advanced(by: connectTime), tolerance: nil)
+            return try factory.make()
+        }) { pool, _, _ in
+            // Warm up to minIdle on the work clock.
+            while true {
+                await eventually("connects sleeping") {
+                    let s = pool.statistics
+                    return (s.opening > 0 && work.sleepers(ofLength: connectTime) == s.opening) || s.open >= 5
+                }
+                if pool.statistics.open >= 5 { break }
+                work.advance(to: work.nextDeadline(lengths: [connectTime])!)
+            }
+            await eventually("warm") { pool.statistics.idle == 5 && pool.statistics.opening == 0 }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0..<50 {
+                    group.addTask {
+                        try await pool.withConnection { _ in
+                            try await work.sleep(until: work.now.advanced(by: queryTime), tolerance: nil)
+                        }
+                        finished.increment()
+                    }
+                }
+                var maxOpen = 0
+                while finished.value < 50 {
+                    // Quiescent: every request is waiting, querying or done; every connect is sleeping.
+                    await eventually("quiescent") {
+                        let s = pool.statistics
+                        return finished.value + s.waiting + work.sleepers(ofLength: queryTime) == 50
+                            && work.sleepers(ofLength: connectTime) == s.opening
+                    }
+                    maxOpen = max(maxOpen, pool.statistics.open + pool.statistics.opening)
+                    guard let next = work.nextDeadline(lengths: [connectTime, queryTime]) else { break }
+                    work.advance(to: next)
+                }
+                try await group.waitForAll()
+                // Let the one extra connect land.
+                while true {
+                    await eventually("connect sleeping") { work.sleepers(ofLength: connectTime) == pool.statistics.opening }
+                    guard let next = work.nextDeadline(lengths: [connectTime]) else { break }
+                    work.advance(to: next)
+                }
+                #expect(maxOpen <= 6, "peak \(maxOpen)")
+            }
+            let s = pool.statistics
+            #expect(s.open <= 6, "pool ended with \(s.open) connections")
+            #expect(s.open >= 5)
+            #expect(s.timeouts == 0)
+        }
+    }
+}
