@@ -140,6 +140,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     ///   - body: uses the connection; must not keep it.
     /// - Throws: ``ConnectionPoolError`` (`POOL_ACQUIRE_TIMEOUT`, `POOL_TOO_MANY_WAITERS`,
     ///   `POOL_SHUT_DOWN`), `CancellationError`, or what `body` throws.
+    @discardableResult
     nonisolated(nonsending)
     public func withConnection<Result>(
         label: String? = nil,

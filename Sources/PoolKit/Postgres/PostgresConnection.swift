@@ -81,6 +81,8 @@ public final class PostgresConnection: @unchecked Sendable {
         var listenerActive = false
         var listenerParked: CheckedContinuation<Void, Never>?
         var spin = SpinPolicy()
+        /// Set by `listen`; cleared by `unlistenAll`. Tells the pool a reset is needed.
+        var hasListened = false
     }
 
     let state: Mutex<State>
@@ -152,10 +154,25 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// True once the connection is closed or known dead (terminated by the server, network
     /// failure). A broken connection must be discarded.
+    ///
+    /// On an idle connection this also polls the socket (one non-blocking `poll`): a server that
+    /// terminated the session has sent its last message and closed, so a pool never hands out a
+    /// connection that is already known dead.
     public var isBroken: Bool {
         state.withLock { s in
             guard let pg = s.pg else { return true }
-            return s.broken || PQstatus(pg) == CONNECTION_BAD
+            if s.broken || PQstatus(pg) == CONNECTION_BAD { return true }
+            if !s.busy && !s.listenerOnSocket {
+                var p = pollfd(fd: s.fd, events: Int16(POLLIN), revents: 0)
+                if poll(&p, 1, 0) > 0 {
+                    if PQconsumeInput(pg) == 0 || PQstatus(pg) == CONNECTION_BAD {
+                        s.broken = true
+                        return true
+                    }
+                    drainNotifications(pg, into: &s)
+                }
+            }
+            return false
         }
     }
 
@@ -164,15 +181,18 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// The transaction state as of the last completed statement.
     public var transactionStatus: PostgresTransactionStatus {
-        state.withLock { s in
-            guard let pg = s.pg else { return .unknown }
-            switch PQtransactionStatus(pg) {
-            case PQTRANS_IDLE: return .idle
-            case PQTRANS_ACTIVE: return .active
-            case PQTRANS_INTRANS: return .inTransaction
-            case PQTRANS_INERROR: return .inFailedTransaction
-            default: return .unknown
-            }
+        state.withLock { transactionStatusLocked($0) }
+    }
+
+    func transactionStatusLocked(_ s: State) -> PostgresTransactionStatus {
+        guard let pg = s.pg else { return .unknown }
+        if s.broken || PQstatus(pg) == CONNECTION_BAD { return .unknown }
+        switch PQtransactionStatus(pg) {
+        case PQTRANS_IDLE: return .idle
+        case PQTRANS_ACTIVE: return .active
+        case PQTRANS_INTRANS: return .inTransaction
+        case PQTRANS_INERROR: return .inFailedTransaction
+        default: return .unknown
         }
     }
 
@@ -244,6 +264,7 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Starts listening on `channel` (quoted with `PQescapeIdentifier`, so any name is safe).
     public func listen(_ channel: String) async throws {
         try await execute("LISTEN " + escapeIdentifier(channel))
+        state.withLock { $0.hasListened = true }
     }
 
     /// Stops listening on `channel`.
@@ -254,6 +275,11 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Stops listening on every channel.
     public func unlistenAll() async throws {
         try await execute("UNLISTEN *")
+        state.withLock { s in
+            s.hasListened = false
+            s.notifications.removeAll()
+            s.notificationHead = 0
+        }
     }
 
     /// The notifications for the channels this connection listens to, in the order the server
@@ -386,7 +412,11 @@ public final class PostgresConnection: @unchecked Sendable {
         }
         if cancelRequested { throw CancellationError() }
         if let firstError {
-            if firstError.code == .server, firstError.severity == "FATAL" || isBroken {
+            if firstError.code == .server, firstError.severity == "FATAL" || firstError.severity == "PANIC" {
+                // The server ends the session after a FATAL error (e.g. pg_terminate_backend).
+                state.withLock { $0.broken = true }
+            }
+            if firstError.code == .server, firstError.severity == "FATAL" || firstError.severity == "PANIC" || isBroken {
                 var e = firstError
                 e.code = .connectionBroken
                 throw e

@@ -1,0 +1,42 @@
+import Logging
+
+extension PostgresConnection: PoolableConnection {
+    /// Makes a returned connection ready for the next holder: rolls back an open or failed
+    /// transaction and, if the holder ran `LISTEN`, runs `UNLISTEN *` and drops queued
+    /// notifications. Returns at once when there is nothing to clean. Throws (so the pool closes
+    /// the connection instead) when it is broken or still running a statement. Session settings
+    /// changed with `SET` are not reset; use `SET LOCAL` inside transactions in pooled code.
+    public func prepareForReuse() async throws {
+        let (status, listened, busy) = state.withLock { s -> (PostgresTransactionStatus, Bool, Bool) in
+            (s.pg == nil ? .unknown : transactionStatusLocked(s), s.hasListened, s.busy)
+        }
+        if busy {
+            throw PostgresError(code: .invalidUsage, message: "connection returned to the pool while a statement was still running")
+        }
+        switch status {
+        case .idle: break
+        case .inTransaction, .inFailedTransaction: try await execute("ROLLBACK")
+        case .active, .unknown:
+            throw PostgresError(code: .connectionBroken, message: "connection returned to the pool in state \(status)")
+        }
+        if listened { try await unlistenAll() }
+    }
+}
+
+/// Makes a `ConnectionPool` of `PostgresConnection`s.
+extension ConnectionPool where Connection == PostgresConnection, C == ContinuousClock {
+    /// A pool of libpq connections to `connectionString` (a `postgres://` URL or `key=value`
+    /// string). Each connect is bounded by `connectTimeout`; run the pool's `run()` (or add it to
+    /// a ServiceGroup) for it to open and recycle connections.
+    public convenience init(
+        postgres connectionString: String,
+        configuration: ConnectionPoolConfiguration = ConnectionPoolConfiguration(),
+        connectTimeout: Duration = .seconds(10),
+        logger: Logger = Logger(label: "PoolKit.ConnectionPool")
+    ) {
+        let connectionConfiguration = PostgresConnection.Configuration(connectionString, connectTimeout: connectTimeout, logger: logger)
+        self.init(configuration: configuration, clock: ContinuousClock(), logger: logger) {
+            try await PostgresConnection.connect(connectionConfiguration)
+        }
+    }
+}

@@ -1,0 +1,234 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import PoolKit
+import TestSupport
+
+/// The pool with real libpq connections against a real server.
+@Suite("ConnectionPool with PostgresConnection")
+struct PostgresPoolTests {
+    private func withPool<T: Sendable>(
+        _ url: String, _ configuration: ConnectionPoolConfiguration,
+        _ body: @Sendable (ConnectionPool<PostgresConnection, ContinuousClock>) async throws -> T
+    ) async throws -> T {
+        let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: configuration)
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await pool.run() }
+            do {
+                let result = try await body(pool)
+                _ = await pool.drain(deadline: .now + .seconds(5))
+                try await group.waitForAll()
+                return result
+            } catch {
+                _ = await pool.drain(deadline: .now)
+                try? await group.waitForAll()
+                throw error
+            }
+        }
+    }
+
+    @Test("a connection returned inside a transaction is rolled back before reuse")
+    func rollbackOnReturn() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 1
+            try await withPool(url, config) { pool in
+                try await pool.withConnection { c in
+                    try await c.execute("CREATE TABLE IF NOT EXISTS pool_rollback (v int); TRUNCATE pool_rollback")
+                }
+                let first = try await pool.withConnection { c -> Int32 in
+                    try await c.execute("BEGIN")
+                    try await c.query("INSERT INTO pool_rollback VALUES (1)")
+                    return c.backendPID
+                }
+                try await pool.withConnection { c in
+                    #expect(c.backendPID == first, "maxOpen=1 must hand back the same connection")
+                    #expect(c.transactionStatus == .idle)
+                    let n = try await c.query("SELECT count(*) FROM pool_rollback")
+                    #expect(try n[0].decode(Int.self, at: 0) == 0)
+                    // A failed transaction is rolled back too.
+                    try await c.execute("BEGIN")
+                    _ = try? await c.query("SELECT 1/0")
+                }
+                try await pool.withConnection { c in
+                    #expect(c.transactionStatus == .idle)
+                    try await c.execute("DROP TABLE pool_rollback")
+                }
+            }
+        }
+    }
+
+    @Test("a connection that ran LISTEN is cleaned before reuse")
+    func unlistenOnReturn() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 1
+            try await withPool(url, config) { pool in
+                try await pool.withConnection { c in try await c.listen("pool_chan") }
+                try await pool.withConnection { c in
+                    let rows = try await c.query("SELECT count(*) FROM pg_listening_channels()")
+                    #expect(try rows[0].decode(Int.self, at: 0) == 0)
+                }
+            }
+        }
+    }
+
+    @Test("killing every pooled backend under load: the pool recovers, no dead connection is handed out twice")
+    func killBackendsUnderLoad() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 5
+            config.acquireTimeout = .seconds(10)
+            config.connectBackoff = .init(initial: .milliseconds(10), maximum: .milliseconds(200))
+            let appName = "pool-kill-\(UInt32.random(in: 0...UInt32.max))"
+            let poolURL = url + (url.contains("?") ? "&" : "?") + "application_name=\(appName)"
+            let killer = try await PostgresConnection.connect(to: url)
+            defer { killer.closeNow() }
+            let shared = LoadState()
+            try await withPool(poolURL, config) { pool in
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for _ in 0..<20 {
+                        group.addTask {
+                            while !shared.stop.load(ordering: .relaxed) {
+                                do {
+                                    try await pool.withConnection { c in
+                                        do {
+                                            try await c.query("SELECT pg_sleep(0.002)")
+                                            shared.successes.add(1, ordering: .relaxed)
+                                        } catch let e as PostgresError where e.isConnectionBroken {
+                                            shared.failedConnections.withLock { $0.append(c) }
+                                        }
+                                    }
+                                } catch let e as PostgresError where e.isConnectionBroken {
+                                    // Connect failures while the server kills sessions are fine.
+                                }
+                            }
+                        }
+                    }
+                    for _ in 0..<5 {
+                        try await Task.sleep(for: .milliseconds(150))
+                        let killed = try await killer.query(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", appName)
+                        #expect(try killed[0].decode(Int.self, at: 0)! >= 1)
+                    }
+                    try await Task.sleep(for: .milliseconds(300))
+                    let before = shared.successes.load(ordering: .relaxed)
+                    try await Task.sleep(for: .milliseconds(300))
+                    // After the last kill, queries succeed again.
+                    #expect(shared.successes.load(ordering: .relaxed) > before)
+                    shared.stop.store(true, ordering: .relaxed)
+                    try await group.waitForAll()
+                }
+                let failed = shared.failedConnections.withLock { $0.map(ObjectIdentifier.init) }
+                #expect(Set(failed).count == failed.count, "a dead connection was handed out more than once")
+                let stats = pool.statistics
+                #expect(stats.open <= 5)
+                #expect(stats.closedBroken >= 1)
+                // Every caller now gets a good connection.
+                for _ in 0..<20 {
+                    try await pool.withConnection { c in try await c.query("SELECT 1") }
+                }
+            }
+        }
+    }
+
+    @Test("server stop and restart: acquires recover after the restart")
+    func serverRestart() async throws {
+        let pg = try await EmbeddedPostgres.start()
+        do {
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 4
+            config.minIdle = 2
+            config.acquireTimeout = .seconds(2)
+            config.connectBackoff = .init(initial: .milliseconds(20), maximum: .milliseconds(250))
+            try await withPool(pg.url, config) { pool in
+                for _ in 0..<10 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
+                try await stopServer(pg)
+                // While the server is down, acquires fail with an error that names the cause.
+                do {
+                    try await pool.withConnection { c in try await c.query("SELECT 1") }
+                } catch {
+                    #expect("\(error)".count > 0)
+                }
+                try await startServer(pg)
+                let start = ContinuousClock.now
+                var recovered = false
+                while ContinuousClock.now - start < .seconds(15) {
+                    if (try? await pool.withConnection { c in try await c.query("SELECT 1") }) != nil {
+                        recovered = true
+                        break
+                    }
+                }
+                #expect(recovered, "no successful acquire within 15 s of the restart")
+                // And it stays healthy: several in a row succeed.
+                for _ in 0..<20 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
+            }
+        } catch {
+            await pg.shutdown()
+            throw error
+        }
+        await pg.shutdown()
+    }
+
+    @Test("drain cancels held queries on the server and reports who held them")
+    func drainCancelsOnServer() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 2
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: config)
+            let tag = "drain-\(UInt32.random(in: 0...UInt32.max))"
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await pool.run() }
+                let holder = Task {
+                    try await pool.withConnection(label: "slow-report") { c in
+                        try await c.query("SELECT pg_sleep(30), $1::text", tag)
+                    }
+                }
+                // Wait until the statement runs on the server.
+                let observer = try await PostgresConnection.connect(to: url)
+                defer { observer.closeNow() }
+                var running = false
+                for _ in 0..<200 where !running {
+                    let r = try await observer.query("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND state = 'active' AND pid <> pg_backend_pid()")
+                    running = try r[0].decode(Int.self, at: 0)! > 0
+                    if !running { try await Task.sleep(for: .milliseconds(10)) }
+                }
+                #expect(running)
+                let start = ContinuousClock.now
+                let report = await pool.drain(deadline: .now + .milliseconds(200))
+                #expect(ContinuousClock.now - start < .seconds(3))
+                #expect(report.cutOff.map(\.label) == ["slow-report"])
+                let outcome = await holder.result
+                if case .success = outcome { Issue.record("the held query should have been cut off") }
+                let left = try await observer.query("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND state = 'active' AND pid <> pg_backend_pid()")
+                #expect(try left[0].decode(Int.self, at: 0) == 0, "the query still runs on the server")
+                // New acquires fail at once after a drain.
+                await #expect(throws: ConnectionPoolError.self) { try await pool.withConnection { _ in } }
+                try await group.waitForAll()
+            }
+        }
+    }
+}
+
+private final class LoadState: Sendable {
+    // Holds the connections themselves so no address is reused for a new one.
+    let failedConnections = Mutex<[PostgresConnection]>([])
+    let successes = Atomic<Int>(0)
+    let stop = Atomic<Bool>(false)
+}
+
+private func stopServer(_ pg: EmbeddedPostgres) async throws {
+    try await runOffPool { try pg.stopServer() }
+}
+
+private func startServer(_ pg: EmbeddedPostgres) async throws {
+    try await runOffPool { try pg.startAgain() }
+}
+
+private func runOffPool(_ body: @escaping @Sendable () throws -> Void) async throws {
+    try await withCheckedThrowingContinuation { (cont: CheckedContinuation<Void, Error>) in
+        DispatchQueue.global().async {
+            do { try body(); cont.resume() } catch { cont.resume(throwing: error) }
+        }
+    }
+}
