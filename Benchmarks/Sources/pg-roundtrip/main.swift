@@ -1,5 +1,6 @@
 // Round trips per second of `SELECT $1::int` on one PostgresConnection (extended protocol),
-// the same statement `pgbench -M extended -c 1` sends. Usage: pg-roundtrip URL [seconds]
+// the same statement `pgbench -M extended -c 1` sends.
+// Usage: pg-roundtrip URL [seconds] [busy-poll-microseconds]
 import Foundation
 import PoolKit
 
@@ -10,8 +11,10 @@ guard args.count >= 2 else {
 }
 let url = args[1]
 let seconds = args.count >= 3 ? Double(args[2]) ?? 10 : 10
+let busyPoll = args.count >= 4 ? Int(args[3]) ?? 50 : 50
 
-let conn = try await PostgresConnection.connect(to: url)
+let conn = try await PostgresConnection.connect(
+    PostgresConnection.Configuration(url, busyPoll: .microseconds(busyPoll)))
 // Warm up: plan cache, TCP, allocator.
 for i in 0..<2000 { _ = try await conn.query("SELECT $1::int", i) }
 

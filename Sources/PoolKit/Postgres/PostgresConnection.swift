@@ -59,12 +59,18 @@ public final class PostgresConnection: @unchecked Sendable {
         public var connectTimeout: Duration
         /// Where server notices and connection events are logged.
         public var logger: Logger
+        /// How long a statement busy-polls its socket for the answer before parking on the
+        /// reactor (see `SpinPolicy`). Default 50 µs; `.zero` turns busy-polling off, which suits
+        /// machines where the CPU is scarcer than latency matters.
+        public var busyPoll: Duration
 
         /// Creates a configuration.
         public init(_ connectionString: String, connectTimeout: Duration = .seconds(10),
+                    busyPoll: Duration = .microseconds(50),
                     logger: Logger = Logger(label: "PoolKit.PostgresConnection")) {
             self.connectionString = connectionString
             self.connectTimeout = connectTimeout
+            self.busyPoll = busyPoll
             self.logger = logger
         }
     }
@@ -108,7 +114,10 @@ public final class PostgresConnection: @unchecked Sendable {
         self.serverVersion = PQparameterStatus(pg, "server_version").map { String(cString: $0) } ?? "unknown"
         self.host = PQhost(pg).map { String(cString: $0) } ?? ""
         self.port = PQport(pg).map { String(cString: $0) } ?? ""
-        self.state = Mutex(State(pg: pg, fd: PQsocket(pg)))
+        var initial = State(pg: pg, fd: PQsocket(pg))
+        let (secs, atto) = configuration.busyPoll.components
+        initial.spin.maxBudget = max(0, Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000))
+        self.state = Mutex(initial)
     }
 
     deinit {
@@ -604,19 +613,20 @@ private func sendQueryParams(_ pg: OpaquePointer, _ sql: String, _ params: [Post
 /// connection whose answers are slow never burns CPU. The spin is bounded and never calls a
 /// blocking function, so the cooperative thread stays available within microseconds.
 struct SpinPolicy {
-    /// The longest one statement busy-polls, in nanoseconds.
-    static let maxBudget = 60_000
+    /// The longest one statement busy-polls, in nanoseconds (`Configuration.busyPoll`).
+    var maxBudget = 50_000
     static let missesBeforePause = 3
     static let pauseLength = 64
     var misses = 0
     var paused = 0
 
     mutating func budgetNanoseconds() -> Int {
+        if maxBudget == 0 { return 0 }
         if paused > 0 {
             paused -= 1
             return 0
         }
-        return Self.maxBudget
+        return maxBudget
     }
 
     mutating func record(hit: Bool) {
