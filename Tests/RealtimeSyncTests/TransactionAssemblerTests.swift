@@ -167,3 +167,34 @@ struct TransactionAssemblerTests {
         _ = try parseJSON(try #require(pipeline.changes.last).jsonBytes())
     }
 }
+
+@Suite("ChangeEvent JSON edge cases")
+struct ChangeEventJSONTests {
+    @Test("Names with quotes, backslashes and non-ASCII are escaped in keys and table")
+    func escapedNames() throws {
+        let odd = Relation(oid: 1, namespace: "my \"schema\"", name: "tâble\\x", replicaIdentity: .full, columns: [
+            RelationColumn(name: "we\"ird", typeOID: PostgresTypeOID.int4, isKey: true),
+            RelationColumn(name: "😀\ncol", typeOID: PostgresTypeOID.bool),
+        ])
+        var pipeline = Pipeline()
+        try pipeline.feed([PgOutputMessageBuilder.relation(odd)] + transaction(lsn: 0x70, [
+            PgOutputMessageBuilder.update(relationOID: 1, new: [t("1"), .unchanged]),
+        ]))
+        let event = try #require(pipeline.changes.first)
+        #expect(jsonText(event).contains(#""table":"my \"schema\".tâble\\x""#))
+        #expect(jsonText(event).contains(#""new":{"we\"ird":1},"old":{"we\"ird":1},"unchanged":["😀\ncol"]"#))
+        let object = try #require(try parseJSON(event.jsonBytes()) as? [String: Any])
+        #expect(object["unchanged"] as? [String] == ["😀\ncol"])
+    }
+
+    @Test("Binary-format values ('b') decode and encode as bytea hex strings")
+    func binaryValues() throws {
+        var pipeline = Pipeline()
+        try pipeline.feed([PgOutputMessageBuilder.relation(ordersRelation)] + transaction(lsn: 0x80, [
+            PgOutputMessageBuilder.insert(relationOID: 16_400, new: [.binary([0, 0, 0, 1]), .null, .null, .null]),
+        ]))
+        let event = try #require(pipeline.changes.first)
+        #expect(event.newValue("id") == .binary([0, 0, 0, 1]))
+        #expect(jsonText(event).contains(#""new":{"id":"\\x00000001","#))
+    }
+}
