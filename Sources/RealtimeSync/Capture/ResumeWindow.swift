@@ -1,0 +1,203 @@
+/// The cursor is older than the resume window: changes after it were evicted.
+public struct ResumeWindowError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// Stable error codes.
+    public enum Code: String, Sendable, Hashable {
+        /// The client must resynchronise (PROTOCOL.md `resync_required`).
+        case resyncRequired = "resync_required"
+    }
+
+    /// Stable code.
+    public var code: Code
+    /// The cursor that was asked for.
+    public var cursor: Cursor
+    /// The oldest cursor the window can still resume after.
+    public var oldestResumable: Cursor
+    /// What is wrong and what to do.
+    public var message: String {
+        "cursor \(cursor) is older than the resume window (oldest resumable cursor \(oldestResumable)); resynchronise with a snapshot"
+    }
+
+    /// Creates the error.
+    public init(cursor: Cursor, oldestResumable: Cursor) {
+        self.code = .resyncRequired
+        self.cursor = cursor
+        self.oldestResumable = oldestResumable
+    }
+
+    /// `code: message`.
+    public var description: String { "\(code.rawValue): \(message)" }
+}
+
+/// The most recent committed changes, bounded by age and count (whichever keeps
+/// fewer), for clients that resume with a cursor.
+///
+/// A pure value: time is passed in (`Instant`, e.g. `ContinuousClock.Instant` or
+/// a test clock's). Appending and evicting are O(1) amortised (ring buffer);
+/// `events(after:)` finds its start by binary search, O(log n).
+///
+/// Semantics: the window can serve every cursor `c >= oldestResumable`. Initially
+/// that is `Cursor(commitLSN: origin, index: 0)`: the stream feeding the window
+/// starts at `origin` (the slot's confirmed position), so every transaction that
+/// commits at or after it will be appended. When an event is evicted,
+/// `oldestResumable` becomes that event's cursor (a client that saw it misses
+/// nothing). `retainLSN` is where the slot's confirmed position must be held so
+/// that a restarted server rebuilds the same window from the WAL.
+public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Duration == Duration, Instant: Sendable {
+    /// Bounds of the window.
+    public struct Limits: Sendable, Hashable {
+        /// Events older than this (by append time) are evicted. Default 5 minutes.
+        public var maxAge: Duration
+        /// At most this many events are kept. Default 100,000.
+        public var maxCount: Int
+
+        /// Creates limits; `maxCount` must be at least 1.
+        public init(maxAge: Duration = .seconds(300), maxCount: Int = 100_000) {
+            precondition(maxCount >= 1, "ResumeWindow.Limits.maxCount must be at least 1, got \(maxCount)")
+            precondition(maxAge >= .zero, "ResumeWindow.Limits.maxAge must not be negative, got \(maxAge)")
+            self.maxAge = maxAge
+            self.maxCount = maxCount
+        }
+    }
+
+    private struct Entry: Sendable {
+        var event: ChangeEvent
+        var appendedAt: Instant
+    }
+
+    /// The bounds in force.
+    public let limits: Limits
+    private var ring = RingBuffer<Entry>()
+    /// The oldest cursor after which every change is held (or will be appended).
+    public private(set) var oldestResumable: Cursor
+    /// Number of events evicted so far.
+    public private(set) var evictedCount = 0
+
+    /// Creates an empty window fed by a stream that starts at `origin`.
+    public init(limits: Limits = Limits(), origin: LSN) {
+        self.limits = limits
+        self.oldestResumable = Cursor(commitLSN: origin, index: 0)
+    }
+
+    /// Number of events held.
+    public var count: Int { ring.count }
+    /// Whether no event is held.
+    public var isEmpty: Bool { ring.count == 0 }
+    /// The oldest event held.
+    public var first: ChangeEvent? { ring.count == 0 ? nil : ring[0].event }
+    /// The newest event held.
+    public var last: ChangeEvent? { ring.count == 0 ? nil : ring[ring.count - 1].event }
+
+    /// Where the replication slot's confirmed position must be held: the commit
+    /// LSN of the oldest event held (Postgres replays every transaction that
+    /// commits at or after the confirmed position), or, when empty, the position
+    /// of `oldestResumable`.
+    public var retainLSN: LSN { first?.commitLSN ?? oldestResumable.commitLSN }
+
+    /// Appends an event committed after every held one, then evicts by count and age.
+    /// Returns false (and keeps nothing) when the event is not after the newest
+    /// held one or the resumable start, i.e. a replayed duplicate.
+    @discardableResult
+    public mutating func append(_ event: ChangeEvent, at now: Instant) -> Bool {
+        let cursor = event.cursor
+        if let last = last, cursor <= last.cursor { evictExpired(now: now); return false }
+        if ring.count == 0, evictedCount > 0, cursor <= oldestResumable { evictExpired(now: now); return false }
+        ring.append(Entry(event: event, appendedAt: now))
+        while ring.count > limits.maxCount { evictFirst() }
+        evictExpired(now: now)
+        return true
+    }
+
+    /// Appends the changes of a committed transaction (see `append(_:at:)`); returns how many were kept.
+    @discardableResult
+    public mutating func append(contentsOf events: some Sequence<ChangeEvent>, at now: Instant) -> Int {
+        var kept = 0
+        for event in events where append(event, at: now) { kept += 1 }
+        return kept
+    }
+
+    /// Evicts events appended more than `limits.maxAge` before `now`.
+    public mutating func evictExpired(now: Instant) {
+        while ring.count > 0, ring[0].appendedAt.duration(to: now) > limits.maxAge { evictFirst() }
+    }
+
+    private mutating func evictFirst() {
+        let entry = ring.removeFirst()
+        oldestResumable = entry.event.cursor
+        evictedCount += 1
+    }
+
+    /// Every held event strictly after `cursor`, oldest first; empty when the
+    /// cursor is at or past the newest event. Throws `resync_required` when
+    /// `cursor < oldestResumable` (changes after it may have been evicted).
+    public func events(after cursor: Cursor) throws(ResumeWindowError) -> [ChangeEvent] {
+        guard cursor >= oldestResumable else {
+            throw ResumeWindowError(cursor: cursor, oldestResumable: oldestResumable)
+        }
+        let start = firstIndex(after: cursor)
+        var result: [ChangeEvent] = []
+        result.reserveCapacity(ring.count - start)
+        for position in start..<ring.count { result.append(ring[position].event) }
+        return result
+    }
+
+    /// Whether `events(after:)` would succeed for `cursor`.
+    public func canResume(after cursor: Cursor) -> Bool { cursor >= oldestResumable }
+
+    /// Every held event, oldest first.
+    public var events: [ChangeEvent] { (0..<ring.count).map { ring[$0].event } }
+
+    /// Binary search: the position of the first event with a cursor greater than `cursor`.
+    private func firstIndex(after cursor: Cursor) -> Int {
+        var low = 0
+        var high = ring.count
+        while low < high {
+            let middle = low + (high - low) / 2
+            if ring[middle].event.cursor <= cursor { low = middle + 1 } else { high = middle }
+        }
+        return low
+    }
+}
+
+/// A growable ring buffer: O(1) amortised append and remove-first, O(1) random access.
+struct RingBuffer<Element: Sendable>: Sendable {
+    private var storage: [Element?] = []
+    private var head = 0
+    private(set) var count = 0
+
+    init() {}
+
+    subscript(position: Int) -> Element {
+        precondition(position >= 0 && position < count, "RingBuffer index \(position) out of range 0..<\(count)")
+        var slot = head + position
+        if slot >= storage.count { slot -= storage.count }
+        return storage[slot]!
+    }
+
+    mutating func append(_ element: Element) {
+        if count == storage.count { grow() }
+        var slot = head + count
+        if slot >= storage.count { slot -= storage.count }
+        storage[slot] = element
+        count += 1
+    }
+
+    mutating func removeFirst() -> Element {
+        precondition(count > 0, "RingBuffer.removeFirst on an empty buffer")
+        let element = storage[head]!
+        storage[head] = nil
+        head += 1
+        if head == storage.count { head = 0 }
+        count -= 1
+        return element
+    }
+
+    private mutating func grow() {
+        let newCapacity = Swift.max(16, storage.count * 2)
+        var grown: [Element?] = []
+        grown.reserveCapacity(newCapacity)
+        for position in 0..<count { grown.append(self[position]) }
+        grown.append(contentsOf: repeatElement(nil, count: newCapacity - count))
+        storage = grown
+        head = 0
+    }
+}
