@@ -210,12 +210,14 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Runs one statement with `$1...$n` parameters (extended protocol, `PQsendQueryParams`);
     /// pass `nil` for SQL NULL. Parameters are always sent as data, never spliced into the SQL.
     @discardableResult
+    nonisolated(nonsending)
     public func query(_ sql: String, _ parameters: (any PostgresBindable)?...) async throws -> PostgresQueryResult {
         try await query(sql, parameters: parameters)
     }
 
     /// Runs one statement with `$1...$n` parameters given as an array; `nil` is SQL NULL.
     @discardableResult
+    nonisolated(nonsending)
     public func query(_ sql: String, parameters: [(any PostgresBindable)?]) async throws -> PostgresQueryResult {
         let params = parameters.map { $0?.postgresParameter }
         let results = try await run { pg in
@@ -230,6 +232,7 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Runs one or more `;`-separated statements with the simple protocol (`PQsendQuery`), for
     /// DDL, transaction control and scripts. Returns one result per statement.
     @discardableResult
+    nonisolated(nonsending)
     public func execute(_ sql: String) async throws -> [PostgresQueryResult] {
         try await run { pg in PQsendQuery(pg, sql) }
     }
@@ -271,17 +274,20 @@ public final class PostgresConnection: @unchecked Sendable {
     // MARK: LISTEN / NOTIFY
 
     /// Starts listening on `channel` (quoted with `PQescapeIdentifier`, so any name is safe).
+    nonisolated(nonsending)
     public func listen(_ channel: String) async throws {
         try await execute("LISTEN " + escapeIdentifier(channel))
         state.withLock { $0.hasListened = true }
     }
 
     /// Stops listening on `channel`.
+    nonisolated(nonsending)
     public func unlisten(_ channel: String) async throws {
         try await execute("UNLISTEN " + escapeIdentifier(channel))
     }
 
     /// Stops listening on every channel.
+    nonisolated(nonsending)
     public func unlistenAll() async throws {
         try await execute("UNLISTEN *")
         state.withLock { s in
@@ -338,6 +344,7 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 
     /// Sends with `send`, flushes and collects every result until libpq reports the end.
+    nonisolated(nonsending)
     func run(_ send: (OpaquePointer) -> Int32) async throws -> [PostgresQueryResult] {
         try Task.checkCancellation()
         let (fd, kickListener, spinBudget): (Int32, Bool, Int) = try state.withLock { s in

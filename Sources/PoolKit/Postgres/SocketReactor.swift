@@ -63,6 +63,7 @@ final class SocketReactor: Sendable {
 
     /// Waits until `fd` is readable or writable. Cancellation of the calling Task ends the wait
     /// with `.cancelled` when `cancellable` is true; otherwise the wait ignores cancellation.
+    nonisolated(nonsending)
     func wait(fd: Int32, for interest: SocketInterest, cancellable: Bool = true) async -> SocketWaitOutcome {
         if cancellable && Task.isCancelled { return .cancelled }
         let id = state.withLock { s -> UInt64 in
