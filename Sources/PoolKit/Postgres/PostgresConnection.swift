@@ -40,9 +40,9 @@ public enum PostgresTransactionStatus: Sendable, Hashable {
 ///
 /// ```swift
 /// let conn = try await PostgresConnection.connect(to: "postgres://app@localhost:5432/app")
-/// defer { Task { await conn.close() } }
 /// let rows = try await conn.query("SELECT id, name FROM users WHERE id = $1", 42)
 /// for row in rows { print(try row.decode(String.self, named: "name") ?? "NULL") }
+/// await conn.close()   // idempotent; the owner closes
 /// ```
 public final class PostgresConnection: @unchecked Sendable {
     // @unchecked Sendable: this class wraps the libpq `PGconn` handle, which is not thread-safe.
@@ -656,6 +656,7 @@ func spinUntilReadable(fd: Int32, budgetNanoseconds: Int) -> Bool {
     var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
     while true {
         if poll(&p, 1, 0) > 0 { return true }
+        sched_yield()
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
         let elapsed = (now.tv_sec - start.tv_sec) * 1_000_000_000 + (now.tv_nsec - start.tv_nsec)

@@ -165,11 +165,10 @@ final class SocketReactor: Sendable {
 }
 
 /// A plain pthread for the reactor loop (not a Swift concurrency thread).
-private final class ReactorThread: @unchecked Sendable {
-    // @unchecked: `body` is set once in init and only read by the new thread.
-    private let body: () -> Void
+private final class ReactorThread: Sendable {
+    private let body: @Sendable () -> Void
 
-    init(body: @escaping () -> Void) { self.body = body }
+    init(body: @escaping @Sendable () -> Void) { self.body = body }
 
     func start() {
         var tid = pthread_t()
