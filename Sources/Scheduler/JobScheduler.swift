@@ -92,6 +92,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     public let clock: C
     let wallClock: @Sendable () -> Date
     let logger: Logger
+    var baseLogger: Logger { logger }
     let configuration: Configuration
     let epoch: C.Instant
     let flags = SchedulerFlags()
@@ -235,13 +236,99 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var cancels: [(RunControl, CancelReason)] = []
         var plan = WorkerPool<SchedulerState<C.Instant>.RunStart>.Plan()
         var rejected: [RunCompletion] = []
+        var started = 0
         var arm: Int64?
         var more = false
         var exit = false
+        var wakeDriver: CheckedContinuation<Void, Never>?
         var resumes: [CheckedContinuation<Void, Never>] = []
         var skipped: UInt64 = 0
         var missed: UInt64 = 0
         var jobs = 0
+    }
+
+    /// One round of the driver's work, under the core lock: records finished
+    /// runs, pops what is due (at most `limit` runs) and hands it to the pool
+    /// (one pool lock for the batch), applies the elastic rule. The driver
+    /// also arms the timer; a worker (`byDriver == false`) that ran out of
+    /// runs does the same round instead of waiting for the driver, and wakes
+    /// the driver only for what needs it (spawning, a timer, the end).
+    @_specialize(where C == ContinuousClock)
+    private func coreStep(_ core: inout Core, done: [RunCompletion], now: Int64, limit: Int, byDriver: Bool) -> Step {
+        var step = Step()
+        if byDriver { core.wakePending = false }
+        if !done.isEmpty {
+            var end: Int64 = 0
+            for c in done {
+                core.machine.finish(c)
+                end = Swift.max(end, c.end)
+            }
+            core.runTasks -= done.count
+            if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil { core.shutdownEndedAt = end }
+        }
+        if core.lifecycle == .running, let d = core.machine.nextDeadline, d <= now {
+            let skippedBefore = core.machine.totalSkipped
+            let missedBefore = core.machine.totalMissed &+ core.machine.totalCoalesced
+            let due = core.machine.advance(now: now, wall: wallClock(), limit: limit)
+            step.cancels = due.cancels
+            step.skipped = core.machine.totalSkipped &- skippedBefore
+            step.missed = core.machine.totalMissed &+ core.machine.totalCoalesced &- missedBefore
+            step.jobs = core.machine.liveJobs
+            let starts = due.starts
+            step.started = starts.count
+            core.runTasks += starts.count
+            if !starts.isEmpty {
+                // Lock order: core, then pool (nothing takes core while holding pool).
+                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts), p.plan(now: now, canSpawn: byDriver)) }
+                step.plan = plan
+                if !accepted {
+                    step.rejected = starts.map {
+                        RunCompletion(runSlot: $0.runSlot, runSerial: $0.runSerial, attempt: $0.attempt, outcome: .notStarted, lateness: 0, end: now)
+                    }
+                }
+            }
+        } else if byDriver {
+            step.jobs = core.machine.liveJobs
+        }
+        step.resumes = core.machine.takeResumes()
+        guard byDriver else {
+            let needs =
+                step.plan.spawnWanted || !step.rejected.isEmpty || (step.plan.recheck != nil && core.workerRecheck == nil)
+                || (!core.machine.hasDue(now: now) && Self.needsDriver(core))
+            if needs { step.wakeDriver = Self.signal(&core) }
+            return step
+        }
+        if step.started == 0 {
+            step.plan = pool.withLock { $0.plan(now: now) }
+        }
+        if core.machine.isDrained && core.runTasks == 0 {
+            if core.shutdownEndedAt == nil { core.shutdownEndedAt = now }
+            step.exit = true
+            return step
+        }
+        core.workerRecheck = step.plan.recheck
+        if !step.rejected.isEmpty || core.machine.hasDue(now: now) {
+            step.more = true
+        } else if let d = Self.nextDeadline(core) {
+            if d <= now {
+                step.more = true
+            } else if !core.liveTimers.contains(where: { $0 <= d }) {
+                core.liveTimers.append(d)
+                step.arm = d
+            }
+        }
+        return step
+    }
+
+    /// Performs what a step returned, outside the locks.
+    private func perform(_ step: Step) {
+        for r in step.resumes { r.resume() }
+        for (control, reason) in step.cancels { control.cancel(reason) }
+        for w in step.plan.wake { w.resume() }
+        step.wakeDriver?.resume()
+        if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
+        if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
+        if step.started > 0 { jobsGauge.record(step.jobs) }
     }
 
     /// The driver: records finished runs, pops due jobs from the timer queue,
@@ -257,54 +344,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 done.append(contentsOf: carried)
                 carried = []
             }
-            let step = core.withLock { core -> Step in
-                var step = Step()
-                core.wakePending = false
-                let now = ticks(clock.now)
-                if !done.isEmpty {
-                    for c in done { core.machine.finish(c) }
-                    core.runTasks -= done.count
-                }
-                let skippedBefore = core.machine.totalSkipped
-                let missedBefore = core.machine.totalMissed &+ core.machine.totalCoalesced
-                let due = core.machine.advance(now: now, wall: wallClock(), limit: limit)
-                step.cancels = due.cancels
-                step.skipped = core.machine.totalSkipped &- skippedBefore
-                step.missed = core.machine.totalMissed &+ core.machine.totalCoalesced &- missedBefore
-                step.jobs = core.machine.liveJobs
-                step.resumes = core.machine.takeResumes()
-                if core.machine.isDrained && core.runTasks == 0 {
-                    if core.shutdownEndedAt == nil { core.shutdownEndedAt = now }
-                    step.exit = true
-                    return step
-                }
-                let starts = due.starts
-                core.runTasks += starts.count
-                // Lock order: core, then pool (nothing takes core while holding pool).
-                step.plan = pool.withLock { p in
-                    if !starts.isEmpty && !p.enqueue(starts) {
-                        step.rejected = starts.map {
-                            RunCompletion(runSlot: $0.runSlot, runSerial: $0.runSerial, attempt: $0.attempt, outcome: .notStarted, lateness: 0, end: now)
-                        }
-                    }
-                    return p.plan(now: now)
-                }
-                core.workerRecheck = step.plan.recheck
-                if !step.rejected.isEmpty || core.machine.hasDue(now: now) {
-                    step.more = true
-                } else if let d = Self.nextDeadline(core) {
-                    if d <= now {
-                        step.more = true
-                    } else if !core.liveTimers.contains(where: { $0 <= d }) {
-                        core.liveTimers.append(d)
-                        step.arm = d
-                    }
-                }
-                return step
-            }
-            for r in step.resumes { r.resume() }
-            for (control, reason) in step.cancels { control.cancel(reason) }
-            for w in step.plan.wake { w.resume() }
+            let now = ticks(clock.now)
+            let step = core.withLock { coreStep(&$0, done: done, now: now, limit: limit, byDriver: true) }
+            perform(step)
             for slot in step.plan.spawn {
                 group.addTask { await self.worker(slot) }
             }
@@ -312,9 +354,6 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 group.addTask { await self.timer(d) }
             }
             carried = step.rejected
-            if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
-            if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
-            jobsGauge.record(step.jobs)
             if step.exit { return }
             if step.more { continue }
             await park()
@@ -358,28 +397,35 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// One worker, a child task of the driver's group: takes runs from the
     /// pool and calls their bodies directly, one after another. It reports
-    /// each finished run to the pool's completion buffer (recorded in batches
-    /// by the driver) unless something follows from it at once. It exits when
-    /// it is surplus, when the pool closes at shutdown, or when its task was
-    /// cancelled (a run's cancellation cancels the worker running it; it never
-    /// starts another run afterwards and the driver starts a replacement).
+    /// each finished run to the pool's completion buffer (recorded in batches)
+    /// unless something follows from it at once. When the pool is empty it
+    /// records what finished and takes the next due runs from the timer queue
+    /// itself (as the driver would), and parks only if nothing is due. It
+    /// exits when it is surplus, when the pool closes at shutdown, or when its
+    /// task was cancelled (a run's cancellation cancels the worker running it;
+    /// it never starts another run afterwards and the driver starts a
+    /// replacement if runs wait).
     @_specialize(where C == ContinuousClock)
     private func worker(_ slot: Int) async {
+        let limit = Swift.max(1, configuration.maxStartsPerWakeup)
         var finished: RunCompletion?
         var finishedPrompt = false
         var finishedControl: RunControl?
         while true {
-            let cancelled = Task.isCancelled
             let startInstant = clock.now
             let now = ticks(startInstant)
+            if finished != nil { finished!.end = now }
             let pushedQuietly = finished != nil && !finishedPrompt
             let (next, flush, replace) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool) in
+                // Read under the pool lock: a run's cancellation that lands
+                // after this is aimed at a run this worker no longer runs.
+                let cancelled = Task.isCancelled
                 let next = p.next(worker: slot, finished: finished, now: now, cancelled: cancelled)
                 var mustFlush = p.prompt || finishedPrompt
                 var replace = false
                 switch next {
                 case .run: break
-                case .park: mustFlush = mustFlush || !p.completions.isEmpty
+                case .park: mustFlush = true
                 case .exit:
                     mustFlush = mustFlush || !p.completions.isEmpty
                     replace = cancelled && p.queued > 0
@@ -394,18 +440,24 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             finished = nil
             finishedControl = nil
-            if !toRecord.isEmpty || replace { record(toRecord, wakeDriver: replace) }
             switch next {
             case .run(let start):
+                if !toRecord.isEmpty { record(toRecord) }
                 let c = await runOne(start, startInstant: startInstant, now: now)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
                 finishedControl = start.control
             case .park:
+                let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
+                perform(step)
+                if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
+                activity?()
+                if step.started > 0 { continue }
                 await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
                     if !pool.withLock({ $0.park(c) }) { c.resume() }
                 }
             case .exit:
+                if !toRecord.isEmpty || replace { record(toRecord, wakeDriver: replace) }
                 activity?()
                 return
             }
@@ -445,16 +497,15 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         let lateness = now &- start.scheduled
         let cancelledBeforeStart = withUnsafeCurrentTask { task -> Bool in
             guard let task else { return false }
-            // Lifetime: RunControl calls this only between install and uninstall,
+            // Lifetime: RunControl uses it only between install and uninstall,
             // under its lock, i.e. while this worker is inside this run (see RunControl).
-            nonisolated(unsafe) let current = task
-            return start.control.install { current.cancel() }
+            return start.control.install(task)
         }
         var outcome = RunOutcome.notStarted
         if !cancelledBeforeStart {
             let context = JobContext(
                 scheduledTime: instant(start.scheduled), actualStart: startInstant, attempt: start.attempt,
-                jobName: start.name, handle: JobHandle(id: start.job, owner: self), baseLogger: logger, flags: flags)
+                jobName: start.name, job: start.job, owner: self)
             do {
                 try await CurrentRun.$job.withValue(start.job) {
                     try await start.body(context)
@@ -476,9 +527,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             runsCounter.increment()
             latenessTimer.recordNanoseconds(lateness)
         }
+        // `end` is set by the worker when it reports the run (its next clock read).
         return RunCompletion(
             runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome,
-            lateness: lateness, end: ticks(clock.now))
+            lateness: lateness, end: 0)
     }
 
     // MARK: - Service

@@ -90,11 +90,15 @@ struct WorkerPool<Item: Sendable>: Sendable {
         var spawn: [Int] = []
         /// Look again at this instant (a busy worker may stall by then).
         var recheck: Int64?
+        /// `canSpawn` was false and workers should be spawned.
+        var spawnWanted = false
     }
 
     /// Applies the elastic rule at `now`: wakes parked workers for queued runs
-    /// and spawns new ones when too few are available.
-    mutating func plan(now: Int64) -> Plan {
+    /// and spawns new ones when too few are available (only the driver, which
+    /// owns the task group, can spawn: a worker passes `canSpawn: false` and
+    /// learns whether it must ask the driver).
+    mutating func plan(now: Int64, canSpawn: Bool = true) -> Plan {
         var plan = Plan()
         guard !closed else { return plan }
         let q = queued
@@ -114,6 +118,11 @@ struct WorkerPool<Item: Sendable>: Sendable {
         guard uncovered > 0 else { return plan }
         let wanted = stallThreshold == 0 ? uncovered : Swift.min(uncovered, base - available)
         let n = Swift.max(0, Swift.min(wanted, cap - workers))
+        if !canSpawn {
+            plan.spawnWanted = n > 0
+            if n == 0 && earliestFresh != .max { plan.recheck = earliestFresh &+ stallThreshold }
+            return plan
+        }
         for _ in 0..<n { plan.spawn.append(allocateSlot()) }
         if n < uncovered && earliestFresh != .max {
             plan.recheck = earliestFresh &+ stallThreshold
