@@ -97,7 +97,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     /// A run the shell must start as a child task.
-    struct RunStart: Sendable {
+    /// A class: it travels driver -> pool -> worker, and a copy is then one
+    /// retain instead of one per reference it holds.
+    final class RunStart: Sendable {
         let job: JobID
         let runSlot: UInt32
         let runSerial: UInt64
@@ -109,6 +111,18 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         /// Its end must be recorded at once, not in the next batch: something
         /// follows from it (fixed delay, queued or burst run, the job ends).
         let prompt: Bool
+
+        init(job: JobID, runSlot: UInt32, runSerial: UInt64, body: @escaping Body, name: String, scheduled: Int64, attempt: Int, control: RunControl, prompt: Bool) {
+            self.job = job
+            self.runSlot = runSlot
+            self.runSerial = runSerial
+            self.body = body
+            self.name = name
+            self.scheduled = scheduled
+            self.attempt = attempt
+            self.control = control
+            self.prompt = prompt
+        }
     }
 
     /// How a run ended.

@@ -156,8 +156,7 @@ struct WorkerPool<Item: Sendable>: Sendable {
         closed = true
         var abandoned: [Item] = []
         while head < items.count {
-            abandoned.append(items[head]!)
-            items[head] = nil
+            abandoned.append(items[head].take()!)
             head += 1
         }
         items = []
@@ -181,8 +180,7 @@ struct WorkerPool<Item: Sendable>: Sendable {
     mutating func next(worker: Int, finished: RunCompletion?, now: Int64, cancelled: Bool) -> Next {
         if let f = finished { completions.append(f) }
         if !cancelled, head < items.count {
-            let item = items[head]!
-            items[head] = nil
+            let item = items[head].take()!
             head += 1
             stamps[worker] = now
             return .run(item)
