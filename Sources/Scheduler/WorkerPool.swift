@@ -108,25 +108,30 @@ struct WorkerPool<Item: Sendable>: Sendable {
             plan.wake = Array(idle.suffix(w))
             idle.removeLast(w)
         }
+        var inBody = 0
         var stalled = 0
         var earliestFresh = Int64.max
         for s in stamps where s != Self.notInBody && s != Self.freeSlot {
+            inBody += 1
             if now &- s >= stallThreshold { stalled += 1 } else { earliestFresh = Swift.min(earliestFresh, s) }
         }
-        let available = workers - stalled
-        let uncovered = q - available
+        // Runs no worker outside a body (parked, woken, between runs) will take.
+        let uncovered = q - (workers - inBody)
         guard uncovered > 0 else { return plan }
+        let available = workers - stalled
         let wanted = stallThreshold == 0 ? uncovered : Swift.min(uncovered, base - available)
         let n = Swift.max(0, Swift.min(wanted, cap - workers))
+        // Runs still uncovered: look again when the earliest busy (or just
+        // woken or started) worker may count as stalled, unless no worker can
+        // be added anyway (then a body ending takes the next run).
+        let recheck = n < uncovered && workers + n < cap && stallThreshold > 0
         if !canSpawn {
             plan.spawnWanted = n > 0
-            if n == 0 && earliestFresh != .max { plan.recheck = earliestFresh &+ stallThreshold }
+            if n == 0 && recheck { plan.recheck = Swift.min(earliestFresh, now) &+ stallThreshold }
             return plan
         }
         for _ in 0..<n { plan.spawn.append(allocateSlot()) }
-        if n < uncovered && earliestFresh != .max {
-            plan.recheck = earliestFresh &+ stallThreshold
-        }
+        if recheck { plan.recheck = Swift.min(earliestFresh, now) &+ stallThreshold }
         return plan
     }
 
