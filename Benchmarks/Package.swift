@@ -38,6 +38,7 @@ let package = Package(
             dependencies: [
                 .product(name: "Scheduler", package: "swift-realtime-sync"),
                 .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Sources/scheduler-bench"
         ),

@@ -11,17 +11,20 @@ public struct JobContext<Instant: InstantProtocol>: Sendable where Instant.Durat
     public let attempt: Int
     /// The job's name from `JobOptions.name`.
     public let jobName: String
+    let job: JobID
+    /// The scheduler: one reference (one retain per run) gives the handle,
+    /// the logger and the shutdown flag.
+    let owner: any JobOwner
+
     /// The job's handle, e.g. to cancel the job from inside its own run.
-    public let handle: JobHandle
-    let baseLogger: Logger
-    let flags: SchedulerFlags
+    public var handle: JobHandle { JobHandle(id: job, owner: owner) }
 
     /// How late the run started: `actualStart - scheduledTime`.
     public var lateness: Duration { scheduledTime.duration(to: actualStart) }
 
     /// The scheduler's logger with `job` and `attempt` metadata.
     public var logger: Logger {
-        var l = baseLogger
+        var l = owner.baseLogger
         l[metadataKey: "job"] = "\(jobName)"
         l[metadataKey: "attempt"] = "\(attempt)"
         return l
@@ -29,7 +32,7 @@ public struct JobContext<Instant: InstantProtocol>: Sendable where Instant.Durat
 
     /// True once the scheduler has begun shutting down; a long run may use it
     /// to stop early.
-    public var isShuttingDown: Bool { flags.isShuttingDown }
+    public var isShuttingDown: Bool { owner.flags.isShuttingDown }
 }
 
 /// Flags shared between the scheduler and its runs.

@@ -1,3 +1,5 @@
+import Logging
+
 /// The part of a scheduler a handle talks to (type-erased over the clock).
 protocol JobOwner: AnyObject, Sendable {
     func cancelJob(_ id: JobID)
@@ -5,6 +7,8 @@ protocol JobOwner: AnyObject, Sendable {
     func delayUntilNextRun(_ id: JobID) -> Duration?
     func isJobGone(_ id: JobID) -> Bool
     func statistics(of id: JobID) -> JobStatistics?
+    var baseLogger: Logger { get }
+    var flags: SchedulerFlags { get }
 }
 
 /// Identifies one scheduled job: its slot in the job table and a serial

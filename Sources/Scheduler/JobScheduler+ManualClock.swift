@@ -14,7 +14,12 @@ extension JobScheduler where C == ManualClock {
         switch lifecycle {
         case .finished: return true
         case .idle: return false
-        case .running: return parked && clock.sleeperCount == expected
+        case .running:
+            guard parked else { return false }
+            // Workers waiting for runs are idle; a run not yet taken, or one
+            // whose end is not recorded yet, is not.
+            let settled = pool.withLock { $0.queued == 0 && $0.completions.isEmpty }
+            return settled && clock.sleeperCount == expected
         }
     }
 
@@ -58,5 +63,10 @@ extension JobScheduler where C == ManualClock {
     /// returned: everything the scheduler keeps alive (for tests).
     public var liveTasks: (timers: Int, runs: Int, finished: Bool) {
         core.withLock { ($0.liveTimers.count, $0.runTasks, $0.lifecycle == .finished) }
+    }
+
+    /// Number of worker tasks alive (for tests).
+    public var liveWorkers: Int {
+        pool.withLock { $0.workers }
     }
 }

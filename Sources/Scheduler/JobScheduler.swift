@@ -13,9 +13,11 @@ enum CurrentRun {
 /// Runs periodic and one-shot jobs on one timer queue driven by one task.
 ///
 /// - One driver: `run()` owns a task group. Its own task pops due jobs from a
-///   single indexed heap and starts each run as a child task of that group;
-///   it sleeps on the injected `Clock` until the next deadline. There is never
-///   a sleeping task per job.
+///   single indexed heap and hands their runs, a batch at a time, to a small
+///   elastic set of worker tasks (children of the same group) that call job
+///   bodies directly, one after another; it sleeps on the injected `Clock`
+///   until the next deadline. There is never a sleeping task per job, nor a
+///   task per run.
 /// - Decisions (policies, retries, statistics, shutdown) are made by a pure
 ///   state machine (`SchedulerState`) under one lock; this class only performs
 ///   them: starts and cancels tasks, sleeps, logs, counts.
@@ -37,17 +39,33 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         public var shutdownDeadline: Duration
         /// Seed for jitter; nil picks a random one.
         public var randomSeed: UInt64?
-        /// How many runs the driver starts before it looks at the clock again.
+        /// How many runs the driver hands to the workers before it looks at the clock again.
         public var maxStartsPerWakeup: Int
         /// `scheduler` dimension of the metrics.
         public var metricsLabel: String
+        /// Most worker tasks alive at once. Workers run job bodies one after
+        /// another; the scheduler keeps `min(activeProcessorCount, 2)` of them
+        /// available and adds one when every worker has been inside one body
+        /// for `workerStallThreshold` while runs wait. A run waits longer than
+        /// that only when this many bodies are all slow at once.
+        public var maxWorkers: Int
+        /// How long one body may keep a worker before the worker counts as
+        /// stalled and another worker is started for waiting runs. Nil picks
+        /// 1 ms, or zero on a `ManualClock` (every run in progress then has a
+        /// worker of its own, as if each run were its own task).
+        public var workerStallThreshold: Duration?
 
         /// Creates a configuration with the documented defaults.
-        public init(shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 64, metricsLabel: String = "default") {
+        public init(
+            shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 256,
+            metricsLabel: String = "default", maxWorkers: Int = 64, workerStallThreshold: Duration? = nil
+        ) {
             self.shutdownDeadline = shutdownDeadline
             self.randomSeed = randomSeed
             self.maxStartsPerWakeup = maxStartsPerWakeup
             self.metricsLabel = metricsLabel
+            self.maxWorkers = maxWorkers
+            self.workerStallThreshold = workerStallThreshold
         }
     }
 
@@ -60,7 +78,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var wakePending = false
         var driver: CheckedContinuation<Void, Never>?
         var liveTimers: [Int64] = []
+        /// Runs handed to the workers whose end is not recorded yet.
         var runTasks = 0
+        /// When the driver must look at the workers again (see `WorkerPool.plan`).
+        var workerRecheck: Int64?
         var shutdownStartedAt: Int64?
         var shutdownEndedAt: Int64?
         var shutdownWaiters: [CheckedContinuation<ShutdownReport, Never>] = []
@@ -71,10 +92,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     public let clock: C
     let wallClock: @Sendable () -> Date
     let logger: Logger
+    var baseLogger: Logger { logger }
     let configuration: Configuration
     let epoch: C.Instant
     let flags = SchedulerFlags()
     let core: Mutex<Core>
+    /// The run queue and the workers; never locked while `core` is held by
+    /// the same thread, except inside `core` (order: core, then pool).
+    let pool: Mutex<WorkerPool<SchedulerState<C.Instant>.RunStart>>
     let activity: (@Sendable () -> Void)?
     let runsCounter: Counter
     let failuresCounter: Counter
@@ -102,6 +127,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         self.epoch = clock.now
         let seed = configuration.randomSeed ?? UInt64.random(in: 0...UInt64.max)
         self.core = Mutex(Core(machine: SchedulerState(seed: seed)))
+        let isManual = clock is ManualClock
+        let threshold = configuration.workerStallThreshold ?? (isManual ? .zero : .milliseconds(1))
+        let base = Swift.min(ProcessInfo.processInfo.activeProcessorCount, 2)
+        self.pool = Mutex(WorkerPool(base: base, cap: configuration.maxWorkers, stallThreshold: threshold.nanoseconds, prompt: isManual))
         let dims = [("scheduler", configuration.metricsLabel)]
         runsCounter = Counter(label: "scheduler.job.runs", dimensions: dims)
         failuresCounter = Counter(label: "scheduler.job.failures", dimensions: dims)
@@ -175,9 +204,18 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     static func needsDriver(_ core: Core) -> Bool {
         if core.lifecycle != .running { return false }
         if core.machine.isDrained { return true }
-        guard let d = core.machine.nextDeadline else { return false }
+        guard let d = nextDeadline(core) else { return false }
         for t in core.liveTimers where t <= d { return false }
         return true
+    }
+
+    /// The earliest instant the driver must act at: the state machine's next
+    /// deadline or the next look at the workers.
+    @inline(__always)
+    static func nextDeadline(_ core: Core) -> Int64? {
+        let d = core.machine.nextDeadline
+        guard let r = core.workerRecheck else { return d }
+        return Swift.min(d ?? r, r)
     }
 
     /// Wakes the driver: returns its continuation to resume outside the lock,
@@ -195,59 +233,127 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     }
 
     private struct Step {
-        var due = SchedulerState<C.Instant>.Due()
+        var cancels: [(RunControl, CancelReason)] = []
+        var plan = WorkerPool<SchedulerState<C.Instant>.RunStart>.Plan()
+        var rejected: [RunCompletion] = []
+        var started = 0
         var arm: Int64?
         var more = false
         var exit = false
+        var wakeDriver: CheckedContinuation<Void, Never>?
         var resumes: [CheckedContinuation<Void, Never>] = []
         var skipped: UInt64 = 0
         var missed: UInt64 = 0
         var jobs = 0
     }
 
+    /// One round of the driver's work, under the core lock: records finished
+    /// runs, pops what is due (at most `limit` runs) and hands it to the pool
+    /// (one pool lock for the batch), applies the elastic rule. The driver
+    /// also arms the timer; a worker (`byDriver == false`) that ran out of
+    /// runs does the same round instead of waiting for the driver, and wakes
+    /// the driver only for what needs it (spawning, a timer, the end).
+    @_specialize(where C == ContinuousClock)
+    private func coreStep(_ core: inout Core, done: [RunCompletion], now: Int64, limit: Int, byDriver: Bool) -> Step {
+        var step = Step()
+        if byDriver { core.wakePending = false }
+        if !done.isEmpty {
+            var end: Int64 = 0
+            for c in done {
+                core.machine.finish(c)
+                end = Swift.max(end, c.end)
+            }
+            core.runTasks -= done.count
+            if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil { core.shutdownEndedAt = end }
+        }
+        if core.lifecycle == .running, let d = core.machine.nextDeadline, d <= now {
+            let skippedBefore = core.machine.totalSkipped
+            let missedBefore = core.machine.totalMissed &+ core.machine.totalCoalesced
+            let due = core.machine.advance(now: now, wall: wallClock(), limit: limit)
+            step.cancels = due.cancels
+            step.skipped = core.machine.totalSkipped &- skippedBefore
+            step.missed = core.machine.totalMissed &+ core.machine.totalCoalesced &- missedBefore
+            step.jobs = core.machine.liveJobs
+            let starts = due.starts
+            step.started = starts.count
+            core.runTasks += starts.count
+            if !starts.isEmpty {
+                // Lock order: core, then pool (nothing takes core while holding pool).
+                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts), p.plan(now: now, canSpawn: byDriver)) }
+                step.plan = plan
+                if !accepted {
+                    step.rejected = starts.map {
+                        RunCompletion(runSlot: $0.runSlot, runSerial: $0.runSerial, attempt: $0.attempt, outcome: .notStarted, lateness: 0, end: now)
+                    }
+                }
+            }
+        } else if byDriver {
+            step.jobs = core.machine.liveJobs
+        }
+        step.resumes = core.machine.takeResumes()
+        guard byDriver else {
+            let needs =
+                step.plan.spawnWanted || !step.rejected.isEmpty || (step.plan.recheck != nil && core.workerRecheck == nil)
+                || (!core.machine.hasDue(now: now) && Self.needsDriver(core))
+            if needs { step.wakeDriver = Self.signal(&core) }
+            return step
+        }
+        if step.started == 0 {
+            step.plan = pool.withLock { $0.plan(now: now) }
+        }
+        if core.machine.isDrained && core.runTasks == 0 {
+            if core.shutdownEndedAt == nil { core.shutdownEndedAt = now }
+            step.exit = true
+            return step
+        }
+        core.workerRecheck = step.plan.recheck
+        if !step.rejected.isEmpty || core.machine.hasDue(now: now) {
+            step.more = true
+        } else if let d = Self.nextDeadline(core) {
+            if d <= now {
+                step.more = true
+            } else if !core.liveTimers.contains(where: { $0 <= d }) {
+                core.liveTimers.append(d)
+                step.arm = d
+            }
+        }
+        return step
+    }
+
+    /// Performs what a step returned, outside the locks.
+    private func perform(_ step: Step) {
+        for r in step.resumes { r.resume() }
+        for (control, reason) in step.cancels { control.cancel(reason) }
+        for w in step.plan.wake { w.resume() }
+        step.wakeDriver?.resume()
+        if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
+        if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
+        if step.started > 0 { jobsGauge.record(step.jobs) }
+    }
+
+    /// The driver: records finished runs, pops due jobs from the timer queue,
+    /// hands their runs to the workers (one lock round per batch), applies
+    /// the workers' elastic rule, and sleeps until the next deadline.
     @_specialize(where C == ContinuousClock)
     private func driverLoop(_ group: inout DiscardingTaskGroup) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
+        var carried: [RunCompletion] = []
         while true {
-            let step = core.withLock { core -> Step in
-                var step = Step()
-                core.wakePending = false
-                let now = ticks(clock.now)
-                let skippedBefore = core.machine.totalSkipped
-                let missedBefore = core.machine.totalMissed &+ core.machine.totalCoalesced
-                step.due = core.machine.advance(now: now, wall: wallClock(), limit: limit)
-                step.skipped = core.machine.totalSkipped &- skippedBefore
-                step.missed = core.machine.totalMissed &+ core.machine.totalCoalesced &- missedBefore
-                step.jobs = core.machine.liveJobs
-                step.resumes = core.machine.takeResumes()
-                core.runTasks += step.due.starts.count
-                if core.machine.isDrained && core.runTasks == 0 {
-                    step.exit = true
-                    return step
-                }
-                if core.machine.hasDue(now: now) {
-                    step.more = true
-                } else if let d = core.machine.nextDeadline {
-                    if d <= now {
-                        step.more = true
-                    } else if !core.liveTimers.contains(where: { $0 <= d }) {
-                        core.liveTimers.append(d)
-                        step.arm = d
-                    }
-                }
-                return step
+            var done = pool.withLock { $0.takeCompletions() }
+            if !carried.isEmpty {
+                done.append(contentsOf: carried)
+                carried = []
             }
-            for r in step.resumes { r.resume() }
-            for (control, reason) in step.due.cancels { control.cancel(reason) }
-            for start in step.due.starts {
-                group.addTask { await self.execute(start) }
+            let now = ticks(clock.now)
+            let step = core.withLock { coreStep(&$0, done: done, now: now, limit: limit, byDriver: true) }
+            perform(step)
+            for slot in step.plan.spawn {
+                group.addTask { await self.worker(slot) }
             }
             if let d = step.arm {
                 group.addTask { await self.timer(d) }
             }
-            if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
-            if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
-            jobsGauge.record(step.jobs)
+            carried = step.rejected
             if step.exit { return }
             if step.more { continue }
             await park()
@@ -287,23 +393,119 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         activity?()
     }
 
-    /// One run, as a child task of the driver's group.
+    // MARK: - Workers
+
+    /// One worker, a child task of the driver's group: takes runs from the
+    /// pool and calls their bodies directly, one after another. It reports
+    /// each finished run to the pool's completion buffer (recorded in batches)
+    /// unless something follows from it at once. When the pool is empty it
+    /// records what finished and takes the next due runs from the timer queue
+    /// itself (as the driver would), and parks only if nothing is due. It
+    /// exits when it is surplus, when the pool closes at shutdown, or when its
+    /// task was cancelled (a run's cancellation cancels the worker running it;
+    /// it never starts another run afterwards and the driver starts a
+    /// replacement if runs wait).
     @_specialize(where C == ContinuousClock)
-    private func execute(_ start: SchedulerState<C.Instant>.RunStart) async {
-        let startInstant = clock.now
-        let lateness = ticks(startInstant) &- start.scheduled
+    private func worker(_ slot: Int) async {
+        let limit = Swift.max(1, configuration.maxStartsPerWakeup)
+        var finished: RunCompletion?
+        var finishedPrompt = false
+        var finishedControl: RunControl?
+        while true {
+            let startInstant = clock.now
+            let now = ticks(startInstant)
+            if finished != nil { finished!.end = now }
+            let pushedQuietly = finished != nil && !finishedPrompt
+            let (next, flush, replace) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool) in
+                // Read under the pool lock: a run's cancellation that lands
+                // after this is aimed at a run this worker no longer runs.
+                let cancelled = Task.isCancelled
+                let next = p.next(worker: slot, finished: finished, now: now, cancelled: cancelled)
+                var mustFlush = p.prompt || finishedPrompt
+                var replace = false
+                switch next {
+                case .run: break
+                case .park: mustFlush = true
+                case .exit:
+                    mustFlush = mustFlush || !p.completions.isEmpty
+                    replace = cancelled && p.queued > 0
+                }
+                return (next, mustFlush ? p.takeCompletions() : [], replace)
+            }
+            var toRecord = flush
+            if pushedQuietly, toRecord.isEmpty, finishedControl?.reason != nil {
+                // Cancelled after the body ended (cancelAndWait may be waiting
+                // for exactly this run): record it now, not in the next batch.
+                toRecord = pool.withLock { $0.takeCompletions() }
+            }
+            finished = nil
+            finishedControl = nil
+            switch next {
+            case .run(let start):
+                if !toRecord.isEmpty { record(toRecord) }
+                let c = await runOne(start, startInstant: startInstant, now: now)
+                finished = c
+                finishedPrompt = start.prompt || c.outcome != .success
+                finishedControl = start.control
+            case .park:
+                let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
+                perform(step)
+                if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
+                activity?()
+                if step.started > 0 { continue }
+                await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                    if !pool.withLock({ $0.park(c) }) { c.resume() }
+                }
+            case .exit:
+                if !toRecord.isEmpty || replace { record(toRecord, wakeDriver: replace) }
+                activity?()
+                return
+            }
+        }
+    }
+
+    /// Records finished runs in the state machine and wakes whoever follows.
+    private func record(_ done: [RunCompletion], wakeDriver: Bool = false) {
+        let (wake, resumes, inFlight) = core.withLock { core -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>], Int) in
+            var end: Int64 = 0
+            for c in done {
+                core.machine.finish(c)
+                end = Swift.max(end, c.end)
+            }
+            core.runTasks -= done.count
+            if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil {
+                core.shutdownEndedAt = end
+            }
+            let wake = (wakeDriver && core.lifecycle == .running) || Self.needsDriver(core) ? Self.signal(&core) : nil
+            return (wake, core.machine.takeResumes(), core.machine.inFlight)
+        }
+        wake?.resume()
+        for r in resumes { r.resume() }
+        if inFlight == 0 { inFlightGauge.record(0) }
+        activity?()
+    }
+
+    /// Records completions still in the pool's buffer (before reading statistics).
+    func drainCompletions() {
+        let done = pool.withLock { $0.takeCompletions() }
+        if !done.isEmpty { record(done) }
+    }
+
+    /// One run, called by a worker: the body runs inline on the worker's task.
+    @_specialize(where C == ContinuousClock)
+    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64) async -> RunCompletion {
+        let lateness = now &- start.scheduled
         let cancelledBeforeStart = withUnsafeCurrentTask { task -> Bool in
             guard let task else { return false }
-            // Lifetime: RunControl calls this only between install and uninstall,
-            // under its lock, i.e. while this task is running (see RunControl).
-            nonisolated(unsafe) let current = task
-            return start.control.install { current.cancel() }
+            // Lifetime: RunControl uses it only between install and uninstall,
+            // under its lock, i.e. while this worker is inside this run (see RunControl).
+            return start.control.install(task)
         }
-        var outcome = SchedulerState<C.Instant>.Outcome.notStarted
+        var outcome = RunOutcome.notStarted
         if !cancelledBeforeStart {
             let context = JobContext(
                 scheduledTime: instant(start.scheduled), actualStart: startInstant, attempt: start.attempt,
-                jobName: start.name, handle: JobHandle(id: start.job, owner: self), baseLogger: logger, flags: flags)
+                jobName: start.name, job: start.job, owner: self)
             do {
                 try await CurrentRun.$job.withValue(start.job) {
                     try await start.body(context)
@@ -325,19 +527,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             runsCounter.increment()
             latenessTimer.recordNanoseconds(lateness)
         }
-        let end = ticks(clock.now)
-        let (wake, resumes, inFlight) = core.withLock { core -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>], Int) in
-            core.machine.finish(start, outcome: outcome, lateness: lateness, now: end)
-            core.runTasks -= 1
-            if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil {
-                core.shutdownEndedAt = end
-            }
-            return (Self.needsDriver(core) ? Self.signal(&core) : nil, core.machine.takeResumes(), core.machine.inFlight)
-        }
-        wake?.resume()
-        for r in resumes { r.resume() }
-        if inFlight == 0 { inFlightGauge.record(0) }
-        activity?()
+        // `end` is set by the worker when it reports the run (its next clock read).
+        return RunCompletion(
+            runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome,
+            lateness: lateness, end: 0)
     }
 
     // MARK: - Service
@@ -400,8 +593,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// runs, lets `.drain` runs finish until `deadline` from now.
     public func beginShutdown(deadline: Duration) {
         flags.markShuttingDown()
+        let (abandoned, done, idle) = pool.withLock { $0.close() }
+        for w in idle { w.resume() }
         let (cancels, wake, resumes) = core.withLock { core -> ([(RunControl, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
+            Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
             let cancels = core.machine.beginShutdown(deadline: now &+ deadline.nanoseconds)
             if core.lifecycle == .idle {
@@ -419,10 +615,21 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         activity?()
     }
 
+    /// Records what closing the pool returned: finished runs, and runs handed
+    /// over but never taken by a worker (they never start).
+    private static func recordClosed(_ core: inout Core, done: [RunCompletion], abandoned: [SchedulerState<C.Instant>.RunStart], now: Int64) {
+        for c in done { core.machine.finish(c) }
+        for a in abandoned { core.machine.finish(a, outcome: .notStarted, lateness: 0, now: now) }
+        core.runTasks -= done.count + abandoned.count
+    }
+
     private func cancelEverything() {
         flags.markShuttingDown()
+        let (abandoned, done, idle) = pool.withLock { $0.close() }
+        for w in idle { w.resume() }
         let (cancels, wake, resumes) = core.withLock { core -> ([(RunControl, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
+            Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
             let cancels = core.machine.cancelEverything()
             return (cancels, Self.signal(&core), core.machine.takeResumes())
@@ -468,6 +675,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     func cancelJobAndWait(_ id: JobID) async {
         cancelJob(id)
         if CurrentRun.job == id { return }
+        drainCompletions()
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let registered = core.withLock { $0.machine.addWaiter(id, c) }
             if !registered { c.resume() }
@@ -484,7 +692,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     }
 
     func statistics(of id: JobID) -> JobStatistics? {
-        core.withLock { $0.machine.statistics(of: id) }
+        drainCompletions()
+        return core.withLock { $0.machine.statistics(of: id) }
     }
 
     /// When the job runs next on this scheduler's clock, or nil if no run is planned.
@@ -495,7 +704,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// Statistics of all jobs.
     public var statistics: SchedulerStatistics {
-        core.withLock { $0.machine.statistics }
+        drainCompletions()
+        return core.withLock { $0.machine.statistics }
     }
 
     /// Statistics of one job, or nil once it is gone.

@@ -9,38 +9,43 @@ enum CancelReason: UInt8, Sendable {
     case schedulerCancelled
 }
 
-/// Cancels one run's task from outside it.
+/// Cancels one run from outside it.
 ///
-/// A task group cannot cancel one of its children, and a second task per run
-/// (to own a cancellable inner group) would double the cost of every run. So
-/// the run's child task installs a closure that cancels *itself*
-/// (`UnsafeCurrentTask.cancel()`), and removes it again before it returns.
-/// Install, cancel and removal happen under this lock, so the closure is only
-/// ever called while the task is alive: that is the lifetime rule
-/// `UnsafeCurrentTask` asks callers to keep.
+/// A run's body executes inline on a worker task, and a task group cannot
+/// cancel one of its children anyway. So the worker, before it calls the
+/// body, installs its own `UnsafeCurrentTask` here, and removes it again once
+/// the body has returned; cancelling the run cancels the worker's task. Install,
+/// cancel and removal happen under this lock, so the task is only ever
+/// cancelled while the worker is inside *this* run: that is the lifetime rule
+/// `UnsafeCurrentTask` asks callers to keep, and it is why a cancellation
+/// aimed at one run never reaches the next run the same worker picks up (a
+/// worker whose task was cancelled starts no further run; it exits).
 final class RunControl: Sendable {
     private struct State {
         var reason: CancelReason?
-        var canceller: (@Sendable () -> Void)?
+        // Used only under the lock, only between install and uninstall (see above).
+        nonisolated(unsafe) var task: UnsafeCurrentTask?
     }
 
     private let state = Mutex(State())
 
     init() {}
 
-    /// Installs the task's self-cancel closure; returns true (and installs
+    /// Installs the running worker's task; returns true (and installs
     /// nothing) if cancellation was already requested.
-    func install(_ canceller: @escaping @Sendable () -> Void) -> Bool {
-        state.withLock { s in
+    func install(_ task: UnsafeCurrentTask) -> Bool {
+        // Lifetime and use as described above: only under the lock, only until uninstall.
+        nonisolated(unsafe) let task = task
+        return state.withLock { s in
             if s.reason != nil { return true }
-            s.canceller = canceller
+            s.task = task
             return false
         }
     }
 
-    /// Removes the closure; after this returns no one calls it again.
+    /// Removes the task; after this returns no one cancels it through this run.
     func uninstall() {
-        state.withLock { $0.canceller = nil }
+        state.withLock { $0.task = nil }
     }
 
     /// Requests cancellation (the first reason wins) and cancels the task if it runs.
@@ -48,8 +53,8 @@ final class RunControl: Sendable {
         state.withLock { s in
             guard s.reason == nil else { return }
             s.reason = reason
-            // Called under the lock: the task cannot finish (uninstall) meanwhile.
-            s.canceller?()
+            // Under the lock: the worker cannot leave the run (uninstall) meanwhile.
+            s.task?.cancel()
         }
     }
 

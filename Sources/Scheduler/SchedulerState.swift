@@ -97,7 +97,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     /// A run the shell must start as a child task.
-    struct RunStart: Sendable {
+    /// A class: it travels driver -> pool -> worker, and a copy is then one
+    /// retain instead of one per reference it holds.
+    final class RunStart: Sendable {
         let job: JobID
         let runSlot: UInt32
         let runSerial: UInt64
@@ -106,15 +108,25 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         let scheduled: Int64
         let attempt: Int
         let control: RunControl
+        /// Its end must be recorded at once, not in the next batch: something
+        /// follows from it (fixed delay, queued or burst run, the job ends).
+        let prompt: Bool
+
+        init(job: JobID, runSlot: UInt32, runSerial: UInt64, body: @escaping Body, name: String, scheduled: Int64, attempt: Int, control: RunControl, prompt: Bool) {
+            self.job = job
+            self.runSlot = runSlot
+            self.runSerial = runSerial
+            self.body = body
+            self.name = name
+            self.scheduled = scheduled
+            self.attempt = attempt
+            self.control = control
+            self.prompt = prompt
+        }
     }
 
     /// How a run ended.
-    enum Outcome: Sendable {
-        case success
-        case failure
-        case cancelled  // threw after its task was cancelled by us
-        case notStarted  // cancelled before the body started
-    }
+    typealias Outcome = RunOutcome
 
     enum Phase: Sendable, Equatable {
         case running
@@ -551,9 +563,12 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jobs[s].options.timeout > 0 {
             timeouts.insert(UInt32(r), deadline: now &+ jobs[s].options.timeout)
         }
+        var prompt = jobs[s].flags.contains(.gone) || jobs[s].options.overlapKind == 1 || jobs[s].options.missedKind == 2
+        if case .fixedDelay = jobs[s].trigger { prompt = true }
         return RunStart(
             job: JobID(slot: UInt32(s), serial: jobs[s].serial), runSlot: UInt32(r), runSerial: serial,
-            body: jobs[s].body!, name: jobs[s].name, scheduled: scheduled, attempt: Int(attempt), control: control)
+            body: jobs[s].body!, name: jobs[s].name, scheduled: scheduled, attempt: Int(attempt), control: control,
+            prompt: prompt)
     }
 
     // MARK: - A run ended
@@ -563,8 +578,17 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// on its next `advance`). Returns the job's name and whether the shell's
     /// driver must look at the queue again.
     mutating func finish(_ start: RunStart, outcome: Outcome, lateness: Int64, now: Int64) {
-        let r = Int(start.runSlot)
-        guard r < runs.count, runs[r].serial == start.runSerial else { return }
+        finish(RunCompletion(runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome, lateness: lateness, end: now))
+    }
+
+    /// `finish(_:outcome:lateness:now:)` for a completion a worker reported.
+    mutating func finish(_ c: RunCompletion) {
+        let outcome = c.outcome
+        let lateness = c.lateness
+        let now = c.end
+        let attempt = c.attempt
+        let r = Int(c.runSlot)
+        guard r < runs.count, runs[r].serial == c.runSerial else { return }
         let reason = runs[r].control?.reason
         let wasCut = runs[r].cut
         timeouts.remove(UInt32(r))
@@ -596,14 +620,14 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
 
         if jobs[s].flags.contains(.gone) {
             if jobs[s].inFlight == 0 && !queue.contains(UInt32(s)) {
-                if let retry = jobs[s].options.retry?.policy, failed, start.attempt < retry.maxAttempts,
+                if let retry = jobs[s].options.retry?.policy, failed, attempt < retry.maxAttempts,
                     reason != .jobCancelled, phase == .running, jobs[s].body != nil,
                     case .once = jobs[s].trigger
                 {
                     // a one-shot job's retry keeps it alive
                     jobs[s].flags.remove(.gone)
                     liveJobs += 1
-                    scheduleRetry(s, retry: retry, attempt: start.attempt, now: now)
+                    scheduleRetry(s, retry: retry, attempt: attempt, now: now)
                 } else {
                     freeSlot(s)
                 }
@@ -614,8 +638,8 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             jobs[s].regularDue = now &+ delay &+ jitter(jobs[s].options)
             queue.insert(UInt32(s), deadline: jobs[s].regularDue)
         }
-        if failed, let retry = jobs[s].options.retry?.policy, start.attempt < retry.maxAttempts {
-            scheduleRetry(s, retry: retry, attempt: start.attempt, now: now)
+        if failed, let retry = jobs[s].options.retry?.policy, attempt < retry.maxAttempts {
+            scheduleRetry(s, retry: retry, attempt: attempt, now: now)
         }
         if jobs[s].burstRemaining > 0, var times = burstTimes[UInt32(s)], !times.isEmpty {
             jobs[s].burstRemaining -= 1

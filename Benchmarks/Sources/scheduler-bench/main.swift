@@ -265,7 +265,9 @@ let impls = implArg == "all" ? ["ours", "naive"] : [implArg]
 
 switch mode {
 case "lateness", "all":
-    for s in scenarios(quick: quick) {
+    // SCHEDULER_BENCH_SCENARIO=<name> runs one scenario only (for profiling)
+    let only = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_SCENARIO"]
+    for s in scenarios(quick: quick) where only == nil || only == s.name {
         for impl in impls {
             if impl == "ours" { try await latenessOurs(s) } else { try await latenessNaive(s) }
         }
