@@ -64,7 +64,8 @@ public final class EmbeddedPostgres: Sendable {
     /// Starts a new cluster. Blocking steps (initdb, pg_ctl) run off the Swift concurrency pool.
     public static func start(_ options: Options = Options()) async throws -> EmbeddedPostgres {
         try await withCheckedThrowingContinuation { cont in
-            DispatchQueue.global().async {
+            // A serial queue of its own: its thread is not taken from the width-limited global pool.
+            DispatchQueue(label: "EmbeddedPostgres.start").async {
                 do { cont.resume(returning: try startBlocking(options)) } catch { cont.resume(throwing: error) }
             }
         }
@@ -149,7 +150,7 @@ public final class EmbeddedPostgres: Sendable {
     /// Stops the server and removes the folder without blocking a Swift concurrency thread.
     public func shutdown() async {
         await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
-            DispatchQueue.global().async {
+            DispatchQueue(label: "EmbeddedPostgres.stop").async {
                 self.stop()
                 cont.resume()
             }

@@ -183,15 +183,21 @@ private final class ReactorThread: Sendable {
     }
 }
 
-/// Runs blocking work (DNS in libpq's connect, `PQcancel`, `PQfinish`) on a Dispatch thread,
-/// never on the Swift concurrency pool.
+/// Runs blocking work (DNS in libpq's connect, `PQcancel`) on Dispatch threads, never on the
+/// Swift concurrency pool.
+///
+/// Four serial queues, used round robin: serial queues get their own (overcommit) threads, so
+/// blocking work never waits for the width-limited global pool that other code (a test runner,
+/// `EmbeddedPostgres`, user code) may have filled with blocking calls.
 enum BlockingExecutor {
-    private static let queue = DispatchQueue(label: "PoolKit.blocking", attributes: .concurrent)
+    private static let queues = (0..<4).map { DispatchQueue(label: "PoolKit.blocking.\($0)") }
+    private static let next = Atomic<Int>(0)
 
     /// Runs `body` off the cooperative pool and returns its result.
     static func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { cont in
-            queue.async { cont.resume(returning: body()) }
+        let i = next.add(1, ordering: .relaxed).newValue
+        return await withCheckedContinuation { cont in
+            queues[i & 3].async { cont.resume(returning: body()) }
         }
     }
 }
