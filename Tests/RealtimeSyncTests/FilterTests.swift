@@ -52,6 +52,14 @@ struct FilterTests {
         #expect(error?.message.contains(expected) == true, "\(error?.message ?? "no error")")
     }
 
+    @Test("Limits: 64 conditions, 1,000 items in a list")
+    func sizeLimits() throws {
+        _ = try itemsFilter(Array(repeating: "qty=gt.1", count: 64).joined(separator: "&"))
+        #expect(parseError(Array(repeating: "qty=gt.1", count: 65).joined(separator: "&"))?.message == "filter has more than 64 conditions")
+        _ = try itemsFilter("qty=in.(" + (0..<1_000).map(String.init).joined(separator: ",") + ")")
+        #expect(parseError("qty=in.(" + (0..<1_001).map(String.init).joined(separator: ",") + ")")?.message.hasSuffix("has more than 1000 items") == true)
+    }
+
     @Test("The empty filter has no conditions and matches every row, TRUNCATE and key-only DELETE included")
     func emptyFilter() throws {
         let filter = try itemsFilter("")

@@ -156,7 +156,7 @@ public struct FilterCondition: Sendable, Hashable, CustomStringConvertible {
 /// A value that starts with `"` is quoted: that is how a value holds `&`, and
 /// how an `in` item holds `,` `)` or surrounding spaces. Column names are matched
 /// exactly (case-sensitive; quoted SQL identifiers are not supported). `in` never
-/// matches NULL: use `is.null`.
+/// matches NULL: use `is.null`. At most 64 conditions, and 1,000 items in a list.
 ///
 /// Comparison by column type: int2/int4/int8/oid/float4/float8/numeric as exact
 /// decimal numbers (`1.50` equals `1.5`; NaN above Infinity, as in Postgres),
@@ -390,6 +390,10 @@ struct FilterParser {
     }
 
     private static let operatorList = "eq, neq, lt, lte, gt, gte, in, is"
+    /// Most conditions in one filter (bounds the work per change).
+    static let maxConditions = 64
+    /// Most items in one `in` list.
+    static let maxListItems = 1_000
 
     private func string(_ range: Range<Int>) -> String { String(decoding: bytes[range], as: UTF8.self) }
 
@@ -399,6 +403,9 @@ struct FilterParser {
         var conditions: [FilterCondition] = []
         if bytes.isEmpty { return conditions }
         while true {
+            guard conditions.count < Self.maxConditions else {
+                throw invalid("filter has more than \(Self.maxConditions) conditions")
+            }
             conditions.append(try parseCondition())
             if position == bytes.count { return conditions }
             // parseCondition stops at '&'.
@@ -486,6 +493,9 @@ struct FilterParser {
                     while lower < upper, bytes[lower] == UInt8(ascii: " ") { lower += 1 }
                     while upper > lower, bytes[upper - 1] == UInt8(ascii: " ") { upper -= 1 }
                     items.append(Array(bytes[lower..<upper]))
+                }
+                guard items.count <= Self.maxListItems else {
+                    throw invalid("the list in \(quoteForMessage(shown)) has more than \(Self.maxListItems) items")
                 }
                 guard position < bytes.count else { throw invalid("unclosed list in \(quoteForMessage(shown)): missing ')'") }
                 if bytes[position] == UInt8(ascii: ",") { position += 1; continue }
