@@ -1,0 +1,95 @@
+/// The tables a server streams, with their columns: what subscriptions are checked against.
+public struct TableCatalog: Sendable {
+    private var tables: [String: [RelationColumn]]
+
+    /// Creates a catalog from `schema.table` names and their columns.
+    public init(_ tables: [String: [RelationColumn]] = [:]) { self.tables = tables }
+
+    /// Creates a catalog from relations (e.g. those the capture has seen).
+    public init(relations: [Relation]) {
+        self.tables = Dictionary(relations.map { ($0.qualifiedName, $0.columns) }, uniquingKeysWith: { _, last in last })
+    }
+
+    /// Adds or replaces a table.
+    public mutating func set(_ table: String, columns: [RelationColumn]) { tables[table] = columns }
+
+    /// Adds or replaces a table from a relation (after an ALTER TABLE, say).
+    public mutating func update(with relation: Relation) { tables[relation.qualifiedName] = relation.columns }
+
+    /// The columns of `table` (`schema.table`), if it is streamed.
+    public func columns(of table: String) -> [RelationColumn]? { tables[table] }
+
+    /// The streamed tables' names, sorted.
+    public var tableNames: [String] { tables.keys.sorted() }
+
+    /// Checks a subscribe request against the catalog and the client's grants, and
+    /// compiles its filter (the mandatory filter first, ANDed with the client's).
+    ///
+    /// Order of checks: `forbidden` (table not granted: answered before `unknown_table`
+    /// so a restricted client cannot probe which tables exist), `unknown_table`,
+    /// `forbidden` when the grant's own filter does not compile (a token problem),
+    /// `invalid_filter` for the client's filter. Errors carry the request's id.
+    public func resolve(_ request: SubscribeRequest, access: TableAccess = .unrestricted) throws(ProtocolError) -> ResolvedSubscription {
+        let table = request.table.description
+        var mandatoryText = ""
+        if case .restricted(let grants) = access {
+            guard let grant = grants[table] else {
+                throw ProtocolError(.forbidden, id: request.id, "the token does not grant table \(quoteForMessage(table))")
+            }
+            mandatoryText = grant
+        }
+        guard let columns = tables[table] else {
+            throw ProtocolError(.unknownTable, id: request.id, "table \(quoteForMessage(table)) is not streamed by this server")
+        }
+        let mandatory: Filter
+        do {
+            mandatory = try Filter(parsing: mandatoryText, columns: columns)
+        } catch {
+            throw ProtocolError(.forbidden, id: request.id, "the token's filter for \(quoteForMessage(table)) is invalid: \(error.message)")
+        }
+        let own: Filter
+        do {
+            own = try Filter(parsing: request.filter, columns: columns)
+        } catch {
+            throw error.answering(request.id)
+        }
+        return ResolvedSubscription(id: request.id, table: table, events: request.events, filter: mandatory.and(own),
+                                    snapshot: request.snapshot, since: request.since)
+    }
+}
+
+/// What a client may subscribe to.
+public enum TableAccess: Sendable, Hashable {
+    /// Auth off: every streamed table, every row.
+    case unrestricted
+    /// Auth on (the token's `rt` claim): only these `schema.table` names, each with a mandatory
+    /// filter (`""` for every row) that is ANDed with the client's.
+    case restricted([String: String])
+}
+
+/// A subscribe request checked against the catalog and grants, ready for `FanoutHub.subscribe`.
+public struct ResolvedSubscription: Sendable, Hashable {
+    /// The client's id for it.
+    public var id: String
+    /// `schema.table`.
+    public var table: String
+    /// Which operations to deliver.
+    public var events: ChangeOperationSet
+    /// The compiled filter (mandatory AND client's).
+    public var filter: Filter
+    /// Whether a snapshot comes first.
+    public var snapshot: Bool
+    /// Resume after this cursor.
+    public var since: Cursor?
+
+    /// Creates one (tests and callers that compile filters themselves).
+    public init(id: String, table: String, events: ChangeOperationSet = .default, filter: Filter = .all,
+                snapshot: Bool = false, since: Cursor? = nil) {
+        self.id = id
+        self.table = table
+        self.events = events
+        self.filter = filter
+        self.snapshot = snapshot
+        self.since = since
+    }
+}
