@@ -105,12 +105,14 @@ struct PostgresPoolTests {
                             }
                         }
                     }
+                    var totalKilled = 0
                     for _ in 0..<5 {
                         try await Task.sleep(for: .milliseconds(150))
                         let killed = try await killer.query(
                             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", appName)
-                        #expect(try killed[0].decode(Int.self, at: 0)! >= 1)
+                        totalKilled += try killed[0].decode(Int.self, at: 0) ?? 0
                     }
+                    #expect(totalKilled >= 5, "only \(totalKilled) pooled backends were killed")
                     try await Task.sleep(for: .milliseconds(300))
                     let before = shared.successes.load(ordering: .relaxed)
                     try await Task.sleep(for: .milliseconds(300))
