@@ -5,7 +5,9 @@
 //                                                  PoolKit vs postgres-nio, same run
 //   pool-bench handoff [--iterations N]            release -> waiting task latency (p50/p99/p999)
 //   pool-bench all                                  mock + handoff
-//   pool-bench postgres ...                         real database (to be added: needs PostgresConnection)
+//   pool-bench postgres --url URL [--seconds N] ... real database: 10 connections, 64 workers running
+//                                                  SELECT 1, PoolKit (busyPoll default and 0) vs
+//                                                  postgres-nio's PostgresClient (PostgresBench.swift)
 //
 // Build and run in release: `cd Benchmarks && swift build -c release --product pool-bench`.
 import _ConnectionPoolModule
@@ -266,8 +268,9 @@ case "all":
     print()
     try await runHandoff()
 case "postgres":
-    print("pool-bench postgres: the real-database benchmark arrives with PostgresConnection (issue 2); see docs/bench-notes/pool.md")
+    try await runPostgres(arguments)
 default:
-    print("usage: pool-bench [mock|handoff|all|postgres] [--iterations N] [--nio-iterations N] [--runs R]")
+    print("usage: pool-bench [mock|handoff|all] [--iterations N] [--nio-iterations N] [--runs R]")
+    print("       pool-bench postgres --url URL [--seconds N] [--warmup N] [--connections 10] [--workers 64] [--variant all|ours|ours-spin0|nio] [--busy-poll-us N]")
     exit(2)
 }

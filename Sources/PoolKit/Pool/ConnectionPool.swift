@@ -20,7 +20,9 @@ public struct ConnectionLease<Connection: PoolableConnection>: Sendable {
 /// machine and the lock-protected state are then concrete types, compiled and
 /// specialized once in PoolKit, and the hot path needs no generic metadata.
 enum PoolWaitOutcome: Sendable {
-    case leased(PoolMachine.Lease, waited: Duration)
+    /// `checked`: the releaser handing it over found it not broken an instant ago, so the
+    /// waiter need not check `isBroken` again (for a libpq connection that check is a `poll`).
+    case leased(PoolMachine.Lease, waited: Duration, checked: Bool)
     case failed(ConnectionPoolError)
     case cancelled
 }
@@ -194,9 +196,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         var deadline: Duration?
         var requeue = false
         while true {
-            let raw = try await acquire(request, timeout: timeout, deadline: &deadline, atFront: requeue)
+            let (raw, checked) = try await acquire(request, timeout: timeout, deadline: &deadline, atFront: requeue)
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
-            if !connection.isBroken {
+            if checked || !connection.isBroken {
                 return ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID)
             }
             logger.debug("discarding broken connection on lease", metadata: ["db.client.connection.id": "\(raw.connectionID)"])
@@ -258,7 +260,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         case .none, .idled:
             return nil
         case .handoff(let handoff):
-            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+            // `reusable` was decided just now (isBroken, prepareForReuse) for the connection handed over.
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited, checked: reusable))
             return nil
         case .actions(let actions):
             return actions
@@ -382,7 +385,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     private func acquire(
         _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, atFront: Bool
-    ) async throws -> Machine.Lease {
+    ) async throws -> (lease: Machine.Lease, checked: Bool) {
         let now = self.now()
         let immediate = state.withLock { s -> Machine.ImmediateLease in
             let result = s.machine.leaseImmediately(request: request, now: now)
@@ -394,7 +397,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         case .leased(let lease, let rescheduleTimer):
             if rescheduleTimer { timerWake.signal() }
             metrics.waitTime.recordNanoseconds(0)
-            return lease
+            return (lease, false)
         case .failed(let error):
             throw error
         case .mustWait(let id):
@@ -419,7 +422,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                     continuation.resume(returning: .cancelled)
                 case .leased(let lease, let rescheduleTimer)?:
                     if rescheduleTimer { timerWake.signal() }
-                    continuation.resume(returning: .leased(lease, waited: .zero))
+                    continuation.resume(returning: .leased(lease, waited: .zero, checked: false))
                 case .failed(let error)?:
                     continuation.resume(returning: .failed(error))
                 case .enqueued(let actions)?:
@@ -435,14 +438,14 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             waiter?.resume(returning: .cancelled)
         }
         switch outcome {
-        case .leased(let lease, let waited):
+        case .leased(let lease, let waited, let checked):
             metrics.waitTime.record(waited)
             if Task.isCancelled {
                 // Handed over just as the caller gave up: the connection goes back.
                 await giveBack(lease, reusable: true)
                 throw CancellationError()
             }
-            return lease
+            return (lease, checked)
         case .failed(let error):
             throw error
         case .cancelled:
@@ -472,7 +475,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         case .none, .idled:
             return
         case .handoff(let handoff):
-            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited, checked: reusable))
         case .actions(let actions):
             await perform(actions)
         }
@@ -539,7 +542,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Performs the actions that need no waiting: resumes waiters, starts connects, wakes the timer.
     private func performWithoutClosing(_ actions: Machine.Actions) {
         for handoff in actions.handoffs {
-            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited))
+            handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited, checked: false))
         }
         for (waiter, error) in actions.failures {
             if error.code == .acquireTimeout {

@@ -143,8 +143,13 @@ public struct PostgresQueryResult: Sendable, RandomAccessCollection {
     }
 
     let box: ResultBox?
+    /// The number of columns. Column names and types are read from the `PGresult` when asked
+    /// for, so a result costs no array and no strings until they are used.
+    let columnCount: Int
     /// The result's columns, in order.
-    public let columns: [Column]
+    public var columns: [Column] {
+        (0..<columnCount).map { Column(name: columnName(at: $0), typeOID: columnTypeOID(at: $0)) }
+    }
     /// The command tag, e.g. `INSERT 0 3`, `SELECT 1`, `UPDATE 2`.
     public let commandTag: String
     /// Rows inserted, updated, deleted, selected, moved or copied, when the command reports it.
@@ -156,21 +161,16 @@ public struct PostgresQueryResult: Sendable, RandomAccessCollection {
         self.commandTag = commandTag
         self.rowsAffected = rowsAffected
         if let box {
-            let n = Int(PQnfields(box.pointer))
-            var cols: [Column] = []
-            cols.reserveCapacity(n)
-            for i in 0..<n {
-                cols.append(Column(
-                    name: String(cString: PQfname(box.pointer, Int32(i))),
-                    typeOID: UInt32(PQftype(box.pointer, Int32(i)))))
-            }
-            self.columns = cols
+            self.columnCount = Int(PQnfields(box.pointer))
             self.rowCount = Int(PQntuples(box.pointer))
         } else {
-            self.columns = []
+            self.columnCount = 0
             self.rowCount = 0
         }
     }
+
+    func columnName(at i: Int) -> String { String(cString: PQfname(box!.pointer, Int32(i))) }
+    func columnTypeOID(at i: Int) -> UInt32 { UInt32(PQftype(box!.pointer, Int32(i))) }
 
     /// The first row's index, always 0.
     public var startIndex: Int { 0 }
@@ -185,7 +185,7 @@ public struct PostgresQueryResult: Sendable, RandomAccessCollection {
 
     /// The index of the column called `name` (exact, case-sensitive match), if any.
     public func columnIndex(_ name: String) -> Int? {
-        columns.firstIndex { $0.name == name }
+        (0..<columnCount).first { columnName(at: $0) == name }
     }
 }
 
@@ -195,12 +195,12 @@ public struct PostgresRow: Sendable {
     let index: Int
 
     /// The number of columns.
-    public var count: Int { result.columns.count }
+    public var count: Int { result.columnCount }
 
     /// The cell in column `column` (0-based).
     public subscript(_ column: Int) -> PostgresCell {
-        precondition(column >= 0 && column < result.columns.count,
-                     "column index \(column) out of range 0..<\(result.columns.count)")
+        precondition(column >= 0 && column < result.columnCount,
+                     "column index \(column) out of range 0..<\(result.columnCount)")
         return PostgresCell(result: result, row: index, column: column)
     }
 
@@ -234,9 +234,9 @@ public struct PostgresCell: Sendable {
     private var pointer: OpaquePointer { result.box!.pointer }
 
     /// The column's name.
-    public var columnName: String { result.columns[column].name }
+    public var columnName: String { result.columnName(at: column) }
     /// The column's type OID.
-    public var typeOID: UInt32 { result.columns[column].typeOID }
+    public var typeOID: UInt32 { result.columnTypeOID(at: column) }
     /// True for SQL NULL.
     public var isNull: Bool { PQgetisnull(pointer, Int32(row), Int32(column)) == 1 }
 

@@ -45,13 +45,15 @@ final class SocketReactor: Sendable {
 
     private struct State {
         var waiters: [Int32: Waiter] = [:]
-        var nextID: UInt64 = 0
         /// fds currently known to the epoll set (registered and not yet removed).
         var registered: Set<Int32> = []
     }
 
     private let epollFD: Int32
+    /// Held only for dictionary updates, never across a system call: every statement that
+    /// waits and the reactor thread take it, so a syscall inside it makes them spin.
     private let state = Mutex(State())
+    private let nextID = Atomic<UInt64>(0)
 
     private init() {
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
@@ -66,10 +68,7 @@ final class SocketReactor: Sendable {
     nonisolated(nonsending)
     func wait(fd: Int32, for interest: SocketInterest, cancellable: Bool = true) async -> SocketWaitOutcome {
         if cancellable && Task.isCancelled { return .cancelled }
-        let id = state.withLock { s -> UInt64 in
-            s.nextID &+= 1
-            return s.nextID
-        }
+        let id = nextID.add(1, ordering: .relaxed).newValue
         if !cancellable {
             return await withCheckedContinuation { cont in
                 self.arm(fd: fd, interest: interest, waiter: Waiter(id: id, continuation: cont))
@@ -103,38 +102,41 @@ final class SocketReactor: Sendable {
     }
 
     private func arm(fd: Int32, interest: SocketInterest, waiter: Waiter) {
-        let outcome: SocketWaitOutcome? = state.withLock { s in
+        // Publish the waiter first, then arm the (one-shot) registration outside the lock: an
+        // event can only arrive after the arm, and it finds the waiter in place.
+        let op: Int32? = state.withLock { s in
             if s.waiters[fd] != nil {
                 // One waiter per socket: a libpq connection is used by one task at a time.
-                return .interrupted
+                return nil
             }
-            var ev = epoll_event()
-            let base: UInt32 = interest == .readable ? UInt32(EPOLLIN.rawValue) : UInt32(EPOLLOUT.rawValue)
-            ev.events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
-            ev.data.fd = fd
-            var rc: Int32
-            if s.registered.contains(fd) {
-                rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
-                if rc != 0 && errno == ENOENT {
-                    // The fd was closed and its number reused: register it anew.
-                    rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
-                }
-            } else {
-                rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
-                if rc != 0 && errno == EEXIST {
-                    rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
-                }
-            }
-            if rc != 0 {
-                // A bad fd: let libpq discover and report the broken connection.
-                s.registered.remove(fd)
-                return .ready
-            }
-            s.registered.insert(fd)
             s.waiters[fd] = waiter
-            return nil
+            return s.registered.insert(fd).inserted ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
         }
-        if let outcome { waiter.continuation.resume(returning: outcome) }
+        guard let op else {
+            waiter.continuation.resume(returning: .interrupted)
+            return
+        }
+        var ev = epoll_event()
+        let base: UInt32 = interest == .readable ? UInt32(EPOLLIN.rawValue) : UInt32(EPOLLOUT.rawValue)
+        ev.events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
+        ev.data.fd = fd
+        var rc = epoll_ctl(epollFD, op, fd, &ev)
+        if rc != 0 && op == EPOLL_CTL_MOD && errno == ENOENT {
+            // The fd was closed and its number reused: register it anew.
+            rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
+        } else if rc != 0 && op == EPOLL_CTL_ADD && errno == EEXIST {
+            rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
+        }
+        if rc != 0 {
+            // A bad fd: let libpq discover and report the broken connection.
+            let mine = state.withLock { s -> Waiter? in
+                s.registered.remove(fd)
+                guard let w = s.waiters[fd], w.id == waiter.id else { return nil }
+                s.waiters[fd] = nil
+                return w
+            }
+            mine?.continuation.resume(returning: .ready)
+        }
     }
 
     private func resume(fd: Int32, id: UInt64?, with outcome: SocketWaitOutcome) {
