@@ -15,8 +15,10 @@ port=${PGPORT_LOCAL:-54329}
 script=$(mktemp); printf '\\set x random(1, 1000000)\nSELECT :x::int;\n' > "$script"
 for r in $(seq 1 "$rounds"); do
   ours=$("$bin" "$url" "$secs" | sed -E 's/.*= ([0-9]+) per second/\1/')
+  ours0=$("$bin" "$url" "$secs" 0 | sed -E 's/.*= ([0-9]+) per second/\1/')
+  oursR=$("$bin" "$url" "$secs" 0 reactor | sed -E 's/.*= ([0-9]+) per second/\1/')
   theirs=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M extended -c 1 -T "$secs" -f "$script" postgres 2>/dev/null \
            | sed -nE 's/^tps = ([0-9.]+) .*/\1/p')
-  python3 -c "print(f'round $r: PostgresConnection {float($ours):,.0f}/s, pgbench {float($theirs):,.0f}/s, ratio {float($ours)/float($theirs):.3f}x')"
+  python3 -c "p=float($theirs); print(f'round $r (load $(cut -d' ' -f1 /proc/loadavg)): pgbench {p:,.0f}/s | PostgresConnection default {float($ours):,.0f}/s {float($ours)/p:.3f}x | busyPoll 0 {float($ours0):,.0f}/s {float($ours0)/p:.3f}x | on reactor executor {float($oursR):,.0f}/s {float($oursR)/p:.3f}x')"
 done
 rm -f "$script"

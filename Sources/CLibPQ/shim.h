@@ -4,6 +4,7 @@
 #ifdef __linux__
 /* PoolKit's reactor waits on libpq sockets with epoll; Glibc's Swift module does not export it. */
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <spawn.h>
 /* glibc >= 2.34 has these, but only declares them under _GNU_SOURCE. EmbeddedPostgres uses them so
    that the long-lived server it starts inherits none of the test process's descriptors. */

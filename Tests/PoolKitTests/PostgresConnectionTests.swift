@@ -118,6 +118,31 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("a task that prefers the reactor executor runs there and can still be cancelled")
+    func reactorExecutor() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let result = try await Task(executorPreference: PostgresConnection.preferredExecutor) { () -> (Int, Bool) in
+                var sum = 0
+                for i in 0..<200 { sum += try await conn.query("SELECT $1::int", i)[0].decode(Int.self, at: 0) ?? 0 }
+                let onReactor = UInt(pthread_self()) == SocketReactor.shared.threadID.load(ordering: .relaxed)
+                return (sum, onReactor)
+            }.value
+            #expect(result.0 == (0..<200).reduce(0, +))
+            #expect(result.1, "the task did not continue on the reactor thread")
+            let start = ContinuousClock.now
+            let sleeper = Task(executorPreference: PostgresConnection.preferredExecutor) {
+                try await conn.query("SELECT pg_sleep(10)")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+            sleeper.cancel()
+            await #expect(throws: CancellationError.self) { try await sleeper.value }
+            #expect(elapsedMilliseconds(since: start) < 2000)
+            #expect(try await conn.query("SELECT 7")[0].decode(Int.self, at: 0) == 7)
+        }
+    }
+
     @Test("a Task already cancelled sends nothing and throws CancellationError")
     func alreadyCancelled() async throws {
         try await TestDatabase.withDatabase { url in

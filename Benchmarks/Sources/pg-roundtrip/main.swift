@@ -1,6 +1,8 @@
 // Round trips per second of `SELECT $1::int` on one PostgresConnection (extended protocol),
 // the same statement `pgbench -M extended -c 1` sends.
-// Usage: pg-roundtrip URL [seconds] [busy-poll-microseconds]
+// Usage: pg-roundtrip URL [seconds] [busy-poll-microseconds] [global|reactor]
+//   global (default): the loop runs on Swift's global executor, as most callers do;
+//   reactor: the loop prefers PostgresConnection.preferredExecutor (the reactor thread).
 import Foundation
 import PoolKit
 
@@ -12,9 +14,10 @@ guard args.count >= 2 else {
 let url = args[1]
 let seconds = args.count >= 3 ? Double(args[2]) ?? 10 : 10
 let busyPoll = args.count >= 4 ? Int(args[3]) ?? 50 : 50
+let onReactor = args.count >= 5 && args[4] == "reactor"
 
 // The loop runs in a detached task, not on the main actor, so each await does not hop threads.
-try await Task.detached {
+try await Task.detached(executorPreference: onReactor ? PostgresConnection.preferredExecutor : nil) {
     let conn = try await PostgresConnection.connect(
         PostgresConnection.Configuration(url, busyPoll: .microseconds(busyPoll)))
     // Warm up: plan cache, TCP, allocator.
@@ -36,6 +39,6 @@ try await Task.detached {
     let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
     let expected = (count - 1) * count / 2
     precondition(checksum == expected, "wrong results: checksum \(checksum) != \(expected)")
-    print(String(format: "pg-roundtrip: %d round trips in %.2f s = %.0f per second", count, secs, Double(count) / secs))
+    print(String(format: "pg-roundtrip (\(onReactor ? "reactor" : "global"), busyPoll \(busyPoll) µs): %d round trips in %.2f s = %.0f per second", count, secs, Double(count) / secs))
     await conn.close()
 }.value

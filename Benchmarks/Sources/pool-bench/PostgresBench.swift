@@ -6,7 +6,7 @@
 // pgbench and asyncpg run beside it from Benchmarks/scripts/pool-db-bench.sh.
 //
 //   pool-bench postgres --url URL [--seconds N] [--warmup N] [--connections 10] [--workers 64]
-//                       [--variant all|ours|ours-spin0|nio] [--busy-poll-us N]
+//                       [--variant all|ours|ours-spin0|ours-reactor|nio] [--busy-poll-us N]
 //
 // Prints one `RESULT <name> <queries/s> <queries>` line per variant (the script parses these).
 import Foundation
@@ -55,13 +55,13 @@ final class QueryTally: Sendable {
 /// Lets `workers` loop until stopped; counts only what completes inside the timed window
 /// (which starts after `warmup` seconds of the same load). Returns queries/s and queries.
 func timedWindow(
-    workers: Int, warmup: Int, seconds: Int,
+    workers: Int, warmup: Int, seconds: Int, executor: (any TaskExecutor)? = nil,
     _ body: @escaping @Sendable (QueryTally) async throws -> Void
 ) async throws -> (rate: Double, queries: Int) {
     let tally = QueryTally()
     return try await withThrowingTaskGroup(of: Void.self) { group in
         for _ in 0..<workers {
-            group.addTask {
+            group.addTask(executorPreference: executor) {
                 while !tally.stopped { try await body(tally) }
             }
         }
@@ -83,7 +83,7 @@ func timedWindow(
 
 /// PoolKit: ConnectionPool<PostgresConnection>, `workers` tasks looping
 /// `pool.withConnection { try await $0.query("SELECT 1") }`.
-func benchOurPool(_ o: PostgresBenchOptions, busyPoll: Duration?) async throws -> (rate: Double, queries: Int) {
+func benchOurPool(_ o: PostgresBenchOptions, busyPoll: Duration?, onReactor: Bool = false) async throws -> (rate: Double, queries: Int) {
     var configuration = PoolKit.ConnectionPoolConfiguration(
         name: "bench", maxOpen: o.connections, minIdle: o.connections, maxIdle: o.connections)
     configuration.maxConcurrentConnects = o.connections
@@ -101,7 +101,9 @@ func benchOurPool(_ o: PostgresBenchOptions, busyPoll: Duration?) async throws -
     return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await pool.run() }
         while pool.statistics.idle < o.connections { try await Task.sleep(for: .milliseconds(10)) }
-        let result = try await timedWindow(workers: o.workers, warmup: o.warmup, seconds: o.seconds) { tally in
+        // onReactor: the workers prefer PostgresConnection.preferredExecutor (the reactor thread).
+        let executor: (any TaskExecutor)? = onReactor ? PoolKit.PostgresConnection.preferredExecutor : nil
+        let result = try await timedWindow(workers: o.workers, warmup: o.warmup, seconds: o.seconds, executor: executor) { tally in
             let value = try await pool.withConnection { conn in
                 try await conn.query("SELECT 1")[0].decode(Int.self, at: 0)
             }
@@ -153,13 +155,13 @@ func benchPostgresClient(_ o: PostgresBenchOptions) async throws -> (rate: Doubl
 func runPostgres(_ args: [String]) async throws {
     let o = PostgresBenchOptions(args)
     guard !o.url.isEmpty else {
-        print("usage: pool-bench postgres --url postgres://user@host:port/db [--seconds N] [--warmup N] [--connections 10] [--workers 64] [--variant all|ours|ours-spin0|nio] [--busy-poll-us N]")
+        print("usage: pool-bench postgres --url postgres://user@host:port/db [--seconds N] [--warmup N] [--connections 10] [--workers 64] [--variant all|ours|ours-spin0|ours-reactor|nio] [--busy-poll-us N]")
         exit(2)
     }
     func report(_ name: String, _ r: (rate: Double, queries: Int)) {
         FileHandle.standardOutput.write(Data(String(format: "RESULT %@ %.0f %d\n", name, r.rate, r.queries).utf8))
     }
-    let variants = o.variant == "all" ? ["ours", "ours-spin0", "nio"] : [o.variant]
+    let variants = o.variant == "all" ? ["ours", "ours-spin0", "ours-reactor", "nio"] : [o.variant]
     for v in variants {
         switch v {
         case "ours":
@@ -170,6 +172,8 @@ func runPostgres(_ args: [String]) async throws {
             }
         case "ours-spin0":
             report("ours-spin0", try await benchOurPool(o, busyPoll: .zero))
+        case "ours-reactor":
+            report("ours-reactor", try await benchOurPool(o, busyPoll: .zero, onReactor: true))
         case "nio":
             report("nio", try await benchPostgresClient(o))
         default:

@@ -129,6 +129,15 @@ public final class PostgresConnection: @unchecked Sendable {
         }
     }
 
+    /// The executor of PoolKit's reactor thread, which waits on every connection's socket.
+    ///
+    /// A task that prefers it (`withTaskExecutorPreference(PostgresConnection.preferredExecutor)`
+    /// or `Task(executorPreference:)`) continues on the reactor thread as soon as its socket is
+    /// ready: one thread wake-up per answer instead of two (reactor, then a cooperative thread).
+    /// Use it for tasks that mostly wait on the database; keep CPU-heavy work off it, since
+    /// while such a task runs, no other socket is served (as on any event loop).
+    public static var preferredExecutor: any TaskExecutor { SocketReactor.shared }
+
     // MARK: Connecting
 
     /// Connects with a URL or `key=value` string; see `Configuration`.

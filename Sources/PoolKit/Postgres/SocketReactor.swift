@@ -33,7 +33,7 @@ enum SocketWaitOutcome: Sendable {
 /// are themselves built on an epoll thread plus a queue hop, and must be suspended/resumed and
 /// cancelled with care around `close()`. Nothing here ever blocks a Swift concurrency thread:
 /// only the reactor thread sleeps in `epoll_wait`.
-final class SocketReactor: Sendable {
+final class SocketReactor: TaskExecutor, Sendable {
     /// The process-wide reactor, started on first use. It lives as long as the process (a
     /// documented root: the thread is the one unstructured execution context PoolKit owns).
     static let shared = SocketReactor()
@@ -50,6 +50,14 @@ final class SocketReactor: Sendable {
     }
 
     private let epollFD: Int32
+    /// Wakes the reactor thread when a job is enqueued from another thread.
+    private let wakeFD: Int32
+    /// Jobs of tasks that prefer this executor (see `PostgresConnection.preferredExecutor`).
+    private let jobs = Mutex<[UnownedJob]>([])
+    /// True while the reactor thread is (about to be) asleep in `epoll_wait`.
+    private let sleeping = Atomic<Bool>(false)
+    /// The reactor thread's id, to enqueue from it without a wake-up.
+    let threadID = Atomic<UInt>(0)
     /// Held only for dictionary updates, never across a system call: every statement that
     /// waits and the reactor thread take it, so a syscall inside it makes them spin.
     private let state = Mutex(State())
@@ -58,6 +66,12 @@ final class SocketReactor: Sendable {
     private init() {
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
         precondition(epollFD >= 0, "epoll_create1 failed: errno \(errno)")
+        wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        precondition(wakeFD >= 0, "eventfd failed: errno \(errno)")
+        var ev = epoll_event()
+        ev.events = UInt32(EPOLLIN.rawValue)
+        ev.data.fd = wakeFD
+        precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &ev) == 0, "epoll_ctl(eventfd) failed: errno \(errno)")
         let fd = epollFD
         let thread = ReactorThread { [unowned self] in self.loop(epollFD: fd) }
         thread.start()
@@ -148,19 +162,49 @@ final class SocketReactor: Sendable {
         waiter?.continuation.resume(returning: outcome)
     }
 
+    /// Runs a job of a task that prefers this executor on the reactor thread.
+    func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        jobs.withLock { $0.append(unowned) }
+        if UInt(pthread_self()) != threadID.load(ordering: .relaxed),
+           sleeping.load(ordering: .sequentiallyConsistent) {
+            var one: UInt64 = 1
+            _ = write(wakeFD, &one, 8)
+        }
+    }
+
     private func loop(epollFD: Int32) {
+        threadID.store(UInt(pthread_self()), ordering: .relaxed)
         let capacity = 64
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
         defer { events.deallocate() }
+        let me = asUnownedTaskExecutor()
+        var batch: [UnownedJob] = []
         while true {
-            let n = epoll_wait(epollFD, events, Int32(capacity), -1)
+            batch = jobs.withLock { j in
+                let taken = j
+                j.removeAll(keepingCapacity: true)
+                return taken
+            }
+            for job in batch { job.runSynchronously(on: me) }
+            batch.removeAll(keepingCapacity: true)
+            // Announce the sleep before the last look at the queue (pairs with enqueue's check).
+            sleeping.store(true, ordering: .sequentiallyConsistent)
+            let idle = jobs.withLock { $0.isEmpty }
+            let n = epoll_wait(epollFD, events, Int32(capacity), idle ? -1 : 0)
+            sleeping.store(false, ordering: .relaxed)
             if n < 0 {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait failed: errno \(errno)")
             }
             for i in 0..<Int(n) {
                 let fd = events[i].data.fd
-                resume(fd: fd, id: nil, with: .ready)
+                if fd == wakeFD {
+                    var value: UInt64 = 0
+                    _ = read(wakeFD, &value, 8)
+                } else {
+                    resume(fd: fd, id: nil, with: .ready)
+                }
             }
         }
     }
