@@ -6,6 +6,7 @@ import RealtimeSync
 import ServiceLifecycle
 import Synchronization
 import Testing
+import TestSupport
 
 /// Errors of the test client.
 struct TestClientError: Error, CustomStringConvertible {
@@ -49,6 +50,10 @@ final class ByteCollector: ChannelInboundHandler, Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) { continuation.yield(unwrapInboundIn(data)) }
     func channelInactive(context: ChannelHandlerContext) { continuation.finish() }
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .some(ChannelEvent.inputClosed) = event as? ChannelEvent { continuation.finish() }
+        context.fireUserInboundEventTriggered(event)
+    }
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         continuation.finish(throwing: error)
         context.close(promise: nil)
@@ -89,6 +94,7 @@ final class TestConnection: @unchecked Sendable {
     static func open(port: Int) async throws -> TestConnection {
         let (stream, continuation) = AsyncThrowingStream.makeStream(of: ByteBuffer.self)
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ByteCollector(continuation)) }
             }
@@ -313,12 +319,25 @@ struct TestServer: Sendable {
 }
 
 /// Runs a server over `source` on 127.0.0.1:0 for the duration of `body`, then shuts it down.
-func withTestServer(source: InMemoryChangeSource, logger: Logger? = nil,
+/// Holds the test database's shared lock (without using the database) so that tests that
+/// count the process's file descriptors alone do not see these sockets; `alone` takes it
+/// exclusively (for CPU-heavy tests, so that timing tests do not run beside them).
+func withTestServer(source: InMemoryChangeSource, logger: Logger? = nil, alone: Bool = false,
                     configure: (inout RealtimeServerConfiguration) -> Void = { _ in },
                     _ body: @Sendable (TestServer) async throws -> Void) async throws {
     var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0, logger: logger ?? Logger(label: "test.server") { _ in SwiftLogNoOpLogHandler() })
     configuration.closeTimeout = .seconds(2)
     configure(&configuration)
+    let settings = configuration
+    if alone {
+        try await TestDatabase.withDatabaseAlone { _ in try await runTestServer(source: source, configuration: settings, body) }
+    } else {
+        try await TestDatabase.withDatabase { _ in try await runTestServer(source: source, configuration: settings, body) }
+    }
+}
+
+private func runTestServer(source: InMemoryChangeSource, configuration: RealtimeServerConfiguration,
+                           _ body: @Sendable (TestServer) async throws -> Void) async throws {
     let server = RealtimeServer(source: source, configuration: configuration)
     let group = ServiceGroup(configuration: .init(services: [server], logger: Logger(label: "test.group") { _ in SwiftLogNoOpLogHandler() }))
     try await withThrowingTaskGroup(of: Void.self) { tasks in

@@ -29,6 +29,7 @@ extension RealtimeServer {
         sessionLogger[metadataKey: "client"] = "\(session.id)"
         if let subject { sessionLogger[metadataKey: "sub"] = "\(subject)" }
         let logger = sessionLogger
+        await observeFrameDecoderErrors(channel: channel, session: session)
         logger.debug("session opened")
         var readerError: (any Error)?
         var readerEnded = false
@@ -63,20 +64,22 @@ extension RealtimeServer {
                 }
             }
         }
-        let code: UInt16
-        if let sent = session.closeCode {
-            code = sent.rawValue
-        } else if let readerError {
-            if let error = readerError as? NIOWebSocketError, error == .invalidFrameLength {
-                code = WebSocketCloseCode.messageTooBig.rawValue
-            } else {
-                code = 1006
-            }
-        } else {
-            code = WebSocketCloseCode.normalClosure.rawValue
-        }
+        _ = readerError
+        // The close frame that went out (an echo, when the client closed first), or 1006
+        // when none did (reset, vanished client).
+        let sent = session.sentCloseCode.load(ordering: .relaxed)
+        let code: UInt16 = sent != 0 ? sent : session.clientSentClose.load(ordering: .relaxed) ? 1000 : 1006
         endSession(session, code: code)
         logger.debug("session closed", metadata: ["code": "\(code)"])
+    }
+
+    /// Puts a `CloseFrameObserver` right after the frame decoder.
+    private func observeFrameDecoderErrors(channel: any Channel, session: SessionChannel) async {
+        try? await channel.eventLoop.submit {
+            let operations = channel.pipeline.syncOperations
+            let decoder = try operations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
+            try operations.addHandler(CloseFrameObserver(session: session), position: .after(decoder))
+        }.get()
     }
 
     /// Writes what the queue hands out until the close frame is sent. Returns true when a write failed.
@@ -288,5 +291,35 @@ extension RealtimeServer {
             reader.openIDs.remove(id)
             session.enqueue(ProtocolError(.internal, id: id, "the change stream failed while resuming (\(error)); resubscribe with 'since'").serverMessage)
         }
+    }
+}
+
+/// Notes the first close frame the server sends on a socket, from any sender
+/// (see `SessionChannel.sentCloseCode`). Sits right after the frame decoder, so it
+/// also sees the close that NIO's protocol error handler writes for a too-large frame.
+final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
+    typealias InboundIn = WebSocketFrame
+    typealias InboundOut = WebSocketFrame
+    typealias OutboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+    let session: SessionChannel
+
+    init(session: SessionChannel) { self.session = session }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if unwrapInboundIn(data).opcode == .connectionClose, session.sentCloseCode.load(ordering: .relaxed) == 0 {
+            session.clientSentClose.store(true, ordering: .relaxed)
+        }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let frame = unwrapOutboundIn(data)
+        if frame.opcode == .connectionClose {
+            var payload = frame.unmaskedData
+            let code = payload.readInteger(as: UInt16.self) ?? 1005
+            _ = session.sentCloseCode.compareExchange(expected: 0, desired: code, ordering: .relaxed)
+        }
+        context.write(data, promise: promise)
     }
 }

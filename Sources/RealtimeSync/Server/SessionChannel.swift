@@ -101,6 +101,12 @@ final class SessionChannel: Sendable {
         }
     }
 
+    /// The code of the first close frame the server sent on this socket (0: none yet), whoever
+    /// sent it: the session, Hummingbird (echo, ping timeout) or NIO (frame too large).
+    let sentCloseCode = Atomic<UInt16>(0)
+    /// Whether the client's close frame arrived (Hummingbird echoes it).
+    let clientSentClose = Atomic<Bool>(false)
+
     /// Ends the signals (the session is over).
     func finishSignals() {
         wakeContinuation.finish()
