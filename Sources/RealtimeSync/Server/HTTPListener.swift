@@ -1,0 +1,137 @@
+import HTTPTypes
+import Hummingbird
+import HummingbirdCore
+import HummingbirdWebSocket
+import Logging
+import NIOCore
+import NIOHTTP1
+import ServiceLifecycle
+
+/// The HTTP side of a `RealtimeServer`: a Hummingbird application with the routes of
+/// PROTOCOL.md and the WebSocket upgrade, run in its own service group.
+///
+/// Root of an unstructured task (documented exception to DESIGN.md rule 3): the
+/// application runs in a `Task.detached` so that it does not inherit the enclosing
+/// service group's graceful-shutdown signal. Were it to, Hummingbird would close the
+/// listener and every WebSocket (with 1000) the moment shutdown begins, before the
+/// server has stopped admitting (503), drained the fan-out, and sent 1001. The task is
+/// owned by `run()`, which awaits it and forwards cancellation; the server stops it
+/// with `stop()` as the last shutdown step.
+final class HTTPListener: Sendable {
+    private let group: ServiceGroup
+
+    init(server: RealtimeServer) throws {
+        let configuration = server.configuration
+        let router = Router(context: BasicRequestContext.self)
+        server.addRoutes(to: router)
+        let wsConfiguration = WebSocketServerConfiguration(
+            maxFrameSize: configuration.maxClientMessageBytes,
+            autoPing: .enabled(timePeriod: configuration.pingInterval),
+            closeTimeout: configuration.closeTimeout,
+            validateUTF8: true
+        )
+        let upgradeConfiguration = HTTP1WebSocketUpgradeChannel.Configuration(ws: wsConfiguration)
+        let serverBuilder = HTTPServerBuilder { responder in
+            GatedUpgradeChannel(
+                inner: HTTP1WebSocketUpgradeChannel(responder: responder, configuration: upgradeConfiguration) { request, channel, _ in
+                    server.shouldUpgrade(request, channel: channel)
+                },
+                admits: { head in server.admitsUpgrade(UpgradeRequest(head)) }
+            )
+        }
+        let app = Application(
+            router: router,
+            server: serverBuilder,
+            configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
+            onServerRunning: { channel in
+                server.listenerStarted(port: channel.localAddress?.port ?? configuration.port)
+            },
+            logger: configuration.logger
+        )
+        group = ServiceGroup(configuration: .init(services: [app], logger: configuration.logger))
+    }
+
+    /// Runs the application until `stop()` or cancellation.
+    func run() async throws {
+        let group = self.group
+        let task = Task.detached { try await group.run() }
+        try await withTaskCancellationHandler {
+            try await task.value
+        } onCancel: {
+            task.cancel()
+        }
+    }
+
+    /// Stops listening (the sockets are closed by then).
+    func stop() async {
+        await group.triggerGracefulShutdown()
+    }
+}
+
+extension UpgradeRequest {
+    /// From a NIO request head.
+    init(_ head: HTTPRequestHead) {
+        self.init(target: head.uri, headers: head.headers.map { ($0.name, $0.value) })
+    }
+
+    /// From a Hummingbird request.
+    init(_ request: HTTPRequest) {
+        self.init(target: request.path ?? "/", headers: request.headerFields.map { ($0.name.canonicalName, $0.value) })
+    }
+}
+
+/// Wraps Hummingbird's HTTP/1 + WebSocket channel with a gate before the upgrade
+/// handler: an upgrade that the server does not admit (draining, refused by the
+/// admission hook, a version other than 13) has its `Upgrade` header removed, so it
+/// reaches the router as a plain request, which answers it (503, 401, 426) with a
+/// JSON body. (Hummingbird would answer a refused upgrade with a bare 400.)
+struct GatedUpgradeChannel: ServerChildChannel {
+    typealias Value = HTTP1WebSocketUpgradeChannel.Value
+    let inner: HTTP1WebSocketUpgradeChannel
+    let admits: @Sendable (HTTPRequestHead) -> Bool
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        inner.setup(channel: channel, logger: logger).flatMapThrowing { value in
+            let operations = channel.pipeline.syncOperations
+            let upgrader = try operations.handler(type: NIOTypedHTTPServerUpgradeHandler<HTTP1WebSocketUpgradeChannel.UpgradeResult>.self)
+            try operations.addHandler(UpgradeGate(admits: admits), position: .before(upgrader))
+            return value
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await inner.handle(value: value, logger: logger)
+    }
+}
+
+/// See `GatedUpgradeChannel`. Looks at the first request head only (the upgrade
+/// handler, too, only upgrades the first request of a connection).
+final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    let admits: @Sendable (HTTPRequestHead) -> Bool
+
+    init(admits: @escaping @Sendable (HTTPRequestHead) -> Bool) { self.admits = admits }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var part = unwrapInboundIn(data)
+        if case .head(var head) = part {
+            if head.headers.contains(name: "upgrade") && !admits(head) {
+                head.headers.remove(name: "upgrade")
+                let connection = head.headers[canonicalForm: "connection"].filter { $0.lowercased() != "upgrade" }.map(String.init)
+                head.headers.remove(name: "connection")
+                if !connection.isEmpty { head.headers.add(name: "connection", value: connection.joined(separator: ", ")) }
+                head.headers.add(name: RealtimeServer.refusedUpgradeHeader, value: "1")
+                part = .head(head)
+            }
+        }
+        context.fireChannelRead(wrapInboundOut(part))
+        if case .head = part {
+            // Only the first request can upgrade; after an upgrade the bytes are WebSocket frames.
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+    }
+}
+
+@available(*, unavailable)
+extension UpgradeGate: Sendable {}

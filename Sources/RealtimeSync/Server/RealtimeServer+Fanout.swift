@@ -1,0 +1,86 @@
+import Logging
+import Synchronization
+
+extension RealtimeServer {
+    /// The fan-out: reads the source's live stream and hands each change to every
+    /// session it matches, until `stop` yields or the stream ends.
+    func runFanout(stop: AsyncStream<Void>) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.fanoutLoop(self.source) }
+            group.addTask { for await _ in stop { return } }
+            await group.next()
+            group.cancelAll()
+        }
+        state.withLock { $0.fanoutEnded = true }
+    }
+
+    private func fanoutLoop<Source: ChangeSource>(_ source: Source) async {
+        var backoff = Duration.milliseconds(50)
+        while !Task.isCancelled {
+            let after = state.withLock { $0.lastDelivered }
+            do {
+                let stream = try await source.changes(after: after)
+                for try await event in stream {
+                    deliver(event)
+                    backoff = .milliseconds(50)
+                }
+                if !Task.isCancelled { logger.info("change stream ended; fan-out stopped", metadata: ["cursor": "\(after)"]) }
+                return
+            } catch let error as ResumeWindowError {
+                let current = source.currentCursor
+                logger.error("fan-out fell behind the resume window; continuing from the newest change (clients may miss changes; raise the resume window's maxCount or maxAge)",
+                             metadata: ["error": "\(error)", "cursor": "\(current)"])
+                state.withLock { $0.lastDelivered = max($0.lastDelivered, current) }
+            } catch {
+                if Task.isCancelled { return }
+                logger.warning("change stream failed; fan-out retries", metadata: ["error": "\(error)", "retry_in": "\(backoff)"])
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(5))
+            }
+        }
+    }
+
+    /// Matches `event`, encodes it once and queues one frame per matching client, all
+    /// under the state lock so that `subscribed`/`unsubscribed` and changes keep their order.
+    func deliver(_ event: ChangeEvent) {
+        let cursor = event.cursor
+        let overflowed = state.withLock { state -> [FanoutClientID] in
+            guard cursor > state.lastDelivered else { return [] }
+            state.lastDelivered = cursor
+            state.changesProcessed += 1
+            let deliveries = state.hub.match(event)
+            if deliveries.isEmpty { return [] }
+            let change = EncodedChange(event)
+            var overflowed: [FanoutClientID] = []
+            for delivery in deliveries {
+                guard let session = state.sessions[delivery.client] else { continue }
+                let frame: [UInt8]
+                if let starts = state.startAfter[delivery.client] {
+                    var ids: [String] = []
+                    var remaining = starts
+                    for id in delivery.subscriptionIDs {
+                        if let start = starts[id], cursor <= start { continue }
+                        remaining[id] = nil
+                        ids.append(id)
+                    }
+                    state.startAfter[delivery.client] = remaining.isEmpty ? nil : remaining
+                    if ids.isEmpty { continue }
+                    frame = change.frame(ids: ids)
+                } else {
+                    frame = change.frame(for: delivery)
+                }
+                if session.enqueue(frame) == .overflow {
+                    state.hub.removeClient(delivery.client)
+                    state.startAfter[delivery.client] = nil
+                    overflowed.append(delivery.client)
+                }
+            }
+            return overflowed
+        }
+        metrics.changesProcessed.increment()
+        for client in overflowed {
+            logger.notice("slow consumer closed with 1013 (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes))",
+                          metadata: ["client": "\(client)", "cursor": "\(cursor)"])
+        }
+    }
+}

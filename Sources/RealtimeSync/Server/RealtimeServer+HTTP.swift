@@ -1,0 +1,72 @@
+import HTTPTypes
+import Hummingbird
+import HummingbirdWebSocket
+import NIOCore
+
+extension RealtimeServer {
+    /// Set by the upgrade gate on an upgrade it refused, so `/ws` answers why.
+    static let refusedUpgradeHeader = "x-realtime-refused-upgrade"
+
+    /// Whether an upgrade request may proceed to the WebSocket upgrader.
+    func admitsUpgrade(_ request: UpgradeRequest) -> Bool {
+        guard request.path == "/ws", request.header("sec-websocket-version") == "13" else { return false }
+        guard !isDraining else { return false }
+        if case .admit = configuration.admission(request) { return true }
+        return false
+    }
+
+    /// Hummingbird's upgrade decision (after the gate admitted the request).
+    func shouldUpgrade(_ request: HTTPRequest, channel: any Channel)
+        -> ShouldUpgradeResult<WebSocketDataHandler<HTTP1WebSocketUpgradeChannel.Context>> {
+        let upgrade = UpgradeRequest(request)
+        guard upgrade.path == "/ws", case .admit(let access, let subject) = configuration.admission(upgrade) else {
+            return .dontUpgrade
+        }
+        return .upgrade([:]) { inbound, outbound, _ in
+            await self.runSession(inbound: inbound, outbound: outbound, channel: channel, access: access, subject: subject)
+        }
+    }
+
+    func addRoutes(to router: Router<BasicRequestContext>) {
+        router.get("/ws") { request, _ -> Response in
+            self.answerPlainWebSocketRequest(request)
+        }
+        router.get("/healthz") { _, _ -> Response in
+            Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
+        }
+        router.get("/readyz") { _, _ -> Response in
+            if self.isDraining { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"shutting_down"}"#) }
+            if !self.source.isConnected { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"change_stream_disconnected"}"#) }
+            return Self.json(.ok, #"{"ready":true}"#)
+        }
+        router.get("/metrics") { _, _ -> Response in
+            let text = self.metrics.exposition(self.statistics)
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                            body: .init(byteBuffer: ByteBuffer(bytes: text)))
+        }
+        router.get("/") { _, _ -> Response in
+            Response(status: .ok, headers: [.contentType: "text/html; charset=utf-8"],
+                     body: .init(byteBuffer: ByteBuffer(string: self.configuration.indexHTML)))
+        }
+    }
+
+    /// `/ws` that reached the router: not an upgrade, or one the gate refused.
+    private func answerPlainWebSocketRequest(_ request: Request) -> Response {
+        if isDraining { return Self.json(.serviceUnavailable, #"{"error":"shutting_down"}"#) }
+        let upgrade = UpgradeRequest(request.head)
+        if let version = upgrade.header("sec-websocket-version"), version != "13" {
+            var response = Self.json(.upgradeRequired, #"{"error":"unsupported_websocket_version","supported":"13"}"#)
+            response.headers[.secWebSocketVersion] = "13"
+            return response
+        }
+        if upgrade.header(Self.refusedUpgradeHeader) != nil, case .unauthorized(let reason) = configuration.admission(upgrade) {
+            logger.info("websocket upgrade refused: unauthorized", metadata: ["reason": "\(reason)"])
+            return Self.json(.unauthorized, #"{"error":"unauthorized"}"#)
+        }
+        return Self.json(.badRequest, #"{"error":"websocket_upgrade_required"}"#)
+    }
+
+    static func json(_ status: HTTPResponse.Status, _ body: String) -> Response {
+        Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: body)))
+    }
+}

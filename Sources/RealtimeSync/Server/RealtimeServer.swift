@@ -1,0 +1,257 @@
+import Hummingbird
+import Logging
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// Live counts of a `RealtimeServer` (also exported at `/metrics`).
+public struct RealtimeServerStatistics: Sendable, Hashable {
+    /// Open WebSocket sessions.
+    public var sessions: Int
+    /// Open subscriptions in the fan-out hub (resuming ones join it when caught up).
+    public var subscriptions: Int
+    /// Bytes waiting in every socket's send queue.
+    public var queuedBytes: Int
+    /// Messages waiting in every socket's send queue.
+    public var queuedMessages: Int
+    /// Messages written to sockets so far.
+    public var deliveredMessages: Int
+    /// Changes the fan-out has processed so far.
+    public var changesProcessed: Int
+    /// Sockets ended so far, by close code (1006: the connection ended without a close handshake).
+    public var closes: [UInt16: Int]
+    /// Whether shutdown has begun (no new sockets are admitted).
+    public var isDraining: Bool
+    /// The cursor of the last change the fan-out processed.
+    public var fanoutCursor: Cursor
+}
+
+/// Where the server is in its life.
+enum ServerPhase: Int, Sendable, Comparable {
+    case running, draining, closingSockets, stopped
+    static func < (lhs: ServerPhase, rhs: ServerPhase) -> Bool { lhs.rawValue < rhs.rawValue }
+}
+
+/// Everything the server's sessions and fan-out share, behind one lock.
+struct ServerState: Sendable {
+    var hub: FanoutHub
+    var sessions: [FanoutClientID: SessionChannel] = [:]
+    /// Subscriptions that resumed ahead of the fan-out: skip changes at or before the cursor.
+    var startAfter: [FanoutClientID: [String: Cursor]] = [:]
+    /// The cursor of the last change the fan-out processed.
+    var lastDelivered: Cursor
+    var nextClientID: UInt64 = 1
+    var phase = ServerPhase.running
+    var changesProcessed = 0
+    var fanoutEnded = false
+    var closes: [UInt16: Int] = [:]
+    var listeningPort: Int?
+    var listeningFailure: String?
+    var portWaiters: [CheckedContinuation<Int, any Error>] = []
+
+    /// Adds a subscription that has caught up (see `RealtimeServer.resume`).
+    mutating func join(_ subscription: ResolvedSubscription, client: FanoutClientID, lastCovered: Cursor) {
+        do {
+            try hub.subscribe(client: client, subscription)
+        } catch {
+            return  // the session checked id and count before; nothing else adds for it
+        }
+        if lastCovered > lastDelivered { startAfter[client, default: [:]][subscription.id] = lastCovered }
+    }
+}
+
+/// Errors of the server itself (not of a client's message).
+public struct RealtimeServerError: Error, Sendable, CustomStringConvertible {
+    /// What went wrong and what to change.
+    public var message: String
+    /// Creates an error.
+    public init(_ message: String) { self.message = message }
+    /// The message.
+    public var description: String { message }
+}
+
+/// The realtime service: HTTP and WebSocket endpoints (PROTOCOL.md), one session per
+/// socket, the fan-out of the change source to subscriptions, and the ordered shutdown
+/// of DESIGN.md. A swift-service-lifecycle `Service`: `run()` serves until graceful
+/// shutdown, then stops admitting, runs the shutdown hooks, delivers every change up to
+/// the cursor at which shutdown began, closes every socket with 1001, and returns.
+public final class RealtimeServer: Service, Sendable {
+    /// The settings in force.
+    public let configuration: RealtimeServerConfiguration
+    let source: any ChangeSource
+    let state: Mutex<ServerState>
+    let deliveredCount = Atomic<Int>(0)
+    let metrics: ServerMetrics
+    let logger: Logger
+
+    /// Creates a server over `source`.
+    public init(source: some ChangeSource, configuration: RealtimeServerConfiguration) {
+        self.configuration = configuration
+        self.source = source
+        self.logger = configuration.logger
+        self.state = Mutex(ServerState(hub: FanoutHub(limits: configuration.hubLimits), lastDelivered: source.currentCursor))
+        self.metrics = ServerMetrics(registry: configuration.metricsRegistry)
+    }
+
+    /// A snapshot of the live counts.
+    public var statistics: RealtimeServerStatistics {
+        let (sessions, stats) = state.withLock { state in
+            (Array(state.sessions.values),
+             RealtimeServerStatistics(sessions: state.sessions.count, subscriptions: state.hub.subscriptionCount,
+                                      queuedBytes: 0, queuedMessages: 0, deliveredMessages: 0,
+                                      changesProcessed: state.changesProcessed, closes: state.closes,
+                                      isDraining: state.phase >= .draining, fanoutCursor: state.lastDelivered))
+        }
+        var result = stats
+        for session in sessions {
+            let queued = session.queued
+            result.queuedBytes += queued.bytes
+            result.queuedMessages += queued.messages
+        }
+        result.deliveredMessages = deliveredCount.load(ordering: .relaxed)
+        return result
+    }
+
+    /// Whether shutdown has begun.
+    public var isDraining: Bool { state.withLock { $0.phase >= .draining } }
+
+    /// Waits until the listener is bound and returns its port (useful with `port: 0`).
+    /// Throws when the listener could not start.
+    public func waitUntilListening() async throws -> Int {
+        try await withCheckedThrowingContinuation { continuation in
+            let answer = state.withLock { state -> Result<Int, RealtimeServerError>? in
+                if let port = state.listeningPort { return .success(port) }
+                if let failure = state.listeningFailure { return .failure(RealtimeServerError(failure)) }
+                state.portWaiters.append(continuation)
+                return nil
+            }
+            if let answer { continuation.resume(with: answer) }
+        }
+    }
+
+    func listenerStarted(port: Int) {
+        let waiters = state.withLock { state in
+            state.listeningPort = port
+            defer { state.portWaiters.removeAll() }
+            return state.portWaiters
+        }
+        for waiter in waiters { waiter.resume(returning: port) }
+    }
+
+    func listenerFailed(_ message: String) {
+        let waiters = state.withLock { state in
+            state.listeningFailure = message
+            defer { state.portWaiters.removeAll() }
+            return state.portWaiters
+        }
+        for waiter in waiters { waiter.resume(throwing: RealtimeServerError(message)) }
+    }
+
+    private enum RunEvent: Sendable {
+        case shutdownRequested
+        case listenerEnded((any Error)?)
+        case fanoutEnded
+    }
+
+    /// Serves until graceful shutdown (then shuts down in order) or cancellation (then
+    /// closes everything at once). Throws when the listener cannot start.
+    public func run() async throws {
+        let (shutdownSignal, shutdownContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let (fanoutStop, fanoutStopContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let listener = try HTTPListener(server: self)
+        state.withLock { $0.lastDelivered = source.currentCursor }
+        logger.info("realtime server starting", metadata: ["host": "\(configuration.host)", "port": "\(configuration.port)"])
+        try await withGracefulShutdownHandler {
+            try await withThrowingTaskGroup(of: RunEvent.self) { group in
+                group.addTask {
+                    for await _ in shutdownSignal { return .shutdownRequested }
+                    return .shutdownRequested
+                }
+                group.addTask {
+                    do {
+                        try await listener.run()
+                        return .listenerEnded(nil)
+                    } catch {
+                        return .listenerEnded(error)
+                    }
+                }
+                group.addTask {
+                    await self.runFanout(stop: fanoutStop)
+                    return .fanoutEnded
+                }
+                var fanoutRunning = true
+                while let event = try await group.next() {
+                    switch event {
+                    case .fanoutEnded:
+                        fanoutRunning = false
+                    case .listenerEnded(let error):
+                        group.cancelAll()
+                        closeAllSessionsNow()
+                        if let error {
+                            listenerFailed("the HTTP listener on \(configuration.host):\(configuration.port) failed: \(error) (check host and port)")
+                            throw error
+                        }
+                        if Task.isCancelled { return }
+                        throw RealtimeServerError("the HTTP listener stopped unexpectedly")
+                    case .shutdownRequested:
+                        if Task.isCancelled {
+                            group.cancelAll()
+                            closeAllSessionsNow()
+                            return
+                        }
+                        _ = fanoutRunning
+                        await shutDownInOrder(stopFanout: fanoutStopContinuation, listener: listener)
+                        group.cancelAll()
+                        return
+                    }
+                }
+            }
+        } onGracefulShutdown: {
+            shutdownContinuation.yield()
+        }
+        state.withLock { $0.phase = .stopped }
+    }
+
+    /// Drops every session at once (cancellation, listener failure).
+    private func closeAllSessionsNow() {
+        let sessions = state.withLock { state in
+            state.phase = max(state.phase, .closingSockets)
+            return Array(state.sessions.values)
+        }
+        for session in sessions {
+            session.closeNow(.goingAway)
+            session.channel.close(promise: nil)
+        }
+    }
+
+    // MARK: Sessions' share of the state
+
+    /// Registers a new socket. During shutdown the session is closed with 1001 at once.
+    func openSession(channel: any Channel) -> SessionChannel {
+        state.withLock { state in
+            let id = FanoutClientID(state.nextClientID)
+            state.nextClientID += 1
+            let session = SessionChannel(id: id, channel: channel, limits: configuration.queueLimits)
+            state.sessions[id] = session
+            if state.phase >= .draining { session.close(.goingAway) }
+            return session
+        }
+    }
+
+    /// Releases everything a session held; `code` is how its socket ended.
+    func endSession(_ session: SessionChannel, code: UInt16) {
+        state.withLock { state in
+            state.sessions[session.id] = nil
+            state.hub.removeClient(session.id)
+            state.startAfter[session.id] = nil
+            state.closes[code, default: 0] += 1
+        }
+        session.finishSignals()
+        metrics.recordClose(code: code)
+    }
+
+    func recordDelivered(_ count: Int) {
+        deliveredCount.add(count, ordering: .relaxed)
+        metrics.deliveredMessages.increment(by: Int64(count))
+    }
+}

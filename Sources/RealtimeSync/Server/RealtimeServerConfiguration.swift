@@ -1,0 +1,128 @@
+import Logging
+import Prometheus
+
+/// An HTTP request for `/ws` as the admission hooks see it: the request target and headers.
+public struct UpgradeRequest: Sendable {
+    /// The request target, path and query (`/ws?access_token=…`).
+    public var target: String
+    /// Header fields, names lower-cased, in order.
+    public var headers: [(name: String, value: String)]
+
+    /// Creates a request.
+    public init(target: String, headers: [(name: String, value: String)]) {
+        self.target = target
+        self.headers = headers.map { ($0.name.lowercased(), $0.value) }
+    }
+
+    /// The path without the query.
+    public var path: String {
+        if let query = target.firstIndex(of: "?") { return String(target[..<query]) }
+        return target
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    public func header(_ name: String) -> String? {
+        let lowered = name.lowercased()
+        return headers.first { $0.name == lowered }?.value
+    }
+
+    /// The raw (not percent-decoded) value of query parameter `name`.
+    public func queryParameter(_ name: String) -> String? {
+        guard let start = target.firstIndex(of: "?") else { return nil }
+        for pair in target[target.index(after: start)...].split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            if parts.first.map(String.init) == name { return parts.count > 1 ? String(parts[1]) : "" }
+        }
+        return nil
+    }
+}
+
+/// What the admission hook decides about a WebSocket upgrade (issue 7 plugs auth in here).
+public enum UpgradeDecision: Sendable {
+    /// Upgrade; the session may subscribe to what `access` grants. `subject` is logged.
+    case admit(TableAccess, subject: String?)
+    /// No upgrade: `401` with `{"error":"unauthorized"}`. `reason` is logged, never sent.
+    case unauthorized(reason: String)
+}
+
+/// One step of the ordered shutdown that the composition root plugs in (cancel the
+/// scheduler's jobs; stop capture at the shutdown LSN and drain the pool).
+public struct ShutdownHook: Sendable {
+    /// Named in the step's log line, e.g. `cancel scheduler jobs`.
+    public var name: String
+    /// How long the step may take; then it is cancelled and the log says so.
+    public var deadline: Duration
+    /// The step. Returns what it cut off (e.g. `2 running jobs cancelled`), or nil for nothing.
+    public var run: @Sendable () async throws -> String?
+
+    /// Creates a hook.
+    public init(name: String, deadline: Duration, run: @escaping @Sendable () async throws -> String?) {
+        self.name = name
+        self.deadline = deadline
+        self.run = run
+    }
+}
+
+/// Settings of a `RealtimeServer`. Every limit named in an error or log is a field here.
+public struct RealtimeServerConfiguration: Sendable {
+    /// Address to listen on. Default `127.0.0.1`.
+    public var host: String
+    /// Port to listen on; 0 picks a free one (see `RealtimeServer.waitUntilListening()`). Default 8080.
+    public var port: Int
+    /// Largest frame, and largest message, a client may send (close 1009 beyond). Default 64 KiB.
+    public var maxClientMessageBytes: Int
+    /// How often the server pings each socket. A socket whose ping is still unanswered
+    /// when the next is due is dropped (so at most two intervals of silence). Default 30 s.
+    public var pingInterval: Duration
+    /// How long the server waits for the client's close frame after sending its own. Default 5 s.
+    public var closeTimeout: Duration
+    /// Each socket's send queue bounds (close 1013 beyond). Default 1,024 messages or 8 MiB.
+    public var queueLimits: OutboundQueue<[UInt8]>.Limits
+    /// Fan-out bounds (`maxSubscriptionsPerClient`, default 100).
+    public var hubLimits: FanoutHub.Limits
+    /// Decides each `/ws` upgrade (auth). Default: admit everyone to every table.
+    public var admission: @Sendable (UpgradeRequest) -> UpgradeDecision
+    /// Steps run in order between "stop admitting" and "close sockets" (scheduler jobs,
+    /// capture and pool). Empty by default.
+    public var shutdownHooks: [ShutdownHook]
+    /// Deadline for the fan-out to deliver every change up to the cursor at which shutdown began. Default 3 s.
+    public var fanoutDrainDeadline: Duration
+    /// Deadline for flushing every socket, sending 1001 and receiving the client's close. Default 5 s.
+    public var socketCloseDeadline: Duration
+    /// Deadline for the HTTP listener to stop after the sockets are closed. Default 2 s.
+    public var listenerStopDeadline: Duration
+    /// Where `/metrics` metrics live; pass the application's registry to expose its other metrics too.
+    public var metricsRegistry: PrometheusCollectorRegistry
+    /// The page served at `/`.
+    public var indexHTML: String
+    /// Logger for the server, its sessions and its shutdown.
+    public var logger: Logger
+
+    /// Creates a configuration with the defaults above.
+    public init(host: String = "127.0.0.1", port: Int = 8080, logger: Logger = Logger(label: "realtime-sync.server")) {
+        self.host = host
+        self.port = port
+        self.maxClientMessageBytes = 64 << 10
+        self.pingInterval = .seconds(30)
+        self.closeTimeout = .seconds(5)
+        self.queueLimits = .init()
+        self.hubLimits = .init()
+        self.admission = { _ in .admit(.unrestricted, subject: nil) }
+        self.shutdownHooks = []
+        self.fanoutDrainDeadline = .seconds(3)
+        self.socketCloseDeadline = .seconds(5)
+        self.listenerStopDeadline = .seconds(2)
+        self.metricsRegistry = PrometheusCollectorRegistry()
+        self.indexHTML = RealtimeServerConfiguration.placeholderPage
+        self.logger = logger
+    }
+
+    /// The placeholder page at `/` until the live page lands.
+    public static let placeholderPage = """
+        <!doctype html>
+        <html lang="en"><head><meta charset="utf-8"><title>realtime-sync</title></head>
+        <body><h1>realtime-sync</h1>
+        <p>WebSocket endpoint: <code>/ws</code>. Probes: <code>/healthz</code>, <code>/readyz</code>. Metrics: <code>/metrics</code>.</p>
+        </body></html>
+        """
+}

@@ -1,0 +1,145 @@
+import Foundation
+import Synchronization
+import RealtimeSync
+import Testing
+
+@Suite("server: close codes")
+struct ServerCloseTests {
+    /// Opens a socket with one subscription, runs `provoke`, and returns the close code the client got.
+    func closeCode(alone: Bool = false, configure: (inout RealtimeServerConfiguration) -> Void = { _ in },
+                   _ provoke: @escaping @Sendable (TestConnection, InMemoryChangeSource, TestServer) async throws -> UInt16?) async throws
+        -> (code: UInt16?, statistics: RealtimeServerStatistics) {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        let result = Mutex<(UInt16?, RealtimeServerStatistics?)>((nil, nil))
+        try await withTestServer(source: source, alone: alone, configure: configure) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s")
+            let code = try await provoke(socket, source, test)
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+            result.withLock { $0 = (code, test.server.statistics) }
+            await socket.close()
+        }
+        let (code, statistics) = result.withLock { $0 }
+        return (code, try #require(statistics))
+    }
+
+    @Test("1000: the server echoes the client's close")
+    func normalClosure() async throws {
+        let (code, statistics) = try await closeCode { socket, _, _ in
+            try await socket.sendClose(1000)
+            return try await socket.receiveClose()
+        }
+        #expect(code == 1000)
+        #expect(statistics.closes[1000] == 1)
+        #expect(statistics.subscriptions == 0)
+    }
+
+    @Test("1003: a binary frame")
+    func binaryFrame() async throws {
+        let (code, statistics) = try await closeCode { socket, _, _ in
+            try await socket.sendFrame(opcode: 0x2, payload: [1, 2, 3])
+            let code = try await socket.receiveClose()
+            try await socket.sendClose(1000)
+            return code
+        }
+        #expect(code == 1003)
+        #expect(statistics.closes[1003] == 1)
+    }
+
+    @Test("1007: a text frame that is not UTF-8")
+    func invalidUTF8() async throws {
+        let (code, statistics) = try await closeCode { socket, _, _ in
+            try await socket.sendFrame(opcode: 0x1, payload: Array(#"{"type":"unsubscribe","id":""#.utf8) + [0xC3, 0x28] + Array(#""}"#.utf8))
+            let code = try await socket.receiveClose()
+            try await socket.sendClose(1000)
+            return code
+        }
+        #expect(code == 1007)
+        #expect(statistics.closes[1007] == 1)
+    }
+
+    @Test("1009: one frame over 64 KiB")
+    func frameTooBig() async throws {
+        let (code, statistics) = try await closeCode { socket, _, _ in
+            try await socket.sendFrame(opcode: 0x1, payload: Array(repeating: UInt8(ascii: " "), count: (64 << 10) + 1))
+            return try await socket.receiveClose()
+        }
+        #expect(code == 1009)
+        #expect(statistics.closes[1009] == 1, "\(statistics.closes)")
+    }
+
+    @Test("1009: a message of several frames over 64 KiB")
+    func messageTooBig() async throws {
+        let (code, statistics) = try await closeCode { socket, _, _ in
+            let half = Array(repeating: UInt8(ascii: " "), count: 40 << 10)
+            try await socket.sendFrame(opcode: 0x1, payload: half, fin: false)
+            try await socket.sendFrame(opcode: 0x0, payload: half, fin: true)
+            let code = try await socket.receiveClose()
+            try await socket.sendClose(1000)
+            return code
+        }
+        #expect(code == 1009)
+        #expect(statistics.closes[1009] == 1, "\(statistics.closes)")
+    }
+
+    @Test("A message of several frames within 64 KiB is assembled and answered")
+    func fragmentedMessage() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            let text = Array(#"{"type":"subscribe","id":"f","table":"items"}"#.utf8)
+            try await socket.sendFrame(opcode: 0x1, payload: Array(text[..<10]), fin: false)
+            try await socket.sendFrame(opcode: 0x0, payload: Array(text[10...]), fin: true)
+            #expect(try await socket.receiveJSON()["type"] as? String == "subscribed")
+            await socket.close()
+        }
+    }
+
+    @Test("1013: a client beyond its send queue is closed and everything it held is freed")
+    func slowConsumer() async throws {
+        let (code, statistics) = try await closeCode(alone: true, configure: { configuration in
+            configuration.queueLimits = .init(maxMessages: 8, maxBytes: 64 << 10)
+            configuration.closeTimeout = .seconds(10)
+        }) { socket, source, test in
+            // The client reads nothing while ~9 MB of changes arrive: socket buffers fill, then the queue.
+            source.publish(itemInserts(1...300, padding: 30_000))
+            #expect(await eventually(10) { test.server.statistics.subscriptions == 0 })
+            let code = try await socket.receiveClose(timeout: 10)
+            try await socket.sendClose(1000)
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+            return code
+        }
+        #expect(code == 1013)
+        #expect(statistics.closes[1013] == 1)
+        #expect(statistics.queuedBytes == 0)
+    }
+
+    @Test("A client that does not answer pings is dropped; one that answers stays")
+    func pingTimeout() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, configure: { $0.pingInterval = .milliseconds(500) }) { test in
+            let silent = try await connectWebSocket(port: test.port)
+            silent.answersPings = false
+            try await silent.subscribe("s")
+            let answering = try await connectWebSocket(port: test.port)
+            try await answering.subscribe("s")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    // Reads (and so answers pings) until the change arrives.
+                    let change = try await answering.receiveJSON(timeout: 10)
+                    #expect(change["type"] as? String == "change")
+                }
+                #expect(try await silent.waitForEndOfStream(timeout: 5))
+                #expect(silent.pingsSeen >= 1)
+                #expect(await eventually { test.server.statistics.sessions == 1 && test.server.statistics.subscriptions == 1 })
+                // The answering client is still served after several intervals.
+                try await Task.sleep(for: .milliseconds(1_600))
+                source.publish(itemInserts([1]))
+                try await group.waitForAll()
+            }
+            #expect(answering.pingsSeen >= 3)
+            #expect(test.server.statistics.closes[1001] == 1)
+            await answering.close()
+        }
+    }
+}

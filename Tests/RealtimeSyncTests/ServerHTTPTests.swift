@@ -1,0 +1,132 @@
+import Foundation
+import RealtimeSync
+import Testing
+
+@Suite("server: HTTP endpoints")
+struct ServerHTTPTests {
+    @Test("GET /healthz answers 200 ok")
+    func healthz() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            defer { Task { await connection.close() } }
+            let response = try await connection.request("GET", "/healthz")
+            #expect(response.status == 200)
+            #expect(response.body == "ok\n")
+        }
+    }
+
+    @Test("GET /readyz: 200 while the source is connected, 503 with a reason when not")
+    func readyz() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            let ready = try await connection.request("GET", "/readyz")
+            #expect(ready.status == 200)
+            #expect(ready.body == #"{"ready":true}"#)
+            source.setConnected(false)
+            let notReady = try await connection.request("GET", "/readyz")
+            #expect(notReady.status == 503)
+            #expect(notReady.headers["content-type"] == "application/json")
+            #expect(notReady.body == #"{"ready":false,"reason":"change_stream_disconnected"}"#)
+            await connection.close()
+        }
+    }
+
+    @Test("GET /ws without an upgrade answers 400 websocket_upgrade_required")
+    func wsWithoutUpgrade() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            let response = try await connection.request("GET", "/ws")
+            #expect(response.status == 400)
+            #expect(response.body == #"{"error":"websocket_upgrade_required"}"#)
+            await connection.close()
+        }
+    }
+
+    @Test("GET /ws with Sec-WebSocket-Version 8 answers 426 with Sec-WebSocket-Version: 13")
+    func wsWrongVersion() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            let response = try await connection.upgrade(version: "8")
+            #expect(response.status == 426)
+            #expect(response.headers["sec-websocket-version"] == "13")
+            await connection.close()
+        }
+    }
+
+    @Test("GET /ws with a valid upgrade answers 101 with the RFC 6455 accept value")
+    func wsUpgrade() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            // RFC 6455 section 1.3's example key and accept value.
+            let response = try await connection.upgrade(key: "dGhlIHNhbXBsZSBub25jZQ==")
+            #expect(response.status == 101)
+            #expect(response.headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            #expect(response.headers["upgrade"]?.lowercased() == "websocket")
+            #expect(await eventually { test.server.statistics.sessions == 1 })
+            try await connection.sendClose()
+            #expect(try await connection.receiveClose() == 1000)
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+        }
+    }
+
+    @Test("The admission hook refusing an upgrade answers 401 unauthorized without upgrading")
+    func wsUnauthorized() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { configuration in
+            configuration.admission = { request in
+                request.header("authorization") == "Bearer good" ? .admit(.unrestricted, subject: "u1") : .unauthorized(reason: "no token")
+            }
+        }) { test in
+            let refused = try await TestConnection.open(port: test.port)
+            let response = try await refused.upgrade()
+            #expect(response.status == 401)
+            #expect(response.body == #"{"error":"unauthorized"}"#)
+            #expect(response.headers["upgrade"] == nil)
+            await refused.close()
+            let admitted = try await TestConnection.open(port: test.port)
+            #expect(try await admitted.upgrade(extraHeaders: [("Authorization", "Bearer good")]).status == 101)
+            await admitted.close()
+        }
+    }
+
+    @Test("GET / serves the page; unknown paths 404")
+    func indexPage() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            let page = try await connection.request("GET", "/")
+            #expect(page.status == 200)
+            #expect(page.headers["content-type"]?.hasPrefix("text/html") == true)
+            #expect(page.body.contains("/ws"))
+            let missing = try await connection.request("GET", "/nope")
+            #expect(missing.status == 404)
+            await connection.close()
+        }
+    }
+
+    @Test("GET /metrics exposes sessions, subscriptions, queued bytes, delivered messages and closes by code")
+    func metrics() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s1")
+            source.publish(itemInserts([1]))
+            #expect(try await socket.receiveJSON()["type"] as? String == "change")
+            let http = try await TestConnection.open(port: test.port)
+            let live = try await http.request("GET", "/metrics")
+            #expect(live.status == 200)
+            #expect(live.headers["content-type"]?.hasPrefix("text/plain") == true)
+            #expect(live.body.contains("realtime_sessions 1"))
+            #expect(live.body.contains("realtime_subscriptions 1"))
+            #expect(live.body.contains("realtime_queued_bytes 0"))
+            #expect(live.body.contains("realtime_delivered_messages_total 2"))
+            try await socket.sendClose()
+            #expect(try await socket.receiveClose() == 1000)
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+            let after = try await http.request("GET", "/metrics")
+            #expect(after.body.contains("realtime_sessions 0"))
+            #expect(after.body.contains("realtime_subscriptions 0"))
+            #expect(after.body.contains(#"realtime_socket_closes_total{code="1000"} 1"#))
+            await http.close()
+        }
+    }
+}

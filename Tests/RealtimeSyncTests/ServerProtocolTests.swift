@@ -1,0 +1,165 @@
+import Foundation
+import RealtimeSync
+import Testing
+
+@Suite("server: WebSocket protocol")
+struct ServerProtocolTests {
+    @Test("subscribe, change, unsubscribe: subscribed carries the cursor, changes follow it, none after unsubscribed")
+    func subscribeChangeUnsubscribe() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        source.publish(itemInserts([1]))
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            let cursor = try await socket.subscribe("s1", filter: "status=eq.open")
+            #expect(cursor == itemInserts([1])[0].cursor.description)
+            source.publish(itemInserts([2]))
+            let change = try await socket.receiveJSON()
+            #expect(change["type"] as? String == "change")
+            #expect(change["ids"] as? [String] == ["s1"])
+            #expect(change["op"] as? String == "INSERT")
+            #expect(change["table"] as? String == "public.items")
+            #expect(change["cursor"] as? String == itemInserts([2])[0].cursor.description)
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
+            try await socket.sendText(#"{"type":"unsubscribe","id":"s1"}"#)
+            let unsubscribed = try await socket.receiveJSON()
+            #expect(unsubscribed["type"] as? String == "unsubscribed")
+            #expect(unsubscribed["id"] as? String == "s1")
+            #expect(test.server.statistics.subscriptions == 0)
+            source.publish(itemInserts([3]))
+            try await socket.subscribe("s2")  // the next message is this answer, not a change for s1
+            try await socket.sendClose()
+            #expect(try await socket.receiveClose() == 1000)
+        }
+    }
+
+    @Test("A change matching several subscriptions of one client arrives once, with every matching id")
+    func oneMessagePerClient() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("all")
+            try await socket.subscribe("open", filter: "status=eq.open")
+            try await socket.subscribe("closed", filter: "status=eq.closed")
+            try await socket.subscribe("big", filter: "qty=gt.1")
+            source.publish(itemInserts([1]))
+            source.publish(itemInserts([2], status: "closed"))
+            let first = try await socket.receiveJSON()
+            #expect(first["ids"] as? [String] == ["all", "open"])
+            let second = try await socket.receiveJSON()
+            #expect(second["ids"] as? [String] == ["all", "closed", "big"])
+            #expect(test.server.statistics.subscriptions == 4)
+            await socket.close()
+            #expect(await eventually { test.server.statistics.subscriptions == 0 })
+        }
+    }
+
+    @Test("Each error code the server answers, with the socket left open")
+    func errorCodes() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, configure: { $0.hubLimits = .init(maxSubscriptionsPerClient: 2) }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            func expectError(_ message: String, code: String, id: String?) async throws {
+                try await socket.sendText(message)
+                let answer = try await socket.receiveJSON()
+                #expect(answer["type"] as? String == "error", "\(message)")
+                #expect(answer["code"] as? String == code, "\(message) → \(answer)")
+                #expect(answer["id"] as? String == id, "\(message) → \(answer)")
+                #expect((answer["message"] as? String)?.isEmpty == false)
+            }
+            try await expectError("not json", code: "invalid_message", id: nil)
+            try await expectError(#"{"type":"subscribe","id":"x","table":"items","filtr":"a=eq.1"}"#, code: "invalid_message", id: "x")
+            try await expectError(#"{"type":"hello","id":"x"}"#, code: "unknown_type", id: "x")
+            try await expectError(#"{"type":"subscribe","id":"x","table":"items","filter":"stauts=eq.open"}"#, code: "invalid_filter", id: "x")
+            try await expectError(#"{"type":"subscribe","id":"x","table":"nope"}"#, code: "unknown_table", id: "x")
+            try await socket.subscribe("a")
+            try await expectError(#"{"type":"subscribe","id":"a","table":"items"}"#, code: "duplicate_subscription", id: "a")
+            try await socket.subscribe("b")
+            try await expectError(#"{"type":"subscribe","id":"c","table":"items"}"#, code: "too_many_subscriptions", id: "c")
+            try await expectError(#"{"type":"unsubscribe","id":"zz"}"#, code: "invalid_message", id: "zz")
+            // Still open and serving.
+            source.publish(itemInserts([1]))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["a", "b"])
+            await socket.close()
+        }
+    }
+
+    @Test("forbidden: a table the admission hook does not grant")
+    func forbidden() async throws {
+        let source = InMemoryChangeSource(catalog: TableCatalog(["public.items": itemsColumns, "public.secret": itemsColumns]))
+        try await withTestServer(source: source, configure: { configuration in
+            configuration.admission = { _ in .admit(.restricted(["public.items": "tenant_id=eq.42"]), subject: "user-7") }
+        }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.sendText(#"{"type":"subscribe","id":"s","table":"secret"}"#)
+            let answer = try await socket.receiveJSON()
+            #expect(answer["code"] as? String == "forbidden")
+            try await socket.subscribe("mine")
+            source.publish([insertEvent(["id": "1", "tenant_id": "7"], lsn: 0x1001), insertEvent(["id": "2", "tenant_id": "42"], lsn: 0x1002)])
+            let change = try await socket.receiveJSON()
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
+            await socket.close()
+        }
+    }
+
+    @Test("since: a client that reconnects gets every change after its cursor exactly once, in order, then live ones")
+    func resumeAcrossReconnect() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let first = try await connectWebSocket(port: test.port)
+            try await first.subscribe("s", filter: "status=eq.open")
+            source.publish(itemInserts(1...5))
+            var seen: [Int] = []
+            var lastCursor = ""
+            for _ in 1...5 {
+                let change = try await first.receiveJSON()
+                seen.append((change["new"] as? [String: Any])?["id"] as? Int ?? -1)
+                lastCursor = change["cursor"] as? String ?? ""
+            }
+            await first.reset()
+            // Missed while away: 6...40 (and a non-matching one), some during the catch-up.
+            source.publish(itemInserts(6...30))
+            source.publish(itemInserts([31], status: "closed"))
+            let second = try await connectWebSocket(port: test.port)
+            let cursor = try await second.subscribe("s", filter: "status=eq.open", since: lastCursor)
+            #expect(cursor == lastCursor)
+            source.publish(itemInserts(32...40))
+            var cursors: [String] = []
+            for _ in 6...39 {
+                let change = try await second.receiveJSON()
+                #expect(change["type"] as? String == "change")
+                seen.append((change["new"] as? [String: Any])?["id"] as? Int ?? -1)
+                cursors.append(change["cursor"] as? String ?? "")
+            }
+            #expect(seen == Array(1...30) + Array(32...40))
+            #expect(cursors == cursors.sorted())
+            // Live after the catch-up, nothing twice.
+            source.publish(itemInserts([41]))
+            let live = try await second.receiveJSON()
+            #expect((live["new"] as? [String: Any])?["id"] as? Int == 41)
+            #expect(await eventually { source.openStreamCount == 1 })  // only the fan-out's
+            await second.close()
+        }
+    }
+
+    @Test("since older than the resume window answers resync_required")
+    func resyncRequired() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog, windowLimits: .init(maxCount: 3))
+        source.publish(itemInserts(1...10))
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            let old = itemInserts([2])[0].cursor.description
+            try await socket.sendText(#"{"type":"subscribe","id":"r","table":"items","since":"\#(old)"}"#)
+            let answer = try await socket.receiveJSON()
+            #expect(answer["type"] as? String == "resync_required")
+            #expect(answer["id"] as? String == "r")
+            #expect((answer["message"] as? String)?.contains("resume window") == true)
+            #expect(test.server.statistics.subscriptions == 0)
+            // Inside the window it resumes.
+            let recent = itemInserts([8])[0].cursor.description
+            try await socket.subscribe("r", since: recent)
+            #expect((try await socket.receiveJSON()["new"] as? [String: Any])?["id"] as? Int == 9)
+            #expect((try await socket.receiveJSON()["new"] as? [String: Any])?["id"] as? Int == 10)
+            await socket.close()
+        }
+    }
+}

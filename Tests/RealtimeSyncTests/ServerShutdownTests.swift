@@ -1,0 +1,127 @@
+import Foundation
+import RealtimeSync
+import Synchronization
+import Testing
+
+@Suite("server: ordered shutdown and leaks")
+struct ServerShutdownTests {
+    @Test("Shutdown: 503 while draining, hooks in order, every change published before it delivered, then 1001")
+    func orderedShutdown() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        let capture = LogCapture()
+        let (release, releaseContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let hookOrder = Mutex<[String]>([])
+        let clientCount = 20
+        let changeCount = 100
+        try await withTestServer(source: source, logger: capture.logger(), alone: true, configure: { configuration in
+            configuration.shutdownHooks = [
+                ShutdownHook(name: "cancel scheduler jobs", deadline: .seconds(10)) {
+                    hookOrder.withLock { $0.append("jobs") }
+                    for await _ in release { break }
+                    return nil
+                },
+                ShutdownHook(name: "stop capture and drain the pool", deadline: .milliseconds(200)) {
+                    hookOrder.withLock { $0.append("capture") }
+                    try await Task.sleep(for: .seconds(5))  // cut off by its deadline
+                    return nil
+                },
+            ]
+        }) { test in
+            var clients: [TestConnection] = []
+            for index in 0..<clientCount {
+                let client = try await connectWebSocket(port: test.port)
+                try await client.subscribe("c\(index)")
+                clients.append(client)
+            }
+            try await withThrowingTaskGroup(of: (changes: [Int], close: UInt16?).self) { group in
+                for client in clients {
+                    group.addTask {
+                        var ids: [Int] = []
+                        while let frame = try await withTimeout(15, "reading", { try await client.receiveFrame() }) {
+                            if frame.opcode == 0x8 {
+                                try? await client.sendClose(1000)
+                                return (ids, frame.closeCode)
+                            }
+                            let object = try JSONSerialization.jsonObject(with: Data(frame.payload)) as? [String: Any]
+                            ids.append((object?["new"] as? [String: Any])?["id"] as? Int ?? -1)
+                        }
+                        return (ids, nil)
+                    }
+                }
+                // Changes in flight as shutdown begins.
+                source.publish(itemInserts(1...changeCount))
+                await test.group.triggerGracefulShutdown()
+                #expect(await eventually { test.server.isDraining })
+                // While draining: readiness and new upgrades answer 503.
+                let probe = try await TestConnection.open(port: test.port)
+                let ready = try await probe.request("GET", "/readyz")
+                #expect(ready.status == 503)
+                #expect(ready.body == #"{"ready":false,"reason":"shutting_down"}"#)
+                await probe.close()
+                let late = try await TestConnection.open(port: test.port)
+                let refused = try await late.upgrade()
+                #expect(refused.status == 503)
+                #expect(refused.body == #"{"error":"shutting_down"}"#)
+                await late.close()
+                releaseContinuation.yield()
+                for try await result in group {
+                    #expect(result.changes == Array(1...changeCount))
+                    #expect(result.close == 1001)
+                }
+            }
+        }
+        #expect(hookOrder.withLock { $0 } == ["jobs", "capture"])
+        let steps = capture.messages.filter { $0.hasPrefix("shutdown") }
+        #expect(steps == [
+            "shutdown: stopped admitting (/readyz and /ws answer 503)",
+            "shutdown: cancel scheduler jobs",
+            "shutdown: stop capture and drain the pool",
+            "shutdown: fan-out delivered changes through the shutdown cursor",
+            "shutdown: closed sockets with 1001",
+            "shutdown: stopped the HTTP listener",
+            "shutdown complete",
+        ])
+        let captureStep = capture.records.withLock { $0.first { $0.message == "shutdown: stop capture and drain the pool" } }
+        #expect(captureStep?.metadata["cut_off"]?.description.contains("deadline") == true)
+        let socketStep = capture.records.withLock { $0.first { $0.message == "shutdown: closed sockets with 1001" } }
+        #expect(socketStep?.metadata["cut_off"]?.description == "nothing")
+        #expect(socketStep?.metadata["duration_ms"] != nil)
+    }
+
+    @Test("Leaks: 1,000 connect/subscribe/disconnect cycles, half ending in a TCP reset, leave no session or subscription")
+    func connectDisconnectCycles() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true) { test in
+            let cycles = 1_000
+            let workers = 4
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for worker in 0..<workers {
+                    group.addTask {
+                        for cycle in stride(from: worker, to: cycles, by: workers) {
+                            let client = try await connectWebSocket(port: test.port)
+                            try await client.subscribe("s", filter: cycle % 3 == 0 ? "status=eq.open" : nil)
+                            if cycle % 10 == 0 {
+                                try await client.subscribe("r", since: source.currentCursor.description)
+                            }
+                            if cycle % 2 == 0 {
+                                await client.reset()
+                            } else {
+                                try await client.sendClose(1000)
+                                _ = try await client.receiveClose()
+                                await client.close()
+                            }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(await eventually(10) { test.server.statistics.sessions == 0 })
+            let statistics = test.server.statistics
+            #expect(statistics.subscriptions == 0)
+            #expect(statistics.queuedBytes == 0)
+            #expect(statistics.closes.values.reduce(0, +) == cycles)
+            #expect(statistics.closes[1000] == cycles / 2)
+            #expect(source.openStreamCount == 1)  // the fan-out's own
+        }
+    }
+}
