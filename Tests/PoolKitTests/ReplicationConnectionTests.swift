@@ -43,7 +43,10 @@ struct ReplicationConnectionTests {
                 }
                 return tags
             }
-            #expect(tags == ["B", "R", "I", "I", "C"])
+            // A Relation comes before the first Insert; pgoutput may send it again at any time
+            // (publication DDL by other sessions invalidates its cache).
+            #expect(tags.filter { $0 != "R" } == ["B", "I", "I", "C"])
+            #expect(tags.firstIndex(of: "R")! < tags.firstIndex(of: "I")!)
 
             // Idle for a few status intervals: the schedule sends updates without any message.
             let before = repl.statusUpdatesSent

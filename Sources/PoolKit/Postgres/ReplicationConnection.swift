@@ -391,7 +391,8 @@ public final class ReplicationConnection: Sendable {
     }
 
     /// Makes the current or next `readMessage()` return nil (e.g. to stop). Safe from any task;
-    /// retries the wake-up until the reader took it or `timeout` passed.
+    /// retries the wake-up until the reader took it, the connection closed, `timeout` passed
+    /// or the calling task is cancelled.
     public func wake(timeout: Duration = .seconds(1)) async {
         stream.withLock { $0.woken = true }
         let fd = connection.state.withLock { $0.fd }
@@ -399,7 +400,7 @@ public final class ReplicationConnection: Sendable {
         while ContinuousClock.now < deadline {
             SocketReactor.shared.interrupt(fd: fd)
             if !stream.withLock({ $0.woken }) || connection.isClosed { return }
-            try? await Task.sleep(for: .milliseconds(1))
+            do { try await Task.sleep(for: .milliseconds(1)) } catch { return }
         }
     }
 
