@@ -75,22 +75,34 @@ public final class ReplicationConnection: Sendable {
         var statusDue = false
         var woken = false
         var statusUpdatesSent = 0
+        var spin = SpinPolicy()
+        var waits = 0
         /// `PQgetCopyData` returned -1: only the final results remain to be read.
         var copyEnding = false
     }
 
     private let stream = Mutex(StreamState())
 
-    private init(connection: PostgresConnection) { self.connection = connection }
+    private init(connection: PostgresConnection, busyPoll: Duration) {
+        self.connection = connection
+        let (secs, atto) = busyPoll.components
+        let budget = max(0, Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000))
+        stream.withLock { $0.spin.maxBudget = budget }
+    }
 
     /// Connects with `replication=database` added to the connection string's keywords.
+    ///
+    /// `configuration.busyPoll` also applies to the stream: when libpq has no complete message,
+    /// `readMessage()` polls the socket for up to that long before parking on the reactor (a
+    /// stream's data arrives in bursts, and parking costs two thread wake-ups); `SpinPolicy`
+    /// pauses spinning after repeated misses, so an idle stream does not burn CPU.
     public static func connect(_ configuration: PostgresConnection.Configuration) async throws -> ReplicationConnection {
-        var config = configuration
-        // Busy-polling suits request/response; a stream waits for the server, so park at once.
-        config.busyPoll = .zero
-        let conn = try await PostgresConnection.connect(config, extraKeywords: [("replication", "database")])
-        return ReplicationConnection(connection: conn)
+        let conn = try await PostgresConnection.connect(configuration, extraKeywords: [("replication", "database")])
+        return ReplicationConnection(connection: conn, busyPoll: configuration.busyPoll)
     }
+
+    /// How many times `readMessage()` parked on the reactor waiting for data (diagnostics).
+    public var readerWaits: Int { stream.withLock { $0.waits } }
 
     /// The server's backend process ID for this walsender.
     public var backendPID: Int32 { connection.backendPID }
@@ -221,6 +233,13 @@ public final class ReplicationConnection: Sendable {
                 case .cancelled: throw CancellationError()
                 }
             case .wait(let fd, let interest):
+                let budget = stream.withLock { $0.spin.budgetNanoseconds() }
+                if interest == .readable, budget > 0 {
+                    let hit = spinUntilReadable(fd: fd, budgetNanoseconds: budget)
+                    stream.withLock { $0.spin.record(hit: hit) }
+                    if hit { continue }
+                }
+                stream.withLock { $0.waits += 1 }
                 switch await SocketReactor.shared.wait(fd: fd, for: interest) {
                 case .ready, .interrupted: continue
                 case .cancelled: throw CancellationError()

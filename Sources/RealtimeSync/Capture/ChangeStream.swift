@@ -73,6 +73,10 @@ public final class ChangeStream: Service, Sendable {
         public var consumerBufferLimit: Int
         /// Connect timeout for each connection. Default 10 s.
         public var connectTimeout: Duration
+        /// How long the reader busy-polls the socket before parking on the reactor when libpq
+        /// has no complete message (see `ReplicationConnection.connect`). Default 50 µs;
+        /// `.zero` turns it off where CPU is scarcer than throughput matters.
+        public var busyPoll: Duration
         /// Where the stream logs.
         public var logger: Logger
 
@@ -83,6 +87,7 @@ public final class ChangeStream: Service, Sendable {
                     statusInterval: Duration = .seconds(10), lagInterval: Duration = .seconds(10),
                     reconnectInitialDelay: Duration = .milliseconds(100), reconnectMaxDelay: Duration = .seconds(5),
                     consumerBufferLimit: Int = 10_000, connectTimeout: Duration = .seconds(10),
+                    busyPoll: Duration = .microseconds(50),
                     logger: Logger = Logger(label: "RealtimeSync.ChangeStream")) {
             self.connectionString = connectionString
             self.slotName = slotName
@@ -96,6 +101,7 @@ public final class ChangeStream: Service, Sendable {
             self.reconnectMaxDelay = reconnectMaxDelay
             self.consumerBufferLimit = consumerBufferLimit
             self.connectTimeout = connectTimeout
+            self.busyPoll = busyPoll
             self.logger = logger
         }
     }
@@ -241,7 +247,8 @@ public final class ChangeStream: Service, Sendable {
     }
 
     private var connectionConfiguration: PostgresConnection.Configuration {
-        .init(configuration.connectionString, connectTimeout: configuration.connectTimeout, logger: configuration.logger)
+        .init(configuration.connectionString, connectTimeout: configuration.connectTimeout,
+              busyPoll: configuration.busyPoll, logger: configuration.logger)
     }
 
     /// The capture loop: setup once, then sessions, reconnecting with backoff.
