@@ -21,6 +21,9 @@ struct CaptureBench {
         let rows = args.count > 2 ? Int(args[2])! : 200_000
         let perTransaction = args.count > 3 ? Int(args[3])! : 100
         let recvFirst = args.count > 4 && args[4] == "recv-first"
+        // ChangeStream.Configuration.busyPoll (default 50 µs), e.g. CAPTURE_BUSY_POLL_US=0 to compare.
+        let busyPollMicros = Int(ProcessInfo.processInfo.environment["CAPTURE_BUSY_POLL_US"] ?? "") ?? 50
+        print("busyPoll \(busyPollMicros) µs")
         let recvlogical = ProcessInfo.processInfo.environment["PG_RECVLOGICAL"] ?? findRecvlogical()
         let transactions = rows / perTransaction
         let ours = "capture_bench_ours"
@@ -62,7 +65,8 @@ struct CaptureBench {
         func runOurs() async throws {
         // Ours: ChangeStream on the backlog, timed from the first change seen to the last.
         let stream = ChangeStream(.init(connectionString: url, slotName: ours, publicationName: publication,
-                                        tables: ["capture_bench"], consumerBufferLimit: rows + 1))
+                                        tables: ["capture_bench"], consumerBufferLimit: rows + 1,
+                                        busyPoll: .microseconds(busyPollMicros)))
         let changes = stream.changes()
         let runStart = ContinuousClock.now
         // The consumer runs in a child task (not on the main actor, where every change would hop).
@@ -88,6 +92,7 @@ struct CaptureBench {
                     if count == rows { break }
                 }
                 let last = ContinuousClock.now
+                print("reader parked on the reactor \(stream.statistics.readerWaits) times")
                 stream.stop()
                 return (first!, last, count, jsonBytes)
             }

@@ -28,6 +28,9 @@ public struct ChangeStreamStatistics: Sendable {
     public var consumers: Int
     /// Consumers cut off for falling behind (`consumerBufferLimit`).
     public var consumersCutOff: Int
+    /// How many times the current replication connection's reader parked on the reactor
+    /// waiting for data (0 when not connected; diagnostics for throughput tuning).
+    public var readerWaits: Int
 }
 
 /// Streams committed row changes from a persistent logical replication slot (pgoutput) into
@@ -117,6 +120,7 @@ public final class ChangeStream: Service, Sendable {
         var confirmed = LSN.zero
         var slotLag: Int?
         var setupReport: CaptureSetupReport?
+        var replication: ReplicationConnection?
     }
 
     /// The configuration in force.
@@ -162,7 +166,8 @@ public final class ChangeStream: Service, Sendable {
                 reconnects: s.reconnects, windowCount: hubState.window?.count ?? 0,
                 oldestResumable: hubState.window?.oldestResumable, lastCursor: hubState.window?.last?.cursor,
                 confirmedFlush: s.confirmed, slotLagBytes: s.slotLag,
-                consumers: hubState.subscribers, consumersCutOff: hubState.cutOff)
+                consumers: hubState.subscribers, consumersCutOff: hubState.cutOff,
+                readerWaits: s.replication?.readerWaits ?? 0)
         }
     }
 
@@ -219,6 +224,7 @@ public final class ChangeStream: Service, Sendable {
             s.running = false
             s.finished = true
             s.connected = false
+            s.replication = nil
         }
         hub.close(error: error.map { ChangeStreamError(.streamStopped, "the change stream for slot \(configuration.slotName) failed: \($0)") })
     }
@@ -282,12 +288,13 @@ public final class ChangeStream: Service, Sendable {
                 state.withLock { s in
                     s.connected = true
                     s.confirmed = start
+                    s.replication = repl
                 }
                 logger.info("change stream started", metadata: [
                     "slot": "\(configuration.slotName)", "start": "\(start)", "backend": "\(repl.backendPID)"])
                 failures = 0
                 let stopped = try await session(repl, decoder: &decoder, assembler: &assembler)
-                state.withLock { $0.connected = false }
+                state.withLock { $0.connected = false; $0.replication = nil }
                 if stopped {
                     await repl.stop()
                     logger.info("change stream stopped", metadata: ["slot": "\(configuration.slotName)", "confirmed": "\(state.withLock { $0.confirmed })"])
@@ -296,7 +303,7 @@ public final class ChangeStream: Service, Sendable {
                 await repl.close()
                 logger.warning("replication stream ended by the server; reconnecting", metadata: ["slot": "\(configuration.slotName)"])
             } catch {
-                state.withLock { $0.connected = false }
+                state.withLock { $0.connected = false; $0.replication = nil }
                 await replication?.close()
                 if error is CancellationError || Task.isCancelled { throw CancellationError() }
                 guard Self.isRetryable(error) else { throw error }
