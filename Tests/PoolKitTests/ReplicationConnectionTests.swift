@@ -8,7 +8,7 @@ private func uniqueName(_ prefix: String) -> String {
     "\(prefix)_\(UInt32.random(in: 0...UInt32.max))"
 }
 
-@Suite("ReplicationConnection (real Postgres)")
+@Suite("ReplicationConnection (real Postgres)", .serialized)
 struct ReplicationConnectionTests {
     @Test("IDENTIFY_SYSTEM, slot created once, COPY BOTH stream of one transaction, status updates, clean stop")
     func streamOneTransaction() async throws {

@@ -4,7 +4,7 @@ import RealtimeSync
 import Testing
 import TestSupport
 
-@Suite("ChangeStream (real Postgres)")
+@Suite("ChangeStream (real Postgres)", .serialized)
 struct ChangeStreamTests {
     @Test("INSERT, UPDATE without and with key change, DELETE with replica identity default and full, TRUNCATE")
     func rowOperations() async throws {
@@ -280,6 +280,28 @@ struct ChangeStreamTests {
             let cleanup = try await PostgresConnection.connect(to: url)
             try await cleanup.execute("DROP TABLE \(table)")
             await cleanup.close()
+        }
+    }
+
+    @Test("stop() first delivers everything committed before it was called, then ends every consumer")
+    func stopCatchesUp() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_stop")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            let consumer = try await withChangeStream(url: url, tables: [table]) { stream, sql in
+                let subscription = stream.changes()
+                let consumer = Task {
+                    var ids: [Int] = []
+                    for try await event in subscription { ids.append(Int(newText(event, "id")!)!) }
+                    return ids
+                }
+                try await sql.execute("DO $$ BEGIN FOR t IN 0..19 LOOP INSERT INTO \(table) SELECT t * 100 + g FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$")
+                return consumer  // withChangeStream calls stop() at once
+            }
+            #expect(try await within(.seconds(20)) { try await consumer.value } == Array(1...2_000))
+            try await setup.execute("DROP TABLE \(table)")
+            await setup.close()
         }
     }
 

@@ -73,6 +73,8 @@ public final class ReplicationConnection: Sendable {
         var statusInterval: Duration = .seconds(10)
         var lastStatus: ContinuousClock.Instant = .now
         var statusDue = false
+        /// The next status update asks the server for a keepalive in return.
+        var askReply = false
         var woken = false
         var statusUpdatesSent = 0
         var spin = SpinPolicy()
@@ -200,17 +202,19 @@ public final class ReplicationConnection: Sendable {
     /// after a keepalive that asks for a reply. Call from one task at a time.
     public func readMessage() async throws -> ReplicationMessage? {
         while true {
-            let (statusDue, woken, phase) = stream.withLock { s -> (Bool, Bool, StreamState.Phase) in
+            let (statusDue, askReply, woken, phase) = stream.withLock { s -> (Bool, Bool, Bool, StreamState.Phase) in
                 let due = s.phase == .streaming && (s.statusDue || s.lastStatus.duration(to: .now) >= s.statusInterval)
+                let ask = s.askReply
                 s.statusDue = false
+                s.askReply = false
                 defer { s.woken = false }
-                return (due, s.woken, s.phase)
+                return (due, ask, s.woken, s.phase)
             }
             if phase == .ended { return nil }
             guard phase == .streaming else {
                 throw PostgresError(code: .invalidUsage, message: "readMessage() before startReplication() on backend \(backendPID)")
             }
-            if statusDue { try await sendStatus(replyRequested: false) }
+            if statusDue { try await sendStatus(replyRequested: askReply) }
             if woken { return nil }
             let ending = stream.withLock { $0.copyEnding }
             switch try readStep(ending: ending) {
@@ -409,16 +413,33 @@ public final class ReplicationConnection: Sendable {
         }
     }
 
+    /// Has the reader send a status update at once (from any task); with `replyRequested` the
+    /// server answers with a keepalive carrying its current end of WAL. Returns once the reader
+    /// took the request, the connection closed, `timeout` passed or the task is cancelled.
+    public func requestStatus(replyRequested: Bool, timeout: Duration = .seconds(1)) async {
+        stream.withLock { s in
+            s.statusDue = true
+            s.askReply = s.askReply || replyRequested
+        }
+        await nudge(timeout: timeout) { !$0.statusDue }
+    }
+
     /// Makes the current or next `readMessage()` return nil (e.g. to stop). Safe from any task;
     /// retries the wake-up until the reader took it, the connection closed, `timeout` passed
     /// or the calling task is cancelled.
     public func wake(timeout: Duration = .seconds(1)) async {
         stream.withLock { $0.woken = true }
+        await nudge(timeout: timeout) { !$0.woken }
+    }
+
+    /// Interrupts the reader's socket wait until `taken` holds. An interrupt that arrives just
+    /// before the reader parks is lost, hence the retries.
+    private func nudge(timeout: Duration, until taken: (StreamState) -> Bool) async {
         let fd = connection.state.withLock { $0.fd }
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             SocketReactor.shared.interrupt(fd: fd)
-            if !stream.withLock({ $0.woken }) || connection.isClosed { return }
+            if stream.withLock({ taken($0) }) || connection.isClosed { return }
             do { try await Task.sleep(for: .milliseconds(1)) } catch { return }
         }
     }

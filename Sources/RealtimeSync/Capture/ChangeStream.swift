@@ -76,6 +76,10 @@ public final class ChangeStream: Service, Sendable {
         public var consumerBufferLimit: Int
         /// Connect timeout for each connection. Default 10 s.
         public var connectTimeout: Duration
+        /// On `stop()` (graceful shutdown), how long the stream may keep reading to deliver
+        /// everything committed before the stop (up to `pg_current_wal_flush_lsn()` at that
+        /// moment). Default 2 s; `.zero` stops at the next message.
+        public var stopCatchUp: Duration
         /// How long the reader busy-polls the socket before parking on the reactor when libpq
         /// has no complete message (see `ReplicationConnection.connect`). Default 50 µs;
         /// `.zero` turns it off where CPU is scarcer than throughput matters.
@@ -90,7 +94,7 @@ public final class ChangeStream: Service, Sendable {
                     statusInterval: Duration = .seconds(10), lagInterval: Duration = .seconds(10),
                     reconnectInitialDelay: Duration = .milliseconds(100), reconnectMaxDelay: Duration = .seconds(5),
                     consumerBufferLimit: Int = 10_000, connectTimeout: Duration = .seconds(10),
-                    busyPoll: Duration = .microseconds(50),
+                    busyPoll: Duration = .microseconds(50), stopCatchUp: Duration = .seconds(2),
                     logger: Logger = Logger(label: "RealtimeSync.ChangeStream")) {
             self.connectionString = connectionString
             self.slotName = slotName
@@ -105,6 +109,7 @@ public final class ChangeStream: Service, Sendable {
             self.consumerBufferLimit = consumerBufferLimit
             self.connectTimeout = connectTimeout
             self.busyPoll = busyPoll
+            self.stopCatchUp = stopCatchUp
             self.logger = logger
         }
     }
@@ -121,6 +126,10 @@ public final class ChangeStream: Service, Sendable {
         var slotLag: Int?
         var setupReport: CaptureSetupReport?
         var replication: ReplicationConnection?
+        /// Set on stop: the reader ends once it has read this far (and no transaction is open).
+        var catchUpTarget: LSN?
+        /// Set on stop when catching up is over (reached, timed out or skipped).
+        var stopNow = false
     }
 
     /// The configuration in force.
@@ -328,15 +337,29 @@ public final class ChangeStream: Service, Sendable {
             group.addTask {
                 await self.waitForStop()
                 // Cancelled: the session is over and its reader gone; nothing to wake.
-                if !Task.isCancelled { await repl.wake(timeout: .seconds(30)) }
+                if Task.isCancelled { return }
+                await self.catchUpBeforeStopping(repl)
+                if Task.isCancelled { return }
+                self.state.withLock { $0.stopNow = true }
+                await repl.wake(timeout: .seconds(30))
             }
             defer { group.cancelAll() }
             var lastReplyRequest: ContinuousClock.Instant?
+            var sinceYield = 0
             while let message = try await repl.readMessage() {
+                // A backlog can be read for seconds without the socket ever running dry, i.e.
+                // without suspending: give the cooperative pool's other tasks a turn now and then.
+                sinceYield += 1
+                if sinceYield == 512 {
+                    sinceYield = 0
+                    await Task.yield()
+                }
                 guard case .xLogData(let data) = message else {
-                    if case .keepalive(let keepalive) = message, keepalive.replyRequested {
+                    guard case .keepalive(let keepalive) = message else { continue }
+                    if keepalive.replyRequested {
                         try await replyRequested(keepalive, repl, previous: &lastReplyRequest)
                     }
+                    if caughtUp(LSN(keepalive.walEnd), assembler) { break }
                     continue
                 }
                 let decoded = try decoder.decode(data.payload, walStart: LSN(data.walStart))
@@ -346,10 +369,49 @@ public final class ChangeStream: Service, Sendable {
                     repl.confirm(flushedThrough: retain.rawValue)
                     state.withLock { $0.confirmed = max($0.confirmed, retain) }
                 }
-                if stopRequested { break }
+                if caughtUp(LSN(data.walStart), assembler) { break }
             }
             return stopRequested
         }
+    }
+
+    /// Whether a stop is pending and the reader may end here: told to, or it has read up to
+    /// the catch-up target with no transaction half-received.
+    private func caughtUp(_ position: LSN, _ assembler: TransactionAssembler) -> Bool {
+        state.withLock { s in
+            guard s.stopRequested else { return false }
+            if s.stopNow { return true }
+            if let target = s.catchUpTarget, position >= target, !assembler.isInTransaction { return true }
+            return false
+        }
+    }
+
+    /// After `stop()`: learns the server's flushed WAL position and gives the reader up to
+    /// `stopCatchUp` to read that far (asking the server for a keepalive so an idle stream
+    /// learns its end of WAL at once). Returns early when cancelled (the reader got there).
+    private func catchUpBeforeStopping(_ repl: ReplicationConnection) async {
+        let limit = configuration.stopCatchUp
+        guard limit > .zero else { return }
+        let deadline = ContinuousClock.now + limit
+        let target: LSN? = await withTaskGroup(of: LSN?.self) { group in
+            group.addTask {
+                try? await self.withSQL { conn in
+                    let rows = try await conn.query("SELECT pg_current_wal_flush_lsn()::text")
+                    return try rows[0].decode(String.self, at: 0).flatMap { LSN($0) }
+                }
+            }
+            group.addTask {
+                try? await Task.sleep(until: deadline)
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+        guard let target else { return }
+        state.withLock { $0.catchUpTarget = target }
+        await repl.requestStatus(replyRequested: true)
+        try? await Task.sleep(until: deadline)
     }
 
     /// A keepalive asked for a reply (`readMessage()` already sent one with the held position).
