@@ -127,6 +127,57 @@ struct ReplicationConnectionTests {
         }
     }
 
+    @Test("A keepalive that asks for a reply is answered at once: with wal_sender_timeout=400ms and no scheduled updates the stream stays up")
+    func replyWhenAsked() async throws {
+        try await TestDatabase.withDatabase { url in
+            let slot = uniqueName("rc_slot")
+            let table = uniqueName("rc_t")
+            let sql = try await PostgresConnection.connect(to: url)
+            defer { Task { await sql.close() } }
+            try await sql.execute("CREATE TABLE \(table) (id int PRIMARY KEY); CREATE PUBLICATION \(table)_pub FOR TABLE \(table)")
+            let separator = url.contains("?") ? "&" : "?"
+            let repl = try await ReplicationConnection.connect(.init(url + separator + "options=-c%20wal_sender_timeout%3D400"))
+            try await repl.createSlotIfMissing(slot)
+            // Scheduled updates every hour: only the server's requests make us answer.
+            try await repl.startReplication(slot: slot, options: [("proto_version", "1"), ("publication_names", "\(table)_pub")],
+                                            statusInterval: .seconds(3600))
+            let before = repl.statusUpdatesSent
+            let requests = try await withThrowingTaskGroup(of: Int.self) { group in
+                group.addTask {
+                    var requests = 0
+                    while let message = try await repl.readMessage() {
+                        if case .keepalive(let k) = message, k.replyRequested { requests += 1 }
+                    }
+                    return requests
+                }
+                group.addTask {
+                    // 1.5 s is almost four timeouts: without replies the server would have ended the stream.
+                    try await Task.sleep(for: .milliseconds(1_500))
+                    await repl.wake()
+                    return 0
+                }
+                var total = 0
+                for try await n in group { total += n }
+                return total
+            }
+            #expect(requests >= 2)
+            #expect(repl.statusUpdatesSent >= before + requests)
+            // Still streaming: a new row arrives.
+            try await sql.execute("INSERT INTO \(table) VALUES (1)")
+            let sawInsert = try await withTimeout(.seconds(10)) {
+                while let message = try await repl.readMessage() {
+                    if case .xLogData(let d) = message, d.payload.first == UInt8(ascii: "I") { return true }
+                }
+                return false
+            }
+            #expect(sawInsert)
+            await repl.stop()
+            try await waitUntilInactive(sql, slot: slot)
+            try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
+            try await sql.execute("DROP PUBLICATION \(table)_pub; DROP TABLE \(table)")
+        }
+    }
+
     @Test("START_REPLICATION of a missing slot is a server error naming it; the connection closes once")
     func missingSlot() async throws {
         try await TestDatabase.withDatabase { url in

@@ -169,6 +169,29 @@ struct ChangeStreamFailureTests {
         }
     }
 
+    @Test("Reply requests from a short wal_sender_timeout are answered and keep the window's hold on the slot")
+    func shortSenderTimeoutKeepsHold() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_hold")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            let separator = url.contains("?") ? "&" : "?"
+            let shortTimeout = url + separator + "options=-c%20wal_sender_timeout%3D300"
+            try await withChangeStream(url: shortTimeout, tables: [table]) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 10)")
+                let events = try await take(10, from: changes)
+                // Several timeouts' worth of idle time: the server asks for replies every 150 ms.
+                try await Task.sleep(for: .milliseconds(1_200))
+                #expect(stream.statistics.connected)
+                #expect(stream.statistics.reconnects == 0)
+                #expect(stream.statistics.confirmedFlush == events[0].commitLSN)
+            }
+            try await setup.execute("DROP TABLE \(table)")
+            await setup.close()
+        }
+    }
+
     @Test("Slot lag is measured in bytes and exposed in statistics; dropSlot() refuses while running and drops after")
     func slotLagAndDrop() async throws {
         try await TestDatabase.withDatabase { url in

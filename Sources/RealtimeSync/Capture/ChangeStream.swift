@@ -344,7 +344,7 @@ public final class ChangeStream: Service, Sendable {
                 await repl.wake(timeout: .seconds(30))
             }
             defer { group.cancelAll() }
-            var lastReplyRequest: ContinuousClock.Instant?
+            var replyRequests = ReplyRequests()
             var sinceYield = 0
             while let message = try await repl.readMessage() {
                 // A backlog can be read for seconds without the socket ever running dry, i.e.
@@ -357,7 +357,7 @@ public final class ChangeStream: Service, Sendable {
                 guard case .xLogData(let data) = message else {
                     guard case .keepalive(let keepalive) = message else { continue }
                     if keepalive.replyRequested {
-                        try await replyRequested(keepalive, repl, previous: &lastReplyRequest)
+                        try await replyRequested(keepalive, repl, previous: &replyRequests)
                     }
                     if caughtUp(LSN(keepalive.walEnd), assembler) { break }
                     continue
@@ -414,22 +414,39 @@ public final class ChangeStream: Service, Sendable {
         try? await Task.sleep(until: deadline)
     }
 
+    /// What the reader remembers of the server's recent reply requests.
+    struct ReplyRequests {
+        var last: ContinuousClock.Instant?
+        var lastWALEnd: UInt64 = 0
+        var quickInARow = 0
+    }
+
     /// A keepalive asked for a reply (`readMessage()` already sent one with the held position).
     ///
     /// A walsender that is shutting down (fast or smart shutdown, after the shutdown
     /// checkpoint) exits only once the client has confirmed everything it sent, and asks for a
-    /// reply again at once after each one: two such requests within a second. Holding the
-    /// confirmed position at the window's start would then block PostgreSQL's shutdown, so
-    /// the hold is released to the keepalive's end of WAL: every transaction before it was
-    /// already delivered (a transaction is sent whole at commit). This process keeps its window
-    /// in memory across the reconnect; only a capture that restarts while the hold is released
-    /// rebuilds a shorter window (older cursors then get `resync_required`, never a gap).
-    /// Requests from `wal_sender_timeout` arrive half a timeout apart and keep the hold.
+    /// reply again as soon as each one arrives: requests a round trip apart, with the same end
+    /// of WAL. Holding the confirmed position at the window's start would then block
+    /// PostgreSQL's shutdown, so after three such requests in a row (each within 100 ms of the
+    /// previous, same end of WAL) the hold is released to that end of WAL: every transaction
+    /// before it was already delivered (a transaction is sent whole at commit). This process
+    /// keeps its window in memory across the reconnect; only a capture that restarts while the
+    /// hold is released rebuilds a shorter window (older cursors then get `resync_required`,
+    /// never a gap). Requests caused by `wal_sender_timeout` come half a timeout after our
+    /// answer and keep the hold.
     private func replyRequested(_ keepalive: PrimaryKeepalive, _ repl: ReplicationConnection,
-                                previous: inout ContinuousClock.Instant?) async throws {
+                                previous: inout ReplyRequests) async throws {
         let now = ContinuousClock.now
-        defer { previous = now }
-        guard let last = previous, last.duration(to: now) < .seconds(1) else { return }
+        defer {
+            previous.last = now
+            previous.lastWALEnd = keepalive.walEnd
+        }
+        if let last = previous.last, last.duration(to: now) < .milliseconds(100), previous.lastWALEnd == keepalive.walEnd {
+            previous.quickInARow += 1
+        } else {
+            previous.quickInARow = 0
+        }
+        guard previous.quickInARow >= 2 else { return }
         let end = LSN(keepalive.walEnd)
         let released = state.withLock { s -> Bool in
             guard s.confirmed < end else { return false }
