@@ -1,4 +1,5 @@
 @testable import RealtimeSync
+import PoolKit
 import Testing
 
 /// A committed transaction of `count` inserts into orders at `lsn`, ids from `firstID`.
@@ -114,5 +115,25 @@ struct ChangeHubTests {
         // After close, a new consumer ends at once.
         var late = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe())).makeAsyncIterator()
         #expect(try await late.next() == nil)
+    }
+}
+
+@Suite("ChangeStream reconnect backoff")
+struct ChangeStreamBackoffTests {
+    @Test("Reconnect delays double from reconnectInitialDelay and stop at reconnectMaxDelay")
+    func backoff() {
+        let delays = (1...8).map { ChangeStream.backoff(failures: $0, initial: .milliseconds(100), max: .seconds(5)) }
+        #expect(delays == [.milliseconds(100), .milliseconds(200), .milliseconds(400), .milliseconds(800),
+                           .milliseconds(1_600), .milliseconds(3_200), .seconds(5), .seconds(5)])
+        #expect(ChangeStream.backoff(failures: 1_000, initial: .milliseconds(100), max: .seconds(5)) == .seconds(5))
+    }
+
+    @Test("Connection failures and a slot still held by the old walsender are retried; setup and protocol errors are not")
+    func retryable() {
+        #expect(ChangeStream.isRetryable(PostgresError(code: .connectionBroken, message: "x")))
+        #expect(ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "55006")))
+        #expect(ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "57P03")))
+        #expect(!ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "42704")))
+        #expect(!ChangeStream.isRetryable(CaptureSetupError(.walLevelNotLogical, "x")))
     }
 }

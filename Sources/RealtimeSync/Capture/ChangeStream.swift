@@ -461,12 +461,17 @@ public final class ChangeStream: Service, Sendable {
     }
 
     private func backoff(_ failures: Int) -> Duration {
-        var delay = configuration.reconnectInitialDelay
-        for _ in 1..<max(1, min(failures, 30)) {
+        Self.backoff(failures: failures, initial: configuration.reconnectInitialDelay, max: configuration.reconnectMaxDelay)
+    }
+
+    /// The delay before reconnect attempt `failures` (1-based): `initial`, doubling, capped at `max`.
+    static func backoff(failures: Int, initial: Duration, max cap: Duration) -> Duration {
+        var delay = initial
+        for _ in 1..<Swift.max(1, Swift.min(failures, 30)) {
             delay = delay * 2
-            if delay >= configuration.reconnectMaxDelay { return configuration.reconnectMaxDelay }
+            if delay >= cap { return cap }
         }
-        return min(delay, configuration.reconnectMaxDelay)
+        return Swift.min(delay, cap)
     }
 
     private func sleepUnlessStopped(_ delay: Duration) async {
