@@ -42,6 +42,15 @@ let package = Package(
             ],
             path: "Sources/scheduler-bench"
         ),
+        // issue 5: capture throughput (ChangeStream) vs pg_recvlogical on the same backlog
+        .executableTarget(
+            name: "capture-bench",
+            dependencies: [
+                .product(name: "RealtimeSync", package: "swift-realtime-sync"),
+                .product(name: "PoolKit", package: "swift-realtime-sync"),
+            ],
+            path: "Sources/capture-bench"
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

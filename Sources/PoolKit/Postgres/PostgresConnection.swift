@@ -149,8 +149,14 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Connects without blocking a Swift concurrency thread (`PQconnectStartParams` +
     /// `PQconnectPoll`), bounded by `connectTimeout` and ended at once by Task cancellation.
     public static func connect(_ configuration: Configuration) async throws -> PostgresConnection {
+        try await connect(configuration, extraKeywords: [])
+    }
+
+    /// Connects like `connect(_:)`, passing extra libpq keywords after the connection string
+    /// (they override it), e.g. `replication=database` for a `ReplicationConnection`.
+    static func connect(_ configuration: Configuration, extraKeywords: [(String, String)]) async throws -> PostgresConnection {
         try Task.checkCancellation()
-        let starter = ConnectAttempt(configuration: configuration)
+        let starter = ConnectAttempt(configuration: configuration, extraKeywords: extraKeywords)
         return try await withThrowingTaskGroup(of: PostgresConnection?.self) { group in
             group.addTask { try await starter.run() }
             group.addTask {
@@ -712,9 +718,14 @@ final class NoticeSink: Sendable {
 final class ConnectAttempt: Sendable {
     let configuration: Configuration
     typealias Configuration = PostgresConnection.Configuration
+    /// Keywords appended after the connection string (later keywords win in libpq).
+    let extraKeywords: [(String, String)]
     private let target = Mutex<(host: String, port: String, lastError: String)>(("?", "?", ""))
 
-    init(configuration: Configuration) { self.configuration = configuration }
+    init(configuration: Configuration, extraKeywords: [(String, String)] = []) {
+        self.configuration = configuration
+        self.extraKeywords = extraKeywords
+    }
 
     func timeoutError() -> PostgresError {
         let t = target.withLock { $0 }
@@ -734,11 +745,12 @@ final class ConnectAttempt: Sendable {
 
     func run() async throws -> PostgresConnection {
         let cs = configuration.connectionString
+        let extra = extraKeywords
         // Name resolution happens inside PQconnectStartParams/PQconnectPoll, so both run on a
         // Dispatch thread, never on the cooperative pool.
         let handle = await BlockingExecutor.run { () -> ConnHandle? in
-            let keys = ["dbname", "fallback_application_name", "client_encoding"]
-            let values = [cs, "swift-realtime-sync", "UTF8"]
+            let keys = ["dbname", "fallback_application_name", "client_encoding"] + extra.map(\.0)
+            let values = [cs, "swift-realtime-sync", "UTF8"] + extra.map(\.1)
             let kp = keys.map { strdup($0) } + [nil]
             let vp = values.map { strdup($0) } + [nil]
             defer { (kp + vp).forEach { free($0) } }

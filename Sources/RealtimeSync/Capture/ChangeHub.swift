@@ -1,0 +1,322 @@
+import Synchronization
+
+/// Why a change subscription ended with an error.
+public struct ChangeStreamError: Error, Sendable, CustomStringConvertible {
+    /// Stable error codes.
+    public enum Code: String, Sendable, Hashable {
+        /// The consumer fell more than `consumerBufferLimit` changes behind and was cut off.
+        case consumerTooSlow = "consumer_too_slow"
+        /// The stream was stopped or failed before the subscription could be served.
+        case streamStopped = "stream_stopped"
+        /// The replication slot is in use by a running stream (e.g. `dropSlot()` while running).
+        case slotActive = "slot_active"
+    }
+
+    /// Stable code.
+    public var code: Code
+    /// What happened and what to do.
+    public var message: String
+    /// For `consumerTooSlow`: the cursor of the last change this consumer received; resume
+    /// with `changes(after:)` from it (nil when it received none: resume from the cursor it
+    /// subscribed with, or use `changes()`).
+    public var resumeAfter: Cursor?
+
+    /// Creates an error.
+    public init(_ code: Code, _ message: String, resumeAfter: Cursor? = nil) {
+        self.code = code
+        self.message = message
+        self.resumeAfter = resumeAfter
+    }
+
+    /// `code: message`.
+    public var description: String { "\(code.rawValue): \(message)" }
+}
+
+/// The resume window and the consumers of one change stream: the fan-out half of
+/// `ChangeStream`, with no I/O. Every append to the window and every registration happens
+/// under one lock, so a consumer that resumes from a cursor gets the window's changes after
+/// it and then live ones with no gap and no duplicate at the seam.
+///
+/// Buffering policy: each consumer has its own queue of at most `bufferLimit` changes beyond
+/// the backlog it was given when it subscribed. When a committed transaction would push it
+/// past that, the consumer is cut off: it still receives what is queued, then its iteration
+/// throws `ChangeStreamError.consumerTooSlow` carrying the cursor of the last change it got,
+/// so it can resume with `changes(after:)` (served from the window) without growing memory.
+final class ChangeHub: Sendable {
+    typealias Window = ResumeWindow<ContinuousClock.Instant>
+
+    struct Subscriber {
+        var buffer: [ChangeEvent] = []
+        var head = 0
+        var capacity: Int
+        /// Only changes after this cursor are delivered (resume); nil for "from now".
+        var after: Cursor?
+        /// Waiting for the window to learn its origin before the cursor can be checked.
+        var pendingCursor: Cursor?
+        var waiter: CheckedContinuation<ChangeEvent?, any Error>?
+        /// Set when no more changes will be queued: nil error is a plain end.
+        var ending: (any Error)??
+        var lastDelivered: Cursor?
+        var queued: Int { buffer.count - head }
+
+        mutating func pop() -> ChangeEvent? {
+            guard head < buffer.count else { return nil }
+            let event = buffer[head]
+            head += 1
+            if head == buffer.count {
+                buffer.removeAll(keepingCapacity: buffer.capacity <= 4096)
+                head = 0
+            } else if head >= 4096 && head * 2 >= buffer.count {
+                buffer.removeFirst(head)
+                head = 0
+            }
+            lastDelivered = event.cursor
+            return event
+        }
+    }
+
+    struct State {
+        var window: Window?
+        var subscribers: [UInt64: Subscriber] = [:]
+        var nextID: UInt64 = 0
+        var closed: (any Error)?? = nil
+        var transactions = 0
+        var changes = 0
+        var cutOff = 0
+    }
+
+    let bufferLimit: Int
+    let limits: Window.Limits
+    let state = Mutex(State())
+
+    init(limits: Window.Limits, bufferLimit: Int) {
+        precondition(bufferLimit >= 1, "consumerBufferLimit must be at least 1, got \(bufferLimit)")
+        self.limits = limits
+        self.bufferLimit = bufferLimit
+    }
+
+    // MARK: Feeding
+
+    /// Creates the window at `origin` (the slot's confirmed position) unless it exists, and
+    /// serves the consumers that were waiting to resume. Returns the window's retain position.
+    @discardableResult
+    func openWindow(origin: LSN) -> LSN {
+        var wake: [(CheckedContinuation<ChangeEvent?, any Error>, Result<ChangeEvent?, any Error>)] = []
+        let retain = state.withLock { s -> LSN in
+            if s.window == nil { s.window = Window(limits: limits, origin: origin) }
+            for id in Array(s.subscribers.keys) {
+                guard var sub = s.subscribers.removeValue(forKey: id) else { continue }
+                defer { s.subscribers[id] = sub }
+                guard let cursor = sub.pendingCursor else { continue }
+                sub.pendingCursor = nil
+                do {
+                    let backlog = try s.window!.events(after: cursor)
+                    sub.buffer = backlog
+                    sub.capacity = bufferLimit + backlog.count
+                } catch {
+                    sub.ending = .some(error)
+                }
+                if let waiter = sub.waiter, let result = Self.take(&sub) {
+                    sub.waiter = nil
+                    wake.append((waiter, result))
+                }
+            }
+            return s.window!.retainLSN
+        }
+        for (waiter, result) in wake { waiter.resume(with: result) }
+        return retain
+    }
+
+    /// Appends a committed transaction to the window and queues it for every consumer.
+    /// Returns where the slot's confirmed position may be (the window's retain position).
+    func deliver(_ transaction: CommittedTransaction, now: ContinuousClock.Instant = .now) -> LSN? {
+        var wake: [(CheckedContinuation<ChangeEvent?, any Error>, Result<ChangeEvent?, any Error>)] = []
+        let retain = state.withLock { s -> LSN? in
+            guard s.window != nil else { return nil }
+            var kept: [ChangeEvent] = []
+            kept.reserveCapacity(transaction.changes.count)
+            for event in transaction.changes where s.window!.append(event, at: now) { kept.append(event) }
+            if transaction.changes.isEmpty { s.window!.evictExpired(now: now) }
+            if !kept.isEmpty {
+                s.transactions += 1
+                s.changes += kept.count
+                for id in Array(s.subscribers.keys) {
+                    // Moved out of the dictionary so that appending does not copy the queue.
+                    guard var sub = s.subscribers.removeValue(forKey: id) else { continue }
+                    defer { s.subscribers[id] = sub }
+                    guard sub.ending == nil && sub.pendingCursor == nil else { continue }
+                    var batch = kept[...]
+                    if let after = sub.after {
+                        batch = batch.drop(while: { $0.cursor <= after })
+                        if batch.isEmpty { continue }
+                    }
+                    if sub.queued + batch.count > sub.capacity {
+                        s.cutOff += 1
+                        let last = sub.buffer.last?.cursor ?? sub.lastDelivered
+                        sub.ending = .some(ChangeStreamError(.consumerTooSlow,
+                            "consumer fell more than \(bufferLimit) changes behind (consumerBufferLimit=\(bufferLimit)); resume with changes(after: \(last.map { "\($0)" } ?? "its last cursor"))",
+                            resumeAfter: last))
+                    } else {
+                        sub.buffer.append(contentsOf: batch)
+                    }
+                    if let waiter = sub.waiter, let result = Self.take(&sub) {
+                        sub.waiter = nil
+                        wake.append((waiter, result))
+                    }
+                }
+            }
+            return s.window!.retainLSN
+        }
+        for (waiter, result) in wake { waiter.resume(with: result) }
+        return retain
+    }
+
+    /// Ends every consumer (after what it has queued) and refuses new ones; `error` nil is a
+    /// plain end of stream.
+    func close(error: (any Error)?) {
+        var wake: [(CheckedContinuation<ChangeEvent?, any Error>, Result<ChangeEvent?, any Error>)] = []
+        state.withLock { s in
+            if s.closed == nil { s.closed = .some(error) }
+            for id in Array(s.subscribers.keys) {
+                guard var sub = s.subscribers.removeValue(forKey: id) else { continue }
+                defer { s.subscribers[id] = sub }
+                if sub.ending == nil {
+                    sub.ending = .some(sub.pendingCursor != nil
+                        ? ChangeStreamError(.streamStopped, "the change stream stopped before it could serve the cursor \(sub.pendingCursor!)")
+                        : error)
+                }
+                if let waiter = sub.waiter, let result = Self.take(&sub) {
+                    sub.waiter = nil
+                    wake.append((waiter, result))
+                }
+            }
+        }
+        for (waiter, result) in wake { waiter.resume(with: result) }
+    }
+
+    // MARK: Consumers
+
+    /// Registers a consumer of every change appended from now on.
+    func subscribe() -> UInt64 {
+        state.withLock { s in
+            s.nextID += 1
+            var sub = Subscriber(capacity: bufferLimit)
+            sub.after = s.window?.last?.cursor
+            if let closed = s.closed { sub.ending = .some(closed) }
+            s.subscribers[s.nextID] = sub
+            return s.nextID
+        }
+    }
+
+    /// Registers a consumer of every change after `cursor`: the window's, then live ones.
+    /// Throws `ResumeWindowError` when the window is open and the cursor is older than it;
+    /// before the window is open the check is made when it opens (the iteration throws).
+    func subscribe(after cursor: Cursor) throws -> UInt64 {
+        try state.withLock { s in
+            var sub = Subscriber(capacity: bufferLimit)
+            sub.after = cursor
+            if let window = s.window {
+                let backlog = try window.events(after: cursor)
+                sub.buffer = backlog
+                sub.capacity = bufferLimit + backlog.count
+            } else {
+                sub.pendingCursor = cursor
+            }
+            if let closed = s.closed, sub.ending == nil {
+                sub.ending = .some(sub.pendingCursor != nil
+                    ? ChangeStreamError(.streamStopped, "the change stream is stopped; cannot serve the cursor \(cursor)")
+                    : closed)
+            }
+            s.nextID += 1
+            s.subscribers[s.nextID] = sub
+            return s.nextID
+        }
+    }
+
+    /// Forgets a consumer (its sequence went away); a pending wait ends with nil.
+    func unsubscribe(_ id: UInt64) {
+        let waiter = state.withLock { s in s.subscribers.removeValue(forKey: id)?.waiter }
+        waiter?.resume(returning: nil)
+    }
+
+    /// The next change for consumer `id`; nil at the end or when the task is cancelled.
+    func next(_ id: UInt64) async throws -> ChangeEvent? {
+        let immediate: Result<ChangeEvent?, any Error>? = state.withLock { s in
+            guard s.subscribers[id] != nil else { return .success(nil) }
+            let result = Self.take(&s.subscribers[id]!)
+            switch result {
+            case .success(nil)?, .failure?: s.subscribers[id] = nil
+            default: break
+            }
+            return result
+        }
+        if let immediate { return try immediate.get() }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (cont: CheckedContinuation<ChangeEvent?, any Error>) in
+                let now: Result<ChangeEvent?, any Error>? = state.withLock { s in
+                    guard s.subscribers[id] != nil else { return .success(nil) }
+                    if Task.isCancelled { s.subscribers[id] = nil; return .success(nil) }
+                    if let result = Self.take(&s.subscribers[id]!) { return result }
+                    s.subscribers[id]!.waiter = cont
+                    return nil
+                }
+                if let now { cont.resume(with: now) }
+            }
+        } onCancel: {
+            self.unsubscribe(id)
+        }
+    }
+
+    /// A queued change, the end (nil / error), or nil when the consumer must wait.
+    private static func take(_ sub: inout Subscriber) -> Result<ChangeEvent?, any Error>? {
+        if let event = sub.pop() { return .success(event) }
+        if let ending = sub.ending {
+            if let error = ending { return .failure(error) }
+            return .success(nil)
+        }
+        return nil
+    }
+
+    // MARK: Introspection
+
+    /// A snapshot of the window and consumer counters.
+    func snapshot() -> (window: Window?, subscribers: Int, transactions: Int, changes: Int, cutOff: Int) {
+        state.withLock { s in (s.window, s.subscribers.count, s.transactions, s.changes, s.cutOff) }
+    }
+}
+
+/// The changes for one consumer, in commit order, as an `AsyncSequence`.
+///
+/// Iterate from one task. Iteration ends (nil) when the stream stops or the task is
+/// cancelled; it throws `ChangeStreamError.consumerTooSlow` when the consumer fell too far
+/// behind, and `ResumeWindowError` (`resync_required`) when a resume cursor turned out to be
+/// older than the window. Dropping the sequence and its iterator releases the consumer's queue.
+public struct ChangeSubscription: AsyncSequence, Sendable {
+    /// Elements are committed changes.
+    public typealias Element = ChangeEvent
+
+    final class Registration: Sendable {
+        let hub: ChangeHub
+        let id: UInt64
+        init(hub: ChangeHub, id: UInt64) {
+            self.hub = hub
+            self.id = id
+        }
+        deinit { hub.unsubscribe(id) }
+    }
+
+    let registration: Registration
+
+    /// Makes the iterator.
+    public func makeAsyncIterator() -> Iterator { Iterator(registration: registration) }
+
+    /// Waits for the next change.
+    public struct Iterator: AsyncIteratorProtocol {
+        let registration: Registration
+
+        /// The next change in commit order; nil at the end.
+        public mutating func next() async throws -> ChangeEvent? {
+            try await registration.hub.next(registration.id)
+        }
+    }
+}

@@ -1,0 +1,586 @@
+import Logging
+import Metrics
+import PoolKit
+import ServiceLifecycle
+import Synchronization
+
+/// Counters and positions of a `ChangeStream`.
+public struct ChangeStreamStatistics: Sendable {
+    /// Whether the replication connection is streaming now.
+    public var connected: Bool
+    /// Committed transactions appended to the window (replays not counted).
+    public var transactions: Int
+    /// Changes appended to the window.
+    public var changes: Int
+    /// How many times the replication connection was re-established after a failure.
+    public var reconnects: Int
+    /// Changes held in the resume window.
+    public var windowCount: Int
+    /// The oldest cursor a consumer can resume after (nil before the window opens).
+    public var oldestResumable: Cursor?
+    /// The newest change's cursor.
+    public var lastCursor: Cursor?
+    /// The position reported to the server as flushed (held at the window's start).
+    public var confirmedFlush: LSN
+    /// Bytes of WAL the slot holds, as of the last check (`pg_current_wal_lsn() - confirmed_flush_lsn`).
+    public var slotLagBytes: Int?
+    /// Consumers registered now.
+    public var consumers: Int
+    /// Consumers cut off for falling behind (`consumerBufferLimit`).
+    public var consumersCutOff: Int
+    /// How many times the current replication connection's reader parked on the reactor
+    /// waiting for data (0 when not connected; diagnostics for throughput tuning).
+    public var readerWaits: Int
+}
+
+/// Streams committed row changes from a persistent logical replication slot (pgoutput) into
+/// a resume window and out to any number of consumers, in commit order.
+///
+/// `run()` (a swift-service-lifecycle `Service`) checks the database (`CaptureSetup`),
+/// creates the publication and the slot when missing, opens the window at the slot's
+/// confirmed position and reads the stream until graceful shutdown or cancellation. The
+/// confirmed position reported to the server is held at the window's start
+/// (`ResumeWindow.retainLSN`), so after a restart the window is rebuilt from the WAL. When the
+/// connection drops it reconnects with capped exponential backoff
+/// (`reconnectInitialDelay` doubling to `reconnectMaxDelay`), resumes from the confirmed
+/// position and skips transactions it already emitted, so consumers see no gap and no duplicate.
+///
+/// Consumers: `changes()` (from now) and `changes(after:)` (resume). See `ChangeHub` for the
+/// buffering policy: a consumer more than `consumerBufferLimit` changes behind is ended with
+/// `ChangeStreamError.consumerTooSlow` and resumes with its last cursor.
+public final class ChangeStream: Service, Sendable {
+    /// How to capture.
+    public struct Configuration: Sendable {
+        /// The database (URL or libpq `key=value` string), used for SQL and, with
+        /// `replication=database` added, for the replication connection.
+        public var connectionString: String
+        /// The persistent replication slot (`[a-z0-9_]`, created when missing).
+        public var slotName: String
+        /// The publication to stream (created for `tables` when missing).
+        public var publicationName: String
+        /// Tables to capture (`schema.table` or `table`); empty: the existing publication's.
+        public var tables: [String]
+        /// Whether to create the publication when it does not exist. Default true.
+        public var createPublication: Bool
+        /// Resume window bounds (default 5 min / 100,000 changes).
+        public var window: ResumeWindow<ContinuousClock.Instant>.Limits
+        /// How often a standby status update is sent. Default 10 s.
+        public var statusInterval: Duration
+        /// How often slot lag is measured. Default 10 s.
+        public var lagInterval: Duration
+        /// First reconnect delay. Default 100 ms.
+        public var reconnectInitialDelay: Duration
+        /// Largest reconnect delay. Default 5 s.
+        public var reconnectMaxDelay: Duration
+        /// Changes a consumer may have queued beyond its resume backlog. Default 10,000.
+        public var consumerBufferLimit: Int
+        /// Connect timeout for each connection. Default 10 s.
+        public var connectTimeout: Duration
+        /// On `stop()` (graceful shutdown), how long the stream may keep reading to deliver
+        /// everything committed before the stop (up to `pg_current_wal_flush_lsn()` at that
+        /// moment). Default 2 s; `.zero` stops at the next message.
+        public var stopCatchUp: Duration
+        /// How long the reader busy-polls the socket before parking on the reactor when libpq
+        /// has no complete message (see `ReplicationConnection.connect`). Default 50 µs;
+        /// `.zero` turns it off where CPU is scarcer than throughput matters.
+        public var busyPoll: Duration
+        /// Where the stream logs.
+        public var logger: Logger
+
+        /// Creates a configuration.
+        public init(connectionString: String, slotName: String, publicationName: String, tables: [String] = [],
+                    createPublication: Bool = true,
+                    window: ResumeWindow<ContinuousClock.Instant>.Limits = .init(),
+                    statusInterval: Duration = .seconds(10), lagInterval: Duration = .seconds(10),
+                    reconnectInitialDelay: Duration = .milliseconds(100), reconnectMaxDelay: Duration = .seconds(5),
+                    consumerBufferLimit: Int = 10_000, connectTimeout: Duration = .seconds(10),
+                    busyPoll: Duration = .microseconds(50), stopCatchUp: Duration = .seconds(2),
+                    logger: Logger = Logger(label: "RealtimeSync.ChangeStream")) {
+            self.connectionString = connectionString
+            self.slotName = slotName
+            self.publicationName = publicationName
+            self.tables = tables
+            self.createPublication = createPublication
+            self.window = window
+            self.statusInterval = statusInterval
+            self.lagInterval = lagInterval
+            self.reconnectInitialDelay = reconnectInitialDelay
+            self.reconnectMaxDelay = reconnectMaxDelay
+            self.consumerBufferLimit = consumerBufferLimit
+            self.connectTimeout = connectTimeout
+            self.busyPoll = busyPoll
+            self.stopCatchUp = stopCatchUp
+            self.logger = logger
+        }
+    }
+
+    private struct State {
+        var running = false
+        var finished = false
+        var stopRequested = false
+        var stopWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+        var nextWaiter: UInt64 = 0
+        var connected = false
+        var reconnects = 0
+        var confirmed = LSN.zero
+        var slotLag: Int?
+        var setupReport: CaptureSetupReport?
+        var replication: ReplicationConnection?
+        /// Set on stop: the reader ends once it has read this far (and no transaction is open).
+        var catchUpTarget: LSN?
+        /// Set on stop when catching up is over (reached, timed out or skipped).
+        var stopNow = false
+    }
+
+    /// The configuration in force.
+    public let configuration: Configuration
+    let hub: ChangeHub
+    private let state = Mutex(State())
+    private let lagGauge: Gauge
+    private let changesCounter: Counter
+    private let reconnectCounter: Counter
+
+    /// Creates a stream; nothing connects until `run()`.
+    public init(_ configuration: Configuration) {
+        self.configuration = configuration
+        self.hub = ChangeHub(limits: configuration.window, bufferLimit: configuration.consumerBufferLimit)
+        let dimensions = [("slot", configuration.slotName)]
+        self.lagGauge = Gauge(label: "realtime_sync_replication_slot_lag_bytes", dimensions: dimensions)
+        self.changesCounter = Counter(label: "realtime_sync_changes_total", dimensions: dimensions)
+        self.reconnectCounter = Counter(label: "realtime_sync_replication_reconnects_total", dimensions: dimensions)
+    }
+
+    // MARK: Consumers
+
+    /// Every change committed from now on (including any the stream is still replaying to
+    /// rebuild its window right after start).
+    public func changes() -> ChangeSubscription {
+        ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+    }
+
+    /// Every change after `cursor`: those in the resume window, then live ones, with no gap or
+    /// duplicate at the seam. Throws `ResumeWindowError` (`resync_required`) when the cursor
+    /// is older than the window; before the window has opened (the stream is still
+    /// connecting) that check happens when it opens and the iteration throws instead.
+    public func changes(after cursor: Cursor) throws -> ChangeSubscription {
+        ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: cursor)))
+    }
+
+    /// Counters and positions now.
+    public var statistics: ChangeStreamStatistics {
+        let hubState = hub.snapshot()
+        return state.withLock { s in
+            ChangeStreamStatistics(
+                connected: s.connected, transactions: hubState.transactions, changes: hubState.changes,
+                reconnects: s.reconnects, windowCount: hubState.window?.count ?? 0,
+                oldestResumable: hubState.window?.oldestResumable, lastCursor: hubState.window?.last?.cursor,
+                confirmedFlush: s.confirmed, slotLagBytes: s.slotLag,
+                consumers: hubState.subscribers, consumersCutOff: hubState.cutOff,
+                readerWaits: s.replication?.readerWaits ?? 0)
+        }
+    }
+
+    /// What the setup checks found (nil before `run()` got that far).
+    public var setupReport: CaptureSetupReport? { state.withLock { $0.setupReport } }
+
+    // MARK: Running
+
+    /// Runs until graceful shutdown (or `stop()`), then sends a final status update, ends the
+    /// COPY and closes; consumers' iterations end after what they have queued. Task
+    /// cancellation closes at once. Throws setup errors (`CaptureSetupError`) and protocol
+    /// errors; connection failures are retried with backoff.
+    public func run() async throws {
+        try state.withLock { s in
+            guard !s.running && !s.finished else {
+                throw PostgresError(code: .invalidUsage, message: "ChangeStream for slot \(configuration.slotName) was already run; create a new one")
+            }
+            s.running = true
+        }
+        do {
+            try await withGracefulShutdownHandler {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask { await self.measureLag() }
+                    do {
+                        try await self.capture()
+                    } catch {
+                        group.cancelAll()
+                        throw error
+                    }
+                    group.cancelAll()
+                }
+            } onGracefulShutdown: {
+                self.stop()
+            }
+        } catch {
+            finish(error: error is CancellationError ? nil : error)
+            throw error
+        }
+        finish(error: nil)
+    }
+
+    /// Asks `run()` to stop cleanly (as graceful shutdown does). Idempotent.
+    public func stop() {
+        let waiters = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.stopRequested = true
+            defer { s.stopWaiters.removeAll() }
+            return Array(s.stopWaiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    private func finish(error: (any Error)?) {
+        state.withLock { s in
+            s.running = false
+            s.finished = true
+            s.connected = false
+            s.replication = nil
+        }
+        hub.close(error: error.map { ChangeStreamError(.streamStopped, "the change stream for slot \(configuration.slotName) failed: \($0)") })
+    }
+
+    private var stopRequested: Bool { state.withLock { $0.stopRequested } }
+
+    /// Returns when `stop()` is called or the task is cancelled.
+    private func waitForStop() async {
+        let id = state.withLock { s -> UInt64 in
+            s.nextWaiter += 1
+            return s.nextWaiter
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
+                let now = state.withLock { s -> Bool in
+                    if s.stopRequested || Task.isCancelled { return true }
+                    s.stopWaiters[id] = cont
+                    return false
+                }
+                if now { cont.resume() }
+            }
+        } onCancel: {
+            let cont = self.state.withLock { $0.stopWaiters.removeValue(forKey: id) }
+            cont?.resume()
+        }
+    }
+
+    private var connectionConfiguration: PostgresConnection.Configuration {
+        .init(configuration.connectionString, connectTimeout: configuration.connectTimeout,
+              busyPoll: configuration.busyPoll, logger: configuration.logger)
+    }
+
+    /// The capture loop: setup once, then sessions, reconnecting with backoff.
+    private func capture() async throws {
+        let logger = configuration.logger
+        var decoder = PgOutputDecoder()
+        var assembler = TransactionAssembler()
+        var failures = 0
+        var prepared = false
+        while !stopRequested {
+            try Task.checkCancellation()
+            var replication: ReplicationConnection?
+            do {
+                if !prepared {
+                    try await prepare()
+                    prepared = true
+                }
+                let repl = try await ReplicationConnection.connect(connectionConfiguration)
+                replication = repl
+                try await repl.createSlotIfMissing(configuration.slotName)
+                let origin = try await slotPosition()
+                let retain = hub.openWindow(origin: origin)
+                let start = max(state.withLock { $0.confirmed }, retain)
+                decoder.reset()
+                assembler.abandonOpenTransaction()
+                try await repl.startReplication(
+                    slot: configuration.slotName, startLSN: start.rawValue,
+                    options: [("proto_version", "1"), ("publication_names", try quotedPublication())],
+                    statusInterval: configuration.statusInterval)
+                repl.confirm(flushedThrough: start.rawValue)
+                state.withLock { s in
+                    s.connected = true
+                    s.confirmed = start
+                    s.replication = repl
+                }
+                logger.info("change stream started", metadata: [
+                    "slot": "\(configuration.slotName)", "start": "\(start)", "backend": "\(repl.backendPID)"])
+                failures = 0
+                let stopped = try await session(repl, decoder: &decoder, assembler: &assembler)
+                state.withLock { $0.connected = false; $0.replication = nil }
+                if stopped {
+                    await repl.stop()
+                    logger.info("change stream stopped", metadata: ["slot": "\(configuration.slotName)", "confirmed": "\(state.withLock { $0.confirmed })"])
+                    return
+                }
+                await repl.close()
+                logger.warning("replication stream ended by the server; reconnecting", metadata: ["slot": "\(configuration.slotName)"])
+            } catch {
+                state.withLock { $0.connected = false; $0.replication = nil }
+                await replication?.close()
+                if error is CancellationError || Task.isCancelled { throw CancellationError() }
+                guard Self.isRetryable(error) else { throw error }
+                if stopRequested { return }
+                failures += 1
+                let delay = backoff(failures)
+                state.withLock { $0.reconnects += 1 }
+                reconnectCounter.increment()
+                logger.warning("replication connection failed; reconnecting", metadata: [
+                    "slot": "\(configuration.slotName)", "attempt": "\(failures)", "delay": "\(delay)", "error": "\(error)"])
+                await sleepUnlessStopped(delay)
+            }
+        }
+    }
+
+    /// Reads one replication session; returns true when stopped on request, false when the
+    /// server ended the stream.
+    private func session(_ repl: ReplicationConnection, decoder: inout PgOutputDecoder,
+                         assembler: inout TransactionAssembler) async throws -> Bool {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await repl.runStatusSchedule() }
+            group.addTask {
+                await self.waitForStop()
+                // Cancelled: the session is over and its reader gone; nothing to wake.
+                if Task.isCancelled { return }
+                await self.catchUpBeforeStopping(repl)
+                if Task.isCancelled { return }
+                self.state.withLock { $0.stopNow = true }
+                await repl.wake(timeout: .seconds(30))
+            }
+            defer { group.cancelAll() }
+            var replyRequests = ReplyRequests()
+            var sinceYield = 0
+            while let message = try await repl.readMessage() {
+                // A backlog can be read for seconds without the socket ever running dry, i.e.
+                // without suspending: give the cooperative pool's other tasks a turn now and then.
+                sinceYield += 1
+                if sinceYield == 512 {
+                    sinceYield = 0
+                    await Task.yield()
+                }
+                guard case .xLogData(let data) = message else {
+                    guard case .keepalive(let keepalive) = message else { continue }
+                    if keepalive.replyRequested {
+                        try await replyRequested(keepalive, repl, previous: &replyRequests)
+                    }
+                    if caughtUp(LSN(keepalive.walEnd), assembler) { break }
+                    continue
+                }
+                let decoded = try decoder.decode(data.payload, walStart: LSN(data.walStart))
+                guard case .transaction(let transaction)? = try assembler.apply(decoded) else { continue }
+                if let retain = hub.deliver(transaction) {
+                    changesCounter.increment(by: transaction.changes.count)
+                    repl.confirm(flushedThrough: retain.rawValue)
+                    state.withLock { $0.confirmed = max($0.confirmed, retain) }
+                }
+                if caughtUp(LSN(data.walStart), assembler) { break }
+            }
+            return stopRequested
+        }
+    }
+
+    /// Whether a stop is pending and the reader may end here: told to, or it has read up to
+    /// the catch-up target with no transaction half-received.
+    private func caughtUp(_ position: LSN, _ assembler: TransactionAssembler) -> Bool {
+        state.withLock { s in
+            guard s.stopRequested else { return false }
+            if s.stopNow { return true }
+            if let target = s.catchUpTarget, position >= target, !assembler.isInTransaction { return true }
+            return false
+        }
+    }
+
+    /// After `stop()`: learns the server's flushed WAL position and gives the reader up to
+    /// `stopCatchUp` to read that far (asking the server for a keepalive so an idle stream
+    /// learns its end of WAL at once). Returns early when cancelled (the reader got there).
+    private func catchUpBeforeStopping(_ repl: ReplicationConnection) async {
+        let limit = configuration.stopCatchUp
+        guard limit > .zero else { return }
+        let deadline = ContinuousClock.now + limit
+        let target: LSN? = await withTaskGroup(of: LSN?.self) { group in
+            group.addTask {
+                try? await self.withSQL { conn in
+                    let rows = try await conn.query("SELECT pg_current_wal_flush_lsn()::text")
+                    return try rows[0].decode(String.self, at: 0).flatMap { LSN($0) }
+                }
+            }
+            group.addTask {
+                try? await Task.sleep(until: deadline)
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+        guard let target else { return }
+        state.withLock { $0.catchUpTarget = target }
+        await repl.requestStatus(replyRequested: true)
+        try? await Task.sleep(until: deadline)
+    }
+
+    /// What the reader remembers of the server's recent reply requests.
+    struct ReplyRequests {
+        var last: ContinuousClock.Instant?
+        var lastWALEnd: UInt64 = 0
+        var quickInARow = 0
+    }
+
+    /// A keepalive asked for a reply (`readMessage()` already sent one with the held position).
+    ///
+    /// A walsender that is shutting down (fast or smart shutdown, after the shutdown
+    /// checkpoint) exits only once the client has confirmed everything it sent, and asks for a
+    /// reply again as soon as each one arrives: requests a round trip apart, with the same end
+    /// of WAL. Holding the confirmed position at the window's start would then block
+    /// PostgreSQL's shutdown, so after three such requests in a row (each within 100 ms of the
+    /// previous, same end of WAL) the hold is released to that end of WAL: every transaction
+    /// before it was already delivered (a transaction is sent whole at commit). This process
+    /// keeps its window in memory across the reconnect; only a capture that restarts while the
+    /// hold is released rebuilds a shorter window (older cursors then get `resync_required`,
+    /// never a gap). Requests caused by `wal_sender_timeout` come half a timeout after our
+    /// answer and keep the hold.
+    private func replyRequested(_ keepalive: PrimaryKeepalive, _ repl: ReplicationConnection,
+                                previous: inout ReplyRequests) async throws {
+        let now = ContinuousClock.now
+        defer {
+            previous.last = now
+            previous.lastWALEnd = keepalive.walEnd
+        }
+        if let last = previous.last, last.duration(to: now) < .milliseconds(100), previous.lastWALEnd == keepalive.walEnd {
+            previous.quickInARow += 1
+        } else {
+            previous.quickInARow = 0
+        }
+        guard previous.quickInARow >= 2 else { return }
+        let end = LSN(keepalive.walEnd)
+        let released = state.withLock { s -> Bool in
+            guard s.confirmed < end else { return false }
+            s.confirmed = end
+            return true
+        }
+        guard released else { return }
+        configuration.logger.notice("the server is waiting for the stream to confirm all WAL (shutting down?); releasing the resume window's hold on the slot", metadata: [
+            "slot": "\(configuration.slotName)", "confirmed": "\(end)"])
+        repl.confirm(flushedThrough: end.rawValue)
+        try await repl.sendStatus()
+    }
+
+    private func backoff(_ failures: Int) -> Duration {
+        Self.backoff(failures: failures, initial: configuration.reconnectInitialDelay, max: configuration.reconnectMaxDelay)
+    }
+
+    /// The delay before reconnect attempt `failures` (1-based): `initial`, doubling, capped at `max`.
+    static func backoff(failures: Int, initial: Duration, max cap: Duration) -> Duration {
+        var delay = initial
+        for _ in 1..<Swift.max(1, Swift.min(failures, 30)) {
+            delay = delay * 2
+            if delay >= cap { return cap }
+        }
+        return Swift.min(delay, cap)
+    }
+
+    private func sleepUnlessStopped(_ delay: Duration) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { try? await Task.sleep(for: delay) }
+            group.addTask { await self.waitForStop() }
+            await group.next()
+            group.cancelAll()
+        }
+    }
+
+    /// Connection-level failures (and a slot still held by the previous walsender) are retried.
+    static func isRetryable(_ error: any Error) -> Bool {
+        guard let error = error as? PostgresError else { return false }
+        if error.isConnectionBroken { return true }
+        switch error.sqlState {
+        case "55006", "57P01", "57P02", "57P03", "53300": return true  // slot in use, shutdown, starting, too many connections
+        case let state? where state.hasPrefix("08"): return true
+        default: return false
+        }
+    }
+
+    // MARK: SQL side
+
+    private func withSQL<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        let conn = try await PostgresConnection.connect(connectionConfiguration)
+        do {
+            let result = try await body(conn)
+            await conn.close()
+            return result
+        } catch {
+            await conn.close()
+            throw error
+        }
+    }
+
+    private func prepare() async throws {
+        let report = try await withSQL { conn in
+            try await CaptureSetup.prepare(conn, publication: configuration.publicationName, tables: configuration.tables,
+                                           createPublication: configuration.createPublication, logger: configuration.logger)
+        }
+        state.withLock { $0.setupReport = report }
+    }
+
+    private func slotPosition() async throws -> LSN {
+        try await withSQL { conn in
+            guard let lsn = try await CaptureSetup.confirmedFlush(conn, slot: configuration.slotName) else {
+                throw PostgresError(code: .invalidUsage, message: "replication slot \(configuration.slotName) has no confirmed position (is it a logical slot?)")
+            }
+            return lsn
+        }
+    }
+
+    private func quotedPublication() throws -> String {
+        // publication_names is a list of identifiers: quote the name so any spelling works.
+        "\"" + String(configuration.publicationName.flatMap { $0 == "\"" ? ["\"", "\""] : [$0] }) + "\""
+    }
+
+    /// Measures slot lag every `lagInterval` on its own connection (reopened after failures).
+    private func measureLag() async {
+        var conn: PostgresConnection?
+        while !Task.isCancelled {
+            do {
+                if conn == nil || conn!.isBroken {
+                    await conn?.close()
+                    conn = try await PostgresConnection.connect(connectionConfiguration)
+                }
+                if let lag = try await CaptureSetup.slotLagBytes(conn!, slot: configuration.slotName) {
+                    state.withLock { $0.slotLag = lag }
+                    lagGauge.record(lag)
+                }
+            } catch {
+                await conn?.close()
+                conn = nil
+            }
+            do { try await Task.sleep(for: configuration.lagInterval) } catch { break }
+        }
+        await conn?.close()
+    }
+
+    /// Measures the slot's lag now (bytes of WAL it holds) and records it in statistics and
+    /// the `realtime_sync_replication_slot_lag_bytes` gauge. Nil when the slot does not exist.
+    @discardableResult
+    public func refreshSlotLag() async throws -> Int? {
+        let lag = try await withSQL { try await CaptureSetup.slotLagBytes($0, slot: configuration.slotName) }
+        state.withLock { $0.slotLag = lag }
+        if let lag { lagGauge.record(lag) }
+        return lag
+    }
+
+    /// Drops the replication slot (releasing the WAL it holds). Fails with `slotActive` while
+    /// this stream runs; returns false when the slot did not exist.
+    @discardableResult
+    public func dropSlot() async throws -> Bool {
+        if state.withLock({ $0.running }) {
+            throw ChangeStreamError(.slotActive, "replication slot \(configuration.slotName) is in use by this running stream: stop it (graceful shutdown or stop()) before dropSlot()")
+        }
+        return try await withSQL { conn in
+            for _ in 0..<100 {
+                do {
+                    let rows = try await conn.query(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", configuration.slotName)
+                    return rows.count == 1
+                } catch let error as PostgresError where error.sqlState == "55006" {
+                    // The walsender of the stream that just stopped may still be exiting.
+                    try await Task.sleep(for: .milliseconds(50))
+                }
+            }
+            throw ChangeStreamError(.slotActive, "replication slot \(configuration.slotName) is active in another session: stop that consumer (see pg_replication_slots.active_pid) before dropping it")
+        }
+    }
+}

@@ -1,0 +1,139 @@
+@testable import RealtimeSync
+import PoolKit
+import Testing
+
+/// A committed transaction of `count` inserts into orders at `lsn`, ids from `firstID`.
+private func committed(lsn: UInt64, firstID: Int, count: Int) -> CommittedTransaction {
+    let changes = (0..<count).map { i in
+        ChangeEvent(operation: .insert, relation: ordersRelation,
+                    new: TupleData([t(String(firstID + i)), t("open"), .null, t("1.5")]), old: nil, oldKind: nil,
+                    xid: UInt32(lsn), commitLSN: LSN(lsn), commitTime: fixedTime, index: UInt32(i))
+    }
+    return CommittedTransaction(xid: UInt32(lsn), commitLSN: LSN(lsn), endLSN: LSN(lsn + 0x30), commitTime: fixedTime,
+                                origin: nil, changes: changes, messages: [])
+}
+
+private func ids(_ events: [ChangeEvent]) -> [Int] { events.map { Int($0.new!.text(at: 0)!)! } }
+
+private func drain(_ subscription: ChangeSubscription, _ count: Int) async throws -> [ChangeEvent] {
+    var out: [ChangeEvent] = []
+    for try await event in subscription {
+        out.append(event)
+        if out.count == count { break }
+    }
+    return out
+}
+
+@Suite("ChangeHub: window, seam and consumer policy (no I/O)")
+struct ChangeHubTests {
+    @Test("A resume registered between two deliveries gets the window after its cursor, then live changes: no gap, no duplicate")
+    func seam() async throws {
+        let hub = ChangeHub(limits: .init(maxCount: 1_000), bufferLimit: 100)
+        hub.openWindow(origin: LSN(0x100))
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 3))
+        _ = hub.deliver(committed(lsn: 0x300, firstID: 4, count: 3))
+        let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x200), index: 1))))
+        let live = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        _ = hub.deliver(committed(lsn: 0x400, firstID: 7, count: 2))
+        #expect(ids(try await drain(resumed, 6)) == [3, 4, 5, 6, 7, 8])
+        #expect(ids(try await drain(live, 2)) == [7, 8])
+    }
+
+    @Test("A replayed transaction (after a reconnect) is neither appended nor delivered again")
+    func replay() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 100)
+        hub.openWindow(origin: LSN(0x100))
+        let live = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 2))
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 2))
+        _ = hub.deliver(committed(lsn: 0x300, firstID: 3, count: 1))
+        #expect(ids(try await drain(live, 3)) == [1, 2, 3])
+        #expect(hub.snapshot().changes == 3)
+    }
+
+    @Test("A cursor given before the window opens is checked when it opens: older than the origin ends the iteration with resync_required")
+    func pendingCursor() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 100)
+        let tooOld = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x50), index: 0))))
+        let fine = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x200), index: 0))))
+        // The window opens at the slot's position; the stream replays from there (rebuild).
+        hub.openWindow(origin: LSN(0x100))
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 2))
+        _ = hub.deliver(committed(lsn: 0x300, firstID: 3, count: 1))
+        await #expect(throws: ResumeWindowError.self) { _ = try await drain(tooOld, 1) }
+        // Resumes after index 0 of 0x200: the replayed change at the cursor itself is not repeated.
+        #expect(ids(try await drain(fine, 2)) == [2, 3])
+    }
+
+    @Test("Retain position: the window's first change, so a restart rebuilds it; it moves as the window evicts")
+    func retain() {
+        let hub = ChangeHub(limits: .init(maxCount: 3), bufferLimit: 100)
+        #expect(hub.openWindow(origin: LSN(0x100)) == LSN(0x100))
+        #expect(hub.deliver(committed(lsn: 0x200, firstID: 1, count: 2)) == LSN(0x200))
+        #expect(hub.deliver(committed(lsn: 0x300, firstID: 3, count: 2)) == LSN(0x200))  // 4 > 3: id 1 evicted, id 2 left
+        #expect(hub.deliver(committed(lsn: 0x400, firstID: 5, count: 1)) == LSN(0x300))
+    }
+
+    @Test("A consumer over consumerBufferLimit gets its queue, then consumer_too_slow with its last cursor; others are unaffected")
+    func cutOff() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 5)
+        hub.openWindow(origin: LSN(0x100))
+        let slow = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        let fast = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        var fastIterator = fast.makeAsyncIterator()
+        var fastSeen: [ChangeEvent] = []
+        for (n, lsn) in [0x200, 0x300, 0x400].enumerated() {
+            _ = hub.deliver(committed(lsn: UInt64(lsn), firstID: n * 3 + 1, count: 3))
+            for _ in 0..<3 { fastSeen.append(try #require(try await fastIterator.next())) }
+        }
+        #expect(ids(fastSeen) == Array(1...9))
+        var got: [ChangeEvent] = []
+        do {
+            for try await event in slow { got.append(event) }
+            Issue.record("expected consumer_too_slow")
+        } catch let error as ChangeStreamError {
+            #expect(error.code == .consumerTooSlow)
+            #expect(error.resumeAfter == got.last?.cursor)
+        }
+        #expect(ids(got) == [1, 2, 3])  // 3 fit in 5, 6 do not
+        #expect(hub.snapshot().cutOff == 1)
+    }
+
+    @Test("Dropping a subscription unregisters it; close ends consumers after their queue")
+    func release() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 10)
+        hub.openWindow(origin: LSN(0x100))
+        do { _ = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe())) }
+        #expect(hub.snapshot().subscribers == 0)
+        let kept = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 2))
+        hub.close(error: nil)
+        var seen: [ChangeEvent] = []
+        for try await event in kept { seen.append(event) }
+        #expect(ids(seen) == [1, 2])
+        #expect(hub.snapshot().subscribers == 0)
+        // After close, a new consumer ends at once.
+        var late = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe())).makeAsyncIterator()
+        #expect(try await late.next() == nil)
+    }
+}
+
+@Suite("ChangeStream reconnect backoff")
+struct ChangeStreamBackoffTests {
+    @Test("Reconnect delays double from reconnectInitialDelay and stop at reconnectMaxDelay")
+    func backoff() {
+        let delays = (1...8).map { ChangeStream.backoff(failures: $0, initial: .milliseconds(100), max: .seconds(5)) }
+        #expect(delays == [.milliseconds(100), .milliseconds(200), .milliseconds(400), .milliseconds(800),
+                           .milliseconds(1_600), .milliseconds(3_200), .seconds(5), .seconds(5)])
+        #expect(ChangeStream.backoff(failures: 1_000, initial: .milliseconds(100), max: .seconds(5)) == .seconds(5))
+    }
+
+    @Test("Connection failures and a slot still held by the old walsender are retried; setup and protocol errors are not")
+    func retryable() {
+        #expect(ChangeStream.isRetryable(PostgresError(code: .connectionBroken, message: "x")))
+        #expect(ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "55006")))
+        #expect(ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "57P03")))
+        #expect(!ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "42704")))
+        #expect(!ChangeStream.isRetryable(CaptureSetupError(.walLevelNotLogical, "x")))
+    }
+}

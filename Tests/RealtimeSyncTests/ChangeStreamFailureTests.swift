@@ -1,0 +1,224 @@
+import Foundation
+import PoolKit
+import RealtimeSync
+import Synchronization
+import Testing
+import TestSupport
+
+@Suite("ChangeStream: restarts and guards (real Postgres)", .serialized)
+struct ChangeStreamFailureTests {
+    @Test("Postgres restarts during a stream of inserts: the stream reconnects and the consumer gets every row exactly once, in order")
+    func postgresRestart() async throws {
+        try await withPrivateCluster { pg in
+            let url = pg.url
+            let table = uniqueCaptureName("cs_pgrestart")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            await setup.close()
+            let total = 600
+            try await withChangeStream(url: url, tables: [table]) { stream, _ in
+                let subscription = stream.changes()
+                let seen = Mutex<[Int]>([])
+                let consumer = Task {
+                    for try await event in subscription {
+                        let id = Int(newText(event, "id")!)!
+                        seen.withLock { $0.append(id) }
+                    }
+                }
+                // One row per transaction; a statement that fails across the restart is retried
+                // (ON CONFLICT: it may have committed before the connection broke).
+                let inserter = Task {
+                    var conn = try await PostgresConnection.connect(to: url)
+                    var id = 1
+                    while id <= total {
+                        do {
+                            try await conn.query("INSERT INTO \(table) VALUES ($1) ON CONFLICT DO NOTHING", id)
+                            id += 1
+                        } catch {
+                            await conn.close()
+                            try await Task.sleep(for: .milliseconds(50))
+                            if let fresh = try? await PostgresConnection.connect(to: url, connectTimeout: .seconds(2)) { conn = fresh }
+                        }
+                    }
+                    await conn.close()
+                }
+                try await within(.seconds(60), "200 rows seen") {
+                    while seen.withLock({ $0.count }) < 200 { try await Task.sleep(for: .milliseconds(10)) }
+                }
+                try await offPool { try pg.restart() }
+                try await inserter.value
+                try await within(.seconds(60), "all \(total) rows seen") {
+                    while seen.withLock({ $0.count }) < total { try await Task.sleep(for: .milliseconds(20)) }
+                }
+                // Give a duplicate, if any, the time to show up.
+                try await Task.sleep(for: .milliseconds(300))
+                consumer.cancel()
+                let ids = seen.withLock { $0 }
+                #expect(ids == Array(1...total))
+                #expect(stream.statistics.reconnects >= 1)
+                #expect(stream.statistics.connected)
+            }
+        }
+    }
+
+    @Test("The walsender is terminated mid-stream: the stream replays from the window's start, skips what it emitted, and the consumer gets every row exactly once")
+    func walsenderTerminated() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_kill")
+            let slot = uniqueCaptureName("cs_slot")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            try await withChangeStream(url: url, tables: [table], slot: slot) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("DO $$ BEGIN FOR t IN 0..9 LOOP INSERT INTO \(table) SELECT t * 10 + g FROM generate_series(1, 10) g; COMMIT; END LOOP; END $$")
+                let before = try await take(100, from: changes)
+                let terminated = try await sql.query(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", slot)
+                #expect(try terminated[0].decode(Bool.self, at: 0) == true)
+                try await sql.execute("DO $$ BEGIN FOR t IN 10..19 LOOP INSERT INTO \(table) SELECT t * 10 + g FROM generate_series(1, 10) g; COMMIT; END LOOP; END $$")
+                let after = try await take(100, from: changes)
+                #expect((before + after).map { Int(newText($0, "id")!)! } == Array(1...200))
+                try await sql.execute("INSERT INTO \(table) VALUES (1000)")
+                let next = try await take(1, from: changes)
+                #expect(newText(next[0], "id") == "1000")
+                #expect(stream.statistics.reconnects >= 1)
+                #expect(stream.statistics.changes == 201)
+            }
+            try await setup.execute("DROP TABLE \(table)")
+            await setup.close()
+        }
+    }
+
+    @Test("wal_level other than logical: a setup error naming the setting and the fix; run() fails with it")
+    func walLevelNotLogical() async throws {
+        try await withPrivateCluster(.init(settings: ["wal_level": "replica"])) { pg in
+            let conn = try await PostgresConnection.connect(to: pg.url)
+            do {
+                _ = try await CaptureSetup.prepare(conn, publication: "p", tables: [])
+                Issue.record("expected wal_level_not_logical")
+            } catch let error as CaptureSetupError {
+                #expect(error.code == .walLevelNotLogical)
+                #expect(error.message.contains("wal_level is 'replica'"))
+                #expect(error.message.contains("ALTER SYSTEM SET wal_level = logical"))
+            }
+            await conn.close()
+            let stream = ChangeStream(.init(connectionString: pg.url, slotName: "never_made", publicationName: "p", tables: ["t"]))
+            await #expect(throws: CaptureSetupError.self) { try await stream.run() }
+        }
+    }
+
+    @Test("A role without REPLICATION, a table without primary key, a publication missing a table: each named with its fix")
+    func guards() async throws {
+        try await TestDatabase.withDatabase { url in
+            let role = uniqueCaptureName("cs_role")
+            let bare = uniqueCaptureName("cs_nopk")
+            let keyed = uniqueCaptureName("cs_pk")
+            let pub = uniqueCaptureName("cs_pub")
+            let admin = try await PostgresConnection.connect(to: url)
+            try await admin.execute("""
+                CREATE ROLE \(role) LOGIN; CREATE TABLE \(bare) (v text); CREATE TABLE \(keyed) (id int PRIMARY KEY);
+                CREATE PUBLICATION \(pub) FOR TABLE \(keyed)
+                """)
+
+            let userURL = url.replacingOccurrences(of: "postgres@", with: "\(role)@")
+            let asRole = try await PostgresConnection.connect(to: userURL)
+            do {
+                _ = try await CaptureSetup.prepare(asRole, publication: pub, tables: [keyed])
+                Issue.record("expected missing_replication_privilege")
+            } catch let error as CaptureSetupError {
+                #expect(error.code == .missingReplicationPrivilege)
+                #expect(error.message.contains("role '\(role)'"))
+                #expect(error.message.contains("ALTER ROLE \(role) REPLICATION"))
+            }
+            await asRole.close()
+
+            do {
+                _ = try await CaptureSetup.prepare(admin, publication: pub, tables: [keyed, bare])
+                Issue.record("expected missing_replica_identity")
+            } catch let error as CaptureSetupError {
+                #expect(error.code == .missingReplicaIdentity)
+                #expect(error.message.contains("public.\(bare)"))
+                #expect(error.message.contains("ALTER TABLE public.\(bare) REPLICA IDENTITY FULL"))
+            }
+            try await admin.execute("ALTER TABLE \(bare) REPLICA IDENTITY FULL")
+            do {
+                _ = try await CaptureSetup.prepare(admin, publication: pub, tables: [keyed, bare])
+                Issue.record("expected publication_missing_tables")
+            } catch let error as CaptureSetupError {
+                #expect(error.code == .publicationMissingTables)
+                #expect(error.message.contains("ALTER PUBLICATION \(pub) ADD TABLE public.\(bare)"))
+            }
+            // An existing publication with its tables is used as it is; unlimited WAL retention is flagged.
+            let report = try await CaptureSetup.prepare(admin, publication: pub, tables: [])
+            #expect(report.tables == ["public.\(keyed)"])
+            #expect(!report.createdPublication)
+            #expect(report.maxSlotWALKeepSizeMB == -1)
+            #expect(report.warnings.contains { $0.contains("max_slot_wal_keep_size is -1") })
+            // A missing publication is created for the configured tables.
+            let created = try await CaptureSetup.prepare(admin, publication: pub + "_new", tables: [keyed, bare])
+            #expect(created.createdPublication)
+            #expect(created.tables == ["public.\(bare)", "public.\(keyed)"].sorted())
+            do {
+                _ = try await CaptureSetup.prepare(admin, publication: pub + "_none", tables: [])
+                Issue.record("expected publication_missing")
+            } catch let error as CaptureSetupError {
+                #expect(error.code == .publicationMissing)
+            }
+            try await admin.execute("DROP PUBLICATION \(pub); DROP PUBLICATION \(pub)_new; DROP TABLE \(bare); DROP TABLE \(keyed); DROP ROLE \(role)")
+            await admin.close()
+        }
+    }
+
+    @Test("Reply requests from a short wal_sender_timeout are answered and keep the window's hold on the slot")
+    func shortSenderTimeoutKeepsHold() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_hold")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            let separator = url.contains("?") ? "&" : "?"
+            let shortTimeout = url + separator + "options=-c%20wal_sender_timeout%3D300"
+            try await withChangeStream(url: shortTimeout, tables: [table]) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 10)")
+                let events = try await take(10, from: changes)
+                // Several timeouts' worth of idle time: the server asks for replies every 150 ms.
+                try await Task.sleep(for: .milliseconds(1_200))
+                #expect(stream.statistics.connected)
+                #expect(stream.statistics.reconnects == 0)
+                #expect(stream.statistics.confirmedFlush == events[0].commitLSN)
+            }
+            try await setup.execute("DROP TABLE \(table)")
+            await setup.close()
+        }
+    }
+
+    @Test("Slot lag is measured in bytes and exposed in statistics; dropSlot() refuses while running and drops after")
+    func slotLagAndDrop() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_lag")
+            let slot = uniqueCaptureName("cs_slot")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            let stream = try await withChangeStream(url: url, tables: [table], slot: slot, dropSlotAtEnd: false) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 100)")
+                let events = try await take(100, from: changes)
+                // The window holds the slot at its first change, so the WAL since then is lag.
+                let lag = try #require(try await stream.refreshSlotLag())
+                #expect(lag > 0)
+                #expect(stream.statistics.slotLagBytes == lag)
+                // The confirmed position is held at the window's start.
+                #expect(stream.statistics.confirmedFlush == events[0].commitLSN)
+                await #expect(throws: ChangeStreamError.self) { try await stream.dropSlot() }
+                return stream
+            }
+            #expect(try await stream.dropSlot())
+            #expect(try await stream.dropSlot() == false)
+            let rows = try await setup.query("SELECT count(*)::int FROM pg_replication_slots WHERE slot_name = $1", slot)
+            #expect(try rows[0].decode(Int.self, at: 0) == 0)
+            try await setup.execute("DROP TABLE \(table)")
+            await setup.close()
+        }
+    }
+}
+
