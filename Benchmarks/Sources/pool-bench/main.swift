@@ -34,6 +34,8 @@ final class BenchConnection: PoolableConnection {
     let id: Int
     init(id: Int) { self.id = id }
     var isBroken: Bool { false }
+    /// Nothing to reset, like a `PostgresConnection` returned outside a transaction without `LISTEN`.
+    var needsReset: Bool { false }
     func prepareForReuse() async throws {}
     func cancelRunningQuery() async {}
     func close() async {}

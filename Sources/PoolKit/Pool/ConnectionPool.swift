@@ -42,6 +42,7 @@ struct PoolShellState {
 
     /// Records the count gauges when they changed (inside the lock, so in order).
     mutating func publish(_ metrics: PoolMetrics) {
+        guard metrics.enabled else { return }
         let idle = machine.idleCount, used = machine.inUseCount, pending = machine.waiterCount
         if idle != publishedIdle { publishedIdle = idle; metrics.idle.record(idle) }
         if used != publishedUsed { publishedUsed = used; metrics.used.record(used) }
@@ -213,6 +214,16 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// twice, or after a drain cut it off, does nothing.
     nonisolated(nonsending)
     public func release(_ lease: ConnectionLease<Connection>) async {
+        // Reading the connection before the claim is harmless on a double release: the
+        // claim below then fails and nothing else happens.
+        let broken = lease.connection.isBroken
+        if broken || !lease.connection.needsReset {
+            // Nothing to reset: claim and return in one lock section, no suspension point.
+            if let remaining = releaseSynchronously(slot: lease.slot, leaseID: lease.leaseID, reusable: !broken) {
+                await perform(remaining)
+            }
+            return
+        }
         let claimed = state.withLock { $0.machine.beginRelease(slot: lease.slot, leaseID: lease.leaseID) }
         guard claimed else { return }
         var reusable = !lease.connection.isBroken
@@ -242,8 +253,19 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         guard let (raw, rescheduleTimer) = leased else { return nil }
         if rescheduleTimer { timerWake.signal() }
-        metrics.waitTime.recordNanoseconds(0)
+        if metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
         return raw
+    }
+
+    /// Claims and finishes a release in one lock section (no reset needed); returns what is left (closes) if anything.
+    private func releaseSynchronously(slot: Int, leaseID: UInt64, reusable: Bool) -> Machine.Actions? {
+        let now = self.now()
+        let result = state.withLock { s -> Machine.ReleaseResult in
+            let result = s.machine.release(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
+            s.publish(metrics)
+            return result
+        }
+        return performReleaseResult(result, reusable: reusable)
     }
 
     /// Runs the part of a release that needs no waiting; returns what is left (closes) if anything.
@@ -254,7 +276,13 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             s.publish(metrics)
             return result
         }
-        if let useTime = result.useTime { metrics.useTime.record(useTime) }
+        return performReleaseResult(result, reusable: reusable)
+    }
+
+    /// Acts on a release's result outside the lock: metrics, timer, the waiter's resume.
+    @inline(__always)
+    private func performReleaseResult(_ result: Machine.ReleaseResult, reusable: Bool) -> Machine.Actions? {
+        if metrics.enabled, let useTime = result.useTime { metrics.useTime.record(useTime) }
         if result.rescheduleTimer { timerWake.signal() }
         switch result.action {
         case .none, .idled:
@@ -396,7 +424,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         switch immediate {
         case .leased(let lease, let rescheduleTimer):
             if rescheduleTimer { timerWake.signal() }
-            metrics.waitTime.recordNanoseconds(0)
+            if metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
             return (lease, false)
         case .failed(let error):
             throw error
@@ -439,7 +467,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         switch outcome {
         case .leased(let lease, let waited, let checked):
-            metrics.waitTime.record(waited)
+            if metrics.enabled { metrics.waitTime.record(waited) }
             if Task.isCancelled {
                 // Handed over just as the caller gave up: the connection goes back.
                 await giveBack(lease, reusable: true)
@@ -469,7 +497,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             s.publish(metrics)
             return result
         }
-        if let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if metrics.enabled, let useTime = result.useTime { metrics.useTime.record(useTime) }
         if result.rescheduleTimer { timerWake.signal() }
         switch result.action {
         case .none, .idled:
