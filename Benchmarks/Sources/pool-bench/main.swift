@@ -95,15 +95,25 @@ struct Throughput {
 }
 
 /// Runs `tasks` tasks that each do `iterations / tasks` lease+release cycles; returns cycles/s.
-func measure(tasks: Int, iterations: Int, _ cycle: @escaping @Sendable () async throws -> Void) async throws -> Double {
+///
+/// `cycles(n)` runs `n` cycles in its own loop, so the loop calls the pool directly: calling a
+/// `@Sendable` async closure once per cycle would add an executor check (`swift_task_switch`,
+/// ~8 % of a PoolKit cycle in `perf`) to both pools' figures.
+/// `--closure-per-cycle` restores the old harness (one closure call per cycle) for comparison.
+let closurePerCycle = arguments.contains("--closure-per-cycle")
+
+func measure(tasks: Int, iterations: Int, _ cycles: @escaping @Sendable (Int) async throws -> Void) async throws -> Double {
     let perTask = iterations / tasks
+    let body = cycles
+    let perCycle: @Sendable (Int) async throws -> Void = { n in
+        for _ in 0..<n { try await body(1) }
+    }
+    let cycles = closurePerCycle ? perCycle : body
     let clock = ContinuousClock()
     let start = clock.now
     try await withThrowingTaskGroup(of: Void.self) { group in
         for _ in 0..<tasks {
-            group.addTask {
-                for _ in 0..<perTask { try await cycle() }
-            }
+            group.addTask { try await cycles(perTask) }
         }
         try await group.waitForAll()
     }
@@ -122,10 +132,10 @@ func ourThroughput(tasks: Int, connections: Int, iterations: Int, runs: Int) asy
         group.addTask { try await pool.run() }
         await waitUntil { pool.statistics.idle == connections }
         var best = 0.0
-        _ = try await measure(tasks: tasks, iterations: iterations / 10) { try await pool.withConnection { blackHole($0) } } // warm-up
+        _ = try await measure(tasks: tasks, iterations: iterations / 10) { n in for _ in 0..<n { try await pool.withConnection { blackHole($0) } } } // warm-up
         for _ in 0..<runs {
-            best = max(best, try await measure(tasks: tasks, iterations: iterations) {
-                try await pool.withConnection { blackHole($0) }
+            best = max(best, try await measure(tasks: tasks, iterations: iterations) { n in
+                for _ in 0..<n { try await pool.withConnection { blackHole($0) } }
             })
         }
         group.cancelAll()
@@ -138,10 +148,10 @@ func nioThroughput(tasks: Int, connections: Int, iterations: Int, runs: Int) asy
     return try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { await pool.run() }
         var best = 0.0
-        _ = try await measure(tasks: tasks, iterations: iterations / 10) { try await pool.withConnection { blackHole($0) } } // warm-up
+        _ = try await measure(tasks: tasks, iterations: iterations / 10) { n in for _ in 0..<n { try await pool.withConnection { blackHole($0) } } } // warm-up
         for _ in 0..<runs {
-            best = max(best, try await measure(tasks: tasks, iterations: iterations) {
-                try await pool.withConnection { blackHole($0) }
+            best = max(best, try await measure(tasks: tasks, iterations: iterations) { n in
+                for _ in 0..<n { try await pool.withConnection { blackHole($0) } }
             })
         }
         group.cancelAll()
@@ -219,6 +229,33 @@ func runHandoff() async throws {
         group.cancelAll()
         return result.sorted()
     }
+    // Floor: the same dance with no pool at all: the releaser resumes a bare continuation the
+    // waiter parked on, then stays busy. Whatever PoolKit adds on top of this is the pool's.
+    let bare = Shared<UnsafeContinuation<Void, Never>?>(nil)
+    let bareLatencies = await withTaskGroup(of: Void.self) { _ -> [Duration] in
+        var result: [Duration] = []
+        let clock = ContinuousClock()
+        for _ in 0..<iterations {
+            let resumedAt = Shared<ContinuousClock.Instant?>(nil)
+            let releasedAt = await withTaskGroup(of: Void.self) { inner -> ContinuousClock.Instant in
+                inner.addTask {
+                    await withUnsafeContinuation { continuation in bare.withLock { $0 = continuation } }
+                    let now = clock.now
+                    resumedAt.withLock { $0 = now }
+                }
+                await waitUntil { bare.withLock { $0 != nil } }
+                let releasedAt = clock.now
+                bare.withLock { c -> UnsafeContinuation<Void, Never>? in defer { c = nil }; return c }!.resume()
+                let busyUntil = clock.now.advanced(by: .microseconds(200))
+                while clock.now < busyUntil, resumedAt.withLock({ $0 }) == nil {}
+                await inner.waitForAll()
+                return releasedAt
+            }
+            result.append(releasedAt.duration(to: resumedAt.withLock { $0 }!))
+        }
+        return result.sorted()
+    }
+    print("continuation  p50 \(micros(percentile(bareLatencies, 0.5)))   p99 \(micros(percentile(bareLatencies, 0.99)))   p99.9 \(micros(percentile(bareLatencies, 0.999)))   max \(micros(bareLatencies.last!))   (no pool: the floor)")
     print("PoolKit       p50 \(micros(percentile(latencies, 0.5)))   p99 \(micros(percentile(latencies, 0.99)))   p99.9 \(micros(percentile(latencies, 0.999)))   max \(micros(latencies.last!))")
 
     let nio = makeNIOPool(connections: 1)
