@@ -160,22 +160,28 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         line: Int = #line,
         _ body: nonisolated(nonsending) (Connection) async throws -> Result
     ) async throws -> Result {
-        var fast: ConnectionLease<Connection>?
         if let raw = leaseIfIdle(Machine.Request(label: label, fileID: fileID, line: line)) {
-            // Fast path: no suspension, no waiter bookkeeping.
+            // Fast path: no suspension, no waiter bookkeeping, and (when the connection
+            // needs no reset) no async call on the way back either.
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
-            if connection.isBroken {
-                await giveBack(raw, reusable: false)
-            } else {
-                fast = ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID)
+            if !connection.isBroken {
+                let result: Result
+                do {
+                    result = try await body(connection)
+                } catch {
+                    await finishLease(connection, slot: raw.slot, leaseID: raw.leaseID, connectionID: raw.connectionID)
+                    throw error
+                }
+                switch releaseWithoutReset(connection, slot: raw.slot, leaseID: raw.leaseID) {
+                case .done: break
+                case .remaining(let actions): await perform(actions)
+                case .needsReset: await releaseSlowly(connection, slot: raw.slot, leaseID: raw.leaseID, connectionID: raw.connectionID)
+                }
+                return result
             }
+            await giveBack(raw, reusable: false)
         }
-        let lease: ConnectionLease<Connection>
-        if let fast {
-            lease = fast
-        } else {
-            lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
-        }
+        let lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
         let result: Result
         do {
             result = try await body(lease.connection)
@@ -222,31 +228,61 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// twice, or after a drain cut it off, does nothing.
     nonisolated(nonsending)
     public func release(_ lease: ConnectionLease<Connection>) async {
-        // Reading the connection before the claim is harmless on a double release: the
-        // claim below then fails and nothing else happens.
-        let broken = lease.connection.isBroken
-        if broken || !lease.connection.needsReset {
-            // Nothing to reset: claim and return in one lock section, no suspension point.
-            if let remaining = releaseSynchronously(slot: lease.slot, leaseID: lease.leaseID, reusable: !broken) {
-                await perform(remaining)
-            }
-            return
+        await finishLease(lease.connection, slot: lease.slot, leaseID: lease.leaseID, connectionID: lease.connectionID)
+    }
+
+    /// What ``releaseWithoutReset(_:slot:leaseID:)`` did.
+    private enum QuickRelease {
+        /// Returned (idle, handed over, or a stale release): nothing left to do.
+        case done
+        /// Returned; these actions (closes, connects) are left for the caller to perform.
+        case remaining(Machine.Actions)
+        /// Nothing done: the connection needs `prepareForReuse()`.
+        case needsReset
+    }
+
+    nonisolated(nonsending)
+    private func finishLease(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) async {
+        switch releaseWithoutReset(connection, slot: slot, leaseID: leaseID) {
+        case .done: break
+        case .remaining(let actions): await perform(actions)
+        case .needsReset: await releaseSlowly(connection, slot: slot, leaseID: leaseID, connectionID: connectionID)
         }
-        let claimed = state.withLock { $0.machine.beginRelease(slot: lease.slot, leaseID: lease.leaseID) }
+    }
+
+    /// The release of a connection that is broken or needs no reset: claims and returns it in
+    /// one lock section, without suspending (a handoff's resume included); closes, if any, are
+    /// returned for the caller to perform in its task. Does nothing when the connection needs
+    /// `prepareForReuse()`.
+    ///
+    /// Reading the connection before the claim is harmless on a double release: the claim
+    /// then fails and nothing else happens.
+    @inline(__always)
+    private func releaseWithoutReset(_ connection: Connection, slot: Int, leaseID: UInt64) -> QuickRelease {
+        let broken = connection.isBroken
+        guard broken || !connection.needsReset else { return .needsReset }
+        guard let remaining = releaseSynchronously(slot: slot, leaseID: leaseID, reusable: !broken) else { return .done }
+        return .remaining(remaining)
+    }
+
+    /// The release of a connection that needs `prepareForReuse()`: claim, reset, return.
+    nonisolated(nonsending)
+    private func releaseSlowly(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) async {
+        let claimed = state.withLock { $0.machine.beginRelease(slot: slot, leaseID: leaseID) }
         guard claimed else { return }
-        var reusable = !lease.connection.isBroken
+        var reusable = !connection.isBroken
         if reusable {
             do {
-                try await lease.connection.prepareForReuse()
+                try await connection.prepareForReuse()
             } catch {
                 reusable = false
                 logger.debug(
                     "closing connection whose reset failed",
-                    metadata: ["db.client.connection.id": "\(lease.connectionID)", "error": "\(error)"]
+                    metadata: ["db.client.connection.id": "\(connectionID)", "error": "\(error)"]
                 )
             }
         }
-        if let remaining = finishReleaseSynchronously(slot: lease.slot, leaseID: lease.leaseID, reusable: reusable) {
+        if let remaining = finishReleaseSynchronously(slot: slot, leaseID: leaseID, reusable: reusable) {
             await perform(remaining)
         }
     }
