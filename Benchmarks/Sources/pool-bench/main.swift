@@ -194,6 +194,12 @@ func percentile(_ sorted: [Duration], _ p: Double) -> Duration {
     sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
 }
 
+/// The share of handoffs that took at least `threshold` (e.g. that waited for the releaser's thread).
+func share(_ sorted: [Duration], atLeast threshold: Duration) -> String {
+    let n = sorted.count - (sorted.firstIndex { $0 >= threshold } ?? sorted.count)
+    return String(format: "%.2f %%", 100 * Double(n) / Double(sorted.count))
+}
+
 func micros(_ d: Duration) -> String {
     String(format: "%.2f µs", Double(d.components.attoseconds) / 1e12 + Double(d.components.seconds) * 1e6)
 }
@@ -259,8 +265,8 @@ func runHandoff() async throws {
         }
         return result.sorted()
     }
-    print("continuation  p50 \(micros(percentile(bareLatencies, 0.5)))   p99 \(micros(percentile(bareLatencies, 0.99)))   p99.9 \(micros(percentile(bareLatencies, 0.999)))   max \(micros(bareLatencies.last!))   (no pool: the floor)")
-    print("PoolKit       p50 \(micros(percentile(latencies, 0.5)))   p99 \(micros(percentile(latencies, 0.99)))   p99.9 \(micros(percentile(latencies, 0.999)))   max \(micros(latencies.last!))")
+    print("continuation  p50 \(micros(percentile(bareLatencies, 0.5)))   p99 \(micros(percentile(bareLatencies, 0.99)))   p99.9 \(micros(percentile(bareLatencies, 0.999)))   max \(micros(bareLatencies.last!))   >=100 µs: \(share(bareLatencies, atLeast: .microseconds(100)))   (no pool: the floor)")
+    print("PoolKit       p50 \(micros(percentile(latencies, 0.5)))   p99 \(micros(percentile(latencies, 0.99)))   p99.9 \(micros(percentile(latencies, 0.999)))   max \(micros(latencies.last!))   >=100 µs: \(share(latencies, atLeast: .microseconds(100)))")
 
     let nio = makeNIOPool(connections: 1)
     let nioLatencies = try await withThrowingTaskGroup(of: Void.self) { group -> [Duration] in
@@ -296,7 +302,7 @@ func runHandoff() async throws {
         group.cancelAll()
         return result.sorted()
     }
-    print("postgres-nio  p50 \(micros(percentile(nioLatencies, 0.5)))   p99 \(micros(percentile(nioLatencies, 0.99)))   p99.9 \(micros(percentile(nioLatencies, 0.999)))   max \(micros(nioLatencies.last!))")
+    print("postgres-nio  p50 \(micros(percentile(nioLatencies, 0.5)))   p99 \(micros(percentile(nioLatencies, 0.99)))   p99.9 \(micros(percentile(nioLatencies, 0.999)))   max \(micros(nioLatencies.last!))   >=100 µs: \(share(nioLatencies, atLeast: .microseconds(100)))")
 }
 
 // MARK: - Main

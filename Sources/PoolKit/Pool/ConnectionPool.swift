@@ -326,18 +326,20 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Acts on a release's result outside the lock: metrics, timer, the waiter's resume.
     @inline(__always)
     private func performReleaseResult(_ result: Machine.ReleaseResult, reusable: Bool) -> Machine.Actions? {
-        if metrics.enabled, let useTime = result.useTime { metrics.useTime.record(useTime) }
-        if result.rescheduleTimer { timerWake.signal() }
+        var remaining: Machine.Actions?
         switch result.action {
         case .none, .idled:
-            return nil
+            break
         case .handoff(let handoff):
-            // `reusable` was decided just now (isBroken, prepareForReuse) for the connection handed over.
+            // First thing after the lock: the waiter's latency starts here.
+            // `reusable` was decided just now (isBroken, needsReset/prepareForReuse) for the connection handed over.
             handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited, checked: reusable))
-            return nil
         case .actions(let actions):
-            return actions
+            remaining = actions
         }
+        if metrics.enabled, let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if result.rescheduleTimer { timerWake.signal() }
+        return remaining
     }
 
     // MARK: - Introspection
