@@ -159,6 +159,38 @@ struct ConnectionPoolTests {
         }
     }
 
+    @Test func aConnectionThatNeedsNoResetIsReturnedWithoutPrepareForReuse() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease()
+            lease.connection.state.withLock { $0.clean = true }
+            await pool.release(lease)
+            #expect(lease.connection.state.withLock { $0.resets } == 0, "needsReset false: no prepareForReuse")
+            #expect(pool.statistics.idle == 1 && pool.statistics.inUse == 0)
+            // A second release of the same lease (now idle, then held by someone else) does nothing.
+            await pool.release(lease)
+            let again = try await pool.lease()
+            await pool.release(lease)
+            #expect(pool.statistics.inUse == 1)
+            // Handed straight to a waiter.
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                group.addTask { try await pool.withConnection { $0.id } }
+                await eventually("waiting") { pool.statistics.waiting == 1 }
+                await pool.release(again)
+                let servedWith = try await group.next()
+                #expect(servedWith == again.connection.id)
+            }
+            #expect(lease.connection.state.withLock { $0.resets } == 0)
+            // Broken and clean: closed, not reset.
+            let last = try await pool.lease()
+            last.connection.breakIt()
+            await pool.release(last)
+            #expect(last.connection.closeCount == 1)
+            #expect(last.connection.state.withLock { $0.resets } == 0)
+            #expect(pool.statistics.closedBroken == 1)
+        }
+    }
+
     @Test func leaksAreReportedWithHolder() async throws {
         try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }

@@ -179,12 +179,15 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
         var holders = 0
         var failReset = false
         var maxHolders = 0
+        /// When true, `needsReset` answers false (the pool then skips `prepareForReuse`).
+        var clean = false
     }
     let id: Int
     let state = Mutex(State())
     init(id: Int) { self.id = id }
 
     var isBroken: Bool { state.withLock { $0.broken || $0.closed > 0 } }
+    var needsReset: Bool { state.withLock { !$0.clean } }
     func prepareForReuse() async throws {
         let fail = state.withLock { s -> Bool in s.resets += 1; return s.failReset }
         if fail { throw MockError.resetFailed }

@@ -37,8 +37,10 @@ struct PostgresPoolTests {
                     try await c.execute("CREATE TABLE IF NOT EXISTS pool_rollback (v int); TRUNCATE pool_rollback")
                 }
                 let first = try await pool.withConnection { c -> Int32 in
+                    #expect(!c.needsReset, "idle, no LISTEN: the pool may skip prepareForReuse")
                     try await c.execute("BEGIN")
                     try await c.query("INSERT INTO pool_rollback VALUES (1)")
+                    #expect(c.needsReset, "in a transaction: the pool must reset it")
                     return c.backendPID
                 }
                 try await pool.withConnection { c in
@@ -64,8 +66,12 @@ struct PostgresPoolTests {
             var config = ConnectionPoolConfiguration()
             config.maxOpen = 1
             try await withPool(url, config) { pool in
-                try await pool.withConnection { c in try await c.listen("pool_chan") }
                 try await pool.withConnection { c in
+                    try await c.listen("pool_chan")
+                    #expect(c.needsReset, "ran LISTEN: the pool must reset it")
+                }
+                try await pool.withConnection { c in
+                    #expect(!c.needsReset, "cleaned on return")
                     let rows = try await c.query("SELECT count(*) FROM pg_listening_channels()")
                     #expect(try rows[0].decode(Int.self, at: 0) == 0)
                 }

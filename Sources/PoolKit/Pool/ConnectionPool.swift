@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Metrics
 import ServiceLifecycle
@@ -42,6 +45,7 @@ struct PoolShellState {
 
     /// Records the count gauges when they changed (inside the lock, so in order).
     mutating func publish(_ metrics: PoolMetrics) {
+        guard metrics.enabled else { return }
         let idle = machine.idleCount, used = machine.inUseCount, pending = machine.waiterCount
         if idle != publishedIdle { publishedIdle = idle; metrics.idle.record(idle) }
         if used != publishedUsed { publishedUsed = used; metrics.used.record(used) }
@@ -88,6 +92,10 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     let connectRequestsContinuation: AsyncStream<Machine.ConnectRequest>.Continuation
     let timerWake = WakeSignal()
     let drainedSignal = WakeSignal()
+    /// When `C` is `ContinuousClock` on Linux: `CLOCK_BOOTTIME` (the clock `ContinuousClock`
+    /// reads there) at `epoch`, in nanoseconds, so that ``now()`` reads it directly instead of
+    /// going through the generic `Clock`/`InstantProtocol` witnesses twice per cycle.
+    let continuousEpochNanoseconds: Int64?
 
     /// Creates a pool. Nothing is opened until ``run()`` runs (it then opens `minIdle` connections).
     ///
@@ -117,6 +125,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         self.configuration = configuration
         self.clock = clock
         self.epoch = clock.now
+        self.continuousEpochNanoseconds = C.self == ContinuousClock.self ? Self.bootTimeNanoseconds() : nil
         self.factory = connectionFactory
         var logger = logger
         logger[metadataKey: "db.client.connection.pool.name"] = .string(configuration.name)
@@ -151,22 +160,28 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         line: Int = #line,
         _ body: nonisolated(nonsending) (Connection) async throws -> Result
     ) async throws -> Result {
-        var fast: ConnectionLease<Connection>?
         if let raw = leaseIfIdle(Machine.Request(label: label, fileID: fileID, line: line)) {
-            // Fast path: no suspension, no waiter bookkeeping.
+            // Fast path: no suspension, no waiter bookkeeping, and (when the connection
+            // needs no reset) no async call on the way back either.
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
-            if connection.isBroken {
-                await giveBack(raw, reusable: false)
-            } else {
-                fast = ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID)
+            if !connection.isBroken {
+                let result: Result
+                do {
+                    result = try await body(connection)
+                } catch {
+                    await finishLease(connection, slot: raw.slot, leaseID: raw.leaseID, connectionID: raw.connectionID)
+                    throw error
+                }
+                switch releaseWithoutReset(connection, slot: raw.slot, leaseID: raw.leaseID) {
+                case .done: break
+                case .remaining(let actions): await perform(actions)
+                case .needsReset: await releaseSlowly(connection, slot: raw.slot, leaseID: raw.leaseID, connectionID: raw.connectionID)
+                }
+                return result
             }
+            await giveBack(raw, reusable: false)
         }
-        let lease: ConnectionLease<Connection>
-        if let fast {
-            lease = fast
-        } else {
-            lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
-        }
+        let lease = try await self.lease(label: label, timeout: timeout, fileID: fileID, line: line)
         let result: Result
         do {
             result = try await body(lease.connection)
@@ -213,21 +228,61 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// twice, or after a drain cut it off, does nothing.
     nonisolated(nonsending)
     public func release(_ lease: ConnectionLease<Connection>) async {
-        let claimed = state.withLock { $0.machine.beginRelease(slot: lease.slot, leaseID: lease.leaseID) }
+        await finishLease(lease.connection, slot: lease.slot, leaseID: lease.leaseID, connectionID: lease.connectionID)
+    }
+
+    /// What ``releaseWithoutReset(_:slot:leaseID:)`` did.
+    private enum QuickRelease {
+        /// Returned (idle, handed over, or a stale release): nothing left to do.
+        case done
+        /// Returned; these actions (closes, connects) are left for the caller to perform.
+        case remaining(Machine.Actions)
+        /// Nothing done: the connection needs `prepareForReuse()`.
+        case needsReset
+    }
+
+    nonisolated(nonsending)
+    private func finishLease(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) async {
+        switch releaseWithoutReset(connection, slot: slot, leaseID: leaseID) {
+        case .done: break
+        case .remaining(let actions): await perform(actions)
+        case .needsReset: await releaseSlowly(connection, slot: slot, leaseID: leaseID, connectionID: connectionID)
+        }
+    }
+
+    /// The release of a connection that is broken or needs no reset: claims and returns it in
+    /// one lock section, without suspending (a handoff's resume included); closes, if any, are
+    /// returned for the caller to perform in its task. Does nothing when the connection needs
+    /// `prepareForReuse()`.
+    ///
+    /// Reading the connection before the claim is harmless on a double release: the claim
+    /// then fails and nothing else happens.
+    @inline(__always)
+    private func releaseWithoutReset(_ connection: Connection, slot: Int, leaseID: UInt64) -> QuickRelease {
+        let broken = connection.isBroken
+        guard broken || !connection.needsReset else { return .needsReset }
+        guard let remaining = releaseSynchronously(slot: slot, leaseID: leaseID, reusable: !broken) else { return .done }
+        return .remaining(remaining)
+    }
+
+    /// The release of a connection that needs `prepareForReuse()`: claim, reset, return.
+    nonisolated(nonsending)
+    private func releaseSlowly(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) async {
+        let claimed = state.withLock { $0.machine.beginRelease(slot: slot, leaseID: leaseID) }
         guard claimed else { return }
-        var reusable = !lease.connection.isBroken
+        var reusable = !connection.isBroken
         if reusable {
             do {
-                try await lease.connection.prepareForReuse()
+                try await connection.prepareForReuse()
             } catch {
                 reusable = false
                 logger.debug(
                     "closing connection whose reset failed",
-                    metadata: ["db.client.connection.id": "\(lease.connectionID)", "error": "\(error)"]
+                    metadata: ["db.client.connection.id": "\(connectionID)", "error": "\(error)"]
                 )
             }
         }
-        if let remaining = finishReleaseSynchronously(slot: lease.slot, leaseID: lease.leaseID, reusable: reusable) {
+        if let remaining = finishReleaseSynchronously(slot: slot, leaseID: leaseID, reusable: reusable) {
             await perform(remaining)
         }
     }
@@ -242,8 +297,19 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         guard let (raw, rescheduleTimer) = leased else { return nil }
         if rescheduleTimer { timerWake.signal() }
-        metrics.waitTime.recordNanoseconds(0)
+        if metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
         return raw
+    }
+
+    /// Claims and finishes a release in one lock section (no reset needed); returns what is left (closes) if anything.
+    private func releaseSynchronously(slot: Int, leaseID: UInt64, reusable: Bool) -> Machine.Actions? {
+        let now = self.now()
+        let result = state.withLock { s -> Machine.ReleaseResult in
+            let result = s.machine.release(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
+            s.publish(metrics)
+            return result
+        }
+        return performReleaseResult(result, reusable: reusable)
     }
 
     /// Runs the part of a release that needs no waiting; returns what is left (closes) if anything.
@@ -254,18 +320,26 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             s.publish(metrics)
             return result
         }
-        if let useTime = result.useTime { metrics.useTime.record(useTime) }
-        if result.rescheduleTimer { timerWake.signal() }
+        return performReleaseResult(result, reusable: reusable)
+    }
+
+    /// Acts on a release's result outside the lock: metrics, timer, the waiter's resume.
+    @inline(__always)
+    private func performReleaseResult(_ result: Machine.ReleaseResult, reusable: Bool) -> Machine.Actions? {
+        var remaining: Machine.Actions?
         switch result.action {
         case .none, .idled:
-            return nil
+            break
         case .handoff(let handoff):
-            // `reusable` was decided just now (isBroken, prepareForReuse) for the connection handed over.
+            // First thing after the lock: the waiter's latency starts here.
+            // `reusable` was decided just now (isBroken, needsReset/prepareForReuse) for the connection handed over.
             handoff.waiter.resume(returning: .leased(handoff.lease, waited: handoff.waited, checked: reusable))
-            return nil
         case .actions(let actions):
-            return actions
+            remaining = actions
         }
+        if metrics.enabled, let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if result.rescheduleTimer { timerWake.signal() }
+        return remaining
     }
 
     // MARK: - Introspection
@@ -380,7 +454,25 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     // MARK: - Internals
 
     /// Time since the pool's epoch, as the state machine counts it.
-    func now() -> Duration { epoch.duration(to: clock.now) }
+    @inline(__always)
+    func now() -> Duration {
+        if let base = continuousEpochNanoseconds, let nanoseconds = Self.bootTimeNanoseconds() {
+            return .nanoseconds(nanoseconds &- base)
+        }
+        return epoch.duration(to: clock.now)
+    }
+
+    /// `CLOCK_BOOTTIME` in nanoseconds (Linux), nil elsewhere.
+    @inline(__always)
+    static func bootTimeNanoseconds() -> Int64? {
+        #if os(Linux) && canImport(Glibc)
+        var ts = timespec()
+        guard clock_gettime(CLOCK_BOOTTIME, &ts) == 0 else { return nil }
+        return Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
+        #else
+        return nil
+        #endif
+    }
 
     nonisolated(nonsending)
     private func acquire(
@@ -396,7 +488,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         switch immediate {
         case .leased(let lease, let rescheduleTimer):
             if rescheduleTimer { timerWake.signal() }
-            metrics.waitTime.recordNanoseconds(0)
+            if metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
             return (lease, false)
         case .failed(let error):
             throw error
@@ -439,7 +531,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         switch outcome {
         case .leased(let lease, let waited, let checked):
-            metrics.waitTime.record(waited)
+            if metrics.enabled { metrics.waitTime.record(waited) }
             if Task.isCancelled {
                 // Handed over just as the caller gave up: the connection goes back.
                 await giveBack(lease, reusable: true)
@@ -469,7 +561,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             s.publish(metrics)
             return result
         }
-        if let useTime = result.useTime { metrics.useTime.record(useTime) }
+        if metrics.enabled, let useTime = result.useTime { metrics.useTime.record(useTime) }
         if result.rescheduleTimer { timerWake.signal() }
         switch result.action {
         case .none, .idled:

@@ -26,7 +26,13 @@ final class PoolMetrics: Sendable {
     /// `db.client.connection.leaks` (not an OpenTelemetry name): leases held past `leakThreshold`.
     let leaks: Counter
 
+    /// False when the metrics system was the no-op one when the pool was made: the
+    /// instruments above are then no-ops for good (swift-metrics binds each one to the
+    /// factory of its creation), so the hot path skips recording into them.
+    let enabled: Bool
+
     init(configuration: ConnectionPoolConfiguration) {
+        enabled = !(MetricsSystem.factory is NOOPMetricsHandler)
         let pool = ("db.client.connection.pool.name", configuration.name)
         idle = Gauge(label: "db.client.connection.count", dimensions: [pool, ("db.client.connection.state", "idle")])
         used = Gauge(label: "db.client.connection.count", dimensions: [pool, ("db.client.connection.state", "used")])

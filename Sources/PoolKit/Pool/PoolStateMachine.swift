@@ -289,6 +289,14 @@ struct PoolStateMachine<Connection, Waiter> {
         return true
     }
 
+    /// A whole release in one step, for a connection that needs no reset (the shell
+    /// checked `isBroken` and `needsReset` just before): claims the lease and finishes
+    /// it. A stale or double release does nothing (`action == .none`, no use time).
+    mutating func release(slot: Int, leaseID: UInt64, now: Time, reusable: Bool) -> ReleaseResult {
+        guard beginRelease(slot: slot, leaseID: leaseID) else { return ReleaseResult() }
+        return finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
+    }
+
     /// Second half of a release, after the shell checked `isBroken` and ran
     /// `prepareForReuse()`: hands the connection to the head waiter, makes it
     /// idle, or closes it (broken, expired, too many idle, draining).

@@ -1,6 +1,16 @@
 import Logging
 
 extension PostgresConnection: PoolableConnection {
+    /// True when ``prepareForReuse()`` has work to do or an error to report: a transaction is
+    /// open or failed, the holder ran `LISTEN`, a statement is still running, or the connection
+    /// is closed or broken. One uncontended lock and a read of libpq's cached transaction
+    /// status (no I/O), so the pool's return path skips the `async` reset when it is false.
+    public var needsReset: Bool {
+        state.withLock { s in
+            s.busy || s.hasListened || s.pg == nil || transactionStatusLocked(s) != .idle
+        }
+    }
+
     /// Makes a returned connection ready for the next holder: rolls back an open or failed
     /// transaction and, if the holder ran `LISTEN`, runs `UNLISTEN *` and drops queued
     /// notifications. Returns at once when there is nothing to clean. Throws (so the pool closes
