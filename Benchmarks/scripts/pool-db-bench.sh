@@ -2,7 +2,8 @@
 # Issue 3's real-database bar, side by side in one run: 10 connections, 64 concurrent workers
 # running `SELECT 1`, queries/s for
 #   pgbench -n -M extended -c 10 -j 2 (10 clients = 10 connections, one query in flight each),
-#   PoolKit ConnectionPool<PostgresConnection> (busyPoll default, and busyPoll 0),
+#   PoolKit ConnectionPool<PostgresConnection> (busyPoll default, busyPoll 0, and workers that
+#   prefer PostgresConnection.preferredExecutor, the reactor thread),
 #   postgres-nio's PostgresClient (10 connections),
 #   asyncpg's pool (min=max=10; asyncio, and uvloop),
 # back to back for each round on one throwaway server; prints each rate and the ratios.
@@ -56,8 +57,8 @@ rows = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     r, name, rate = line.split()
     rows[int(r)][name] = float(rate)
-names = ["pgbench", "ours", "ours-spin0", "nio", "asyncpg", "asyncpg-uvloop"]
-label = {"pgbench": "pgbench -M extended -c 10", "ours": "PoolKit (busyPoll 50us)", "ours-spin0": "PoolKit (busyPoll 0)",
+names = ["pgbench", "ours", "ours-spin0", "ours-reactor", "nio", "asyncpg", "asyncpg-uvloop"]
+label = {"pgbench": "pgbench -M extended -c 10", "ours": "PoolKit (busyPoll 50us)", "ours-spin0": "PoolKit (busyPoll 0)", "ours-reactor": "PoolKit (workers on reactor)",
          "nio": "postgres-nio PostgresClient", "asyncpg": "asyncpg pool (asyncio)", "asyncpg-uvloop": "asyncpg pool (uvloop)"}
 print()
 print("queries/s " + "".join(f"{'round ' + str(r):>12}" for r in sorted(rows)) + f"{'median':>12}")
@@ -68,7 +69,7 @@ for n in names:
     med[n] = got[len(got) // 2] if got else None
     print(f"{label[n]:<30}" + "".join(f"{v:>12,.0f}" if v else f"{'-':>12}" for v in vals) + (f"{med[n]:>12,.0f}" if med[n] else ""))
 print()
-for ours in ["ours", "ours-spin0"]:
+for ours in ["ours", "ours-spin0", "ours-reactor"]:
     for peer in ["pgbench", "nio", "asyncpg", "asyncpg-uvloop"]:
         per = [rows[r][ours] / rows[r][peer] for r in sorted(rows) if rows[r].get(ours) and rows[r].get(peer)]
         bar = {"pgbench": " (bar: >= 0.9x)", "nio": " (bar: > 1x)", "asyncpg": " (bar: > 1x)"}.get(peer, "")
