@@ -1,3 +1,4 @@
+import PoolKit
 import Foundation
 import RealtimeSync
 import Testing

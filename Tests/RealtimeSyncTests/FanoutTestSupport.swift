@@ -1,3 +1,4 @@
+import PoolKit
 import RealtimeSync
 
 /// public.items: one column of each comparison class the filters know.

@@ -1,3 +1,4 @@
+import PoolKit
 import RealtimeSync
 import Testing
 

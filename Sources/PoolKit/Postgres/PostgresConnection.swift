@@ -254,32 +254,27 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Quotes `identifier` for use as an SQL identifier (`PQescapeIdentifier`).
     public func escapeIdentifier(_ identifier: String) throws -> String {
-        try state.withLock { s in
-            guard let pg = s.pg else { throw closedError() }
-            let utf8 = Array(identifier.utf8)
-            guard let out = utf8.withUnsafeBufferPointer({ buf in
-                buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
-                    PQescapeIdentifier(pg, $0, buf.count)
-                }
-            }) else {
-                throw PostgresError(code: .invalidUsage, message: "cannot quote identifier: \(lastError(pg))")
-            }
-            defer { PQfreemem(out) }
-            return String(cString: out)
-        }
+        try escape(identifier, what: "identifier", with: PQescapeIdentifier)
     }
 
     /// Quotes `literal` for use as an SQL string literal (`PQescapeLiteral`). Prefer parameters.
     public func escapeLiteral(_ literal: String) throws -> String {
+        try escape(literal, what: "literal", with: PQescapeLiteral)
+    }
+
+    private func escape(
+        _ text: String, what: String,
+        with function: (OpaquePointer?, UnsafePointer<CChar>?, Int) -> UnsafeMutablePointer<CChar>?
+    ) throws -> String {
         try state.withLock { s in
             guard let pg = s.pg else { throw closedError() }
-            let utf8 = Array(literal.utf8)
+            let utf8 = Array(text.utf8)
             guard let out = utf8.withUnsafeBufferPointer({ buf in
                 buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
-                    PQescapeLiteral(pg, $0, buf.count)
+                    function(pg, $0, buf.count)
                 }
             }) else {
-                throw PostgresError(code: .invalidUsage, message: "cannot quote literal: \(lastError(pg))")
+                throw PostgresError(code: .invalidUsage, message: "cannot quote \(what): \(lastError(pg))")
             }
             defer { PQfreemem(out) }
             return String(cString: out)

@@ -115,6 +115,10 @@ public enum PostgresTypeOID {
     public static let float8: UInt32 = 701
     /// `varchar`
     public static let varchar: UInt32 = 1043
+    /// `timestamptz`
+    public static let timestamptz: UInt32 = 1184
+    /// `uuid`
+    public static let uuid: UInt32 = 2950
     /// `numeric`
     public static let numeric: UInt32 = 1700
     /// `jsonb`

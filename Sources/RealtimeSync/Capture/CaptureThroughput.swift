@@ -1,3 +1,4 @@
+import PoolKit
 /// Entry points for measuring the capture core (decode, assemble, JSON-encode)
 /// without a database: used by `Benchmarks/` and by tests.
 public enum CaptureThroughput {

@@ -1,3 +1,4 @@
+import PoolKit
 /// How a column's Postgres text form becomes JSON, chosen once per column from its type OID.
 enum JSONValueKind: Sendable, Hashable {
     /// int2, int4, int8, oid: the text is a JSON number.

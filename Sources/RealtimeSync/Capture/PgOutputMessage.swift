@@ -1,36 +1,4 @@
-/// Well-known Postgres type OIDs that the capture layer treats specially.
-public enum PostgresTypeOID {
-    /// `bool`
-    public static let bool: UInt32 = 16
-    /// `bytea`
-    public static let bytea: UInt32 = 17
-    /// `int8`
-    public static let int8: UInt32 = 20
-    /// `int2`
-    public static let int2: UInt32 = 21
-    /// `int4`
-    public static let int4: UInt32 = 23
-    /// `text`
-    public static let text: UInt32 = 25
-    /// `oid`
-    public static let oid: UInt32 = 26
-    /// `json`
-    public static let json: UInt32 = 114
-    /// `float4`
-    public static let float4: UInt32 = 700
-    /// `float8`
-    public static let float8: UInt32 = 701
-    /// `varchar`
-    public static let varchar: UInt32 = 1043
-    /// `timestamptz`
-    public static let timestamptz: UInt32 = 1184
-    /// `numeric`
-    public static let numeric: UInt32 = 1700
-    /// `uuid`
-    public static let uuid: UInt32 = 2950
-    /// `jsonb`
-    public static let jsonb: UInt32 = 3802
-}
+import PoolKit
 
 /// The table's `REPLICA IDENTITY` setting, as sent in a Relation message.
 public enum ReplicaIdentity: UInt8, Sendable, Hashable {

@@ -1,3 +1,4 @@
+import PoolKit
 /// A filter operator (PROTOCOL.md: `eq neq lt lte gt gte in is`).
 public enum FilterOperator: String, Sendable, Hashable, CaseIterable {
     /// Equal.
