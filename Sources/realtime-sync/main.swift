@@ -113,7 +113,7 @@ struct Serve: AsyncParsableCommand {
 
         let service = RealtimeService(configuration)
         try await service.runUntilSignalled { running in
-            FileHandle.standardOutput.write(Data("realtime-sync: live page at \(running.pageURL)  (WebSocket \(running.pageURL)ws; Ctrl-C to stop)\n".utf8))
+            FileHandle.standardOutput.write(Data("realtime-sync: live page at \(running.pageURL)  (WebSocket ws\(running.pageURL.dropFirst(4))ws; Ctrl-C to stop)\n".utf8))
         }
     }
 }

@@ -1,6 +1,8 @@
 import Foundation
+import Logging
 import PoolKit
 import RealtimeSync
+import ServiceLifecycle
 import Synchronization
 import Testing
 import TestSupport
@@ -136,6 +138,57 @@ struct RealtimeServiceTests {
                     return samples.heartbeats >= 2 && samples.slotLagBytes != nil && samples.pool != nil
                 })
             }
+        }
+    }
+
+    @Test("A since cursor older than the capture's window is answered with resync_required")
+    func resyncRequired() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
+                let client = try await connectWebSocket(port: running.port)
+                try await client.sendText(#"{"type":"subscribe","id":"old","table":"\#(table)","since":"0000000000000001.00000000"}"#)
+                let answer = try await client.receiveJSON(timeout: 15)
+                #expect(answer["type"] as? String == "resync_required")
+                #expect(answer["id"] as? String == "old")
+                await client.close()
+            }
+        }
+    }
+
+    @Test("With no database the service starts an embedded cluster, writes demo rows that reach a client, and removes the cluster at shutdown")
+    func embeddedDemo() async throws {
+        try await TestDatabase.withDatabase { _ in
+            var configuration = RealtimeService.embeddedDemo(logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+            configuration.server.port = 0
+            configuration.demo?.writeInterval = .milliseconds(200)
+            let service = RealtimeService(configuration)
+            let group = ServiceGroup(configuration: .init(services: [service], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+            let directory = try await withThrowingTaskGroup(of: String?.self) { tasks in
+                tasks.addTask { try await group.run(); return nil }
+                do {
+                    let running = try await withTimeout(120, "embedded start") { try await service.waitUntilRunning() }
+                    let directory = try #require(running.embeddedDirectory)
+                    #expect(FileManager.default.fileExists(atPath: directory))
+                    #expect(running.pageURL == "http://127.0.0.1:\(running.port)/")
+                    let client = try await connectWebSocket(port: running.port)
+                    try await client.subscribe("demo", table: "public.demo_orders")
+                    let change = try await client.receiveJSON(timeout: 15)
+                    #expect(change["op"] as? String == "INSERT")
+                    #expect((change["new"] as? [String: Any])?["amount"] != nil)
+                    await group.triggerGracefulShutdown()
+                    #expect(try await client.receiveClose(timeout: 15) == 1001)
+                    try? await client.sendClose(1000)
+                    await client.close()
+                    try await tasks.waitForAll()
+                    return directory
+                } catch {
+                    await group.triggerGracefulShutdown()
+                    try? await tasks.waitForAll()
+                    throw error
+                }
+            }
+            #expect(!FileManager.default.fileExists(atPath: directory))
         }
     }
 

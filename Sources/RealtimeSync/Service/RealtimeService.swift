@@ -143,6 +143,8 @@ public final class RealtimeService: Service, Sendable {
         public var scheduler: JobScheduler<ContinuousClock>
         /// The URL of the live page.
         public var pageURL: String
+        /// The embedded cluster's folder (removed at shutdown), when no database was given.
+        public var embeddedDirectory: String?
     }
 
     /// The configuration in force.
@@ -223,7 +225,7 @@ public final class RealtimeService: Service, Sendable {
             logger.info("embedded PostgreSQL running", metadata: ["url": "\(url)", "directory": "\(cluster.directory)"])
         }
         do {
-            try await serve(url: url)
+            try await serve(url: url, embeddedDirectory: embedded?.directory)
         } catch {
             await embedded?.shutdown()
             throw error
@@ -240,7 +242,7 @@ public final class RealtimeService: Service, Sendable {
         return child
     }
 
-    private func serve(url: String) async throws {
+    private func serve(url: String, embeddedDirectory: String?) async throws {
         var tables = configuration.tables
         if let demo = configuration.demo {
             try await Self.createDemoTable(demo.table, url: url)
@@ -306,7 +308,7 @@ public final class RealtimeService: Service, Sendable {
                     let shownHost = host == "0.0.0.0" || host == "::" ? "127.0.0.1" : host
                     let pageURL = "http://\(shownHost.contains(":") ? "[\(shownHost)]" : shownHost):\(port)/"
                     resolveWaiters(.success(Running(databaseURL: url, port: port, server: server, source: source,
-                                                    scheduler: scheduler, pageURL: pageURL)))
+                                                    scheduler: scheduler, pageURL: pageURL, embeddedDirectory: embeddedDirectory)))
                 }
                 try await server.run()
             } catch {
