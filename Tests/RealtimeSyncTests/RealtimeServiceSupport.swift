@@ -9,7 +9,7 @@ import TestSupport
 /// database on 127.0.0.1:0 with a unique slot and publication; shuts it down gracefully
 /// after `body` and drops the slot and publication.
 func withRealtimeService(
-    url: String, tables: [String], demo: RealtimeService.Demo? = nil, logger: Logger? = nil,
+    url: String, tables: [String], demo: RealtimeService.Demo? = nil, logger: Logger? = nil, dropCaptureAtEnd: Bool = true,
     configure: (inout RealtimeService.Configuration) -> Void = { _ in },
     _ body: @Sendable (RealtimeService, RealtimeService.Running, ServiceGroup) async throws -> Void
 ) async throws {
@@ -23,6 +23,7 @@ func withRealtimeService(
     configuration.demo = demo
     configure(&configuration)
     let service = RealtimeService(configuration)
+    let (slotName, publication) = (configuration.slot, configuration.publication)
     let group = ServiceGroup(configuration: .init(services: [service], logger: quiet))
     do {
         try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -39,17 +40,17 @@ func withRealtimeService(
             try await tasks.waitForAll()
         }
     } catch {
-        await dropCapture(url: url, slot: slot)
+        await dropCapture(url: url, slot: slotName, publication: publication)
         throw error
     }
-    await dropCapture(url: url, slot: slot)
+    if dropCaptureAtEnd { await dropCapture(url: url, slot: slotName, publication: publication) }
 }
 
 /// Drops the test's slot and publication.
-private func dropCapture(url: String, slot: String) async {
+private func dropCapture(url: String, slot: String, publication: String) async {
     _ = try? await RealtimeService.dropSlot(slot, url: url)
     if let connection = try? await PostgresConnection.connect(to: url) {
-        _ = try? await connection.execute("DROP PUBLICATION IF EXISTS \(slot)_pub")
+        _ = try? await connection.execute("DROP PUBLICATION IF EXISTS \(publication)")
         await connection.close()
     }
 }

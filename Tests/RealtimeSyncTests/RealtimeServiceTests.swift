@@ -192,6 +192,23 @@ struct RealtimeServiceTests {
         }
     }
 
+    @Test("slot drop: the service's persistent slot survives shutdown and RealtimeService.dropSlot removes it once")
+    func dropSlotAfterShutdown() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("svc_drop")
+            try await withRealtimeService(url: url, tables: [table], dropCaptureAtEnd: false, configure: {
+                $0.slot = slot
+                $0.publication = slot + "_pub"
+            }) { _, _, _ in }
+            #expect(try await RealtimeService.dropSlot(slot, url: url))
+            #expect(try await RealtimeService.dropSlot(slot, url: url) == false)
+            let sql = try await PostgresConnection.connect(to: url)
+            _ = try await sql.execute("DROP PUBLICATION IF EXISTS \(slot)_pub")
+            await sql.close()
+        }
+    }
+
     @Test("A setup error stops the start and names the fix (publication missing, no tables)")
     func setupErrorNamesTheFix() async throws {
         try await TestDatabase.withDatabase { url in
