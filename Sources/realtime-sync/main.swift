@@ -10,8 +10,142 @@ struct RealtimeSyncCommand: AsyncParsableCommand {
         commandName: "realtime-sync",
         abstract: "Stream PostgreSQL row changes to WebSocket clients.",
         version: RealtimeSyncVersion.current,
-        subcommands: [Check.self]
+        subcommands: [Serve.self, Check.self, Slot.self],
+        defaultSubcommand: Serve.self
     )
+}
+
+/// Reads a setting from its flag, else its environment variable, else the default; an
+/// unparsable environment value is an error naming the variable.
+struct Setting {
+    static let environment = ProcessInfo.processInfo.environment
+
+    static func string(_ flag: String?, _ variable: String, _ fallback: String? = nil) -> String? {
+        if let flag { return flag }
+        if let value = environment[variable], !value.isEmpty { return value }
+        return fallback
+    }
+
+    static func int(_ flag: Int?, _ variable: String, _ fallback: Int) throws -> Int {
+        if let flag { return flag }
+        guard let value = environment[variable], !value.isEmpty else { return fallback }
+        guard let number = Int(value) else { throw ValidationError("\(variable)=\(value) is not a whole number") }
+        return number
+    }
+
+    static func seconds(_ flag: Double?, _ variable: String, _ fallback: Double) throws -> Duration {
+        let value: Double
+        if let flag {
+            value = flag
+        } else if let text = environment[variable], !text.isEmpty {
+            guard let number = Double(text), number > 0 else { throw ValidationError("\(variable)=\(text) is not a positive number of seconds") }
+            value = number
+        } else {
+            value = fallback
+        }
+        return .milliseconds(Int64((value * 1000).rounded()))
+    }
+}
+
+/// `realtime-sync serve` (the default): stream a database's changes to WebSocket clients;
+/// with no database, an embedded PostgreSQL with a demo table written every second.
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the change stream over WebSocket (the default command).",
+        discussion: """
+            Every option can also be set by an environment variable (the option wins):
+              --database-url          DATABASE_URL or REALTIME_SYNC_DATABASE_URL (none: embedded PostgreSQL + demo)
+              --host                  REALTIME_SYNC_HOST              (127.0.0.1)
+              --port                  REALTIME_SYNC_PORT              (8080; 0 picks a free port)
+              --tables                REALTIME_SYNC_TABLES            (comma-separated schema.table)
+              --publication           REALTIME_SYNC_PUBLICATION       (realtime_sync)
+              --slot                  REALTIME_SYNC_SLOT              (realtime_sync)
+              --log-level             REALTIME_SYNC_LOG_LEVEL         (info)
+              --log-format            REALTIME_SYNC_LOG_FORMAT        (text; or json)
+              --pool-max-open         REALTIME_SYNC_POOL_MAX_OPEN     (4)
+              --pool-acquire-timeout  REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT (30 s)
+              --window-max-age        REALTIME_SYNC_WINDOW_MAX_AGE    (300 s)
+              --window-max-count      REALTIME_SYNC_WINDOW_MAX_COUNT  (100000)
+              --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
+              --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
+            """)
+
+    @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
+    var databaseURL: String?
+    @Option(help: "Address to listen on.") var host: String?
+    @Option(help: "Port to listen on.") var port: Int?
+    @Option(help: "Tables to stream, comma-separated (schema.table).") var tables: String?
+    @Option(help: "Publication name (created for --tables when missing).") var publication: String?
+    @Option(help: "Replication slot name (created when missing).") var slot: String?
+    @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
+    @Option(help: "json or text.") var logFormat: String?
+    @Option(help: "Most pooled connections.") var poolMaxOpen: Int?
+    @Option(help: "Seconds a job waits for a pooled connection.") var poolAcquireTimeout: Double?
+    @Option(help: "Seconds of changes kept for resume.") var windowMaxAge: Double?
+    @Option(help: "Changes kept for resume.") var windowMaxCount: Int?
+    @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
+    @Option(help: "Seconds the whole ordered shutdown may take.") var shutdownDeadline: Double?
+
+    func run() async throws {
+        let registry = try RealtimeService.bootstrapObservability(
+            logFormat: Setting.string(logFormat, "REALTIME_SYNC_LOG_FORMAT", "text")!,
+            logLevel: Setting.string(logLevel, "REALTIME_SYNC_LOG_LEVEL", "info")!)
+
+        let url = Setting.string(databaseURL, "DATABASE_URL") ?? Setting.string(nil, "REALTIME_SYNC_DATABASE_URL")
+        var configuration = url == nil ? RealtimeService.embeddedDemo() : RealtimeService.Configuration(databaseURL: url)
+        configuration.tables = (Setting.string(tables, "REALTIME_SYNC_TABLES") ?? "")
+            .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        configuration.publication = Setting.string(publication, "REALTIME_SYNC_PUBLICATION", "realtime_sync")!
+        configuration.slot = Setting.string(slot, "REALTIME_SYNC_SLOT", "realtime_sync")!
+        configuration.server.host = Setting.string(host, "REALTIME_SYNC_HOST", "127.0.0.1")!
+        configuration.server.port = try Setting.int(port, "REALTIME_SYNC_PORT", 8080)
+        guard (0...65535).contains(configuration.server.port) else {
+            throw ValidationError("--port / REALTIME_SYNC_PORT: \(configuration.server.port) is not a port (0-65535)")
+        }
+        configuration.server.metricsRegistry = registry
+        configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "REALTIME_SYNC_POOL_MAX_OPEN", 4)
+        configuration.pool.maxIdle = configuration.pool.maxOpen
+        configuration.pool.acquireTimeout = try Setting.seconds(poolAcquireTimeout, "REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT", 30)
+        configuration.window.maxAge = try Setting.seconds(windowMaxAge, "REALTIME_SYNC_WINDOW_MAX_AGE", 300)
+        configuration.window.maxCount = try Setting.int(windowMaxCount, "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000)
+        configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
+        configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
+
+        let service = RealtimeService(configuration)
+        try await service.runUntilSignalled { running in
+            FileHandle.standardOutput.write(Data("realtime-sync: live page at \(running.pageURL)  (WebSocket ws\(running.pageURL.dropFirst(4))ws; Ctrl-C to stop)\n".utf8))
+        }
+    }
+}
+
+/// `realtime-sync slot …`: manage the replication slot.
+struct Slot: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage the replication slot.", subcommands: [Drop.self])
+
+    /// `realtime-sync slot drop`: retire a capture's slot so it no longer holds WAL.
+    struct Drop: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Drop a replication slot (stop the service using it first).")
+
+        @Option(help: "The slot to drop (or REALTIME_SYNC_SLOT).") var slot: String?
+        @Option(help: "postgres:// URL or libpq string (or DATABASE_URL).") var databaseURL: String?
+
+        func run() async throws {
+            guard let url = Setting.string(databaseURL, "DATABASE_URL") ?? Setting.string(nil, "REALTIME_SYNC_DATABASE_URL") else {
+                throw ValidationError("no database given: pass --database-url or set DATABASE_URL")
+            }
+            guard let slot = Setting.string(slot, "REALTIME_SYNC_SLOT") else {
+                throw ValidationError("no slot given: pass --slot or set REALTIME_SYNC_SLOT")
+            }
+            if try await RealtimeService.dropSlot(slot, url: url) {
+                print("dropped replication slot \(slot)")
+            } else {
+                print("no replication slot named \(slot)")
+                throw ExitCode(3)
+            }
+        }
+    }
 }
 
 /// `realtime-sync check`: can we reach the database, and is it set up for logical replication?

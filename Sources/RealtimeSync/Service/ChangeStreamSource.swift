@@ -1,0 +1,113 @@
+import PoolKit
+import Synchronization
+
+/// Adapts the capture's `ChangeStream` to the server's `ChangeSource`.
+///
+/// - `changes(after:)`: `nil` is the live stream from now; a cursor resumes from the
+///   stream's window. A cursor older than the window throws `ResumeWindowError`
+///   (`resync_required`), at once or, while the stream is still opening its window, from
+///   the iteration. A stopped stream yields an ended sequence (as `ChangeSource` asks)
+///   instead of `ChangeStreamError.streamStopped`.
+/// - `catalog`: the publication's tables and columns, loaded with `loadCatalog(using:)`
+///   once the stream's setup has run.
+public final class ChangeStreamSource: ChangeSource {
+    /// The stream this source reads.
+    public let stream: ChangeStream
+    private let catalogState: Mutex<TableCatalog>
+
+    /// Creates a source over `stream`, serving `catalog` until `loadCatalog(using:)` replaces it.
+    public init(stream: ChangeStream, catalog: TableCatalog = TableCatalog()) {
+        self.stream = stream
+        self.catalogState = Mutex(catalog)
+    }
+
+    /// The sequence `changes(after:)` returns: the stream's subscription, or nothing
+    /// when the stream has stopped.
+    public struct Changes: AsyncSequence, Sendable {
+        /// Elements are committed changes.
+        public typealias Element = ChangeEvent
+        let subscription: ChangeSubscription?
+
+        /// Makes the iterator.
+        public func makeAsyncIterator() -> Iterator { Iterator(inner: subscription?.makeAsyncIterator()) }
+
+        /// Waits for the next change; nil when the stream has stopped.
+        public struct Iterator: AsyncIteratorProtocol {
+            var inner: ChangeSubscription.Iterator?
+
+            /// The next change, `nil` at the end; throws `ResumeWindowError` for a cursor older than the window.
+            public mutating func next() async throws -> ChangeEvent? {
+                guard inner != nil else { return nil }
+                return try await inner!.next()
+            }
+        }
+    }
+
+    /// See `ChangeSource.changes(after:)`.
+    public func changes(after cursor: Cursor?) async throws -> Changes {
+        guard let cursor else { return Changes(subscription: stream.changes()) }
+        do {
+            return Changes(subscription: try stream.changes(after: cursor))
+        } catch let error as ChangeStreamError where error.code == .streamStopped && !stream.statistics.connected {
+            if let oldest = stream.statistics.oldestResumable, cursor < oldest {
+                throw ResumeWindowError(cursor: cursor, oldestResumable: oldest)
+            }
+            return Changes(subscription: nil)
+        }
+    }
+
+    /// See `ChangeSource.currentCursor`: the newest change in the window, or the window's
+    /// start with none yet (the origin before the window opens).
+    public var currentCursor: Cursor {
+        let statistics = stream.statistics
+        return statistics.lastCursor ?? statistics.oldestResumable ?? Cursor(commitLSN: .zero, index: 0)
+    }
+
+    /// See `ChangeSource.isConnected`: the replication connection is streaming.
+    public var isConnected: Bool { stream.statistics.connected }
+
+    /// See `ChangeSource.catalog`.
+    public var catalog: TableCatalog { catalogState.withLock { $0 } }
+
+    /// Replaces the catalog.
+    public func setCatalog(_ catalog: TableCatalog) { catalogState.withLock { $0 = catalog } }
+
+    /// Reads the columns of every table of the stream's publication (`setupReport.tables`,
+    /// or the configured tables before setup ran) and makes them the catalog.
+    @discardableResult
+    public func loadCatalog(using connection: PostgresConnection) async throws -> TableCatalog {
+        let tables = stream.setupReport?.tables ?? stream.configuration.tables
+        let catalog = try await Self.catalog(of: tables, using: connection)
+        setCatalog(catalog)
+        return catalog
+    }
+
+    /// The columns of `tables` (`schema.table` or `table`), as pgoutput describes them
+    /// (type OID, modifier, whether part of the primary key / replica identity index).
+    public static func catalog(of tables: [String], using connection: PostgresConnection) async throws -> TableCatalog {
+        var catalog = TableCatalog()
+        for table in tables {
+            let parts = table.split(separator: ".", maxSplits: 1).map(String.init)
+            let (schema, name) = parts.count == 2 ? (parts[0], parts[1]) : ("public", parts[0])
+            let rows = try await connection.query("""
+                SELECT a.attname::text AS name, a.atttypid::int8 AS type, a.atttypmod::int8 AS modifier,
+                       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                               AND (i.indisreplident OR i.indisprimary) AND a.attnum = ANY (i.indkey)) AS key
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN pg_attribute a ON a.attrelid = c.oid
+                WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                ORDER BY a.attnum
+                """, schema, name)
+            var columns: [RelationColumn] = []
+            for row in rows {
+                columns.append(RelationColumn(
+                    name: try row.decode(String.self, named: "name") ?? "",
+                    typeOID: UInt32(truncatingIfNeeded: try row.decode(Int.self, named: "type") ?? 0),
+                    typeModifier: Int32(truncatingIfNeeded: try row.decode(Int.self, named: "modifier") ?? -1),
+                    isKey: try row.decode(Bool.self, named: "key") ?? false))
+            }
+            if !columns.isEmpty { catalog.set("\(schema).\(name)", columns: columns) }
+        }
+        return catalog
+    }
+}

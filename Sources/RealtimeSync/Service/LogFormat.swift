@@ -1,0 +1,102 @@
+import Foundation
+import Logging
+
+/// How the program writes its log lines (`--log-format`).
+public enum LogFormat: String, Sendable, CaseIterable {
+    /// One JSON object per line: `ts`, `level`, `label`, `message`, then the metadata.
+    case json
+    /// swift-log's text lines (`StreamLogHandler`).
+    case text
+
+    /// A log handler writing to standard error in this format at `level`.
+    public func makeHandler(label: String, level: Logger.Level) -> any LogHandler {
+        switch self {
+        case .json:
+            var handler = JSONLogHandler(label: label)
+            handler.logLevel = level
+            return handler
+        case .text:
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }
+}
+
+/// Writes each record as one line of JSON to standard error.
+public struct JSONLogHandler: LogHandler {
+    /// The logger's label.
+    public let label: String
+    /// Metadata attached to every record.
+    public var metadata: Logger.Metadata = [:]
+    /// Records below this level are dropped.
+    public var logLevel: Logger.Level = .info
+
+    /// Creates a handler for `label`.
+    public init(label: String) { self.label = label }
+
+    /// Metadata access.
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    /// Writes one record.
+    public func log(event: LogEvent) {
+        var object: [String: Any] = [
+            "ts": ISO8601DateFormatter.string(from: Date(), timeZone: TimeZone(identifier: "UTC")!,
+                                              formatOptions: [.withInternetDateTime, .withFractionalSeconds]),
+            "level": event.level.rawValue, "label": label, "message": "\(event.message)",
+        ]
+        var merged = metadata
+        if let extra = event.metadata { merged.merge(extra) { _, new in new } }
+        for (key, value) in merged where object[key] == nil { object[key] = Self.plain(value) }
+        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
+        FileHandle.standardError.write(data + Data("\n".utf8))
+    }
+
+    private static func plain(_ value: Logger.MetadataValue) -> Any {
+        switch value {
+        case .string(let string): return string
+        case .stringConvertible(let convertible): return "\(convertible)"
+        case .array(let array): return array.map(plain)
+        case .dictionary(let dictionary): return dictionary.mapValues(plain)
+        }
+    }
+}
+
+import Metrics
+import Prometheus
+import ServiceLifecycle
+
+extension RealtimeService {
+    /// Bootstraps the process-wide logging (`logFormat` json|text, `logLevel`) and metrics (a
+    /// Prometheus factory on the returned registry: pass it as `server.metricsRegistry` so
+    /// `/metrics` exports everything). Call once, before creating loggers and the service.
+    public static func bootstrapObservability(logFormat: String, logLevel: String) throws(RealtimeServiceError) -> PrometheusCollectorRegistry {
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw RealtimeServiceError("--log-level / REALTIME_SYNC_LOG_LEVEL: '\(logLevel)' is not one of trace, debug, info, notice, warning, error, critical")
+        }
+        guard let format = LogFormat(rawValue: logFormat) else {
+            throw RealtimeServiceError("--log-format / REALTIME_SYNC_LOG_FORMAT: '\(logFormat)' is not json or text")
+        }
+        let registry = PrometheusCollectorRegistry()
+        LoggingSystem.bootstrap { label in format.makeHandler(label: label, level: level) }
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        return registry
+    }
+
+    /// Runs the service in a `ServiceGroup` until SIGINT or SIGTERM, then shuts it down in
+    /// order (the documented root of the program). `onRunning` is called once it listens.
+    public func runUntilSignalled(onRunning: @escaping @Sendable (Running) -> Void = { _ in }) async throws {
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: self)], gracefulShutdownSignals: [.sigterm, .sigint], logger: configuration.logger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            tasks.addTask {
+                if let running = try? await self.waitUntilRunning() { onRunning(running) }
+            }
+            try await tasks.waitForAll()
+        }
+    }
+}

@@ -1,0 +1,476 @@
+@_spi(TestKit) import ServiceLifecycle
+import Foundation
+import Logging
+import Metrics
+import PoolKit
+import Scheduler
+import Synchronization
+
+/// Errors of the composition root: what failed and which knob to change.
+public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
+    /// What went wrong and what to change.
+    public var message: String
+    /// Creates an error.
+    public init(_ message: String) { self.message = message }
+    /// The message.
+    public var description: String { message }
+}
+
+/// The realtime service as users run it: a database (the given URL, or a throwaway
+/// `EmbeddedPostgres`), a `ConnectionPool`, the `ChangeStream`, a `JobScheduler` with the
+/// service's jobs (slot lag and pool sampling, a heartbeat that advances the slot on an
+/// idle database, the demo writer) and the `RealtimeServer`, shut down in DESIGN.md's order.
+///
+/// A swift-service-lifecycle `Service`: `run()` serves until graceful shutdown. The
+/// server alone reacts to the graceful-shutdown signal; pool, scheduler and capture run
+/// under a private shutdown manager and are stopped by the server's hooks, in order:
+/// stop admitting (server), cancel scheduler jobs, stop capture at the shutdown position
+/// and drain the pool, close sockets with 1001 (server). An embedded cluster is removed last.
+public final class RealtimeService: Service, Sendable {
+    /// The demo: a table the service creates and writes a row into on an interval.
+    public struct Demo: Sendable {
+        /// The table (`schema.table`), created when missing as
+        /// `(id serial primary key, status text, amount numeric, created_at timestamptz default now())`.
+        public var table: String
+        /// How often a row is written. Default 1 s.
+        public var writeInterval: Duration
+
+        /// Creates a demo setting; default `public.demo_orders` every second.
+        public init(table: String = "public.demo_orders", writeInterval: Duration = .seconds(1)) {
+            self.table = table
+            self.writeInterval = writeInterval
+        }
+    }
+
+    /// Settings of the whole service.
+    public struct Configuration: Sendable {
+        /// The database (`postgres://` URL or libpq string); nil starts an `EmbeddedPostgres`
+        /// that is removed at shutdown.
+        public var databaseURL: String?
+        /// Tables to stream (`schema.table` or `table`); empty: the existing publication's
+        /// (the demo table is added when `demo` is set).
+        public var tables: [String]
+        /// Publication name (created for `tables` when missing). Default `realtime_sync`.
+        public var publication: String
+        /// Replication slot name (persistent, created when missing). Default `realtime_sync`.
+        public var slot: String
+        /// The HTTP/WebSocket server (host, port, limits, page, deadlines).
+        public var server: RealtimeServerConfiguration
+        /// The connection pool used by the jobs.
+        public var pool: ConnectionPoolConfiguration
+        /// The capture's resume window bounds.
+        public var window: ResumeWindow<ContinuousClock.Instant>.Limits
+        /// How often the heartbeat (`pg_logical_emit_message`) runs. Default 10 s.
+        public var heartbeatInterval: Duration
+        /// How often slot lag and pool statistics are sampled. Default 10 s.
+        public var samplingInterval: Duration
+        /// How long the capture may take to open its window at start. Default 30 s.
+        public var startTimeout: Duration
+        /// Deadline of the "cancel scheduler jobs" shutdown step. Default 3 s.
+        public var jobsShutdownDeadline: Duration
+        /// Deadline of the "stop capture and drain the pool" shutdown step. Default 5 s.
+        public var captureShutdownDeadline: Duration
+        /// The demo writer; nil for none. `RealtimeService.Configuration.embeddedDemo` sets it.
+        public var demo: Demo?
+        /// Options of the embedded cluster (when `databaseURL` is nil).
+        public var embedded: EmbeddedPostgres.Options
+        /// Where the service logs (the server, capture, pool and scheduler get children of it).
+        public var logger: Logger
+
+        /// Creates a configuration with the defaults above.
+        public init(databaseURL: String?, tables: [String] = [], publication: String = "realtime_sync",
+                    slot: String = "realtime_sync", server: RealtimeServerConfiguration = RealtimeServerConfiguration(),
+                    logger: Logger = Logger(label: "realtime-sync")) {
+            self.databaseURL = databaseURL
+            self.tables = tables
+            self.publication = publication
+            self.slot = slot
+            self.server = server
+            self.pool = ConnectionPoolConfiguration(name: "realtime-sync", maxOpen: 4)
+            self.window = .init()
+            self.heartbeatInterval = .seconds(10)
+            self.samplingInterval = .seconds(10)
+            self.startTimeout = .seconds(30)
+            self.jobsShutdownDeadline = .seconds(3)
+            self.captureShutdownDeadline = .seconds(5)
+            self.demo = nil
+            self.embedded = .init()
+            self.logger = logger
+        }
+
+        /// Splits `total` over the shutdown steps: jobs 20 %, capture and pool 35 %, fan-out
+        /// drain 10 %, sockets 30 %, listener 5 %.
+        public mutating func setShutdownDeadline(_ total: Duration) {
+            jobsShutdownDeadline = total * 0.2
+            captureShutdownDeadline = total * 0.35
+            server.fanoutDrainDeadline = total * 0.1
+            server.socketCloseDeadline = total * 0.3
+            server.listenerStopDeadline = total * 0.05
+        }
+    }
+
+    /// What the service's sampling jobs last saw.
+    public struct Samples: Sendable, Hashable {
+        /// Bytes of WAL the slot holds (`pg_current_wal_lsn() - confirmed_flush_lsn`).
+        public var slotLagBytes: Int?
+        /// The pool's statistics at the last sample.
+        public var pool: PoolStatistics?
+        /// Heartbeats written so far.
+        public var heartbeats = 0
+        /// Demo rows written so far.
+        public var demoRows = 0
+    }
+
+    private struct State: Sendable {
+        var started = false
+        var running: Running?
+        var failure: String?
+        var waiters: [CheckedContinuation<Running, any Error>] = []
+        var samples = Samples()
+    }
+
+    /// The parts of a running service (available once it listens).
+    public struct Running: Sendable {
+        /// The database URL in use (the embedded cluster's when none was given).
+        public var databaseURL: String
+        /// The port the server listens on.
+        public var port: Int
+        /// The server.
+        public var server: RealtimeServer
+        /// The change source (the capture's stream).
+        public var source: ChangeStreamSource
+        /// The scheduler running the service's jobs.
+        public var scheduler: JobScheduler<ContinuousClock>
+        /// The URL of the live page.
+        public var pageURL: String
+        /// The embedded cluster's folder (removed at shutdown), when no database was given.
+        public var embeddedDirectory: String?
+    }
+
+    /// The configuration in force.
+    public let configuration: Configuration
+    private let state = Mutex(State())
+    private let logger: Logger
+
+    /// Creates a service; nothing starts until `run()`.
+    public init(_ configuration: Configuration) {
+        self.configuration = configuration
+        self.logger = configuration.logger
+    }
+
+    /// The default program: an embedded cluster, the demo table written every second,
+    /// the live page on 127.0.0.1:8080.
+    public static func embeddedDemo(logger: Logger = Logger(label: "realtime-sync")) -> Configuration {
+        var configuration = Configuration(databaseURL: nil, server: RealtimeServerConfiguration(logger: logger), logger: logger)
+        configuration.demo = Demo()
+        return configuration
+    }
+
+    /// What the jobs last sampled.
+    public var samples: Samples { self.state.withLock { $0.samples } }
+
+    /// Waits until the server listens and returns the running parts (port, URL, server).
+    /// Throws when the service failed to start.
+    public func waitUntilRunning() async throws -> Running {
+        try await withCheckedThrowingContinuation { continuation in
+            let answer = state.withLock { state -> Result<Running, RealtimeServiceError>? in
+                if let running = state.running { return .success(running) }
+                if let failure = state.failure { return .failure(RealtimeServiceError(failure)) }
+                state.waiters.append(continuation)
+                return nil
+            }
+            if let answer { continuation.resume(with: answer) }
+        }
+    }
+
+    private func resolveWaiters(_ result: Result<Running, RealtimeServiceError>) {
+        let waiters = state.withLock { state in
+            switch result {
+            case .success(let running): state.running = running
+            case .failure(let error): state.failure = error.message
+            }
+            defer { state.waiters.removeAll() }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume(with: result.mapError { $0 as any Error }) }
+    }
+
+    /// Starts everything, serves until graceful shutdown, shuts down in order and returns.
+    /// Throws when a part cannot start (setup errors name the knob).
+    public func run() async throws {
+        let first = state.withLock { state -> Bool in
+            defer { state.started = true }
+            return !state.started
+        }
+        guard first else { throw RealtimeServiceError("RealtimeService.run() called twice; create a new service") }
+        do {
+            try await runOnce()
+        } catch {
+            resolveWaiters(.failure(RealtimeServiceError("realtime service failed to start: \(error)")))
+            throw error
+        }
+        resolveWaiters(.failure(RealtimeServiceError("realtime service has stopped")))
+    }
+
+    private func runOnce() async throws {
+        var embedded: EmbeddedPostgres?
+        let url: String
+        if let given = configuration.databaseURL, !given.isEmpty {
+            url = given
+        } else {
+            logger.info("no database given (--database-url / DATABASE_URL): starting an embedded PostgreSQL")
+            let cluster = try await EmbeddedPostgres.start(configuration.embedded)
+            embedded = cluster
+            url = cluster.url
+            logger.info("embedded PostgreSQL running", metadata: ["url": "\(url)", "directory": "\(cluster.directory)"])
+        }
+        do {
+            try await serve(url: url, embeddedDirectory: embedded?.directory)
+        } catch {
+            await embedded?.shutdown()
+            throw error
+        }
+        if let embedded {
+            await embedded.shutdown()
+            logger.info("embedded PostgreSQL stopped and removed")
+        }
+    }
+
+    private func child(_ label: String) -> Logger {
+        var child = logger
+        child[metadataKey: "component"] = .string(label)
+        return child
+    }
+
+    private func serve(url: String, embeddedDirectory: String?) async throws {
+        var tables = configuration.tables
+        if let demo = configuration.demo {
+            try await Self.createDemoTable(demo.table, url: url)
+            if !tables.contains(demo.table) { tables.append(demo.table) }
+        }
+        let stream = ChangeStream(.init(
+            connectionString: url, slotName: configuration.slot, publicationName: configuration.publication,
+            tables: tables, window: configuration.window, lagInterval: configuration.samplingInterval,
+            stopCatchUp: min(.seconds(2), configuration.captureShutdownDeadline / 2), logger: child("capture")))
+        let source = ChangeStreamSource(stream: stream)
+        let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: configuration.pool, logger: child("pool"))
+        let scheduler = JobScheduler(logger: child("scheduler"))
+        let captureEnded = OneShot()
+
+        var serverConfiguration = configuration.server
+        if serverConfiguration.indexHTML == RealtimeServerConfiguration.placeholderPage {
+            serverConfiguration.indexHTML = LivePage.html(table: configuration.demo?.table ?? tables.first ?? "")
+        }
+        let jobsDeadline = configuration.jobsShutdownDeadline
+        let captureDeadline = configuration.captureShutdownDeadline
+        serverConfiguration.shutdownHooks = [
+            ShutdownHook(name: "cancel scheduler jobs", deadline: jobsDeadline) {
+                let report = await scheduler.shutdown(deadline: jobsDeadline * 0.8)
+                return report.cutOff.isEmpty ? nil : "\(report.cutOff.count) running jobs cancelled (jobsShutdownDeadline=\(jobsDeadline))"
+            },
+            ShutdownHook(name: "stop capture at the shutdown position and drain the pool", deadline: captureDeadline) {
+                stream.stop()
+                await captureEnded.wait()
+                let report = await pool.drain(deadline: .now.advanced(by: captureDeadline * 0.4))
+                return report.cutOff.isEmpty ? nil : "pool: \(report)"
+            },
+        ] + configuration.server.shutdownHooks
+        let server = RealtimeServer(source: source, configuration: serverConfiguration)
+
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            // Pool, scheduler and capture get their own graceful-shutdown manager so that the
+            // process's signal reaches only the server, which stops them in order via its hooks.
+            let privateShutdown = GracefulShutdownManager()
+            TaskLocals.$gracefulShutdownManager.withValue(privateShutdown) {
+                group.addTask { try await pool.run() }
+                group.addTask { try await scheduler.run() }
+                group.addTask {
+                    do {
+                        try await stream.run()
+                        captureEnded.signal(error: nil)
+                    } catch {
+                        captureEnded.signal(error: "\(error)")
+                        throw error
+                    }
+                }
+            }
+            do {
+                try await waitForWindow(stream, ended: captureEnded)
+                try await pool.withConnection(label: "catalog") { connection in
+                    try await source.loadCatalog(using: connection)
+                }
+                logger.info("capturing", metadata: ["slot": "\(configuration.slot)", "publication": "\(configuration.publication)",
+                                                    "tables": "\(source.catalog.tableNames.joined(separator: ","))"])
+                try scheduleJobs(scheduler, pool: pool, stream: stream)
+                let host = serverConfiguration.host
+                group.addTask { [self] in
+                    let port = try await server.waitUntilListening()
+                    let shownHost = host == "0.0.0.0" || host == "::" ? "127.0.0.1" : host
+                    let pageURL = "http://\(shownHost.contains(":") ? "[\(shownHost)]" : shownHost):\(port)/"
+                    resolveWaiters(.success(Running(databaseURL: url, port: port, server: server, source: source,
+                                                    scheduler: scheduler, pageURL: pageURL, embeddedDirectory: embeddedDirectory)))
+                }
+                try await server.run()
+            } catch {
+                logger.error("realtime service stopping after an error", metadata: ["error": "\(error)"])
+                await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool)
+                privateShutdown.shutdownGracefully()
+                group.cancelAll()
+                throw error
+            }
+            // The hooks have already stopped everything; this only covers hooks cut off by their deadline.
+            await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool)
+            privateShutdown.shutdownGracefully()
+            do {
+                try await group.waitForAll()
+            } catch is CancellationError {
+            } catch let error as CaptureSetupError {
+                throw error
+            } catch {
+                logger.warning("a component ended with an error at shutdown", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    private func tearDown(scheduler: JobScheduler<ContinuousClock>, stream: ChangeStream, captureEnded: OneShot,
+                          pool: ConnectionPool<PostgresConnection, ContinuousClock>) async {
+        await scheduler.shutdown(deadline: .seconds(1))
+        stream.stop()
+        await captureEnded.wait()
+        _ = await pool.drain(deadline: .now.advanced(by: .seconds(1)))
+    }
+
+    /// Waits until the capture has opened its resume window (or failed).
+    private func waitForWindow(_ stream: ChangeStream, ended: OneShot) async throws {
+        let deadline = ContinuousClock.now.advanced(by: configuration.startTimeout)
+        while stream.statistics.oldestResumable == nil {
+            if ended.isSignalled {
+                throw RealtimeServiceError("the change stream for slot \(configuration.slot) ended before it opened its window: \(ended.error ?? "stopped")")
+            }
+            if ContinuousClock.now >= deadline {
+                throw RealtimeServiceError("the change stream for slot \(configuration.slot) did not open its window within \(configuration.startTimeout) (startTimeout); is the database reachable and wal_level=logical?")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    // MARK: Jobs
+
+    private func scheduleJobs(_ scheduler: JobScheduler<ContinuousClock>, pool: ConnectionPool<PostgresConnection, ContinuousClock>,
+                              stream: ChangeStream) throws {
+        let slot = configuration.slot
+        let lagGauge = Gauge(label: "realtime_sync_replication_slot_lag_bytes", dimensions: [("slot", slot)])
+        let poolGauges = ["open", "in_use", "idle", "waiting"].map {
+            ($0, Gauge(label: "realtime_sync_pool_connections", dimensions: [("state", $0)]))
+        }
+        let jobOptions = { (name: String) in JobOptions(name: name, overlap: .skip, timeout: .seconds(5)) }
+        try scheduler.schedule(.every(configuration.samplingInterval), options: jobOptions("slot lag")) { _ in
+            let lag = try await pool.withConnection(label: "slot lag") { connection in
+                try await CaptureSetup.slotLagBytes(connection, slot: slot)
+            }
+            if let lag { lagGauge.record(lag) }
+            self.state.withLock { $0.samples.slotLagBytes = lag }
+        }
+        try scheduler.schedule(.every(configuration.samplingInterval), options: jobOptions("pool statistics")) { _ in
+            let statistics = pool.statistics
+            for (name, gauge) in poolGauges {
+                switch name {
+                case "open": gauge.record(statistics.open)
+                case "in_use": gauge.record(statistics.inUse)
+                case "idle": gauge.record(statistics.idle)
+                default: gauge.record(statistics.waiting)
+                }
+            }
+            self.state.withLock { $0.samples.pool = statistics }
+        }
+        try scheduler.schedule(.every(configuration.heartbeatInterval), options: jobOptions("heartbeat")) { _ in
+            _ = try await pool.withConnection(label: "heartbeat") { connection in
+                try await connection.query("SELECT pg_logical_emit_message(false, 'realtime-sync-heartbeat', '')")
+            }
+            self.state.withLock { $0.samples.heartbeats += 1 }
+        }
+        if let demo = configuration.demo {
+            let statuses = ["new", "paid", "shipped", "delivered", "cancelled"]
+            let table = demo.table
+            try scheduler.schedule(.every(demo.writeInterval), options: jobOptions("demo writer")) { _ in
+                let status = statuses.randomElement() ?? "new"
+                let amount = String(format: "%.2f", Double.random(in: 1...500))
+                _ = try await pool.withConnection(label: "demo writer") { connection in
+                    try await connection.query("INSERT INTO \(try Self.quoted(table, connection)) (status, amount) VALUES ($1, $2::numeric)", status, amount)
+                }
+                self.state.withLock { $0.samples.demoRows += 1 }
+            }
+        }
+    }
+
+    private static func quoted(_ table: String, _ connection: PostgresConnection) throws -> String {
+        let parts = table.split(separator: ".", maxSplits: 1).map(String.init)
+        return try parts.map { try connection.escapeIdentifier($0) }.joined(separator: ".")
+    }
+
+    /// Creates the demo table when missing (see `Demo.table`).
+    public static func createDemoTable(_ table: String, url: String) async throws {
+        let connection = try await PostgresConnection.connect(to: url)
+        do {
+            _ = try await connection.execute("""
+                CREATE TABLE IF NOT EXISTS \(try quoted(table, connection)) (
+                    id serial PRIMARY KEY, status text, amount numeric, created_at timestamptz DEFAULT now())
+                """)
+        } catch {
+            await connection.close()
+            throw error
+        }
+        await connection.close()
+    }
+
+    /// Drops replication slot `slot` (refused by Postgres while a stream uses it). Returns
+    /// whether it existed.
+    public static func dropSlot(_ slot: String, url: String) async throws -> Bool {
+        let stream = ChangeStream(.init(connectionString: url, slotName: slot, publicationName: slot))
+        return try await stream.dropSlot()
+    }
+}
+
+/// A signal that is raised once (with an optional error text) and awaited by any number of tasks.
+final class OneShot: Sendable {
+    private struct State {
+        var signalled = false
+        var error: String?
+        var nextID = 0
+        var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    }
+    private let state = Mutex(State())
+
+    var isSignalled: Bool { state.withLock { $0.signalled } }
+    var error: String? { state.withLock { $0.error } }
+
+    func signal(error: String? = nil) {
+        let waiters = state.withLock { state in
+            state.signalled = true
+            state.error = error
+            defer { state.waiters.removeAll() }
+            return Array(state.waiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Returns when signalled, or when the calling task is cancelled.
+    func wait() async {
+        let id = state.withLock { state in
+            state.nextID += 1
+            return state.nextID
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let now = state.withLock { state -> Bool in
+                    if state.signalled || Task.isCancelled { return true }
+                    state.waiters[id] = continuation
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        } onCancel: {
+            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume()
+        }
+    }
+}

@@ -1,0 +1,69 @@
+import Foundation
+import Logging
+import PoolKit
+import RealtimeSync
+import ServiceLifecycle
+import TestSupport
+
+/// Runs a full `RealtimeService` (pool, capture, scheduler, server) against the test
+/// database on 127.0.0.1:0 with a unique slot and publication; shuts it down gracefully
+/// after `body` and drops the slot and publication.
+func withRealtimeService(
+    url: String, tables: [String], demo: RealtimeService.Demo? = nil, logger: Logger? = nil, dropCaptureAtEnd: Bool = true,
+    configure: (inout RealtimeService.Configuration) -> Void = { _ in },
+    _ body: @Sendable (RealtimeService, RealtimeService.Running, ServiceGroup) async throws -> Void
+) async throws {
+    let slot = uniqueCaptureName("svc_slot")
+    let quiet = Logger(label: "test.service") { _ in SwiftLogNoOpLogHandler() }
+    let log = logger ?? quiet
+    var configuration = RealtimeService.Configuration(
+        databaseURL: url, tables: tables, publication: slot + "_pub", slot: slot,
+        server: RealtimeServerConfiguration(host: "127.0.0.1", port: 0, logger: log), logger: log)
+    configuration.server.closeTimeout = .seconds(2)
+    configuration.demo = demo
+    configure(&configuration)
+    let service = RealtimeService(configuration)
+    let (slotName, publication) = (configuration.slot, configuration.publication)
+    let group = ServiceGroup(configuration: .init(services: [service], logger: quiet))
+    do {
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            do {
+                let running = try await withTimeout(60, "service start") { try await service.waitUntilRunning() }
+                try await body(service, running, group)
+            } catch {
+                await group.triggerGracefulShutdown()
+                try? await tasks.waitForAll()
+                throw error
+            }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+    } catch {
+        await dropCapture(url: url, slot: slotName, publication: publication)
+        throw error
+    }
+    if dropCaptureAtEnd { await dropCapture(url: url, slot: slotName, publication: publication) }
+}
+
+/// Drops the test's slot and publication.
+private func dropCapture(url: String, slot: String, publication: String) async {
+    _ = try? await RealtimeService.dropSlot(slot, url: url)
+    if let connection = try? await PostgresConnection.connect(to: url) {
+        _ = try? await connection.execute("DROP PUBLICATION IF EXISTS \(publication)")
+        await connection.close()
+    }
+}
+
+/// Creates `public.<name>(id serial primary key, status text)` and returns `public.<name>`.
+func createServiceTable(url: String, _ name: String = uniqueCaptureName("svc_items")) async throws -> String {
+    let connection = try await PostgresConnection.connect(to: url)
+    do {
+        _ = try await connection.execute("CREATE TABLE \(name) (id serial PRIMARY KEY, status text)")
+    } catch {
+        await connection.close()
+        throw error
+    }
+    await connection.close()
+    return "public.\(name)"
+}

@@ -1,0 +1,224 @@
+import Foundation
+import Logging
+import PoolKit
+import RealtimeSync
+import ServiceLifecycle
+import Synchronization
+import Testing
+import TestSupport
+
+@Suite("RealtimeService: the composition root end to end")
+struct RealtimeServiceTests {
+    @Test("A row inserted in Postgres reaches a subscribed WebSocket client as a change; GET / serves the live page")
+    func insertReachesClient() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
+                let page = try await TestConnection.open(port: running.port)
+                let response = try await page.request("GET", "/")
+                #expect(response.status == 200)
+                #expect(response.body.contains("new WebSocket"))
+                #expect(response.body.contains("since"))
+                await page.close()
+
+                let client = try await connectWebSocket(port: running.port)
+                try await client.subscribe("s1", table: table, filter: "status=eq.paid")
+                let sql = try await PostgresConnection.connect(to: url)
+                _ = try await sql.execute("INSERT INTO \(table) (status) VALUES ('open'); INSERT INTO \(table) (status) VALUES ('paid')")
+                let change = try await client.receiveJSON(timeout: 15)
+                #expect(change["type"] as? String == "change")
+                #expect(change["op"] as? String == "INSERT")
+                #expect(change["table"] as? String == table)
+                #expect(change["ids"] as? [String] == ["s1"])
+                #expect((change["new"] as? [String: Any])?["status"] as? String == "paid")
+                await sql.close()
+                await client.close()
+            }
+        }
+    }
+
+    @Test("A client resumes with since after reconnecting: the changes it missed, once, in order")
+    func resumeAfterReconnect() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
+                let sql = try await PostgresConnection.connect(to: url)
+                let first = try await connectWebSocket(port: running.port)
+                try await first.subscribe("s1", table: table)
+                _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (1, 'a')")
+                let seen = try await first.receiveJSON(timeout: 15)
+                let cursor = try #require(seen["cursor"] as? String)
+                await first.close()
+                for id in 2...4 { _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(id), 'b')") }
+                let second = try await connectWebSocket(port: running.port)
+                try await second.subscribe("s1", table: table, since: cursor)
+                var ids: [Int] = []
+                while ids.count < 3 {
+                    let change = try await second.receiveJSON(timeout: 15)
+                    ids.append((change["new"] as? [String: Any])?["id"] as? Int ?? -1)
+                }
+                #expect(ids == [2, 3, 4])
+                await second.close()
+                await sql.close()
+            }
+        }
+    }
+
+    @Test("Graceful shutdown: every change committed before it reaches the client, then close 1001; steps logged in order")
+    func gracefulShutdown() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let capture = LogCapture()
+            let count = 30
+            try await withRealtimeService(url: url, tables: [table], logger: capture.logger()) { _, running, group in
+                let client = try await connectWebSocket(port: running.port)
+                try await client.subscribe("s1", table: table)
+                let sql = try await PostgresConnection.connect(to: url)
+                for id in 1...count { _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(id), 'x')") }
+                await sql.close()
+                await group.triggerGracefulShutdown()
+                var ids: [Int] = []
+                var closeCode: UInt16?
+                while let frame = try await withTimeout(20, "reading", { try await client.receiveFrame() }) {
+                    if frame.opcode == 0x8 {
+                        closeCode = frame.closeCode
+                        try? await client.sendClose(1000)
+                        break
+                    }
+                    let object = try JSONSerialization.jsonObject(with: Data(frame.payload)) as? [String: Any]
+                    ids.append((object?["new"] as? [String: Any])?["id"] as? Int ?? -1)
+                }
+                #expect(ids == Array(1...count))
+                #expect(closeCode == 1001)
+                await client.close()
+            }
+            let steps = capture.messages.filter { $0.hasPrefix("shutdown: ") }
+            let expected = ["shutdown: stopped admitting", "shutdown: cancel scheduler jobs",
+                            "shutdown: stop capture at the shutdown position and drain the pool",
+                            "shutdown: fan-out delivered", "shutdown: closed sockets with 1001", "shutdown: stopped the HTTP listener"]
+            #expect(steps.count == expected.count, "\(steps)")
+            for (step, prefix) in zip(steps, expected) { #expect(step.hasPrefix(prefix), "\(steps)") }
+        }
+    }
+
+    @Test("Demo mode: the scheduler's writer job inserts rows that reach a WebSocket client")
+    func demoWriterReachesClient() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = "public." + uniqueCaptureName("svc_demo")
+            try await withRealtimeService(url: url, tables: [], demo: .init(table: table, writeInterval: .milliseconds(200))) { service, running, _ in
+                #expect(running.source.catalog.columns(of: table)?.map(\.name) == ["id", "status", "amount", "created_at"])
+                let page = try await TestConnection.open(port: running.port)
+                let response = try await page.request("GET", "/")
+                #expect(response.body.contains(table))
+                await page.close()
+                let client = try await connectWebSocket(port: running.port)
+                try await client.subscribe("demo", table: table)
+                let change = try await client.receiveJSON(timeout: 15)
+                #expect(change["type"] as? String == "change")
+                #expect(change["op"] as? String == "INSERT")
+                let row = try #require(change["new"] as? [String: Any])
+                #expect(row["id"] is Int)
+                #expect(row["status"] is String)
+                #expect(await eventually(5) { service.samples.demoRows >= 1 })
+                await client.close()
+            }
+        }
+    }
+
+    @Test("Sampling and heartbeat jobs run on the scheduler: slot lag and pool statistics sampled, heartbeats written")
+    func jobsRun() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table], configure: {
+                $0.samplingInterval = .milliseconds(100)
+                $0.heartbeatInterval = .milliseconds(100)
+            }) { service, _, _ in
+                #expect(await eventually(15) {
+                    let samples = service.samples
+                    return samples.heartbeats >= 2 && samples.slotLagBytes != nil && samples.pool != nil
+                })
+            }
+        }
+    }
+
+    @Test("A since cursor older than the capture's window is answered with resync_required")
+    func resyncRequired() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
+                let client = try await connectWebSocket(port: running.port)
+                try await client.sendText(#"{"type":"subscribe","id":"old","table":"\#(table)","since":"0000000000000001.00000000"}"#)
+                let answer = try await client.receiveJSON(timeout: 15)
+                #expect(answer["type"] as? String == "resync_required")
+                #expect(answer["id"] as? String == "old")
+                await client.close()
+            }
+        }
+    }
+
+    @Test("With no database the service starts an embedded cluster, writes demo rows that reach a client, and removes the cluster at shutdown")
+    func embeddedDemo() async throws {
+        try await TestDatabase.withDatabase { _ in
+            var configuration = RealtimeService.embeddedDemo(logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+            configuration.server.port = 0
+            configuration.demo?.writeInterval = .milliseconds(200)
+            let service = RealtimeService(configuration)
+            let group = ServiceGroup(configuration: .init(services: [service], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+            let directory = try await withThrowingTaskGroup(of: String?.self) { tasks in
+                tasks.addTask { try await group.run(); return nil }
+                do {
+                    let running = try await withTimeout(120, "embedded start") { try await service.waitUntilRunning() }
+                    let directory = try #require(running.embeddedDirectory)
+                    #expect(FileManager.default.fileExists(atPath: directory))
+                    #expect(running.pageURL == "http://127.0.0.1:\(running.port)/")
+                    let client = try await connectWebSocket(port: running.port)
+                    try await client.subscribe("demo", table: "public.demo_orders")
+                    let change = try await client.receiveJSON(timeout: 15)
+                    #expect(change["op"] as? String == "INSERT")
+                    #expect((change["new"] as? [String: Any])?["amount"] != nil)
+                    await group.triggerGracefulShutdown()
+                    #expect(try await client.receiveClose(timeout: 15) == 1001)
+                    try? await client.sendClose(1000)
+                    await client.close()
+                    try await tasks.waitForAll()
+                    return directory
+                } catch {
+                    await group.triggerGracefulShutdown()
+                    try? await tasks.waitForAll()
+                    throw error
+                }
+            }
+            #expect(!FileManager.default.fileExists(atPath: directory))
+        }
+    }
+
+    @Test("slot drop: the service's persistent slot survives shutdown and RealtimeService.dropSlot removes it once")
+    func dropSlotAfterShutdown() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("svc_drop")
+            try await withRealtimeService(url: url, tables: [table], dropCaptureAtEnd: false, configure: {
+                $0.slot = slot
+                $0.publication = slot + "_pub"
+            }) { _, _, _ in }
+            #expect(try await RealtimeService.dropSlot(slot, url: url))
+            #expect(try await RealtimeService.dropSlot(slot, url: url) == false)
+            let sql = try await PostgresConnection.connect(to: url)
+            _ = try await sql.execute("DROP PUBLICATION IF EXISTS \(slot)_pub")
+            await sql.close()
+        }
+    }
+
+    @Test("A setup error stops the start and names the fix (publication missing, no tables)")
+    func setupErrorNamesTheFix() async throws {
+        try await TestDatabase.withDatabase { url in
+            do {
+                try await withRealtimeService(url: url, tables: []) { _, _, _ in }
+                Issue.record("the service started without tables or publication")
+            } catch {
+                #expect("\(error)".contains("publication"), "\(error)")
+                #expect("\(error)".contains("CREATE PUBLICATION"), "\(error)")
+            }
+        }
+    }
+}
