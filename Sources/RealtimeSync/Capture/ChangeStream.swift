@@ -168,14 +168,21 @@ public final class ChangeStream: Service, Sendable {
 
     /// Counters and positions now.
     public var statistics: ChangeStreamStatistics {
+        // Plain values out of the snapshot first: borrowing the snapshot tuple inside the lock's
+        // closure crashed the Swift 6.3.1 optimizer (ownership verifier) in release builds.
         let hubState = hub.snapshot()
+        let transactions = hubState.transactions, changes = hubState.changes
+        let windowCount = hubState.window?.count ?? 0
+        let oldestResumable = hubState.window?.oldestResumable
+        let lastCursor = hubState.window?.last?.cursor
+        let consumers = hubState.subscribers, consumersCutOff = hubState.cutOff
         return state.withLock { s in
             ChangeStreamStatistics(
-                connected: s.connected, transactions: hubState.transactions, changes: hubState.changes,
-                reconnects: s.reconnects, windowCount: hubState.window?.count ?? 0,
-                oldestResumable: hubState.window?.oldestResumable, lastCursor: hubState.window?.last?.cursor,
+                connected: s.connected, transactions: transactions, changes: changes,
+                reconnects: s.reconnects, windowCount: windowCount,
+                oldestResumable: oldestResumable, lastCursor: lastCursor,
                 confirmedFlush: s.confirmed, slotLagBytes: s.slotLag,
-                consumers: hubState.subscribers, consumersCutOff: hubState.cutOff,
+                consumers: consumers, consumersCutOff: consumersCutOff,
                 readerWaits: s.replication?.readerWaits ?? 0)
         }
     }
