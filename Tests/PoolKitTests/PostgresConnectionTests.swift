@@ -238,6 +238,24 @@ struct PostgresConnectionTests {
         #expect(elapsedMilliseconds(since: start) < 5000)
     }
 
+    @Test("connects over a unix socket, by key/value string and by URL with a percent-encoded host",
+          .enabled(if: ProcessInfo.processInfo.environment["REALTIME_SYNC_TEST_DATABASE_URL"] == nil,
+                   "needs the embedded cluster's socket folder"))
+    func unixSocket() async throws {
+        let pg = try #require(try await TestDatabase.shared.embedded())
+        try await TestDatabase.withDatabase { _ in
+            let keyValue = "host=\(pg.directory) port=\(pg.port) user=postgres dbname=postgres"
+            let encoded = pg.directory.replacingOccurrences(of: "/", with: "%2F")
+            for connectionString in [keyValue, "postgres://postgres@\(encoded):\(pg.port)/postgres"] {
+                let conn = try await PostgresConnection.connect(to: connectionString)
+                #expect(conn.host == pg.directory, "\(connectionString) went to \(conn.host)")
+                let rows = try await conn.query("SELECT inet_server_addr() IS NULL")  // NULL over a unix socket
+                #expect(try rows[0].decode(Bool.self, at: 0) == true)
+                await conn.close()
+            }
+        }
+    }
+
     @Test("a bad connection string is reported as such")
     func badConnectionString() async throws {
         await #expect(throws: PostgresError.self) {
