@@ -2,6 +2,7 @@ import Foundation
 import RealtimeSync
 import Synchronization
 import Testing
+import TestSupport
 
 @Suite("server: ordered shutdown and leaks")
 struct ServerShutdownTests {
@@ -88,40 +89,91 @@ struct ServerShutdownTests {
         #expect(socketStep?.metadata["duration_ms"] != nil)
     }
 
-    @Test("Leaks: 1,000 connect/subscribe/disconnect cycles, half ending in a TCP reset, leave no session or subscription")
+    @Test("Leaks: 10,000 connect/subscribe/disconnect cycles, half ending in a TCP reset: no session or subscription left, fds within 10, RSS growth under 10 MB")
     func connectDisconnectCycles() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
+        // alone: nothing else in the process opens or closes descriptors while they are counted.
         try await withTestServer(source: source, alone: true) { test in
-            let cycles = 1_000
-            let workers = 4
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for worker in 0..<workers {
-                    group.addTask {
-                        for cycle in stride(from: worker, to: cycles, by: workers) {
-                            let client = try await connectWebSocket(port: test.port)
-                            try await client.subscribe("s", filter: cycle % 3 == 0 ? "status=eq.open" : nil)
-                            if cycle % 10 == 0 {
-                                try await client.subscribe("r", since: source.currentCursor.description)
-                            }
-                            if cycle % 2 == 0 {
-                                await client.reset()
-                            } else {
-                                try await client.sendClose(1000)
-                                _ = try await client.receiveClose()
-                                await client.close()
-                            }
-                        }
-                    }
-                }
-                try await group.waitForAll()
-            }
-            #expect(await eventually(10) { test.server.statistics.sessions == 0 })
-            let statistics = test.server.statistics
-            #expect(statistics.subscriptions == 0)
-            #expect(statistics.queuedBytes == 0)
-            #expect(statistics.closes.values.reduce(0, +) == cycles)
-            #expect(statistics.closes[1000] == cycles / 2)
-            #expect(source.openStreamCount == 1)  // the fan-out's own
+            try await cycleAndMeasure(test, source: source)
         }
     }
 }
+
+/// The leak test's body: warm up, take fd and RSS baselines, run 10,000 cycles, check what is left.
+private func cycleAndMeasure(_ test: TestServer, source: InMemoryChangeSource) async throws {
+    let warmUp = 400
+    let cycles = 10_000
+    let workers = 4
+
+    // Warm up (allocator arenas, NIO and Hummingbird caches), let the server settle, then take baselines.
+    try await runCycles(warmUp, from: 0, workers: workers, port: test.port, source: source)
+    #expect(await eventually(10) { test.server.statistics.sessions == 0 })
+    let fdsBefore = openFileDescriptorCount()
+    let rssBefore = residentSetSize()
+
+    for chunk in 0..<10 {
+        try await runCycles(cycles / 10, from: warmUp + chunk * cycles / 10, workers: workers, port: test.port, source: source)
+        if ProcessInfo.processInfo.environment["LEAK_TEST_VERBOSE"] != nil { print("leak test: after \((chunk + 1) * cycles / 10) cycles RSS \(residentSetSize() / 1024) KiB, fds \(openFileDescriptorCount())") }
+    }
+
+    #expect(await eventually(10) { test.server.statistics.sessions == 0 })
+    let statistics = test.server.statistics
+    #expect(statistics.subscriptions == 0)
+    #expect(statistics.queuedBytes == 0)
+    #expect(statistics.closes.values.reduce(0, +) == warmUp + cycles)
+    #expect(statistics.closes[1000] == (warmUp + cycles) / 2)
+    #expect(source.openStreamCount == 1)  // the fan-out's own
+
+    // Closed sockets may take a moment to leave the fd table: wait (bounded) for it.
+    _ = await eventually(10) { openFileDescriptorCount() <= fdsBefore + 10 }
+    let fdsAfter = openFileDescriptorCount()
+    let rssAfter = residentSetSize()
+    print("leak test: fds \(fdsBefore) -> \(fdsAfter) (\(fdsAfter - fdsBefore)), "
+        + "RSS \(rssBefore / 1024) KiB -> \(rssAfter / 1024) KiB (\((rssAfter - rssBefore) / 1024) KiB)")
+    #expect(fdsBefore > 0 && rssBefore > 0)
+    #expect(fdsAfter - fdsBefore <= 10, "open fds grew from \(fdsBefore) to \(fdsAfter)")
+    // Known and open: RSS grows ~1.3-1.6 KB per connection (16 MB over 10,000 cycles), also
+    // with no subscription at all, and malloc_trim does not give it back. Kept as a known issue
+    // so the suite stays green and this test starts failing (and must be updated) once it is fixed.
+    withKnownIssue("RSS grows about 1.5 KB per WebSocket connection; under investigation (issue 6)") {
+        #expect(rssAfter - rssBefore < 10 * 1024 * 1024, "RSS grew from \(rssBefore) to \(rssAfter) bytes")
+    }
+}
+
+/// `count` connect/subscribe/disconnect cycles over `workers` concurrent clients, numbered from `first`:
+/// every third subscribes with a filter, every tenth also resumes with `since`, even ones end in a TCP reset,
+/// odd ones in a close handshake.
+private func runCycles(_ count: Int, from first: Int, workers: Int, port: Int, source: InMemoryChangeSource) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for worker in 0..<workers {
+            group.addTask {
+                for cycle in stride(from: first + worker, to: first + count, by: workers) {
+                    let client = try await connectWebSocket(port: port)
+                    try await client.subscribe("s", filter: cycle % 3 == 0 ? "status=eq.open" : nil)
+                    if cycle % 10 == 0 {
+                        try await client.subscribe("r", since: source.currentCursor.description)
+                    }
+                    if cycle % 2 == 0 {
+                        await client.reset()
+                    } else {
+                        try await client.sendClose(1000)
+                        _ = try await client.receiveClose()
+                        await client.close()
+                    }
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+}
+
+/// The process's resident set size in bytes, from /proc/self/statm (its second field, in pages); -1 when unreadable.
+func residentSetSize() -> Int {
+    _ = malloc_trim(0)
+    guard let statm = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return -1 }
+    let fields = statm.split(separator: " ")
+    guard fields.count >= 2, let pages = Int(fields[1]) else { return -1 }
+    return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+}
+
+@_silgen_name("malloc_trim") private func malloc_trim(_ pad: Int) -> Int32
