@@ -20,7 +20,7 @@ func withTimeout<T: Sendable>(_ seconds: Double, _ what: String = "operation",
     try await withThrowingTaskGroup(of: T?.self) { group in
         group.addTask { try await body() }
         group.addTask {
-            try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+            try await cancellableSleep(.milliseconds(Int64(seconds * 1000)))
             return nil
         }
         defer { group.cancelAll() }
@@ -28,6 +28,21 @@ func withTimeout<T: Sendable>(_ seconds: Double, _ what: String = "operation",
             throw TestClientError("\(what) timed out after \(seconds)s")
         }
         return value
+    }
+}
+
+/// Sleeps for `duration` on an event loop timer that cancellation removes at once. (A cancelled
+/// `Task.sleep` returns early, but on Linux its timer and job stay allocated until the original
+/// deadline: thousands of short-lived timeouts would look like a leak in the RSS tests.)
+func cancellableSleep(_ duration: TimeAmount) async throws {
+    let loop = MultiThreadedEventLoopGroup.singleton.any()
+    let promise = loop.makePromise(of: Void.self)
+    let scheduled = loop.scheduleTask(in: duration) { promise.succeed() }
+    try await withTaskCancellationHandler {
+        try await promise.futureResult.get()
+    } onCancel: {
+        scheduled.cancel()
+        promise.fail(CancellationError())
     }
 }
 

@@ -26,7 +26,7 @@ final class HTTPListener: Sendable {
         server.addRoutes(to: router)
         let wsConfiguration = WebSocketServerConfiguration(
             maxFrameSize: configuration.maxClientMessageBytes,
-            autoPing: .enabled(timePeriod: configuration.pingInterval),
+            autoPing: .disabled,  // the session's AutoPingHandler pings (see there why)
             closeTimeout: configuration.closeTimeout,
             validateUTF8: true
         )

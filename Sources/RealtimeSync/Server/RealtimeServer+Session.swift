@@ -73,12 +73,15 @@ extension RealtimeServer {
         logger.debug("session closed", metadata: ["code": "\(code)"])
     }
 
-    /// Puts a `CloseFrameObserver` right after the frame decoder.
+    /// Puts a `CloseFrameObserver` right after the frame decoder, and the `AutoPingHandler` after it.
     private func observeFrameDecoderErrors(channel: any Channel, session: SessionChannel) async {
+        let interval = TimeAmount(configuration.pingInterval)
         try? await channel.eventLoop.submit {
             let operations = channel.pipeline.syncOperations
             let decoder = try operations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
-            try operations.addHandler(CloseFrameObserver(session: session), position: .after(decoder))
+            let observer = CloseFrameObserver(session: session)
+            try operations.addHandler(observer, position: .after(decoder))
+            try operations.addHandler(AutoPingHandler(interval: interval), position: .after(observer))
         }.get()
     }
 
@@ -323,3 +326,88 @@ final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
         context.write(data, promise: promise)
     }
 }
+
+/// Pings the client every `interval` and drops the socket (close 1001, "Ping timeout") when
+/// the previous ping is still unanswered as the next is due. Replaces Hummingbird's auto-ping,
+/// which sleeps with `Task.sleep`: on Linux a cancelled sleep keeps its timer and job allocated
+/// until the original deadline, so every closed socket left ~1.5 KB behind for a whole ping
+/// interval (issue 6). An event-loop timer is freed as soon as it is cancelled. Sits after the
+/// `CloseFrameObserver`, so the close it sends is recorded there; stops once a close frame
+/// went either way (nothing may follow the server's close frame).
+final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias InboundOut = WebSocketFrame
+    typealias OutboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+    static let payloadSize = 16
+    let interval: TimeAmount
+    private var timer: Scheduled<Void>?
+    private var unanswered: ByteBuffer?
+    private var stopped = false
+
+    init(interval: TimeAmount) { self.interval = interval }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { schedule(context: context) }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { stop() }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        stop()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.opcode {
+        case .pong:
+            if let unanswered, frame.unmaskedData == unanswered { self.unanswered = nil }
+        case .connectionClose:
+            stop()
+        default:
+            break
+        }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if unwrapOutboundIn(data).opcode == .connectionClose { stop() }
+        context.write(data, promise: promise)
+    }
+
+    private func stop() {
+        stopped = true
+        timer?.cancel()
+        timer = nil
+    }
+
+    private func schedule(context: ChannelHandlerContext) {
+        guard !stopped else { return }
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: interval) { [self] in
+            self.tick(context: context)
+        }
+    }
+
+    private func tick(context: ChannelHandlerContext) {
+        timer = nil
+        guard !stopped, context.channel.isActive else { return }
+        if unanswered != nil {
+            stop()
+            var payload = context.channel.allocator.buffer(capacity: 2 + 12)
+            payload.writeInteger(UInt16(1001))
+            payload.writeString("Ping timeout")
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)), promise: nil)
+            context.close(promise: nil)
+            return
+        }
+        var payload = context.channel.allocator.buffer(capacity: Self.payloadSize)
+        for _ in 0..<Self.payloadSize { payload.writeInteger(UInt8.random(in: .min ... .max)) }
+        unanswered = payload
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: payload)), promise: nil)
+        schedule(context: context)
+    }
+}
+
+@available(*, unavailable)
+extension AutoPingHandler: Sendable {}
