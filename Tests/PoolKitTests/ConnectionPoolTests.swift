@@ -238,14 +238,15 @@ struct ConnectionPoolTests {
     }
 
     /// On the real clock: stepping a manual clock races the timer task's re-arm after each failed
-    /// connect, so this shell-level check runs in real time (0.6 s) with wide bounds; the exact
+    /// connect, so this shell-level check runs in real time (1.5 s) with wide bounds (CPU-heavy
+    /// tests in the same process can hold the cooperative threads for a while); the exact
     /// backoff schedule is checked on virtual time in the state-machine tests.
     @Test func connectFailuresBackOffAndTheWaiterLearnsTheError() async throws {
         let factory = MockFactory()
         factory.failNext(1_000)
         let configuration = baseConfiguration {
             $0.minIdle = 0
-            $0.acquireTimeout = .milliseconds(600)
+            $0.acquireTimeout = .milliseconds(1500)
             $0.connectBackoff = .init(initial: .milliseconds(10), maximum: .milliseconds(80), jitter: 0.2)
         }
         let pool = ConnectionPool<MockConnection, ContinuousClock>(
@@ -260,9 +261,9 @@ struct ConnectionPoolTests {
             try await group.waitForAll()
         }
         let attempts = factory.state.withLock { $0.attempts }
-        // Without backoff a failing connect would be retried thousands of times in 0.6 s; with
-        // 10 ms doubling to 80 ms it is about ten.
-        #expect(attempts >= 3 && attempts <= 30, "backoff bounds the attempts over 0.6 s: \(attempts)")
+        // It retries (more than one attempt) and backs off: without backoff a failing connect
+        // would be retried thousands of times in 1.5 s; with 10 ms doubling to 80 ms, about 20.
+        #expect(attempts >= 2 && attempts <= 60, "backoff bounds the attempts over 1.5 s: \(attempts)")
     }
 
     /// HikariCP's spike against the real shell: connect 150 ms and queries 2 ms
