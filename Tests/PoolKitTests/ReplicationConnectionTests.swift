@@ -8,16 +8,40 @@ private func uniqueName(_ prefix: String) -> String {
     "\(prefix)_\(UInt32.random(in: 0...UInt32.max))"
 }
 
+/// A table with its publication and a fresh slot name for one test. The fixture owns them and
+/// the SQL connection: afterwards, also when the test fails, it drops the slot (once inactive,
+/// so no slot is left holding WAL), the publication and the table, and closes the connection.
+private func withReplicationFixture(
+    _ url: String, columns: String = "id int PRIMARY KEY",
+    _ body: (_ sql: PostgresConnection, _ slot: String, _ table: String) async throws -> Void
+) async throws {
+    let slot = uniqueName("rc_slot")
+    let table = uniqueName("rc_t")
+    let sql = try await PostgresConnection.connect(to: url)
+    var failure: (any Error)?
+    do {
+        try await sql.execute("CREATE TABLE \(table) (\(columns)); CREATE PUBLICATION \(table)_pub FOR TABLE \(table)")
+        try await body(sql, slot, table)
+    } catch {
+        failure = error
+    }
+    try? await waitUntilInactive(sql, slot: slot)
+    _ = try? await sql.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
+    _ = try? await sql.execute("DROP PUBLICATION IF EXISTS \(table)_pub; DROP TABLE IF EXISTS \(table)")
+    await sql.close()
+    if let failure { throw failure }
+}
+
+/// pgoutput options for the fixture's publication.
+private func pgoutputOptions(_ table: String) -> [(String, String)] {
+    [("proto_version", "1"), ("publication_names", "\(table)_pub")]
+}
+
 @Suite("ReplicationConnection (real Postgres)", .serialized)
 struct ReplicationConnectionTests {
     @Test("IDENTIFY_SYSTEM, slot created once, COPY BOTH stream of one transaction, status updates, clean stop")
     func streamOneTransaction() async throws {
-        try await TestDatabase.withDatabase { url in
-            let slot = uniqueName("rc_slot")
-            let table = uniqueName("rc_t")
-            let sql = try await PostgresConnection.connect(to: url)
-            defer { Task { await sql.close() } }
-            try await sql.execute("CREATE TABLE \(table) (id int PRIMARY KEY, v text); CREATE PUBLICATION \(table)_pub FOR TABLE \(table)")
+        try await TestDatabase.withDatabase { url in try await withReplicationFixture(url, columns: "id int PRIMARY KEY, v text") { sql, slot, table in
 
             let repl = try await ReplicationConnection.connect(.init(url))
             let identity = try await repl.identifySystem()
@@ -68,19 +92,13 @@ struct ReplicationConnectionTests {
             // The slot is no longer active and can be dropped.
             try await waitUntilInactive(sql, slot: slot)
             try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
-            try await sql.execute("DROP PUBLICATION \(table)_pub; DROP TABLE \(table)")
-        }
+        } }
     }
 
     @Test("The confirmed position reaches the server; a restart from it does not resend the transaction")
     func confirmedFlush() async throws {
-        try await TestDatabase.withDatabase { url in
-            let slot = uniqueName("rc_slot")
-            let table = uniqueName("rc_t")
-            let sql = try await PostgresConnection.connect(to: url)
-            defer { Task { await sql.close() } }
-            try await sql.execute("CREATE TABLE \(table) (id int PRIMARY KEY); CREATE PUBLICATION \(table)_pub FOR TABLE \(table)")
-            let options = [("proto_version", "1"), ("publication_names", "\(table)_pub")]
+        try await TestDatabase.withDatabase { url in try await withReplicationFixture(url) { sql, slot, table in
+            let options = pgoutputOptions(table)
 
             let first = try await ReplicationConnection.connect(.init(url))
             try await first.createSlotIfMissing(slot)
@@ -121,26 +139,17 @@ struct ReplicationConnectionTests {
             }
             #expect(!firstInsertSeen)
             await second.stop()
-            try await waitUntilInactive(sql, slot: slot)
-            try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
-            try await sql.execute("DROP PUBLICATION \(table)_pub; DROP TABLE \(table)")
-        }
+        } }
     }
 
     @Test("A keepalive that asks for a reply is answered at once: with wal_sender_timeout=400ms and no scheduled updates the stream stays up")
     func replyWhenAsked() async throws {
-        try await TestDatabase.withDatabase { url in
-            let slot = uniqueName("rc_slot")
-            let table = uniqueName("rc_t")
-            let sql = try await PostgresConnection.connect(to: url)
-            defer { Task { await sql.close() } }
-            try await sql.execute("CREATE TABLE \(table) (id int PRIMARY KEY); CREATE PUBLICATION \(table)_pub FOR TABLE \(table)")
+        try await TestDatabase.withDatabase { url in try await withReplicationFixture(url) { sql, slot, table in
             let separator = url.contains("?") ? "&" : "?"
             let repl = try await ReplicationConnection.connect(.init(url + separator + "options=-c%20wal_sender_timeout%3D400"))
             try await repl.createSlotIfMissing(slot)
             // Scheduled updates every hour: only the server's requests make us answer.
-            try await repl.startReplication(slot: slot, options: [("proto_version", "1"), ("publication_names", "\(table)_pub")],
-                                            statusInterval: .seconds(3600))
+            try await repl.startReplication(slot: slot, options: pgoutputOptions(table), statusInterval: .seconds(3600))
             let before = repl.statusUpdatesSent
             let requests = try await withThrowingTaskGroup(of: Int.self) { group in
                 group.addTask {
@@ -172,10 +181,7 @@ struct ReplicationConnectionTests {
             }
             #expect(sawInsert)
             await repl.stop()
-            try await waitUntilInactive(sql, slot: slot)
-            try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
-            try await sql.execute("DROP PUBLICATION \(table)_pub; DROP TABLE \(table)")
-        }
+        } }
     }
 
     @Test("START_REPLICATION of a missing slot is a server error naming it; the connection closes once")

@@ -8,8 +8,8 @@ struct ServerHTTPTests {
     func healthz() async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
             let connection = try await TestConnection.open(port: test.port)
-            defer { Task { await connection.close() } }
             let response = try await connection.request("GET", "/healthz")
+            await connection.close()
             #expect(response.status == 200)
             #expect(response.body == "ok\n")
         }
