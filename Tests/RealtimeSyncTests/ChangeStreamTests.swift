@@ -249,6 +249,53 @@ struct ChangeStreamTests {
         }
     }
 
+    @Test("Idle database: a heartbeat never moves the slot past a change the window holds, and releases the WAL once the window has let it go")
+    func heartbeatAdvancesIdleSlot() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_idle")
+            let slot = uniqueCaptureName("cs_slot")
+            let setup = try await PostgresConnection.connect(to: url)
+            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            await setup.close()
+            try await withChangeStream(url: url, tables: [table], slot: slot, window: .init(maxAge: .seconds(2))) { stream, sql in
+                @Sendable func confirmedFlush() async throws -> LSN {
+                    let rows = try await sql.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '\(slot)'")
+                    return try #require(try rows[0].decode(String.self, at: 0).flatMap { LSN($0) })
+                }
+                @Sendable func heartbeat() async throws {
+                    _ = try await sql.query("SELECT pg_logical_emit_message(false, 'realtime-sync-heartbeat', '')")
+                }
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (1)")
+                let event = try await take(1, from: changes)[0]
+                // Held: heartbeats while the window holds the change leave the slot at or before it.
+                for _ in 0..<3 {
+                    try await heartbeat()
+                    try await Task.sleep(for: .milliseconds(300))
+                }
+                #expect(try await confirmedFlush() <= event.commitLSN)
+                // Past maxAge the window is empty: the next heartbeat lets the slot move on.
+                try await Task.sleep(for: .seconds(2.2))
+                let deadline = ContinuousClock.now + .seconds(20)
+                var confirmed = try await confirmedFlush()
+                while confirmed <= event.commitLSN, ContinuousClock.now < deadline {
+                    try await heartbeat()
+                    try await Task.sleep(for: .milliseconds(250))
+                    confirmed = try await confirmedFlush()
+                }
+                #expect(confirmed > event.commitLSN, "slot still at \(confirmed), change committed at \(event.commitLSN)")
+                // In this process the change's cursor still resumes, with nothing missed.
+                let resumed = try stream.changes(after: event.cursor)
+                try await sql.execute("INSERT INTO \(table) VALUES (2)")
+                let next = try await take(1, from: resumed)
+                #expect(next.map { newText($0, "id") } == ["2"])
+            }
+            let cleanup = try await PostgresConnection.connect(to: url)
+            try await cleanup.execute("DROP TABLE \(table)")
+            await cleanup.close()
+        }
+    }
+
     @Test("A slow consumer is cut off after consumerBufferLimit with its last cursor, and resumes from it without loss")
     func slowConsumer() async throws {
         try await TestDatabase.withDatabase { url in

@@ -31,6 +31,32 @@ struct ResumeWindowTests {
         #expect(window.retainLSN == LSN(0x100))
     }
 
+    @Test("markIdle: the retain position moves past an empty window only, never backwards, and held cursors keep resuming")
+    func markIdle() throws {
+        var window = ResumeWindow<TestInstant>(limits: .init(maxAge: .seconds(10)), origin: LSN(0x100))
+        let all = events(transactions: 2, perTransaction: 1)
+        window.append(contentsOf: all, at: .zero)
+        // Holding events: idle positions change nothing.
+        let heldMoved = window.markIdle(through: LSN(0x900), now: TestInstant.zero.advanced(by: .seconds(5)))
+        #expect(!heldMoved)
+        #expect(window.retainLSN == LSN(0x100))
+        // Both expired: the window is empty and the slot may follow the stream.
+        let emptyMoved = window.markIdle(through: LSN(0x900), now: TestInstant.zero.advanced(by: .seconds(11)))
+        #expect(emptyMoved)
+        #expect(window.isEmpty)
+        #expect(window.retainLSN == LSN(0x900))
+        let backMoved = window.markIdle(through: LSN(0x800), now: TestInstant.zero.advanced(by: .seconds(12)))
+        #expect(!backMoved)
+        #expect(window.retainLSN == LSN(0x900))
+        // The last evicted change's cursor still resumes (nothing happened after it).
+        #expect(try window.events(after: all[1].cursor).isEmpty)
+        // A new change takes the hold back to itself.
+        let later = events(transactions: 1, perTransaction: 1, firstLSN: 0xA00)
+        window.append(contentsOf: later, at: TestInstant.zero.advanced(by: .seconds(13)))
+        #expect(window.retainLSN == LSN(0xA00))
+        #expect(try window.events(after: all[1].cursor).map(\.cursor) == later.map(\.cursor))
+    }
+
     @Test("A cursor before the origin needs a resync")
     func beforeOrigin() {
         var window = ResumeWindow<TestInstant>(origin: LSN(0x100))

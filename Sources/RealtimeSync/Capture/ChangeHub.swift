@@ -171,6 +171,16 @@ final class ChangeHub: Sendable {
         return retain
     }
 
+    /// The stream passed `position` with no transaction half received (see
+    /// `ResumeWindow.markIdle(through:now:)`). Returns the window's retain position when it
+    /// moved, else nil.
+    func idle(through position: LSN, now: ContinuousClock.Instant = .now) -> LSN? {
+        state.withLock { s -> LSN? in
+            guard s.window != nil, s.window!.markIdle(through: position, now: now) else { return nil }
+            return s.window!.retainLSN
+        }
+    }
+
     /// Ends every consumer (after what it has queued) and refuses new ones; `error` nil is a
     /// plain end of stream.
     func close(error: (any Error)?) {

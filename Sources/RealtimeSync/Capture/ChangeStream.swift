@@ -298,7 +298,8 @@ public final class ChangeStream: Service, Sendable {
                 assembler.abandonOpenTransaction()
                 try await repl.startReplication(
                     slot: configuration.slotName, startLSN: start.rawValue,
-                    options: [("proto_version", "1"), ("publication_names", try quotedPublication())],
+                    options: [("proto_version", "1"), ("publication_names", try quotedPublication()),
+                              ("messages", "true")],
                     statusInterval: configuration.statusInterval)
                 repl.confirm(flushedThrough: start.rawValue)
                 state.withLock { s in
@@ -366,11 +367,19 @@ public final class ChangeStream: Service, Sendable {
                     if keepalive.replyRequested {
                         try await replyRequested(keepalive, repl, previous: &replyRequests)
                     }
+                    if !assembler.isInTransaction { advanceIdle(through: LSN(keepalive.walEnd), repl) }
                     if caughtUp(LSN(keepalive.walEnd), assembler) { break }
                     continue
                 }
                 let decoded = try decoder.decode(data.payload, walStart: LSN(data.walStart))
-                guard case .transaction(let transaction)? = try assembler.apply(decoded) else { continue }
+                let output = try assembler.apply(decoded)
+                if case .message(let logical)? = output {
+                    // Non-transactional messages (the heartbeat's among them) are sent when
+                    // written: every transaction that committed before one was sent already.
+                    advanceIdle(through: logical.lsn, repl)
+                    continue
+                }
+                guard case .transaction(let transaction)? = output else { continue }
                 if let retain = hub.deliver(transaction) {
                     changesCounter.increment(by: transaction.changes.count)
                     repl.confirm(flushedThrough: retain.rawValue)
@@ -380,6 +389,18 @@ public final class ChangeStream: Service, Sendable {
             }
             return stopRequested
         }
+    }
+
+    /// The stream passed `position` between transactions: with an empty resume window the
+    /// slot may move up to it (an idle database's heartbeats then release WAL).
+    private func advanceIdle(through position: LSN, _ repl: ReplicationConnection) {
+        guard let retain = hub.idle(through: position) else { return }
+        let advanced = state.withLock { s -> Bool in
+            guard retain > s.confirmed else { return false }
+            s.confirmed = retain
+            return true
+        }
+        if advanced { repl.confirm(flushedThrough: retain.rawValue) }
     }
 
     /// Whether a stop is pending and the reader may end here: told to, or it has read up to

@@ -71,6 +71,9 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
     public private(set) var oldestResumable: Cursor
     /// Number of events evicted so far.
     public private(set) var evictedCount = 0
+    /// The furthest position the feeding stream is known to have passed with nothing
+    /// held (see `markIdle(through:now:)`); nil until then.
+    public private(set) var idleThrough: LSN?
 
     /// Creates an empty window fed by a stream that starts at `origin`.
     public init(limits: Limits = Limits(), origin: LSN) {
@@ -90,8 +93,29 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
     /// Where the replication slot's confirmed position must be held: the commit
     /// LSN of the oldest event held (Postgres replays every transaction that
     /// commits at or after the confirmed position), or, when empty, the position
-    /// of `oldestResumable`.
-    public var retainLSN: LSN { first?.commitLSN ?? oldestResumable.commitLSN }
+    /// of `oldestResumable`, or the position the stream has passed idle if that is later
+    /// (nothing between them is held, so nothing needs replaying).
+    public var retainLSN: LSN {
+        if let first { return first.commitLSN }
+        guard let idleThrough else { return oldestResumable.commitLSN }
+        return max(idleThrough, oldestResumable.commitLSN)
+    }
+
+    /// Records that the feeding stream has passed `position` with no transaction half
+    /// received (a keepalive, or a heartbeat message on an idle database), after evicting
+    /// what has expired by `now`. When nothing is held then, `retainLSN` moves up to
+    /// `position`, so the slot's WAL is released on an idle database. Cursors at or after
+    /// `oldestResumable` keep resuming in this process; a capture restarted from the
+    /// advanced slot starts its window at `position`, so older cursors then get
+    /// `resync_required` (never a gap). Returns whether `retainLSN` moved.
+    @discardableResult
+    public mutating func markIdle(through position: LSN, now: Instant) -> Bool {
+        evictExpired(now: now)
+        guard ring.count == 0 else { return false }
+        let before = retainLSN
+        if position > (idleThrough ?? LSN(0)) { idleThrough = position }
+        return retainLSN > before
+    }
 
     /// Appends an event committed after every held one, then evicts by count and age.
     /// Returns false (and keeps nothing) when the event is not after the newest
