@@ -47,7 +47,7 @@ func withRealtimeService(
 }
 
 /// Drops the test's slot and publication.
-private func dropCapture(url: String, slot: String, publication: String) async {
+func dropCapture(url: String, slot: String, publication: String) async {
     _ = try? await RealtimeService.dropSlot(slot, url: url)
     if let connection = try? await PostgresConnection.connect(to: url) {
         _ = try? await connection.execute("DROP PUBLICATION IF EXISTS \(publication)")

@@ -6,6 +6,7 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import ServiceLifecycle
+import Synchronization
 
 /// The HTTP side of a `RealtimeServer`: a Hummingbird application with the routes of
 /// PROTOCOL.md and the WebSocket upgrade, run in its own service group.
@@ -16,9 +17,11 @@ import ServiceLifecycle
 /// listener and every WebSocket (with 1000) the moment shutdown begins, before the
 /// server has stopped admitting (503), drained the fan-out, and sent 1001. The task is
 /// owned by `run()`, which awaits it and forwards cancellation; the server stops it
-/// with `stop()` as the last shutdown step.
+/// with `stop()` as the last shutdown step, which returns once Hummingbird has finished
+/// (so the task is never cancelled mid-quiesce, which Hummingbird logs as errors).
 final class HTTPListener: Sendable {
     private let group: ServiceGroup
+    private let task = Mutex<Task<Void, any Error>?>(nil)
 
     init(server: RealtimeServer) throws {
         let configuration = server.configuration
@@ -55,6 +58,7 @@ final class HTTPListener: Sendable {
     func run() async throws {
         let group = self.group
         let task = Task.detached { try await group.run() }
+        self.task.withLock { $0 = task }
         try await withTaskCancellationHandler {
             try await task.value
         } onCancel: {
@@ -62,9 +66,11 @@ final class HTTPListener: Sendable {
         }
     }
 
-    /// Stops listening (the sockets are closed by then).
+    /// Stops listening (the sockets are closed by then) and returns once the application
+    /// has stopped; the caller bounds the wait (`listenerStopDeadline`).
     func stop() async {
         await group.triggerGracefulShutdown()
+        _ = try? await task.withLock { $0 }?.value
     }
 }
 

@@ -1,0 +1,203 @@
+import Foundation
+import PoolKit
+import RealtimeSync
+import Synchronization
+import Testing
+import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `realtime-sync` executable as users run it, with real signals.
+@Suite("realtime-sync process: SIGTERM and SIGKILL", .serialized)
+struct ServerProcessTests {
+    /// `serve` arguments for the test database, a fresh slot and publication, and `port`.
+    private func serveArguments(url: String, table: String, slot: String, port: Int) -> [String] {
+        ["serve", "--database-url", url, "--tables", table, "--slot", slot, "--publication", slot + "_pub",
+         "--port", "\(port)", "--log-format", "text", "--shutdown-deadline", "20"]
+    }
+
+    /// The ids of the `change` messages `client` receives until the server's close frame, and that close code.
+    private func readUntilClose(_ client: TestConnection, timeout: Double) async throws -> (ids: [Int], close: UInt16?) {
+        try await withTimeout(timeout, "reading until the close frame") {
+            var ids: [Int] = []
+            while let frame = try await client.receiveFrame() {
+                if frame.opcode == 0x8 { return (ids, frame.closeCode ?? 1005) }
+                guard frame.opcode == 0x1,
+                      let object = try JSONSerialization.jsonObject(with: Data(frame.payload)) as? [String: Any],
+                      object["type"] as? String == "change",
+                      let id = (object["new"] as? [String: Any])?["id"] as? Int else { continue }
+                ids.append(id)
+            }
+            return (ids, nil)
+        }
+    }
+
+    @Test("SIGTERM with 100 clients and changes in flight: every change committed before it reaches every client in order, then 1001; the log shows the steps in order; exit 0 within the deadline")
+    func sigtermWithHundredClients() async throws {
+        try await TestDatabase.withDatabaseAlone { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("proc_slot")
+            let port = try EmbeddedPostgres.freePort()
+            let server = try ServerProcess.start(serveArguments(url: url, table: table, slot: slot, port: port))
+            do {
+                try await server.waitUntilReady(port: port)
+                var clients: [TestConnection] = []
+                for _ in 0..<100 {
+                    let client = try await connectWebSocket(port: port)
+                    try await client.subscribe("all", table: table)
+                    clients.append(client)
+                }
+                // A writer commits rows one by one, before, during and after the signal.
+                let acknowledged = Atomic<Int>(0)
+                let stopWriting = Atomic<Bool>(false)
+                let writer = Task {
+                    let sql = try await PostgresConnection.connect(to: url)
+                    var id = 0
+                    while !stopWriting.load(ordering: .acquiring) {
+                        id += 1
+                        _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(id), 'x')")
+                        acknowledged.store(id, ordering: .releasing)
+                    }
+                    await sql.close()
+                }
+                while acknowledged.load(ordering: .acquiring) < 200 { try await Task.sleep(for: .milliseconds(10)) }
+                let committedBeforeSignal = acknowledged.load(ordering: .acquiring)
+                server.send(SIGTERM)
+                let signalled = ContinuousClock.now
+                let received = try await withThrowingTaskGroup(of: (ids: [Int], close: UInt16?).self) { group in
+                    for client in clients { group.addTask { try await self.readUntilClose(client, timeout: 60) } }
+                    return try await group.reduce(into: []) { $0.append($1) }
+                }
+                stopWriting.store(true, ordering: .releasing)
+                try await writer.value
+                let status = await server.wait(timeout: .seconds(30))
+                let exitedAfter = signalled.duration(to: .now)
+                for client in clients { await client.close() }
+
+                #expect(received.count == 100)
+                for (ids, close) in received {
+                    #expect(close == 1001)
+                    #expect(Array(ids.prefix(committedBeforeSignal)) == Array(1...committedBeforeSignal),
+                            "a client got \(ids.count) changes, \(ids.prefix(committedBeforeSignal).count) of the first \(committedBeforeSignal)")
+                    #expect(ids == Array(1...max(ids.count, 1)).prefix(ids.count).map { $0 }, "changes after the signal, if any, still in order without gaps")
+                }
+                #expect(status == 0, "exit status \(status.map(String.init) ?? "none: still running")\n\(server.log.suffix(3000))")
+                #expect(exitedAfter < .seconds(20), "exit took \(exitedAfter), deadline 20 s")
+                let log = server.log
+                let steps = ["shutdown: stopped admitting", "shutdown: cancel scheduler jobs",
+                             "shutdown: stop capture at the shutdown position and drain the pool",
+                             "shutdown: fan-out delivered changes through the shutdown cursor",
+                             "shutdown: closed sockets with 1001", "shutdown: stopped the HTTP listener", "shutdown complete"]
+                let positions = steps.map { log.range(of: $0)?.lowerBound }
+                #expect(positions.allSatisfy { $0 != nil }, "missing steps in:\n\(log.suffix(4000))")
+                let found = positions.compactMap { $0 }
+                #expect(found == found.sorted(), "steps out of order:\n\(log.suffix(4000))")
+                #expect(log.contains("sockets=100"), "\(log.suffix(4000))")
+                let errorLines = log.split(separator: "\n").filter { $0.contains(" error ") || $0.contains(" critical ") }
+                #expect(errorLines.isEmpty, "a clean shutdown logged errors: \(errorLines)")
+            } catch {
+                await server.cleanUp()
+                await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+                throw error
+            }
+            await server.cleanUp()
+            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+        }
+    }
+
+    @Test("SIGKILL and restart on the same slot: clients resuming with since get every change exactly once, in order, including changes from before the kill and while it was down")
+    func sigkillAndRestartResume() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("proc_slot")
+            let port = try EmbeddedPostgres.freePort()
+            let arguments = serveArguments(url: url, table: table, slot: slot, port: port)
+            var server = try ServerProcess.start(arguments)
+            do {
+                try await server.waitUntilReady(port: port)
+                let sql = try await PostgresConnection.connect(to: url)
+                let client = try await connectWebSocket(port: port)
+                try await client.subscribe("s", table: table)
+                for id in 1...40 { _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(id), 'before')") }
+                var cursors: [Int: String] = [:]
+                while cursors.count < 40 {
+                    let change = try await client.receiveJSON(timeout: 15)
+                    guard let id = (change["new"] as? [String: Any])?["id"] as? Int else { continue }
+                    cursors[id] = try #require(change["cursor"] as? String)
+                }
+                server.send(SIGKILL)
+                #expect(await server.wait(timeout: .seconds(10)) == 128 + SIGKILL)
+                await client.close()
+                // Written while no server runs.
+                for id in 41...70 { _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(id), 'down')") }
+                await server.cleanUp()
+
+                server = try ServerProcess.start(arguments)
+                try await server.waitUntilReady(port: port)
+                // One client saw everything up to 40, another only up to 10 (its cursor is from
+                // before the kill: the window is rebuilt from the WAL the slot kept).
+                var liveIDs: [Int] = []
+                for seen in [40, 10] {
+                    let resumed = try await connectWebSocket(port: port)
+                    let cursor: String = try #require(cursors[seen])
+                    try await resumed.subscribe("s", table: table, since: cursor)
+                    var ids: [Int] = []
+                    let expected = Array((seen + 1)...70) + liveIDs
+                    while ids.count < expected.count {
+                        let change = try await resumed.receiveJSON(timeout: 15)
+                        if let id = (change["new"] as? [String: Any])?["id"] as? Int { ids.append(id) }
+                    }
+                    #expect(ids == expected, "client resuming after \(seen)")
+                    // Live changes follow, and nothing else was queued in between.
+                    _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(1000 + seen), 'after')")
+                    liveIDs.append(1000 + seen)
+                    let live = try await resumed.receiveJSON(timeout: 15)
+                    #expect((live["new"] as? [String: Any])?["id"] as? Int == 1000 + seen)
+                    await resumed.close()
+                }
+                await sql.close()
+                server.send(SIGTERM)
+                #expect(await server.wait(timeout: .seconds(30)) == 0, "\(server.log.suffix(3000))")
+            } catch {
+                await server.cleanUp()
+                await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+                throw error
+            }
+            await server.cleanUp()
+            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+        }
+    }
+    @Test("`realtime-sync` with no database: serves the live page, a demo row reaches a WebSocket client, SIGINT exits 0 with no error logged and the embedded cluster removed")
+    func embeddedDemoProcess() async throws {
+        let port = try EmbeddedPostgres.freePort()
+        let server = try ServerProcess.start(["--port", "\(port)"])
+        do {
+            try await server.waitUntilReady(port: port, timeout: .seconds(120))
+            let page = try await TestConnection.open(port: port)
+            let response = try await page.request("GET", "/")
+            await page.close()
+            #expect(response.status == 200)
+            #expect(response.body.contains("new WebSocket"))
+            let client = try await connectWebSocket(port: port)
+            try await client.subscribe("demo", table: "public.demo_orders")
+            let change = try await client.receiveJSON(timeout: 15)
+            #expect(change["type"] as? String == "change")
+            #expect(change["table"] as? String == "public.demo_orders")
+            server.send(SIGINT)
+            #expect(try await client.receiveClose(timeout: 30) == 1001)
+            await client.close()
+            let status = await server.wait(timeout: .seconds(30))
+            let log = server.log
+            #expect(status == 0, "\(log.suffix(3000))")
+            #expect(log.contains("live page at http://127.0.0.1:\(port)/"))
+            #expect(log.contains("embedded PostgreSQL stopped and removed"), "\(log.suffix(3000))")
+            let errorLines = log.split(separator: "\n").filter { $0.contains(" error ") || $0.contains(" critical ") }
+            #expect(errorLines.isEmpty, "a clean shutdown logged errors: \(errorLines)")
+        } catch {
+            await server.cleanUp()
+            throw error
+        }
+        await server.cleanUp()
+    }
+}
