@@ -1,4 +1,4 @@
-@_spi(TestKit) import ServiceLifecycle
+import ServiceLifecycle
 import Foundation
 import Logging
 import Metrics
@@ -278,20 +278,32 @@ public final class RealtimeService: Service, Sendable {
         let server = RealtimeServer(source: source, configuration: serverConfiguration)
 
         try await withThrowingTaskGroup(of: Void.self) { group in
-            // Pool, scheduler and capture get their own graceful-shutdown manager so that the
-            // process's signal reaches only the server, which stops them in order via its hooks.
-            let privateShutdown = GracefulShutdownManager()
-            TaskLocals.$gracefulShutdownManager.withValue(privateShutdown) {
-                group.addTask { try await pool.run() }
-                group.addTask { try await scheduler.run() }
-                group.addTask {
-                    do {
-                        try await stream.run()
-                        captureEnded.signal(error: nil)
-                    } catch {
-                        captureEnded.signal(error: "\(error)")
-                        throw error
+            // Pool, scheduler and capture run in a detached task (documented exception to
+            // DESIGN.md rule 3, as in HTTPListener): it inherits no graceful-shutdown manager,
+            // so the process's signal reaches only the server, which stops them in order via
+            // its hooks (`tearDown` covers the error path). The task is owned here: awaited by
+            // a child task, and cancelled with it.
+            let components = Task.detached {
+                try await withThrowingTaskGroup(of: Void.self) { components in
+                    components.addTask { try await pool.run() }
+                    components.addTask { try await scheduler.run() }
+                    components.addTask {
+                        do {
+                            try await stream.run()
+                            captureEnded.signal(error: nil)
+                        } catch {
+                            captureEnded.signal(error: "\(error)")
+                            throw error
+                        }
                     }
+                    try await components.waitForAll()
+                }
+            }
+            group.addTask {
+                try await withTaskCancellationHandler {
+                    try await components.value
+                } onCancel: {
+                    components.cancel()
                 }
             }
             do {
@@ -314,13 +326,11 @@ public final class RealtimeService: Service, Sendable {
             } catch {
                 logger.error("realtime service stopping after an error", metadata: ["error": "\(error)"])
                 await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool)
-                privateShutdown.shutdownGracefully()
                 group.cancelAll()
                 throw error
             }
             // The hooks have already stopped everything; this only covers hooks cut off by their deadline.
             await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool)
-            privateShutdown.shutdownGracefully()
             do {
                 try await group.waitForAll()
             } catch is CancellationError {
