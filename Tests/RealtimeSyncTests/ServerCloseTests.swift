@@ -95,6 +95,48 @@ struct ServerCloseTests {
         }
     }
 
+    @Test("1002: a continuation frame with no message started")
+    func protocolError() async throws {
+        let (code, statistics) = try await closeCode { socket, _, _ in
+            try await socket.sendFrame(opcode: 0x0, payload: Array("orphan".utf8))
+            let code = try await socket.receiveClose()
+            try await socket.sendClose(1000)
+            return code
+        }
+        #expect(code == 1002)
+        #expect(statistics.closes[1002] == 1)
+        #expect(statistics.subscriptions == 0)
+    }
+
+    @Test("1013: when the fan-out falls behind the resume window, subscribed clients get what was queued, then 1013; resuming then answers resync_required, never a silent gap")
+    func fanoutBehindWindow() async throws {
+        struct CutOff: Error {}
+        let source = InMemoryChangeSource(catalog: serverCatalog, windowLimits: .init(maxCount: 5))
+        try await withTestServer(source: source) { test in
+            let subscribed = try await connectWebSocket(port: test.port)
+            try await subscribed.subscribe("s")
+            let idle = try await connectWebSocket(port: test.port)
+            source.publish(itemInserts(1...1))
+            let first = try await subscribed.receiveJSON()
+            let cursor = try #require(first["cursor"] as? String)
+            // The fan-out's reader is cut off, and the window moves on by more than it holds.
+            source.failStreams(with: CutOff())
+            source.publish(itemInserts(2...20))
+            #expect(try await subscribed.receiveClose(timeout: 10) == 1013)
+            try await subscribed.sendClose(1000)
+            #expect(await eventually { test.server.statistics.subscriptions == 0 })
+            // A socket without subscriptions lost nothing and stays open.
+            try await idle.sendText(#"{"type":"unsubscribe","id":"none"}"#)
+            #expect(try await idle.receiveJSON()["type"] as? String == "error")
+            let again = try await connectWebSocket(port: test.port)
+            try await again.sendText(#"{"type":"subscribe","id":"s","table":"public.items","since":"\#(cursor)"}"#)
+            #expect(try await again.receiveJSON()["type"] as? String == "resync_required")
+            await again.close()
+            await idle.close()
+            await subscribed.close()
+        }
+    }
+
     @Test("1013: a client beyond its send queue is closed and everything it held is freed")
     func slowConsumer() async throws {
         let (code, statistics) = try await closeCode(alone: true, configure: { configuration in

@@ -117,6 +117,9 @@ public struct FanoutHub: Sendable {
     /// Clients holding at least one subscription.
     public var clientCount: Int { clients.count }
 
+    /// The clients holding at least one subscription.
+    public var clientIDs: [FanoutClientID] { Array(clients.keys) }
+
     /// Open subscriptions of `table` (`schema.table`).
     public func subscriptionCount(table: String) -> Int { tables[table]?.count ?? 0 }
 

@@ -84,6 +84,16 @@ public final class InMemoryChangeSource: ChangeSource {
         for continuation in continuations { continuation.finish() }
     }
 
+    /// Ends every open stream with `error` (a test's stand-in for a reader cut off as too
+    /// slow); later `changes(after:)` calls work as before.
+    public func failStreams(with error: any Error) {
+        let continuations = state.withLock { state -> [AsyncThrowingStream<ChangeEvent, any Error>.Continuation] in
+            defer { state.streams.removeAll() }
+            return Array(state.streams.values)
+        }
+        for continuation in continuations { continuation.finish(throwing: error) }
+    }
+
     /// Open streams (tests check that ended readers release theirs).
     public var openStreamCount: Int { state.withLock { $0.streams.count } }
 

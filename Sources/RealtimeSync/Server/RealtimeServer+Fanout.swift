@@ -27,10 +27,23 @@ extension RealtimeServer {
                 if !Task.isCancelled { logger.info("change stream ended; fan-out stopped", metadata: ["cursor": "\(after)"]) }
                 return
             } catch let error as ResumeWindowError {
+                // Changes after `after` are gone: every subscribed client would miss them.
+                // Each is closed with 1013 after what it has queued; it reconnects with
+                // `since` and learns it must resynchronise (resync_required), never a gap.
                 let current = source.currentCursor
-                logger.error("fan-out fell behind the resume window; continuing from the newest change (clients may miss changes; raise the resume window's maxCount or maxAge)",
-                             metadata: ["error": "\(error)", "cursor": "\(current)"])
-                state.withLock { $0.lastDelivered = max($0.lastDelivered, current) }
+                let closing = state.withLock { state -> [SessionChannel] in
+                    state.lastDelivered = max(state.lastDelivered, current)
+                    var sessions: [SessionChannel] = []
+                    for client in state.hub.clientIDs {
+                        state.hub.removeClient(client)
+                        state.startAfter[client] = nil
+                        if let session = state.sessions[client] { sessions.append(session) }
+                    }
+                    return sessions
+                }
+                for session in closing { session.close(.tryAgainLater) }
+                logger.error("fan-out fell behind the resume window; subscribed clients closed with 1013 so that they resume with since (older cursors get resync_required); raise the resume window's maxCount or maxAge",
+                             metadata: ["error": "\(error)", "cursor": "\(current)", "clients_closed": "\(closing.count)"])
             } catch {
                 if Task.isCancelled { return }
                 logger.warning("change stream failed; fan-out retries", metadata: ["error": "\(error)", "retry_in": "\(backoff)"])
