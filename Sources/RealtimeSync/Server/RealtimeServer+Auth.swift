@@ -20,7 +20,7 @@ extension RealtimeServer {
         if configuration.auth != nil {
             logger.info("JWT auth is on (HS256): /ws needs a token; subscriptions are limited to the token's rt tables and filters")
         } else {
-            logger.warning("JWT auth is off: no secret configured (set --jwt-secret or REALTIME_SYNC_JWT_SECRET); every client may subscribe to every streamed table")
+            logger.warning("JWT auth is off: no secret configured (set --jwt-secret or REALTIME_SYNC_JWT_SECRET); the admission hook alone decides upgrades (by default: every client, every streamed table)")
         }
     }
 
