@@ -10,7 +10,7 @@ struct RealtimeSyncCommand: AsyncParsableCommand {
         commandName: "realtime-sync",
         abstract: "Stream PostgreSQL row changes to WebSocket clients.",
         version: RealtimeSyncVersion.current,
-        subcommands: [Serve.self, Check.self, Slot.self],
+        subcommands: [Serve.self, Check.self, Slot.self, Token.self],
         defaultSubcommand: Serve.self
     )
 }
@@ -68,6 +68,7 @@ struct Serve: AsyncParsableCommand {
               --window-max-count      REALTIME_SYNC_WINDOW_MAX_COUNT  (100000)
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
+              --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -85,6 +86,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Changes kept for resume.") var windowMaxCount: Int?
     @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
     @Option(help: "Seconds the whole ordered shutdown may take.") var shutdownDeadline: Double?
+    @Option(help: "HS256 secret (at least 32 bytes) for JWT auth on /ws; none: auth off.") var jwtSecret: String?
 
     func run() async throws {
         let registry = try RealtimeService.bootstrapObservability(
@@ -110,11 +112,53 @@ struct Serve: AsyncParsableCommand {
         configuration.window.maxCount = try Setting.int(windowMaxCount, "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000)
         configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
+        if let secret = Setting.string(jwtSecret, "REALTIME_SYNC_JWT_SECRET") {
+            do {
+                configuration.server.auth = try await JWTAuthenticator(secret: secret)
+            } catch {
+                throw ValidationError("--jwt-secret / REALTIME_SYNC_JWT_SECRET: \(error.message)")
+            }
+        }
 
         let service = RealtimeService(configuration)
         try await service.runUntilSignalled { running in
             FileHandle.standardOutput.write(Data("realtime-sync: live page at \(running.pageURL)  (WebSocket ws\(running.pageURL.dropFirst(4))ws; Ctrl-C to stop)\n".utf8))
         }
+    }
+}
+
+/// `realtime-sync token`: print an HS256 JWT that `serve --jwt-secret` accepts (PROTOCOL.md "Auth").
+struct Token: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a signed token (HS256 JWT) for a client.",
+        discussion: """
+            Example: realtime-sync token --secret "$REALTIME_SYNC_JWT_SECRET" \\
+                       --table public.orders=tenant_id=eq.42 --table public.notes= --ttl 1h --sub user-7
+            """)
+
+    @Option(help: "The server's HS256 secret (or REALTIME_SYNC_JWT_SECRET).") var secret: String?
+    @Option(name: .customLong("table"), help: "TABLE=FILTER the token grants (repeat it); an empty FILTER grants every row.")
+    var tables: [String] = []
+    @Option(help: "How long the token is valid: 90s, 15m, 1h (default), 7d.") var ttl: String?
+    @Option(help: "The sub claim (who the token is for; logged by the server).") var sub: String?
+
+    func run() async throws {
+        guard let secret = Setting.string(secret, "REALTIME_SYNC_JWT_SECRET") else {
+            throw ValidationError("no secret given: pass --secret or set REALTIME_SYNC_JWT_SECRET")
+        }
+        let options: TokenOptions
+        let authenticator: JWTAuthenticator
+        do {
+            options = try TokenOptions(tables: tables, ttl: ttl, subject: sub)
+        } catch {
+            throw ValidationError(error.message)
+        }
+        do {
+            authenticator = try await JWTAuthenticator(secret: secret)
+        } catch {
+            throw ValidationError("--secret / REALTIME_SYNC_JWT_SECRET: \(error.message)")
+        }
+        print(try await authenticator.sign(options.claims()))
     }
 }
 

@@ -44,4 +44,11 @@ enum ReadmeSnippets {
             print(change.cursor, change.operation, change.table)
         }
     }
+
+    static func auth(secret: String) async throws {
+        var configuration = RealtimeService.Configuration(databaseURL: "postgres://app@db/app", tables: ["public.orders"])
+        configuration.server.auth = try await JWTAuthenticator(secret: secret)
+        let options = try TokenOptions(tables: ["public.orders=tenant_id=eq.42", "public.notes="], ttl: "1h", subject: "user-7")
+        print(try await configuration.server.auth!.sign(options.claims()))
+    }
 }

@@ -193,6 +193,15 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
         self.conditions = try parser.parse()
     }
 
+    /// Checks only the grammar of `text` (no table at hand: every column name is accepted and
+    /// values are taken as text). Used where a filter arrives before its table is known, e.g. an
+    /// auth token's `rt` claim at the upgrade; `init(parsing:columns:)` still checks columns and
+    /// value types at subscribe time. Throws `invalid_filter` naming the bad part.
+    public static func checkSyntax(_ text: String) throws(ProtocolError) {
+        var parser = FilterParser(text: text, columns: [], acceptsAnyColumn: true)
+        _ = try parser.parse()
+    }
+
     /// Both filters (this one's conditions first); both must be compiled for the same table.
     /// Used to AND an auth token's mandatory filter with the client's.
     public func and(_ other: Filter) -> Filter {
@@ -382,12 +391,15 @@ struct FilterParser {
     private let text: String
     private let bytes: [UInt8]
     private let columns: [RelationColumn]
+    /// Grammar only: a column name not in `columns` is taken as a text column (`Filter.checkSyntax`).
+    private let acceptsAnyColumn: Bool
     private var position = 0
 
-    init(text: String, columns: [RelationColumn]) {
+    init(text: String, columns: [RelationColumn], acceptsAnyColumn: Bool = false) {
         self.text = text
         self.bytes = Array(text.utf8)
         self.columns = columns
+        self.acceptsAnyColumn = acceptsAnyColumn
     }
 
     private static let operatorList = "eq, neq, lt, lte, gt, gte, in, is"
@@ -435,10 +447,17 @@ struct FilterParser {
         }
         guard cursor > start else { throw invalid("condition \(quoteForMessage(shown)) has no column name") }
         let columnName = string(start..<cursor)
-        guard let columnIndex = columns.firstIndex(where: { $0.name == columnName }) else {
+        let columnIndex: Int
+        let column: RelationColumn
+        if let found = columns.firstIndex(where: { $0.name == columnName }) {
+            columnIndex = found
+            column = columns[found]
+        } else if acceptsAnyColumn {
+            columnIndex = -1
+            column = RelationColumn(name: columnName, typeOID: PostgresTypeOID.text)
+        } else {
             throw invalid("unknown column \(quoteForMessage(columnName))")
         }
-        let column = columns[columnIndex]
         // operator
         cursor += 1
         let operatorStart = cursor

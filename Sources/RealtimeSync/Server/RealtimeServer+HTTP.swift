@@ -11,7 +11,7 @@ extension RealtimeServer {
     func admitsUpgrade(_ request: UpgradeRequest) -> Bool {
         guard request.path == "/ws", request.header("sec-websocket-version") == "13" else { return false }
         guard !isDraining else { return false }
-        if case .admit = configuration.admission(request) { return true }
+        if case .admit = admission(request) { return true }
         return false
     }
 
@@ -19,11 +19,13 @@ extension RealtimeServer {
     func shouldUpgrade(_ request: HTTPRequest, channel: any Channel)
         -> ShouldUpgradeResult<WebSocketDataHandler<HTTP1WebSocketUpgradeChannel.Context>> {
         let upgrade = UpgradeRequest(request)
-        guard upgrade.path == "/ws", case .admit(let access, let subject) = configuration.admission(upgrade) else {
+        guard upgrade.path == "/ws", case .admit(let access, let subject, let expiresAt) = admission(upgrade) else {
             return .dontUpgrade
         }
+        let expiry = expiresAt.map(TokenExpiry.init)
         return .upgrade([:]) { inbound, outbound, _ in
-            await self.runSession(inbound: inbound, outbound: outbound, channel: channel, access: access, subject: subject)
+            await self.runSession(inbound: inbound, outbound: outbound, channel: channel, access: access, subject: subject,
+                                  expiry: expiry)
         }
     }
 
@@ -59,7 +61,7 @@ extension RealtimeServer {
             response.headers[.secWebSocketVersion] = "13"
             return response
         }
-        if upgrade.header(Self.refusedUpgradeHeader) != nil, case .unauthorized(let reason) = configuration.admission(upgrade) {
+        if upgrade.header(Self.refusedUpgradeHeader) != nil, case .unauthorized(let reason) = admission(upgrade) {
             logger.info("websocket upgrade refused: unauthorized", metadata: ["reason": "\(reason)"])
             return Self.json(.unauthorized, #"{"error":"unauthorized"}"#)
         }

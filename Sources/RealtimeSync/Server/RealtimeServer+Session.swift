@@ -23,12 +23,13 @@ extension RealtimeServer {
     /// session, its reader, writer and close watchdog; everything it holds is
     /// released when this returns, however the socket ended.
     func runSession(inbound: WebSocketInboundStream, outbound: WebSocketOutboundWriter, channel: any Channel,
-                    access: TableAccess, subject: String?) async {
+                    access: TableAccess, subject: String?, expiry: TokenExpiry? = nil) async {
         let session = openSession(channel: channel)
         var sessionLogger = self.logger
         sessionLogger[metadataKey: "client"] = "\(session.id)"
         if let subject { sessionLogger[metadataKey: "sub"] = "\(subject)" }
         let logger = sessionLogger
+        let expiryTimer = armTokenExpiry(expiry, session: session, channel: channel, logger: logger)
         await observeFrameDecoderErrors(channel: channel, session: session)
         logger.debug("session opened")
         var readerError: (any Error)?
@@ -65,6 +66,7 @@ extension RealtimeServer {
             }
         }
         _ = readerError
+        expiryTimer?.cancel()
         // The close frame that went out (an echo, when the client closed first), or 1006
         // when none did (reset, vanished client).
         let sent = session.sentCloseCode.load(ordering: .relaxed)

@@ -161,6 +161,7 @@ public final class RealtimeServer: Service, Sendable {
         let listener = try HTTPListener(server: self)
         state.withLock { $0.lastDelivered = source.currentCursor }
         logger.info("realtime server starting", metadata: ["host": "\(configuration.host)", "port": "\(configuration.port)"])
+        logAuthMode()
         try await withGracefulShutdownHandler {
             try await withThrowingTaskGroup(of: RunEvent.self) { group in
                 group.addTask {

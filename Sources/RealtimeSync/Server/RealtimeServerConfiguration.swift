@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import Prometheus
 
@@ -37,10 +38,11 @@ public struct UpgradeRequest: Sendable {
     }
 }
 
-/// What the admission hook decides about a WebSocket upgrade (issue 7 plugs auth in here).
+/// What the admission hook decides about a WebSocket upgrade (`JWTAuthenticator.decide` for JWT auth).
 public enum UpgradeDecision: Sendable {
-    /// Upgrade; the session may subscribe to what `access` grants. `subject` is logged.
-    case admit(TableAccess, subject: String?)
+    /// Upgrade; the session may subscribe to what `access` grants. `subject` is logged. At
+    /// `expiresAt` (a token's `exp`; nil: never) the server closes the socket with 1008.
+    case admit(TableAccess, subject: String?, expiresAt: Date? = nil)
     /// No upgrade: `401` with `{"error":"unauthorized"}`. `reason` is logged, never sent.
     case unauthorized(reason: String)
 }
@@ -80,7 +82,12 @@ public struct RealtimeServerConfiguration: Sendable {
     public var queueLimits: OutboundQueue<[UInt8]>.Limits
     /// Fan-out bounds (`maxSubscriptionsPerClient`, default 100).
     public var hubLimits: FanoutHub.Limits
-    /// Decides each `/ws` upgrade (auth). Default: admit everyone to every table.
+    /// HS256 JWT auth (PROTOCOL.md "Auth"): when set, it decides every `/ws` upgrade and
+    /// `admission` is not consulted. Default nil: auth off, and the server logs a warning at
+    /// start (set `--jwt-secret` / `REALTIME_SYNC_JWT_SECRET` to turn it on).
+    public var auth: JWTAuthenticator?
+    /// Decides each `/ws` upgrade when `auth` is nil (a custom hook). Default: admit everyone
+    /// to every table.
     public var admission: @Sendable (UpgradeRequest) -> UpgradeDecision
     /// Steps run in order between "stop admitting" and "close sockets" (scheduler jobs,
     /// capture and pool). Empty by default.
@@ -107,6 +114,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.closeTimeout = .seconds(5)
         self.queueLimits = .init()
         self.hubLimits = .init()
+        self.auth = nil
         self.admission = { _ in .admit(.unrestricted, subject: nil) }
         self.shutdownHooks = []
         self.fanoutDrainDeadline = .seconds(3)

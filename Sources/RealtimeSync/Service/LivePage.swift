@@ -1,7 +1,9 @@
 /// The live page served at `/`: plain HTML and JavaScript, no build step. It connects to
 /// `/ws`, subscribes to a table with an optional filter, shows each change as it arrives
 /// (operation, commit time, row), remembers the last cursor and, after a drop, reconnects
-/// and resubscribes with `since` so nothing is missed.
+/// and resubscribes with `since` so nothing is missed. When the server has auth on, a token
+/// pasted into the page (or given as `?access_token=` in the page's URL) is sent as the
+/// `access_token` query parameter of `/ws`.
 public enum LivePage {
     /// The page; `table` pre-fills the table input.
     public static func html(table: String = "public.demo_orders") -> String {
@@ -37,6 +39,7 @@ public enum LivePage {
         <form id="form">
           <label>table <input id="table" value="__TABLE__"></label>
           <label>filter (optional) <input id="filter" placeholder="status=eq.paid"></label>
+          <label>token (when auth is on) <input id="token" type="password" placeholder="realtime-sync token …" autocomplete="off"></label>
           <button type="submit">subscribe</button>
         </form>
         <div id="status">connecting…</div>
@@ -47,7 +50,11 @@ public enum LivePage {
         const statusEl = document.getElementById("status");
         const cursorEl = document.getElementById("cursor");
         const rows = document.getElementById("changes");
-        let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0;
+        let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0, usedToken = "";
+        const tokenEl = document.getElementById("token");
+        tokenEl.value = new URLSearchParams(location.search).get("access_token") || "";
+
+        function currentToken() { return tokenEl.value.trim(); }
 
         function setStatus(text) { statusEl.textContent = text; }
 
@@ -71,7 +78,9 @@ public enum LivePage {
         }
 
         function connect() {
-          const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+          usedToken = currentToken();
+          const query = usedToken ? "?access_token=" + encodeURIComponent(usedToken) : "";
+          const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws" + query;
           socket = new WebSocket(url);
           socket.onopen = () => { retry = 500; setStatus("connected"); subscribe(); };
           socket.onmessage = (event) => {
@@ -85,7 +94,8 @@ public enum LivePage {
             cursorEl.textContent = lastCursor || "none";
           };
           socket.onclose = (event) => {
-            setStatus("disconnected (" + event.code + "), reconnecting in " + retry + " ms…");
+            const hint = event.code === 1008 ? " (token expired: paste a new one)" : event.code === 1006 ? " (refused? a missing or bad token gets 401)" : "";
+            setStatus("disconnected (" + event.code + ")" + hint + ", reconnecting in " + retry + " ms…");
             setTimeout(connect, retry);
             retry = Math.min(retry * 2, 10000);
           };
@@ -103,7 +113,11 @@ public enum LivePage {
             table: document.getElementById("table").value.trim(),
             filter: document.getElementById("filter").value.trim()
           };
-          subscribe();
+          if (socket && currentToken() !== usedToken) {
+            socket.close();  // reconnect with the new token; onclose reconnects and subscribes
+          } else {
+            subscribe();
+          }
         });
 
         subscription = { id: "s" + (++counter), table: document.getElementById("table").value.trim(), filter: "" };
