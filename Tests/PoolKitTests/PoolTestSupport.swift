@@ -220,12 +220,15 @@ final class MockFactory: Sendable {
         var made: [MockConnection] = []
         var failNext = 0
         var attempts = 0
+        /// When each attempt was made (real clock).
+        var attemptTimes: [ContinuousClock.Instant] = []
     }
     let state = Mutex(State())
 
     func make() throws -> MockConnection {
         try state.withLock { s in
             s.attempts += 1
+            s.attemptTimes.append(.now)
             if s.failNext > 0 { s.failNext -= 1; throw MockError.connectRefused }
             let c = MockConnection(id: s.made.count + 1)
             s.made.append(c)
