@@ -29,7 +29,7 @@ public struct SnapshotVisibility: Sendable, Hashable, CustomStringConvertible {
         let parts = text.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
         guard parts.count == 3, let xmin = UInt64(parts[0]), let xmax = UInt64(parts[1]), xmin <= xmax else { return nil }
         var xip: [UInt64] = []
-        for item in parts[2].split(separator: ",") {
+        for item in parts[2].split(separator: ",", omittingEmptySubsequences: false) where !parts[2].isEmpty {
             guard let xid = UInt64(item) else { return nil }
             xip.append(xid)
         }
