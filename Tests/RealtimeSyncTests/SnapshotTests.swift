@@ -5,7 +5,7 @@ import Synchronization
 import Testing
 import TestSupport
 
-@Suite("SnapshotVisibility: xmin/xmax/xip against 32- and 64-bit xids")
+@Suite("Snapshot handoff, pure parts: xid visibility (xmin/xmax/xip, 32/64-bit), routing, bounds")
 struct SnapshotVisibilityTests {
     @Test("pg_current_snapshot() text parses; malformed text does not")
     func parsing() throws {
@@ -82,6 +82,58 @@ struct SnapshotVisibilityTests {
         recent.append(xid: 4, after: cursor(40))
         #expect(recent.earliest(of: [1], before: cursor(50)) == nil)
         #expect(recent.earliest(of: [1, 4], before: cursor(50)) == cursor(40))
+    }
+
+    @Test("Handoff routing: held while reading; after the snapshot, changes it saw are skipped until one commits at or after the WAL position, then the hub takes over")
+    func handoffRouting() throws {
+        func event(xid: UInt32, lsn: UInt64, status: String = "open") -> ChangeEvent {
+            ChangeEvent(operation: .insert, relation: itemsRelation, new: tuple(["id": "1", "status": status]), old: nil, oldKind: nil,
+                        xid: xid, commitLSN: LSN(lsn), commitTime: PostgresTimestamp(microsecondsSince2000: 0), index: 0)
+        }
+        let client = FanoutClientID(7)
+        let filter = try Filter(parsing: "status=eq.open", columns: itemsColumns)
+        let subscription = ResolvedSubscription(id: "s", table: "public.items", filter: filter, snapshot: true)
+        var state = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x100), index: 0))
+        state.snapshots[client] = ["s": PendingSnapshot(subscription: subscription)]
+        // Reading: matching changes are held, others ignored.
+        var routed = state.routeToSnapshots(event(xid: 12, lsn: 0x1100))
+        #expect(routed.now.isEmpty && routed.hold.count == 1)
+        routed = state.routeToSnapshots(event(xid: 13, lsn: 0x1200, status: "paid"))
+        #expect(routed.now.isEmpty && routed.hold.isEmpty)
+        // Filtering: visible (12, 14) skipped, running (15) and later (25) delivered, until 0x2000.
+        let visibility = SnapshotVisibility(xmin: 10, xmax: 20, xip: [10, 15])
+        state.snapshots[client]?["s"]?.phase = .filtering(visibility, until: LSN(0x2000))
+        routed = state.routeToSnapshots(event(xid: 14, lsn: 0x1300))
+        #expect(routed.now.isEmpty)
+        routed = state.routeToSnapshots(event(xid: 15, lsn: 0x1400))
+        #expect(routed.now[client] == ["s"])
+        routed = state.routeToSnapshots(event(xid: 25, lsn: 0x1500))
+        #expect(routed.now[client] == ["s"])
+        routed = state.routeToSnapshots(event(xid: 14, lsn: 0x1600, status: "paid"))
+        #expect(routed.now.isEmpty)
+        #expect(state.hub.subscriptionCount == 0)
+        // At 0x2000 the change is delivered whatever its xid, and the subscription joins the hub.
+        state.lastDelivered = Cursor(commitLSN: LSN(0x2000), index: 0)
+        routed = state.routeToSnapshots(event(xid: 30, lsn: 0x2000))
+        #expect(routed.now[client] == ["s"])
+        #expect(state.snapshots.isEmpty)
+        #expect(state.hub.subscriptionCount == 1)
+        let matched = state.hub.match(event(xid: 31, lsn: 0x2100))
+        #expect(matched.map(\.client) == [client])
+    }
+
+    @Test("Held changes are bounded by the socket's send-queue limits")
+    func holdBound() {
+        let client = FanoutClientID(3)
+        var state = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x100), index: 0))
+        state.snapshots[client] = ["s": PendingSnapshot(subscription: ResolvedSubscription(id: "s", table: "public.items", snapshot: true))]
+        let limits = OutboundQueue<[UInt8]>.Limits(maxMessages: 2, maxBytes: 1_000)
+        let change = insertEvent(["id": "1"])
+        var within: [Bool] = []
+        for _ in 0..<3 { within.append(state.hold([1, 2, 3], of: change, client: client, id: "s", limits: limits)) }
+        #expect(within == [true, true, false])
+        state.dropClient(client)
+        #expect(state.snapshots.isEmpty)
     }
 
     @Test("Filter.evaluate(row:) agrees with the filter on the same row as an INSERT")
@@ -253,6 +305,34 @@ struct SnapshotTests {
                 #expect(refused["code"] as? String == "invalid_message")
                 #expect((refused["message"] as? String ?? "").contains("'snapshot' and 'since'"))
                 await client.close()
+            }
+        }
+    }
+
+    @Test("A client that disconnects mid-snapshot (queue full, waiting for the writer) releases the pooled connection and its session")
+    func disconnectMidSnapshot() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url, uniqueCaptureName("snap_gone"))
+            try await runSQL(url, "INSERT INTO \(table) (id, status) SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
+            try await withRealtimeService(url: url, tables: [table], configure: {
+                $0.server.snapshotChunkRows = 10
+                $0.server.queueLimits = .init(maxMessages: 8, maxBytes: 1 << 20)
+            }) { _, running, _ in
+                let pool = try #require(running.server.configuration.snapshotReader?.pool)
+                let client = try await connectWebSocket(port: running.port)
+                try await client.sendSnapshotSubscribe("s1", table: table)
+                let first = try await client.receiveJSON(timeout: 15)
+                #expect(first["type"] as? String == "subscribed")
+                // The server is now blocked on the client's send queue with a pooled connection in a transaction.
+                #expect(await eventually(10) { pool.statistics.inUse == 1 })
+                await client.reset()
+                #expect(await eventually(15) { pool.statistics.inUse == 0 && running.server.statistics.sessions == 0 },
+                        "in use \(pool.statistics.inUse), sessions \(running.server.statistics.sessions)")
+                // The pool's connection is usable: another client gets a full snapshot.
+                let second = try await connectWebSocket(port: running.port)
+                let reply = try await second.subscribeWithSnapshot("s2", table: table, filter: "id=lte.25")
+                #expect(reply.rows.count == 25)
+                await second.close()
             }
         }
     }
