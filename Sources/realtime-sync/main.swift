@@ -68,6 +68,8 @@ struct Serve: AsyncParsableCommand {
               --window-max-count      REALTIME_SYNC_WINDOW_MAX_COUNT  (100000)
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
+              --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large)
+              --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -85,6 +87,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Changes kept for resume.") var windowMaxCount: Int?
     @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
     @Option(help: "Seconds the whole ordered shutdown may take.") var shutdownDeadline: Double?
+    @Option(help: "Most rows a snapshot may send (more: snapshot_too_large).") var snapshotMaxRows: Int?
+    @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
 
     func run() async throws {
         let registry = try RealtimeService.bootstrapObservability(
@@ -110,6 +114,11 @@ struct Serve: AsyncParsableCommand {
         configuration.window.maxCount = try Setting.int(windowMaxCount, "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000)
         configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
+        configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000)
+        configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500)
+        guard configuration.server.snapshotMaxRows >= 0, configuration.server.snapshotChunkRows >= 1 else {
+            throw ValidationError("--snapshot-max-rows must be 0 or more and --snapshot-chunk-rows 1 or more")
+        }
 
         let service = RealtimeService(configuration)
         try await service.runUntilSignalled { running in
