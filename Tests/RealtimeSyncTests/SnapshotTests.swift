@@ -201,139 +201,130 @@ private func runSQL(_ url: String, _ sql: String) async throws {
     await connection.close()
 }
 
+/// Creates `public.<prefix…>` with `columns`, fills it with `seed` (SQL run with `{t}` replaced by
+/// the table), runs a `RealtimeService` streaming it and gives `body` the running service, a
+/// connected WebSocket client (closed afterwards) and the table's name.
+private func withSeededTable(
+    _ prefix: String, columns: String = "id int PRIMARY KEY, status text", seed: String,
+    configure: @escaping @Sendable (inout RealtimeService.Configuration) -> Void = { _ in },
+    _ body: @escaping @Sendable (RealtimeService.Running, TestConnection, String) async throws -> Void
+) async throws {
+    try await TestDatabase.withDatabase { url in
+        let table = "public." + uniqueCaptureName(prefix)
+        try await runSQL(url, "CREATE TABLE \(table) (\(columns)); " + seed.replacingOccurrences(of: "{t}", with: table))
+        try await withRealtimeService(url: url, tables: [table], configure: configure) { _, running, _ in
+            let client = try await connectWebSocket(port: running.port)
+            do {
+                try await body(running, client, table)
+            } catch {
+                await client.close()
+                throw error
+            }
+            await client.close()
+        }
+    }
+}
+
 @Suite("Snapshots: subscribe with snapshot:true against a real Postgres and real WebSocket clients")
 struct SnapshotTests {
     @Test("A small table's rows arrive as one snapshot (same JSON forms as changes), then live changes")
     func smallTableThenLive() async throws {
-        try await TestDatabase.withDatabase { url in
-            let name = uniqueCaptureName("snap_small")
-            try await runSQL(url, """
-                CREATE TABLE \(name) (id int PRIMARY KEY, status text, amount numeric, paid bool, doc jsonb);
-                INSERT INTO \(name) VALUES (1, 'open', 1.50, false, '{"a":1}'), (2, 'paid', 20, true, NULL), (3, NULL, NULL, NULL, '[1,2]')
-                """)
-            let table = "public.\(name)"
-            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
-                let client = try await connectWebSocket(port: running.port)
-                let reply = try await client.subscribeWithSnapshot("s1", table: table)
-                #expect(reply.chunks.count == 1 && reply.chunks[0].done)
-                let rows = Dictionary(uniqueKeysWithValues: reply.rows.map { ($0["id"] as? Int ?? -1, $0) })
-                #expect(rows.keys.sorted() == [1, 2, 3])
-                #expect(rows[1]?["status"] as? String == "open")
-                #expect(rows[1]?["amount"] as? String == "1.50")
-                #expect(rows[1]?["paid"] as? Bool == false)
-                #expect((rows[1]?["doc"] as? [String: Any])?["a"] as? Int == 1)
-                #expect(rows[2]?["doc"] is NSNull)
-                #expect(rows[3]?["status"] is NSNull)
-                #expect(rows[3]?["doc"] as? [Int] == [1, 2])
-                try await runSQL(url, "INSERT INTO \(table) (id, status) VALUES (4, 'new'); UPDATE \(table) SET status = 'done' WHERE id = 1")
-                let insert = try await client.receiveJSON(timeout: 15)
-                #expect(insert["type"] as? String == "change" && insert["op"] as? String == "INSERT")
-                #expect(insert["ids"] as? [String] == ["s1"])
-                #expect((insert["new"] as? [String: Any])?["id"] as? Int == 4)
-                let update = try await client.receiveJSON(timeout: 15)
-                #expect(update["op"] as? String == "UPDATE")
-                #expect((update["new"] as? [String: Any])?["status"] as? String == "done")
-                #expect((update["cursor"] as? String ?? "") > reply.cursor)
-                await client.close()
-            }
+        try await withSeededTable("snap_small", columns: "id int PRIMARY KEY, status text, amount numeric, paid bool, doc jsonb",
+                                  seed: #"INSERT INTO {t} VALUES (1, 'open', 1.50, false, '{"a":1}'), (2, 'paid', 20, true, NULL), (3, NULL, NULL, NULL, '[1,2]')"#) { running, client, table in
+            let reply = try await client.subscribeWithSnapshot("s1", table: table)
+            #expect(reply.chunks.count == 1 && reply.chunks[0].done)
+            let rows = Dictionary(uniqueKeysWithValues: reply.rows.map { ($0["id"] as? Int ?? -1, $0) })
+            #expect(rows.keys.sorted() == [1, 2, 3])
+            #expect(rows[1]?["status"] as? String == "open")
+            #expect(rows[1]?["amount"] as? String == "1.50")
+            #expect(rows[1]?["paid"] as? Bool == false)
+            #expect((rows[1]?["doc"] as? [String: Any])?["a"] as? Int == 1)
+            #expect(rows[2]?["doc"] is NSNull)
+            #expect(rows[3]?["status"] is NSNull)
+            #expect(rows[3]?["doc"] as? [Int] == [1, 2])
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) (id, status) VALUES (4, 'new'); UPDATE \(table) SET status = 'done' WHERE id = 1")
+            let insert = try await client.receiveJSON(timeout: 15)
+            #expect(insert["type"] as? String == "change" && insert["op"] as? String == "INSERT")
+            #expect(insert["ids"] as? [String] == ["s1"])
+            #expect((insert["new"] as? [String: Any])?["id"] as? Int == 4)
+            let update = try await client.receiveJSON(timeout: 15)
+            #expect(update["op"] as? String == "UPDATE")
+            #expect((update["new"] as? [String: Any])?["status"] as? String == "done")
+            #expect((update["cursor"] as? String ?? "") > reply.cursor)
         }
     }
 
     @Test("A snapshot larger than snapshotChunkRows comes in several snapshot messages, only the last with done:true")
     func chunking() async throws {
-        try await TestDatabase.withDatabase { url in
-            let table = try await createServiceTable(url: url, uniqueCaptureName("snap_chunks"))
-            try await runSQL(url, "INSERT INTO \(table) (id, status) SELECT g, 'row ' || g FROM generate_series(1, 250) g")
-            try await withRealtimeService(url: url, tables: [table], configure: { $0.server.snapshotChunkRows = 100 }) { _, running, _ in
-                let client = try await connectWebSocket(port: running.port)
-                let reply = try await client.subscribeWithSnapshot("big", table: table)
-                #expect(reply.chunks.map(\.count) == [100, 100, 50])
-                #expect(reply.chunks.map(\.done) == [false, false, true])
-                #expect(Set(reply.rows.compactMap { $0["id"] as? Int }) == Set(1...250))
-                await client.close()
-            }
+        try await withSeededTable("snap_chunks", seed: "INSERT INTO {t} SELECT g, 'row ' || g FROM generate_series(1, 250) g",
+                                  configure: { $0.server.snapshotChunkRows = 100 }) { _, client, table in
+            let reply = try await client.subscribeWithSnapshot("big", table: table)
+            #expect(reply.chunks.map(\.count) == [100, 100, 50])
+            #expect(reply.chunks.map(\.done) == [false, false, true])
+            #expect(Set(reply.rows.compactMap { $0["id"] as? Int }) == Set(1...250))
         }
     }
 
     @Test("More matching rows than snapshotMaxRows: snapshot_too_large naming the knob, nothing sent, no subscription left")
     func tooLarge() async throws {
-        try await TestDatabase.withDatabase { url in
-            let table = try await createServiceTable(url: url, uniqueCaptureName("snap_large"))
-            try await runSQL(url, "INSERT INTO \(table) (id, status) SELECT g, CASE WHEN g <= 4 THEN 'paid' ELSE 'open' END FROM generate_series(1, 20) g")
-            try await withRealtimeService(url: url, tables: [table], configure: { $0.server.snapshotMaxRows = 5 }) { _, running, _ in
-                let client = try await connectWebSocket(port: running.port)
-                try await client.sendSnapshotSubscribe("s1", table: table)
-                let answer = try await client.receiveJSON(timeout: 15)
-                #expect(answer["type"] as? String == "error")
-                #expect(answer["code"] as? String == "snapshot_too_large")
-                #expect(answer["id"] as? String == "s1")
-                #expect((answer["message"] as? String ?? "").contains("snapshotMaxRows=5"), "\(answer)")
-                #expect(running.server.statistics.subscriptions == 0)
-                // The same id is free again; within the limit (filtered to 4 rows) it works.
-                let reply = try await client.subscribeWithSnapshot("s1", table: table, filter: "status=eq.paid")
-                #expect(reply.rows.count == 4)
-                // A change reaches only that subscription, once.
-                try await runSQL(url, "INSERT INTO \(table) (id, status) VALUES (100, 'paid')")
-                let change = try await client.receiveJSON(timeout: 15)
-                #expect(change["ids"] as? [String] == ["s1"])
-                #expect((change["new"] as? [String: Any])?["id"] as? Int == 100)
-                await client.close()
-            }
+        try await withSeededTable("snap_large", seed: "INSERT INTO {t} SELECT g, CASE WHEN g <= 4 THEN 'paid' ELSE 'open' END FROM generate_series(1, 20) g",
+                                  configure: { $0.server.snapshotMaxRows = 5 }) { running, client, table in
+            try await client.sendSnapshotSubscribe("s1", table: table)
+            let answer = try await client.receiveJSON(timeout: 15)
+            #expect(answer["type"] as? String == "error")
+            #expect(answer["code"] as? String == "snapshot_too_large")
+            #expect(answer["id"] as? String == "s1")
+            #expect((answer["message"] as? String ?? "").contains("snapshotMaxRows=5"), "\(answer)")
+            #expect(running.server.statistics.subscriptions == 0)
+            // The same id is free again; within the limit (filtered to 4 rows) it works.
+            let reply = try await client.subscribeWithSnapshot("s1", table: table, filter: "status=eq.paid")
+            #expect(reply.rows.count == 4)
+            // A change reaches only that subscription, once.
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) (id, status) VALUES (100, 'paid')")
+            let change = try await client.receiveJSON(timeout: 15)
+            #expect(change["ids"] as? [String] == ["s1"])
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 100)
         }
     }
 
     @Test("The snapshot honours the subscription's filter exactly like the stream; snapshot with since is refused")
     func filterAndSince() async throws {
-        try await TestDatabase.withDatabase { url in
-            let name = uniqueCaptureName("snap_filter")
-            try await runSQL(url, """
-                CREATE TABLE \(name) (id int PRIMARY KEY, status text, amount numeric);
-                INSERT INTO \(name) SELECT g, CASE WHEN g % 3 = 0 THEN 'paid' ELSE 'open' END, g * 10 FROM generate_series(1, 30) g
-                """)
-            let table = "public.\(name)"
-            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
-                let client = try await connectWebSocket(port: running.port)
-                let reply = try await client.subscribeWithSnapshot("f", table: table, filter: "status=eq.paid&amount=gt.100")
-                let ids = reply.rows.compactMap { $0["id"] as? Int }.sorted()
-                #expect(ids == [12, 15, 18, 21, 24, 27, 30])
-                try await runSQL(url, "INSERT INTO \(table) VALUES (31, 'open', 1000), (33, 'paid', 1000), (36, 'paid', 5)")
-                let change = try await client.receiveJSON(timeout: 15)
-                #expect((change["new"] as? [String: Any])?["id"] as? Int == 33)
+        try await withSeededTable("snap_filter", columns: "id int PRIMARY KEY, status text, amount numeric",
+                                  seed: "INSERT INTO {t} SELECT g, CASE WHEN g % 3 = 0 THEN 'paid' ELSE 'open' END, g * 10 FROM generate_series(1, 30) g") { running, client, table in
+            let reply = try await client.subscribeWithSnapshot("f", table: table, filter: "status=eq.paid&amount=gt.100")
+            let ids = reply.rows.compactMap { $0["id"] as? Int }.sorted()
+            #expect(ids == [12, 15, 18, 21, 24, 27, 30])
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) VALUES (31, 'open', 1000), (33, 'paid', 1000), (36, 'paid', 5)")
+            let change = try await client.receiveJSON(timeout: 15)
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 33)
 
-                try await client.sendSnapshotSubscribe("both", table: table, since: reply.cursor)
-                let refused = try await client.receiveJSON(timeout: 15)
-                #expect(refused["code"] as? String == "invalid_message")
-                #expect((refused["message"] as? String ?? "").contains("'snapshot' and 'since'"))
-                await client.close()
-            }
+            try await client.sendSnapshotSubscribe("both", table: table, since: reply.cursor)
+            let refused = try await client.receiveJSON(timeout: 15)
+            #expect(refused["code"] as? String == "invalid_message")
+            #expect((refused["message"] as? String ?? "").contains("'snapshot' and 'since'"))
         }
     }
 
     @Test("A client that disconnects mid-snapshot (queue full, waiting for the writer) releases the pooled connection and its session")
     func disconnectMidSnapshot() async throws {
-        try await TestDatabase.withDatabase { url in
-            let table = try await createServiceTable(url: url, uniqueCaptureName("snap_gone"))
-            try await runSQL(url, "INSERT INTO \(table) (id, status) SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
-            try await withRealtimeService(url: url, tables: [table], configure: {
-                $0.server.snapshotChunkRows = 10
-                $0.server.queueLimits = .init(maxMessages: 8, maxBytes: 1 << 20)
-            }) { _, running, _ in
-                let pool = try #require(running.server.configuration.snapshotReader?.pool)
-                let client = try await connectWebSocket(port: running.port)
-                try await client.sendSnapshotSubscribe("s1", table: table)
-                let first = try await client.receiveJSON(timeout: 15)
-                #expect(first["type"] as? String == "subscribed")
-                // The server is now blocked on the client's send queue with a pooled connection in a transaction.
-                #expect(await eventually(10) { pool.statistics.inUse == 1 })
-                await client.reset()
-                #expect(await eventually(15) { pool.statistics.inUse == 0 && running.server.statistics.sessions == 0 },
-                        "in use \(pool.statistics.inUse), sessions \(running.server.statistics.sessions)")
-                // The pool's connection is usable: another client gets a full snapshot.
-                let second = try await connectWebSocket(port: running.port)
-                let reply = try await second.subscribeWithSnapshot("s2", table: table, filter: "id=lte.25")
-                #expect(reply.rows.count == 25)
-                await second.close()
-            }
+        try await withSeededTable("snap_gone", seed: "INSERT INTO {t} SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g", configure: {
+            $0.server.snapshotChunkRows = 10
+            $0.server.queueLimits = .init(maxMessages: 8, maxBytes: 1 << 20)
+        }) { running, client, table in
+            let pool = try #require(running.server.configuration.snapshotReader?.pool)
+            try await client.sendSnapshotSubscribe("s1", table: table)
+            let first = try await client.receiveJSON(timeout: 15)
+            #expect(first["type"] as? String == "subscribed")
+            // The server is now blocked on the client's send queue with a pooled connection in a transaction.
+            #expect(await eventually(10) { pool.statistics.inUse == 1 })
+            await client.reset()
+            #expect(await eventually(15) { pool.statistics.inUse == 0 && running.server.statistics.sessions == 0 },
+                    "in use \(pool.statistics.inUse), sessions \(running.server.statistics.sessions)")
+            // The pool's connection is usable: another client gets a full snapshot.
+            let second = try await connectWebSocket(port: running.port)
+            let reply = try await second.subscribeWithSnapshot("s2", table: table, filter: "id=lte.25")
+            #expect(reply.rows.count == 25)
+            await second.close()
         }
     }
 
