@@ -1,6 +1,8 @@
 import Foundation
+import Logging
 import PoolKit
 @testable import RealtimeSync
+import ServiceLifecycle
 import Synchronization
 import Testing
 import TestSupport
@@ -69,19 +71,20 @@ struct SnapshotVisibilityTests {
         #expect(!far.isVisible(xid: UInt32(2_000)))
     }
 
-    @Test("RecentTransactions finds the earliest running transaction before a cursor and forgets beyond its capacity")
+    @Test("RecentTransactions finds the earliest wanted transaction before a cursor and forgets beyond its capacity")
     func recentTransactions() {
         var recent = RecentTransactions(capacity: 3)
         let cursor = { (lsn: UInt64) in Cursor(commitLSN: LSN(lsn), index: 0) }
         recent.append(xid: 1, after: cursor(10))
         recent.append(xid: 2, after: cursor(20))
         recent.append(xid: 3, after: cursor(30))
-        #expect(recent.earliest(of: [2, 3], before: cursor(40)) == cursor(20))
-        #expect(recent.earliest(of: [3], before: cursor(30)) == nil)
-        #expect(recent.earliest(of: [], before: cursor(40)) == nil)
+        func earliest(_ wanted: Set<UInt32>, before: Cursor) -> Cursor? { recent.earliest(before: before) { wanted.contains($0) } }
+        #expect(earliest([2, 3], before: cursor(40)) == cursor(20))
+        #expect(earliest([3], before: cursor(30)) == nil)
+        #expect(earliest([], before: cursor(40)) == nil)
         recent.append(xid: 4, after: cursor(40))
-        #expect(recent.earliest(of: [1], before: cursor(50)) == nil)
-        #expect(recent.earliest(of: [1, 4], before: cursor(50)) == cursor(40))
+        #expect(earliest([1], before: cursor(50)) == nil)
+        #expect(earliest([1, 4], before: cursor(50)) == cursor(40))
     }
 
     @Test("Handoff routing: held while reading; after the snapshot, changes it saw are skipped until one commits at or after the WAL position, then the hub takes over")
@@ -325,6 +328,57 @@ struct SnapshotTests {
             let reply = try await second.subscribeWithSnapshot("s2", table: table, filter: "id=lte.25")
             #expect(reply.rows.count == 25)
             await second.close()
+        }
+    }
+
+    @Test("A transaction streamed before it became visible (commit in WAL, still running for the snapshot) is sent after the snapshot, not lost")
+    func transactionStreamedBeforeVisible() async throws {
+        try await TestDatabase.withDatabase { url in
+            let name = uniqueCaptureName("snap_late")
+            try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) VALUES (1, 'a')")
+            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
+            let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
+            // T: inserts row 2 and stays open, so every snapshot lists it in xip.
+            let open = try await PostgresConnection.connect(to: url)
+            _ = try await open.execute("BEGIN; INSERT INTO \(name) VALUES (2, 'b')")
+            let xid = try #require(try await open.query("SELECT txid_current()")[0].decode(Int.self, at: 0))
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+            var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
+            configuration.snapshotReader = TableSnapshotReader(pool: pool)
+            let server = RealtimeServer(source: source, configuration: configuration)
+            let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                do {
+                    let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+                    // The stream delivers T's commit before T leaves the process array (the race PostgreSQL allows).
+                    let streamed = ChangeEvent(operation: .insert, relation: relation, new: TupleData([t("2"), t("b")]), old: nil, oldKind: nil,
+                                               xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(0x2000), commitTime: fixedTime, index: 0)
+                    source.publish(streamed)
+                    #expect(await eventually(10) { server.statistics.fanoutCursor == streamed.cursor })
+                    let client = try await connectWebSocket(port: port)
+                    let reply = try await client.subscribeWithSnapshot("s", table: "public.\(name)")
+                    #expect(reply.rows.compactMap { $0["id"] as? Int } == [1])
+                    #expect(reply.cursor < streamed.cursor.description)
+                    let change = try await client.receiveJSON(timeout: 10)
+                    #expect(change["ids"] as? [String] == ["s"])
+                    #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
+                    #expect(change["cursor"] as? String == streamed.cursor.description)
+                    await client.close()
+                } catch {
+                    await group.triggerGracefulShutdown()
+                    try? await tasks.waitForAll()
+                    _ = try? await open.execute("ROLLBACK")
+                    await open.close()
+                    throw error
+                }
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            }
+            _ = try await open.execute("ROLLBACK")
+            await open.close()
         }
     }
 

@@ -27,8 +27,8 @@ struct PendingSnapshot: Sendable {
 }
 
 /// The most recent transactions the fan-out processed: each one's xid and the fan-out's
-/// position just before it. A snapshot looks up the transactions it saw as still running
-/// among them (see `RealtimeServer.lateChanges`).
+/// position just before it. A snapshot looks up among them the transactions it does not see
+/// that were streamed before it was registered (see `RealtimeServer.lateChanges`).
 struct RecentTransactions: Sendable {
     /// How many transactions are kept.
     let capacity: Int
@@ -50,12 +50,11 @@ struct RecentTransactions: Sendable {
         }
     }
 
-    /// The earliest position before a kept transaction with an id in `wanted` that starts before
-    /// `cursor`; nil when there is none.
-    func earliest(of wanted: Set<UInt32>, before cursor: Cursor) -> Cursor? {
-        guard !wanted.isEmpty else { return nil }
+    /// The earliest position before a kept transaction that starts before `cursor` and whose
+    /// xid satisfies `wanted`; nil when there is none.
+    func earliest(before cursor: Cursor, where wanted: (UInt32) -> Bool) -> Cursor? {
         var found: Cursor?
-        for position in xids.indices where wanted.contains(xids[position]) && afters[position] < cursor {
+        for position in xids.indices where afters[position] < cursor && wanted(xids[position]) {
             if found.map({ afters[position] < $0 }) ?? true { found = afters[position] }
         }
         return found
@@ -161,8 +160,8 @@ extension RealtimeServer {
     /// 1. the subscription is registered as pending: from the fan-out's position `start` on,
     ///    its matching changes are held (bounded by the socket's send-queue limits);
     /// 2. on a pooled connection, a repeatable-read transaction takes the snapshot and reads
-    ///    `xmin:xmax:xip` and the WAL insert position `until`; transactions the snapshot saw
-    ///    running but that the fan-out already passed are fetched from the source's window;
+    ///    `xmin:xmax:xip` and the WAL insert position `until`; transactions the snapshot does
+    ///    not see but that the fan-out already passed are fetched from the source's window;
     /// 3. the matching rows are counted (`snapshotMaxRows`, else `snapshot_too_large` and
     ///    nothing is left behind), then `subscribed` and the rows go out in chunks, waiting
     ///    for the writer when the send queue is half full;
@@ -229,8 +228,8 @@ extension RealtimeServer {
                                 start: Cursor, session: SessionChannel) async throws -> SnapshotEnd {
         let id = subscription.id
         let visibility = snapshot.visibility
-        // Transactions the snapshot saw running but that the fan-out passed before `start`.
-        let lateFrom = state.withLock { $0.recentTransactions.earliest(of: visibility.xip32, before: start) }
+        // Transactions the snapshot does not see but that the fan-out passed before `start`.
+        let lateFrom = state.withLock { $0.recentTransactions.earliest(before: start) { !visibility.isVisible(xid: $0) } }
         var late: [[UInt8]] = []
         if let lateFrom {
             late = try await lateChanges(source, subscription: subscription, visibility: visibility, from: lateFrom, through: start)
@@ -300,16 +299,15 @@ extension RealtimeServer {
         return handedOver ? .handedOver(rows: sent + last.count) : .abandoned
     }
 
-    /// The changes of transactions the snapshot saw running (`xip`) that the fan-out processed
-    /// after `from` and at or before `through`, read from the source's window, as frames for
+    /// The changes of transactions the snapshot does not see that the fan-out processed after
+    /// `from` and at or before `through`, read from the source's window, as frames for
     /// `subscription` alone.
     private func lateChanges<Source: ChangeSource>(_ source: Source, subscription: ResolvedSubscription, visibility: SnapshotVisibility,
                                                    from: Cursor, through: Cursor) async throws -> [[UInt8]] {
-        let running = visibility.xip32
         var frames: [[UInt8]] = []
         for try await event in try await source.changes(after: from) {
             if event.cursor > through { break }
-            if running.contains(event.xid), event.table == subscription.table, subscription.events.contains(event.operation),
+            if !visibility.isVisible(xid: event.xid), event.table == subscription.table, subscription.events.contains(event.operation),
                subscription.filter.matches(event) {
                 frames.append(EncodedChange(event).frame(ids: [subscription.id]))
             }

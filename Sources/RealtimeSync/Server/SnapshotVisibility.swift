@@ -3,7 +3,9 @@
 ///
 /// For a transaction that committed (every transaction the change stream carries did):
 /// - `xid < xmin`: it had finished before the snapshot was taken: visible;
-/// - `xid >= xmax`: it had not started (its id was not yet assigned): not visible;
+/// - `xid >= xmax`: it had not finished (running, or not started): not visible. `xmax` is one
+///   past the newest *finished* id, so transactions running with ids at or above it are not
+///   listed in `xip`;
 /// - `xid` in `xip`: it was still running: not visible;
 /// - otherwise (`xmin <= xid < xmax`, not in `xip`): it had finished: visible.
 ///
@@ -12,7 +14,8 @@
 public struct SnapshotVisibility: Sendable, Hashable, CustomStringConvertible {
     /// The oldest transaction id still running when the snapshot was taken.
     public let xmin: UInt64
-    /// The first transaction id not yet assigned when the snapshot was taken.
+    /// One past the newest transaction id that had finished when the snapshot was taken: ids at
+    /// or above it had not finished (running ones among them are not in `xip`).
     public let xmax: UInt64
     /// The ids running when the snapshot was taken (`xmin <= xid < xmax`).
     public let xip: Set<UInt64>
@@ -55,15 +58,12 @@ public struct SnapshotVisibility: Sendable, Hashable, CustomStringConvertible {
     /// The 64-bit id whose low 32 bits are `xid` and that lies within 2^31 of `xmax`.
     ///
     /// Postgres keeps every id that can still appear within 2^31 of the next id to be
-    /// assigned (wraparound protection), and a change that reaches the server belongs to a
-    /// transaction that was assigned its id less than that far from the snapshot's `xmax`,
-    /// so this is the transaction's real 64-bit id, across epoch boundaries too.
+    /// assigned (wraparound protection), and a change that reaches the server while a
+    /// snapshot is being handed over belongs to a transaction whose id is less than that far
+    /// from the snapshot's `xmax`, so this is its real 64-bit id, across epoch boundaries too.
     public func widen(_ xid: UInt32) -> UInt64 {
         let distance = Int64(Int32(bitPattern: xid &- UInt32(truncatingIfNeeded: xmax)))
         let widened = Int64(bitPattern: xmax) &+ distance
         return widened < 0 ? UInt64(xid) : UInt64(widened)
     }
-
-    /// The running ids' low 32 bits (pgoutput's form).
-    var xip32: Set<UInt32> { Set(xip.map { UInt32(truncatingIfNeeded: $0) }) }
 }
