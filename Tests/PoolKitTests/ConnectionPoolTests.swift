@@ -1,6 +1,7 @@
 import Logging
 import Synchronization
 import Testing
+import TestSupport
 @testable import PoolKit
 
 typealias TestPool = ConnectionPool<MockConnection, ManualClock>
@@ -240,8 +241,14 @@ struct ConnectionPoolTests {
     /// On the real clock: stepping a manual clock races the timer task's re-arm after each failed
     /// connect, so this shell-level check runs in real time (1.5 s) with wide bounds (CPU-heavy
     /// tests in the same process can hold the cooperative threads for a while); the exact
-    /// backoff schedule is checked on virtual time in the state-machine tests.
+    /// backoff schedule is checked on virtual time in the state-machine tests. It holds the test
+    /// database's shared lock (without using the database) so that the CPU-heaviest tests, which
+    /// take it exclusively, do not run beside it.
     @Test func connectFailuresBackOffAndTheWaiterLearnsTheError() async throws {
+        try await TestDatabase.withDatabase { _ in try await checkConnectFailuresBackOff() }
+    }
+
+    private func checkConnectFailuresBackOff() async throws {
         let factory = MockFactory()
         factory.failNext(1_000)
         let configuration = baseConfiguration {

@@ -228,7 +228,7 @@ private func withSeededTable(
     }
 }
 
-@Suite("Snapshots: subscribe with snapshot:true against a real Postgres and real WebSocket clients")
+@Suite("Snapshots: subscribe with snapshot:true against a real Postgres and real WebSocket clients", .serialized)
 struct SnapshotTests {
     @Test("A small table's rows arrive as one snapshot (same JSON forms as changes), then live changes")
     func smallTableThenLive() async throws {
