@@ -69,6 +69,8 @@ struct Serve: AsyncParsableCommand {
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
+              --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large)
+              --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -87,6 +89,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
     @Option(help: "Seconds the whole ordered shutdown may take.") var shutdownDeadline: Double?
     @Option(help: "HS256 secret (at least 32 bytes) for JWT auth on /ws; none: auth off.") var jwtSecret: String?
+    @Option(help: "Most rows a snapshot may send (more: snapshot_too_large).") var snapshotMaxRows: Int?
+    @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
 
     func run() async throws {
         let registry = try RealtimeService.bootstrapObservability(
@@ -112,6 +116,11 @@ struct Serve: AsyncParsableCommand {
         configuration.window.maxCount = try Setting.int(windowMaxCount, "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000)
         configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
+        configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000)
+        configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500)
+        guard configuration.server.snapshotMaxRows >= 0, configuration.server.snapshotChunkRows >= 1 else {
+            throw ValidationError("--snapshot-max-rows must be 0 or more and --snapshot-chunk-rows 1 or more")
+        }
         if let secret = Setting.string(jwtSecret, "REALTIME_SYNC_JWT_SECRET") {
             do {
                 configuration.server.auth = try await JWTAuthenticator(secret: secret)

@@ -1,6 +1,7 @@
 import Logging
 import Synchronization
 import Testing
+import TestSupport
 @testable import PoolKit
 
 typealias TestPool = ConnectionPool<MockConnection, ManualClock>
@@ -241,8 +242,14 @@ struct ConnectionPoolTests {
     /// connect, so this shell-level check runs in real time. Only lower bounds on time are
     /// asserted (CPU-heavy tests in the same process can hold the cooperative threads for
     /// seconds, which only makes gaps longer); the exact backoff schedule is checked on
-    /// virtual time in the state-machine tests.
+    /// virtual time in the state-machine tests. It holds the test database's shared lock
+    /// (without using the database) so that the CPU-heaviest tests, which take it
+    /// exclusively, do not run beside it.
     @Test func connectFailuresBackOffAndTheWaiterLearnsTheError() async throws {
+        try await TestDatabase.withDatabase { _ in try await checkConnectFailuresBackOff() }
+    }
+
+    private func checkConnectFailuresBackOff() async throws {
         let factory = MockFactory()
         factory.failNext(1_000)
         let configuration = baseConfiguration {

@@ -59,14 +59,17 @@ extension RealtimeServer {
         let cursor = event.cursor
         let overflowed = state.withLock { state -> [FanoutClientID] in
             guard cursor > state.lastDelivered else { return [] }
+            if event.index == 0 { state.recentTransactions.append(xid: event.xid, after: state.lastDelivered) }
             state.lastDelivered = cursor
             state.changesProcessed += 1
             let deliveries = state.hub.match(event)
-            if deliveries.isEmpty { return [] }
+            var (snapshotIDs, held) = state.snapshots.isEmpty ? ([:], []) : state.routeToSnapshots(event)
+            if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return [] }
             let change = EncodedChange(event)
             var overflowed: [FanoutClientID] = []
             for delivery in deliveries {
                 guard let session = state.sessions[delivery.client] else { continue }
+                let extra = snapshotIDs.removeValue(forKey: delivery.client) ?? []
                 let frame: [UInt8]
                 if let starts = state.startAfter[delivery.client] {
                     var ids: [String] = []
@@ -77,16 +80,29 @@ extension RealtimeServer {
                         ids.append(id)
                     }
                     state.startAfter[delivery.client] = remaining.isEmpty ? nil : remaining
+                    ids += extra
                     if ids.isEmpty { continue }
                     frame = change.frame(ids: ids)
                 } else {
-                    frame = change.frame(for: delivery)
+                    frame = extra.isEmpty ? change.frame(for: delivery) : change.frame(ids: delivery.subscriptionIDs + extra)
                 }
                 if session.enqueue(frame) == .overflow {
-                    state.hub.removeClient(delivery.client)
-                    state.startAfter[delivery.client] = nil
+                    state.dropClient(delivery.client)
                     overflowed.append(delivery.client)
                 }
+            }
+            // Snapshot subscriptions of clients the hub did not match, then held changes.
+            for (client, ids) in snapshotIDs {
+                guard let session = state.sessions[client] else { continue }
+                if session.enqueue(change.frame(ids: ids)) == .overflow {
+                    state.dropClient(client)
+                    overflowed.append(client)
+                }
+            }
+            for (client, id) in held where !state.hold(change.frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits) {
+                state.sessions[client]?.closeNow(.tryAgainLater)
+                state.dropClient(client)
+                overflowed.append(client)
             }
             return overflowed
         }

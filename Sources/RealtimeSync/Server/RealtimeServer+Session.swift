@@ -173,6 +173,7 @@ extension RealtimeServer {
             }
             state.withLock { state in
                 state.hub.unsubscribe(client: session.id, id: id)
+                state.dropPendingSnapshot(client: session.id, id: id)
                 if state.startAfter[session.id]?.removeValue(forKey: id) != nil, state.startAfter[session.id]?.isEmpty == true {
                     state.startAfter[session.id] = nil
                 }
@@ -204,8 +205,7 @@ extension RealtimeServer {
             return
         }
         if subscription.snapshot {
-            session.enqueue(ProtocolError(.invalidMessage, id: request.id,
-                                          "'snapshot' is not available on this server yet; subscribe without it, or resume with 'since'").serverMessage)
+            await subscribeWithSnapshot(subscription, session: session, reader: &reader, logger: logger)
             return
         }
         guard let since = subscription.since else {

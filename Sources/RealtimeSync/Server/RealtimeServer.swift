@@ -38,6 +38,10 @@ struct ServerState: Sendable {
     var sessions: [FanoutClientID: SessionChannel] = [:]
     /// Subscriptions that resumed ahead of the fan-out: skip changes at or before the cursor.
     var startAfter: [FanoutClientID: [String: Cursor]] = [:]
+    /// `snapshot: true` subscriptions that have not joined the hub yet (RealtimeServer+Snapshot.swift).
+    var snapshots: [FanoutClientID: [String: PendingSnapshot]] = [:]
+    /// The last transactions the fan-out processed, for the snapshot handoff.
+    var recentTransactions = RecentTransactions(capacity: 8_192)
     /// The cursor of the last change the fan-out processed.
     var lastDelivered: Cursor
     var nextClientID: UInt64 = 1
@@ -243,8 +247,7 @@ public final class RealtimeServer: Service, Sendable {
     func endSession(_ session: SessionChannel, code: UInt16) {
         state.withLock { state in
             state.sessions[session.id] = nil
-            state.hub.removeClient(session.id)
-            state.startAfter[session.id] = nil
+            state.dropClient(session.id)
             state.closes[code, default: 0] += 1
         }
         session.finishSignals()

@@ -102,6 +102,15 @@ public struct RealtimeServerConfiguration: Sendable {
     public var metricsRegistry: PrometheusCollectorRegistry
     /// The page served at `/`.
     public var indexHTML: String
+    /// Where `subscribe` with `snapshot: true` reads rows (a pooled Postgres connection);
+    /// nil answers such subscriptions with `invalid_message`. `RealtimeService` sets it.
+    public var snapshotReader: TableSnapshotReader?
+    /// Most rows a snapshot may send (after the filter); more gives `snapshot_too_large`. Default 10,000.
+    public var snapshotMaxRows: Int
+    /// Most rows in one `snapshot` message (and rows fetched from Postgres at a time). Default 500.
+    public var snapshotChunkRows: Int
+    /// A `snapshot` message is sent once its rows reach this many bytes. Default 64 KiB.
+    public var snapshotChunkBytes: Int
     /// Logger for the server, its sessions and its shutdown.
     public var logger: Logger
 
@@ -122,6 +131,10 @@ public struct RealtimeServerConfiguration: Sendable {
         self.listenerStopDeadline = .seconds(2)
         self.metricsRegistry = PrometheusCollectorRegistry()
         self.indexHTML = RealtimeServerConfiguration.placeholderPage
+        self.snapshotReader = nil
+        self.snapshotMaxRows = 10_000
+        self.snapshotChunkRows = 500
+        self.snapshotChunkBytes = 64 << 10
         self.logger = logger
     }
 

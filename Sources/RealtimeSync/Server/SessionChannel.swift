@@ -107,6 +107,16 @@ final class SessionChannel: Sendable {
     /// Whether the client's close frame arrived (Hummingbird echoes it).
     let clientSentClose = Atomic<Bool>(false)
 
+    private let closeWakesReader = Atomic<Bool>(false)
+
+    /// Makes the socket's close wake a reader waiting on `spaceFreed` (a snapshot waiting for
+    /// queue space while the writer has stopped). Registers once per session.
+    func wakeReaderOnClose() {
+        guard closeWakesReader.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
+        let continuation = spaceContinuation
+        channel.closeFuture.whenComplete { _ in continuation.yield() }
+    }
+
     /// Ends the signals (the session is over).
     func finishSignals() {
         wakeContinuation.finish()

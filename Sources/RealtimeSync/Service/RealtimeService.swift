@@ -261,6 +261,7 @@ public final class RealtimeService: Service, Sendable {
         if serverConfiguration.indexHTML == RealtimeServerConfiguration.placeholderPage {
             serverConfiguration.indexHTML = LivePage.html(table: configuration.demo?.table ?? tables.first ?? "")
         }
+        if serverConfiguration.snapshotReader == nil { serverConfiguration.snapshotReader = TableSnapshotReader(pool: pool) }
         let jobsDeadline = configuration.jobsShutdownDeadline
         let captureDeadline = configuration.captureShutdownDeadline
         serverConfiguration.shutdownHooks = [

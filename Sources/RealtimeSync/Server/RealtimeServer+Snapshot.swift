@@ -1,0 +1,318 @@
+import Logging
+import NIOCore
+import PoolKit
+
+/// A change held for a `snapshot: true` subscription while its snapshot is read.
+struct HeldChange: Sendable {
+    var xid: UInt32
+    var commitLSN: LSN
+    var frame: [UInt8]
+}
+
+/// A `snapshot: true` subscription between its registration and its join of the fan-out hub
+/// (see `RealtimeServer.subscribeWithSnapshot` and docs/PROTOCOL.md "Snapshots").
+struct PendingSnapshot: Sendable {
+    enum Phase: Sendable {
+        /// The snapshot is being read: matching changes are held.
+        case reading
+        /// The snapshot was sent: changes are delivered unless the snapshot saw their
+        /// transaction, until one commits at or after `until`; then the subscription joins the hub.
+        case filtering(SnapshotVisibility, until: LSN)
+    }
+
+    var subscription: ResolvedSubscription
+    var phase = Phase.reading
+    var held: [HeldChange] = []
+    var heldBytes = 0
+}
+
+/// The most recent transactions the fan-out processed: each one's xid and the fan-out's
+/// position just before it. A snapshot looks up among them the transactions it does not see
+/// that were streamed before it was registered (see `RealtimeServer.lateChanges`).
+struct RecentTransactions: Sendable {
+    /// How many transactions are kept.
+    let capacity: Int
+    private var xids: [UInt32] = []
+    private var afters: [Cursor] = []
+    private var next = 0
+
+    init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    /// Notes a transaction whose first change follows `after`.
+    mutating func append(xid: UInt32, after: Cursor) {
+        if xids.count < capacity {
+            xids.append(xid)
+            afters.append(after)
+        } else {
+            xids[next] = xid
+            afters[next] = after
+            next = (next + 1) % capacity
+        }
+    }
+
+    /// The earliest position before a kept transaction that starts before `cursor` and whose
+    /// xid satisfies `wanted`; nil when there is none.
+    func earliest(before cursor: Cursor, where wanted: (UInt32) -> Bool) -> Cursor? {
+        var found: Cursor?
+        for position in xids.indices where afters[position] < cursor && wanted(xids[position]) {
+            if found.map({ afters[position] < $0 }) ?? true { found = afters[position] }
+        }
+        return found
+    }
+}
+
+/// Why a snapshot stopped before its handoff.
+private enum SnapshotEnd: Sendable {
+    case handedOver(rows: Int)
+    case tooLarge
+    case abandoned
+}
+
+extension ServerState {
+    /// Forgets everything the server holds for one subscription of `client` that has not joined the
+    /// hub yet (a snapshot being read or filtered).
+    mutating func dropPendingSnapshot(client: FanoutClientID, id: String) {
+        guard snapshots[client]?.removeValue(forKey: id) != nil else { return }
+        if snapshots[client]?.isEmpty == true { snapshots[client] = nil }
+    }
+
+    /// Routes a change to the `snapshot: true` subscriptions that have not joined the hub:
+    /// returns the ids that get it now, per client, and the (client, id) pairs that hold it.
+    /// A filtering subscription that sees a change committed at or after its `until` joins the
+    /// hub here, after the hub matched this change (so it gets it once).
+    mutating func routeToSnapshots(_ event: ChangeEvent) -> (now: [FanoutClientID: [String]], hold: [(FanoutClientID, String)]) {
+        var now: [FanoutClientID: [String]] = [:]
+        var hold: [(FanoutClientID, String)] = []
+        var joins: [(FanoutClientID, ResolvedSubscription)] = []
+        for (client, pending) in snapshots {
+            for (id, entry) in pending {
+                let subscription = entry.subscription
+                let matches = event.table == subscription.table && subscription.events.contains(event.operation)
+                    && subscription.filter.matches(event)
+                switch entry.phase {
+                case .reading:
+                    if matches { hold.append((client, id)) }
+                case .filtering(let visibility, let until):
+                    let passed = event.commitLSN >= until
+                    if matches && (passed || !visibility.isVisible(xid: event.xid)) { now[client, default: []].append(id) }
+                    if passed { joins.append((client, subscription)) }
+                }
+            }
+        }
+        for (client, subscription) in joins {
+            dropPendingSnapshot(client: client, id: subscription.id)
+            join(subscription, client: client, lastCovered: lastDelivered)
+        }
+        return (now, hold)
+    }
+
+    /// Holds `frame` for a reading snapshot; false when the held changes would exceed the
+    /// socket's send-queue bounds (the caller closes the socket with 1013).
+    mutating func hold(_ frame: [UInt8], of event: ChangeEvent, client: FanoutClientID, id: String,
+                       limits: OutboundQueue<[UInt8]>.Limits) -> Bool {
+        guard var entry = snapshots[client]?[id] else { return true }
+        entry.held.append(HeldChange(xid: event.xid, commitLSN: event.commitLSN, frame: frame))
+        entry.heldBytes += frame.count
+        let within = entry.held.count <= limits.maxMessages && entry.heldBytes <= limits.maxBytes
+        snapshots[client]?[id] = entry
+        return within
+    }
+
+    /// Drops everything held for `client` (slow consumer, closed socket).
+    mutating func dropClient(_ client: FanoutClientID) {
+        hub.removeClient(client)
+        startAfter[client] = nil
+        snapshots[client] = nil
+    }
+}
+
+extension Filter {
+    /// Three-valued evaluation against a whole row given as Postgres text values (nil for NULL)
+    /// in the order of `columns`, as a snapshot reads it: the same comparisons as for a change's
+    /// row. A condition whose column is missing or was retyped is `unknown`.
+    public func evaluate(row values: [[UInt8]?], columns: [RelationColumn]) -> FilterTruth {
+        var result = FilterTruth.true
+        for condition in conditions {
+            var index = condition.columnIndex
+            if index >= columns.count || columns[index].name != condition.column {
+                guard let found = columns.firstIndex(where: { $0.name == condition.column }) else { result = .unknown; continue }
+                index = found
+            }
+            guard index < values.count,
+                  columns[index].typeOID == condition.typeOID || ColumnClass(typeOID: columns[index].typeOID) == condition.columnClass
+            else { result = .unknown; continue }
+            let truth: FilterTruth
+            if let value = values[index] {
+                truth = condition.operator == .is ? (condition.isNull ? .false : .true) : condition.evaluate(text: value[...])
+            } else {
+                truth = condition.operator == .is && condition.isNull ? .true : .false
+            }
+            if truth == .false { return .false }
+            if truth == .unknown { result = .unknown }
+        }
+        return result
+    }
+}
+
+extension RealtimeServer {
+    /// `subscribe` with `snapshot: true` (docs/PROTOCOL.md "Snapshots"):
+    ///
+    /// 1. the subscription is registered as pending: from the fan-out's position `start` on,
+    ///    its matching changes are held (bounded by the socket's send-queue limits);
+    /// 2. on a pooled connection, a repeatable-read transaction takes the snapshot and reads
+    ///    `xmin:xmax:xip` and the WAL insert position `until`; transactions the snapshot does
+    ///    not see but that the fan-out already passed are fetched from the source's window;
+    /// 3. the matching rows are counted (`snapshotMaxRows`, else `snapshot_too_large` and
+    ///    nothing is left behind), then `subscribed` and the rows go out in chunks, waiting
+    ///    for the writer when the send queue is half full;
+    /// 4. in one critical section: the last chunk (`done: true`), then every held change whose
+    ///    transaction the snapshot did not see; then either the subscription joins the hub (the
+    ///    fan-out is past `until`) or the fan-out keeps testing visibility for it until a change
+    ///    commits at or after `until`.
+    func subscribeWithSnapshot(_ subscription: ResolvedSubscription, session: SessionChannel,
+                               reader: inout SessionReaderState, logger: Logger) async {
+        let id = subscription.id
+        if subscription.since != nil {
+            session.enqueue(ProtocolError(.invalidMessage, id: id,
+                "'snapshot' and 'since' cannot be combined: use 'since' to resume after a cursor, or 'snapshot' for the current rows followed by changes").serverMessage)
+            return
+        }
+        guard let snapshotReader = configuration.snapshotReader else {
+            session.enqueue(ProtocolError(.invalidMessage, id: id,
+                "this server has no database pool for snapshots (RealtimeServerConfiguration.snapshotReader); subscribe without 'snapshot'").serverMessage)
+            return
+        }
+        guard let columns = source.catalog.columns(of: subscription.table) else {
+            session.enqueue(ProtocolError(.unknownTable, id: id, "table \(quoteForMessage(subscription.table)) is not streamed by this server").serverMessage)
+            return
+        }
+        session.wakeReaderOnClose()
+        let start = state.withLock { state -> Cursor in
+            state.snapshots[session.id, default: [:]][id] = PendingSnapshot(subscription: subscription)
+            return state.lastDelivered
+        }
+        reader.openIDs.insert(id)
+        let began = ContinuousClock.now
+        let end: SnapshotEnd
+        do {
+            end = try await snapshotReader.withSnapshot(of: subscription.table, columns: columns) { snapshot in
+                try await self.streamSnapshot(snapshot, subscription: subscription, columns: columns, start: start, session: session)
+            }
+        } catch {
+            reader.openIDs.remove(id)
+            state.withLock { $0.dropPendingSnapshot(client: session.id, id: id) }
+            if session.isOpen && session.channel.isActive && !Task.isCancelled {
+                logger.warning("snapshot failed", metadata: ["id": "\(id)", "table": "\(subscription.table)", "error": "\(error)"])
+                session.enqueue(ProtocolError(.internal, id: id, "the snapshot of \(quoteForMessage(subscription.table)) failed (\(error)); subscribe again").serverMessage)
+            }
+            return
+        }
+        switch end {
+        case .handedOver(let rows):
+            logger.debug("snapshot sent", metadata: ["id": "\(id)", "table": "\(subscription.table)", "rows": "\(rows)",
+                                                    "duration": "\(ContinuousClock.now - began)"])
+        case .tooLarge:
+            reader.openIDs.remove(id)
+            state.withLock { $0.dropPendingSnapshot(client: session.id, id: id) }
+            let limit = configuration.snapshotMaxRows
+            session.enqueue(ProtocolError(.snapshotTooLarge, id: id,
+                "more than \(limit) rows of \(quoteForMessage(subscription.table)) match (snapshotMaxRows=\(limit)); narrow the filter, or subscribe without 'snapshot'").serverMessage)
+        case .abandoned:
+            reader.openIDs.remove(id)
+            state.withLock { $0.dropPendingSnapshot(client: session.id, id: id) }
+        }
+    }
+
+    /// Steps 2 to 4 of `subscribeWithSnapshot`, inside the snapshot transaction.
+    private func streamSnapshot(_ snapshot: TableSnapshot, subscription: ResolvedSubscription, columns: [RelationColumn],
+                                start: Cursor, session: SessionChannel) async throws -> SnapshotEnd {
+        let id = subscription.id
+        let visibility = snapshot.visibility
+        // Transactions the snapshot does not see but that the fan-out passed before `start`.
+        let lateFrom = state.withLock { $0.recentTransactions.earliest(before: start) { !visibility.isVisible(xid: $0) } }
+        var late: [[UInt8]] = []
+        if let lateFrom {
+            late = try await lateChanges(source, subscription: subscription, visibility: visibility, from: lateFrom, through: start)
+        }
+        let chunkRows = max(1, configuration.snapshotChunkRows)
+        // Count first, so that a too-large snapshot sends nothing.
+        var matching = 0
+        while true {
+            let rows = try await snapshot.nextRows(chunkRows)
+            if rows.isEmpty { break }
+            for row in rows where subscription.filter.evaluate(row: row, columns: columns) == .true { matching += 1 }
+            if matching > configuration.snapshotMaxRows { return .tooLarge }
+            guard session.isOpen && session.channel.isActive else { return .abandoned }
+        }
+        session.enqueue(.subscribed(id: id, cursor: lateFrom.map { min($0, start) } ?? start))
+        try await snapshot.rewind()
+        var space = session.spaceFreed.makeAsyncIterator()
+        var chunk: [[UInt8]] = []
+        var chunkBytes = 0
+        var sent = 0
+        while true {
+            let rows = try await snapshot.nextRows(chunkRows)
+            if rows.isEmpty { break }
+            for row in rows where subscription.filter.evaluate(row: row, columns: columns) == .true {
+                let encoded = ServerMessage.snapshotRow(columns: columns, values: row)
+                chunk.append(encoded)
+                chunkBytes += encoded.count + 1
+                let full = chunk.count >= chunkRows || chunkBytes >= configuration.snapshotChunkBytes
+                guard full && sent + chunk.count < matching else { continue }
+                while session.isOpen && session.channel.isActive && session.isHalfFull {
+                    guard await space.next() != nil else { break }
+                }
+                guard session.isOpen && session.channel.isActive else { return .abandoned }
+                if session.enqueue(.snapshot(id: id, rows: chunk, done: false)) != .queued {
+                    state.withLock { $0.dropClient(session.id) }
+                    return .abandoned
+                }
+                sent += chunk.count
+                chunk.removeAll(keepingCapacity: true)
+                chunkBytes = 0
+            }
+        }
+        while session.isOpen && session.channel.isActive && session.isHalfFull {
+            guard await space.next() != nil else { break }
+        }
+        let last = chunk
+        let handedOver = state.withLock { state -> Bool in
+            guard let entry = state.snapshots[session.id]?[id] else { return false }
+            var ok = session.enqueue(.snapshot(id: id, rows: last, done: true)) == .queued
+            for frame in late where ok { ok = session.enqueue(frame) == .queued }
+            for change in entry.held where ok && (change.commitLSN >= snapshot.walPosition || !visibility.isVisible(xid: change.xid)) {
+                ok = session.enqueue(change.frame) == .queued
+            }
+            guard ok else {
+                state.dropClient(session.id)
+                return false
+            }
+            if state.lastDelivered.commitLSN >= snapshot.walPosition {
+                state.dropPendingSnapshot(client: session.id, id: id)
+                state.join(subscription, client: session.id, lastCovered: state.lastDelivered)
+            } else {
+                state.snapshots[session.id]?[id] = PendingSnapshot(subscription: subscription,
+                                                                   phase: .filtering(visibility, until: snapshot.walPosition))
+            }
+            return true
+        }
+        return handedOver ? .handedOver(rows: sent + last.count) : .abandoned
+    }
+
+    /// The changes of transactions the snapshot does not see that the fan-out processed after
+    /// `from` and at or before `through`, read from the source's window, as frames for
+    /// `subscription` alone.
+    private func lateChanges<Source: ChangeSource>(_ source: Source, subscription: ResolvedSubscription, visibility: SnapshotVisibility,
+                                                   from: Cursor, through: Cursor) async throws -> [[UInt8]] {
+        var frames: [[UInt8]] = []
+        for try await event in try await source.changes(after: from) {
+            if event.cursor > through { break }
+            if !visibility.isVisible(xid: event.xid), event.table == subscription.table, subscription.events.contains(event.operation),
+               subscription.filter.matches(event) {
+                frames.append(EncodedChange(event).frame(ids: [subscription.id]))
+            }
+            if event.cursor == through { break }
+        }
+        return frames
+    }
+}

@@ -1,0 +1,84 @@
+import PoolKit
+
+/// Reads a streamed table's rows as of one database snapshot, for `subscribe` with
+/// `snapshot: true`, on a connection borrowed from a PoolKit `ConnectionPool`.
+///
+/// `withSnapshot` opens `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, whose first
+/// statement fixes the transaction's snapshot and reads it (`pg_current_snapshot()`) with
+/// the WAL insert position taken just after it (`pg_current_wal_insert_lsn()`); the rows
+/// are then read through a `SCROLL` cursor in that same snapshot. The connection goes back
+/// to the pool however `body` ends (the pool rolls back what is left open); cancelling the
+/// calling task cancels the running statement on the server (`PQcancel`).
+public final class TableSnapshotReader: Sendable {
+    /// The pool the snapshot transactions borrow their connections from.
+    public let pool: ConnectionPool<PostgresConnection, ContinuousClock>
+
+    /// Creates a reader over `pool`.
+    public init(pool: ConnectionPool<PostgresConnection, ContinuousClock>) { self.pool = pool }
+
+    /// Opens a snapshot of `table` (`schema.table`, as the catalog names it) selecting `columns`
+    /// in their order, runs `body` with it, and ends the transaction.
+    public func withSnapshot<Result: Sendable>(
+        of table: String, columns: [RelationColumn],
+        _ body: @Sendable (TableSnapshot) async throws -> Result
+    ) async throws -> Result {
+        try await pool.withConnection(label: "snapshot \(table)") { connection in
+            _ = try await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            let marks = try await connection.query("SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text")
+            guard marks.count == 1, let visibility = SnapshotVisibility(parsing: marks[0][0].string),
+                  let position = LSN(marks[0][1].string) else {
+                throw RealtimeServerError("pg_current_snapshot() / pg_current_wal_insert_lsn() gave an unexpected answer (PostgreSQL 13 or later is required for snapshots)")
+            }
+            let list = try columns.map { try connection.escapeIdentifier($0.name) }.joined(separator: ", ")
+            let cursor = "realtime_sync_snapshot"
+            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(try Self.quoted(table, connection))")
+            let snapshot = TableSnapshot(connection: connection, cursor: cursor, columnCount: columns.count,
+                                         visibility: visibility, walPosition: position)
+            let result = try await body(snapshot)
+            _ = try await connection.execute("COMMIT")
+            return result
+        }
+    }
+
+    /// `schema.table` with each part quoted by `PQescapeIdentifier`.
+    static func quoted(_ table: String, _ connection: PostgresConnection) throws -> String {
+        let parts = table.split(separator: ".", maxSplits: 1).map(String.init)
+        return try parts.map { try connection.escapeIdentifier($0) }.joined(separator: ".")
+    }
+}
+
+/// An open snapshot of one table (see `TableSnapshotReader.withSnapshot`): what it sees, and
+/// its rows in chunks. Valid only inside the `withSnapshot` body that received it.
+public struct TableSnapshot: Sendable {
+    let connection: PostgresConnection
+    let cursor: String
+    let columnCount: Int
+    /// Which committed transactions the rows include.
+    public let visibility: SnapshotVisibility
+    /// `pg_current_wal_insert_lsn()` read just after the snapshot was taken: the commit record of
+    /// every transaction the snapshot sees starts before it.
+    public let walPosition: LSN
+
+    /// Up to `count` more rows, each value as its Postgres text (nil for NULL) in the order of the
+    /// columns given to `withSnapshot`; empty at the end.
+    public func nextRows(_ count: Int) async throws -> [[[UInt8]?]] {
+        let result = try await connection.query("FETCH FORWARD \(max(1, count)) FROM \(cursor)")
+        var rows: [[[UInt8]?]] = []
+        rows.reserveCapacity(result.count)
+        for row in result {
+            var values: [[UInt8]?] = []
+            values.reserveCapacity(columnCount)
+            for column in 0..<min(columnCount, row.count) {
+                let cell = row[column]
+                values.append(cell.isNull ? nil : cell.withUTF8 { Array($0) })
+            }
+            rows.append(values)
+        }
+        return rows
+    }
+
+    /// Moves back to before the first row (the same rows follow again: same snapshot).
+    public func rewind() async throws {
+        _ = try await connection.execute("MOVE ABSOLUTE 0 IN \(cursor)")
+    }
+}

@@ -1,0 +1,534 @@
+import Foundation
+import Logging
+import PoolKit
+@testable import RealtimeSync
+import ServiceLifecycle
+import Synchronization
+import Testing
+import TestSupport
+
+@Suite("Snapshot handoff, pure parts: xid visibility (xmin/xmax/xip, 32/64-bit), routing, bounds")
+struct SnapshotVisibilityTests {
+    @Test("pg_current_snapshot() text parses; malformed text does not")
+    func parsing() throws {
+        let snapshot = try #require(SnapshotVisibility(parsing: "10:20:10,14,15"))
+        #expect(snapshot.xmin == 10 && snapshot.xmax == 20 && snapshot.xip == [10, 14, 15])
+        #expect(snapshot.description == "10:20:10,14,15")
+        let empty = try #require(SnapshotVisibility(parsing: "748:748:"))
+        #expect(empty.xip.isEmpty)
+        for bad in ["", "10:20", "a:20:", "20:10:", "10:20:1,x", "10:20:,"] {
+            #expect(SnapshotVisibility(parsing: bad) == nil, "\(bad)")
+        }
+    }
+
+    @Test("Edges: below xmin visible, xmin..<xmax visible unless running, xmax and above not visible")
+    func edges() {
+        let snapshot = SnapshotVisibility(xmin: 100, xmax: 110, xip: [100, 104, 109])
+        #expect(snapshot.isVisible(xid: UInt64(99)))
+        #expect(snapshot.isVisible(xid: UInt64(0)))
+        #expect(!snapshot.isVisible(xid: UInt64(100)))
+        #expect(snapshot.isVisible(xid: UInt64(101)))
+        #expect(!snapshot.isVisible(xid: UInt64(104)))
+        #expect(snapshot.isVisible(xid: UInt64(108)))
+        #expect(!snapshot.isVisible(xid: UInt64(109)))
+        #expect(!snapshot.isVisible(xid: UInt64(110)))
+        #expect(!snapshot.isVisible(xid: UInt64(5_000)))
+        // Nothing running: xmin == xmax.
+        let idle = SnapshotVisibility(xmin: 50, xmax: 50)
+        #expect(idle.isVisible(xid: UInt64(49)))
+        #expect(!idle.isVisible(xid: UInt64(50)))
+        // The same answers for 32-bit ids in the first epoch.
+        #expect(snapshot.isVisible(xid: UInt32(99)))
+        #expect(!snapshot.isVisible(xid: UInt32(104)))
+        #expect(!snapshot.isVisible(xid: UInt32(110)))
+    }
+
+    @Test("Wraparound: 32-bit xids are widened across the epoch boundary of the snapshot")
+    func wraparound() {
+        let epoch: UInt64 = 1 << 32
+        // The snapshot is just after the boundary (epoch 1, xid 5); xid 4294967290 is from epoch 0.
+        let after = SnapshotVisibility(xmin: epoch + 2, xmax: epoch + 5, xip: [epoch + 3])
+        #expect(after.widen(4_294_967_290) == 4_294_967_290)
+        #expect(after.isVisible(xid: UInt32(4_294_967_290)))       // old epoch: finished long before
+        #expect(after.isVisible(xid: UInt32(1)))                   // epoch 1, below xmin
+        #expect(!after.isVisible(xid: UInt32(3)))                  // running
+        #expect(after.isVisible(xid: UInt32(4)))                   // finished
+        #expect(!after.isVisible(xid: UInt32(5)))                  // == xmax
+        #expect(!after.isVisible(xid: UInt32(6)))
+        // The snapshot is just before the boundary; xid 3 is from the next epoch (started later).
+        let before = SnapshotVisibility(xmin: 4_294_967_280, xmax: 4_294_967_290, xip: [4_294_967_285])
+        #expect(before.widen(3) == epoch + 3)
+        #expect(!before.isVisible(xid: UInt32(3)))
+        #expect(!before.isVisible(xid: UInt32(4_294_967_285)))
+        #expect(before.isVisible(xid: UInt32(4_294_967_286)))
+        #expect(before.isVisible(xid: UInt32(4_294_967_000)))
+        #expect(!before.isVisible(xid: UInt32(4_294_967_295)))
+        // Epoch 7, far from both ends: widening keeps the epoch.
+        let far = SnapshotVisibility(xmin: 7 * epoch + 1_000, xmax: 7 * epoch + 2_000)
+        #expect(far.widen(1_500) == 7 * epoch + 1_500)
+        #expect(far.widen(999) == 7 * epoch + 999)
+        #expect(far.isVisible(xid: UInt32(999)))
+        #expect(!far.isVisible(xid: UInt32(2_000)))
+    }
+
+    @Test("RecentTransactions finds the earliest wanted transaction before a cursor and forgets beyond its capacity")
+    func recentTransactions() {
+        var recent = RecentTransactions(capacity: 3)
+        let cursor = { (lsn: UInt64) in Cursor(commitLSN: LSN(lsn), index: 0) }
+        recent.append(xid: 1, after: cursor(10))
+        recent.append(xid: 2, after: cursor(20))
+        recent.append(xid: 3, after: cursor(30))
+        func earliest(_ wanted: Set<UInt32>, before: Cursor) -> Cursor? { recent.earliest(before: before) { wanted.contains($0) } }
+        #expect(earliest([2, 3], before: cursor(40)) == cursor(20))
+        #expect(earliest([3], before: cursor(30)) == nil)
+        #expect(earliest([], before: cursor(40)) == nil)
+        recent.append(xid: 4, after: cursor(40))
+        #expect(earliest([1], before: cursor(50)) == nil)
+        #expect(earliest([1, 4], before: cursor(50)) == cursor(40))
+    }
+
+    @Test("Handoff routing: held while reading; after the snapshot, changes it saw are skipped until one commits at or after the WAL position, then the hub takes over")
+    func handoffRouting() throws {
+        func event(xid: UInt32, lsn: UInt64, status: String = "open") -> ChangeEvent {
+            ChangeEvent(operation: .insert, relation: itemsRelation, new: tuple(["id": "1", "status": status]), old: nil, oldKind: nil,
+                        xid: xid, commitLSN: LSN(lsn), commitTime: PostgresTimestamp(microsecondsSince2000: 0), index: 0)
+        }
+        let client = FanoutClientID(7)
+        let filter = try Filter(parsing: "status=eq.open", columns: itemsColumns)
+        let subscription = ResolvedSubscription(id: "s", table: "public.items", filter: filter, snapshot: true)
+        var state = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x100), index: 0))
+        state.snapshots[client] = ["s": PendingSnapshot(subscription: subscription)]
+        // Reading: matching changes are held, others ignored.
+        var routed = state.routeToSnapshots(event(xid: 12, lsn: 0x1100))
+        #expect(routed.now.isEmpty && routed.hold.count == 1)
+        routed = state.routeToSnapshots(event(xid: 13, lsn: 0x1200, status: "paid"))
+        #expect(routed.now.isEmpty && routed.hold.isEmpty)
+        // Filtering: visible (12, 14) skipped, running (15) and later (25) delivered, until 0x2000.
+        let visibility = SnapshotVisibility(xmin: 10, xmax: 20, xip: [10, 15])
+        state.snapshots[client]?["s"]?.phase = .filtering(visibility, until: LSN(0x2000))
+        routed = state.routeToSnapshots(event(xid: 14, lsn: 0x1300))
+        #expect(routed.now.isEmpty)
+        routed = state.routeToSnapshots(event(xid: 15, lsn: 0x1400))
+        #expect(routed.now[client] == ["s"])
+        routed = state.routeToSnapshots(event(xid: 25, lsn: 0x1500))
+        #expect(routed.now[client] == ["s"])
+        routed = state.routeToSnapshots(event(xid: 14, lsn: 0x1600, status: "paid"))
+        #expect(routed.now.isEmpty)
+        #expect(state.hub.subscriptionCount == 0)
+        // At 0x2000 the change is delivered whatever its xid, and the subscription joins the hub.
+        state.lastDelivered = Cursor(commitLSN: LSN(0x2000), index: 0)
+        routed = state.routeToSnapshots(event(xid: 30, lsn: 0x2000))
+        #expect(routed.now[client] == ["s"])
+        #expect(state.snapshots.isEmpty)
+        #expect(state.hub.subscriptionCount == 1)
+        let matched = state.hub.match(event(xid: 31, lsn: 0x2100))
+        #expect(matched.map(\.client) == [client])
+    }
+
+    @Test("Held changes are bounded by the socket's send-queue limits")
+    func holdBound() {
+        let client = FanoutClientID(3)
+        var state = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x100), index: 0))
+        state.snapshots[client] = ["s": PendingSnapshot(subscription: ResolvedSubscription(id: "s", table: "public.items", snapshot: true))]
+        let limits = OutboundQueue<[UInt8]>.Limits(maxMessages: 2, maxBytes: 1_000)
+        let change = insertEvent(["id": "1"])
+        var within: [Bool] = []
+        for _ in 0..<3 { within.append(state.hold([1, 2, 3], of: change, client: client, id: "s", limits: limits)) }
+        #expect(within == [true, true, false])
+        state.dropClient(client)
+        #expect(state.snapshots.isEmpty)
+    }
+
+    @Test("Filter.evaluate(row:) agrees with the filter on the same row as an INSERT")
+    func filterOnRows() throws {
+        let filter = try Filter(parsing: "status=eq.open&qty=gt.2&paid=is.null", columns: itemsColumns)
+        let rows: [[String: String?]] = [
+            ["id": "1", "status": "open", "qty": "3"],
+            ["id": "2", "status": "open", "qty": "2"],
+            ["id": "3", "status": "paid", "qty": "9"],
+            ["id": "4", "status": "open", "qty": "10", "paid": "t"],
+        ]
+        for values in rows {
+            let row = itemsColumns.map { column in values[column.name].flatMap { $0 }.map { Array($0.utf8) } }
+            #expect(filter.evaluate(row: row, columns: itemsColumns) == filter.evaluate(insertEvent(values)), "\(values)")
+        }
+    }
+}
+
+/// What a client saw of a `snapshot: true` subscription: the rows, the chunk sizes and flags.
+struct SnapshotReply {
+    var cursor: String
+    var rows: [[String: Any]]
+    var chunks: [(count: Int, done: Bool)]
+}
+
+extension TestConnection {
+    /// Sends `subscribe` with `snapshot: true`; returns the first answer (subscribed or error).
+    func sendSnapshotSubscribe(_ id: String, table: String, filter: String? = nil, since: String? = nil) async throws {
+        var message: [String: Any] = ["type": "subscribe", "id": id, "table": table, "snapshot": true]
+        if let filter { message["filter"] = filter }
+        if let since { message["since"] = since }
+        try await sendText(String(decoding: try JSONSerialization.data(withJSONObject: message), as: UTF8.self))
+    }
+
+    /// Subscribes with `snapshot: true` and reads `subscribed` and every `snapshot` message up to `done`.
+    func subscribeWithSnapshot(_ id: String, table: String, filter: String? = nil, timeout: Double = 30) async throws -> SnapshotReply {
+        try await sendSnapshotSubscribe(id, table: table, filter: filter)
+        let first = try await receiveJSON(timeout: timeout)
+        guard first["type"] as? String == "subscribed", first["id"] as? String == id, let cursor = first["cursor"] as? String else {
+            throw TestClientError("expected subscribed for \(id), got \(first)")
+        }
+        var reply = SnapshotReply(cursor: cursor, rows: [], chunks: [])
+        while true {
+            let message = try await receiveJSON(timeout: timeout)
+            guard message["type"] as? String == "snapshot", message["id"] as? String == id,
+                  let rows = message["rows"] as? [[String: Any]], let done = message["done"] as? Bool else {
+                throw TestClientError("expected a snapshot message for \(id), got \(message)")
+            }
+            reply.rows += rows
+            reply.chunks.append((rows.count, done))
+            if done { return reply }
+        }
+    }
+}
+
+/// Runs SQL on a fresh connection.
+private func runSQL(_ url: String, _ sql: String) async throws {
+    let connection = try await PostgresConnection.connect(to: url)
+    do {
+        _ = try await connection.execute(sql)
+    } catch {
+        await connection.close()
+        throw error
+    }
+    await connection.close()
+}
+
+/// Creates `public.<prefix…>` with `columns`, fills it with `seed` (SQL run with `{t}` replaced by
+/// the table), runs a `RealtimeService` streaming it and gives `body` the running service, a
+/// connected WebSocket client (closed afterwards) and the table's name.
+private func withSeededTable(
+    _ prefix: String, columns: String = "id int PRIMARY KEY, status text", seed: String,
+    configure: @escaping @Sendable (inout RealtimeService.Configuration) -> Void = { _ in },
+    _ body: @escaping @Sendable (RealtimeService.Running, TestConnection, String) async throws -> Void
+) async throws {
+    try await TestDatabase.withDatabase { url in
+        let table = "public." + uniqueCaptureName(prefix)
+        try await runSQL(url, "CREATE TABLE \(table) (\(columns)); " + seed.replacingOccurrences(of: "{t}", with: table))
+        try await withRealtimeService(url: url, tables: [table], configure: configure) { _, running, _ in
+            let client = try await connectWebSocket(port: running.port)
+            do {
+                try await body(running, client, table)
+            } catch {
+                await client.close()
+                throw error
+            }
+            await client.close()
+        }
+    }
+}
+
+@Suite("Snapshots: subscribe with snapshot:true against a real Postgres and real WebSocket clients", .serialized)
+struct SnapshotTests {
+    @Test("A small table's rows arrive as one snapshot (same JSON forms as changes), then live changes")
+    func smallTableThenLive() async throws {
+        try await withSeededTable("snap_small", columns: "id int PRIMARY KEY, status text, amount numeric, paid bool, doc jsonb",
+                                  seed: #"INSERT INTO {t} VALUES (1, 'open', 1.50, false, '{"a":1}'), (2, 'paid', 20, true, NULL), (3, NULL, NULL, NULL, '[1,2]')"#) { running, client, table in
+            let reply = try await client.subscribeWithSnapshot("s1", table: table)
+            #expect(reply.chunks.count == 1 && reply.chunks[0].done)
+            let rows = Dictionary(uniqueKeysWithValues: reply.rows.map { ($0["id"] as? Int ?? -1, $0) })
+            #expect(rows.keys.sorted() == [1, 2, 3])
+            #expect(rows[1]?["status"] as? String == "open")
+            #expect(rows[1]?["amount"] as? String == "1.50")
+            #expect(rows[1]?["paid"] as? Bool == false)
+            #expect((rows[1]?["doc"] as? [String: Any])?["a"] as? Int == 1)
+            #expect(rows[2]?["doc"] is NSNull)
+            #expect(rows[3]?["status"] is NSNull)
+            #expect(rows[3]?["doc"] as? [Int] == [1, 2])
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) (id, status) VALUES (4, 'new'); UPDATE \(table) SET status = 'done' WHERE id = 1")
+            let insert = try await client.receiveJSON(timeout: 15)
+            #expect(insert["type"] as? String == "change" && insert["op"] as? String == "INSERT")
+            #expect(insert["ids"] as? [String] == ["s1"])
+            #expect((insert["new"] as? [String: Any])?["id"] as? Int == 4)
+            let update = try await client.receiveJSON(timeout: 15)
+            #expect(update["op"] as? String == "UPDATE")
+            #expect((update["new"] as? [String: Any])?["status"] as? String == "done")
+            #expect((update["cursor"] as? String ?? "") > reply.cursor)
+        }
+    }
+
+    @Test("A snapshot larger than snapshotChunkRows comes in several snapshot messages, only the last with done:true")
+    func chunking() async throws {
+        try await withSeededTable("snap_chunks", seed: "INSERT INTO {t} SELECT g, 'row ' || g FROM generate_series(1, 250) g",
+                                  configure: { $0.server.snapshotChunkRows = 100 }) { _, client, table in
+            let reply = try await client.subscribeWithSnapshot("big", table: table)
+            #expect(reply.chunks.map(\.count) == [100, 100, 50])
+            #expect(reply.chunks.map(\.done) == [false, false, true])
+            #expect(Set(reply.rows.compactMap { $0["id"] as? Int }) == Set(1...250))
+        }
+    }
+
+    @Test("More matching rows than snapshotMaxRows: snapshot_too_large naming the knob, nothing sent, no subscription left")
+    func tooLarge() async throws {
+        try await withSeededTable("snap_large", seed: "INSERT INTO {t} SELECT g, CASE WHEN g <= 4 THEN 'paid' ELSE 'open' END FROM generate_series(1, 20) g",
+                                  configure: { $0.server.snapshotMaxRows = 5 }) { running, client, table in
+            try await client.sendSnapshotSubscribe("s1", table: table)
+            let answer = try await client.receiveJSON(timeout: 15)
+            #expect(answer["type"] as? String == "error")
+            #expect(answer["code"] as? String == "snapshot_too_large")
+            #expect(answer["id"] as? String == "s1")
+            #expect((answer["message"] as? String ?? "").contains("snapshotMaxRows=5"), "\(answer)")
+            #expect(running.server.statistics.subscriptions == 0)
+            // The same id is free again; within the limit (filtered to 4 rows) it works.
+            let reply = try await client.subscribeWithSnapshot("s1", table: table, filter: "status=eq.paid")
+            #expect(reply.rows.count == 4)
+            // A change reaches only that subscription, once.
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) (id, status) VALUES (100, 'paid')")
+            let change = try await client.receiveJSON(timeout: 15)
+            #expect(change["ids"] as? [String] == ["s1"])
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 100)
+        }
+    }
+
+    @Test("The snapshot honours the subscription's filter exactly like the stream; snapshot with since is refused")
+    func filterAndSince() async throws {
+        try await withSeededTable("snap_filter", columns: "id int PRIMARY KEY, status text, amount numeric",
+                                  seed: "INSERT INTO {t} SELECT g, CASE WHEN g % 3 = 0 THEN 'paid' ELSE 'open' END, g * 10 FROM generate_series(1, 30) g") { running, client, table in
+            let reply = try await client.subscribeWithSnapshot("f", table: table, filter: "status=eq.paid&amount=gt.100")
+            let ids = reply.rows.compactMap { $0["id"] as? Int }.sorted()
+            #expect(ids == [12, 15, 18, 21, 24, 27, 30])
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) VALUES (31, 'open', 1000), (33, 'paid', 1000), (36, 'paid', 5)")
+            let change = try await client.receiveJSON(timeout: 15)
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 33)
+
+            try await client.sendSnapshotSubscribe("both", table: table, since: reply.cursor)
+            let refused = try await client.receiveJSON(timeout: 15)
+            #expect(refused["code"] as? String == "invalid_message")
+            #expect((refused["message"] as? String ?? "").contains("'snapshot' and 'since'"))
+        }
+    }
+
+    @Test("A client that disconnects mid-snapshot (queue full, waiting for the writer) releases the pooled connection and its session")
+    func disconnectMidSnapshot() async throws {
+        try await withSeededTable("snap_gone", seed: "INSERT INTO {t} SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g", configure: {
+            $0.server.snapshotChunkRows = 10
+            $0.server.queueLimits = .init(maxMessages: 8, maxBytes: 1 << 20)
+        }) { running, client, table in
+            let pool = try #require(running.server.configuration.snapshotReader?.pool)
+            try await client.sendSnapshotSubscribe("s1", table: table)
+            let first = try await client.receiveJSON(timeout: 15)
+            #expect(first["type"] as? String == "subscribed")
+            // The server is now blocked on the client's send queue with a pooled connection in a transaction.
+            #expect(await eventually(10) { pool.statistics.inUse == 1 })
+            await client.reset()
+            #expect(await eventually(15) { pool.statistics.inUse == 0 && running.server.statistics.sessions == 0 },
+                    "in use \(pool.statistics.inUse), sessions \(running.server.statistics.sessions)")
+            // The pool's connection is usable: another client gets a full snapshot.
+            let second = try await connectWebSocket(port: running.port)
+            let reply = try await second.subscribeWithSnapshot("s2", table: table, filter: "id=lte.25")
+            #expect(reply.rows.count == 25)
+            await second.close()
+        }
+    }
+
+    @Test("A transaction streamed before it became visible (commit in WAL, still running for the snapshot) is sent after the snapshot, not lost")
+    func transactionStreamedBeforeVisible() async throws {
+        try await TestDatabase.withDatabase { url in
+            let name = uniqueCaptureName("snap_late")
+            try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) VALUES (1, 'a')")
+            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
+            let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
+            // T: inserts row 2 and stays open, so every snapshot lists it in xip.
+            let open = try await PostgresConnection.connect(to: url)
+            _ = try await open.execute("BEGIN; INSERT INTO \(name) VALUES (2, 'b')")
+            let xid = try #require(try await open.query("SELECT txid_current()")[0].decode(Int.self, at: 0))
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+            var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
+            configuration.snapshotReader = TableSnapshotReader(pool: pool)
+            let server = RealtimeServer(source: source, configuration: configuration)
+            let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                do {
+                    let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+                    // The stream delivers T's commit before T leaves the process array (the race PostgreSQL allows).
+                    let streamed = ChangeEvent(operation: .insert, relation: relation, new: TupleData([t("2"), t("b")]), old: nil, oldKind: nil,
+                                               xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(0x2000), commitTime: fixedTime, index: 0)
+                    source.publish(streamed)
+                    #expect(await eventually(10) { server.statistics.fanoutCursor == streamed.cursor })
+                    let client = try await connectWebSocket(port: port)
+                    let reply = try await client.subscribeWithSnapshot("s", table: "public.\(name)")
+                    #expect(reply.rows.compactMap { $0["id"] as? Int } == [1])
+                    #expect(reply.cursor < streamed.cursor.description)
+                    let change = try await client.receiveJSON(timeout: 10)
+                    #expect(change["ids"] as? [String] == ["s"])
+                    #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
+                    #expect(change["cursor"] as? String == streamed.cursor.description)
+                    await client.close()
+                } catch {
+                    await group.triggerGracefulShutdown()
+                    try? await tasks.waitForAll()
+                    _ = try? await open.execute("ROLLBACK")
+                    await open.close()
+                    throw error
+                }
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            }
+            _ = try await open.execute("ROLLBACK")
+            await open.close()
+        }
+    }
+
+    @Test("5 writers insert, update and delete while 20 clients subscribe with snapshot:true at staggered times; each client's final view equals the table")
+    func concurrentWritersAndSnapshots() async throws {
+        try await TestDatabase.withDatabaseAlone { url in
+            let name = uniqueCaptureName("snap_race")
+            try await runSQL(url, """
+                CREATE TABLE \(name) (id int PRIMARY KEY, version int NOT NULL, writer int NOT NULL);
+                INSERT INTO \(name) SELECT g, 0, -1 FROM generate_series(1, 300) g
+                """)
+            let table = "public.\(name)"
+            try await withRealtimeService(url: url, tables: [table], configure: { $0.server.snapshotChunkRows = 40 }) { _, running, _ in
+                let control = WriterControl()
+                let markerID = 999_999_999
+                try await withThrowingTaskGroup(of: [Int: Int]?.self) { group in
+                    for writer in 0..<5 {
+                        group.addTask {
+                            try await runWriter(url: url, table: table, writer: writer, control: control)
+                            return nil
+                        }
+                    }
+                    for client in 0..<20 {
+                        group.addTask {
+                            try await cancellableSleep(.milliseconds(Int64(200 + client * 130)))
+                            return try await followTable(port: running.port, table: table, client: client, markerID: markerID)
+                        }
+                    }
+                    group.addTask {
+                        try await cancellableSleep(.milliseconds(200 + 20 * 130 + 1_200))
+                        control.stop.store(true, ordering: .relaxed)
+                        return nil
+                    }
+                    var views: [[Int: Int]] = []
+                    var writersDone = 0
+                    while let result = try await group.next() {
+                        if let view = result {
+                            views.append(view)
+                        } else {
+                            writersDone += 1
+                            if writersDone == 6 {
+                                // Every writer stopped (5) and the stop flag was set (1): the final marker.
+                                try await runSQL(url, "INSERT INTO \(table) (id, version, writer) VALUES (\(markerID), 0, 99)")
+                            }
+                        }
+                    }
+                    let connection = try await PostgresConnection.connect(to: url)
+                    let rows = try await connection.query("SELECT id, version FROM \(table)")
+                    var expected: [Int: Int] = [:]
+                    for row in rows { expected[try row.decode(Int.self, at: 0) ?? -1] = try row.decode(Int.self, at: 1) ?? -1 }
+                    await connection.close()
+                    #expect(views.count == 20)
+                    #expect(control.writes.load(ordering: .relaxed) > 100, "writers made \(control.writes.load(ordering: .relaxed)) writes")
+                    for (client, view) in views.enumerated() {
+                        #expect(view == expected, "client \(client): \(view.count) rows seen, \(expected.count) in the table; differing ids: \(Set(view.keys).symmetricDifference(expected.keys).sorted().prefix(10)), versions differ at \(expected.filter { view[$0.key] != nil && view[$0.key] != $0.value }.keys.sorted().prefix(10))")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Shared by the writers and the test: when to stop, and how many writes were made.
+private final class WriterControl: Sendable {
+    let stop = Atomic<Bool>(false)
+    let writes = Atomic<Int>(0)
+}
+
+/// One writer: until `stop`, inserts rows of its own, bumps the version of random rows (its own
+/// and the seeded ones) and deletes some, in single-statement and multi-statement transactions.
+private func runWriter(url: String, table: String, writer: Int, control: WriterControl) async throws {
+    let connection = try await PostgresConnection.connect(to: url)
+    var next = 0
+    var mine: [Int] = []
+    do {
+        while !control.stop.load(ordering: .relaxed) {
+            let roll = Int.random(in: 0..<10)
+            switch roll {
+            case 0..<4:
+                let id = 1_000_000 * (writer + 1) + next
+                next += 1
+                _ = try await connection.query("INSERT INTO \(table) (id, version, writer) VALUES ($1, 0, $2)", id, writer)
+                mine.append(id)
+            case 4..<7:
+                // Seeded rows are shared by every writer: concurrent updates of one row serialise on its lock.
+                let id = Int.random(in: 1...300)
+                _ = try await connection.query("UPDATE \(table) SET version = version + 1, writer = $2 WHERE id = $1", id, writer)
+            case 7..<9:
+                guard let id = mine.randomElement() else { continue }
+                _ = try await connection.execute("""
+                    BEGIN; UPDATE \(table) SET version = version + 1 WHERE id = \(id);
+                    INSERT INTO \(table) (id, version, writer) VALUES (\(1_000_000 * (writer + 1) + next), 0, \(writer)); COMMIT
+                    """)
+                mine.append(1_000_000 * (writer + 1) + next)
+                next += 1
+            default:
+                guard !mine.isEmpty else { continue }
+                let id = mine.remove(at: Int.random(in: 0..<mine.count))
+                _ = try await connection.query("DELETE FROM \(table) WHERE id = $1", id)
+            }
+            control.writes.add(1, ordering: .relaxed)
+            try await cancellableSleep(.milliseconds(Int64.random(in: 1...4)))
+        }
+    } catch {
+        await connection.close()
+        throw error
+    }
+    await connection.close()
+}
+
+/// One client: subscribes with a snapshot, applies rows then changes by primary key (checking
+/// that no change is missing or repeated: an INSERT for a row it has, an UPDATE or DELETE for one
+/// it lacks, or an UPDATE that does not add exactly 1 to the version is an error), and returns
+/// its view (id -> version) once it has seen the marker row.
+private func followTable(port: Int, table: String, client: Int, markerID: Int) async throws -> [Int: Int] {
+    let connection = try await connectWebSocket(port: port)
+    do {
+        let reply = try await connection.subscribeWithSnapshot("c\(client)", table: table, timeout: 60)
+        var view: [Int: Int] = [:]
+        for row in reply.rows {
+            guard let id = row["id"] as? Int, let version = row["version"] as? Int else { throw TestClientError("bad row \(row)") }
+            guard view.updateValue(version, forKey: id) == nil else { throw TestClientError("client \(client): row \(id) twice in the snapshot") }
+        }
+        while true {
+            let change = try await connection.receiveJSON(timeout: 60)
+            guard change["type"] as? String == "change" else { throw TestClientError("client \(client): unexpected \(change)") }
+            let new = change["new"] as? [String: Any]
+            let old = change["old"] as? [String: Any]
+            switch change["op"] as? String {
+            case "INSERT":
+                guard let id = new?["id"] as? Int, let version = new?["version"] as? Int else { throw TestClientError("bad insert \(change)") }
+                guard view.updateValue(version, forKey: id) == nil else { throw TestClientError("client \(client): INSERT of row \(id) it already has (duplicate)") }
+                if id == markerID {
+                    await connection.close()
+                    return view
+                }
+            case "UPDATE":
+                guard let id = new?["id"] as? Int, let version = new?["version"] as? Int else { throw TestClientError("bad update \(change)") }
+                guard let had = view[id] else { throw TestClientError("client \(client): UPDATE of row \(id) it does not have (gap)") }
+                guard version == had + 1 else { throw TestClientError("client \(client): row \(id) went from version \(had) to \(version)") }
+                view[id] = version
+            case "DELETE":
+                guard let id = old?["id"] as? Int else { throw TestClientError("bad delete \(change)") }
+                guard view.removeValue(forKey: id) != nil else { throw TestClientError("client \(client): DELETE of row \(id) it does not have") }
+            default:
+                throw TestClientError("client \(client): unexpected \(change)")
+            }
+        }
+    } catch {
+        await connection.close()
+        throw error
+    }
+}
