@@ -75,4 +75,38 @@ struct AuthServiceTests {
             await sql.close()
         }
     }
+    @Test("snapshot:true with auth: the rows are filtered by the token's mandatory filter ANDed with the client's, like the changes that follow")
+    func snapshotUnderMandatoryFilter() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = "public." + uniqueCaptureName("auth_snap")
+            let sql = try await PostgresConnection.connect(to: url)
+            do {
+                _ = try await sql.execute("""
+                    CREATE TABLE \(table) (id int PRIMARY KEY, tenant_id int, status text);
+                    INSERT INTO \(table) SELECT g, 40 + g % 3, CASE WHEN g % 2 = 0 THEN 'paid' ELSE 'open' END FROM generate_series(1, 30) g;
+                    """)
+                let auth = try await JWTAuthenticator(secret: testJWTSecret)
+                let token = try await testToken([table: "tenant_id=eq.42"])
+                try await withRealtimeService(url: url, tables: [table], configure: { $0.server.auth = auth }) { _, running, _ in
+                    let client = try await connectWebSocket(port: running.port, token: token)
+                    let all = try await client.subscribeWithSnapshot("all", table: table)
+                    #expect(all.rows.compactMap { $0["id"] as? Int }.sorted() == (1...30).filter { 40 + $0 % 3 == 42 })
+                    #expect(all.rows.allSatisfy { $0["tenant_id"] as? Int == 42 })
+                    let paid = try await client.subscribeWithSnapshot("paid", table: table, filter: "status=eq.paid")
+                    #expect(paid.rows.compactMap { $0["id"] as? Int }.sorted() == (1...30).filter { 40 + $0 % 3 == 42 && $0 % 2 == 0 })
+                    _ = try await sql.execute("INSERT INTO \(table) VALUES (100, 41, 'paid'), (101, 42, 'open')")
+                    let change = try await client.receiveJSON(timeout: 20)
+                    #expect((change["new"] as? [String: Any])?["id"] as? Int == 101)
+                    #expect(change["ids"] as? [String] == ["all"])
+                    await client.close()
+                }
+            } catch {
+                _ = try? await sql.execute("DROP TABLE \(table)")
+                await sql.close()
+                throw error
+            }
+            _ = try? await sql.execute("DROP TABLE \(table)")
+            await sql.close()
+        }
+    }
 }
