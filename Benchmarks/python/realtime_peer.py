@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import psycopg
 from websockets.asyncio.server import broadcast, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 from websockets.datastructures import Headers
 
@@ -77,6 +78,8 @@ async def handler(ws):
             clients[ws] = {table: tuple(ids) for table, ids in tables.items()}
             reply = {"type": "subscribed", "id": sub_id, "cursor": cursor()} if kind == "subscribe" else {"type": "unsubscribed", "id": sub_id}
             await ws.send(json.dumps(reply, separators=(",", ":")))
+    except ConnectionClosed:
+        pass  # a client that drops without a close frame is routine here
     finally:
         clients.pop(ws, None)
         subscriptions.pop(ws, None)

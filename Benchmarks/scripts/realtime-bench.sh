@@ -83,7 +83,8 @@ psql -q "$url" -v ON_ERROR_STOP=1 -c "DROP TABLE IF EXISTS $table; CREATE TABLE 
 token=""
 token_note=""
 if [ "$auth" = 1 ]; then
-  if "$server_bin" token --help >/dev/null 2>&1; then
+  # `serve` is the default subcommand, so `token --help` would not fail: look in the subcommand list.
+  if "$server_bin" --help 2>/dev/null | sed -n '/SUBCOMMANDS/,$p' | grep -qE '^ +token( |$)'; then
     secret=realtime-bench-secret
     token=$("$server_bin" token --secret "$secret" --table "$table=" --ttl 1h | tail -1)
   else
@@ -103,7 +104,8 @@ wait_http() { # port path: until the listener answers at all
 }
 
 start_server() { # which scenario [secret]
-  psql -q "$url" -c "TRUNCATE $table" >/dev/null
+  # An emptied table (ids restart at 1) and no trigger left by a peer that did not exit cleanly.
+  psql -q "$url" -c "TRUNCATE $table; DROP TRIGGER IF EXISTS realtime_peer_notify ON $table" >/dev/null 2>&1
   case "$1" in
     ours|ours-auth)
       local extra=()

@@ -174,7 +174,11 @@ struct RealtimeBench {
             }.get())
         }
         let closed = counters.closedSockets.load(ordering: .relaxed)
-        for channel in channels { channel.close(promise: nil) }
+        let goingAway = Frames.masked(opcode: 0x8, payload: [0x03, 0xE8])  // 1000
+        for channel in channels {
+            channel.writeAndFlush(goingAway).whenComplete { _ in channel.close(promise: nil) }
+        }
+        try? await Task.sleep(for: .milliseconds(200))
         try? await group.shutdownGracefully()
 
         let changes = summaries.map(\.changes).reduce(0, +)

@@ -37,7 +37,7 @@ public enum LivePage {
         <form id="form">
           <label>table <input id="table" value="__TABLE__"></label>
           <label>filter (optional) <input id="filter" placeholder="status=eq.paid"></label>
-          <button type="submit">subscribe</button>
+          <button id="subscribe" type="submit">subscribe</button>
         </form>
         <div id="status">connecting…</div>
         <div>last cursor: <code id="cursor">none</code></div>
