@@ -12,7 +12,8 @@
 # quick: small N and 3 s runs (a smoke test, ~1-2 min); full: the scale (1,000 and
 # 10,000 sockets; needs ~25k open files, raised below with ulimit -n as root).
 # Settings: PGPORT_LOCAL (54343), PGDIR_LOCAL, OURS_PORT (18080), PEER_PORT (18090),
-# THREADS (client event-loop threads, default: cores).
+# THREADS (client event-loop threads, default: cores), SCEN_A/SCEN_B/SCEN_C/SCEN_D to override a
+# scenario as "sockets rows/s seconds batch" (e.g. SCEN_A="1000 100 10 1").
 # Every server is started fresh for each scenario (so RSS per socket is not hidden by memory
 # an earlier scenario freed), on an emptied table, and stopped after it.
 set -euo pipefail
@@ -42,11 +43,12 @@ if [ "$mode" = full ]; then
 else
   scen_a="50 200 3 1"; scen_b="100 500 3 5"; scen_c="500 0 0 1"
 fi
-scen_d=$scen_b
+scen_a=${SCEN_A:-$scen_a}; scen_b=${SCEN_B:-$scen_b}; scen_c=${SCEN_C:-$scen_c}
+scen_d=${SCEN_D:-$scen_b}
 
 # Sockets: client and server each need one descriptor per socket (plus slack).
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 25000 ] && [ "$mode" = full ]; then
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 12000 ] && [ "$mode" = full ]; then
   echo "realtime-bench: ulimit -n is $(ulimit -n); scenario (c) needs ~12,000 per process: run as root or raise the hard limit (ulimit -Hn)" >&2
 fi
 
