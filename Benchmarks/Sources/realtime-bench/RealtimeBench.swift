@@ -225,7 +225,9 @@ struct RealtimeBench {
 
     static func connectFailure(_ error: any Error, opened: Int, wanted: Int, fdLimit: Int) -> String {
         let text = "\(error)"
-        if let io = error as? IOError, io.errnoCode == EMFILE || io.errnoCode == ENFILE || text.contains("Too many open files") {
+        // NIO wraps the socket() failure in a NIOConnectionError: match the errno text as well.
+        let errno = (error as? IOError)?.errnoCode
+        if errno == EMFILE || errno == ENFILE || text.contains("Too many open files") || text.contains("errno: 24") || text.contains("errno: 23") {
             return "connect failed after \(opened) of \(wanted) sockets: out of file descriptors (limit \(fdLimit)). "
                 + "Raise the hard limit before starting, e.g. `ulimit -n \(max(wanted * 2 + 1024, 65536))` in the shell (root), "
                 + "LimitNOFILE= for a systemd unit, or nofile in /etc/security/limits.conf; ENFILE means the system-wide fs.file-max."
