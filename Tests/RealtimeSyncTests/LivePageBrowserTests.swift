@@ -56,6 +56,19 @@ struct Chromium {
         return DevToolsSession(socket: socket)
     }
 
+    /// Runs `body` with a DevTools session on the first page; the session's socket is closed after it, also on failure.
+    func withPage<T>(_ body: (DevToolsSession) async throws -> T) async throws -> T {
+        let page = try await openPage()
+        do {
+            let result = try await body(page)
+            await page.socket.close()
+            return result
+        } catch {
+            await page.socket.close()
+            throw error
+        }
+    }
+
     func close() {
         if process.isRunning {
             process.terminate()
@@ -127,43 +140,48 @@ struct LivePageBrowserTests {
             try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
                 let browser = try await Chromium.launch()
                 defer { browser.close() }
-                let page = try await browser.openPage()
-                defer { Task { [socket = page.socket] in await socket.close() } }
-                try await page.send("Page.enable")
-                try await page.send("Page.navigate", ["url": "http://127.0.0.1:\(running.port)/"])
-                let loaded = try await page.waitUntil("document.readyState === 'complete' && !!document.getElementById('subscribe')")
-                #expect(loaded, "the live page did not load")
-                // The page subscribes to its pre-filled table on load; subscribe again with a filter, as a user would.
-                _ = try await page.evaluate("""
-                    document.getElementById('table').value = '\(table)';
-                    document.getElementById('filter').value = 'status=eq.paid';
-                    document.getElementById('subscribe').click(); true
-                    """)
-                let subscribed = try await page.waitUntil("document.getElementById('status').textContent === 'subscribed to \(table)'")
-                let status = try await page.evaluate("document.getElementById('status').textContent") as? String
-                #expect(subscribed, "status: \(status ?? "-")")
+                try await browser.withPage { page in
+                    try await page.send("Page.enable")
+                    try await page.send("Page.navigate", ["url": "http://127.0.0.1:\(running.port)/"])
+                    let loaded = try await page.waitUntil("document.readyState === 'complete' && !!document.getElementById('subscribe')")
+                    #expect(loaded, "the live page did not load")
+                    // The page subscribes to its pre-filled table on load; once that is confirmed, clear the
+                    // status (so only the new subscription's answer can set it again) and subscribe with a
+                    // filter, as a user would.
+                    let first = try await page.waitUntil("document.getElementById('status').textContent.startsWith('subscribed to')")
+                    #expect(first, "the page's own subscription on load was not confirmed")
+                    _ = try await page.evaluate("""
+                        document.getElementById('status').textContent = '';
+                        document.getElementById('table').value = '\(table)';
+                        document.getElementById('filter').value = 'status=eq.paid';
+                        document.getElementById('subscribe').click(); true
+                        """)
+                    let subscribed = try await page.waitUntil("document.getElementById('status').textContent === 'subscribed to \(table)'")
+                    let status = try await page.evaluate("document.getElementById('status').textContent") as? String
+                    #expect(subscribed, "status: \(status ?? "-")")
 
-                let sql = try await PostgresConnection.connect(to: url)
-                _ = try await sql.execute("INSERT INTO \(table) (status) VALUES ('open'); INSERT INTO \(table) (status) VALUES ('paid')")
-                await sql.close()
-                let appeared = try await page.waitUntil("document.getElementById('changes').textContent.includes('\"paid\"')")
-                #expect(appeared, "the inserted row never appeared on the page")
-                let rows = try await page.evaluate("Array.from(document.querySelectorAll('#changes tr')).map(r => r.textContent)") as? [String] ?? []
-                #expect(rows.count == 1, "\(rows)")
-                #expect(rows.first?.hasPrefix("INSERT") == true, "\(rows)")
-                #expect(rows.contains { $0.contains("\"open\"") } == false, "the filter let a non-matching row through: \(rows)")
-                let cursor = try await page.evaluate("document.getElementById('cursor').textContent") as? String
-                #expect(cursor != nil && cursor != "none")
+                    let sql = try await PostgresConnection.connect(to: url)
+                    _ = try await sql.execute("INSERT INTO \(table) (status) VALUES ('open'); INSERT INTO \(table) (status) VALUES ('paid')")
+                    await sql.close()
+                    let appeared = try await page.waitUntil("document.getElementById('changes').textContent.includes('\"paid\"')")
+                    #expect(appeared, "the inserted row never appeared on the page")
+                    let rows = try await page.evaluate("Array.from(document.querySelectorAll('#changes tr')).map(r => r.textContent)") as? [String] ?? []
+                    #expect(rows.count == 1, "\(rows)")
+                    #expect(rows.first?.hasPrefix("INSERT") == true, "\(rows)")
+                    #expect(rows.contains { $0.contains("\"open\"") } == false, "the filter let a non-matching row through: \(rows)")
+                    let cursor = try await page.evaluate("document.getElementById('cursor').textContent") as? String
+                    #expect(cursor != nil && cursor != "none")
 
-                let shot = try await page.send("Page.captureScreenshot", ["format": "png"])
-                let png = try #require((shot["data"] as? String).flatMap { Data(base64Encoded: $0) })
-                let artifacts = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-                    .deletingLastPathComponent().appendingPathComponent(".build/test-artifacts")
-                try FileManager.default.createDirectory(at: artifacts, withIntermediateDirectories: true)
-                let file = artifacts.appendingPathComponent("live-page.png")
-                try png.write(to: file)
-                print("live page screenshot: \(file.path)")
-                #expect(png.starts(with: [0x89, 0x50, 0x4E, 0x47]))
+                    let shot = try await page.send("Page.captureScreenshot", ["format": "png"])
+                    let png = try #require((shot["data"] as? String).flatMap { Data(base64Encoded: $0) })
+                    let artifacts = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+                        .deletingLastPathComponent().appendingPathComponent(".build/test-artifacts")
+                    try FileManager.default.createDirectory(at: artifacts, withIntermediateDirectories: true)
+                    let file = artifacts.appendingPathComponent("live-page.png")
+                    try png.write(to: file)
+                    print("live page screenshot: \(file.path)")
+                    #expect(png.starts(with: [0x89, 0x50, 0x4E, 0x47]))
+                }
             }
         }
     }
