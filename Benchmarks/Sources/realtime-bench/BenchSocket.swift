@@ -29,6 +29,8 @@ final class LoopStats: @unchecked Sendable {
     /// Same, from the inserter's client_ts column (insert issued → receive).
     var clientLatency = [UInt32](repeating: 0, count: Histogram.buckets)
     var negativeCommitLatency = 0
+    /// The last commit date seen (yyyymmdd) and its days since the epoch.
+    var dayCache: (key: Int64, days: Int64) = (-1, 0)
     var changes = 0
     var duplicates = 0
     var unparsable = 0
@@ -242,7 +244,7 @@ final class BenchSocket: ChannelInboundHandler, @unchecked Sendable {
 
     private func handleChange(_ bytes: UnsafeRawBufferPointer, now: Int64) {
         stats.changes += 1
-        if let at = Scan.valueStart(bytes, after: Scan.commitTimeKey, from: 0), let commit = Scan.timestampMicros(bytes, at: at) {
+        if let at = Scan.valueStart(bytes, after: Scan.commitTimeKey, from: 0), let commit = Scan.timestampMicros(bytes, at: at, dayCache: &stats.dayCache) {
             let latency = now - commit
             if latency < 0 { stats.negativeCommitLatency += 1 }
             stats.commitLatency[Histogram.index(latency)] += 1
@@ -325,7 +327,7 @@ enum Scan {
 
     /// `"YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+00:00)"` at `at` (the quote) as µs since the epoch (UTC).
     @inline(__always)
-    static func timestampMicros(_ bytes: UnsafeRawBufferPointer, at: Int) -> Int64? {
+    static func timestampMicros(_ bytes: UnsafeRawBufferPointer, at: Int, dayCache: inout (key: Int64, days: Int64)) -> Int64? {
         let s = at + 1
         guard s + 19 <= bytes.count else { return nil }
         @inline(__always) func num(_ from: Int, _ count: Int) -> Int64 {
@@ -346,14 +348,14 @@ enum Scan {
             }
             while digits < 6 { micros *= 10; digits += 1 }
         }
-        // days from civil (Howard Hinnant)
-        let y = month <= 2 ? year - 1 : year
-        let era = (y >= 0 ? y : y - 399) / 400
-        let yoe = y - era * 400
-        let mp = (month + 9) % 12
-        let doy = (153 * mp + 2) / 5 + day - 1
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
-        let days = era * 146_097 + doe - 719_468
+        // The date changes once a day: convert it with timegm only when it differs from the last one.
+        let key = year * 10_000 + month * 100 + day
+        if key != dayCache.key {
+            var parts = tm()
+            parts.tm_year = Int32(year - 1900); parts.tm_mon = Int32(month - 1); parts.tm_mday = Int32(day)
+            dayCache = (key, Int64(timegm(&parts)) / 86_400)
+        }
+        let days = dayCache.days
         return ((days * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000) + micros
     }
 }
