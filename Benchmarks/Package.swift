@@ -11,6 +11,7 @@ let package = Package(
         .package(url: "https://github.com/vapor/postgres-nio.git", exact: "1.33.2"),
         .package(url: "https://github.com/apple/swift-async-algorithms.git", from: "1.0.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.81.0"),
     ],
     targets: [
         // issue 2: SELECT $1::int round trips on one PostgresConnection
@@ -50,6 +51,16 @@ let package = Package(
                 .product(name: "PoolKit", package: "swift-realtime-sync"),
             ],
             path: "Sources/capture-bench"
+        ),
+        // issue 7: WebSocket fan-out load client (latency from commit_time, delivered/s, losses, server RSS per socket)
+        .executableTarget(
+            name: "realtime-bench",
+            dependencies: [
+                .product(name: "PoolKit", package: "swift-realtime-sync"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            path: "Sources/realtime-bench"
         ),
     ],
     swiftLanguageModes: [.v6]

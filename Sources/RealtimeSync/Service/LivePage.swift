@@ -40,7 +40,7 @@ public enum LivePage {
           <label>table <input id="table" value="__TABLE__"></label>
           <label>filter (optional) <input id="filter" placeholder="status=eq.paid"></label>
           <label>token (when auth is on) <input id="token" type="password" placeholder="realtime-sync token …" autocomplete="off"></label>
-          <button type="submit">subscribe</button>
+          <button id="subscribe" type="submit">subscribe</button>
         </form>
         <div id="status">connecting…</div>
         <div>last cursor: <code id="cursor">none</code></div>
