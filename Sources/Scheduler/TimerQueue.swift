@@ -91,7 +91,42 @@ struct TimerQueue: Sendable {
     /// Removes and returns the earliest entry if its deadline is at or before `now`.
     mutating func popDue(now: Int64) -> Entry? {
         guard let top = entries.first, top.deadline <= now else { return nil }
-        remove(top.id)
+        positions[Int(top.id)] = -1
+        let last = entries.removeLast()
+        if entries.isEmpty {
+            shrink()
+            return top
+        }
+        // Bottom-up (Floyd): move the hole at the root down to a leaf along
+        // the smaller children (one comparison per level), then sift the
+        // former last entry up from there. It came from the bottom, so it
+        // rarely rises: about half the comparisons of a plain sift-down, and
+        // the pop of every due job goes through here.
+        let n = entries.count
+        entries.withUnsafeMutableBufferPointer { e in
+            positions.withUnsafeMutableBufferPointer { pos in
+                var hole = 0
+                while true {
+                    var child = 2 &* hole &+ 1
+                    if child >= n { break }
+                    if child &+ 1 < n && e[child &+ 1] < e[child] { child &+= 1 }
+                    let c = e[child]
+                    e[hole] = c
+                    pos[Int(c.id)] = Int32(truncatingIfNeeded: hole)
+                    hole = child
+                }
+                while hole > 0 {
+                    let parent = (hole &- 1) / 2
+                    let p = e[parent]
+                    guard last < p else { break }
+                    e[hole] = p
+                    pos[Int(p.id)] = Int32(truncatingIfNeeded: hole)
+                    hole = parent
+                }
+                e[hole] = last
+                pos[Int(last.id)] = Int32(truncatingIfNeeded: hole)
+            }
+        }
         return top
     }
 
