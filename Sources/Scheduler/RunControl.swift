@@ -20,20 +20,25 @@ enum CancelReason: UInt8, Sendable {
 /// `UnsafeCurrentTask` asks callers to keep, and it is why a cancellation
 /// aimed at one run never reaches the next run the same worker picks up (a
 /// worker whose task was cancelled starts no further run; it exits).
-final class RunControl: Sendable {
+///
+/// Not final: `SchedulerState.RunStart` (the run's hand-over record) is a
+/// `RunControl`, so a run costs one allocation, not two. All members are
+/// final (no dynamic dispatch); `@unchecked` only because Swift accepts
+/// `Sendable` on final classes alone: the only stored state is the mutex.
+class RunControl: @unchecked Sendable {
     private struct State {
         var reason: CancelReason?
         // Used only under the lock, only between install and uninstall (see above).
         nonisolated(unsafe) var task: UnsafeCurrentTask?
     }
 
-    private let state = Mutex(State())
+    private final let state = Mutex(State())
 
     init() {}
 
     /// Installs the running worker's task; returns true (and installs
     /// nothing) if cancellation was already requested.
-    func install(_ task: UnsafeCurrentTask) -> Bool {
+    final func install(_ task: UnsafeCurrentTask) -> Bool {
         // Lifetime and use as described above: only under the lock, only until uninstall.
         nonisolated(unsafe) let task = task
         return state.withLock { s in
@@ -44,12 +49,12 @@ final class RunControl: Sendable {
     }
 
     /// Removes the task; after this returns no one cancels it through this run.
-    func uninstall() {
+    final func uninstall() {
         state.withLock { $0.task = nil }
     }
 
     /// Requests cancellation (the first reason wins) and cancels the task if it runs.
-    func cancel(_ reason: CancelReason) {
+    final func cancel(_ reason: CancelReason) {
         state.withLock { s in
             guard s.reason == nil else { return }
             s.reason = reason
@@ -59,5 +64,5 @@ final class RunControl: Sendable {
     }
 
     /// The reason cancellation was requested, if it was.
-    var reason: CancelReason? { state.withLock { $0.reason } }
+    final var reason: CancelReason? { state.withLock { $0.reason } }
 }
