@@ -6,8 +6,32 @@ import Synchronization
 
 /// The job whose run the current task is executing (to make `cancelAndWait()`
 /// from inside a run return instead of waiting for itself).
+///
+/// Bound once per worker task, not once per run: a task-local binding per run
+/// cost a push and a pop in the task's allocator for every run. The worker
+/// updates its marker before and after each body instead (two relaxed stores).
 enum CurrentRun {
-    @TaskLocal static var job: JobID?
+    @TaskLocal static var marker: RunMarker?
+
+    /// True if the current task is (or was started from) a worker now inside a run of `id`.
+    static func isInside(_ id: JobID) -> Bool {
+        marker?.isInside(id) ?? false
+    }
+}
+
+/// Which job's run a worker is inside (see `CurrentRun`).
+final class RunMarker: Sendable {
+    /// The serial of the job whose body runs, 0 for none (job serials start at 1
+    /// and are never reused within one scheduler).
+    private let serial = Atomic<UInt64>(0)
+
+    @inline(__always)
+    func enter(_ id: JobID) { serial.store(id.serial, ordering: .relaxed) }
+
+    @inline(__always)
+    func leave() { serial.store(0, ordering: .relaxed) }
+
+    func isInside(_ id: JobID) -> Bool { serial.load(ordering: .relaxed) == id.serial }
 }
 
 /// Runs periodic and one-shot jobs on one timer queue driven by one task.
@@ -355,7 +379,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             carried = step.rejected
             if step.exit { return }
-            if step.more { continue }
+            if step.more {
+                // A full batch was handed over and more is due (an aligned
+                // burst): let the workers have this thread. They take the
+                // next due runs themselves when the pool runs dry, so the
+                // driver need not queue the whole burst first.
+                if step.started >= limit { await Task.yield() }
+                continue
+            }
             await park()
         }
     }
@@ -407,6 +438,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// replacement if runs wait).
     @_specialize(where C == ContinuousClock)
     private func worker(_ slot: Int) async {
+        let marker = RunMarker()
+        await CurrentRun.$marker.withValue(marker) {
+            await workerLoop(slot, marker: marker)
+        }
+    }
+
+    @_specialize(where C == ContinuousClock)
+    private func workerLoop(_ slot: Int, marker: RunMarker) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
         var finished: RunCompletion?
         var finishedPrompt = false
@@ -443,7 +482,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             switch next {
             case .run(let start):
                 if !toRecord.isEmpty { record(toRecord) }
-                let c = await runOne(start, startInstant: startInstant, now: now)
+                let c = await runOne(start, startInstant: startInstant, now: now, marker: marker)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
                 finishedControl = start.control
@@ -493,7 +532,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// One run, called by a worker: the body runs inline on the worker's task.
     @_specialize(where C == ContinuousClock)
-    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64) async -> RunCompletion {
+    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker) async -> RunCompletion {
         let lateness = now &- start.scheduled
         let cancelledBeforeStart = withUnsafeCurrentTask { task -> Bool in
             guard let task else { return false }
@@ -507,9 +546,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 scheduledTime: instant(start.scheduled), actualStart: startInstant, attempt: start.attempt,
                 jobName: start.name, job: start.job, owner: self)
             do {
-                try await CurrentRun.$job.withValue(start.job) {
-                    try await start.body(context)
-                }
+                marker.enter(start.job)
+                defer { marker.leave() }
+                try await start.body(context)
                 outcome = .success
             } catch {
                 let reason = start.control.reason
@@ -674,7 +713,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     func cancelJobAndWait(_ id: JobID) async {
         cancelJob(id)
-        if CurrentRun.job == id { return }
+        if CurrentRun.isInside(id) { return }
         drainCompletions()
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let registered = core.withLock { $0.machine.addWaiter(id, c) }
