@@ -303,7 +303,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             core.runTasks += starts.count
             if !starts.isEmpty {
                 // Lock order: core, then pool (nothing takes core while holding pool).
-                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts), p.plan(now: now, canSpawn: byDriver)) }
+                let moreDue = core.machine.hasDue(now: now)
+                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts, moreDue: moreDue), p.plan(now: now, canSpawn: byDriver)) }
                 step.plan = plan
                 if !accepted {
                     step.rejected = starts.map {
@@ -447,6 +448,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @_specialize(where C == ContinuousClock)
     private func workerLoop(_ slot: Int, marker: RunMarker) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
+        // During a burst, refill when this many runs or fewer are left queued.
+        let refillLowWater = limit / 2
         var finished: RunCompletion?
         var finishedPrompt = false
         var finishedControl: RunControl?
@@ -455,21 +458,25 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             let now = ticks(startInstant)
             if finished != nil { finished!.end = now }
             let pushedQuietly = finished != nil && !finishedPrompt
-            let (next, flush, replace) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool) in
+            let (next, flush, replace, refill) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool, Bool) in
                 // Read under the pool lock: a run's cancellation that lands
                 // after this is aimed at a run this worker no longer runs.
                 let cancelled = Task.isCancelled
                 let next = p.next(worker: slot, finished: finished, now: now, cancelled: cancelled)
                 var mustFlush = p.prompt || finishedPrompt
                 var replace = false
+                var refill = false
                 switch next {
-                case .run: break
+                case .run:
+                    refill = p.claimRefill(lowWater: refillLowWater)
+                    // the refill records what finished (keeps the runs in flight bounded)
+                    mustFlush = mustFlush || refill
                 case .park: mustFlush = true
                 case .exit:
                     mustFlush = mustFlush || !p.completions.isEmpty
                     replace = cancelled && p.queued > 0
                 }
-                return (next, mustFlush ? p.takeCompletions() : [], replace)
+                return (next, mustFlush ? p.takeCompletions() : [], replace, refill)
             }
             var toRecord = flush
             if pushedQuietly, toRecord.isEmpty, finishedControl?.reason != nil {
@@ -481,7 +488,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             finishedControl = nil
             switch next {
             case .run(let start):
-                if !toRecord.isEmpty { record(toRecord) }
+                if refill {
+                    let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
+                    perform(step)
+                    if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
+                    if step.started == 0 { pool.withLock { $0.endRefill() } }
+                } else if !toRecord.isEmpty {
+                    record(toRecord)
+                }
                 let c = await runOne(start, startInstant: startInstant, now: now, marker: marker)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
