@@ -440,13 +440,18 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @_specialize(where C == ContinuousClock)
     private func worker(_ slot: Int) async {
         let marker = RunMarker()
-        await CurrentRun.$marker.withValue(marker) {
-            await workerLoop(slot, marker: marker)
+        // A worker always runs in a task; the object lives until the loop returns.
+        guard let workerTask = withUnsafeCurrentTask(body: { $0.map(WorkerTask.init) }) else {
+            preconditionFailure("a scheduler worker always runs in a child task of the driver's group")
         }
+        await CurrentRun.$marker.withValue(marker) {
+            await workerLoop(slot, marker: marker, workerTask: workerTask)
+        }
+        withExtendedLifetime(workerTask) {}
     }
 
     @_specialize(where C == ContinuousClock)
-    private func workerLoop(_ slot: Int, marker: RunMarker) async {
+    private func workerLoop(_ slot: Int, marker: RunMarker, workerTask: WorkerTask) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
         // During a burst, refill when this many runs or fewer are left queued.
         let refillLowWater = limit / 2
@@ -461,7 +466,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             let (next, flush, replace, refill) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool, Bool) in
                 // Read under the pool lock: a run's cancellation that lands
                 // after this is aimed at a run this worker no longer runs.
-                let cancelled = Task.isCancelled
+                let cancelled = workerTask.isCancelled
                 let next = p.next(worker: slot, finished: finished, now: now, cancelled: cancelled)
                 var mustFlush = p.prompt || finishedPrompt
                 var replace = false
@@ -496,7 +501,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 } else if !toRecord.isEmpty {
                     record(toRecord)
                 }
-                let c = await runOne(start, startInstant: startInstant, now: now, marker: marker)
+                let c = await runOne(start, startInstant: startInstant, now: now, marker: marker, workerTask: workerTask)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
                 finishedControl = start.control
@@ -546,14 +551,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// One run, called by a worker: the body runs inline on the worker's task.
     @_specialize(where C == ContinuousClock)
-    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker) async -> RunCompletion {
+    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask) async -> RunCompletion {
         let lateness = now &- start.scheduled
-        let cancelledBeforeStart = withUnsafeCurrentTask { task -> Bool in
-            guard let task else { return false }
-            // Lifetime: RunControl uses it only between install and uninstall,
-            // under its lock, i.e. while this worker is inside this run (see RunControl).
-            return start.control.install(task)
-        }
+        // RunControl uses the worker's task only between install and uninstall,
+        // under its lock, i.e. while this worker is inside this run (see RunControl).
+        let cancelledBeforeStart = start.control.install(workerTask)
         var outcome = RunOutcome.notStarted
         if !cancelledBeforeStart {
             let context = JobContext(

@@ -28,8 +28,9 @@ enum CancelReason: UInt8, Sendable {
 class RunControl: @unchecked Sendable {
     private struct State {
         var reason: CancelReason?
-        // Used only under the lock, only between install and uninstall (see above).
-        nonisolated(unsafe) var task: UnsafeCurrentTask?
+        // Used only under the lock, only between install and uninstall (see
+        // above); unretained: the worker holds its `WorkerTask` while it runs.
+        var worker: Unmanaged<WorkerTask>?
     }
 
     private final let state = Mutex(State())
@@ -38,19 +39,19 @@ class RunControl: @unchecked Sendable {
 
     /// Installs the running worker's task; returns true (and installs
     /// nothing) if cancellation was already requested.
-    final func install(_ task: UnsafeCurrentTask) -> Bool {
+    final func install(_ worker: WorkerTask) -> Bool {
         // Lifetime and use as described above: only under the lock, only until uninstall.
-        nonisolated(unsafe) let task = task
+        let w = Unmanaged.passUnretained(worker)
         return state.withLock { s in
             if s.reason != nil { return true }
-            s.task = task
+            s.worker = w
             return false
         }
     }
 
     /// Removes the task; after this returns no one cancels it through this run.
     final func uninstall() {
-        state.withLock { $0.task = nil }
+        state.withLock { $0.worker = nil }
     }
 
     /// Requests cancellation (the first reason wins) and cancels the task if it runs.
@@ -59,10 +60,25 @@ class RunControl: @unchecked Sendable {
             guard s.reason == nil else { return }
             s.reason = reason
             // Under the lock: the worker cannot leave the run (uninstall) meanwhile.
-            s.task?.cancel()
+            s.worker?.takeUnretainedValue().task.cancel()
         }
     }
 
     /// The reason cancellation was requested, if it was.
     final var reason: CancelReason? { state.withLock { $0.reason } }
+}
+
+/// A worker's own task, captured once when the worker starts (not once per
+/// run: that cost a `withUnsafeCurrentTask` and a retain/release of the task
+/// per run). Used only by the worker itself and, through `RunControl`, while
+/// the worker is inside a run; the worker keeps this object alive until it
+/// returns, so the task outlives every use.
+final class WorkerTask: @unchecked Sendable {
+    // Lifetime: see above (the same rule RunControl keeps).
+    let task: UnsafeCurrentTask
+
+    init(_ task: UnsafeCurrentTask) { self.task = task }
+
+    /// True once the worker's task is cancelled.
+    var isCancelled: Bool { task.isCancelled }
 }
