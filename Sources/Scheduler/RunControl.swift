@@ -13,7 +13,8 @@ enum CancelReason: UInt8, Sendable {
 ///
 /// A run's body executes inline on a worker task, and a task group cannot
 /// cancel one of its children anyway. So the worker, before it calls the
-/// body, installs its own `UnsafeCurrentTask` here, and removes it again once
+/// body, installs its own task here (a `WorkerTask`: its `UnsafeCurrentTask`,
+/// captured once per worker, stored unretained), and removes it again once
 /// the body has returned; cancelling the run cancels the worker's task. Install,
 /// cancel and removal happen under this lock, so the task is only ever
 /// cancelled while the worker is inside *this* run: that is the lifetime rule
