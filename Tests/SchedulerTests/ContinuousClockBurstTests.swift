@@ -26,12 +26,24 @@ struct ContinuousClockBurstTests {
                     counts.withLock { $0[i] += 1 }
                 })
             }
+            let selfRuns = Mutex(0)
             let selfCancelled = try scheduler.schedule(.every(.milliseconds(100), startingAt: first), options: options) { ctx in
-                await ctx.handle.cancelAndWait()
+                selfRuns.withLock { $0 += 1 }
+                await ctx.handle.cancelAndWait()  // must return: it is inside this very run
             }
+            // Several bursts; then wait (patiently, the machine may be loaded)
+            // until every job has run and the self-cancelling run has ended.
             try await clock.sleep(until: first.advanced(by: .milliseconds(250)))
-            for h in handles { await h.cancelAndWait() }
+            let patience = clock.now.advanced(by: .seconds(20))
+            while clock.now < patience {
+                let allRan = counts.withLock { $0.allSatisfy { $0 >= 1 } }
+                if allRan && selfCancelled.isCancelled { break }
+                try await clock.sleep(for: .milliseconds(10))
+            }
             #expect(selfCancelled.isCancelled)
+            await selfCancelled.cancelAndWait()
+            for h in handles { await h.cancelAndWait() }
+            #expect(selfRuns.withLock { $0 } == 1)
             let stats = scheduler.statistics
             #expect(stats.inFlight == 0 && stats.jobs == 0 && stats.queuedTimers == 0)
             await scheduler.shutdown(deadline: .seconds(1))
