@@ -6,8 +6,32 @@ import Synchronization
 
 /// The job whose run the current task is executing (to make `cancelAndWait()`
 /// from inside a run return instead of waiting for itself).
+///
+/// Bound once per worker task, not once per run: a task-local binding per run
+/// cost a push and a pop in the task's allocator for every run. The worker
+/// updates its marker before and after each body instead (two relaxed stores).
 enum CurrentRun {
-    @TaskLocal static var job: JobID?
+    @TaskLocal static var marker: RunMarker?
+
+    /// True if the current task is (or was started from) a worker now inside a run of `id`.
+    static func isInside(_ id: JobID) -> Bool {
+        marker?.isInside(id) ?? false
+    }
+}
+
+/// Which job's run a worker is inside (see `CurrentRun`).
+final class RunMarker: Sendable {
+    /// The serial of the job whose body runs, 0 for none (job serials start at 1
+    /// and are never reused within one scheduler).
+    private let serial = Atomic<UInt64>(0)
+
+    @inline(__always)
+    func enter(_ id: JobID) { serial.store(id.serial, ordering: .relaxed) }
+
+    @inline(__always)
+    func leave() { serial.store(0, ordering: .relaxed) }
+
+    func isInside(_ id: JobID) -> Bool { serial.load(ordering: .relaxed) == id.serial }
 }
 
 /// Runs periodic and one-shot jobs on one timer queue driven by one task.
@@ -279,7 +303,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             core.runTasks += starts.count
             if !starts.isEmpty {
                 // Lock order: core, then pool (nothing takes core while holding pool).
-                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts), p.plan(now: now, canSpawn: byDriver)) }
+                let moreDue = core.machine.hasDue(now: now)
+                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts, moreDue: moreDue), p.plan(now: now, canSpawn: byDriver)) }
                 step.plan = plan
                 if !accepted {
                     step.rejected = starts.map {
@@ -355,7 +380,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             carried = step.rejected
             if step.exit { return }
-            if step.more { continue }
+            if step.more {
+                // A full batch was handed over and more is due (an aligned
+                // burst): let the workers have this thread. They take the
+                // next due runs themselves when the pool runs dry, so the
+                // driver need not queue the whole burst first.
+                if step.started >= limit { await Task.yield() }
+                continue
+            }
             await park()
         }
     }
@@ -407,7 +439,22 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// replacement if runs wait).
     @_specialize(where C == ContinuousClock)
     private func worker(_ slot: Int) async {
+        let marker = RunMarker()
+        // A worker always runs in a task; the object lives until the loop returns.
+        guard let workerTask = withUnsafeCurrentTask(body: { $0.map(WorkerTask.init) }) else {
+            preconditionFailure("a scheduler worker always runs in a child task of the driver's group")
+        }
+        await CurrentRun.$marker.withValue(marker) {
+            await workerLoop(slot, marker: marker, workerTask: workerTask)
+        }
+        withExtendedLifetime(workerTask) {}
+    }
+
+    @_specialize(where C == ContinuousClock)
+    private func workerLoop(_ slot: Int, marker: RunMarker, workerTask: WorkerTask) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
+        // During a burst, refill when this many runs or fewer are left queued.
+        let refillLowWater = limit / 2
         var finished: RunCompletion?
         var finishedPrompt = false
         var finishedControl: RunControl?
@@ -416,21 +463,25 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             let now = ticks(startInstant)
             if finished != nil { finished!.end = now }
             let pushedQuietly = finished != nil && !finishedPrompt
-            let (next, flush, replace) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool) in
+            let (next, flush, replace, refill) = pool.withLock { p -> (WorkerPool<SchedulerState<C.Instant>.RunStart>.Next, [RunCompletion], Bool, Bool) in
                 // Read under the pool lock: a run's cancellation that lands
                 // after this is aimed at a run this worker no longer runs.
-                let cancelled = Task.isCancelled
+                let cancelled = workerTask.isCancelled
                 let next = p.next(worker: slot, finished: finished, now: now, cancelled: cancelled)
                 var mustFlush = p.prompt || finishedPrompt
                 var replace = false
+                var refill = false
                 switch next {
-                case .run: break
+                case .run:
+                    refill = p.claimRefill(lowWater: refillLowWater)
+                    // the refill records what finished (keeps the runs in flight bounded)
+                    mustFlush = mustFlush || refill
                 case .park: mustFlush = true
                 case .exit:
                     mustFlush = mustFlush || !p.completions.isEmpty
                     replace = cancelled && p.queued > 0
                 }
-                return (next, mustFlush ? p.takeCompletions() : [], replace)
+                return (next, mustFlush ? p.takeCompletions() : [], replace, refill)
             }
             var toRecord = flush
             if pushedQuietly, toRecord.isEmpty, finishedControl?.reason != nil {
@@ -442,8 +493,15 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             finishedControl = nil
             switch next {
             case .run(let start):
-                if !toRecord.isEmpty { record(toRecord) }
-                let c = await runOne(start, startInstant: startInstant, now: now)
+                if refill {
+                    let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
+                    perform(step)
+                    if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
+                    if step.started == 0 { pool.withLock { $0.endRefill() } }
+                } else if !toRecord.isEmpty {
+                    record(toRecord)
+                }
+                let c = await runOne(start, startInstant: startInstant, now: now, marker: marker, workerTask: workerTask)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
                 finishedControl = start.control
@@ -493,23 +551,20 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// One run, called by a worker: the body runs inline on the worker's task.
     @_specialize(where C == ContinuousClock)
-    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64) async -> RunCompletion {
+    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask) async -> RunCompletion {
         let lateness = now &- start.scheduled
-        let cancelledBeforeStart = withUnsafeCurrentTask { task -> Bool in
-            guard let task else { return false }
-            // Lifetime: RunControl uses it only between install and uninstall,
-            // under its lock, i.e. while this worker is inside this run (see RunControl).
-            return start.control.install(task)
-        }
+        // RunControl uses the worker's task only between install and uninstall,
+        // under its lock, i.e. while this worker is inside this run (see RunControl).
+        let cancelledBeforeStart = start.control.install(workerTask)
         var outcome = RunOutcome.notStarted
         if !cancelledBeforeStart {
             let context = JobContext(
                 scheduledTime: instant(start.scheduled), actualStart: startInstant, attempt: start.attempt,
                 jobName: start.name, job: start.job, owner: self)
             do {
-                try await CurrentRun.$job.withValue(start.job) {
-                    try await start.body(context)
-                }
+                marker.enter(start.job)
+                defer { marker.leave() }
+                try await start.body(context)
                 outcome = .success
             } catch {
                 let reason = start.control.reason
@@ -674,7 +729,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     func cancelJobAndWait(_ id: JobID) async {
         cancelJob(id)
-        if CurrentRun.job == id { return }
+        if CurrentRun.isInside(id) { return }
         drainCompletions()
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let registered = core.withLock { $0.machine.addWaiter(id, c) }

@@ -96,10 +96,11 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var cut = false  // counted in the shutdown report's cut-off runs
     }
 
-    /// A run the shell must start as a child task.
+    /// A run the shell must start on a worker; it is also the run's
+    /// `RunControl` (one allocation per run instead of two).
     /// A class: it travels driver -> pool -> worker, and a copy is then one
     /// retain instead of one per reference it holds.
-    final class RunStart: Sendable {
+    final class RunStart: RunControl, @unchecked Sendable {
         let job: JobID
         let runSlot: UInt32
         let runSerial: UInt64
@@ -107,12 +108,15 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         let name: String
         let scheduled: Int64
         let attempt: Int
-        let control: RunControl
         /// Its end must be recorded at once, not in the next batch: something
         /// follows from it (fixed delay, queued or burst run, the job ends).
         let prompt: Bool
 
-        init(job: JobID, runSlot: UInt32, runSerial: UInt64, body: @escaping Body, name: String, scheduled: Int64, attempt: Int, control: RunControl, prompt: Bool) {
+        /// Cancels this run.
+        @inline(__always)
+        var control: RunControl { self }
+
+        init(job: JobID, runSlot: UInt32, runSerial: UInt64, body: @escaping Body, name: String, scheduled: Int64, attempt: Int, prompt: Bool) {
             self.job = job
             self.runSlot = runSlot
             self.runSerial = runSerial
@@ -120,8 +124,8 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             self.name = name
             self.scheduled = scheduled
             self.attempt = attempt
-            self.control = control
             self.prompt = prompt
+            super.init()
         }
     }
 
@@ -551,11 +555,15 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             r = runs.count
             runs.append(Run())
         }
-        let control = RunControl()
         let serial = nextRunSerial
         nextRunSerial &+= 1
         let head = jobs[s].firstRun
-        runs[r] = Run(control: control, serial: serial, jobSlot: UInt32(s), next: head, prev: -1, attempt: attempt)
+        var prompt = jobs[s].flags.contains(.gone) || jobs[s].options.overlapKind == 1 || jobs[s].options.missedKind == 2
+        if case .fixedDelay = jobs[s].trigger { prompt = true }
+        let record = RunStart(
+            job: JobID(slot: UInt32(s), serial: jobs[s].serial), runSlot: UInt32(r), runSerial: serial,
+            body: jobs[s].body!, name: jobs[s].name, scheduled: scheduled, attempt: Int(attempt), prompt: prompt)
+        runs[r] = Run(control: record, serial: serial, jobSlot: UInt32(s), next: head, prev: -1, attempt: attempt)
         if head >= 0 { runs[Int(head)].prev = Int32(r) }
         jobs[s].firstRun = Int32(r)
         jobs[s].inFlight += 1
@@ -563,12 +571,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jobs[s].options.timeout > 0 {
             timeouts.insert(UInt32(r), deadline: now &+ jobs[s].options.timeout)
         }
-        var prompt = jobs[s].flags.contains(.gone) || jobs[s].options.overlapKind == 1 || jobs[s].options.missedKind == 2
-        if case .fixedDelay = jobs[s].trigger { prompt = true }
-        return RunStart(
-            job: JobID(slot: UInt32(s), serial: jobs[s].serial), runSlot: UInt32(r), runSerial: serial,
-            body: jobs[s].body!, name: jobs[s].name, scheduled: scheduled, attempt: Int(attempt), control: control,
-            prompt: prompt)
+        return record
     }
 
     // MARK: - A run ended

@@ -7,6 +7,11 @@
 /// once: a cancelled job leaves nothing behind in the queue.
 ///
 /// Ties are broken by id, so the order is deterministic.
+///
+/// Four children per node, not two: every due job is popped and re-inserted,
+/// and with 10k-100k entries a pop is a walk from the root to a leaf whose
+/// cost is mostly the memory each level touches. A 4-ary heap has half the
+/// levels, and a node's four children (16 bytes each) share one cache line.
 struct TimerQueue: Sendable {
     /// One heap entry.
     struct Entry: Sendable, Equatable {
@@ -20,6 +25,12 @@ struct TimerQueue: Sendable {
     }
 
     private(set) var entries: [Entry] = []
+
+    @inline(__always)
+    static func parent(_ i: Int) -> Int { (i &- 1) >> 2 }
+
+    @inline(__always)
+    static func firstChild(_ i: Int) -> Int { (i << 2) &+ 1 }
     /// `positions[id]` is the index of `id` in `entries`, or -1.
     private var positions: [Int32] = []
 
@@ -78,7 +89,7 @@ struct TimerQueue: Sendable {
         if index < entries.count {
             entries[index] = last
             positions[Int(last.id)] = Int32(index)
-            if index > 0 && last < entries[(index - 1) / 2] {
+            if index > 0 && last < entries[Self.parent(index)] {
                 siftUp(index)
             } else {
                 siftDown(index)
@@ -91,7 +102,52 @@ struct TimerQueue: Sendable {
     /// Removes and returns the earliest entry if its deadline is at or before `now`.
     mutating func popDue(now: Int64) -> Entry? {
         guard let top = entries.first, top.deadline <= now else { return nil }
-        remove(top.id)
+        positions[Int(top.id)] = -1
+        let last = entries.removeLast()
+        if entries.isEmpty {
+            shrink()
+            return top
+        }
+        // Bottom-up (Floyd): move the hole at the root down to a leaf along
+        // the smallest children, then sift the former last entry up from
+        // there. It came from the bottom, so it rarely rises: fewer
+        // comparisons than a plain sift-down (which also compares with the
+        // moved entry at every level), and the pop of every due job goes
+        // through here.
+        let n = entries.count
+        entries.withUnsafeMutableBufferPointer { e in
+            positions.withUnsafeMutableBufferPointer { pos in
+                var hole = 0
+                while true {
+                    let first = Self.firstChild(hole)
+                    if first >= n { break }
+                    var child = first
+                    var c = e[first]
+                    var j = first &+ 1
+                    let end = Swift.min(first &+ 4, n)
+                    while j < end {
+                        if e[j] < c {
+                            c = e[j]
+                            child = j
+                        }
+                        j &+= 1
+                    }
+                    e[hole] = c
+                    pos[Int(c.id)] = Int32(truncatingIfNeeded: hole)
+                    hole = child
+                }
+                while hole > 0 {
+                    let parent = Self.parent(hole)
+                    let p = e[parent]
+                    guard last < p else { break }
+                    e[hole] = p
+                    pos[Int(p.id)] = Int32(truncatingIfNeeded: hole)
+                    hole = parent
+                }
+                e[hole] = last
+                pos[Int(last.id)] = Int32(truncatingIfNeeded: hole)
+            }
+        }
         return top
     }
 
@@ -113,7 +169,7 @@ struct TimerQueue: Sendable {
         var child = start
         let item = entries[child]
         while child > 0 {
-            let parent = (child - 1) / 2
+            let parent = Self.parent(child)
             let p = entries[parent]
             guard item < p else { break }
             entries[child] = p
@@ -129,10 +185,14 @@ struct TimerQueue: Sendable {
         let item = entries[parent]
         let n = entries.count
         while true {
-            var child = 2 * parent + 1
-            if child >= n { break }
-            if child + 1 < n && entries[child + 1] < entries[child] { child += 1 }
-            let c = entries[child]
+            let first = Self.firstChild(parent)
+            if first >= n { break }
+            var child = first
+            var c = entries[first]
+            for j in (first + 1)..<Swift.min(first + 4, n) where entries[j] < c {
+                c = entries[j]
+                child = j
+            }
             guard c < item else { break }
             entries[parent] = c
             positions[Int(c.id)] = Int32(parent)
@@ -146,7 +206,7 @@ struct TimerQueue: Sendable {
     func isValid() -> Bool {
         for (i, e) in entries.enumerated() {
             if positions[Int(e.id)] != Int32(i) { return false }
-            if i > 0 && e < entries[(i - 1) / 2] { return false }
+            if i > 0 && e < entries[Self.parent(i)] { return false }
         }
         return positions.filter { $0 >= 0 }.count == entries.count
     }

@@ -55,6 +55,10 @@ struct WorkerPool<Item: Sendable>: Sendable {
     var prompt: Bool
     /// True after shutdown began: no run is accepted, workers exit when idle.
     private(set) var closed = false
+    /// The last hand-over left runs due in the timer queue (a burst).
+    private var moreDue = false
+    /// A worker is taking the next due runs from the timer queue (see `claimRefill`).
+    private var refilling = false
 
     init(base: Int, cap: Int, stallThreshold: Int64, prompt: Bool) {
         self.cap = Swift.max(1, cap)
@@ -72,7 +76,11 @@ struct WorkerPool<Item: Sendable>: Sendable {
     // MARK: - Driver side
 
     /// Hands runs to the workers. Returns false (and keeps nothing) once closed.
-    mutating func enqueue(_ runs: [Item]) -> Bool {
+    /// `moreDue`: runs are still due in the timer queue after these (a
+    /// burst); a worker then refills before the queue runs dry (`claimRefill`).
+    mutating func enqueue(_ runs: [Item], moreDue: Bool = false) -> Bool {
+        refilling = false
+        self.moreDue = moreDue
         guard !closed else { return false }
         if head > 0 && head == items.count {
             items.removeAll(keepingCapacity: true)
@@ -196,6 +204,24 @@ struct WorkerPool<Item: Sendable>: Sendable {
             return .exit
         }
         return .park
+    }
+
+    /// During a burst (the last hand-over left runs due), the first worker
+    /// to see at most `lowWater` runs queued gets true: it takes the next due
+    /// runs from the timer queue now, while the other workers work off what
+    /// is queued, instead of all of them finding the queue empty and waiting
+    /// in turn for the scheduler's lock. It must then hand over runs
+    /// (`enqueue`) or call `endRefill()`. Never in `prompt` mode.
+    mutating func claimRefill(lowWater: Int) -> Bool {
+        guard moreDue, !refilling, !prompt, !closed, queued <= lowWater else { return false }
+        refilling = true
+        return true
+    }
+
+    /// A refill found nothing due.
+    mutating func endRefill() {
+        refilling = false
+        moreDue = false
     }
 
     /// True if `base` workers other than `worker` are available.

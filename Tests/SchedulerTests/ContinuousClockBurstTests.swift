@@ -1,0 +1,56 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Scheduler
+
+/// The burst path (driver yielding after a full hand-over, workers refilling
+/// the run queue before it runs dry) only runs on a real clock: on a
+/// `ManualClock` the pool records every completion at once and never refills.
+@Suite("JobScheduler on the continuous clock")
+struct ContinuousClockBurstTests {
+    @Test("an aligned burst many hand-overs long runs every job; cancelAndWait from inside a run returns; nothing is left")
+    func alignedBurst() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(maxStartsPerWakeup: 16))
+        let clock = ContinuousClock()
+        let jobs = 2_000
+        let counts = Mutex([Int](repeating: 0, count: jobs))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let first = clock.now.advanced(by: .milliseconds(100))
+            // coalesce: a fire is never dropped as missed on a loaded machine, so every job runs at least once
+            let options = JobOptions(missedRuns: .coalesce)
+            var handles: [JobHandle] = []
+            for i in 0..<jobs {
+                handles.append(try scheduler.schedule(.every(.milliseconds(100), startingAt: first), options: options) { _ in
+                    counts.withLock { $0[i] += 1 }
+                })
+            }
+            let selfRuns = Mutex(0)
+            let selfCancelled = try scheduler.schedule(.every(.milliseconds(100), startingAt: first), options: options) { ctx in
+                selfRuns.withLock { $0 += 1 }
+                await ctx.handle.cancelAndWait()  // must return: it is inside this very run
+            }
+            // Several bursts; then wait (patiently, the machine may be loaded)
+            // until every job has run and the self-cancelling run has ended.
+            try await clock.sleep(until: first.advanced(by: .milliseconds(250)))
+            let patience = clock.now.advanced(by: .seconds(20))
+            while clock.now < patience {
+                let allRan = counts.withLock { $0.allSatisfy { $0 >= 1 } }
+                if allRan && selfCancelled.isCancelled { break }
+                try await clock.sleep(for: .milliseconds(10))
+            }
+            #expect(selfCancelled.isCancelled)
+            await selfCancelled.cancelAndWait()
+            for h in handles { await h.cancelAndWait() }
+            #expect(selfRuns.withLock { $0 } == 1)
+            let stats = scheduler.statistics
+            #expect(stats.inFlight == 0 && stats.jobs == 0 && stats.queuedTimers == 0)
+            await scheduler.shutdown(deadline: .seconds(1))
+            try await group.waitForAll()
+            let c = counts.withLock { $0 }
+            #expect(c.allSatisfy { $0 >= 1 })
+            #expect(UInt64(c.reduce(0, +)) + 1 == stats.runs)
+        }
+    }
+}
