@@ -156,6 +156,27 @@ struct ServerCloseTests {
         #expect(statistics.queuedBytes == 0)
     }
 
+    @Test("Close watchdog: a client that reads nothing while the server closes it is dropped after closeTimeout, and the session is released")
+    func closeWatchdog() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true, configure: { configuration in
+            configuration.queueLimits = .init(maxMessages: 8, maxBytes: 64 << 10)
+            configuration.closeTimeout = .seconds(1)
+        }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s")
+            // The client reads nothing: the socket's buffers fill, the writer waits for them,
+            // the queue overflows (1013, nothing more can be written), and only the watchdog ends it.
+            source.publish(itemInserts(1...300, padding: 30_000))
+            #expect(await eventually(10) { test.server.statistics.subscriptions == 0 })
+            let began = ContinuousClock.now
+            #expect(await eventually(15) { test.server.statistics.sessions == 0 }, "the session was not released")
+            #expect(began.duration(to: .now) < .seconds(10))
+            #expect(test.server.statistics.closes[1013] == 1)
+            await socket.close()
+        }
+    }
+
     @Test("A client that does not answer pings is dropped; one that answers stays")
     func pingTimeout() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

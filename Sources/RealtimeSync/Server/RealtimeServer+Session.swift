@@ -13,14 +13,9 @@ struct SessionReaderState {
 }
 
 extension RealtimeServer {
-    private enum SessionTaskEnd: Sendable {
-        case reader((any Error)?)
-        case writer(failed: Bool)
-        case watchdog
-    }
 
     /// One socket, from upgrade to close: the WebSocket handler's scope owns the
-    /// session, its reader, writer and close watchdog; everything it holds is
+    /// session, its reader and writer; everything it holds is
     /// released when this returns, however the socket ended.
     func runSession(inbound: WebSocketInboundStream, outbound: WebSocketOutboundWriter, channel: any Channel,
                     access: TableAccess, subject: String?, expiry: TokenExpiry? = nil) async {
@@ -32,40 +27,16 @@ extension RealtimeServer {
         let expiryTimer = armTokenExpiry(expiry, session: session, channel: channel, logger: logger)
         await observeFrameDecoderErrors(channel: channel, session: session)
         logger.debug("session opened")
-        var readerError: (any Error)?
-        var readerEnded = false
-        await withTaskGroup(of: SessionTaskEnd.self) { group in
+        // The reader runs in this task and the writer in one child task; the close watchdog is
+        // an event-loop timer (SessionChannel): each suspended task holds kilobytes of stack
+        // per socket.
+        await withTaskGroup(of: Void.self) { group in
             group.addTask {
-                let error = await self.readLoop(self.source, session: session, inbound: inbound, access: access, logger: logger)
-                return .reader(error)
+                if await self.writeLoop(session: session, outbound: outbound) { channel.close(promise: nil) }
             }
-            group.addTask {
-                await .writer(failed: self.writeLoop(session: session, outbound: outbound))
-            }
-            group.addTask {
-                // Bounds a close: queue flush, close frame and the client's answer.
-                var closing = session.closing.makeAsyncIterator()
-                guard await closing.next() != nil else { return .watchdog }
-                try? await Task.sleep(for: self.configuration.closeTimeout)
-                return .watchdog
-            }
-            while let end = await group.next() {
-                switch end {
-                case .reader(let error):
-                    readerError = error
-                    readerEnded = true
-                    group.cancelAll()
-                case .writer(let failed):
-                    if failed { channel.close(promise: nil) }
-                case .watchdog:
-                    if !Task.isCancelled && !readerEnded {
-                        logger.debug("close handshake not finished within closeTimeout=\(configuration.closeTimeout); dropping the connection")
-                        channel.close(promise: nil)
-                    }
-                }
-            }
+            _ = await self.readLoop(self.source, session: session, inbound: inbound, access: access, logger: logger)
+            group.cancelAll()
         }
-        _ = readerError
         expiryTimer?.cancel()
         // The close frame that went out (an echo, when the client closed first), or 1006
         // when none did (reset, vanished client).

@@ -236,7 +236,7 @@ public final class RealtimeServer: Service, Sendable {
         state.withLock { state in
             let id = FanoutClientID(state.nextClientID)
             state.nextClientID += 1
-            let session = SessionChannel(id: id, channel: channel, limits: configuration.queueLimits)
+            let session = SessionChannel(id: id, channel: channel, limits: configuration.queueLimits, closeTimeout: configuration.closeTimeout)
             state.sessions[id] = session
             if state.phase >= .draining { session.close(.goingAway) }
             return session

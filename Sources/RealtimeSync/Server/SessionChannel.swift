@@ -22,9 +22,12 @@ final class SessionChannel: Sendable {
     }
 
     private let queue: Mutex<QueueState>
-    private let closingContinuation: AsyncStream<Void>.Continuation
-    /// Yields once when closing begins (only the session's close watchdog iterates it).
-    let closing: AsyncStream<Void>
+    /// How long a close may take (queue flush, close frame, the client's answer) before the
+    /// connection is dropped (`RealtimeServerConfiguration.closeTimeout`).
+    private let closeTimeout: TimeAmount
+    /// The close watchdog: an event-loop timer armed when closing begins (not a task per
+    /// session: a suspended task costs kilobytes of stack per socket), cancelled at session end.
+    private let watchdog = Mutex<(timer: Scheduled<Void>?, ended: Bool)>((nil, false))
     private let wakeContinuation: AsyncStream<Void>.Continuation
     /// Yields when there is something for the writer (only the writer iterates it).
     let wakeups: AsyncStream<Void>
@@ -32,11 +35,11 @@ final class SessionChannel: Sendable {
     /// Yields after the writer sent a batch (only the reader's catch-up iterates it).
     let spaceFreed: AsyncStream<Void>
 
-    init(id: FanoutClientID, channel: any Channel, limits: OutboundQueue<[UInt8]>.Limits) {
+    init(id: FanoutClientID, channel: any Channel, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration) {
         self.id = id
         self.channel = channel
+        self.closeTimeout = TimeAmount(closeTimeout)
         self.queue = Mutex(QueueState(queue: OutboundQueue(limits: limits)))
-        (closing, closingContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         (wakeups, wakeContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         (spaceFreed, spaceContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
@@ -49,7 +52,7 @@ final class SessionChannel: Sendable {
             return (result, state.noteClose())
         }
         if result != .closed { wakeContinuation.yield() }
-        if began { closingContinuation.yield() }
+        if began { armWatchdog() }
         return result
     }
 
@@ -64,7 +67,7 @@ final class SessionChannel: Sendable {
             return state.noteClose()
         }
         wakeContinuation.yield()
-        if began { closingContinuation.yield() }
+        if began { armWatchdog() }
     }
 
     /// Drop what is queued and close with `code` now.
@@ -74,7 +77,7 @@ final class SessionChannel: Sendable {
             return state.noteClose()
         }
         wakeContinuation.yield()
-        if began { closingContinuation.yield() }
+        if began { armWatchdog() }
     }
 
     /// The writer's next step.
@@ -117,10 +120,27 @@ final class SessionChannel: Sendable {
         channel.closeFuture.whenComplete { _ in continuation.yield() }
     }
 
-    /// Ends the signals (the session is over).
+    /// Closing began: unless the session ends first, the connection is dropped after `closeTimeout`.
+    private func armWatchdog() {
+        let channel = self.channel
+        let timer = channel.eventLoop.scheduleTask(in: closeTimeout) { channel.close(promise: nil) }
+        let armed = watchdog.withLock { state -> Bool in
+            guard !state.ended else { return false }
+            state.timer = timer
+            return true
+        }
+        if !armed { timer.cancel() }
+    }
+
+    /// Ends the signals and the close watchdog (the session is over).
     func finishSignals() {
         wakeContinuation.finish()
         spaceContinuation.finish()
-        closingContinuation.finish()
+        let timer = watchdog.withLock { state -> Scheduled<Void>? in
+            state.ended = true
+            defer { state.timer = nil }
+            return state.timer
+        }
+        timer?.cancel()
     }
 }
