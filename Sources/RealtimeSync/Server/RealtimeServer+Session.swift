@@ -15,7 +15,7 @@ struct SessionReaderState {
 extension RealtimeServer {
 
     /// One socket, from upgrade to close: the WebSocket handler's scope owns the
-    /// session, its reader and writer; everything it holds is
+    /// session and runs its reader; everything it holds is
     /// released when this returns, however the socket ended.
     func runSession(inbound: WebSocketInboundStream, outbound: WebSocketOutboundWriter, channel: any Channel,
                     access: TableAccess, subject: String?, expiry: TokenExpiry? = nil) async {
@@ -27,16 +27,10 @@ extension RealtimeServer {
         let expiryTimer = armTokenExpiry(expiry, session: session, channel: channel, logger: logger)
         await observeFrameDecoderErrors(channel: channel, session: session)
         logger.debug("session opened")
-        // The reader runs in this task and the writer in one child task; the close watchdog is
-        // an event-loop timer (SessionChannel): each suspended task holds kilobytes of stack
-        // per socket.
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask {
-                if await self.writeLoop(session: session, outbound: outbound) { channel.close(promise: nil) }
-            }
-            _ = await self.readLoop(self.source, session: session, inbound: inbound, access: access, logger: logger)
-            group.cancelAll()
-        }
+        // The reader runs in this task; the writer is the session's pump on the event loop and
+        // the close watchdog an event-loop timer (SessionChannel): a suspended task per socket
+        // holds kilobytes of stack.
+        _ = await readLoop(source, session: session, inbound: inbound, access: access, logger: logger)
         expiryTimer?.cancel()
         // The close frame that went out (an echo, when the client closed first), or 1006
         // when none did (reset, vanished client).
@@ -56,52 +50,6 @@ extension RealtimeServer {
             try operations.addHandler(observer, position: .after(decoder))
             try operations.addHandler(AutoPingHandler(interval: interval), position: .after(observer))
         }.get()
-    }
-
-    /// Writes what the queue hands out until the close frame is sent. Returns true when a write failed.
-    private func writeLoop(session: SessionChannel, outbound: WebSocketOutboundWriter) async -> Bool {
-        var wakeups = session.wakeups.makeAsyncIterator()
-        do {
-            while true {
-                switch session.next() {
-                case .write(let batch):
-                    try await Self.writeTextFrames(batch, to: session.channel)
-                    recordDelivered(batch.count)
-                    session.batchWritten()
-                case .idle:
-                    guard await wakeups.next() != nil else { return false }
-                case .close(let code):
-                    try await outbound.close(WebSocketErrorCode(codeNumber: Int(code.rawValue)), reason: nil)
-                    return false
-                case .finished:
-                    return false
-                }
-            }
-        } catch {
-            return !Task.isCancelled
-        }
-    }
-
-    /// Writes a batch of text frames in one event-loop turn with one flush, and returns once
-    /// the last one reached the socket (so a client that does not read holds the writer, and
-    /// the session's bounded queue, not NIO's buffer, grows). Hummingbird's outbound writer
-    /// hops to the event loop and flushes once per frame, which cost half the server's CPU
-    /// at fan-out load. Its own frames (pongs, the close frame) are whole frames too, and the
-    /// close is only sent after the last batch was written, so frames never interleave.
-    static func writeTextFrames(_ batch: [[UInt8]], to channel: any Channel) async throws {
-        guard !batch.isEmpty else { return }
-        let promise = channel.eventLoop.makePromise(of: Void.self)
-        channel.eventLoop.execute {
-            let allocator = channel.allocator
-            let last = batch.count - 1
-            for (index, frame) in batch.enumerated() {
-                var buffer = allocator.buffer(capacity: frame.count)
-                buffer.writeBytes(frame)
-                channel.write(WebSocketFrame(fin: true, opcode: .text, data: buffer), promise: index == last ? promise : nil)
-            }
-            channel.flush()
-        }
-        try await promise.futureResult.get()
     }
 
     /// Reads frames, assembles messages (64 KiB, UTF-8, text only) and answers them.
@@ -310,13 +258,24 @@ final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        // Nothing may follow the server's close frame (RFC 6455 5.5.1): not Hummingbird's echo
+        // of the client's close when the session's close went first, nor a late data frame.
+        guard session.sentCloseCode.load(ordering: .relaxed) == 0 else {
+            promise?.succeed(())
+            return
+        }
         let frame = unwrapOutboundIn(data)
         if frame.opcode == .connectionClose {
             var payload = frame.unmaskedData
             let code = payload.readInteger(as: UInt16.self) ?? 1005
-            _ = session.sentCloseCode.compareExchange(expected: 0, desired: code, ordering: .relaxed)
+            session.sentCloseCode.store(code, ordering: .relaxed)
         }
         context.write(data, promise: promise)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { session.channelBecameWritable() }
+        context.fireChannelWritabilityChanged()
     }
 }
 

@@ -236,7 +236,8 @@ public final class RealtimeServer: Service, Sendable {
         state.withLock { state in
             let id = FanoutClientID(state.nextClientID)
             state.nextClientID += 1
-            let session = SessionChannel(id: id, channel: channel, limits: configuration.queueLimits, closeTimeout: configuration.closeTimeout)
+            let session = SessionChannel(id: id, channel: channel, limits: configuration.queueLimits, closeTimeout: configuration.closeTimeout,
+                                         written: { [self] count in self.recordDelivered(count) })
             state.sessions[id] = session
             if state.phase >= .draining { session.close(.goingAway) }
             return session

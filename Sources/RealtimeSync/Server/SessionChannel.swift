@@ -1,4 +1,5 @@
 import NIOCore
+import NIOWebSocket
 import Synchronization
 
 /// One socket's outbound side, shared by its reader, its writer and the fan-out:
@@ -12,6 +13,15 @@ final class SessionChannel: Sendable {
         var queue: OutboundQueue<[UInt8]>
         /// The first close code, kept after the queue finished (for metrics and logs).
         var closeCode: WebSocketCloseCode?
+        /// Whether a pump is scheduled or running on the event loop (at most one is).
+        var pumpScheduled = false
+
+        /// Marks a pump as needed; true when the caller must schedule it.
+        mutating func needsPump() -> Bool {
+            guard !pumpScheduled else { return false }
+            pumpScheduled = true
+            return true
+        }
 
         /// Records the queue's close code if closing just began; true then.
         mutating func noteClose() -> Bool {
@@ -28,30 +38,30 @@ final class SessionChannel: Sendable {
     /// The close watchdog: an event-loop timer armed when closing begins (not a task per
     /// session: a suspended task costs kilobytes of stack per socket), cancelled at session end.
     private let watchdog = Mutex<(timer: Scheduled<Void>?, ended: Bool)>((nil, false))
-    private let wakeContinuation: AsyncStream<Void>.Continuation
-    /// Yields when there is something for the writer (only the writer iterates it).
-    let wakeups: AsyncStream<Void>
+    /// Counts messages that went out (the server's delivered counter and metric).
+    private let written: @Sendable (Int) -> Void
     private let spaceContinuation: AsyncStream<Void>.Continuation
     /// Yields after the writer sent a batch (only the reader's catch-up iterates it).
     let spaceFreed: AsyncStream<Void>
 
-    init(id: FanoutClientID, channel: any Channel, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration) {
+    init(id: FanoutClientID, channel: any Channel, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration,
+         written: @escaping @Sendable (Int) -> Void) {
+        self.written = written
         self.id = id
         self.channel = channel
         self.closeTimeout = TimeAmount(closeTimeout)
         self.queue = Mutex(QueueState(queue: OutboundQueue(limits: limits)))
-        (wakeups, wakeContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         (spaceFreed, spaceContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
-    /// Queues a frame and wakes the writer.
+    /// Queues a frame and schedules the writer.
     @discardableResult
     func enqueue(_ frame: [UInt8]) -> OutboundQueue<[UInt8]>.EnqueueResult {
-        let (result, began) = queue.withLock { state in
+        let (result, began, pump) = queue.withLock { state in
             let result = state.queue.enqueue(frame, byteCount: frame.count)
-            return (result, state.noteClose())
+            return (result, state.noteClose(), result != .closed && state.needsPump())
         }
-        if result != .closed { wakeContinuation.yield() }
+        if pump { schedulePump() }
         if began { armWatchdog() }
         return result
     }
@@ -62,31 +72,76 @@ final class SessionChannel: Sendable {
 
     /// Flush what is queued, then close with `code` (first close wins).
     func close(_ code: WebSocketCloseCode) {
-        let began = queue.withLock { state in
+        let (began, pump) = queue.withLock { state in
             state.queue.close(code)
-            return state.noteClose()
+            return (state.noteClose(), state.needsPump())
         }
-        wakeContinuation.yield()
+        if pump { schedulePump() }
         if began { armWatchdog() }
     }
 
     /// Drop what is queued and close with `code` now.
     func closeNow(_ code: WebSocketCloseCode) {
-        let began = queue.withLock { state in
+        let (began, pump) = queue.withLock { state in
             state.queue.closeNow(code)
-            return state.noteClose()
+            return (state.noteClose(), state.needsPump())
         }
-        wakeContinuation.yield()
+        if pump { schedulePump() }
         if began { armWatchdog() }
     }
 
-    /// The writer's next step.
-    func next() -> OutboundQueue<[UInt8]>.Next {
-        queue.withLock { $0.queue.next() }
+    // MARK: The writer, on the channel's event loop
+
+    private func schedulePump() {
+        channel.eventLoop.execute { self.pump() }
     }
 
-    /// Called by the writer after a batch went out.
-    func batchWritten() { spaceContinuation.yield() }
+    /// The channel became writable again (from the `CloseFrameObserver`, on the event loop).
+    func channelBecameWritable() {
+        if queue.withLock({ $0.needsPump() }) { pump() }
+    }
+
+    /// The writer: on the event loop, writes what the queue hands out, one flush per batch,
+    /// while the channel is writable (NIO's watermarks); then the close frame. No task per
+    /// socket: a suspended writer task held kilobytes of stack per idle socket, and waking it
+    /// per message cost a task switch. A client that does not read stops the pump at the
+    /// high watermark, so the session's bounded queue, not NIO's buffer, grows (1013).
+    /// Frames are written from the tail of the pipeline, past Hummingbird's writer, whose
+    /// own frames (pongs; its echo of a close, dropped by `CloseFrameObserver` when ours
+    /// went first) are whole frames too.
+    private func pump() {
+        while true {
+            let writable = channel.isWritable
+            let next = queue.withLock { state -> OutboundQueue<[UInt8]>.Next? in
+                if state.queue.queuedMessages > 0 && !writable {
+                    state.pumpScheduled = false  // channelBecameWritable resumes
+                    return nil
+                }
+                let next = state.queue.next()
+                if case .write = next {} else { state.pumpScheduled = false }
+                return next
+            }
+            switch next {
+            case .write(let batch)?:
+                let allocator = channel.allocator
+                for frame in batch {
+                    var buffer = allocator.buffer(capacity: frame.count)
+                    buffer.writeBytes(frame)
+                    channel.write(WebSocketFrame(fin: true, opcode: .text, data: buffer), promise: nil)
+                }
+                channel.flush()
+                written(batch.count)
+                spaceContinuation.yield()
+            case .close(let code)?:
+                var payload = channel.allocator.buffer(capacity: 2)
+                payload.writeInteger(code.rawValue)
+                channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload), promise: nil)
+                return
+            case .idle?, .finished?, nil:
+                return
+            }
+        }
+    }
 
     /// Whether the queue still accepts messages.
     var isOpen: Bool { queue.withLock { $0.queue.isOpen } }
@@ -134,7 +189,6 @@ final class SessionChannel: Sendable {
 
     /// Ends the signals and the close watchdog (the session is over).
     func finishSignals() {
-        wakeContinuation.finish()
         spaceContinuation.finish()
         let timer = watchdog.withLock { state -> Scheduled<Void>? in
             state.ended = true
