@@ -87,7 +87,7 @@ token_note=""
 if [ "$auth" = 1 ]; then
   # `serve` is the default subcommand, so `token --help` would not fail: look in the subcommand list.
   if "$server_bin" --help 2>/dev/null | sed -n '/SUBCOMMANDS/,$p' | grep -qE '^ +token( |$)'; then
-    secret=realtime-bench-secret
+    secret=realtime-bench-secret-0123456789abcdef  # >= 32 bytes (HS256)
     token=$("$server_bin" token --secret "$secret" --table "$table=" --ttl 1h | tail -1)
   else
     token_note="scenario (d) skipped: \`realtime-sync token\` does not exist in this build yet (auth lands separately)"
