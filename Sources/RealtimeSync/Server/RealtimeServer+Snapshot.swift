@@ -110,12 +110,12 @@ extension ServerState {
     /// socket's send-queue bounds (the caller closes the socket with 1013).
     mutating func hold(_ frame: [UInt8], of event: ChangeEvent, client: FanoutClientID, id: String,
                        limits: OutboundQueue<[UInt8]>.Limits) -> Bool {
-        guard var entry = snapshots[client]?[id] else { return true }
-        entry.held.append(HeldChange(xid: event.xid, commitLSN: event.commitLSN, frame: frame))
-        entry.heldBytes += frame.count
-        let within = entry.held.count <= limits.maxMessages && entry.heldBytes <= limits.maxBytes
-        snapshots[client]?[id] = entry
-        return within
+        guard snapshots[client]?[id] != nil else { return true }
+        // In place: a copy taken out and written back would copy the held changes each time.
+        snapshots[client]![id]!.held.append(HeldChange(xid: event.xid, commitLSN: event.commitLSN, frame: frame))
+        snapshots[client]![id]!.heldBytes += frame.count
+        let (count, bytes) = (snapshots[client]![id]!.held.count, snapshots[client]![id]!.heldBytes)
+        return count <= limits.maxMessages && bytes <= limits.maxBytes
     }
 
     /// Drops everything held for `client` (slow consumer, closed socket).
