@@ -1,4 +1,5 @@
 import Logging
+import NIOCore
 import Synchronization
 
 extension RealtimeServer {
@@ -67,10 +68,13 @@ extension RealtimeServer {
             if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return [] }
             let change = EncodedChange(event)
             var overflowed: [FanoutClientID] = []
+            // Clients with one matching subscription of the same id get the same bytes: one
+            // buffer for all of them (typically every client subscribed as, say, "orders").
+            var shared: (quotedID: [UInt8], frame: ByteBuffer)?
             for delivery in deliveries {
                 guard let session = state.sessions[delivery.client] else { continue }
                 let extra = snapshotIDs.removeValue(forKey: delivery.client) ?? []
-                let frame: [UInt8]
+                let frame: ByteBuffer
                 if let starts = state.startAfter[delivery.client] {
                     var ids: [String] = []
                     var remaining = starts
@@ -82,9 +86,19 @@ extension RealtimeServer {
                     state.startAfter[delivery.client] = remaining.isEmpty ? nil : remaining
                     ids += extra
                     if ids.isEmpty { continue }
-                    frame = change.frame(ids: ids)
+                    frame = ByteBuffer(bytes: change.frame(ids: ids))
+                } else if !extra.isEmpty {
+                    frame = ByteBuffer(bytes: change.frame(ids: delivery.subscriptionIDs + extra))
+                } else if delivery.subscriptions.count == 1 {
+                    let quotedID = delivery.subscriptions[0].quotedID
+                    if let shared, shared.quotedID == quotedID {
+                        frame = shared.frame
+                    } else {
+                        frame = ByteBuffer(bytes: change.frame(for: delivery))
+                        shared = (quotedID, frame)
+                    }
                 } else {
-                    frame = extra.isEmpty ? change.frame(for: delivery) : change.frame(ids: delivery.subscriptionIDs + extra)
+                    frame = ByteBuffer(bytes: change.frame(for: delivery))
                 }
                 if session.enqueue(frame) == .overflow {
                     state.dropClient(delivery.client)

@@ -10,7 +10,7 @@ final class SessionChannel: Sendable {
     /// The socket, to cut it when a close handshake exceeds its deadline.
     let channel: any Channel
     private struct QueueState: Sendable {
-        var queue: OutboundQueue<[UInt8]>
+        var queue: OutboundQueue<ByteBuffer>
         /// The first close code, kept after the queue finished (for metrics and logs).
         var closeCode: WebSocketCloseCode?
         /// Whether a pump is scheduled or running on the event loop (at most one is).
@@ -50,15 +50,20 @@ final class SessionChannel: Sendable {
         self.id = id
         self.channel = channel
         self.closeTimeout = TimeAmount(closeTimeout)
-        self.queue = Mutex(QueueState(queue: OutboundQueue(limits: limits)))
+        self.queue = Mutex(QueueState(queue: OutboundQueue(limits: .init(maxMessages: limits.maxMessages, maxBytes: limits.maxBytes))))
         (spaceFreed, spaceContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
     /// Queues a frame and schedules the writer.
     @discardableResult
-    func enqueue(_ frame: [UInt8]) -> OutboundQueue<[UInt8]>.EnqueueResult {
+    func enqueue(_ frame: [UInt8]) -> OutboundQueue<ByteBuffer>.EnqueueResult { enqueue(ByteBuffer(bytes: frame)) }
+
+    /// Queues a frame's bytes and schedules the writer. The fan-out passes one buffer to every
+    /// client whose frame is the same (ByteBuffer is copy-on-write; the writes only read it).
+    @discardableResult
+    func enqueue(_ frame: ByteBuffer) -> OutboundQueue<ByteBuffer>.EnqueueResult {
         let (result, began, pump) = queue.withLock { state in
-            let result = state.queue.enqueue(frame, byteCount: frame.count)
+            let result = state.queue.enqueue(frame, byteCount: frame.readableBytes)
             return (result, state.noteClose(), result != .closed && state.needsPump())
         }
         if pump { schedulePump() }
@@ -68,7 +73,7 @@ final class SessionChannel: Sendable {
 
     /// Queues a server message.
     @discardableResult
-    func enqueue(_ message: ServerMessage) -> OutboundQueue<[UInt8]>.EnqueueResult { enqueue(message.jsonBytes()) }
+    func enqueue(_ message: ServerMessage) -> OutboundQueue<ByteBuffer>.EnqueueResult { enqueue(message.jsonBytes()) }
 
     /// Flush what is queued, then close with `code` (first close wins).
     func close(_ code: WebSocketCloseCode) {
@@ -112,7 +117,7 @@ final class SessionChannel: Sendable {
     private func pump() {
         while true {
             let writable = channel.isWritable
-            let next = queue.withLock { state -> OutboundQueue<[UInt8]>.Next? in
+            let next = queue.withLock { state -> OutboundQueue<ByteBuffer>.Next? in
                 if state.queue.queuedMessages > 0 && !writable {
                     state.pumpScheduled = false  // channelBecameWritable resumes
                     return nil
@@ -123,11 +128,8 @@ final class SessionChannel: Sendable {
             }
             switch next {
             case .write(let batch)?:
-                let allocator = channel.allocator
                 for frame in batch {
-                    var buffer = allocator.buffer(capacity: frame.count)
-                    buffer.writeBytes(frame)
-                    channel.write(WebSocketFrame(fin: true, opcode: .text, data: buffer), promise: nil)
+                    channel.write(WebSocketFrame(fin: true, opcode: .text, data: frame), promise: nil)
                 }
                 channel.flush()
                 written(batch.count)
