@@ -23,9 +23,10 @@ extension RealtimeServer {
             return .dontUpgrade
         }
         let expiry = expiresAt.map(TokenExpiry.init)
-        return .upgrade([:]) { inbound, outbound, _ in
-            await self.runSession(inbound: inbound, outbound: outbound, channel: channel, access: access, subject: subject,
-                                  expiry: expiry)
+        // The session writes through the channel itself (SessionChannel's pump), not through
+        // Hummingbird's outbound writer.
+        return .upgrade([:]) { inbound, _, _ in
+            await self.runSession(inbound: inbound, channel: channel, access: access, subject: subject, expiry: expiry)
         }
     }
 

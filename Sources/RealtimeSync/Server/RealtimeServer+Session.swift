@@ -17,7 +17,7 @@ extension RealtimeServer {
     /// One socket, from upgrade to close: the WebSocket handler's scope owns the
     /// session and runs its reader; everything it holds is
     /// released when this returns, however the socket ended.
-    func runSession(inbound: WebSocketInboundStream, outbound: WebSocketOutboundWriter, channel: any Channel,
+    func runSession(inbound: WebSocketInboundStream, channel: any Channel,
                     access: TableAccess, subject: String?, expiry: TokenExpiry? = nil) async {
         let session = openSession(channel: channel)
         var sessionLogger = self.logger

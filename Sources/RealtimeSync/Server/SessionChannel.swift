@@ -2,9 +2,9 @@ import NIOCore
 import NIOWebSocket
 import Synchronization
 
-/// One socket's outbound side, shared by its reader, its writer and the fan-out:
-/// the `OutboundQueue` behind a lock, and the signals that wake the writer and
-/// the catch-up reader. Owned by the session (the WebSocket handler's scope).
+/// One socket's outbound side, shared by its reader and the fan-out: the `OutboundQueue`
+/// behind a lock, the writer (a pump on the channel's event loop), the close watchdog, and
+/// the signal that wakes the catch-up reader. Owned by the session (the WebSocket handler's scope).
 final class SessionChannel: Sendable {
     let id: FanoutClientID
     /// The socket, to cut it when a close handshake exceeds its deadline.
