@@ -154,6 +154,9 @@ func sideBySide(
             ours = max(ours, a)
             theirs = max(theirs, b)
             ratios.append(a / b)
+            if ProcessInfo.processInfo.environment["POOL_BENCH_VERBOSE"] != nil {
+                print("  run: PoolKit \(format(a)), postgres-nio \(format(b)) (\(tasks) tasks)")
+            }
         }
         group.cancelAll()
         ratios.sort()
