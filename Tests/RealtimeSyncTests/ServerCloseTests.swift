@@ -143,10 +143,13 @@ struct ServerCloseTests {
             configuration.queueLimits = .init(maxMessages: 8, maxBytes: 64 << 10)
             configuration.closeTimeout = .seconds(10)
         }) { socket, source, test in
-            // The client reads nothing while ~9 MB of changes arrive: socket buffers fill, then the queue.
-            source.publish(itemInserts(1...300, padding: 30_000))
-            #expect(await eventually(10) { test.server.statistics.subscriptions == 0 })
-            let code = try await socket.receiveClose(timeout: 10)
+            // The client reads nothing while ~36 MB of changes arrive: the kernel's socket
+            // buffers fill (up to ~10 MB on loopback), then NIO's, then the queue.
+            try await socket.stopReading()
+            source.publish(itemInserts(1...600, padding: 60_000))
+            #expect(await eventually(20) { test.server.statistics.subscriptions == 0 })
+            try await socket.startReading()
+            let code = try await socket.receiveClose(timeout: 30)
             try await socket.sendClose(1000)
             #expect(await eventually { test.server.statistics.sessions == 0 })
             return code
@@ -167,8 +170,9 @@ struct ServerCloseTests {
             try await socket.subscribe("s")
             // The client reads nothing: the socket's buffers fill, the writer waits for them,
             // the queue overflows (1013, nothing more can be written), and only the watchdog ends it.
-            source.publish(itemInserts(1...300, padding: 30_000))
-            #expect(await eventually(10) { test.server.statistics.subscriptions == 0 })
+            try await socket.stopReading()
+            source.publish(itemInserts(1...600, padding: 60_000))
+            #expect(await eventually(20) { test.server.statistics.subscriptions == 0 })
             let began = ContinuousClock.now
             #expect(await eventually(15) { test.server.statistics.sessions == 0 }, "the session was not released")
             #expect(began.duration(to: .now) < .seconds(10))

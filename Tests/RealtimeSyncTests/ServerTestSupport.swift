@@ -272,6 +272,18 @@ final class TestConnection: @unchecked Sendable {
         try? await channel.close().get()
     }
 
+    /// Stops reading from the socket (NIO's autoRead off): the kernel's buffers fill and the
+    /// server sees a client that does not read.
+    func stopReading() async throws {
+        try await channel.setOption(ChannelOptions.autoRead, value: false).get()
+    }
+
+    /// Reads from the socket again (after `stopReading`).
+    func startReading() async throws {
+        try await channel.setOption(ChannelOptions.autoRead, value: true).get()
+        channel.read()
+    }
+
     /// Closes the socket.
     func close() async { try? await channel.close().get() }
 }

@@ -310,14 +310,18 @@ struct SnapshotTests {
 
     @Test("A client that disconnects mid-snapshot (queue full, waiting for the writer) releases the pooled connection and its session")
     func disconnectMidSnapshot() async throws {
-        try await withSeededTable("snap_gone", seed: "INSERT INTO {t} SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g", configure: {
+        // 20,000 rows of ~600 bytes (12 MB, more than the kernel's loopback buffers hold) to a
+        // client that stops reading after `subscribed`: the snapshot cannot finish.
+        try await withSeededTable("snap_gone", seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(1, 20000) g", configure: {
             $0.server.snapshotChunkRows = 10
+            $0.server.snapshotMaxRows = 50_000
             $0.server.queueLimits = .init(maxMessages: 8, maxBytes: 1 << 20)
         }) { running, client, table in
             let pool = try #require(running.server.configuration.snapshotReader?.pool)
             try await client.sendSnapshotSubscribe("s1", table: table)
             let first = try await client.receiveJSON(timeout: 15)
             #expect(first["type"] as? String == "subscribed")
+            try await client.stopReading()
             // The server is now blocked on the client's send queue with a pooled connection in a transaction.
             #expect(await eventually(10) { pool.statistics.inUse == 1 })
             await client.reset()
