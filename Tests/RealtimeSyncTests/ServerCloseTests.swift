@@ -144,7 +144,8 @@ struct ServerCloseTests {
             configuration.closeTimeout = .seconds(10)
         }) { socket, source, test in
             // The client reads nothing while ~36 MB of changes arrive: the kernel's socket
-            // buffers fill (up to ~10 MB on loopback), then NIO's, then the queue.
+            // buffers fill (here tcp_wmem allows up to 4 MB sent, tcp_rmem 128 KB received, which
+            // does not grow while nothing is read), then NIO's, then the queue.
             try await socket.stopReading()
             source.publish(itemInserts(1...600, padding: 60_000))
             #expect(await eventually(20) { test.server.statistics.subscriptions == 0 })

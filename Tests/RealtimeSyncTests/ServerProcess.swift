@@ -56,6 +56,11 @@ final class ServerProcess: @unchecked Sendable {
     /// What the process has written so far.
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
+    /// The log's lines at level `error` or `critical` (text log format).
+    var errorLines: [Substring] {
+        log.split(separator: "\n").filter { $0.contains(" error ") || $0.contains(" critical ") }
+    }
+
     /// Sends `signal` (SIGTERM, SIGINT, SIGKILL).
     func send(_ signal: Int32) { kill(pid, signal) }
 

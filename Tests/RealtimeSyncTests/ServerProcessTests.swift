@@ -17,6 +17,29 @@ struct ServerProcessTests {
          "--port", "\(port)", "--log-format", "text", "--shutdown-deadline", "20"]
     }
 
+    /// Runs `body` with a fresh slot name and a way to start `realtime-sync` processes;
+    /// afterwards, also when `body` throws, every process it started is killed if still
+    /// running and the slot and its publication are dropped.
+    private func withServeProcesses(url: String,
+                                    _ body: (_ slot: String, _ start: ([String]) throws -> ServerProcess) async throws -> Void) async throws {
+        let slot = uniqueCaptureName("proc_slot")
+        var started: [ServerProcess] = []
+        let outcome: Result<Void, any Error>
+        do {
+            try await body(slot) { arguments in
+                let process = try ServerProcess.start(arguments)
+                started.append(process)
+                return process
+            }
+            outcome = .success(())
+        } catch {
+            outcome = .failure(error)
+        }
+        for process in started { await process.cleanUp() }
+        await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+        try outcome.get()
+    }
+
     /// The ids of the `change` messages `client` receives until the server's close frame, and that close code.
     private func readUntilClose(_ client: TestConnection, timeout: Double) async throws -> (ids: [Int], close: UInt16?) {
         try await withTimeout(timeout, "reading until the close frame") {
@@ -37,10 +60,9 @@ struct ServerProcessTests {
     func sigtermWithHundredClients() async throws {
         try await TestDatabase.withDatabaseAlone { url in
             let table = try await createServiceTable(url: url)
-            let slot = uniqueCaptureName("proc_slot")
             let port = try EmbeddedPostgres.freePort()
-            let server = try ServerProcess.start(serveArguments(url: url, table: table, slot: slot, port: port))
-            do {
+            try await withServeProcesses(url: url) { slot, start in
+                let server = try start(serveArguments(url: url, table: table, slot: slot, port: port))
                 try await server.waitUntilReady(port: port)
                 var clients: [TestConnection] = []
                 for _ in 0..<100 {
@@ -103,15 +125,9 @@ struct ServerProcessTests {
                 let found = positions.compactMap { $0 }
                 #expect(found == found.sorted(), "steps out of order:\n\(log.suffix(4000))")
                 #expect(log.contains("sockets=100"), "\(log.suffix(4000))")
-                let errorLines = log.split(separator: "\n").filter { $0.contains(" error ") || $0.contains(" critical ") }
+                let errorLines = server.errorLines
                 #expect(errorLines.isEmpty, "a clean shutdown logged errors: \(errorLines)")
-            } catch {
-                await server.cleanUp()
-                await dropCapture(url: url, slot: slot, publication: slot + "_pub")
-                throw error
             }
-            await server.cleanUp()
-            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
         }
     }
 
@@ -119,11 +135,10 @@ struct ServerProcessTests {
     func sigkillAndRestartResume() async throws {
         try await TestDatabase.withDatabase { url in
             let table = try await createServiceTable(url: url)
-            let slot = uniqueCaptureName("proc_slot")
             let port = try EmbeddedPostgres.freePort()
-            let arguments = serveArguments(url: url, table: table, slot: slot, port: port)
-            var server = try ServerProcess.start(arguments)
-            do {
+            try await withServeProcesses(url: url) { slot, start in
+                let arguments = serveArguments(url: url, table: table, slot: slot, port: port)
+                var server = try start(arguments)
                 try await server.waitUntilReady(port: port)
                 let sql = try await PostgresConnection.connect(to: url)
                 let client = try await connectWebSocket(port: port)
@@ -142,7 +157,7 @@ struct ServerProcessTests {
                 for id in 41...70 { _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (\(id), 'down')") }
                 await server.cleanUp()
 
-                server = try ServerProcess.start(arguments)
+                server = try start(arguments)
                 try await server.waitUntilReady(port: port)
                 // One client saw everything up to 40, another only up to 10 (its cursor is from
                 // before the kill: the window is rebuilt from the WAL the slot kept).
@@ -168,15 +183,10 @@ struct ServerProcessTests {
                 await sql.close()
                 server.send(SIGTERM)
                 #expect(await server.wait(timeout: .seconds(30)) == 0, "\(server.log.suffix(3000))")
-            } catch {
-                await server.cleanUp()
-                await dropCapture(url: url, slot: slot, publication: slot + "_pub")
-                throw error
             }
-            await server.cleanUp()
-            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
         }
     }
+
     @Test("`realtime-sync` with no database: serves the live page, a demo row reaches a WebSocket client, SIGINT exits 0 with no error logged and the embedded cluster removed")
     func embeddedDemoProcess() async throws {
         let port = try EmbeddedPostgres.freePort()
@@ -201,7 +211,7 @@ struct ServerProcessTests {
             #expect(status == 0, "\(log.suffix(3000))")
             #expect(log.contains("live page at http://127.0.0.1:\(port)/"))
             #expect(log.contains("embedded PostgreSQL stopped and removed"), "\(log.suffix(3000))")
-            let errorLines = log.split(separator: "\n").filter { $0.contains(" error ") || $0.contains(" critical ") }
+            let errorLines = server.errorLines
             #expect(errorLines.isEmpty, "a clean shutdown logged errors: \(errorLines)")
         } catch {
             await server.cleanUp()

@@ -382,8 +382,7 @@ public final class ChangeStream: Service, Sendable {
                 guard case .transaction(let transaction)? = output else { continue }
                 if let retain = hub.deliver(transaction) {
                     changesCounter.increment(by: transaction.changes.count)
-                    repl.confirm(flushedThrough: retain.rawValue)
-                    state.withLock { $0.confirmed = max($0.confirmed, retain) }
+                    confirm(retain, repl)
                 }
                 if caughtUp(LSN(data.walStart), assembler) { break }
             }
@@ -394,13 +393,14 @@ public final class ChangeStream: Service, Sendable {
     /// The stream passed `position` between transactions: with an empty resume window the
     /// slot may move up to it (an idle database's heartbeats then release WAL).
     private func advanceIdle(through position: LSN, _ repl: ReplicationConnection) {
-        guard let retain = hub.idle(through: position) else { return }
-        let advanced = state.withLock { s -> Bool in
-            guard retain > s.confirmed else { return false }
-            s.confirmed = retain
-            return true
-        }
-        if advanced { repl.confirm(flushedThrough: retain.rawValue) }
+        if let retain = hub.idle(through: position) { confirm(retain, repl) }
+    }
+
+    /// Lets the slot's confirmed position move up to the window's retain position (both
+    /// only ever move forward).
+    private func confirm(_ retain: LSN, _ repl: ReplicationConnection) {
+        repl.confirm(flushedThrough: retain.rawValue)
+        state.withLock { $0.confirmed = max($0.confirmed, retain) }
     }
 
     /// Whether a stop is pending and the reader may end here: told to, or it has read up to

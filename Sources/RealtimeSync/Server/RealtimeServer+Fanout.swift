@@ -34,13 +34,10 @@ extension RealtimeServer {
                 let current = source.currentCursor
                 let closing = state.withLock { state -> [SessionChannel] in
                     state.lastDelivered = max(state.lastDelivered, current)
-                    var sessions: [SessionChannel] = []
-                    for client in state.hub.clientIDs {
-                        state.hub.removeClient(client)
-                        state.startAfter[client] = nil
-                        if let session = state.sessions[client] { sessions.append(session) }
-                    }
-                    return sessions
+                    // Clients in the hub and those whose snapshot holds changes: both miss them.
+                    let clients = Set(state.hub.clientIDs).union(state.snapshots.keys)
+                    for client in clients { state.dropClient(client) }
+                    return clients.compactMap { state.sessions[$0] }
                 }
                 for session in closing { session.close(.tryAgainLater) }
                 logger.error("fan-out fell behind the resume window; subscribed clients closed with 1013 so that they resume with since (older cursors get resync_required); raise the resume window's maxCount or maxAge",

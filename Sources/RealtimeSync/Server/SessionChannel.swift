@@ -11,8 +11,8 @@ final class SessionChannel: Sendable {
     let channel: any Channel
     private struct QueueState: Sendable {
         var queue: OutboundQueue<ByteBuffer>
-        /// The first close code, kept after the queue finished (for metrics and logs).
-        var closeCode: WebSocketCloseCode?
+        /// Whether closing has begun (noted once, to arm the watchdog once).
+        var closeBegan = false
         /// Whether a pump is scheduled or running on the event loop (at most one is).
         var pumpScheduled = false
 
@@ -23,10 +23,10 @@ final class SessionChannel: Sendable {
             return true
         }
 
-        /// Records the queue's close code if closing just began; true then.
+        /// True the first time closing is seen to have begun.
         mutating func noteClose() -> Bool {
-            guard closeCode == nil, let code = queue.closeCode else { return false }
-            closeCode = code
+            guard !closeBegan, queue.closeCode != nil else { return false }
+            closeBegan = true
             return true
         }
     }
@@ -147,9 +147,6 @@ final class SessionChannel: Sendable {
 
     /// Whether the queue still accepts messages.
     var isOpen: Bool { queue.withLock { $0.queue.isOpen } }
-
-    /// The first close code, once closing began (kept after the close frame went out).
-    var closeCode: WebSocketCloseCode? { queue.withLock { $0.closeCode } }
 
     /// Bytes and messages now queued.
     var queued: (bytes: Int, messages: Int) { queue.withLock { ($0.queue.queuedBytes, $0.queue.queuedMessages) } }
