@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3's real-database bar, side by side in one run: 10 connections, 64 concurrent workers
 # running `SELECT 1`, queries/s for
-#   pgbench -n -M extended -c 10 -j 2 (10 clients = 10 connections, one query in flight each),
+#   pgbench -n -M extended -c 10, with its default one thread (-j 1, the issue's literal command)
+#   and with -j 2 (10 clients = 10 connections, one query in flight each),
 #   PoolKit ConnectionPool<PostgresConnection> (busyPoll default, busyPoll 0, and workers that
 #   prefer PostgresConnection.preferredExecutor, the reactor thread),
 #   postgres-nio's PostgresClient (10 connections),
@@ -43,6 +44,9 @@ for r in $(seq 1 "$rounds"); do
   pg=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M extended -c 10 -j 2 -T "$secs" -f "$script" postgres 2>/dev/null \
        | sed -nE 's/^tps = ([0-9.]+) .*/\1/p')
   echo "$r pgbench $pg" >> "$results"
+  pg1=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M extended -c 10 -j 1 -T "$secs" -f "$script" postgres 2>/dev/null \
+       | sed -nE 's/^tps = ([0-9.]+) .*/\1/p')
+  echo "$r pgbench-j1 $pg1" >> "$results"
   "$bin" postgres --url "$url" --seconds "$secs" --warmup "$warmup" --connections 10 --workers 64 \
     | sed -nE "s/^RESULT ([^ ]+) ([0-9.]+) .*/$r \1 \2/p" >> "$results"
   for loop in "" --uvloop; do
@@ -57,8 +61,8 @@ rows = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     r, name, rate = line.split()
     rows[int(r)][name] = float(rate)
-names = ["pgbench", "ours", "ours-spin0", "ours-reactor", "nio", "asyncpg", "asyncpg-uvloop"]
-label = {"pgbench": "pgbench -M extended -c 10", "ours": "PoolKit (busyPoll 50us)", "ours-spin0": "PoolKit (busyPoll 0)", "ours-reactor": "PoolKit (workers on reactor)",
+names = ["pgbench", "pgbench-j1", "ours", "ours-spin0", "ours-reactor", "nio", "asyncpg", "asyncpg-uvloop"]
+label = {"pgbench": "pgbench -M extended -c 10 -j 2", "pgbench-j1": "pgbench -M extended -c 10 (-j 1)", "ours": "PoolKit (busyPoll 50us)", "ours-spin0": "PoolKit (busyPoll 0)", "ours-reactor": "PoolKit (workers on reactor)",
          "nio": "postgres-nio PostgresClient", "asyncpg": "asyncpg pool (asyncio)", "asyncpg-uvloop": "asyncpg pool (uvloop)"}
 print()
 print("queries/s " + "".join(f"{'round ' + str(r):>12}" for r in sorted(rows)) + f"{'median':>12}")
@@ -70,9 +74,9 @@ for n in names:
     print(f"{label[n]:<30}" + "".join(f"{v:>12,.0f}" if v else f"{'-':>12}" for v in vals) + (f"{med[n]:>12,.0f}" if med[n] else ""))
 print()
 for ours in ["ours", "ours-spin0", "ours-reactor"]:
-    for peer in ["pgbench", "nio", "asyncpg", "asyncpg-uvloop"]:
+    for peer in ["pgbench", "pgbench-j1", "nio", "asyncpg", "asyncpg-uvloop"]:
         per = [rows[r][ours] / rows[r][peer] for r in sorted(rows) if rows[r].get(ours) and rows[r].get(peer)]
-        bar = {"pgbench": " (bar: >= 0.9x)", "nio": " (bar: > 1x)", "asyncpg": " (bar: > 1x)"}.get(peer, "")
-        print(f"{label[ours]} / {label[peer]:<28}" + "".join(f"{x:>8.2f}x" for x in per) + bar)
+        bar = {"pgbench": " (bar: >= 0.9x)", "pgbench-j1": " (bar: >= 0.9x)", "nio": " (bar: > 1x)", "asyncpg": " (bar: > 1x)"}.get(peer, "")
+        print(f"{label[ours]} / {label[peer]:<33}" + "".join(f"{x:>8.2f}x" for x in per) + bar)
 PY
 echo "load after: $(uptime | sed 's/.*load average: //')"

@@ -126,7 +126,7 @@ struct PostgresConnectionTests {
             let result = try await Task(executorPreference: PostgresConnection.preferredExecutor) { () -> (Int, Bool) in
                 var sum = 0
                 for i in 0..<200 { sum += try await conn.query("SELECT $1::int", i)[0].decode(Int.self, at: 0) ?? 0 }
-                let onReactor = UInt(pthread_self()) == SocketReactor.shared.threadID.load(ordering: .relaxed)
+                let onReactor = SocketReactor.shared.isCurrentThreadReactor
                 return (sum, onReactor)
             }.value
             #expect(result.0 == (0..<200).reduce(0, +))

@@ -31,7 +31,7 @@ public enum PostgresTransactionStatus: Sendable, Hashable {
 
 /// One libpq connection to PostgreSQL, driven in non-blocking mode.
 ///
-/// Every wait is for socket readiness on PoolKit's reactor thread (`epoll`), so a query never
+/// Every wait is for socket readiness on PoolKit's reactor threads (`epoll`), so a query never
 /// blocks a Swift concurrency thread; the few libpq calls that can block (name resolution during
 /// connect, `PQcancel`) run on a Dispatch thread. A connection runs one statement at a time; a
 /// second concurrent call fails with `PostgresError.Code.invalidUsage` rather than corrupting the
@@ -129,13 +129,15 @@ public final class PostgresConnection: @unchecked Sendable {
         }
     }
 
-    /// The executor of PoolKit's reactor thread, which waits on every connection's socket.
+    /// The executor of PoolKit's reactor threads, which wait on every connection's socket.
     ///
     /// A task that prefers it (`withTaskExecutorPreference(PostgresConnection.preferredExecutor)`
-    /// or `Task(executorPreference:)`) continues on the reactor thread as soon as its socket is
+    /// or `Task(executorPreference:)`) continues on a reactor thread as soon as its socket is
     /// ready: one thread wake-up per answer instead of two (reactor, then a cooperative thread).
     /// Use it for tasks that mostly wait on the database; keep CPU-heavy work off it, since
-    /// while such a task runs, no other socket is served (as on any event loop).
+    /// while such a task runs, its reactor thread serves no other socket (as on any event loop).
+    /// The number of reactor threads is 2 (1 on a single-core machine), or
+    /// `POOLKIT_REACTOR_THREADS` (1-64) read at first use.
     public static var preferredExecutor: any TaskExecutor { SocketReactor.shared }
 
     // MARK: Connecting

@@ -23,20 +23,37 @@ enum SocketWaitOutcome: Sendable {
     case interrupted
 }
 
-/// One reactor thread that waits on socket readiness with `epoll` for every libpq connection
-/// in the process.
+/// PoolKit's reactor: a few threads that wait on socket readiness with one shared `epoll` set
+/// for every libpq connection in the process, and that also run the jobs of tasks preferring
+/// them (``PostgresConnection/preferredExecutor``).
 ///
-/// Why a dedicated thread and not `DispatchSource`: libpq is driven in non-blocking mode, and
-/// every wait is one-shot (wait, then call libpq until it would block again). A single epoll
-/// thread with `EPOLLONESHOT` registrations costs one `epoll_ctl` per wait and resumes the
-/// waiting continuation directly, with no dispatch queue in between; dispatch sources on Linux
-/// are themselves built on an epoll thread plus a queue hop, and must be suspended/resumed and
-/// cancelled with care around `close()`. Nothing here ever blocks a Swift concurrency thread:
-/// only the reactor thread sleeps in `epoll_wait`.
+/// Why dedicated threads and not `DispatchSource`: libpq is driven in non-blocking mode, and
+/// every wait is one-shot (wait, then call libpq until it would block again). `EPOLLONESHOT`
+/// registrations cost one `epoll_ctl` per wait and resume the waiting continuation directly,
+/// with no dispatch queue in between; dispatch sources on Linux are themselves built on an
+/// epoll thread plus a queue hop, and must be suspended/resumed and cancelled with care around
+/// `close()`. Nothing here ever blocks a Swift concurrency thread: only reactor threads sleep
+/// in `epoll_wait`.
+///
+/// Why more than one thread (``threadCount``, default 2): a query's send wakes its server
+/// backend, which on a busy machine often preempts the sending thread; with one thread every
+/// connection's progress stops with it. `pgbench -j 1` against `-j 2` shows the same effect
+/// (about 0.6x on this project's 2-core machine). The threads share one epoll set (each
+/// one-shot event reaches one thread) and one job queue; an idle thread sleeps in
+/// `epoll_wait` and is woken through an `eventfd` when a job arrives from outside.
 final class SocketReactor: TaskExecutor, Sendable {
     /// The process-wide reactor, started on first use. It lives as long as the process (a
-    /// documented root: the thread is the one unstructured execution context PoolKit owns).
-    static let shared = SocketReactor()
+    /// documented root: its threads are the one unstructured execution context PoolKit owns).
+    static let shared = SocketReactor(threads: SocketReactor.configuredThreadCount())
+
+    /// How many reactor threads the shared reactor runs: `POOLKIT_REACTOR_THREADS` (1-64) if
+    /// set, else 2 (1 on a single-core machine).
+    static func configuredThreadCount() -> Int {
+        if let raw = getenv("POOLKIT_REACTOR_THREADS"), let n = Int(String(cString: raw)), (1...64).contains(n) {
+            return n
+        }
+        return sysconf(Int32(_SC_NPROCESSORS_ONLN)) > 1 ? 2 : 1
+    }
 
     private struct Waiter {
         var id: UInt64
@@ -49,33 +66,46 @@ final class SocketReactor: TaskExecutor, Sendable {
         var registered: Set<Int32> = []
     }
 
+    /// Number of reactor threads.
+    let threadCount: Int
     private let epollFD: Int32
-    /// Wakes the reactor thread when a job is enqueued from another thread.
+    /// Wakes a sleeping reactor thread when a job is enqueued.
     private let wakeFD: Int32
     /// Jobs of tasks that prefer this executor (see `PostgresConnection.preferredExecutor`).
-    private let jobs = Mutex<[UnownedJob]>([])
-    /// True while the reactor thread is (about to be) asleep in `epoll_wait`.
-    private let sleeping = Atomic<Bool>(false)
-    /// The reactor thread's id, to enqueue from it without a wake-up.
-    let threadID = Atomic<UInt>(0)
+    private let jobs = Mutex(FIFOQueue<UnownedJob>())
+    /// Reactor threads that are (about to be) asleep in `epoll_wait`.
+    private let sleepers = Atomic<Int>(0)
+    /// True from a wake-up write until a reactor thread has read the eventfd.
+    private let wakePending = Atomic<Bool>(false)
+    /// Marks reactor threads (a non-nil value), to enqueue from them without a wake-up.
+    private let threadKey: pthread_key_t
     /// Held only for dictionary updates, never across a system call: every statement that
-    /// waits and the reactor thread take it, so a syscall inside it makes them spin.
+    /// waits and the reactor threads take it, so a syscall inside it makes them spin.
     private let state = Mutex(State())
     private let nextID = Atomic<UInt64>(0)
 
-    private init() {
+    private init(threads: Int) {
+        threadCount = threads
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
         precondition(epollFD >= 0, "epoll_create1 failed: errno \(errno)")
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
         precondition(wakeFD >= 0, "eventfd failed: errno \(errno)")
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+        threadKey = key
         var ev = epoll_event()
         ev.events = UInt32(EPOLLIN.rawValue)
         ev.data.fd = wakeFD
         precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &ev) == 0, "epoll_ctl(eventfd) failed: errno \(errno)")
         let fd = epollFD
-        let thread = ReactorThread { [unowned self] in self.loop(epollFD: fd) }
-        thread.start()
+        for _ in 0..<threads {
+            let thread = ReactorThread { [unowned self] in self.loop(epollFD: fd) }
+            thread.start()
+        }
     }
+
+    /// True when the calling thread is one of this reactor's threads.
+    var isCurrentThreadReactor: Bool { pthread_getspecific(threadKey) != nil }
 
     /// Waits until `fd` is readable or writable. Cancellation of the calling Task ends the wait
     /// with `.cancelled` when `cancellable` is true; otherwise the wait ignores cancellation.
@@ -162,37 +192,41 @@ final class SocketReactor: TaskExecutor, Sendable {
         waiter?.continuation.resume(returning: outcome)
     }
 
-    /// Runs a job of a task that prefers this executor on the reactor thread.
+    /// Runs a job of a task that prefers this executor on a reactor thread.
     func enqueue(_ job: consuming ExecutorJob) {
         let unowned = UnownedJob(job)
-        jobs.withLock { $0.append(unowned) }
-        if UInt(pthread_self()) != threadID.load(ordering: .relaxed),
-           sleeping.load(ordering: .sequentiallyConsistent) {
+        let queued = jobs.withLock { q in
+            q.append(unowned)
+            return q.count
+        }
+        // From outside, wake a sleeping thread; from a reactor thread (which will run the queue
+        // itself), only when there is more queued than it alone should run.
+        if sleepers.load(ordering: .sequentiallyConsistent) > 0,
+           queued > 1 || !isCurrentThreadReactor,
+           !wakePending.exchange(true, ordering: .acquiringAndReleasing) {
             var one: UInt64 = 1
             _ = write(wakeFD, &one, 8)
         }
     }
 
     private func loop(epollFD: Int32) {
-        threadID.store(UInt(pthread_self()), ordering: .relaxed)
+        pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: 1))
         let capacity = 64
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
         defer { events.deallocate() }
         let me = asUnownedTaskExecutor()
-        var batch: [UnownedJob] = []
         while true {
-            batch = jobs.withLock { j in
-                let taken = j
-                j.removeAll(keepingCapacity: true)
-                return taken
+            // Run queued jobs, a bounded number before looking at the sockets again.
+            var ran = 0
+            while ran < 64, let job = jobs.withLock({ $0.popFirst() }) {
+                job.runSynchronously(on: me)
+                ran += 1
             }
-            for job in batch { job.runSynchronously(on: me) }
-            batch.removeAll(keepingCapacity: true)
             // Announce the sleep before the last look at the queue (pairs with enqueue's check).
-            sleeping.store(true, ordering: .sequentiallyConsistent)
+            sleepers.add(1, ordering: .sequentiallyConsistent)
             let idle = jobs.withLock { $0.isEmpty }
             let n = epoll_wait(epollFD, events, Int32(capacity), idle ? -1 : 0)
-            sleeping.store(false, ordering: .relaxed)
+            sleepers.subtract(1, ordering: .sequentiallyConsistent)
             if n < 0 {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait failed: errno \(errno)")
@@ -202,6 +236,7 @@ final class SocketReactor: TaskExecutor, Sendable {
                 if fd == wakeFD {
                     var value: UInt64 = 0
                     _ = read(wakeFD, &value, 8)
+                    wakePending.store(false, ordering: .releasing)
                 } else {
                     resume(fd: fd, id: nil, with: .ready)
                 }
