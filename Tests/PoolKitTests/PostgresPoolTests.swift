@@ -27,6 +27,45 @@ struct PostgresPoolTests {
         }
     }
 
+    @Test("32 tasks preferring the reactor executor share 4 pooled connections: every answer is right and every task runs on a reactor thread", .timeLimit(.minutes(1)))
+    func tasksOnTheReactorExecutor() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 4
+            config.acquireTimeout = .seconds(30)
+            try await withPool(url, config) { pool in
+                // Per task: (wrong answers, continuations that ran off the reactor threads).
+                let tallies = try await withTaskExecutorPreference(PostgresConnection.preferredExecutor) {
+                    try await withThrowingTaskGroup(of: (Int, Int).self) { group in
+                        for t in 0..<32 {
+                            group.addTask {
+                                var wrong = 0
+                                var offReactor = 0
+                                for i in 0..<100 {
+                                    let expected = t * 1_000 + i
+                                    let got = try await pool.withConnection { conn in
+                                        try await conn.query("SELECT $1::int", expected)[0].decode(Int.self, at: 0)
+                                    }
+                                    if got != expected { wrong += 1 }
+                                    if !SocketReactor.shared.isCurrentThreadReactor { offReactor += 1 }
+                                }
+                                return (wrong, offReactor)
+                            }
+                        }
+                        var sum = (0, 0)
+                        for try await (w, o) in group { sum = (sum.0 + w, sum.1 + o) }
+                        return sum
+                    }
+                }
+                #expect(tallies.0 == 0)
+                #expect(tallies.1 == 0, "continuations ran off the reactor threads")
+                #expect(SocketReactor.shared.threadCount == SocketReactor.configuredThreadCount())
+                let stats = pool.statistics
+                #expect(stats.open <= 4 && stats.inUse == 0 && stats.waiting == 0)
+            }
+        }
+    }
+
     @Test("a connection returned inside a transaction is rolled back before reuse")
     func rollbackOnReturn() async throws {
         try await TestDatabase.withDatabase { url in
