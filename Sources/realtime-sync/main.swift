@@ -77,6 +77,7 @@ struct Serve: AsyncParsableCommand {
     var databaseURL: String?
     @Option(help: "Address to listen on.") var host: String?
     @Option(help: "Port to listen on.") var port: Int?
+    @Option(help: "Connections queued before accept (listen backlog, capped by net.core.somaxconn).") var listenBacklog: Int?
     @Option(help: "Tables to stream, comma-separated (schema.table).") var tables: String?
     @Option(help: "Publication name (created for --tables when missing).") var publication: String?
     @Option(help: "Replication slot name (created when missing).") var slot: String?
@@ -107,6 +108,10 @@ struct Serve: AsyncParsableCommand {
         configuration.server.port = try Setting.int(port, "REALTIME_SYNC_PORT", 8080)
         guard (0...65535).contains(configuration.server.port) else {
             throw ValidationError("--port / REALTIME_SYNC_PORT: \(configuration.server.port) is not a port (0-65535)")
+        }
+        configuration.server.listenBacklog = try Setting.int(listenBacklog, "REALTIME_SYNC_LISTEN_BACKLOG", 4_096)
+        guard configuration.server.listenBacklog >= 1 else {
+            throw ValidationError("--listen-backlog / REALTIME_SYNC_LISTEN_BACKLOG: \(configuration.server.listenBacklog) must be 1 or more")
         }
         configuration.server.metricsRegistry = registry
         configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "REALTIME_SYNC_POOL_MAX_OPEN", 4)

@@ -15,6 +15,35 @@ struct ServerHTTPTests {
         }
     }
 
+    /// The listening socket's accept-queue limit, as `ss -ltn` reports it (Send-Q of a LISTEN socket).
+    private func listenBacklog(port: Int) throws -> Int? {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/ss")
+        process.arguments = ["-ltnH", "sport = :\(port)"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        // State Recv-Q Send-Q Local Peer
+        let fields = output.split(whereSeparator: \.isWhitespace)
+        return fields.count >= 3 ? Int(fields[2]) : nil
+    }
+
+    @Test("the listener's accept queue is listenBacklog (default 4,096, capped by net.core.somaxconn), not Hummingbird's 256")
+    func listenBacklogIsApplied() async throws {
+        let somaxconn = Int(try String(contentsOfFile: "/proc/sys/net/core/somaxconn", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 4_096
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let backlog = try listenBacklog(port: test.port)
+            #expect(backlog == min(4_096, somaxconn))
+        }
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.listenBacklog = 77 }) { test in
+            let backlog = try listenBacklog(port: test.port)
+            #expect(backlog == min(77, somaxconn))
+        }
+    }
+
     @Test("GET /readyz: 200 while the source is connected, 503 with a reason when not")
     func readyz() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

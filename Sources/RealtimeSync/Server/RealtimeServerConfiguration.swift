@@ -71,6 +71,11 @@ public struct RealtimeServerConfiguration: Sendable {
     public var host: String
     /// Port to listen on; 0 picks a free one (see `RealtimeServer.waitUntilListening()`). Default 8080.
     public var port: Int
+    /// Connections the kernel queues before the server accepts them (`listen(2)` backlog;
+    /// Linux caps it at `net.core.somaxconn`). When the queue is full, the kernel drops the
+    /// client's handshake and the client retries only after about a second, so a burst of
+    /// connects (clients reconnecting after a deploy) needs room. Default 4,096.
+    public var listenBacklog: Int
     /// Largest frame, and largest message, a client may send (close 1009 beyond). Default 64 KiB.
     public var maxClientMessageBytes: Int
     /// How often the server pings each socket. A socket whose ping is still unanswered
@@ -118,6 +123,7 @@ public struct RealtimeServerConfiguration: Sendable {
     public init(host: String = "127.0.0.1", port: Int = 8080, logger: Logger = Logger(label: "realtime-sync.server")) {
         self.host = host
         self.port = port
+        self.listenBacklog = 4_096
         self.maxClientMessageBytes = 64 << 10
         self.pingInterval = .seconds(30)
         self.closeTimeout = .seconds(5)
