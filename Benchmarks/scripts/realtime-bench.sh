@@ -80,7 +80,9 @@ stop_server() {
 cleanup() { stop_server; "$root/scripts/local-postgres.sh" stop; rm -f "$results"; }
 trap cleanup EXIT
 url=$("$root/scripts/local-postgres.sh" start)
-psql -q "$url" -v ON_ERROR_STOP=1 -c "DROP TABLE IF EXISTS $table; CREATE TABLE $table (id int8 PRIMARY KEY, client_ts int8 NOT NULL, payload text)"
+# The table is recreated, which drops it from any publication of an earlier run on the same
+# server: drop that publication too, so the server creates it anew for this table.
+psql -q "$url" -v ON_ERROR_STOP=1 -c "DROP TABLE IF EXISTS $table; DROP PUBLICATION IF EXISTS realtime_bench; CREATE TABLE $table (id int8 PRIMARY KEY, client_ts int8 NOT NULL, payload text)"
 
 token=""
 token_note=""
