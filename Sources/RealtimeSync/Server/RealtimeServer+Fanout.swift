@@ -83,21 +83,21 @@ extension RealtimeServer {
                     state.startAfter[delivery.client] = remaining.isEmpty ? nil : remaining
                     ids += extra
                     if ids.isEmpty { continue }
-                    frame = ByteBuffer(bytes: change.frame(ids: ids))
+                    frame = SessionChannel.textFrame(change.frame(ids: ids))
                 } else if !extra.isEmpty {
-                    frame = ByteBuffer(bytes: change.frame(ids: delivery.subscriptionIDs + extra))
+                    frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
                 } else if delivery.subscriptions.count == 1 {
                     let quotedID = delivery.subscriptions[0].quotedID
                     if let shared, shared.quotedID == quotedID {
                         frame = shared.frame
                     } else {
-                        frame = ByteBuffer(bytes: change.frame(for: delivery))
+                        frame = SessionChannel.textFrame(change.frame(for: delivery))
                         shared = (quotedID, frame)
                     }
                 } else {
-                    frame = ByteBuffer(bytes: change.frame(for: delivery))
+                    frame = SessionChannel.textFrame(change.frame(for: delivery))
                 }
-                if session.enqueue(frame) == .overflow {
+                if session.enqueue(encodedFrame: frame) == .overflow {
                     state.dropClient(delivery.client)
                     overflowed.append(delivery.client)
                 }

@@ -49,6 +49,7 @@ extension RealtimeServer {
             let observer = CloseFrameObserver(session: session)
             try operations.addHandler(observer, position: .after(decoder))
             try operations.addHandler(AutoPingHandler(interval: interval), position: .after(observer))
+            session.setFrameWriter(try? operations.context(handlerType: WebSocketFrameEncoder.self))
         }.get()
     }
 

@@ -50,18 +50,49 @@ final class SessionChannel: Sendable {
         self.id = id
         self.channel = channel
         self.closeTimeout = TimeAmount(closeTimeout)
+        self.frameWriter = NIOLoopBoundBox.makeEmptyBox(valueType: ChannelHandlerContext.self, eventLoop: channel.eventLoop)
         self.queue = Mutex(QueueState(queue: OutboundQueue(limits: .init(maxMessages: limits.maxMessages, maxBytes: limits.maxBytes))))
         (spaceFreed, spaceContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
-    /// Queues a frame and schedules the writer.
-    @discardableResult
-    func enqueue(_ frame: [UInt8]) -> OutboundQueue<ByteBuffer>.EnqueueResult { enqueue(ByteBuffer(bytes: frame)) }
+    /// A complete server-to-client text frame (unmasked, FIN) around `payload`: what the queue
+    /// holds and the pump writes as it is. Encoding once lets the fan-out share one frame
+    /// among every client that gets the same bytes, and lets the pump skip the frame encoder.
+    static func textFrame(_ payload: [UInt8]) -> ByteBuffer {
+        var frame = ByteBuffer()
+        frame.reserveCapacity(payload.count + 10)
+        frame.writeInteger(UInt8(0x81))  // FIN, opcode text
+        if payload.count < 126 {
+            frame.writeInteger(UInt8(payload.count))
+        } else if payload.count <= Int(UInt16.max) {
+            frame.writeInteger(UInt8(126))
+            frame.writeInteger(UInt16(payload.count))
+        } else {
+            frame.writeInteger(UInt8(127))
+            frame.writeInteger(UInt64(payload.count))
+        }
+        frame.writeBytes(payload)
+        return frame
+    }
 
-    /// Queues a frame's bytes and schedules the writer. The fan-out passes one buffer to every
-    /// client whose frame is the same (ByteBuffer is copy-on-write; the writes only read it).
+    /// The payload length of a frame made by `textFrame`.
+    static func payloadLength(_ frame: ByteBuffer) -> Int {
+        switch frame.getInteger(at: frame.readerIndex + 1, as: UInt8.self) ?? 0 {
+        case 126: return Int(frame.getInteger(at: frame.readerIndex + 2, as: UInt16.self) ?? 0)
+        case 127: return Int(frame.getInteger(at: frame.readerIndex + 2, as: UInt64.self) ?? 0)
+        case let n: return Int(n)
+        }
+    }
+
+    /// Queues a text message and schedules the writer.
     @discardableResult
-    func enqueue(_ frame: ByteBuffer) -> OutboundQueue<ByteBuffer>.EnqueueResult {
+    func enqueue(_ payload: [UInt8]) -> OutboundQueue<ByteBuffer>.EnqueueResult { enqueue(encodedFrame: Self.textFrame(payload)) }
+
+    /// Queues a frame made by `textFrame` and schedules the writer. The fan-out passes one
+    /// buffer to every client whose frame is the same (ByteBuffer is copy-on-write; the writes
+    /// only read it).
+    @discardableResult
+    func enqueue(encodedFrame frame: ByteBuffer) -> OutboundQueue<ByteBuffer>.EnqueueResult {
         let (result, began, pump) = queue.withLock { state in
             let result = state.queue.enqueue(frame, byteCount: frame.readableBytes)
             return (result, state.noteClose(), result != .closed && state.needsPump())
@@ -101,6 +132,18 @@ final class SessionChannel: Sendable {
         channel.eventLoop.execute { self.pump() }
     }
 
+    /// Where the pump writes encoded frames: the context of NIO's `WebSocketFrameEncoder`, so
+    /// that they go straight to the socket's pending writes instead of through every outbound
+    /// handler from the pipeline's tail and the encoder (per socket and change, that walk was
+    /// most of the server's fan-out CPU). Set on the event loop when the session starts; nil
+    /// (frames then go from the tail as `WebSocketFrame`s) if the encoder is not found.
+    private let frameWriter: NIOLoopBoundBox<ChannelHandlerContext?>
+
+    /// Records the encoder's context (on the event loop, when the session's handlers are added).
+    func setFrameWriter(_ context: ChannelHandlerContext?) {
+        frameWriter.value = context
+    }
+
     /// The channel became writable again (from the `CloseFrameObserver`, on the event loop).
     func channelBecameWritable() {
         if queue.withLock({ $0.needsPump() }) { pump() }
@@ -111,9 +154,10 @@ final class SessionChannel: Sendable {
     /// socket: a suspended writer task held kilobytes of stack per idle socket, and waking it
     /// per message cost a task switch. A client that does not read stops the pump at the
     /// high watermark, so the session's bounded queue, not NIO's buffer, grows (1013).
-    /// Frames are written from the tail of the pipeline, past Hummingbird's writer, whose
-    /// own frames (pongs; its echo of a close, dropped by `CloseFrameObserver` when ours
-    /// went first) are whole frames too.
+    /// Data frames are already encoded (`textFrame`) and go in at the frame encoder's context
+    /// (`frameWriter`); the close frame goes from the tail, so that `CloseFrameObserver` and
+    /// `AutoPingHandler` see it. Hummingbird's own frames (pongs; its echo of a close, dropped
+    /// by `CloseFrameObserver` when ours went first) also come from the tail, as whole frames.
     private func pump() {
         while true {
             let writable = channel.isWritable
@@ -128,10 +172,21 @@ final class SessionChannel: Sendable {
             }
             switch next {
             case .write(let batch)?:
-                for frame in batch {
-                    channel.write(WebSocketFrame(fin: true, opcode: .text, data: frame), promise: nil)
+                if sentCloseCode.load(ordering: .relaxed) != 0 {
+                    // Another close went out first (ping timeout, a protocol error): nothing may
+                    // follow it, as `CloseFrameObserver` enforces for frames from the tail.
+                } else if let writer = frameWriter.value {
+                    for frame in batch { writer.write(NIOAny(IOData.byteBuffer(frame)), promise: nil) }
+                    writer.flush()
+                } else {
+                    for var frame in batch {
+                        // Strip the header `textFrame` added; the encoder writes its own.
+                        let header = frame.readableBytes - Self.payloadLength(frame)
+                        frame.moveReaderIndex(forwardBy: header)
+                        channel.write(WebSocketFrame(fin: true, opcode: .text, data: frame), promise: nil)
+                    }
+                    channel.flush()
                 }
-                channel.flush()
                 written(batch.count)
                 spaceContinuation.yield()
             case .close(let code)?:
