@@ -285,25 +285,33 @@ enum Scan {
     /// Index of the first byte of the value after `key` (skipping `:` and blanks), from `from` on.
     @inline(__always)
     static func valueStart(_ bytes: UnsafeRawBufferPointer, after key: [UInt8], from: Int) -> Int? {
-        guard from < bytes.count, let base = bytes.baseAddress else { return nil }
+        guard from < bytes.count, bytes.baseAddress != nil else { return nil }
         guard let found = find(key, in: bytes, from: from) else { return nil }
         var i = found + key.count
         while i < bytes.count, bytes[i] == UInt8(ascii: ":") || bytes[i] == UInt8(ascii: " ") { i += 1 }
         return i < bytes.count ? i : nil
     }
 
-    /// memchr for the first byte, memcmp for the rest (Glibc's module does not export memmem).
+    /// Finds a key (`"name"`, quotes included). memchr on the name's first letter, not on the
+    /// opening quote: JSON is full of quotes, and anchoring on them cost a memcmp call per
+    /// quote (`perf`: 25 % of the client's CPU at 1 M messages/s went to memcmp). Then a byte
+    /// loop over the short key.
     @inline(__always)
     static func find(_ key: [UInt8], in bytes: UnsafeRawBufferPointer, from: Int) -> Int? {
-        let base = bytes.baseAddress!
-        let first = Int32(key[0])
-        var at = from
-        return key.withUnsafeBytes { k -> Int? in
-            while at + k.count <= bytes.count {
-                guard let hit = memchr(base + at, first, bytes.count - at - k.count + 1) else { return nil }
-                let offset = base.distance(to: UnsafeRawPointer(hit))
-                if memcmp(base + offset, k.baseAddress!, k.count) == 0 { return offset }
-                at = offset + 1
+        let n = key.count
+        guard n >= 2, let base = bytes.baseAddress else { return nil }
+        let anchor = Int32(key[1])
+        // The key starts at `start` when its anchor is at `start + 1`; the key must end in bounds.
+        var start = from
+        let lastStart = bytes.count - n
+        return key.withUnsafeBufferPointer { k -> Int? in
+            while start <= lastStart {
+                guard let hit = memchr(base + start + 1, anchor, lastStart - start + 1) else { return nil }
+                let candidate = base.distance(to: UnsafeRawPointer(hit)) - 1
+                var i = 0
+                while i < n && bytes[candidate + i] == k[i] { i += 1 }
+                if i == n { return candidate }
+                start = candidate + 1
             }
             return nil
         }
