@@ -10,5 +10,8 @@
    that the long-lived server it starts inherits none of the test process's descriptors. */
 extern int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *actions, int from);
 extern int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *actions, const char *path);
+/* Names PoolKit's reactor threads (glibc; declared only under _GNU_SOURCE). */
+#include <pthread.h>
+extern int pthread_setname_np(pthread_t thread, const char *name);
 #endif
 #endif

@@ -211,6 +211,8 @@ final class SocketReactor: TaskExecutor, Sendable {
 
     private func loop(epollFD: Int32) {
         pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: 1))
+        // Named so that top -H, perf and debuggers show which threads are PoolKit's.
+        _ = pthread_setname_np(pthread_self(), "poolkit-reactor")
         let capacity = 64
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
         defer { events.deallocate() }
