@@ -110,8 +110,8 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--port / REALTIME_SYNC_PORT: \(configuration.server.port) is not a port (0-65535)")
         }
         configuration.server.listenBacklog = try Setting.int(listenBacklog, "REALTIME_SYNC_LISTEN_BACKLOG", 4_096)
-        guard configuration.server.listenBacklog >= 1 else {
-            throw ValidationError("--listen-backlog / REALTIME_SYNC_LISTEN_BACKLOG: \(configuration.server.listenBacklog) must be 1 or more")
+        guard (1...65_535).contains(configuration.server.listenBacklog) else {
+            throw ValidationError("--listen-backlog / REALTIME_SYNC_LISTEN_BACKLOG: \(configuration.server.listenBacklog) is not from 1 to 65535 (the kernel caps it at net.core.somaxconn anyway)")
         }
         configuration.server.metricsRegistry = registry
         configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "REALTIME_SYNC_POOL_MAX_OPEN", 4)

@@ -34,32 +34,40 @@ struct PostgresPoolTests {
             config.maxOpen = 4
             config.acquireTimeout = .seconds(30)
             try await withPool(url, config) { pool in
-                // Per task: (wrong answers, continuations that ran off the reactor threads).
+                // Per task: wrong answers, continuations that ran off the reactor threads, and
+                // the reactor threads it ran on.
                 let tallies = try await withTaskExecutorPreference(PostgresConnection.preferredExecutor) {
-                    try await withThrowingTaskGroup(of: (Int, Int).self) { group in
+                    try await withThrowingTaskGroup(of: (Int, Int, Set<UInt>).self) { group in
                         for t in 0..<32 {
                             group.addTask {
                                 var wrong = 0
                                 var offReactor = 0
+                                var threads: Set<UInt> = []
                                 for i in 0..<100 {
                                     let expected = t * 1_000 + i
                                     let got = try await pool.withConnection { conn in
                                         try await conn.query("SELECT $1::int", expected)[0].decode(Int.self, at: 0)
                                     }
                                     if got != expected { wrong += 1 }
-                                    if !SocketReactor.shared.isCurrentThreadReactor { offReactor += 1 }
+                                    if SocketReactor.shared.isCurrentThreadReactor {
+                                        threads.insert(UInt(pthread_self()))
+                                    } else {
+                                        offReactor += 1
+                                    }
                                 }
-                                return (wrong, offReactor)
+                                return (wrong, offReactor, threads)
                             }
                         }
-                        var sum = (0, 0)
-                        for try await (w, o) in group { sum = (sum.0 + w, sum.1 + o) }
+                        var sum = (0, 0, Set<UInt>())
+                        for try await (w, o, threads) in group { sum = (sum.0 + w, sum.1 + o, sum.2.union(threads)) }
                         return sum
                     }
                 }
                 #expect(tallies.0 == 0)
                 #expect(tallies.1 == 0, "continuations ran off the reactor threads")
-                #expect(SocketReactor.shared.threadCount == SocketReactor.configuredThreadCount())
+                // 3,200 continuations spread over the reactor's threads, not all on one.
+                #expect(tallies.2.count >= min(2, SocketReactor.shared.threadCount),
+                        "ran on \(tallies.2.count) of \(SocketReactor.shared.threadCount) reactor threads")
                 let stats = pool.statistics
                 #expect(stats.open <= 4 && stats.inUse == 0 && stats.waiting == 0)
             }

@@ -25,3 +25,79 @@ struct SessionFrameTests {
         _ = try channel.finish()
     }
 }
+
+/// The session's pump on an `EmbeddedChannel` with NIO's encoder and the `CloseFrameObserver`:
+/// what the socket would carry, decoded as a client would.
+@Suite("server: the session pump's write paths")
+struct SessionPumpTests {
+    /// Everything written so far, decoded into frames.
+    private func sentFrames(_ channel: EmbeddedChannel) throws -> [WebSocketFrame] {
+        var bytes = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { bytes.writeBuffer(&part) }
+        let decoder = EmbeddedChannel(handler: ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: 1 << 20)))
+        try decoder.writeInbound(bytes)
+        var frames: [WebSocketFrame] = []
+        while let frame = try decoder.readInbound(as: WebSocketFrame.self) { frames.append(frame) }
+        _ = try decoder.finish()
+        return frames
+    }
+
+    private func text(_ frame: WebSocketFrame) -> String {
+        String(decoding: frame.unmaskedData.readableBytesView, as: UTF8.self)
+    }
+
+    /// A session over an embedded channel; `direct` wires the pump to the encoder's context.
+    private func makeSession(direct: Bool) throws -> (SessionChannel, EmbeddedChannel, Counter) {
+        let channel = EmbeddedChannel()
+        let counter = Counter()
+        let session = SessionChannel(id: FanoutClientID(1), channel: channel, limits: .init(), closeTimeout: .seconds(5),
+                                     written: { counter.add($0) })
+        try channel.pipeline.syncOperations.addHandler(WebSocketFrameEncoder())
+        try channel.pipeline.syncOperations.addHandler(CloseFrameObserver(session: session))
+        if direct { session.setFrameWriter(try channel.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)) }
+        return (session, channel, counter)
+    }
+
+    final class Counter: @unchecked Sendable {
+        var value = 0
+        func add(_ n: Int) { value += n }
+    }
+
+    @Test("messages go out as whole text frames, in order, on both write paths (encoder context and tail)",
+          arguments: [true, false])
+    func framesInOrder(direct: Bool) throws {
+        let (session, channel, counter) = try makeSession(direct: direct)
+        let long = String(repeating: "x", count: 70_000)
+        for message in ["a", String(repeating: "y", count: 200), long] { session.enqueue(Array(message.utf8)) }
+        channel.embeddedEventLoop.run()
+        let frames = try sentFrames(channel)
+        #expect(frames.map(\.opcode) == [.text, .text, .text])
+        #expect(frames.map(\.fin) == [true, true, true])
+        #expect(frames.map(text) == ["a", String(repeating: "y", count: 200), long])
+        #expect(counter.value == 3)
+        session.close(.normalClosure)
+        channel.embeddedEventLoop.run()
+        let closing = try sentFrames(channel)
+        #expect(closing.map(\.opcode) == [.connectionClose])
+        var payload = closing.first?.unmaskedData
+        #expect(payload?.readInteger(as: UInt16.self) == 1000)
+        #expect(session.sentCloseCode.load(ordering: .relaxed) == 1000)
+        _ = try? channel.finish()
+    }
+
+    @Test("after a close frame sent by another handler, queued data frames are not written or counted")
+    func nothingAfterAnotherClose() throws {
+        let (session, channel, counter) = try makeSession(direct: true)
+        var code = ByteBuffer()
+        code.writeInteger(UInt16(1001))
+        // As AutoPingHandler's ping timeout does: a close from the tail, seen by the observer.
+        channel.writeAndFlush(WebSocketFrame(fin: true, opcode: .connectionClose, data: code), promise: nil)
+        #expect(session.sentCloseCode.load(ordering: .relaxed) == 1001)
+        session.enqueue(Array("late".utf8))
+        channel.embeddedEventLoop.run()
+        let frames = try sentFrames(channel)
+        #expect(frames.map(\.opcode) == [.connectionClose], "a data frame followed the close: \(frames.map(\.opcode))")
+        #expect(counter.value == 0)
+        _ = try? channel.finish()
+    }
+}

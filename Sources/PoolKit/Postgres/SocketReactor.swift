@@ -48,11 +48,15 @@ final class SocketReactor: TaskExecutor, Sendable {
 
     /// How many reactor threads the shared reactor runs: `POOLKIT_REACTOR_THREADS` (1-64) if
     /// set, else 2 (1 on a single-core machine).
+    /// An unusable value is reported on standard error, naming the variable, and ignored.
     static func configuredThreadCount() -> Int {
-        if let raw = getenv("POOLKIT_REACTOR_THREADS"), let n = Int(String(cString: raw)), (1...64).contains(n) {
-            return n
-        }
-        return sysconf(Int32(_SC_NPROCESSORS_ONLN)) > 1 ? 2 : 1
+        let fallback = sysconf(Int32(_SC_NPROCESSORS_ONLN)) > 1 ? 2 : 1
+        guard let raw = getenv("POOLKIT_REACTOR_THREADS") else { return fallback }
+        let text = String(cString: raw)
+        if let n = Int(text), (1...64).contains(n) { return n }
+        let message = Array("PoolKit: POOLKIT_REACTOR_THREADS=\(text) is not a number from 1 to 64; using \(fallback) reactor threads\n".utf8)
+        _ = message.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+        return fallback
     }
 
     private struct Waiter {
@@ -94,12 +98,14 @@ final class SocketReactor: TaskExecutor, Sendable {
         precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
         threadKey = key
         var ev = epoll_event()
-        ev.events = UInt32(EPOLLIN.rawValue)
+        // Edge-triggered: one write wakes one sleeping thread, not every thread in epoll_wait
+        // (the thread that gets it reads the counter back to zero).
+        ev.events = UInt32(EPOLLIN.rawValue) | UInt32(EPOLLET.rawValue)
         ev.data.fd = wakeFD
         precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &ev) == 0, "epoll_ctl(eventfd) failed: errno \(errno)")
         let fd = epollFD
-        for _ in 0..<threads {
-            let thread = ReactorThread { [unowned self] in self.loop(epollFD: fd) }
+        for index in 1...threads {
+            let thread = ReactorThread { [unowned self] in self.loop(epollFD: fd, index: index) }
             thread.start()
         }
     }
@@ -199,20 +205,29 @@ final class SocketReactor: TaskExecutor, Sendable {
             q.append(unowned)
             return q.count
         }
-        // From outside, wake a sleeping thread; from a reactor thread (which will run the queue
-        // itself), only when there is more queued than it alone should run.
+        // Wake a sleeping thread, except for a single job queued by a reactor thread while it
+        // drains epoll events: it runs the queue itself right after. A job queued from inside
+        // a running job (a pool handing a connection to the next task) wakes a sleeper, so the
+        // two run in parallel.
         if sleepers.load(ordering: .sequentiallyConsistent) > 0,
-           queued > 1 || !isCurrentThreadReactor,
+           queued > 1 || Int(bitPattern: pthread_getspecific(threadKey)) != Self.drainingEvents,
            !wakePending.exchange(true, ordering: .acquiringAndReleasing) {
             var one: UInt64 = 1
-            _ = write(wakeFD, &one, 8)
+            if write(wakeFD, &one, 8) != 8 {
+                // Cannot happen with an eventfd short of overflow; do not leave the flag stuck.
+                wakePending.store(false, ordering: .releasing)
+            }
         }
     }
 
-    private func loop(epollFD: Int32) {
-        pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: 1))
-        // Named so that top -H, perf and debuggers show which threads are PoolKit's.
-        _ = pthread_setname_np(pthread_self(), "poolkit-reactor")
+    /// Thread-specific markers of a reactor thread: draining epoll events, or running a job.
+    private static let drainingEvents = 1
+    private static let runningJob = 2
+
+    private func loop(epollFD: Int32, index: Int) {
+        pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: Self.drainingEvents))
+        // Named so that top -H, perf and debuggers show which threads are PoolKit's (15 bytes at most).
+        _ = pthread_setname_np(pthread_self(), "poolkit-react-\(index)")
         let capacity = 64
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
         defer { events.deallocate() }
@@ -220,9 +235,15 @@ final class SocketReactor: TaskExecutor, Sendable {
         while true {
             // Run queued jobs, a bounded number before looking at the sockets again.
             var ran = 0
-            while ran < 64, let job = jobs.withLock({ $0.popFirst() }) {
-                job.runSynchronously(on: me)
-                ran += 1
+            if let first = jobs.withLock({ $0.popFirst() }) {
+                pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: Self.runningJob))
+                var job: UnownedJob? = first
+                while let next = job {
+                    next.runSynchronously(on: me)
+                    ran += 1
+                    job = ran < 64 ? jobs.withLock { $0.popFirst() } : nil
+                }
+                pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: Self.drainingEvents))
             }
             // Announce the sleep before the last look at the queue (pairs with enqueue's check).
             sleepers.add(1, ordering: .sequentiallyConsistent)

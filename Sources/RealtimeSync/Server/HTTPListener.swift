@@ -46,7 +46,7 @@ final class HTTPListener: Sendable {
             router: router,
             server: serverBuilder,
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil,
-                                 backlog: max(1, configuration.listenBacklog)),
+                                 backlog: min(max(1, configuration.listenBacklog), 65_535)),
             onServerRunning: { channel in
                 server.listenerStarted(port: channel.localAddress?.port ?? configuration.port)
             },

@@ -260,7 +260,8 @@ final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         // Nothing may follow the server's close frame (RFC 6455 5.5.1): not Hummingbird's echo
-        // of the client's close when the session's close went first, nor a late data frame.
+        // of the client's close when the session's close went first, nor a late frame from the
+        // tail. (The session's data frames skip this handler; its pump checks `sentCloseCode`.)
         guard session.sentCloseCode.load(ordering: .relaxed) == 0 else {
             promise?.succeed(())
             return

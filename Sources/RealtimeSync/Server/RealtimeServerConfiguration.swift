@@ -74,7 +74,8 @@ public struct RealtimeServerConfiguration: Sendable {
     /// Connections the kernel queues before the server accepts them (`listen(2)` backlog;
     /// Linux caps it at `net.core.somaxconn`). When the queue is full, the kernel drops the
     /// client's handshake and the client retries only after about a second, so a burst of
-    /// connects (clients reconnecting after a deploy) needs room. Default 4,096.
+    /// connects (clients reconnecting after a deploy) needs room. Values are clamped to
+    /// 1...65,535. Default 4,096.
     public var listenBacklog: Int
     /// Largest frame, and largest message, a client may send (close 1009 beyond). Default 64 KiB.
     public var maxClientMessageBytes: Int

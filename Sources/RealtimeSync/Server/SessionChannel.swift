@@ -175,9 +175,11 @@ final class SessionChannel: Sendable {
                 if sentCloseCode.load(ordering: .relaxed) != 0 {
                     // Another close went out first (ping timeout, a protocol error): nothing may
                     // follow it, as `CloseFrameObserver` enforces for frames from the tail.
+                    // Nothing is sent, so nothing is counted.
                 } else if let writer = frameWriter.value {
                     for frame in batch { writer.write(NIOAny(IOData.byteBuffer(frame)), promise: nil) }
                     writer.flush()
+                    written(batch.count)
                 } else {
                     for var frame in batch {
                         // Strip the header `textFrame` added; the encoder writes its own.
@@ -186,8 +188,8 @@ final class SessionChannel: Sendable {
                         channel.write(WebSocketFrame(fin: true, opcode: .text, data: frame), promise: nil)
                     }
                     channel.flush()
+                    written(batch.count)
                 }
-                written(batch.count)
                 spaceContinuation.yield()
             case .close(let code)?:
                 var payload = channel.allocator.buffer(capacity: 2)
@@ -250,5 +252,9 @@ final class SessionChannel: Sendable {
             return state.timer
         }
         timer?.cancel()
+        // Drop the encoder's context (it references the pipeline, which references the
+        // observer holding this session) rather than wait for the pipeline's teardown.
+        let writer = frameWriter
+        channel.eventLoop.execute { writer.value = nil }
     }
 }
