@@ -67,10 +67,14 @@ struct FanoutColumnIndex: Sendable {
 public struct FanoutDelivery: Sendable {
     /// The client.
     public let client: FanoutClientID
-    let subscriptions: [FanoutSubscription]
+    /// The first matching subscription in subscription order.
+    let first: FanoutSubscription
+    /// The other matching subscriptions in subscription order: empty, with no allocation, in
+    /// the common case of one (a change to 1,000 clients made 1,000 one-element arrays).
+    let rest: [FanoutSubscription]
 
     /// The matching subscription ids, in the order the client subscribed them.
-    public var subscriptionIDs: [String] { subscriptions.map(\.id) }
+    public var subscriptionIDs: [String] { [first.id] + rest.map(\.id) }
 }
 
 /// Fan-out of changes to subscriptions: who gets which change.
@@ -234,13 +238,20 @@ public struct FanoutHub: Sendable {
             for record in bucket.values { consider(record) }
         }
         if matched.isEmpty { return [] }
-        matched.sort { ($0.client, $0.sequence) < ($1.client, $1.sequence) }
+        // Sort plain keys, not the records: moving class references in a sort costs a retain
+        // and a release each (the sort was the largest part of matching 1,000 clients).
+        var order: [(client: UInt64, sequence: UInt64, index: Int)] = []
+        order.reserveCapacity(matched.count)
+        for (index, record) in matched.enumerated() { order.append((record.client.rawValue, record.sequence, index)) }
+        order.sort { ($0.client, $0.sequence) < ($1.client, $1.sequence) }
         var deliveries: [FanoutDelivery] = []
+        deliveries.reserveCapacity(order.count)
         var start = 0
-        while start < matched.count {
+        while start < order.count {
             var end = start + 1
-            while end < matched.count, matched[end].client == matched[start].client { end += 1 }
-            deliveries.append(FanoutDelivery(client: matched[start].client, subscriptions: Array(matched[start..<end])))
+            while end < order.count, order[end].client == order[start].client { end += 1 }
+            let rest = end - start == 1 ? [] : order[(start + 1)..<end].map { matched[$0.index] }
+            deliveries.append(FanoutDelivery(client: matched[order[start].index].client, first: matched[order[start].index], rest: rest))
             start = end
         }
         return deliveries
@@ -275,13 +286,14 @@ public struct EncodedChange: Sendable {
 
     /// The complete `change` frame for one client: one allocation, one copy of the members.
     public func frame(for delivery: FanoutDelivery) -> [UInt8] {
-        var idsLength = 0
-        for record in delivery.subscriptions { idsLength += record.quotedID.count + 1 }
+        var idsLength = delivery.first.quotedID.count + 1
+        for record in delivery.rest { idsLength += record.quotedID.count + 1 }
         var frame: [UInt8] = []
         frame.reserveCapacity(Self.prefix.count + idsLength + 2 + members.count + 1)
         frame.append(contentsOf: Self.prefix)
-        for (position, record) in delivery.subscriptions.enumerated() {
-            if position > 0 { frame.append(UInt8(ascii: ",")) }
+        frame.append(contentsOf: delivery.first.quotedID)
+        for record in delivery.rest {
+            frame.append(UInt8(ascii: ","))
             frame.append(contentsOf: record.quotedID)
         }
         frame.append(UInt8(ascii: "]"))

@@ -70,9 +70,10 @@ extension RealtimeServer {
             var shared: (quotedID: [UInt8], frame: ByteBuffer)?
             for delivery in deliveries {
                 guard let session = state.sessions[delivery.client] else { continue }
-                let extra = snapshotIDs.removeValue(forKey: delivery.client) ?? []
+                // Both dictionaries are usually empty: skip hashing the client id for them.
+                let extra = snapshotIDs.isEmpty ? [] : snapshotIDs.removeValue(forKey: delivery.client) ?? []
                 let frame: ByteBuffer
-                if let starts = state.startAfter[delivery.client] {
+                if !state.startAfter.isEmpty, let starts = state.startAfter[delivery.client] {
                     var ids: [String] = []
                     var remaining = starts
                     for id in delivery.subscriptionIDs {
@@ -86,8 +87,8 @@ extension RealtimeServer {
                     frame = SessionChannel.textFrame(change.frame(ids: ids))
                 } else if !extra.isEmpty {
                     frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
-                } else if delivery.subscriptions.count == 1 {
-                    let quotedID = delivery.subscriptions[0].quotedID
+                } else if delivery.rest.isEmpty {
+                    let quotedID = delivery.first.quotedID
                     if let shared, shared.quotedID == quotedID {
                         frame = shared.frame
                     } else {
