@@ -12,9 +12,7 @@ struct ChangeStreamFailureTests {
         try await withPrivateCluster { pg in
             let url = pg.url
             let table = uniqueCaptureName("cs_pgrestart")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let total = 600
             try await withChangeStream(url: url, tables: [table]) { stream, _ in
                 let subscription = stream.changes()
@@ -66,8 +64,7 @@ struct ChangeStreamFailureTests {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_kill")
             let slot = uniqueCaptureName("cs_slot")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             try await withChangeStream(url: url, tables: [table], slot: slot) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("DO $$ BEGIN FOR t IN 0..9 LOOP INSERT INTO \(table) SELECT t * 10 + g FROM generate_series(1, 10) g; COMMIT; END LOOP; END $$")
@@ -84,8 +81,7 @@ struct ChangeStreamFailureTests {
                 #expect(stream.statistics.reconnects >= 1)
                 #expect(stream.statistics.changes == 201)
             }
-            try await setup.execute("DROP TABLE \(table)")
-            await setup.close()
+            try await runSQL(url, "DROP TABLE \(table)")
         }
     }
 
@@ -173,8 +169,7 @@ struct ChangeStreamFailureTests {
     func shortSenderTimeoutKeepsHold() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_hold")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let separator = url.contains("?") ? "&" : "?"
             let shortTimeout = url + separator + "options=-c%20wal_sender_timeout%3D300"
             try await withChangeStream(url: shortTimeout, tables: [table]) { stream, sql in
@@ -187,8 +182,7 @@ struct ChangeStreamFailureTests {
                 #expect(stream.statistics.reconnects == 0)
                 #expect(stream.statistics.confirmedFlush == events[0].commitLSN)
             }
-            try await setup.execute("DROP TABLE \(table)")
-            await setup.close()
+            try await runSQL(url, "DROP TABLE \(table)")
         }
     }
 
@@ -197,8 +191,7 @@ struct ChangeStreamFailureTests {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_lag")
             let slot = uniqueCaptureName("cs_slot")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let stream = try await withChangeStream(url: url, tables: [table], slot: slot, dropSlotAtEnd: false) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 100)")
@@ -214,10 +207,11 @@ struct ChangeStreamFailureTests {
             }
             #expect(try await stream.dropSlot())
             #expect(try await stream.dropSlot() == false)
-            let rows = try await setup.query("SELECT count(*)::int FROM pg_replication_slots WHERE slot_name = $1", slot)
+            let check = try await PostgresConnection.connect(to: url)
+            let rows = try await check.query("SELECT count(*)::int FROM pg_replication_slots WHERE slot_name = $1", slot)
+            await check.close()
             #expect(try rows[0].decode(Int.self, at: 0) == 0)
-            try await setup.execute("DROP TABLE \(table)")
-            await setup.close()
+            try await runSQL(url, "DROP TABLE \(table)")
         }
     }
 }

@@ -9,6 +9,18 @@ func uniqueCaptureName(_ prefix: String) -> String {
     "\(prefix)_\(UInt32.random(in: 0...UInt32.max))"
 }
 
+/// Runs SQL on a fresh connection, closed however the statement ends.
+func runSQL(_ url: String, _ sql: String) async throws {
+    let connection = try await PostgresConnection.connect(to: url)
+    do {
+        _ = try await connection.execute(sql)
+    } catch {
+        await connection.close()
+        throw error
+    }
+    await connection.close()
+}
+
 struct CaptureTimedOut: Error, CustomStringConvertible {
     var what: String
     var description: String { "timed out: \(what)" }

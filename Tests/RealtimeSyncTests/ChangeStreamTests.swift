@@ -11,13 +11,11 @@ struct ChangeStreamTests {
         try await TestDatabase.withDatabase { url in
             let keyed = uniqueCaptureName("cs_keyed")
             let full = uniqueCaptureName("cs_full")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("""
+            try await runSQL(url, """
                 CREATE TABLE \(keyed) (id int PRIMARY KEY, name text, note text);
                 CREATE TABLE \(full) (id int PRIMARY KEY, name text, note text);
                 ALTER TABLE \(full) REPLICA IDENTITY FULL;
                 """)
-            await setup.close()
             try await withChangeStream(url: url, tables: [keyed, full]) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(keyed) VALUES (1, 'a', 'n1')")
@@ -61,10 +59,8 @@ struct ChangeStreamTests {
     func largeAndToast() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_toast")
-            let setup = try await PostgresConnection.connect(to: url)
             // EXTERNAL: stored out of line without compression, so the value is TOASTed.
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY, body text, n int); ALTER TABLE \(table) ALTER COLUMN body SET STORAGE EXTERNAL")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY, body text, n int); ALTER TABLE \(table) ALTER COLUMN body SET STORAGE EXTERNAL")
             try await withChangeStream(url: url, tables: [table]) { stream, sql in
                 let changes = stream.changes()
                 let big = String(String(repeating: "abcdefghijklmnopqrstuvwxyz", count: 38_462).prefix(1_000_000))
@@ -91,12 +87,10 @@ struct ChangeStreamTests {
     func jsonValueForms() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_kinds")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("""
+            try await runSQL(url, """
                 CREATE TABLE \(table) (id int PRIMARY KEY, big int8, small int2, f4 float4, f8 float8, num numeric,
                   flag bool, txt text, doc json, docb jsonb, raw bytea, at timestamptz, uid uuid, ints int[], nothing text)
                 """)
-            await setup.close()
             try await withChangeStream(url: url, tables: [table]) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("""
@@ -128,9 +122,7 @@ struct ChangeStreamTests {
         try await TestDatabase.withDatabase { url in
             let a = uniqueCaptureName("cs_a")
             let b = uniqueCaptureName("cs_b")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(a) (id int PRIMARY KEY); CREATE TABLE \(b) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(a) (id int PRIMARY KEY); CREATE TABLE \(b) (id int PRIMARY KEY)")
             try await withChangeStream(url: url, tables: [a, b]) { stream, sql in
                 let changes = stream.changes()
                 let other = try await PostgresConnection.connect(to: stream.configuration.connectionString)
@@ -160,9 +152,7 @@ struct ChangeStreamTests {
     func resumeHalf() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_resume")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             try await withChangeStream(url: url, tables: [table]) { stream, sql in
                 let first = stream.changes()
                 // 100 transactions of 100 rows.
@@ -192,9 +182,7 @@ struct ChangeStreamTests {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_restart")
             let slot = uniqueCaptureName("cs_slot")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let lastCursor = try await withChangeStream(url: url, tables: [table], slot: slot, dropSlotAtEnd: false) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 10)")
@@ -225,9 +213,7 @@ struct ChangeStreamTests {
     func resyncRequired() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_resync")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             try await withChangeStream(url: url, tables: [table], window: .init(maxCount: 10)) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 30)")
@@ -254,9 +240,7 @@ struct ChangeStreamTests {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_idle")
             let slot = uniqueCaptureName("cs_slot")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             try await withChangeStream(url: url, tables: [table], slot: slot, window: .init(maxAge: .seconds(2))) { stream, sql in
                 @Sendable func confirmedFlush() async throws -> LSN {
                     let rows = try await sql.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '\(slot)'")
@@ -300,9 +284,7 @@ struct ChangeStreamTests {
     func slowConsumer() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_slow")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             try await withChangeStream(url: url, tables: [table], consumerBufferLimit: 50) { stream, sql in
                 let slow = stream.changes()
                 try await sql.execute("DO $$ BEGIN FOR t IN 0..9 LOOP INSERT INTO \(table) SELECT t * 20 + g FROM generate_series(1, 20) g; COMMIT; END LOOP; END $$")
@@ -334,8 +316,7 @@ struct ChangeStreamTests {
     func stopCatchesUp() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_stop")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let consumer = try await withChangeStream(url: url, tables: [table]) { stream, sql in
                 let subscription = stream.changes()
                 let consumer = Task {
@@ -347,8 +328,7 @@ struct ChangeStreamTests {
                 return consumer  // withChangeStream calls stop() at once
             }
             #expect(try await within(.seconds(20)) { try await consumer.value } == Array(1...2_000))
-            try await setup.execute("DROP TABLE \(table)")
-            await setup.close()
+            try await runSQL(url, "DROP TABLE \(table)")
         }
     }
 
@@ -356,9 +336,7 @@ struct ChangeStreamTests {
     func release() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_release")
-            let setup = try await PostgresConnection.connect(to: url)
-            try await setup.execute("CREATE TABLE \(table) (id int PRIMARY KEY)")
-            await setup.close()
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let survivor = try await withChangeStream(url: url, tables: [table]) { stream, sql in
                 do { _ = stream.changes() }
                 #expect(stream.statistics.consumers == 0)

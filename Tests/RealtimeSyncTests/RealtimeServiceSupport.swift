@@ -57,13 +57,6 @@ func dropCapture(url: String, slot: String, publication: String) async {
 
 /// Creates `public.<name>(id serial primary key, status text)` and returns `public.<name>`.
 func createServiceTable(url: String, _ name: String = uniqueCaptureName("svc_items")) async throws -> String {
-    let connection = try await PostgresConnection.connect(to: url)
-    do {
-        _ = try await connection.execute("CREATE TABLE \(name) (id serial PRIMARY KEY, status text)")
-    } catch {
-        await connection.close()
-        throw error
-    }
-    await connection.close()
+    try await runSQL(url, "CREATE TABLE \(name) (id serial PRIMARY KEY, status text)")
     return "public.\(name)"
 }

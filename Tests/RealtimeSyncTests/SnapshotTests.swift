@@ -192,18 +192,6 @@ extension TestConnection {
     }
 }
 
-/// Runs SQL on a fresh connection.
-private func runSQL(_ url: String, _ sql: String) async throws {
-    let connection = try await PostgresConnection.connect(to: url)
-    do {
-        _ = try await connection.execute(sql)
-    } catch {
-        await connection.close()
-        throw error
-    }
-    await connection.close()
-}
-
 /// Creates `public.<prefix…>` with `columns`, fills it with `seed` (SQL run with `{t}` replaced by
 /// the table), runs a `RealtimeService` streaming it and gives `body` the running service, a
 /// connected WebSocket client (closed afterwards) and the table's name.
