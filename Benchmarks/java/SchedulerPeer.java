@@ -14,24 +14,36 @@ import java.util.concurrent.atomic.AtomicInteger;
 public class SchedulerPeer {
     static final class Samples {
         final long[] values;
+        final int[] periods;  // per sample: its period in the window
         final AtomicInteger count = new AtomicInteger();
-        final long windowStart, windowEnd;
-        Samples(int capacity, long windowStart, long windowEnd) {
+        final long windowStart, windowEnd, periodNs;
+        Samples(int capacity, long windowStart, long windowEnd, long periodNs) {
             values = new long[capacity];
+            periods = new int[capacity];
             this.windowStart = windowStart;
             this.windowEnd = windowEnd;
+            this.periodNs = periodNs;
         }
         void record(long scheduled, long now) {
             if (scheduled < windowStart || scheduled >= windowEnd) return;
             int i = count.getAndIncrement();
-            if (i < values.length) values[i] = now - scheduled;
+            if (i < values.length) {
+                values[i] = now - scheduled;
+                periods[i] = (int) ((scheduled - windowStart) / periodNs);
+            }
         }
         void report(String scenario, int expected) {
             int n = Math.min(count.get(), values.length);
+            // median over periods of each period's latest fire (as scheduler-bench prints)
+            java.util.TreeMap<Integer, Long> latest = new java.util.TreeMap<>();
+            for (int i = 0; i < n; i++) latest.merge(periods[i], values[i], Math::max);
+            long[] spans = latest.values().stream().mapToLong(Long::longValue).sorted().toArray();
+            double medianLatest = spans.length == 0 ? Double.NaN : spans[spans.length / 2] / 1000.0;
             long[] v = Arrays.copyOf(values, n);
             Arrays.sort(v);
-            System.out.printf("RESULT impl=java scenario=%s p50_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f fires=%d expected=%d%n",
-                scenario, pct(v, 0.5), pct(v, 0.99), pct(v, 0.999), n == 0 ? Double.NaN : v[n - 1] / 1000.0, count.get(), expected);
+            System.out.printf("RESULT impl=java scenario=%s p50_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f min_us=%.1f period_max_median_us=%.1f fires=%d expected=%d%n",
+                scenario, pct(v, 0.5), pct(v, 0.99), pct(v, 0.999), n == 0 ? Double.NaN : v[n - 1] / 1000.0,
+                n == 0 ? Double.NaN : v[0] / 1000.0, medianLatest, count.get(), expected);
         }
         static double pct(long[] v, double p) {
             if (v.length == 0) return Double.NaN;
@@ -51,7 +63,7 @@ public class SchedulerPeer {
         long base = System.nanoTime() + setup;
         long windowStart = base + periodNs;
         long windowEnd = windowStart + periodNs * periods;
-        Samples samples = new Samples(jobs * periods + 16, windowStart, windowEnd);
+        Samples samples = new Samples(jobs * periods + 16, windowStart, windowEnd, periodNs);
         long step = periodNs / jobs;
         for (int i = 0; i < jobs; i++) {
             final long first = aligned ? base : base + step * i;
@@ -130,10 +142,12 @@ public class SchedulerPeer {
         String mode = args.length > 0 ? args[0] : "all";
         boolean quick = Arrays.asList(args).contains("--quick");
         if (mode.equals("lateness") || mode.equals("all")) {
-            lateness("spread-100k-1s", 100_000, 1_000_000_000L, false, quick ? 2 : 4);
-            lateness("spread-10k-100ms", 10_000, 100_000_000L, false, quick ? 10 : 30);
-            lateness("aligned-100k-1s", 100_000, 1_000_000_000L, true, quick ? 2 : 4);
-            lateness("aligned-10k-100ms", 10_000, 100_000_000L, true, quick ? 10 : 30);
+            // SCHEDULER_BENCH_SCENARIO=<name> runs one scenario only, as in scheduler-bench
+            String only = System.getenv("SCHEDULER_BENCH_SCENARIO");
+            if (only == null || only.equals("spread-100k-1s")) lateness("spread-100k-1s", 100_000, 1_000_000_000L, false, quick ? 2 : 4);
+            if (only == null || only.equals("spread-10k-100ms")) lateness("spread-10k-100ms", 10_000, 100_000_000L, false, quick ? 10 : 30);
+            if (only == null || only.equals("aligned-100k-1s")) lateness("aligned-100k-1s", 100_000, 1_000_000_000L, true, quick ? 2 : 4);
+            if (only == null || only.equals("aligned-10k-100ms")) lateness("aligned-10k-100ms", 10_000, 100_000_000L, true, quick ? 10 : 30);
         }
         if (mode.equals("cost") || mode.equals("all")) cost(100_000, 6);
         if (mode.equals("rss")) rss(100_000);
