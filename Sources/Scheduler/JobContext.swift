@@ -12,19 +12,19 @@ public struct JobContext<Instant: InstantProtocol>: Sendable where Instant.Durat
     /// The job's name from `JobOptions.name`.
     public let jobName: String
     let job: JobID
-    /// The scheduler: one reference (one retain per run) gives the handle,
-    /// the logger and the shutdown flag.
-    let owner: any JobOwner
+    /// The worker's reference to the scheduler (gives the handle, the logger
+    /// and the shutdown flag); see `RunOwner`.
+    let owner: RunOwner
 
     /// The job's handle, e.g. to cancel the job from inside its own run.
-    public var handle: JobHandle { JobHandle(id: job, owner: owner) }
+    public var handle: JobHandle { JobHandle(id: job, owner: owner.target) }
 
     /// How late the run started: `actualStart - scheduledTime`.
     public var lateness: Duration { scheduledTime.duration(to: actualStart) }
 
     /// The scheduler's logger with `job` and `attempt` metadata.
     public var logger: Logger {
-        var l = owner.baseLogger
+        var l = owner.target.baseLogger
         l[metadataKey: "job"] = "\(jobName)"
         l[metadataKey: "attempt"] = "\(attempt)"
         return l
@@ -32,7 +32,17 @@ public struct JobContext<Instant: InstantProtocol>: Sendable where Instant.Durat
 
     /// True once the scheduler has begun shutting down; a long run may use it
     /// to stop early.
-    public var isShuttingDown: Bool { owner.flags.isShuttingDown }
+    public var isShuttingDown: Bool { owner.target.flags.isShuttingDown }
+}
+
+/// A run context's way to its scheduler: one per worker. Building a context
+/// then retains an object only that worker touches, instead of the scheduler
+/// itself, whose reference count every worker would change twice per run
+/// from every core.
+final class RunOwner: Sendable {
+    let target: any JobOwner
+
+    init(_ target: any JobOwner) { self.target = target }
 }
 
 /// Flags shared between the scheduler and its runs.

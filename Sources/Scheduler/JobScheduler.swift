@@ -257,7 +257,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     }
 
     private struct Step {
-        var cancels: [(RunControl, CancelReason)] = []
+        var cancels: [(RunCancel, CancelReason)] = []
         var plan = WorkerPool<SchedulerState<C.Instant>.RunStart>.Plan()
         var rejected: [RunCompletion] = []
         var started = 0
@@ -278,7 +278,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// runs does the same round instead of waiting for the driver, and wakes
     /// the driver only for what needs it (spawning, a timer, the end).
     @_specialize(where C == ContinuousClock)
-    private func coreStep(_ core: inout Core, done: [RunCompletion], now: Int64, limit: Int, byDriver: Bool) -> Step {
+    private func coreStep(_ core: inout Core, done: [RunCompletion], now: Int64, limit: Int, byDriver: Bool, refilling: Bool = false) -> Step {
         var step = Step()
         if byDriver { core.wakePending = false }
         if !done.isEmpty {
@@ -304,11 +304,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             if !starts.isEmpty {
                 // Lock order: core, then pool (nothing takes core while holding pool).
                 let moreDue = core.machine.hasDue(now: now)
-                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts, moreDue: moreDue), p.plan(now: now, canSpawn: byDriver)) }
+                let (accepted, plan) = pool.withLock { p in (p.enqueue(starts, moreDue: moreDue, keepRefilling: refilling), p.plan(now: now, canSpawn: byDriver)) }
                 step.plan = plan
                 if !accepted {
                     step.rejected = starts.map {
-                        RunCompletion(runSlot: $0.runSlot, runSerial: $0.runSerial, attempt: $0.attempt, outcome: .notStarted, lateness: 0, end: now)
+                        RunCompletion(
+                            runSlot: $0.runSlot, runSerial: $0.runSerial, attempt: $0.attempt, outcome: .notStarted,
+                            reason: $0.control.reason(serial: $0.runSerial), lateness: 0, end: now)
                     }
                 }
             }
@@ -444,20 +446,24 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         guard let workerTask = withUnsafeCurrentTask(body: { $0.map(WorkerTask.init) }) else {
             preconditionFailure("a scheduler worker always runs in a child task of the driver's group")
         }
+        let runOwner = RunOwner(self)
         await CurrentRun.$marker.withValue(marker) {
-            await workerLoop(slot, marker: marker, workerTask: workerTask)
+            await workerLoop(slot, marker: marker, workerTask: workerTask, runOwner: runOwner)
         }
         withExtendedLifetime(workerTask) {}
     }
 
     @_specialize(where C == ContinuousClock)
-    private func workerLoop(_ slot: Int, marker: RunMarker, workerTask: WorkerTask) async {
+    private func workerLoop(_ slot: Int, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
         // During a burst, refill when this many runs or fewer are left queued.
         let refillLowWater = limit / 2
+        // A refill hands its runs over in chunks of this many, so the other
+        // workers never run dry while it pops.
+        let refillChunk = Swift.max(1, Swift.min(32, limit / 4))
         var finished: RunCompletion?
         var finishedPrompt = false
-        var finishedControl: RunControl?
+        var finishedCancel: RunCancel?
         while true {
             let startInstant = clock.now
             let now = ticks(startInstant)
@@ -484,27 +490,38 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 return (next, mustFlush ? p.takeCompletions() : [], replace, refill)
             }
             var toRecord = flush
-            if pushedQuietly, toRecord.isEmpty, finishedControl?.reason != nil {
+            if pushedQuietly, toRecord.isEmpty, let f = finishedCancel, f.control.reason(serial: f.serial) != nil {
                 // Cancelled after the body ended (cancelAndWait may be waiting
                 // for exactly this run): record it now, not in the next batch.
                 toRecord = pool.withLock { $0.takeCompletions() }
             }
             finished = nil
-            finishedControl = nil
+            finishedCancel = nil
             switch next {
             case .run(let start):
                 if refill {
-                    let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
-                    perform(step)
-                    if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
-                    if step.started == 0 { pool.withLock { $0.endRefill() } }
+                    // Up to `limit` runs, a chunk per lock round: each chunk
+                    // reaches the other workers as soon as it is popped.
+                    var total = 0
+                    var done = toRecord
+                    while true {
+                        let step = core.withLock {
+                            coreStep(&$0, done: done, now: now, limit: refillChunk, byDriver: false, refilling: true)
+                        }
+                        done = []
+                        perform(step)
+                        if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
+                        total += step.started
+                        if step.started < refillChunk || total >= limit || !step.rejected.isEmpty { break }
+                    }
+                    pool.withLock { $0.endRefill(foundNone: total == 0) }
                 } else if !toRecord.isEmpty {
                     record(toRecord)
                 }
-                let c = await runOne(start, startInstant: startInstant, now: now, marker: marker, workerTask: workerTask)
+                let c = await runOne(start, startInstant: startInstant, now: now, marker: marker, workerTask: workerTask, runOwner: runOwner)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
-                finishedControl = start.control
+                finishedCancel = start.cancellation
             case .park:
                 let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
                 perform(step)
@@ -551,41 +568,46 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// One run, called by a worker: the body runs inline on the worker's task.
     @_specialize(where C == ContinuousClock)
-    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask) async -> RunCompletion {
+    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async -> RunCompletion {
         let lateness = now &- start.scheduled
         // RunControl uses the worker's task only between install and uninstall,
         // under its lock, i.e. while this worker is inside this run (see RunControl).
-        let cancelledBeforeStart = start.control.install(workerTask)
+        let serial = start.runSerial
+        let cancelledBeforeStart = start.control.install(workerTask, serial: serial)
         var outcome = RunOutcome.notStarted
+        var reason: CancelReason?
         if !cancelledBeforeStart {
+            let job = start.jobBox
             let context = JobContext(
                 scheduledTime: instant(start.scheduled), actualStart: startInstant, attempt: start.attempt,
-                jobName: start.name, job: start.job, owner: self)
+                jobName: job.name, job: start.job, owner: runOwner)
             do {
                 marker.enter(start.job)
                 defer { marker.leave() }
-                try await start.body(context)
+                try await job.body(context)
                 outcome = .success
             } catch {
-                let reason = start.control.reason
-                if reason != nil && reason != .timeout {
+                let why = start.control.reason(serial: serial)
+                if why != nil && why != .timeout {
                     outcome = .cancelled
                 } else {
-                    outcome = reason == .timeout ? .cancelled : .failure
+                    outcome = why == .timeout ? .cancelled : .failure
                     failuresCounter.increment()
                     logger.warning(
-                        reason == .timeout ? "job run timed out" : "job run failed",
-                        metadata: ["job": "\(start.name)", "attempt": "\(start.attempt)", "error": "\(error)"])
+                        why == .timeout ? "job run timed out" : "job run failed",
+                        metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)", "error": "\(error)"])
                 }
             }
-            start.control.uninstall()
+            reason = start.control.uninstall(serial: serial)
             runsCounter.increment()
             latenessTimer.recordNanoseconds(lateness)
+        } else {
+            reason = start.control.reason(serial: serial)
         }
         // `end` is set by the worker when it reports the run (its next clock read).
         return RunCompletion(
-            runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome,
-            lateness: lateness, end: 0)
+            runSlot: start.runSlot, runSerial: serial, attempt: start.attempt, outcome: outcome,
+            reason: reason, lateness: lateness, end: 0)
     }
 
     // MARK: - Service
@@ -650,7 +672,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         flags.markShuttingDown()
         let (abandoned, done, idle) = pool.withLock { $0.close() }
         for w in idle { w.resume() }
-        let (cancels, wake, resumes) = core.withLock { core -> ([(RunControl, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
@@ -682,7 +704,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         flags.markShuttingDown()
         let (abandoned, done, idle) = pool.withLock { $0.close() }
         for w in idle { w.resume() }
-        let (cancels, wake, resumes) = core.withLock { core -> ([(RunControl, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }

@@ -9,7 +9,7 @@ enum CancelReason: UInt8, Sendable {
     case schedulerCancelled
 }
 
-/// Cancels one run from outside it.
+/// Cancels a run from outside it.
 ///
 /// A run's body executes inline on a worker task, and a task group cannot
 /// cancel one of its children anyway. So the worker, before it calls the
@@ -22,51 +22,84 @@ enum CancelReason: UInt8, Sendable {
 /// aimed at one run never reaches the next run the same worker picks up (a
 /// worker whose task was cancelled starts no further run; it exits).
 ///
-/// Not final: `SchedulerState.RunStart` (the run's hand-over record) is a
-/// `RunControl`, so a run costs one allocation, not two. All members are
-/// final (no dynamic dispatch); `@unchecked` only because Swift accepts
-/// `Sendable` on final classes alone: the only stored state is the mutex.
-class RunControl: @unchecked Sendable {
+/// One control per *run slot* of the state machine, allocated when the slot
+/// is first used and reused by every later run in that slot, so starting a
+/// run allocates nothing. (An object per run cost a malloc on the thread
+/// that popped the run and a free on the worker that ran it; across threads,
+/// glibc's arena lock made the two sleep on each other during bursts.)
+/// Every call therefore names the run by its serial: run serials only grow,
+/// and a slot's runs are strictly sequential (a slot is reused only after its
+/// run's end is recorded, which is after the worker removed its task), so a
+/// request for an older serial than the slot has seen is stale and ignored.
+final class RunControl: Sendable {
     private struct State {
+        /// The run the cancellation below is for (0: none).
+        var cancelledSerial: UInt64 = 0
         var reason: CancelReason?
+        /// The run whose worker is installed (0: none).
+        var installedSerial: UInt64 = 0
+        /// The newest serial this slot has seen (older requests are stale).
+        var latest: UInt64 = 0
         // Used only under the lock, only between install and uninstall (see
         // above); unretained: the worker holds its `WorkerTask` while it runs.
         var worker: Unmanaged<WorkerTask>?
     }
 
-    private final let state = Mutex(State())
+    private let state = Mutex(State())
 
     init() {}
 
-    /// Installs the running worker's task; returns true (and installs
-    /// nothing) if cancellation was already requested.
-    final func install(_ worker: WorkerTask) -> Bool {
+    /// Installs the running worker's task for run `serial`; returns true (and
+    /// installs nothing) if that run's cancellation was already requested.
+    func install(_ worker: WorkerTask, serial: UInt64) -> Bool {
         // Lifetime and use as described above: only under the lock, only until uninstall.
         let w = Unmanaged.passUnretained(worker)
         return state.withLock { s in
-            if s.reason != nil { return true }
+            if s.cancelledSerial == serial { return true }
+            s.latest = Swift.max(s.latest, serial)
+            s.installedSerial = serial
             s.worker = w
             return false
         }
     }
 
-    /// Removes the task; after this returns no one cancels it through this run.
-    final func uninstall() {
-        state.withLock { $0.worker = nil }
-    }
-
-    /// Requests cancellation (the first reason wins) and cancels the task if it runs.
-    final func cancel(_ reason: CancelReason) {
+    /// Removes the task; after this returns no one cancels it through this
+    /// control. Returns why run `serial` was cancelled, if it was.
+    func uninstall(serial: UInt64) -> CancelReason? {
         state.withLock { s in
-            guard s.reason == nil else { return }
-            s.reason = reason
-            // Under the lock: the worker cannot leave the run (uninstall) meanwhile.
-            s.worker?.takeUnretainedValue().task.cancel()
+            s.installedSerial = 0
+            s.worker = nil
+            return s.cancelledSerial == serial ? s.reason : nil
         }
     }
 
-    /// The reason cancellation was requested, if it was.
-    final var reason: CancelReason? { state.withLock { $0.reason } }
+    /// Requests cancellation of run `serial` (the first reason wins) and
+    /// cancels its task if it runs. Ignored for a run older than the slot's newest.
+    func cancel(serial: UInt64, _ reason: CancelReason) {
+        state.withLock { s in
+            guard serial >= s.latest, s.cancelledSerial != serial else { return }
+            s.latest = serial
+            s.cancelledSerial = serial
+            s.reason = reason
+            // Under the lock: the worker cannot leave the run (uninstall) meanwhile.
+            if s.installedSerial == serial { s.worker?.takeUnretainedValue().task.cancel() }
+        }
+    }
+
+    /// The reason cancellation of run `serial` was requested, if it was.
+    func reason(serial: UInt64) -> CancelReason? {
+        state.withLock { $0.cancelledSerial == serial ? $0.reason : nil }
+    }
+}
+
+/// One run to cancel: its slot's control and its serial.
+struct RunCancel: Sendable {
+    let control: RunControl
+    let serial: UInt64
+
+    /// Requests cancellation of this run (see `RunControl.cancel`).
+    @inline(__always)
+    func cancel(_ reason: CancelReason) { control.cancel(serial: serial, reason) }
 }
 
 /// A worker's own task, captured once when the worker starts (not once per

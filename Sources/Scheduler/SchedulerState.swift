@@ -70,8 +70,10 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     struct Job: Sendable {
-        var body: Body?
-        var name: String
+        /// The body and name, boxed once per job (nil once the slot is free).
+        var box: JobBox?
+        /// The job's name ("" once the slot is free).
+        var name: String { box?.name ?? "" }
         var trigger: CompactTrigger
         var options: CompactOptions
         var serial: UInt64
@@ -87,8 +89,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     struct Run: Sendable {
-        var control: RunControl?
-        var serial: UInt64 = 0
+        var serial: UInt64 = 0  // 0: the slot is free (run serials start at 1)
         var jobSlot: UInt32 = 0
         var next: Int32 = -1
         var prev: Int32 = -1
@@ -96,37 +97,69 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var cut = false  // counted in the shutdown report's cut-off runs
     }
 
-    /// A run the shell must start on a worker; it is also the run's
-    /// `RunControl` (one allocation per run instead of two).
-    /// A class: it travels driver -> pool -> worker, and a copy is then one
-    /// retain instead of one per reference it holds.
-    final class RunStart: RunControl, @unchecked Sendable {
+    /// A job's body and name, allocated once when the job is scheduled.
+    final class JobBox: Sendable {
+        let body: Body
+        let name: String
+
+        init(body: @escaping Body, name: String) {
+            self.body = body
+            self.name = name
+        }
+    }
+
+    /// A run the shell must start on a worker: a plain value with no
+    /// reference counting, so handing it over costs neither an allocation
+    /// nor a retain and release (on a body closure that many jobs may share,
+    /// both cores contending for its reference count during a burst).
+    ///
+    /// Its two references are unretained. That is safe because of two rules
+    /// of this state machine: a job's box stays in its slot until the job has
+    /// no run in flight (`freeSlot` and `compactIfEmpty` check `inFlight`, and
+    /// a run stays in flight until its end is recorded, after its worker is
+    /// done with the body); and run-slot controls are never released before
+    /// the state machine itself (`controls` only grows).
+    struct RunStart: Sendable {
+        private let box: Unmanaged<JobBox>
+        private let unmanagedControl: Unmanaged<RunControl>
         let job: JobID
         let runSlot: UInt32
         let runSerial: UInt64
-        let body: Body
-        let name: String
         let scheduled: Int64
         let attempt: Int
         /// Its end must be recorded at once, not in the next batch: something
         /// follows from it (fixed delay, queued or burst run, the job ends).
         let prompt: Bool
 
-        /// Cancels this run.
-        @inline(__always)
-        var control: RunControl { self }
-
-        init(job: JobID, runSlot: UInt32, runSerial: UInt64, body: @escaping Body, name: String, scheduled: Int64, attempt: Int, prompt: Bool) {
+        init(box: JobBox, control: RunControl, job: JobID, runSlot: UInt32, runSerial: UInt64, scheduled: Int64, attempt: Int, prompt: Bool) {
+            // Unretained: see above.
+            self.box = Unmanaged.passUnretained(box)
+            self.unmanagedControl = Unmanaged.passUnretained(control)
             self.job = job
             self.runSlot = runSlot
             self.runSerial = runSerial
-            self.body = body
-            self.name = name
             self.scheduled = scheduled
             self.attempt = attempt
             self.prompt = prompt
-            super.init()
         }
+
+        /// The job's body and name. A strong reference to the job's own box
+        /// (whose reference count only the worker running it touches); call
+        /// `body` through it, so the closure's context, which many jobs may
+        /// share, is not retained for the call.
+        @inline(__always)
+        var jobBox: JobBox { box.takeUnretainedValue() }
+
+        /// The job's name.
+        var name: String { box._withUnsafeGuaranteedRef { $0.name } }
+
+        /// The run slot's control (see `RunControl`), addressed with `runSerial`.
+        @inline(__always)
+        var control: RunControl { unmanagedControl.takeUnretainedValue() }
+
+        /// This run, to cancel.
+        @inline(__always)
+        var cancellation: RunCancel { RunCancel(control: control, serial: runSerial) }
     }
 
     /// How a run ended.
@@ -141,6 +174,10 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private var freeJobs: [UInt32] = []
     private(set) var queue = TimerQueue()
     private var runs: [Run] = []
+    /// Per run slot: its control, reused by each run in the slot. Never
+    /// shrinks (`RunStart` refers to these unretained); at most one per run
+    /// that was ever in flight at once.
+    private var controls: [RunControl] = []
     private var freeRuns: [UInt32] = []
     private(set) var timeouts = TimerQueue()
     private var ready: [RunStart] = []
@@ -314,13 +351,13 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
                 throw SchedulerError(.tooManyJobs, "job '\(name)' not scheduled: \(jobs.count) job slots in use (cancel jobs you no longer need)")
             }
             slot = UInt32(jobs.count)
-            jobs.append(Job(body: nil, name: "", trigger: .once, options: options, serial: 0))
+            jobs.append(Job(box: nil, trigger: .once, options: options, serial: 0))
         }
         let serial = nextSerial
         nextSerial &+= 1
         let due = firstDue &+ jitter(options)
         jobs[Int(slot)] = Job(
-            body: body, name: name, trigger: trigger, options: options, serial: serial,
+            box: JobBox(body: body, name: name), trigger: trigger, options: options, serial: serial,
             grid: firstGrid, regularDue: due, flags: [.inUse])
         queue.insert(slot, deadline: due)
         liveJobs += 1
@@ -333,19 +370,19 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// Cancels a job: removes it from the queue now and returns the controls
     /// of its runs in progress (the shell cancels their tasks). Nil if the job
     /// was already gone.
-    mutating func cancel(_ id: JobID) -> [RunControl]? {
+    mutating func cancel(_ id: JobID) -> [RunCancel]? {
         guard isLive(id), !jobs[Int(id.slot)].flags.contains(.gone) else { return nil }
         let s = Int(id.slot)
         markGone(s)
-        var controls: [RunControl] = []
+        var cancels: [RunCancel] = []
         var r = jobs[s].firstRun
         while r >= 0 {
-            if let c = runs[Int(r)].control { controls.append(c) }
+            cancels.append(RunCancel(control: controls[Int(r)], serial: runs[Int(r)].serial))
             r = runs[Int(r)].next
         }
         if jobs[s].inFlight == 0 { freeSlot(s) }
         compactIfEmpty()
-        return controls
+        return cancels
     }
 
     private mutating func markGone(_ s: Int) {
@@ -368,8 +405,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private mutating func freeSlot(_ s: Int) {
         if !jobs[s].flags.contains(.gone) { liveJobs -= 1 }
         queue.remove(UInt32(s))
-        jobs[s].body = nil
-        jobs[s].name = ""
+        jobs[s].box = nil
         jobs[s].trigger = .once
         jobs[s].options.retry = nil
         jobs[s].serial = 0
@@ -410,7 +446,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// Result of `advance(now:wall:limit:)`.
     struct Due: Sendable {
         var starts: [RunStart] = []
-        var cancels: [(RunControl, CancelReason)] = []
+        var cancels: [(RunCancel, CancelReason)] = []
     }
 
     /// Everything due at `now`: runs to start (at most `limit` from the queue
@@ -421,15 +457,16 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if case .draining(let deadline) = phase, !deadlinePassed, now >= deadline {
             deadlinePassed = true
             for i in runs.indices {
-                if let c = runs[i].control, !runs[i].cut {
+                if runs[i].serial != 0, !runs[i].cut {
                     runs[i].cut = true
-                    due.cancels.append((c, .shutdownDeadline))
+                    due.cancels.append((RunCancel(control: controls[i], serial: runs[i].serial), .shutdownDeadline))
                     cutOff.append(.init(jobName: jobs[Int(runs[i].jobSlot)].name, attempt: Int(runs[i].attempt), reason: .deadlineExceeded))
                 }
             }
         }
         while let e = timeouts.popDue(now: now) {
-            if let c = runs[Int(e.id)].control { due.cancels.append((c, .timeout)) }
+            let r = Int(e.id)
+            if runs[r].serial != 0 { due.cancels.append((RunCancel(control: controls[r], serial: runs[r].serial), .timeout)) }
         }
         if !ready.isEmpty {
             due.starts = ready
@@ -554,6 +591,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         } else {
             r = runs.count
             runs.append(Run())
+            if controls.count < runs.count { controls.append(RunControl()) }
         }
         let serial = nextRunSerial
         nextRunSerial &+= 1
@@ -561,9 +599,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var prompt = jobs[s].flags.contains(.gone) || jobs[s].options.overlapKind == 1 || jobs[s].options.missedKind == 2
         if case .fixedDelay = jobs[s].trigger { prompt = true }
         let record = RunStart(
-            job: JobID(slot: UInt32(s), serial: jobs[s].serial), runSlot: UInt32(r), runSerial: serial,
-            body: jobs[s].body!, name: jobs[s].name, scheduled: scheduled, attempt: Int(attempt), prompt: prompt)
-        runs[r] = Run(control: record, serial: serial, jobSlot: UInt32(s), next: head, prev: -1, attempt: attempt)
+            box: jobs[s].box!, control: controls[r], job: JobID(slot: UInt32(s), serial: jobs[s].serial), runSlot: UInt32(r),
+            runSerial: serial, scheduled: scheduled, attempt: Int(attempt), prompt: prompt)
+        runs[r] = Run(serial: serial, jobSlot: UInt32(s), next: head, prev: -1, attempt: attempt)
         if head >= 0 { runs[Int(head)].prev = Int32(r) }
         jobs[s].firstRun = Int32(r)
         jobs[s].inFlight += 1
@@ -581,7 +619,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// on its next `advance`). Returns the job's name and whether the shell's
     /// driver must look at the queue again.
     mutating func finish(_ start: RunStart, outcome: Outcome, lateness: Int64, now: Int64) {
-        finish(RunCompletion(runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome, lateness: lateness, end: now))
+        finish(RunCompletion(
+            runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome,
+            reason: start.control.reason(serial: start.runSerial), lateness: lateness, end: now))
     }
 
     /// `finish(_:outcome:lateness:now:)` for a completion a worker reported.
@@ -592,7 +632,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         let attempt = c.attempt
         let r = Int(c.runSlot)
         guard r < runs.count, runs[r].serial == c.runSerial else { return }
-        let reason = runs[r].control?.reason
+        let reason = c.reason
         let wasCut = runs[r].cut
         timeouts.remove(UInt32(r))
         let s = Int(runs[r].jobSlot)
@@ -624,7 +664,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jobs[s].flags.contains(.gone) {
             if jobs[s].inFlight == 0 && !queue.contains(UInt32(s)) {
                 if let retry = jobs[s].options.retry?.policy, failed, attempt < retry.maxAttempts,
-                    reason != .jobCancelled, phase == .running, jobs[s].body != nil,
+                    reason != .jobCancelled, phase == .running, jobs[s].box != nil,
                     case .once = jobs[s].trigger
                 {
                     // a one-shot job's retry keeps it alive
@@ -670,19 +710,19 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// returns the runs to cancel now (jobs with `ShutdownBehavior.cancel`).
     /// Runs of other jobs drain until `deadline`, after which `advance`
     /// cancels them.
-    mutating func beginShutdown(deadline: Int64) -> [(RunControl, CancelReason)] {
+    mutating func beginShutdown(deadline: Int64) -> [(RunCancel, CancelReason)] {
         guard phase == .running else { return [] }
         phase = .draining(deadline: deadline)
-        var cancels: [(RunControl, CancelReason)] = []
+        var cancels: [(RunCancel, CancelReason)] = []
         for s in jobs.indices where jobs[s].flags.contains(.inUse) {
             if !jobs[s].flags.contains(.gone) { jobsRemovedAtShutdown += 1 }
             markGone(s)
             if jobs[s].options.cancelOnShutdown {
                 var r = jobs[s].firstRun
                 while r >= 0 {
-                    if let c = runs[Int(r)].control, !runs[Int(r)].cut {
+                    if !runs[Int(r)].cut {
                         runs[Int(r)].cut = true
-                        cancels.append((c, .shutdownPolicy))
+                        cancels.append((RunCancel(control: controls[Int(r)], serial: runs[Int(r)].serial), .shutdownPolicy))
                         cutOff.append(.init(jobName: jobs[s].name, attempt: Int(runs[Int(r)].attempt), reason: .cancelledByPolicy))
                     }
                     r = runs[Int(r)].next
@@ -702,13 +742,13 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     /// The scheduler's own task was cancelled: cancel every run now.
-    mutating func cancelEverything() -> [(RunControl, CancelReason)] {
+    mutating func cancelEverything() -> [(RunCancel, CancelReason)] {
         var cancels = beginShutdown(deadline: .min)
         deadlinePassed = true
         for i in runs.indices {
-            if let c = runs[i].control, !runs[i].cut {
+            if runs[i].serial != 0, !runs[i].cut {
                 runs[i].cut = true
-                cancels.append((c, .schedulerCancelled))
+                cancels.append((RunCancel(control: controls[i], serial: runs[i].serial), .schedulerCancelled))
                 cutOff.append(.init(jobName: jobs[Int(runs[i].jobSlot)].name, attempt: Int(runs[i].attempt), reason: .schedulerCancelled))
             }
         }

@@ -5,6 +5,9 @@ struct RunCompletion: Sendable {
     var runSerial: UInt64
     var attempt: Int
     var outcome: RunOutcome
+    /// Why the run was cancelled, if it was (as its control said when the
+    /// worker removed its task).
+    var reason: CancelReason?
     var lateness: Int64
     var end: Int64
 }
@@ -70,6 +73,9 @@ struct WorkerPool<Item: Sendable>: Sendable {
     /// Runs handed over and not yet taken by a worker.
     var queued: Int { items.count - head }
 
+    /// Entries held, taken ones included (tests check this stays bounded).
+    var storedCount: Int { items.count }
+
     /// Workers parked waiting for runs.
     var idleWorkers: Int { idle.count }
 
@@ -78,15 +84,24 @@ struct WorkerPool<Item: Sendable>: Sendable {
     /// Hands runs to the workers. Returns false (and keeps nothing) once closed.
     /// `moreDue`: runs are still due in the timer queue after these (a
     /// burst); a worker then refills before the queue runs dry (`claimRefill`).
-    mutating func enqueue(_ runs: [Item], moreDue: Bool = false) -> Bool {
-        refilling = false
+    /// `keepRefilling`: a worker's refill hands over one chunk of several
+    /// (no other worker claims a refill meanwhile).
+    mutating func enqueue(_ runs: [Item], moreDue: Bool = false, keepRefilling: Bool = false) -> Bool {
+        refilling = keepRefilling
         self.moreDue = moreDue
         guard !closed else { return false }
         if head > 0 && head == items.count {
             items.removeAll(keepingCapacity: true)
             head = 0
+        } else if head >= 1024 && head * 2 >= items.count {
+            // During a long burst the queue may never run empty: drop the
+            // taken prefix now and then, or `items` grows without bound.
+            items.removeFirst(head)
+            head = 0
         }
-        items.reserveCapacity(items.count + runs.count)
+        // No `reserveCapacity(count + runs.count)`: an exact reservation
+        // reallocates on every hand-over (quadratic over a 100k burst);
+        // `append` grows geometrically.
         for r in runs { items.append(r) }
         return true
     }
@@ -218,10 +233,10 @@ struct WorkerPool<Item: Sendable>: Sendable {
         return true
     }
 
-    /// A refill found nothing due.
-    mutating func endRefill() {
+    /// A refill is over; `foundNone`: it found nothing due.
+    mutating func endRefill(foundNone: Bool = true) {
         refilling = false
-        moreDue = false
+        if foundNone { moreDue = false }
     }
 
     /// True if `base` workers other than `worker` are available.

@@ -47,7 +47,7 @@ struct SchedulerStateTests {
         let run = state.advance(now: Self.second, wall: Self.wall).starts[0]
         let cancelled = state.cancel(id)
         let controls = try #require(cancelled)
-        #expect(controls.count == 1 && controls[0] === run.control)
+        #expect(controls.count == 1 && controls[0].control === run.control && controls[0].serial == run.runSerial)
         #expect(!state.isQueued(id) && state.isGone(id))
         #expect(state.cancel(id) == nil)  // idempotent
         #expect(state.queue.count == 1)
@@ -88,5 +88,43 @@ struct SchedulerStateTests {
         #expect(state.isDrained)
         #expect(state.cutOff.map(\.reason) == [.cancelledByPolicy, .deadlineExceeded])
         #expect(throws: SchedulerError.self) { try Self.add(&state, .every(.seconds(1)), first: 0) }
+    }
+
+    @Test("a run slot's control is reused: a late cancel of an older run never reaches the newer one")
+    func controlReuse() async {
+        let control = RunControl()
+        // in a task of its own: the last step cancels the "worker" task
+        await Task {
+            withUnsafeCurrentTask { task in
+                guard let task else {
+                    Issue.record("no current task")
+                    return
+                }
+                let worker = WorkerTask(task)
+                // run 1 in this slot is cancelled before it starts
+                control.cancel(serial: 1, .jobCancelled)
+                #expect(control.install(worker, serial: 1))
+                #expect(control.reason(serial: 1) == .jobCancelled)
+                // run 2 reuses the slot: not cancelled by run 1's request
+                #expect(!control.install(worker, serial: 2))
+                control.cancel(serial: 1, .timeout)  // stale: older than the slot's newest run
+                #expect(!task.isCancelled)
+                #expect(control.reason(serial: 2) == nil)
+                #expect(control.uninstall(serial: 2) == nil)
+                // run 3 is cancelled before its worker installs: the first reason wins
+                control.cancel(serial: 3, .shutdownPolicy)
+                control.cancel(serial: 3, .timeout)
+                #expect(control.install(worker, serial: 3))
+                #expect(control.reason(serial: 3) == .shutdownPolicy)
+                #expect(!task.isCancelled)
+                // run 4 runs and is cancelled: its task is cancelled, and a stale
+                // request for run 3 afterwards does not replace run 4's reason
+                #expect(!control.install(worker, serial: 4))
+                control.cancel(serial: 4, .timeout)
+                #expect(task.isCancelled)
+                control.cancel(serial: 3, .jobCancelled)
+                #expect(control.uninstall(serial: 4) == .timeout)
+            }
+        }.value
     }
 }

@@ -11,6 +11,40 @@ struct WorkerPoolTests {
         return false
     }
 
+    @Test("a burst whose queue never runs empty keeps FIFO order and bounded storage")
+    func longBurst() {
+        var p = Pool(base: 1, cap: 1, stallThreshold: 1000, prompt: false)
+        let first = p.enqueue([-1])
+        #expect(first)
+        guard let w = p.plan(now: 0).spawn.first, case .run(-1) = p.next(worker: w, finished: nil, now: 0, cancelled: false) else {
+            Issue.record("expected one worker and the first run")
+            return
+        }
+        var next = 0
+        var taken: [Int] = []
+        var maxStored = 0
+        // 2,000 hand-overs of 32 runs; 31 are taken after each, so the queue
+        // grows by one per round and is never empty when the next arrives
+        for _ in 0..<2_000 {
+            let accepted = p.enqueue(Array(next..<(next + 32)), moreDue: true, keepRefilling: true)
+            #expect(accepted)
+            next += 32
+            for _ in 0..<31 {
+                guard case .run(let v) = p.next(worker: w, finished: nil, now: 0, cancelled: false) else {
+                    Issue.record("expected a run")
+                    return
+                }
+                taken.append(v)
+            }
+            maxStored = max(maxStored, p.storedCount)
+        }
+        while case .run(let v) = p.next(worker: w, finished: nil, now: 0, cancelled: false) { taken.append(v) }
+        #expect(taken == Array(0..<next))
+        // the taken prefix is dropped as it goes: storage stays near what is
+        // queued (at most 2,000 here) instead of every run ever handed over (64,000)
+        #expect(maxStored <= 2 * 2_000 + 1_024 + 32)
+    }
+
     @Test("base workers start on demand; a stalled body adds a worker after the threshold, up to the cap")
     func elasticRule() {
         var p = Pool(base: 2, cap: 3, stallThreshold: 1000, prompt: false)
