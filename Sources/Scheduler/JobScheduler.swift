@@ -334,8 +334,25 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             return step
         }
         core.workerRecheck = step.plan.recheck
-        if !step.rejected.isEmpty || core.machine.hasDue(now: now) {
+        if !step.rejected.isEmpty {
             step.more = true
+        } else if core.machine.hasDue(now: now) {
+            if step.started >= limit && pool.withLock({ $0.workers > 0 }) {
+                // A burst: one full batch is handed over and the workers take
+                // the rest from the timer queue themselves (`claimRefill`).
+                // The driver must not keep popping: it would hold one of the
+                // cooperative threads while a worker waits for it (the second
+                // worker then joined ~1.3 ms into a 10k burst, after the driver
+                // had queued all of it; `Task.yield()` did not hand the thread
+                // over). It parks; a worker wakes it once nothing is due, and
+                // the workers' recheck still gets a timer.
+                if let r = core.workerRecheck, !core.liveTimers.contains(where: { $0 <= r }) {
+                    core.liveTimers.append(r)
+                    step.arm = r
+                }
+            } else {
+                step.more = true
+            }
         } else if let d = Self.nextDeadline(core) {
             if d <= now {
                 step.more = true
@@ -382,14 +399,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             carried = step.rejected
             if step.exit { return }
-            if step.more {
-                // A full batch was handed over and more is due (an aligned
-                // burst): let the workers have this thread. They take the
-                // next due runs themselves when the pool runs dry, so the
-                // driver need not queue the whole burst first.
-                if step.started >= limit { await Task.yield() }
-                continue
-            }
+            if step.more { continue }
             await park()
         }
     }

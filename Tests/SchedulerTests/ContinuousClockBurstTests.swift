@@ -4,7 +4,7 @@ import Testing
 
 @testable import Scheduler
 
-/// The burst path (driver yielding after a full hand-over, workers refilling
+/// The burst path (driver parking after a full hand-over, workers refilling
 /// the run queue before it runs dry) only runs on a real clock: on a
 /// `ManualClock` the pool records every completion at once and never refills.
 @Suite("JobScheduler on the continuous clock")
@@ -51,6 +51,48 @@ struct ContinuousClockBurstTests {
             let c = counts.withLock { $0 }
             #expect(c.allSatisfy { $0 >= 1 })
             #expect(UInt64(c.reduce(0, +)) + 1 == stats.runs)
+        }
+    }
+
+    @Test("in a burst the driver parks after one hand-over, yet bodies stuck in a slow run still get another worker for the rest")
+    func burstWithSlowBodies() async throws {
+        // 2 workers (the default base on a 2-core machine is at most 2; fix it
+        // with maxWorkers so the test means the same everywhere: a third and
+        // fourth worker may be added for stalled ones)
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(maxStartsPerWakeup: 16, maxWorkers: 4))
+        let clock = ContinuousClock()
+        let fast = 200
+        let ran = Mutex(0)
+        let lastFastEnd = Mutex<ContinuousClock.Instant?>(nil)
+        let slowEnds = Mutex<[ContinuousClock.Instant]>([])
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let at = clock.now.advanced(by: .milliseconds(100))
+            // two slow runs first (scheduled first, so queued first): each keeps its worker 400 ms
+            for _ in 0..<2 {
+                try scheduler.schedule(.once(at: at)) { _ in
+                    try? await Task.sleep(for: .milliseconds(400))
+                    slowEnds.withLock { $0.append(clock.now) }
+                }
+            }
+            for _ in 0..<fast {
+                try scheduler.schedule(.once(at: at)) { _ in
+                    ran.withLock { $0 += 1 }
+                    lastFastEnd.withLock { $0 = clock.now }
+                }
+            }
+            let patience = clock.now.advanced(by: .seconds(20))
+            while clock.now < patience, ran.withLock({ $0 }) < fast || slowEnds.withLock({ $0.count }) < 2 {
+                try await clock.sleep(for: .milliseconds(5))
+            }
+            #expect(ran.withLock { $0 } == fast)
+            // every fast run ended while both slow ones still held their workers:
+            // the stall rule added workers although the driver had parked
+            let fastEnd = try #require(lastFastEnd.withLock { $0 })
+            let firstSlowEnd = try #require(slowEnds.withLock { $0.min() })
+            #expect(fastEnd < firstSlowEnd)
+            await scheduler.shutdown(deadline: .seconds(1))
+            try await group.waitForAll()
         }
     }
 }

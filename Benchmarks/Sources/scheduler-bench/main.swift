@@ -115,6 +115,9 @@ func scenarios(quick: Bool) -> [Scenario] {
 func latenessOurs(_ s: Scenario) async throws {
     var config = JobScheduler<ContinuousClock>.Configuration()
     if let v = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_BATCH"].flatMap(Int.init) { config.maxStartsPerWakeup = v }
+    // SCHEDULER_BENCH_WORKERS=1 measures one worker's cost per run, without
+    // the kernel's placement of the second worker's thread in the figure
+    if let v = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_WORKERS"].flatMap(Int.init) { config.maxWorkers = v }
     let scheduler = JobScheduler(logger: quietLogger, configuration: config)
     let setup = Duration.milliseconds(s.jobs >= 100_000 ? 700 : 300)
     let base = clock.now.advanced(by: setup)
