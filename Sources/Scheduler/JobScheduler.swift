@@ -337,18 +337,23 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         if !step.rejected.isEmpty {
             step.more = true
         } else if core.machine.hasDue(now: now) {
-            if step.started >= limit && pool.withLock({ $0.workers > 0 }) {
+            if step.started >= limit && pool.withLock({ !$0.prompt && $0.workers > 0 }) {
                 // A burst: one full batch is handed over and the workers take
                 // the rest from the timer queue themselves (`claimRefill`).
                 // The driver must not keep popping: it would hold one of the
                 // cooperative threads while a worker waits for it (the second
                 // worker then joined ~1.3 ms into a 10k burst, after the driver
                 // had queued all of it; `Task.yield()` did not hand the thread
-                // over). It parks; a worker wakes it once nothing is due, and
-                // the workers' recheck still gets a timer.
-                if let r = core.workerRecheck, !core.liveTimers.contains(where: { $0 <= r }) {
-                    core.liveTimers.append(r)
-                    step.arm = r
+                // over). It parks; a worker wakes it once nothing is due. Two
+                // deadlines still get a timer, so that workers stuck in slow
+                // bodies cannot hold everything up: the workers' recheck (to
+                // add a worker) and the earliest run timeout (to cancel).
+                // Not on a `ManualClock` (prompt: each run its own worker,
+                // which only the driver starts).
+                let wake = [core.workerRecheck, core.machine.nextTimeout].compactMap { $0 }.min()
+                if let w = wake, !core.liveTimers.contains(where: { $0 <= w }) {
+                    core.liveTimers.append(w)
+                    step.arm = w
                 }
             } else {
                 step.more = true

@@ -29,6 +29,10 @@ struct JobFlags: OptionSet, Sendable {
     static let queuedRun = JobFlags(rawValue: 2)  // overlap .queueOne holds a run
     static let retryPending = JobFlags(rawValue: 4)  // the queue key is a retry, not the regular due
     static let inUse = JobFlags(rawValue: 8)
+    /// Cancelled through its handle: never revived by a retry. (The run's own
+    /// cancel reason is not enough: a cancel that lands after the body ended
+    /// and before the run is recorded reaches no run.)
+    static let cancelledByHandle = JobFlags(rawValue: 16)
 }
 
 /// The scheduler's bookkeeping as a value type: jobs, the timer queue, runs in
@@ -180,6 +184,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private var controls: [RunControl] = []
     private var freeRuns: [UInt32] = []
     private(set) var timeouts = TimerQueue()
+
+    /// The earliest run timeout, if any run has one.
+    var nextTimeout: Int64? { timeouts.min?.deadline }
     private var ready: [RunStart] = []
     private var waiters: [UInt32: [CheckedContinuation<Void, Never>]] = [:]
     private var rng: SplitMix64
@@ -369,11 +376,16 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
 
     /// Cancels a job: removes it from the queue now and returns the controls
     /// of its runs in progress (the shell cancels their tasks). Nil if the job
-    /// was already gone.
+    /// was already cancelled, or is gone with no run in progress.
     mutating func cancel(_ id: JobID) -> [RunCancel]? {
-        guard isLive(id), !jobs[Int(id.slot)].flags.contains(.gone) else { return nil }
+        // A job that is gone but still has a run in flight (a one-shot job
+        // whose run is in progress, or a job whose last cron occurrence runs)
+        // can still be cancelled: its run is cancelled and no retry follows.
+        guard isLive(id), !jobs[Int(id.slot)].flags.contains(.cancelledByHandle) else { return nil }
         let s = Int(id.slot)
+        if jobs[s].flags.contains(.gone) && jobs[s].inFlight == 0 { return nil }
         markGone(s)
+        jobs[s].flags.insert(.cancelledByHandle)
         var cancels: [RunCancel] = []
         var r = jobs[s].firstRun
         while r >= 0 {
@@ -664,7 +676,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jobs[s].flags.contains(.gone) {
             if jobs[s].inFlight == 0 && !queue.contains(UInt32(s)) {
                 if let retry = jobs[s].options.retry?.policy, failed, attempt < retry.maxAttempts,
-                    reason != .jobCancelled, phase == .running, jobs[s].box != nil,
+                    reason != .jobCancelled, !jobs[s].flags.contains(.cancelledByHandle), phase == .running, jobs[s].box != nil,
                     case .once = jobs[s].trigger
                 {
                     // a one-shot job's retry keeps it alive

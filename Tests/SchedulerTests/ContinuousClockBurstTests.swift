@@ -95,4 +95,42 @@ struct ContinuousClockBurstTests {
             try await group.waitForAll()
         }
     }
+
+    @Test("a burst whose workers are all stuck at the worker cap is still cut short by the runs' timeouts")
+    func burstStuckAtCapTimesOut() async throws {
+        // 2 workers at most, 16 runs per hand-over, 20 runs due at once, each
+        // sleeping far longer than its timeout: no worker is free to take the
+        // rest of the burst and none can be added; only the timeouts (armed by
+        // the driver although it parked mid-burst) end the runs. A run's
+        // timeout counts from its hand-over, so runs still queued when theirs
+        // passes end without starting.
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(maxStartsPerWakeup: 16, maxWorkers: 2))
+        let clock = ContinuousClock()
+        let jobs = 20
+        let started = Mutex(0)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let at = clock.now.advanced(by: .milliseconds(100))
+            for _ in 0..<jobs {
+                try scheduler.schedule(.once(at: at), options: .init(timeout: .milliseconds(100))) { _ in
+                    started.withLock { $0 += 1 }
+                    try? await Task.sleep(for: .seconds(60))
+                }
+            }
+            let begin = clock.now
+            let patience = begin.advanced(by: .seconds(20))
+            var stats = scheduler.statistics
+            while clock.now < patience, stats.jobs > 0 || stats.inFlight > 0 {
+                try await clock.sleep(for: .milliseconds(10))
+                stats = scheduler.statistics
+            }
+            // every run ended (by its timeout), seconds before the 60 s sleeps would have
+            #expect(stats.jobs == 0 && stats.inFlight == 0)
+            #expect(begin.duration(to: clock.now) < .seconds(15))
+            #expect(stats.timeouts == UInt64(jobs))
+            #expect(started.withLock { $0 } >= 2)
+            await scheduler.shutdown(deadline: .seconds(1))
+            try await group.waitForAll()
+        }
+    }
 }

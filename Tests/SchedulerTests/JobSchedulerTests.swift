@@ -38,10 +38,11 @@ func s(_ seconds: Double) -> Duration { .milliseconds(Int64((seconds * 1000).rou
 /// Runs `body` with a scheduler on a manual clock whose `run()` is a child
 /// task; shuts down and checks that nothing is left alive afterwards.
 func withScheduler(
+    maxStartsPerWakeup: Int = 256,
     _ body: (JobScheduler<ManualClock>, ManualClock) async throws -> Void
 ) async throws {
     let clock = ManualClock()
-    let scheduler = JobScheduler(clock: clock, logger: quiet, configuration: .init(randomSeed: 42))
+    let scheduler = JobScheduler(clock: clock, logger: quiet, configuration: .init(randomSeed: 42, maxStartsPerWakeup: maxStartsPerWakeup))
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await scheduler.run() }
         try await body(scheduler, clock)
@@ -274,6 +275,51 @@ struct JobSchedulerTests {
             #expect(h.isCancelled)
             await scheduler.advance(by: .seconds(3))
             #expect(r.starts == [s(1)])
+        }
+    }
+
+    @Test("cancelling a one-shot job while its run is in progress cancels the run and stops its retries")
+    func cancelRunningOnce() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let retry = RetryPolicy(maxAttempts: 3, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+            let h = try scheduler.schedule(.once(after: .seconds(1)), options: .init(retry: retry)) { c in
+                r.record(c)
+                do {
+                    try await clock.sleep(for: .seconds(30))
+                    r.note("slept")
+                } catch {
+                    r.note("cancelled")
+                }
+                throw CancellationError()  // a failed attempt: without the cancel it would be retried
+            }
+            await scheduler.advance(by: s(1.5))
+            h.cancel()
+            await h.cancelAndWait()
+            #expect(r.allNotes == ["cancelled"])
+            await scheduler.advance(by: .seconds(10))
+            #expect(r.starts == [s(1)])
+            #expect(h.isCancelled)
+            #expect(scheduler.statistics.jobs == 0)
+        }
+    }
+
+    @Test("more runs due at once than one hand-over holds: every one starts at its time, each with a worker")
+    func dueBeyondOneHandOver() async throws {
+        try await withScheduler(maxStartsPerWakeup: 2) { scheduler, clock in
+            let r = Recorder()
+            for _ in 0..<5 {
+                try scheduler.schedule(.once(after: .seconds(1))) { c in
+                    r.record(c)
+                    try? await clock.sleep(for: .seconds(10))
+                }
+            }
+            await scheduler.advance(by: s(1.5))
+            // all five are in progress at 1 s, not two now and the rest after 11 s
+            #expect(r.starts == [s(1), s(1), s(1), s(1), s(1)])
+            #expect(scheduler.statistics.inFlight == 5)
+            await scheduler.advance(by: .seconds(10))
+            #expect(scheduler.statistics.inFlight == 0)
         }
     }
 

@@ -56,6 +56,31 @@ struct SchedulerStateTests {
         #expect(state.queue.isEmpty && state.jobTableCapacity == 0)
     }
 
+    @Test("a one-shot job cancelled while a retry attempt runs is not revived when that attempt fails")
+    func cancelOnceDuringRetry() throws {
+        var state = State(seed: 1)
+        let retry = RetryPolicy(maxAttempts: 3, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+        let id = try Self.add(&state, .once(after: .seconds(1)), JobOptions(retry: retry), first: Self.second)
+        let first = state.advance(now: Self.second, wall: Self.wall).starts[0]
+        state.finish(first, outcome: .failure, lateness: 0, now: Self.second + 1)
+        #expect(state.nextDue(id) == 2 * Self.second + 1)  // attempt 2 after 1 s
+        let second = state.advance(now: 3 * Self.second, wall: Self.wall).starts[0]
+        #expect(second.attempt == 2)
+        // the run is in progress: cancel reaches it
+        let cancelled = state.cancel(id)
+        let cancels = try #require(cancelled)
+        #expect(cancels.count == 1 && cancels[0].serial == second.runSerial)
+        let again = state.cancel(id)
+        #expect(again == nil)
+        // its body had already failed on its own before the cancel: the
+        // worker reports no cancel reason, and still no third attempt follows
+        state.finish(RunCompletion(
+            runSlot: second.runSlot, runSerial: second.runSerial, attempt: 2, outcome: .failure, reason: nil,
+            lateness: 0, end: 3 * Self.second + 1))
+        #expect(state.isGone(id) && !state.isQueued(id))
+        #expect(state.queue.isEmpty && state.inFlight == 0 && state.jobTableCapacity == 0)
+    }
+
     @Test("burst and coalesce after a stall decide from the overdue count")
     func missed() throws {
         var state = State(seed: 1)
