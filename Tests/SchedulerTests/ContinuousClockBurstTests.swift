@@ -7,16 +7,28 @@ import Testing
 /// The burst path (driver parking after a full hand-over, workers refilling
 /// the run queue before it runs dry) only runs on a real clock: on a
 /// `ManualClock` the pool records every completion at once and never refills.
+/// Runs `body` against a scheduler on the continuous clock that runs
+/// meanwhile, then shuts it down and waits for `run()` to return.
+func withContinuousScheduler(
+    _ configuration: JobScheduler<ContinuousClock>.Configuration,
+    _ body: (JobScheduler<ContinuousClock>, ContinuousClock) async throws -> Void
+) async throws {
+    let scheduler = JobScheduler(logger: quiet, configuration: configuration)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await scheduler.run() }
+        try await body(scheduler, ContinuousClock())
+        await scheduler.shutdown(deadline: .seconds(1))
+        try await group.waitForAll()
+    }
+}
+
 @Suite("JobScheduler on the continuous clock")
 struct ContinuousClockBurstTests {
     @Test("an aligned burst many hand-overs long runs every job; cancelAndWait from inside a run returns; nothing is left")
     func alignedBurst() async throws {
-        let scheduler = JobScheduler(logger: quiet, configuration: .init(maxStartsPerWakeup: 16))
-        let clock = ContinuousClock()
         let jobs = 2_000
         let counts = Mutex([Int](repeating: 0, count: jobs))
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await scheduler.run() }
+        try await withContinuousScheduler(.init(maxStartsPerWakeup: 16)) { scheduler, clock in
             let first = clock.now.advanced(by: .milliseconds(100))
             // coalesce: a fire is never dropped as missed on a loaded machine, so every job runs at least once
             let options = JobOptions(missedRuns: .coalesce)
@@ -46,8 +58,7 @@ struct ContinuousClockBurstTests {
             #expect(selfRuns.withLock { $0 } == 1)
             let stats = scheduler.statistics
             #expect(stats.inFlight == 0 && stats.jobs == 0 && stats.queuedTimers == 0)
-            await scheduler.shutdown(deadline: .seconds(1))
-            try await group.waitForAll()
+            // every handle is cancelled and waited for: no run can change the counts now
             let c = counts.withLock { $0 }
             #expect(c.allSatisfy { $0 >= 1 })
             #expect(UInt64(c.reduce(0, +)) + 1 == stats.runs)
@@ -59,14 +70,11 @@ struct ContinuousClockBurstTests {
         // 2 workers (the default base on a 2-core machine is at most 2; fix it
         // with maxWorkers so the test means the same everywhere: a third and
         // fourth worker may be added for stalled ones)
-        let scheduler = JobScheduler(logger: quiet, configuration: .init(maxStartsPerWakeup: 16, maxWorkers: 4))
-        let clock = ContinuousClock()
         let fast = 200
         let ran = Mutex(0)
         let lastFastEnd = Mutex<ContinuousClock.Instant?>(nil)
         let slowEnds = Mutex<[ContinuousClock.Instant]>([])
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await scheduler.run() }
+        try await withContinuousScheduler(.init(maxStartsPerWakeup: 16, maxWorkers: 4)) { scheduler, clock in
             let at = clock.now.advanced(by: .milliseconds(100))
             // two slow runs first (scheduled first, so queued first): each keeps its worker 400 ms
             for _ in 0..<2 {
@@ -91,8 +99,6 @@ struct ContinuousClockBurstTests {
             let fastEnd = try #require(lastFastEnd.withLock { $0 })
             let firstSlowEnd = try #require(slowEnds.withLock { $0.min() })
             #expect(fastEnd < firstSlowEnd)
-            await scheduler.shutdown(deadline: .seconds(1))
-            try await group.waitForAll()
         }
     }
 
@@ -104,12 +110,9 @@ struct ContinuousClockBurstTests {
         // the driver although it parked mid-burst) end the runs. A run's
         // timeout counts from its hand-over, so runs still queued when theirs
         // passes end without starting.
-        let scheduler = JobScheduler(logger: quiet, configuration: .init(maxStartsPerWakeup: 16, maxWorkers: 2))
-        let clock = ContinuousClock()
         let jobs = 20
         let started = Mutex(0)
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await scheduler.run() }
+        try await withContinuousScheduler(.init(maxStartsPerWakeup: 16, maxWorkers: 2)) { scheduler, clock in
             let at = clock.now.advanced(by: .milliseconds(100))
             for _ in 0..<jobs {
                 try scheduler.schedule(.once(at: at), options: .init(timeout: .milliseconds(100))) { _ in
@@ -129,8 +132,6 @@ struct ContinuousClockBurstTests {
             #expect(begin.duration(to: clock.now) < .seconds(15))
             #expect(stats.timeouts == UInt64(jobs))
             #expect(started.withLock { $0 } >= 2)
-            await scheduler.shutdown(deadline: .seconds(1))
-            try await group.waitForAll()
         }
     }
 }
