@@ -52,7 +52,7 @@ public class SchedulerPeer {
     }
 
     static ScheduledThreadPoolExecutor executor() {
-        ScheduledThreadPoolExecutor e = new ScheduledThreadPoolExecutor(2);
+        ScheduledThreadPoolExecutor e = new ScheduledThreadPoolExecutor(Integer.getInteger("threads", 2));
         e.setRemoveOnCancelPolicy(true);
         return e;
     }
