@@ -154,9 +154,6 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         @inline(__always)
         var jobBox: JobBox { box.takeUnretainedValue() }
 
-        /// The job's name.
-        var name: String { box._withUnsafeGuaranteedRef { $0.name } }
-
         /// The run slot's control (see `RunControl`), addressed with `runSerial`.
         @inline(__always)
         var control: RunControl { unmanagedControl.takeUnretainedValue() }
