@@ -54,8 +54,10 @@ final class RunMarker: Sendable {
 ///   every timer is gone. Use it as a swift-service-lifecycle `Service`, or
 ///   call `run()` in a task of your own and `shutdown(deadline:)`.
 public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.Duration == Duration {
-    /// A job body.
-    public typealias Body = @Sendable (JobContext<C.Instant>) async throws -> Void
+    /// A job body. `nonisolated(nonsending)`: it starts on the worker that
+    /// runs it, without an executor hop per run; a body isolated to an actor
+    /// (e.g. `{ @MainActor ctx in ... }`) still runs on that actor.
+    public typealias Body = nonisolated(nonsending) @Sendable (JobContext<C.Instant>) async throws -> Void
 
     /// Scheduler-wide settings.
     public struct Configuration: Sendable {
@@ -581,9 +583,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         if !done.isEmpty { record(done) }
     }
 
-    /// One run, called by a worker: the body runs inline on the worker's task.
+    /// One run, called by a worker: the body runs inline on the worker's task
+    /// (`nonisolated(nonsending)`, like `Body`: no executor hop into it or into the body).
     @_specialize(where C == ContinuousClock)
-    private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async -> RunCompletion {
+    nonisolated(nonsending) private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async -> RunCompletion {
         let lateness = now &- start.scheduled
         // RunControl uses the worker's task only between install and uninstall,
         // under its lock, i.e. while this worker is inside this run (see RunControl).

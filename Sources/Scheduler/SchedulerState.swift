@@ -44,7 +44,7 @@ struct JobFlags: OptionSet, Sendable {
 /// time comes in as ticks (nanoseconds since the scheduler's epoch) and, for
 /// cron, as a wall-clock `Date`.
 struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration == Duration {
-    typealias Body = @Sendable (JobContext<Instant>) async throws -> Void
+    typealias Body = nonisolated(nonsending) @Sendable (JobContext<Instant>) async throws -> Void
 
     enum CompactTrigger: Sendable {
         case fixedRate(period: Int64)
