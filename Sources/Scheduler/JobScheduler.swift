@@ -480,7 +480,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         let refillChunk = Swift.max(1, Swift.min(32, limit / 4))
         var finished: RunCompletion?
         var finishedPrompt = false
-        var finishedCancel: RunCancel?
+        var finishedRun: SchedulerState<C.Instant>.RunStart?
         while true {
             let startInstant = clock.now
             let now = ticks(startInstant)
@@ -507,13 +507,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 return (next, mustFlush ? p.takeCompletions() : [], replace, refill)
             }
             var toRecord = flush
-            if pushedQuietly, toRecord.isEmpty, let f = finishedCancel, f.control.reason(serial: f.serial) != nil {
+            if pushedQuietly, toRecord.isEmpty, let f = finishedRun, f.cancelReason != nil {
                 // Cancelled after the body ended (cancelAndWait may be waiting
                 // for exactly this run): record it now, not in the next batch.
                 toRecord = pool.withLock { $0.takeCompletions() }
             }
             finished = nil
-            finishedCancel = nil
+            finishedRun = nil
             switch next {
             case .run(let start):
                 if refill {
@@ -538,7 +538,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 let c = await runOne(start, startInstant: startInstant, now: now, marker: marker, workerTask: workerTask, runOwner: runOwner)
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
-                finishedCancel = start.cancellation
+                finishedRun = start
             case .park:
                 let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
                 perform(step)
@@ -591,7 +591,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         // RunControl uses the worker's task only between install and uninstall,
         // under its lock, i.e. while this worker is inside this run (see RunControl).
         let serial = start.runSerial
-        let cancelledBeforeStart = start.control.install(workerTask, serial: serial)
+        let cancelledBeforeStart = start.install(workerTask)
         var outcome = RunOutcome.notStarted
         var reason: CancelReason?
         if !cancelledBeforeStart {
@@ -605,7 +605,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 try await job.body(context)
                 outcome = .success
             } catch {
-                let why = start.control.reason(serial: serial)
+                let why = start.cancelReason
                 if why != nil && why != .timeout {
                     outcome = .cancelled
                 } else {
@@ -616,11 +616,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                         metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)", "error": "\(error)"])
                 }
             }
-            reason = start.control.uninstall(serial: serial)
+            reason = start.uninstall()
             runsCounter.increment()
             latenessTimer.recordNanoseconds(lateness)
         } else {
-            reason = start.control.reason(serial: serial)
+            reason = start.cancelReason
         }
         // `end` is set by the worker when it reports the run (its next clock read).
         return RunCompletion(

@@ -158,9 +158,26 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         @inline(__always)
         var control: RunControl { unmanagedControl.takeUnretainedValue() }
 
-        /// This run, to cancel.
+        // The worker's calls on this run's control, through the unretained
+        // reference (no retain/release per call; the control outlives the run).
+
+        /// `RunControl.install` for this run.
         @inline(__always)
-        var cancellation: RunCancel { RunCancel(control: control, serial: runSerial) }
+        func install(_ worker: WorkerTask) -> Bool {
+            unmanagedControl._withUnsafeGuaranteedRef { $0.install(worker, serial: runSerial) }
+        }
+
+        /// `RunControl.uninstall` for this run.
+        @inline(__always)
+        func uninstall() -> CancelReason? {
+            unmanagedControl._withUnsafeGuaranteedRef { $0.uninstall(serial: runSerial) }
+        }
+
+        /// Why this run was cancelled, if it was.
+        @inline(__always)
+        var cancelReason: CancelReason? {
+            unmanagedControl._withUnsafeGuaranteedRef { $0.reason(serial: runSerial) }
+        }
     }
 
     /// How a run ended.
