@@ -585,7 +585,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// One run, called by a worker: the body runs inline on the worker's task
     /// (`nonisolated(nonsending)`, like `Body`: no executor hop into it or into the body).
-    @_specialize(where C == ContinuousClock)
+    @inline(__always)
     nonisolated(nonsending) private func runOne(_ start: SchedulerState<C.Instant>.RunStart, startInstant: C.Instant, now: Int64, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async -> RunCompletion {
         let lateness = now &- start.scheduled
         // RunControl uses the worker's task only between install and uninstall,
