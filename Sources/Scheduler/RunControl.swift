@@ -46,6 +46,10 @@ final class RunControl: Sendable {
     }
 
     private let state = Mutex(State())
+    /// `State.cancelledSerial`, also readable without the lock (written only
+    /// under it): asking whether a run was cancelled, which a worker does
+    /// after every run, then costs a load instead of a lock round.
+    private let cancelledMirror = Atomic<UInt64>(0)
 
     init() {}
 
@@ -81,6 +85,7 @@ final class RunControl: Sendable {
             s.latest = serial
             s.cancelledSerial = serial
             s.reason = reason
+            cancelledMirror.store(serial, ordering: .releasing)
             // Under the lock: the worker cannot leave the run (uninstall) meanwhile.
             if s.installedSerial == serial { s.worker?.takeUnretainedValue().task.cancel() }
         }
@@ -88,7 +93,10 @@ final class RunControl: Sendable {
 
     /// The reason cancellation of run `serial` was requested, if it was.
     func reason(serial: UInt64) -> CancelReason? {
-        state.withLock { $0.cancelledSerial == serial ? $0.reason : nil }
+        // Not cancelled (the common case): no lock. A cancel racing with this
+        // load is as if it came just after a read under the lock.
+        guard cancelledMirror.load(ordering: .acquiring) == serial else { return nil }
+        return state.withLock { $0.cancelledSerial == serial ? $0.reason : nil }
     }
 }
 
