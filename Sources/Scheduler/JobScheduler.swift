@@ -312,7 +312,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                     step.rejected = starts.map {
                         RunCompletion(
                             runSlot: $0.runSlot, runSerial: $0.runSerial, attempt: $0.attempt, outcome: .notStarted,
-                            reason: $0.control.reason(serial: $0.runSerial), lateness: 0, end: now)
+                            reason: $0.cancelReason, lateness: 0, end: now)
                     }
                 }
             }

@@ -199,6 +199,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private var freeRuns: [UInt32] = []
     private(set) var timeouts = TimerQueue()
 
+    /// The run in slot `r`, to cancel.
+    private func runCancel(_ r: Int) -> RunCancel { RunCancel(control: controls[r], serial: runs[r].serial) }
+
     /// The earliest run timeout, if any run has one.
     var nextTimeout: Int64? { timeouts.min?.deadline }
     private var ready: [RunStart] = []
@@ -403,7 +406,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var cancels: [RunCancel] = []
         var r = jobs[s].firstRun
         while r >= 0 {
-            cancels.append(RunCancel(control: controls[Int(r)], serial: runs[Int(r)].serial))
+            cancels.append(runCancel(Int(r)))
             r = runs[Int(r)].next
         }
         if jobs[s].inFlight == 0 { freeSlot(s) }
@@ -485,14 +488,14 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             for i in runs.indices {
                 if runs[i].serial != 0, !runs[i].cut {
                     runs[i].cut = true
-                    due.cancels.append((RunCancel(control: controls[i], serial: runs[i].serial), .shutdownDeadline))
+                    due.cancels.append((runCancel(i), .shutdownDeadline))
                     cutOff.append(.init(jobName: jobs[Int(runs[i].jobSlot)].name, attempt: Int(runs[i].attempt), reason: .deadlineExceeded))
                 }
             }
         }
         while let e = timeouts.popDue(now: now) {
             let r = Int(e.id)
-            if runs[r].serial != 0 { due.cancels.append((RunCancel(control: controls[r], serial: runs[r].serial), .timeout)) }
+            if runs[r].serial != 0 { due.cancels.append((runCancel(r), .timeout)) }
         }
         if !ready.isEmpty {
             due.starts = ready
@@ -647,7 +650,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     mutating func finish(_ start: RunStart, outcome: Outcome, lateness: Int64, now: Int64) {
         finish(RunCompletion(
             runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: outcome,
-            reason: start.control.reason(serial: start.runSerial), lateness: lateness, end: now))
+            reason: start.cancelReason, lateness: lateness, end: now))
     }
 
     /// `finish(_:outcome:lateness:now:)` for a completion a worker reported.
@@ -748,7 +751,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
                 while r >= 0 {
                     if !runs[Int(r)].cut {
                         runs[Int(r)].cut = true
-                        cancels.append((RunCancel(control: controls[Int(r)], serial: runs[Int(r)].serial), .shutdownPolicy))
+                        cancels.append((runCancel(Int(r)), .shutdownPolicy))
                         cutOff.append(.init(jobName: jobs[s].name, attempt: Int(runs[Int(r)].attempt), reason: .cancelledByPolicy))
                     }
                     r = runs[Int(r)].next
@@ -774,7 +777,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         for i in runs.indices {
             if runs[i].serial != 0, !runs[i].cut {
                 runs[i].cut = true
-                cancels.append((RunCancel(control: controls[i], serial: runs[i].serial), .schedulerCancelled))
+                cancels.append((runCancel(i), .schedulerCancelled))
                 cutOff.append(.init(jobName: jobs[Int(runs[i].jobSlot)].name, attempt: Int(runs[i].attempt), reason: .schedulerCancelled))
             }
         }

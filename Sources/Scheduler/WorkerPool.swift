@@ -225,8 +225,9 @@ struct WorkerPool<Item: Sendable>: Sendable {
     /// to see at most `lowWater` runs queued gets true: it takes the next due
     /// runs from the timer queue now, while the other workers work off what
     /// is queued, instead of all of them finding the queue empty and waiting
-    /// in turn for the scheduler's lock. It must then hand over runs
-    /// (`enqueue`) or call `endRefill()`. Never in `prompt` mode.
+    /// in turn for the scheduler's lock. It hands over what it pops
+    /// (`enqueue(keepRefilling: true)`, in chunks) and then calls
+    /// `endRefill(foundNone:)`. Never in `prompt` mode.
     mutating func claimRefill(lowWater: Int) -> Bool {
         guard moreDue, !refilling, !prompt, !closed, queued <= lowWater else { return false }
         refilling = true
@@ -234,7 +235,7 @@ struct WorkerPool<Item: Sendable>: Sendable {
     }
 
     /// A refill is over; `foundNone`: it found nothing due.
-    mutating func endRefill(foundNone: Bool = true) {
+    mutating func endRefill(foundNone: Bool) {
         refilling = false
         if foundNone { moreDue = false }
     }

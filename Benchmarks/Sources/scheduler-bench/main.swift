@@ -44,7 +44,6 @@ final class Samples: @unchecked Sendable {
     private let count = Atomic<Int>(0)
     let windowStart: ContinuousClock.Instant
     let windowEnd: ContinuousClock.Instant
-    let period: Duration
     private let periodNs: Int64
 
     init(capacity: Int, windowStart: ContinuousClock.Instant, windowEnd: ContinuousClock.Instant, period: Duration) {
@@ -54,7 +53,6 @@ final class Samples: @unchecked Sendable {
         periods.initialize(repeating: 0)
         self.windowStart = windowStart
         self.windowEnd = windowEnd
-        self.period = period
         periodNs = ns(period)
     }
 
@@ -116,7 +114,6 @@ func scenarios(quick: Bool) -> [Scenario] {
 
 func latenessOurs(_ s: Scenario) async throws {
     var config = JobScheduler<ContinuousClock>.Configuration()
-    if let v = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_BATCH"].flatMap(Int.init) { config.maxStartsPerWakeup = v }
     // SCHEDULER_BENCH_WORKERS=1 measures one worker's cost per run, without
     // the kernel's placement of the second worker's thread in the figure
     if let v = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_WORKERS"].flatMap(Int.init) { config.maxWorkers = v }
