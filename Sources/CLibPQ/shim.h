@@ -13,5 +13,7 @@ extern int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *acti
 /* Names PoolKit's reactor threads (glibc; declared only under _GNU_SOURCE). */
 #include <pthread.h>
 extern int pthread_setname_np(pthread_t thread, const char *name);
+/* The calling thread's CPU, for the pool's CPU-local cache (glibc; declared only under _GNU_SOURCE). */
+extern int sched_getcpu(void);
 #endif
 #endif

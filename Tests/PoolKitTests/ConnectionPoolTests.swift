@@ -14,10 +14,11 @@ func withRunningPool(
     clock: ManualClock = ManualClock(),
     factory: MockFactory = MockFactory(),
     connect: (@Sendable () async throws -> MockConnection)? = nil,
+    stripes: Int? = nil,
     _ body: (TestPool, ManualClock, MockFactory) async throws -> Void
 ) async throws -> TestPool {
     let pool = TestPool(
-        configuration: configuration, clock: clock, logger: Logger(label: "test"), seed: 1,
+        configuration: configuration, clock: clock, logger: Logger(label: "test"), seed: 1, stripes: stripes,
         connectionFactory: connect ?? { try factory.make() }
     )
     try await withThrowingTaskGroup(of: Void.self) { group in

@@ -300,7 +300,11 @@ struct PoolShellStressTests {
     /// 300 tasks against the real shell on a manual clock that a driver task
     /// advances: random holds, cancellations, timeouts, broken connections and
     /// failing connects. Checks the limits while running and that nothing leaks.
-    @Test func threeHundredTasksAgainstTheShell() async throws {
+    ///
+    /// `clean`: connections that need no reset, whose returns go through the CPU-local cache
+    /// (parked per CPU, lent without the shared lock, swept to waiters, flushed by the timer).
+    @Test(arguments: [false, true])
+    func threeHundredTasksAgainstTheShell(clean: Bool) async throws {
         let workers = 300
         let configuration = ConnectionPoolConfiguration(
             name: "shell-stress", maxOpen: 6, minIdle: 1, maxIdle: 4,
@@ -309,7 +313,7 @@ struct PoolShellStressTests {
             connectBackoff: .init(initial: .milliseconds(1), maximum: .milliseconds(5), jitter: 0.5),
             leakThreshold: .milliseconds(20)
         )
-        let factory = MockFactory()
+        let factory = MockFactory(clean: clean)
         let connectRandom = Mutex(SplitMix64(seed: 99))
         let success = SharedCounter(), timeouts = SharedCounter(), cancelled = SharedCounter()
         let rejected = SharedCounter(), done = SharedCounter()
@@ -366,6 +370,7 @@ struct PoolShellStressTests {
             #expect(success.value > 0)
             let s = pool.statistics
             #expect(s.inUse == 0 && s.waiting == 0)
+            #expect(s.leases >= success.value, "every lend is counted, also those from the CPU-local cache")
         }
         // run() was cancelled: forced drain. Every connection ever made is closed exactly once,
         // and none was ever lent to two holders at once.

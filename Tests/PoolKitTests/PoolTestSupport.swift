@@ -224,6 +224,11 @@ final class MockFactory: Sendable {
         var attemptTimes: [ContinuousClock.Instant] = []
     }
     let state = Mutex(State())
+    /// Connections made need no reset (`needsReset` false), as an idle Postgres connection:
+    /// their returns take the pool's fastest path, through the CPU-local cache.
+    let clean: Bool
+
+    init(clean: Bool = false) { self.clean = clean }
 
     func make() throws -> MockConnection {
         try state.withLock { s in
@@ -231,6 +236,7 @@ final class MockFactory: Sendable {
             s.attemptTimes.append(.now)
             if s.failNext > 0 { s.failNext -= 1; throw MockError.connectRefused }
             let c = MockConnection(id: s.made.count + 1)
+            if clean { c.state.withLock { $0.clean = true } }
             s.made.append(c)
             return c
         }

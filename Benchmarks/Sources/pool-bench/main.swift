@@ -60,6 +60,8 @@ func makeOurPool(connections: Int) -> PoolKit.ConnectionPool<BenchConnection, Co
     let ids = Counter()
     var configuration = PoolKit.ConnectionPoolConfiguration(name: "bench", maxOpen: connections, minIdle: connections, maxIdle: connections)
     configuration.maxConcurrentConnects = connections
+    // POOL_BENCH_CPU_CACHE=0: the pool without its CPU-local cache (for comparison).
+    configuration.cpuLocalCache = ProcessInfo.processInfo.environment["POOL_BENCH_CPU_CACHE"] != "0"
     var logger = Logger(label: "pool-bench")
     logger.logLevel = .warning
     return PoolKit.ConnectionPool(configuration: configuration, logger: logger) { BenchConnection(id: ids.next()) }

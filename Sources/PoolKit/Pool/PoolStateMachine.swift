@@ -88,6 +88,18 @@ struct PoolStateMachine<Connection, Waiter> {
         var rescheduleTimer = false
         /// Draining and nothing is held or connecting any more.
         var drained = false
+
+        /// Adds `other`'s actions to these.
+        mutating func absorb(_ other: Actions) {
+            handoffs += other.handoffs
+            failures += other.failures
+            connects += other.connects
+            closes += other.closes
+            leaks += other.leaks
+            backoff = other.backoff ?? backoff
+            rescheduleTimer = rescheduleTimer || other.rescheduleTimer
+            drained = drained || other.drained
+        }
     }
 
     /// Result of the synchronous fast path.
@@ -145,6 +157,13 @@ struct PoolStateMachine<Connection, Waiter> {
         var request: Request
         var since: Time
         var leakReported = false
+        /// The shell's lend token when the shell lent this connection from a stripe and the
+        /// machine adopted that lend (see ``adopt(slot:leaseID:lend:request:since:now:)``); 0 otherwise.
+        /// A release must name it, so that a stale release of an earlier lend cannot end this one.
+        var lend: UInt64 = 0
+        /// Parked in one of the shell's stripes: idle for every count, lent by the shell without
+        /// this machine (see ``stash(slot:leaseID:lend:now:)``).
+        var stashed = false
     }
 
     private enum SlotKind: UInt8 {
@@ -184,6 +203,8 @@ struct PoolStateMachine<Connection, Waiter> {
     private var established = 0
     private var connecting = 0
     private var inUse = 0
+    /// Connections the shell holds in its stripes (``stash(slot:leaseID:lend:now:)``): counted as idle.
+    private(set) var stashedCount = 0
     private var nextLeaseID: UInt64 = 0
     private var nextWaiterID: UInt64 = 0
     private var nextConnectionID: UInt64 = 0
@@ -209,7 +230,7 @@ struct PoolStateMachine<Connection, Waiter> {
     /// Established + connecting.
     var totalConnections: Int { established + connecting }
     /// Idle connections.
-    var idleCount: Int { idle.count }
+    var idleCount: Int { idle.count + stashedCount }
     /// Connections lent out.
     var inUseCount: Int { inUse }
     /// Queued waiters.
@@ -282,8 +303,9 @@ struct PoolStateMachine<Connection, Waiter> {
 
     /// First half of a release: claims the lease so that a second release of the
     /// same lease is a no-op. Returns false for a stale or double release.
-    mutating func beginRelease(slot: Int, leaseID: UInt64) -> Bool {
-        guard slot >= 0, slot < slots.count, slots[slot].kind == .held, holdersBySlot[slot].leaseID == leaseID
+    mutating func beginRelease(slot: Int, leaseID: UInt64, lend: UInt64 = 0) -> Bool {
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .held, holdersBySlot[slot].leaseID == leaseID,
+              holdersBySlot[slot].lend == lend, !holdersBySlot[slot].stashed
         else { return false }
         slots[slot].kind = .returning
         return true
@@ -292,24 +314,24 @@ struct PoolStateMachine<Connection, Waiter> {
     /// A whole release in one step, for a connection that needs no reset (the shell
     /// checked `isBroken` and `needsReset` just before): claims the lease and finishes
     /// it. A stale or double release does nothing (`action == .none`, no use time).
-    mutating func release(slot: Int, leaseID: UInt64, now: Time, reusable: Bool) -> ReleaseResult {
-        guard beginRelease(slot: slot, leaseID: leaseID) else { return ReleaseResult() }
+    mutating func release(slot: Int, leaseID: UInt64, lend: UInt64 = 0, now: Time, reusable: Bool) -> ReleaseResult {
+        guard beginRelease(slot: slot, leaseID: leaseID, lend: lend) else { return ReleaseResult() }
         return finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable)
     }
 
     /// Second half of a release, after the shell checked `isBroken` and ran
     /// `prepareForReuse()`: hands the connection to the head waiter, makes it
     /// idle, or closes it (broken, expired, too many idle, draining).
-    mutating func finishRelease(slot: Int, leaseID: UInt64, now: Time, reusable: Bool) -> ReleaseResult {
+    mutating func finishRelease(slot: Int, leaseID: UInt64, now: Time, reusable: Bool, idleSince: Time? = nil) -> ReleaseResult {
         guard slot >= 0, slot < slots.count, slots[slot].kind == .returning, holdersBySlot[slot].leaseID == leaseID
         else { return ReleaseResult() }
         inUse -= 1
         var result = ReleaseResult(useTime: now - holdersBySlot[slot].since)
-        if phase == .running, reusable, waiters.isEmpty, idle.count < configuration.maxIdle,
+        if phase == .running, reusable, waiters.isEmpty, idle.count + stashedCount < configuration.maxIdle,
            slots[slot].expiresAt.map({ $0 > now }) ?? true {
             // The common case, without touching the connection reference.
             slots[slot].kind = .idle
-            slots[slot].idleSince = now
+            slots[slot].idleSince = idleSince ?? now
             idle.append(slot)
             result.rescheduleTimer = noteIdleDeadline(slot: slot, now: now)
             result.action = .idled
@@ -345,9 +367,10 @@ struct PoolStateMachine<Connection, Waiter> {
             result.action = .handoff(handoff)
             return result
         }
-        if idle.count >= configuration.maxIdle {
+        if idle.count + stashedCount >= configuration.maxIdle {
             var actions = Actions()
-            if configuration.maxIdle == 0 {
+            if idle.isEmpty {
+                // maxIdle is 0, or the idle connections are all parked in the shell's stripes.
                 close(slot: slot, connection: connection, reason: .maxIdle, into: &actions)
                 planConnects(now: now, into: &actions)
                 result.action = .actions(actions)
@@ -363,11 +386,83 @@ struct PoolStateMachine<Connection, Waiter> {
             return result
         }
         slots[slot].kind = .idle
-        slots[slot].idleSince = now
+        slots[slot].idleSince = idleSince ?? now
         idle.append(slot)
         result.rescheduleTimer = noteIdleDeadline(slot: slot, now: now)
         result.action = .idled
         return result
+    }
+
+    // MARK: - Stripes (the shell's per-CPU cache of one idle connection)
+
+    /// What ``stash(slot:leaseID:lend:now:)`` grants: the ended lease's use time and the
+    /// connection's lifetime deadline (the shell does not park it past that).
+    struct Stash {
+        var useTime: Duration
+        var expiresAt: Time?
+    }
+
+    /// Ends a lease by parking its connection in one of the shell's stripes instead of the
+    /// idle list: it stays `held` here, under the same lease id, marked stashed, and counts
+    /// as idle. From then on the shell lends and takes it back under the stripe's own lock,
+    /// without this machine, until it gives it back (``unstash``) or a lend of it is adopted
+    /// (``adopt``). Refused (nil) unless the pool runs, nobody waits, the connection is within
+    /// its lifetime and `maxIdle` has room: a connection a waiter could use is never parked.
+    mutating func stash(slot: Int, leaseID: UInt64, lend: UInt64 = 0, now: Time) -> Stash? {
+        guard phase == .running, waiters.isEmpty, idle.count + stashedCount < configuration.maxIdle,
+              slot >= 0, slot < slots.count, slots[slot].kind == .held,
+              holdersBySlot[slot].leaseID == leaseID, holdersBySlot[slot].lend == lend, !holdersBySlot[slot].stashed,
+              slots[slot].expiresAt.map({ $0 > now }) ?? true
+        else { return nil }
+        let useTime = now - holdersBySlot[slot].since
+        holdersBySlot[slot].stashed = true
+        holdersBySlot[slot].lend = 0
+        holdersBySlot[slot].since = now
+        inUse -= 1
+        stashedCount += 1
+        return Stash(useTime: useTime, expiresAt: slots[slot].expiresAt)
+    }
+
+    /// The shell lent a stashed connection (`lend` is its token) to `request` at `since`,
+    /// and that holder is still using it: it becomes an ordinary lease with that holder (for
+    /// `holders()`, leak reports and the drain), released with the same lease id and `lend`.
+    mutating func adopt(slot: Int, leaseID: UInt64, lend: UInt64, request: Request, since: Time, now: Time) -> Bool {
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .held,
+              holdersBySlot[slot].leaseID == leaseID, holdersBySlot[slot].stashed
+        else { return false }
+        holdersBySlot[slot] = Holder(leaseID: leaseID, request: request, since: since, lend: lend)
+        stashedCount -= 1
+        inUse += 1
+        guard let threshold = configuration.leakThreshold else { return false }
+        return noteDeadline(since + threshold)
+    }
+
+    /// A stashed connection comes back from its stripe (`parkedSince`: when it was last
+    /// returned there): it goes to the head waiter, becomes idle, or closes, as a release would.
+    /// With `onlyToWaiter`, it is taken back only if it can go to a waiter (nil otherwise).
+    mutating func unstash(
+        slot: Int, leaseID: UInt64, now: Time, parkedSince: Time, reusable: Bool, onlyToWaiter: Bool = false
+    ) -> ReleaseResult? {
+        guard slot >= 0, slot < slots.count, slots[slot].kind == .held,
+              holdersBySlot[slot].leaseID == leaseID, holdersBySlot[slot].stashed
+        else { return nil }
+        if onlyToWaiter {
+            guard phase == .running, reusable, !waiters.isEmpty, slots[slot].expiresAt.map({ $0 > now }) ?? true
+            else { return nil }
+        }
+        holdersBySlot[slot].stashed = false
+        holdersBySlot[slot].since = parkedSince
+        stashedCount -= 1
+        inUse += 1
+        slots[slot].kind = .returning
+        var result = finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable, idleSince: parkedSince)
+        result.useTime = nil
+        return result
+    }
+
+    /// Counts leases the shell made from its stripes (``statistics()``'s `leases`).
+    mutating func countStripeLeases(_ n: Int) {
+        stats.leases += n
     }
 
     // MARK: - Connects
@@ -449,7 +544,7 @@ struct PoolStateMachine<Connection, Waiter> {
         }
         if let threshold = configuration.leakThreshold {
             for index in slots.indices {
-                guard slots[index].kind == .held, !holdersBySlot[index].leakReported,
+                guard slots[index].kind == .held, !holdersBySlot[index].leakReported, !holdersBySlot[index].stashed,
                       now - holdersBySlot[index].since >= threshold
                 else { continue }
                 holdersBySlot[index].leakReported = true
@@ -499,7 +594,9 @@ struct PoolStateMachine<Connection, Waiter> {
             switch slot.kind {
             case .held:
                 let holder = holdersBySlot[index]
-                if let threshold = configuration.leakThreshold, !holder.leakReported { consider(holder.since + threshold) }
+                if let threshold = configuration.leakThreshold, !holder.leakReported, !holder.stashed {
+                    consider(holder.since + threshold)
+                }
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
             case .returning:
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
@@ -570,7 +667,7 @@ struct PoolStateMachine<Connection, Waiter> {
         var s = stats
         s.open = established
         s.inUse = inUse
-        s.idle = idle.count
+        s.idle = idle.count + stashedCount
         s.waiting = waiters.count
         s.opening = connecting
         return s
@@ -580,7 +677,7 @@ struct PoolStateMachine<Connection, Waiter> {
     func holders(now: Time) -> [ConnectionHolder] {
         var result: [ConnectionHolder] = []
         for index in slots.indices {
-            if slots[index].kind == .held || slots[index].kind == .returning {
+            if slots[index].kind == .held && !holdersBySlot[index].stashed || slots[index].kind == .returning {
                 result.append(holderInfo(slot: index, holder: holdersBySlot[index], now: now))
             }
         }

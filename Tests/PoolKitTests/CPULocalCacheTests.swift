@@ -1,0 +1,196 @@
+import Logging
+import Synchronization
+import Testing
+@testable import PoolKit
+
+/// The pool's CPU-local cache (`cpuLocalCache`, on by default): a returned connection that
+/// needs no reset is parked in the returning CPU's stripe and lent from there without the
+/// pool's shared lock. These tests check that the pool's promises hold for such connections.
+/// They run with one stripe, so that every caller meets it whatever CPU it runs on; a caller
+/// "on another CPU" is played by `leaseWaiting`, the part of `lease` after the stripe and the
+/// idle list.
+@Suite("ConnectionPool CPU-local cache (shell, manual clock)")
+struct CPULocalCacheTests {
+    /// How many connections sit parked in a stripe right now.
+    private func parked(_ pool: TestPool) -> Int {
+        pool.stripes.stripes.reduce(0) { n, stripe in n + stripe.state.withLock { $0.parked == nil ? 0 : 1 } }
+    }
+
+    private func request(_ label: String) -> PoolMachine.Request {
+        PoolMachine.Request(label: label, fileID: #fileID, line: #line)
+    }
+
+    /// A lease by a caller that meets no parked connection in its own stripe, failing the test
+    /// (instead of hanging: the manual clock never times it out) if it is not served within 10 s.
+    private func leaseFromAnotherCPU(_ pool: TestPool, _ label: String) async throws -> ConnectionLease<MockConnection> {
+        let request = request(label)
+        return try await withThrowingTaskGroup(of: ConnectionLease<MockConnection>?.self) { group in
+            group.addTask { try await pool.leaseWaiting(request, timeout: nil) }
+            group.addTask {
+                try await Task.sleep(for: .seconds(10))
+                return nil
+            }
+            let first = try await group.next()!
+            group.cancelAll()
+            guard let first else {
+                Issue.record("'\(label)' was not served within 10 s")
+                throw CancellationError()
+            }
+            return first
+        }
+    }
+
+    @Test func aCleanReturnIsParkedAndLentAgainWithHolderAndCountsIntact() async throws {
+        let factory = MockFactory(clean: true)
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: factory, stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection(label: "first") { _ in }
+            #expect(parked(pool) == 1, "returned into this CPU's stripe")
+            #expect(pool.statistics.idle == 1 && pool.statistics.inUse == 0 && pool.statistics.open == 1)
+            let lease = try await pool.lease(label: "from-the-stripe")
+            #expect(pool.statistics.inUse == 1 && pool.statistics.idle == 0)
+            let holders = pool.holders()
+            #expect(holders.map(\.label) == ["from-the-stripe"])
+            #expect(holders.first?.fileID.hasSuffix("CPULocalCacheTests.swift") == true)
+            await pool.release(lease)
+            #expect(pool.statistics.inUse == 0 && pool.statistics.idle == 1)
+            #expect(pool.holders().isEmpty)
+            #expect(pool.statistics.leases == 2, "the stripe's lends are counted")
+            #expect(factory.made.count == 1 && factory.made[0].state.withLock { $0.resets } == 0)
+        }
+    }
+
+    @Test func aWaiterGetsAParkedConnectionAtOnceWithoutTheTimer() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            #expect(parked(pool) == 1)
+            // A caller whose own stripe is empty (as on another CPU) finds no idle connection in the
+            // shared state and queues; queuing sweeps the stripes. The clock never moves, so the
+            // timer's flush cannot be what serves it.
+            let lease = try await leaseFromAnotherCPU(pool, "other-cpu")
+            #expect(parked(pool) == 0)
+            #expect(pool.statistics.waitCount == 1 && pool.statistics.inUse == 1)
+            #expect(pool.holders().map(\.label) == ["other-cpu"])
+            await pool.release(lease)
+            #expect(pool.statistics.inUse == 0 && pool.statistics.idle == 1)
+        }
+    }
+
+    @Test func aLentConnectionReturnedWhileSomeoneWaitsGoesToTheWaiter() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            let held = try await pool.lease(label: "holder")
+            try await withThrowingTaskGroup(of: UInt64.self) { group in
+                group.addTask {
+                    let lease = try await self.leaseFromAnotherCPU(pool, "waiter")
+                    await pool.release(lease)
+                    return lease.connectionID
+                }
+                await eventually("waiting") { pool.statistics.waiting == 1 }
+                await pool.release(held)
+                let served = try await group.next()
+                #expect(served == held.connectionID, "handed over, not parked")
+            }
+            #expect(pool.statistics.waitCount == 1)
+            #expect(pool.statistics.inUse == 0 && pool.statistics.waiting == 0)
+        }
+    }
+
+    @Test func aConnectionLentFromAStripeIsReportedAsALeak() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 1; $0.leakThreshold = .seconds(10) }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            let lease = try await pool.lease(label: "forgotten")
+            clock.advance(by: .seconds(11))
+            await eventually("leak reported") { pool.statistics.leaksReported == 1 }
+            #expect(pool.holders().map(\.label) == ["forgotten"])
+            #expect(pool.holders().first?.heldFor == .seconds(11))
+            await pool.release(lease)
+            #expect(pool.statistics.inUse == 0 && pool.holders().isEmpty)
+        }
+    }
+
+    @Test func aParkedConnectionPastItsLifetimeIsClosedAndReplaced() async throws {
+        let configuration = baseConfiguration {
+            $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero
+        }
+        let factory = MockFactory(clean: true)
+        try await withRunningPool(configuration, factory: factory, stripes: 1) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            #expect(parked(pool) == 1)
+            clock.advance(by: .seconds(61))
+            await eventually("closed for lifetime") { pool.statistics.closedLifetime == 1 }
+            await eventually("the close performed") { factory.made[0].closeCount == 1 }
+            await eventually("replaced") { pool.statistics.idle == 1 && factory.made.count == 2 }
+            let id = try await pool.withConnection { $0.id }
+            #expect(id == 2, "never lent past its lifetime")
+        }
+    }
+
+    @Test func theDrainTakesParkedConnectionsAndCutsOffLentOnesByName() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, clock, factory in
+            await eventually("warm-up") { pool.statistics.idle == 2 }
+            let a = try await pool.lease()
+            let b = try await pool.lease()
+            await pool.release(a)   // parked in a stripe
+            await pool.release(b)   // parked in this CPU's stripe if empty, else idle
+            let stuck = try await pool.lease(label: "stuck")
+            let report = await pool.drain(deadline: clock.now)
+            #expect(report.idleClosed == 1)
+            #expect(report.cutOff.map(\.label) == ["stuck"])
+            #expect(stuck.connection.state.withLock { $0.cancels } == 1)
+            #expect(factory.made.allSatisfy { $0.closeCount == 1 })
+            #expect(parked(pool) == 0)
+            await pool.release(stuck)   // after the cut-off: harmless
+            #expect(pool.statistics.open == 0)
+        }
+    }
+
+    @Test func aStaleReleaseNeverEndsALaterLendOfTheSameConnection() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            let first = try await pool.lease(label: "first")
+            await pool.flushStripes(closing: false)   // the timer's flush: the lend becomes an ordinary lease
+            #expect(pool.holders().map(\.label) == ["first"])
+            await pool.release(first)
+            let second = try await pool.lease(label: "second")
+            await pool.release(second)
+            let third = try await pool.lease(label: "third")
+            await pool.release(first)    // stale
+            await pool.release(second)   // stale
+            #expect(pool.statistics.inUse == 1)
+            #expect(pool.holders().map(\.label) == ["third"])
+            await pool.release(third)
+            await pool.release(third)    // twice
+            #expect(pool.statistics.inUse == 0)
+            // The same stash lease lent twice: the first lend comes back (parked again), the
+            // second is adopted by a flush; the first's stale release must not end the second.
+            let a = try await pool.lease(label: "a")
+            #expect(a.lend != 0, "lent from the stripe")
+            await pool.release(a)
+            let b = try await pool.lease(label: "b")
+            #expect(b.lend != 0 && b.leaseID == a.leaseID, "the same stash lease, another lend")
+            await pool.flushStripes(closing: false)
+            await pool.release(a)        // stale
+            #expect(pool.holders().map(\.label) == ["b"])
+            await pool.release(b)
+            #expect(pool.statistics.inUse == 0 && pool.statistics.idle == 1)
+        }
+    }
+
+    @Test func turnedOffNothingIsParked() async throws {
+        let configuration = baseConfiguration { $0.cpuLocalCache = false }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            #expect(pool.stripes.stripes.isEmpty && parked(pool) == 0)
+            #expect(pool.statistics.idle == 1)
+        }
+    }
+}
