@@ -77,11 +77,64 @@ struct CPULocalCacheTests {
         }
     }
 
+    @Test func aWaiterServedFromAStripeOpensNoConnection() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 10; $0.minIdle = 1; $0.maxIdle = 10 }
+        let factory = MockFactory(clean: true)
+        try await withRunningPool(configuration, factory: factory, stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            #expect(parked(pool) == 1)
+            let lease = try await leaseFromAnotherCPU(pool, "other-cpu")
+            // The growth rule opens one connection for a waiter nothing else can serve; this
+            // one was served by the sweep, so nothing was opened for it.
+            for _ in 0..<1_000 { await Task.yield() }
+            #expect(pool.statistics.opening == 0 && pool.statistics.open == 1 && factory.made.count == 1)
+            await pool.release(lease)
+        }
+    }
+
+    @Test func maxIdleDoesNotCloseAReturnWhileTheParkedConnectionIsLentOut() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 1; $0.maxIdle = 1 }
+        let factory = MockFactory(clean: true)
+        try await withRunningPool(configuration, factory: factory, stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let a = try await pool.lease()
+            let b = try await pool.lease()         // waits for a second connection
+            await pool.release(a)                  // parked: the one idle connection maxIdle allows
+            let x = try await pool.lease(label: "x")
+            #expect(x.lend != 0 && x.connectionID == a.connectionID, "lent from the stripe")
+            await pool.release(b)                  // nothing is idle: b must stay
+            #expect(b.connection.closeCount == 0)
+            #expect(pool.statistics.closedMaxIdle == 0)
+            #expect(pool.statistics.idle == 1 && pool.statistics.inUse == 1)
+            await pool.release(x)
+        }
+    }
+
+    @Test func aParkedConnectionExpiringSoonAfterItsParkIsReplacedForAWaiterAtOnce() async throws {
+        let configuration = baseConfiguration {
+            $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero
+        }
+        let factory = MockFactory(clean: true)
+        try await withRunningPool(configuration, factory: factory, stripes: 1) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            clock.advance(by: .milliseconds(59_990))
+            try await pool.withConnection { _ in }   // parked 10 ms before its end of life
+            #expect(parked(pool) == 1)
+            clock.advance(by: .milliseconds(20))      // past its lifetime, before the periodic flush
+            let lease = try await leaseFromAnotherCPU(pool, "waiter")
+            #expect(lease.connectionID == 2, "a new connection: the expired one was closed at expiry")
+            #expect(factory.made[0].closeCount == 1)
+            await pool.release(lease)
+        }
+    }
+
     @Test func aLentConnectionReturnedWhileSomeoneWaitsGoesToTheWaiter() async throws {
         try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }
             try await pool.withConnection { _ in }
             let held = try await pool.lease(label: "holder")
+            #expect(held.lend != 0, "lent from the stripe")
             try await withThrowingTaskGroup(of: UInt64.self) { group in
                 group.addTask {
                     let lease = try await self.leaseFromAnotherCPU(pool, "waiter")
@@ -104,6 +157,7 @@ struct CPULocalCacheTests {
             await eventually("warm-up") { pool.statistics.idle == 1 }
             try await pool.withConnection { _ in }
             let lease = try await pool.lease(label: "forgotten")
+            #expect(lease.lend != 0, "lent from the stripe")
             clock.advance(by: .seconds(11))
             await eventually("leak reported") { pool.statistics.leaksReported == 1 }
             #expect(pool.holders().map(\.label) == ["forgotten"])
@@ -132,16 +186,18 @@ struct CPULocalCacheTests {
     }
 
     @Test func theDrainTakesParkedConnectionsAndCutsOffLentOnesByName() async throws {
-        let configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }
+        let configuration = baseConfiguration { $0.maxOpen = 3; $0.minIdle = 3; $0.maxIdle = 3 }
         try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, clock, factory in
-            await eventually("warm-up") { pool.statistics.idle == 2 }
-            let a = try await pool.lease()
-            let b = try await pool.lease()
-            await pool.release(a)   // parked in a stripe
-            await pool.release(b)   // parked in this CPU's stripe if empty, else idle
+            await eventually("warm-up") { pool.statistics.idle == 3 }
+            let x = try await pool.lease()
+            let y = try await pool.lease()
+            await pool.release(x)                          // parked
             let stuck = try await pool.lease(label: "stuck")
+            #expect(stuck.lend != 0 && stuck.connectionID == x.connectionID, "lent from the stripe")
+            await pool.release(y)                          // parked beside the lent one
+            #expect(parked(pool) == 1)
             let report = await pool.drain(deadline: clock.now)
-            #expect(report.idleClosed == 1)
+            #expect(report.idleClosed == 2, "the parked one and the idle one")
             #expect(report.cutOff.map(\.label) == ["stuck"])
             #expect(stuck.connection.state.withLock { $0.cancels } == 1)
             #expect(factory.made.allSatisfy { $0.closeCount == 1 })

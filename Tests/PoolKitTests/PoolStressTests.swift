@@ -303,9 +303,12 @@ struct PoolShellStressTests {
     ///
     /// `clean`: connections that need no reset, whose returns go through the CPU-local cache
     /// (parked per CPU, lent without the shared lock, swept to waiters, flushed by the timer).
-    @Test(arguments: [false, true])
-    func threeHundredTasksAgainstTheShell(clean: Bool) async throws {
-        let workers = 300
+    /// With 300 workers making one attempt each, somebody nearly always waits (connections go
+    /// to waiters); with 5 workers making 60 attempts each on 6 connections, they rarely do
+    /// (connections go through the stripes).
+    @Test(arguments: [(false, 300, 1), (true, 300, 1), (true, 5, 60)])
+    func tasksAgainstTheShell(clean: Bool, workers: Int, rounds: Int) async throws {
+        let attempts = workers * rounds
         let configuration = ConnectionPoolConfiguration(
             name: "shell-stress", maxOpen: 6, minIdle: 1, maxIdle: 4,
             maxLifetime: .milliseconds(200), lifetimeJitter: .milliseconds(50), maxIdleTime: .milliseconds(50),
@@ -323,7 +326,7 @@ struct PoolShellStressTests {
         }) { pool, clock, _ in
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
-                    while done.value < workers {
+                    while done.value < attempts {
                         for _ in 0..<20 { await Task.yield() }
                         let s = pool.statistics
                         #expect(s.open + s.opening <= configuration.maxOpen)
@@ -333,44 +336,50 @@ struct PoolShellStressTests {
                 }
                 for i in 0..<workers {
                     group.addTask {
-                        var random = SplitMix64(seed: UInt64(i) &+ 1)
-                        let holdYields = Int(random.next() % 20)
-                        let cancelAfter: Int? = random.fraction() < 0.15 ? Int(random.next() % 30) : nil
-                        let breakIt = random.fraction() < 0.05
-                        await withTaskGroup(of: Void.self) { attempt in
-                            attempt.addTask {
-                                do {
-                                    try await pool.withConnection(label: "worker-\(i)") { connection in
-                                        #expect(connection.closeCount == 0, "lent a closed connection")
-                                        connection.enter()
-                                        for _ in 0..<holdYields { await Task.yield() }
-                                        connection.leave()
-                                        if breakIt { connection.breakIt() }
+                        for round in 0..<rounds {
+                            var random = SplitMix64(seed: UInt64(i) &+ 1 &+ UInt64(round) &* 1_000)
+                            let holdYields = Int(random.next() % 20)
+                            let cancelAfter: Int? = random.fraction() < 0.15 ? Int(random.next() % 30) : nil
+                            let breakIt = random.fraction() < 0.05
+                            await withTaskGroup(of: Void.self) { attempt in
+                                attempt.addTask {
+                                    do {
+                                        try await pool.withConnection(label: "worker-\(i)") { connection in
+                                            #expect(connection.closeCount == 0, "lent a closed connection")
+                                            connection.enter()
+                                            for _ in 0..<holdYields { await Task.yield() }
+                                            connection.leave()
+                                            if breakIt { connection.breakIt() }
+                                        }
+                                        success.increment()
+                                    } catch let error as ConnectionPoolError {
+                                        if error.code == .acquireTimeout { timeouts.increment() } else { rejected.increment() }
+                                    } catch is CancellationError {
+                                        cancelled.increment()
+                                    } catch {
+                                        Issue.record("unexpected error \(error)")
                                     }
-                                    success.increment()
-                                } catch let error as ConnectionPoolError {
-                                    if error.code == .acquireTimeout { timeouts.increment() } else { rejected.increment() }
-                                } catch is CancellationError {
-                                    cancelled.increment()
-                                } catch {
-                                    Issue.record("unexpected error \(error)")
+                                }
+                                if let cancelAfter {
+                                    for _ in 0..<cancelAfter { await Task.yield() }
+                                    attempt.cancelAll()
                                 }
                             }
-                            if let cancelAfter {
-                                for _ in 0..<cancelAfter { await Task.yield() }
-                                attempt.cancelAll()
-                            }
+                            done.increment()
                         }
-                        done.increment()
                     }
                 }
                 try await group.waitForAll()
             }
-            #expect(success.value + timeouts.value + cancelled.value + rejected.value == workers, "every task ended")
+            #expect(success.value + timeouts.value + cancelled.value + rejected.value == attempts, "every attempt ended")
             #expect(success.value > 0)
             let s = pool.statistics
             #expect(s.inUse == 0 && s.waiting == 0)
             #expect(s.leases >= success.value, "every lend is counted, also those from the CPU-local cache")
+            if clean && workers < configuration.maxOpen {
+                let stripeLends = pool.stripes.stripes.reduce(UInt64(0)) { $0 + $1.state.withLock { $0.generation } }
+                #expect(stripeLends > 0, "the CPU-local cache was used")
+            }
         }
         // run() was cancelled: forced drain. Every connection ever made is closed exactly once,
         // and none was ever lent to two holders at once.

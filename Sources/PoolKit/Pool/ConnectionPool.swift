@@ -631,15 +631,15 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
 
     /// Every connection lent out right now, longest held first, with its holder's label and source location.
     public func holders() -> [ConnectionHolder] {
-        let now = self.now()
-        return withStripesLocked { stripeStates in
+        withStripesLocked { stripeStates in
+            let now = self.now()
             var holders = state.withLock { $0.machine.holders(now: now) }
             let lent = stripeStates.compactMap(\.lent)
             guard !lent.isEmpty else { return holders }
             for lent in lent {
                 holders.append(ConnectionHolder(
                     connectionID: lent.connectionID, label: lent.request.label,
-                    fileID: lent.request.fileID, line: lent.request.line, heldFor: now - lent.since
+                    fileID: lent.request.fileID, line: lent.request.line, heldFor: max(.zero, now - lent.since)
                 ))
             }
             return holders.sorted { $0.heldFor > $1.heldFor }
@@ -766,7 +766,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     }
 
     /// The time stamps of the CPU-local stripes (a lend's start, a park): ``now()`` to within
-    /// the kernel's tick (4 ms here), read from `CLOCK_MONOTONIC_COARSE` (3 ns instead of 21 ns;
+    /// the kernel's tick (4 ms on this project's machines; 1-10 ms by kernel configuration),
+    /// read from `CLOCK_MONOTONIC_COARSE` (3 ns instead of 21 ns;
     /// two reads per lease+release had been a fifth of a cycle). They feed held times, leak
     /// reports, idle times and lifetimes, where milliseconds do not matter. With metrics on,
     /// the exact clock is read instead, for `db.client.connection.use_time`.
@@ -789,10 +790,23 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     func refreshCoarseOffset() {
         #if os(Linux) && canImport(Glibc)
         guard let base = continuousEpochNanoseconds else { return }
-        var mono = timespec()
-        guard let boot = Self.bootTimeNanoseconds(), clock_gettime(CLOCK_MONOTONIC, &mono) == 0 else { return }
-        let offset = boot &- (Int64(mono.tv_sec) &* 1_000_000_000 &+ Int64(mono.tv_nsec)) &- base
-        coarseOffsetNanoseconds.store(offset, ordering: .relaxed)
+        func monotonic() -> Int64 {
+            var ts = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            return Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
+        }
+        // BOOTTIME between two MONOTONIC reads; of a few tries, the tightest bracket (a
+        // preemption between the reads would otherwise skew the offset by its length).
+        var best: (gap: Int64, offset: Int64)?
+        for _ in 0..<3 {
+            let before = monotonic()
+            guard let boot = Self.bootTimeNanoseconds() else { return }
+            let after = monotonic()
+            let gap = after &- before
+            if best == nil || gap < best!.gap { best = (gap, boot &- (before &+ gap / 2) &- base) }
+            if gap < 2_000 { break }
+        }
+        if let best { coarseOffsetNanoseconds.store(best.offset, ordering: .relaxed) }
         #endif
     }
 
@@ -853,7 +867,16 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                     continuation.resume(returning: .failed(error))
                 case .enqueued(let actions)?:
                     performWithoutClosing(actions)
-                    if flags.stripesInUse.load(ordering: .relaxed) { handStripesToWaiters() }
+                    if actions.sweepStripes {
+                        handStripesToWaiters()
+                        let now = self.now()
+                        let more = state.withLock { m -> Machine.Actions in
+                            let more = m.machine.planConnectsAfterSweep(now: now)
+                            m.publish(metrics, flags)
+                            return more
+                        }
+                        performWithoutClosing(more)
+                    }
                 }
             }
         } onCancel: {
@@ -930,9 +953,19 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 group.cancelAll()
             }
             if Task.isCancelled { return }
-            if let flush = nextFlush, self.now() >= flush {
-                nextFlush = nil
-                await flushStripes(closing: false)
+            if stripes.enabled {
+                refreshCoarseOffset()   // cheap; catches a system sleep at the first wake after it
+                if nextFlush == nil, flags.stripesInUse.load(ordering: .acquiring) {
+                    // A park this wake-up did not see coming (its signal can land in the wait
+                    // that the sleep's end is cancelling).
+                    nextFlush = .nanoseconds(flags.stripesInUseSince.load(ordering: .relaxed)) + PoolStripes.flushInterval
+                }
+                let now = self.now()
+                let expired = nextFlush != nil && state.withLock { $0.machine.hasExpiredStash(now: now) }
+                if let flush = nextFlush, now >= flush || expired {
+                    nextFlush = nil
+                    await flushStripes(closing: false)
+                }
             }
             let now = self.now()
             let actions = state.withLock { s -> Machine.Actions in

@@ -88,6 +88,9 @@ struct PoolStateMachine<Connection, Waiter> {
         var rescheduleTimer = false
         /// Draining and nothing is held or connecting any more.
         var drained = false
+        /// A waiter queued while connections are parked in the shell's stripes: the shell
+        /// sweeps them, then calls ``planConnectsAfterSweep(now:)``.
+        var sweepStripes = false
 
         /// Adds `other`'s actions to these.
         mutating func absorb(_ other: Actions) {
@@ -99,6 +102,7 @@ struct PoolStateMachine<Connection, Waiter> {
             backoff = other.backoff ?? backoff
             rescheduleTimer = rescheduleTimer || other.rescheduleTimer
             drained = drained || other.drained
+            sweepStripes = sweepStripes || other.sweepStripes
         }
     }
 
@@ -287,7 +291,13 @@ struct PoolStateMachine<Connection, Waiter> {
         if atFront { waiters.prepend(entry) } else { waiters.append(entry) }
         var actions = Actions()
         actions.rescheduleTimer = noteDeadline(deadline)
-        planConnects(now: now, into: &actions)
+        if stashedCount > 0 {
+            // A connection parked in the shell's stripes may serve this waiter: the shell sweeps
+            // them first and then calls `planConnectsAfterSweep` (no connect for nothing).
+            actions.sweepStripes = true
+        } else {
+            planConnects(now: now, into: &actions)
+        }
         return .enqueued(actions)
     }
 
@@ -327,7 +337,12 @@ struct PoolStateMachine<Connection, Waiter> {
         else { return ReleaseResult() }
         inUse -= 1
         var result = ReleaseResult(useTime: now - holdersBySlot[slot].since)
-        if phase == .running, reusable, waiters.isEmpty, idle.count + stashedCount < configuration.maxIdle,
+        // `maxIdle` counts the idle list here, not the stashed connections: the machine cannot
+        // tell a parked one from one lent from its stripe, and closing a returned connection
+        // for a connection that is in use would churn. A park is admitted only within
+        // `maxIdle` (`stash`), and a parked connection meets this check when it comes back,
+        // so the idle count exceeds `maxIdle` by at most the parked ones, for at most a flush.
+        if phase == .running, reusable, waiters.isEmpty, idle.count < configuration.maxIdle,
            slots[slot].expiresAt.map({ $0 > now }) ?? true {
             // The common case, without touching the connection reference.
             slots[slot].kind = .idle
@@ -367,10 +382,9 @@ struct PoolStateMachine<Connection, Waiter> {
             result.action = .handoff(handoff)
             return result
         }
-        if idle.count + stashedCount >= configuration.maxIdle {
+        if idle.count >= configuration.maxIdle {
             var actions = Actions()
-            if idle.isEmpty {
-                // maxIdle is 0, or the idle connections are all parked in the shell's stripes.
+            if configuration.maxIdle == 0 {
                 close(slot: slot, connection: connection, reason: .maxIdle, into: &actions)
                 planConnects(now: now, into: &actions)
                 result.action = .actions(actions)
@@ -458,6 +472,23 @@ struct PoolStateMachine<Connection, Waiter> {
         var result = finishRelease(slot: slot, leaseID: leaseID, now: now, reusable: reusable, idleSince: parkedSince)
         result.useTime = nil
         return result
+    }
+
+    /// After the shell swept its stripes for new waiters: opens connections for those still waiting.
+    mutating func planConnectsAfterSweep(now: Time) -> Actions {
+        var actions = Actions()
+        planConnects(now: now, into: &actions)
+        return actions
+    }
+
+    /// Whether a stashed connection is past its lifetime (the shell then flushes its stripes,
+    /// so that the connection is closed and replaced now, not at the next periodic flush).
+    func hasExpiredStash(now: Time) -> Bool {
+        guard stashedCount > 0 else { return false }
+        for index in slots.indices where slots[index].kind == .held && holdersBySlot[index].stashed {
+            if let expiresAt = slots[index].expiresAt, expiresAt <= now { return true }
+        }
+        return false
     }
 
     /// Counts leases the shell made from its stripes (``statistics()``'s `leases`).
@@ -644,6 +675,7 @@ struct PoolStateMachine<Connection, Waiter> {
         var end = DrainEnd()
         if phase == .running { _ = beginDrain(now: now) }
         guard phase == .draining else { return end }
+        assert(stashedCount == 0, "the shell flushes its stripes before the drain")
         phase = .closed
         for index in slots.indices {
             guard slots[index].kind == .held || slots[index].kind == .returning,

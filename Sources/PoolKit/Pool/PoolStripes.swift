@@ -56,8 +56,9 @@ final class PoolStripe: Sendable {
 ///   under the stripe's lock and then the machine's (that order, always), and only while nobody
 ///   waits. The machine keeps it as a stashed lease, counted idle.
 /// - A lend from a stripe happens under the stripe's lock, only if `waitersPresent` is false. That
-///   flag is set under the machine's lock when a waiter queues; the waiter then takes every parked
-///   connection it can use (``ConnectionPool/handStripesToWaiters()``). A return to a stripe reads
+///   flag is set under the machine's lock when a waiter queues; if anything is stashed, the waiter
+///   then takes every parked connection it can use (``ConnectionPool/handStripesToWaiters()``)
+///   before the machine plans a connect for it. A return to a stripe reads
 ///   the flag under the stripe's lock, so either the waiter's sweep finds the connection parked or
 ///   the return sees the flag and hands the connection over through the machine: no waiter is
 ///   left waiting while a connection sits in a stripe, and no caller jumps ahead of a waiter.
@@ -131,7 +132,8 @@ final class PoolStripes: Sendable {
 final class PoolFlags: Sendable {
     /// Somebody waits: stripes neither lend nor take connections back (set under the pool's lock).
     let waitersPresent = Atomic<Bool>(false)
-    /// A connection was parked in a stripe since the last flush (set under the pool's lock).
+    /// A connection was parked in a stripe since the last flush (set under the pool's lock;
+    /// cleared by a flush before it visits the stripes, without the lock).
     let stripesInUse = Atomic<Bool>(false)
     /// When `stripesInUse` was set (the pool's time, in nanoseconds): the next flush is due
     /// `flushInterval` after it, however late the timer notices.
