@@ -189,13 +189,20 @@ public final class PostgresConnection: @unchecked Sendable {
             guard let pg = s.pg else { return true }
             if s.broken || PQstatus(pg) == CONNECTION_BAD { return true }
             if !s.busy && !s.listenerOnSocket {
+                // Read whatever an idle connection has received, until the socket has nothing
+                // more. A server that shuts down sends an error and then closes: the first read
+                // takes the error (libpq keeps the connection OK), only a second one meets the
+                // end of the stream. One read only had lent such a connection as good.
                 var p = pollfd(fd: s.fd, events: Int16(POLLIN), revents: 0)
-                if poll(&p, 1, 0) > 0 {
+                var reads = 0
+                while reads < 4, poll(&p, 1, 0) > 0 {
+                    reads += 1
                     if PQconsumeInput(pg) == 0 || PQstatus(pg) == CONNECTION_BAD {
                         s.broken = true
                         return true
                     }
                     drainNotifications(pg, into: &s)
+                    p.revents = 0
                 }
             }
             return false
