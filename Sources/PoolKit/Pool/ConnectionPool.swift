@@ -79,7 +79,10 @@ struct PoolShellState {
 /// Design: every decision is made by ``PoolStateMachine`` (a pure value type)
 /// under one `Mutex`; this shell performs the resulting actions. An idle
 /// connection is lent without suspending; a waiter is resumed directly by the
-/// releasing task (direct handoff, FIFO). Connects, the timer (timeouts,
+/// releasing task (direct handoff, FIFO). With `cpuLocalCache` (the default), a
+/// returned connection that needs no reset may wait in the returning CPU's slot
+/// instead, lent from there under that slot's own lock while nobody waits (the
+/// machine counts it as idle; see ``PoolStripes``). Connects, the timer (timeouts,
 /// idle/lifetime expiry, leak reports, backoff) and the shutdown drain run as
 /// child tasks of ``run()``, which is the root that owns them. Closes run in the
 /// task that decided them (the releaser, the timer, the drain).
