@@ -182,12 +182,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// Jobs may be scheduled before `run()` starts; they fire once it runs.
     /// - Throws: `SchedulerError` if the trigger or options are invalid (the
     ///   message names the knob) or the scheduler is shutting down.
-    @_specialize(where C == ContinuousClock)
+    @_specialize(exported: true, where C == ContinuousClock)
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions = JobOptions(), _ body: @escaping Body) throws -> JobHandle {
         let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
-        let nowInstant = clock.now
-        let now = ticks(nowInstant)
+        // The clock is read only for triggers relative to now (a clock read is a tenth of a
+        // schedule call; a fixed-rate job with its first instant given needs none).
+        var now: Int64 { ticks(clock.now) }
         let grid: Int64
         let due: Int64
         switch trigger.kind {

@@ -23,38 +23,45 @@ public struct Trigger<Instant: InstantProtocol>: Sendable where Instant.Duration
 
     /// Fixed rate: runs every `interval`, on a grid that does not drift with run
     /// duration. The first run is at `startingAt`, or one interval after scheduling.
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func every(_ interval: Duration, startingAt first: Instant? = nil) -> Self {
         Self(kind: .fixedRate(period: interval, first: first, firstDelay: nil))
     }
 
     /// Fixed rate with the first run `firstDelay` after scheduling (use `.zero` to run at once).
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func every(_ interval: Duration, firstAfter firstDelay: Duration) -> Self {
         Self(kind: .fixedRate(period: interval, first: nil, firstDelay: firstDelay))
     }
 
     /// Fixed delay: each run starts `delay` after the previous run ended. The
     /// first run is `initialDelay` (default: `delay`) after scheduling.
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func fixedDelay(_ delay: Duration, initialDelay: Duration? = nil) -> Self {
         Self(kind: .fixedDelay(delay: delay, initialDelay: initialDelay))
     }
 
     /// Runs once, `delay` after scheduling.
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func once(after delay: Duration) -> Self {
         Self(kind: .onceAfter(delay))
     }
 
     /// Runs once at `instant` (at once if it is in the past).
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func once(at instant: Instant) -> Self {
         Self(kind: .onceAt(instant))
     }
 
     /// Runs on a parsed cron expression (see `CronExpression` for DST rules).
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func cron(_ expression: CronExpression) -> Self {
         Self(kind: .cron(expression))
     }
 
     /// Parses `expression` and runs on it in `timeZone`.
     /// - Throws: `SchedulerError` `.invalidCronExpression`.
+    @_specialize(exported: true, where Instant == ContinuousClock.Instant)
     public static func cron(_ expression: String, timeZone: TimeZone = .current) throws -> Self {
         Self(kind: .cron(try CronExpression(expression, timeZone: timeZone)))
     }
