@@ -114,7 +114,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// going through the generic `Clock`/`InstantProtocol` witnesses twice per cycle.
     let continuousEpochNanoseconds: Int64?
     /// With `continuousEpochNanoseconds`: `CLOCK_BOOTTIME - CLOCK_MONOTONIC - epoch`, for
-    /// ``stripeNow()``; refreshed by every stripe flush (it changes only when the system sleeps).
+    /// ``stripeNow()``; refreshed at every timer wake and stripe flush (it changes only when the
+    /// system sleeps).
     let coarseOffsetNanoseconds = Atomic<Int64>(0)
     /// The CPU-local cache (`cpuLocalCache`); see ``PoolStripes``.
     let stripes: PoolStripes
@@ -301,7 +302,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
     }
 
-    /// What ``releaseWithoutReset(_:slot:leaseID:)`` did.
+    /// What ``releaseWithoutReset(_:slot:leaseID:connectionID:)`` did.
     private enum QuickRelease {
         /// Returned (idle, handed over, or a stale release): nothing left to do.
         case done

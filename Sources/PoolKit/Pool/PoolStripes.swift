@@ -62,7 +62,8 @@ final class PoolStripe: Sendable {
 ///   the flag under the stripe's lock, so either the waiter's sweep finds the connection parked or
 ///   the return sees the flag and hands the connection over through the machine: no waiter is
 ///   left waiting while a connection sits in a stripe, and no caller jumps ahead of a waiter.
-/// - Within 100 ms of the first park (`flushInterval`), the timer flushes: parked connections go
+/// - Within 100 ms of the first park (`flushInterval`), or at once when a parked connection
+///   reaches the end of its lifetime, the timer flushes: parked connections go
 ///   back to the machine (idle, a waiter, or closed for lifetime), and a lend still out becomes
 ///   an ordinary lease of its holder (``PoolStateMachine/adopt(slot:leaseID:lend:request:since:now:)``),
 ///   so leak reports and the drain see it. The drain flushes and closes every stripe first.

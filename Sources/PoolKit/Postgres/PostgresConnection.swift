@@ -181,9 +181,10 @@ public final class PostgresConnection: @unchecked Sendable {
     /// True once the connection is closed or known dead (terminated by the server, network
     /// failure). A broken connection must be discarded.
     ///
-    /// On an idle connection this also polls the socket (one non-blocking `poll`): a server that
-    /// terminated the session has sent its last message and closed, so a pool never hands out a
-    /// connection that is already known dead.
+    /// On an idle connection this also reads what the socket holds (non-blocking `poll` and
+    /// read, until it is empty, at most four rounds): a server that terminated the session has
+    /// sent its last message and closed, so a pool never hands out a connection that is already
+    /// known dead.
     public var isBroken: Bool {
         state.withLock { s in
             guard let pg = s.pg else { return true }
