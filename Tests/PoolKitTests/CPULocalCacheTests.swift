@@ -16,6 +16,11 @@ struct CPULocalCacheTests {
         pool.stripes.stripes.reduce(0) { n, stripe in n + stripe.state.withLock { $0.parked == nil ? 0 : 1 } }
     }
 
+    /// One connection (kept open), which lives exactly 60 s.
+    private let oneConnectionOf60sLifetime = baseConfiguration {
+        $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero
+    }
+
     private func request(_ label: String) -> PoolMachine.Request {
         PoolMachine.Request(label: label, fileID: #fileID, line: #line)
     }
@@ -112,11 +117,8 @@ struct CPULocalCacheTests {
     }
 
     @Test func aParkedConnectionExpiringSoonAfterItsParkIsReplacedForAWaiterAtOnce() async throws {
-        let configuration = baseConfiguration {
-            $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero
-        }
         let factory = MockFactory(clean: true)
-        try await withRunningPool(configuration, factory: factory, stripes: 1) { pool, clock, _ in
+        try await withRunningPool(oneConnectionOf60sLifetime, factory: factory, stripes: 1) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }
             clock.advance(by: .milliseconds(59_990))
             try await pool.withConnection { _ in }   // parked 10 ms before its end of life
@@ -168,11 +170,8 @@ struct CPULocalCacheTests {
     }
 
     @Test func aParkedConnectionPastItsLifetimeIsClosedAndReplaced() async throws {
-        let configuration = baseConfiguration {
-            $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero
-        }
         let factory = MockFactory(clean: true)
-        try await withRunningPool(configuration, factory: factory, stripes: 1) { pool, clock, _ in
+        try await withRunningPool(oneConnectionOf60sLifetime, factory: factory, stripes: 1) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }
             try await pool.withConnection { _ in }
             #expect(parked(pool) == 1)
