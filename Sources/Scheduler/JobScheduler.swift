@@ -186,9 +186,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions = JobOptions(), _ body: @escaping Body) throws -> JobHandle {
         let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
-        // The clock is read only for triggers relative to now (a clock read is a tenth of a
-        // schedule call; a fixed-rate job with its first instant given needs none).
-        var now: Int64 { ticks(clock.now) }
+        // The clock is read only for triggers relative to now, and at most once (a clock read
+        // is a tenth of a schedule call; a fixed-rate job with its first instant given needs none).
+        lazy var now = ticks(clock.now)
         let grid: Int64
         let due: Int64
         switch trigger.kind {

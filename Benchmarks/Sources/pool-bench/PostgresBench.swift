@@ -88,7 +88,7 @@ func benchOurPool(_ o: PostgresBenchOptions, busyPoll: Duration?, onReactor: Boo
         name: "bench", maxOpen: o.connections, minIdle: o.connections, maxIdle: o.connections)
     configuration.maxConcurrentConnects = o.connections
     configuration.maxWaiters = max(configuration.maxWaiters, o.workers * 2)
-    configuration.cpuLocalCache = ProcessInfo.processInfo.environment["POOL_BENCH_CPU_CACHE"] != "0"
+    configuration.cpuLocalCache = cpuLocalCacheSetting
     var logger = Logger(label: "pool-bench")
     logger.logLevel = .warning
     var connectionConfiguration = PoolKit.PostgresConnection.Configuration(o.url, logger: logger)

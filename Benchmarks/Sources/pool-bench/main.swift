@@ -56,12 +56,14 @@ final class Shared<Value: Sendable>: Sendable {
 @inline(never)
 func blackHole<T>(_ value: T) {}
 
+/// `POOL_BENCH_CPU_CACHE=0`: our pools without their CPU-local cache (for comparison).
+let cpuLocalCacheSetting = ProcessInfo.processInfo.environment["POOL_BENCH_CPU_CACHE"] != "0"
+
 func makeOurPool(connections: Int) -> PoolKit.ConnectionPool<BenchConnection, ContinuousClock> {
     let ids = Counter()
     var configuration = PoolKit.ConnectionPoolConfiguration(name: "bench", maxOpen: connections, minIdle: connections, maxIdle: connections)
     configuration.maxConcurrentConnects = connections
-    // POOL_BENCH_CPU_CACHE=0: the pool without its CPU-local cache (for comparison).
-    configuration.cpuLocalCache = ProcessInfo.processInfo.environment["POOL_BENCH_CPU_CACHE"] != "0"
+    configuration.cpuLocalCache = cpuLocalCacheSetting
     var logger = Logger(label: "pool-bench")
     logger.logLevel = .warning
     return PoolKit.ConnectionPool(configuration: configuration, logger: logger) { BenchConnection(id: ids.next()) }

@@ -162,11 +162,11 @@ struct PoolStateMachine<Connection, Waiter> {
         var since: Time
         var leakReported = false
         /// The shell's lend token when the shell lent this connection from a stripe and the
-        /// machine adopted that lend (see ``adopt(slot:leaseID:lend:request:since:now:)``); 0 otherwise.
+        /// machine adopted that lend (see ``adopt(slot:leaseID:lend:request:since:)``); 0 otherwise.
         /// A release must name it, so that a stale release of an earlier lend cannot end this one.
         var lend: UInt64 = 0
         /// Parked in one of the shell's stripes: idle for every count, lent by the shell without
-        /// this machine (see ``stash(slot:leaseID:lend:now:)``).
+        /// this machine (see ``stash(slot:leaseID:now:)``).
         var stashed = false
     }
 
@@ -207,7 +207,7 @@ struct PoolStateMachine<Connection, Waiter> {
     private var established = 0
     private var connecting = 0
     private var inUse = 0
-    /// Connections the shell holds in its stripes (``stash(slot:leaseID:lend:now:)``): counted as idle.
+    /// Connections the shell holds in its stripes (``stash(slot:leaseID:now:)``): counted as idle.
     private(set) var stashedCount = 0
     private var nextLeaseID: UInt64 = 0
     private var nextWaiterID: UInt64 = 0
@@ -409,7 +409,7 @@ struct PoolStateMachine<Connection, Waiter> {
 
     // MARK: - Stripes (the shell's per-CPU cache of one idle connection)
 
-    /// What ``stash(slot:leaseID:lend:now:)`` grants: the ended lease's use time and the
+    /// What ``stash(slot:leaseID:now:)`` grants: the ended lease's use time and the
     /// connection's lifetime deadline (the shell does not park it past that).
     struct Stash {
         var useTime: Duration
@@ -422,15 +422,14 @@ struct PoolStateMachine<Connection, Waiter> {
     /// without this machine, until it gives it back (``unstash``) or a lend of it is adopted
     /// (``adopt``). Refused (nil) unless the pool runs, nobody waits, the connection is within
     /// its lifetime and `maxIdle` has room: a connection a waiter could use is never parked.
-    mutating func stash(slot: Int, leaseID: UInt64, lend: UInt64 = 0, now: Time) -> Stash? {
+    mutating func stash(slot: Int, leaseID: UInt64, now: Time) -> Stash? {
         guard phase == .running, waiters.isEmpty, idle.count + stashedCount < configuration.maxIdle,
               slot >= 0, slot < slots.count, slots[slot].kind == .held,
-              holdersBySlot[slot].leaseID == leaseID, holdersBySlot[slot].lend == lend, !holdersBySlot[slot].stashed,
+              holdersBySlot[slot].leaseID == leaseID, holdersBySlot[slot].lend == 0, !holdersBySlot[slot].stashed,
               slots[slot].expiresAt.map({ $0 > now }) ?? true
         else { return nil }
         let useTime = now - holdersBySlot[slot].since
         holdersBySlot[slot].stashed = true
-        holdersBySlot[slot].lend = 0
         holdersBySlot[slot].since = now
         inUse -= 1
         stashedCount += 1
@@ -440,7 +439,7 @@ struct PoolStateMachine<Connection, Waiter> {
     /// The shell lent a stashed connection (`lend` is its token) to `request` at `since`,
     /// and that holder is still using it: it becomes an ordinary lease with that holder (for
     /// `holders()`, leak reports and the drain), released with the same lease id and `lend`.
-    mutating func adopt(slot: Int, leaseID: UInt64, lend: UInt64, request: Request, since: Time, now: Time) -> Bool {
+    mutating func adopt(slot: Int, leaseID: UInt64, lend: UInt64, request: Request, since: Time) -> Bool {
         guard slot >= 0, slot < slots.count, slots[slot].kind == .held,
               holdersBySlot[slot].leaseID == leaseID, holdersBySlot[slot].stashed
         else { return false }
@@ -465,7 +464,6 @@ struct PoolStateMachine<Connection, Waiter> {
             else { return nil }
         }
         holdersBySlot[slot].stashed = false
-        holdersBySlot[slot].since = parkedSince
         stashedCount -= 1
         inUse += 1
         slots[slot].kind = .returning

@@ -52,7 +52,7 @@ final class PoolStripe: Sendable {
 /// its lock and its connection stay in that CPU's cache.
 ///
 /// The protocol, which keeps the pool's promises:
-/// - A connection gets into a stripe only through ``PoolStateMachine/stash(slot:leaseID:lend:now:)``,
+/// - A connection gets into a stripe only through ``PoolStateMachine/stash(slot:leaseID:now:)``,
 ///   under the stripe's lock and then the machine's (that order, always), and only while nobody
 ///   waits. The machine keeps it as a stashed lease, counted idle.
 /// - A lend from a stripe happens under the stripe's lock, only if `waitersPresent` is false. That
@@ -65,7 +65,7 @@ final class PoolStripe: Sendable {
 /// - Within 100 ms of the first park (`flushInterval`), or at once when a parked connection
 ///   reaches the end of its lifetime, the timer flushes: parked connections go
 ///   back to the machine (idle, a waiter, or closed for lifetime), and a lend still out becomes
-///   an ordinary lease of its holder (``PoolStateMachine/adopt(slot:leaseID:lend:request:since:now:)``),
+///   an ordinary lease of its holder (``PoolStateMachine/adopt(slot:leaseID:lend:request:since:)``),
 ///   so leak reports and the drain see it. The drain flushes and closes every stripe first.
 /// - `statistics` and `holders()` read the stripes as they are (a lent one is in use, with
 ///   its holder; a parked one idle).
@@ -139,4 +139,21 @@ final class PoolFlags: Sendable {
     /// When `stripesInUse` was set (the pool's time, in nanoseconds): the next flush is due
     /// `flushInterval` after it, however late the timer notices.
     let stripesInUseSince = Atomic<Int64>(0)
+
+    /// Under the pool's lock, at a park: sets `stripesInUse` (with its time) if it was not set;
+    /// true when it was not (the timer must then be woken to schedule the flush).
+    func arm(at now: Duration) -> Bool {
+        guard !stripesInUse.load(ordering: .relaxed) else { return false }
+        let (seconds, attoseconds) = now.components
+        stripesInUseSince.store(seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000, ordering: .relaxed)
+        stripesInUse.store(true, ordering: .releasing)
+        return true
+    }
+
+    /// When the next flush is due: `flushInterval` after the first park since the last flush;
+    /// nil when nothing was parked since.
+    var flushDue: Duration? {
+        guard stripesInUse.load(ordering: .acquiring) else { return nil }
+        return .nanoseconds(stripesInUseSince.load(ordering: .relaxed)) + PoolStripes.flushInterval
+    }
 }
