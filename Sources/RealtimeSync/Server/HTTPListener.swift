@@ -1,7 +1,6 @@
 import HTTPTypes
 import Hummingbird
 import HummingbirdCore
-import HummingbirdWebSocket
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -14,8 +13,9 @@ import Synchronization
 /// Root of an unstructured task (documented exception to DESIGN.md rule 3): the
 /// application runs in a `Task.detached` so that it does not inherit the enclosing
 /// service group's graceful-shutdown signal. Were it to, Hummingbird would close the
-/// listener and every WebSocket (with 1000) the moment shutdown begins, before the
-/// server has stopped admitting (503), drained the fan-out, and sent 1001. The task is
+/// listener and cancel its connections' tasks the moment shutdown begins, before the
+/// server has stopped admitting (503), drained the fan-out, and sent 1001. (WebSocket
+/// sessions run on their event loops, not in Hummingbird's tasks: `RealtimeChildChannel`.) The task is
 /// owned by `run()`, which awaits it and forwards cancellation; the server stops it
 /// with `stop()` as the last shutdown step, which returns once Hummingbird has finished
 /// (so the task is never cancelled mid-quiesce, which Hummingbird logs as errors).
@@ -27,20 +27,8 @@ final class HTTPListener: Sendable {
         let configuration = server.configuration
         let router = Router(context: BasicRequestContext.self)
         server.addRoutes(to: router)
-        let wsConfiguration = WebSocketServerConfiguration(
-            maxFrameSize: configuration.maxClientMessageBytes,
-            autoPing: .disabled,  // the session's AutoPingHandler pings (see there why)
-            closeTimeout: configuration.closeTimeout,
-            validateUTF8: true
-        )
-        let upgradeConfiguration = HTTP1WebSocketUpgradeChannel.Configuration(ws: wsConfiguration)
         let serverBuilder = HTTPServerBuilder { responder in
-            GatedUpgradeChannel(
-                inner: HTTP1WebSocketUpgradeChannel(responder: responder, configuration: upgradeConfiguration) { request, channel, _ in
-                    server.shouldUpgrade(request, channel: channel)
-                },
-                admits: { head in server.admitsUpgrade(UpgradeRequest(head)) }
-            )
+            RealtimeChildChannel(server: server, responder: responder)
         }
         let app = Application(
             router: router,
@@ -87,38 +75,7 @@ extension UpgradeRequest {
     }
 }
 
-/// Wraps Hummingbird's HTTP/1 + WebSocket channel with a gate before the upgrade
-/// handler: an upgrade that the server does not admit (draining, refused by the
-/// admission hook, a version other than 13) has its `Upgrade` header removed, so it
-/// reaches the router as a plain request, which answers it (503, 401, 426) with a
-/// JSON body. (Hummingbird would answer a refused upgrade with a bare 400.)
-struct GatedUpgradeChannel: ServerChildChannel {
-    typealias Value = HTTP1WebSocketUpgradeChannel.Value
-    let inner: HTTP1WebSocketUpgradeChannel
-    let admits: @Sendable (HTTPRequestHead) -> Bool
-
-    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
-        // Each channel keeps its receive buffer between reads; NIO's default starts at 2 KiB,
-        // which was 7 % of an idle socket's memory. Clients send little (an upgrade request,
-        // subscribe messages); the adaptive allocator still grows for larger reads.
-        try? channel.syncOptions?.setOption(
-            ChannelOptions.recvAllocator,
-            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65_536)
-        )
-        return inner.setup(channel: channel, logger: logger).flatMapThrowing { value in
-            let operations = channel.pipeline.syncOperations
-            let upgrader = try operations.handler(type: NIOTypedHTTPServerUpgradeHandler<HTTP1WebSocketUpgradeChannel.UpgradeResult>.self)
-            try operations.addHandler(UpgradeGate(admits: admits), position: .before(upgrader))
-            return value
-        }
-    }
-
-    func handle(value: Value, logger: Logger) async {
-        await inner.handle(value: value, logger: logger)
-    }
-}
-
-/// See `GatedUpgradeChannel`. Looks at the first request head only (the upgrade
+/// See `RealtimeChildChannel`. Looks at the first request head only (the upgrade
 /// handler, too, only upgrades the first request of a connection).
 final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart

@@ -1,6 +1,5 @@
 import HTTPTypes
 import Hummingbird
-import HummingbirdWebSocket
 import NIOCore
 
 extension RealtimeServer {
@@ -15,19 +14,11 @@ extension RealtimeServer {
         return false
     }
 
-    /// Hummingbird's upgrade decision (after the gate admitted the request).
-    func shouldUpgrade(_ request: HTTPRequest, channel: any Channel)
-        -> ShouldUpgradeResult<WebSocketDataHandler<HTTP1WebSocketUpgradeChannel.Context>> {
-        let upgrade = UpgradeRequest(request)
-        guard upgrade.path == "/ws", case .admit(let access, let subject, let expiresAt) = admission(upgrade) else {
-            return .dontUpgrade
-        }
-        let expiry = expiresAt.map(TokenExpiry.init)
-        // The session writes through the channel itself (SessionChannel's pump), not through
-        // Hummingbird's outbound writer.
-        return .upgrade([:]) { inbound, _, _ in
-            await self.runSession(inbound: inbound, channel: channel, access: access, subject: subject, expiry: expiry)
-        }
+    /// The upgrader's decision (after the gate admitted the request): what the session
+    /// may do, or nil to refuse.
+    func sessionGrant(_ request: UpgradeRequest) -> SessionGrant? {
+        guard request.path == "/ws", case .admit(let access, let subject, let expiresAt) = admission(request) else { return nil }
+        return SessionGrant(access: access, subject: subject, expiry: expiresAt.map(TokenExpiry.init))
     }
 
     func addRoutes(to router: Router<BasicRequestContext>) {

@@ -1,4 +1,3 @@
-import HummingbirdWebSocket
 import Logging
 import NIOCore
 import NIOWebSocket
@@ -12,104 +11,56 @@ struct SessionReaderState {
     let access: TableAccess
 }
 
+/// A subscription step that cannot finish on the event loop: it waits for the change
+/// source or the database. `SessionHandler` runs it in a task and holds the socket's
+/// later messages until it is done.
+enum SessionWork: Sendable {
+    /// `snapshot: true`: the rows, then the stream.
+    case snapshot(ResolvedSubscription)
+    /// `since`: the changes after the cursor, then the stream.
+    case resume(ResolvedSubscription, after: Cursor)
+}
+
 extension RealtimeServer {
 
-    /// One socket, from upgrade to close: the WebSocket handler's scope owns the
-    /// session and runs its reader; everything it holds is
-    /// released when this returns, however the socket ended.
-    func runSession(inbound: WebSocketInboundStream, channel: any Channel,
-                    access: TableAccess, subject: String?, expiry: TokenExpiry? = nil) async {
+    /// Opens a session on a channel just upgraded (on its event loop) and installs its
+    /// handlers after NIO's frame decoder: the `CloseFrameObserver`, the `AutoPingHandler`,
+    /// and the `SessionHandler` that reads the socket. Everything the session holds is
+    /// released when the channel goes inactive (`SessionHandler`).
+    func startSession(on channel: any Channel, grant: SessionGrant) throws {
         let session = openSession(channel: channel)
-        var sessionLogger = self.logger
-        sessionLogger[metadataKey: "client"] = "\(session.id)"
-        if let subject { sessionLogger[metadataKey: "sub"] = "\(subject)" }
-        let logger = sessionLogger
-        let expiryTimer = armTokenExpiry(expiry, session: session, channel: channel, logger: logger)
-        await observeFrameDecoderErrors(channel: channel, session: session)
-        logger.debug("session opened")
-        // The reader runs in this task; the writer is the session's pump on the event loop and
-        // the close watchdog an event-loop timer (SessionChannel): a suspended task per socket
-        // holds kilobytes of stack.
-        _ = await readLoop(source, session: session, inbound: inbound, access: access, logger: logger)
-        expiryTimer?.cancel()
-        // The close frame that went out (an echo, when the client closed first), or 1006
-        // when none did (reset, vanished client).
-        let sent = session.sentCloseCode.load(ordering: .relaxed)
-        let code: UInt16 = sent != 0 ? sent : session.clientSentClose.load(ordering: .relaxed) ? 1000 : 1006
-        endSession(session, code: code)
-        logger.debug("session closed", metadata: ["code": "\(code)"])
-    }
-
-    /// Puts a `CloseFrameObserver` right after the frame decoder, and the `AutoPingHandler` after it.
-    private func observeFrameDecoderErrors(channel: any Channel, session: SessionChannel) async {
-        let interval = TimeAmount(configuration.pingInterval)
-        try? await channel.eventLoop.submit {
+        var logger = self.logger
+        logger[metadataKey: "client"] = "\(session.id)"
+        if let subject = grant.subject { logger[metadataKey: "sub"] = "\(subject)" }
+        do {
             let operations = channel.pipeline.syncOperations
             let decoder = try operations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
             let observer = CloseFrameObserver(session: session)
             try operations.addHandler(observer, position: .after(decoder))
-            try operations.addHandler(AutoPingHandler(interval: interval), position: .after(observer))
+            try operations.addHandler(AutoPingHandler(interval: TimeAmount(configuration.pingInterval)), position: .after(observer))
             session.setFrameWriter(try? operations.context(handlerType: WebSocketFrameEncoder.self))
-        }.get()
-    }
-
-    /// Reads frames, assembles messages (64 KiB, UTF-8, text only) and answers them.
-    /// Returns nil when the client closed, or the error that ended the connection.
-    private func readLoop<Source: ChangeSource>(_ source: Source, session: SessionChannel, inbound: WebSocketInboundStream,
-                                                access: TableAccess, logger: Logger) async -> (any Error)? {
-        var reader = SessionReaderState(spaceFreed: session.spaceFreed.makeAsyncIterator(), access: access)
-        var frames = inbound.makeAsyncIterator()
-        var message: [UInt8] = []
-        var assembling = false
-        let limit = configuration.maxClientMessageBytes
-        do {
-            while let frame = try await frames.next() {
-                guard session.isOpen else { continue }  // closing: wait for the client's close frame
-                switch frame.opcode {
-                case .binary:
-                    session.close(.unsupportedData)
-                    continue
-                case .text:
-                    guard !assembling else { session.close(.protocolError); continue }
-                    message.removeAll(keepingCapacity: true)
-                    assembling = true
-                case .continuation:
-                    guard assembling else { session.close(.protocolError); continue }
-                }
-                guard message.count + frame.data.readableBytes <= limit else {
-                    logger.debug("message over maxClientMessageBytes=\(limit); closing with 1009")
-                    session.close(.messageTooBig)
-                    continue
-                }
-                message.append(contentsOf: frame.data.readableBytesView)
-                guard frame.fin else { continue }
-                assembling = false
-                guard String(validating: message, as: UTF8.self) != nil else {
-                    session.close(.invalidPayload)
-                    continue
-                }
-                await handleMessage(message, source: source, session: session, reader: &reader, logger: logger)
-            }
-            return nil
+            try operations.addHandler(SessionHandler(server: self, session: session, grant: grant, logger: logger))
         } catch {
-            return error
+            endSession(session, code: 1006)
+            throw error
         }
     }
 
-    private func handleMessage<Source: ChangeSource>(_ bytes: [UInt8], source: Source, session: SessionChannel,
-                                                     reader: inout SessionReaderState, logger: Logger) async {
+    /// Answers one client message. What can be answered at once is (the reply is queued
+    /// on the session); a catch-up or snapshot is returned, for the caller to run.
+    func handleMessage(_ bytes: [UInt8], session: SessionChannel, openIDs: inout Set<String>, access: TableAccess) -> SessionWork? {
         let message: ClientMessage
         do {
             message = try ClientMessage.parse(bytes)
         } catch {
             session.enqueue(error.serverMessage)
-            return
+            return nil
         }
         switch message {
         case .unsubscribe(let id):
-            guard reader.openIDs.remove(id) != nil else {
+            guard openIDs.remove(id) != nil else {
                 session.enqueue(ProtocolError(.invalidMessage, id: id, "no open subscription \(quoteForMessage(id)) on this connection").serverMessage)
-                return
+                return nil
             }
             state.withLock { state in
                 state.hub.unsubscribe(client: session.id, id: id)
@@ -119,35 +70,43 @@ extension RealtimeServer {
                 }
                 session.enqueue(.unsubscribed(id: id))
             }
+            return nil
         case .subscribe(let request):
-            await subscribe(request, source: source, session: session, reader: &reader, logger: logger)
+            return subscribe(request, session: session, openIDs: &openIDs, access: access)
         }
     }
 
-    private func subscribe<Source: ChangeSource>(_ request: SubscribeRequest, source: Source, session: SessionChannel,
-                                                 reader: inout SessionReaderState, logger: Logger) async {
-        if reader.openIDs.contains(request.id) {
+    /// Runs a catch-up or a snapshot (in the session's task for it).
+    func perform(_ work: SessionWork, session: SessionChannel, reader: inout SessionReaderState, logger: Logger) async {
+        switch work {
+        case .snapshot(let subscription):
+            await subscribeWithSnapshot(subscription, session: session, reader: &reader, logger: logger)
+        case .resume(let subscription, let since):
+            await resume(subscription, after: since, source: source, session: session, reader: &reader, logger: logger)
+        }
+    }
+
+    private func subscribe(_ request: SubscribeRequest, session: SessionChannel, openIDs: inout Set<String>,
+                           access: TableAccess) -> SessionWork? {
+        if openIDs.contains(request.id) {
             session.enqueue(ProtocolError(.duplicateSubscription, id: request.id,
                                           "subscription \(quoteForMessage(request.id)) is already open; unsubscribe it first or choose another id").serverMessage)
-            return
+            return nil
         }
         let maximum = configuration.hubLimits.maxSubscriptionsPerClient
-        if reader.openIDs.count >= maximum {
+        if openIDs.count >= maximum {
             session.enqueue(ProtocolError(.tooManySubscriptions, id: request.id,
-                                          "this connection holds \(reader.openIDs.count) subscriptions (maxSubscriptionsPerClient=\(maximum)); unsubscribe some first").serverMessage)
-            return
+                                          "this connection holds \(openIDs.count) subscriptions (maxSubscriptionsPerClient=\(maximum)); unsubscribe some first").serverMessage)
+            return nil
         }
         let subscription: ResolvedSubscription
         do {
-            subscription = try source.catalog.resolve(request, access: reader.access)
+            subscription = try source.catalog.resolve(request, access: access)
         } catch {
             session.enqueue(error.serverMessage)
-            return
+            return nil
         }
-        if subscription.snapshot {
-            await subscribeWithSnapshot(subscription, session: session, reader: &reader, logger: logger)
-            return
-        }
+        if subscription.snapshot { return .snapshot(subscription) }
         guard let since = subscription.since else {
             let failure = state.withLock { state -> ProtocolError? in
                 do throws(ProtocolError) {
@@ -161,11 +120,11 @@ extension RealtimeServer {
             if let failure {
                 session.enqueue(failure.serverMessage)
             } else {
-                reader.openIDs.insert(subscription.id)
+                openIDs.insert(subscription.id)
             }
-            return
+            return nil
         }
-        await resume(subscription, after: since, source: source, session: session, reader: &reader, logger: logger)
+        return .resume(subscription, after: since)
     }
 
     /// A `since` subscription: every matching change after `since` from the source's window,
@@ -259,7 +218,7 @@ final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        // Nothing may follow the server's close frame (RFC 6455 5.5.1): not Hummingbird's echo
+        // Nothing may follow the server's close frame (RFC 6455 5.5.1): not the `SessionHandler`'s echo
         // of the client's close when the session's close went first, nor a late frame from the
         // tail. (The session's data frames skip this handler; its pump checks `sentCloseCode`.)
         guard session.sentCloseCode.load(ordering: .relaxed) == 0 else {

@@ -4,7 +4,8 @@ import Synchronization
 
 /// One socket's outbound side, shared by its reader and the fan-out: the `OutboundQueue`
 /// behind a lock, the writer (a pump on the channel's event loop), the close watchdog, and
-/// the signal that wakes the catch-up reader. Owned by the session (the WebSocket handler's scope).
+/// the signal that wakes a catch-up or snapshot waiting for queue space. Owned by the session
+/// (its `SessionHandler`, which ends it when the channel goes inactive).
 final class SessionChannel: Sendable {
     let id: FanoutClientID
     /// The socket, to cut it when a close handshake exceeds its deadline.
@@ -41,7 +42,7 @@ final class SessionChannel: Sendable {
     /// Counts messages that went out (the server's delivered counter and metric).
     private let written: @Sendable (Int) -> Void
     private let spaceContinuation: AsyncStream<Void>.Continuation
-    /// Yields after the writer sent a batch (only the reader's catch-up iterates it).
+    /// Yields after the writer sent a batch (only a catch-up or snapshot iterates it).
     let spaceFreed: AsyncStream<Void>
 
     init(id: FanoutClientID, channel: any Channel, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration,
@@ -156,8 +157,9 @@ final class SessionChannel: Sendable {
     /// high watermark, so the session's bounded queue, not NIO's buffer, grows (1013).
     /// Data frames are already encoded (`textFrame`) and go in at the frame encoder's context
     /// (`frameWriter`); the close frame goes from the tail, so that `CloseFrameObserver` and
-    /// `AutoPingHandler` see it. Hummingbird's own frames (pongs; its echo of a close, dropped
-    /// by `CloseFrameObserver` when ours went first) also come from the tail, as whole frames.
+    /// `AutoPingHandler` see it. The `SessionHandler`'s own frames (pongs, dropped by
+    /// `CloseFrameObserver` once ours went; its answer to a client's close) also come from
+    /// the tail, as whole frames.
     private func pump() {
         while true {
             let writable = channel.isWritable
@@ -216,9 +218,10 @@ final class SessionChannel: Sendable {
     }
 
     /// The code of the first close frame the server sent on this socket (0: none yet), whoever
-    /// sent it: the session, Hummingbird (echo, ping timeout) or NIO (frame too large).
+    /// sent it: the session's queue, the `SessionHandler` (echo), the `AutoPingHandler` (ping
+    /// timeout) or NIO (frame too large).
     let sentCloseCode = Atomic<UInt16>(0)
-    /// Whether the client's close frame arrived (Hummingbird echoes it).
+    /// Whether the client's close frame arrived (the `SessionHandler` echoes it).
     let clientSentClose = Atomic<Bool>(false)
 
     private let closeWakesReader = Atomic<Bool>(false)

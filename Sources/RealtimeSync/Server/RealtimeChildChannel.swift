@@ -1,0 +1,152 @@
+import HTTPTypes
+import Hummingbird
+import HummingbirdCore
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOHTTPTypes
+import NIOHTTPTypesHTTP1
+import NIOWebSocket
+
+/// One accepted connection: HTTP/1 for the routes of PROTOCOL.md, and the upgrade of
+/// `/ws` to a WebSocket whose session runs on the channel's event loop.
+///
+/// Hummingbird's own WebSocket channel runs every socket in a suspended task (its
+/// WebSocket handler's, with the server's per-connection task under it) for the socket's
+/// whole life; those tasks' stack slabs were two thirds of an idle socket's memory
+/// (docs/bench-notes/realtime.md). Here the upgrade installs `SessionHandler`, which reads
+/// frames on the event loop and starts a task only while a subscription's catch-up or
+/// snapshot runs; the per-connection task returns as soon as the upgrade is done. Plain
+/// HTTP requests still go through Hummingbird's responder.
+///
+/// An upgrade that the server does not admit (draining, refused by the admission hook or
+/// the JWT check, a version other than 13) has its `Upgrade` header removed by the
+/// `UpgradeGate` before the upgrader sees it, so it reaches the router as a plain request,
+/// which answers it (503, 401, 426) with a JSON body.
+struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
+    /// The upgrade's outcome.
+    enum UpgradeResult: Sendable {
+        /// Upgraded: the session's handlers run the socket.
+        case websocket
+        /// A plain HTTP connection.
+        case notUpgraded(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
+        /// The upgrader refused a request that passed the gate (a race with draining).
+        case failedUpgrade(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
+    }
+
+    /// What `setup` hands to `handle`.
+    struct Value: ServerChildChannelValue {
+        let upgradeResult: EventLoopFuture<UpgradeResult>
+        let channel: any Channel
+    }
+
+    let server: RealtimeServer
+    let responder: HTTPChannelHandler.Responder
+
+    init(server: RealtimeServer, responder: @escaping HTTPChannelHandler.Responder) {
+        self.server = server
+        self.responder = Self.upgradeResponder(responder)
+    }
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        // Each channel keeps its receive buffer between reads; NIO's default starts at 2 KiB,
+        // which was 7 % of an idle socket's memory. Clients send little (an upgrade request,
+        // subscribe messages); the adaptive allocator still grows for larger reads.
+        try? channel.syncOptions?.setOption(
+            ChannelOptions.recvAllocator,
+            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65_536)
+        )
+        let server = self.server
+        return channel.eventLoop.makeCompletedFuture {
+            let upgradeAttempted = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
+            let grant = NIOLoopBoundBox<SessionGrant?>(nil, eventLoop: channel.eventLoop)
+            let upgrader = NIOTypedWebSocketServerUpgrader<UpgradeResult>(
+                maxFrameSize: server.configuration.maxClientMessageBytes,
+                shouldUpgrade: { channel, head in
+                    upgradeAttempted.value = true
+                    grant.value = server.sessionGrant(UpgradeRequest(head))
+                    return channel.eventLoop.makeSucceededFuture(grant.value == nil ? nil : HTTPHeaders())
+                },
+                upgradePipelineHandler: { channel, _ in
+                    channel.eventLoop.makeCompletedFuture {
+                        guard let admitted = grant.value else { throw ChannelError.inappropriateOperationForState }
+                        grant.value = nil
+                        try server.startSession(on: channel, grant: admitted)
+                        return .websocket
+                    }
+                }
+            )
+            let upgradeConfiguration = NIOTypedHTTPServerUpgradeConfiguration(
+                upgraders: [upgrader],
+                notUpgradingCompletionHandler: { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let operations = channel.pipeline.syncOperations
+                        try operations.addHandler(HTTP1ToHTTPServerCodec(secure: false))
+                        try operations.addHandler(HTTPConnectionStateHandler(idleTimeout: nil, logger: logger))
+                        let asyncChannel = try NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>(
+                            wrappingChannelSynchronously: channel,
+                            configuration: .init(isOutboundHalfClosureEnabled: true)
+                        )
+                        return upgradeAttempted.value ? .failedUpgrade(asyncChannel) : .notUpgraded(asyncChannel)
+                    }
+                }
+            )
+            var pipeline = NIOUpgradableHTTPServerPipelineConfiguration<UpgradeResult>(upgradeConfiguration: upgradeConfiguration)
+            pipeline.enablePipelining = false  // NIOAsyncChannel serializes HTTP requests
+            pipeline.enableErrorHandling = false  // Hummingbird answers parse errors
+            pipeline.enableResponseHeaderValidation = false  // HTTPTypes validates
+            let result = try channel.pipeline.syncOperations.configureUpgradableHTTPServerPipeline(configuration: pipeline)
+            let operations = channel.pipeline.syncOperations
+            let upgradeHandler = try operations.handler(type: NIOTypedHTTPServerUpgradeHandler<UpgradeResult>.self)
+            try operations.addHandler(UpgradeGate(admits: { head in server.admitsUpgrade(UpgradeRequest(head)) }),
+                                      position: .before(upgradeHandler))
+            return Value(upgradeResult: result, channel: channel)
+        }
+    }
+
+    /// Serves a plain HTTP connection; an upgraded one is already running on its event loop.
+    func handle(value: Value, logger: Logger) async {
+        do {
+            switch try await value.upgradeResult.get() {
+            case .websocket:
+                return
+            case .notUpgraded(let http1):
+                await handleHTTP(asyncChannel: http1, logger: logger)
+            case .failedUpgrade(let http1):
+                logger.debug("websocket upgrade refused by the upgrader")
+                try await http1.executeThenClose { _, outbound in
+                    let head = HTTPResponse(status: .badRequest, headerFields: [.connection: "close", .contentLength: "0"])
+                    try await outbound.write(contentsOf: [.head(head), .end(nil)])
+                }
+            }
+        } catch let error as ChannelError where error == .inputClosed {
+            logger.trace("connection closed before its first request")
+        } catch {
+            logger.debug("connection ended during the upgrade: \(error)")
+        }
+    }
+
+    /// NIO upgrades only a connection's first request. A later request on a kept-alive
+    /// connection that asks for an upgrade is redirected to the same target with the
+    /// connection closed, so the client retries on a new connection (as Hummingbird does).
+    private static func upgradeResponder(_ responder: @escaping HTTPChannelHandler.Responder) -> HTTPChannelHandler.Responder {
+        struct RedirectClose: Error {}
+        return { request, writer, channel in
+            guard request.headers[.upgrade]?.lowercased() == "websocket" else {
+                return try await responder(request, writer, channel)
+            }
+            var target = request.uri.path
+            if let query = request.uri.query { target += "?\(query)" }
+            try await writer.writeResponse(HTTPResponse(status: .temporaryRedirect, headerFields: [.connection: "close", .location: target]))
+            throw RedirectClose()
+        }
+    }
+}
+
+/// What an admitted upgrade grants the session: its tables and filters, the token's
+/// subject (logged) and expiry.
+struct SessionGrant: Sendable {
+    let access: TableAccess
+    let subject: String?
+    let expiry: TokenExpiry?
+}

@@ -1,0 +1,230 @@
+import Logging
+import NIOCore
+import NIOWebSocket
+
+/// A WebSocket session's inbound side, on the socket's event loop: control frames, the
+/// close handshake, message assembly (text only, UTF-8, `maxClientMessageBytes`) and the
+/// answers to client messages. No task per socket: an idle socket is its channel, its
+/// handlers and its `SessionChannel`. A catch-up (`since`) or snapshot runs in a task of
+/// its own; the socket's later messages wait for it, in order (reading pauses when more
+/// than `pausedReadsAfter` are waiting).
+///
+/// The session ends when the channel goes inactive: after the running catch-up or
+/// snapshot, if any, has returned (it is cancelled), so that nothing it does can follow
+/// the session's removal from the fan-out.
+///
+/// Root of an unstructured task (documented exception to DESIGN.md rule 3): the catch-up
+/// or snapshot task. This handler owns it: one at a time, cancelled when the channel goes
+/// inactive, and the session (which the server's shutdown waits for) ends only once it has
+/// returned, so it cannot outlive the server.
+final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+
+    /// Messages held behind a running catch-up or snapshot before reading pauses.
+    static let pausedReadsAfter = 8
+
+    private let server: RealtimeServer
+    private let session: SessionChannel
+    private let grant: SessionGrant
+    private let logger: Logger
+    private var context: ChannelHandlerContext?
+    private var expiryTimer: Scheduled<Void>?
+    /// Subscription ids open on this socket (joined or catching up).
+    private var openIDs: Set<String> = []
+    private var message: [UInt8] = []
+    private var assembling = false
+    /// The running catch-up or snapshot, if any.
+    private var work: Task<Void, Never>?
+    /// Complete messages that arrived while `work` runs.
+    private var held: [[UInt8]] = []
+    private var readsPaused = false
+    private var closeReceived = false
+    private var inactive = false
+    private var ended = false
+
+    init(server: RealtimeServer, session: SessionChannel, grant: SessionGrant, logger: Logger) {
+        self.server = server
+        self.session = session
+        self.grant = grant
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        guard context.channel.isActive else {
+            // Closed during the upgrade: no channelInactive will come.
+            inactive = true
+            end()
+            return
+        }
+        expiryTimer = server.armTokenExpiry(grant.expiry, session: session, channel: context.channel, logger: logger)
+        logger.debug("session opened")
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.opcode {
+        case .connectionClose:
+            receivedClose(frame, context: context)
+        case .ping:
+            guard frame.fin else { return session.close(.protocolError) }
+            guard !closeReceived else { return }
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
+        case .pong:
+            if !frame.fin { session.close(.protocolError) }  // the AutoPingHandler saw it already
+        case .text, .binary, .continuation:
+            guard !closeReceived, session.isOpen else { return }  // closing: wait for the client's close frame
+            guard frame.reservedBits.isEmpty else { return session.close(.protocolError) }
+            dataFrame(frame)
+        default:
+            session.close(.protocolError)  // a reserved opcode
+        }
+    }
+
+    /// Assembles a message from data frames; answers it when complete.
+    private func dataFrame(_ frame: WebSocketFrame) {
+        switch frame.opcode {
+        case .binary:
+            return session.close(.unsupportedData)
+        case .text:
+            guard !assembling else { return session.close(.protocolError) }
+            message.removeAll(keepingCapacity: true)
+            assembling = true
+        default:  // continuation
+            guard assembling else { return session.close(.protocolError) }
+        }
+        let limit = server.configuration.maxClientMessageBytes
+        guard message.count + frame.length <= limit else {
+            logger.debug("message over maxClientMessageBytes=\(limit); closing with 1009")
+            return session.close(.messageTooBig)
+        }
+        message.append(contentsOf: frame.unmaskedData.readableBytesView)
+        guard frame.fin else { return }
+        assembling = false
+        guard String(validating: message, as: UTF8.self) != nil else { return session.close(.invalidPayload) }
+        if message.capacity > 4_096 {
+            // Keep no large buffer on an idle socket.
+            let complete = message
+            message = []
+            deliver(complete)
+        } else {
+            deliver(message)
+        }
+    }
+
+    /// Answers a message now, or holds it behind the running catch-up or snapshot.
+    private func deliver(_ bytes: [UInt8]) {
+        guard work == nil else {
+            held.append(bytes)
+            if held.count >= Self.pausedReadsAfter, !readsPaused, let context {
+                readsPaused = true
+                context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+            }
+            return
+        }
+        answer(bytes)
+    }
+
+    private func answer(_ bytes: [UInt8]) {
+        guard let next = server.handleMessage(bytes, session: session, openIDs: &openIDs, access: grant.access) else { return }
+        guard let context else { return }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let eventLoop = context.eventLoop
+        let (server, session, access, logger, ids) = (server, session, grant.access, logger, openIDs)
+        work = Task {
+            var reader = SessionReaderState(openIDs: ids, spaceFreed: session.spaceFreed.makeAsyncIterator(), access: access)
+            await server.perform(next, session: session, reader: &reader, logger: logger)
+            let openIDs = reader.openIDs
+            eventLoop.execute { handler.value.workFinished(openIDs: openIDs) }
+        }
+    }
+
+    /// The catch-up or snapshot returned: the held messages are answered in order.
+    private func workFinished(openIDs: Set<String>) {
+        work = nil
+        self.openIDs = openIDs
+        if inactive { return end() }
+        while work == nil, !held.isEmpty {
+            answer(held.removeFirst())
+        }
+        if readsPaused, held.count < Self.pausedReadsAfter, let context {
+            readsPaused = false
+            context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+        }
+    }
+
+    /// The client's close frame: the answer to ours ends the handshake; otherwise it is
+    /// echoed (1000, or 1002 for a malformed one, as RFC 6455 7.4 allows) and the server
+    /// closes the connection.
+    private func receivedClose(_ frame: WebSocketFrame, context: ChannelHandlerContext) {
+        guard !closeReceived else { return }
+        closeReceived = true
+        if session.sentCloseCode.load(ordering: .relaxed) != 0 {
+            context.close(promise: nil)
+            return
+        }
+        var payload = context.channel.allocator.buffer(capacity: 2)
+        payload.writeInteger(Self.echoCode(frame).rawValue)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)))
+            .whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    /// The code to answer a client's close frame with: 1000 for a well-formed one; 1002 for
+    /// reserved bits, a one-byte payload, a code no endpoint may send, or a reason that is
+    /// not UTF-8.
+    static func echoCode(_ frame: WebSocketFrame) -> WebSocketCloseCode {
+        guard frame.reservedBits.isEmpty else { return .protocolError }
+        var data = frame.unmaskedData
+        if data.readableBytes == 0 { return .normalClosure }
+        guard let code = data.readInteger(as: UInt16.self) else { return .protocolError }
+        let sendable = (1000...1003).contains(code) || (1007...1011).contains(code) || (3000...4999).contains(code)
+        guard sendable, String(validating: data.readableBytesView, as: UTF8.self) != nil else { return .protocolError }
+        return .normalClosure
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed {
+            context.close(promise: nil)  // the client half-closed: nothing more can arrive
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.debug("socket error: \(error)")
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        inactive = true
+        if let work {
+            work.cancel()  // `workFinished` ends the session
+        } else {
+            end()
+        }
+        context.fireChannelInactive()
+    }
+
+    /// Releases everything the session held, once.
+    private func end() {
+        guard !ended else { return }
+        ended = true
+        expiryTimer?.cancel()
+        expiryTimer = nil
+        held = []
+        // The close frame that went out (an echo, when the client closed first), or 1006
+        // when none did (reset, vanished client).
+        let sent = session.sentCloseCode.load(ordering: .relaxed)
+        let code: UInt16 = sent != 0 ? sent : session.clientSentClose.load(ordering: .relaxed) ? 1000 : 1006
+        server.endSession(session, code: code)
+        logger.debug("session closed", metadata: ["code": "\(code)"])
+    }
+}
+
+@available(*, unavailable)
+extension SessionHandler: Sendable {}

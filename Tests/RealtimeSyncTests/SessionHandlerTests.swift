@@ -1,0 +1,145 @@
+import Foundation
+import RealtimeSync
+import Testing
+
+/// The session runs on the socket's event loop (`SessionHandler`): control frames, the close
+/// handshake, and client messages that arrive while a catch-up runs in its own task.
+@Suite("server: the session on the event loop")
+struct SessionHandlerTests {
+    @Test("A client's ping is answered with a pong carrying its payload")
+    func pingAnswered() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            let payload = Array("are you there".utf8)
+            try await socket.sendFrame(opcode: 0x9, payload: payload)
+            let frame = try await withTimeout(5) { try await socket.receiveFrame() }
+            #expect(frame?.opcode == 0xA)
+            #expect(frame?.payload == payload)
+            // The session still answers messages afterwards.
+            try await socket.subscribe("s")
+            await socket.close()
+        }
+    }
+
+    @Test("A malformed close frame is answered with 1002", arguments: [
+        ("a code no endpoint may send (1005)", [UInt8(0x03), 0xED]),
+        ("a code outside every range (999)", [UInt8(0x03), 0xE7]),
+        ("a one-byte payload", [UInt8(0x03)]),
+        ("a reason that is not UTF-8", [UInt8(0x03), 0xE8, 0xC3, 0x28]),
+    ])
+    func malformedClose(_ case: (String, [UInt8])) async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s")
+            try await socket.sendFrame(opcode: 0x8, payload: `case`.1)
+            #expect(try await socket.receiveClose() == 1002, "\(`case`.0)")
+            #expect(try await socket.waitForEndOfStream(), "the server closes the connection after its answer")
+            #expect(await eventually { test.server.statistics.sessions == 0 && test.server.statistics.subscriptions == 0 })
+            #expect(test.server.statistics.closes[1002] == 1)
+            await socket.close()
+        }
+    }
+
+    @Test("A close frame without a payload is answered with 1000")
+    func emptyClose() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.sendFrame(opcode: 0x8, payload: [])
+            #expect(try await socket.receiveClose() == 1000)
+            #expect(try await socket.waitForEndOfStream())
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+            await socket.close()
+        }
+    }
+
+    @Test("Messages sent right behind a resume are answered after its catch-up, in the order sent")
+    func messagesHeldBehindCatchUp() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let first = try await connectWebSocket(port: test.port)
+            try await first.subscribe("live")
+            source.publish(itemInserts(1...1))
+            let cursor = try #require(try await first.receiveJSON()["cursor"] as? String)
+            source.publish(itemInserts(2...200))
+            for _ in 2...200 { _ = try await first.receiveJSON() }
+
+            let socket = try await connectWebSocket(port: test.port)
+            // Three messages in one write: a resume with 199 changes to catch up, then two
+            // messages that must wait for it.
+            var bytes: [UInt8] = []
+            for text in [#"{"type":"subscribe","id":"r","table":"items","since":"\#(cursor)"}"#,
+                         #"{"type":"subscribe","id":"r","table":"items"}"#,
+                         #"{"type":"unsubscribe","id":"r"}"#] {
+                bytes += maskedTextFrame(text)
+            }
+            try await socket.send(bytes)
+            var types: [String] = []
+            var ids: [Int] = []
+            while types.last != "unsubscribed" {
+                let message = try await socket.receiveJSON()
+                let type = try #require(message["type"] as? String)
+                types.append(type)
+                if type == "change", let row = message["new"] as? [String: Any], let id = row["id"] as? Int { ids.append(id) }
+            }
+            #expect(types.first == "subscribed")
+            #expect(ids == Array(2...200), "the catch-up sent every change after the cursor, in order")
+            // The duplicate subscribe is refused (the resume had opened "r"), then "r" is closed.
+            #expect(Array(types.suffix(2)) == ["error", "unsubscribed"])
+            #expect(types.count == 1 + 199 + 2)
+            #expect(await eventually { test.server.statistics.subscriptions == 1 })
+            await socket.close()
+            await first.close()
+        }
+    }
+
+    @Test("A client that resets while its catch-up waits for queue space is released at once")
+    func resetDuringCatchUp() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true, configure: { configuration in
+            configuration.queueLimits = .init(maxMessages: 8, maxBytes: 64 << 10)
+            configuration.closeTimeout = .seconds(30)
+        }) { test in
+            let first = try await connectWebSocket(port: test.port)
+            try await first.subscribe("live")
+            source.publish(itemInserts(1...1))
+            let cursor = try #require(try await first.receiveJSON()["cursor"] as? String)
+            await first.close()
+            // ~36 MB after the cursor: more than the socket's buffers hold.
+            source.publish(itemInserts(2...600, padding: 60_000))
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.stopReading()
+            try await socket.sendText(#"{"type":"subscribe","id":"r","table":"items","since":"\#(cursor)"}"#)
+            // The catch-up fills the kernel's buffers and NIO's, then waits for queue space.
+            #expect(await eventually(10) { test.server.statistics.queuedBytes > 0 })
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(test.server.statistics.sessions == 1)
+            await socket.reset()
+            // Without the catch-up's cancellation the session would wait for the close
+            // timeout (30 s), or forever.
+            #expect(await eventually(5) { test.server.statistics.sessions == 0 }, "the session was not released")
+            #expect(test.server.statistics.subscriptions == 0)
+            #expect(test.server.statistics.queuedBytes == 0)
+        }
+    }
+}
+
+/// A masked, final text frame (as a client sends it).
+func maskedTextFrame(_ text: String) -> [UInt8] {
+    let payload = Array(text.utf8)
+    let mask: [UInt8] = [0x12, 0x34, 0x56, 0x78]
+    var frame: [UInt8] = [0x81]
+    if payload.count < 126 {
+        frame.append(0x80 | UInt8(payload.count))
+    } else {
+        frame.append(0x80 | 126)
+        frame += [UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)]
+    }
+    frame += mask
+    for (index, byte) in payload.enumerated() { frame.append(byte ^ mask[index % 4]) }
+    return frame
+}
