@@ -129,10 +129,75 @@ struct SessionHandlerTests {
 }
 
 /// A masked, final text frame (as a client sends it).
-func maskedTextFrame(_ text: String) -> [UInt8] {
-    let payload = Array(text.utf8)
+func maskedTextFrame(_ text: String) -> [UInt8] { maskedFrame(opcode: 0x1, Array(text.utf8)) }
+
+@Suite("server: a client that pings but does not read")
+struct PingFloodTests {
+    /// Sends `count` pings of 125 bytes (the payload starts with the ping's index), in writes of about 1 MB.
+    func flood(_ socket: TestConnection, count: Int) async throws {
+        var batch: [UInt8] = []
+        for index in 0..<count {
+            var payload = Array(repeating: UInt8(ascii: "p"), count: 125)
+            withUnsafeBytes(of: UInt32(index).bigEndian) { payload.replaceSubrange(0..<4, with: $0) }
+            batch += maskedFrame(opcode: 0x9, payload)
+            if batch.count > 1 << 20 || index == count - 1 {
+                try await socket.send(batch)
+                batch.removeAll(keepingCapacity: true)
+            }
+        }
+    }
+
+    @Test("A client that sends its close while reading nothing is dropped after closeTimeout")
+    func closeWhileNotReading() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1) }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s")
+            try await socket.stopReading()
+            // Fill the way back with pongs, so the server's answer to the close cannot be written.
+            try await flood(socket, count: 60_000)
+            try await Task.sleep(for: .milliseconds(500))
+            try await socket.sendClose(1000)
+            let began = ContinuousClock.now
+            #expect(await eventually(10) { test.server.statistics.sessions == 0 }, "the session was not released")
+            #expect(began.duration(to: .now) < .seconds(5))
+            #expect(test.server.statistics.subscriptions == 0)
+            await socket.close()
+        }
+    }
+
+    @Test("Pings from a client that reads nothing do not pile up pongs: only the latest is answered once the socket drains")
+    func pingFlood() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.stopReading()
+            // 60,000 pings of 125 bytes: 7.5 MB of pongs, more than the socket buffers between
+            // server and client hold (tcp_wmem's 4 MB and the unread receive buffer).
+            let count = 60_000
+            try await flood(socket, count: count)
+            try await Task.sleep(for: .milliseconds(500))
+            try await socket.startReading()
+            var pongs = 0
+            var last: [UInt8] = []
+            while last.prefix(4) != [0, 0, 0xEA, 0x5F] {  // 59,999
+                let frame = try #require(try await withTimeout(10) { try await socket.receiveFrame() })
+                #expect(frame.opcode == 0xA)
+                pongs += 1
+                last = frame.payload
+            }
+            #expect(pongs < count, "every ping was answered: pongs piled up in the server while the client read nothing")
+            // The session is still served.
+            try await socket.subscribe("s")
+            await socket.close()
+        }
+    }
+}
+
+/// A masked, final frame with `opcode` (as a client sends it).
+func maskedFrame(opcode: UInt8, _ payload: [UInt8]) -> [UInt8] {
     let mask: [UInt8] = [0x12, 0x34, 0x56, 0x78]
-    var frame: [UInt8] = [0x81]
+    var frame: [UInt8] = [0x80 | opcode]
     if payload.count < 126 {
         frame.append(0x80 | UInt8(payload.count))
     } else {

@@ -30,7 +30,8 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
         case websocket
         /// A plain HTTP connection.
         case notUpgraded(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
-        /// The upgrader refused a request that passed the gate (a race with draining).
+        /// The upgrader refused a request that passed the gate: the admission decision changed
+        /// between the gate and the upgrader (a token that expired in between, a hook that counts).
         case failedUpgrade(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
     }
 
@@ -95,6 +96,11 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             pipeline.enablePipelining = false  // NIOAsyncChannel serializes HTTP requests
             pipeline.enableErrorHandling = false  // Hummingbird answers parse errors
             pipeline.enableResponseHeaderValidation = false  // HTTPTypes validates
+            // Hummingbird's request limits (NIO's own allow 65,534 header fields).
+            let limits = HTTP1Channel.Configuration().httpDecoder
+            pipeline.decoderConfiguration.maxHeaderFieldSize = limits.maxHeaderFieldSize
+            pipeline.decoderConfiguration.maxHeaderListSize = limits.maxHeaderListSize
+            pipeline.decoderConfiguration.maxHeaderFieldCount = limits.maxHeaderFieldCount
             let result = try channel.pipeline.syncOperations.configureUpgradableHTTPServerPipeline(configuration: pipeline)
             let operations = channel.pipeline.syncOperations
             let upgradeHandler = try operations.handler(type: NIOTypedHTTPServerUpgradeHandler<UpgradeResult>.self)

@@ -42,6 +42,7 @@ extension RealtimeServer {
             try operations.addHandler(SessionHandler(server: self, session: session, grant: grant, logger: logger))
         } catch {
             endSession(session, code: 1006)
+            channel.close(promise: nil)
             throw error
         }
     }

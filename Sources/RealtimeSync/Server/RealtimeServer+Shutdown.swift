@@ -89,6 +89,10 @@ extension RealtimeServer {
             while state.withLock({ !$0.sessions.isEmpty }) && clock.now < dropDeadline {
                 try? await Task.sleep(for: .milliseconds(5))
             }
+            let ending = state.withLock { $0.sessions.count }
+            if ending > 0 {
+                cut! += "; \(ending) sessions still ending 1 s after their sockets were dropped (a catch-up or snapshot that did not stop when cancelled)"
+            }
         }
         log("closed sockets with 1001", since: start, cutOff: cut, ["sockets": "\(sessions.count)"])
 

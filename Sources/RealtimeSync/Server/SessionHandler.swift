@@ -40,6 +40,10 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var held: [[UInt8]] = []
     private var readsPaused = false
     private var closeReceived = false
+    /// Drops the connection if the answer to the client's close cannot be written in time.
+    private var closeDeadline: Scheduled<Void>?
+    /// The latest ping that came while the channel was not writable.
+    private var unansweredPing: ByteBuffer?
     private var inactive = false
     private var ended = false
 
@@ -56,6 +60,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
             // Closed during the upgrade: no channelInactive will come.
             inactive = true
             end()
+            context.close(promise: nil)
             return
         }
         expiryTimer = server.armTokenExpiry(grant.expiry, session: session, channel: context.channel, logger: logger)
@@ -67,6 +72,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !ended else { return }
         let frame = unwrapInboundIn(data)
         switch frame.opcode {
         case .connectionClose:
@@ -74,7 +80,13 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .ping:
             guard frame.fin else { return session.close(.protocolError) }
             guard !closeReceived else { return }
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
+            if context.channel.isWritable {
+                pong(frame.unmaskedData, context: context)
+            } else {
+                // A client that pings but does not read would otherwise grow NIO's pending
+                // writes without bound. RFC 6455 5.5.3 allows answering only the most recent ping.
+                unansweredPing = frame.unmaskedData
+            }
         case .pong:
             if !frame.fin { session.close(.protocolError) }  // the AutoPingHandler saw it already
         case .text, .binary, .continuation:
@@ -84,6 +96,18 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         default:
             session.close(.protocolError)  // a reserved opcode
         }
+    }
+
+    private func pong(_ payload: ByteBuffer, context: ChannelHandlerContext) {
+        context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: payload)), promise: nil)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let payload = unansweredPing {
+            unansweredPing = nil
+            if !closeReceived { pong(payload, context: context) }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     /// Assembles a message from data frames; answers it when complete.
@@ -173,6 +197,10 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)))
             .whenComplete { _ in channel.close(promise: nil) }
+        // The echo cannot go out while the client reads nothing: closeTimeout bounds the wait.
+        closeDeadline = context.eventLoop.scheduleTask(in: TimeAmount(server.configuration.closeTimeout)) {
+            channel.close(promise: nil)
+        }
     }
 
     /// The code to answer a client's close frame with: 1000 for a well-formed one; 1002 for
@@ -197,6 +225,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.debug("socket error: \(error)")
+        // A frame the decoder rejected: NIO's protocol error handler sends 1002 or 1009 and
+        // closes once that frame is written. Anything else ends the connection now.
+        if error is NIOWebSocketError { return }
         context.close(promise: nil)
     }
 
@@ -216,6 +247,8 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         ended = true
         expiryTimer?.cancel()
         expiryTimer = nil
+        closeDeadline?.cancel()
+        closeDeadline = nil
         held = []
         // The close frame that went out (an echo, when the client closed first), or 1006
         // when none did (reset, vanished client).
