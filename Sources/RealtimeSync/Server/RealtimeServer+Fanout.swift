@@ -66,8 +66,10 @@ extension RealtimeServer {
             let change = EncodedChange(event)
             var overflowed: [FanoutClientID] = []
             // Clients with one matching subscription of the same id get the same bytes: one
-            // buffer for all of them (typically every client subscribed as, say, "orders").
-            var shared: (quotedID: [UInt8], frame: ByteBuffer)?
+            // buffer for all of them on one event loop (typically every client subscribed as,
+            // say, "orders"). One per loop: a buffer's reference count is released by every
+            // write of it, and two loops releasing the same buffer fight over its cache line.
+            var shared: [(loop: Int, quotedID: [UInt8], frame: ByteBuffer)] = []
             for delivery in deliveries {
                 guard let session = state.sessions[delivery.client] else { continue }
                 // Both dictionaries are usually empty: skip hashing the client id for them.
@@ -89,11 +91,18 @@ extension RealtimeServer {
                     frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
                 } else if delivery.rest.isEmpty {
                     let quotedID = delivery.first.quotedID
-                    if let shared, shared.quotedID == quotedID {
-                        frame = shared.frame
+                    if let same = shared.first(where: { $0.loop == session.loopIndex && $0.quotedID == quotedID }) {
+                        frame = same.frame
                     } else {
-                        frame = SessionChannel.textFrame(change.frame(for: delivery))
-                        shared = (quotedID, frame)
+                        if let other = shared.first(where: { $0.quotedID == quotedID }) {
+                            var copy = ByteBuffer()
+                            copy.reserveCapacity(other.frame.readableBytes)
+                            copy.writeImmutableBuffer(other.frame)
+                            frame = copy
+                        } else {
+                            frame = SessionChannel.textFrame(change.frame(for: delivery))
+                        }
+                        shared.append((session.loopIndex, quotedID, frame))
                     }
                 } else {
                     frame = SessionChannel.textFrame(change.frame(for: delivery))

@@ -45,6 +45,8 @@ struct ServerState: Sendable {
     /// The cursor of the last change the fan-out processed.
     var lastDelivered: Cursor
     var nextClientID: UInt64 = 1
+    /// The event loops sessions run on, in order of first use (`SessionChannel.loopIndex`).
+    var eventLoops: [ObjectIdentifier] = []
     var phase = ServerPhase.running
     var changesProcessed = 0
     var fanoutEnded = false
@@ -236,7 +238,13 @@ public final class RealtimeServer: Service, Sendable {
         state.withLock { state in
             let id = FanoutClientID(state.nextClientID)
             state.nextClientID += 1
-            let session = SessionChannel(id: id, channel: channel, limits: configuration.queueLimits, closeTimeout: configuration.closeTimeout,
+            let loop = ObjectIdentifier(channel.eventLoop)
+            let loopIndex = state.eventLoops.firstIndex(of: loop) ?? {
+                state.eventLoops.append(loop)
+                return state.eventLoops.count - 1
+            }()
+            let session = SessionChannel(id: id, channel: channel, loopIndex: loopIndex,
+                                         limits: configuration.queueLimits, closeTimeout: configuration.closeTimeout,
                                          written: { [self] count in self.recordDelivered(count) })
             state.sessions[id] = session
             if state.phase >= .draining { session.close(.goingAway) }

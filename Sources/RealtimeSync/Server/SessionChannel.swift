@@ -10,6 +10,9 @@ final class SessionChannel: Sendable {
     let id: FanoutClientID
     /// The socket, to cut it when a close handshake exceeds its deadline.
     let channel: any Channel
+    /// Which of the server's event loops the socket is on (the fan-out shares a frame only
+    /// among sessions of one loop).
+    let loopIndex: Int
     private struct QueueState: Sendable {
         var queue: OutboundQueue<ByteBuffer>
         /// Whether closing has begun (noted once, to arm the watchdog once).
@@ -45,11 +48,12 @@ final class SessionChannel: Sendable {
     /// Yields after the writer sent a batch (only a catch-up or snapshot iterates it).
     let spaceFreed: AsyncStream<Void>
 
-    init(id: FanoutClientID, channel: any Channel, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration,
+    init(id: FanoutClientID, channel: any Channel, loopIndex: Int = 0, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration,
          written: @escaping @Sendable (Int) -> Void) {
         self.written = written
         self.id = id
         self.channel = channel
+        self.loopIndex = loopIndex
         self.closeTimeout = TimeAmount(closeTimeout)
         self.frameWriter = NIOLoopBoundBox.makeEmptyBox(valueType: ChannelHandlerContext.self, eventLoop: channel.eventLoop)
         self.queue = Mutex(QueueState(queue: OutboundQueue(limits: .init(maxMessages: limits.maxMessages, maxBytes: limits.maxBytes))))
@@ -179,7 +183,18 @@ final class SessionChannel: Sendable {
                     // follow it, as `CloseFrameObserver` enforces for frames from the tail.
                     // Nothing is sent, so nothing is counted.
                 } else if let writer = frameWriter.value {
-                    for frame in batch { writer.write(NIOAny(IOData.byteBuffer(frame)), promise: nil) }
+                    if batch.count == 1 {
+                        writer.write(NIOAny(IOData.byteBuffer(batch[0])), promise: nil)
+                    } else {
+                        // One buffer for the batch: one pending write and one iovec instead of
+                        // one per frame (frames are small; copying them is cheaper than NIO's
+                        // bookkeeping per write), and each shared frame is released here at once.
+                        var total = 0
+                        for frame in batch { total += frame.readableBytes }
+                        var joined = channel.allocator.buffer(capacity: total)
+                        for frame in batch { joined.writeImmutableBuffer(frame) }
+                        writer.write(NIOAny(IOData.byteBuffer(joined)), promise: nil)
+                    }
                     writer.flush()
                     written(batch.count)
                 } else {
