@@ -142,12 +142,13 @@ public class SchedulerPeer {
         String mode = args.length > 0 ? args[0] : "all";
         boolean quick = Arrays.asList(args).contains("--quick");
         if (mode.equals("lateness") || mode.equals("all")) {
-            // SCHEDULER_BENCH_SCENARIO=<name> runs one scenario only, as in scheduler-bench
-            String only = System.getenv("SCHEDULER_BENCH_SCENARIO");
-            if (only == null || only.equals("spread-100k-1s")) lateness("spread-100k-1s", 100_000, 1_000_000_000L, false, quick ? 2 : 4);
-            if (only == null || only.equals("spread-10k-100ms")) lateness("spread-10k-100ms", 10_000, 100_000_000L, false, quick ? 10 : 30);
-            if (only == null || only.equals("aligned-100k-1s")) lateness("aligned-100k-1s", 100_000, 1_000_000_000L, true, quick ? 2 : 4);
-            if (only == null || only.equals("aligned-10k-100ms")) lateness("aligned-10k-100ms", 10_000, 100_000_000L, true, quick ? 10 : 30);
+            // SCHEDULER_BENCH_SCENARIO=<name>[,<name>...] runs those scenarios only, as in scheduler-bench
+            String env = System.getenv("SCHEDULER_BENCH_SCENARIO");
+            java.util.List<String> only = env == null ? null : Arrays.asList(env.split(","));
+            if (only == null || only.contains("spread-100k-1s")) lateness("spread-100k-1s", 100_000, 1_000_000_000L, false, quick ? 2 : 4);
+            if (only == null || only.contains("spread-10k-100ms")) lateness("spread-10k-100ms", 10_000, 100_000_000L, false, quick ? 10 : 30);
+            if (only == null || only.contains("aligned-100k-1s")) lateness("aligned-100k-1s", 100_000, 1_000_000_000L, true, quick ? 2 : 4);
+            if (only == null || only.contains("aligned-10k-100ms")) lateness("aligned-10k-100ms", 10_000, 100_000_000L, true, quick ? 10 : 30);
         }
         if (mode.equals("cost") || mode.equals("all")) cost(100_000, 6);
         if (mode.equals("rss")) rss(100_000);

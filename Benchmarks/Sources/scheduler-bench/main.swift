@@ -297,9 +297,9 @@ let impls = implArg == "all" ? ["ours", "naive"] : [implArg]
 
 switch mode {
 case "lateness", "all":
-    // SCHEDULER_BENCH_SCENARIO=<name> runs one scenario only (for profiling)
-    let only = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_SCENARIO"]
-    for s in scenarios(quick: quick) where only == nil || only == s.name {
+    // SCHEDULER_BENCH_SCENARIO=<name>[,<name>...] runs those scenarios only (for profiling)
+    let only = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_SCENARIO"].map { $0.split(separator: ",").map(String.init) }
+    for s in scenarios(quick: quick) where only == nil || only!.contains(s.name) {
         for impl in impls {
             if impl == "ours" { try await latenessOurs(s) } else { try await latenessNaive(s) }
         }
