@@ -208,3 +208,97 @@ func maskedFrame(opcode: UInt8, _ payload: [UInt8]) -> [UInt8] {
     for (index, byte) in payload.enumerated() { frame.append(byte ^ mask[index % 4]) }
     return frame
 }
+
+@Suite("server: random frames on real sockets")
+struct SessionWireFuzzTests {
+    /// A client frame with every header field chosen by the caller (masked, as clients must).
+    func wireFrame(opcode: UInt8, payload: [UInt8], fin: Bool, rsv: UInt8) -> [UInt8] {
+        var frame: [UInt8] = [(fin ? 0x80 : 0) | (rsv & 0x7) << 4 | (opcode & 0xF)]
+        if payload.count < 126 {
+            frame.append(0x80 | UInt8(payload.count))
+        } else if payload.count <= 0xFFFF {
+            frame += [0x80 | 126, UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)]
+        } else {
+            frame.append(0x80 | 127)
+            for shift in stride(from: 56, through: 0, by: -8) { frame.append(UInt8((payload.count >> shift) & 0xFF)) }
+        }
+        let mask: [UInt8] = [0xA1, 0x5C, 0x03, 0x7E]
+        frame += mask
+        for (index, byte) in payload.enumerated() { frame.append(byte ^ mask[index % 4]) }
+        return frame
+    }
+
+    /// A payload: random bytes, or a message that is nearly or fully valid.
+    func payload(_ rng: inout SplitMix64) -> [UInt8] {
+        let messages = [
+            #"{"type":"subscribe","id":"a","table":"items"}"#,
+            #"{"type":"subscribe","id":"b","table":"items","filter":"status=eq.open"}"#,
+            #"{"type":"subscribe","id":"c","table":"items","since":"0000000000000001.00000000"}"#,
+            #"{"type":"subscribe","id":"d","table":"nope"}"#,
+            #"{"type":"unsubscribe","id":"a"}"#,
+            #"{"type":"unsubscribe","id":"zz"}"#,
+            #"{"type":"subscribe","id":"e","table":"items","filter":"id=in.(1,2,"}"#,
+            #"{"type":42}"#,
+        ]
+        switch rng.next() % 6 {
+        case 0: return []
+        case 1: return (0..<Int(rng.next() % 200)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        case 2: return Array(repeating: UInt8(ascii: "x"), count: Int(rng.next() % 3) == 0 ? 70_000 : Int(rng.next() % 2_000))
+        default:
+            var bytes = Array(messages[Int(rng.next() % UInt64(messages.count))].utf8)
+            if rng.next() % 4 == 0, !bytes.isEmpty { bytes.removeLast(Int(rng.next() % UInt64(bytes.count))) }
+            return bytes
+        }
+    }
+
+    @Test("60 clients send random frame sequences (every opcode, fragments, reserved bits, oversized, half messages) and leave in random ways: nothing leaks and the server still serves")
+    func randomFrames() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1) }) { test in
+            // REALTIME_FUZZ_SEED=<n> replays or explores another seed.
+            let seed = ProcessInfo.processInfo.environment["REALTIME_FUZZ_SEED"].flatMap { UInt64($0) } ?? 20_261_127
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for client in 0..<60 {
+                    group.addTask {
+                        var rng = SplitMix64(seed: seed &+ UInt64(client))
+                        let socket = try await connectWebSocket(port: test.port)
+                        var bytes: [UInt8] = []
+                        for _ in 0..<(1 + Int(rng.next() % 30)) {
+                            let opcodes: [UInt8] = [0, 1, 1, 1, 2, 8, 9, 9, 10, 3, 7, 11, 15]
+                            let opcode = opcodes[Int(rng.next() % UInt64(opcodes.count))]
+                            var body = payload(&rng)
+                            if opcode >= 8 { body = Array(body.prefix(rng.next() % 8 == 0 ? 200 : 125)) }  // sometimes an oversized control frame
+                            bytes += wireFrame(opcode: opcode, payload: body, fin: rng.next() % 5 != 0,
+                                               rsv: rng.next() % 12 == 0 ? UInt8(rng.next() % 8) : 0)
+                        }
+                        if rng.next() % 4 == 0 { bytes += [0x81, 0xFE] }  // a header cut short
+                        // Arbitrary TCP segmentation.
+                        var offset = 0
+                        while offset < bytes.count {
+                            let size = min(bytes.count - offset, 1 + Int(rng.next() % 5_000))
+                            try? await socket.send(Array(bytes[offset..<offset + size]))
+                            offset += size
+                        }
+                        _ = try? await withTimeout(0.5) { while try await socket.receiveFrame() != nil {} }
+                        switch rng.next() % 3 {
+                        case 0: try? await socket.sendClose(1000)
+                        case 1: await socket.reset()
+                        default: break
+                        }
+                        await socket.close()
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(await eventually(10) { test.server.statistics.sessions == 0 }, "sessions left: \(test.server.statistics.sessions)")
+            #expect(test.server.statistics.subscriptions == 0)
+            #expect(test.server.statistics.queuedBytes == 0)
+            // Still serving.
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("after")
+            source.publish(itemInserts(1...1))
+            #expect(try await socket.receiveJSON()["type"] as? String == "change")
+            await socket.close()
+        }
+    }
+}
