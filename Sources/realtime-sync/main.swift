@@ -57,6 +57,7 @@ struct Serve: AsyncParsableCommand {
               --database-url          DATABASE_URL or REALTIME_SYNC_DATABASE_URL (none: embedded PostgreSQL + demo)
               --host                  REALTIME_SYNC_HOST              (127.0.0.1)
               --port                  REALTIME_SYNC_PORT              (8080; 0 picks a free port)
+              --listen-backlog        REALTIME_SYNC_LISTEN_BACKLOG    (4096; capped by net.core.somaxconn)
               --tables                REALTIME_SYNC_TABLES            (comma-separated schema.table)
               --publication           REALTIME_SYNC_PUBLICATION       (realtime_sync)
               --slot                  REALTIME_SYNC_SLOT              (realtime_sync)

@@ -72,6 +72,21 @@ struct ServerHTTPTests {
         }
     }
 
+    @Test("A malformed upgrade of /ws answers 400 websocket_upgrade_required (not a redirect a client would follow forever)", arguments: [
+        ("no Sec-WebSocket-Key", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13")]),
+        ("no Connection: upgrade", "GET", [("Upgrade", "websocket"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]),
+        ("an upgrade to another protocol", "GET", [("Upgrade", "h2c"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]),
+    ])
+    func malformedUpgrade(_ case: (String, String, [(String, String)])) async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            let response = try await connection.request(`case`.1, "/ws", headers: `case`.2)
+            #expect(response.status == 400, "\(`case`.0)")
+            #expect(response.body == #"{"error":"websocket_upgrade_required"}"#, "\(`case`.0)")
+            await connection.close()
+        }
+    }
+
     @Test("GET /ws with Sec-WebSocket-Version 8 answers 426 with Sec-WebSocket-Version: 13")
     func wsWrongVersion() async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in

@@ -76,7 +76,10 @@ extension UpgradeRequest {
 }
 
 /// See `RealtimeChildChannel`. Looks at the first request head only (the upgrade
-/// handler, too, only upgrades the first request of a connection).
+/// handler, too, only upgrades the first request of a connection). An upgrade that NIO's
+/// upgrader would not take (not a GET, no `Sec-WebSocket-Key`, no `Connection: upgrade`) is
+/// refused here too, so that the router answers it instead of the redirect that
+/// `RealtimeChildChannel` gives an upgrade on a later request of a kept-alive connection.
 final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
@@ -87,7 +90,7 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var part = unwrapInboundIn(data)
         if case .head(var head) = part {
-            if head.headers.contains(name: "upgrade") && !admits(head) {
+            if head.headers.contains(name: "upgrade") && !(Self.isWellFormedUpgrade(head) && admits(head)) {
                 head.headers.remove(name: "upgrade")
                 let connection = head.headers[canonicalForm: "connection"].filter { $0.lowercased() != "upgrade" }.map(String.init)
                 head.headers.remove(name: "connection")
@@ -101,6 +104,17 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
             // Only the first request can upgrade; after an upgrade the bytes are WebSocket frames.
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         }
+    }
+}
+
+extension UpgradeGate {
+    /// Whether NIO's WebSocket upgrader would take `head` (RFC 6455 4.2.1), the version aside
+    /// (the router answers a wrong version with 426).
+    static func isWellFormedUpgrade(_ head: HTTPRequestHead) -> Bool {
+        guard head.method == .GET else { return false }
+        guard head.headers[canonicalForm: "upgrade"].contains(where: { $0.lowercased() == "websocket" }) else { return false }
+        guard head.headers[canonicalForm: "connection"].contains(where: { $0.lowercased() == "upgrade" }) else { return false }
+        return head.headers["sec-websocket-key"].contains { !$0.isEmpty }
     }
 }
 
