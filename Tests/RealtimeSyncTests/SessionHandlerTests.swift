@@ -194,16 +194,18 @@ struct PingFloodTests {
     }
 }
 
-/// A masked, final frame with `opcode` (as a client sends it).
-func maskedFrame(opcode: UInt8, _ payload: [UInt8]) -> [UInt8] {
-    let mask: [UInt8] = [0x12, 0x34, 0x56, 0x78]
-    var frame: [UInt8] = [0x80 | opcode]
+/// A masked frame (as a client sends it) with every header field chosen by the caller.
+func maskedFrame(opcode: UInt8, _ payload: [UInt8], fin: Bool = true, rsv: UInt8 = 0) -> [UInt8] {
+    var frame: [UInt8] = [(fin ? 0x80 : 0) | (rsv & 0x7) << 4 | (opcode & 0xF)]
     if payload.count < 126 {
         frame.append(0x80 | UInt8(payload.count))
+    } else if payload.count <= 0xFFFF {
+        frame += [0x80 | 126, UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)]
     } else {
-        frame.append(0x80 | 126)
-        frame += [UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)]
+        frame.append(0x80 | 127)
+        for shift in stride(from: 56, through: 0, by: -8) { frame.append(UInt8((payload.count >> shift) & 0xFF)) }
     }
+    let mask: [UInt8] = [0xA1, 0x5C, 0x03, 0x7E]
     frame += mask
     for (index, byte) in payload.enumerated() { frame.append(byte ^ mask[index % 4]) }
     return frame
@@ -211,23 +213,6 @@ func maskedFrame(opcode: UInt8, _ payload: [UInt8]) -> [UInt8] {
 
 @Suite("server: random frames on real sockets")
 struct SessionWireFuzzTests {
-    /// A client frame with every header field chosen by the caller (masked, as clients must).
-    func wireFrame(opcode: UInt8, payload: [UInt8], fin: Bool, rsv: UInt8) -> [UInt8] {
-        var frame: [UInt8] = [(fin ? 0x80 : 0) | (rsv & 0x7) << 4 | (opcode & 0xF)]
-        if payload.count < 126 {
-            frame.append(0x80 | UInt8(payload.count))
-        } else if payload.count <= 0xFFFF {
-            frame += [0x80 | 126, UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)]
-        } else {
-            frame.append(0x80 | 127)
-            for shift in stride(from: 56, through: 0, by: -8) { frame.append(UInt8((payload.count >> shift) & 0xFF)) }
-        }
-        let mask: [UInt8] = [0xA1, 0x5C, 0x03, 0x7E]
-        frame += mask
-        for (index, byte) in payload.enumerated() { frame.append(byte ^ mask[index % 4]) }
-        return frame
-    }
-
     /// A payload: random bytes, or a message that is nearly or fully valid.
     func payload(_ rng: inout SplitMix64) -> [UInt8] {
         let messages = [
@@ -268,7 +253,7 @@ struct SessionWireFuzzTests {
                             let opcode = opcodes[Int(rng.next() % UInt64(opcodes.count))]
                             var body = payload(&rng)
                             if opcode >= 8 { body = Array(body.prefix(rng.next() % 8 == 0 ? 200 : 125)) }  // sometimes an oversized control frame
-                            bytes += wireFrame(opcode: opcode, payload: body, fin: rng.next() % 5 != 0,
+                            bytes += maskedFrame(opcode: opcode, body, fin: rng.next() % 5 != 0,
                                                rsv: rng.next() % 12 == 0 ? UInt8(rng.next() % 8) : 0)
                         }
                         if rng.next() % 4 == 0 { bytes += [0x81, 0xFE] }  // a header cut short
