@@ -1,5 +1,6 @@
 import Foundation
 import RealtimeSync
+import Synchronization
 import Testing
 
 @Suite("server: HTTP endpoints")
@@ -130,6 +131,22 @@ struct ServerHTTPTests {
             let admitted = try await TestConnection.open(port: test.port)
             #expect(try await admitted.upgrade(extraHeaders: [("Authorization", "Bearer good")]).status == 101)
             await admitted.close()
+        }
+    }
+
+    @Test("An admitted upgrade asks the admission hook (or checks the token) once")
+    func admissionCheckedOnce() async throws {
+        let calls = Atomic<Int>(0)
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { configuration in
+            configuration.admission = { _ in
+                calls.add(1, ordering: .relaxed)
+                return .admit(.unrestricted, subject: "u1")
+            }
+        }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s")
+            #expect(calls.load(ordering: .relaxed) == 1)
+            await socket.close()
         }
     }
 

@@ -30,8 +30,8 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
         case websocket
         /// A plain HTTP connection.
         case notUpgraded(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
-        /// The upgrader refused a request that passed the gate: the admission decision changed
-        /// between the gate and the upgrader (a token that expired in between, a hook that counts).
+        /// NIO's upgrader refused a request that the gate passed (not expected: the gate passes
+        /// only well-formed, admitted upgrades).
         case failedUpgrade(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
     }
 
@@ -60,12 +60,12 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
         let server = self.server
         return channel.eventLoop.makeCompletedFuture {
             let upgradeAttempted = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
+            // The gate's decision on the first request, which the upgrader then acts on.
             let grant = NIOLoopBoundBox<SessionGrant?>(nil, eventLoop: channel.eventLoop)
             let upgrader = NIOTypedWebSocketServerUpgrader<UpgradeResult>(
                 maxFrameSize: server.configuration.maxClientMessageBytes,
                 shouldUpgrade: { channel, head in
                     upgradeAttempted.value = true
-                    grant.value = server.sessionGrant(UpgradeRequest(head))
                     return channel.eventLoop.makeSucceededFuture(grant.value == nil ? nil : HTTPHeaders())
                 },
                 upgradePipelineHandler: { channel, _ in
@@ -104,8 +104,11 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             let result = try channel.pipeline.syncOperations.configureUpgradableHTTPServerPipeline(configuration: pipeline)
             let operations = channel.pipeline.syncOperations
             let upgradeHandler = try operations.handler(type: NIOTypedHTTPServerUpgradeHandler<UpgradeResult>.self)
-            try operations.addHandler(UpgradeGate(admits: { head in server.admitsUpgrade(UpgradeRequest(head)) }),
-                                      position: .before(upgradeHandler))
+            let gate = UpgradeGate { head in
+                grant.value = server.upgradeGrant(UpgradeRequest(head))
+                return grant.value != nil
+            }
+            try operations.addHandler(gate, position: .before(upgradeHandler))
             return Value(upgradeResult: result, channel: channel)
         }
     }

@@ -6,18 +6,12 @@ extension RealtimeServer {
     /// Set by the upgrade gate on an upgrade it refused, so `/ws` answers why.
     static let refusedUpgradeHeader = "x-realtime-refused-upgrade"
 
-    /// Whether an upgrade request may proceed to the WebSocket upgrader.
-    func admitsUpgrade(_ request: UpgradeRequest) -> Bool {
-        guard request.path == "/ws", request.header("sec-websocket-version") == "13" else { return false }
-        guard !isDraining else { return false }
-        if case .admit = admission(request) { return true }
-        return false
-    }
-
-    /// The upgrader's decision (after the gate admitted the request): what the session
-    /// may do, or nil to refuse.
-    func sessionGrant(_ request: UpgradeRequest) -> SessionGrant? {
-        guard request.path == "/ws", case .admit(let access, let subject, let expiresAt) = admission(request) else { return nil }
+    /// Whether an upgrade request may proceed to the WebSocket upgrader, and if so what the
+    /// session may do. Decided once per upgrade, by the `UpgradeGate` (one token check).
+    func upgradeGrant(_ request: UpgradeRequest) -> SessionGrant? {
+        guard request.path == "/ws", request.header("sec-websocket-version") == "13" else { return nil }
+        guard !isDraining else { return nil }
+        guard case .admit(let access, let subject, let expiresAt) = admission(request) else { return nil }
         return SessionGrant(access: access, subject: subject, expiry: expiresAt.map(TokenExpiry.init))
     }
 
