@@ -211,13 +211,6 @@ final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
 
     init(session: SessionChannel) { self.session = session }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if unwrapInboundIn(data).opcode == .connectionClose, session.sentCloseCode.load(ordering: .relaxed) == 0 {
-            session.clientSentClose.store(true, ordering: .relaxed)
-        }
-        context.fireChannelRead(data)
-    }
-
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         // Nothing may follow the server's close frame (RFC 6455 5.5.1): not the `SessionHandler`'s echo
         // of the client's close when the session's close went first, nor a late frame from the

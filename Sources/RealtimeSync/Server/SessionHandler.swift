@@ -40,8 +40,6 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var held: [[UInt8]] = []
     private var readsPaused = false
     private var closeReceived = false
-    /// Drops the connection if the answer to the client's close cannot be written in time.
-    private var closeDeadline: Scheduled<Void>?
     /// The latest ping that came while the channel was not writable.
     private var unansweredPing: ByteBuffer?
     private var inactive = false
@@ -192,15 +190,17 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.close(promise: nil)
             return
         }
+        session.clientSentClose.store(true, ordering: .relaxed)
+        let code = Self.echoCode(frame)
         var payload = context.channel.allocator.buffer(capacity: 2)
-        payload.writeInteger(Self.echoCode(frame).rawValue)
+        payload.writeInteger(code.rawValue)
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: payload)))
             .whenComplete { _ in channel.close(promise: nil) }
-        // The echo cannot go out while the client reads nothing: closeTimeout bounds the wait.
-        closeDeadline = context.eventLoop.scheduleTask(in: TimeAmount(server.configuration.closeTimeout)) {
-            channel.close(promise: nil)
-        }
+        // Nothing more goes out: the session's queue closes (its close frame is dropped, ours
+        // went first), and its close watchdog drops a client that reads nothing before the
+        // answer can be written (closeTimeout).
+        session.closeNow(code)
     }
 
     /// The code to answer a client's close frame with: 1000 for a well-formed one; 1002 for
@@ -247,8 +247,6 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         ended = true
         expiryTimer?.cancel()
         expiryTimer = nil
-        closeDeadline?.cancel()
-        closeDeadline = nil
         held = []
         // The close frame that went out (an echo, when the client closed first), or 1006
         // when none did (reset, vanished client).
