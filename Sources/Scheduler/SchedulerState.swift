@@ -101,8 +101,8 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var histogram = Counts8()
     }
 
-    /// One job's record. Field order is layout: the small fields fill the trigger's padding
-    /// (136 bytes instead of 144; the table holds one per job).
+    /// One job's record (the table holds one per job slot). Field order is layout: the small
+    /// fields fill the trigger's padding; 136 bytes (a test holds it there).
     struct Job: Sendable {
         /// The body and name, boxed once per job (nil once the slot is free).
         var box: JobBox?
@@ -120,7 +120,6 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var regularDue: Int64 = .max  // deadline of the next regular occurrence
         var queuedAt: Int64 = 0
         var stats = Stats()
-
     }
 
     struct Run: Sendable {

@@ -39,6 +39,21 @@ struct SchedulerStateTests {
         #expect(state.statistics.skippedOverlaps == 1)
     }
 
+    @Test("a job's record stays 136 bytes and its options 15 (memory per scheduled job, docs/BENCHMARKS.md)")
+    func recordLayout() {
+        #expect(MemoryLayout<State.Job>.stride <= 136)
+        #expect(MemoryLayout<State.CompactOptions>.size <= 15)
+    }
+
+    @Test("jitter, timeout and retry are boxed only when one is set")
+    func optionExtras() throws {
+        let plain = try State.validate(.every(.seconds(1)), JobOptions())
+        #expect(plain.1.extras == nil && plain.1.jitter == 0 && plain.1.timeout == 0 && plain.1.retry == nil)
+        let retry = RetryPolicy(maxAttempts: 3, initialBackoff: .milliseconds(10), maxBackoff: .seconds(1))
+        let full = try State.validate(.every(.seconds(1)), JobOptions(jitter: .milliseconds(5), timeout: .seconds(2), retry: retry))
+        #expect(full.1.jitter == 5_000_000 && full.1.timeout == 2_000_000_000 && full.1.retry?.maxAttempts == 3)
+    }
+
     @Test("cancel removes the queue entry at once and returns the running run's control")
     func cancel() throws {
         var state = State(seed: 1)
