@@ -106,10 +106,38 @@ public struct JobOptions: Sendable {
 }
 
 extension Duration {
-    /// Whole nanoseconds, saturating.
-    /// (One 128-bit division, truncating toward zero: half the cost of
-    /// going through `components`, and the scheduler converts instants to
-    /// ticks several times per run.)
+    /// Whole nanoseconds, truncating toward zero, saturating at `Int64`'s bounds.
+    ///
+    /// Without a 128-bit division (`__divti3` was 1 % of `schedule`, and the scheduler
+    /// converts instants to ticks several times per run): the magnitude is split as
+    /// `hi * 2^64 + lo`, and `2^64 = q1 * 10^9 + r1`, so only 64-bit divisions by a
+    /// constant remain, which compile to multiplications.
     @inline(__always)
-    var nanoseconds: Int64 { Int64(clamping: attoseconds / 1_000_000_000) }
+    var nanoseconds: Int64 {
+        let a = attoseconds
+        let m = a.magnitude
+        let hi = UInt64(truncatingIfNeeded: m >> 64)
+        let lo = UInt64(truncatingIfNeeded: m)
+        let d: UInt64 = 1_000_000_000
+        let q1: UInt64 = 18_446_744_073  // 2^64 / 10^9
+        let r1: UInt64 = 709_551_616  // 2^64 % 10^9
+        // |a| >= 10^9 * 2^64 as: far beyond Int64.max ns.
+        guard hi < d else { return a < 0 ? .min : .max }
+        // m = d * (hi * q1) + hi * r1 + lo (an overflow of hi * q1 saturates below).
+        let (base, o1) = hi.multipliedReportingOverflow(by: q1)
+        let (s, carry) = (hi &* r1).addingReportingOverflow(lo)  // hi * r1 < 10^18: no overflow
+        var q: UInt64
+        var o2 = false
+        if carry {
+            // s + 2^64 = s + q1 * d + r1, and s < 10^18 after the wrap, so s + r1 fits.
+            (q, o2) = base.addingReportingOverflow(q1 &+ (s &+ r1) / d)
+        } else {
+            (q, o2) = base.addingReportingOverflow(s / d)
+        }
+        if o1 || o2 || q > UInt64(Int64.max) {
+            if a < 0 && !o1 && !o2 && q == UInt64(Int64.max) + 1 { return .min }
+            return a < 0 ? .min : .max
+        }
+        return a < 0 ? -Int64(q) : Int64(q)
+    }
 }

@@ -97,12 +97,18 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     enum Lifecycle: Sendable { case idle, running, finished }
 
+    /// The parked driver's continuation. Unsafe rather than checked: `CheckedContinuation`
+    /// is resilient, so every optional copy and test of it on `schedule`'s path went
+    /// through value-witness calls. It is resumed at most once because `signal` takes it
+    /// out of `Core` under the lock before anyone resumes it.
+    typealias DriverWake = UnsafeContinuation<Void, Never>
+
     struct Core: Sendable {
         var machine: SchedulerState<C.Instant>
         var lifecycle = Lifecycle.idle
         var driverParked = false
         var wakePending = false
-        var driver: CheckedContinuation<Void, Never>?
+        var driver: DriverWake?
         var liveTimers: [Int64] = []
         /// Runs handed to the workers whose end is not recorded yet.
         var runTasks = 0
@@ -192,8 +198,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         let grid: Int64
         let due: Int64
         switch trigger.kind {
-        case .fixedRate(let period, let first, let firstDelay):
-            grid = first.map(ticks) ?? now &+ (firstDelay ?? period).nanoseconds
+        case .fixedRate(let period, let firstDelay):
+            grid = trigger.instant.map(ticks) ?? now &+ (firstDelay ?? period).nanoseconds
             due = grid
         case .fixedDelay(let delay, let initial):
             grid = now &+ (initial ?? delay).nanoseconds
@@ -201,10 +207,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         case .onceAfter(let delay):
             grid = now &+ delay.nanoseconds
             due = grid
-        case .onceAt(let at):
-            grid = ticks(at)
+        case .onceAt:
+            grid = trigger.instant.map(ticks) ?? now
             due = grid
-        case .cron(let expression):
+        case .cron:
+            guard let expression = trigger.cron?.expression else { preconditionFailure("a cron trigger always has its expression") }
             let wall = wallClock()
             guard let next = expression.nextSecond(after: Int(wall.timeIntervalSince1970.rounded(.down))) else {
                 throw SchedulerError(.invalidCronExpression, "job '\(options.name)': cron expression '\(expression.source)' has no occurrence in the next 8 years (Trigger.cron)")
@@ -212,7 +219,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             grid = Int64(next)
             due = now &+ Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9))
         }
-        let (id, wake) = try core.withLock { core -> (JobID, CheckedContinuation<Void, Never>?) in
+        let (id, wake) = try core.withLock { core -> (JobID, DriverWake?) in
             let id = try core.machine.schedule(
                 name: options.name, trigger: compactTrigger, options: compactOptions, body: body,
                 firstGrid: grid, firstDue: due)
@@ -248,7 +255,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// Wakes the driver: returns its continuation to resume outside the lock,
     /// or records a pending wake-up if it is not parked.
     @inline(__always)
-    static func signal(_ core: inout Core) -> CheckedContinuation<Void, Never>? {
+    static func signal(_ core: inout Core) -> DriverWake? {
         if core.driverParked {
             core.driverParked = false
             let c = core.driver
@@ -267,7 +274,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var arm: Int64?
         var more = false
         var exit = false
-        var wakeDriver: CheckedContinuation<Void, Never>?
+        var wakeDriver: DriverWake?
         var resumes: [CheckedContinuation<Void, Never>] = []
         var skipped: UInt64 = 0
         var missed: UInt64 = 0
@@ -413,7 +420,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     }
 
     private func park() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        await withUnsafeContinuation { (c: DriverWake) in
             let resumeNow = core.withLock { core -> Bool in
                 if core.wakePending {
                     core.wakePending = false
@@ -437,7 +444,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         } catch {
             fired = false
         }
-        let wake = core.withLock { core -> CheckedContinuation<Void, Never>? in
+        let wake = core.withLock { core -> DriverWake? in
             if let i = core.liveTimers.firstIndex(of: deadline) { core.liveTimers.remove(at: i) }
             return fired ? Self.signal(&core) : nil
         }
@@ -559,7 +566,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// Records finished runs in the state machine and wakes whoever follows.
     private func record(_ done: [RunCompletion], wakeDriver: Bool = false) {
-        let (wake, resumes, inFlight) = core.withLock { core -> (CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>], Int) in
+        let (wake, resumes, inFlight) = core.withLock { core -> (DriverWake?, [CheckedContinuation<Void, Never>], Int) in
             var end: Int64 = 0
             for c in done {
                 core.machine.finish(c)
@@ -691,7 +698,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         flags.markShuttingDown()
         let (abandoned, done, idle) = pool.withLock { $0.close() }
         for w in idle { w.resume() }
-        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], DriverWake?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
@@ -723,7 +730,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         flags.markShuttingDown()
         let (abandoned, done, idle) = pool.withLock { $0.close() }
         for w in idle { w.resume() }
-        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], CheckedContinuation<Void, Never>?, [CheckedContinuation<Void, Never>]) in
+        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], DriverWake?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }

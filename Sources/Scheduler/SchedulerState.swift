@@ -340,7 +340,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         func bad(_ code: SchedulerError.Code, _ m: String) -> SchedulerError { SchedulerError(code, "job '\(options.name)': \(m)") }
         let compact: CompactTrigger
         switch trigger.kind {
-        case .fixedRate(let period, _, let firstDelay):
+        case .fixedRate(let period, let firstDelay):
             guard period > .zero else { throw bad(.invalidTrigger, "interval \(period) must be greater than zero (Trigger.every interval)") }
             if let f = firstDelay, f < .zero { throw bad(.invalidTrigger, "first delay \(f) must not be negative (Trigger.every firstAfter)") }
             compact = .fixedRate(period: period.nanoseconds)
@@ -353,8 +353,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             compact = .once
         case .onceAt:
             compact = .once
-        case .cron(let e):
-            compact = .cron(CronBox(e))
+        case .cron:
+            guard let box = trigger.cron else { preconditionFailure("a cron trigger without its expression") }
+            compact = .cron(box)
         }
         guard options.jitter >= .zero else { throw bad(.invalidOption, "jitter \(options.jitter) must not be negative (JobOptions.jitter)") }
         if let t = options.timeout, t <= .zero { throw bad(.invalidOption, "timeout \(t) must be greater than zero (JobOptions.timeout)") }
@@ -400,22 +401,26 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         guard phase == .running else {
             throw SchedulerError(.shutDown, "job '\(name)' not scheduled: the scheduler is shutting down or shut down (JobScheduler.shutdown)")
         }
-        let slot: UInt32
-        if let s = freeJobs.popLast() {
-            slot = s
-        } else {
-            guard jobs.count < Int(UInt32.max) else {
-                throw SchedulerError(.tooManyJobs, "job '\(name)' not scheduled: \(jobs.count) job slots in use (cancel jobs you no longer need)")
-            }
-            slot = UInt32(jobs.count)
-            jobs.append(Job(box: nil, trigger: .once, options: options, serial: 0))
+        let reuse = freeJobs.popLast()
+        if reuse == nil && jobs.count >= Int(UInt32.max) {
+            throw SchedulerError(.tooManyJobs, "job '\(name)' not scheduled: \(jobs.count) job slots in use (cancel jobs you no longer need)")
         }
         let serial = nextSerial
         nextSerial &+= 1
         let due = firstDue &+ jitter(options)
-        jobs[Int(slot)] = Job(
-            box: JobBox(body: body, name: name), trigger: trigger, flags: [.inUse], options: options, serial: serial,
-            grid: firstGrid, regularDue: due)
+        let box = JobBox(body: body, name: name)
+        // The record is built where it is stored (a `let` of it assigned here was copied
+        // and destroyed, retaining and releasing its references).
+        let slot: UInt32
+        if let s = reuse {
+            slot = s
+            jobs[Int(s)] = Job(
+                box: box, trigger: trigger, flags: [.inUse], options: options, serial: serial, grid: firstGrid, regularDue: due)
+        } else {
+            slot = UInt32(jobs.count)
+            jobs.append(Job(
+                box: box, trigger: trigger, flags: [.inUse], options: options, serial: serial, grid: firstGrid, regularDue: due))
+        }
         queue.insert(slot, deadline: due)
         liveJobs += 1
         slotsInUse += 1

@@ -45,6 +45,30 @@ struct SchedulerStateTests {
         #expect(MemoryLayout<State.CompactOptions>.size <= 15)
     }
 
+    @Test("Duration.nanoseconds equals the 128-bit division it replaces, truncating and saturating")
+    func nanosecondsConversion() {
+        func reference(_ d: Duration) -> Int64 { Int64(clamping: d.attoseconds / 1_000_000_000) }
+        var edges: [Duration] = [
+            .zero, .nanoseconds(1), .nanoseconds(-1), .seconds(3600), .seconds(-3600),
+            Duration(attoseconds: 999_999_999), Duration(attoseconds: -999_999_999),
+            Duration(attoseconds: 1_000_000_000), Duration(attoseconds: -1_000_000_001),
+            .nanoseconds(Int64.max), .nanoseconds(Int64.min),
+            Duration(attoseconds: Int128(Int64.max) * 1_000_000_000 + 999_999_999),
+            Duration(attoseconds: Int128(Int64.max) * 1_000_000_000 + 1_000_000_000),
+            Duration(attoseconds: Int128(Int64.min) * 1_000_000_000 - 1_000_000_000),
+            Duration(attoseconds: Int128(UInt64.max)), Duration(attoseconds: Int128(UInt64.max) + 1),
+            Duration(attoseconds: -Int128(UInt64.max) - 1),
+            Duration(attoseconds: Int128(1_000_000_000) << 64), Duration(attoseconds: (Int128(1_000_000_000) << 64) - 1),
+            Duration(attoseconds: .max), Duration(attoseconds: .min + 1),
+        ]
+        var rng = SplitMix64(state: 42)
+        for _ in 0..<20_000 {
+            let hi = Int64(bitPattern: rng.next()) >> Int64(rng.next() % 64)
+            edges.append(Duration(attoseconds: Int128(hi) << 64 | Int128(rng.next())))
+        }
+        for d in edges { #expect(d.nanoseconds == reference(d), "\(d.attoseconds)") }
+    }
+
     @Test("jitter, timeout and retry are boxed only when one is set")
     func optionExtras() throws {
         let plain = try State.validate(.every(.seconds(1)), JobOptions())
