@@ -233,7 +233,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private func runCancel(_ r: Int) -> RunCancel { RunCancel(control: controls[r], serial: runs[r].serial) }
 
     /// The earliest run timeout, if any run has one.
-    var nextTimeout: Int64? { timeouts.min?.deadline }
+    @inline(__always) var nextTimeout: Int64? { timeouts.min?.deadline }
     private var ready: [RunStart] = []
     private var waiters: [UInt32: [CheckedContinuation<Void, Never>]] = [:]
     private var rng: SplitMix64
@@ -266,6 +266,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
 
     /// The earliest time something must happen: a job comes due, a run times
     /// out, the shutdown deadline passes; `Int64.min` if runs are ready now.
+    /// (The queries the shell calls under its lock are inlined: a call copied the
+    /// whole 312-byte state onto the stack to pass it, several times per step.)
+    @inline(__always)
     var nextDeadline: Int64? {
         if !ready.isEmpty { return .min }
         var d = queue.min?.deadline
@@ -277,6 +280,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     /// True while draining once no run is in progress.
+    @inline(__always)
     var isDrained: Bool {
         if case .draining = phase { return inFlight == 0 && ready.isEmpty }
         return false
@@ -547,6 +551,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     /// True if a queued job is due at `now`.
+    @inline(__always)
     func hasDue(now: Int64) -> Bool {
         if let m = queue.min { return m.deadline <= now }
         return false
