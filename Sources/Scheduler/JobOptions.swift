@@ -85,9 +85,12 @@ public struct JobOptions: Sendable {
     /// What in-progress runs do at shutdown; default `.drain`.
     public var shutdown: ShutdownBehavior
 
+    /// The name of a job scheduled without one: "job".
+    public static let defaultName = "job"
+
     /// Creates options; every parameter has the documented default.
     public init(
-        name: String = "job",
+        name: String = JobOptions.defaultName,
         overlap: OverlapPolicy = .skip,
         missedRuns: MissedRunPolicy = .skip,
         jitter: Duration = .zero,

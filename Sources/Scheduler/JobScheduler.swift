@@ -190,8 +190,28 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     ///   message names the knob) or the scheduler is shutting down.
     @_specialize(exported: true, where C == ContinuousClock)
     @discardableResult
-    public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions = JobOptions(), _ body: @escaping Body) throws -> JobHandle {
-        let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
+    public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions, _ body: @escaping Body) throws -> JobHandle {
+        let compactOptions = try SchedulerState<C.Instant>.validate(options)
+        return try schedule(trigger, name: options.name, compactOptions, body)
+    }
+
+    /// Schedules `body` on `trigger` with the default `JobOptions` (name "job",
+    /// overlap `.skip`, missed runs `.skip`, no jitter, timeout or retry,
+    /// `.drain` at shutdown). The same as passing `JobOptions()`, without
+    /// building and checking options on every call.
+    /// - Throws: `SchedulerError` if the trigger is invalid (the message names
+    ///   the knob) or the scheduler is shutting down.
+    @_specialize(exported: true, where C == ContinuousClock)
+    @discardableResult
+    public func schedule(_ trigger: Trigger<C.Instant>, _ body: @escaping Body) throws -> JobHandle {
+        try schedule(trigger, name: JobOptions.defaultName, SchedulerState<C.Instant>.defaultOptions, body)
+    }
+
+    @inline(__always)
+    private func schedule(
+        _ trigger: Trigger<C.Instant>, name: String, _ compactOptions: SchedulerState<C.Instant>.CompactOptions, _ body: @escaping Body
+    ) throws -> JobHandle {
+        let compactTrigger = try SchedulerState<C.Instant>.validate(trigger, name: name)
         // The clock is read only for triggers relative to now, and at most once (a clock read
         // is a tenth of a schedule call; a fixed-rate job with its first instant given needs none).
         lazy var now = ticks(clock.now)
@@ -214,14 +234,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             guard let expression = trigger.cron?.expression else { preconditionFailure("a cron trigger always has its expression") }
             let wall = wallClock()
             guard let next = expression.nextSecond(after: Int(wall.timeIntervalSince1970.rounded(.down))) else {
-                throw SchedulerError(.invalidCronExpression, "job '\(options.name)': cron expression '\(expression.source)' has no occurrence in the next 8 years (Trigger.cron)")
+                throw SchedulerError(.invalidCronExpression, "job '\(name)': cron expression '\(expression.source)' has no occurrence in the next 8 years (Trigger.cron)")
             }
             grid = Int64(next)
             due = now &+ Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9))
         }
         let (id, wake) = try core.withLock { core -> (JobID, DriverWake?) in
             let id = try core.machine.schedule(
-                name: options.name, trigger: compactTrigger, options: compactOptions, body: body,
+                name: name, trigger: compactTrigger, options: compactOptions, body: body,
                 firstGrid: grid, firstDue: due)
             return (id, Self.needsDriver(&core) ? Self.signal(&core) : nil)
         }

@@ -340,8 +340,19 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         options.jitter > 0 ? Int64(rng.next() % UInt64(options.jitter + 1)) : 0
     }
 
+    /// Validates a trigger and options (the error names the job and the knob).
     static func validate(_ trigger: Trigger<Instant>, _ options: JobOptions) throws -> (CompactTrigger, CompactOptions) {
-        func bad(_ code: SchedulerError.Code, _ m: String) -> SchedulerError { SchedulerError(code, "job '\(options.name)': \(m)") }
+        (try validate(trigger, name: options.name), try validate(options))
+    }
+
+    /// The options of a job scheduled without any: nothing to validate.
+    static var defaultOptions: CompactOptions {
+        CompactOptions(extras: nil, overlapMax: 1, missedMax: 1, overlapKind: 0, missedKind: 0, cancelOnShutdown: false)
+    }
+
+    /// Validates a trigger.
+    static func validate(_ trigger: Trigger<Instant>, name: String) throws -> CompactTrigger {
+        func bad(_ code: SchedulerError.Code, _ m: String) -> SchedulerError { SchedulerError(code, "job '\(name)': \(m)") }
         let compact: CompactTrigger
         switch trigger.kind {
         case .fixedRate(let period, let firstDelay):
@@ -361,6 +372,12 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             guard let box = trigger.cron else { preconditionFailure("a cron trigger without its expression") }
             compact = .cron(box)
         }
+        return compact
+    }
+
+    /// Validates options.
+    static func validate(_ options: JobOptions) throws -> CompactOptions {
+        func bad(_ code: SchedulerError.Code, _ m: String) -> SchedulerError { SchedulerError(code, "job '\(options.name)': \(m)") }
         guard options.jitter >= .zero else { throw bad(.invalidOption, "jitter \(options.jitter) must not be negative (JobOptions.jitter)") }
         if let t = options.timeout, t <= .zero { throw bad(.invalidOption, "timeout \(t) must be greater than zero (JobOptions.timeout)") }
         var o = CompactOptions(
@@ -393,7 +410,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jitter > 0 || timeout > 0 || options.retry != nil {
             o.extras = OptionExtras(jitter: jitter, timeout: timeout, retry: options.retry)
         }
-        return (compact, o)
+        return o
     }
 
     /// Adds a job. `firstDue` comes from the shell, which knows the clock:

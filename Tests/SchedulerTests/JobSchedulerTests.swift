@@ -341,6 +341,19 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("a job scheduled without options runs with the defaults; one with options keeps them")
+    func scheduleWithAndWithoutOptions() async throws {
+        try await withScheduler { scheduler, _ in
+            let plain = try scheduler.schedule(.every(.seconds(1))) { _ in }
+            let named = try scheduler.schedule(.every(.seconds(1)), options: JobOptions(name: "sync")) { _ in }
+            #expect(scheduler.statistics(for: plain)?.name == "job")
+            #expect(scheduler.statistics(for: named)?.name == "sync")
+            #expect(throws: SchedulerError.self) { try scheduler.schedule(.every(.zero)) { _ in } }
+            await scheduler.advance(by: .seconds(2))
+            #expect(scheduler.statistics(for: plain)?.runs == 2 && scheduler.statistics(for: named)?.runs == 2)
+        }
+    }
+
     @Test("after cancelling 10,000 handles the queue holds nothing of them")
     func tenThousandCancels() async throws {
         try await withScheduler { scheduler, _ in

@@ -69,6 +69,17 @@ struct SchedulerStateTests {
         for d in edges { #expect(d.nanoseconds == reference(d), "\(d.attoseconds)") }
     }
 
+    @Test("scheduling without options uses exactly what JobOptions() validates to")
+    func defaultOptions() throws {
+        let validated = try State.validate(JobOptions())
+        let preset = State.defaultOptions
+        #expect(preset.extras == nil && validated.extras == nil)
+        #expect(preset.overlapKind == validated.overlapKind && preset.overlapMax == validated.overlapMax)
+        #expect(preset.missedKind == validated.missedKind && preset.missedMax == validated.missedMax)
+        #expect(preset.cancelOnShutdown == validated.cancelOnShutdown)
+        #expect(JobOptions().name == JobOptions.defaultName)
+    }
+
     @Test("jitter, timeout and retry are boxed only when one is set")
     func optionExtras() throws {
         let plain = try State.validate(.every(.seconds(1)), JobOptions())
