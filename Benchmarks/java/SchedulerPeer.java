@@ -93,8 +93,10 @@ public class SchedulerPeer {
         for (int round = 0; round < rounds; round++) {
             handles.clear();
             long far = 3600L * 1_000_000_000L;
+            long[] delays = new long[n];  // computed before the clock starts, as scheduler-bench does
+            for (int i = 0; i < n; i++) delays[i] = far + i * 1000L;
             long t0 = System.nanoTime();
-            for (int i = 0; i < n; i++) handles.add(ex.scheduleAtFixedRate(body, far + i * 1000L, 1_000_000_000L, TimeUnit.NANOSECONDS));
+            for (int i = 0; i < n; i++) handles.add(ex.scheduleAtFixedRate(body, delays[i], 1_000_000_000L, TimeUnit.NANOSECONDS));
             long t1 = System.nanoTime();
             for (ScheduledFuture<?> h : handles) h.cancel(false);
             long t2 = System.nanoTime();
