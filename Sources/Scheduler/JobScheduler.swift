@@ -219,7 +219,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         let due: Int64
         switch trigger.kind {
         case .fixedRate(let period, let firstDelay):
-            grid = trigger.instant.map(ticks) ?? now &+ (firstDelay ?? period).nanoseconds
+            // `if let`, not `trigger.instant.map(ticks)`: the method reference is a closure
+            // that retains and releases the scheduler on every call.
+            if let first = trigger.instant {
+                grid = ticks(first)
+            } else {
+                grid = now &+ (firstDelay ?? period).nanoseconds
+            }
             due = grid
         case .fixedDelay(let delay, let initial):
             grid = now &+ (initial ?? delay).nanoseconds
@@ -228,7 +234,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             grid = now &+ delay.nanoseconds
             due = grid
         case .onceAt:
-            grid = trigger.instant.map(ticks) ?? now
+            if let at = trigger.instant { grid = ticks(at) } else { grid = now }
             due = grid
         case .cron:
             guard let expression = trigger.cron?.expression else { preconditionFailure("a cron trigger always has its expression") }
