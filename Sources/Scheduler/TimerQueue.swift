@@ -62,11 +62,14 @@ struct TimerQueue: Sendable {
             return
         }
         let i = Int(id)
-        if i >= positions.count {
-            positions.append(contentsOf: repeatElement(-1, count: i - positions.count + 1))
-        }
         entries.append(Entry(deadline: deadline, id: id))
-        positions[i] = Int32(entries.count - 1)
+        let position = Int32(entries.count - 1)
+        if i == positions.count {
+            positions.append(position)  // the usual growth: ids are slots, handed out in order
+        } else {
+            if i > positions.count { positions.append(contentsOf: repeatElement(-1, count: i - positions.count + 1)) }
+            positions[i] = position
+        }
         siftUp(entries.count - 1)
     }
 
