@@ -163,6 +163,12 @@ struct TimerQueue: Sendable {
     }
 
     /// Removes everything.
+    /// Reserves room for `count` entries and ids below `count`.
+    mutating func reserveCapacity(_ count: Int) {
+        entries.reserveCapacity(count)
+        positions.reserveCapacity(count)
+    }
+
     mutating func removeAll() {
         entries = []
         positions = []

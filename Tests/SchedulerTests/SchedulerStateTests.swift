@@ -106,6 +106,20 @@ struct SchedulerStateTests {
         #expect(state.queue.isEmpty && state.jobTableCapacity == 0)
     }
 
+    @Test("tables given back at a cancel-all regrow to their last size in one step")
+    func regrowAfterCancelAll() throws {
+        var state = State(seed: 1)
+        let ids = try (0..<1_000).map { try Self.add(&state, .every(.seconds(1)), first: Self.second + Int64($0)) }
+        for id in ids { _ = state.cancel(id) }
+        #expect(state.jobTableCapacity == 0 && state.jobTableReserved == 0 && state.queue.entries.capacity == 0)
+        let again = try Self.add(&state, .every(.seconds(1)), first: Self.second)
+        #expect(state.jobTableReserved >= 1_000 && state.queue.entries.capacity >= 1_000)
+        // only once: a later emptying of a small table does not keep the large size
+        _ = state.cancel(again)
+        _ = try Self.add(&state, .every(.seconds(1)), first: Self.second)
+        #expect(state.jobTableReserved < 1_000)
+    }
+
     @Test("a one-shot job cancelled while a retry attempt runs is not revived when that attempt fails")
     func cancelOnceDuringRetry() throws {
         var state = State(seed: 1)
