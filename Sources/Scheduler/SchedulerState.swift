@@ -441,18 +441,19 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         let serial = nextSerial
         nextSerial &+= 1
         let due = firstDue &+ jitter(options)
-        let box = JobBox(body: body, name: name)
-        // The record is built where it is stored (a `let` of it assigned here was copied
-        // and destroyed, retaining and releasing its references).
+        // The record and its box are built where they are stored (a `let` of either, used
+        // here, was copied into the table: a retain and a release each).
         let slot: UInt32
         if let s = reuse {
             slot = s
             jobs[Int(s)] = Job(
-                box: box, trigger: trigger, flags: [.inUse], options: options, serial: serial, grid: firstGrid, regularDue: due)
+                box: JobBox(body: body, name: name), trigger: trigger, flags: [.inUse], options: options, serial: serial,
+                grid: firstGrid, regularDue: due)
         } else {
             slot = UInt32(jobs.count)
             jobs.append(Job(
-                box: box, trigger: trigger, flags: [.inUse], options: options, serial: serial, grid: firstGrid, regularDue: due))
+                box: JobBox(body: body, name: name), trigger: trigger, flags: [.inUse], options: options, serial: serial,
+                grid: firstGrid, regularDue: due))
         }
         queue.insert(slot, deadline: due)
         liveJobs += 1
