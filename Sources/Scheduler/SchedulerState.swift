@@ -360,9 +360,12 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         let compact: CompactTrigger
         switch trigger.kind {
         case .fixedRate(let period, let firstDelay):
-            guard period > .zero else { throw bad(.invalidTrigger, "interval \(period) must be greater than zero (Trigger.every interval)") }
-            if let f = firstDelay, f < .zero { throw bad(.invalidTrigger, "first delay \(f) must not be negative (Trigger.every firstAfter)") }
-            compact = .fixedRate(period: period.nanoseconds)
+            // Checked in whole nanoseconds, the scheduler's unit: a period under 1 ns is
+            // positive as a `Duration` but 0 ticks, which would fire without end.
+            let p = period.nanoseconds
+            guard p > 0 else { throw bad(.invalidTrigger, "interval \(period) must be at least 1 nanosecond (Trigger.every interval)") }
+            if let f = firstDelay, f.attoseconds < 0 { throw bad(.invalidTrigger, "first delay \(f) must not be negative (Trigger.every firstAfter)") }
+            compact = .fixedRate(period: p)
         case .fixedDelay(let delay, let initial):
             guard delay >= .zero else { throw bad(.invalidTrigger, "delay \(delay) must not be negative (Trigger.fixedDelay delay)") }
             if let i = initial, i < .zero { throw bad(.invalidTrigger, "initial delay \(i) must not be negative (Trigger.fixedDelay initialDelay)") }

@@ -349,6 +349,9 @@ struct JobSchedulerTests {
             #expect(scheduler.statistics(for: plain)?.name == "job")
             #expect(scheduler.statistics(for: named)?.name == "sync")
             #expect(throws: SchedulerError.self) { try scheduler.schedule(.every(.zero)) { _ in } }
+            // positive, but no whole nanosecond: would be a period of 0 ticks
+            let tiny = #expect(throws: SchedulerError.self) { try scheduler.schedule(.every(Duration(attoseconds: 1))) { _ in } }
+            #expect(tiny?.message.contains("at least 1 nanosecond (Trigger.every interval)") == true)
             await scheduler.advance(by: .seconds(2))
             #expect(scheduler.statistics(for: plain)?.runs == 2 && scheduler.statistics(for: named)?.runs == 2)
         }
