@@ -386,7 +386,8 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     static func validate(_ options: JobOptions) throws -> CompactOptions {
         func bad(_ code: SchedulerError.Code, _ m: String) -> SchedulerError { SchedulerError(code, "job '\(options.name)': \(m)") }
         guard options.jitter >= .zero else { throw bad(.invalidOption, "jitter \(options.jitter) must not be negative (JobOptions.jitter)") }
-        if let t = options.timeout, t <= .zero { throw bad(.invalidOption, "timeout \(t) must be greater than zero (JobOptions.timeout)") }
+        // In whole nanoseconds, the scheduler's unit: under 1 ns would silently mean "no timeout".
+        if let t = options.timeout, t.nanoseconds <= 0 { throw bad(.invalidOption, "timeout \(t) must be at least 1 nanosecond (JobOptions.timeout)") }
         var o = CompactOptions(
             extras: nil, overlapMax: 1, missedMax: 1, overlapKind: 0, missedKind: 0, cancelOnShutdown: options.shutdown == .cancel)
         switch options.overlap {
