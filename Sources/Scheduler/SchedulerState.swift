@@ -578,6 +578,11 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             due.starts = ready
             ready = []
         }
+        if hasDue(now: now) {
+            // Room for the batch at once: grown by doubling, a 32-run refill chunk
+            // reallocated the array six times (`perf probe`: 0.9 releases per run there).
+            due.starts.reserveCapacity(due.starts.count + Swift.min(limit, queue.count))
+        }
         while due.starts.count < limit, let e = queue.popDue(now: now) {
             fire(Int(e.id), due: e.deadline, now: now, wall: wall, into: &due.starts)
         }
