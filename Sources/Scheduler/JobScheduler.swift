@@ -191,8 +191,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @_specialize(exported: true, where C == ContinuousClock)
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions, _ body: @escaping Body) throws -> JobHandle {
+        let compactTrigger = try SchedulerState<C.Instant>.validate(trigger, name: options.name)  // the trigger's error first
         let compactOptions = try SchedulerState<C.Instant>.validate(options)
-        return try schedule(trigger, name: options.name, compactOptions, body)
+        return try schedule(trigger, compactTrigger, name: options.name, compactOptions, body)
     }
 
     /// Schedules `body` on `trigger` with the default `JobOptions` (name "job",
@@ -204,14 +205,15 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @_specialize(exported: true, where C == ContinuousClock)
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, _ body: @escaping Body) throws -> JobHandle {
-        try schedule(trigger, name: JobOptions.defaultName, SchedulerState<C.Instant>.defaultOptions, body)
+        let compactTrigger = try SchedulerState<C.Instant>.validate(trigger, name: JobOptions.defaultName)
+        return try schedule(trigger, compactTrigger, name: JobOptions.defaultName, SchedulerState<C.Instant>.defaultOptions, body)
     }
 
     @inline(__always)
     private func schedule(
-        _ trigger: Trigger<C.Instant>, name: String, _ compactOptions: SchedulerState<C.Instant>.CompactOptions, _ body: @escaping Body
+        _ trigger: Trigger<C.Instant>, _ compactTrigger: SchedulerState<C.Instant>.CompactTrigger, name: String,
+        _ compactOptions: SchedulerState<C.Instant>.CompactOptions, _ body: @escaping Body
     ) throws -> JobHandle {
-        let compactTrigger = try SchedulerState<C.Instant>.validate(trigger, name: name)
         // The clock is read only for triggers relative to now, and at most once (a clock read
         // is a tenth of a schedule call; a fixed-rate job with its first instant given needs none).
         lazy var now = ticks(clock.now)
@@ -234,7 +236,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             grid = now &+ delay.nanoseconds
             due = grid
         case .onceAt:
-            if let at = trigger.instant { grid = ticks(at) } else { grid = now }
+            guard let at = trigger.instant else { preconditionFailure("a once(at:) trigger always has its instant") }
+            grid = ticks(at)
             due = grid
         case .cron:
             guard let expression = trigger.cron?.expression else { preconditionFailure("a cron trigger always has its expression") }

@@ -578,13 +578,16 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             due.starts = ready
             ready = []
         }
-        if hasDue(now: now) {
-            // Room for the batch at once: grown by doubling, a 32-run refill chunk
-            // reallocated the array six times (`perf probe`: 0.9 releases per run there).
-            due.starts.reserveCapacity(due.starts.count + Swift.min(limit, queue.count))
-        }
+        var reserved = false
         while due.starts.count < limit, let e = queue.popDue(now: now) {
             fire(Int(e.id), due: e.deadline, now: now, wall: wall, into: &due.starts)
+            if !reserved && hasDue(now: now) {
+                // A batch: room for it at once (grown by doubling, a 32-run refill chunk
+                // reallocated the array six times). Only once a second run is due, and at
+                // most 256 ahead, so that a single run or a huge limit reserves nothing large.
+                reserved = true
+                due.starts.reserveCapacity(due.starts.count + Swift.min(limit - due.starts.count, queue.count, 256))
+            }
         }
         compactIfEmpty()
         return due

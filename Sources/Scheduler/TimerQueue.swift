@@ -162,13 +162,13 @@ struct TimerQueue: Sendable {
         }
     }
 
-    /// Removes everything.
     /// Reserves room for `count` entries and ids below `count`.
     mutating func reserveCapacity(_ count: Int) {
         entries.reserveCapacity(count)
         positions.reserveCapacity(count)
     }
 
+    /// Removes everything.
     mutating func removeAll() {
         entries = []
         positions = []

@@ -30,7 +30,8 @@ public struct Trigger<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// The expression of `.cron`.
     let cron: CronBox?
 
-    init(kind: TriggerKind, instant: Instant? = nil, cron: CronBox? = nil) {
+    /// Only the factories below build triggers, so that `kind` and the stored values agree.
+    private init(kind: TriggerKind, instant: Instant? = nil, cron: CronBox? = nil) {
         self.kind = kind
         self.instant = instant
         self.cron = cron

@@ -352,6 +352,11 @@ struct JobSchedulerTests {
             // positive, but no whole nanosecond: would be a period of 0 ticks
             let tiny = #expect(throws: SchedulerError.self) { try scheduler.schedule(.every(Duration(attoseconds: 1))) { _ in } }
             #expect(tiny?.message.contains("at least 1 nanosecond (Trigger.every interval)") == true)
+            // a bad trigger and bad options: the trigger's error, as before the options had their own check
+            let both = #expect(throws: SchedulerError.self) {
+                try scheduler.schedule(.every(.zero), options: JobOptions(timeout: .zero)) { _ in }
+            }
+            #expect(both?.code == .invalidTrigger)
             await scheduler.advance(by: .seconds(2))
             #expect(scheduler.statistics(for: plain)?.runs == 2 && scheduler.statistics(for: named)?.runs == 2)
         }

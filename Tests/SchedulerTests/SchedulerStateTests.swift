@@ -85,7 +85,8 @@ struct SchedulerStateTests {
         let plain = try State.validate(.every(.seconds(1)), JobOptions())
         #expect(plain.1.extras == nil && plain.1.jitter == 0 && plain.1.timeout == 0 && plain.1.retry == nil)
         let retry = RetryPolicy(maxAttempts: 3, initialBackoff: .milliseconds(10), maxBackoff: .seconds(1))
-        #expect(throws: SchedulerError.self) { try State.validate(.every(.seconds(1)), JobOptions(timeout: Duration(attoseconds: 999_999_999))) }
+        let tiny = #expect(throws: SchedulerError.self) { try State.validate(.every(.seconds(1)), JobOptions(timeout: Duration(attoseconds: 999_999_999))) }
+        #expect(tiny?.message.contains("at least 1 nanosecond (JobOptions.timeout)") == true)
         let full = try State.validate(.every(.seconds(1)), JobOptions(jitter: .milliseconds(5), timeout: .seconds(2), retry: retry))
         #expect(full.1.jitter == 5_000_000 && full.1.timeout == 2_000_000_000 && full.1.retry?.maxAttempts == 3)
     }
