@@ -52,7 +52,7 @@ END {
   for (i = 1; i <= n; i++) { s = order[i]; if (!(s in scen)) continue
     printf "%-18s %12s %12s %12s %10s %10s\n", s, p50[s,"ours"], p50[s,"naive"], p50[s,"java"], ratio(p50[s,"ours"], p50[s,"naive"]), ratio(p50[s,"ours"], p50[s,"java"]) }
   printf "\n%-18s %12s %12s %12s %10s %10s\n", "cost", "ours", "naive", "java", "ours/naive", "ours/java"
-  m = split("schedule_ns cancel_ns cancel_all_ms rss_bytes_per_job", morder, " ")
+  m = split("schedule_ns schedule_at_ns cancel_ns cancel_all_ms rss_bytes_per_job", morder, " ")
   for (i = 1; i <= m; i++) { k = morder[i]; if (!(k in met)) continue
     printf "%-18s %12s %12s %12s %10s %10s\n", k, val[k,"ours"], val[k,"naive"], val[k,"java"], ratio(val[k,"ours"], val[k,"naive"]), ratio(val[k,"ours"], val[k,"java"]) }
 }' "$OUT"
