@@ -57,11 +57,16 @@ public struct RetryPolicy: Sendable, Hashable {
     }
 
     /// The wait after failed attempt `attempt` (1-based).
+    /// Never traps: a growth past `Int64` nanoseconds, or an infinite multiplier, gives
+    /// `maxBackoff`; a zero initial backoff stays zero.
     public func backoff(afterAttempt attempt: Int) -> Duration {
-        let initial = Double(initialBackoff.nanoseconds)
-        let value = initial * Foundation.pow(multiplier, Double(max(0, attempt - 1)))
-        let capped = Swift.min(value, Double(maxBackoff.nanoseconds))
-        return .nanoseconds(Int64(capped))
+        let initialNanoseconds = initialBackoff.nanoseconds
+        let maxNanoseconds = maxBackoff.nanoseconds
+        if initialNanoseconds <= 0 { return .zero }
+        let value = Double(initialNanoseconds) * Foundation.pow(multiplier, Double(max(0, attempt - 1)))
+        // NaN (a NaN multiplier) and anything at or past 2^63 ns end at the cap.
+        guard value < Double(maxNanoseconds), value < 9.2e18 else { return .nanoseconds(max(0, maxNanoseconds)) }
+        return .nanoseconds(Int64(value))
     }
 }
 
@@ -105,6 +110,16 @@ public struct JobOptions: Sendable {
         self.timeout = timeout
         self.retry = retry
         self.shutdown = shutdown
+    }
+}
+
+extension Int64 {
+    /// `self + other`, saturating at `Int64`'s bounds: a deadline that far away is
+    /// never reached, rather than wrapping into the past and firing at once.
+    @inline(__always)
+    func saturatingAdd(_ other: Int64) -> Int64 {
+        let (sum, overflow) = addingReportingOverflow(other)
+        return overflow ? (other > 0 ? .max : .min) : sum
     }
 }
 

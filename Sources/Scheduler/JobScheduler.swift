@@ -226,14 +226,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             if let first = trigger.instant {
                 grid = ticks(first)
             } else {
-                grid = now &+ (firstDelay ?? period).nanoseconds
+                grid = now.saturatingAdd((firstDelay ?? period).nanoseconds)
             }
             due = grid
         case .fixedDelay(let delay, let initial):
-            grid = now &+ (initial ?? delay).nanoseconds
+            grid = now.saturatingAdd((initial ?? delay).nanoseconds)
             due = grid
         case .onceAfter(let delay):
-            grid = now &+ delay.nanoseconds
+            grid = now.saturatingAdd(delay.nanoseconds)
             due = grid
         case .onceAt:
             guard let at = trigger.instant else { preconditionFailure("a once(at:) trigger always has its instant") }
@@ -246,7 +246,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 throw SchedulerError(.invalidCronExpression, "job '\(name)': cron expression '\(expression.source)' has no occurrence in the next 8 years (Trigger.cron)")
             }
             grid = Int64(next)
-            due = now &+ Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9))
+            due = now.saturatingAdd(Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9)))
         }
         let (id, wake) = try core.withLock { core -> (JobID, DriverWake?) in
             let id = try core.machine.schedule(
@@ -733,7 +733,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
-            let cancels = core.machine.beginShutdown(deadline: now &+ deadline.nanoseconds)
+            let cancels = core.machine.beginShutdown(deadline: now.saturatingAdd(deadline.nanoseconds))
             if core.lifecycle == .idle {
                 core.lifecycle = .finished
                 core.shutdownEndedAt = now

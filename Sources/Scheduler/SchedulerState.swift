@@ -341,7 +341,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     // MARK: - Schedule
 
     private mutating func jitter(_ options: CompactOptions) -> Int64 {
-        options.jitter > 0 ? Int64(rng.next() % UInt64(options.jitter + 1)) : 0
+        options.jitter > 0 ? Int64(rng.next() % (UInt64(options.jitter) &+ 1)) : 0
     }
 
     /// Validates a trigger and options (the error names the job and the knob).
@@ -444,7 +444,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         }
         let serial = nextSerial
         nextSerial &+= 1
-        let due = firstDue &+ jitter(options)
+        let due = firstDue.saturatingAdd(jitter(options))
         // The record and its box are built where they are stored (a `let` of either, used
         // here, was copied into the table: a retain and a release each).
         let slot: UInt32
@@ -620,8 +620,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
                 let keep = Int64(jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1)
                 for i in Swift.max(0, k - keep)..<k { times.append(i == 0 ? due : grid + i * period) }
             }
-            jobs[s].grid = grid + k * period
-            jobs[s].regularDue = jobs[s].grid + jitter(jobs[s].options)
+            let (advance, overflow) = k.multipliedReportingOverflow(by: period)
+            jobs[s].grid = grid.saturatingAdd(overflow ? .max : advance)  // a period of centuries: never again
+            jobs[s].regularDue = jobs[s].grid.saturatingAdd(jitter(jobs[s].options))
             queue.insert(UInt32(s), deadline: jobs[s].regularDue)
         case .cron(let box):
             let wallSecond = Int(wall.timeIntervalSince1970.rounded(.down))
@@ -722,7 +723,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         jobs[s].inFlight += 1
         inFlight += 1
         if jobs[s].options.timeout > 0 {
-            timeouts.insert(UInt32(r), deadline: now &+ jobs[s].options.timeout)
+            timeouts.insert(UInt32(r), deadline: now.saturatingAdd(jobs[s].options.timeout))
         }
         return record
     }
@@ -793,7 +794,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             return
         }
         if case .fixedDelay(let delay) = jobs[s].trigger, jobs[s].inFlight == 0 {
-            jobs[s].regularDue = now &+ delay &+ jitter(jobs[s].options)
+            jobs[s].regularDue = now.saturatingAdd(delay).saturatingAdd(jitter(jobs[s].options))
             queue.insert(UInt32(s), deadline: jobs[s].regularDue)
         }
         if failed, let retry = jobs[s].options.retry, attempt < retry.maxAttempts {
@@ -811,7 +812,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     private mutating func scheduleRetry(_ s: Int, retry: RetryPolicy, attempt: Int, now: Int64) {
-        let at = now &+ retry.backoff(afterAttempt: attempt).nanoseconds
+        let at = now.saturatingAdd(retry.backoff(afterAttempt: attempt).nanoseconds)
         if at < jobs[s].regularDue {
             jobs[s].flags.insert(.retryPending)
             jobs[s].attempt = UInt16(attempt + 1)

@@ -362,6 +362,27 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("durations too large for the clock mean 'never', not a trap or a run at once")
+    func hugeDurations() async throws {
+        try await withScheduler { scheduler, _ in
+            let huge = Duration.seconds(Int64.max)
+            let r = Recorder()
+            let once = try scheduler.schedule(.once(after: huge)) { _ in r.note("once") }
+            _ = try scheduler.schedule(.every(.seconds(1), firstAfter: huge)) { _ in r.note("every") }
+            _ = try scheduler.schedule(.fixedDelay(.seconds(1), initialDelay: huge)) { _ in r.note("delay") }
+            _ = try scheduler.schedule(.every(huge, firstAfter: .zero), options: JobOptions(jitter: huge)) { _ in r.note("jittered") }
+            _ = try scheduler.schedule(.every(huge, firstAfter: .zero), options: JobOptions(name: "centuries")) { _ in r.note("centuries") }
+            await scheduler.advance(by: .seconds(10))
+            // the one with no jitter runs at once, then its next run is centuries away
+            #expect(r.allNotes == ["centuries"])
+            #expect(once.nextRun != nil && !once.isCancelled)
+        }
+        let policy = RetryPolicy(maxAttempts: 100, initialBackoff: .seconds(1), maxBackoff: .seconds(Int64.max))
+        #expect(policy.backoff(afterAttempt: 90) == .nanoseconds(Int64.max))
+        #expect(RetryPolicy(initialBackoff: .zero, multiplier: .infinity).backoff(afterAttempt: 3) == .zero)
+        #expect(RetryPolicy(initialBackoff: .seconds(1), maxBackoff: .seconds(60), multiplier: .infinity).backoff(afterAttempt: 3) == .seconds(60))
+    }
+
     @Test("after cancelling 10,000 handles the queue holds nothing of them")
     func tenThousandCancels() async throws {
         try await withScheduler { scheduler, _ in
