@@ -64,8 +64,9 @@ public struct RetryPolicy: Sendable, Hashable {
         let maxNanoseconds = maxBackoff.nanoseconds
         if initialNanoseconds <= 0 { return .zero }
         let value = Double(initialNanoseconds) * Foundation.pow(multiplier, Double(max(0, attempt - 1)))
-        // NaN (a NaN multiplier) and anything at or past 2^63 ns end at the cap.
-        guard value < Double(maxNanoseconds), value < 9.2e18 else { return .nanoseconds(max(0, maxNanoseconds)) }
+        // NaN fails the comparison, and the cap is at most Double(Int64.max) = 2^63, so
+        // whatever passes converts to Int64.
+        guard value < Double(maxNanoseconds) else { return .nanoseconds(max(0, maxNanoseconds)) }
         return .nanoseconds(Int64(value))
     }
 }
@@ -144,14 +145,8 @@ extension Duration {
         // m = d * (hi * q1) + hi * r1 + lo (an overflow of hi * q1 saturates below).
         let (base, o1) = hi.multipliedReportingOverflow(by: q1)
         let (s, carry) = (hi &* r1).addingReportingOverflow(lo)  // hi * r1 < 10^18: no overflow
-        var q: UInt64
-        var o2 = false
-        if carry {
-            // s + 2^64 = s + q1 * d + r1, and s < 10^18 after the wrap, so s + r1 fits.
-            (q, o2) = base.addingReportingOverflow(q1 &+ (s &+ r1) / d)
-        } else {
-            (q, o2) = base.addingReportingOverflow(s / d)
-        }
+        // After a carry, s + 2^64 = s + q1 * d + r1, and s < 10^18, so s + r1 fits.
+        let (q, o2) = base.addingReportingOverflow(carry ? q1 &+ (s &+ r1) / d : s / d)
         if o1 || o2 || q > UInt64(Int64.max) {
             if a < 0 && !o1 && !o2 && q == UInt64(Int64.max) + 1 { return .min }
             return a < 0 ? .min : .max

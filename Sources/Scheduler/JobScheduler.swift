@@ -191,8 +191,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @_specialize(exported: true, where C == ContinuousClock)
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions, _ body: @escaping Body) throws -> JobHandle {
-        let compactTrigger = try SchedulerState<C.Instant>.validate(trigger, name: options.name)  // the trigger's error first
-        let compactOptions = try SchedulerState<C.Instant>.validate(options)
+        let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
         return try schedule(trigger, compactTrigger, name: options.name, compactOptions, body)
     }
 

@@ -344,7 +344,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         options.jitter > 0 ? Int64(rng.next() % (UInt64(options.jitter) &+ 1)) : 0
     }
 
-    /// Validates a trigger and options (the error names the job and the knob).
+    /// Validates a trigger and options, the trigger first (the error names the job and the knob).
     static func validate(_ trigger: Trigger<Instant>, _ options: JobOptions) throws -> (CompactTrigger, CompactOptions) {
         (try validate(trigger, name: options.name), try validate(options))
     }
