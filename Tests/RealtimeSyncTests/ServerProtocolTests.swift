@@ -32,6 +32,52 @@ struct ServerProtocolTests {
         }
     }
 
+    @Test("While changes stream in, every change before unsubscribed carries that id, none follows it, and none precedes the next subscribed")
+    func unsubscribeDuringStream() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog, windowLimits: .init(maxCount: 1_000_000))
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            let publisher = Task {
+                var next = 1
+                while !Task.isCancelled {
+                    source.publish(itemInserts(next..<next + 20))
+                    next += 20
+                    try? await Task.sleep(for: .milliseconds(1))
+                }
+            }
+            defer { publisher.cancel() }
+            var lastID = 0
+            for round in 1...20 {
+                let id = "s\(round)"
+                // The next message must be this answer: no change may sit between the previous
+                // `unsubscribed` and it, as there was no subscription then.
+                try await socket.subscribe(id)
+                var received = 0
+                while received < 30 {
+                    let change = try await socket.receiveJSON()
+                    #expect(change["type"] as? String == "change")
+                    #expect(change["ids"] as? [String] == [id])
+                    let rowID = try #require((change["new"] as? [String: Any])?["id"] as? Int)
+                    #expect(rowID > lastID, "changes arrive in commit order")
+                    lastID = rowID
+                    received += 1
+                }
+                try await socket.sendText(#"{"type":"unsubscribe","id":"\#(id)"}"#)
+                while true {
+                    let message = try await socket.receiveJSON()
+                    if message["type"] as? String == "unsubscribed" {
+                        #expect(message["id"] as? String == id)
+                        break
+                    }
+                    #expect(message["type"] as? String == "change")
+                    #expect(message["ids"] as? [String] == [id])
+                }
+            }
+            try await socket.sendClose()
+            #expect(try await socket.receiveClose() == 1000)
+        }
+    }
+
     @Test("A change matching several subscriptions of one client arrives once, with every matching id")
     func oneMessagePerClient() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
