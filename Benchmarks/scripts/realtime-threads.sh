@@ -29,4 +29,5 @@ snapshot > /tmp/realtime-threads.0; sleep 3; snapshot > /tmp/realtime-threads.1
 tick=$(getconf CLK_TCK)
 echo "server CPU per thread over 3 s (ms):"
 join /tmp/realtime-threads.0 /tmp/realtime-threads.1 | awk -v tick="$tick" '{d=($5-$3)*1000/tick; if (d>0) print "  " $2, d}' | sort -k2 -n -r
+join /tmp/realtime-threads.0 /tmp/realtime-threads.1 | awk -v tick="$tick" '{t+=($5-$3)*1000/tick} END {print "  total", t}'
 wait $bench
