@@ -604,6 +604,12 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jobs[s].flags.contains(.retryPending) {
             jobs[s].flags.remove(.retryPending)
             if jobs[s].regularDue != .max { queue.insert(UInt32(s), deadline: jobs[s].regularDue) }
+            if case .once = jobs[s].trigger {
+                // The retry is a one-shot job's last run again (`finish` revives it if this
+                // attempt fails too and attempts remain); otherwise it stayed live forever.
+                jobs[s].flags.insert(.gone)
+                liveJobs -= 1
+            }
             startOrOverlap(s, scheduled: due, attempt: jobs[s].attempt, now: now, into: &starts)
             return
         }

@@ -304,6 +304,34 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("a one-shot job whose first attempt fails is done after its retry: gone from the statistics, its handle cancelled, its body released",
+          arguments: [true, false])
+    func onceRetryEnds(retrySucceeds: Bool) async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let retry = RetryPolicy(maxAttempts: 2, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+            weak var canary: Canary?
+            let h = try { () throws -> JobHandle in
+                let captured = Canary()
+                canary = captured
+                return try scheduler.schedule(.once(after: .seconds(1)), options: .init(retry: retry)) { [captured] c in
+                    _ = captured
+                    r.record(c)
+                    if c.attempt == 1 || !retrySucceeds { throw CancellationError() }
+                }
+            }()
+            await scheduler.advance(by: .seconds(5))
+            #expect(r.all.map(\.attempt) == [1, 2])
+            #expect(r.starts == [s(1), s(2)])
+            #expect(h.isCancelled)
+            #expect(h.nextRun == nil)
+            #expect(scheduler.statistics.jobs == 0)
+            #expect(canary == nil, "the scheduler still holds the job's body")
+            await scheduler.advance(by: .seconds(10))
+            #expect(r.all.count == 2)
+        }
+    }
+
     @Test("more runs due at once than one hand-over holds: every one starts at its time, each with a worker")
     func dueBeyondOneHandOver() async throws {
         try await withScheduler(maxStartsPerWakeup: 2) { scheduler, clock in
@@ -602,3 +630,6 @@ struct JobSchedulerTests {
         }
     }
 }
+
+/// An object captured by a job's body, to see (through a weak reference) when the scheduler lets go of the body.
+final class Canary: Sendable {}
