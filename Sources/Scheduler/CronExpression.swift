@@ -8,7 +8,9 @@ import Foundation
 /// (`JAN`, `MON`), weekday 7 is Sunday, `?` means `*`. The macros `@yearly`,
 /// `@annually`, `@monthly`, `@weekly`, `@daily`, `@midnight` and `@hourly` are
 /// accepted. As in Vixie cron, when both day-of-month and day-of-week are
-/// restricted a day matches if either matches.
+/// restricted a day matches if either matches; a field starting with `*`
+/// (`*/2` too) is not restricted, so `0 0 */2 * 1` fires on odd days that
+/// are Mondays.
 ///
 /// Matching is done on local wall-clock time in `timeZone`. Across DST:
 /// - a local time skipped by a spring-forward gap fires once, at the first
@@ -111,8 +113,9 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
             throw fail("has '\(s)', which is not a number\(names.isEmpty ? "" : " or name")")
         }
         var result: UInt64 = 0
-        var restricted = true
-        if field == "*" || field == "?" { restricted = false }
+        // As in Vixie cron and cronie: a field that starts with `*` (so `*/2` too) is not a
+        // restriction when day-of-month and day-of-week are combined.
+        let restricted = !(field.hasPrefix("*") || field.hasPrefix("?"))
         for item in field.split(separator: ",", omittingEmptySubsequences: false) {
             guard !item.isEmpty else { throw fail("has an empty list item") }
             let parts = item.split(separator: "/", omittingEmptySubsequences: false)
@@ -140,7 +143,9 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
             var v = a
             while v <= b {
                 result |= 1 << UInt64(v)
-                v += step
+                let (next, overflow) = v.addingReportingOverflow(step)
+                if overflow { break }  // a step beyond Int.max (`*/9223372036854775807`) trapped here
+                v = next
             }
         }
         return (result, restricted)

@@ -70,6 +70,12 @@ struct CronExpressionTests {
         // fields
         Case(expression: "0 0 13 * 5", zone: "UTC", after: "2024-09-01T00:00:00Z", expected: "2024-09-06T00:00:00Z",
              note: "day-of-month OR day-of-week (Vixie)"),
+        Case(expression: "0 0 */2 * 1", zone: "UTC", after: "2024-01-01T00:00:00Z", expected: "2024-01-15T00:00:00Z",
+             note: "a day-of-month starting with * is no restriction: odd days AND Mondays (Vixie, cronie)"),
+        Case(expression: "0 0 */9223372036854775807 * *", zone: "UTC", after: "2024-01-01T00:00:00Z", expected: "2024-02-01T00:00:00Z",
+             note: "a step as large as Int.max selects the range's start only"),
+        Case(expression: "1/9223372036854775807 * * * *", zone: "UTC", after: "2024-01-01T00:01:00Z", expected: "2024-01-01T01:01:00Z",
+             note: "a value with a step as large as Int.max is that value only"),
         Case(expression: "0 9 * * MON-FRI", zone: "UTC", after: "2024-06-07T10:00:00Z", expected: "2024-06-10T09:00:00Z",
              note: "weekday names skip the weekend"),
         Case(expression: "*/10 * * * * *", zone: "UTC", after: "2024-01-01T00:00:05Z", expected: "2024-01-01T00:00:10Z",
