@@ -1,4 +1,11 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Why a run's task was cancelled.
 enum CancelReason: UInt8, Sendable {
@@ -15,12 +22,14 @@ enum CancelReason: UInt8, Sendable {
 /// cancel one of its children anyway. So the worker, before it calls the
 /// body, installs its own task here (a `WorkerTask`: its `UnsafeCurrentTask`,
 /// captured once per worker, stored unretained), and removes it again once
-/// the body has returned; cancelling the run cancels the worker's task. Install,
-/// cancel and removal happen under this lock, so the task is only ever
-/// cancelled while the worker is inside *this* run: that is the lifetime rule
-/// `UnsafeCurrentTask` asks callers to keep, and it is why a cancellation
-/// aimed at one run never reaches the next run the same worker picks up (a
-/// worker whose task was cancelled starts no further run; it exits).
+/// the body has returned; cancelling the run cancels the worker's task. The
+/// task is only ever cancelled while the worker is inside *this* run: a cancel
+/// notes itself under this lock before it calls `cancel()` on the task (outside
+/// the lock: that runs the body's cancellation handlers, which may cancel the
+/// job again), and removal waits until no such call is in progress. That is
+/// the lifetime rule `UnsafeCurrentTask` asks callers to keep, and it is why a
+/// cancellation aimed at one run never reaches the next run the same worker
+/// picks up (a worker whose task was cancelled starts no further run; it exits).
 ///
 /// One control per *run slot* of the state machine, allocated when the slot
 /// is first used and reused by every later run in that slot, so starting a
@@ -40,6 +49,8 @@ final class RunControl: Sendable {
         var installedSerial: UInt64 = 0
         /// The newest serial this slot has seen (older requests are stale).
         var latest: UInt64 = 0
+        /// Calls to the installed task's `cancel()` in progress (made outside the lock).
+        var cancelling = 0
         // Used only under the lock, only between install and uninstall (see
         // above); unretained: the worker holds its `WorkerTask` while it runs.
         var worker: Unmanaged<WorkerTask>?
@@ -70,25 +81,41 @@ final class RunControl: Sendable {
     /// Removes the task; after this returns no one cancels it through this
     /// control. Returns why run `serial` was cancelled, if it was.
     func uninstall(serial: UInt64) -> CancelReason? {
-        state.withLock { s in
-            s.installedSerial = 0
-            s.worker = nil
-            return s.cancelledSerial == serial ? s.reason : nil
+        while true {
+            let removed = state.withLock { s -> CancelReason?? in
+                // A cancel is calling the task's `cancel()` on another thread: the task must
+                // outlive that call, so the worker does not leave the run yet.
+                guard s.cancelling == 0 else { return nil }
+                s.installedSerial = 0
+                s.worker = nil
+                return .some(s.cancelledSerial == serial ? s.reason : nil)
+            }
+            if let removed { return removed }
+            sched_yield()
         }
     }
 
     /// Requests cancellation of run `serial` (the first reason wins) and
     /// cancels its task if it runs. Ignored for a run older than the slot's newest.
     func cancel(serial: UInt64, _ reason: CancelReason) {
-        state.withLock { s in
-            guard serial >= s.latest, s.cancelledSerial != serial else { return }
+        let worker = state.withLock { s -> Unmanaged<WorkerTask>? in
+            guard serial >= s.latest, s.cancelledSerial != serial else { return nil }
             s.latest = serial
             s.cancelledSerial = serial
             s.reason = reason
             cancelledMirror.store(serial, ordering: .releasing)
-            // Under the lock: the worker cannot leave the run (uninstall) meanwhile.
-            if s.installedSerial == serial { s.worker?.takeUnretainedValue().task.cancel() }
+            guard s.installedSerial == serial, let worker = s.worker else { return nil }
+            // Noted under the lock: the worker cannot leave the run (uninstall) until the
+            // call below is done.
+            s.cancelling += 1
+            return worker
         }
+        guard let worker else { return }
+        // Outside the lock: `cancel()` runs the body's cancellation handlers here, and one
+        // that cancels its own job comes back to this control (under the lock, that was a
+        // recursive lock: a crash), or takes the scheduler's lock (a lock-order inversion).
+        worker.takeUnretainedValue().task.cancel()
+        state.withLock { $0.cancelling -= 1 }
     }
 
     /// The reason cancellation of run `serial` was requested, if it was.

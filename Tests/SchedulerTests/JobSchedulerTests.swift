@@ -487,6 +487,27 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("a run's cancellation handler may cancel its own job when the timeout cancels the run (no deadlock)")
+    func cancelFromCancellationHandler() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(10)), options: .init(timeout: .seconds(2))) { c in
+                r.record(c)
+                let handle = c.handle
+                try await withTaskCancellationHandler {
+                    try await clock.sleep(for: .seconds(5))
+                } onCancel: {
+                    handle.cancel()
+                }
+            }
+            await scheduler.advance(by: .seconds(15))
+            #expect(r.starts == [s(10)])
+            #expect(h.isCancelled)
+            #expect(scheduler.statistics.jobs == 0)
+            #expect(scheduler.statistics.timeouts == 1)
+        }
+    }
+
     // MARK: - Shutdown
 
     @Test("shutdown with drain waits for the run in progress; nothing is alive afterwards")
