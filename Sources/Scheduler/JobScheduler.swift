@@ -21,6 +21,14 @@ enum CurrentRun {
 
 /// Which job's run a worker is inside (see `CurrentRun`).
 final class RunMarker: Sendable {
+    /// The scheduler whose worker this is.
+    let scheduler: ObjectIdentifier
+
+    init(scheduler: ObjectIdentifier) { self.scheduler = scheduler }
+
+    /// True while the worker is inside a run (of any job).
+    var isInsideARun: Bool { serial.load(ordering: .relaxed) != 0 }
+
     /// The serial of the job whose body runs, 0 for none (job serials start at 1
     /// and are never reused within one scheduler).
     private let serial = Atomic<UInt64>(0)
@@ -496,7 +504,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// replacement if runs wait).
     @_specialize(where C == ContinuousClock)
     private func worker(_ slot: Int) async {
-        let marker = RunMarker()
+        let marker = RunMarker(scheduler: ObjectIdentifier(self))
         // A worker always runs in a task; the object lives until the loop returns.
         guard let workerTask = withUnsafeCurrentTask(body: { $0.map(WorkerTask.init) }) else {
             preconditionFailure("a scheduler worker always runs in a child task of the driver's group")
@@ -778,9 +786,17 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// up to `deadline` and then cancels them, and returns once `run()` has
     /// released everything. Idempotent; later calls return the same report.
     /// If `run()` never started, returns at once.
+    ///
+    /// Called from inside one of this scheduler's own job bodies (or a task
+    /// the body started), it begins the shutdown and returns at once with the
+    /// report so far: the body's own run cannot end while the body waits for
+    /// it. `run()` completes the shutdown once the body returns.
     @discardableResult
     public func shutdown(deadline: Duration = .seconds(10)) async -> ShutdownReport {
         beginShutdown(deadline: deadline)
+        if let marker = CurrentRun.marker, marker.scheduler == ObjectIdentifier(self), marker.isInsideARun {
+            return core.withLock { $0.report ?? Self.makeReport($0) }
+        }
         return await withCheckedContinuation { (c: CheckedContinuation<ShutdownReport, Never>) in
             let report = core.withLock { core -> ShutdownReport? in
                 if core.lifecycle == .finished { return core.report ?? Self.makeReport(core) }

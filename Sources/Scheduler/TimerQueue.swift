@@ -1,4 +1,4 @@
-/// An indexed binary min-heap of deadlines, keyed by small integer ids.
+/// An indexed 4-ary min-heap of deadlines, keyed by small integer ids.
 ///
 /// This is the scheduler's single timer queue. Every entry is an id (a job's
 /// slot, or a run's slot for timeouts) with a deadline in ticks (nanoseconds

@@ -546,6 +546,41 @@ struct JobSchedulerTests {
         #expect(throws: SchedulerError.self) { try scheduler.schedule(.every(.seconds(1))) { _ in } }
     }
 
+    @Test("a job's body may call shutdown(): it begins the shutdown and returns instead of waiting for its own run forever")
+    func shutdownFromInsideAJob() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet)
+        let r = Recorder()
+        try scheduler.schedule(.once(after: .seconds(1)), options: .init(name: "stopper")) { c in
+            r.record(c)
+            let report = await scheduler.shutdown(deadline: .seconds(5))
+            r.note("shutdown returned, \(report.cutOff.count) cut off, shutting down: \(c.isShuttingDown)")
+        }
+        try scheduler.schedule(.every(.seconds(1))) { c in r.record(c) }
+        // Unstructured, so that a hang fails this test instead of stalling the run.
+        let running = Task { try await scheduler.run() }
+        // The clock alone: `scheduler.advance` waits for the scheduler to be idle, which it
+        // is not while the job waits in shutdown().
+        while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }  // the driver waits for 1 s
+        clock.advance(by: s(1.5))
+        var waited = 0
+        while !scheduler.liveTasks.finished && waited < 1_000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        try #require(scheduler.liveTasks.finished, "run() did not return after a job called shutdown()")
+        try await running.value
+        #expect(r.allNotes == ["shutdown returned, 0 cut off, shutting down: true"])
+        #expect(r.scheduled == [s(1), s(1)])
+        let live = scheduler.liveTasks
+        #expect(live.timers == 0 && live.runs == 0 && live.finished)
+        // Another caller, after the fact, gets the final report: the stopper's run drained (and
+        // the other job's run too when it was still going as the shutdown began).
+        let final = await scheduler.shutdown()
+        #expect(final.cutOff.isEmpty)
+        #expect((1...2).contains(final.drainedRuns), "\(final)")
+    }
+
     @Test("shutdown with drain cancels a run still going at the deadline and reports it")
     func shutdownDrainDeadline() async throws {
         let clock = ManualClock()
