@@ -77,6 +77,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         public var maxStartsPerWakeup: Int
         /// `scheduler` dimension of the metrics.
         public var metricsLabel: String
+        /// Where the metrics go; nil: the process's `MetricsSystem` as bootstrapped
+        /// when the scheduler is made.
+        public var metricsFactory: (any MetricsFactory)?
         /// Most worker tasks alive at once. Workers run job bodies one after
         /// another; the scheduler keeps `min(activeProcessorCount, 2)` of them
         /// available and adds one when every worker has been inside one body
@@ -92,8 +95,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         /// Creates a configuration with the documented defaults.
         public init(
             shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 256,
-            metricsLabel: String = "default", maxWorkers: Int = 64, workerStallThreshold: Duration? = nil
+            metricsLabel: String = "default", maxWorkers: Int = 64, workerStallThreshold: Duration? = nil,
+            metricsFactory: (any MetricsFactory)? = nil
         ) {
+            self.metricsFactory = metricsFactory
             self.shutdownDeadline = shutdownDeadline
             self.randomSeed = randomSeed
             self.maxStartsPerWakeup = maxStartsPerWakeup
@@ -145,9 +150,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     let failuresCounter: Counter
     let skippedCounter: Counter
     let missedCounter: Counter
+    let coalescedCounter: Counter
     let latenessTimer: Metrics.Timer
     let jobsGauge: Gauge
     let inFlightGauge: Gauge
+    /// False when the metrics go to the no-op factory: the gauges are then not
+    /// fed from `schedule` and `cancel` (a call per job for nothing).
+    let metricsEnabled: Bool
 
     /// Creates a scheduler on `clock`.
     /// - Parameters:
@@ -172,13 +181,16 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         let base = Swift.min(ProcessInfo.processInfo.activeProcessorCount, 2)
         self.pool = Mutex(WorkerPool(base: base, cap: configuration.maxWorkers, stallThreshold: threshold.nanoseconds, prompt: isManual))
         let dims = [("scheduler", configuration.metricsLabel)]
-        runsCounter = Counter(label: "scheduler.job.runs", dimensions: dims)
-        failuresCounter = Counter(label: "scheduler.job.failures", dimensions: dims)
-        skippedCounter = Counter(label: "scheduler.job.skipped_overlaps", dimensions: dims)
-        missedCounter = Counter(label: "scheduler.job.missed_runs", dimensions: dims)
-        latenessTimer = Metrics.Timer(label: "scheduler.job.lateness", dimensions: dims)
-        jobsGauge = Gauge(label: "scheduler.jobs", dimensions: dims)
-        inFlightGauge = Gauge(label: "scheduler.runs.in_flight", dimensions: dims)
+        let factory = configuration.metricsFactory ?? MetricsSystem.factory
+        metricsEnabled = !(factory is NOOPMetricsHandler)
+        runsCounter = Counter(label: "scheduler.job.runs", dimensions: dims, factory: factory)
+        failuresCounter = Counter(label: "scheduler.job.failures", dimensions: dims, factory: factory)
+        skippedCounter = Counter(label: "scheduler.job.skipped_overlaps", dimensions: dims, factory: factory)
+        missedCounter = Counter(label: "scheduler.job.missed_runs", dimensions: dims, factory: factory)
+        coalescedCounter = Counter(label: "scheduler.job.coalesced_runs", dimensions: dims, factory: factory)
+        latenessTimer = Metrics.Timer(label: "scheduler.job.lateness", dimensions: dims, factory: factory)
+        jobsGauge = Gauge(label: "scheduler.jobs", dimensions: dims, factory: factory)
+        inFlightGauge = Gauge(label: "scheduler.runs.in_flight", dimensions: dims, factory: factory)
     }
 
     // MARK: - Time conversion
@@ -255,13 +267,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             grid = Int64(next)
             due = now.saturatingAdd(Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9)))
         }
-        let (id, wake) = try core.withLock { core -> (JobID, DriverWake?) in
+        let (id, wake, jobs) = try core.withLock { core -> (JobID, DriverWake?, Int) in
             let id = try core.machine.schedule(
                 name: name, trigger: compactTrigger, options: compactOptions, body: body,
                 firstGrid: grid, firstDue: due)
-            return (id, Self.needsDriver(&core) ? Self.signal(&core) : nil)
+            return (id, Self.needsDriver(&core) ? Self.signal(&core) : nil, core.machine.liveJobs)
         }
         wake?.resume()
+        if metricsEnabled { jobsGauge.record(jobs) }
         activity?()
         return JobHandle(id: id, owner: self)
     }
@@ -316,7 +329,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var resumes: [CheckedContinuation<Void, Never>] = []
         var skipped: UInt64 = 0
         var missed: UInt64 = 0
+        var coalesced: UInt64 = 0
         var jobs = 0
+        var inFlight = 0
     }
 
     /// One round of the driver's work, under the core lock: records finished
@@ -340,12 +355,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         }
         if core.lifecycle == .running, let d = core.machine.nextDeadline, d <= now {
             let skippedBefore = core.machine.totalSkipped
-            let missedBefore = core.machine.totalMissed &+ core.machine.totalCoalesced
+            let missedBefore = core.machine.totalMissed
+            let coalescedBefore = core.machine.totalCoalesced
             let due = core.machine.advance(now: now, wall: wallClock(), limit: limit)
             step.cancels = due.cancels
             step.skipped = core.machine.totalSkipped &- skippedBefore
-            step.missed = core.machine.totalMissed &+ core.machine.totalCoalesced &- missedBefore
-            step.jobs = core.machine.liveJobs
+            step.missed = core.machine.totalMissed &- missedBefore
+            step.coalesced = core.machine.totalCoalesced &- coalescedBefore
             let starts = due.starts
             step.started = starts.count
             core.runTasks += starts.count
@@ -362,9 +378,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                     }
                 }
             }
-        } else if byDriver {
-            step.jobs = core.machine.liveJobs
         }
+        step.jobs = core.machine.liveJobs
+        step.inFlight = core.machine.inFlight
         step.resumes = core.machine.takeResumes()
         guard byDriver else {
             let needs =
@@ -425,7 +441,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         step.wakeDriver?.resume()
         if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
         if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
-        if step.started > 0 { jobsGauge.record(step.jobs) }
+        if step.coalesced > 0 { coalescedCounter.increment(by: Int64(step.coalesced)) }
+        if metricsEnabled {
+            jobsGauge.record(step.jobs)
+            inFlightGauge.record(step.inFlight)
+        }
     }
 
     /// The driver: records finished runs, pops due jobs from the timer queue,
@@ -619,7 +639,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         }
         wake?.resume()
         for r in resumes { r.resume() }
-        if inFlight == 0 { inFlightGauge.record(0) }
+        if metricsEnabled { inFlightGauge.record(inFlight) }
         activity?()
     }
 
@@ -811,11 +831,12 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     @_specialize(where C == ContinuousClock)
     func cancelJob(_ id: JobID) {
-        let (controls, resumes) = core.withLock { core in
-            (core.machine.cancel(id), core.machine.takeResumes())
+        let (controls, resumes, jobs) = core.withLock { core in
+            (core.machine.cancel(id), core.machine.takeResumes(), core.machine.liveJobs)
         }
         if let controls {
             for c in controls { c.cancel(.jobCancelled) }
+            if metricsEnabled { jobsGauge.record(jobs) }
         }
         for r in resumes { r.resume() }
         activity?()

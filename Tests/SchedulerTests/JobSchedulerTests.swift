@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import MetricsTestKit
 import Synchronization
 import Testing
 
@@ -191,6 +192,40 @@ struct JobSchedulerTests {
             #expect(h.statistics?.missedRuns == 7)
             await scheduler.advance(by: s(0.5))
             #expect(r.starts.last == s(12))
+        }
+    }
+
+    @Test("metrics: the jobs gauge follows schedule and cancel, in_flight follows runs, coalesced and missed runs are counted apart")
+    func metrics() async throws {
+        let metrics = TestMetrics()
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet,
+                                     configuration: .init(randomSeed: 42, metricsLabel: "t", metricsFactory: metrics))
+        let dims = [("scheduler", "t")]
+        func gauge(_ label: String) throws -> Double? { try metrics.expectGauge(label, dims).lastValue }
+        func counter(_ label: String) -> Int64 { metrics.counterTotal(label: label, dimensions: dims) }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let coalescing = try scheduler.schedule(.every(.seconds(1)), options: .init(missedRuns: .coalesce)) { _ in }
+            let skipping = try scheduler.schedule(.every(.seconds(1))) { _ in }
+            let long = try scheduler.schedule(.once(after: s(20.2))) { _ in try await clock.sleep(for: .seconds(5)) }
+            #expect(try gauge("scheduler.jobs") == 3)
+            await scheduler.advance(by: s(1.5))
+            await scheduler.stall(for: s(10))
+            #expect(counter("scheduler.job.coalesced_runs") == 9)
+            #expect(counter("scheduler.job.missed_runs") == 10)
+            skipping.cancel()
+            #expect(try gauge("scheduler.jobs") == 2)
+            coalescing.cancel()
+            #expect(try gauge("scheduler.jobs") == 1)
+            await scheduler.advance(by: s(9))  // 20.5 s: the one-shot job's run is in progress
+            #expect(try gauge("scheduler.runs.in_flight") == 1)
+            #expect(try gauge("scheduler.jobs") == 0)
+            await scheduler.advance(by: .seconds(6))
+            #expect(try gauge("scheduler.runs.in_flight") == 0)
+            #expect(long.isCancelled)
+            await scheduler.shutdown(deadline: .zero)
+            try await group.waitForAll()
         }
     }
 
