@@ -9,7 +9,7 @@ extension JobScheduler where C == ManualClock {
     /// current instant and all its tasks wait for time to pass (or it has finished).
     public var isIdle: Bool {
         let (lifecycle, parked, expected) = core.withLock { c in
-            (c.lifecycle, c.driverParked, c.liveTimers.count + c.runTasks)
+            (c.lifecycle, c.driverParked, c.timerTasks + c.runTasks)
         }
         switch lifecycle {
         case .finished: return true
@@ -62,7 +62,7 @@ extension JobScheduler where C == ManualClock {
     /// Number of live timer tasks, runs in progress, and whether `run()` has
     /// returned: everything the scheduler keeps alive (for tests).
     public var liveTasks: (timers: Int, runs: Int, finished: Bool) {
-        core.withLock { ($0.liveTimers.count, $0.runTasks, $0.lifecycle == .finished) }
+        core.withLock { ($0.timerTasks, $0.runTasks, $0.lifecycle == .finished) }
     }
 
     /// Number of worker tasks alive (for tests).

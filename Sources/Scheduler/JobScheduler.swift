@@ -116,13 +116,30 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// out of `Core` under the lock before anyone resumes it.
     typealias DriverWake = UnsafeContinuation<Void, Never>
 
+    /// A timer task's entry (see `Core.liveTimers`).
+    struct LiveTimer: Sendable {
+        let id: UInt64
+        let deadline: Int64
+        /// The timer's task once it has started (nil before), to cancel it when superseded.
+        /// Used only under the core lock while the entry is listed; the timer removes
+        /// its entry under the lock before it ends, so the task outlives every use.
+        /// Unretained: scanning the list (on every schedule) then costs no reference counting.
+        var task: Unmanaged<WorkerTask>?
+    }
+
     struct Core: Sendable {
         var machine: SchedulerState<C.Instant>
         var lifecycle = Lifecycle.idle
         var driverParked = false
         var wakePending = false
         var driver: DriverWake?
-        var liveTimers: [Int64] = []
+        /// The timers that still matter: each wakes the driver at its deadline. Arming an
+        /// earlier one cancels the later ones (the driver re-arms after it wakes), so
+        /// jobs scheduled ever earlier keep one timer task, not one each.
+        var liveTimers: [LiveTimer] = []
+        /// Timer tasks alive, superseded ones included until they end.
+        var timerTasks = 0
+        var nextTimerID: UInt64 = 0
         /// Runs handed to the workers whose end is not recorded yet.
         var runTasks = 0
         /// When the driver must look at the workers again (see `WorkerPool.plan`).
@@ -290,7 +307,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         if core.lifecycle != .running { return false }
         if core.machine.isDrained { return true }
         guard let d = nextDeadline(&core) else { return false }
-        for t in core.liveTimers where t <= d { return false }
+        for t in core.liveTimers where t.deadline <= d { return false }
         return true
     }
 
@@ -322,7 +339,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var plan = WorkerPool<SchedulerState<C.Instant>.RunStart>.Plan()
         var rejected: [RunCompletion] = []
         var started = 0
-        var arm: Int64?
+        var arm: (id: UInt64, deadline: Int64)?
         var more = false
         var exit = false
         var wakeDriver: DriverWake?
@@ -415,9 +432,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 // Not on a `ManualClock` (prompt: each run its own worker,
                 // which only the driver starts).
                 let wake = [core.workerRecheck, core.machine.nextTimeout].compactMap { $0 }.min()
-                if let w = wake, !core.liveTimers.contains(where: { $0 <= w }) {
-                    core.liveTimers.append(w)
-                    step.arm = w
+                if let w = wake, !core.liveTimers.contains(where: { $0.deadline <= w }) {
+                    step.arm = Self.armTimer(&core, at: w)
                 }
             } else {
                 step.more = true
@@ -425,9 +441,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         } else if let d = Self.nextDeadline(&core) {
             if d <= now {
                 step.more = true
-            } else if !core.liveTimers.contains(where: { $0 <= d }) {
-                core.liveTimers.append(d)
-                step.arm = d
+            } else if !core.liveTimers.contains(where: { $0.deadline <= d }) {
+                step.arm = Self.armTimer(&core, at: d)
             }
         }
         return step
@@ -467,8 +482,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             for slot in step.plan.spawn {
                 group.addTask { await self.worker(slot) }
             }
-            if let d = step.arm {
-                group.addTask { await self.timer(d) }
+            if let (id, deadline) = step.arm {
+                group.addTask { await self.timer(id, deadline) }
             }
             carried = step.rejected
             if step.exit { return }
@@ -493,20 +508,48 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         }
     }
 
-    /// The one timer: sleeps on the clock until `deadline`, then wakes the driver.
+    /// Lists a timer for `deadline` and cancels the timers it supersedes (later ones);
+    /// the caller starts its task. Under the core lock.
+    static func armTimer(_ core: inout Core, at deadline: Int64) -> (id: UInt64, deadline: Int64) {
+        core.liveTimers.removeAll { timer in
+            guard timer.deadline > deadline else { return false }
+            // Its task only sleeps on the clock (no code of a job runs in it): cancelling
+            // it here, under the lock, runs nothing that takes the lock.
+            timer.task?.takeUnretainedValue().task.cancel()
+            return true
+        }
+        core.nextTimerID &+= 1
+        core.liveTimers.append(LiveTimer(id: core.nextTimerID, deadline: deadline, task: nil))
+        core.timerTasks += 1
+        return (core.nextTimerID, deadline)
+    }
+
+    /// The one timer: sleeps on the clock until `deadline`, then wakes the driver;
+    /// ends at once, without waking it, when an earlier timer superseded it.
     @_specialize(where C == ContinuousClock)
-    private func timer(_ deadline: Int64) async {
-        var fired = true
-        do {
-            try await clock.sleep(until: instant(deadline), tolerance: nil)
-        } catch {
-            fired = false
+    private func timer(_ id: UInt64, _ deadline: Int64) async {
+        guard let me = withUnsafeCurrentTask(body: { $0.map(WorkerTask.init) }) else {
+            preconditionFailure("a scheduler timer always runs in a child task of the driver's group")
+        }
+        let listed = core.withLock { core -> Bool in
+            guard let i = core.liveTimers.firstIndex(where: { $0.id == id }) else { return false }  // superseded already
+            core.liveTimers[i].task = Unmanaged.passUnretained(me)
+            return true
+        }
+        var fired = false
+        if listed {
+            do {
+                try await clock.sleep(until: instant(deadline), tolerance: nil)
+                fired = true
+            } catch {}
         }
         let wake = core.withLock { core -> DriverWake? in
-            if let i = core.liveTimers.firstIndex(of: deadline) { core.liveTimers.remove(at: i) }
+            if let i = core.liveTimers.firstIndex(where: { $0.id == id }) { core.liveTimers.remove(at: i) }
+            core.timerTasks -= 1
             return fired ? Self.signal(&core) : nil
         }
         wake?.resume()
+        withExtendedLifetime(me) {}
         activity?()
     }
 

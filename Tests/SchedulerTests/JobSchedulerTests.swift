@@ -229,6 +229,21 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("jobs scheduled ever earlier keep one timer task, not one each, and cancelling them leaves at most one")
+    func oneTimerForEarlierDeadlines() async throws {
+        try await withScheduler { scheduler, _ in
+            var handles: [JobHandle] = []
+            for i in 0..<100 {
+                handles.append(try scheduler.schedule(.once(after: .seconds(Double(1_000 - i)))) { _ in })
+                await scheduler.waitUntilIdle()
+            }
+            #expect(scheduler.liveTasks.timers == 1)
+            for h in handles { h.cancel() }
+            await scheduler.waitUntilIdle()
+            #expect(scheduler.liveTasks.timers <= 1)
+        }
+    }
+
     // MARK: - Jitter
 
     @Test("jitter delays each occurrence within 0...jitter and the grid does not drift")
