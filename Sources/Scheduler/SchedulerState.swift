@@ -603,7 +603,13 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private mutating func fire(_ s: Int, due: Int64, now: Int64, wall: Date, into starts: inout [RunStart]) {
         if jobs[s].flags.contains(.retryPending) {
             jobs[s].flags.remove(.retryPending)
-            if jobs[s].regularDue != .max { queue.insert(UInt32(s), deadline: jobs[s].regularDue) }
+            if case .fixedDelay = jobs[s].trigger {
+                // The next regular run comes a delay after this retry ends (`finish`), not
+                // after the failed run: that one fell due during a long retry.
+                jobs[s].regularDue = .max
+            } else if jobs[s].regularDue != .max {
+                queue.insert(UInt32(s), deadline: jobs[s].regularDue)
+            }
             if case .once = jobs[s].trigger {
                 // The retry is a one-shot job's last run again (`finish` revives it if this
                 // attempt fails too and attempts remain); otherwise it stayed live forever.
@@ -631,7 +637,10 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             jobs[s].regularDue = jobs[s].grid.saturatingAdd(jitter(jobs[s].options))
             queue.insert(UInt32(s), deadline: jobs[s].regularDue)
         case .cron(let box):
-            let wallSecond = Int(wall.timeIntervalSince1970.rounded(.down))
+            // Occurrences passed on the wall clock beyond the jitter bound are overdue: the
+            // jitter delays a run on purpose and is not lateness (with a jitter over the
+            // period, every run had otherwise counted as missed and none ran).
+            let wallSecond = Int(wall.timeIntervalSince1970.rounded(.down)) - Int(jobs[s].options.jitter / 1_000_000_000)
             var walls = [Int(jobs[s].grid)]
             var next = box.expression.nextSecond(after: Int(jobs[s].grid))
             while let n = next, n <= wallSecond, walls.count < 100_000 {
@@ -646,8 +655,11 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             }
             if let n = next {
                 jobs[s].grid = Int64(n)
+                // The jitter counts from the occurrence's wall time, not from now: an
+                // occurrence already passed (by less than the jitter bound) runs within its
+                // jitter, instead of a whole jitter later each time, which fell behind.
                 let delta = (Double(n) - wall.timeIntervalSince1970) * 1e9
-                jobs[s].regularDue = now + Swift.max(0, Int64(delta)) + jitter(jobs[s].options)
+                jobs[s].regularDue = now + Swift.max(0, Int64(delta).saturatingAdd(jitter(jobs[s].options)))
                 queue.insert(UInt32(s), deadline: jobs[s].regularDue)
             } else {
                 jobs[s].regularDue = .max

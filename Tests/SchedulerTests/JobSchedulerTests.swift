@@ -104,6 +104,43 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("cron with a jitter longer than its period still runs every occurrence it reaches (the jitter is not lateness)")
+    func cronWithLongJitter() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            // Every 15 s with up to 40 s of jitter: a run starts up to 40 s after its wall
+            // second, when later occurrences have passed on the wall clock.
+            let h = try scheduler.schedule(try .cron("*/15 * * * * *", timeZone: TimeZone(identifier: "UTC")!),
+                                           options: .init(jitter: .seconds(40))) { c in r.record(c) }
+            await scheduler.advance(by: .seconds(600))
+            // 40 occurrences in 600 s (the last ones may still be in their jitter). Each runs
+            // within its jitter, or, when its jittered time had already passed as the one
+            // before ran, is due at that same instant and skipped as an overlap: none missed.
+            let statistics = try #require(h.statistics)
+            #expect(statistics.missedRuns == 0)
+            #expect(r.all.count >= 20, "\(r.all.count) runs")
+            #expect((37...40).contains(r.all.count + Int(statistics.skippedOverlaps)), "\(r.all.count) runs, \(statistics.skippedOverlaps) skipped")
+            #expect(Set(r.scheduled).count == r.all.count, "an occurrence ran twice")
+        }
+    }
+
+    @Test("fixed delay with a retry: the next regular run comes a delay after the retry ends, with no spurious overlap")
+    func fixedDelayAfterRetry() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let retry = RetryPolicy(maxAttempts: 2, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+            let h = try scheduler.schedule(.fixedDelay(.seconds(10)), options: .init(overlap: .concurrent(max: 2), retry: retry)) { c in
+                r.record(c)
+                if c.attempt == 1 && r.all.count == 1 { throw CancellationError() }  // the first run fails at once
+                if c.attempt == 2 { try await clock.sleep(for: .seconds(15)) }  // its retry takes 15 s
+            }
+            await scheduler.advance(by: .seconds(40))
+            // first run 10 s, retry 11 s ending at 26 s, next regular run 36 s
+            #expect(r.starts == [s(10), s(11), s(36)])
+            #expect(h.statistics?.skippedOverlaps == 0)
+        }
+    }
+
     // MARK: - Overlap policies (period 1 s, run 2.25 s)
 
     @Test("overlap skip: occurrences during a run are skipped and counted")
