@@ -84,7 +84,9 @@ public struct JobOptions: Sendable {
     /// Each occurrence is delayed by a uniform random amount in `0...jitter`.
     /// The grid itself does not drift.
     public var jitter: Duration
-    /// If set, a run still in progress after this long has its task cancelled.
+    /// If set, a run still in progress this long after it was handed to the
+    /// workers (normally its start) has its task cancelled. It counts as a
+    /// failed, timed-out run however it ends, and `retry` applies.
     public var timeout: Duration?
     /// If set, a failed run is retried with backoff.
     public var retry: RetryPolicy?

@@ -726,10 +726,21 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 }
             }
             reason = start.uninstall()
+            if outcome == .success && reason == .timeout {
+                failuresCounter.increment()
+                logger.warning("job run timed out and returned anyway (its body ignored the cancellation)",
+                               metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)"])
+            }
             runsCounter.increment()
             latenessTimer.recordNanoseconds(lateness)
         } else {
             reason = start.cancelReason
+            if reason == .timeout {
+                failuresCounter.increment()
+                logger.warning(
+                    "job run timed out before a worker took it: all JobScheduler.Configuration.maxWorkers=\(configuration.maxWorkers) workers were in other bodies (raise maxWorkers or JobOptions.timeout)",
+                    metadata: ["job": "\(start.jobBox.name)", "attempt": "\(start.attempt)"])
+            }
         }
         // `end` is set by the worker when it reports the run (its next clock read).
         return RunCompletion(

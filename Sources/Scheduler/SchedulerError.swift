@@ -11,7 +11,8 @@ public struct SchedulerError: Error, Sendable, Hashable, CustomStringConvertible
         case invalidOption = "SCHED_INVALID_OPTION"
         /// `schedule` was called after the scheduler began shutting down.
         case shutDown = "SCHED_SHUT_DOWN"
-        /// `run()` was called on a scheduler that is already running or has finished.
+        /// `run()` was called on a scheduler that is already running (on one that has
+        /// finished, `run()` returns at once).
         case alreadyRunning = "SCHED_ALREADY_RUNNING"
         /// The scheduler ran out of job slots.
         case tooManyJobs = "SCHED_TOO_MANY_JOBS"

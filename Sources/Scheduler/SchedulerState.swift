@@ -788,7 +788,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             histogram[b] &+= 1
             if case .draining = phase, !wasCut { drainedRuns += 1 }
         }
-        let failed = outcome == .failure || (outcome == .cancelled && reason == .timeout)
+        // Over its timeout is a failure however the run ended: cancelled, returned anyway
+        // (a body that ignores cancellation), or never started (every worker was busy).
+        let failed = outcome == .failure || reason == .timeout
         if failed {
             jobs[s].stats.failures &+= 1
             totalFailures &+= 1

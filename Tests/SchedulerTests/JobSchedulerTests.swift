@@ -574,6 +574,49 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("a run that ignores its timeout's cancellation and returns still counts as a failed, timed-out run")
+    func timeoutIgnored() async throws {
+        try await withScheduler { scheduler, clock in
+            let h = try scheduler.schedule(.every(.seconds(10)), options: .init(timeout: .seconds(2))) { _ in
+                try? await clock.sleep(for: .seconds(5))  // swallows the cancellation and returns normally
+            }
+            await scheduler.advance(by: .seconds(15))
+            #expect(h.statistics?.runs == 1)
+            #expect(h.statistics?.failures == 1)
+            #expect(scheduler.statistics.timeouts == 1)
+        }
+    }
+
+    @Test("a run whose timeout passes while it waits for a busy worker counts as a failed, timed-out run")
+    func timeoutBeforeStart() async throws {
+        let clock = ManualClock()
+        let logs = LogRecorder()
+        let scheduler = JobScheduler(clock: clock, logger: logs.logger, configuration: .init(randomSeed: 42, maxWorkers: 1))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            try scheduler.schedule(.once(after: .seconds(5)), options: .init(name: "slow")) { _ in try await clock.sleep(for: .seconds(30)) }
+            try scheduler.schedule(.once(after: .seconds(10)), options: .init(name: "waiting", timeout: .seconds(5))) { _ in }
+            // `advance` waits for idle, which a run queued for a busy worker never is: the
+            // clock alone, then a wait for the outcome.
+            while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }
+            for _ in 0..<8 {
+                clock.advance(by: .seconds(5))
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            var waited = 0
+            while scheduler.statistics.timeouts == 0 && waited < 500 {
+                try await Task.sleep(for: .milliseconds(10))
+                waited += 1
+            }
+            #expect(scheduler.statistics.failures == 1)
+            #expect(scheduler.statistics.timeouts == 1)
+            #expect(scheduler.statistics.runs == 1)
+            #expect(logs.messages.contains { $0.contains("waiting") && $0.contains("maxWorkers") }, "\(logs.messages)")
+            await scheduler.shutdown(deadline: .zero)
+            try await group.waitForAll()
+        }
+    }
+
     @Test("a run's cancellation handler may cancel its own job when the timeout cancels the run (no deadlock)")
     func cancelFromCancellationHandler() async throws {
         try await withScheduler { scheduler, clock in
@@ -777,3 +820,28 @@ struct JobSchedulerTests {
 
 /// An object captured by a job's body, to see (through a weak reference) when the scheduler lets go of the body.
 final class Canary: Sendable {}
+
+/// Keeps every log message with its metadata, for tests of what the scheduler logs.
+final class LogRecorder: Sendable {
+    let lines = Mutex<[String]>([])
+
+    var messages: [String] { lines.withLock { $0 } }
+
+    var logger: Logger {
+        Logger(label: "test") { _ in Handler(recorder: self) }
+    }
+
+    struct Handler: LogHandler {
+        let recorder: LogRecorder
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            let all = metadata.merging(event.metadata ?? [:]) { _, new in new }
+            recorder.lines.withLock { $0.append("\(event.message) \(all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))") }
+        }
+    }
+}
