@@ -126,6 +126,53 @@ struct PostgresPoolTests {
         }
     }
 
+    @Test("a connection that ran LISTEN as plain SQL (simple or extended protocol) is cleaned before reuse", arguments: [true, false])
+    func unlistenAfterPlainSQL(simple: Bool) async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 1
+            try await withPool(url, config) { pool in
+                try await pool.withConnection { c in
+                    if simple { try await c.execute("select 1; Listen pool_plain") } else { try await c.query("LISTEN pool_plain") }
+                    #expect(c.needsReset, "ran LISTEN: the pool must reset it")
+                }
+                try await pool.withConnection { c in
+                    let rows = try await c.query("SELECT count(*) FROM pg_listening_channels()")
+                    #expect(try rows[0].decode(Int.self, at: 0) == 0, "the next holder's session still listens")
+                }
+            }
+        }
+    }
+
+    @Test("a holder cancelled inside a transaction: the connection is rolled back and reused, not closed")
+    func cancelledHolderRolledBack() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 1
+            try await withPool(url, config) { pool in
+                let firstPID = try await pool.withConnection { c in try await c.query("SELECT pg_backend_pid()")[0].decode(Int.self, at: 0) }
+                let inTransaction = AsyncStream.makeStream(of: Void.self)
+                let holder = Task {
+                    try await pool.withConnection { c in
+                        try await c.execute("BEGIN")
+                        inTransaction.continuation.yield()
+                        try await Task.sleep(for: .seconds(30))
+                    }
+                }
+                var began = inTransaction.stream.makeAsyncIterator()
+                _ = await began.next()
+                holder.cancel()
+                _ = await holder.result
+                let (pid, status) = try await pool.withConnection { c in
+                    (try await c.query("SELECT pg_backend_pid()")[0].decode(Int.self, at: 0), c.transactionStatus)
+                }
+                #expect(pid == firstPID, "the connection was closed instead of rolled back")
+                #expect(status == .idle)
+                #expect(pool.statistics.closedBroken == 0)
+            }
+        }
+    }
+
     @Test("killing every pooled backend under load: the pool recovers, no dead connection is handed out twice")
     func killBackendsUnderLoad() async throws {
         try await TestDatabase.withDatabase { url in

@@ -373,7 +373,14 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     private func reset(_ connection: Connection, connectionID: UInt64) async -> Bool {
         do {
-            try await connection.prepareForReuse()
+            if Task.isCancelled {
+                // The holder was cancelled, the usual way a request leaves mid-transaction:
+                // the cleanup must not inherit that (a driver that checks cancellation would
+                // refuse the ROLLBACK, and every cancelled request would cost a reconnect).
+                try await Task { try await connection.prepareForReuse() }.value
+            } else {
+                try await connection.prepareForReuse()
+            }
             return true
         } catch {
             logger.debug(

@@ -245,6 +245,7 @@ public final class PostgresConnection: @unchecked Sendable {
     nonisolated(nonsending)
     public func query(_ sql: String, parameters: [(any PostgresBindable)?]) async throws -> PostgresQueryResult {
         let params = parameters.map { $0?.postgresParameter }
+        noteListen(sql)
         let results = try await run { pg in
             sendQueryParams(pg, sql, params)
         }
@@ -259,7 +260,43 @@ public final class PostgresConnection: @unchecked Sendable {
     @discardableResult
     nonisolated(nonsending)
     public func execute(_ sql: String) async throws -> [PostgresQueryResult] {
-        try await run { pg in PQsendQuery(pg, sql) }
+        noteListen(sql)
+        return try await run { pg in PQsendQuery(pg, sql) }
+    }
+
+    /// Marks the session as listening when `sql` may run `LISTEN` (see `mentionsListen`), so
+    /// that a pool cleans it (`UNLISTEN *`) before the next holder gets it.
+    @inline(__always)
+    private func noteListen(_ sql: String) {
+        if Self.mentionsListen(sql) { state.withLock { $0.hasListened = true } }
+    }
+
+    /// True when `sql` contains `listen` in any letter case: `LISTEN`, `UNLISTEN`, or a word
+    /// that merely contains it (a false alarm costs one `UNLISTEN *` when a pool takes the
+    /// connection back). A `LISTEN` run inside a function is seen when its first notification
+    /// arrives.
+    static func mentionsListen(_ sql: String) -> Bool {
+        let pattern: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0x6C, 0x69, 0x73, 0x74, 0x65, 0x6E)  // "listen"
+        var matched = 0
+        for byte in sql.utf8 {
+            let lower = byte | 0x20
+            let expected: UInt8
+            switch matched {
+            case 0: expected = pattern.0
+            case 1: expected = pattern.1
+            case 2: expected = pattern.2
+            case 3: expected = pattern.3
+            case 4: expected = pattern.4
+            default: expected = pattern.5
+            }
+            if lower == expected {
+                matched += 1
+                if matched == 6 { return true }
+            } else {
+                matched = lower == pattern.0 ? 1 : 0
+            }
+        }
+        return false
     }
 
     /// Quotes `identifier` for use as an SQL identifier (`PQescapeIdentifier`).
@@ -563,6 +600,7 @@ public final class PostgresConnection: @unchecked Sendable {
             s.notifications.append(note)
             any = true
         }
+        if any { s.hasListened = true }  // however it came to listen, a pool must clean it
         if any, let parked = s.listenerParked {
             s.listenerParked = nil
             parked.resume()
