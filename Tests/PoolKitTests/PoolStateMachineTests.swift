@@ -198,10 +198,26 @@ struct PoolStateMachineTests {
         d.warmUp()
         _ = d.lease()
         guard case .enqueued = d.wait(1), case .enqueued = d.wait(2) else { Issue.record(); return }
-        guard case .failed(let e) = d.wait(3) else { Issue.record("third waiter should be refused"); return }
+        guard case .failed(let e, _) = d.wait(3) else { Issue.record("third waiter should be refused"); return }
         #expect(e.code == .tooManyWaiters)
         #expect(e.message.contains("maxWaiters=2"))
         #expect(d.machine.statistics().rejected == 1)
+    }
+
+    @Test func maxWaitersZeroRefusesToWaitButStillOpensAConnection() throws {
+        // maxWaiters 0: nobody may wait; an acquire with nothing idle fails at once. With
+        // minIdle 0 the pool must still open a connection for that demand, or every acquire
+        // fails forever.
+        var d = MachineDriver(config { $0.minIdle = 0; $0.maxOpen = 2; $0.maxWaiters = 0 })
+        guard case .failed(let e, let actions) = d.wait(1) else { Issue.record("an acquire with nothing idle must fail at once"); return }
+        #expect(e.code == .tooManyWaiters)
+        #expect(actions.connects.count == 1)
+        _ = d.complete(actions.connects)
+        #expect(d.lease() != nil, "the connection opened for the refused acquire serves the next one")
+        // A second refusal while a connect is already running plans no more.
+        var e2 = MachineDriver(config { $0.minIdle = 0; $0.maxOpen = 2; $0.maxWaiters = 0 })
+        guard case .failed(_, let first) = e2.wait(1), case .failed(_, let second) = e2.wait(2) else { Issue.record(); return }
+        #expect(first.connects.count == 1 && second.connects.isEmpty)
     }
 
     @Test func connectBackoffIsCappedExponentialWithJitterAndWaitersLearnTheError() throws {

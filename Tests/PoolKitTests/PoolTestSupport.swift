@@ -74,7 +74,7 @@ struct MachineDriver {
     /// Queues waiter `id`; returns the enqueue result.
     mutating func wait(_ id: Int, timeout: Duration = .seconds(5), label: String? = nil) -> TestMachine.EnqueueResult {
         let r = machine.leaseImmediately(request: .init(label: label, fileID: "T.swift", line: 2), now: now)
-        guard case .mustWait(let wid) = r else { Issue.record("expected to wait, got \(r)"); return .failed(.init(code: .shutDown, message: "")) }
+        guard case .mustWait(let wid) = r else { Issue.record("expected to wait, got \(r)"); return .failed(.init(code: .shutDown, message: ""), TestMachine.Actions()) }
         return machine.enqueue(waiterID: wid, waiter: id, request: .init(label: label, fileID: "T.swift", line: 2), now: now, deadline: now + timeout)
     }
 

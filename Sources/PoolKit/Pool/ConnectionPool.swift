@@ -870,7 +870,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 case .leased(let lease, let rescheduleTimer)?:
                     if rescheduleTimer { timerWake.signal() }
                     continuation.resume(returning: .leased(lease, waited: .zero, checked: false))
-                case .failed(let error)?:
+                case .failed(let error, let actions)?:
+                    performWithoutClosing(actions)
                     continuation.resume(returning: .failed(error))
                 case .enqueued(let actions)?:
                     performWithoutClosing(actions)

@@ -117,7 +117,8 @@ struct PoolStateMachine<Connection, Waiter> {
     enum EnqueueResult {
         case leased(Lease, rescheduleTimer: Bool)
         case enqueued(Actions)
-        case failed(ConnectionPoolError)
+        /// Refused; the actions (a connect for the demand, with `maxWaiters` 0) still run.
+        case failed(ConnectionPoolError, Actions)
     }
 
     /// What to do with a returned connection.
@@ -278,14 +279,18 @@ struct PoolStateMachine<Connection, Waiter> {
     mutating func enqueue(
         waiterID: UInt64, waiter: Waiter, request: Request, now: Time, deadline: Time, atFront: Bool = false
     ) -> EnqueueResult {
-        guard phase == .running else { return .failed(shutDownError()) }
+        guard phase == .running else { return .failed(shutDownError(), Actions()) }
         if waiters.isEmpty, let slot = idle.popLast() {
             let lease = hold(slot: slot, request: request, now: now)
             return .leased(lease, rescheduleTimer: noteLeakDeadline(now: now))
         }
         if !atFront && waiters.count >= configuration.maxWaiters {
             stats.rejected += 1
-            return .failed(tooManyWaitersError())
+            var actions = Actions()
+            // With `maxWaiters` 0 nobody ever waits, so no waiter ever asks for a connection:
+            // the refused acquire is the demand (with `minIdle` 0, none was ever opened).
+            if waiters.isEmpty && stashedCount == 0 { planConnectForRefused(now: now, into: &actions) }
+            return .failed(tooManyWaitersError(), actions)
         }
         let entry = WaiterEntry(id: waiterID, waiter: waiter, request: request, enqueuedAt: now, deadline: deadline)
         if atFront { waiters.prepend(entry) } else { waiters.append(entry) }
@@ -718,6 +723,19 @@ struct PoolStateMachine<Connection, Waiter> {
 
     /// The rule documented on the type: warm-up to `minIdle`, one demand connect
     /// at a time while connections exist, parallel demand connects on a cold pool.
+    /// One connect for an acquire refused by `maxWaiters` 0, unless one is running already.
+    private mutating func planConnectForRefused(now: Time, into actions: inout Actions) {
+        guard phase == .running, connecting == 0, established < configuration.maxOpen else { return }
+        if let until = backoffUntil {
+            if now < until { return }
+            backoffUntil = nil
+        }
+        nextConnectionID += 1
+        let slot = allocateSlot(connectionID: nextConnectionID)
+        connecting += 1
+        actions.connects.append(ConnectRequest(slot: slot, connectionID: nextConnectionID))
+    }
+
     private mutating func planConnects(now: Time, into actions: inout Actions) {
         guard phase == .running else { return }
         if let until = backoffUntil {
