@@ -204,6 +204,27 @@ struct PoolStateMachineTests {
         #expect(d.machine.statistics().rejected == 1)
     }
 
+    @Test func waitStatisticsCountEveryWaitHoweverItEnds() {
+        var d = MachineDriver(config { $0.minIdle = 1; $0.maxOpen = 1 })
+        d.warmUp()
+        let held = d.lease()!
+        guard case .enqueued = d.wait(1, timeout: .seconds(5)) else { Issue.record(); return }  // times out at 5 s
+        let request = TestMachine.Request(label: nil, fileID: "x", line: 1)
+        guard case .mustWait(let id2) = d.machine.leaseImmediately(request: request, now: d.now) else { Issue.record(); return }
+        _ = d.machine.enqueue(waiterID: id2, waiter: 2, request: request, now: d.now, deadline: .seconds(30))
+        d.now = .seconds(2)
+        #expect(d.machine.cancelWaiter(id: id2, now: d.now) == 2)  // cancelled after 2 s
+        d.now = .seconds(5)
+        #expect(d.tick().failures.map(\.0) == [1])
+        guard case .enqueued = d.wait(3, timeout: .seconds(30)) else { Issue.record(); return }
+        d.now = .seconds(6)
+        guard case .handoff(let h) = d.release(held).action, h.waiter == 3 else { Issue.record(); return }  // served after 1 s
+        let stats = d.machine.statistics()
+        #expect(stats.waitCount == 3)
+        #expect(stats.totalWaitTime == .seconds(8))
+        #expect(stats.timeouts == 1 && stats.cancelledWaits == 1)
+    }
+
     @Test func maxWaitersZeroRefusesToWaitButStillOpensAConnection() throws {
         // maxWaiters 0: nobody may wait; an acquire with nothing idle fails at once. With
         // minIdle 0 the pool must still open a connection for that demand, or every acquire
@@ -296,13 +317,13 @@ struct PoolStateMachineTests {
         _ = d.machine.enqueue(waiterID: id2, waiter: 2, request: .init(label: nil, fileID: "x", line: 1), now: .zero, deadline: .seconds(5))
 
         // Cancellation before the handoff: the waiter leaves the queue.
-        #expect(d.machine.cancelWaiter(id: id1) == 1)
-        #expect(d.machine.cancelWaiter(id: id1) == nil, "cancelling twice is a no-op")
+        #expect(d.machine.cancelWaiter(id: id1, now: d.now) == 1)
+        #expect(d.machine.cancelWaiter(id: id1, now: d.now) == nil, "cancelling twice is a no-op")
         // The handoff wins the race against waiter 2's cancellation...
         guard case .handoff(let h) = d.release(held).action else { Issue.record(); return }
         #expect(h.waiter == 2)
         // ...so its cancellation finds nothing to remove,
-        #expect(d.machine.cancelWaiter(id: id2) == nil)
+        #expect(d.machine.cancelWaiter(id: id2, now: d.now) == nil)
         // and the shell gives the unused connection back: it is idle again (or goes to the next waiter).
         guard case .idled = d.release(h.lease).action else { Issue.record("handed-over connection must go back"); return }
         #expect(d.machine.idleCount == 1)

@@ -139,13 +139,13 @@ struct PoolSimulation {
         case .cancel(let t):
             switch tasks[t] {
             case .waiting:
-                let w = d.machine.cancelWaiter(id: waiterIDs[t]!)
+                let w = d.machine.cancelWaiter(id: waiterIDs[t]!, now: d.now)
                 #expect(w == t, "a waiting task is in the queue")
                 tasks[t] = .cancelled
             case .holding:
                 // Cancellation lost the race with a handoff: the shell gives the connection back.
                 let l = leases.removeValue(forKey: t)!
-                #expect(d.machine.cancelWaiter(id: waiterIDs[t]!) == nil)
+                #expect(d.machine.cancelWaiter(id: waiterIDs[t]!, now: d.now) == nil)
                 tasks[t] = .cancelled
                 let claimed172 = d.machine.beginRelease(slot: l.slot, leaseID: l.leaseID)
                 #expect(claimed172)

@@ -888,8 +888,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 }
             }
         } onCancel: {
+            let cancelledAt = self.now()
             let waiter = state.withLock { s -> UnsafeContinuation<WaitOutcome, Never>? in
-                let waiter = s.machine.cancelWaiter(id: waiterID)
+                let waiter = s.machine.cancelWaiter(id: waiterID, now: cancelledAt)
                 s.publish(metrics, flags)
                 return waiter
             }

@@ -294,6 +294,9 @@ struct PoolStateMachine<Connection, Waiter> {
         }
         let entry = WaiterEntry(id: waiterID, waiter: waiter, request: request, enqueuedAt: now, deadline: deadline)
         if atFront { waiters.prepend(entry) } else { waiters.append(entry) }
+        // Counted when the wait begins (as Go's database/sql does); its time is added when it
+        // ends, however it ends (served, timed out, cancelled, failed by a drain).
+        if !atFront { stats.waitCount += 1 }
         var actions = Actions()
         actions.rescheduleTimer = noteDeadline(deadline)
         if stashedCount > 0 {
@@ -308,10 +311,12 @@ struct PoolStateMachine<Connection, Waiter> {
 
     /// Removes a waiter whose task was cancelled. Returns it if it was still
     /// waiting; nil if it was already served, failed or never queued.
-    mutating func cancelWaiter(id: UInt64) -> Waiter? {
+    mutating func cancelWaiter(id: UInt64, now: Time) -> Waiter? {
         guard let index = waiters.firstIndex(where: { $0.id == id }) else { return nil }
         stats.cancelledWaits += 1
-        return waiters.remove(at: index).waiter
+        let entry = waiters.remove(at: index)
+        stats.totalWaitTime += now - entry.enqueuedAt
+        return entry.waiter
     }
 
     // MARK: - Release
@@ -571,6 +576,7 @@ struct PoolStateMachine<Connection, Waiter> {
             if waiters[i].deadline <= now {
                 let entry = waiters.remove(at: i)
                 stats.timeouts += 1
+                stats.totalWaitTime += now - entry.enqueuedAt
                 actions.failures.append((entry.waiter, timeoutError(for: entry, now: now)))
             } else {
                 i += 1
@@ -657,6 +663,7 @@ struct PoolStateMachine<Connection, Waiter> {
         backoffUntil = nil
         var start = DrainStart()
         for entry in waiters.removeAll() {
+            stats.totalWaitTime += now - entry.enqueuedAt
             start.actions.failures.append((entry.waiter, shutDownError()))
             start.waitersFailed += 1
         }
@@ -780,7 +787,6 @@ struct PoolStateMachine<Connection, Waiter> {
         inUse += 1
         stats.leases += 1
         let waited = now - entry.enqueuedAt
-        stats.waitCount += 1
         stats.totalWaitTime += waited
         let lease = Lease(connection: connection, slot: slot, leaseID: nextLeaseID, connectionID: slots[slot].connectionID)
         return Handoff(waiter: entry.waiter, lease: lease, waited: waited)

@@ -12,9 +12,10 @@ public struct PoolStatistics: Sendable, Hashable {
     public var opening: Int = 0
     /// Leases granted so far.
     public var leases: Int = 0
-    /// Acquires that had to wait.
+    /// Acquires that had to wait (counted when the wait begins), however the wait ended:
+    /// served, timed out, cancelled or failed by a drain.
     public var waitCount: Int = 0
-    /// Total time those acquires waited.
+    /// Total time those acquires waited, added as each wait ends (waits still going are not in it).
     public var totalWaitTime: Duration = .zero
     /// Acquires that failed with `acquireTimeout`.
     public var timeouts: Int = 0
