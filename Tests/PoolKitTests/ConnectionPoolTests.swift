@@ -204,6 +204,53 @@ struct ConnectionPoolTests {
         }
     }
 
+    @Test func aConnectionStuckInItsResetIsReportedAsALeak() async throws {
+        try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease(label: "stuck-reset")
+            lease.connection.state.withLock { $0.hangReset = true }
+            let releasing = Task { await pool.release(lease) }
+            await eventually("reset started") { lease.connection.state.withLock { $0.resets } == 1 }
+            clock.advance(by: .seconds(11))
+            await eventually("leak reported") { pool.statistics.leaksReported == 1 }
+            #expect(pool.holders().map(\.label) == ["stuck-reset"])
+            await lease.connection.close()  // the reset fails; the pool closes the connection
+            await releasing.value
+        }
+    }
+
+    @Test func drainCancelsConnectsInFlightInsteadOfWaitingForTheDeadline() async throws {
+        // The database is unreachable: a connect hangs until it is cancelled. Draining must not
+        // wait the whole drain deadline for it.
+        let connectStarted = AsyncStream.makeStream(of: Void.self)
+        let hanging: @Sendable () async throws -> MockConnection = {
+            connectStarted.continuation.yield()
+            try await Task.sleep(for: .seconds(3_600))
+            throw CancellationError()
+        }
+        try await withRunningPool(baseConfiguration { $0.minIdle = 1 }, connect: hanging) { pool, clock, _ in
+            var started = connectStarted.stream.makeAsyncIterator()
+            _ = await started.next()
+            #expect(pool.statistics.opening == 1)
+            let finished = Mutex(false)
+            let draining = Task {
+                let report = await pool.drain(deadline: clock.now.advanced(by: .seconds(10)))
+                finished.withLock { $0 = true }
+                return report
+            }
+            // The manual clock stands still: only the connect's cancellation can end the drain.
+            var waited = 0
+            while !finished.withLock({ $0 }) && waited < 500 {
+                try await Task.sleep(for: .milliseconds(10))
+                waited += 1
+            }
+            #expect(finished.withLock { $0 }, "the drain waited for the hanging connect")
+            #expect(pool.statistics.opening == 0)
+            clock.advance(by: .seconds(10))  // lets a drain stuck on its deadline end, so that the test does
+            #expect(await draining.value.cutOff.isEmpty)
+        }
+    }
+
     @Test func drainFailsWaitersAwaitsHoldersThenCancelsAndClosesThem() async throws {
         let clock = ManualClock()
         try await withRunningPool(baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }, clock: clock) { pool, clock, factory in

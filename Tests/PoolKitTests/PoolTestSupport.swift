@@ -178,6 +178,8 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
         var cancels = 0
         var holders = 0
         var failReset = false
+        /// `prepareForReuse` hangs until the connection is closed (a ROLLBACK on a half-open socket).
+        var hangReset = false
         var maxHolders = 0
         /// When true, `needsReset` answers false (the pool then skips `prepareForReuse`).
         var clean = false
@@ -189,7 +191,11 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
     var isBroken: Bool { state.withLock { $0.broken || $0.closed > 0 } }
     var needsReset: Bool { state.withLock { !$0.clean } }
     func prepareForReuse() async throws {
-        let fail = state.withLock { s -> Bool in s.resets += 1; return s.failReset }
+        let (fail, hang) = state.withLock { s -> (Bool, Bool) in s.resets += 1; return (s.failReset, s.hangReset) }
+        if hang {
+            while state.withLock({ $0.closed == 0 }) { try await Task.sleep(for: .milliseconds(5)) }
+            throw MockError.resetFailed
+        }
         if fail { throw MockError.resetFailed }
     }
     func cancelRunningQuery() async { state.withLock { $0.cancels += 1 } }

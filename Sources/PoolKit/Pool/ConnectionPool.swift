@@ -118,6 +118,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     let connectRequestsContinuation: AsyncStream<Machine.ConnectRequest>.Continuation
     let timerWake = WakeSignal()
     let drainedSignal = WakeSignal()
+    /// Fires when draining begins: connects still running are cancelled (`open`).
+    let drainBegan = OneTimeEvent()
     /// When `C` is `ContinuousClock` on Linux: `CLOCK_BOOTTIME` (the clock `ContinuousClock`
     /// reads there) at `epoch`, in nanoseconds, so that ``now()`` reads it directly instead of
     /// going through the generic `Clock`/`InstantProtocol` witnesses twice per cycle.
@@ -711,6 +713,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             return start
         }
         if start.alreadyStarted { return await waitForDrainReport() }
+        drainBegan.fire()
         logger.info("draining pool", metadata: ["waiters": "\(start.waitersFailed)", "idle": "\(start.idleClosed)"])
         await perform(start.actions)
         timerWake.signal()
@@ -983,7 +986,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     private func connect(_ request: Machine.ConnectRequest) async {
         let startedAt = now()
         do {
-            let connection = try await factory()
+            let connection = try await open()
             let openedAt = now()
             metrics.createTime.record(openedAt - startedAt)
             logger.debug("opened connection", metadata: [
@@ -1002,11 +1005,36 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 s.publish(metrics, flags)
                 return actions
             }
-            logger.warning("connect failed", metadata: [
+            // A connect cancelled because the pool drains is expected, not a warning.
+            logger.log(level: drainBegan.hasFired ? .debug : .warning, "connect failed", metadata: [
                 "db.client.connection.id": "\(request.connectionID)", "error": "\(error)",
                 "retry_in": "\(actions.backoff.map(formatDuration) ?? "-")",
             ])
             await perform(actions)
+        }
+    }
+
+    /// Runs the factory; cancels it when draining begins (a connect to an unreachable database
+    /// would otherwise hold the drain until its deadline). A connection that arrives anyway
+    /// is closed by the state machine.
+    private func open() async throws -> Connection {
+        try await withThrowingTaskGroup(of: Connection?.self) { group in
+            group.addTask { try await self.factory() }
+            group.addTask {
+                await self.drainBegan.wait()
+                return nil
+            }
+            var connection: Connection?
+            for try await result in group {
+                if let result {
+                    connection = result
+                    break
+                }
+                group.cancelAll()  // draining: the connect's outcome (most likely an error) follows
+            }
+            group.cancelAll()
+            guard let connection else { throw CancellationError() }
+            return connection
         }
     }
 

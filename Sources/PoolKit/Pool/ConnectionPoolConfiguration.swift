@@ -51,8 +51,9 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
     public var maxConcurrentConnects: Int
     /// Retry policy after failed connects. Waiters keep waiting and are told the last connect error if they time out.
     public var connectBackoff: ConnectBackoff
-    /// A connection held longer than this is reported once (warning log + `db.client.connection.leaks` counter)
-    /// with its holder's label and source location. `nil`: off. Default 60 s.
+    /// A connection held longer than this (counting a reset on return that hangs) is reported once
+    /// (warning log + `db.client.connection.leaks` counter) with its holder's label and source
+    /// location. `nil`: off. Default 60 s.
     public var leakThreshold: Duration?
     /// How long `run()` lets holders finish after graceful shutdown before their queries are cancelled and their connections closed. Default 10 s.
     public var drainTimeout: Duration

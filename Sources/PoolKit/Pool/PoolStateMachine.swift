@@ -584,7 +584,9 @@ struct PoolStateMachine<Connection, Waiter> {
         }
         if let threshold = configuration.leakThreshold {
             for index in slots.indices {
-                guard slots[index].kind == .held, !holdersBySlot[index].leakReported, !holdersBySlot[index].stashed,
+                // A connection whose reset hangs (`.returning`) is as unavailable as one held.
+                guard slots[index].kind == .held || slots[index].kind == .returning,
+                      !holdersBySlot[index].leakReported, !holdersBySlot[index].stashed,
                       now - holdersBySlot[index].since >= threshold
                 else { continue }
                 holdersBySlot[index].leakReported = true
@@ -639,6 +641,8 @@ struct PoolStateMachine<Connection, Waiter> {
                 }
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
             case .returning:
+                let holder = holdersBySlot[index]
+                if let threshold = configuration.leakThreshold, !holder.leakReported { consider(holder.since + threshold) }
                 if let expiresAt = slot.expiresAt, expiresAt > now { consider(expiresAt) }
             case .idle:
                 if let expiresAt = slot.expiresAt { consider(expiresAt) }

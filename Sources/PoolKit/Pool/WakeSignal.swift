@@ -47,3 +47,49 @@ final class WakeSignal: Sendable {
         }
     }
 }
+
+/// A one-time event any number of tasks can wait for: `fire()` resumes every waiter, and
+/// every later `wait()` returns at once. Cancellation ends a wait.
+final class OneTimeEvent: Sendable {
+    private struct State {
+        var fired = false
+        var nextID: UInt64 = 0
+        var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    }
+
+    private let state = Mutex(State())
+
+    /// Whether the event has fired.
+    var hasFired: Bool { state.withLock { $0.fired } }
+
+    /// Fires the event (idempotent).
+    func fire() {
+        let waiters = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.fired = true
+            defer { s.waiters = [:] }
+            return Array(s.waiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Waits until the event fires or the task is cancelled.
+    func wait() async {
+        let id = state.withLock { s -> UInt64 in
+            s.nextID += 1
+            return s.nextID
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLock { s -> Bool in
+                    if s.fired || Task.isCancelled { return true }
+                    s.waiters[id] = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            let waiter = state.withLock { $0.waiters.removeValue(forKey: id) }
+            waiter?.resume()
+        }
+    }
+}
