@@ -204,6 +204,32 @@ struct ConnectionPoolTests {
         }
     }
 
+    @Test func aReplacementIsOpenedOnlyAfterTheConnectionItReplacesIsClosed() async throws {
+        // maxOpen counts sessions on the server too: a slow close of an expired connection
+        // must not overlap the connect that replaces it.
+        let factory = MockFactory()
+        let mostOpen = Mutex(0)
+        let connect: @Sendable () async throws -> MockConnection = {
+            let open = factory.made.filter { $0.closeCount == 0 }.count + 1
+            mostOpen.withLock { $0 = max($0, open) }
+            let connection = try factory.make()
+            connection.state.withLock { $0.closeDelay = .milliseconds(100) }
+            return connection
+        }
+        let configuration = baseConfiguration { $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero }
+        try await withRunningPool(configuration, factory: factory, connect: connect) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            clock.advance(by: .seconds(61))
+            var waited = 0
+            while !(factory.made.count == 2 && pool.statistics.idle == 1) && waited < 300 {
+                try await Task.sleep(for: .milliseconds(10))
+                waited += 1
+            }
+            #expect(factory.made.count == 2, "the expired connection was replaced")
+            #expect(mostOpen.withLock { $0 } == 1, "the replacement was opened while the expired connection was still closing")
+        }
+    }
+
     @Test func aConnectionStuckInItsResetIsReportedAsALeak() async throws {
         try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }

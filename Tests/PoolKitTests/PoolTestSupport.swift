@@ -180,6 +180,8 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
         var failReset = false
         /// `prepareForReuse` hangs until the connection is closed (a ROLLBACK on a half-open socket).
         var hangReset = false
+        /// `close()` takes this long (real time) before the session ends.
+        var closeDelay: Duration?
         var maxHolders = 0
         /// When true, `needsReset` answers false (the pool then skips `prepareForReuse`).
         var clean = false
@@ -199,7 +201,10 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
         if fail { throw MockError.resetFailed }
     }
     func cancelRunningQuery() async { state.withLock { $0.cancels += 1 } }
-    func close() async { state.withLock { $0.closed += 1 } }
+    func close() async {
+        if let delay = state.withLock({ $0.closeDelay }) { try? await Task.sleep(for: delay) }
+        state.withLock { $0.closed += 1 }
+    }
 
     /// Marks the connection in use by one more holder (a second concurrent holder is a pool bug).
     func enter() { state.withLock { $0.holders += 1; $0.maxHolders = max($0.maxHolders, $0.holders) } }

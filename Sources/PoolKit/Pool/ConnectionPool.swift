@@ -1065,12 +1065,28 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Performs all actions, closing connections in this task.
     nonisolated(nonsending)
     private func perform(_ actions: Machine.Actions) async {
-        performWithoutClosing(actions)
-        if actions.closes.count == 1 {
-            await close(actions.closes[0])
-        } else if !actions.closes.isEmpty {
+        guard !actions.closes.isEmpty && !actions.connects.isEmpty else {
+            performWithoutClosing(actions)
+            await closeAll(actions.closes)
+            return
+        }
+        // Replacements start once the connections they replace are closed: the state machine
+        // frees a slot when it decides to close, and a slow close (a Terminate on a congested
+        // socket) would otherwise leave the server with more than `maxOpen` of our sessions.
+        var first = actions
+        first.connects = []
+        performWithoutClosing(first)
+        await closeAll(actions.closes)
+        for request in actions.connects { connectRequestsContinuation.yield(request) }
+    }
+
+    nonisolated(nonsending)
+    private func closeAll(_ closes: [Machine.Close]) async {
+        if closes.count == 1 {
+            await close(closes[0])
+        } else if !closes.isEmpty {
             await withDiscardingTaskGroup { group in
-                for close in actions.closes { group.addTask { await self.close(close) } }
+                for close in closes { group.addTask { await self.close(close) } }
             }
         }
     }
