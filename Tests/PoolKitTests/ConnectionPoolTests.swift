@@ -220,11 +220,7 @@ struct ConnectionPoolTests {
         try await withRunningPool(configuration, factory: factory, connect: connect) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }
             clock.advance(by: .seconds(61))
-            var waited = 0
-            while !(factory.made.count == 2 && pool.statistics.idle == 1) && waited < 300 {
-                try await Task.sleep(for: .milliseconds(10))
-                waited += 1
-            }
+            try await pollUntil(seconds: 3) { factory.made.count == 2 && pool.statistics.idle == 1 }
             #expect(factory.made.count == 2, "the expired connection was replaced")
             #expect(mostOpen.withLock { $0 } == 1, "the replacement was opened while the expired connection was still closing")
         }
@@ -265,11 +261,7 @@ struct ConnectionPoolTests {
                 return report
             }
             // The manual clock stands still: only the connect's cancellation can end the drain.
-            var waited = 0
-            while !finished.withLock({ $0 }) && waited < 500 {
-                try await Task.sleep(for: .milliseconds(10))
-                waited += 1
-            }
+            try await pollUntil(seconds: 5) { finished.withLock { $0 } }
             #expect(finished.withLock { $0 }, "the drain waited for the hanging connect")
             #expect(pool.statistics.opening == 0)
             clock.advance(by: .seconds(10))  // lets a drain stuck on its deadline end, so that the test does

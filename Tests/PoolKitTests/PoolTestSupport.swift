@@ -256,6 +256,13 @@ final class MockFactory: Sendable {
     func failNext(_ n: Int) { state.withLock { $0.failNext = n } }
 }
 
+/// Polls `condition` every 10 ms of real time, for at most `seconds` (for work that sleeps in
+/// real time, which `eventually`'s yields do not wait for); the caller asserts the outcome.
+func pollUntil(seconds: Double, _ condition: () -> Bool) async throws {
+    let end = ContinuousClock.now + .seconds(seconds)
+    while !condition() && ContinuousClock.now < end { try await Task.sleep(for: .milliseconds(10)) }
+}
+
 /// Waits, without sleeping, until a condition holds (other tasks make progress meanwhile).
 func eventually(_ what: String, _ condition: () -> Bool, sourceLocation: SourceLocation = #_sourceLocation) async {
     for _ in 0..<200_000 {

@@ -603,11 +603,7 @@ struct JobSchedulerTests {
                 clock.advance(by: .seconds(5))
                 try await Task.sleep(for: .milliseconds(20))
             }
-            var waited = 0
-            while scheduler.statistics.timeouts == 0 && waited < 500 {
-                try await Task.sleep(for: .milliseconds(10))
-                waited += 1
-            }
+            try await pollUntil(seconds: 5) { scheduler.statistics.timeouts > 0 }
             #expect(scheduler.statistics.failures == 1)
             #expect(scheduler.statistics.timeouts == 1)
             #expect(scheduler.statistics.runs == 1)
@@ -693,11 +689,7 @@ struct JobSchedulerTests {
         // is not while the job waits in shutdown().
         while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }  // the driver waits for 1 s
         clock.advance(by: s(1.5))
-        var waited = 0
-        while !scheduler.liveTasks.finished && waited < 1_000 {
-            try await Task.sleep(for: .milliseconds(10))
-            waited += 1
-        }
+        try await pollUntil(seconds: 10) { scheduler.liveTasks.finished }
         try #require(scheduler.liveTasks.finished, "run() did not return after a job called shutdown()")
         try await running.value
         #expect(r.allNotes == ["shutdown returned, 0 cut off, shutting down: true"])
@@ -816,6 +808,13 @@ struct JobSchedulerTests {
             }
         }
     }
+}
+
+/// Polls `condition` every 10 ms of real time, for at most `seconds` (for what the manual
+/// clock's `advance` cannot wait for); the caller asserts the outcome.
+func pollUntil(seconds: Double, _ condition: () -> Bool) async throws {
+    let end = ContinuousClock.now + .seconds(seconds)
+    while !condition() && ContinuousClock.now < end { try await Task.sleep(for: .milliseconds(10)) }
 }
 
 /// An object captured by a job's body, to see (through a weak reference) when the scheduler lets go of the body.
