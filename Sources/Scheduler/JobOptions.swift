@@ -37,7 +37,8 @@ public enum ShutdownBehavior: Sendable, Hashable {
 /// Attempt `n + 1` starts `min(initialBackoff * multiplier^(n-1), maxBackoff)`
 /// after attempt `n` failed, up to `maxAttempts` attempts in all. If the job's
 /// next regular occurrence comes first, the retry is dropped and the regular
-/// run starts again at attempt 1.
+/// run starts again at attempt 1. A fixed-delay job's next regular run comes
+/// its delay after the retry ends (the delay counts from the last run's end).
 public struct RetryPolicy: Sendable, Hashable {
     /// Attempts in all, including the first (>= 1).
     public var maxAttempts: Int
@@ -86,7 +87,8 @@ public struct JobOptions: Sendable {
     public var jitter: Duration
     /// If set, a run still in progress this long after it was handed to the
     /// workers (normally its start) has its task cancelled. It counts as a
-    /// failed, timed-out run however it ends, and `retry` applies.
+    /// timeout, and as a failed run (so `retry` applies) unless its body
+    /// returned normally anyway: that run did its work and is not repeated.
     public var timeout: Duration?
     /// If set, a failed run is retried with backoff.
     public var retry: RetryPolicy?

@@ -23,11 +23,20 @@ enum CurrentRun {
 final class RunMarker: Sendable {
     /// The scheduler whose worker this is.
     let scheduler: ObjectIdentifier
+    /// The worker's task: bodies run inline on it (compared, never used to act on the task).
+    let worker: WorkerTask
 
-    init(scheduler: ObjectIdentifier) { self.scheduler = scheduler }
+    init(scheduler: ObjectIdentifier, worker: WorkerTask) {
+        self.scheduler = scheduler
+        self.worker = worker
+    }
 
-    /// True while the worker is inside a run (of any job).
-    var isInsideARun: Bool { serial.load(ordering: .relaxed) != 0 }
+    /// True when the calling task is this worker's task and it is inside a run: the caller
+    /// is a job's body itself (a task the body started inherits the marker but is not it).
+    var callerIsARunningBody: Bool {
+        guard serial.load(ordering: .relaxed) != 0 else { return false }
+        return withUnsafeCurrentTask { $0 == worker.task }
+    }
 
     /// The serial of the job whose body runs, 0 for none (job serials start at 1
     /// and are never reused within one scheduler).
@@ -567,11 +576,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// replacement if runs wait).
     @_specialize(where C == ContinuousClock)
     private func worker(_ slot: Int) async {
-        let marker = RunMarker(scheduler: ObjectIdentifier(self))
         // A worker always runs in a task; the object lives until the loop returns.
         guard let workerTask = withUnsafeCurrentTask(body: { $0.map(WorkerTask.init) }) else {
             preconditionFailure("a scheduler worker always runs in a child task of the driver's group")
         }
+        let marker = RunMarker(scheduler: ObjectIdentifier(self), worker: workerTask)
         let runOwner = RunOwner(self)
         await CurrentRun.$marker.withValue(marker) {
             await workerLoop(slot, marker: marker, workerTask: workerTask, runOwner: runOwner)
@@ -727,8 +736,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             reason = start.uninstall()
             if outcome == .success && reason == .timeout {
-                failuresCounter.increment()
-                logger.warning("job run timed out and returned anyway (its body ignored the cancellation)",
+                logger.warning("job run timed out and returned anyway (its body ignored the cancellation); counted as a timeout, not retried",
                                metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)"])
             }
             runsCounter.increment()
@@ -834,7 +842,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// over but never taken by a worker (they never start).
     private static func recordClosed(_ core: inout Core, done: [RunCompletion], abandoned: [SchedulerState<C.Instant>.RunStart], now: Int64) {
         for c in done { core.machine.finish(c) }
-        for a in abandoned { core.machine.finish(a, outcome: .notStarted, lateness: 0, now: now) }
+        for a in abandoned { core.machine.abandon(a, now: now) }
         core.runTasks -= done.count + abandoned.count
     }
 
@@ -861,14 +869,16 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// released everything. Idempotent; later calls return the same report.
     /// If `run()` never started, returns at once.
     ///
-    /// Called from inside one of this scheduler's own job bodies (or a task
-    /// the body started), it begins the shutdown and returns at once with the
-    /// report so far: the body's own run cannot end while the body waits for
-    /// it. `run()` completes the shutdown once the body returns.
+    /// Called from one of this scheduler's own job bodies, it begins the
+    /// shutdown and returns at once with the report so far: the body's run
+    /// cannot end while the body waits for it. `run()` completes the shutdown
+    /// once the body returns. (A task the body started waits as any caller
+    /// does; a child task of the body must not call it: the body's run waits
+    /// for its children.)
     @discardableResult
     public func shutdown(deadline: Duration = .seconds(10)) async -> ShutdownReport {
         beginShutdown(deadline: deadline)
-        if let marker = CurrentRun.marker, marker.scheduler == ObjectIdentifier(self), marker.isInsideARun {
+        if let marker = CurrentRun.marker, marker.scheduler == ObjectIdentifier(self), marker.callerIsARunningBody {
             return core.withLock { $0.report ?? Self.makeReport($0) }
         }
         return await withCheckedContinuation { (c: CheckedContinuation<ShutdownReport, Never>) in

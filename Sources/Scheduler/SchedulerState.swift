@@ -758,6 +758,14 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             reason: start.cancelReason, lateness: lateness, end: now))
     }
 
+    /// Records a run the shutdown took from the workers' queue before it started: not a
+    /// failure, whatever cancelled it meanwhile (no retry, no revived one-shot job).
+    mutating func abandon(_ start: RunStart, now: Int64) {
+        finish(RunCompletion(
+            runSlot: start.runSlot, runSerial: start.runSerial, attempt: start.attempt, outcome: .notStarted,
+            reason: nil, lateness: 0, end: now))
+    }
+
     /// `finish(_:outcome:lateness:now:)` for a completion a worker reported.
     mutating func finish(_ c: RunCompletion) {
         let outcome = c.outcome
@@ -788,9 +796,10 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             histogram[b] &+= 1
             if case .draining = phase, !wasCut { drainedRuns += 1 }
         }
-        // Over its timeout is a failure however the run ended: cancelled, returned anyway
-        // (a body that ignores cancellation), or never started (every worker was busy).
-        let failed = outcome == .failure || reason == .timeout
+        // Over its timeout is a failure when the timeout ended it: cancelled, or never started
+        // (every worker was busy). A body that returned normally did its work: counted as a
+        // timeout, not as a failure, and not retried (a retry would repeat its work).
+        let failed = outcome == .failure || (reason == .timeout && outcome != .success)
         if failed {
             jobs[s].stats.failures &+= 1
             totalFailures &+= 1
@@ -868,7 +877,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         // ready runs never start
         let abandoned = ready
         ready = []
-        for a in abandoned { finish(a, outcome: .notStarted, lateness: 0, now: 0) }
+        for a in abandoned { abandon(a, now: 0) }
         burstTimes = [:]
         for s in jobs.indices where jobs[s].flags.contains(.inUse) && jobs[s].inFlight == 0 {
             freeSlot(s)

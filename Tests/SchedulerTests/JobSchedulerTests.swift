@@ -574,15 +574,19 @@ struct JobSchedulerTests {
         }
     }
 
-    @Test("a run that ignores its timeout's cancellation and returns still counts as a failed, timed-out run")
+    @Test("a run that ignores its timeout's cancellation and returns counts as a timeout, not as a failure, and is not retried")
     func timeoutIgnored() async throws {
         try await withScheduler { scheduler, clock in
-            let h = try scheduler.schedule(.every(.seconds(10)), options: .init(timeout: .seconds(2))) { _ in
-                try? await clock.sleep(for: .seconds(5))  // swallows the cancellation and returns normally
+            let r = Recorder()
+            let retry = RetryPolicy(maxAttempts: 3, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+            let h = try scheduler.schedule(.every(.seconds(10)), options: .init(timeout: .seconds(2), retry: retry)) { c in
+                r.record(c)
+                try? await clock.sleep(for: .seconds(5))  // swallows the cancellation and returns normally: its work is done
             }
             await scheduler.advance(by: .seconds(15))
+            #expect(r.all.map(\.attempt) == [1], "a run that returned was retried")
             #expect(h.statistics?.runs == 1)
-            #expect(h.statistics?.failures == 1)
+            #expect(h.statistics?.failures == 0)
             #expect(scheduler.statistics.timeouts == 1)
         }
     }
@@ -594,15 +598,24 @@ struct JobSchedulerTests {
         let scheduler = JobScheduler(clock: clock, logger: logs.logger, configuration: .init(randomSeed: 42, maxWorkers: 1))
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await scheduler.run() }
-            try scheduler.schedule(.once(after: .seconds(5)), options: .init(name: "slow")) { _ in try await clock.sleep(for: .seconds(30)) }
-            try scheduler.schedule(.once(after: .seconds(10)), options: .init(name: "waiting", timeout: .seconds(5))) { _ in }
-            // `advance` waits for idle, which a run queued for a busy worker never is: the
-            // clock alone, then a wait for the outcome.
-            while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }
-            for _ in 0..<8 {
-                clock.advance(by: .seconds(5))
-                try await Task.sleep(for: .milliseconds(20))
+            let r = Recorder()
+            // The one worker stays in "slow" until the test lets it go (real time, not the clock).
+            try scheduler.schedule(.once(after: .seconds(5)), options: .init(name: "slow")) { _ in
+                r.note("slow started")
+                while !r.allNotes.contains("release") { try await Task.sleep(for: .milliseconds(2)) }
             }
+            try scheduler.schedule(.once(after: .seconds(10)), options: .init(name: "waiting", timeout: .seconds(5))) { _ in }
+            // `advance` waits for idle, which a run queued for a busy worker never is: the clock
+            // alone, each step awaited on the state it leads to.
+            func pendingTimeout() -> Int64? { scheduler.core.withLock { $0.machine.nextTimeout } }
+            while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }
+            clock.advance(by: .seconds(5))
+            try await pollUntil(seconds: 5) { r.allNotes == ["slow started"] }
+            clock.advance(by: .seconds(5))  // 10 s: "waiting" is handed to the workers, its timeout armed
+            try await pollUntil(seconds: 5) { pendingTimeout() != nil }
+            clock.advance(by: .seconds(5))  // 15 s: its timeout cancels it in the queue
+            try await pollUntil(seconds: 5) { pendingTimeout() == nil }
+            r.note("release")
             try await pollUntil(seconds: 5) { scheduler.statistics.timeouts > 0 }
             #expect(scheduler.statistics.failures == 1)
             #expect(scheduler.statistics.timeouts == 1)
@@ -702,6 +715,26 @@ struct JobSchedulerTests {
         #expect(final.cutOff.isEmpty)
         #expect(final.drainedRuns == 1)
         #expect(final.jobsRemoved == 1)
+    }
+
+    @Test("shutdown() from a task a job's body started waits for the whole shutdown, as any caller does")
+    func shutdownFromATaskTheBodyStarted() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet)
+        let r = Recorder()
+        try scheduler.schedule(.once(after: .seconds(1))) { _ in
+            Task {
+                _ = await scheduler.shutdown(deadline: .zero)
+                r.note("shutdown() returned; run() finished: \(scheduler.liveTasks.finished)")
+            }
+            try await clock.sleep(for: .seconds(60))  // still inside its run when the task calls shutdown()
+        }
+        let running = Task { try await scheduler.run() }
+        while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }
+        clock.advance(by: s(1.5))
+        try await pollUntil(seconds: 10) { !r.allNotes.isEmpty }
+        #expect(r.allNotes == ["shutdown() returned; run() finished: true"])
+        try await running.value
     }
 
     @Test("shutdown with drain cancels a run still going at the deadline and reports it")
