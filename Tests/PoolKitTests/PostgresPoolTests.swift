@@ -341,3 +341,16 @@ private func runOffPool(_ body: @escaping @Sendable () throws -> Void) async thr
         }
     }
 }
+
+@Suite("PostgresConnection: which statements may run LISTEN")
+struct ListenDetectionTests {
+    @Test("the word listen alone, in any case and any position, marks the session; longer words do not",
+          arguments: [
+              ("LISTEN orders", true), ("select 1; Listen pool_plain", true), ("EXECUTE 'LISTEN ' || ch", true),
+              ("listen", true), ("UNLISTEN *", false), ("SELECT * FROM listeners", false),
+              ("SELECT listen_count FROM t", false), ("SELECT 1", false), ("", false),
+          ])
+    func detection(sql: String, listens: Bool) {
+        #expect(PostgresConnection.mentionsListen(sql) == listens)
+    }
+}

@@ -362,6 +362,16 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// The release of a connection that needs `prepareForReuse()`: claim, reset, return.
     nonisolated(nonsending)
     private func releaseSlowly(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) async {
+        if Task.isCancelled {
+            // The holder was cancelled, the usual way a request leaves mid-transaction. Its
+            // cleanup runs in a task of its own: it does not inherit the cancellation (a driver
+            // that checks it would refuse the ROLLBACK: a reconnect per cancelled request), and
+            // the cancelled caller does not wait for it (a ROLLBACK on a hung socket). The
+            // connection stays out of the pool until then; `leakThreshold` reports it if the
+            // reset hangs.
+            Task { await self.releaseSlowly(connection, slot: slot, leaseID: leaseID, connectionID: connectionID) }
+            return
+        }
         let claimed = state.withLock { $0.machine.beginRelease(slot: slot, leaseID: leaseID) }
         guard claimed else { return }
         var reusable = !connection.isBroken
@@ -375,14 +385,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     private func reset(_ connection: Connection, connectionID: UInt64) async -> Bool {
         do {
-            if Task.isCancelled {
-                // The holder was cancelled, the usual way a request leaves mid-transaction:
-                // the cleanup must not inherit that (a driver that checks cancellation would
-                // refuse the ROLLBACK, and every cancelled request would cost a reconnect).
-                try await Task { try await connection.prepareForReuse() }.value
-            } else {
-                try await connection.prepareForReuse()
-            }
+            try await connection.prepareForReuse()
             return true
         } catch {
             logger.debug(
@@ -476,6 +479,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     private func returnLent(_ connection: Connection, _ raw: Machine.Lease, lend: UInt64, knownBroken: Bool = false) async {
         var reusable = !knownBroken && !connection.isBroken
+        if reusable && connection.needsReset && Task.isCancelled {
+            // As in `releaseSlowly`: a cancelled holder's cleanup runs in a task of its own.
+            Task { await self.returnLent(connection, raw, lend: lend, knownBroken: knownBroken) }
+            return
+        }
         if reusable && connection.needsReset {
             reusable = await reset(connection, connectionID: raw.connectionID)
         }

@@ -271,30 +271,29 @@ public final class PostgresConnection: @unchecked Sendable {
         if Self.mentionsListen(sql) { state.withLock { $0.hasListened = true } }
     }
 
-    /// True when `sql` contains `listen` in any letter case: `LISTEN`, `UNLISTEN`, or a word
-    /// that merely contains it (a false alarm costs one `UNLISTEN *` when a pool takes the
-    /// connection back). A `LISTEN` run inside a function is seen when its first notification
-    /// arrives.
+    /// True when `sql` may run `LISTEN`: the word `listen` in any letter case, standing alone
+    /// (not inside a longer word such as `UNLISTEN` or a table `listeners`, which would make
+    /// every return of the connection pay an `UNLISTEN *`). A `LISTEN` the text does not show
+    /// (inside a function) is seen when its first notification arrives.
     static func mentionsListen(_ sql: String) -> Bool {
+        sql.utf8.withContiguousStorageIfAvailable(mentionsListen) ?? Array(sql.utf8).withUnsafeBufferPointer(mentionsListen)
+    }
+
+    private static func mentionsListen(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
         let pattern: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0x6C, 0x69, 0x73, 0x74, 0x65, 0x6E)  // "listen"
-        var matched = 0
-        for byte in sql.utf8 {
-            let lower = byte | 0x20
-            let expected: UInt8
-            switch matched {
-            case 0: expected = pattern.0
-            case 1: expected = pattern.1
-            case 2: expected = pattern.2
-            case 3: expected = pattern.3
-            case 4: expected = pattern.4
-            default: expected = pattern.5
+        guard bytes.count >= 6 else { return false }
+        @inline(__always) func isWordByte(_ b: UInt8) -> Bool {
+            (b >= 0x30 && b <= 0x39) || (b | 0x20 >= 0x61 && b | 0x20 <= 0x7A) || b == 0x5F || b == 0x24 || b >= 0x80
+        }
+        var i = 0
+        while i + 6 <= bytes.count {
+            if bytes[i] | 0x20 == pattern.0 && bytes[i + 1] | 0x20 == pattern.1 && bytes[i + 2] | 0x20 == pattern.2
+                && bytes[i + 3] | 0x20 == pattern.3 && bytes[i + 4] | 0x20 == pattern.4 && bytes[i + 5] | 0x20 == pattern.5
+                && (i == 0 || !isWordByte(bytes[i - 1]))
+                && (i + 6 == bytes.count || !isWordByte(bytes[i + 6])) {
+                return true
             }
-            if lower == expected {
-                matched += 1
-                if matched == 6 { return true }
-            } else {
-                matched = lower == pattern.0 ? 1 : 0
-            }
+            i += 1
         }
         return false
     }
