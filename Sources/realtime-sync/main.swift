@@ -26,22 +26,34 @@ struct Setting {
         return fallback
     }
 
-    static func int(_ flag: Int?, _ variable: String, _ fallback: Int) throws -> Int {
-        if let flag { return flag }
-        guard let value = environment[variable], !value.isEmpty else { return fallback }
-        guard let number = Int(value) else { throw ValidationError("\(variable)=\(value) is not a whole number") }
+    /// A whole number of at least `minimum`, from `--flag` or `variable`; the error names both.
+    static func int(_ flag: Int?, _ name: String, _ variable: String, _ fallback: Int, minimum: Int) throws -> Int {
+        let number: Int
+        if let flag {
+            number = flag
+        } else if let value = environment[variable], !value.isEmpty {
+            guard let parsed = Int(value) else { throw ValidationError("\(variable)=\(value) is not a whole number") }
+            number = parsed
+        } else {
+            return fallback
+        }
+        guard number >= minimum else { throw ValidationError("--\(name) / \(variable) is \(number); it must be \(minimum) or more") }
         return number
     }
 
-    static func seconds(_ flag: Double?, _ variable: String, _ fallback: Double) throws -> Duration {
+    /// A positive number of seconds from `--flag` or `variable`; the error names both.
+    static func seconds(_ flag: Double?, _ name: String, _ variable: String, _ fallback: Double) throws -> Duration {
         let value: Double
         if let flag {
             value = flag
         } else if let text = environment[variable], !text.isEmpty {
-            guard let number = Double(text), number > 0 else { throw ValidationError("\(variable)=\(text) is not a positive number of seconds") }
+            guard let number = Double(text) else { throw ValidationError("\(variable)=\(text) is not a number of seconds") }
             value = number
         } else {
             value = fallback
+        }
+        guard value > 0, value.isFinite, value < 1e9 else {
+            throw ValidationError("--\(name) / \(variable) is \(value); it must be a positive number of seconds")
         }
         return .milliseconds(Int64((value * 1000).rounded()))
     }
@@ -106,26 +118,27 @@ struct Serve: AsyncParsableCommand {
         configuration.publication = Setting.string(publication, "REALTIME_SYNC_PUBLICATION", "realtime_sync")!
         configuration.slot = Setting.string(slot, "REALTIME_SYNC_SLOT", "realtime_sync")!
         configuration.server.host = Setting.string(host, "REALTIME_SYNC_HOST", "127.0.0.1")!
-        configuration.server.port = try Setting.int(port, "REALTIME_SYNC_PORT", 8080)
+        configuration.server.port = try Setting.int(port, "port", "REALTIME_SYNC_PORT", 8080, minimum: 0)
         guard (0...65535).contains(configuration.server.port) else {
             throw ValidationError("--port / REALTIME_SYNC_PORT: \(configuration.server.port) is not a port (0-65535)")
         }
-        configuration.server.listenBacklog = try Setting.int(listenBacklog, "REALTIME_SYNC_LISTEN_BACKLOG", 4_096)
+        configuration.server.listenBacklog = try Setting.int(listenBacklog, "listen-backlog", "REALTIME_SYNC_LISTEN_BACKLOG", 4_096, minimum: 1)
         guard (1...65_535).contains(configuration.server.listenBacklog) else {
             throw ValidationError("--listen-backlog / REALTIME_SYNC_LISTEN_BACKLOG: \(configuration.server.listenBacklog) is not from 1 to 65535 (the kernel caps it at net.core.somaxconn anyway)")
         }
         configuration.server.metricsRegistry = registry
-        configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "REALTIME_SYNC_POOL_MAX_OPEN", 4)
+        configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "pool-max-open", "REALTIME_SYNC_POOL_MAX_OPEN", 4, minimum: 1)
         configuration.pool.maxIdle = configuration.pool.maxOpen
-        configuration.pool.acquireTimeout = try Setting.seconds(poolAcquireTimeout, "REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT", 30)
-        configuration.window.maxAge = try Setting.seconds(windowMaxAge, "REALTIME_SYNC_WINDOW_MAX_AGE", 300)
-        configuration.window.maxCount = try Setting.int(windowMaxCount, "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000)
-        configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
-        configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
-        configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000)
-        configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500)
-        guard configuration.server.snapshotMaxRows >= 0, configuration.server.snapshotChunkRows >= 1 else {
-            throw ValidationError("--snapshot-max-rows must be 0 or more and --snapshot-chunk-rows 1 or more")
+        configuration.pool.acquireTimeout = try Setting.seconds(poolAcquireTimeout, "pool-acquire-timeout", "REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT", 30)
+        configuration.window.maxAge = try Setting.seconds(windowMaxAge, "window-max-age", "REALTIME_SYNC_WINDOW_MAX_AGE", 300)
+        configuration.window.maxCount = try Setting.int(windowMaxCount, "window-max-count", "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000, minimum: 1)
+        configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "heartbeat-interval", "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
+        configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
+        configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
+        configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
+        if jwtSecret == nil, let set = Setting.environment["REALTIME_SYNC_JWT_SECRET"], set.isEmpty {
+            // An empty secret from a missing deployment secret must not turn auth off.
+            throw ValidationError("REALTIME_SYNC_JWT_SECRET is set but empty: set the secret (32 bytes or more), or unset the variable to run without auth")
         }
         if let secret = Setting.string(jwtSecret, "REALTIME_SYNC_JWT_SECRET") {
             do {

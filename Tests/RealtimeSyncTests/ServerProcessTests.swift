@@ -220,3 +220,20 @@ struct ServerProcessTests {
         await server.cleanUp()
     }
 }
+
+@Suite("realtime-sync: settings it refuses at start")
+struct ServeSettingsTests {
+    @Test("an empty JWT secret variable (it must not turn auth off) and numbers out of range: refused, naming the flag and the variable",
+          arguments: [
+              (["serve"], ["REALTIME_SYNC_JWT_SECRET": ""], "REALTIME_SYNC_JWT_SECRET is set but empty"),
+              (["serve", "--window-max-count=-1"], [:], "--window-max-count / REALTIME_SYNC_WINDOW_MAX_COUNT is -1; it must be 1 or more"),
+              (["serve"], ["REALTIME_SYNC_WINDOW_MAX_COUNT": "0"], "REALTIME_SYNC_WINDOW_MAX_COUNT is 0"),
+              (["serve", "--window-max-age=-5"], [:], "--window-max-age / REALTIME_SYNC_WINDOW_MAX_AGE is -5.0"),
+          ])
+    func refuses(arguments: [String], environment: [String: String], message: String) async throws {
+        let process = try ServerProcess.start(arguments, environment: environment)
+        let status = await process.wait(timeout: .seconds(30))
+        #expect(status != nil && status != 0, "exit status \(String(describing: status))")
+        #expect(process.log.contains(message), "\(process.log)")
+    }
+}
