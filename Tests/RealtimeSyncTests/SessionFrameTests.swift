@@ -101,3 +101,36 @@ struct SessionPumpTests {
         _ = try? channel.finish()
     }
 }
+
+/// The keep-alive ping: a client whose pong is missing is dropped with 1001, but not while the
+/// server itself has paused reading the socket (the pong may be sitting unread).
+@Suite("server: ping timeout and paused reads")
+struct AutoPingPauseTests {
+    final class Flag: @unchecked Sendable {
+        var paused = false
+    }
+
+    private func sentOpcodes(_ channel: EmbeddedChannel) throws -> [WebSocketOpcode] {
+        var opcodes: [WebSocketOpcode] = []
+        while let frame = try channel.readOutbound(as: WebSocketFrame.self) { opcodes.append(frame.opcode) }
+        return opcodes
+    }
+
+    @Test("no pong while reads are paused is not a timeout; once reading resumes, a pong still missing is")
+    func pausedReadsAreNotATimeout() throws {
+        let flag = Flag()
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { flag.paused }))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.ping])
+        flag.paused = true
+        channel.embeddedEventLoop.advanceTime(by: .seconds(5))
+        #expect(try sentOpcodes(channel).isEmpty, "dropped for a pong it could not read")
+        #expect(channel.isActive)
+        flag.paused = false
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.connectionClose])
+        _ = try? channel.finish()
+    }
+}

@@ -37,7 +37,9 @@ extension RealtimeServer {
             let decoder = try operations.handler(type: ByteToMessageHandler<WebSocketFrameDecoder>.self)
             let observer = CloseFrameObserver(session: session)
             try operations.addHandler(observer, position: .after(decoder))
-            try operations.addHandler(AutoPingHandler(interval: TimeAmount(configuration.pingInterval)), position: .after(observer))
+            try operations.addHandler(AutoPingHandler(interval: TimeAmount(configuration.pingInterval),
+                                                      readsPaused: { [session] in session.readsPaused.load(ordering: .relaxed) }),
+                                      position: .after(observer))
             session.setFrameWriter(try? operations.context(handlerType: WebSocketFrameEncoder.self))
             try operations.addHandler(SessionHandler(server: self, session: session, grant: grant, logger: logger))
         } catch {
@@ -252,7 +254,14 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var unanswered: ByteBuffer?
     private var stopped = false
 
-    init(interval: TimeAmount) { self.interval = interval }
+    /// Whether the session has paused reading (its messages wait behind a catch-up or
+    /// snapshot): the client's pong may then sit unread, which is no reason to drop it.
+    private let readsPaused: () -> Bool
+
+    init(interval: TimeAmount, readsPaused: @escaping () -> Bool = { false }) {
+        self.interval = interval
+        self.readsPaused = readsPaused
+    }
 
     func handlerAdded(context: ChannelHandlerContext) {
         if context.channel.isActive { schedule(context: context) }
@@ -299,6 +308,11 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func tick(context: ChannelHandlerContext) {
         timer = nil
         guard !stopped, context.channel.isActive else { return }
+        if unanswered != nil && readsPaused() {
+            // Not read yet, not unanswered: ask again once reading resumes.
+            schedule(context: context)
+            return
+        }
         if unanswered != nil {
             stop()
             var payload = context.channel.allocator.buffer(capacity: 2 + 12)

@@ -238,6 +238,9 @@ final class SessionChannel: Sendable {
     let sentCloseCode = Atomic<UInt16>(0)
     /// Whether the client's close frame arrived (the `SessionHandler` echoes it).
     let clientSentClose = Atomic<Bool>(false)
+    /// Whether the `SessionHandler` paused reading the socket (messages held behind a
+    /// catch-up or snapshot); the `AutoPingHandler` then does not count a pong as missing.
+    let readsPaused = Atomic<Bool>(false)
 
     private let closeWakesReader = Atomic<Bool>(false)
 

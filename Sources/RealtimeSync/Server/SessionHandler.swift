@@ -145,6 +145,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
             held.append(bytes)
             if held.count >= Self.pausedReadsAfter, !readsPaused, let context {
                 readsPaused = true
+                session.readsPaused.store(true, ordering: .relaxed)
                 context.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
             }
             return
@@ -176,6 +177,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         if readsPaused, held.count < Self.pausedReadsAfter, let context {
             readsPaused = false
+            session.readsPaused.store(false, ordering: .relaxed)
             context.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
         }
     }
