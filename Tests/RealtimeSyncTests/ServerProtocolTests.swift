@@ -191,6 +191,27 @@ struct ServerProtocolTests {
         }
     }
 
+    @Test("since ahead of the database's WAL is refused; ahead of this server's stream but not of the database, it waits for the stream")
+    func sinceAheadOfTheDatabase() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        source.publish(itemInserts(1...3))  // the stream is at LSN 0x1003
+        try await withTestServer(source: source, configure: { $0.walPosition = { LSN(0x1010) } }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.sendText(#"{"type":"subscribe","id":"f","table":"items","since":"0000000100000000.00000000"}"#)
+            let answer = try await socket.receiveJSON()
+            #expect(answer["type"] as? String == "error")
+            #expect(answer["code"] as? String == "invalid_message")
+            #expect((answer["message"] as? String)?.contains("ahead of this database's WAL") == true, "\(answer)")
+            #expect(test.server.statistics.subscriptions == 0)
+            // A lagging server: the cursor (0x1005) is ahead of its stream but within the database.
+            let ahead = itemInserts([5])[0].cursor.description
+            #expect(try await socket.subscribe("f", since: ahead) == ahead)
+            source.publish(itemInserts(4...6))
+            #expect((try await socket.receiveJSON()["new"] as? [String: Any])?["id"] as? Int == 6)
+            await socket.close()
+        }
+    }
+
     @Test("since older than the resume window answers resync_required")
     func resyncRequired() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog, windowLimits: .init(maxCount: 3))

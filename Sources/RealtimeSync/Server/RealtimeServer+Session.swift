@@ -136,6 +136,16 @@ extension RealtimeServer {
     private func resume<Source: ChangeSource>(_ subscription: ResolvedSubscription, after since: Cursor, source: Source,
                                               session: SessionChannel, reader: inout SessionReaderState, logger: Logger) async {
         let id = subscription.id
+        if since > source.currentCursor, let walPosition = configuration.walPosition {
+            // Ahead of this server's stream: a lagging instance's normal case, unless the
+            // cursor is ahead of the database itself. (If the database cannot be asked, the
+            // subscription proceeds as before.)
+            if let wal = try? await walPosition(), since.commitLSN > wal {
+                session.enqueue(ProtocolError(.invalidMessage, id: id,
+                    "since \(since) is ahead of this database's WAL (\(Cursor(commitLSN: wal, index: 0))): the cursor was not issued by this database (another one, or one restored from a backup); subscribe without since, or with snapshot").serverMessage)
+                return
+            }
+        }
         let stream: Source.Changes
         do {
             stream = try await source.changes(after: since)

@@ -111,6 +111,12 @@ public struct RealtimeServerConfiguration: Sendable {
     /// Where `subscribe` with `snapshot: true` reads rows (a pooled Postgres connection);
     /// nil answers such subscriptions with `invalid_message`. `RealtimeService` sets it.
     public var snapshotReader: TableSnapshotReader?
+    /// Reads the database's current WAL position. A `since` cursor beyond it cannot have come
+    /// from this database (another database, or one restored from a backup) and is refused
+    /// with `invalid_message`; without the check such a subscription would stay silent until
+    /// the stream passed the cursor. nil: not checked. `RealtimeService` sets it (a pooled
+    /// connection, asked only for a `since` ahead of the server's own stream).
+    public var walPosition: (@Sendable () async throws -> LSN)?
     /// Most rows a snapshot may send (after the filter); more gives `snapshot_too_large`. Default 10,000.
     public var snapshotMaxRows: Int
     /// Most rows in one `snapshot` message (and rows fetched from Postgres at a time). Default 500.
@@ -139,6 +145,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.metricsRegistry = PrometheusCollectorRegistry()
         self.indexHTML = RealtimeServerConfiguration.placeholderPage
         self.snapshotReader = nil
+        self.walPosition = nil
         self.snapshotMaxRows = 10_000
         self.snapshotChunkRows = 500
         self.snapshotChunkBytes = 64 << 10

@@ -16,6 +16,17 @@ public final class TableSnapshotReader: Sendable {
     /// Creates a reader over `pool`.
     public init(pool: ConnectionPool<PostgresConnection, ContinuousClock>) { self.pool = pool }
 
+    /// The database's current WAL insert position (`pg_current_wal_insert_lsn()`), on a pooled connection.
+    public func currentWALPosition() async throws -> LSN {
+        try await pool.withConnection(label: "wal position") { connection in
+            let rows = try await connection.query("SELECT pg_current_wal_insert_lsn()::text")
+            guard rows.count == 1, let position = LSN(rows[0][0].string) else {
+                throw RealtimeServerError("pg_current_wal_insert_lsn() gave an unexpected answer")
+            }
+            return position
+        }
+    }
+
     /// Opens a snapshot of `table` (`schema.table`, as the catalog names it) selecting `columns`
     /// in their order, runs `body` with it, and ends the transaction.
     public func withSnapshot<Result: Sendable>(

@@ -262,6 +262,10 @@ public final class RealtimeService: Service, Sendable {
             serverConfiguration.indexHTML = LivePage.html(table: configuration.demo?.table ?? tables.first ?? "")
         }
         if serverConfiguration.snapshotReader == nil { serverConfiguration.snapshotReader = TableSnapshotReader(pool: pool) }
+        if serverConfiguration.walPosition == nil {
+            let reader = TableSnapshotReader(pool: pool)
+            serverConfiguration.walPosition = { try await reader.currentWALPosition() }
+        }
         let jobsDeadline = configuration.jobsShutdownDeadline
         let captureDeadline = configuration.captureShutdownDeadline
         serverConfiguration.shutdownHooks = [
