@@ -141,6 +141,27 @@ struct RealtimeServiceTests {
         }
     }
 
+    @Test("ALTER TABLE ADD COLUMN reaches new subscriptions within the sampling interval (the catalog is re-read)")
+    func catalogRefresh() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table], configure: { $0.samplingInterval = .milliseconds(200) }) { _, running, _ in
+                try await runSQL(url, "ALTER TABLE \(table) ADD COLUMN priority int")
+                let client = try await connectWebSocket(port: running.port)
+                var answer: [String: Any] = [:]
+                for attempt in 1...50 {
+                    try await client.sendText(#"{"type":"subscribe","id":"p\#(attempt)","table":"\#(table)","filter":"priority=gt.1"}"#)
+                    answer = try await client.receiveJSON(timeout: 15)
+                    if answer["type"] as? String == "subscribed" { break }
+                    #expect(answer["code"] as? String == "invalid_filter", "\(answer)")
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                #expect(answer["type"] as? String == "subscribed", "the new column never became known: \(answer)")
+                await client.close()
+            }
+        }
+    }
+
     @Test("A since cursor older than the capture's window is answered with resync_required")
     func resyncRequired() async throws {
         try await TestDatabase.withDatabase { url in

@@ -62,7 +62,8 @@ public final class RealtimeService: Service, Sendable {
         public var window: ResumeWindow<ContinuousClock.Instant>.Limits
         /// How often the heartbeat (`pg_logical_emit_message`) runs. Default 10 s.
         public var heartbeatInterval: Duration
-        /// How often slot lag and pool statistics are sampled. Default 10 s.
+        /// How often slot lag and pool statistics are sampled and the streamed tables' columns
+        /// re-read (an `ALTER TABLE` reaches new subscriptions and snapshots within this). Default 10 s.
         public var samplingInterval: Duration
         /// How long the capture may take to open its window at start. Default 30 s.
         public var startTimeout: Duration
@@ -318,7 +319,7 @@ public final class RealtimeService: Service, Sendable {
                 }
                 logger.info("capturing", metadata: ["slot": "\(configuration.slot)", "publication": "\(configuration.publication)",
                                                     "tables": "\(source.catalog.tableNames.joined(separator: ","))"])
-                try scheduleJobs(scheduler, pool: pool, stream: stream)
+                try scheduleJobs(scheduler, pool: pool, stream: stream, source: source)
                 let host = serverConfiguration.host
                 group.addTask { [self] in
                     let port = try await server.waitUntilListening()
@@ -372,7 +373,7 @@ public final class RealtimeService: Service, Sendable {
     // MARK: Jobs
 
     private func scheduleJobs(_ scheduler: JobScheduler<ContinuousClock>, pool: ConnectionPool<PostgresConnection, ContinuousClock>,
-                              stream: ChangeStream) throws {
+                              stream: ChangeStream, source: ChangeStreamSource) throws {
         let slot = configuration.slot
         let lagGauge = Gauge(label: "realtime_sync_replication_slot_lag_bytes", dimensions: [("slot", slot)])
         let poolGauges = ["open", "in_use", "idle", "waiting"].map {
@@ -397,6 +398,13 @@ public final class RealtimeService: Service, Sendable {
                 }
             }
             self.state.withLock { $0.samples.pool = statistics }
+        }
+        // The columns were read once at start: re-read them, so that after an ALTER TABLE new
+        // subscriptions resolve the new columns and snapshots stop selecting dropped ones.
+        try scheduler.schedule(.every(configuration.samplingInterval), options: jobOptions("catalog refresh")) { _ in
+            _ = try await pool.withConnection(label: "catalog refresh") { connection in
+                try await source.loadCatalog(using: connection)
+            }
         }
         try scheduler.schedule(.every(configuration.heartbeatInterval), options: jobOptions("heartbeat")) { _ in
             _ = try await pool.withConnection(label: "heartbeat") { connection in
