@@ -479,12 +479,12 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     private func returnLent(_ connection: Connection, _ raw: Machine.Lease, lend: UInt64, knownBroken: Bool = false) async {
         var reusable = !knownBroken && !connection.isBroken
-        if reusable && connection.needsReset && Task.isCancelled {
-            // As in `releaseSlowly`: a cancelled holder's cleanup runs in a task of its own.
-            Task { await self.returnLent(connection, raw, lend: lend, knownBroken: knownBroken) }
-            return
-        }
         if reusable && connection.needsReset {
+            if Task.isCancelled {
+                // As in `releaseSlowly`: a cancelled holder's cleanup runs in a task of its own.
+                Task { await self.returnLent(connection, raw, lend: lend, knownBroken: knownBroken) }
+                return
+            }
             reusable = await reset(connection, connectionID: raw.connectionID)
         }
         if let remaining = returnLentSynchronously(raw, lend: lend, reusable: reusable) {
