@@ -162,6 +162,32 @@ struct RealtimeServiceTests {
         }
     }
 
+    @Test("A table added to the publication while the service runs can be subscribed to, and its changes arrive")
+    func tableAddedToThePublication() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let added = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table], configure: { $0.samplingInterval = .milliseconds(200) }) { service, running, _ in
+                try await runSQL(url, "ALTER PUBLICATION \(service.configuration.publication) ADD TABLE \(added)")
+                let client = try await connectWebSocket(port: running.port)
+                var answer: [String: Any] = [:]
+                for attempt in 1...50 {
+                    try await client.sendText(#"{"type":"subscribe","id":"a\#(attempt)","table":"\#(added)"}"#)
+                    answer = try await client.receiveJSON(timeout: 15)
+                    if answer["type"] as? String == "subscribed" { break }
+                    #expect(answer["code"] as? String == "unknown_table", "\(answer)")
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                #expect(answer["type"] as? String == "subscribed", "the added table never became known: \(answer)")
+                try await runSQL(url, "INSERT INTO \(added) (status) VALUES ('new')")
+                let change = try await client.receiveJSON(timeout: 15)
+                #expect(change["type"] as? String == "change")
+                #expect(change["table"] as? String == added)
+                await client.close()
+            }
+        }
+    }
+
     @Test("A since cursor older than the capture's window is answered with resync_required")
     func resyncRequired() async throws {
         try await TestDatabase.withDatabase { url in

@@ -72,11 +72,19 @@ public final class ChangeStreamSource: ChangeSource {
     /// Replaces the catalog.
     public func setCatalog(_ catalog: TableCatalog) { catalogState.withLock { $0 = catalog } }
 
-    /// Reads the columns of every table of the stream's publication (`setupReport.tables`,
-    /// or the configured tables before setup ran) and makes them the catalog.
+    /// Reads the columns of every table of the stream's publication (as the database lists it
+    /// now, once setup ran: a table added with `ALTER PUBLICATION … ADD TABLE` is streamed by
+    /// pgoutput too; before setup, the configured tables) and makes them the catalog.
     @discardableResult
     public func loadCatalog(using connection: PostgresConnection) async throws -> TableCatalog {
-        let tables = stream.setupReport?.tables ?? stream.configuration.tables
+        var tables = stream.setupReport?.tables ?? stream.configuration.tables
+        if stream.setupReport != nil {
+            let published = try await connection.query(
+                "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+                stream.configuration.publicationName)
+            let names = try published.compactMap { try $0.decode(String.self, at: 0) }
+            if !names.isEmpty { tables = names }
+        }
         let catalog = try await Self.catalog(of: tables, using: connection)
         setCatalog(catalog)
         return catalog

@@ -62,8 +62,9 @@ public final class RealtimeService: Service, Sendable {
         public var window: ResumeWindow<ContinuousClock.Instant>.Limits
         /// How often the heartbeat (`pg_logical_emit_message`) runs. Default 10 s.
         public var heartbeatInterval: Duration
-        /// How often slot lag and pool statistics are sampled and the streamed tables' columns
-        /// re-read (an `ALTER TABLE` reaches new subscriptions and snapshots within this). Default 10 s.
+        /// How often slot lag and pool statistics are sampled and the publication's tables and
+        /// columns re-read (an `ALTER TABLE` or `ALTER PUBLICATION … ADD TABLE` reaches new
+        /// subscriptions and snapshots within this). Default 10 s.
         public var samplingInterval: Duration
         /// How long the capture may take to open its window at start. Default 30 s.
         public var startTimeout: Duration
@@ -399,8 +400,9 @@ public final class RealtimeService: Service, Sendable {
             }
             self.state.withLock { $0.samples.pool = statistics }
         }
-        // The columns were read once at start: re-read them, so that after an ALTER TABLE new
-        // subscriptions resolve the new columns and snapshots stop selecting dropped ones.
+        // The catalog was read once at start: re-read it, so that after an ALTER TABLE new
+        // subscriptions resolve the new columns and snapshots stop selecting dropped ones, and
+        // a table added to the publication can be subscribed to.
         try scheduler.schedule(.every(configuration.samplingInterval), options: jobOptions("catalog refresh")) { _ in
             _ = try await pool.withConnection(label: "catalog refresh") { connection in
                 try await source.loadCatalog(using: connection)
