@@ -148,14 +148,7 @@ struct RealtimeServiceTests {
             try await withRealtimeService(url: url, tables: [table], configure: { $0.samplingInterval = .milliseconds(200) }) { _, running, _ in
                 try await runSQL(url, "ALTER TABLE \(table) ADD COLUMN priority int")
                 let client = try await connectWebSocket(port: running.port)
-                var answer: [String: Any] = [:]
-                for attempt in 1...50 {
-                    try await client.sendText(#"{"type":"subscribe","id":"p\#(attempt)","table":"\#(table)","filter":"priority=gt.1"}"#)
-                    answer = try await client.receiveJSON(timeout: 15)
-                    if answer["type"] as? String == "subscribed" { break }
-                    #expect(answer["code"] as? String == "invalid_filter", "\(answer)")
-                    try await Task.sleep(for: .milliseconds(100))
-                }
+                let answer = try await client.subscribeOnceKnown(table: table, filter: "priority=gt.1", refusedWith: "invalid_filter")
                 #expect(answer["type"] as? String == "subscribed", "the new column never became known: \(answer)")
                 await client.close()
             }
@@ -170,14 +163,7 @@ struct RealtimeServiceTests {
             try await withRealtimeService(url: url, tables: [table], configure: { $0.samplingInterval = .milliseconds(200) }) { service, running, _ in
                 try await runSQL(url, "ALTER PUBLICATION \(service.configuration.publication) ADD TABLE \(added)")
                 let client = try await connectWebSocket(port: running.port)
-                var answer: [String: Any] = [:]
-                for attempt in 1...50 {
-                    try await client.sendText(#"{"type":"subscribe","id":"a\#(attempt)","table":"\#(added)"}"#)
-                    answer = try await client.receiveJSON(timeout: 15)
-                    if answer["type"] as? String == "subscribed" { break }
-                    #expect(answer["code"] as? String == "unknown_table", "\(answer)")
-                    try await Task.sleep(for: .milliseconds(100))
-                }
+                let answer = try await client.subscribeOnceKnown(table: added, refusedWith: "unknown_table")
                 #expect(answer["type"] as? String == "subscribed", "the added table never became known: \(answer)")
                 try await runSQL(url, "INSERT INTO \(added) (status) VALUES ('new')")
                 let change = try await client.receiveJSON(timeout: 15)
@@ -267,5 +253,24 @@ struct RealtimeServiceTests {
                 #expect("\(error)".contains("CREATE PUBLICATION"), "\(error)")
             }
         }
+    }
+}
+
+extension TestConnection {
+    /// Subscribes (ids `k1`, `k2`, …) every 100 ms, up to 50 times, until the server knows what
+    /// the subscription names (after its catalog refresh); each refusal must carry `code`.
+    /// Returns the last answer.
+    func subscribeOnceKnown(table: String, filter: String? = nil, refusedWith code: String) async throws -> [String: Any] {
+        var answer: [String: Any] = [:]
+        for attempt in 1...50 {
+            var message: [String: Any] = ["type": "subscribe", "id": "k\(attempt)", "table": table]
+            if let filter { message["filter"] = filter }
+            try await sendText(String(decoding: try JSONSerialization.data(withJSONObject: message), as: UTF8.self))
+            answer = try await receiveJSON(timeout: 15)
+            if answer["type"] as? String == "subscribed" { break }
+            #expect(answer["code"] as? String == code, "\(answer)")
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        return answer
     }
 }

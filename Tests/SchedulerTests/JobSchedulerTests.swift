@@ -608,7 +608,7 @@ struct JobSchedulerTests {
             // `advance` waits for idle, which a run queued for a busy worker never is: the clock
             // alone, each step awaited on the state it leads to.
             func pendingTimeout() -> Int64? { scheduler.core.withLock { $0.machine.nextTimeout } }
-            while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }
+            try await pollUntil(seconds: 10) { clock.sleeperCount > 0 }
             clock.advance(by: .seconds(5))
             try await pollUntil(seconds: 5) { r.allNotes == ["slow started"] }
             clock.advance(by: .seconds(5))  // 10 s: "waiting" is handed to the workers, its timeout armed
@@ -700,7 +700,7 @@ struct JobSchedulerTests {
         let running = Task { try await scheduler.run() }
         // The clock alone: `scheduler.advance` waits for the scheduler to be idle, which it
         // is not while the job waits in shutdown().
-        while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }  // the driver waits for 1 s
+        try await pollUntil(seconds: 10) { clock.sleeperCount > 0 }  // the driver waits for 1 s
         clock.advance(by: s(1.5))
         try await pollUntil(seconds: 10) { scheduler.liveTasks.finished }
         try #require(scheduler.liveTasks.finished, "run() did not return after a job called shutdown()")
@@ -730,7 +730,7 @@ struct JobSchedulerTests {
             try await clock.sleep(for: .seconds(60))  // still inside its run when the task calls shutdown()
         }
         let running = Task { try await scheduler.run() }
-        while clock.sleeperCount == 0 { try await Task.sleep(for: .milliseconds(1)) }
+        try await pollUntil(seconds: 10) { clock.sleeperCount > 0 }
         clock.advance(by: s(1.5))
         try await pollUntil(seconds: 10) { !r.allNotes.isEmpty }
         #expect(r.allNotes == ["shutdown() returned; run() finished: true"])
