@@ -50,6 +50,12 @@ public struct CaptureSetupReport: Sendable {
 /// Publication management and the checks that must pass before capture starts, on a
 /// normal (non-replication) connection.
 public enum CaptureSetup {
+    /// The tables `publication` covers now, as `schema.table`, in order (`pg_publication_tables`).
+    public static func publishedTables(_ conn: PostgresConnection, publication: String) async throws -> [String] {
+        let published = try await conn.query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2", publication)
+        return try published.map { "\(try $0.decode(String.self, at: 0) ?? "").\(try $0.decode(String.self, at: 1) ?? "")" }
+    }
+
     /// Checks `wal_level`, the REPLICATION privilege and each table's replica identity, and
     /// creates the publication for `tables` when it does not exist (or checks that the existing
     /// one covers them). With `tables` empty the publication must exist; its tables are checked.
@@ -99,10 +105,7 @@ public enum CaptureSetup {
                 // Created concurrently by another instance: use it.
             }
         }
-        let published = try await conn.query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2", publication)
-        for row in published {
-            covered.insert("\(try row.decode(String.self, at: 0) ?? "").\(try row.decode(String.self, at: 1) ?? "")")
-        }
+        covered.formUnion(try await publishedTables(conn, publication: publication))
         let missing = wanted.map { "\($0.0).\($0.1)" }.filter { !covered.contains($0) }
         if !missing.isEmpty {
             throw CaptureSetupError(.publicationMissingTables,

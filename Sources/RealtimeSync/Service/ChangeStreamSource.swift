@@ -79,10 +79,7 @@ public final class ChangeStreamSource: ChangeSource {
     public func loadCatalog(using connection: PostgresConnection) async throws -> TableCatalog {
         var tables = stream.setupReport?.tables ?? stream.configuration.tables
         if stream.setupReport != nil {
-            let published = try await connection.query(
-                "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
-                stream.configuration.publicationName)
-            let names = try published.compactMap { try $0.decode(String.self, at: 0) }
+            let names = try await CaptureSetup.publishedTables(connection, publication: stream.configuration.publicationName)
             if !names.isEmpty { tables = names }
         }
         let catalog = try await Self.catalog(of: tables, using: connection)

@@ -264,8 +264,7 @@ public final class RealtimeService: Service, Sendable {
             serverConfiguration.indexHTML = LivePage.html(table: configuration.demo?.table ?? tables.first ?? "")
         }
         if serverConfiguration.snapshotReader == nil { serverConfiguration.snapshotReader = TableSnapshotReader(pool: pool) }
-        if serverConfiguration.walPosition == nil {
-            let reader = TableSnapshotReader(pool: pool)
+        if serverConfiguration.walPosition == nil, let reader = serverConfiguration.snapshotReader {
             serverConfiguration.walPosition = { try await reader.currentWALPosition() }
         }
         let jobsDeadline = configuration.jobsShutdownDeadline
