@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Synchronization
 @testable import PoolKit
 import TestSupport
 
@@ -115,6 +116,82 @@ struct PostgresConnectionTests {
             #expect(try await conn.query("SELECT 1")[0].decode(Int.self, at: 0) == 1)
             #expect(conn.transactionStatus == .idle)
             #expect(!conn.isBroken)
+        }
+    }
+
+    /// Runs `body` in a task of its own and gives it `seconds` to finish: a statement that
+    /// never returns fails the test instead of hanging it.
+    private func finishes<T: Sendable>(within seconds: Double, _ body: @escaping @Sendable () async throws -> T) async throws -> Result<T, any Error> {
+        let outcome = Mutex<Result<T, any Error>?>(nil)
+        Task.detached {
+            let r: Result<T, any Error>
+            do { r = .success(try await body()) } catch { r = .failure(error) }
+            outcome.withLock { $0 = r }
+        }
+        try await pollUntil(seconds: seconds) { outcome.withLock { $0 != nil } }
+        return try #require(outcome.withLock { $0 }, "still running after \(seconds) s")
+    }
+
+    @Test("COPY TO STDOUT and COPY FROM STDIN are refused with invalidUsage, load nothing, and leave the connection usable")
+    func copyIsRefused() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            try await conn.execute("DROP TABLE IF EXISTS copy_refused; CREATE TABLE copy_refused (n int)")
+            // 100,000 rows: more than one read's worth, so the COPY's data must be drained.
+            let out = try await finishes(within: 10) { try await conn.execute("COPY (SELECT generate_series(1, 100000)) TO STDOUT") }
+            guard case .failure(let outError as PostgresError) = out else { Issue.record("COPY TO STDOUT: \(out)"); return }
+            #expect(outError.code == .invalidUsage && outError.message.contains("COPY"), "\(outError)")
+            let into = try await finishes(within: 10) { try await conn.query("COPY copy_refused FROM STDIN") }
+            guard case .failure(let inError as PostgresError) = into else { Issue.record("COPY FROM STDIN: \(into)"); return }
+            #expect(inError.code == .invalidUsage, "\(inError)")
+            #expect(!conn.isBroken)
+            #expect(conn.transactionStatus == .idle)
+            #expect(try await conn.query("SELECT count(*) FROM copy_refused")[0].decode(Int.self, at: 0) == 0)
+            try await conn.execute("DROP TABLE copy_refused")
+        }
+    }
+
+    @Test("a NUL byte in a text parameter or in the SQL is refused instead of cutting the value short")
+    func nulIsRefused() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            await #expect { try await conn.query("SELECT $1::text", "a\u{0}b") } throws: { error in
+                (error as? PostgresError)?.code == .invalidUsage && "\(error)".contains("parameter $1")
+            }
+            await #expect { try await conn.execute("SELECT 'a\u{0}b'") } throws: { error in
+                (error as? PostgresError)?.code == .invalidUsage
+            }
+            #expect(throws: PostgresError.self) { try conn.escapeLiteral("a\u{0}b") }
+            // Bytes that hold a NUL still go through as bytea.
+            let bytes: [UInt8] = [97, 0, 98]
+            #expect(try await conn.query("SELECT octet_length($1::bytea)", bytes)[0].decode(Int.self, at: 0) == 3)
+        }
+    }
+
+    @Test("a cancelled statement whose server never answers ends after cancelGracePeriod, and the connection is closed as broken")
+    func cancelWithoutAnswer() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(
+                PostgresConnection.Configuration(url, cancelGracePeriod: .milliseconds(500)))
+            defer { conn.closeNow() }
+            let pid = conn.backendPID
+            // 29, not 30: other tests look for their own pg_sleep(30) in pg_stat_activity.
+            let task = Task { try await conn.query("SELECT pg_sleep(29)") }
+            try await Task.sleep(for: .milliseconds(100))
+            // A stopped backend takes neither the cancel nor anything else (as a partitioned
+            // network would): only the grace period can end the wait.
+            #expect(kill(pid, SIGSTOP) == 0, "cannot stop backend \(pid): errno \(errno)")
+            defer { kill(pid, SIGCONT) }
+            let start = ContinuousClock.now
+            task.cancel()
+            let ended = try await finishes(within: 10) { await task.result }
+            let ms = elapsedMilliseconds(since: start)
+            guard case .success(let result) = ended else { return }
+            #expect(throws: CancellationError.self) { try result.get() }
+            #expect(ms >= 400 && ms < 3000, "ended after \(ms) ms")
+            #expect(conn.isBroken)
         }
     }
 
@@ -307,6 +384,23 @@ struct EmbeddedPostgresTests {
             return cmd.contains(dir)
         }
         #expect(stragglers.isEmpty, "processes still using \(dir): \(stragglers)")
+    }
+
+    @Test("a server that refuses to start: the error quotes server.log and the folder is removed")
+    func failedStartQuotesTheLog() async throws {
+        let parent = NSTemporaryDirectory() + "/embedded-fail-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        chmod(parent, 0o777)  // initdb runs as postgres when the tests run as root
+        defer { try? FileManager.default.removeItem(atPath: parent) }
+        do {
+            let pg = try await EmbeddedPostgres.start(.init(settings: ["no_such_setting": "1"], parentDirectory: parent))
+            await pg.shutdown()
+            Issue.record("a server with an unknown setting must not start")
+        } catch let error as EmbeddedPostgresError {
+            #expect(error.message.contains("unrecognized configuration parameter"), "\(error.message)")
+        }
+        let left = try FileManager.default.contentsOfDirectory(atPath: parent)
+        #expect(left.isEmpty, "left behind: \(left)")
     }
 
     @Test("missing server binaries give an error that says to install postgresql")

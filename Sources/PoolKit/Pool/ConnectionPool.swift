@@ -709,7 +709,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Drains the pool: new acquires fail at once, waiters fail, idle
     /// connections close, held connections are awaited until `deadline` (and
     /// closed as they come back); at the deadline their queries are cancelled on
-    /// the server and they are closed. Returns what it did and whom it cut off.
+    /// the server and they are closed (a cancel request that cannot go out within
+    /// a second does not hold the close up). Returns what it did and whom it cut off.
     /// Idempotent: later calls wait for the first drain and return its report.
     /// Cancelling the calling task cuts off at once.
     public func drain(deadline: C.Instant) async -> DrainReport {
@@ -747,7 +748,17 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                         self.logger.warning("drain deadline passed: cancelling query and closing connection", metadata: [
                             "db.client.connection.id": "\(holder.connectionID)", "holder": "\(holder)",
                         ])
-                        await connection.cancelRunningQuery()
+                        // The cancel request is given at most a second to go out (PQcancel
+                        // blocks while it connects, e.g. for minutes to an unreachable host);
+                        // the connection is closed then either way.
+                        let delivered = OneTimeEvent()
+                        Task { await connection.cancelRunningQuery(); delivered.fire() }
+                        await withTaskGroup(of: Void.self) { race in
+                            race.addTask { await delivered.wait() }
+                            race.addTask { try? await Task.sleep(for: .seconds(1)) }
+                            await race.next()
+                            race.cancelAll()
+                        }
                         await connection.close()
                     }
                 }

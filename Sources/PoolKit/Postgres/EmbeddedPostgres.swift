@@ -92,34 +92,72 @@ public final class EmbeddedPostgres: Sendable {
             chown(dir, pw.pointee.pw_uid, pw.pointee.pw_gid)
             chmod(dir, 0o700)
         }
-        let port = try freePort()
-        let pg = EmbeddedPostgres(url: "postgres://postgres@127.0.0.1:\(port)/postgres?sslmode=disable",
-                                  port: port, directory: dir, binDirectory: bin, runAsUser: user)
+        let dataDirectory = dir + "/data"
+        func tool(_ name: String, _ args: [String]) throws {
+            _ = try run(bin + "/" + name, args, as: user)
+        }
+        func giveUp(_ error: any Error) -> any Error {
+            // The same cleanup as stop(): a server that did start is stopped, the folder removed.
+            EmbeddedPostgres(url: "", port: 0, directory: dir, binDirectory: bin, runAsUser: user).stop()
+            return error
+        }
         do {
-            try pg.runTool("initdb", ["-D", pg.dataDirectory, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                                      "--locale=C", "--no-sync", "--no-instructions"])
+            try tool("initdb", ["-D", dataDirectory, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                                "--locale=C", "--no-sync", "--no-instructions"])
             var settings: [(String, String)] = [
-                ("listen_addresses", "'127.0.0.1'"), ("port", "\(port)"),
+                ("listen_addresses", "'127.0.0.1'"),
                 ("unix_socket_directories", "'\(dir)'"),
                 ("wal_level", "logical"), ("max_replication_slots", "40"), ("max_wal_senders", "40"),
                 ("max_connections", "300"), ("fsync", "off"), ("full_page_writes", "off"),
                 ("shared_buffers", "128MB"), ("log_min_messages", "warning"),
             ]
             for (k, v) in options.settings.sorted(by: { $0.key < $1.key }) { settings.append((k, v)) }
-            let conf = settings.map { "\($0.0) = \($0.1)" }.joined(separator: "\n") + "\n"
-            let confPath = pg.dataDirectory + "/postgresql.conf"
-            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: confPath))
-            try handle.seekToEnd()
-            try handle.write(contentsOf: Data(conf.utf8))
-            try handle.close()
-            let wait = Int(options.startTimeout.components.seconds)
-            try pg.runTool("pg_ctl", ["-D", pg.dataDirectory, "-l", dir + "/server.log", "-w", "-t", "\(wait)", "start"])
+            try appendSettings(settings, to: dataDirectory + "/postgresql.conf")
         } catch {
-            pg.stop()
-            throw error
+            throw giveUp(error)
         }
-        EmbeddedRegistry.shared.add(pg)
-        return pg
+        // pg_ctl's -t is whole seconds; round up so that a sub-second timeout is not 0.
+        let wait = max(1, Int((Double(options.startTimeout.components.seconds)
+                               + Double(options.startTimeout.components.attoseconds) / 1e18).rounded(.up)))
+        // The port is free when chosen but may be taken before the server binds it (another
+        // process, or a parallel test): try again on a new one, a few times.
+        var attempt = 0
+        while true {
+            attempt += 1
+            let port: Int
+            do {
+                port = try freePort()
+                // A later line of postgresql.conf wins: each attempt appends its port.
+                try appendSettings([("port", "\(port)")], to: dataDirectory + "/postgresql.conf")
+                try tool("pg_ctl", ["-D", dataDirectory, "-l", dir + "/server.log", "-w", "-t", "\(wait)", "start"])
+            } catch {
+                let log = (try? String(contentsOfFile: dir + "/server.log", encoding: .utf8)) ?? ""
+                let portTaken = log.contains("could not bind") || log.contains("Address already in use")
+                if portTaken && attempt < 3 {
+                    try? FileManager.default.removeItem(atPath: dir + "/server.log")
+                    continue
+                }
+                var message = "the server did not start"
+                if case let e as EmbeddedPostgresError = error, e.message.contains("did not start in time") || e.message.contains("timed out") {
+                    message += " within \(wait) s (EmbeddedPostgres.Options.startTimeout)"
+                }
+                message += log.isEmpty ? ": \(error)" : "; server.log ends with:\n\(log.suffix(2000))"
+                throw giveUp(EmbeddedPostgresError(message: message))
+            }
+            let pg = EmbeddedPostgres(url: "postgres://postgres@127.0.0.1:\(port)/postgres?sslmode=disable",
+                                      port: port, directory: dir, binDirectory: bin, runAsUser: user)
+            EmbeddedRegistry.shared.add(pg)
+            return pg
+        }
+    }
+
+    /// Appends `name = value` lines to a `postgresql.conf`.
+    private static func appendSettings(_ settings: [(String, String)], to path: String) throws {
+        let text = settings.map { "\($0.0) = \($0.1)" }.joined(separator: "\n") + "\n"
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data(text.utf8))
     }
 
     /// Stops the server (fast shutdown) and removes the folder. Idempotent; blocking for up to a

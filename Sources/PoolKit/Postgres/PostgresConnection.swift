@@ -63,14 +63,20 @@ public final class PostgresConnection: @unchecked Sendable {
         /// reactor (see `SpinPolicy`). Default 50 µs; `.zero` turns busy-polling off, which suits
         /// machines where the CPU is scarcer than latency matters.
         public var busyPoll: Duration
+        /// When the Task running a statement is cancelled, the statement is cancelled on the
+        /// server (`PQcancel`) and its answer awaited this long; if none comes (a partitioned
+        /// network, a server that ignores the cancel), the connection is closed and the Task
+        /// ends with `CancellationError` anyway. Default 5 s.
+        public var cancelGracePeriod: Duration
 
         /// Creates a configuration.
         public init(_ connectionString: String, connectTimeout: Duration = .seconds(10),
-                    busyPoll: Duration = .microseconds(50),
+                    busyPoll: Duration = .microseconds(50), cancelGracePeriod: Duration = .seconds(5),
                     logger: Logger = Logger(label: "PoolKit.PostgresConnection")) {
             self.connectionString = connectionString
             self.connectTimeout = connectTimeout
             self.busyPoll = busyPoll
+            self.cancelGracePeriod = cancelGracePeriod
             self.logger = logger
         }
     }
@@ -81,6 +87,8 @@ public final class PostgresConnection: @unchecked Sendable {
         var fd: Int32
         var busy = false
         var broken = false
+        /// Counts statements, so that a late cancel watchdog cannot close a later one's connection.
+        var statementSerial: UInt64 = 0
         var notifications: [PostgresNotification] = []
         var notificationHead = 0
         var listenerOnSocket = false
@@ -245,6 +253,7 @@ public final class PostgresConnection: @unchecked Sendable {
     nonisolated(nonsending)
     public func query(_ sql: String, parameters: [(any PostgresBindable)?]) async throws -> PostgresQueryResult {
         let params = parameters.map { $0?.postgresParameter }
+        try Self.refuseNUL(sql, params)
         noteListen(sql)
         let results = try await run { pg in
             sendQueryParams(pg, sql, params)
@@ -260,8 +269,22 @@ public final class PostgresConnection: @unchecked Sendable {
     @discardableResult
     nonisolated(nonsending)
     public func execute(_ sql: String) async throws -> [PostgresQueryResult] {
+        try Self.refuseNUL(sql, [])
         noteListen(sql)
         return try await run { pg in PQsendQuery(pg, sql) }
+    }
+
+    /// Refuses a NUL byte in the SQL or in a text parameter: libpq passes both as C strings,
+    /// so the value would be cut at the NUL and the statement would run on what came before.
+    static func refuseNUL(_ sql: String, _ params: [PostgresParameter?]) throws {
+        if sql.utf8.contains(0) {
+            throw PostgresError(code: .invalidUsage, message: "the SQL text contains a NUL byte (U+0000), which libpq would cut it at; pass values as $n parameters")
+        }
+        for (i, p) in params.enumerated() {
+            if let p, !p.isBinary, p.bytes.contains(0) {
+                throw PostgresError(code: .invalidUsage, message: "parameter $\(i + 1) contains a NUL byte (U+0000), which PostgreSQL text cannot hold and libpq would cut the value at; strip it, or send the bytes as bytea ([UInt8])")
+            }
+        }
     }
 
     /// Marks the session as listening when `sql` may run `LISTEN` (see `mentionsListen`), so
@@ -315,6 +338,9 @@ public final class PostgresConnection: @unchecked Sendable {
         try state.withLock { s in
             guard let pg = s.pg else { throw closedError() }
             let utf8 = Array(text.utf8)
+            if utf8.contains(0) {
+                throw PostgresError(code: .invalidUsage, message: "the \(what) contains a NUL byte (U+0000), which SQL text cannot hold")
+            }
             guard let out = utf8.withUnsafeBufferPointer({ buf in
                 buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
                     function(pg, $0, buf.count)
@@ -403,7 +429,7 @@ public final class PostgresConnection: @unchecked Sendable {
     nonisolated(nonsending)
     func run(_ send: (OpaquePointer) -> Int32) async throws -> [PostgresQueryResult] {
         try Task.checkCancellation()
-        let (fd, kickListener, spinBudget): (Int32, Bool, Int) = try state.withLock { s in
+        let (fd, kickListener, spinBudget, serial): (Int32, Bool, Int, UInt64) = try state.withLock { s in
             guard let pg = s.pg else { throw closedError() }
             guard !s.busy else {
                 throw PostgresError(code: .invalidUsage,
@@ -413,13 +439,14 @@ public final class PostgresConnection: @unchecked Sendable {
                 throw brokenError(pg, context: "connection is broken")
             }
             s.busy = true
+            s.statementSerial &+= 1
             if send(pg) == 0 {
                 s.busy = false
                 let bad = PQstatus(pg) == CONNECTION_BAD
                 if bad { s.broken = true }
                 throw bad ? brokenError(pg, context: "could not send statement") : PostgresError(code: .invalidUsage, message: lastError(pg))
             }
-            return (s.fd, s.listenerOnSocket, s.spin.budgetNanoseconds())
+            return (s.fd, s.listenerOnSocket, s.spin.budgetNanoseconds(), s.statementSerial)
         }
         if kickListener { SocketReactor.shared.interrupt(fd: fd) }
         var spinOutcome: Bool? = nil
@@ -433,9 +460,16 @@ public final class PostgresConnection: @unchecked Sendable {
         var firstError: PostgresError?
         var cancelRequested = false
         var flushed = false
+        var copyOut = false
+        var watchdog: Task<Void, Never>?
+        defer { watchdog?.cancel() }
         while true {
             let step: Step = try state.withLock { s in
-                guard let pg = s.pg else { throw closedError() }
+                guard let pg = s.pg else {
+                    // Closed by the cancel watchdog (or by close()) after the Task was cancelled.
+                    if cancelRequested { throw CancellationError() }
+                    throw closedError()
+                }
                 if !flushed {
                     let f = PQflush(pg)
                     if f < 0 { s.broken = true; throw brokenError(pg, context: "could not send statement") }
@@ -451,15 +485,49 @@ public final class PostgresConnection: @unchecked Sendable {
                     throw brokenError(pg, context: "connection lost")
                 }
                 drainNotifications(pg, into: &s)
+                /// Discards a COPY TO STDOUT's rows; true once it ended (its final result follows).
+                func drainCopyOut() throws -> Bool {
+                    while true {
+                        var row: UnsafeMutablePointer<CChar>?
+                        let n = PQgetCopyData(pg, &row, 1)
+                        if let row { PQfreemem(row) }
+                        if n > 0 { continue }
+                        if n == 0 { return false }
+                        if n == -2 { s.broken = true; throw brokenError(pg, context: "COPY TO STDOUT failed") }
+                        copyOut = false
+                        return true
+                    }
+                }
+                if copyOut, try !drainCopyOut() { return .wait(s.fd, .readable) }
                 while PQisBusy(pg) == 0 {
                     guard let r = PQgetResult(pg) else { return .done }
                     let box = ResultBox(r)
-                    switch PQresultStatus(r) {
+                    let status = PQresultStatus(r)
+                    switch status {
                     case PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_EMPTY_QUERY, PGRES_SINGLE_TUPLE:
                         results.append(makeResult(box))
                     case PGRES_COPY_IN, PGRES_COPY_OUT, PGRES_COPY_BOTH:
+                        // libpq hands out this result again on every call until the COPY ends,
+                        // so it must be ended here: refused for COPY FROM STDIN (the server
+                        // aborts it and rolls its rows back), drained for COPY TO STDOUT.
                         if firstError == nil {
-                            firstError = PostgresError(code: .invalidUsage, message: "COPY is not supported by query()/execute()")
+                            firstError = PostgresError(
+                                code: .invalidUsage,
+                                message: "COPY FROM STDIN / TO STDOUT is not supported by query()/execute() (the statement's rows were not loaded or returned); run COPY with a file or program on the server, or INSERT/SELECT")
+                        }
+                        if status == PGRES_COPY_IN {
+                            let ended = PQputCopyEnd(pg, "COPY FROM STDIN is not supported by this client")
+                            if ended < 0 { s.broken = true; throw brokenError(pg, context: "could not end COPY FROM STDIN") }
+                            if ended == 0 { return .wait(s.fd, .writable) }  // retried: libpq is still in COPY_IN
+                            flushed = false
+                            return .wait(s.fd, .writable)
+                        } else if status == PGRES_COPY_OUT {
+                            copyOut = true
+                            if try !drainCopyOut() { return .wait(s.fd, .readable) }
+                        } else {
+                            // COPY BOTH (replication) has no clean end here: give the connection up.
+                            s.broken = true
+                            return .done
                         }
                     default:
                         if firstError == nil { firstError = serverError(box.pointer, pg) }
@@ -481,7 +549,14 @@ public final class PostgresConnection: @unchecked Sendable {
                 continue
             case .cancelled:
                 cancelRequested = true
-                await cancelRunningQuery()
+                // The answer to the cancel is awaited for `cancelGracePeriod` at most; the cancel
+                // request itself goes out on its own (PQcancel blocks while it connects).
+                let grace = configuration.cancelGracePeriod
+                watchdog = Task { [weak self] in
+                    try? await Task.sleep(for: grace)
+                    if !Task.isCancelled { self?.abandonStatement(serial) }
+                }
+                Task { [weak self] in await self?.cancelRunningQuery() }
             case .interrupted:
                 // A notification listener held the socket, or close() ran; kick and re-check.
                 SocketReactor.shared.interrupt(fd: fd)
@@ -501,6 +576,21 @@ public final class PostgresConnection: @unchecked Sendable {
             throw firstError
         }
         return results
+    }
+
+    /// Closes the connection if statement `serial` still runs (its cancel got no answer within
+    /// `cancelGracePeriod`); it is marked broken first, so a pool never lends it again.
+    private func abandonStatement(_ serial: UInt64) {
+        let stuck = state.withLock { s -> Bool in
+            guard s.busy, s.statementSerial == serial, s.pg != nil else { return false }
+            s.broken = true
+            return true
+        }
+        guard stuck else { return }
+        configuration.logger.warning("no answer to a cancelled statement within cancelGracePeriod (\(configuration.cancelGracePeriod)): closing the connection", metadata: [
+            "db.backend_pid": "\(backendPID)",
+        ])
+        closeNow()
     }
 
     private func finishStatement(spinOutcome: Bool?) {

@@ -127,6 +127,10 @@ final class SocketReactor: TaskExecutor, Sendable {
         return await withTaskCancellationHandler {
             await withCheckedContinuation { cont in
                 self.arm(fd: fd, interest: interest, waiter: Waiter(id: id, continuation: cont))
+                // A cancellation between the check above and the handler's installation ran
+                // `onCancel` before the waiter existed, which then found nothing to end: look
+                // again now that it is published (`resume` ends it at most once).
+                if Task.isCancelled { self.resume(fd: fd, id: id, with: .cancelled) }
             }
         } onCancel: {
             self.resume(fd: fd, id: id, with: .cancelled)
