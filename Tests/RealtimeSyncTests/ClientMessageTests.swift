@@ -72,6 +72,11 @@ struct ClientMessageTests {
         ("\"subscribe\"", .invalidMessage, "got a string", nil),
         (#"{"type":"subscribe","id":"s1","table":"orders",}"#, .invalidMessage, "expected a member name", nil),
         (#"{"type":"subscribe","type":"unsubscribe","id":"s1"}"#, .invalidMessage, "duplicate member 'type'", nil),
+        // Past eight members the names are checked through a set: the same answer, also for
+        // names that are equal as Swift strings (canonically equivalent).
+        (#"{"a0":0,"a1":0,"a2":0,"a3":0,"a4":0,"a5":0,"a6":0,"a7":0,"a8":0,"a9":0,"a3":1}"#, .invalidMessage, "duplicate member 'a3'", nil),
+        (#"{"a0":0,"a1":0,"a2":0,"a3":0,"a4":0,"a5":0,"a6":0,"a7":0,"\u00e9":0,"a9":0,"e\u0301":1}"#, .invalidMessage, "duplicate member", nil),
+        (#"{"a0":0,"a1":0,"a2":0,"a3":0,"a4":0,"a5":0,"a6":0,"a7":0,"a8":0,"a9":0,"a1":1}"#, .invalidMessage, "duplicate member 'a1'", nil),
         (#"{"id":"s1"}"#, .invalidMessage, "missing 'type'", "s1"),
         (#"{"type":1,"id":"s1"}"#, .invalidMessage, "'type' must be a string, got a number", "s1"),
         (#"{"type":"subcribe","id":"s1"}"#, .unknownType, "unknown message type 'subcribe'; expected subscribe or unsubscribe", "s1"),

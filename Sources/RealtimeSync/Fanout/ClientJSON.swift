@@ -110,13 +110,23 @@ struct ClientJSONParser {
         guard depth <= Self.maxDepth else { throw failure("JSON nested deeper than \(Self.maxDepth)") }
         position += 1
         var members: [(key: String, value: ClientJSON)] = []
+        // Names seen, once an object is past a few members: a linear search per member made a
+        // 64 KiB frame of ~8,000 members cost ~32 million string comparisons.
+        var seen: Set<String> = []
         skipWhitespace()
         if position < bytes.count, bytes[position] == UInt8(ascii: "}") { position += 1; return .object(members) }
         while true {
             skipWhitespace()
             guard position < bytes.count, bytes[position] == UInt8(ascii: "\"") else { throw failure("expected a member name") }
             let key = try parseString()
-            if members.contains(where: { $0.key == key }) { throw failure("duplicate member \(quoteForMessage(key))") }
+            let duplicate: Bool
+            if members.count < 8 {
+                duplicate = members.contains(where: { $0.key == key })
+            } else {
+                if seen.isEmpty { seen = Set(members.map(\.key)) }
+                duplicate = !seen.insert(key).inserted
+            }
+            if duplicate { throw failure("duplicate member \(quoteForMessage(key))") }
             skipWhitespace()
             guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else { throw failure("expected ':'") }
             position += 1
