@@ -730,7 +730,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                     outcome = why == .timeout ? .cancelled : .failure
                     failuresCounter.increment()
                     logger.warning(
-                        why == .timeout ? "job run timed out" : "job run failed",
+                        why == .timeout ? "job run timed out (JobOptions.timeout); its task was cancelled" : "job run failed",
                         metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)", "error": "\(error)"])
                 }
             }

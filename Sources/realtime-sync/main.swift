@@ -26,6 +26,26 @@ struct Setting {
         return fallback
     }
 
+    /// The database URL: `--database-url`, else `REALTIME_SYNC_DATABASE_URL`, else
+    /// `DATABASE_URL` (the more specific variable wins); nil when none is set. A flag or
+    /// variable that is set but empty is an error: a deployment whose secret did not arrive
+    /// must not quietly run against something else (`serve` would start the embedded demo).
+    static func databaseURL(_ flag: String?) throws -> String? {
+        if let flag {
+            guard !flag.isEmpty else { throw ValidationError("--database-url is empty") }
+            return flag
+        }
+        for variable in ["REALTIME_SYNC_DATABASE_URL", "DATABASE_URL"] {
+            if let value = environment[variable] {
+                guard !value.isEmpty else {
+                    throw ValidationError("\(variable) is set but empty: set it to a postgres:// URL, or unset it\(variable == "DATABASE_URL" ? "" : " (DATABASE_URL is read when it is unset)")")
+                }
+                return value
+            }
+        }
+        return nil
+    }
+
     /// A whole number of at least `minimum`, from `--flag` or `variable`; the error names both.
     static func int(_ flag: Int?, _ name: String, _ variable: String, _ fallback: Int, minimum: Int) throws -> Int {
         let number: Int
@@ -53,7 +73,7 @@ struct Setting {
             value = fallback
         }
         guard value > 0, value.isFinite, value < 1e9 else {
-            throw ValidationError("--\(name) / \(variable) is \(value); it must be a positive number of seconds")
+            throw ValidationError("--\(name) / \(variable) is \(value); it must be a positive number of seconds, below 1e9")
         }
         return .milliseconds(Int64((value * 1000).rounded()))
     }
@@ -66,7 +86,7 @@ struct Serve: AsyncParsableCommand {
         abstract: "Serve the change stream over WebSocket (the default command).",
         discussion: """
             Every option can also be set by an environment variable (the option wins):
-              --database-url          DATABASE_URL or REALTIME_SYNC_DATABASE_URL (none: embedded PostgreSQL + demo)
+              --database-url          REALTIME_SYNC_DATABASE_URL, else DATABASE_URL (none: embedded PostgreSQL + demo)
               --host                  REALTIME_SYNC_HOST              (127.0.0.1)
               --port                  REALTIME_SYNC_PORT              (8080; 0 picks a free port)
               --listen-backlog        REALTIME_SYNC_LISTEN_BACKLOG    (4096; capped by net.core.somaxconn)
@@ -82,7 +102,7 @@ struct Serve: AsyncParsableCommand {
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
-              --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large)
+              --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only empty tables)
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
             """)
 
@@ -97,7 +117,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Option(help: "json or text.") var logFormat: String?
     @Option(help: "Most pooled connections.") var poolMaxOpen: Int?
-    @Option(help: "Seconds a job waits for a pooled connection.") var poolAcquireTimeout: Double?
+    @Option(help: "Seconds a snapshot or a service job waits for a pooled connection.") var poolAcquireTimeout: Double?
     @Option(help: "Seconds of changes kept for resume.") var windowMaxAge: Double?
     @Option(help: "Changes kept for resume.") var windowMaxCount: Int?
     @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
@@ -111,7 +131,7 @@ struct Serve: AsyncParsableCommand {
             logFormat: Setting.string(logFormat, "REALTIME_SYNC_LOG_FORMAT", "text")!,
             logLevel: Setting.string(logLevel, "REALTIME_SYNC_LOG_LEVEL", "info")!)
 
-        let url = Setting.string(databaseURL, "DATABASE_URL") ?? Setting.string(nil, "REALTIME_SYNC_DATABASE_URL")
+        let url = try Setting.databaseURL(databaseURL)
         var configuration = url == nil ? RealtimeService.embeddedDemo() : RealtimeService.Configuration(databaseURL: url)
         configuration.tables = (Setting.string(tables, "REALTIME_SYNC_TABLES") ?? "")
             .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
@@ -201,11 +221,11 @@ struct Slot: AsyncParsableCommand {
             abstract: "Drop a replication slot (stop the service using it first).")
 
         @Option(help: "The slot to drop (or REALTIME_SYNC_SLOT).") var slot: String?
-        @Option(help: "postgres:// URL or libpq string (or DATABASE_URL).") var databaseURL: String?
+        @Option(help: "postgres:// URL or libpq string (or REALTIME_SYNC_DATABASE_URL, else DATABASE_URL).") var databaseURL: String?
 
         func run() async throws {
-            guard let url = Setting.string(databaseURL, "DATABASE_URL") ?? Setting.string(nil, "REALTIME_SYNC_DATABASE_URL") else {
-                throw ValidationError("no database given: pass --database-url or set DATABASE_URL")
+            guard let url = try Setting.databaseURL(databaseURL) else {
+                throw ValidationError("no database given: pass --database-url or set REALTIME_SYNC_DATABASE_URL or DATABASE_URL")
             }
             guard let slot = Setting.string(slot, "REALTIME_SYNC_SLOT") else {
                 throw ValidationError("no slot given: pass --slot or set REALTIME_SYNC_SLOT")
@@ -225,18 +245,21 @@ struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Connect to the database and print its version and wal_level.")
 
-    @Option(name: .long, help: "postgres:// URL or libpq key=value string (default: $DATABASE_URL).")
+    @Option(name: .long, help: "postgres:// URL or libpq key=value string (default: $REALTIME_SYNC_DATABASE_URL, else $DATABASE_URL).")
     var databaseURL: String?
 
     @Option(name: .long, help: "Seconds to wait for the connection.")
-    var connectTimeout: Int = 10
+    var connectTimeout: Double = 10
 
     func run() async throws {
-        guard let url = databaseURL ?? ProcessInfo.processInfo.environment["DATABASE_URL"], !url.isEmpty else {
-            throw ValidationError("no database given: pass --database-url or set DATABASE_URL")
+        guard let url = try Setting.databaseURL(databaseURL) else {
+            throw ValidationError("no database given: pass --database-url or set REALTIME_SYNC_DATABASE_URL or DATABASE_URL")
+        }
+        guard connectTimeout > 0, connectTimeout.isFinite, connectTimeout < 1e9 else {
+            throw ValidationError("--connect-timeout is \(connectTimeout); it must be a positive number of seconds")
         }
         do {
-            let report = try await DatabaseCheck.run(url: url, connectTimeout: .seconds(connectTimeout))
+            let report = try await DatabaseCheck.run(url: url, connectTimeout: .milliseconds(Int64((connectTimeout * 1000).rounded())))
             print(report.description)
             if !report.isReadyForLogicalReplication {
                 throw ExitCode(2)

@@ -223,12 +223,18 @@ struct ServerProcessTests {
 
 @Suite("realtime-sync: settings it refuses at start")
 struct ServeSettingsTests {
-    @Test("an empty JWT secret variable (it must not turn auth off) and numbers out of range: refused, naming the flag and the variable",
+    @Test("an empty JWT secret or database URL variable (neither may fall back to a default) and numbers out of range: refused, naming the flag and the variable",
           arguments: [
               (["serve"], ["REALTIME_SYNC_JWT_SECRET": ""], "REALTIME_SYNC_JWT_SECRET is set but empty"),
               (["serve", "--window-max-count=-1"], [:], "--window-max-count / REALTIME_SYNC_WINDOW_MAX_COUNT is -1; it must be 1 or more"),
               (["serve"], ["REALTIME_SYNC_WINDOW_MAX_COUNT": "0"], "REALTIME_SYNC_WINDOW_MAX_COUNT is 0"),
               (["serve", "--window-max-age=-5"], [:], "--window-max-age / REALTIME_SYNC_WINDOW_MAX_AGE is -5.0"),
+              // An empty database URL must not start the embedded demo in its place.
+              (["serve"], ["DATABASE_URL": ""], "DATABASE_URL is set but empty"),
+              (["serve"], ["REALTIME_SYNC_DATABASE_URL": "", "DATABASE_URL": "postgres://unused@127.0.0.1:1/x"], "REALTIME_SYNC_DATABASE_URL is set but empty"),
+              (["check"], ["DATABASE_URL": ""], "DATABASE_URL is set but empty"),
+              (["check", "--database-url", "postgres://unused@127.0.0.1:1/x", "--connect-timeout", "0"], [:], "--connect-timeout is 0.0"),
+              (["slot", "drop", "--slot", "s"], ["REALTIME_SYNC_DATABASE_URL": ""], "REALTIME_SYNC_DATABASE_URL is set but empty"),
           ])
     func refuses(arguments: [String], environment: [String: String], message: String) async throws {
         let process = try ServerProcess.start(arguments, environment: environment)

@@ -745,7 +745,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 for (object, holder) in end.cutOff {
                     let connection = unsafeDowncast(object, to: Connection.self)
                     group.addTask {
-                        self.logger.warning("drain deadline passed: cancelling query and closing connection", metadata: [
+                        self.logger.warning("drain deadline passed (drainTimeout, or drain(deadline:)): cancelling query and closing connection", metadata: [
                             "db.client.connection.id": "\(holder.connectionID)", "holder": "\(holder)",
                         ])
                         // The cancel request is given at most a second to go out (PQcancel

@@ -898,7 +898,9 @@ struct PoolStateMachine<Connection, Waiter> {
     private func timeoutError(for entry: WaiterEntry, now: Time) -> ConnectionPoolError {
         let waited = formatDuration(now - entry.enqueuedAt)
         let timeout = formatDuration(entry.deadline - entry.enqueuedAt)
-        let limits = "maxOpen=\(configuration.maxOpen), acquireTimeout=\(timeout)"
+        // A deadline other than acquireTimeout's came from the call (`withConnection(timeout:)`).
+        let ownTimeout = entry.deadline - entry.enqueuedAt != configuration.acquireTimeout
+        let limits = "maxOpen=\(configuration.maxOpen), \(ownTimeout ? "the call's timeout" : "acquireTimeout")=\(timeout)"
         var message: String
         if let lastConnectError, established < configuration.maxOpen {
             message = "pool '\(configuration.name)' got no connection within \(waited): connects are failing (\(consecutiveConnectFailures) in a row; last: \(lastConnectError)); \(inUse)/\(configuration.maxOpen) in use (\(limits), connectBackoff max=\(formatDuration(configuration.connectBackoff.maximum)))"

@@ -78,12 +78,12 @@ public final class EmbeddedPostgres: Sendable {
         let asRoot = geteuid() == 0
         let user: String? = asRoot ? "postgres" : nil
         if asRoot, getpwnam("postgres") == nil {
-            throw EmbeddedPostgresError(message: "running as root, but there is no 'postgres' user to run the server as (PostgreSQL refuses to run as root): install postgresql, which creates it")
+            throw EmbeddedPostgresError(code: .noPostgresUser, message: "running as root, but there is no 'postgres' user to run the server as (PostgreSQL refuses to run as root): install postgresql, which creates it")
         }
         var template = Array((options.parentDirectory.hasSuffix("/") ? options.parentDirectory : options.parentDirectory + "/").utf8CString.dropLast())
         template += Array("realtime-sync-pg-XXXXXX".utf8CString)
         guard let made = mkdtemp(&template) else {
-            throw EmbeddedPostgresError(message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno)))")
+            throw EmbeddedPostgresError(code: .system, message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno)))")
         }
         let dir = String(cString: made)
         // Record who owns this cluster so a later start can reap it if this process dies.
@@ -142,7 +142,7 @@ public final class EmbeddedPostgres: Sendable {
                     message += " within \(wait) s (EmbeddedPostgres.Options.startTimeout)"
                 }
                 message += log.isEmpty ? ": \(error)" : "; server.log ends with:\n\(log.suffix(2000))"
-                throw giveUp(EmbeddedPostgresError(message: message))
+                throw giveUp(EmbeddedPostgresError(code: .startFailed, message: message))
             }
             let pg = EmbeddedPostgres(url: "postgres://postgres@127.0.0.1:\(port)/postgres?sslmode=disable",
                                       port: port, directory: dir, binDirectory: bin, runAsUser: user)
@@ -249,7 +249,7 @@ public final class EmbeddedPostgres: Sendable {
         var pid: pid_t = 0
         let rc = posix_spawn(&pid, argv[0], &actions, nil, &cargs, environ)
         guard rc == 0 else {
-            throw EmbeddedPostgresError(message: "could not run \(argv[0]): \(String(cString: strerror(rc)))")
+            throw EmbeddedPostgresError(code: .toolFailed, message: "could not run \(argv[0]): \(String(cString: strerror(rc)))")
         }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
@@ -257,7 +257,7 @@ public final class EmbeddedPostgres: Sendable {
         let exited = (status & 0x7f) == 0
         let code = exited ? (status >> 8) & 0xff : 128 + (status & 0x7f)
         guard code == 0 else {
-            throw EmbeddedPostgresError(message: "\((path as NSString).lastPathComponent) \(args.joined(separator: " ")) failed (exit \(code)): \(text.suffix(2000))")
+            throw EmbeddedPostgresError(code: .toolFailed, message: "\((path as NSString).lastPathComponent) \(args.joined(separator: " ")) failed (exit \(code)): \(text.suffix(2000))")
         }
         return text
     }
@@ -288,13 +288,13 @@ public final class EmbeddedPostgres: Sendable {
             .compactMap { v -> (Int, String)? in Int(v).map { ($0, v) } }
             .sorted { $0.0 > $1.0 }
         for (_, v) in versions where complete("\(root)/\(v)/bin") { return "\(root)/\(v)/bin" }
-        throw EmbeddedPostgresError(message: "PostgreSQL server binaries not found: install postgresql (looked for initdb, pg_ctl and postgres on PATH and in /usr/lib/postgresql/*/bin)")
+        throw EmbeddedPostgresError(code: .binariesNotFound, message: "PostgreSQL server binaries not found: install postgresql (looked for initdb, pg_ctl and postgres on PATH and in /usr/lib/postgresql/*/bin)")
     }
 
     /// A TCP port on 127.0.0.1 that nothing listens on at the moment of the call.
     public static func freePort() throws -> Int {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw EmbeddedPostgresError(message: "socket() failed: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw EmbeddedPostgresError(code: .system, message: "socket() failed: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
@@ -303,7 +303,7 @@ public final class EmbeddedPostgres: Sendable {
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
-        guard rc == 0 else { throw EmbeddedPostgresError(message: "could not find a free port: \(String(cString: strerror(errno)))") }
+        guard rc == 0 else { throw EmbeddedPostgresError(code: .system, message: "could not find a free port: \(String(cString: strerror(errno)))") }
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
         _ = withUnsafeMutablePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
@@ -340,6 +340,21 @@ func processIsAlive(_ pid: Int32) -> Bool {
 
 /// A failure to find, start or stop the embedded cluster.
 public struct EmbeddedPostgresError: Error, Sendable, CustomStringConvertible {
+    /// Stable error codes, for programs.
+    public enum Code: String, Sendable, Hashable {
+        /// Running as root with no `postgres` user to run the server as.
+        case noPostgresUser = "EMBEDDED_PG_NO_POSTGRES_USER"
+        /// `initdb`, `pg_ctl` or `postgres` were not found.
+        case binariesNotFound = "EMBEDDED_PG_BINARIES_NOT_FOUND"
+        /// A folder, socket or free port could not be had from the system.
+        case system = "EMBEDDED_PG_SYSTEM"
+        /// A tool (`initdb`, `pg_ctl`) failed.
+        case toolFailed = "EMBEDDED_PG_TOOL_FAILED"
+        /// The server did not start (the message quotes its log).
+        case startFailed = "EMBEDDED_PG_START_FAILED"
+    }
+    /// The stable code.
+    public var code: Code
     /// What went wrong and what to do.
     public var message: String
     /// The message.

@@ -14,7 +14,7 @@ public struct ResumeWindowError: Error, Sendable, Hashable, CustomStringConverti
     public var oldestResumable: Cursor
     /// What is wrong and what to do.
     public var message: String {
-        "cursor \(cursor) is older than the resume window (oldest resumable cursor \(oldestResumable)); resynchronise with a snapshot"
+        "cursor \(cursor) is older than the resume window (oldest resumable cursor \(oldestResumable)); resynchronise with a snapshot (the window's bounds: ResumeWindow.Limits.maxAge / maxCount, realtime-sync --window-max-age / --window-max-count)"
     }
 
     /// Creates the error.

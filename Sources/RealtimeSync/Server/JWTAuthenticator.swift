@@ -3,10 +3,24 @@ import JWTKit
 
 /// A setup error of auth (not a client's bad token): what is wrong and which knob to change.
 public struct JWTAuthenticatorError: Error, Sendable, CustomStringConvertible {
+    /// Stable error codes, for programs.
+    public enum Code: String, Sendable, Hashable {
+        /// The secret is too short for HS256.
+        case weakSecret = "AUTH_WEAK_SECRET"
+        /// jwt-kit did not hand out the key.
+        case keyUnavailable = "AUTH_KEY_UNAVAILABLE"
+        /// A `realtime-sync token` option (`--table`, `--ttl`, `--sub`) is invalid.
+        case invalidTokenOption = "AUTH_INVALID_TOKEN_OPTION"
+    }
+    /// The stable code.
+    public var code: Code
     /// What went wrong and what to change.
     public var message: String
     /// Creates an error.
-    public init(_ message: String) { self.message = message }
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
     /// The message.
     public var description: String { message }
 }
@@ -75,14 +89,14 @@ public struct JWTAuthenticator: Sendable {
     public init(secret: String, now: @escaping @Sendable () -> Date = { Date() }) async throws(JWTAuthenticatorError) {
         let length = secret.utf8.count
         guard length >= Self.minimumSecretBytes else {
-            throw JWTAuthenticatorError("the JWT secret is \(length) bytes; HS256 needs at least \(Self.minimumSecretBytes) (use a longer secret, e.g. from `openssl rand -hex 32`)")
+            throw JWTAuthenticatorError(.weakSecret, "the JWT secret is \(length) bytes; HS256 needs at least \(Self.minimumSecretBytes) (use a longer secret, e.g. from `openssl rand -hex 32`)")
         }
         let keys = JWTKeyCollection()
         await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256)
         do {
             self.algorithm = try await keys.getKey()
         } catch {
-            throw JWTAuthenticatorError("jwt-kit did not hand out the HS256 key: \(error)")
+            throw JWTAuthenticatorError(.keyUnavailable, "jwt-kit did not hand out the HS256 key: \(error)")
         }
         self.keys = keys
         self.now = now

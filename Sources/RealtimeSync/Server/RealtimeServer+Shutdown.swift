@@ -43,7 +43,7 @@ extension RealtimeServer {
             case .failed(let error):
                 log(hook.name, since: start, cutOff: "failed: \(error)")
             case .timedOut:
-                log(hook.name, since: start, cutOff: "deadline \(hook.deadline) exceeded; cancelled")
+                log(hook.name, since: start, cutOff: "deadline \(hook.deadline) exceeded (ShutdownHook.deadline; RealtimeService sets it from --shutdown-deadline); cancelled")
             }
         }
 

@@ -68,10 +68,26 @@ struct ServerState: Sendable {
 
 /// Errors of the server itself (not of a client's message).
 public struct RealtimeServerError: Error, Sendable, CustomStringConvertible {
+    /// Stable error codes, for programs.
+    public enum Code: String, Sendable, Hashable {
+        /// The HTTP listener could not start (e.g. the port is taken) or failed.
+        case listenerFailed = "SERVER_LISTENER_FAILED"
+        /// The HTTP listener stopped without being asked to.
+        case listenerStopped = "SERVER_LISTENER_STOPPED"
+        /// The database answered a server query in a way it cannot use.
+        case unexpectedDatabaseAnswer = "SERVER_UNEXPECTED_DATABASE_ANSWER"
+        /// A `RealtimeServerConfiguration` field is out of range (the message names it).
+        case invalidConfiguration = "SERVER_INVALID_CONFIGURATION"
+    }
+    /// The stable code.
+    public var code: Code
     /// What went wrong and what to change.
     public var message: String
     /// Creates an error.
-    public init(_ message: String) { self.message = message }
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
     /// The message.
     public var description: String { message }
 }
@@ -127,7 +143,7 @@ public final class RealtimeServer: Service, Sendable {
         try await withCheckedThrowingContinuation { continuation in
             let answer = state.withLock { state -> Result<Int, RealtimeServerError>? in
                 if let port = state.listeningPort { return .success(port) }
-                if let failure = state.listeningFailure { return .failure(RealtimeServerError(failure)) }
+                if let failure = state.listeningFailure { return .failure(RealtimeServerError(.listenerFailed, failure)) }
                 state.portWaiters.append(continuation)
                 return nil
             }
@@ -150,7 +166,7 @@ public final class RealtimeServer: Service, Sendable {
             defer { state.portWaiters.removeAll() }
             return state.portWaiters
         }
-        for waiter in waiters { waiter.resume(throwing: RealtimeServerError(message)) }
+        for waiter in waiters { waiter.resume(throwing: RealtimeServerError(.listenerFailed, message)) }
     }
 
     private enum RunEvent: Sendable {
@@ -162,6 +178,7 @@ public final class RealtimeServer: Service, Sendable {
     /// Serves until graceful shutdown (then shuts down in order) or cancellation (then
     /// closes everything at once). Throws when the listener cannot start.
     public func run() async throws {
+        try configuration.validate()
         let (shutdownSignal, shutdownContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let (fanoutStop, fanoutStopContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let listener = try HTTPListener(server: self)
@@ -195,11 +212,12 @@ public final class RealtimeServer: Service, Sendable {
                         group.cancelAll()
                         closeAllSessionsNow()
                         if let error {
-                            listenerFailed("the HTTP listener on \(configuration.host):\(configuration.port) failed: \(error) (check host and port)")
-                            throw error
+                            let message = "the HTTP listener on \(configuration.host):\(configuration.port) failed: \(error) (RealtimeServerConfiguration.host / port; realtime-sync --host / --port, REALTIME_SYNC_HOST / REALTIME_SYNC_PORT)"
+                            listenerFailed(message)
+                            throw RealtimeServerError(.listenerFailed, message)
                         }
                         if Task.isCancelled { return }
-                        throw RealtimeServerError("the HTTP listener stopped unexpectedly")
+                        throw RealtimeServerError(.listenerStopped, "the HTTP listener stopped unexpectedly")
                     case .shutdownRequested:
                         if Task.isCancelled {
                             group.cancelAll()

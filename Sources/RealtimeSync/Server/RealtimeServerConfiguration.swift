@@ -152,6 +152,27 @@ public struct RealtimeServerConfiguration: Sendable {
         self.logger = logger
     }
 
+    /// Checks every limit; the error names the field. `RealtimeServer.run()` calls it first,
+    /// so a limit set out of range after `init` (the limit types check only their own
+    /// initializers) fails at start instead of misbehaving later.
+    public func validate() throws(RealtimeServerError) {
+        func bad(_ message: String) -> RealtimeServerError { RealtimeServerError(.invalidConfiguration, "RealtimeServerConfiguration." + message) }
+        guard (0...65_535).contains(port) else { throw bad("port is \(port); it must be 0 (any free port) to 65535") }
+        guard maxClientMessageBytes >= 16 else { throw bad("maxClientMessageBytes is \(maxClientMessageBytes); it must be at least 16") }
+        guard pingInterval > .zero else { throw bad("pingInterval is \(pingInterval); it must be positive") }
+        guard closeTimeout > .zero else { throw bad("closeTimeout is \(closeTimeout); it must be positive") }
+        guard queueLimits.maxMessages >= 1 else { throw bad("queueLimits.maxMessages is \(queueLimits.maxMessages); it must be at least 1") }
+        guard queueLimits.maxBytes >= 1 else { throw bad("queueLimits.maxBytes is \(queueLimits.maxBytes); it must be at least 1") }
+        guard hubLimits.maxSubscriptionsPerClient >= 1 else { throw bad("hubLimits.maxSubscriptionsPerClient is \(hubLimits.maxSubscriptionsPerClient); it must be at least 1") }
+        guard hubLimits.maxIndexedValues >= 1 else { throw bad("hubLimits.maxIndexedValues is \(hubLimits.maxIndexedValues); it must be at least 1") }
+        for (name, deadline) in [("fanoutDrainDeadline", fanoutDrainDeadline), ("socketCloseDeadline", socketCloseDeadline), ("listenerStopDeadline", listenerStopDeadline)] {
+            guard deadline >= .zero else { throw bad("\(name) is \(deadline); it must not be negative") }
+        }
+        guard snapshotMaxRows >= 0 else { throw bad("snapshotMaxRows is \(snapshotMaxRows); it must be 0 (only empty snapshots) or more") }
+        guard snapshotChunkRows >= 1 else { throw bad("snapshotChunkRows is \(snapshotChunkRows); it must be at least 1") }
+        guard snapshotChunkBytes >= 1 else { throw bad("snapshotChunkBytes is \(snapshotChunkBytes); it must be at least 1") }
+    }
+
     /// The placeholder page at `/` until the live page lands.
     public static let placeholderPage = """
         <!doctype html>

@@ -21,7 +21,7 @@ public final class TableSnapshotReader: Sendable {
         try await pool.withConnection(label: "wal position") { connection in
             let rows = try await connection.query("SELECT pg_current_wal_insert_lsn()::text")
             guard rows.count == 1, let position = LSN(rows[0][0].string) else {
-                throw RealtimeServerError("pg_current_wal_insert_lsn() gave an unexpected answer")
+                throw RealtimeServerError(.unexpectedDatabaseAnswer, "pg_current_wal_insert_lsn() gave an unexpected answer")
             }
             return position
         }
@@ -38,7 +38,7 @@ public final class TableSnapshotReader: Sendable {
             let marks = try await connection.query("SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text")
             guard marks.count == 1, let visibility = SnapshotVisibility(parsing: marks[0][0].string),
                   let position = LSN(marks[0][1].string) else {
-                throw RealtimeServerError("pg_current_snapshot() / pg_current_wal_insert_lsn() gave an unexpected answer (PostgreSQL 13 or later is required for snapshots)")
+                throw RealtimeServerError(.unexpectedDatabaseAnswer, "pg_current_snapshot() / pg_current_wal_insert_lsn() gave an unexpected answer (PostgreSQL 13 or later is required for snapshots)")
             }
             let list = try columns.map { try connection.escapeIdentifier($0.name) }.joined(separator: ", ")
             let cursor = "realtime_sync_snapshot"

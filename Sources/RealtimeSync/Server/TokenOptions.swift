@@ -17,29 +17,29 @@ public struct TokenOptions: Sendable, Hashable {
     /// `--ttl` (`90`, `90s`, `15m`, `1h`, `7d`; nil: `defaultTTL`) and `--sub`.
     public init(tables: [String], ttl: String?, subject: String?) throws(JWTAuthenticatorError) {
         guard !tables.isEmpty else {
-            throw JWTAuthenticatorError("--table: give at least one TABLE=FILTER (e.g. --table public.orders=tenant_id=eq.42, or public.notes= for every row)")
+            throw JWTAuthenticatorError(.invalidTokenOption, "--table: give at least one TABLE=FILTER (e.g. --table public.orders=tenant_id=eq.42, or public.notes= for every row)")
         }
         var grants: [String: String] = [:]
         for text in tables {
             guard let equals = text.firstIndex(of: "=") else {
-                throw JWTAuthenticatorError("--table \(text): expected TABLE=FILTER (an empty FILTER grants every row: \(text)=)")
+                throw JWTAuthenticatorError(.invalidTokenOption, "--table \(text): expected TABLE=FILTER (an empty FILTER grants every row: \(text)=)")
             }
             guard let table = TableName(parsing: String(text[..<equals])) else {
-                throw JWTAuthenticatorError("--table \(text): \(quoteForMessage(text[..<equals])) is not a table name (schema.table or table)")
+                throw JWTAuthenticatorError(.invalidTokenOption, "--table \(text): \(quoteForMessage(text[..<equals])) is not a table name (schema.table or table)")
             }
             let filter = String(text[text.index(after: equals)...])
             do {
                 try Filter.checkSyntax(filter)
             } catch {
-                throw JWTAuthenticatorError("--table \(text): the filter does not parse: \(error.message)")
+                throw JWTAuthenticatorError(.invalidTokenOption, "--table \(text): the filter does not parse: \(error.message)")
             }
             guard grants.updateValue(filter, forKey: table.description) == nil else {
-                throw JWTAuthenticatorError("--table \(table) is given twice")
+                throw JWTAuthenticatorError(.invalidTokenOption, "--table \(table) is given twice")
             }
         }
         self.tables = grants
         self.ttl = try ttl.map(Self.parseTTL) ?? Self.defaultTTL
-        if let subject, subject.isEmpty { throw JWTAuthenticatorError("--sub is empty; leave it out for a token without sub") }
+        if let subject, subject.isEmpty { throw JWTAuthenticatorError(.invalidTokenOption, "--sub is empty; leave it out for a token without sub") }
         self.subject = subject
     }
 
@@ -55,7 +55,7 @@ public struct TokenOptions: Sendable, Hashable {
         guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let count = Int64(digits), count > 0,
               count <= Int64.max / unit / 1_000_000_000
         else {
-            throw JWTAuthenticatorError("--ttl \(text): expected a positive whole number with s, m, h or d (e.g. 90s, 15m, 1h, 7d)")
+            throw JWTAuthenticatorError(.invalidTokenOption, "--ttl \(text): expected a positive whole number with s, m, h or d (e.g. 90s, 15m, 1h, 7d)")
         }
         return .seconds(count * unit)
     }

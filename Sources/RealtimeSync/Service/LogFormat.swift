@@ -75,10 +75,10 @@ extension RealtimeService {
     /// `/metrics` exports everything). Call once, before creating loggers and the service.
     public static func bootstrapObservability(logFormat: String, logLevel: String) throws(RealtimeServiceError) -> PrometheusCollectorRegistry {
         guard let level = Logger.Level(rawValue: logLevel) else {
-            throw RealtimeServiceError("--log-level / REALTIME_SYNC_LOG_LEVEL: '\(logLevel)' is not one of trace, debug, info, notice, warning, error, critical")
+            throw RealtimeServiceError(.invalidSetting, "--log-level / REALTIME_SYNC_LOG_LEVEL: '\(logLevel)' is not one of trace, debug, info, notice, warning, error, critical")
         }
         guard let format = LogFormat(rawValue: logFormat) else {
-            throw RealtimeServiceError("--log-format / REALTIME_SYNC_LOG_FORMAT: '\(logFormat)' is not json or text")
+            throw RealtimeServiceError(.invalidSetting, "--log-format / REALTIME_SYNC_LOG_FORMAT: '\(logFormat)' is not json or text")
         }
         let registry = PrometheusCollectorRegistry()
         LoggingSystem.bootstrap { label in format.makeHandler(label: label, level: level) }

@@ -8,10 +8,28 @@ import Synchronization
 
 /// Errors of the composition root: what failed and which knob to change.
 public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
+    /// Stable error codes, for programs.
+    public enum Code: String, Sendable, Hashable {
+        /// A setting is invalid (the message names it).
+        case invalidSetting = "SERVICE_INVALID_SETTING"
+        /// `run()` was called twice.
+        case alreadyRunning = "SERVICE_ALREADY_RUNNING"
+        /// The service failed to start (the message says which part and why).
+        case startFailed = "SERVICE_START_FAILED"
+        /// The service has stopped.
+        case stopped = "SERVICE_STOPPED"
+        /// The change stream did not open its resume window (`startTimeout`) or ended first.
+        case captureNotReady = "SERVICE_CAPTURE_NOT_READY"
+    }
+    /// The stable code.
+    public var code: Code
     /// What went wrong and what to change.
     public var message: String
     /// Creates an error.
-    public init(_ message: String) { self.message = message }
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
     /// The message.
     public var description: String { message }
 }
@@ -68,11 +86,13 @@ public final class RealtimeService: Service, Sendable {
         public var samplingInterval: Duration
         /// How long the capture may take to open its window at start. Default 30 s.
         public var startTimeout: Duration
-        /// Deadline of the "cancel scheduler jobs" shutdown step. Default 3 s.
+        /// Deadline of the "cancel scheduler jobs" shutdown step. Default 2 s (20 % of 10 s,
+        /// see `setShutdownDeadline`).
         public var jobsShutdownDeadline: Duration
-        /// Deadline of the "stop capture and drain the pool" shutdown step. Default 5 s.
+        /// Deadline of the "stop capture and drain the pool" shutdown step. Default 3.5 s (35 %
+        /// of 10 s).
         public var captureShutdownDeadline: Duration
-        /// The demo writer; nil for none. `RealtimeService.Configuration.embeddedDemo` sets it.
+        /// The demo writer; nil for none. `RealtimeService.embeddedDemo(logger:)` sets it.
         public var demo: Demo?
         /// Options of the embedded cluster (when `databaseURL` is nil).
         public var embedded: EmbeddedPostgres.Options
@@ -98,6 +118,8 @@ public final class RealtimeService: Service, Sendable {
             self.demo = nil
             self.embedded = .init()
             self.logger = logger
+            // DESIGN.md: the whole ordered shutdown is bounded, 10 s by default, split over its steps.
+            self.setShutdownDeadline(.seconds(10))
         }
 
         /// Splits `total` over the shutdown steps: jobs 20 %, capture and pool 35 %, fan-out
@@ -126,7 +148,7 @@ public final class RealtimeService: Service, Sendable {
     private struct State: Sendable {
         var started = false
         var running: Running?
-        var failure: String?
+        var failure: RealtimeServiceError?
         var waiters: [CheckedContinuation<Running, any Error>] = []
         var samples = Samples()
     }
@@ -177,7 +199,7 @@ public final class RealtimeService: Service, Sendable {
         try await withCheckedThrowingContinuation { continuation in
             let answer = state.withLock { state -> Result<Running, RealtimeServiceError>? in
                 if let running = state.running { return .success(running) }
-                if let failure = state.failure { return .failure(RealtimeServiceError(failure)) }
+                if let failure = state.failure { return .failure(failure) }
                 state.waiters.append(continuation)
                 return nil
             }
@@ -189,7 +211,7 @@ public final class RealtimeService: Service, Sendable {
         let waiters = state.withLock { state in
             switch result {
             case .success(let running): state.running = running
-            case .failure(let error): state.failure = error.message
+            case .failure(let error): state.failure = error
             }
             defer { state.waiters.removeAll() }
             return state.waiters
@@ -204,14 +226,14 @@ public final class RealtimeService: Service, Sendable {
             defer { state.started = true }
             return !state.started
         }
-        guard first else { throw RealtimeServiceError("RealtimeService.run() called twice; create a new service") }
+        guard first else { throw RealtimeServiceError(.alreadyRunning, "RealtimeService.run() called twice; create a new service") }
         do {
             try await runOnce()
         } catch {
-            resolveWaiters(.failure(RealtimeServiceError("realtime service failed to start: \(error)")))
+            resolveWaiters(.failure(RealtimeServiceError(.startFailed, "realtime service failed to start: \(error)")))
             throw error
         }
-        resolveWaiters(.failure(RealtimeServiceError("realtime service has stopped")))
+        resolveWaiters(.failure(RealtimeServiceError(.stopped, "realtime service has stopped")))
     }
 
     private func runOnce() async throws {
@@ -361,10 +383,10 @@ public final class RealtimeService: Service, Sendable {
         let deadline = ContinuousClock.now.advanced(by: configuration.startTimeout)
         while stream.statistics.oldestResumable == nil {
             if ended.isSignalled {
-                throw RealtimeServiceError("the change stream for slot \(configuration.slot) ended before it opened its window: \(ended.error ?? "stopped")")
+                throw RealtimeServiceError(.captureNotReady, "the change stream for slot \(configuration.slot) ended before it opened its window: \(ended.error ?? "stopped")")
             }
             if ContinuousClock.now >= deadline {
-                throw RealtimeServiceError("the change stream for slot \(configuration.slot) did not open its window within \(configuration.startTimeout) (startTimeout); is the database reachable and wal_level=logical?")
+                throw RealtimeServiceError(.captureNotReady, "the change stream for slot \(configuration.slot) did not open its window within \(configuration.startTimeout) (startTimeout); is the database reachable and wal_level=logical?")
             }
             try await Task.sleep(for: .milliseconds(20))
         }
@@ -379,7 +401,11 @@ public final class RealtimeService: Service, Sendable {
         let poolGauges = ["open", "in_use", "idle", "waiting"].map {
             ($0, Gauge(label: "realtime_sync_pool_connections", dimensions: [("state", $0)]))
         }
-        let jobOptions = { (name: String) in JobOptions(name: name, overlap: .skip, timeout: .seconds(5)) }
+        // A run may wait for a connection for the pool's acquireTimeout, then gets 5 s for its
+        // statement: an exhausted pool then fails the run with the pool's own error (naming
+        // maxOpen and acquireTimeout), not with a timeout of the job's.
+        let jobTimeout = configuration.pool.acquireTimeout + .seconds(5)
+        let jobOptions = { (name: String) in JobOptions(name: name, overlap: .skip, timeout: jobTimeout) }
         try scheduler.schedule(.every(configuration.samplingInterval), options: jobOptions("slot lag")) { _ in
             let lag = try await pool.withConnection(label: "slot lag") { connection in
                 try await CaptureSetup.slotLagBytes(connection, slot: slot)
