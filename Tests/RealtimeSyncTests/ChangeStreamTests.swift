@@ -117,6 +117,36 @@ struct ChangeStreamTests {
         }
     }
 
+    @Test("A domain column counts as its base type: written as a JSON number, and compared as a number by a filter built from the catalog")
+    func domainColumns() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_domain")
+            let level = table + "_level", positive = table + "_positive"
+            try await runSQL(url, """
+                CREATE DOMAIN \(positive) AS int8 CHECK (VALUE > 0);
+                CREATE DOMAIN \(level) AS \(positive);
+                CREATE TABLE \(table) (id int PRIMARY KEY, lvl \(level), tag text)
+                """)
+            let conn = try await PostgresConnection.connect(to: url)
+            let catalog = try await ChangeStreamSource.catalog(of: ["public.\(table)"], using: conn)
+            await conn.close()
+            let columns = try #require(catalog.columns(of: "public.\(table)"))
+            let filter = try Filter(parsing: "lvl=lte.3", columns: columns)
+            try await withChangeStream(url: url, tables: [table]) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (1, 3, 'a'), (2, 10, 'b')")
+                let events = try await take(2, from: changes)
+                let texts = events.map { String(decoding: $0.jsonBytes(), as: UTF8.self) }
+                #expect(texts[0].contains(#""new":{"id":1,"lvl":3,"tag":"a"}"#), "\(texts[0])")
+                #expect(texts[1].contains(#""new":{"id":2,"lvl":10,"tag":"b"}"#), "\(texts[1])")
+                // As text, "10" sorts before "3": only a numeric comparison gets these right.
+                #expect(filter.matches(events[0]))
+                #expect(!filter.matches(events[1]))
+            }
+            try await runSQL(url, "DROP TABLE \(table); DROP DOMAIN \(level); DROP DOMAIN \(positive)")
+        }
+    }
+
     @Test("A multi-table transaction is contiguous and transactions arrive in commit order; a rolled-back one is never seen")
     func transactions() async throws {
         try await TestDatabase.withDatabase { url in

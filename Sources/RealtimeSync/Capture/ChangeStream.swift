@@ -371,7 +371,13 @@ public final class ChangeStream: Service, Sendable {
                     if caughtUp(LSN(keepalive.walEnd), assembler) { break }
                     continue
                 }
-                let decoded = try decoder.decode(data.payload, walStart: LSN(data.walStart))
+                var decoded = try decoder.decode(data.payload, walStart: LSN(data.walStart))
+                if case .relation(let relation) = decoded {
+                    let unknown = decoder.unresolvedTypes(of: relation)
+                    if !unknown.isEmpty, let resolved = decoder.resolveTypes(try await baseTypes(of: unknown), relation: relation.oid) {
+                        decoded = .relation(resolved)
+                    }
+                }
                 let output = try assembler.apply(decoded)
                 if case .message(let logical)? = output {
                     // Non-transactional messages (the heartbeat's among them) are sent when
@@ -523,6 +529,29 @@ public final class ChangeStream: Service, Sendable {
     }
 
     // MARK: SQL side
+
+    /// The base type of each of `oids` (a domain's, through domains over domains; any other
+    /// type is its own), asked on a short SQL connection.
+    private func baseTypes(of oids: [UInt32]) async throws -> [UInt32: UInt32] {
+        let list = "{" + oids.map(String.init).joined(separator: ",") + "}"
+        let rows = try await withSQL { conn in
+            try await conn.query("""
+                WITH RECURSIVE d(root, oid, base) AS (
+                    SELECT t.oid, t.oid, t.typbasetype FROM pg_type t WHERE t.oid = ANY($1::oid[])
+                    UNION ALL SELECT d.root, t.oid, t.typbasetype FROM d JOIN pg_type t ON t.oid = d.base)
+                SELECT root::int8, oid::int8 FROM d WHERE base = 0
+                """, list)
+        }
+        var map: [UInt32: UInt32] = [:]
+        for row in rows {
+            if let root = try row.decode(Int.self, at: 0), let base = try row.decode(Int.self, at: 1) {
+                map[UInt32(truncatingIfNeeded: root)] = UInt32(truncatingIfNeeded: base)
+            }
+        }
+        // A type dropped meanwhile: keep it as it is rather than asking again for each relation.
+        for oid in oids where map[oid] == nil { map[oid] = oid }
+        return map
+    }
 
     private func withSQL<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
         let conn = try await PostgresConnection.connect(connectionConfiguration)

@@ -9,6 +9,44 @@ public struct PgOutputDecoder: Sendable {
     public private(set) var relations: [UInt32: Relation] = [:]
     /// Non-built-in types described so far, by OID.
     public private(set) var types: [UInt32: TypeDescription] = [:]
+    /// Non-built-in type OIDs resolved so far: a domain to its base type (through domains over
+    /// domains), any other type to itself. A relation's columns carry the resolved OID, so
+    /// that a domain over `int8` is written and filtered as an integer. Filled by
+    /// `resolveTypes(_:relation:)` (the change stream asks the database for `unresolvedTypes(of:)`).
+    public private(set) var baseTypes: [UInt32: UInt32] = [:]
+
+    /// The lowest OID of a user-defined object (`FirstNormalObjectId`): built-in types are
+    /// below it and are never domains.
+    public static let firstUserOID: UInt32 = 16_384
+
+    /// Column type OIDs of `relation` that may be domains and are not resolved yet.
+    public func unresolvedTypes(of relation: Relation) -> [UInt32] {
+        var seen = Set<UInt32>()
+        return relation.columns.compactMap { c in
+            c.typeOID >= Self.firstUserOID && baseTypes[c.typeOID] == nil && seen.insert(c.typeOID).inserted ? c.typeOID : nil
+        }
+    }
+
+    /// Records resolved types (`oid` → base type OID) and rewrites the cached relations that
+    /// use them. Returns the relation `oid` as now cached, if any.
+    @discardableResult
+    public mutating func resolveTypes(_ resolved: [UInt32: UInt32], relation oid: UInt32? = nil) -> Relation? {
+        baseTypes.merge(resolved) { _, new in new }
+        for (key, relation) in relations where relation.columns.contains(where: { resolved[$0.typeOID] != nil }) {
+            relations[key] = resolvingTypes(relation)
+        }
+        return oid.flatMap { relations[$0] }
+    }
+
+    private func resolvingTypes(_ relation: Relation) -> Relation {
+        guard relation.columns.contains(where: { c in baseTypes[c.typeOID].map { $0 != c.typeOID } ?? false }) else { return relation }
+        let columns = relation.columns.map { c -> RelationColumn in
+            guard let base = baseTypes[c.typeOID], base != c.typeOID else { return c }
+            return RelationColumn(name: c.name, typeOID: base, typeModifier: c.typeModifier, isKey: c.isKey)
+        }
+        return Relation(oid: relation.oid, namespace: relation.namespace, name: relation.name,
+                        replicaIdentity: relation.replicaIdentity, columns: columns)
+    }
 
     /// Creates a decoder with empty caches.
     public init() {}
@@ -38,6 +76,7 @@ public struct PgOutputDecoder: Sendable {
     public mutating func reset() {
         relations.removeAll()
         types.removeAll()
+        // baseTypes stays: a type's base never changes (ALTER DOMAIN cannot change it).
     }
 
     private mutating func decodeMessage(_ r: inout ByteReader, storage: [UInt8], walStart: LSN) throws(PgOutputDecodingError) -> PgOutputMessage {
@@ -65,7 +104,7 @@ public struct PgOutputDecoder: Sendable {
             let name = try r.string("origin name")
             message = .origin(.init(commitLSN: LSN(lsn), name: name))
         case UInt8(ascii: "R"):
-            let relation = try decodeRelation(&r)
+            let relation = resolvingTypes(try decodeRelation(&r))
             relations[relation.oid] = relation
             message = .relation(relation)
         case UInt8(ascii: "Y"):

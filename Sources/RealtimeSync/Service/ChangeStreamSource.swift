@@ -88,14 +88,22 @@ public final class ChangeStreamSource: ChangeSource {
     }
 
     /// The columns of `tables` (`schema.table` or `table`), as pgoutput describes them
-    /// (type OID, modifier, whether part of the primary key / replica identity index).
+    /// (type OID, a domain resolved to its base type; modifier; whether part of the primary
+    /// key / replica identity index).
     public static func catalog(of tables: [String], using connection: PostgresConnection) async throws -> TableCatalog {
         var catalog = TableCatalog()
         for table in tables {
             let parts = table.split(separator: ".", maxSplits: 1).map(String.init)
             let (schema, name) = parts.count == 2 ? (parts[0], parts[1]) : ("public", parts[0])
             let rows = try await connection.query("""
-                SELECT a.attname::text AS name, a.atttypid::int8 AS type, a.atttypmod::int8 AS modifier,
+                SELECT a.attname::text AS name,
+                       -- A domain counts as its base type (through domains over domains), as
+                       -- the change stream's relations do (PgOutputDecoder.baseTypes).
+                       (WITH RECURSIVE d(oid, base) AS (
+                            SELECT t.oid, t.typbasetype FROM pg_type t WHERE t.oid = a.atttypid
+                            UNION ALL SELECT t.oid, t.typbasetype FROM pg_type t JOIN d ON t.oid = d.base)
+                        SELECT d.oid FROM d WHERE d.base = 0)::int8 AS type,
+                       a.atttypmod::int8 AS modifier,
                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
                                AND (i.indisreplident OR i.indisprimary) AND a.attnum = ANY (i.indkey)) AS key
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
