@@ -95,7 +95,32 @@ struct ChangeHubTests {
             #expect(error.code == .consumerTooSlow)
             #expect(error.resumeAfter == got.last?.cursor)
         }
-        #expect(ids(got) == [1, 2, 3])  // 3 fit in 5, 6 do not
+        // 3 fit in 5; the next 3 count as 2 (a transaction counts at most half the limit), so
+        // 3 + 2 fit too; with 6 queued, the third transaction does not.
+        #expect(ids(got) == [1, 2, 3, 4, 5, 6])
+        #expect(hub.snapshot().cutOff == 1)
+    }
+
+    @Test("A transaction larger than consumerBufferLimit reaches a consumer that keeps up whole; one that stops reading is cut off at the next")
+    func largeTransaction() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 10)
+        hub.openWindow(origin: LSN(0x100))
+        let reader = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        let stuck = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        // Both have 3 changes queued when a 25-change transaction commits.
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 3))
+        _ = hub.deliver(committed(lsn: 0x300, firstID: 4, count: 25))
+        #expect(ids(try await drain(reader, 28)) == Array(1...28))
+        _ = hub.deliver(committed(lsn: 0x400, firstID: 29, count: 1))
+        #expect(ids(try await drain(reader, 1)) == [29])
+        var got: [ChangeEvent] = []
+        do {
+            for try await event in stuck { got.append(event) }
+            Issue.record("expected consumer_too_slow")
+        } catch let error as ChangeStreamError {
+            #expect(error.code == .consumerTooSlow)
+        }
+        #expect(ids(got) == Array(1...28))
         #expect(hub.snapshot().cutOff == 1)
     }
 

@@ -150,7 +150,11 @@ final class ChangeHub: Sendable {
                         batch = batch.drop(while: { $0.cursor <= after })
                         if batch.isEmpty { continue }
                     }
-                    if sub.queued + batch.count > sub.capacity {
+                    // A transaction is never split, and one larger than the limit (an UPDATE of
+                    // 150,000 rows) must not cut off a consumer that keeps up: it counts as at
+                    // most half the limit. (Its events are held by the window anyway.) A consumer
+                    // that then stops reading is cut off at the next transaction.
+                    if sub.queued + min(batch.count, max(1, bufferLimit / 2)) > sub.capacity {
                         s.cutOff += 1
                         let last = sub.buffer.last?.cursor ?? sub.lastDelivered
                         sub.ending = .some(ChangeStreamError(.consumerTooSlow,
