@@ -147,6 +147,38 @@ struct ChangeStreamTests {
         }
     }
 
+    @Test("A partitioned table is captured under its own name, whichever partition a row lands in; a publication that publishes the partitions one by one is refused, naming the option")
+    func partitionedTable() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_parted")
+            try await runSQL(url, """
+                CREATE TABLE \(table) (id int PRIMARY KEY, note text) PARTITION BY RANGE (id);
+                CREATE TABLE \(table)_low PARTITION OF \(table) FOR VALUES FROM (0) TO (100);
+                CREATE TABLE \(table)_high PARTITION OF \(table) FOR VALUES FROM (100) TO (200)
+                """)
+            try await withChangeStream(url: url, tables: [table]) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (1, 'low'), (150, 'high'); UPDATE \(table) SET note = 'moved' WHERE id = 150")
+                let events = try await take(3, from: changes)
+                #expect(events.map(\.relation.qualifiedName) == Array(repeating: "public.\(table)", count: 3))
+                #expect(events.map(\.operation) == [.insert, .insert, .update])
+            }
+            // A publication made by hand without publish_via_partition_root.
+            let publication = table + "_byhand"
+            try await runSQL(url, "CREATE PUBLICATION \(publication) FOR TABLE \(table)")
+            let conn = try await PostgresConnection.connect(to: url)
+            do {
+                _ = try await CaptureSetup.prepare(conn, publication: publication, tables: [table], createPublication: true)
+                Issue.record("a publication of the partitions must be refused")
+            } catch let error as CaptureSetupError {
+                #expect(error.code == .partitionsPublishedSeparately)
+                #expect(error.message.contains("publish_via_partition_root = true"), "\(error.message)")
+            }
+            await conn.close()
+            try await runSQL(url, "DROP PUBLICATION \(publication); DROP TABLE \(table)")
+        }
+    }
+
     @Test("A multi-table transaction is contiguous and transactions arrive in commit order; a rolled-back one is never seen")
     func transactions() async throws {
         try await TestDatabase.withDatabase { url in

@@ -18,6 +18,9 @@ public struct CaptureSetupError: Error, Sendable, CustomStringConvertible {
         case publicationMissing = "publication_missing"
         /// The existing publication lacks configured tables.
         case publicationMissingTables = "publication_missing_tables"
+        /// A partitioned table is in a publication that publishes its partitions one by one
+        /// (`publish_via_partition_root` off), so its changes would carry the partitions' names.
+        case partitionsPublishedSeparately = "partitions_published_separately"
     }
 
     /// Stable code.
@@ -99,7 +102,10 @@ public enum CaptureSetup {
             }
             let list = try wanted.map { "\(try conn.escapeIdentifier($0.0)).\(try conn.escapeIdentifier($0.1))" }.joined(separator: ", ")
             do {
-                try await conn.execute("CREATE PUBLICATION \(try conn.escapeIdentifier(publication)) FOR TABLE \(list)")
+                // Changes of a partitioned table's partitions are published under the table's
+                // own name (PostgreSQL 13 and later), which is what clients subscribe to.
+                let viaRoot = conn.serverVersionNumber >= 130_000 ? " WITH (publish_via_partition_root = true)" : ""
+                try await conn.execute("CREATE PUBLICATION \(try conn.escapeIdentifier(publication)) FOR TABLE \(list)\(viaRoot)")
                 created = true
             } catch let error as PostgresError where error.sqlState == "42710" {
                 // Created concurrently by another instance: use it.
@@ -108,6 +114,20 @@ public enum CaptureSetup {
         covered.formUnion(try await publishedTables(conn, publication: publication))
         let missing = wanted.map { "\($0.0).\($0.1)" }.filter { !covered.contains($0) }
         if !missing.isEmpty {
+            // A partitioned table in a publication without publish_via_partition_root shows up
+            // as its partitions: ADD TABLE would not help, the option would.
+            let partitioned = try await conn.query("""
+                SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind = 'p' AND n.nspname || '.' || c.relname = ANY($1::text[])
+                  AND EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $2
+                              AND (p.schemaname, p.tablename) IN (SELECT pn.nspname, pc.relname FROM pg_inherits i
+                                  JOIN pg_class pc ON pc.oid = i.inhrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                                  WHERE i.inhparent = c.oid))
+                """, "{" + missing.map { "\"\($0)\"" }.joined(separator: ",") + "}", publication)
+            if let table = try partitioned.first?.decode(String.self, at: 0) {
+                throw CaptureSetupError(.partitionsPublishedSeparately,
+                    "publication '\(publication)' publishes the partitions of \(table) one by one, so their changes would not carry the name \(table): run ALTER PUBLICATION \(try displayIdentifier(publication, conn)) SET (publish_via_partition_root = true)")
+            }
             throw CaptureSetupError(.publicationMissingTables,
                 "publication '\(publication)' does not include \(missing.joined(separator: ", ")): run ALTER PUBLICATION \(try displayIdentifier(publication, conn)) ADD TABLE \(missing.joined(separator: ", ")), or configure a different publication")
         }
