@@ -53,12 +53,19 @@ struct FilterTests {
         #expect(error?.message.contains(expected) == true, "\(error?.message ?? "no error")")
     }
 
-    @Test("Limits: 64 conditions, 1,000 items in a list")
+    @Test("Limits: 64 conditions, 1,000 items in a list, 1,000 values in a filter")
     func sizeLimits() throws {
         _ = try itemsFilter(Array(repeating: "qty=gt.1", count: 64).joined(separator: "&"))
         #expect(parseError(Array(repeating: "qty=gt.1", count: 65).joined(separator: "&"))?.message == "filter has more than 64 conditions")
         _ = try itemsFilter("qty=in.(" + (0..<1_000).map(String.init).joined(separator: ",") + ")")
         #expect(parseError("qty=in.(" + (0..<1_001).map(String.init).joined(separator: ",") + ")")?.message.hasSuffix("has more than 1000 items") == true)
+        // 1,000 values in all conditions together: 999 in one list and 1 more fit, 2 more do not.
+        let list = "qty=in.(" + (0..<999).map(String.init).joined(separator: ",") + ")"
+        _ = try itemsFilter(list + "&qty=gt.1")
+        #expect(parseError(list + "&qty=gt.1&qty=lt.9")?.message == "filter has more than 1000 values in all its conditions together")
+        let hundred = "qty=in.(" + (0..<100).map(String.init).joined(separator: ",") + ")"
+        _ = try itemsFilter(Array(repeating: hundred, count: 10).joined(separator: "&"))
+        #expect(parseError(Array(repeating: hundred, count: 11).joined(separator: "&"))?.message == "filter has more than 1000 values in all its conditions together")
     }
 
     @Test("The empty filter has no conditions and matches every row, TRUNCATE and key-only DELETE included")
@@ -119,6 +126,24 @@ struct FilterTests {
     func decimals(filter: String, value: String, expected: FilterTruth) throws {
         let column = filter.split(separator: "=")[0]
         #expect(try truth(filter, [String(column): value]) == expected, "\(filter) on \(value)")
+    }
+
+    @Test("A long in list (looked up through a set) answers as the item-by-item comparison of a short one does", arguments: [
+        ("qty", "1,2.0,007,-5", "1000", ["2", "7", "-5", "3", "10", "1", "x1"]),
+        ("amount", "1.5,0.1000,-0,1e2,NaN", "1000", ["1.50", "0.1", "0", "100.000", "NaN", "2", "1e2", "oops"]),
+        ("price", "0.1,-Infinity,1e20", "1000", ["0.1", "-Infinity", "1e+20", "0.2"]),
+        ("status", "open,Open,closed", "z", ["open", "OPEN", "Open", "closed ", "closed", ""]),
+        ("uid", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "00000000-0000-0000-0000-0000000000", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "a0eebc99"]),
+    ])
+    func longInLists(column: String, items: String, padPrefix: String, rows: [String]) throws {
+        // Padding no row equals: 20 more items push the list past the set threshold.
+        let padding = (10..<30).map { "\(padPrefix)\($0)" }.joined(separator: ",")
+        let short = "\(column)=in.(\(items))"
+        let long = "\(column)=in.(\(padding),\(items))"
+        for row in rows {
+            #expect(try truth(long, [column: row]) == truth(short, [column: row]), "\(column) \(row)")
+        }
+        #expect(try truth(long, [column: nil]) == .false)
     }
 
     @Test("Exact decimal order agrees with integer arithmetic on random scaled values")
