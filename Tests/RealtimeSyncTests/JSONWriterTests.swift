@@ -69,6 +69,16 @@ struct JSONWriterTests {
         }
     }
 
+    @Test("json that is not valid UTF-8 (a SQL_ASCII database) becomes a string with U+FFFD, not an invalid frame")
+    func jsonInvalidUTF8() throws {
+        var buffer: [UInt8] = []
+        JSONWriter.writeValue(text: Array(#"{"a": ""#.utf8) + [0xFF] + Array(#""}"#.utf8), typeOID: PostgresTypeOID.json, into: &buffer)
+        let text = try #require(String(validating: buffer, as: UTF8.self))
+        #expect(text == "\"{\\\"a\\\": \\\"\u{FFFD}\\\"}\"", "\(text)")
+        // Valid UTF-8 is still embedded as JSON.
+        #expect(value(#"{"é": "☃"}"#, PostgresTypeOID.json) == #"{"é": "☃"}"#)
+    }
+
     @Test("Malformed number text falls back to a string")
     func numberGrammar() {
         for valid in ["0", "-1", "10.25", "1e5", "1E-5", "-0.5e+10"] { #expect(JSONWriter.isJSONNumber(Array(valid.utf8)), "\(valid)") }

@@ -63,7 +63,16 @@ public enum JSONWriter {
                 writeString(text, into: &buffer)
             }
         case .json:
-            if text.isEmpty { buffer.append(contentsOf: "null".utf8) } else { buffer.append(contentsOf: text) }
+            if text.isEmpty {
+                buffer.append(contentsOf: "null".utf8)
+            } else if text.contains(where: { $0 >= 0x80 }) && String(validating: text, as: UTF8.self) == nil {
+                // Only a non-UTF-8 database (SQL_ASCII) gives this; copied as is it would make
+                // the whole frame invalid UTF-8 (the client closes with 1007). A string with
+                // the bad bytes replaced keeps the frame valid.
+                writeString(text, into: &buffer)
+            } else {
+                buffer.append(contentsOf: text)
+            }
         case .string:
             writeString(text, into: &buffer)
         }
