@@ -257,6 +257,33 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("notifications nobody reads are capped at maxPendingNotifications: the oldest are dropped and counted")
+    func notificationCap() async throws {
+        try await TestDatabase.withDatabase { url in
+            var configuration = PostgresConnection.Configuration(url)
+            configuration.maxPendingNotifications = 5
+            let listener = try await PostgresConnection.connect(configuration)
+            let sender = try await PostgresConnection.connect(to: url)
+            defer { listener.closeNow(); sender.closeNow() }
+            let channel = "capped_\(UInt32.random(in: 0...UInt32.max))"
+            try await listener.listen(channel)
+            try await sender.execute("BEGIN")
+            for i in 1...20 { try await sender.query("SELECT pg_notify($1, $2)", channel, "\(i)") }
+            try await sender.execute("COMMIT")
+            // The listener reads them while it runs statements of its own, and never iterates.
+            let end = ContinuousClock.now + .seconds(10)
+            while listener.droppedNotifications < 15 && ContinuousClock.now < end {
+                try await listener.query("SELECT 1")
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(listener.droppedNotifications == 15)
+            var it = listener.notifications.makeAsyncIterator()
+            var got: [String] = []
+            for _ in 0..<5 { got.append(try #require(await it.next()).payload) }
+            #expect(got == ["16", "17", "18", "19", "20"])
+        }
+    }
+
     @Test("notifications on two channels arrive with their payloads, in order")
     func notifications() async throws {
         try await TestDatabase.withDatabase { url in

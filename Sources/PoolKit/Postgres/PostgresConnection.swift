@@ -68,6 +68,10 @@ public final class PostgresConnection: @unchecked Sendable {
         /// network, a server that ignores the cancel), the connection is closed and the Task
         /// ends with `CancellationError` anyway. Default 5 s.
         public var cancelGracePeriod: Duration
+        /// Notifications kept for `notifications` until read. Beyond this many, the oldest are
+        /// dropped (logged, and counted in `droppedNotifications`): a connection that ran
+        /// LISTEN but is never iterated must not grow without bound. Default 10,000.
+        public var maxPendingNotifications: Int
 
         /// Creates a configuration.
         public init(_ connectionString: String, connectTimeout: Duration = .seconds(10),
@@ -77,6 +81,7 @@ public final class PostgresConnection: @unchecked Sendable {
             self.connectTimeout = connectTimeout
             self.busyPoll = busyPoll
             self.cancelGracePeriod = cancelGracePeriod
+            self.maxPendingNotifications = 10_000
             self.logger = logger
         }
     }
@@ -91,6 +96,7 @@ public final class PostgresConnection: @unchecked Sendable {
         var statementSerial: UInt64 = 0
         var notifications: [PostgresNotification] = []
         var notificationHead = 0
+        var droppedNotifications = 0
         var listenerOnSocket = false
         var listenerActive = false
         var listenerParked: CheckedContinuation<Void, Never>?
@@ -220,6 +226,9 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// True once `close()` has been called.
     public var isClosed: Bool { state.withLock { $0.pg == nil } }
+
+    /// Notifications dropped unread because more than `maxPendingNotifications` were waiting.
+    public var droppedNotifications: Int { state.withLock { $0.droppedNotifications } }
 
     /// The transaction state as of the last completed statement.
     public var transactionStatus: PostgresTransactionStatus {
@@ -688,6 +697,22 @@ public final class PostgresConnection: @unchecked Sendable {
             PQfreemem(n)
             s.notifications.append(note)
             any = true
+        }
+        let limit = max(1, configuration.maxPendingNotifications)
+        let pending = s.notifications.count - s.notificationHead
+        if pending > limit {
+            let drop = pending - limit
+            if s.droppedNotifications == 0 || s.droppedNotifications / 10_000 != (s.droppedNotifications + drop) / 10_000 {
+                configuration.logger.warning("notifications are not being read: dropping the oldest beyond maxPendingNotifications (\(limit))", metadata: [
+                    "db.backend_pid": "\(backendPID)", "dropped": "\(s.droppedNotifications + drop)",
+                ])
+            }
+            s.droppedNotifications += drop
+            s.notificationHead += drop
+            if s.notificationHead > 4_096 && s.notificationHead * 2 > s.notifications.count {
+                s.notifications.removeFirst(s.notificationHead)
+                s.notificationHead = 0
+            }
         }
         if any { s.hasListened = true }  // however it came to listen, a pool must clean it
         if any, let parked = s.listenerParked {
