@@ -284,6 +284,20 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("blocking libpq calls that hang (name lookups, cancel requests) do not hold up a connect")
+    func blockedCallsDoNotDelayConnects() async throws {
+        try await TestDatabase.withDatabase { url in
+            // Six calls stuck for 3 s, as a lookup of an unreachable DNS server would be.
+            for _ in 0..<6 { Task.detached { _ = await BlockingExecutor.run { sleep(3); return 0 } } }
+            try await Task.sleep(for: .milliseconds(50))
+            let start = ContinuousClock.now
+            let conn = try await PostgresConnection.connect(to: url, connectTimeout: .seconds(2))
+            let ms = elapsedMilliseconds(since: start)
+            await conn.close()
+            #expect(ms < 1500, "connect took \(ms) ms behind the blocked calls")
+        }
+    }
+
     @Test("notifications on two channels arrive with their payloads, in order")
     func notifications() async throws {
         try await TestDatabase.withDatabase { url in

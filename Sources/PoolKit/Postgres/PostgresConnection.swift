@@ -173,20 +173,31 @@ public final class PostgresConnection: @unchecked Sendable {
     static func connect(_ configuration: Configuration, extraKeywords: [(String, String)]) async throws -> PostgresConnection {
         try Task.checkCancellation()
         let starter = ConnectAttempt(configuration: configuration, extraKeywords: extraKeywords)
-        return try await withThrowingTaskGroup(of: PostgresConnection?.self) { group in
-            group.addTask { try await starter.run() }
-            group.addTask {
-                try await Task.sleep(for: configuration.connectTimeout)
-                return nil
+        // Unstructured on purpose: a step of the attempt that blocks in libpq (a name lookup)
+        // cannot be interrupted, and a task group would wait for it past the timeout. The
+        // first of attempt, timer and cancellation decides; a connection that arrives after
+        // the caller gave up is closed.
+        let outcome = ConnectOutcome()
+        let attempt = Task {
+            do {
+                let conn = try await starter.run()
+                if !outcome.finish(.success(conn)) { await conn.close() }
+            } catch {
+                outcome.finish(.failure(error))
             }
-            defer { group.cancelAll() }
-            while let result = try await group.next() {
-                if let conn = result { return conn }
-                // The timer fired first.
-                group.cancelAll()
-                throw starter.timeoutError()
-            }
-            throw CancellationError()
+        }
+        let timer = Task {
+            try? await Task.sleep(for: configuration.connectTimeout)
+            if !Task.isCancelled { outcome.finish(.failure(starter.timeoutError())) }
+        }
+        defer {
+            timer.cancel()
+            attempt.cancel()
+        }
+        return try await withTaskCancellationHandler {
+            try await outcome.value()
+        } onCancel: {
+            outcome.finish(.failure(CancellationError()))
         }
     }
 
@@ -872,6 +883,40 @@ final class NoticeSink: Sendable {
 }
 
 /// One non-blocking connect (`PQconnectStartParams` + `PQconnectPoll`).
+/// The first result of a connect: the attempt's, the timeout's or the caller's cancellation.
+final class ConnectOutcome: Sendable {
+    private struct State {
+        var result: Result<PostgresConnection, any Error>?
+        var waiter: CheckedContinuation<PostgresConnection, any Error>?
+    }
+    private let state = Mutex(State())
+
+    /// Records `result` unless one was recorded; returns whether it was this one.
+    @discardableResult
+    func finish(_ result: Result<PostgresConnection, any Error>) -> Bool {
+        let (won, waiter) = state.withLock { s -> (Bool, CheckedContinuation<PostgresConnection, any Error>?) in
+            guard s.result == nil else { return (false, nil) }
+            s.result = result
+            defer { s.waiter = nil }
+            return (true, s.waiter)
+        }
+        waiter?.resume(with: result)
+        return won
+    }
+
+    /// Waits for the first result.
+    func value() async throws -> PostgresConnection {
+        try await withCheckedThrowingContinuation { cont in
+            let ready = state.withLock { s -> Result<PostgresConnection, any Error>? in
+                if let r = s.result { return r }
+                s.waiter = cont
+                return nil
+            }
+            if let ready { cont.resume(with: ready) }
+        }
+    }
+}
+
 final class ConnectAttempt: Sendable {
     let configuration: Configuration
     typealias Configuration = PostgresConnection.Configuration

@@ -298,14 +298,13 @@ private final class ReactorThread: Sendable {
 /// blocking work never waits for the width-limited global pool that other code (a test runner,
 /// `EmbeddedPostgres`, user code) may have filled with blocking calls.
 enum BlockingExecutor {
-    private static let queues = (0..<4).map { DispatchQueue(label: "PoolKit.blocking.\($0)") }
-    private static let next = Atomic<Int>(0)
-
-    /// Runs `body` off the cooperative pool and returns its result.
+    /// Runs `body` off the cooperative pool and returns its result. Each call gets a serial
+    /// queue of its own (Dispatch gives it a thread when it needs one): a call that blocks for
+    /// minutes (a name lookup, a cancel request to an unreachable host) must not hold up the
+    /// next connect queued behind it. The calls are connects and cancels, not statements.
     static func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        let i = next.add(1, ordering: .relaxed).newValue
-        return await withCheckedContinuation { cont in
-            queues[i & 3].async { cont.resume(returning: body()) }
+        await withCheckedContinuation { cont in
+            DispatchQueue(label: "PoolKit.blocking").async { cont.resume(returning: body()) }
         }
     }
 }
