@@ -298,6 +298,20 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("a 20 MB parameter goes out whole over many flushes, and a 20 MB result comes back whole")
+    func largeValues() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let big = String(repeating: "abcdefghij", count: 2_000_000)
+            let sent = try await conn.query("SELECT length($1::text)", big)
+            #expect(try sent[0].decode(Int.self, at: 0) == big.utf8.count)
+            let back = try await conn.query("SELECT repeat('abcdefghij', 2000000)")
+            #expect(try back[0].decode(String.self, at: 0) == big)
+            #expect(!conn.isBroken)
+        }
+    }
+
     @Test("notifications on two channels arrive with their payloads, in order")
     func notifications() async throws {
         try await TestDatabase.withDatabase { url in

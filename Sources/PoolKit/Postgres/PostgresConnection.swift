@@ -494,9 +494,10 @@ public final class PostgresConnection: @unchecked Sendable {
                     let f = PQflush(pg)
                     if f < 0 { s.broken = true; throw brokenError(pg, context: "could not send statement") }
                     if f == 1 {
-                        // Must also read: the server may be waiting for us to drain its output.
+                        // Must also read: the server may be waiting for us to drain its output
+                        // (libpq: wait until the socket is read-ready or write-ready).
                         if PQconsumeInput(pg) == 0 { s.broken = true; throw brokenError(pg, context: "connection lost") }
-                        return .wait(s.fd, .writable)
+                        return .wait(s.fd, .readableOrWritable)
                     }
                     flushed = true
                 }

@@ -11,6 +11,9 @@ import Synchronization
 enum SocketInterest: Sendable {
     case readable
     case writable
+    /// Either: while output is stuck (`PQflush` returned 1), libpq must also read, since the
+    /// server may be blocked sending to us.
+    case readableOrWritable
 }
 
 /// How a wait on a socket ended.
@@ -171,7 +174,11 @@ final class SocketReactor: TaskExecutor, Sendable {
             return
         }
         var ev = epoll_event()
-        let base: UInt32 = interest == .readable ? UInt32(EPOLLIN.rawValue) : UInt32(EPOLLOUT.rawValue)
+        let base: UInt32 = switch interest {
+        case .readable: UInt32(EPOLLIN.rawValue)
+        case .writable: UInt32(EPOLLOUT.rawValue)
+        case .readableOrWritable: UInt32(EPOLLIN.rawValue) | UInt32(EPOLLOUT.rawValue)
+        }
         ev.events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
         ev.data.fd = fd
         var rc = epoll_ctl(epollFD, op, fd, &ev)
