@@ -10,6 +10,8 @@ public struct ChangeStreamError: Error, Sendable, CustomStringConvertible {
         case streamStopped = "stream_stopped"
         /// The replication slot is in use by a running stream (e.g. `dropSlot()` while running).
         case slotActive = "slot_active"
+        /// A `ChangeStream.Configuration` field is out of range (the message names it).
+        case invalidConfiguration = "invalid_configuration"
     }
 
     /// Stable code.
@@ -89,10 +91,14 @@ final class ChangeHub: Sendable {
     let limits: Window.Limits
     let state = Mutex(State())
 
+    /// Out-of-range values are clamped here; `ChangeStream.run()` refuses them first
+    /// (`ChangeStream.Configuration.validate()`), naming the field.
     init(limits: Window.Limits, bufferLimit: Int) {
-        precondition(bufferLimit >= 1, "consumerBufferLimit must be at least 1, got \(bufferLimit)")
+        var limits = limits
+        limits.maxCount = max(1, limits.maxCount)
+        limits.maxAge = max(.zero, limits.maxAge)
         self.limits = limits
-        self.bufferLimit = bufferLimit
+        self.bufferLimit = max(1, bufferLimit)
     }
 
     // MARK: Feeding

@@ -112,6 +112,25 @@ public final class ChangeStream: Service, Sendable {
             self.stopCatchUp = stopCatchUp
             self.logger = logger
         }
+
+        /// Checks every limit; the error (`invalidConfiguration`) names the field. `run()`
+        /// calls it first, so a field set out of range after `init` fails at start.
+        public func validate() throws(ChangeStreamError) {
+            func bad(_ message: String) -> ChangeStreamError { ChangeStreamError(.invalidConfiguration, "ChangeStream.Configuration." + message) }
+            guard !slotName.isEmpty else { throw bad("slotName is empty") }
+            guard !publicationName.isEmpty else { throw bad("publicationName is empty") }
+            guard window.maxCount >= 1 else { throw bad("window.maxCount is \(window.maxCount); it must be at least 1") }
+            guard window.maxAge >= .zero else { throw bad("window.maxAge is \(window.maxAge); it must not be negative") }
+            guard consumerBufferLimit >= 1 else { throw bad("consumerBufferLimit is \(consumerBufferLimit); it must be at least 1") }
+            for (name, value) in [("statusInterval", statusInterval), ("lagInterval", lagInterval),
+                                  ("reconnectInitialDelay", reconnectInitialDelay), ("connectTimeout", connectTimeout)] {
+                guard value > .zero else { throw bad("\(name) is \(value); it must be positive") }
+            }
+            guard reconnectMaxDelay >= reconnectInitialDelay else {
+                throw bad("reconnectMaxDelay (\(reconnectMaxDelay)) is below reconnectInitialDelay (\(reconnectInitialDelay))")
+            }
+            guard stopCatchUp >= .zero, busyPoll >= .zero else { throw bad("stopCatchUp and busyPoll must not be negative") }
+        }
     }
 
     private struct State {
@@ -140,7 +159,7 @@ public final class ChangeStream: Service, Sendable {
     private let changesCounter: Counter
     private let reconnectCounter: Counter
 
-    /// Creates a stream; nothing connects until `run()`.
+    /// Creates a stream; nothing connects until `run()` (which first checks the configuration).
     public init(_ configuration: Configuration) {
         self.configuration = configuration
         self.hub = ChangeHub(limits: configuration.window, bufferLimit: configuration.consumerBufferLimit)
@@ -197,6 +216,7 @@ public final class ChangeStream: Service, Sendable {
     /// cancellation closes at once. Throws setup errors (`CaptureSetupError`) and protocol
     /// errors; connection failures are retried with backoff.
     public func run() async throws {
+        try configuration.validate()
         try state.withLock { s in
             guard !s.running && !s.finished else {
                 throw PostgresError(code: .invalidUsage, message: "ChangeStream for slot \(configuration.slotName) was already run; create a new one")

@@ -1,0 +1,45 @@
+import Testing
+import RealtimeSync
+
+@Suite("Configurations refuse out-of-range limits at start, naming the field")
+struct ConfigurationValidationTests {
+    @Test("ChangeStream.run() refuses a limit set out of range after init, before connecting")
+    func changeStream() async throws {
+        var configuration = ChangeStream.Configuration(connectionString: "postgres://nobody@127.0.0.1:1/none", slotName: "s", publicationName: "p")
+        configuration.consumerBufferLimit = 0
+        let stream = ChangeStream(configuration)
+        // In a task of its own, stopped after a moment: a stream that went on to connect
+        // would retry for ever.
+        let running = Task { try await stream.run() }
+        try await Task.sleep(for: .milliseconds(300))
+        stream.stop()
+        let result = await running.result
+        guard case .failure(let error as ChangeStreamError) = result else {
+            Issue.record("run() should have refused the configuration, got \(result)")
+            return
+        }
+        #expect(error.code == .invalidConfiguration && error.message.contains("consumerBufferLimit is 0"), "\(error)")
+        var window = ChangeStream.Configuration(connectionString: "x", slotName: "s", publicationName: "p")
+        window.window.maxCount = 0
+        #expect(throws: ChangeStreamError.self) { try window.validate() }
+        #expect(throws: Never.self) { try ChangeStream.Configuration(connectionString: "x", slotName: "s", publicationName: "p").validate() }
+    }
+
+    @Test("RealtimeServerConfiguration.validate() names the field", arguments: [
+        "queueLimits.maxMessages is 0", "hubLimits.maxSubscriptionsPerClient is 0", "port is 70000", "snapshotChunkRows is 0",
+    ])
+    func server(message: String) {
+        var configuration = RealtimeServerConfiguration()
+        #expect(throws: Never.self) { try configuration.validate() }
+        switch message {
+        case "queueLimits.maxMessages is 0": configuration.queueLimits.maxMessages = 0
+        case "hubLimits.maxSubscriptionsPerClient is 0": configuration.hubLimits.maxSubscriptionsPerClient = 0
+        case "port is 70000": configuration.port = 70_000
+        default: configuration.snapshotChunkRows = 0
+        }
+        #expect { try configuration.validate() } throws: { error in
+            guard let e = error as? RealtimeServerError else { return false }
+            return e.code == .invalidConfiguration && e.message.contains(message)
+        }
+    }
+}
