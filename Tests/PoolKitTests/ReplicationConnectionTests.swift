@@ -1,5 +1,5 @@
 import Foundation
-import PoolKit
+@testable import PoolKit
 import Testing
 import TestSupport
 
@@ -90,6 +90,24 @@ struct ReplicationConnectionTests {
             await repl.close()  // idempotent
 
             // The slot is no longer active and can be dropped.
+            try await waitUntilInactive(sql, slot: slot)
+            try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
+        } }
+    }
+
+    @Test("stop() with status updates due every millisecond still reads the stream to its end: no update follows our CopyDone")
+    func stopWithUpdatesDue() async throws {
+        try await TestDatabase.withDatabase { url in try await withReplicationFixture(url, columns: "id int PRIMARY KEY, v text") { sql, slot, table in
+            let repl = try await ReplicationConnection.connect(.init(url))
+            #expect(try await repl.createSlotIfMissing(slot))
+            try await repl.startReplication(slot: slot, options: [("proto_version", "1"), ("publication_names", "\(table)_pub")],
+                                            statusInterval: .milliseconds(1))
+            // A backlog that stop() must read through after its CopyDone, for many milliseconds.
+            try await sql.execute("INSERT INTO \(table) SELECT g, repeat('x', 100) FROM generate_series(1, 50000) g")
+            try await Task.sleep(for: .milliseconds(100))
+            await repl.stop(timeout: .seconds(20))
+            #expect(repl.stoppedCleanly, "stop() gave up on the stream instead of reading it to its end")
+            #expect(repl.isClosed)
             try await waitUntilInactive(sql, slot: slot)
             try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
         } }

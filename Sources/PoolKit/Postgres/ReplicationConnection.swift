@@ -81,6 +81,11 @@ public final class ReplicationConnection: Sendable {
         var waits = 0
         /// `PQgetCopyData` returned -1: only the final results remain to be read.
         var copyEnding = false
+        /// Our CopyDone went out (`stop()`): no status update may follow it (libpq would
+        /// refuse it and the clean end of the stream would be lost).
+        var copyDoneSent = false
+        /// `stop()` read the stream to its end (the server's CopyDone) instead of giving up.
+        var stoppedCleanly = false
     }
 
     private let stream = Mutex(StreamState())
@@ -203,7 +208,7 @@ public final class ReplicationConnection: Sendable {
     public func readMessage() async throws -> ReplicationMessage? {
         while true {
             let (statusDue, askReply, woken, phase) = stream.withLock { s -> (Bool, Bool, Bool, StreamState.Phase) in
-                let due = s.phase == .streaming && (s.statusDue || s.lastStatus.duration(to: .now) >= s.statusInterval)
+                let due = s.phase == .streaming && !s.copyDoneSent && (s.statusDue || s.lastStatus.duration(to: .now) >= s.statusInterval)
                 let ask = s.askReply
                 s.statusDue = false
                 s.askReply = false
@@ -458,6 +463,7 @@ public final class ReplicationConnection: Sendable {
                         try await self.sendStatus(replyRequested: false)
                         try await self.endCopy()
                         while try await self.readMessage() != nil {}
+                        self.stream.withLock { $0.stoppedCleanly = true }
                     } catch {
                         self.connection.configuration.logger.debug("replication stop: \(error)")
                     }
@@ -480,6 +486,7 @@ public final class ReplicationConnection: Sendable {
                     if rc < 0 { s.broken = true; throw connection.brokenError(pg, context: "could not end COPY") }
                     if rc == 0 { return s.fd }
                     sent = true
+                    stream.withLock { $0.copyDoneSent = true }
                 }
                 return try flushLocked(pg, &s)
             }
@@ -487,6 +494,9 @@ public final class ReplicationConnection: Sendable {
             if await SocketReactor.shared.wait(fd: fd, for: .writable) == .cancelled { throw CancellationError() }
         }
     }
+
+    /// Whether the last `stop()` read the stream to the server's end of COPY (for tests).
+    var stoppedCleanly: Bool { stream.withLock { $0.stoppedCleanly } }
 
     /// Closes the connection and frees the `PGconn` exactly once. Idempotent.
     public func close() async {
