@@ -1,8 +1,15 @@
 // pool-bench: PoolKit's ConnectionPool against postgres-nio's pool (issue 3).
 //
 //   pool-bench mock [--iterations N] [--runs R]   lease+release, no-I/O mock connection:
-//                                                  1 task, and 32 tasks on 8 connections,
-//                                                  PoolKit vs postgres-nio, same run
+//                                                  1 task; 32 tasks on 8 connections (the body
+//                                                  does not suspend, so on this machine's 2
+//                                                  threads at most 2 hold at once: no waiting);
+//                                                  and 32 tasks on 8 connections that hold across
+//                                                  a Task.yield() (waiters and handoffs);
+//                                                  PoolKit vs postgres-nio, same run.
+//                                                  POOL_BENCH_METRICS=1: a real (counting)
+//                                                  metrics backend for PoolKit; postgres-nio
+//                                                  keeps its no-op metrics
 //   pool-bench handoff [--iterations N]            release -> waiting task latency (p50/p99/p999)
 //   pool-bench all                                  mock + handoff
 //   pool-bench postgres --url URL [--seconds N] ... real database: 10 connections, 64 workers running
@@ -16,6 +23,7 @@ import Foundation
 import Logging
 import PoolKit
 import Synchronization
+import CoreMetrics
 
 // MARK: - Command line
 
@@ -134,7 +142,7 @@ func waitUntil(_ condition: () -> Bool) async {
 /// on this shared machine then hits both sides alike instead of one whole side. Returns the
 /// best run of each and the median of the per-pair ratios.
 func sideBySide(
-    tasks: Int, connections: Int, iterations: Int, nioIterations: Int, runs: Int
+    tasks: Int, connections: Int, iterations: Int, nioIterations: Int, runs: Int, yielding: Bool = false
 ) async throws -> (ours: Double, theirs: Double, medianRatio: Double) {
     let pool = makeOurPool(connections: connections)
     let nio = makeNIOPool(connections: connections)
@@ -142,12 +150,36 @@ func sideBySide(
         group.addTask { try await pool.run() }
         group.addTask { await nio.run() }
         await waitUntil { pool.statistics.idle == connections }
-        let ourCycles: @Sendable (Int) async throws -> Void = { n in
-            for _ in 0..<n { try await pool.withConnection { blackHole($0) } }
+        // With `yielding`, each holder suspends once while it holds its connection, so that
+        // other tasks run, find all 8 taken and wait: the queue and handoffs are measured.
+        let ourCycles: @Sendable (Int) async throws -> Void
+        let nioCycles: @Sendable (Int) async throws -> Void
+        if yielding {
+            ourCycles = { n in
+                for _ in 0..<n {
+                    try await pool.withConnection { (c: BenchConnection) async -> Void in
+                        await Task.yield()
+                        blackHole(c)
+                    }
+                }
+            }
+            nioCycles = { n in
+                for _ in 0..<n {
+                    try await nio.withConnection { (c: MockConnection) async -> Void in
+                        await Task.yield()
+                        blackHole(c)
+                    }
+                }
+            }
+        } else {
+            ourCycles = { n in
+                for _ in 0..<n { try await pool.withConnection { blackHole($0) } }
+            }
+            nioCycles = { n in
+                for _ in 0..<n { try await nio.withConnection { blackHole($0) } }
+            }
         }
-        let nioCycles: @Sendable (Int) async throws -> Void = { n in
-            for _ in 0..<n { try await nio.withConnection { blackHole($0) } }
-        }
+        let waitsBefore = pool.statistics.waitCount
         _ = try await measure(tasks: tasks, iterations: iterations / 10, ourCycles) // warm-up
         _ = try await measure(tasks: tasks, iterations: nioIterations / 10, nioCycles)
         var ours = 0.0, theirs = 0.0
@@ -161,6 +193,9 @@ func sideBySide(
             if ProcessInfo.processInfo.environment["POOL_BENCH_VERBOSE"] != nil {
                 print("  run: PoolKit \(format(a)), postgres-nio \(format(b)) (\(tasks) tasks)")
             }
+        }
+        if ProcessInfo.processInfo.environment["POOL_BENCH_VERBOSE"] != nil || yielding {
+            print("  (PoolKit: \(pool.statistics.waitCount - waitsBefore) acquires waited in these runs)")
         }
         group.cancelAll()
         ratios.sort()
@@ -179,12 +214,26 @@ func runMock() async throws {
     let runs = option("--runs", default: 3)
     print("lease+release cycles/s, no-I/O mock connection (best of \(runs) alternating runs; ratio of bests, and median of the \(runs) same-pair ratios)")
     print("workload                      PoolKit      postgres-nio   ratio   median pair ratio")
+    if ProcessInfo.processInfo.environment["POOL_BENCH_METRICS"] == "1" {
+        MetricsSystem.bootstrap(CountingMetrics())
+        print("(PoolKit with a counting metrics backend: wait/use times and gauges recorded; postgres-nio with its no-op metrics)")
+    }
     let only = option("--tasks", default: 0)
-    for (tasks, connections) in [(1, 8), (32, 8)] where only == 0 || only == tasks {
+    for (tasks, connections, yielding) in [(1, 8, false), (32, 8, false), (32, 8, true)] where only == 0 || only == tasks {
         let (ours, theirs, median) = try await sideBySide(
-            tasks: tasks, connections: connections, iterations: iterations, nioIterations: nioIterations, runs: runs
+            tasks: tasks, connections: connections, iterations: yielding ? iterations / 4 : iterations,
+            nioIterations: nioIterations, runs: runs, yielding: yielding
         )
-        let name = tasks == 1 ? "1 task, 8 connections" : "\(tasks) tasks on \(connections) connections"
+        let name = tasks == 1 ? "1 task, 8 connections" : "\(tasks) tasks on \(connections) connections\(yielding ? ", yield held" : "")"
+        if yielding {
+            // The floor of this row: the same 32 tasks doing only the Task.yield(), no pool.
+            let floor = try await measure(tasks: tasks, iterations: iterations / 4) { n in
+                for _ in 0..<n { await Task.yield(); blackHole(n) }
+            }
+            print("  (no pool, the Task.yield() alone: \(format(floor)) per second; over it, per cycle, PoolKit adds "
+                  + String(format: "%.0f ns, postgres-nio %.0f ns: %.1fx", 1e9 / ours - 1e9 / floor, 1e9 / theirs - 1e9 / floor,
+                           (1e9 / theirs - 1e9 / floor) / (1e9 / ours - 1e9 / floor)) + ")")
+        }
         print(
             name.padding(toLength: 30, withPad: " ", startingAt: 0)
                 + format(ours).padding(toLength: 13, withPad: " ", startingAt: 0)
