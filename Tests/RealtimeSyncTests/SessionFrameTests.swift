@@ -125,10 +125,26 @@ struct AutoPingPauseTests {
         channel.embeddedEventLoop.advanceTime(by: .seconds(1))
         #expect(try sentOpcodes(channel) == [.ping])
         flag.paused = true
-        channel.embeddedEventLoop.advanceTime(by: .seconds(5))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(3))
         #expect(try sentOpcodes(channel).isEmpty, "dropped for a pong it could not read")
         #expect(channel.isActive)
         flag.paused = false
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.connectionClose])
+        _ = try? channel.finish()
+    }
+
+    @Test("reads paused for more than maxPausedIntervals with a ping unanswered: the socket is dropped anyway (a client that never reads must not hold a snapshot's connection for good)")
+    func pausedForGood() throws {
+        let flag = Flag()
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { flag.paused }))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.ping])
+        flag.paused = true
+        channel.embeddedEventLoop.advanceTime(by: .seconds(Int64(AutoPingHandler.maxPausedIntervals)))
+        #expect(try sentOpcodes(channel).isEmpty)
         channel.embeddedEventLoop.advanceTime(by: .seconds(1))
         #expect(try sentOpcodes(channel) == [.connectionClose])
         _ = try? channel.finish()

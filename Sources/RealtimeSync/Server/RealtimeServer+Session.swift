@@ -263,6 +263,12 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var timer: Scheduled<Void>?
     private var unanswered: ByteBuffer?
     private var stopped = false
+    /// Ticks that found the ping unanswered while reads were paused, in a row.
+    private var pausedTicks = 0
+    /// Reads paused for this many intervals with a ping unanswered end the socket anyway: reads
+    /// resume once the client reads what a catch-up or snapshot sends, and one that never does
+    /// would otherwise hold the snapshot's pooled connection (and its open transaction) for good.
+    static let maxPausedIntervals = 4
 
     /// Whether the session has paused reading (its messages wait behind a catch-up or
     /// snapshot): the client's pong may then sit unread, which is no reason to drop it.
@@ -318,11 +324,13 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func tick(context: ChannelHandlerContext) {
         timer = nil
         guard !stopped, context.channel.isActive else { return }
-        if unanswered != nil && readsPaused() {
+        if unanswered != nil && readsPaused() && pausedTicks < Self.maxPausedIntervals {
             // Not read yet, not unanswered: ask again once reading resumes.
+            pausedTicks += 1
             schedule(context: context)
             return
         }
+        pausedTicks = 0
         if unanswered != nil {
             stop()
             var payload = context.channel.allocator.buffer(capacity: 2 + 12)
