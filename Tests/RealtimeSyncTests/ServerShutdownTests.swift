@@ -1,4 +1,6 @@
 import Foundation
+import ServiceLifecycle
+import Logging
 import RealtimeSync
 import Synchronization
 import Testing
@@ -6,6 +8,35 @@ import TestSupport
 
 @Suite("server: ordered shutdown and leaks")
 struct ServerShutdownTests {
+    @Test("A connection that never completes its first request is closed after firstRequestTimeout; an idle one does not hold up shutdown")
+    func idleConnections() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, configure: { $0.firstRequestTimeout = .milliseconds(300) }) { running in
+            let silent = try await TestConnection.open(port: running.port)
+            let partial = try await TestConnection.open(port: running.port)
+            try await partial.send(Array("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n".utf8))
+            #expect(try await silent.waitForEndOfStream(timeout: 5), "a silent connection was not closed after firstRequestTimeout")
+            #expect(try await partial.waitForEndOfStream(timeout: 5), "a partial request head was not closed after firstRequestTimeout")
+            // (Closed from our side too, so that a server without the timeout still shuts down here.)
+            await silent.close()
+            await partial.close()
+        }
+        // With a long firstRequestTimeout, shutdown itself must close a connection that sent nothing.
+        var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0, logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        configuration.firstRequestTimeout = .seconds(600)
+        let server = RealtimeServer(source: source, configuration: configuration)
+        let group = ServiceGroup(configuration: .init(services: [server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+        let ended = Mutex(false)
+        // Unstructured: a run() that never returns must fail the test, not hang it.
+        Task { try? await group.run(); ended.withLock { $0 = true } }
+        let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+        let idle = try await TestConnection.open(port: port)
+        try await Task.sleep(for: .milliseconds(100))
+        await group.triggerGracefulShutdown()
+        #expect(await eventually(20) { ended.withLock { $0 } }, "shutdown hung on a connection that never sent a request")
+        #expect(try await idle.waitForEndOfStream(timeout: 5))
+    }
+
     @Test("Shutdown: 503 while draining, hooks in order, every change published before it delivered, then 1001")
     func orderedShutdown() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

@@ -59,7 +59,14 @@ final class HTTPListener: Sendable {
     /// has stopped; the caller bounds the wait (`listenerStopDeadline`).
     func stop() async {
         await group.triggerGracefulShutdown()
-        _ = try? await task.withLock { $0 }?.value
+        guard let task = task.withLock({ $0 }) else { return }
+        // Cancellable, so that `listenerStopDeadline` bounds it: cancelling the application
+        // cancels its connections' tasks, which close their channels.
+        await withTaskCancellationHandler {
+            _ = try? await task.value
+        } onCancel: {
+            task.cancel()
+        }
     }
 }
 

@@ -7,6 +7,7 @@ import NIOHTTP1
 import NIOHTTPTypes
 import NIOHTTPTypesHTTP1
 import NIOWebSocket
+import ServiceLifecycle
 
 /// One accepted connection: HTTP/1 for the routes of PROTOCOL.md, and the upgrade of
 /// `/ws` to a WebSocket whose session runs on the channel's event loop.
@@ -109,6 +110,14 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
                 return grant.value != nil
             }
             try operations.addHandler(gate, position: .before(upgradeHandler))
+            // A connection that has not completed its first request head within
+            // `firstRequestTimeout` is closed (an idle probe, a slow-loris client: nothing
+            // else would ever end it, and each holds a descriptor and a task).
+            let timeout = server.configuration.firstRequestTimeout
+            let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)) {
+                channel.close(promise: nil)
+            }
+            result.whenComplete { _ in timer.cancel() }
             return Value(upgradeResult: result, channel: channel)
         }
     }
@@ -116,7 +125,17 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
     /// Serves a plain HTTP connection; an upgraded one is already running on its event loop.
     func handle(value: Value, logger: Logger) async {
         do {
-            switch try await value.upgradeResult.get() {
+            // Waiting for the first request is not a request in progress: on shutdown (or
+            // cancellation) such a connection is closed, or the listener would wait for it.
+            let channel = value.channel
+            let upgradeResult = try await withTaskCancellationOrGracefulShutdownHandler {
+                try await value.upgradeResult.get()
+            } onCancelOrGracefulShutdown: {
+                // Only runs while the first request is awaited: an upgraded socket's handle()
+                // has returned by then (and sockets are closed before the listener stops).
+                channel.close(promise: nil)
+            }
+            switch upgradeResult {
             case .websocket:
                 return
             case .notUpgraded(let http1):

@@ -110,33 +110,51 @@ extension RealtimeServer {
         logger.info("shutdown complete", metadata: ["duration_ms": "\(Self.milliseconds(began.duration(to: clock.now)))"])
     }
 
-    /// Runs `body` for at most `deadline`; it is cancelled after that.
+    /// Runs `body` for at most `deadline`; it is cancelled after that, and the shutdown goes
+    /// on without waiting for it (a step that ignores cancellation must not stall the rest:
+    /// a task group would wait for it).
     private static func run(within deadline: Duration, _ body: @escaping @Sendable () async throws -> String?) async -> StepOutcome {
-        await withTaskGroup(of: StepOutcome?.self) { group in
-            group.addTask {
-                do {
-                    return .finished(try await body())
-                } catch {
-                    return .failed("\(error)")
-                }
+        let outcome = FirstOutcome()
+        let step = Task {
+            do {
+                outcome.finish(.finished(try await body()))
+            } catch {
+                outcome.finish(.failed("\(error)"))
             }
-            group.addTask {
-                do {
-                    try await Task.sleep(for: deadline)
-                    return .timedOut
-                } catch {
+        }
+        let timer = Task {
+            try? await Task.sleep(for: deadline)
+            if !Task.isCancelled { outcome.finish(.timedOut) }
+        }
+        let result = await outcome.value()
+        timer.cancel()
+        if case .timedOut = result { step.cancel() }
+        return result
+    }
+
+    /// The first of a step's end and its deadline.
+    private final class FirstOutcome: Sendable {
+        private let state = Mutex<(result: StepOutcome?, waiter: CheckedContinuation<StepOutcome, Never>?)>((nil, nil))
+
+        func finish(_ result: StepOutcome) {
+            let waiter = state.withLock { s -> CheckedContinuation<StepOutcome, Never>? in
+                guard s.result == nil else { return nil }
+                s.result = result
+                defer { s.waiter = nil }
+                return s.waiter
+            }
+            waiter?.resume(returning: result)
+        }
+
+        func value() async -> StepOutcome {
+            await withCheckedContinuation { continuation in
+                let ready = state.withLock { s -> StepOutcome? in
+                    if let r = s.result { return r }
+                    s.waiter = continuation
                     return nil
                 }
+                if let ready { continuation.resume(returning: ready) }
             }
-            var outcome = StepOutcome.timedOut
-            while let next = await group.next() {
-                if let next {
-                    outcome = next
-                    break
-                }
-            }
-            group.cancelAll()
-            return outcome
         }
     }
 

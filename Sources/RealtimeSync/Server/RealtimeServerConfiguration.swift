@@ -79,6 +79,9 @@ public struct RealtimeServerConfiguration: Sendable {
     public var listenBacklog: Int
     /// Largest frame, and largest message, a client may send (close 1009 beyond). Default 64 KiB.
     public var maxClientMessageBytes: Int
+    /// A connection that has not sent a complete first request head within this is closed
+    /// (idle probes, slow-loris clients). Default 10 s.
+    public var firstRequestTimeout: Duration
     /// How often the server pings each socket. A socket whose ping is still unanswered
     /// when the next is due is dropped (so at most two intervals of silence). Default 30 s.
     public var pingInterval: Duration
@@ -132,6 +135,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.port = port
         self.listenBacklog = 4_096
         self.maxClientMessageBytes = 64 << 10
+        self.firstRequestTimeout = .seconds(10)
         self.pingInterval = .seconds(30)
         self.closeTimeout = .seconds(5)
         self.queueLimits = .init()
@@ -160,6 +164,7 @@ public struct RealtimeServerConfiguration: Sendable {
         guard (0...65_535).contains(port) else { throw bad("port is \(port); it must be 0 (any free port) to 65535") }
         guard maxClientMessageBytes >= 16 else { throw bad("maxClientMessageBytes is \(maxClientMessageBytes); it must be at least 16") }
         guard pingInterval > .zero else { throw bad("pingInterval is \(pingInterval); it must be positive") }
+        guard firstRequestTimeout > .zero else { throw bad("firstRequestTimeout is \(firstRequestTimeout); it must be positive") }
         guard closeTimeout > .zero else { throw bad("closeTimeout is \(closeTimeout); it must be positive") }
         guard queueLimits.maxMessages >= 1 else { throw bad("queueLimits.maxMessages is \(queueLimits.maxMessages); it must be at least 1") }
         guard queueLimits.maxBytes >= 1 else { throw bad("queueLimits.maxBytes is \(queueLimits.maxBytes); it must be at least 1") }
