@@ -201,7 +201,9 @@ extension RealtimeServer {
         } catch {
             reader.openIDs.remove(id)
             state.withLock { $0.dropPendingSnapshot(client: session.id, id: id) }
-            if session.isOpen && session.channel.isActive && !Task.isCancelled {
+            // During shutdown the pool is drained under running snapshots (DESIGN's order):
+            // the client then gets the 1001 that follows, not an `internal` error first.
+            if session.isOpen && session.channel.isActive && !Task.isCancelled && !isDraining {
                 logger.warning("snapshot failed", metadata: ["id": "\(id)", "table": "\(subscription.table)", "error": "\(error)"])
                 session.enqueue(ProtocolError(.internal, id: id, "the snapshot of \(quoteForMessage(subscription.table)) failed (\(error)); subscribe again").serverMessage)
             }

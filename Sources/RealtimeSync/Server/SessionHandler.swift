@@ -172,6 +172,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         work = nil
         self.openIDs = openIDs
         if inactive { return end() }
+        // A session closing (token expired, overflow, shutdown) answers nothing more: a held
+        // snapshot would still take a pooled connection and run its query for no one.
+        if !session.isOpen { held.removeAll() }
         while work == nil, !held.isEmpty {
             answer(held.removeFirst())
         }
