@@ -61,6 +61,7 @@ struct CaptureBench {
         print("committed \(rows) rows in \(transactions) transactions of \(perTransaction) in \(insertTime); end of WAL \(endLSN)")
 
         var ourRate = 0.0
+        var ourTotalRate = 0.0
         var recvRate = 0.0
         func runOurs() async throws {
         // Ours: ChangeStream on the backlog, timed from the first change seen to the last.
@@ -103,6 +104,7 @@ struct CaptureBench {
         let ourTime = last - first
         ourRate = Double(count) / seconds(ourTime)
         let ourTotal = last - runStart
+        ourTotalRate = Double(count) / seconds(ourTotal)
         print("ChangeStream: \(count) changes in \(ourTime) from first to last = \(Int(ourRate)) changes/s (\(Int(Double(count) / seconds(ourTotal))) changes/s including connect and setup, \(ourTotal)); sampled JSON \(jsonBytes) bytes")
         _ = try await stream.dropSlot()
 
@@ -127,7 +129,10 @@ struct CaptureBench {
             try await runOurs()
             try runTheirs()
         }
-        print(String(format: "ratio ChangeStream / pg_recvlogical: %.2fx   bar: >= 40,000 changes/s and >= 0.5x", ourRate / recvRate))
+        // Like for like: pg_recvlogical is timed from process start (connect, START_REPLICATION,
+        // the walsender's start-up) to exit, so ours counts its connect and setup too.
+        print(String(format: "ratio ChangeStream (including connect and setup) / pg_recvlogical: %.2fx   (first to last change only: %.2fx)   bar: >= 40,000 changes/s and >= 0.5x",
+                     ourTotalRate / recvRate, ourRate / recvRate))
 
         try await sql.query("SELECT pg_drop_replication_slot($1)", theirs)
         try await sql.execute("DROP PUBLICATION \(publication); DROP TABLE capture_bench")
