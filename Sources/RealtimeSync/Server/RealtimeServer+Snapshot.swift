@@ -187,6 +187,11 @@ extension RealtimeServer {
             return
         }
         session.wakeReaderOnClose()
+        // Wait for a turn before anything is held for this subscription (held changes would
+        // pile up in the send queue while it waits).
+        guard await snapshotGate.enter() else { return }
+        defer { snapshotGate.leave() }
+        guard session.isOpen && session.channel.isActive else { return }
         let start = state.withLock { state -> Cursor in
             state.snapshots[session.id, default: [:]][id] = PendingSnapshot(subscription: subscription)
             return state.lastDelivered

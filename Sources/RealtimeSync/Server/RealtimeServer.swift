@@ -107,12 +107,16 @@ public final class RealtimeServer: Service, Sendable {
     let logger: Logger
 
     /// Creates a server over `source`.
+    /// Bounds concurrent snapshots (`maxConcurrentSnapshots`).
+    let snapshotGate: AsyncGate
+
     public init(source: some ChangeSource, configuration: RealtimeServerConfiguration) {
         self.configuration = configuration
         self.source = source
         self.logger = configuration.logger
         self.state = Mutex(ServerState(hub: FanoutHub(limits: configuration.hubLimits), lastDelivered: source.currentCursor))
         self.metrics = ServerMetrics(registry: configuration.metricsRegistry)
+        self.snapshotGate = AsyncGate(permits: configuration.maxConcurrentSnapshots)
     }
 
     /// A snapshot of the live counts.

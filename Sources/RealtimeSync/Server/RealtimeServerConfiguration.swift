@@ -124,6 +124,11 @@ public struct RealtimeServerConfiguration: Sendable {
     public var snapshotMaxRows: Int
     /// Most rows in one `snapshot` message (and rows fetched from Postgres at a time). Default 500.
     public var snapshotChunkRows: Int
+    /// Snapshots that may run at once, server-wide; more wait their turn in arrival order (the
+    /// client's later messages wait behind them). Each holds a pooled connection for its
+    /// whole length, so this keeps clients from taking every connection the service's own
+    /// jobs need. Default 4; `RealtimeService` sets it to one less than its pool's `maxOpen`.
+    public var maxConcurrentSnapshots: Int
     /// A `snapshot` message is sent once its rows reach this many bytes. Default 64 KiB.
     public var snapshotChunkBytes: Int
     /// Logger for the server, its sessions and its shutdown.
@@ -153,6 +158,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.snapshotMaxRows = 10_000
         self.snapshotChunkRows = 500
         self.snapshotChunkBytes = 64 << 10
+        self.maxConcurrentSnapshots = 4
         self.logger = logger
     }
 
@@ -176,6 +182,7 @@ public struct RealtimeServerConfiguration: Sendable {
         guard snapshotMaxRows >= 0 else { throw bad("snapshotMaxRows is \(snapshotMaxRows); it must be 0 (only empty snapshots) or more") }
         guard snapshotChunkRows >= 1 else { throw bad("snapshotChunkRows is \(snapshotChunkRows); it must be at least 1") }
         guard snapshotChunkBytes >= 1 else { throw bad("snapshotChunkBytes is \(snapshotChunkBytes); it must be at least 1") }
+        guard maxConcurrentSnapshots >= 1 else { throw bad("maxConcurrentSnapshots is \(maxConcurrentSnapshots); it must be at least 1") }
     }
 
     /// The placeholder page at `/` until the live page lands.

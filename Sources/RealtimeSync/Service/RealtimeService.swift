@@ -285,7 +285,12 @@ public final class RealtimeService: Service, Sendable {
         if serverConfiguration.indexHTML == RealtimeServerConfiguration.placeholderPage {
             serverConfiguration.indexHTML = LivePage.html(table: configuration.demo?.table ?? tables.first ?? "")
         }
-        if serverConfiguration.snapshotReader == nil { serverConfiguration.snapshotReader = TableSnapshotReader(pool: pool) }
+        if serverConfiguration.snapshotReader == nil {
+            serverConfiguration.snapshotReader = TableSnapshotReader(pool: pool)
+            // One connection stays for the service's jobs (heartbeat, slot lag, catalog) and
+            // the `since` checks, however many clients ask for snapshots.
+            serverConfiguration.maxConcurrentSnapshots = min(serverConfiguration.maxConcurrentSnapshots, max(1, configuration.pool.maxOpen - 1))
+        }
         if serverConfiguration.walPosition == nil, let reader = serverConfiguration.snapshotReader {
             serverConfiguration.walPosition = { try await reader.currentWALPosition() }
         }

@@ -1,0 +1,63 @@
+import Synchronization
+
+/// A counting gate for async callers: at most `permits` hold it at once; the others wait in
+/// arrival order. Cancelling a waiter ends its wait with `false` (it holds nothing then).
+/// The server uses one to bound concurrent snapshots, so that clients cannot take every
+/// pooled connection the service's own jobs need.
+final class AsyncGate: Sendable {
+    private struct State {
+        var permits: Int
+        var waiters: [(id: UInt64, continuation: CheckedContinuation<Bool, Never>)] = []
+        var nextID: UInt64 = 0
+    }
+
+    private let state: Mutex<State>
+
+    init(permits: Int) {
+        state = Mutex(State(permits: max(1, permits)))
+    }
+
+    /// Waits for a permit; true once held (give it back with `leave()`), false if the calling
+    /// task was cancelled first.
+    func enter() async -> Bool {
+        let id = state.withLock { s -> UInt64 in
+            s.nextID &+= 1
+            return s.nextID
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+                let answer = state.withLock { s -> Bool? in
+                    if Task.isCancelled { return false }
+                    if s.permits > 0 && s.waiters.isEmpty {
+                        s.permits -= 1
+                        return true
+                    }
+                    s.waiters.append((id, continuation))
+                    return nil
+                }
+                if let answer { continuation.resume(returning: answer) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { s -> CheckedContinuation<Bool, Never>? in
+                guard let index = s.waiters.firstIndex(where: { $0.id == id }) else { return nil }
+                return s.waiters.remove(at: index).continuation
+            }
+            waiter?.resume(returning: false)
+        }
+    }
+
+    /// Gives a permit back: to the longest waiter, if any.
+    func leave() {
+        let next = state.withLock { s -> CheckedContinuation<Bool, Never>? in
+            if s.waiters.isEmpty {
+                s.permits += 1
+                return nil
+            }
+            return s.waiters.removeFirst().continuation
+        }
+        next?.resume(returning: true)
+    }
+
+    /// Permits free and callers waiting (for statistics and tests).
+    var counts: (free: Int, waiting: Int) { state.withLock { ($0.permits, $0.waiters.count) } }
+}
