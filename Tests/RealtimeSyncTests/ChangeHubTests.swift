@@ -39,6 +39,44 @@ struct ChangeHubTests {
         #expect(ids(try await drain(live, 2)) == [7, 8])
     }
 
+    @Test("A resume from far back reads the window a page at a time: every change once, in order, live ones after, even when they arrive mid-way")
+    func pagedResume() async throws {
+        let hub = ChangeHub(limits: .init(maxCount: 100_000), bufferLimit: 100)
+        hub.openWindow(origin: LSN(0x100))
+        // 3,000 changes in 30 transactions: about three pages.
+        for t in 0..<30 { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+        let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x100), index: 0))))
+        var iterator = resumed.makeAsyncIterator()
+        var got: [Int] = []
+        for _ in 0..<1_500 { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
+        // Committed while the consumer is half-way through the backlog.
+        _ = hub.deliver(committed(lsn: 0x10000, firstID: 3_001, count: 50))
+        for _ in 0..<1_550 { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
+        #expect(got == Array(1...3_050))
+        _ = hub.deliver(committed(lsn: 0x10100, firstID: 3_051, count: 1))
+        #expect(Int(try #require(try await iterator.next()).new!.text(at: 0)!) == 3_051)
+    }
+
+    @Test("A paging resume that the window evicts past gets resync_required, not a gap")
+    func pagedResumeEvicted() async throws {
+        let hub = ChangeHub(limits: .init(maxCount: 2_000), bufferLimit: 100)
+        hub.openWindow(origin: LSN(0x100))
+        for t in 0..<20 { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+        let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x100), index: 0))))
+        var iterator = resumed.makeAsyncIterator()
+        var got: [Int] = []
+        for _ in 0..<ChangeHub.pageSize { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
+        // 1,500 more: the window (2,000) now starts past what this consumer has read.
+        for t in 20..<35 { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+        do {
+            while let event = try await iterator.next() { got.append(Int(event.new!.text(at: 0)!)!) }
+            Issue.record("expected resync_required")
+        } catch let error as ResumeWindowError {
+            #expect(error.code == .resyncRequired)
+        }
+        #expect(got == Array(1...got.count), "what arrived before the error has no gap")
+    }
+
     @Test("A replayed transaction (after a reconnect) is neither appended nor delivered again")
     func replay() async throws {
         let hub = ChangeHub(limits: .init(), bufferLimit: 100)

@@ -59,6 +59,10 @@ final class ChangeHub: Sendable {
         /// Set when no more changes will be queued: nil error is a plain end.
         var ending: (any Error)??
         var lastDelivered: Cursor?
+        /// Still reading its resume backlog from the window, a page at a time, after
+        /// `pageAfter`; live deliveries skip it meanwhile (they are in the window too).
+        var paging = false
+        var pageAfter = Cursor(commitLSN: LSN(0), index: 0)
         var queued: Int { buffer.count - head }
 
         mutating func pop() -> ChangeEvent? {
@@ -90,6 +94,9 @@ final class ChangeHub: Sendable {
     let bufferLimit: Int
     let limits: Window.Limits
     let state = Mutex(State())
+    /// A resuming consumer copies its backlog from the window this many changes at a time
+    /// (a copy of the whole window per resuming socket was ~10-20 MB each with 100,000 held).
+    static let pageSize = 1_024
 
     /// Out-of-range values are clamped here; `ChangeStream.run()` refuses them first
     /// (`ChangeStream.Configuration.validate()`), naming the field.
@@ -116,13 +123,11 @@ final class ChangeHub: Sendable {
                 guard let cursor = sub.pendingCursor else { continue }
                 sub.pendingCursor = nil
                 do {
-                    let backlog = try s.window!.events(after: cursor)
-                    sub.buffer = backlog
-                    sub.capacity = bufferLimit + backlog.count
+                    try Self.startPaging(&sub, after: cursor, window: s.window!, bufferLimit: bufferLimit)
                 } catch {
                     sub.ending = .some(error)
                 }
-                if let waiter = sub.waiter, let result = Self.take(&sub) {
+                if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
                     sub.waiter = nil
                     wake.append((waiter, result))
                 }
@@ -150,7 +155,7 @@ final class ChangeHub: Sendable {
                     // Moved out of the dictionary so that appending does not copy the queue.
                     guard var sub = s.subscribers.removeValue(forKey: id) else { continue }
                     defer { s.subscribers[id] = sub }
-                    guard sub.ending == nil && sub.pendingCursor == nil else { continue }
+                    guard sub.ending == nil && sub.pendingCursor == nil && !sub.paging else { continue }
                     var batch = kept[...]
                     if let after = sub.after {
                         batch = batch.drop(while: { $0.cursor <= after })
@@ -169,7 +174,7 @@ final class ChangeHub: Sendable {
                     } else {
                         sub.buffer.append(contentsOf: batch)
                     }
-                    if let waiter = sub.waiter, let result = Self.take(&sub) {
+                    if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
                         sub.waiter = nil
                         wake.append((waiter, result))
                     }
@@ -205,7 +210,7 @@ final class ChangeHub: Sendable {
                         ? ChangeStreamError(.streamStopped, "the change stream stopped before it could serve the cursor \(sub.pendingCursor!)")
                         : error)
                 }
-                if let waiter = sub.waiter, let result = Self.take(&sub) {
+                if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
                     sub.waiter = nil
                     wake.append((waiter, result))
                 }
@@ -236,9 +241,7 @@ final class ChangeHub: Sendable {
             var sub = Subscriber(capacity: bufferLimit)
             sub.after = cursor
             if let window = s.window {
-                let backlog = try window.events(after: cursor)
-                sub.buffer = backlog
-                sub.capacity = bufferLimit + backlog.count
+                try Self.startPaging(&sub, after: cursor, window: window, bufferLimit: bufferLimit)
             } else {
                 sub.pendingCursor = cursor
             }
@@ -263,7 +266,7 @@ final class ChangeHub: Sendable {
     func next(_ id: UInt64) async throws -> ChangeEvent? {
         let immediate: Result<ChangeEvent?, any Error>? = state.withLock { s in
             guard s.subscribers[id] != nil else { return .success(nil) }
-            let result = Self.take(&s.subscribers[id]!)
+            let result = Self.take(&s.subscribers[id]!, window: s.window)
             switch result {
             case .success(nil)?, .failure?: s.subscribers[id] = nil
             default: break
@@ -276,7 +279,7 @@ final class ChangeHub: Sendable {
                 let now: Result<ChangeEvent?, any Error>? = state.withLock { s in
                     guard s.subscribers[id] != nil else { return .success(nil) }
                     if Task.isCancelled { s.subscribers[id] = nil; return .success(nil) }
-                    if let result = Self.take(&s.subscribers[id]!) { return result }
+                    if let result = Self.take(&s.subscribers[id]!, window: s.window) { return result }
                     s.subscribers[id]!.waiter = cont
                     return nil
                 }
@@ -287,8 +290,32 @@ final class ChangeHub: Sendable {
         }
     }
 
-    /// A queued change, the end (nil / error), or nil when the consumer must wait.
-    private static func take(_ sub: inout Subscriber) -> Result<ChangeEvent?, any Error>? {
+    /// Queues the first page of a resuming consumer's backlog; it reads the rest from the
+    /// window page by page (`take`) and goes live once a page reaches the window's end.
+    private static func startPaging(_ sub: inout Subscriber, after cursor: Cursor, window: Window, bufferLimit: Int) throws(ResumeWindowError) {
+        let page = try window.events(after: cursor, limit: pageSize)
+        sub.buffer = page
+        sub.capacity = bufferLimit + pageSize
+        sub.paging = page.count == pageSize
+        if let last = page.last { sub.pageAfter = last.cursor }
+    }
+
+    /// A queued change, the end (nil / error), or nil when the consumer must wait. A paging
+    /// consumer whose queue ran dry gets its next page from the window first (under the same
+    /// lock as every append: no gap, no duplicate when it goes live).
+    private static func take(_ sub: inout Subscriber, window: Window?) -> Result<ChangeEvent?, any Error>? {
+        if sub.head == sub.buffer.count, sub.paging, let window {
+            do {
+                let page = try window.events(after: sub.pageAfter, limit: pageSize)
+                sub.buffer.append(contentsOf: page)
+                sub.paging = page.count == pageSize
+                if let last = page.last { sub.pageAfter = last.cursor }
+            } catch {
+                // The window moved past this consumer while it read: resync_required.
+                sub.paging = false
+                if sub.ending == nil { sub.ending = .some(error) }
+            }
+        }
         if let event = sub.pop() { return .success(event) }
         if let ending = sub.ending {
             if let error = ending { return .failure(error) }

@@ -154,13 +154,20 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
     /// cursor is at or past the newest event. Throws `resync_required` when
     /// `cursor < oldestResumable` (changes after it may have been evicted).
     public func events(after cursor: Cursor) throws(ResumeWindowError) -> [ChangeEvent] {
+        try events(after: cursor, limit: .max)
+    }
+
+    /// At most `limit` of the held events strictly after `cursor`, oldest first (a page of
+    /// `events(after:)`); throws as it does.
+    public func events(after cursor: Cursor, limit: Int) throws(ResumeWindowError) -> [ChangeEvent] {
         guard cursor >= oldestResumable else {
             throw ResumeWindowError(cursor: cursor, oldestResumable: oldestResumable)
         }
         let start = firstIndex(after: cursor)
+        let end = start + min(ring.count - start, max(0, limit))
         var result: [ChangeEvent] = []
-        result.reserveCapacity(ring.count - start)
-        for position in start..<ring.count { result.append(ring[position].event) }
+        result.reserveCapacity(end - start)
+        for position in start..<end { result.append(ring[position].event) }
         return result
     }
 
