@@ -55,6 +55,8 @@ extension RealtimeServer {
     /// under the state lock so that `subscribed`/`unsubscribed` and changes keep their order.
     func deliver(_ event: ChangeEvent) {
         let cursor = event.cursor
+        // Clients whose changes, held while their snapshot ran, went over the queue limits.
+        var heldOverflow: [FanoutClientID] = []
         let overflowed = state.withLock { state -> [FanoutClientID] in
             guard cursor > state.lastDelivered else { return [] }
             if event.index == 0 { state.recentTransactions.append(xid: event.xid, after: state.lastDelivered) }
@@ -123,11 +125,15 @@ extension RealtimeServer {
             for (client, id) in held where !state.hold(change.frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits) {
                 state.sessions[client]?.closeNow(.tryAgainLater)
                 state.dropClient(client)
-                overflowed.append(client)
+                heldOverflow.append(client)
             }
             return overflowed
         }
         metrics.changesProcessed.increment()
+        for client in heldOverflow {
+            logger.notice("client closed with 1013: the changes held while its snapshot ran went over the send queue's maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes) (RealtimeServerConfiguration.queueLimits; a snapshot also waits for a pooled connection and for maxConcurrentSnapshots)",
+                          metadata: ["client": "\(client)", "cursor": "\(cursor)"])
+        }
         for client in overflowed {
             logger.notice("slow consumer closed with 1013 (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes))",
                           metadata: ["client": "\(client)", "cursor": "\(cursor)"])

@@ -166,6 +166,7 @@ extension RealtimeServer {
         if joinedAtOnce { return }
         var lastCovered = since
         var caughtUp = 0
+        var overflowed = false
         do {
             for try await event in stream {
                 while session.isOpen && session.isHalfFull {
@@ -183,6 +184,10 @@ extension RealtimeServer {
                         if session.enqueue(EncodedChange(event).frame(ids: [id])) == .overflow {
                             state.hub.removeClient(session.id)
                             state.startAfter[session.id] = nil
+                            logger.notice("slow consumer closed with 1013 during a since catch-up (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
+                                          metadata: ["id": "\(id)", "since": "\(since)"])
+                            overflowed = true  // the session is closing: no join, no more catch-up
+                            return true
                         }
                         caughtUp += 1
                     }
@@ -193,6 +198,7 @@ extension RealtimeServer {
                     return false
                 }
                 lastCovered = event.cursor
+                if overflowed { return }
                 if joined {
                     logger.debug("resumed subscription caught up", metadata: ["id": "\(id)", "since": "\(since)", "sent": "\(caughtUp)"])
                     return
