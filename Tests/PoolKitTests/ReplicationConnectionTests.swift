@@ -251,3 +251,14 @@ func withTimeout<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () 
         return value
     }
 }
+
+@Suite("ReplicationConnection: settings as SHOW prints them")
+struct SettingDurationTests {
+    @Test("wal_sender_timeout texts", arguments: [
+        ("60s", Duration.seconds(60) as Duration?), ("150ms", .milliseconds(150)), ("1min", .seconds(60)), ("2h", .seconds(7_200)),
+        ("0", nil), ("", nil), ("5 parsecs", nil), ("250", .milliseconds(250)),
+    ])
+    func parse(text: String, expected: Duration?) {
+        #expect(ReplicationConnection.parseSettingDuration(text) == expected, "\(text)")
+    }
+}

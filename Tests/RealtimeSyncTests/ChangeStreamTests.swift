@@ -179,6 +179,25 @@ struct ChangeStreamTests {
         }
     }
 
+    @Test("With a short wal_sender_timeout (its reply requests come 60 ms apart) an idle stream keeps the window's hold on the slot")
+    func shortSenderTimeoutKeepsTheHold() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_wst")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
+            let shortTimeout = url + (url.contains("?") ? "&" : "?") + "options=-c%20wal_sender_timeout%3D120ms"
+            try await withChangeStream(url: shortTimeout, tables: [table]) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (1)")
+                let event = try #require(try await take(1, from: changes).first)
+                // The window holds that change: the slot must stay at or before it.
+                try await Task.sleep(for: .milliseconds(1_500))
+                #expect(stream.statistics.confirmedFlush <= event.commitLSN,
+                        "the hold was released on an idle database: \(stream.statistics.confirmedFlush) > \(event.commitLSN)")
+            }
+            try await runSQL(url, "DROP TABLE \(table)")
+        }
+    }
+
     @Test("A multi-table transaction is contiguous and transactions arrive in commit order; a rolled-back one is never seen")
     func transactions() async throws {
         try await TestDatabase.withDatabase { url in

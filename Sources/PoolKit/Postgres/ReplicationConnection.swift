@@ -144,6 +144,29 @@ public final class ReplicationConnection: Sendable {
             databaseName: try row.decode(String.self, at: 3))
     }
 
+    /// The server's `wal_sender_timeout` (`SHOW wal_sender_timeout`); nil when it is 0
+    /// (disabled) or its text cannot be read.
+    public func walSenderTimeout() async throws -> Duration? {
+        let results = try await connection.execute("SHOW wal_sender_timeout")
+        guard let text = try results.last.flatMap({ $0.count == 1 ? try $0[0].decode(String.self, at: 0) : nil }) else { return nil }
+        return Self.parseSettingDuration(text)
+    }
+
+    /// A time setting as `SHOW` prints it (`60s`, `150ms`, `1min`, `0`); nil for 0 or unknown.
+    static func parseSettingDuration(_ text: String) -> Duration? {
+        let digits = text.prefix { $0.isNumber }
+        guard let value = Int64(digits), value > 0 else { return nil }
+        switch text.dropFirst(digits.count).trimmingCharacters(in: .whitespaces) {
+        case "us": return .microseconds(value)
+        case "ms", "": return .milliseconds(value)
+        case "s": return .seconds(value)
+        case "min": return .seconds(value * 60)
+        case "h": return .seconds(value * 3_600)
+        case "d": return .seconds(value * 86_400)
+        default: return nil
+        }
+    }
+
     /// Creates a persistent logical replication slot unless one with this name exists.
     /// Returns true when it was created. Slot names are `[a-z0-9_]`, at most 63 characters.
     @discardableResult

@@ -311,6 +311,9 @@ public final class ChangeStream: Service, Sendable {
                 let repl = try await ReplicationConnection.connect(connectionConfiguration)
                 replication = repl
                 try await repl.createSlotIfMissing(configuration.slotName)
+                // A short wal_sender_timeout sends reply requests close together: see ReplyRequests.
+                var quickReplies = Duration.milliseconds(100)
+                if let timeout = try? await repl.walSenderTimeout() { quickReplies = min(quickReplies, timeout / 4) }
                 let origin = try await slotPosition()
                 let retain = hub.openWindow(origin: origin)
                 let start = max(state.withLock { $0.confirmed }, retain)
@@ -330,7 +333,7 @@ public final class ChangeStream: Service, Sendable {
                 logger.info("change stream started", metadata: [
                     "slot": "\(configuration.slotName)", "start": "\(start)", "backend": "\(repl.backendPID)"])
                 failures = 0
-                let stopped = try await session(repl, decoder: &decoder, assembler: &assembler)
+                let stopped = try await session(repl, decoder: &decoder, assembler: &assembler, quickReplies: quickReplies)
                 state.withLock { $0.connected = false; $0.replication = nil }
                 if stopped {
                     await repl.stop()
@@ -359,7 +362,7 @@ public final class ChangeStream: Service, Sendable {
     /// Reads one replication session; returns true when stopped on request, false when the
     /// server ended the stream.
     private func session(_ repl: ReplicationConnection, decoder: inout PgOutputDecoder,
-                         assembler: inout TransactionAssembler) async throws -> Bool {
+                         assembler: inout TransactionAssembler, quickReplies: Duration) async throws -> Bool {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await repl.runStatusSchedule() }
             group.addTask {
@@ -373,6 +376,7 @@ public final class ChangeStream: Service, Sendable {
             }
             defer { group.cancelAll() }
             var replyRequests = ReplyRequests()
+            replyRequests.quick = quickReplies
             var sinceYield = 0
             while let message = try await repl.readMessage() {
                 // A backlog can be read for seconds without the socket ever running dry, i.e.
@@ -473,6 +477,10 @@ public final class ChangeStream: Service, Sendable {
         var last: ContinuousClock.Instant?
         var lastWALEnd: UInt64 = 0
         var quickInARow = 0
+        /// Requests closer together than this count as "quick": 100 ms, or a quarter of
+        /// `wal_sender_timeout` when that is shorter (its own requests come half a timeout
+        /// apart, and must not be taken for a shutdown's).
+        var quick: Duration = .milliseconds(100)
     }
 
     /// A keepalive asked for a reply (`readMessage()` already sent one with the held position).
@@ -495,7 +503,7 @@ public final class ChangeStream: Service, Sendable {
             previous.last = now
             previous.lastWALEnd = keepalive.walEnd
         }
-        if let last = previous.last, last.duration(to: now) < .milliseconds(100), previous.lastWALEnd == keepalive.walEnd {
+        if let last = previous.last, last.duration(to: now) < previous.quick, previous.lastWALEnd == keepalive.walEnd {
             previous.quickInARow += 1
         } else {
             previous.quickInARow = 0
