@@ -195,6 +195,31 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("a cancel request that arrives after its statement ended never fails the next statement on the connection")
+    func lateCancelDoesNotHitTheNextStatement() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(PostgresConnection.Configuration(url, busyPoll: .zero))
+            defer { conn.closeNow() }
+            var cancelledStatements = 0
+            for round in 0..<600 {
+                if conn.isBroken { break }  // a connection marked broken is not reused: that is allowed
+                let task = Task { try await conn.query("SELECT pg_sleep(0.001)") }
+                // Cancel around the moment the statement ends.
+                try await Task.sleep(for: .microseconds(Int64(500 + (round % 13) * 100)))
+                task.cancel()
+                if case .failure(let error) = await task.result, error is CancellationError { cancelledStatements += 1 }
+                if conn.isBroken { break }
+                do {
+                    _ = try await conn.query("SELECT $1::int", round)
+                } catch let error as PostgresError {
+                    Issue.record("round \(round): the next statement failed: \(error)")
+                    break
+                }
+            }
+            #expect(cancelledStatements > 0, "no statement was cancelled: the test did not test anything")
+        }
+    }
+
     @Test("a task that prefers the reactor executor runs there and can still be cancelled")
     func reactorExecutor() async throws {
         try await TestDatabase.withDatabase { url in

@@ -148,9 +148,15 @@ struct ChangeHubTests {
         // Both have 3 changes queued when a 25-change transaction commits.
         _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 3))
         _ = hub.deliver(committed(lsn: 0x300, firstID: 4, count: 25))
-        #expect(ids(try await drain(reader, 28)) == Array(1...28))
+        // The reader is half-way through the big one when more commit: it keeps up.
+        #expect(ids(try await drain(reader, 15)) == Array(1...15))
         _ = hub.deliver(committed(lsn: 0x400, firstID: 29, count: 1))
-        #expect(ids(try await drain(reader, 1)) == [29])
+        _ = hub.deliver(committed(lsn: 0x500, firstID: 30, count: 1))
+        #expect(ids(try await drain(reader, 15)) == Array(16...30))
+        // The stuck one: the big transaction counted as 5 (half the limit), so 3 + 5 + 1 + 1 = 10
+        // still fit; the next commit does not.
+        _ = hub.deliver(committed(lsn: 0x600, firstID: 31, count: 1))
+        #expect(ids(try await drain(reader, 1)) == [31])
         var got: [ChangeEvent] = []
         do {
             for try await event in stuck { got.append(event) }
@@ -158,7 +164,7 @@ struct ChangeHubTests {
         } catch let error as ChangeStreamError {
             #expect(error.code == .consumerTooSlow)
         }
-        #expect(ids(got) == Array(1...28))
+        #expect(ids(got) == Array(1...30))
         #expect(hub.snapshot().cutOff == 1)
     }
 

@@ -94,6 +94,9 @@ public final class PostgresConnection: @unchecked Sendable {
         var broken = false
         /// Counts statements, so that a late cancel watchdog cannot close a later one's connection.
         var statementSerial: UInt64 = 0
+        /// Set by the cancel watchdog: the statement loop closes the connection itself (a close
+        /// from the watchdog's task could free the fd while the loop is about to wait on it).
+        var abandoned = false
         var notifications: [PostgresNotification] = []
         var notificationHead = 0
         var droppedNotifications = 0
@@ -482,14 +485,16 @@ public final class PostgresConnection: @unchecked Sendable {
         var flushed = false
         var copyOut = false
         var watchdog: Task<Void, Never>?
+        var cancelDelivered: OneTimeEvent?
         defer { watchdog?.cancel() }
         while true {
-            let step: Step = try state.withLock { s in
+            let step: Step? = try state.withLock { s in
                 guard let pg = s.pg else {
-                    // Closed by the cancel watchdog (or by close()) after the Task was cancelled.
+                    // Closed (by close()) after the Task was cancelled.
                     if cancelRequested { throw CancellationError() }
                     throw closedError()
                 }
+                if s.abandoned { return nil }
                 if !flushed {
                     let f = PQflush(pg)
                     if f < 0 { s.broken = true; throw brokenError(pg, context: "could not send statement") }
@@ -556,6 +561,11 @@ public final class PostgresConnection: @unchecked Sendable {
                 }
                 return .wait(s.fd, .readable)
             }
+            guard let step else {
+                // The cancel watchdog gave up on the server's answer: close here, on this task.
+                closeNow()
+                throw CancellationError()
+            }
             guard case let .wait(fd, interest) = step else { break }
             if interest == .readable, spinBudget > 0, spinOutcome == nil, !cancelRequested,
                SpinPolicy.statementsInFlight.load(ordering: .relaxed) <= 1 {
@@ -575,15 +585,42 @@ public final class PostgresConnection: @unchecked Sendable {
                 let grace = configuration.cancelGracePeriod
                 watchdog = Task { [weak self] in
                     try? await Task.sleep(for: grace)
-                    if !Task.isCancelled { self?.abandonStatement(serial) }
+                    if !Task.isCancelled { await self?.abandonStatement(serial, fd: fd) }
                 }
-                Task { [weak self] in await self?.cancelRunningQuery() }
+                let delivered = OneTimeEvent()
+                cancelDelivered = delivered
+                Task { [weak self] in
+                    await self?.cancelRunningQuery()
+                    delivered.fire()
+                }
             case .interrupted:
                 // A notification listener held the socket, or close() ran; kick and re-check.
                 SocketReactor.shared.interrupt(fd: fd)
             }
         }
-        if cancelRequested { throw CancellationError() }
+        if cancelRequested {
+            // A cancel request still on its way could hit the next statement on this
+            // connection (the next holder's): wait for it to go out, within the grace period;
+            // past that the connection is marked broken, so that a pool discards it.
+            if let delivered = cancelDelivered, !delivered.hasFired {
+                // Unstructured: this task is cancelled, and a child's wait would end at once.
+                let grace = configuration.cancelGracePeriod
+                let done = OneTimeEvent()
+                let timer = Task {
+                    try? await Task.sleep(for: grace)
+                    done.fire()
+                }
+                let watcher = Task {
+                    await delivered.wait()
+                    done.fire()
+                }
+                await Task { await done.wait() }.value
+                timer.cancel()
+                watcher.cancel()
+                if !delivered.hasFired { state.withLock { $0.broken = true } }
+            }
+            throw CancellationError()
+        }
         if let firstError {
             if firstError.code == .server, firstError.severity == "FATAL" || firstError.severity == "PANIC" {
                 // The server ends the session after a FATAL error (e.g. pg_terminate_backend).
@@ -601,17 +638,23 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Closes the connection if statement `serial` still runs (its cancel got no answer within
     /// `cancelGracePeriod`); it is marked broken first, so a pool never lends it again.
-    private func abandonStatement(_ serial: UInt64) {
+    private func abandonStatement(_ serial: UInt64, fd: Int32) async {
         let stuck = state.withLock { s -> Bool in
             guard s.busy, s.statementSerial == serial, s.pg != nil else { return false }
             s.broken = true
+            s.abandoned = true
             return true
         }
         guard stuck else { return }
         configuration.logger.warning("no answer to a cancelled statement within cancelGracePeriod (\(configuration.cancelGracePeriod)): closing the connection", metadata: [
             "db.backend_pid": "\(backendPID)",
         ])
-        closeNow()
+        // Wake the statement loop until it has seen `abandoned` (an interrupt that lands just
+        // before it parks is lost, hence the repeats).
+        while state.withLock({ $0.busy && $0.statementSerial == serial && $0.pg != nil }) {
+            SocketReactor.shared.interrupt(fd: fd)
+            do { try await Task.sleep(for: .milliseconds(5)) } catch { return }
+        }
     }
 
     private func finishStatement(spinOutcome: Bool?) {

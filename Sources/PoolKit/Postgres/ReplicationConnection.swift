@@ -252,7 +252,8 @@ public final class ReplicationConnection: Sendable {
                     stream.withLock { $0.received = max($0.received, data.walStart) }
                 case .keepalive(let keepalive):
                     stream.withLock { $0.received = max($0.received, keepalive.walEnd) }
-                    if keepalive.replyRequested { try await sendStatus(replyRequested: false) }
+                    // Not after our CopyDone: libpq would refuse it and the clean end be lost.
+                    if keepalive.replyRequested && !stream.withLock({ $0.copyDoneSent }) { try await sendStatus(replyRequested: false) }
                 }
                 return message
             case .ended:

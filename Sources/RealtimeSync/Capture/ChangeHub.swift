@@ -62,6 +62,9 @@ final class ChangeHub: Sendable {
         /// Still reading its resume backlog from the window, a page at a time, after
         /// `pageAfter`; live deliveries skip it meanwhile (they are in the window too).
         var paging = false
+        /// How many queued changes of transactions larger than half the limit are not counted
+        /// against `capacity` (they were let in whole); shrinks with the queue.
+        var excess = 0
         var pageAfter = Cursor(commitLSN: LSN(0), index: 0)
         var queued: Int { buffer.count - head }
 
@@ -77,6 +80,7 @@ final class ChangeHub: Sendable {
                 head = 0
             }
             lastDelivered = event.cursor
+            if excess > queued { excess = queued }
             return event
         }
     }
@@ -165,7 +169,8 @@ final class ChangeHub: Sendable {
                     // 150,000 rows) must not cut off a consumer that keeps up: it counts as at
                     // most half the limit. (Its events are held by the window anyway.) A consumer
                     // that then stops reading is cut off at the next transaction.
-                    if sub.queued + min(batch.count, max(1, bufferLimit / 2)) > sub.capacity {
+                    let counted = min(batch.count, max(1, bufferLimit / 2))
+                    if sub.queued - sub.excess + counted > sub.capacity {
                         s.cutOff += 1
                         let last = sub.buffer.last?.cursor ?? sub.lastDelivered
                         sub.ending = .some(ChangeStreamError(.consumerTooSlow,
@@ -173,6 +178,7 @@ final class ChangeHub: Sendable {
                             resumeAfter: last))
                     } else {
                         sub.buffer.append(contentsOf: batch)
+                        sub.excess += batch.count - counted
                     }
                     if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
                         sub.waiter = nil

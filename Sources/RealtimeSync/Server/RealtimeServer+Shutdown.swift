@@ -126,7 +126,12 @@ extension RealtimeServer {
             try? await Task.sleep(for: deadline)
             if !Task.isCancelled { outcome.finish(.timedOut) }
         }
-        let result = await outcome.value()
+        // The caller's cancellation (e.g. a service group that stops waiting) ends the step now.
+        let result = await withTaskCancellationHandler {
+            await outcome.value()
+        } onCancel: {
+            outcome.finish(.timedOut)
+        }
         timer.cancel()
         if case .timedOut = result { step.cancel() }
         return result
