@@ -140,14 +140,18 @@ run_scenario() { # server scenario
   echo "--- ($name) $which: $sockets sockets, $rate rows/s, ${secs}s; load $(cut -d' ' -f1-3 /proc/loadavg)"
   # The server's CPU time over the run (utime + stime): at a load both servers keep up with,
   # delivered/s is the offered rate, and CPU per delivered message is what differs.
-  local cpu0; cpu0=$(awk '{print $14+$15}' "/proc/$server_pid/stat" 2>/dev/null || echo 0)
+  local cpu0; cpu0=$(awk '{print $14+$15}' "/proc/$server_pid/stat" 2>/dev/null || echo "")
   "$bench_bin" --url "$ws" --database-url "$url" --sockets "$sockets" --rate "$rate" --duration "$secs" --batch "$batch" \
     --server-pid "$server_pid" --threads "$threads" --label "$name/$which" "${tok[@]}" 2>&1 | tee "$logdir/bench-$which-$name.txt" \
     | grep -E '^(connect|server RSS|delivered|latency|losses|sockets closed|first failure|realtime-bench:)' || true
-  local cpu1; cpu1=$(awk '{print $14+$15}' "/proc/$server_pid/stat" 2>/dev/null || echo 0)
-  local cpu_s; cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" -v t="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / t }')
+  local cpu1; cpu1=$(awk '{print $14+$15}' "/proc/$server_pid/stat" 2>/dev/null || echo "")
+  local cpu_s=nan
+  # Only when both readings exist (a server that exited meanwhile has no figure).
+  if [ -n "$cpu0" ] && [ -n "$cpu1" ]; then
+    cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" -v t="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / t }')
+  fi
   echo "server CPU over the run: ${cpu_s} s"
-  grep '^RESULT' "$logdir/bench-$which-$name.txt" | sed "s/\$/ server_cpu_s=$cpu_s/" >> "$results" || echo "RESULT label=$name/$which failed=1" >> "$results"
+  grep '^RESULT' "$logdir/bench-$which-$name.txt" | sed "s/\$/ server_cpu_s=$cpu_s secs=$secs/" >> "$results" || echo "RESULT label=$name/$which failed=1" >> "$results"
   stop_server
 }
 
@@ -208,7 +212,9 @@ if d and b and not d.get("failed") and not b.get("failed"):
     cost = 1 - num(d, 'delivered_per_s') / num(b, 'delivered_per_s')
     print(f"(d) delivered/s with auth vs without: {cost * 100:.1f} % fewer (both may be capped by the offered rate)")
     # Server CPU per delivered message: its inverse is the fan-out a saturated server reaches.
-    cb, cd = num(b, 'server_cpu_s') / num(b, 'delivered_per_s'), num(d, 'server_cpu_s') / num(d, 'delivered_per_s')
+    # CPU seconds per delivered message: the runs' lengths may differ (SCEN_D).
+    cb = num(b, 'server_cpu_s') / (num(b, 'delivered_per_s') * num(b, 'secs'))
+    cd = num(d, 'server_cpu_s') / (num(d, 'delivered_per_s') * num(d, 'secs'))
     if cb == cb and cd == cd and cb > 0:
         capacity = 1 - cb / cd
         print(f"bar (d) auth costs <= 10 % of fan-out (server CPU per delivered message, same scenario: "

@@ -116,15 +116,21 @@ public enum CaptureSetup {
         if !missing.isEmpty {
             // A partitioned table in a publication without publish_via_partition_root shows up
             // as its partitions: ADD TABLE would not help, the option would.
-            let partitioned = try await conn.query("""
-                SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE c.relkind = 'p' AND n.nspname || '.' || c.relname = ANY($1::text[])
-                  AND EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $2
-                              AND (p.schemaname, p.tablename) IN (SELECT pn.nspname, pc.relname FROM pg_inherits i
-                                  JOIN pg_class pc ON pc.oid = i.inhrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-                                  WHERE i.inhparent = c.oid))
-                """, "{" + missing.map { "\"\($0)\"" }.joined(separator: ",") + "}", publication)
-            if let table = try partitioned.first?.decode(String.self, at: 0) {
+            var partitionedTable: String?
+            for name in missing where partitionedTable == nil {
+                let (schema, table) = try parseTableName(name)
+                // Any partition, at any depth (pg_partition_tree, PostgreSQL 12+), published.
+                let rows = try await conn.query("""
+                    SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE c.relkind = 'p' AND n.nspname = $1 AND c.relname = $2
+                      AND EXISTS (SELECT 1 FROM pg_partition_tree(c.oid) t
+                                  JOIN pg_class pc ON pc.oid = t.relid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                                  JOIN pg_publication_tables p ON p.schemaname = pn.nspname AND p.tablename = pc.relname
+                                  WHERE p.pubname = $3 AND t.relid <> c.oid)
+                    """, schema, table, publication)
+                if rows.count > 0 { partitionedTable = name }
+            }
+            if let table = partitionedTable {
                 throw CaptureSetupError(.partitionsPublishedSeparately,
                     "publication '\(publication)' publishes the partitions of \(table) one by one, so their changes would not carry the name \(table): run ALTER PUBLICATION \(try displayIdentifier(publication, conn)) SET (publish_via_partition_root = true)")
             }

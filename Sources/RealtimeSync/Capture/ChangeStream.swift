@@ -398,8 +398,17 @@ public final class ChangeStream: Service, Sendable {
                 var decoded = try decoder.decode(data.payload, walStart: LSN(data.walStart))
                 if case .relation(let relation) = decoded {
                     let unknown = decoder.unresolvedTypes(of: relation)
-                    if !unknown.isEmpty, let resolved = decoder.resolveTypes(try await baseTypes(of: unknown), relation: relation.oid) {
-                        decoded = .relation(resolved)
+                    if !unknown.isEmpty {
+                        do {
+                            if let resolved = decoder.resolveTypes(try await baseTypes(of: unknown), relation: relation.oid) {
+                                decoded = .relation(resolved)
+                            }
+                        } catch {
+                            // Not worth the stream: those columns go out as text until the next
+                            // Relation message of the table (or the next session) tries again.
+                            configuration.logger.warning("could not look up the base types of \(relation.qualifiedName)'s user-defined column types; their values are sent as strings for now",
+                                           metadata: ["error": "\(error)", "types": "\(unknown)"])
+                        }
                     }
                 }
                 let output = try assembler.apply(decoded)
