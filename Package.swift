@@ -74,7 +74,10 @@ let package = Package(
         ),
         // Test-only helpers shared by the test targets (one database per test process).
         .target(name: "TestSupport", dependencies: ["PoolKit"], path: "Tests/Support"),
-        .testTarget(name: "PoolKitTests", dependencies: ["PoolKit", "TestSupport"]),
+        .testTarget(name: "PoolKitTests", dependencies: [
+            "PoolKit", "TestSupport",
+            .product(name: "MetricsTestKit", package: "swift-metrics"),
+        ]),
         .testTarget(name: "SchedulerTests", dependencies: [
             "Scheduler",
             .product(name: "MetricsTestKit", package: "swift-metrics"),

@@ -1,3 +1,5 @@
+import CoreMetrics
+
 /// The knobs of a ``ConnectionPool``. Every knob has a safe default, and every
 /// error the pool throws names the knobs that caused it.
 ///
@@ -63,6 +65,13 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
     /// these connections as usual; they come back under the shared state within 100 ms. Turn it
     /// off for strict most-recently-used reuse across all CPUs. Default true.
     public var cpuLocalCache: Bool
+    /// Where the pool's metrics go; nil (default): the process's `MetricsSystem.factory`, as
+    /// the application bootstrapped it. Not part of the configuration's equality.
+    public var metricsFactory: (any MetricsFactory)? {
+        get { metricsBackend.factory }
+        set { metricsBackend = MetricsBackend(factory: newValue) }
+    }
+    var metricsBackend = MetricsBackend(factory: nil)
 
     /// Creates a configuration; every parameter has the documented default.
     public init(
@@ -95,6 +104,13 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
         self.leakThreshold = leakThreshold
         self.drainTimeout = drainTimeout
         self.cpuLocalCache = cpuLocalCache
+    }
+
+    /// Holds `metricsFactory` outside the configuration's equality (a factory has none).
+    struct MetricsBackend: Sendable, Hashable {
+        let factory: (any MetricsFactory)?
+        static func == (lhs: Self, rhs: Self) -> Bool { true }
+        func hash(into hasher: inout Hasher) {}
     }
 
     /// The configuration with every value clamped into its valid range.
