@@ -134,6 +134,25 @@ struct AutoPingPauseTests {
         _ = try? channel.finish()
     }
 
+    @Test("paused while the session waits for the server (a snapshot's turn) does not count towards maxPausedIntervals")
+    func pausedByTheServer() throws {
+        let flag = Flag()
+        let busy = Flag()
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { flag.paused }, serverBusy: { busy.paused }))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.ping])
+        flag.paused = true
+        busy.paused = true
+        channel.embeddedEventLoop.advanceTime(by: .seconds(Int64(AutoPingHandler.maxPausedIntervals) * 3))
+        #expect(try sentOpcodes(channel).isEmpty, "dropped while waiting for the server's own turn")
+        busy.paused = false
+        channel.embeddedEventLoop.advanceTime(by: .seconds(Int64(AutoPingHandler.maxPausedIntervals) + 1))
+        #expect(try sentOpcodes(channel) == [.connectionClose])
+        _ = try? channel.finish()
+    }
+
     @Test("reads paused for more than maxPausedIntervals with a ping unanswered: the socket is dropped anyway (a client that never reads must not hold a snapshot's connection for good)")
     func pausedForGood() throws {
         let flag = Flag()

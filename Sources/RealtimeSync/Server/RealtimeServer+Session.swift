@@ -38,7 +38,8 @@ extension RealtimeServer {
             let observer = CloseFrameObserver(session: session)
             try operations.addHandler(observer, position: .after(decoder))
             try operations.addHandler(AutoPingHandler(interval: TimeAmount(configuration.pingInterval),
-                                                      readsPaused: { [session] in session.readsPaused.load(ordering: .relaxed) }),
+                                                      readsPaused: { [session] in session.readsPaused.load(ordering: .relaxed) },
+                                                      serverBusy: { [session] in session.waitingForServer.load(ordering: .relaxed) }),
                                       position: .after(observer))
             session.setFrameWriter(try? operations.context(handlerType: WebSocketFrameEncoder.self))
             try operations.addHandler(SessionHandler(server: self, session: session, grant: grant, logger: logger))
@@ -279,10 +280,14 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Whether the session has paused reading (its messages wait behind a catch-up or
     /// snapshot): the client's pong may then sit unread, which is no reason to drop it.
     private let readsPaused: () -> Bool
+    /// Whether the session waits for the server (a snapshot's turn): paused reads are then
+    /// the server's doing, and do not count towards `maxPausedIntervals`.
+    private let serverBusy: () -> Bool
 
-    init(interval: TimeAmount, readsPaused: @escaping () -> Bool = { false }) {
+    init(interval: TimeAmount, readsPaused: @escaping () -> Bool = { false }, serverBusy: @escaping () -> Bool = { false }) {
         self.interval = interval
         self.readsPaused = readsPaused
+        self.serverBusy = serverBusy
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -332,7 +337,7 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard !stopped, context.channel.isActive else { return }
         if unanswered != nil && readsPaused() && pausedTicks < Self.maxPausedIntervals {
             // Not read yet, not unanswered: ask again once reading resumes.
-            pausedTicks += 1
+            if !serverBusy() { pausedTicks += 1 }
             schedule(context: context)
             return
         }

@@ -189,7 +189,10 @@ extension RealtimeServer {
         session.wakeReaderOnClose()
         // Wait for a turn before anything is held for this subscription (held changes would
         // pile up in the send queue while it waits).
-        guard await snapshotGate.enter() else { return }
+        session.waitingForServer.store(true, ordering: .relaxed)
+        let admitted = await snapshotGate.enter()
+        session.waitingForServer.store(false, ordering: .relaxed)
+        guard admitted else { return }
         defer { snapshotGate.leave() }
         guard session.isOpen && session.channel.isActive else { return }
         let start = state.withLock { state -> Cursor in

@@ -241,6 +241,9 @@ final class SessionChannel: Sendable {
     /// Whether the `SessionHandler` paused reading the socket (messages held behind a
     /// catch-up or snapshot); the `AutoPingHandler` then does not count a pong as missing.
     let readsPaused = Atomic<Bool>(false)
+    /// Whether the session's work waits for the server itself (its turn for a snapshot), not
+    /// for the client to read: paused reads then do not count against the ping timeout.
+    let waitingForServer = Atomic<Bool>(false)
 
     private let closeWakesReader = Atomic<Bool>(false)
 
