@@ -13,6 +13,11 @@ private func committed(lsn: UInt64, firstID: Int, count: Int) -> CommittedTransa
                                 origin: nil, changes: changes, messages: [])
 }
 
+/// Transactions `range` of 100 inserts each: transaction t holds ids t*100+1 ... t*100+100.
+private func deliverHundreds(_ hub: ChangeHub, _ range: Range<Int>) {
+    for t in range { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+}
+
 private func ids(_ events: [ChangeEvent]) -> [Int] { events.map { Int($0.new!.text(at: 0)!)! } }
 
 private func drain(_ subscription: ChangeSubscription, _ count: Int) async throws -> [ChangeEvent] {
@@ -44,7 +49,7 @@ struct ChangeHubTests {
         let hub = ChangeHub(limits: .init(maxCount: 100_000), bufferLimit: 100)
         hub.openWindow(origin: LSN(0x100))
         // 3,000 changes in 30 transactions: about three pages.
-        for t in 0..<30 { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+        deliverHundreds(hub, 0..<30)
         let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x100), index: 0))))
         var iterator = resumed.makeAsyncIterator()
         var got: [Int] = []
@@ -61,13 +66,13 @@ struct ChangeHubTests {
     func pagedResumeEvicted() async throws {
         let hub = ChangeHub(limits: .init(maxCount: 2_000), bufferLimit: 100)
         hub.openWindow(origin: LSN(0x100))
-        for t in 0..<20 { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+        deliverHundreds(hub, 0..<20)
         let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x100), index: 0))))
         var iterator = resumed.makeAsyncIterator()
         var got: [Int] = []
         for _ in 0..<ChangeHub.pageSize { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
         // 1,500 more: the window (2,000) now starts past what this consumer has read.
-        for t in 20..<35 { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
+        deliverHundreds(hub, 20..<35)
         do {
             while let event = try await iterator.next() { got.append(Int(event.new!.text(at: 0)!)!) }
             Issue.record("expected resync_required")

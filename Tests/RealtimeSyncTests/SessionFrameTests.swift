@@ -116,14 +116,20 @@ struct AutoPingPauseTests {
         return opcodes
     }
 
+    /// A channel with an `AutoPingHandler` (1 s interval) that has sent its first ping.
+    private func pingedChannel(paused: Flag, busy: Flag = Flag()) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { paused.paused }, serverBusy: { busy.paused }))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.ping])
+        return channel
+    }
+
     @Test("no pong while reads are paused is not a timeout; once reading resumes, a pong still missing is")
     func pausedReadsAreNotATimeout() throws {
         let flag = Flag()
-        let channel = EmbeddedChannel()
-        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { flag.paused }))
-        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
-        #expect(try sentOpcodes(channel) == [.ping])
+        let channel = try pingedChannel(paused: flag)
         flag.paused = true
         channel.embeddedEventLoop.advanceTime(by: .seconds(3))
         #expect(try sentOpcodes(channel).isEmpty, "dropped for a pong it could not read")
@@ -138,11 +144,7 @@ struct AutoPingPauseTests {
     func pausedByTheServer() throws {
         let flag = Flag()
         let busy = Flag()
-        let channel = EmbeddedChannel()
-        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { flag.paused }, serverBusy: { busy.paused }))
-        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
-        #expect(try sentOpcodes(channel) == [.ping])
+        let channel = try pingedChannel(paused: flag, busy: busy)
         flag.paused = true
         busy.paused = true
         channel.embeddedEventLoop.advanceTime(by: .seconds(Int64(AutoPingHandler.maxPausedIntervals) * 3))
@@ -156,11 +158,7 @@ struct AutoPingPauseTests {
     @Test("reads paused for more than maxPausedIntervals with a ping unanswered: the socket is dropped anyway (a client that never reads must not hold a snapshot's connection for good)")
     func pausedForGood() throws {
         let flag = Flag()
-        let channel = EmbeddedChannel()
-        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
-        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), readsPaused: { flag.paused }))
-        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
-        #expect(try sentOpcodes(channel) == [.ping])
+        let channel = try pingedChannel(paused: flag)
         flag.paused = true
         channel.embeddedEventLoop.advanceTime(by: .seconds(Int64(AutoPingHandler.maxPausedIntervals)))
         #expect(try sentOpcodes(channel).isEmpty)
