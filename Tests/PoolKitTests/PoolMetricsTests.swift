@@ -21,15 +21,19 @@ struct PoolMetricsTests {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await pool.run() }
             #expect(try gauge("db.client.connection.max") == 1)
-            let held = try await pool.lease(label: "holder")
+            // Its own timeout: the pool opens its first connection now (slow on a loaded machine).
+            let held = try await pool.lease(label: "holder", timeout: .seconds(30))
             #expect(try gauge("db.client.connection.count", [("db.client.connection.state", "used")]) == 1)
             #expect(try gauge("db.client.connection.count", [("db.client.connection.state", "idle")]) == 0)
             // A second caller waits, then times out.
             let waiter = Task { try await pool.lease(label: "waiter") }
             try await pollUntil(seconds: 5) { (try? gauge("db.client.connection.pending_requests")) == 1 }
             #expect(try gauge("db.client.connection.pending_requests") == 1)
-            await #expect(throws: ConnectionPoolError.self) { _ = try await waiter.value }
-            #expect(try metrics.expectCounter("db.client.connection.timeouts", [name]).totalValue == 1)
+            let timedOut = await #expect(throws: ConnectionPoolError.self) { _ = try await waiter.value }
+            #expect(timedOut?.description.contains("acquireTimeout=200ms") == true, "\(String(describing: timedOut))")
+            let impatient = await #expect(throws: ConnectionPoolError.self) { _ = try await pool.lease(label: "impatient", timeout: .milliseconds(50)) }
+            #expect(impatient?.description.contains("the call's timeout=50ms") == true, "\(String(describing: impatient))")
+            #expect(try metrics.expectCounter("db.client.connection.timeouts", [name]).totalValue == 2)
             #expect(try gauge("db.client.connection.pending_requests") == 0)
             try await Task.sleep(for: .milliseconds(20))
             await pool.release(held)

@@ -881,7 +881,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                     if Task.isCancelled { return nil }
                     let result = s.machine.enqueue(
                         waiterID: waiterID, waiter: continuation, request: request,
-                        now: enqueueAt, deadline: waitDeadline, atFront: atFront
+                        now: enqueueAt, deadline: waitDeadline, atFront: atFront, callTimeout: timeout
                     )
                     s.publish(metrics, flags)
                     return result

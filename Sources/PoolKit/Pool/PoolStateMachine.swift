@@ -192,6 +192,9 @@ struct PoolStateMachine<Connection, Waiter> {
         var request: Request
         var enqueuedAt: Time
         var deadline: Time
+        /// The timeout the wait was given, and whether the call gave it (`lease(timeout:)`)
+        /// rather than `acquireTimeout`: the timeout error names the one in force.
+        var timeout: Duration?
     }
 
     let configuration: ConnectionPoolConfiguration
@@ -277,7 +280,8 @@ struct PoolStateMachine<Connection, Waiter> {
     /// connection turned out broken). Lends at once if a connection became idle
     /// meanwhile and nobody else waits.
     mutating func enqueue(
-        waiterID: UInt64, waiter: Waiter, request: Request, now: Time, deadline: Time, atFront: Bool = false
+        waiterID: UInt64, waiter: Waiter, request: Request, now: Time, deadline: Time, atFront: Bool = false,
+        callTimeout: Duration? = nil
     ) -> EnqueueResult {
         guard phase == .running else { return .failed(shutDownError(), Actions()) }
         if waiters.isEmpty, let slot = idle.popLast() {
@@ -292,7 +296,7 @@ struct PoolStateMachine<Connection, Waiter> {
             if waiters.isEmpty && stashedCount == 0 { planConnectForRefused(now: now, into: &actions) }
             return .failed(tooManyWaitersError(), actions)
         }
-        let entry = WaiterEntry(id: waiterID, waiter: waiter, request: request, enqueuedAt: now, deadline: deadline)
+        let entry = WaiterEntry(id: waiterID, waiter: waiter, request: request, enqueuedAt: now, deadline: deadline, timeout: callTimeout)
         if atFront { waiters.prepend(entry) } else { waiters.append(entry) }
         // Counted when the wait begins (as Go's database/sql does); its time is added when it
         // ends, however it ends (served, timed out, cancelled, failed by a drain).
@@ -897,10 +901,8 @@ struct PoolStateMachine<Connection, Waiter> {
 
     private func timeoutError(for entry: WaiterEntry, now: Time) -> ConnectionPoolError {
         let waited = formatDuration(now - entry.enqueuedAt)
-        let timeout = formatDuration(entry.deadline - entry.enqueuedAt)
-        // A deadline other than acquireTimeout's came from the call (`withConnection(timeout:)`).
-        let ownTimeout = entry.deadline - entry.enqueuedAt != configuration.acquireTimeout
-        let limits = "maxOpen=\(configuration.maxOpen), \(ownTimeout ? "the call's timeout" : "acquireTimeout")=\(timeout)"
+        let limits = entry.timeout.map { "maxOpen=\(configuration.maxOpen), the call's timeout=\(formatDuration($0))" }
+            ?? "maxOpen=\(configuration.maxOpen), acquireTimeout=\(formatDuration(configuration.acquireTimeout))"
         var message: String
         if let lastConnectError, established < configuration.maxOpen {
             message = "pool '\(configuration.name)' got no connection within \(waited): connects are failing (\(consecutiveConnectFailures) in a row; last: \(lastConnectError)); \(inUse)/\(configuration.maxOpen) in use (\(limits), connectBackoff max=\(formatDuration(configuration.connectBackoff.maximum)))"
