@@ -908,7 +908,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     func cancelJobAndWait(_ id: JobID) async {
         cancelJob(id)
-        if CurrentRun.isInside(id) { return }
+        // From inside the job's own run (its body, or a task the body started and may await),
+        // waiting would never end. Only this scheduler's runs count: another scheduler's
+        // job serials count from 1 too.
+        if let marker = CurrentRun.marker, marker.scheduler == ObjectIdentifier(self), marker.isInside(id) { return }
         drainCompletions()
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let registered = core.withLock { $0.machine.addWaiter(id, c) }

@@ -367,7 +367,8 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             if let f = firstDelay, f.attoseconds < 0 { throw bad(.invalidTrigger, "first delay \(f) must not be negative (Trigger.every firstAfter)") }
             compact = .fixedRate(period: p)
         case .fixedDelay(let delay, let initial):
-            guard delay >= .zero else { throw bad(.invalidTrigger, "delay \(delay) must not be negative (Trigger.fixedDelay delay)") }
+            // At least 1 ns, as for `every`: a zero delay reruns at the same instant without end.
+            guard delay.nanoseconds > 0 else { throw bad(.invalidTrigger, "delay \(delay) must be at least 1 nanosecond (Trigger.fixedDelay delay)") }
             if let i = initial, i < .zero { throw bad(.invalidTrigger, "initial delay \(i) must not be negative (Trigger.fixedDelay initialDelay)") }
             compact = .fixedDelay(delay: delay.nanoseconds)
         case .onceAfter(let d):
@@ -624,10 +625,16 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var times: [Int64] = []  // scheduled ticks of the overdue occurrences (only when k > 1)
         switch jobs[s].trigger {
         case .fixedRate(let period):
-            if now - due >= period {
-                k = 1 + (now - due) / period
-            }
             let grid = jobs[s].grid
+            // As for cron: occurrences passed beyond the jitter bound are overdue; the jitter
+            // delays a run on purpose and is not lateness (counted from the jittered due, a
+            // jitter over the period made most occurrences "missed"). Overflow-safe: a first
+            // instant centuries back saturates to Int64.min.
+            let (behind, overflowed) = now.subtractingReportingOverflow(grid)
+            let lag = overflowed ? Int64.max : behind.saturatingAdd(-jobs[s].options.jitter)
+            if lag >= period {
+                k = 1 + lag / period
+            }
             if k > 1 {
                 let keep = Int64(jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1)
                 for i in Swift.max(0, k - keep)..<k { times.append(i == 0 ? due : grid + i * period) }
@@ -812,10 +819,13 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
                     reason != .jobCancelled, !jobs[s].flags.contains(.cancelledByHandle), phase == .running, jobs[s].box != nil,
                     case .once = jobs[s].trigger
                 {
-                    // a one-shot job's retry keeps it alive
-                    jobs[s].flags.remove(.gone)
-                    liveJobs += 1
-                    scheduleRetry(s, retry: retry, attempt: attempt, now: now)
+                    // a one-shot job's retry keeps it alive (unless its backoff never ends)
+                    if scheduleRetry(s, retry: retry, attempt: attempt, now: now) {
+                        jobs[s].flags.remove(.gone)
+                        liveJobs += 1
+                    } else {
+                        freeSlot(s)
+                    }
                 } else {
                     freeSlot(s)
                 }
@@ -827,7 +837,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             queue.insert(UInt32(s), deadline: jobs[s].regularDue)
         }
         if failed, let retry = jobs[s].options.retry, attempt < retry.maxAttempts {
-            scheduleRetry(s, retry: retry, attempt: attempt, now: now)
+            _ = scheduleRetry(s, retry: retry, attempt: attempt, now: now)
         }
         if jobs[s].burstRemaining > 0, var times = burstTimes[UInt32(s)], !times.isEmpty {
             jobs[s].burstRemaining -= 1
@@ -840,13 +850,15 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         }
     }
 
-    private mutating func scheduleRetry(_ s: Int, retry: RetryPolicy, attempt: Int, now: Int64) {
+    /// Queues a retry before the job's next regular run; false when none was queued (the
+    /// regular run comes first, or the backoff saturated to never).
+    private mutating func scheduleRetry(_ s: Int, retry: RetryPolicy, attempt: Int, now: Int64) -> Bool {
         let at = now.saturatingAdd(retry.backoff(afterAttempt: attempt).nanoseconds)
-        if at < jobs[s].regularDue {
-            jobs[s].flags.insert(.retryPending)
-            jobs[s].attempt = UInt16(attempt + 1)
-            queue.insert(UInt32(s), deadline: at)
-        }
+        guard at < jobs[s].regularDue, at < .max else { return false }
+        jobs[s].flags.insert(.retryPending)
+        jobs[s].attempt = UInt16(attempt + 1)
+        queue.insert(UInt32(s), deadline: at)
+        return true
     }
 
     // MARK: - Shutdown

@@ -124,6 +124,45 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("fixed rate with a jitter longer than its period: no occurrence counted missed; each runs or is skipped as an overlap")
+    func fixedRateWithLongJitter() async throws {
+        try await withScheduler { scheduler, _ in
+            let r = Recorder()
+            let h = try scheduler.schedule(.every(.seconds(1), firstAfter: .seconds(1)), options: .init(jitter: .seconds(3))) { c in r.record(c) }
+            await scheduler.advance(by: .seconds(300))
+            let statistics = try #require(h.statistics)
+            #expect(statistics.missedRuns == 0)
+            // 300 occurrences, the last few still in their jitter.
+            #expect((294...300).contains(r.all.count + Int(statistics.skippedOverlaps)), "\(r.all.count) runs, \(statistics.skippedOverlaps) skipped")
+            #expect(Set(r.scheduled).count == r.all.count, "an occurrence ran twice")
+        }
+    }
+
+    @Test("a fixed-rate first instant centuries back does not trap; a zero fixed delay is refused")
+    func extremeTriggers() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            _ = try scheduler.schedule(.every(.seconds(1), startingAt: clock.now.advanced(by: .seconds(-Int64.max / 2)))) { c in r.record(c) }
+            await scheduler.advance(by: .seconds(3))
+            #expect(r.all.count >= 1)
+            #expect(throws: SchedulerError.self) { try scheduler.schedule(.fixedDelay(.zero)) { _ in } }
+        }
+    }
+
+    @Test("a one-shot job whose retry backoff never ends is done after its failure, not kept live for ever")
+    func oneShotWithEndlessBackoff() async throws {
+        try await withScheduler { scheduler, _ in
+            let forever = Duration.seconds(Int64.max / 2)
+            let h = try scheduler.schedule(.once(after: .seconds(1)),
+                                           options: .init(retry: .init(maxAttempts: 3, initialBackoff: forever, maxBackoff: forever))) { _ in
+                throw CancellationError()
+            }
+            await scheduler.advance(by: .seconds(2))
+            #expect(h.isCancelled, "the job should be over")
+            #expect(scheduler.statistics.jobs == 0)
+        }
+    }
+
     @Test("fixed delay with a retry: the next regular run comes a delay after the retry ends, with no spurious overlap")
     func fixedDelayAfterRetry() async throws {
         try await withScheduler { scheduler, clock in
