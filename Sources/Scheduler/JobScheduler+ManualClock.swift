@@ -17,9 +17,13 @@ extension JobScheduler where C == ManualClock {
         case .running:
             guard parked else { return false }
             // Workers waiting for runs are idle; a run not yet taken, or one
-            // whose end is not recorded yet, is not.
-            let settled = pool.withLock { $0.queued == 0 && $0.completions.isEmpty }
-            return settled && clock.sleeperCount == expected
+            // whose end is not recorded yet, is not, unless every worker is busy
+            // (`maxWorkers`): then queued runs wait for a body to end, i.e. for time.
+            let (settled, waitingForAWorker) = pool.withLock { p -> (Bool, Int) in
+                let full = p.workers >= p.cap && p.idleWorkers == 0
+                return ((p.queued == 0 || full) && p.completions.isEmpty, full ? p.queued : 0)
+            }
+            return settled && clock.sleeperCount == expected - waitingForAWorker
         }
     }
 

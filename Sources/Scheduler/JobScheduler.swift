@@ -921,7 +921,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     func delayUntilNextRun(_ id: JobID) -> Duration? {
         guard let due = core.withLock({ $0.machine.nextDue(id) }) else { return nil }
-        return .nanoseconds(Swift.max(0, due &- ticks(clock.now)))
+        let (delay, overflow) = due.subtractingReportingOverflow(ticks(clock.now))
+        return .nanoseconds(overflow ? (due < 0 ? 0 : .max) : Swift.max(0, delay))
     }
 
     func isJobGone(_ id: JobID) -> Bool {

@@ -630,6 +630,29 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("advance() on the manual clock returns when more runs sleep than maxWorkers allows (the extra ones wait for a worker, i.e. for time)")
+    func manualClockWithMoreRunsThanWorkers() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet, configuration: .init(randomSeed: 42, maxWorkers: 2))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let r = Recorder()
+            try scheduler.schedule(.every(.seconds(1)), options: .init(overlap: .concurrent(max: 5))) { c in
+                r.record(c)
+                try await clock.sleep(for: .seconds(3))
+            }
+            // Unstructured and bounded: an advance that never returns must fail the test.
+            let advanced = Task { await scheduler.advance(by: .seconds(10)) }
+            try await pollUntil(seconds: 20) { clock.now.offset >= .seconds(10) }
+            #expect(clock.now.offset >= .seconds(10), "advance(by:) hung with 2 workers and up to 5 runs in progress")
+            try await pollUntil(seconds: 20) { r.all.count >= 5 }
+            #expect(r.all.count >= 5)
+            await scheduler.shutdown(deadline: .zero)
+            _ = await advanced.value
+            try await group.waitForAll()
+        }
+    }
+
     @Test("a run whose timeout passes while it waits for a busy worker counts as a failed, timed-out run")
     func timeoutBeforeStart() async throws {
         let clock = ManualClock()
