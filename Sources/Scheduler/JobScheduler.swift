@@ -896,7 +896,17 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @_specialize(where C == ContinuousClock)
     func cancelJob(_ id: JobID) {
         let (controls, resumes, jobs) = core.withLock { core in
-            (core.machine.cancel(id), core.machine.takeResumes(), core.machine.liveJobs)
+            let controls = core.machine.cancel(id)
+            // Nothing left to wait for: the armed timer goes too, at once, instead of sleeping
+            // until the cancelled job's time (only then: a timer re-armed on every cancel of
+            // the earliest job would cost a task per cancel).
+            if controls != nil, core.lifecycle == .running, Self.nextDeadline(&core) == nil {
+                core.liveTimers.removeAll { timer in
+                    timer.task?.takeUnretainedValue().task.cancel()
+                    return true
+                }
+            }
+            return (controls, core.machine.takeResumes(), core.machine.liveJobs)
         }
         if let controls {
             for c in controls { c.cancel(.jobCancelled) }

@@ -653,6 +653,19 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("cancelling the last job ends the armed timer at once: no task sleeps until the cancelled job's time")
+    func cancelEndsTheTimer() async throws {
+        try await withScheduler { scheduler, clock in
+            let h = try scheduler.schedule(.once(after: .seconds(3_600))) { _ in }
+            await scheduler.waitUntilIdle()
+            #expect(scheduler.liveTasks.timers == 1)
+            h.cancel()
+            try await pollUntil(seconds: 10) { scheduler.liveTasks.timers == 0 }
+            #expect(scheduler.liveTasks.timers == 0)
+            #expect(clock.sleeperCount == 0)
+        }
+    }
+
     @Test("a run whose timeout passes while it waits for a busy worker counts as a failed, timed-out run")
     func timeoutBeforeStart() async throws {
         let clock = ManualClock()
