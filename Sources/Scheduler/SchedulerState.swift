@@ -113,6 +113,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         var inFlight: UInt16 = 0
         var attempt: UInt16 = 1  // attempt number of the pending retry
         var burstRemaining: UInt16 = 0
+        var queuedAttempt: UInt16 = 1  // attempt number of the run `.queueOne` holds (a retry keeps its own)
         var firstRun: Int32 = -1
         var options: CompactOptions
         var serial: UInt64
@@ -719,6 +720,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if jobs[s].options.overlapKind == 1 && !jobs[s].flags.contains(.queuedRun) {
             jobs[s].flags.insert(.queuedRun)
             jobs[s].queuedAt = scheduled
+            jobs[s].queuedAttempt = attempt
             return
         }
         jobs[s].stats.skipped &+= 1
@@ -846,7 +848,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             ready.append(self.start(s, scheduled: t, attempt: 1, now: now))
         } else if jobs[s].flags.contains(.queuedRun) {
             jobs[s].flags.remove(.queuedRun)
-            ready.append(self.start(s, scheduled: jobs[s].queuedAt, attempt: 1, now: now))
+            ready.append(self.start(s, scheduled: jobs[s].queuedAt, attempt: jobs[s].queuedAttempt, now: now))
         }
     }
 

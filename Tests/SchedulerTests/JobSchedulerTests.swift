@@ -666,6 +666,25 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("queueOne with a retry: a retry held behind a long run keeps its attempt number")
+    func queueOneRetryKeepsItsAttempt() async throws {
+        try await withScheduler { scheduler, clock in
+            let r = Recorder()
+            let retry = RetryPolicy(maxAttempts: 3, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+            // Every run takes 15 s (longer than the 10 s period) and fails: its retry, due 1 s
+            // after, finds the next regular run in progress and waits in the queue.
+            try scheduler.schedule(.every(.seconds(10)), options: .init(overlap: .queueOne, retry: retry)) { c in
+                r.record(c)
+                try await clock.sleep(for: .seconds(15))
+                throw CancellationError()
+            }
+            await scheduler.advance(by: .seconds(100))
+            let attempts = r.all.map(\.attempt)
+            #expect(attempts.contains(2), "attempts \(attempts)")
+            #expect(attempts.allSatisfy { $0 <= 3 })
+        }
+    }
+
     @Test("a run whose timeout passes while it waits for a busy worker counts as a failed, timed-out run")
     func timeoutBeforeStart() async throws {
         let clock = ManualClock()
