@@ -12,11 +12,6 @@ import Synchronization
 /// updates its marker before and after each body instead (two relaxed stores).
 enum CurrentRun {
     @TaskLocal static var marker: RunMarker?
-
-    /// True if the current task is (or was started from) a worker now inside a run of `id`.
-    static func isInside(_ id: JobID) -> Bool {
-        marker?.isInside(id) ?? false
-    }
 }
 
 /// Which job's run a worker is inside (see `CurrentRun`).
