@@ -753,12 +753,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                         // the connection is closed then either way.
                         let delivered = OneTimeEvent()
                         Task { await connection.cancelRunningQuery(); delivered.fire() }
-                        await withTaskGroup(of: Void.self) { race in
-                            race.addTask { await delivered.wait() }
-                            race.addTask { try? await Task.sleep(for: .seconds(1)) }
-                            await race.next()
-                            race.cancelAll()
-                        }
+                        _ = await delivered.wait(atMost: .seconds(1))
                         await connection.close()
                     }
                 }

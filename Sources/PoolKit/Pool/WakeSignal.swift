@@ -72,6 +72,27 @@ final class OneTimeEvent: Sendable {
         for waiter in waiters { waiter.resume() }
     }
 
+    /// Waits until the event fires or `limit` has passed; true if it fired. The caller's
+    /// cancellation does not end the wait early (it is bounded anyway): a cancelled caller
+    /// that must still wait for a cleanup to go out can use it.
+    func wait(atMost limit: Duration) async -> Bool {
+        if hasFired { return true }
+        // Unstructured: child tasks of a cancelled caller would end their waits at once.
+        let done = OneTimeEvent()
+        let watcher = Task {
+            await self.wait()
+            done.fire()
+        }
+        let timer = Task {
+            try? await Task.sleep(for: limit)
+            done.fire()
+        }
+        await Task { await done.wait() }.value
+        watcher.cancel()
+        timer.cancel()
+        return hasFired
+    }
+
     /// Waits until the event fires or the task is cancelled.
     func wait() async {
         let id = state.withLock { s -> UInt64 in

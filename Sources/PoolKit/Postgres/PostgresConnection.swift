@@ -602,22 +602,8 @@ public final class PostgresConnection: @unchecked Sendable {
             // A cancel request still on its way could hit the next statement on this
             // connection (the next holder's): wait for it to go out, within the grace period;
             // past that the connection is marked broken, so that a pool discards it.
-            if let delivered = cancelDelivered, !delivered.hasFired {
-                // Unstructured: this task is cancelled, and a child's wait would end at once.
-                let grace = configuration.cancelGracePeriod
-                let done = OneTimeEvent()
-                let timer = Task {
-                    try? await Task.sleep(for: grace)
-                    done.fire()
-                }
-                let watcher = Task {
-                    await delivered.wait()
-                    done.fire()
-                }
-                await Task { await done.wait() }.value
-                timer.cancel()
-                watcher.cancel()
-                if !delivered.hasFired { state.withLock { $0.broken = true } }
+            if let delivered = cancelDelivered, await !delivered.wait(atMost: configuration.cancelGracePeriod) {
+                state.withLock { $0.broken = true }
             }
             throw CancellationError()
         }

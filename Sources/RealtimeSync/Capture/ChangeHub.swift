@@ -67,6 +67,8 @@ final class ChangeHub: Sendable {
         var excess = 0
         var pageAfter = Cursor(commitLSN: LSN(0), index: 0)
         var queued: Int { buffer.count - head }
+        /// Paging, and its queue ran dry: the next page comes from the window.
+        var needsPage: Bool { paging && head == buffer.count }
 
         mutating func pop() -> ChangeEvent? {
             guard head < buffer.count else { return nil }
@@ -93,6 +95,13 @@ final class ChangeHub: Sendable {
         var transactions = 0
         var changes = 0
         var cutOff = 0
+
+        /// The next change for consumer `id` (see `ChangeHub.take`), paging from the window
+        /// when its queue ran dry; the window is only touched then.
+        mutating func take(_ id: UInt64) -> Result<ChangeEvent?, any Error>? {
+            if subscribers[id]!.needsPage, let window { ChangeHub.nextPage(&subscribers[id]!, from: window) }
+            return ChangeHub.take(&subscribers[id]!)
+        }
     }
 
     let bufferLimit: Int
@@ -131,7 +140,7 @@ final class ChangeHub: Sendable {
                 } catch {
                     sub.ending = .some(error)
                 }
-                if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
+                if let waiter = sub.waiter, let result = Self.take(&sub) {
                     sub.waiter = nil
                     wake.append((waiter, result))
                 }
@@ -180,7 +189,7 @@ final class ChangeHub: Sendable {
                         sub.buffer.append(contentsOf: batch)
                         sub.excess += batch.count - counted
                     }
-                    if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
+                    if let waiter = sub.waiter, let result = Self.take(&sub) {
                         sub.waiter = nil
                         wake.append((waiter, result))
                     }
@@ -216,7 +225,8 @@ final class ChangeHub: Sendable {
                         ? ChangeStreamError(.streamStopped, "the change stream stopped before it could serve the cursor \(sub.pendingCursor!)")
                         : error)
                 }
-                if let waiter = sub.waiter, let result = Self.take(&sub, window: s.window) {
+                if sub.needsPage, let window = s.window { Self.nextPage(&sub, from: window) }
+                if let waiter = sub.waiter, let result = Self.take(&sub) {
                     sub.waiter = nil
                     wake.append((waiter, result))
                 }
@@ -272,7 +282,7 @@ final class ChangeHub: Sendable {
     func next(_ id: UInt64) async throws -> ChangeEvent? {
         let immediate: Result<ChangeEvent?, any Error>? = state.withLock { s in
             guard s.subscribers[id] != nil else { return .success(nil) }
-            let result = Self.take(&s.subscribers[id]!, window: s.window)
+            let result = s.take(id)
             switch result {
             case .success(nil)?, .failure?: s.subscribers[id] = nil
             default: break
@@ -285,7 +295,7 @@ final class ChangeHub: Sendable {
                 let now: Result<ChangeEvent?, any Error>? = state.withLock { s in
                     guard s.subscribers[id] != nil else { return .success(nil) }
                     if Task.isCancelled { s.subscribers[id] = nil; return .success(nil) }
-                    if let result = Self.take(&s.subscribers[id]!, window: s.window) { return result }
+                    if let result = s.take(id) { return result }
                     s.subscribers[id]!.waiter = cont
                     return nil
                 }
@@ -306,22 +316,23 @@ final class ChangeHub: Sendable {
         if let last = page.last { sub.pageAfter = last.cursor }
     }
 
-    /// A queued change, the end (nil / error), or nil when the consumer must wait. A paging
-    /// consumer whose queue ran dry gets its next page from the window first (under the same
-    /// lock as every append: no gap, no duplicate when it goes live).
-    private static func take(_ sub: inout Subscriber, window: Window?) -> Result<ChangeEvent?, any Error>? {
-        if sub.head == sub.buffer.count, sub.paging, let window {
-            do {
-                let page = try window.events(after: sub.pageAfter, limit: pageSize)
-                sub.buffer.append(contentsOf: page)
-                sub.paging = page.count == pageSize
-                if let last = page.last { sub.pageAfter = last.cursor }
-            } catch {
-                // The window moved past this consumer while it read: resync_required.
-                sub.paging = false
-                if sub.ending == nil { sub.ending = .some(error) }
-            }
+    /// Queues a paging consumer's next page from the window (under the same lock as every
+    /// append: no gap, no duplicate when it goes live).
+    fileprivate static func nextPage(_ sub: inout Subscriber, from window: Window) {
+        do {
+            let page = try window.events(after: sub.pageAfter, limit: pageSize)
+            sub.buffer.append(contentsOf: page)
+            sub.paging = page.count == pageSize
+            if let last = page.last { sub.pageAfter = last.cursor }
+        } catch {
+            // The window moved past this consumer while it read: resync_required.
+            sub.paging = false
+            if sub.ending == nil { sub.ending = .some(error) }
         }
+    }
+
+    /// A queued change, the end (nil / error), or nil when the consumer must wait.
+    fileprivate static func take(_ sub: inout Subscriber) -> Result<ChangeEvent?, any Error>? {
         if let event = sub.pop() { return .success(event) }
         if let ending = sub.ending {
             if let error = ending { return .failure(error) }
