@@ -139,6 +139,23 @@ struct SnapshotVisibilityTests {
         #expect(state.snapshots.isEmpty)
     }
 
+    @Test("Each FETCH is sized by the previous one's bytes: wide rows a few at a time, narrow ones up to snapshotChunkRows")
+    func fetchSizing() {
+        var sizer = SnapshotFetchSizer(maxRows: 500, targetBytes: 64 << 10)
+        #expect(sizer.nextCount == 16)
+        sizer.record(rows: 16, bytes: 16 << 20)       // 1 MiB rows: one at a time
+        #expect(sizer.nextCount == 1)
+        sizer.record(rows: 1, bytes: 8 << 10)         // 8 KiB rows: 8 per FETCH
+        #expect(sizer.nextCount == 8)
+        sizer.record(rows: 0, bytes: 0)               // the end: unchanged
+        #expect(sizer.nextCount == 8)
+        sizer.record(rows: 8, bytes: 800)             // 100-byte rows: capped by maxRows
+        #expect(sizer.nextCount == 500)
+        sizer.record(rows: 500, bytes: 0)             // all NULL: still capped
+        #expect(sizer.nextCount == 500)
+        #expect(SnapshotFetchSizer(maxRows: 5, targetBytes: 64 << 10).nextCount == 5)
+    }
+
     @Test("Filter.evaluate(row:) agrees with the filter on the same row as an INSERT")
     func filterOnRows() throws {
         let filter = try Filter(parsing: "status=eq.open&qty=gt.2&paid=is.null", columns: itemsColumns)
@@ -253,6 +270,23 @@ struct SnapshotTests {
             #expect(reply.chunks.map(\.count) == [100, 100, 50])
             #expect(reply.chunks.map(\.done) == [false, false, true])
             #expect(Set(reply.rows.compactMap { $0["id"] as? Int }) == Set(1...250))
+        }
+    }
+
+    @Test("Wide rows (40 × 300 KB, more than a FETCH's byte target each) arrive whole, each row intact, one per message")
+    func wideRows() async throws {
+        try await withSeededTable("snap_wide", seed: "INSERT INTO {t} SELECT g, repeat(chr(64 + g), 300000) FROM generate_series(1, 40) g",
+                                  ) { _, client, table in
+            let reply = try await client.subscribeWithSnapshot("wide", table: table, timeout: 60)
+            #expect(reply.chunks.map(\.count) == Array(repeating: 1, count: 40))
+            var seen = Set<Int>()
+            for row in reply.rows {
+                let id = try #require(row["id"] as? Int)
+                let status = try #require(row["status"] as? String)
+                #expect(status.utf8.count == 300_000 && status == String(repeating: String(UnicodeScalar(UInt8(64 + id))), count: 300_000), "row \(id)")
+                seen.insert(id)
+            }
+            #expect(seen == Set(1...40))
         }
     }
 

@@ -245,10 +245,11 @@ extension RealtimeServer {
             late = try await lateChanges(source, subscription: subscription, visibility: visibility, from: lateFrom, through: start)
         }
         let chunkRows = max(1, configuration.snapshotChunkRows)
+        var fetch = SnapshotFetchSizer(maxRows: chunkRows, targetBytes: configuration.snapshotChunkBytes)
         // Count first, so that a too-large snapshot sends nothing.
         var matching = 0
         while true {
-            let rows = try await snapshot.nextRows(chunkRows)
+            let rows = try await fetch.nextRows(of: snapshot)
             if rows.isEmpty { break }
             for row in rows where subscription.filter.evaluate(row: row, columns: columns) == .true { matching += 1 }
             if matching > configuration.snapshotMaxRows { return .tooLarge }
@@ -261,7 +262,7 @@ extension RealtimeServer {
         var chunkBytes = 0
         var sent = 0
         while true {
-            let rows = try await snapshot.nextRows(chunkRows)
+            let rows = try await fetch.nextRows(of: snapshot)
             if rows.isEmpty { break }
             for row in rows where subscription.filter.evaluate(row: row, columns: columns) == .true {
                 let encoded = ServerMessage.snapshotRow(columns: columns, values: row)
@@ -324,5 +325,41 @@ extension RealtimeServer {
             if event.cursor == through { break }
         }
         return frames
+    }
+}
+
+/// Sizes each snapshot FETCH by the bytes the previous one brought: about `targetBytes` of row
+/// text (`snapshotChunkBytes`), never more than `maxRows` rows (`snapshotChunkRows`). A fixed
+/// count of wide rows (say 500 rows of 1 MB each) held half a gigabyte per snapshot, twice
+/// (libpq's result and the copied values); the first fetch is small so that nothing is known
+/// about the rows yet costs little.
+struct SnapshotFetchSizer {
+    /// Rows the first FETCH asks for (at most `maxRows`).
+    static let firstFetch = 16
+    let maxRows: Int
+    let targetBytes: Int
+    /// What the next FETCH asks for.
+    private(set) var nextCount: Int
+
+    init(maxRows: Int, targetBytes: Int) {
+        self.maxRows = max(1, maxRows)
+        self.targetBytes = max(1, targetBytes)
+        nextCount = min(self.maxRows, Self.firstFetch)
+    }
+
+    /// Sizes the next FETCH from one that brought `rows` rows of `bytes` bytes of text in all.
+    mutating func record(rows: Int, bytes: Int) {
+        guard rows > 0 else { return }
+        let perRow = max(1, bytes / rows)
+        nextCount = max(1, min(maxRows, targetBytes / perRow))
+    }
+
+    /// The next rows of `snapshot`, sized as above.
+    mutating func nextRows(of snapshot: TableSnapshot) async throws -> [[[UInt8]?]] {
+        let rows = try await snapshot.nextRows(nextCount)
+        var bytes = 0
+        for row in rows { for value in row { bytes += value?.count ?? 0 } }
+        record(rows: rows.count, bytes: bytes)
+        return rows
     }
 }

@@ -122,14 +122,16 @@ public struct RealtimeServerConfiguration: Sendable {
     public var walPosition: (@Sendable () async throws -> LSN)?
     /// Most rows a snapshot may send (after the filter); more gives `snapshot_too_large`. Default 10,000.
     public var snapshotMaxRows: Int
-    /// Most rows in one `snapshot` message (and rows fetched from Postgres at a time). Default 500.
+    /// Most rows in one `snapshot` message, and in one FETCH from Postgres (each FETCH is also
+    /// sized by the previous one's bytes to about `snapshotChunkBytes`). Default 500.
     public var snapshotChunkRows: Int
     /// Snapshots that may run at once, server-wide; more wait their turn in arrival order (the
     /// client's later messages wait behind them). Each holds a pooled connection for its
     /// whole length, so this keeps clients from taking every connection the service's own
     /// jobs need. Default 4; `RealtimeService` sets it to one less than its pool's `maxOpen`.
     public var maxConcurrentSnapshots: Int
-    /// A `snapshot` message is sent once its rows reach this many bytes. Default 64 KiB.
+    /// A `snapshot` message is sent once its rows reach this many bytes; each FETCH aims at
+    /// about this much row text too, so wide rows are fetched a few at a time. Default 64 KiB.
     public var snapshotChunkBytes: Int
     /// Logger for the server, its sessions and its shutdown.
     public var logger: Logger
