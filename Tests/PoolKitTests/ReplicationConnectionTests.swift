@@ -113,6 +113,47 @@ struct ReplicationConnectionTests {
         } }
     }
 
+    @Test("sendStatus from another task, beside a parked reader, with the socket full (walsender stopped): returns, no spin; the stream goes on after")
+    func sendStatusBesideParkedReader() async throws {
+        try await TestDatabase.withDatabase { url in try await withReplicationFixture(url) { sql, slot, table in
+            let repl = try await ReplicationConnection.connect(.init(url))
+            #expect(try await repl.createSlotIfMissing(slot))
+            try await repl.startReplication(slot: slot, options: pgoutputOptions(table), statusInterval: .seconds(3_600))
+            let reader = Task { () -> Bool in
+                while let message = try await repl.readMessage() {
+                    if case .xLogData(let data) = message, data.payload.first == UInt8(ascii: "I") { return true }
+                }
+                return false
+            }
+            try await Task.sleep(for: .milliseconds(300))  // the reader parks on the socket
+            // The walsender stops reading: 400,000 updates (15.6 MB) are more than the two
+            // sockets' buffers hold, so some sendStatus finds the socket full while the reader
+            // waits on it. Before, that call retried against the reader's wait without pause
+            // (a core spinning) until the reader woke, which nothing made it do: it timed out.
+            let walsender = repl.backendPID
+            #expect(kill(walsender, SIGSTOP) == 0)
+            let clock = ContinuousClock()
+            let started = clock.now
+            var failure: (any Error)?
+            do {
+                try await withTimeout(.seconds(60)) { for _ in 0..<400_000 { try await repl.sendStatus() } }
+            } catch {
+                failure = error
+            }
+            let elapsed = started.duration(to: clock.now)
+            kill(walsender, SIGCONT)
+            #expect(failure == nil, "sendStatus failed or hung: \(String(describing: failure))")
+            #expect(repl.statusUpdatesSent >= 400_000, "took \(elapsed)")
+            // The walsender reads the backlog, and the reader still gets the stream.
+            try await sql.execute("INSERT INTO \(table) VALUES (1)")
+            let gotInsert = try await withTimeout(.seconds(30)) {
+                try await withTaskCancellationHandler { try await reader.value } onCancel: { reader.cancel() }
+            }
+            #expect(gotInsert)
+            await repl.stop()
+        } }
+    }
+
     @Test("The confirmed position reaches the server; a restart from it does not resend the transaction")
     func confirmedFlush() async throws {
         try await TestDatabase.withDatabase { url in try await withReplicationFixture(url) { sql, slot, table in

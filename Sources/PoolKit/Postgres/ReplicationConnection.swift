@@ -274,7 +274,13 @@ public final class ReplicationConnection: Sendable {
                 }
                 stream.withLock { $0.waits += 1 }
                 switch await SocketReactor.shared.wait(fd: fd, for: interest) {
-                case .ready, .interrupted: continue
+                case .ready: continue
+                case .interrupted:
+                    // Nudged, or a `sendStatus` from another task waits on the socket (one
+                    // waiter per socket): end its wait (it leaves the rest of its update to
+                    // this reader) rather than retry against it at once.
+                    SocketReactor.shared.interrupt(fd: fd)
+                    continue
                 case .cancelled: throw CancellationError()
                 }
             }
@@ -295,7 +301,14 @@ public final class ReplicationConnection: Sendable {
                     return .message(try Self.parse(UnsafeRawBufferPointer(start: buffer, count: Int(n)), backend: connection.backendPID))
                 }
                 if n == 0 {
-                    if attempt > 0 { return .wait(s.fd, .readable) }
+                    if attempt > 0 {
+                        // Output a status update left behind (its sender found the socket full
+                        // while this reader waited on it): flush it, and wait for the socket to
+                        // take the rest as well as for input.
+                        let f = PQflush(pg)
+                        if f < 0 { s.broken = true; throw connection.brokenError(pg, context: "could not flush the replication connection") }
+                        return .wait(s.fd, f == 1 ? .readableOrWritable : .readable)
+                    }
                     attempt += 1
                     if PQconsumeInput(pg) == 0 {
                         s.broken = true
@@ -376,7 +389,11 @@ public final class ReplicationConnection: Sendable {
     // MARK: Status updates
 
     /// Sends a standby status update now (`r`: write, flush, apply, clock, reply flag) and
-    /// flushes it, waiting for the socket to become writable if libpq's buffer is full.
+    /// flushes it, waiting for the socket to become writable if it is full. Safe beside a
+    /// reader parked in `readMessage()` on another task: when the socket is full and that reader
+    /// waits on it, what is left goes out with the reader's next wait, which then also waits
+    /// for the socket to take it (one waiter per socket; before, the sender retried at once,
+    /// spinning a core until the reader woke).
     public func sendStatus(replyRequested: Bool = false) async throws {
         let (write, flush) = stream.withLock { s -> (UInt64, UInt64) in
             s.lastStatus = .now
@@ -412,7 +429,18 @@ public final class ReplicationConnection: Sendable {
                 return try flushLocked(pg, &s)
             }
             guard let fd = wait else { return }
-            if await SocketReactor.shared.wait(fd: fd, for: .writable) == .cancelled { throw CancellationError() }
+            switch await SocketReactor.shared.wait(fd: fd, for: .writable) {
+            case .ready: continue
+            case .cancelled: throw CancellationError()
+            case .interrupted:
+                // Another waiter (the reader) holds the socket, or someone nudged it. Once the
+                // update is in libpq's buffer, hand the rest to the reader: its wait re-arms
+                // for writable while output is pending (`readStep`). Not yet buffered: retry
+                // after a pause, not at once.
+                SocketReactor.shared.interrupt(fd: fd)
+                if queued { return }
+                try await Task.sleep(for: .milliseconds(1))
+            }
         }
     }
 
