@@ -241,6 +241,20 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
         var wall = t + offset(at: t) + 1
         let limit = wall + 8 * 366 * 86_400
         while wall < limit {
+            guard let w = nextMatchingWall(from: wall, before: limit) else { return nil }
+            if let instant = instant(forWall: w, after: t) {
+                return instant
+            }
+            wall = w + 1
+        }
+        return nil
+    }
+
+    /// The first local wall second at or after `wall` (naive seconds) that the fields match,
+    /// if one is before `limit`. Calendar arithmetic only: no time-zone lookup.
+    private func nextMatchingWall(from start: Int, before limit: Int) -> Int? {
+        var wall = start
+        while wall < limit {
             let days = Int((Double(wall) / 86_400).rounded(.down))
             var secOfDay = wall - days * 86_400
             let (y, mo, d) = CronExpression.civilFromDays(days)
@@ -274,12 +288,104 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
             }
             se = nse
             secOfDay = h * 3600 + mi * 60 + se
-            wall = days * 86_400 + secOfDay
-            if let instant = instant(forWall: wall, after: t) {
-                return instant
-            }
-            wall += 1
+            return days * 86_400 + secOfDay
         }
         return nil
+    }
+
+    /// The occurrences after `t` up to and including `end` (seconds since 1970): how many, the
+    /// last `keep` of them (oldest first), and the first one after `end` (nil: none within
+    /// `nextSecond`'s horizon). Exactly what calling `nextSecond` from `t` until past `end`
+    /// gives, without the walk: while the zone's offset is constant (more than two days from a
+    /// transition) whole local days are counted by their fields, and only the first and last
+    /// day (and the days holding the last `keep`) are stepped, by calendar arithmetic. A
+    /// scheduler catching up a per-second job after a day-long stall did 86,400 `nextSecond`
+    /// calls (six time-zone lookups each) under its lock.
+    func catchUp(after t: Int, through end: Int, keep: Int) -> (count: Int, last: [Int], next: Int?) {
+        guard end > t else { return (0, [], nextSecond(after: t)) }
+        let keep = max(0, keep)
+        var count = 0
+        var recent: [Int] = []
+        func note(_ instant: Int) {
+            count += 1
+            guard keep > 0 else { return }
+            recent.append(instant)
+            if recent.count >= 2 * keep + 64 { recent.removeFirst(recent.count - keep) }
+        }
+        func result(_ next: Int?) -> (count: Int, last: [Int], next: Int?) { (count, Array(recent.suffix(keep)), next) }
+        let perDay = hours.nonzeroBitCount * minutes.nonzeroBitCount * seconds.nonzeroBitCount
+        var cur = t
+        while cur < end {
+            // The first transition whose surroundings are not behind `cur` (any offset change
+            // is under 26 hours). Around it wall times are skipped or repeated: within `margin`
+            // of it (the change plus a minute) a wall second may map to either offset,
+            // elsewhere to one.
+            var transition = nextTransition(after: cur - 26 * 3600)
+            var margin = 0
+            while transition != .max {
+                margin = abs(offset(at: transition + 1) - offset(at: transition - 1)) + 60
+                if transition + margin > cur { break }
+                transition = nextTransition(after: transition)
+            }
+            if transition != .max && transition - margin <= cur {
+                // Near the transition: the exact walk, until past it.
+                let until = transition + margin
+                while cur < until {
+                    guard let n = nextSecond(after: cur) else { return result(nil) }
+                    if n > end { return result(n) }
+                    note(n)
+                    cur = n
+                }
+                continue
+            }
+            // Instants in (cur, safeEnd] have one offset, and their wall seconds no other: the
+            // instant of wall second w is w - offset.
+            let offset = offset(at: cur)
+            let safeEnd = transition == .max ? end : min(end, transition - margin)
+            let lastWall = safeEnd + offset
+            var wall = cur + offset + 1
+            // Step to the first whole local day, count whole days by their fields, then step to
+            // the end. The last `keep` may lie in the counted days: the last matching ones are
+            // remembered and stepped again (without counting) before the tail.
+            let firstWholeDay = Int((Double(wall) / 86_400).rounded(.up))
+            let lastWholeDay = Int((Double(lastWall + 1) / 86_400).rounded(.down)) - 1
+            func step(before limit: Int, counting: Bool) {
+                while let w = nextMatchingWall(from: wall, before: limit), w < limit {
+                    if counting { note(w - offset) } else { recent.append(w - offset) }
+                    wall = w + 1
+                }
+                wall = limit
+            }
+            if firstWholeDay <= lastWholeDay && perDay > 0 {
+                step(before: firstWholeDay * 86_400, counting: true)
+                let daysToKeep = (keep + perDay - 1) / perDay
+                var lastDays: [Int] = []
+                for day in firstWholeDay...lastWholeDay {
+                    let (_, month, dayOfMonth) = CronExpression.civilFromDays(day)
+                    let weekday = ((day % 7) + 7 + 4) % 7
+                    guard months & (1 << UInt64(month)) != 0 && dayMatches(day: dayOfMonth, weekday: weekday) else { continue }
+                    count += perDay
+                    if daysToKeep > 0 {
+                        lastDays.append(day)
+                        if lastDays.count >= 2 * daysToKeep + 64 { lastDays.removeFirst(lastDays.count - daysToKeep) }
+                    }
+                }
+                for day in lastDays.suffix(daysToKeep) {
+                    wall = day * 86_400
+                    step(before: (day + 1) * 86_400, counting: false)
+                }
+                if recent.count > keep { recent.removeFirst(recent.count - keep) }
+                wall = (lastWholeDay + 1) * 86_400
+            }
+            step(before: lastWall + 1, counting: true)
+            cur = safeEnd
+        }
+        return result(nextSecond(after: end))
+    }
+
+    /// The next time the zone's offset changes after `t` (seconds since 1970), or `Int.max`.
+    private func nextTransition(after t: Int) -> Int {
+        guard let date = timeZone.nextDaylightSavingTimeTransition(after: Date(timeIntervalSince1970: TimeInterval(t))) else { return .max }
+        return Int(date.timeIntervalSince1970.rounded(.down))
     }
 }

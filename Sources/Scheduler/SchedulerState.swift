@@ -648,20 +648,19 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             // Occurrences passed on the wall clock beyond the jitter bound are overdue: the
             // jitter delays a run on purpose and is not lateness (with a jitter over the
             // period, every run had otherwise counted as missed and none ran).
+            // Counted, not walked (`CronExpression.catchUp`): after a day-long stall a
+            // per-second job stepped 86,400 occurrences here, under the scheduler's lock.
             let wallSecond = Int(wall.timeIntervalSince1970.rounded(.down)) - Int(jobs[s].options.jitter / 1_000_000_000)
-            var walls = [Int(jobs[s].grid)]
-            var next = box.expression.nextSecond(after: Int(jobs[s].grid))
-            while let n = next, n <= wallSecond, walls.count < 100_000 {
-                walls.append(n)
-                next = box.expression.nextSecond(after: n)
-            }
-            k = Int64(walls.count)
+            let first = Int(jobs[s].grid)
+            let keep = jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1
+            let overdue = box.expression.catchUp(after: first, through: wallSecond, keep: keep)
+            k = 1 + Int64(overdue.count)
             if k > 1 {
-                for w in walls.suffix(jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1) {
-                    times.append(due + Int64(w - walls[0]) * 1_000_000_000)
+                for w in ([first] + overdue.last).suffix(keep) {
+                    times.append(due + Int64(w - first) * 1_000_000_000)
                 }
             }
-            if let n = next {
+            if let n = overdue.next {
                 jobs[s].grid = Int64(n)
                 // The jitter counts from the occurrence's wall time, not from now: an
                 // occurrence already passed (by less than the jitter bound) runs within its

@@ -111,6 +111,62 @@ struct CronExpressionTests {
         #expect(count(from: "2024-10-26T21:59:59Z", to: "2024-10-27T23:00:00Z") == 24)
     }
 
+    @Test("catchUp counts, keeps the last occurrences and finds the next exactly as walking nextSecond does, across DST and long spans",
+          arguments: ["* * * * * *", "*/7 * * * * *", "0 * * * *", "30 2 * * *", "*/15 1-3 * * *", "0 0 29 2 *", "0 9 * * 1-5",
+                      "0 0 1,15 * 0", "15 10 L * *".replacingOccurrences(of: "L", with: "28-31")])
+    func catchUpMatchesWalk(_ expression: String) throws {
+        let perSecond = expression.hasPrefix("*")
+        for zone in ["UTC", "Europe/Berlin", "America/New_York"] {
+            let cron = try CronExpression(expression, timeZone: TimeZone(identifier: zone)!)
+            // Each transition of both zones in 2024, a long span across them, short spans.
+            let spans: [(String, Int)] = [
+                ("2024-03-31T00:10:00Z", 3 * 3600), ("2024-10-27T00:10:00Z", 3 * 3600),
+                ("2024-03-10T06:10:00Z", 2 * 3600), ("2024-11-03T05:10:00Z", 2 * 3600),
+                // The per-second forms are 34 M steps to walk over 400 days: 12 hours across Berlin's spring change.
+                perSecond ? ("2024-03-30T19:00:07Z", 12 * 3600) : ("2024-01-01T00:00:00Z", 400 * 86_400),
+                ("2024-06-07T10:00:00Z", 59), ("2024-06-07T10:00:00Z", perSecond ? 3 * 3600 : 86_400 * 9 + 3_601),
+            ]
+            for (from, length) in spans {
+                let t = Int(Self.date(from).timeIntervalSince1970)
+                let end = t + length
+                var walked: [Int] = []
+                var count = 0
+                var next = cron.nextSecond(after: t)
+                while let n = next, n <= end {
+                    count += 1
+                    walked.append(n)
+                    if walked.count > 1_200 { walked.removeFirst(walked.count - 200) }
+                    next = cron.nextSecond(after: n)
+                }
+                for keep in [0, 1, 3, 200] {
+                    let fast = cron.catchUp(after: t, through: end, keep: keep)
+                    let label = "\(expression) [\(zone)] from \(from) for \(length) s, keep \(keep)"
+                    #expect(fast.count == count, "\(label)")
+                    #expect(fast.last == Array(walked.suffix(keep)), "\(label)")
+                    #expect(fast.next == next, "\(label)")
+                }
+            }
+        }
+    }
+
+    @Test("catchUp over a year of a per-second job in Berlin: 31.6 M occurrences counted without a walk, the last three and the next exact")
+    func catchUpYear() throws {
+        let cron = try CronExpression("* * * * * *", timeZone: TimeZone(identifier: "Europe/Berlin")!)
+        let t = Int(Self.date("2024-01-01T00:00:00Z").timeIntervalSince1970)
+        let end = t + 366 * 86_400
+        let clock = ContinuousClock()
+        let start = clock.now
+        let result = cron.catchUp(after: t, through: end, keep: 3)
+        let elapsed = start.duration(to: clock.now)
+        // Every second of the leap year, less the second pass of the repeated hour in October
+        // (each local time fires once; the skipped hour in March costs nothing: 03:00 follows 01:59:59).
+        #expect(result.count == 366 * 86_400 - 3_600)
+        #expect(result.last == [end - 2, end - 1, end])
+        #expect(result.next == end + 1)
+        // Not a speed assertion: the walk it replaces took minutes; this bound only catches a walk.
+        #expect(elapsed < .seconds(10), "\(elapsed)")
+    }
+
     @Test("invalid expressions name the field and the knob")
     func invalid() {
         for (text, word) in [("61 * * * *", "minute"), ("* * *", "fields"), ("0 0 31 2 *", "never fires"),

@@ -271,6 +271,27 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("cron after a two-day stall: coalesce runs once, burst(max: 3) runs the last three, the rest are counted exactly")
+    func cronLongStall() async throws {
+        try await withScheduler { scheduler, _ in
+            let utc = TimeZone(identifier: "UTC")!
+            let c = Recorder(), b = Recorder()
+            let coalescing = try scheduler.schedule(try .cron("* * * * * *", timeZone: utc), options: .init(missedRuns: .coalesce)) { x in c.record(x) }
+            let bursting = try scheduler.schedule(try .cron("* * * * * *", timeZone: utc), options: .init(missedRuns: .burst(max: 3))) { x in b.record(x) }
+            await scheduler.advance(by: s(1.5))
+            // Overdue: the occurrences at 2 ... 172,801 s. Before, the catch-up stepped at most
+            // 100,000 of them per pass (each a time-zone lookup, under the scheduler's lock) and
+            // applied the policy per pass: two coalesced runs, two bursts.
+            await scheduler.stall(for: .seconds(172_800))
+            #expect(c.scheduled == [s(1), s(172_801)])
+            #expect(coalescing.statistics?.coalescedRuns == 172_799)
+            #expect(b.scheduled == [s(1), s(172_799), s(172_800), s(172_801)])
+            #expect(bursting.statistics?.missedRuns == 172_797)
+            await scheduler.advance(by: s(1))
+            #expect(c.scheduled.last == s(172_802) && b.scheduled.last == s(172_802))
+        }
+    }
+
     @Test("metrics: the jobs gauge follows schedule and cancel, in_flight follows runs, coalesced and missed runs are counted apart")
     func metrics() async throws {
         let metrics = TestMetrics()
