@@ -391,9 +391,9 @@ public final class ReplicationConnection: Sendable {
     /// Sends a standby status update now (`r`: write, flush, apply, clock, reply flag) and
     /// flushes it, waiting for the socket to become writable if it is full. Safe beside a
     /// reader parked in `readMessage()` on another task: when the socket is full and that reader
-    /// waits on it, what is left goes out with the reader's next wait, which then also waits
-    /// for the socket to take it (one waiter per socket; before, the sender retried at once,
-    /// spinning a core until the reader woke).
+    /// waits on it, the update stays queued in libpq and the reader flushes it (its waits then
+    /// also wait for the socket to take it; one waiter per socket: before, the sender retried
+    /// at once, spinning a core until the reader woke). Throws if the connection closes first.
     public func sendStatus(replyRequested: Bool = false) async throws {
         let (write, flush) = stream.withLock { s -> (UInt64, UInt64) in
             s.lastStatus = .now
@@ -437,6 +437,8 @@ public final class ReplicationConnection: Sendable {
                 // update is in libpq's buffer, hand the rest to the reader: its wait re-arms
                 // for writable while output is pending (`readStep`). Not yet buffered: retry
                 // after a pause, not at once.
+                // A close also ends the wait this way (`forget`): then the update is lost.
+                if connection.state.withLock({ $0.pg == nil }) { throw connection.closedError() }
                 SocketReactor.shared.interrupt(fd: fd)
                 if queued { return }
                 try await Task.sleep(for: .milliseconds(1))
