@@ -143,7 +143,7 @@ func waitUntil(_ condition: () -> Bool) async {
 /// best run of each and the median of the per-pair ratios.
 func sideBySide(
     tasks: Int, connections: Int, iterations: Int, nioIterations: Int, runs: Int, yielding: Bool = false
-) async throws -> (ours: Double, theirs: Double, medianRatio: Double) {
+) async throws -> (ours: Double, theirs: Double, medianRatio: Double, waits: Int) {
     let pool = makeOurPool(connections: connections)
     let nio = makeNIOPool(connections: connections)
     return try await withThrowingTaskGroup(of: Void.self) { group in
@@ -194,12 +194,10 @@ func sideBySide(
                 print("  run: PoolKit \(format(a)), postgres-nio \(format(b)) (\(tasks) tasks)")
             }
         }
-        if ProcessInfo.processInfo.environment["POOL_BENCH_VERBOSE"] != nil || yielding {
-            print("  (PoolKit: \(pool.statistics.waitCount - waitsBefore) acquires waited in these runs)")
-        }
+        let waits = pool.statistics.waitCount - waitsBefore
         group.cancelAll()
         ratios.sort()
-        return (ours, theirs, ratios[ratios.count / 2])
+        return (ours, theirs, ratios[ratios.count / 2], waits)
     }
 }
 
@@ -213,18 +211,28 @@ func runMock() async throws {
     let nioIterations = option("--nio-iterations", default: 300_000)
     let runs = option("--runs", default: 3)
     print("lease+release cycles/s, no-I/O mock connection (best of \(runs) alternating runs; ratio of bests, and median of the \(runs) same-pair ratios)")
-    print("workload                      PoolKit      postgres-nio   ratio   median pair ratio")
+    print("workload                                PoolKit      postgres-nio   ratio   median pair ratio")
     if ProcessInfo.processInfo.environment["POOL_BENCH_METRICS"] == "1" {
         MetricsSystem.bootstrap(CountingMetrics())
         print("(PoolKit with a counting metrics backend: wait/use times and gauges recorded; postgres-nio with its no-op metrics)")
     }
     let only = option("--tasks", default: 0)
     for (tasks, connections, yielding) in [(1, 8, false), (32, 8, false), (32, 8, true)] where only == 0 || only == tasks {
-        let (ours, theirs, median) = try await sideBySide(
+        let (ours, theirs, median, waits) = try await sideBySide(
             tasks: tasks, connections: connections, iterations: yielding ? iterations / 4 : iterations,
             nioIterations: nioIterations, runs: runs, yielding: yielding
         )
         let name = tasks == 1 ? "1 task, 8 connections" : "\(tasks) tasks on \(connections) connections\(yielding ? ", yield held" : "")"
+        print(
+            name.padding(toLength: 40, withPad: " ", startingAt: 0)
+                + format(ours).padding(toLength: 13, withPad: " ", startingAt: 0)
+                + format(theirs).padding(toLength: 15, withPad: " ", startingAt: 0)
+                + String(format: "%.1fx", ours / theirs).padding(toLength: 8, withPad: " ", startingAt: 0)
+                + String(format: "%.1fx", median)
+        )
+        if ProcessInfo.processInfo.environment["POOL_BENCH_VERBOSE"] != nil || yielding {
+            print("  (PoolKit: \(waits) acquires waited in these runs)")
+        }
         if yielding {
             // The floor of this row: the same 32 tasks doing only the Task.yield(), no pool.
             let floor = try await measure(tasks: tasks, iterations: iterations / 4) { n in
@@ -234,13 +242,6 @@ func runMock() async throws {
                   + String(format: "%.0f ns, postgres-nio %.0f ns: %.1fx", 1e9 / ours - 1e9 / floor, 1e9 / theirs - 1e9 / floor,
                            (1e9 / theirs - 1e9 / floor) / (1e9 / ours - 1e9 / floor)) + ")")
         }
-        print(
-            name.padding(toLength: 30, withPad: " ", startingAt: 0)
-                + format(ours).padding(toLength: 13, withPad: " ", startingAt: 0)
-                + format(theirs).padding(toLength: 15, withPad: " ", startingAt: 0)
-                + String(format: "%.1fx", ours / theirs).padding(toLength: 8, withPad: " ", startingAt: 0)
-                + String(format: "%.1fx", median)
-        )
     }
 }
 
