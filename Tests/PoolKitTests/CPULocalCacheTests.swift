@@ -237,6 +237,42 @@ struct CPULocalCacheTests {
         }
     }
 
+    @Test func aSecondReleaseOfALendNeverResetsTheNextHoldersConnection() async throws {
+        let factory = MockFactory(clean: true)
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: factory, stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            let a = try await pool.lease(label: "a")
+            #expect(a.lend != 0, "lent from the stripe")
+            let connection = a.connection
+            connection.state.withLock { $0.clean = false }   // a began a transaction
+            await pool.release(a)
+            #expect(connection.state.withLock { $0.resets } == 1)
+            connection.state.withLock { $0.clean = true }
+            let b = try await pool.lease(label: "b")
+            #expect(b.connection === connection)
+            connection.state.withLock { $0.clean = false }   // b is inside its own transaction
+            await pool.release(a)   // a's release again (a defer and an explicit release)
+            // Before, the second release reset (rolled back) b's connection, then found itself stale.
+            #expect(connection.state.withLock { $0.resets } == 1, "b's transaction was rolled back by a's second release")
+            #expect(pool.holders().map(\.label) == ["b"])
+            await pool.release(b)
+            #expect(connection.state.withLock { $0.resets } == 2)
+            #expect(pool.statistics.inUse == 0 && pool.statistics.idle == 1)
+            // The same, with the lend adopted by a flush before its release.
+            connection.state.withLock { $0.clean = true }
+            try await pool.withConnection { _ in }   // parked in the stripe again
+            let c = try await pool.lease(label: "c")
+            #expect(c.lend != 0, "lent from the stripe")
+            connection.state.withLock { $0.clean = false }
+            await pool.flushStripes(closing: false)
+            await pool.release(c)
+            await pool.release(c)
+            #expect(connection.state.withLock { $0.resets } == 3)
+            #expect(pool.statistics.inUse == 0 && pool.statistics.open == 1)
+        }
+    }
+
     @Test func turnedOffNothingIsParked() async throws {
         let configuration = baseConfiguration { $0.cpuLocalCache = false }
         try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in

@@ -478,18 +478,49 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// stripe again, or returns it to the pool (a waiter, the idle list, or a close).
     nonisolated(nonsending)
     private func returnLent(_ connection: Connection, _ raw: Machine.Lease, lend: UInt64, knownBroken: Bool = false) async {
-        var reusable = !knownBroken && !connection.isBroken
+        let reusable = !knownBroken && !connection.isBroken
         if reusable && connection.needsReset {
             if Task.isCancelled {
                 // As in `releaseSlowly`: a cancelled holder's cleanup runs in a task of its own.
                 Task { await self.returnLent(connection, raw, lend: lend, knownBroken: knownBroken) }
                 return
             }
-            reusable = await reset(connection, connectionID: raw.connectionID)
+            // Claim the lease before touching the connection, as `releaseSlowly` does: a second
+            // release of this lease, once the connection is someone else's, must not reset it
+            // (a ROLLBACK of the next holder's transaction).
+            let (claimed, rescheduleTimer) = claimLent(raw, lend: lend)
+            if rescheduleTimer { timerWake.signal() }
+            guard claimed else { return }
+            let stillGood = await reset(connection, connectionID: raw.connectionID)
+            if let remaining = finishReleaseSynchronously(slot: raw.slot, leaseID: raw.leaseID, reusable: stillGood) {
+                await perform(remaining)
+            }
+            return
         }
         if let remaining = returnLentSynchronously(raw, lend: lend, reusable: reusable) {
             await perform(remaining)
         }
+    }
+
+    /// Makes a stripe lend a lease of the machine that is being returned (adopting it if it is
+    /// still lent from its stripe; a flush may have adopted it already). False if the lease is
+    /// stale: released before, or cut off by a drain.
+    private func claimLent(_ raw: Machine.Lease, lend: UInt64) -> (claimed: Bool, rescheduleTimer: Bool) {
+        stripes.withStripe(ofLend: lend) { stripe in stripe.state.withLock { s in
+            let lent = s.lent?.lend == lend ? s.lent : nil
+            if lent != nil { s.lent = nil }
+            return state.withLock { m -> (claimed: Bool, rescheduleTimer: Bool) in
+                var rescheduleTimer = false
+                if let lent {
+                    rescheduleTimer = m.machine.adopt(
+                        slot: lent.slot, leaseID: lent.leaseID, lend: lent.lend, request: lent.request, since: lent.since
+                    )
+                }
+                let claimed = m.machine.beginRelease(slot: raw.slot, leaseID: raw.leaseID, lend: lend)
+                m.publish(metrics, flags)
+                return (claimed, rescheduleTimer)
+            }
+        } }
     }
 
     @inline(__always)
