@@ -273,6 +273,24 @@ struct CPULocalCacheTests {
         }
     }
 
+    @Test func withMaxWaitersZeroAConnectionParkedOnAnotherCPUIsLentNotRefused() async throws {
+        // Two stripes on this machine's CPUs: the connection is parked in the stripe of the CPU
+        // that returned it, and the next caller often runs on the other one. With maxWaiters 0
+        // no waiter ever sweeps the stripes, so such a caller was refused with "too many
+        // waiters" while the pool's only connection sat idle. (On a one-CPU machine both
+        // stripes' callers meet the same one and the test cannot tell.)
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1; $0.maxWaiters = 0 }, factory: MockFactory(clean: true), stripes: 2) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            var refused = 0
+            for _ in 0..<2_000 {
+                let served = await Task.detached { (try? await pool.withConnection { _ in }) != nil }.value
+                if !served { refused += 1 }
+            }
+            #expect(refused == 0, "\(refused) of 2,000 callers refused while the only connection was idle")
+            #expect(pool.statistics.open == 1 && pool.statistics.inUse == 0)
+        }
+    }
+
     @Test func turnedOffNothingIsParked() async throws {
         let configuration = baseConfiguration { $0.cpuLocalCache = false }
         try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in

@@ -245,6 +245,18 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 slot: raw.slot, leaseID: raw.leaseID, lend: 0
             )
         }
+        // With `maxWaiters` 0 nobody waits, so no waiter's sweep ever takes a connection parked
+        // in another CPU's stripe: look there before being refused with "too many waiters".
+        if configuration.maxWaiters == 0, stripes.enabled {
+            for stripe in stripes.stripes {
+                if let (raw, lend) = lend(from: stripe, request) {
+                    return ConnectionLease(
+                        connection: unsafeDowncast(raw.connection, to: Connection.self), connectionID: raw.connectionID,
+                        slot: raw.slot, leaseID: raw.leaseID, lend: lend
+                    )
+                }
+            }
+        }
         return nil
     }
 
@@ -456,8 +468,14 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Lends this CPU's parked connection to `request`, if there is one and nobody waits.
     @inline(__always)
     private func lendFromStripe(_ request: Machine.Request) -> (lease: Machine.Lease, lend: UInt64)? {
+        stripes.withCurrent { stripe in lend(from: stripe, request) }
+    }
+
+    /// Lends the connection parked in `stripe`, if there is one and nobody waits.
+    @inline(__always)
+    private func lend(from stripe: PoolStripe, _ request: Machine.Request) -> (lease: Machine.Lease, lend: UInt64)? {
         let now = stripeNow()
-        let lent = stripes.withCurrent { stripe in stripe.state.withLock { s -> (lease: Machine.Lease, lend: UInt64)? in
+        let lent = stripe.state.withLock { s -> (lease: Machine.Lease, lend: UInt64)? in
             guard s.parked != nil, s.lent == nil, !flags.waitersPresent.load(ordering: .relaxed),
                   s.expiresAt.map({ $0 > now }) ?? true
             else { return nil }
@@ -469,7 +487,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             )
             s.lends += 1
             return (parked, lend)
-        } }
+        }
         if lent != nil, metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
         return lent
     }
