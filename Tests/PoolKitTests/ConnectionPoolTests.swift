@@ -415,3 +415,43 @@ struct ConnectionPoolTests {
         }
     }
 }
+
+@Suite("ConnectionPool on the continuous clock: durations meaning \"never\"")
+struct ConnectionPoolLongDurationTests {
+    @Test("acquireTimeout and drainTimeout of Int64.max seconds, a zero backoff: a waiter, its cancel and a drain run (no clock trap)")
+    func hugeDurations() async throws {
+        var configuration = ConnectionPoolConfiguration(maxOpen: 1, minIdle: 0, maxIdle: 1)
+        configuration.acquireTimeout = .seconds(Int64.max)
+        configuration.drainTimeout = .seconds(Int64.max)
+        configuration.maxIdleTime = nil
+        configuration.leakThreshold = nil
+        configuration.maxLifetime = .seconds(Int64.max)
+        configuration.connectBackoff = .init(initial: .zero, maximum: .zero, jitter: 0)
+        #expect(configuration.normalized.acquireTimeout == ConnectionPoolConfiguration.longestWait)
+        #expect(configuration.normalized.connectBackoff.initial == .milliseconds(1), "a zero backoff retries dead servers in a tight loop")
+        let factory = MockFactory(clean: true)
+        let pool = ConnectionPool<MockConnection, ContinuousClock>(configuration: configuration, clock: ContinuousClock()) { try factory.make() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await pool.run() }
+            let held = try await pool.lease(label: "held")
+            // Waits with the pool's "forever" timeout (the timer sleeps towards its deadline).
+            let waiter = Task { try await pool.lease(label: "waiter") }
+            try await Task.sleep(for: .milliseconds(100))
+            waiter.cancel()
+            #expect(await (try? waiter.value) == nil)
+            let perCall = Task { try await pool.lease(label: "per-call", timeout: .seconds(Int64.max)) }
+            try await Task.sleep(for: .milliseconds(50))
+            perCall.cancel()
+            #expect(await (try? perCall.value) == nil)
+            let releaser = Task {
+                try await Task.sleep(for: .milliseconds(100))
+                await pool.release(held)
+            }
+            let report = await pool.drain(deadline: ContinuousClock.now.advanced(by: .seconds(Int64.max)))
+            try await releaser.value
+            #expect(report.cutOff.isEmpty)
+            #expect(pool.statistics.open == 0)
+            group.cancelAll()
+        }
+    }
+}

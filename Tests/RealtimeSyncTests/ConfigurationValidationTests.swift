@@ -27,6 +27,7 @@ struct ConfigurationValidationTests {
 
     @Test("RealtimeServerConfiguration.validate() names the field", arguments: [
         "queueLimits.maxMessages is 0", "hubLimits.maxSubscriptionsPerClient is 0", "port is 70000", "snapshotChunkRows is 0",
+        "pingInterval is 9.223372036854776e+18 seconds; it must be at most",
     ])
     func server(message: String) {
         var configuration = RealtimeServerConfiguration()
@@ -35,11 +36,23 @@ struct ConfigurationValidationTests {
         case "queueLimits.maxMessages is 0": configuration.queueLimits.maxMessages = 0
         case "hubLimits.maxSubscriptionsPerClient is 0": configuration.hubLimits.maxSubscriptionsPerClient = 0
         case "port is 70000": configuration.port = 70_000
+        case "pingInterval is 9.223372036854776e+18 seconds; it must be at most": configuration.pingInterval = .seconds(Int64.max)
         default: configuration.snapshotChunkRows = 0
         }
         #expect { try configuration.validate() } throws: { error in
             guard let e = error as? RealtimeServerError else { return false }
             return e.code == .invalidConfiguration && e.message.contains(message)
+        }
+    }
+
+    @Test("ChangeStream.Configuration.validate() refuses a duration no clock can sleep (it names the field)")
+    func changeStreamDurations() {
+        var configuration = ChangeStream.Configuration(connectionString: "postgres://nobody@127.0.0.1:1/none", slotName: "s", publicationName: "p")
+        #expect(throws: Never.self) { try configuration.validate() }
+        configuration.reconnectMaxDelay = .seconds(Int64.max)
+        #expect { try configuration.validate() } throws: { error in
+            guard let e = error as? ChangeStreamError else { return false }
+            return e.code == .invalidConfiguration && e.message.contains("reconnectMaxDelay") && e.message.contains("at most")
         }
     }
 }

@@ -778,7 +778,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         if !start.actions.drained {
             await withTaskGroup(of: Void.self) { group in
                 group.addTask { await self.drainedSignal.wait() }
-                group.addTask { try? await self.clock.sleep(until: deadline, tolerance: nil) }
+                // A deadline past `longestWait` means "wait for them": clocks cannot sleep that far.
+                let until = min(deadline, self.clock.now.advanced(by: ConnectionPoolConfiguration.longestWait))
+                group.addTask { try? await self.clock.sleep(until: until, tolerance: nil) }
                 _ = await group.next()
                 group.cancelAll()
             }
@@ -916,7 +918,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         case .mustWait(let id):
             waiterID = id
         }
-        let waitDeadline = deadline ?? now + (timeout ?? configuration.acquireTimeout)
+        let waitDeadline = deadline ?? now + min(timeout ?? configuration.acquireTimeout, ConnectionPoolConfiguration.longestWait)
         deadline = waitDeadline
         let outcome: WaitOutcome = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<WaitOutcome, Never>) in

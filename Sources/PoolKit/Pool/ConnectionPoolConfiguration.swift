@@ -113,9 +113,24 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
         func hash(into hasher: inout Hasher) {}
     }
 
+    /// The longest time the pool waits for anything: a longer `acquireTimeout`, `drainTimeout`,
+    /// lifetime, idle time, leak threshold or backoff means "never" and is cut to this (about
+    /// 100 years). Clocks cannot sleep until `.seconds(Int64.max)` from now (the runtime traps).
+    public static let longestWait: Duration = .seconds(100 * 365 * 86_400)
+
     /// The configuration with every value clamped into its valid range.
     var normalized: ConnectionPoolConfiguration {
         var c = self
+        let longest = Self.longestWait
+        c.acquireTimeout = min(c.acquireTimeout, longest)
+        c.drainTimeout = min(c.drainTimeout, longest)
+        c.maxLifetime = c.maxLifetime.map { min($0, longest) }
+        c.lifetimeJitter = min(c.lifetimeJitter, longest)
+        c.maxIdleTime = c.maxIdleTime.map { min($0, longest) }
+        c.leakThreshold = c.leakThreshold.map { min($0, longest) }
+        c.connectBackoff.maximum = min(c.connectBackoff.maximum, longest)
+        // A zero first backoff doubles to zero: connects to a dead server in a tight loop.
+        c.connectBackoff.initial = min(max(.milliseconds(1), c.connectBackoff.initial), longest)
         c.maxOpen = max(1, c.maxOpen)
         c.maxIdle = min(max(0, c.maxIdle), c.maxOpen)
         c.minIdle = min(max(0, c.minIdle), c.maxIdle)
@@ -124,7 +139,6 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
         c.lifetimeJitter = max(.zero, c.lifetimeJitter)
         if let lifetime = c.maxLifetime { c.lifetimeJitter = min(c.lifetimeJitter, lifetime) }
         c.connectBackoff.jitter = min(max(0, c.connectBackoff.jitter), 1)
-        c.connectBackoff.initial = max(.zero, c.connectBackoff.initial)
         c.connectBackoff.maximum = max(c.connectBackoff.initial, c.connectBackoff.maximum)
         return c
     }

@@ -190,7 +190,7 @@ public final class PostgresConnection: @unchecked Sendable {
             }
         }
         let timer = Task {
-            try? await Task.sleep(for: configuration.connectTimeout)
+            try? await Task.sleep(for: min(configuration.connectTimeout, ConnectionPoolConfiguration.longestWait))
             if !Task.isCancelled { outcome.finish(.failure(starter.timeoutError())) }
         }
         defer {
@@ -584,7 +584,7 @@ public final class PostgresConnection: @unchecked Sendable {
                 // request itself goes out on its own (PQcancel blocks while it connects).
                 let grace = configuration.cancelGracePeriod
                 watchdog = Task { [weak self] in
-                    try? await Task.sleep(for: grace)
+                    try? await Task.sleep(for: min(grace, ConnectionPoolConfiguration.longestWait))
                     if !Task.isCancelled { await self?.abandonStatement(serial, fd: fd) }
                 }
                 let delivered = OneTimeEvent()

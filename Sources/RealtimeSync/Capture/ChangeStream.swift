@@ -130,6 +130,13 @@ public final class ChangeStream: Service, Sendable {
                 throw bad("reconnectMaxDelay (\(reconnectMaxDelay)) is below reconnectInitialDelay (\(reconnectInitialDelay))")
             }
             guard stopCatchUp >= .zero, busyPoll >= .zero else { throw bad("stopCatchUp and busyPoll must not be negative") }
+            // Clocks cannot sleep that far (the runtime traps converting the instant).
+            let longest = ConnectionPoolConfiguration.longestWait
+            for (name, value) in [("window.maxAge", window.maxAge), ("statusInterval", statusInterval), ("lagInterval", lagInterval),
+                                  ("reconnectInitialDelay", reconnectInitialDelay), ("reconnectMaxDelay", reconnectMaxDelay),
+                                  ("connectTimeout", connectTimeout), ("stopCatchUp", stopCatchUp), ("busyPoll", busyPoll)] {
+                guard value <= longest else { throw bad("\(name) is \(value); it must be at most \(longest) (about 100 years)") }
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import PoolKit
 import Prometheus
 
 /// An HTTP request for `/ws` as the admission hooks see it: the request target and headers.
@@ -185,6 +186,13 @@ public struct RealtimeServerConfiguration: Sendable {
         guard snapshotChunkRows >= 1 else { throw bad("snapshotChunkRows is \(snapshotChunkRows); it must be at least 1") }
         guard snapshotChunkBytes >= 1 else { throw bad("snapshotChunkBytes is \(snapshotChunkBytes); it must be at least 1") }
         guard maxConcurrentSnapshots >= 1 else { throw bad("maxConcurrentSnapshots is \(maxConcurrentSnapshots); it must be at least 1") }
+        // Clocks cannot sleep that far (the runtime traps converting the instant).
+        let longest = ConnectionPoolConfiguration.longestWait
+        for (name, value) in [("pingInterval", pingInterval), ("firstRequestTimeout", firstRequestTimeout), ("closeTimeout", closeTimeout),
+                              ("fanoutDrainDeadline", fanoutDrainDeadline), ("socketCloseDeadline", socketCloseDeadline),
+                              ("listenerStopDeadline", listenerStopDeadline)] {
+            guard value <= longest else { throw bad("\(name) is \(value); it must be at most \(longest) (about 100 years)") }
+        }
     }
 
     /// The placeholder page at `/` until the live page lands.
