@@ -226,6 +226,24 @@ struct ConnectionPoolTests {
         }
     }
 
+    @Test func drainReturnsOnlyOnceTheLastReturnedConnectionIsClosed() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true)) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let held = try await pool.lease(label: "held")
+            held.connection.state.withLock { $0.closeDelay = .milliseconds(300) }
+            let releaser = Task {
+                try await Task.sleep(for: .milliseconds(100))
+                await pool.release(held)
+            }
+            let report = await pool.drain(deadline: clock.now.advanced(by: .seconds(60)))
+            // Before, the release signalled "drained" and then closed: the drain (and with it
+            // run(), and a process exiting after it) could end while the close still ran.
+            #expect(held.connection.closeCount == 1, "drain returned before the last connection's close ended")
+            #expect(report.cutOff.isEmpty)
+            try await releaser.value
+        }
+    }
+
     @Test func aConnectionStuckInItsResetIsReportedAsALeak() async throws {
         try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }

@@ -1124,12 +1124,15 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             ])
         }
         if actions.rescheduleTimer { timerWake.signal() }
-        if actions.drained { drainedSignal.signal() }
+        // With closes left to the caller (`perform`), the drain hears of it once they are done:
+        // before, it could return (and the process exit) while the last connection's close ran.
+        if actions.drained && actions.closes.isEmpty { drainedSignal.signal() }
     }
 
     /// Performs all actions, closing connections in this task.
     nonisolated(nonsending)
     private func perform(_ actions: Machine.Actions) async {
+        defer { if actions.drained && !actions.closes.isEmpty { drainedSignal.signal() } }
         guard !actions.closes.isEmpty && !actions.connects.isEmpty else {
             performWithoutClosing(actions)
             await closeAll(actions.closes)
