@@ -41,10 +41,43 @@ struct PoolMetricsTests {
             #expect(use.count == 1 && use[0] >= 200_000_000, "use time of the holder (held over 200 ms): \(use)")
             let waits = try metrics.expectTimer("db.client.connection.wait_time", [name]).values
             #expect(waits.count >= 1, "the holder's lease records its (zero) wait: \(waits)")
+            // Returned into this CPU's stripe: the counts follow at the stripe's flush (100 ms).
+            try await pollUntil(seconds: 5) { (try? gauge("db.client.connection.count", [("db.client.connection.state", "used")])) == 0 }
             #expect(try gauge("db.client.connection.count", [("db.client.connection.state", "used")]) == 0)
+            #expect(try gauge("db.client.connection.count", [("db.client.connection.state", "idle")]) == 1)
             #expect(try metrics.expectTimer("db.client.connection.create_time", [name]).values.count == 1)
             _ = await pool.drain(deadline: .now)
             try await group.waitForAll()
+        }
+    }
+
+    @Test("count gauges with the CPU-local cache: a connection lent from a stripe counts as used; a stripe flush publishes where each one is")
+    func stripeLendsInGauges() async throws {
+        let metrics = TestMetrics()
+        var configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }
+        configuration.name = "striped"
+        configuration.metricsFactory = metrics
+        let name = ("db.client.connection.pool.name", "striped")
+        func count(_ state: String) throws -> Double? {
+            try metrics.expectGauge("db.client.connection.count", [name, ("db.client.connection.state", state)]).lastValue
+        }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 2 }
+            try await pool.withConnection { _ in }   // parked in the stripe on its return
+            let fromStripe = try await pool.lease(label: "from-the-stripe")
+            #expect(fromStripe.lend != 0, "lent from the stripe")
+            // A lease from the idle list publishes the counts: the stripe's lend is counted
+            // used there. Before, the machine counted it idle: 1 used, 1 idle.
+            let fromIdle = try await pool.lease(label: "from-the-idle-list")
+            #expect(fromIdle.lend == 0)
+            #expect(try count("used") == 2 && count("idle") == 0)
+            // Parked in the stripe (its lent connection is out): a park publishes no counts, the
+            // stripe flush publishes where each connection is.
+            await pool.release(fromIdle)
+            await pool.flushStripes(closing: false)
+            #expect(try count("used") == 1 && count("idle") == 1)
+            await pool.release(fromStripe)   // adopted by the flush: returned to the machine
+            #expect(try count("used") == 0 && count("idle") == 2)
         }
     }
 }

@@ -36,6 +36,10 @@ struct StripeState {
 final class PoolStripe: Sendable {
     let state: Mutex<StripeState>
     let index: Int
+    /// 1 while a connection is lent from this stripe (set under its lock, only with metrics
+    /// on): the machine counts it idle, the count gauges count it used. On the stripe's own
+    /// cache lines, so the CPU that lends writes nothing another CPU reads on its fast path.
+    let lentNow = Atomic<Int>(0)
     private let padding: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
 
     init(index: Int) {
