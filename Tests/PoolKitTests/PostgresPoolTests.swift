@@ -107,6 +107,38 @@ struct PostgresPoolTests {
         }
     }
 
+    @Test("resetQuery DISCARD ALL: a holder's SET, temporary table and prepared statement do not reach the next holder; without it they do")
+    func resetQueryDiscardAll() async throws {
+        try await TestDatabase.withDatabase { url in
+            var config = ConnectionPoolConfiguration()
+            config.maxOpen = 1
+            for resetQuery in [nil, "DISCARD ALL"] as [String?] {
+                let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: config, resetQuery: resetQuery)
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask { try await pool.run() }
+                    let first = try await pool.withConnection { c -> Int32 in
+                        try await c.execute("SET application_name = 'left_behind'; CREATE TEMP TABLE left_behind (v int); PREPARE left_behind AS SELECT 1")
+                        #expect(c.needsReset == (resetQuery != nil))
+                        return c.backendPID
+                    }
+                    try await pool.withConnection { c in
+                        #expect(c.backendPID == first, "maxOpen=1: the same session")
+                        let row = try await c.query(
+                            "SELECT current_setting('application_name'), to_regclass('pg_temp.left_behind') IS NOT NULL, (SELECT count(*) FROM pg_prepared_statements WHERE name = 'left_behind')")[0]
+                        let leftOver = try (row.decode(String.self, at: 0) == "left_behind", row.decode(Bool.self, at: 1), row.decode(Int.self, at: 2) == 1)
+                        if resetQuery == nil {
+                            #expect(leftOver == (true, true, true), "documented: without a resetQuery session state carries over")
+                        } else {
+                            #expect(leftOver == (false, false, false), "DISCARD ALL left \(leftOver)")
+                        }
+                    }
+                    _ = await pool.drain(deadline: .now + .seconds(5))
+                    try await group.waitForAll()
+                }
+            }
+        }
+    }
+
     @Test("a connection that ran LISTEN is cleaned before reuse")
     func unlistenOnReturn() async throws {
         try await TestDatabase.withDatabase { url in

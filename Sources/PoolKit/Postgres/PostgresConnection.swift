@@ -72,6 +72,12 @@ public final class PostgresConnection: @unchecked Sendable {
         /// dropped (logged, and counted in `droppedNotifications`): a connection that ran
         /// LISTEN but is never iterated must not grow without bound. Default 10,000.
         public var maxPendingNotifications: Int
+        /// SQL a pool runs on every returned connection after its rollback and `UNLISTEN`, e.g.
+        /// `"DISCARD ALL"` (PgBouncer's `server_reset_query`): it clears what a holder can leave
+        /// behind that the default reset does not see (`SET` and `SET ROLE`, temporary tables,
+        /// `PREPARE`d statements, `WITH HOLD` cursors, session advisory locks). A round trip
+        /// per return. Default nil: no such query.
+        public var resetQuery: String?
 
         /// Creates a configuration.
         public init(_ connectionString: String, connectTimeout: Duration = .seconds(10),
@@ -82,6 +88,7 @@ public final class PostgresConnection: @unchecked Sendable {
             self.busyPoll = busyPoll
             self.cancelGracePeriod = cancelGracePeriod
             self.maxPendingNotifications = 10_000
+            self.resetQuery = nil
             self.logger = logger
         }
     }
