@@ -71,13 +71,17 @@ struct PoolShellState {
     /// the park alone would show the connection idle for the whole time it is lent again and
     /// again. The stripe flush, at most `PoolStripes.flushInterval` after a park, publishes
     /// where every connection is then.
-    mutating func publish(_ metrics: PoolMetrics, _ flags: PoolFlags, stripes: PoolStripes? = nil, counts: Bool = true) {
+    mutating func publish(_ metrics: PoolMetrics, _ flags: PoolFlags, stripes: PoolStripes, counts: Bool = true) {
         let waiting = machine.waiterCount > 0
         if flags.waitersPresent.load(ordering: .relaxed) != waiting { flags.waitersPresent.store(waiting, ordering: .relaxed) }
         guard metrics.enabled, counts else { return }
-        // A connection lent from a stripe is idle for the machine, in use for the user.
+        // A connection lent from a stripe is idle for the machine, in use for the user. Only a
+        // parked connection is lent, and a park marks the stripes in use until the next flush
+        // (which takes every lend back): otherwise no stripe line is read (one per CPU).
         var lent = 0
-        for stripe in stripes?.stripes ?? [] { lent += stripe.lentNow.load(ordering: .relaxed) }
+        if flags.stripesInUse.load(ordering: .relaxed) {
+            for stripe in stripes.stripes { lent += stripe.lentNow.load(ordering: .relaxed) }
+        }
         let idle = machine.idleCount - lent, used = machine.inUseCount + lent, pending = machine.waiterCount
         if idle != publishedIdle { publishedIdle = idle; metrics.idle.record(idle) }
         if used != publishedUsed { publishedUsed = used; metrics.used.record(used) }
@@ -946,7 +950,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         case .mustWait(let id):
             waiterID = id
         }
-        let waitDeadline = deadline ?? now + min(timeout ?? configuration.acquireTimeout, ConnectionPoolConfiguration.longestWait)
+        let waitDeadline = deadline ?? now + (timeout ?? configuration.acquireTimeout).sleepable
         deadline = waitDeadline
         let outcome: WaitOutcome = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<WaitOutcome, Never>) in

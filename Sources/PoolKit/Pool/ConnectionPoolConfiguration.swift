@@ -121,16 +121,15 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
     /// The configuration with every value clamped into its valid range.
     var normalized: ConnectionPoolConfiguration {
         var c = self
-        let longest = Self.longestWait
-        c.acquireTimeout = min(c.acquireTimeout, longest)
-        c.drainTimeout = min(c.drainTimeout, longest)
-        c.maxLifetime = c.maxLifetime.map { min($0, longest) }
-        c.lifetimeJitter = min(c.lifetimeJitter, longest)
-        c.maxIdleTime = c.maxIdleTime.map { min($0, longest) }
-        c.leakThreshold = c.leakThreshold.map { min($0, longest) }
-        c.connectBackoff.maximum = min(c.connectBackoff.maximum, longest)
+        c.acquireTimeout = c.acquireTimeout.sleepable
+        c.drainTimeout = c.drainTimeout.sleepable
+        c.maxLifetime = c.maxLifetime?.sleepable
+        c.lifetimeJitter = c.lifetimeJitter.sleepable
+        c.maxIdleTime = c.maxIdleTime?.sleepable
+        c.leakThreshold = c.leakThreshold?.sleepable
+        c.connectBackoff.maximum = c.connectBackoff.maximum.sleepable
         // A zero first backoff doubles to zero: connects to a dead server in a tight loop.
-        c.connectBackoff.initial = min(max(.milliseconds(1), c.connectBackoff.initial), longest)
+        c.connectBackoff.initial = max(.milliseconds(1), c.connectBackoff.initial).sleepable
         c.maxOpen = max(1, c.maxOpen)
         c.maxIdle = min(max(0, c.maxIdle), c.maxOpen)
         c.minIdle = min(max(0, c.minIdle), c.maxIdle)
@@ -142,4 +141,10 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
         c.connectBackoff.maximum = max(c.connectBackoff.initial, c.connectBackoff.maximum)
         return c
     }
+}
+
+extension Duration {
+    /// This duration, or ``ConnectionPoolConfiguration/longestWait`` if longer: what a clock
+    /// can sleep (every wait on a configured duration in PoolKit goes through this).
+    var sleepable: Duration { min(self, ConnectionPoolConfiguration.longestWait) }
 }

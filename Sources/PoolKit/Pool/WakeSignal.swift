@@ -84,7 +84,7 @@ final class OneTimeEvent: Sendable {
             done.fire()
         }
         let timer = Task {
-            try? await Task.sleep(for: min(limit, ConnectionPoolConfiguration.longestWait))
+            try? await Task.sleep(for: limit.sleepable)
             done.fire()
         }
         await Task { await done.wait() }.value

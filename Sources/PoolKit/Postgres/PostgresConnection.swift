@@ -197,7 +197,7 @@ public final class PostgresConnection: @unchecked Sendable {
             }
         }
         let timer = Task {
-            try? await Task.sleep(for: min(configuration.connectTimeout, ConnectionPoolConfiguration.longestWait))
+            try? await Task.sleep(for: configuration.connectTimeout.sleepable)
             if !Task.isCancelled { outcome.finish(.failure(starter.timeoutError())) }
         }
         defer {
@@ -591,7 +591,7 @@ public final class PostgresConnection: @unchecked Sendable {
                 // request itself goes out on its own (PQcancel blocks while it connects).
                 let grace = configuration.cancelGracePeriod
                 watchdog = Task { [weak self] in
-                    try? await Task.sleep(for: min(grace, ConnectionPoolConfiguration.longestWait))
+                    try? await Task.sleep(for: grace.sleepable)
                     if !Task.isCancelled { await self?.abandonStatement(serial, fd: fd) }
                 }
                 let delivered = OneTimeEvent()

@@ -465,7 +465,7 @@ public final class ReplicationConnection: Sendable {
         while true {
             let (interval, phase) = stream.withLock { ($0.statusInterval, $0.phase) }
             if phase == .ended || connection.isClosed { return }
-            do { try await Task.sleep(for: min(interval, ConnectionPoolConfiguration.longestWait)) } catch { return }
+            do { try await Task.sleep(for: interval.sleepable) } catch { return }
             stream.withLock { $0.statusDue = true }
             let fd = connection.state.withLock { $0.fd }
             SocketReactor.shared.interrupt(fd: fd)
@@ -522,7 +522,7 @@ public final class ReplicationConnection: Sendable {
                         self.connection.configuration.logger.debug("replication stop: \(error)")
                     }
                 }
-                group.addTask { try? await Task.sleep(for: min(timeout, ConnectionPoolConfiguration.longestWait)) }
+                group.addTask { try? await Task.sleep(for: timeout.sleepable) }
                 await group.next()
                 group.cancelAll()
             }
