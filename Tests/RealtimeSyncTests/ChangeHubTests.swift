@@ -18,7 +18,14 @@ private func deliverHundreds(_ hub: ChangeHub, _ range: Range<Int>) {
     for t in range { _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 100 + 1, count: 100)) }
 }
 
-private func ids(_ events: [ChangeEvent]) -> [Int] { events.map { Int($0.new!.text(at: 0)!)! } }
+private func id(_ event: ChangeEvent) -> Int { Int(event.new!.text(at: 0)!)! }
+
+private func ids(_ events: [ChangeEvent]) -> [Int] { events.map(id) }
+
+/// The id of the next change the iterator yields (failing the test if the stream ended).
+private func nextID(_ iterator: inout ChangeSubscription.AsyncIterator) async throws -> Int {
+    id(try #require(try await iterator.next()))
+}
 
 private func drain(_ subscription: ChangeSubscription, _ count: Int) async throws -> [ChangeEvent] {
     var out: [ChangeEvent] = []
@@ -53,13 +60,13 @@ struct ChangeHubTests {
         let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x100), index: 0))))
         var iterator = resumed.makeAsyncIterator()
         var got: [Int] = []
-        for _ in 0..<1_500 { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
+        for _ in 0..<1_500 { got.append(try await nextID(&iterator)) }
         // Committed while the consumer is half-way through the backlog.
         _ = hub.deliver(committed(lsn: 0x10000, firstID: 3_001, count: 50))
-        for _ in 0..<1_550 { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
+        for _ in 0..<1_550 { got.append(try await nextID(&iterator)) }
         #expect(got == Array(1...3_050))
         _ = hub.deliver(committed(lsn: 0x10100, firstID: 3_051, count: 1))
-        #expect(Int(try #require(try await iterator.next()).new!.text(at: 0)!) == 3_051)
+        #expect(try await nextID(&iterator) == 3_051)
     }
 
     @Test("A paging resume that the window evicts past gets resync_required, not a gap")
@@ -70,11 +77,11 @@ struct ChangeHubTests {
         let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x100), index: 0))))
         var iterator = resumed.makeAsyncIterator()
         var got: [Int] = []
-        for _ in 0..<ChangeHub.pageSize { got.append(Int(try #require(try await iterator.next()).new!.text(at: 0)!)!) }
+        for _ in 0..<ChangeHub.pageSize { got.append(try await nextID(&iterator)) }
         // 1,500 more: the window (2,000) now starts past what this consumer has read.
         deliverHundreds(hub, 20..<35)
         do {
-            while let event = try await iterator.next() { got.append(Int(event.new!.text(at: 0)!)!) }
+            while let event = try await iterator.next() { got.append(id(event)) }
             Issue.record("expected resync_required")
         } catch let error as ResumeWindowError {
             #expect(error.code == .resyncRequired)
