@@ -67,11 +67,9 @@ extension RealtimeServer {
             if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return [] }
             let change = EncodedChange(event)
             var overflowed: [FanoutClientID] = []
-            // Clients with one matching subscription of the same id get the same bytes: one
-            // buffer for all of them on one event loop (typically every client subscribed as,
-            // say, "orders"). One per loop: a buffer's reference count is released by every
-            // write of it, and two loops releasing the same buffer fight over its cache line.
-            var shared: [(loop: Int, quotedID: [UInt8], frame: ByteBuffer)] = []
+            // Clients with one matching subscription of the same id get the same bytes (see
+            // `SharedFrames`).
+            var shared = SharedFrames()
             for delivery in deliveries {
                 guard let session = state.sessions[delivery.client] else { continue }
                 // Both dictionaries are usually empty: skip hashing the client id for them.
@@ -92,19 +90,8 @@ extension RealtimeServer {
                 } else if !extra.isEmpty {
                     frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
                 } else if delivery.rest.isEmpty {
-                    let quotedID = delivery.first.quotedID
-                    if let same = shared.first(where: { $0.loop == session.loopIndex && $0.quotedID == quotedID }) {
-                        frame = same.frame
-                    } else {
-                        if let other = shared.first(where: { $0.quotedID == quotedID }) {
-                            var copy = ByteBuffer()
-                            copy.reserveCapacity(other.frame.readableBytes)
-                            copy.writeImmutableBuffer(other.frame)
-                            frame = copy
-                        } else {
-                            frame = SessionChannel.textFrame(change.frame(for: delivery))
-                        }
-                        shared.append((session.loopIndex, quotedID, frame))
+                    frame = shared.frame(quotedID: delivery.first.quotedID, loop: session.loopIndex) {
+                        SessionChannel.textFrame(change.frame(for: delivery))
                     }
                 } else {
                     frame = SessionChannel.textFrame(change.frame(for: delivery))
@@ -138,5 +125,51 @@ extension RealtimeServer {
             logger.notice("slow consumer closed with 1013 (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes))",
                           metadata: ["client": "\(client)", "cursor": "\(cursor)"])
         }
+    }
+}
+
+/// The frames of one change shared among clients whose one matching subscription has the same
+/// id (typically every client subscribed as, say, "orders"): one buffer per id and event loop.
+/// One per loop, not one in all: a buffer's reference count is released by every write of it,
+/// and two loops releasing the same buffer fight over its cache line; the second loop's copy
+/// is a `memcpy` of the first. Found by id in a dictionary, with each loop's last frame tried
+/// first: clients with ids of their own (one per user, a UUID) made the list this replaced a
+/// scan per client, quadratic in the number of clients under the state lock.
+struct SharedFrames {
+    /// The last frame handed out per loop (index: `SessionChannel.loopIndex`).
+    private var recent: [(quotedID: [UInt8], frame: ByteBuffer)?] = []
+    /// Every frame made so far, by quoted id, then by loop.
+    private var byID: [[UInt8]: [ByteBuffer?]] = [:]
+
+    /// The frame for subscription id `quotedID` on event loop `loop`: shared if one was made,
+    /// copied from another loop's, or made by `make`.
+    mutating func frame(quotedID: [UInt8], loop: Int, make: () -> ByteBuffer) -> ByteBuffer {
+        if loop < recent.count, let hit = recent[loop], hit.quotedID == quotedID { return hit.frame }
+        let frame: ByteBuffer
+        if let known = byID[quotedID] {
+            if loop < known.count, let same = known[loop] {
+                frame = same
+            } else {
+                let other = known.lazy.compactMap { $0 }.first!
+                var copy = ByteBuffer()
+                copy.reserveCapacity(other.readableBytes)
+                copy.writeImmutableBuffer(other)
+                frame = copy
+                byID[quotedID] = Self.storing(copy, at: loop, in: known)
+            }
+        } else {
+            frame = make()
+            byID[quotedID] = Self.storing(frame, at: loop, in: [])
+        }
+        if loop >= recent.count { recent += Array(repeating: nil, count: loop - recent.count + 1) }
+        recent[loop] = (quotedID, frame)
+        return frame
+    }
+
+    private static func storing(_ frame: ByteBuffer, at loop: Int, in frames: [ByteBuffer?]) -> [ByteBuffer?] {
+        var frames = frames
+        if loop >= frames.count { frames += Array(repeating: nil, count: loop - frames.count + 1) }
+        frames[loop] = frame
+        return frames
     }
 }
