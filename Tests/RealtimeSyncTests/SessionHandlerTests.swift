@@ -42,6 +42,40 @@ struct SessionHandlerTests {
         }
     }
 
+    @Test("A frame the client did not mask is answered with 1002 (RFC 6455 5.1)", arguments: [
+        ("a text message", [UInt8(0x81), 0x02] + Array("{}".utf8)),
+        ("a ping", [UInt8(0x89), 0x01, 0x41]),
+        ("a close", [UInt8(0x88), 0x02, 0x03, 0xE8]),
+    ])
+    func unmaskedFrame(_ case: (String, [UInt8])) async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s")
+            try await socket.send(`case`.1)
+            #expect(try await socket.receiveClose() == 1002, "\(`case`.0)")
+            #expect(try await socket.waitForEndOfStream(), "the server closes the connection after its answer")
+            #expect(await eventually { test.server.statistics.sessions == 0 && test.server.statistics.subscriptions == 0 })
+            #expect(test.server.statistics.closes[1002] == 1)
+            await socket.close()
+        }
+    }
+
+    @Test("A binary frame inside an unfinished text message is answered with 1002; a binary message alone with 1003")
+    func binaryInsideText() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let inside = try await connectWebSocket(port: test.port)
+            try await inside.send(maskedFrame(opcode: 0x1, Array(#"{"type":"#.utf8), fin: false) + maskedFrame(opcode: 0x2, [1, 2, 3]))
+            #expect(try await inside.receiveClose() == 1002)
+            let alone = try await connectWebSocket(port: test.port)
+            try await alone.send(maskedFrame(opcode: 0x2, [1, 2, 3]))
+            #expect(try await alone.receiveClose() == 1003)
+            await inside.close()
+            await alone.close()
+        }
+    }
+
     @Test("A close frame without a payload is answered with 1000")
     func emptyClose() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

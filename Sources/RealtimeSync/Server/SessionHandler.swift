@@ -72,6 +72,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !ended else { return }
         let frame = unwrapInboundIn(data)
+        // RFC 6455 5.1: a server closes the connection on a frame the client did not mask
+        // (NIO's decoder accepts either).
+        guard frame.maskKey != nil else { return session.close(.protocolError) }
         switch frame.opcode {
         case .connectionClose:
             receivedClose(frame, context: context)
@@ -112,7 +115,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func dataFrame(_ frame: WebSocketFrame) {
         switch frame.opcode {
         case .binary:
-            return session.close(.unsupportedData)
+            // A new message inside an unfinished one is a protocol error first (1002), then
+            // binary is refused (1003).
+            return session.close(assembling ? .protocolError : .unsupportedData)
         case .text:
             guard !assembling else { return session.close(.protocolError) }
             message.removeAll(keepingCapacity: true)
