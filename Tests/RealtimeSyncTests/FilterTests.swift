@@ -212,6 +212,37 @@ struct FilterTests {
         #expect(try truth("created=lt.2026-01-01", ["created": "2026-03-01 10:00:00+00"]) == .false)
     }
 
+    @Test("char(n) compares without trailing blanks on either side, as Postgres does, also through the hub's equality index")
+    func paddedChar() throws {
+        let columns = [
+            RelationColumn(name: "id", typeOID: PostgresTypeOID.int8, isKey: true),
+            RelationColumn(name: "code", typeOID: PostgresTypeOID.bpchar),
+        ]
+        let relation = Relation(oid: 16_501, namespace: "public", name: "codes", replicaIdentity: .default, columns: columns)
+        func truth(_ filter: String, _ value: String) throws -> FilterTruth {
+            try Filter(parsing: filter, columns: columns).evaluate(insertEvent(["id": "1", "code": value], relation: relation))
+        }
+        // A char(5) holding 'ab' is sent as "ab   ".
+        #expect(try truth("code=eq.ab", "ab   ") == .true)
+        #expect(try truth("code=eq.\"ab \"", "ab   ") == .true)
+        #expect(try truth("code=neq.ab", "ab   ") == .false)
+        #expect(try truth("code=in.(xy,ab)", "ab   ") == .true)
+        #expect(try truth("code=eq.a", "ab   ") == .false)
+        #expect(try truth("code=gte.ab", "ab   ") == .true)
+        #expect(try truth("code=gt.ab", "ab   ") == .false)
+        #expect(try truth("code=lt.ab", "a    ") == .true)
+        #expect(try truth("code=eq.\" ab\"", " ab  ") == .true, "leading blanks count")
+        #expect(try truth("code=eq.ab", " ab  ") == .false, "leading blanks count")
+
+        var hub = FanoutHub()
+        try hub.subscribe(client: FanoutClientID(1), ResolvedSubscription(
+            id: "ab", table: "public.codes", events: .default, filter: Filter(parsing: "code=eq.ab", columns: columns)))
+        try hub.subscribe(client: FanoutClientID(2), ResolvedSubscription(
+            id: "list", table: "public.codes", events: .default, filter: Filter(parsing: "code=in.(ab,cd)", columns: columns)))
+        let matched = hub.match(insertEvent(["id": "1", "code": "ab   "], relation: relation)).map(\.client.rawValue)
+        #expect(matched == [1, 2])
+    }
+
     // MARK: NULL and missing values
 
     @Test("SQL NULL: is.null holds, every comparison is false (neq and in included)")

@@ -113,6 +113,8 @@ public enum PostgresTypeOID {
     public static let float4: UInt32 = 700
     /// `float8`
     public static let float8: UInt32 = 701
+    /// `bpchar` (`char(n)`, blank-padded)
+    public static let bpchar: UInt32 = 1042
     /// `varchar`
     public static let varchar: UInt32 = 1043
     /// `timestamptz`

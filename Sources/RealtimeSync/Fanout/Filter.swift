@@ -48,6 +48,9 @@ enum ColumnClass: Sendable, Hashable {
     case bool
     /// uuid: text, with the operand lower-cased as Postgres prints uuids.
     case uuid
+    /// bpchar (`char(n)`): text without its trailing blanks, as Postgres compares it
+    /// (`'ab'::char(5) = 'ab'`; the row's text form is `ab   `).
+    case paddedText
     /// Everything else: the Postgres text form, compared byte by byte (C collation).
     case text
 
@@ -57,6 +60,7 @@ enum ColumnClass: Sendable, Hashable {
         case PostgresTypeOID.float4, PostgresTypeOID.float8, PostgresTypeOID.numeric: self = .number
         case PostgresTypeOID.bool: self = .bool
         case PostgresTypeOID.uuid: self = .uuid
+        case PostgresTypeOID.bpchar: self = .paddedText
         default: self = .text
         }
     }
@@ -72,6 +76,7 @@ enum ColumnClass: Sendable, Hashable {
         case PostgresTypeOID.numeric: "numeric"
         case PostgresTypeOID.bool: "bool"
         case PostgresTypeOID.uuid: "uuid"
+        case PostgresTypeOID.bpchar: "bpchar"
         default: "type oid \(oid)"
         }
     }
@@ -116,6 +121,8 @@ enum FilterIndexKey: Sendable, Hashable {
             self = .bool(value)
         case .uuid, .text:
             self = .bytes(Array(bytes))
+        case .paddedText:
+            self = .bytes(Array(withoutTrailingBlanks(bytes)))
         }
     }
 }
@@ -375,10 +382,23 @@ extension FilterCondition {
             guard let value = parseRowBool(bytes) else { return nil }
             return value == expected ? 0 : (value ? 1 : -1)
         case .text(let expected):
+            let bytes = columnClass == .paddedText ? withoutTrailingBlanks(bytes) : bytes
             if bytes.elementsEqual(expected) { return 0 }
             return bytes.lexicographicallyPrecedes(expected) ? -1 : 1
         }
     }
+}
+
+/// `bytes` without its trailing blanks (how `bpchar` values compare).
+@inline(__always)
+func withoutTrailingBlanks<Bytes: BidirectionalCollection>(_ bytes: Bytes) -> Bytes.SubSequence where Bytes.Element == UInt8 {
+    var end = bytes.endIndex
+    while end > bytes.startIndex {
+        let before = bytes.index(before: end)
+        guard bytes[before] == UInt8(ascii: " ") else { break }
+        end = before
+    }
+    return bytes[..<end]
 }
 
 /// Postgres's text output of bool (`t`/`f`).
@@ -614,6 +634,8 @@ struct FilterParser {
             return .text(value.map { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") ? $0 | 0x20 : $0 })
         case .text:
             return .text(value)
+        case .paddedText:
+            return .text(Array(withoutTrailingBlanks(value)))
         }
     }
 }
