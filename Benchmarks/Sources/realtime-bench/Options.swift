@@ -7,6 +7,7 @@ struct Options {
     var databaseURL: String?
     var sockets = 100
     var subscriptions = 1
+    var uniqueIDs = false
     var table = "public.bench_rows"
     var filter: String?
     var rate = 1000.0
@@ -25,6 +26,7 @@ struct Options {
         usage: realtime-bench --url ws://HOST:PORT/ws --database-url URL [options]
           --sockets N              WebSocket clients (100)
           --subscriptions K        subscriptions per socket, all to --table with --filter (1)
+          --unique-ids             each socket's subscription ids are its own (s1-<socket>), as with one id per user
           --table T                table to subscribe to and insert into (public.bench_rows:
                                    id int8 primary key, client_ts int8 (µs since the epoch), payload text)
           --filter F               subscription filter; loss counting assumes it matches every row
@@ -60,6 +62,7 @@ struct Options {
             case "--database-url": options.databaseURL = try value(argument)
             case "--sockets": options.sockets = try number(argument, Int.self)
             case "--subscriptions": options.subscriptions = try number(argument, Int.self)
+            case "--unique-ids": options.uniqueIDs = true
             case "--table": options.table = try value(argument)
             case "--filter": options.filter = try value(argument)
             case "--rate": options.rate = try number(argument, Double.self)

@@ -12,6 +12,7 @@ import NIOPosix
 import PoolKit
 #if canImport(Glibc)
 import Glibc
+import Synchronization
 #endif
 
 @main
@@ -36,7 +37,7 @@ struct RealtimeBench {
             print("warning: only \(fdLimit) file descriptors allowed for \(options.sockets) sockets; raise the hard limit (ulimit -Hn / LimitNOFILE / limits.conf nofile) and run again")
         }
         let expectedRows = Int(options.rate * options.duration) + 1
-        print("realtime-bench \(options.label): \(options.sockets) sockets × \(options.subscriptions) subscription(s) to \(options.table)"
+        print("realtime-bench \(options.label): \(options.sockets) sockets × \(options.subscriptions) subscription(s)\(options.uniqueIDs ? " (ids unique per socket)" : "") to \(options.table)"
               + (options.filter.map { " filter \($0)" } ?? "") + ", \(Int(options.rate)) rows/s for \(options.duration) s (batch ≤ \(options.batchLimit)), "
               + "\(options.threads) event-loop threads, auth \(options.token == nil ? "off" : "on"), open files ≤ \(fdLimit)")
         print("load average: \(loadAverage())")
@@ -46,12 +47,17 @@ struct RealtimeBench {
         if let token = options.token, !options.tokenInQuery { request += "Authorization: Bearer \(token)\r\n" }
         request += "\r\n"
         let requestBuffer = ByteBuffer(string: request)
-        let subscribeFrames = (1...options.subscriptions).map { k -> ByteBuffer in
-            var message = #"{"type":"subscribe","id":"s\#(k)","table":"\#(options.table)""#
-            if let filter = options.filter { message += #","filter":"\#(filter)""# }
-            message += "}"
-            return Frames.masked(opcode: 0x1, payload: Array(message.utf8))
+        @Sendable func subscribeFrames(socket: Int?) -> [ByteBuffer] {
+            (1...options.subscriptions).map { k -> ByteBuffer in
+                let id = socket.map { "s\(k)-\($0)" } ?? "s\(k)"
+                var message = #"{"type":"subscribe","id":"\#(id)","table":"\#(options.table)""#
+                if let filter = options.filter { message += #","filter":"\#(filter)""# }
+                message += "}"
+                return Frames.masked(opcode: 0x1, payload: Array(message.utf8))
+            }
         }
+        let sharedSubscribeFrames = subscribeFrames(socket: nil)
+        let socketNumbers = Atomic<Int>(0)
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: options.threads)
         let loops = Array(group.makeIterator())
@@ -66,7 +72,9 @@ struct RealtimeBench {
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(30))
             .channelInitializer { channel in
-                let handler = BenchSocket(request: requestBuffer, subscribeFrames: subscribeFrames, expectedRows: expectedRows,
+                let frames = options.uniqueIDs
+                    ? subscribeFrames(socket: socketNumbers.add(1, ordering: .relaxed).newValue) : sharedSubscribeFrames
+                let handler = BenchSocket(request: requestBuffer, subscribeFrames: frames, expectedRows: expectedRows,
                                           stats: stats[ObjectIdentifier(channel.eventLoop)]!, counters: counters)
                 return channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler) }
             }

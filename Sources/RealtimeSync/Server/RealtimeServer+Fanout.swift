@@ -91,10 +91,10 @@ extension RealtimeServer {
                     frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
                 } else if delivery.rest.isEmpty {
                     frame = shared.frame(quotedID: delivery.first.quotedID, loop: session.loopIndex) {
-                        SessionChannel.textFrame(change.frame(for: delivery))
+                        SessionChannel.changeFrame(change, for: delivery)
                     }
                 } else {
-                    frame = SessionChannel.textFrame(change.frame(for: delivery))
+                    frame = SessionChannel.changeFrame(change, for: delivery)
                 }
                 if session.enqueue(encodedFrame: frame) == .overflow {
                     state.dropClient(delivery.client)
@@ -139,14 +139,22 @@ struct SharedFrames {
     /// The last frame handed out per loop (index: `SessionChannel.loopIndex`).
     private var recent: [(quotedID: [UInt8], frame: ByteBuffer)?] = []
     /// Every frame made so far, by quoted id, then by loop.
-    private var byID: [[UInt8]: [ByteBuffer?]] = [:]
+    private var byID: [Key: [ByteBuffer?]] = [:]
+
+    /// A quoted id as a dictionary key, hashed as one block of bytes (an array of bytes is
+    /// hashed byte by byte).
+    private struct Key: Hashable {
+        let bytes: [UInt8]
+        func hash(into hasher: inout Hasher) { bytes.withUnsafeBytes { hasher.combine(bytes: $0) } }
+    }
 
     /// The frame for subscription id `quotedID` on event loop `loop`: shared if one was made,
     /// copied from another loop's, or made by `make`.
     mutating func frame(quotedID: [UInt8], loop: Int, make: () -> ByteBuffer) -> ByteBuffer {
         if loop < recent.count, let hit = recent[loop], hit.quotedID == quotedID { return hit.frame }
         let frame: ByteBuffer
-        if let known = byID[quotedID] {
+        let key = Key(bytes: quotedID)
+        if let known = byID[key] {
             if loop < known.count, let same = known[loop] {
                 frame = same
             } else {
@@ -155,11 +163,11 @@ struct SharedFrames {
                 copy.reserveCapacity(other.readableBytes)
                 copy.writeImmutableBuffer(other)
                 frame = copy
-                byID[quotedID] = Self.storing(copy, at: loop, in: known)
+                byID[key] = Self.storing(copy, at: loop, in: known)
             }
         } else {
             frame = make()
-            byID[quotedID] = Self.storing(frame, at: loop, in: [])
+            byID[key] = Self.storing(frame, at: loop, in: [])
         }
         if loop >= recent.count { recent += Array(repeating: nil, count: loop - recent.count + 1) }
         recent[loop] = (quotedID, frame)
