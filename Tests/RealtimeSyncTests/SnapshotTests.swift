@@ -357,6 +357,49 @@ struct SnapshotTests {
         }
     }
 
+    @Test("A snapshot that starts while an ALTER TABLE rewrites the table waits for it and sees every row (a snapshot taken before the rewrite committed saw none of the new copy)")
+    func snapshotDuringTableRewrite() async throws {
+        try await withSeededTable("snap_rewrite", columns: "id int PRIMARY KEY, amount int",
+                                  seed: "INSERT INTO {t} SELECT g, g * 10 FROM generate_series(1, 3) g") { running, client, table in
+            // The rewrite holds its ACCESS EXCLUSIVE lock until COMMIT.
+            let alter = try await PostgresConnection.connect(to: running.databaseURL)
+            _ = try await alter.execute("BEGIN; ALTER TABLE \(table) ALTER COLUMN amount TYPE bigint")
+            do {
+                try await client.sendSnapshotSubscribe("s", table: table)
+                // The snapshot's transaction now waits for the table's lock.
+                let probe = try await PostgresConnection.connect(to: running.databaseURL)
+                var waiting = false
+                let deadline = ContinuousClock.now + .seconds(15)
+                while !waiting && ContinuousClock.now < deadline {
+                    let rows = try await probe.query("SELECT count(*) FROM pg_locks WHERE relation = '\(table)'::regclass AND NOT granted")
+                    waiting = try rows[0].decode(Int.self, at: 0) ?? 0 >= 1
+                    if !waiting { try await Task.sleep(for: .milliseconds(20)) }
+                }
+                await probe.close()
+                #expect(waiting, "the snapshot waits for the rewrite's lock")
+                _ = try await alter.execute("COMMIT")
+                let first = try await client.receiveJSON(timeout: 30)
+                #expect(first["type"] as? String == "subscribed")
+                var ids: [Int] = []
+                while true {
+                    let message = try await client.receiveJSON(timeout: 30)
+                    guard message["type"] as? String == "snapshot", let rows = message["rows"] as? [[String: Any]] else {
+                        Issue.record("expected a snapshot message, got \(message)")
+                        break
+                    }
+                    ids += rows.compactMap { $0["id"] as? Int }
+                    if message["done"] as? Bool == true { break }
+                }
+                #expect(ids.sorted() == [1, 2, 3])
+            } catch {
+                _ = try? await alter.execute("ROLLBACK")
+                await alter.close()
+                throw error
+            }
+            await alter.close()
+        }
+    }
+
     @Test("A transaction streamed before it became visible (commit in WAL, still running for the snapshot) is sent after the snapshot, not lost")
     func transactionStreamedBeforeVisible() async throws {
         try await TestDatabase.withDatabase { url in

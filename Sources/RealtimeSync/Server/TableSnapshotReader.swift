@@ -3,8 +3,9 @@ import PoolKit
 /// Reads a streamed table's rows as of one database snapshot, for `subscribe` with
 /// `snapshot: true`, on a connection borrowed from a PoolKit `ConnectionPool`.
 ///
-/// `withSnapshot` opens `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, whose first
-/// statement fixes the transaction's snapshot and reads it (`pg_current_snapshot()`) with
+/// `withSnapshot` opens `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`, takes the table's
+/// `ACCESS SHARE` lock (so that a running table rewrite ends first), and its first query
+/// fixes the transaction's snapshot and reads it (`pg_current_snapshot()`) with
 /// the WAL insert position taken just after it (`pg_current_wal_insert_lsn()`); the rows
 /// are then read through a `SCROLL` cursor in that same snapshot. The connection goes back
 /// to the pool however `body` ends (the pool rolls back what is left open); cancelling the
@@ -35,6 +36,11 @@ public final class TableSnapshotReader: Sendable {
     ) async throws -> Result {
         try await pool.withConnection(label: "snapshot \(table)") { connection in
             _ = try await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            // The table's lock before the snapshot (LOCK takes none): a table rewrite (ALTER
+            // TABLE … TYPE, VACUUM FULL, CLUSTER) is not MVCC-safe, and a snapshot taken while
+            // one was running would read its new copy as empty.
+            let quotedTable = try Self.quoted(table, connection)
+            _ = try await connection.execute("LOCK TABLE \(quotedTable) IN ACCESS SHARE MODE")
             let marks = try await connection.query("SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text")
             guard marks.count == 1, let visibility = SnapshotVisibility(parsing: marks[0][0].string),
                   let position = LSN(marks[0][1].string) else {
@@ -42,7 +48,7 @@ public final class TableSnapshotReader: Sendable {
             }
             let list = try columns.map { try connection.escapeIdentifier($0.name) }.joined(separator: ", ")
             let cursor = "realtime_sync_snapshot"
-            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(try Self.quoted(table, connection))")
+            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(quotedTable)")
             let snapshot = TableSnapshot(connection: connection, cursor: cursor, columnCount: columns.count,
                                          visibility: visibility, walPosition: position)
             let result = try await body(snapshot)
