@@ -87,6 +87,23 @@ struct SnapshotVisibilityTests {
         #expect(earliest([1, 4], before: cursor(50)) == cursor(40))
     }
 
+    @Test("A transaction noted more than an hour before the snapshot is left out: 2^31 xids back, its widened xid would look not yet visible")
+    func recentTransactionsAge() throws {
+        var recent = RecentTransactions(capacity: 8)
+        let start = ContinuousClock.now
+        let cursor = { (lsn: UInt64) in Cursor(commitLSN: LSN(lsn), index: 0) }
+        // A snapshot at xid 3,000,000,000 (epoch 0) with nothing running; an old committed
+        // transaction 500,000,000 is 2.5e9 xids back, which widens to an id above xmax.
+        let visibility = try #require(SnapshotVisibility(parsing: "3000000000:3000000000:"))
+        #expect(!visibility.isVisible(xid: UInt32(500_000_000)), "the widening this rule guards against")
+        recent.append(xid: 500_000_000, after: cursor(10), now: start)
+        recent.append(xid: 2_999_999_999, after: cursor(20), now: start + .seconds(3_500))
+        let invisible = { (xid: UInt32) in !visibility.isVisible(xid: xid) }
+        #expect(recent.earliest(before: cursor(40), now: start + .seconds(3_599), where: invisible) == cursor(10))
+        #expect(recent.earliest(before: cursor(40), now: start + .seconds(3_601), where: invisible) == nil)
+        #expect(recent.earliest(before: cursor(40), now: start + .seconds(3_601)) { _ in true } == cursor(20))
+    }
+
     @Test("Handoff routing: held while reading; after the snapshot, changes it saw are skipped until one commits at or after the WAL position, then the hub takes over")
     func handoffRouting() throws {
         func event(xid: UInt32, lsn: UInt64, status: String = "open") -> ChangeEvent {

@@ -29,32 +29,46 @@ struct PendingSnapshot: Sendable {
 /// The most recent transactions the fan-out processed: each one's xid and the fan-out's
 /// position just before it. A snapshot looks up among them the transactions it does not see
 /// that were streamed before it was registered (see `RealtimeServer.lateChanges`).
+///
+/// An entry older than `maxAge` is left out of every lookup. Its xid is 32 bits, which a
+/// snapshot widens within 2^31 of its own `xmax`: right for a transaction that was running
+/// when the snapshot was taken, wrong (seen as not yet visible) for one 2^31 xids back, which
+/// a quiet publication on a busy cluster can keep in the list for days. No cluster assigns
+/// 2^31 xids in an hour (about 600,000 a second), and a transaction that a snapshot does not
+/// see was committing while the snapshot was taken: one noted an hour earlier is not one.
 struct RecentTransactions: Sendable {
+    /// Entries older than this are taken as seen by every snapshot.
+    static let maxAge = Duration.seconds(3_600)
+
     /// How many transactions are kept.
     let capacity: Int
     private var xids: [UInt32] = []
     private var afters: [Cursor] = []
+    private var noted: [ContinuousClock.Instant] = []
     private var next = 0
 
     init(capacity: Int) { self.capacity = max(1, capacity) }
 
-    /// Notes a transaction whose first change follows `after`.
-    mutating func append(xid: UInt32, after: Cursor) {
+    /// Notes a transaction whose first change follows `after`, processed at `now`.
+    mutating func append(xid: UInt32, after: Cursor, now: ContinuousClock.Instant = .now) {
         if xids.count < capacity {
             xids.append(xid)
             afters.append(after)
+            noted.append(now)
         } else {
             xids[next] = xid
             afters[next] = after
+            noted[next] = now
             next = (next + 1) % capacity
         }
     }
 
-    /// The earliest position before a kept transaction that starts before `cursor` and whose
-    /// xid satisfies `wanted`; nil when there is none.
-    func earliest(before cursor: Cursor, where wanted: (UInt32) -> Bool) -> Cursor? {
+    /// The earliest position before a kept transaction that starts before `cursor`, was noted
+    /// within `maxAge` of `now`, and whose xid satisfies `wanted`; nil when there is none.
+    func earliest(before cursor: Cursor, now: ContinuousClock.Instant = .now, where wanted: (UInt32) -> Bool) -> Cursor? {
+        let oldest = now - Self.maxAge
         var found: Cursor?
-        for position in xids.indices where afters[position] < cursor && wanted(xids[position]) {
+        for position in xids.indices where afters[position] < cursor && noted[position] >= oldest && wanted(xids[position]) {
             if found.map({ afters[position] < $0 }) ?? true { found = afters[position] }
         }
         return found
