@@ -275,10 +275,38 @@ struct PostgresConnectionTests {
             } catch let error as PostgresError {
                 #expect(error.isConnectionBroken, "got \(error)")
                 #expect(error.code == .connectionBroken)
+                #expect(error.sqlState == "57P01", "the server's reason is kept: \(error)")
             }
             #expect(victim.isBroken)
             // And it stays broken, failing fast.
             await #expect(throws: PostgresError.self) { try await victim.query("SELECT 1") }
+        }
+    }
+
+    @Test("A statement whose backend is terminated while it runs fails as a broken connection with the server's SQLSTATE and message")
+    func terminatedDuringStatement() async throws {
+        try await TestDatabase.withDatabase { url in
+            let victim = try await PostgresConnection.connect(to: url)
+            let killer = try await PostgresConnection.connect(to: url)
+            defer { victim.closeNow(); killer.closeNow() }
+            let running = Task { try await victim.query("SELECT pg_sleep(30)") }
+            let deadline = ContinuousClock.now + .seconds(10)
+            while ContinuousClock.now < deadline {
+                let active = try await killer.query(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", Int(victim.backendPID))
+                if try active[0].decode(Int.self, at: 0) == 1 { break }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            _ = try await killer.query("SELECT pg_terminate_backend($1)", Int(victim.backendPID))
+            do {
+                _ = try await withTaskCancellationHandler { try await running.value } onCancel: { running.cancel() }
+                Issue.record("a terminated statement must not return")
+            } catch let error as PostgresError {
+                #expect(error.code == .connectionBroken, "got \(error)")
+                #expect(error.sqlState == "57P01", "got \(error)")
+                #expect(error.message.contains("terminating connection"), "got \(error)")
+            }
+            #expect(victim.isBroken)
         }
     }
 

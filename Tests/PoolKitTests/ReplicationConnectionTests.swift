@@ -95,6 +95,25 @@ struct ReplicationConnectionTests {
         } }
     }
 
+    @Test("A walsender terminated mid-stream: the read fails as a broken connection with the server's SQLSTATE (57P01) and message")
+    func terminatedWalsender() async throws {
+        try await TestDatabase.withDatabase { url in try await withReplicationFixture(url) { sql, slot, table in
+            let repl = try await ReplicationConnection.connect(.init(url))
+            #expect(try await repl.createSlotIfMissing(slot))
+            try await repl.startReplication(slot: slot, options: pgoutputOptions(table), statusInterval: .seconds(10))
+            _ = try await sql.query("SELECT pg_terminate_backend($1)", Int(repl.backendPID))
+            do {
+                try await withTimeout(.seconds(20)) { while try await repl.readMessage() != nil {} }
+                Issue.record("the stream of a terminated walsender must fail, not end")
+            } catch let error as PostgresError {
+                #expect(error.code == .connectionBroken, "got \(error)")
+                #expect(error.sqlState == "57P01", "got \(error)")
+                #expect(error.message.contains("terminating connection"), "got \(error)")
+            }
+            await repl.close()
+        } }
+    }
+
     @Test("stop() with status updates due every millisecond still reads the stream to its end: no update follows our CopyDone")
     func stopWithUpdatesDue() async throws {
         try await TestDatabase.withDatabase { url in try await withReplicationFixture(url, columns: "id int PRIMARY KEY, v text") { sql, slot, table in

@@ -502,21 +502,33 @@ public final class PostgresConnection: @unchecked Sendable {
                     throw closedError()
                 }
                 if s.abandoned { return nil }
+                /// The connection ended: the server's own error if it sent one first (the FATAL
+                /// before it closes, e.g. 57P01 from pg_terminate_backend), else libpq's.
+                func lost(_ context: String) -> PostgresError {
+                    s.broken = true
+                    // What libpq read before the end stays buffered (and is parsed here).
+                    while firstError == nil, PQisBusy(pg) == 0, let r = PQgetResult(pg) {
+                        let box = ResultBox(r)
+                        if PQresultStatus(r) == PGRES_FATAL_ERROR { firstError = serverError(box.pointer, pg) }
+                    }
+                    if var error = firstError, error.code == .server {
+                        error.code = .connectionBroken
+                        return error
+                    }
+                    return brokenError(pg, context: context)
+                }
                 if !flushed {
                     let f = PQflush(pg)
                     if f < 0 { s.broken = true; throw brokenError(pg, context: "could not send statement") }
                     if f == 1 {
                         // Must also read: the server may be waiting for us to drain its output
                         // (libpq: wait until the socket is read-ready or write-ready).
-                        if PQconsumeInput(pg) == 0 { s.broken = true; throw brokenError(pg, context: "connection lost") }
+                        if PQconsumeInput(pg) == 0 { throw lost("connection lost") }
                         return .wait(s.fd, .readableOrWritable)
                     }
                     flushed = true
                 }
-                if PQconsumeInput(pg) == 0 {
-                    s.broken = true
-                    throw brokenError(pg, context: "connection lost")
-                }
+                if PQconsumeInput(pg) == 0 { throw lost("connection lost") }
                 drainNotifications(pg, into: &s)
                 /// Discards a COPY TO STDOUT's rows; true once it ended (its final result follows).
                 func drainCopyOut() throws -> Bool {

@@ -81,6 +81,9 @@ public final class ReplicationConnection: Sendable {
         var waits = 0
         /// `PQgetCopyData` returned -1: only the final results remain to be read.
         var copyEnding = false
+        /// The first error result read while ending (kept across reads: a server's FATAL
+        /// comes in one read, the closed socket in the next).
+        var endingFailure: PostgresError?
         /// Our CopyDone went out (`stop()`): no status update may follow it (libpq would
         /// refuse it and the clean end of the stream would be lost).
         var copyDoneSent = false
@@ -220,7 +223,8 @@ public final class ReplicationConnection: Sendable {
     private enum ReadStep {
         case message(ReplicationMessage)
         case wait(Int32, SocketInterest)
-        case waitEnding(Int32)
+        /// More results are to come; the error among those read so far, if any.
+        case waitEnding(Int32, PostgresError?)
         case ended
     }
 
@@ -244,8 +248,8 @@ public final class ReplicationConnection: Sendable {
             }
             if statusDue { try await sendStatus(replyRequested: askReply) }
             if woken { return nil }
-            let ending = stream.withLock { $0.copyEnding }
-            switch try readStep(ending: ending) {
+            let (ending, endingFailure) = stream.withLock { ($0.copyEnding, $0.endingFailure) }
+            switch try readStep(ending: ending, failure: endingFailure) {
             case .message(let message):
                 switch message {
                 case .xLogData(let data):
@@ -259,8 +263,11 @@ public final class ReplicationConnection: Sendable {
             case .ended:
                 stream.withLock { $0.phase = .ended }
                 return nil
-            case .waitEnding(let fd):
-                stream.withLock { $0.copyEnding = true }
+            case .waitEnding(let fd, let failure):
+                stream.withLock {
+                    $0.copyEnding = true
+                    $0.endingFailure = $0.endingFailure ?? failure
+                }
                 switch await SocketReactor.shared.wait(fd: fd, for: .readable) {
                 case .ready, .interrupted: continue
                 case .cancelled: throw CancellationError()
@@ -288,10 +295,10 @@ public final class ReplicationConnection: Sendable {
     }
 
     /// One non-blocking attempt: a buffered message, the end of the stream, or what to wait for.
-    private func readStep(ending: Bool) throws -> ReadStep {
+    private func readStep(ending: Bool, failure: PostgresError?) throws -> ReadStep {
         try connection.state.withLock { s -> ReadStep in
             guard let pg = s.pg else { throw connection.closedError() }
-            if ending { return try finishCopyLocked(pg, &s) }
+            if ending { return try finishCopyLocked(pg, &s, failure: failure) }
             var attempt = 0
             while true {
                 var buffer: UnsafeMutablePointer<CChar>? = nil
@@ -321,18 +328,20 @@ public final class ReplicationConnection: Sendable {
                     throw connection.brokenError(pg, context: "replication stream failed")
                 }
                 // -1: the server ended the COPY; collect the final result(s).
-                return try finishCopyLocked(pg, &s)
+                return try finishCopyLocked(pg, &s, failure: failure)
             }
         }
     }
 
     /// After `PQgetCopyData` returned -1: reads results until libpq has no more, without blocking.
-    private func finishCopyLocked(_ pg: OpaquePointer, _ s: inout PostgresConnection.State) throws -> ReadStep {
-        if PQconsumeInput(pg) == 0 {
-            s.broken = true
-            throw connection.brokenError(pg, context: "replication stream lost while ending")
-        }
-        var failure: PostgresError?
+    /// `failure`: the error result an earlier call read, which wins over later ones.
+    private func finishCopyLocked(_ pg: OpaquePointer, _ s: inout PostgresConnection.State, failure earlier: PostgresError?) throws -> ReadStep {
+        // A failed read (the server closed the socket) still leaves what came before it in
+        // libpq's buffer, typically the FATAL ErrorResponse that says why: the results below
+        // are parsed from it, and a lost connection ends at the CONNECTION_BAD check.
+        let readFailed = PQconsumeInput(pg) == 0
+        if readFailed { s.broken = true }
+        var failure = earlier
         while PQisBusy(pg) == 0 {
             guard let r = PQgetResult(pg) else {
                 s.busy = false
@@ -359,11 +368,11 @@ public final class ReplicationConnection: Sendable {
                 if failure == nil { failure = e }
             }
         }
-        if PQstatus(pg) == CONNECTION_BAD {
+        if readFailed || PQstatus(pg) == CONNECTION_BAD {
             s.broken = true
             throw failure ?? connection.brokenError(pg, context: "replication stream lost while ending")
         }
-        return .waitEnding(s.fd)
+        return .waitEnding(s.fd, failure)
     }
 
     static func parse(_ raw: UnsafeRawBufferPointer, backend: Int32) throws -> ReplicationMessage {
