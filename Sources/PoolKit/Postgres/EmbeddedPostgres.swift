@@ -82,10 +82,12 @@ public final class EmbeddedPostgres: Sendable {
         }
         var template = Array((options.parentDirectory.hasSuffix("/") ? options.parentDirectory : options.parentDirectory + "/").utf8CString.dropLast())
         template += Array("realtime-sync-pg-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else {
+        // mkdtemp fills in the template itself; its result points into the array only while
+        // the call lasts, so the name is read from the array.
+        guard mkdtemp(&template) != nil else {
             throw EmbeddedPostgresError(code: .system, message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno)))")
         }
-        let dir = String(cString: made)
+        let dir = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         // Record who owns this cluster so a later start can reap it if this process dies.
         try? "\(getpid())".write(toFile: dir + "/owner.pid", atomically: true, encoding: .utf8)
         if let user, let pw = getpwnam(user) {

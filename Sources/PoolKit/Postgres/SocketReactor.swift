@@ -237,8 +237,10 @@ final class SocketReactor: TaskExecutor, Sendable {
 
     private func loop(epollFD: Int32, index: Int) {
         pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: Self.drainingEvents))
-        // Named so that top -H, perf and debuggers show which threads are PoolKit's (15 bytes at most).
-        _ = pthread_setname_np(pthread_self(), "poolkit-react-\(index)")
+        // Named so that top -H, perf and debuggers show which threads are PoolKit's. Linux takes
+        // 15 bytes at most (a longer name is refused, leaving the thread unnamed): threads 10
+        // and up (POOLKIT_REACTOR_THREADS goes to 64) drop the dash.
+        _ = pthread_setname_np(pthread_self(), index < 10 ? "poolkit-react-\(index)" : "poolkit-react\(index)")
         let capacity = 64
         let events = UnsafeMutablePointer<epoll_event>.allocate(capacity: capacity)
         defer { events.deallocate() }
