@@ -136,8 +136,10 @@ extension RealtimeServer {
 /// first: clients with ids of their own (one per user, a UUID) made the list this replaced a
 /// scan per client, quadratic in the number of clients under the state lock.
 struct SharedFrames {
-    /// The last frame handed out per loop (index: `SessionChannel.loopIndex`).
-    private var recent: [(quotedID: [UInt8], frame: ByteBuffer)?] = []
+    /// The last id and frame handed out per loop (index: `SessionChannel.loopIndex`; an empty
+    /// id where none was yet). Two arrays, so that the check reads them in place.
+    private var recentIDs: [[UInt8]] = []
+    private var recentFrames: [ByteBuffer] = []
     /// Every frame made so far, by quoted id, then by loop.
     private var byID: [Key: [ByteBuffer?]] = [:]
 
@@ -150,8 +152,13 @@ struct SharedFrames {
 
     /// The frame for subscription id `quotedID` on event loop `loop`: shared if one was made,
     /// copied from another loop's, or made by `make`.
+    @inline(__always)
     mutating func frame(quotedID: [UInt8], loop: Int, make: () -> ByteBuffer) -> ByteBuffer {
-        if loop < recent.count, let hit = recent[loop], hit.quotedID == quotedID { return hit.frame }
+        if loop < recentIDs.count, recentIDs[loop] == quotedID { return recentFrames[loop] }
+        return lookUp(quotedID: quotedID, loop: loop, make: make)
+    }
+
+    private mutating func lookUp(quotedID: [UInt8], loop: Int, make: () -> ByteBuffer) -> ByteBuffer {
         let frame: ByteBuffer
         let key = Key(bytes: quotedID)
         if let known = byID[key] {
@@ -169,8 +176,12 @@ struct SharedFrames {
             frame = make()
             byID[key] = Self.storing(frame, at: loop, in: [])
         }
-        if loop >= recent.count { recent += Array(repeating: nil, count: loop - recent.count + 1) }
-        recent[loop] = (quotedID, frame)
+        if loop >= recentIDs.count {
+            recentIDs += Array(repeating: [], count: loop - recentIDs.count + 1)
+            recentFrames += Array(repeating: ByteBuffer(), count: loop - recentFrames.count + 1)
+        }
+        recentIDs[loop] = quotedID
+        recentFrames[loop] = frame
         return frame
     }
 
