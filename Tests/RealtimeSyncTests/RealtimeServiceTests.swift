@@ -9,6 +9,67 @@ import TestSupport
 
 @Suite("RealtimeService: the composition root end to end")
 struct RealtimeServiceTests {
+    /// Runs a service whose capture cannot start: another session's transaction holds
+    /// CREATE_REPLICATION_SLOT. Returns how long `run()` took and what it threw.
+    private func runBlockedStart(shutdownAfter: Duration?, _ configure: @Sendable (inout RealtimeService.Configuration) -> Void) async throws -> (Duration, (any Error)?) {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let holder = try await PostgresConnection.connect(to: url)
+            _ = try await holder.execute("BEGIN")
+            _ = try await holder.query("SELECT txid_current()")
+            let slot = uniqueCaptureName("svc_blocked")
+            let quiet = Logger(label: "test.service") { _ in SwiftLogNoOpLogHandler() }
+            var configuration = RealtimeService.Configuration(
+                databaseURL: url, tables: [table], publication: slot + "_pub", slot: slot,
+                server: RealtimeServerConfiguration(host: "127.0.0.1", port: 0, logger: quiet), logger: quiet)
+            configure(&configuration)
+            let service = RealtimeService(configuration)
+            let group = ServiceGroup(configuration: .init(services: [service], logger: quiet))
+            let started = ContinuousClock.now
+            var failure: (any Error)?
+            await withTaskGroup(of: Void.self) { tasks in
+                // The test's own bound: the holder's transaction ends after 40 s whatever happens.
+                tasks.addTask {
+                    try? await Task.sleep(for: .seconds(40))
+                    _ = try? await holder.execute("ROLLBACK")
+                }
+                if let shutdownAfter {
+                    tasks.addTask {
+                        try? await Task.sleep(for: shutdownAfter)
+                        await group.triggerGracefulShutdown()
+                    }
+                }
+                do { try await group.run() } catch { failure = error }
+                tasks.cancelAll()
+            }
+            let took = started.duration(to: .now)
+            _ = try? await holder.execute("ROLLBACK")
+            await holder.close()
+            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+            return (took, failure)
+        }
+    }
+
+    @Test("A start that fails while the slot's creation waits for another transaction ends within its deadlines, not when that transaction ends")
+    func failedStartIsBounded() async throws {
+        let (took, failure) = try await runBlockedStart(shutdownAfter: nil) {
+            $0.startTimeout = .seconds(1)
+            $0.captureShutdownDeadline = .seconds(1)
+        }
+        #expect(failure != nil, "the start fails (startTimeout)")
+        #expect(took < .seconds(15), "took \(took)")
+    }
+
+    @Test("A graceful shutdown (SIGTERM) while the service starts ends the start, without an error")
+    func shutdownWhileStarting() async throws {
+        let (took, failure) = try await runBlockedStart(shutdownAfter: .seconds(1)) {
+            $0.startTimeout = .seconds(60)
+            $0.captureShutdownDeadline = .seconds(1)
+        }
+        #expect(failure == nil, "\(String(describing: failure))")
+        #expect(took < .seconds(15), "took \(took)")
+    }
+
     @Test("A row inserted in Postgres reaches a subscribed WebSocket client as a change; GET / serves the live page")
     func insertReachesClient() async throws {
         try await TestDatabase.withDatabase { url in

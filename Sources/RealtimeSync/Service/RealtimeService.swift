@@ -99,7 +99,9 @@ public final class RealtimeService: Service, Sendable {
         /// Where the service logs (the server, capture, pool and scheduler get children of it).
         public var logger: Logger
 
-        /// Creates a configuration with the defaults above.
+        /// Creates a configuration with the defaults above. The shutdown deadlines are the
+        /// 10 s split of `setShutdownDeadline(_:)`, which replaces the three shutdown
+        /// deadlines of `server` too: set those after this initializer to change them.
         public init(databaseURL: String?, tables: [String] = [], publication: String = "realtime_sync",
                     slot: String = "realtime_sync", server: RealtimeServerConfiguration = RealtimeServerConfiguration(),
                     logger: Logger = Logger(label: "realtime-sync")) {
@@ -357,13 +359,19 @@ public final class RealtimeService: Service, Sendable {
                 }
                 try await server.run()
             } catch {
-                logger.error("realtime service stopping after an error", metadata: ["error": "\(error)"])
-                await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool)
+                let shutDownWhileStarting = error is StartInterrupted
+                if shutDownWhileStarting {
+                    logger.notice("realtime service shut down while starting")
+                } else {
+                    logger.error("realtime service stopping after an error", metadata: ["error": "\(error)"])
+                }
+                await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool) { components.cancel() }
                 group.cancelAll()
+                if shutDownWhileStarting { return }
                 throw error
             }
             // The hooks have already stopped everything; this only covers hooks cut off by their deadline.
-            await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool)
+            await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool) { components.cancel() }
             do {
                 try await group.waitForAll()
             } catch is CancellationError {
@@ -375,18 +383,33 @@ public final class RealtimeService: Service, Sendable {
         }
     }
 
+    /// Stops what the hooks did not: bounded. A capture still running after `stop()` and
+    /// `captureShutdownDeadline` (a statement `stop()` does not reach, such as a
+    /// `CREATE_REPLICATION_SLOT` waiting for another session's transaction) is cancelled,
+    /// which cancels its statement on the server.
     private func tearDown(scheduler: JobScheduler<ContinuousClock>, stream: ChangeStream, captureEnded: OneShot,
-                          pool: ConnectionPool<PostgresConnection, ContinuousClock>) async {
+                          pool: ConnectionPool<PostgresConnection, ContinuousClock>, cancelComponents: () -> Void) async {
         await scheduler.shutdown(deadline: .seconds(1))
         stream.stop()
-        await captureEnded.wait()
+        if await !captureEnded.wait(atMost: configuration.captureShutdownDeadline) {
+            logger.warning("capture still running after captureShutdownDeadline=\(configuration.captureShutdownDeadline); cancelling it")
+            cancelComponents()
+            if await !captureEnded.wait(atMost: .seconds(5)) {
+                logger.error("capture did not end within 5 s of its cancellation; leaving it behind")
+            }
+        }
         _ = await pool.drain(deadline: .now.advanced(by: .seconds(1)))
     }
 
-    /// Waits until the capture has opened its resume window (or failed).
+    /// Thrown by the start when a graceful shutdown begins before the server runs.
+    private struct StartInterrupted: Error {}
+
+    /// Waits until the capture has opened its resume window (or failed, or a graceful
+    /// shutdown began: a SIGTERM while starting ends the start).
     private func waitForWindow(_ stream: ChangeStream, ended: OneShot) async throws {
         let deadline = ContinuousClock.now.advanced(by: configuration.startTimeout)
         while stream.statistics.oldestResumable == nil {
+            if Task.isShuttingDownGracefully { throw StartInterrupted() }
             if ended.isSignalled {
                 throw RealtimeServiceError(.captureNotReady, "the change stream for slot \(configuration.slot) ended before it opened its window: \(ended.error ?? "stopped")")
             }
@@ -507,6 +530,18 @@ final class OneShot: Sendable {
             return Array(state.waiters.values)
         }
         for waiter in waiters { waiter.resume() }
+    }
+
+    /// Returns true when signalled within `limit`; false after `limit`, or when the calling
+    /// task is cancelled first.
+    func wait(atMost limit: Duration) async -> Bool {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.wait() }
+            group.addTask { try? await Task.sleep(for: limit) }
+            await group.next()
+            group.cancelAll()
+        }
+        return isSignalled
     }
 
     /// Returns when signalled, or when the calling task is cancelled.
