@@ -70,6 +70,41 @@ struct RealtimeServiceTests {
         #expect(took < .seconds(15), "took \(took)")
     }
 
+    @Test("A capture that fails for good while serving (its publication dropped) shuts the server down and run() throws captureFailed")
+    func captureFailureEndsTheService() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("svc_fail")
+            let quiet = Logger(label: "test.service") { _ in SwiftLogNoOpLogHandler() }
+            let configuration = RealtimeService.Configuration(
+                databaseURL: url, tables: [table], publication: slot + "_pub", slot: slot,
+                server: RealtimeServerConfiguration(host: "127.0.0.1", port: 0, logger: quiet), logger: quiet)
+            let service = RealtimeService(configuration)
+            let group = ServiceGroup(configuration: .init(services: [service], logger: quiet))
+            var failure: (any Error)?
+            await withTaskGroup(of: Void.self) { tasks in
+                tasks.addTask {
+                    do {
+                        let running = try await withTimeout(60, "service start") { try await service.waitUntilRunning() }
+                        try await runSQL(url, "DROP PUBLICATION \(slot)_pub")
+                        try await runSQL(url, "INSERT INTO \(table) (status) VALUES ('after the drop')")
+                        _ = running
+                    } catch {
+                        Issue.record("setup: \(error)")
+                    }
+                    // The test's own bound: a service that never stops is shut down after 60 s.
+                    try? await Task.sleep(for: .seconds(60))
+                    await group.triggerGracefulShutdown()
+                }
+                do { try await group.run() } catch { failure = error }
+                tasks.cancelAll()
+            }
+            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+            let error = try #require(failure as? RealtimeServiceError, "\(String(describing: failure))")
+            #expect(error.code == .captureFailed, "\(error)")
+        }
+    }
+
     @Test("A row inserted in Postgres reaches a subscribed WebSocket client as a change; GET / serves the live page")
     func insertReachesClient() async throws {
         try await TestDatabase.withDatabase { url in

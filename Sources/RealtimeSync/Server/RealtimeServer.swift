@@ -105,6 +105,10 @@ public final class RealtimeServer: Service, Sendable {
     let deliveredCount = Atomic<Int>(0)
     let metrics: ServerMetrics
     let logger: Logger
+    /// While `run()` runs: begins its ordered shutdown (as a graceful shutdown does).
+    private let shutdownRequests = Mutex<AsyncStream<Void>.Continuation?>(nil)
+    /// Set by `requestShutdown` before `run()` started.
+    private let shutdownRequestedEarly = Atomic<Bool>(false)
 
     /// Creates a server over `source`.
     /// Bounds concurrent snapshots (`maxConcurrentSnapshots`).
@@ -185,6 +189,9 @@ public final class RealtimeServer: Service, Sendable {
         try configuration.validate()
         let (shutdownSignal, shutdownContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let (fanoutStop, fanoutStopContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        shutdownRequests.withLock { $0 = shutdownContinuation }
+        defer { shutdownRequests.withLock { $0 = nil } }
+        if shutdownRequestedEarly.load(ordering: .relaxed) { shutdownContinuation.yield() }
         let listener = try HTTPListener(server: self)
         state.withLock { $0.lastDelivered = source.currentCursor }
         logger.info("realtime server starting", metadata: ["host": "\(configuration.host)", "port": "\(configuration.port)"])
@@ -239,6 +246,14 @@ public final class RealtimeServer: Service, Sendable {
             shutdownContinuation.yield()
         }
         state.withLock { $0.phase = .stopped }
+    }
+
+    /// Begins the ordered shutdown of a running server, as a graceful shutdown of its task
+    /// does (`RealtimeService` calls it when its change capture fails for good); `run()`
+    /// returns once it is done. Before `run()`, it makes `run()` shut down as soon as it starts.
+    func requestShutdown() {
+        shutdownRequestedEarly.store(true, ordering: .relaxed)
+        _ = shutdownRequests.withLock { $0?.yield() }
     }
 
     /// Drops every session at once (cancellation, listener failure).

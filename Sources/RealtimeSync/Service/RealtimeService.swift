@@ -20,6 +20,10 @@ public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
         case stopped = "SERVICE_STOPPED"
         /// The change stream did not open its resume window (`startTimeout`) or ended first.
         case captureNotReady = "SERVICE_CAPTURE_NOT_READY"
+        /// The change stream failed for good while serving (an error a reconnect cannot cure,
+        /// e.g. the slot invalidated by `max_slot_wal_keep_size`, or the publication dropped):
+        /// the server was shut down in order so that the process can be restarted.
+        case captureFailed = "SERVICE_CAPTURE_FAILED"
     }
     /// The stable code.
     public var code: Code
@@ -282,6 +286,7 @@ public final class RealtimeService: Service, Sendable {
         let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: configuration.pool, logger: child("pool"))
         let scheduler = JobScheduler(logger: child("scheduler"))
         let captureEnded = OneShot()
+        let captureFailed = OneShot()
 
         var serverConfiguration = configuration.server
         if serverConfiguration.indexHTML == RealtimeServerConfiguration.placeholderPage {
@@ -357,6 +362,15 @@ public final class RealtimeService: Service, Sendable {
                     resolveWaiters(.success(Running(databaseURL: url, port: port, server: server, source: source,
                                                     scheduler: scheduler, pageURL: pageURL, embeddedDirectory: embeddedDirectory)))
                 }
+                // A capture that fails for good leaves nothing to serve: the server then shuts
+                // down in order, and `run()` throws, so that the process exits and is restarted.
+                group.addTask {
+                    await captureEnded.wait()
+                    guard let failure = captureEnded.error, !server.isDraining else { return }
+                    self.logger.error("change capture failed for good; shutting the server down", metadata: ["error": "\(failure)"])
+                    captureFailed.signal(error: failure)
+                    server.requestShutdown()
+                }
                 try await server.run()
             } catch {
                 let shutDownWhileStarting = error is StartInterrupted
@@ -378,7 +392,12 @@ public final class RealtimeService: Service, Sendable {
             } catch let error as CaptureSetupError {
                 throw error
             } catch {
-                logger.warning("a component ended with an error at shutdown", metadata: ["error": "\(error)"])
+                if !captureFailed.isSignalled {
+                    logger.warning("a component ended with an error at shutdown", metadata: ["error": "\(error)"])
+                }
+            }
+            if captureFailed.isSignalled {
+                throw RealtimeServiceError(.captureFailed, "the change stream for slot \(configuration.slot) failed and cannot resume by reconnecting: \(captureFailed.error ?? "unknown error"); the server was shut down (check the slot and the publication \(configuration.publication); see OPERATIONS.md)")
             }
         }
     }
