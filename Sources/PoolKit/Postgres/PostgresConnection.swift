@@ -506,12 +506,16 @@ public final class PostgresConnection: @unchecked Sendable {
                 /// before it closes, e.g. 57P01 from pg_terminate_backend), else libpq's.
                 func lost(_ context: String) -> PostgresError {
                     s.broken = true
-                    // What libpq read before the end stays buffered (and is parsed here).
+                    // What libpq read before the end stays buffered (and is parsed here); only
+                    // the server's own errors (those with a SQLSTATE) are kept, not the result
+                    // libpq makes up for the lost socket.
                     while firstError == nil, PQisBusy(pg) == 0, let r = PQgetResult(pg) {
                         let box = ResultBox(r)
-                        if PQresultStatus(r) == PGRES_FATAL_ERROR { firstError = serverError(box.pointer, pg) }
+                        if PQresultStatus(r) == PGRES_FATAL_ERROR, PQresultErrorField(r, Int32(UInt8(ascii: "C"))) != nil {
+                            firstError = serverError(box.pointer, pg)
+                        }
                     }
-                    if var error = firstError, error.code == .server {
+                    if var error = firstError, error.code == .server, error.sqlState != nil {
                         error.code = .connectionBroken
                         return error
                     }
