@@ -33,7 +33,9 @@ struct SessionHandlerTests {
     ])
     func protocolErrors(_ case: (String, [UInt8])) async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
-        try await withTestServer(source: source) { test in
+        // A close timeout far beyond the wait below: the server ends the connection after its
+        // 1002 without waiting for a close frame from the client.
+        try await withTestServer(source: source, configure: { $0.closeTimeout = .seconds(60) }) { test in
             let socket = try await connectWebSocket(port: test.port)
             try await socket.subscribe("s")
             try await socket.send(`case`.1)

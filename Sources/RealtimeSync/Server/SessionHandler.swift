@@ -73,8 +73,14 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard !ended else { return }
         let frame = unwrapInboundIn(data)
         // RFC 6455 5.1: a server closes the connection on a frame the client did not mask
-        // (NIO's decoder accepts either).
-        guard frame.maskKey != nil else { return session.close(.protocolError) }
+        // (NIO's decoder accepts either): 1002, then the TCP connection ends without waiting
+        // for the client's close frame, which such a client would not mask either.
+        guard frame.maskKey != nil else {
+            guard !closeReceived else { return }
+            closeReceived = true  // nothing it sends is read any more
+            if session.sentCloseCode.load(ordering: .relaxed) != 0 { return context.close(promise: nil) }
+            return closeAndEnd(.protocolError, context: context)
+        }
         switch frame.opcode {
         case .connectionClose:
             receivedClose(frame, context: context)
@@ -201,7 +207,11 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         session.clientSentClose.store(true, ordering: .relaxed)
-        let code = Self.echoCode(frame)
+        closeAndEnd(Self.echoCode(frame), context: context)
+    }
+
+    /// Sends a close frame with `code` and ends the TCP connection once it is written.
+    private func closeAndEnd(_ code: WebSocketCloseCode, context: ChannelHandlerContext) {
         var payload = context.channel.allocator.buffer(capacity: 2)
         payload.writeInteger(code.rawValue)
         let channel = context.channel
