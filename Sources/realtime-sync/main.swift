@@ -72,8 +72,10 @@ struct Setting {
         } else {
             value = fallback
         }
-        guard value > 0, value.isFinite, value < 1e9 else {
-            throw ValidationError("--\(name) / \(variable) is \(value); it must be a positive number of seconds, below 1e9")
+        // Checked after rounding to whole milliseconds: 0.0004 would otherwise pass as positive
+        // and become zero.
+        guard value.isFinite, value < 1e9, (value * 1000).rounded() >= 1 else {
+            throw ValidationError("--\(name) / \(variable) is \(value); it must be a number of seconds from 0.001 (1 ms) to below 1e9")
         }
         return .milliseconds(Int64((value * 1000).rounded()))
     }
@@ -147,7 +149,7 @@ struct Serve: AsyncParsableCommand {
             throw ValidationError("--listen-backlog / REALTIME_SYNC_LISTEN_BACKLOG: \(configuration.server.listenBacklog) is not from 1 to 65535 (the kernel caps it at net.core.somaxconn anyway)")
         }
         configuration.server.metricsRegistry = registry
-        configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "pool-max-open", "REALTIME_SYNC_POOL_MAX_OPEN", 4, minimum: 1)
+        configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "pool-max-open", "REALTIME_SYNC_POOL_MAX_OPEN", 4, minimum: 2)
         configuration.pool.maxIdle = configuration.pool.maxOpen
         configuration.pool.acquireTimeout = try Setting.seconds(poolAcquireTimeout, "pool-acquire-timeout", "REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT", 30)
         configuration.window.maxAge = try Setting.seconds(windowMaxAge, "window-max-age", "REALTIME_SYNC_WINDOW_MAX_AGE", 300)

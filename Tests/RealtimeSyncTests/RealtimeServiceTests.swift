@@ -70,6 +70,30 @@ struct RealtimeServiceTests {
         #expect(took < .seconds(15), "took \(took)")
     }
 
+    @Test("Settings are checked before anything starts: pool.maxOpen 1 and an invalid server setting are refused at once, naming them")
+    func settingsCheckedFirst() async throws {
+        // No database listens on port 1: a check made after connecting would fail there instead.
+        var one = RealtimeService.Configuration(databaseURL: "postgres://unused@127.0.0.1:1/x")
+        one.pool.maxOpen = 1
+        do {
+            let service = RealtimeService(one)
+            try await withTimeout(20, "run") { try await service.run() }
+            Issue.record("pool.maxOpen 1 must be refused")
+        } catch let error as RealtimeServiceError {
+            #expect(error.code == .invalidSetting, "\(error)")
+            #expect(error.message.contains("--pool-max-open"), "\(error)")
+        }
+        var zero = RealtimeService.Configuration(databaseURL: "postgres://unused@127.0.0.1:1/x")
+        zero.server.closeTimeout = .zero
+        do {
+            let service = RealtimeService(zero)
+            try await withTimeout(20, "run") { try await service.run() }
+            Issue.record("closeTimeout 0 must be refused")
+        } catch {
+            #expect("\(error)".contains("closeTimeout"), "\(error)")
+        }
+    }
+
     @Test("A capture that fails for good while serving (its publication dropped) shuts the server down and run() throws captureFailed")
     func captureFailureEndsTheService() async throws {
         try await TestDatabase.withDatabase { url in

@@ -229,6 +229,8 @@ struct ServeSettingsTests {
               (["serve", "--window-max-count=-1"], [:], "--window-max-count / REALTIME_SYNC_WINDOW_MAX_COUNT is -1; it must be 1 or more"),
               (["serve"], ["REALTIME_SYNC_WINDOW_MAX_COUNT": "0"], "REALTIME_SYNC_WINDOW_MAX_COUNT is 0"),
               (["serve", "--window-max-age=-5"], [:], "--window-max-age / REALTIME_SYNC_WINDOW_MAX_AGE is -5.0"),
+              // Positive, but zero once rounded to the milliseconds a Duration is made of.
+              (["serve", "--heartbeat-interval=0.0004"], [:], "--heartbeat-interval / REALTIME_SYNC_HEARTBEAT_INTERVAL is 0.0004; it must be a number of seconds from 0.001"),
               // An empty database URL must not start the embedded demo in its place.
               (["serve"], ["DATABASE_URL": ""], "DATABASE_URL is set but empty"),
               (["serve"], ["REALTIME_SYNC_DATABASE_URL": "", "DATABASE_URL": "postgres://unused@127.0.0.1:1/x"], "REALTIME_SYNC_DATABASE_URL is set but empty"),

@@ -65,7 +65,8 @@ public enum CaptureSetup {
     public static func prepare(_ conn: PostgresConnection, publication: String, tables: [String],
                                createPublication: Bool = true, logger: Logger? = nil) async throws -> CaptureSetupReport {
         let settings = try await conn.query("""
-            SELECT current_setting('wal_level'), current_setting('max_slot_wal_keep_size'),
+            SELECT current_setting('wal_level'),
+                   (SELECT setting FROM pg_settings WHERE name = 'max_slot_wal_keep_size'),
                    r.rolreplication OR r.rolsuper, current_user::text
             FROM pg_roles r WHERE r.rolname = current_user
             """)
@@ -77,15 +78,16 @@ public enum CaptureSetup {
             throw CaptureSetupError(.walLevelNotLogical,
                 "wal_level is '\(walLevel)' on \(conn.host):\(conn.port), but change capture needs wal_level=logical: run ALTER SYSTEM SET wal_level = logical (or set it in postgresql.conf) and restart PostgreSQL")
         }
-        let keepText = try settings[0].decode(String.self, at: 1) ?? "-1"
-        let keepMB = Int(keepText.filter { $0.isNumber || $0 == "-" }) ?? -1
+        // pg_settings gives the number in the setting's unit, MB (current_setting() shows
+        // '10GB', whose digits are not megabytes).
+        let keepMB = Int(try settings[0].decode(String.self, at: 1) ?? "-1") ?? -1
         let role = try settings[0].decode(String.self, at: 3) ?? "?"
         guard try settings[0].decode(Bool.self, at: 2) == true else {
             throw CaptureSetupError(.missingReplicationPrivilege,
                 "role '\(role)' lacks the REPLICATION privilege needed for a logical replication slot: run ALTER ROLE \(try displayIdentifier(role, conn)) REPLICATION (as a superuser), or connect as a role that has it")
         }
         var warnings: [String] = []
-        if keepText.hasPrefix("-1") {
+        if keepMB == -1 {
             warnings.append("max_slot_wal_keep_size is -1 (unlimited) on \(conn.host):\(conn.port): if this capture stops for long, its replication slot keeps WAL until the disk fills; set max_slot_wal_keep_size (e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '10GB') or drop the slot when capture is retired")
         }
 

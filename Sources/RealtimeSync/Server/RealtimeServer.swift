@@ -105,10 +105,10 @@ public final class RealtimeServer: Service, Sendable {
     let deliveredCount = Atomic<Int>(0)
     let metrics: ServerMetrics
     let logger: Logger
-    /// While `run()` runs: begins its ordered shutdown (as a graceful shutdown does).
-    private let shutdownRequests = Mutex<AsyncStream<Void>.Continuation?>(nil)
-    /// Set by `requestShutdown` before `run()` started.
-    private let shutdownRequestedEarly = Atomic<Bool>(false)
+    /// Requests for `run()`'s ordered shutdown: a graceful shutdown, or `requestShutdown()`
+    /// (also before `run()` starts: the stream keeps the latest).
+    private let shutdownSignal: AsyncStream<Void>
+    private let shutdownContinuation: AsyncStream<Void>.Continuation
 
     /// Creates a server over `source`.
     /// Bounds concurrent snapshots (`maxConcurrentSnapshots`).
@@ -121,6 +121,7 @@ public final class RealtimeServer: Service, Sendable {
         self.state = Mutex(ServerState(hub: FanoutHub(limits: configuration.hubLimits), lastDelivered: source.currentCursor))
         self.metrics = ServerMetrics(registry: configuration.metricsRegistry)
         self.snapshotGate = AsyncGate(permits: configuration.maxConcurrentSnapshots)
+        (shutdownSignal, shutdownContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
     /// A snapshot of the live counts.
@@ -187,11 +188,8 @@ public final class RealtimeServer: Service, Sendable {
     /// closes everything at once). Throws when the listener cannot start.
     public func run() async throws {
         try configuration.validate()
-        let (shutdownSignal, shutdownContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let shutdownSignal = self.shutdownSignal
         let (fanoutStop, fanoutStopContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        shutdownRequests.withLock { $0 = shutdownContinuation }
-        defer { shutdownRequests.withLock { $0 = nil } }
-        if shutdownRequestedEarly.load(ordering: .relaxed) { shutdownContinuation.yield() }
         let listener = try HTTPListener(server: self)
         state.withLock { $0.lastDelivered = source.currentCursor }
         logger.info("realtime server starting", metadata: ["host": "\(configuration.host)", "port": "\(configuration.port)"])
@@ -242,7 +240,7 @@ public final class RealtimeServer: Service, Sendable {
                     }
                 }
             }
-        } onGracefulShutdown: {
+        } onGracefulShutdown: { [shutdownContinuation] in
             shutdownContinuation.yield()
         }
         state.withLock { $0.phase = .stopped }
@@ -252,8 +250,7 @@ public final class RealtimeServer: Service, Sendable {
     /// does (`RealtimeService` calls it when its change capture fails for good); `run()`
     /// returns once it is done. Before `run()`, it makes `run()` shut down as soon as it starts.
     func requestShutdown() {
-        shutdownRequestedEarly.store(true, ordering: .relaxed)
-        _ = shutdownRequests.withLock { $0?.yield() }
+        shutdownContinuation.yield()
     }
 
     /// Drops every session at once (cancellation, listener failure).

@@ -21,7 +21,8 @@ public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
         /// The change stream did not open its resume window (`startTimeout`) or ended first.
         case captureNotReady = "SERVICE_CAPTURE_NOT_READY"
         /// The change stream failed for good while serving (an error a reconnect cannot cure,
-        /// e.g. the slot invalidated by `max_slot_wal_keep_size`, or the publication dropped):
+        /// e.g. the slot invalidated by `max_slot_wal_keep_size`, or, on PostgreSQL 15-17,
+        /// the publication dropped):
         /// the server was shut down in order so that the process can be restarted.
         case captureFailed = "SERVICE_CAPTURE_FAILED"
     }
@@ -242,7 +243,17 @@ public final class RealtimeService: Service, Sendable {
         resolveWaiters(.failure(RealtimeServiceError(.stopped, "realtime service has stopped")))
     }
 
+    /// Checks the settings before anything starts (a server setting found invalid only by
+    /// `RealtimeServer.run()` came after the pool, capture and scheduler had started).
+    private func validate() throws {
+        try configuration.server.validate()
+        if configuration.server.snapshotReader == nil, configuration.pool.maxOpen < 2 {
+            throw RealtimeServiceError(.invalidSetting, "pool.maxOpen is \(configuration.pool.maxOpen); the service needs 2 or more (--pool-max-open / REALTIME_SYNC_POOL_MAX_OPEN): snapshots take at most maxOpen - 1, so that one connection stays for its jobs")
+        }
+    }
+
     private func runOnce() async throws {
+        try validate()
         var embedded: EmbeddedPostgres?
         let url: String
         if let given = configuration.databaseURL, !given.isEmpty {
@@ -296,7 +307,7 @@ public final class RealtimeService: Service, Sendable {
             serverConfiguration.snapshotReader = TableSnapshotReader(pool: pool)
             // One connection stays for the service's jobs (heartbeat, slot lag, catalog) and
             // the `since` checks, however many clients ask for snapshots.
-            serverConfiguration.maxConcurrentSnapshots = min(serverConfiguration.maxConcurrentSnapshots, max(1, configuration.pool.maxOpen - 1))
+            serverConfiguration.maxConcurrentSnapshots = min(serverConfiguration.maxConcurrentSnapshots, configuration.pool.maxOpen - 1)
         }
         if serverConfiguration.walPosition == nil, let reader = serverConfiguration.snapshotReader {
             serverConfiguration.walPosition = { try await reader.currentWALPosition() }
@@ -323,7 +334,9 @@ public final class RealtimeService: Service, Sendable {
             // so the process's signal reaches only the server, which stops them in order via
             // its hooks (`tearDown` covers the error path). The task is owned here: awaited by
             // a child task, and cancelled with it.
+            let componentsEnded = OneShot()
             let components = Task.detached {
+                defer { componentsEnded.signal() }
                 try await withThrowingTaskGroup(of: Void.self) { components in
                     components.addTask { try await pool.run() }
                     components.addTask { try await scheduler.run() }
@@ -331,6 +344,9 @@ public final class RealtimeService: Service, Sendable {
                         do {
                             try await stream.run()
                             captureEnded.signal(error: nil)
+                        } catch is CancellationError {
+                            captureEnded.signal(error: nil)  // cancelled, not failed
+                            throw CancellationError()
                         } catch {
                             captureEnded.signal(error: "\(error)")
                             throw error
@@ -340,11 +356,15 @@ public final class RealtimeService: Service, Sendable {
                 }
             }
             group.addTask {
-                try await withTaskCancellationHandler {
-                    try await components.value
+                // Cancelled first, the components are cancelled and not waited for: `tearDown`
+                // has bounded that wait, and a capture that ignores its cancellation is left
+                // behind (logged) rather than holding `run()`.
+                await withTaskCancellationHandler {
+                    await componentsEnded.wait()
                 } onCancel: {
                     components.cancel()
                 }
+                if componentsEnded.isSignalled { try await components.value }
             }
             do {
                 try await waitForWindow(stream, ended: captureEnded)
@@ -366,7 +386,7 @@ public final class RealtimeService: Service, Sendable {
                 // down in order, and `run()` throws, so that the process exits and is restarted.
                 group.addTask {
                     await captureEnded.wait()
-                    guard let failure = captureEnded.error, !server.isDraining else { return }
+                    guard let failure = captureEnded.error, !server.isDraining, !Task.isCancelled else { return }
                     self.logger.error("change capture failed for good; shutting the server down", metadata: ["error": "\(failure)"])
                     captureFailed.signal(error: failure)
                     server.requestShutdown()
@@ -379,13 +399,17 @@ public final class RealtimeService: Service, Sendable {
                 } else {
                     logger.error("realtime service stopping after an error", metadata: ["error": "\(error)"])
                 }
-                await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool) { components.cancel() }
+                await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool,
+                               firstWait: configuration.captureShutdownDeadline) { components.cancel() }
                 group.cancelAll()
                 if shutDownWhileStarting { return }
                 throw error
             }
-            // The hooks have already stopped everything; this only covers hooks cut off by their deadline.
-            await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool) { components.cancel() }
+            // The hooks have already stopped everything (the capture hook waited its deadline
+            // for the capture); this only covers hooks cut off by their deadline.
+            await tearDown(scheduler: scheduler, stream: stream, captureEnded: captureEnded, pool: pool,
+                           firstWait: .zero) { components.cancel() }
+            if !captureEnded.isSignalled { group.cancelAll() }
             do {
                 try await group.waitForAll()
             } catch is CancellationError {
@@ -402,19 +426,20 @@ public final class RealtimeService: Service, Sendable {
         }
     }
 
-    /// Stops what the hooks did not: bounded. A capture still running after `stop()` and
-    /// `captureShutdownDeadline` (a statement `stop()` does not reach, such as a
-    /// `CREATE_REPLICATION_SLOT` waiting for another session's transaction) is cancelled,
-    /// which cancels its statement on the server.
+    /// Stops what the hooks did not: bounded. A capture still running `firstWait` after
+    /// `stop()` (a statement `stop()` does not reach, such as a `CREATE_REPLICATION_SLOT`
+    /// waiting for another session's transaction) is cancelled, which cancels its statement
+    /// on the server, and is waited for 2 s more at most.
     private func tearDown(scheduler: JobScheduler<ContinuousClock>, stream: ChangeStream, captureEnded: OneShot,
-                          pool: ConnectionPool<PostgresConnection, ContinuousClock>, cancelComponents: () -> Void) async {
+                          pool: ConnectionPool<PostgresConnection, ContinuousClock>, firstWait: Duration,
+                          cancelComponents: () -> Void) async {
         await scheduler.shutdown(deadline: .seconds(1))
         stream.stop()
-        if await !captureEnded.wait(atMost: configuration.captureShutdownDeadline) {
-            logger.warning("capture still running after captureShutdownDeadline=\(configuration.captureShutdownDeadline); cancelling it")
+        if await !captureEnded.wait(atMost: firstWait) {
+            logger.warning("capture still running after stop() (captureShutdownDeadline=\(configuration.captureShutdownDeadline)); cancelling it")
             cancelComponents()
-            if await !captureEnded.wait(atMost: .seconds(5)) {
-                logger.error("capture did not end within 5 s of its cancellation; leaving it behind")
+            if await !captureEnded.wait(atMost: .seconds(2)) {
+                logger.error("capture did not end within 2 s of its cancellation; leaving it behind")
             }
         }
         _ = await pool.drain(deadline: .now.advanced(by: .seconds(1)))
