@@ -79,7 +79,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         public var randomSeed: UInt64?
         /// How many runs the driver hands to the workers before it looks at the clock again.
         public var maxStartsPerWakeup: Int
-        /// `scheduler` dimension of the metrics.
+        /// `scheduler` dimension of the metrics: give each scheduler of a process its own
+        /// (two with the same label write the same gauges, and the last one written wins).
         public var metricsLabel: String
         /// Where the metrics go; nil: the process's `MetricsSystem` as bootstrapped
         /// when the scheduler is made.
@@ -458,9 +459,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         for (control, reason) in step.cancels { control.cancel(reason) }
         for w in step.plan.wake { w.resume() }
         step.wakeDriver?.resume()
-        if step.skipped > 0 { skippedCounter.increment(by: Int64(step.skipped)) }
-        if step.missed > 0 { missedCounter.increment(by: Int64(step.missed)) }
-        if step.coalesced > 0 { coalescedCounter.increment(by: Int64(step.coalesced)) }
+        if step.skipped > 0 { skippedCounter.increment(by: Int64(clamping: step.skipped)) }
+        if step.missed > 0 { missedCounter.increment(by: Int64(clamping: step.missed)) }
+        if step.coalesced > 0 { coalescedCounter.increment(by: Int64(clamping: step.coalesced)) }
         if metricsEnabled {
             jobsGauge.record(step.jobs)
             inFlightGauge.record(step.inFlight)

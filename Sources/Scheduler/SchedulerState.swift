@@ -296,10 +296,17 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         return s < jobs.count && jobs[s].serial == id.serial && jobs[s].flags.contains(.inUse)
     }
 
-    /// True if the job was cancelled, shut down, completed, or never existed.
+    /// True if the job was cancelled, shut down, completed, or never existed: it can no
+    /// longer run. A one-shot job's attempt in progress that a retry may follow, should it
+    /// fail, is not gone yet (its record says `.gone` while the attempt runs).
     func isGone(_ id: JobID) -> Bool {
         guard isLive(id) else { return true }
-        return jobs[Int(id.slot)].flags.contains(.gone)
+        let s = Int(id.slot)
+        guard jobs[s].flags.contains(.gone) else { return false }
+        guard jobs[s].inFlight > 0, case .once = jobs[s].trigger, let retry = jobs[s].options.retry,
+              !jobs[s].flags.contains(.cancelledByHandle), phase == .running
+        else { return true }
+        return Int(jobs[s].attempt) >= retry.maxAttempts
     }
 
     /// The job's queue deadline (its next run, or pending retry), if queued.
@@ -634,7 +641,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             let (behind, overflowed) = now.subtractingReportingOverflow(grid)
             let lag = overflowed ? Int64.max : behind.saturatingAdd(-jobs[s].options.jitter)
             if lag >= period {
-                k = 1 + lag / period
+                // Saturating: with a 1 ns period and a lag of Int64.max, 1 + lag / period overflowed.
+                let (count, over) = (lag / period).addingReportingOverflow(1)
+                k = over ? .max : count
             }
             if k > 1 {
                 let keep = Int64(jobs[s].options.missedKind == 2 ? Int(jobs[s].options.missedMax) : 1)

@@ -147,6 +147,14 @@ struct JobSchedulerTests {
             #expect(r.all.count >= 1)
             #expect(throws: SchedulerError.self) { try scheduler.schedule(.fixedDelay(.zero)) { _ in } }
         }
+        // A period of 1 ns from centuries back: more occurrences passed than an Int64 counts.
+        try await withScheduler { scheduler, clock in
+            let tiny = Recorder()
+            _ = try scheduler.schedule(.every(.nanoseconds(1), startingAt: clock.now.advanced(by: .seconds(-10_000_000_000)))) { c in tiny.record(c) }
+            await scheduler.advance(by: .nanoseconds(3))
+            #expect(tiny.all.count >= 1)
+            #expect(scheduler.statistics.missedRuns > UInt64(Int64.max / 2))
+        }
     }
 
     @Test("a one-shot job whose retry backoff never ends is done after its failure, not kept live for ever")
@@ -159,6 +167,24 @@ struct JobSchedulerTests {
             }
             await scheduler.advance(by: .seconds(2))
             #expect(h.isCancelled, "the job should be over")
+            #expect(scheduler.statistics.jobs == 0)
+        }
+    }
+
+    @Test("a one-shot job with a retry is not cancelled while a failing attempt may still be retried; it is once no attempt is left")
+    func oneShotRetryIsNotCancelledMidRun() async throws {
+        try await withScheduler { scheduler, clock in
+            let retry = RetryPolicy(maxAttempts: 2, initialBackoff: .seconds(1), maxBackoff: .seconds(1))
+            let h = try scheduler.schedule(.once(after: .seconds(1)), options: .init(retry: retry)) { _ in
+                try await clock.sleep(for: .seconds(5))
+                throw CancellationError()
+            }
+            await scheduler.advance(by: .seconds(3))  // attempt 1 runs (1 s to 6 s)
+            #expect(!h.isCancelled, "attempt 1 may fail and be retried")
+            await scheduler.advance(by: .seconds(6))  // t = 9: attempt 2 runs (7 s to 12 s), the last
+            #expect(h.isCancelled, "no attempt is left after this one")
+            await scheduler.advance(by: .seconds(5))
+            #expect(h.isCancelled)
             #expect(scheduler.statistics.jobs == 0)
         }
     }
