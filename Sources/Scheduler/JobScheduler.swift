@@ -907,9 +907,27 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         if let controls {
             for c in controls { c.cancel(.jobCancelled) }
             if metricsEnabled { jobsGauge.record(jobs) }
+            if !controls.isEmpty { abandonQueuedRuns(of: id) }
         }
         for r in resumes { r.resume() }
         activity?()
+    }
+
+    /// A cancelled job's runs still waiting for a worker never start: recorded now, so that
+    /// `cancelAndWait` does not wait for a worker to take them (with every worker busy, one
+    /// of them perhaps in the waiting body, that was forever). A second lock round, only for
+    /// a job with runs in flight (not on the path of cancelling a pending job).
+    private func abandonQueuedRuns(of id: JobID) {
+        let resumes = core.withLock { core -> [CheckedContinuation<Void, Never>] in
+            // The pool's lock after the scheduler's: the documented order.
+            let removed = pool.withLock { $0.removeQueued { $0.job == id } }
+            guard !removed.isEmpty else { return [] }
+            let now = ticks(clock.now)
+            for start in removed { core.machine.abandon(start, now: now) }
+            core.runTasks -= removed.count
+            return core.machine.takeResumes()
+        }
+        for r in resumes { r.resume() }
     }
 
     func cancelJobAndWait(_ id: JobID) async {

@@ -194,6 +194,26 @@ struct WorkerPool<Item: Sendable>: Sendable {
         return (abandoned, takeCompletions(), i)
     }
 
+    /// Takes the queued runs (handed over, not yet taken by a worker) for which `matching`
+    /// is true, keeping the others in order: a cancelled job's runs, which then never start
+    /// instead of waiting for a worker (with every worker busy, that wait could be forever).
+    mutating func removeQueued(where matching: (Item) -> Bool) -> [Item] {
+        guard head < items.count else { return [] }
+        var removed: [Item] = []
+        var kept = head
+        for i in head..<items.count {
+            let item = items[i].take()!
+            if matching(item) {
+                removed.append(item)
+            } else {
+                items[kept] = item
+                kept += 1
+            }
+        }
+        items.removeLast(items.count - kept)
+        return removed
+    }
+
     // MARK: - Worker side
 
     /// What a worker does next.

@@ -700,6 +700,35 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("cancelAndWait from the only worker's body, for a job whose run waits for that worker, returns: the run never starts")
+    func cancelAndWaitForARunWaitingForAWorker() async throws {
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet, configuration: .init(randomSeed: 42, maxWorkers: 1))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let r = Recorder()
+            let handles = Mutex<JobHandle?>(nil)
+            let waited = Mutex(false)
+            let at = clock.now.advanced(by: .seconds(1))
+            try scheduler.schedule(.once(at: at), options: .init(name: "a")) { _ in
+                r.note("a")
+                if let b = handles.withLock({ $0 }) { await b.cancelAndWait() }
+                waited.withLock { $0 = true }
+            }
+            let b = try scheduler.schedule(.once(at: at), options: .init(name: "b")) { _ in r.note("b") }
+            handles.withLock { $0 = b }
+            // Unstructured and bounded: a run that never returns must fail the test, not hang it.
+            let advanced = Task { await scheduler.advance(by: .seconds(2)) }
+            try await pollUntil(seconds: 20) { waited.withLock { $0 } }
+            #expect(waited.withLock { $0 }, "a's cancelAndWait never returned")
+            #expect(r.allNotes == ["a"], "b's run must not start once cancelled")
+            #expect(b.isCancelled)
+            await scheduler.shutdown(deadline: .zero)
+            _ = await advanced.value
+            try await group.waitForAll()
+        }
+    }
+
     @Test("cancelling the last job ends the armed timer at once: no task sleeps until the cancelled job's time")
     func cancelEndsTheTimer() async throws {
         try await withScheduler { scheduler, clock in
