@@ -72,9 +72,9 @@ struct Setting {
         } else {
             value = fallback
         }
-        // Checked after rounding to whole milliseconds: 0.0004 would otherwise pass as positive
-        // and become zero.
-        guard value.isFinite, value < 1e9, (value * 1000).rounded() >= 1 else {
+        // At least 1 ms: the value is rounded to whole milliseconds, and 0.0004 passed as
+        // positive and became zero.
+        guard value.isFinite, value < 1e9, value >= 0.001 else {
             throw ValidationError("--\(name) / \(variable) is \(value); it must be a number of seconds from 0.001 (1 ms) to below 1e9")
         }
         return .milliseconds(Int64((value * 1000).rounded()))

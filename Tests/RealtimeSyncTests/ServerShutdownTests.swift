@@ -8,6 +8,35 @@ import TestSupport
 
 @Suite("server: ordered shutdown and leaks")
 struct ServerShutdownTests {
+    @Test("A server that stops before it listens fails whoever waits for its port (instead of leaving them waiting); it runs once")
+    func stoppedBeforeListening() async throws {
+        var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.closeTimeout = .zero  // refused by run()'s check, before the listener starts
+        let server = RealtimeServer(source: InMemoryChangeSource(catalog: serverCatalog), configuration: configuration)
+        let waiter = Task { try await server.waitUntilListening() }
+        await #expect(throws: RealtimeServerError.self) { try await server.run() }
+        // Unstructured, with a deadline: a waiter left waiting must fail the test, not hang it.
+        let answered = Atomic<Bool>(false)
+        let watch = Task {
+            _ = try? await waiter.value
+            answered.store(true, ordering: .relaxed)
+        }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !answered.load(ordering: .relaxed) && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        let wasAnswered = answered.load(ordering: .relaxed)
+        #expect(wasAnswered, "waitUntilListening() still waits for a server that stopped")
+        if wasAnswered {
+            await #expect(throws: RealtimeServerError.self) { try await waiter.value }
+        }
+        watch.cancel()
+        do {
+            try await server.run()
+            Issue.record("a second run() must be refused")
+        } catch let error as RealtimeServerError {
+            #expect(error.code == .alreadyRan)
+        }
+    }
+
     @Test("A connection that never completes its first request is closed after firstRequestTimeout; an idle one does not hold up shutdown")
     func idleConnections() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

@@ -80,14 +80,15 @@ public enum CaptureSetup {
         }
         // pg_settings gives the number in the setting's unit, MB (current_setting() shows
         // '10GB', whose digits are not megabytes).
-        let keepMB = Int(try settings[0].decode(String.self, at: 1) ?? "-1") ?? -1
+        let keepSetting = try settings[0].decode(String.self, at: 1)  // nil before PostgreSQL 13
+        let keepMB = keepSetting.flatMap { Int($0) } ?? -1
         let role = try settings[0].decode(String.self, at: 3) ?? "?"
         guard try settings[0].decode(Bool.self, at: 2) == true else {
             throw CaptureSetupError(.missingReplicationPrivilege,
                 "role '\(role)' lacks the REPLICATION privilege needed for a logical replication slot: run ALTER ROLE \(try displayIdentifier(role, conn)) REPLICATION (as a superuser), or connect as a role that has it")
         }
         var warnings: [String] = []
-        if keepMB == -1 {
+        if keepSetting != nil, keepMB == -1 {
             warnings.append("max_slot_wal_keep_size is -1 (unlimited) on \(conn.host):\(conn.port): if this capture stops for long, its replication slot keeps WAL until the disk fills; set max_slot_wal_keep_size (e.g. ALTER SYSTEM SET max_slot_wal_keep_size = '10GB') or drop the slot when capture is retired")
         }
 

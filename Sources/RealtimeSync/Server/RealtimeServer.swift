@@ -74,6 +74,8 @@ public struct RealtimeServerError: Error, Sendable, CustomStringConvertible {
         case listenerFailed = "SERVER_LISTENER_FAILED"
         /// The HTTP listener stopped without being asked to.
         case listenerStopped = "SERVER_LISTENER_STOPPED"
+        /// `run()` was called a second time (a server runs once; create a new one).
+        case alreadyRan = "SERVER_ALREADY_RAN"
         /// The database answered a server query in a way it cannot use.
         case unexpectedDatabaseAnswer = "SERVER_UNEXPECTED_DATABASE_ANSWER"
         /// A `RealtimeServerConfiguration` field is out of range (the message names it).
@@ -109,6 +111,7 @@ public final class RealtimeServer: Service, Sendable {
     /// (also before `run()` starts: the stream keeps the latest).
     private let shutdownSignal: AsyncStream<Void>
     private let shutdownContinuation: AsyncStream<Void>.Continuation
+    private let runOnce = Atomic<Bool>(false)
 
     /// Creates a server over `source`.
     /// Bounds concurrent snapshots (`maxConcurrentSnapshots`).
@@ -187,6 +190,16 @@ public final class RealtimeServer: Service, Sendable {
     /// Serves until graceful shutdown (then shuts down in order) or cancellation (then
     /// closes everything at once). Throws when the listener cannot start.
     public func run() async throws {
+        // A server runs once: its shutdown stream ends with its first run.
+        guard runOnce.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else {
+            throw RealtimeServerError(.alreadyRan, "RealtimeServer.run() was called a second time; create a new server")
+        }
+        // Whoever waits for the port learns of a run that ended before it listened (an
+        // invalid setting, a shutdown requested before the listener started).
+        defer {
+            let neverListened = state.withLock { $0.listeningPort == nil && $0.listeningFailure == nil }
+            if neverListened { listenerFailed("the server stopped before it was listening") }
+        }
         try configuration.validate()
         let shutdownSignal = self.shutdownSignal
         let (fanoutStop, fanoutStopContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))

@@ -364,6 +364,9 @@ public final class RealtimeService: Service, Sendable {
                 } onCancel: {
                     components.cancel()
                 }
+                // Cancelled: the components are cancelled too, and get a bounded time to end
+                // (the capture then releases its walsender and the slot) before `run()` returns.
+                if !componentsEnded.isSignalled { _ = await componentsEnded.wait(atMost: .seconds(3)) }
                 if componentsEnded.isSignalled { try await components.value }
             }
             do {
@@ -576,15 +579,18 @@ final class OneShot: Sendable {
         for waiter in waiters { waiter.resume() }
     }
 
-    /// Returns true when signalled within `limit`; false after `limit`, or when the calling
-    /// task is cancelled first.
+    /// Returns true when signalled within `limit`, false after it. The caller's cancellation
+    /// does not cut the wait short (a teardown that was itself cancelled still gives what it
+    /// stops its bounded time).
     func wait(atMost limit: Duration) async -> Bool {
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.wait() }
-            group.addTask { try? await Task.sleep(for: limit) }
-            await group.next()
-            group.cancelAll()
-        }
+        await Task.detached {
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { await self.wait() }
+                group.addTask { try? await Task.sleep(for: limit) }
+                await group.next()
+                group.cancelAll()
+            }
+        }.value
         return isSignalled
     }
 
