@@ -66,7 +66,7 @@ struct OutboundQueueTests {
         #expect(r12 == .closed)
     }
 
-    @Test("Past the byte bound: overflow; exactly at it: queued; an empty queue takes one message of any size")
+    @Test("Past the byte bound: overflow; exactly at it: queued; an empty or nearly empty queue takes one message of any size")
     func byteBound() {
         var queue = Queue(limits: .init(maxMessages: 100, maxBytes: 1_000))
         let r13 = queue.enqueue(0, byteCount: 600)
@@ -82,6 +82,16 @@ struct OutboundQueueTests {
         #expect(r17 == .overflow)
         let r18 = queue.next()
         #expect(closeCode(r18) == .tryAgainLater)
+
+        // A queue holding a little (at most maxBytes / 16: a `subscribed` reply before a
+        // catch-up's first change) still takes one large message; one holding more does not.
+        var keepingUp = Queue(limits: .init(maxMessages: 100, maxBytes: 1_000))
+        #expect(keepingUp.enqueue(0, byteCount: 50) == .queued)
+        #expect(keepingUp.enqueue(1, byteCount: 5_000) == .queued)
+        #expect(keepingUp.enqueue(2, byteCount: 5_000) == .overflow)
+        var behind = Queue(limits: .init(maxMessages: 100, maxBytes: 1_000))
+        #expect(behind.enqueue(0, byteCount: 100) == .queued)
+        #expect(behind.enqueue(1, byteCount: 5_000) == .overflow)
 
         var draining = Queue(limits: .init(maxMessages: 100, maxBytes: 1_000))
         let r19 = draining.enqueue(0, byteCount: 900)

@@ -36,8 +36,9 @@ public struct WebSocketCloseCode: RawRepresentable, Sendable, Hashable, CustomSt
 /// - Bounds: `enqueue` answers `.overflow` when the message would take the queue
 ///   past `maxMessages` or `maxBytes`; the queue then drops what it holds and its
 ///   writer gets `.close(1013)` at once (a slow consumer reconnects with `since`).
-///   An empty queue accepts one message of any size, so a single large change
-///   never closes a socket that keeps up.
+///   A queue holding at most a sixteenth of `maxBytes` (a socket that keeps up:
+///   empty, or a `subscribed` reply and a few changes) accepts one more message of
+///   any size, so a single large change never closes such a socket.
 /// - Close: `close(_:)` refuses new messages (`.closed`); what was queued before
 ///   is still handed out, then `.close(code)` once, then `.finished`. The first
 ///   close wins; `closeNow(_:)` drops the queue instead of flushing it.
@@ -122,7 +123,8 @@ public struct OutboundQueue<Element: Sendable>: Sendable {
     public mutating func enqueue(_ element: Element, byteCount: Int) -> EnqueueResult {
         guard state == .open else { droppedCount += 1; return .closed }
         let bytes = max(0, byteCount)
-        if !buffer.isEmpty && (buffer.count + 1 > limits.maxMessages || queuedBytes + bytes > limits.maxBytes) {
+        let overBytes = queuedBytes + bytes > limits.maxBytes && queuedBytes > limits.maxBytes / 16
+        if !buffer.isEmpty && (buffer.count + 1 > limits.maxMessages || overBytes) {
             droppedCount += 1
             closeNow(.tryAgainLater)
             return .overflow
