@@ -31,7 +31,10 @@ public struct JobHandle: Sendable, Hashable {
     }
 
     /// Cancels the job and returns once no run of it is in progress.
-    /// Called from inside the job's own run, it cancels and returns at once.
+    /// Called from inside the job's own run, it cancels and returns at once. "Inside" is
+    /// the body and the tasks it starts (they inherit its run marker): an unstructured
+    /// `Task` a body started and left running counts as inside whatever run its worker
+    /// runs next, so from there the call may return while that run still goes on.
     public func cancelAndWait() async {
         await owner.cancelJobAndWait(id)
     }
