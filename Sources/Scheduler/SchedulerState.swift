@@ -303,10 +303,17 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         guard isLive(id) else { return true }
         let s = Int(id.slot)
         guard jobs[s].flags.contains(.gone) else { return false }
-        guard jobs[s].inFlight > 0, case .once = jobs[s].trigger, let retry = jobs[s].options.retry,
-              !jobs[s].flags.contains(.cancelledByHandle), phase == .running
-        else { return true }
-        return Int(jobs[s].attempt) >= retry.maxAttempts
+        return jobs[s].inFlight == 0 || onceRetryPolicy(s, afterAttempt: Int(jobs[s].attempt)) == nil
+    }
+
+    /// The retry policy under which a failure of a one-shot job's attempt `attempt` is
+    /// retried (`finish`: the run failed and was not cancelled with its job); nil when it
+    /// is not (no policy or no attempt left, cancelled by its handle, shutting down).
+    private func onceRetryPolicy(_ s: Int, afterAttempt attempt: Int) -> RetryPolicy? {
+        guard case .once = jobs[s].trigger, let retry = jobs[s].options.retry, attempt < retry.maxAttempts,
+              !jobs[s].flags.contains(.cancelledByHandle), phase == .running, jobs[s].box != nil
+        else { return nil }
+        return retry
     }
 
     /// The job's queue deadline (its next run, or pending retry), if queued.
@@ -825,10 +832,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
 
         if jobs[s].flags.contains(.gone) {
             if jobs[s].inFlight == 0 && !queue.contains(UInt32(s)) {
-                if let retry = jobs[s].options.retry, failed, attempt < retry.maxAttempts,
-                    reason != .jobCancelled, !jobs[s].flags.contains(.cancelledByHandle), phase == .running, jobs[s].box != nil,
-                    case .once = jobs[s].trigger
-                {
+                if failed, reason != .jobCancelled, let retry = onceRetryPolicy(s, afterAttempt: attempt) {
                     // a one-shot job's retry keeps it alive (unless its backoff never ends)
                     if scheduleRetry(s, retry: retry, attempt: attempt, now: now) {
                         jobs[s].flags.remove(.gone)

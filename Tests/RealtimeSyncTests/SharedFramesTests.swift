@@ -63,20 +63,4 @@ struct SharedFramesTests {
         #expect(made.count == 1_000)
         #expect(Set(made).count == 1_000)
     }
-
-    @Test("A frame written straight into its buffer is the frame of the encoded change, for one id and for several")
-    func changeFrameWrittenInPlace() throws {
-        var hub = FanoutHub()
-        try hub.subscribe(client: FanoutClientID(1), ResolvedSubscription(id: "one", table: "public.items", events: .default, filter: itemsFilter("")))
-        try hub.subscribe(client: FanoutClientID(2), ResolvedSubscription(id: "a\"quoted\"", table: "public.items", events: .default, filter: itemsFilter("")))
-        try hub.subscribe(client: FanoutClientID(2), ResolvedSubscription(id: "b", table: "public.items", events: .default, filter: itemsFilter("")))
-        // A payload over 125 bytes: the frame's length takes the 16-bit form.
-        let event = insertEvent(["id": "7", "status": String(repeating: "x", count: 300)])
-        let change = EncodedChange(event)
-        let deliveries = hub.match(event)
-        #expect(deliveries.count == 2)
-        for delivery in deliveries {
-            #expect(SessionChannel.changeFrame(change, for: delivery) == SessionChannel.textFrame(change.frame(for: delivery)))
-        }
-    }
 }

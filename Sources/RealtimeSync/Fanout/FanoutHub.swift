@@ -274,7 +274,7 @@ public struct EncodedChange: Sendable {
     /// The shared members, without braces.
     public let members: [UInt8]
 
-    static let prefix = Array(#"{"type":"change","ids":["#.utf8)
+    private static let prefix = Array(#"{"type":"change","ids":["#.utf8)
 
     /// Encodes the event's members.
     public init(_ event: ChangeEvent) {
@@ -286,8 +286,10 @@ public struct EncodedChange: Sendable {
 
     /// The complete `change` frame for one client: one allocation, one copy of the members.
     public func frame(for delivery: FanoutDelivery) -> [UInt8] {
+        var idsLength = delivery.first.quotedID.count + 1
+        for record in delivery.rest { idsLength += record.quotedID.count + 1 }
         var frame: [UInt8] = []
-        frame.reserveCapacity(length(for: delivery))
+        frame.reserveCapacity(Self.prefix.count + idsLength + 2 + members.count + 1)
         frame.append(contentsOf: Self.prefix)
         frame.append(contentsOf: delivery.first.quotedID)
         for record in delivery.rest {
@@ -299,13 +301,6 @@ public struct EncodedChange: Sendable {
         frame.append(contentsOf: members)
         frame.append(UInt8(ascii: "}"))
         return frame
-    }
-
-    /// The byte count of `frame(for: delivery)`.
-    func length(for delivery: FanoutDelivery) -> Int {
-        var idsLength = delivery.first.quotedID.count + 1
-        for record in delivery.rest { idsLength += record.quotedID.count + 1 }
-        return Self.prefix.count + idsLength + 1 + members.count + 1
     }
 
     /// The complete `change` frame for the given subscription ids (escaped here).

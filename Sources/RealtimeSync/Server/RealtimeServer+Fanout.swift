@@ -91,10 +91,10 @@ extension RealtimeServer {
                     frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
                 } else if delivery.rest.isEmpty {
                     frame = shared.frame(quotedID: delivery.first.quotedID, loop: session.loopIndex) {
-                        SessionChannel.changeFrame(change, for: delivery)
+                        SessionChannel.textFrame(change.frame(for: delivery))
                     }
                 } else {
-                    frame = SessionChannel.changeFrame(change, for: delivery)
+                    frame = SessionChannel.textFrame(change.frame(for: delivery))
                 }
                 if session.enqueue(encodedFrame: frame) == .overflow {
                     state.dropClient(delivery.client)

@@ -64,34 +64,20 @@ final class SessionChannel: Sendable {
     /// holds and the pump writes as it is. Encoding once lets the fan-out share one frame
     /// among every client that gets the same bytes, and lets the pump skip the frame encoder.
     static func textFrame(_ payload: [UInt8]) -> ByteBuffer {
-        textFrame(payloadLength: payload.count) { $0.writeBytes(payload) }
-    }
-
-    /// A text frame whose payload, `payloadLength` bytes, `writePayload` writes: one buffer
-    /// of the exact size, no intermediate array.
-    @inline(__always)
-    static func textFrame(payloadLength: Int, _ writePayload: (inout ByteBuffer) -> Void) -> ByteBuffer {
         var frame = ByteBuffer()
-        frame.reserveCapacity(payloadLength + 10)
+        frame.reserveCapacity(payload.count + 10)
         frame.writeInteger(UInt8(0x81))  // FIN, opcode text
-        if payloadLength < 126 {
-            frame.writeInteger(UInt8(payloadLength))
-        } else if payloadLength <= Int(UInt16.max) {
+        if payload.count < 126 {
+            frame.writeInteger(UInt8(payload.count))
+        } else if payload.count <= Int(UInt16.max) {
             frame.writeInteger(UInt8(126))
-            frame.writeInteger(UInt16(payloadLength))
+            frame.writeInteger(UInt16(payload.count))
         } else {
             frame.writeInteger(UInt8(127))
-            frame.writeInteger(UInt64(payloadLength))
+            frame.writeInteger(UInt64(payload.count))
         }
-        let start = frame.writerIndex
-        writePayload(&frame)
-        assert(frame.writerIndex - start == payloadLength, "textFrame: the payload's length was announced wrongly")
+        frame.writeBytes(payload)
         return frame
-    }
-
-    /// The `change` frame of `change` for `delivery`.
-    static func changeFrame(_ change: EncodedChange, for delivery: FanoutDelivery) -> ByteBuffer {
-        textFrame(payloadLength: change.length(for: delivery)) { change.write(for: delivery, into: &$0) }
     }
 
     /// The payload length of a frame made by `textFrame`.
@@ -294,22 +280,5 @@ final class SessionChannel: Sendable {
         // observer holding this session) rather than wait for the pipeline's teardown.
         let writer = frameWriter
         channel.eventLoop.execute { writer.value = nil }
-    }
-}
-
-extension EncodedChange {
-    /// Writes `frame(for: delivery)` into `buffer` (a client whose subscription id is its own
-    /// gets a frame of its own: written once, into the buffer that is sent).
-    func write(for delivery: FanoutDelivery, into buffer: inout ByteBuffer) {
-        buffer.writeBytes(Self.prefix)
-        buffer.writeBytes(delivery.first.quotedID)
-        for record in delivery.rest {
-            buffer.writeInteger(UInt8(ascii: ","))
-            buffer.writeBytes(record.quotedID)
-        }
-        buffer.writeInteger(UInt8(ascii: "]"))
-        buffer.writeInteger(UInt8(ascii: ","))
-        buffer.writeBytes(members)
-        buffer.writeInteger(UInt8(ascii: "}"))
     }
 }
