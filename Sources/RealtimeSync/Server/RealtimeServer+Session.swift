@@ -253,8 +253,9 @@ final class CloseFrameObserver: ChannelDuplexHandler, Sendable {
     }
 }
 
-/// Pings the client every `interval` and drops the socket (close 1001, "Ping timeout") when
-/// the previous ping is still unanswered as the next is due. Replaces Hummingbird's auto-ping,
+/// Pings the client every `interval` and drops the socket (close 1001, "Ping timeout") after
+/// two missed pings: when neither of the last two pings was answered as the next is due (so
+/// after two to three intervals of silence), as PROTOCOL.md specifies. Replaces Hummingbird's auto-ping,
 /// which sleeps with `Task.sleep`: on Linux a cancelled sleep keeps its timer and job allocated
 /// until the original deadline, so every closed socket left ~1.5 KB behind for a whole ping
 /// interval (issue 6). An event-loop timer is freed as soon as it is cancelled. Sits after the
@@ -269,6 +270,8 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     let interval: TimeAmount
     private var timer: Scheduled<Void>?
     private var unanswered: ByteBuffer?
+    /// The ping before `unanswered`, also unanswered (a late pong for it still counts).
+    private var previousUnanswered: ByteBuffer?
     private var stopped = false
     /// Ticks that found the ping unanswered while reads were paused, in a row.
     private var pausedTicks = 0
@@ -305,7 +308,11 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let frame = unwrapInboundIn(data)
         switch frame.opcode {
         case .pong:
-            if let unanswered, frame.unmaskedData == unanswered { self.unanswered = nil }
+            let data = frame.unmaskedData
+            if data == unanswered || data == previousUnanswered {
+                unanswered = nil
+                previousUnanswered = nil
+            }
         case .connectionClose:
             stop()
         default:
@@ -341,8 +348,11 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
             schedule(context: context)
             return
         }
+        // Reads paused for `maxPausedIntervals` with a ping unanswered end it at once.
+        let pausedTooLong = pausedTicks >= Self.maxPausedIntervals && readsPaused()
         pausedTicks = 0
-        if unanswered != nil {
+        if unanswered != nil && (previousUnanswered != nil || pausedTooLong) {
+            // Two pings in a row missed.
             stop()
             var payload = context.channel.allocator.buffer(capacity: 2 + 12)
             payload.writeInteger(UInt16(1001))
@@ -353,6 +363,7 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         var payload = context.channel.allocator.buffer(capacity: Self.payloadSize)
         for _ in 0..<Self.payloadSize { payload.writeInteger(UInt8.random(in: .min ... .max)) }
+        previousUnanswered = unanswered
         unanswered = payload
         context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .ping, data: payload)), promise: nil)
         schedule(context: context)
