@@ -106,6 +106,7 @@ struct Serve: AsyncParsableCommand {
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
               --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only empty tables)
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
+              --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, at most --pool-max-open - 1; more wait their turn)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -127,6 +128,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "HS256 secret (at least 32 bytes) for JWT auth on /ws; none: auth off.") var jwtSecret: String?
     @Option(help: "Most rows a snapshot may send (more: snapshot_too_large).") var snapshotMaxRows: Int?
     @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
+    @Option(help: "Snapshots running at once (each holds a pooled connection); at most --pool-max-open - 1.") var maxConcurrentSnapshots: Int?
 
     func run() async throws {
         let registry = try RealtimeService.bootstrapObservability(
@@ -158,6 +160,14 @@ struct Serve: AsyncParsableCommand {
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
         configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
+        // Unset: 4, or fewer if the pool is smaller (one connection stays for the service's jobs).
+        let snapshotsAsked = try Setting.int(maxConcurrentSnapshots, "max-concurrent-snapshots", "REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS", 0, minimum: 1)
+        if snapshotsAsked > 0 {
+            guard snapshotsAsked <= configuration.pool.maxOpen - 1 else {
+                throw ValidationError("--max-concurrent-snapshots / REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS is \(snapshotsAsked); each snapshot holds a pooled connection and one stays for the service's jobs, so raise --pool-max-open to at least \(snapshotsAsked + 1) (it is \(configuration.pool.maxOpen))")
+            }
+            configuration.server.maxConcurrentSnapshots = snapshotsAsked
+        }
         if jwtSecret == nil, let set = Setting.environment["REALTIME_SYNC_JWT_SECRET"], set.isEmpty {
             // An empty secret from a missing deployment secret must not turn auth off.
             throw ValidationError("REALTIME_SYNC_JWT_SECRET is set but empty: set the secret (32 bytes or more), or unset the variable to run without auth")

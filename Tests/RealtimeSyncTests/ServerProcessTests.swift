@@ -237,6 +237,9 @@ struct ServeSettingsTests {
               (["check"], ["DATABASE_URL": ""], "DATABASE_URL is set but empty"),
               (["check", "--database-url", "postgres://unused@127.0.0.1:1/x", "--connect-timeout", "0"], [:], "--connect-timeout is 0.0"),
               (["slot", "drop", "--slot", "s"], ["REALTIME_SYNC_DATABASE_URL": ""], "REALTIME_SYNC_DATABASE_URL is set but empty"),
+              // More snapshots than the pool can hold beside the service's own jobs.
+              (["serve", "--max-concurrent-snapshots", "4"], [:], "raise --pool-max-open to at least 5 (it is 4)"),
+              (["serve", "--pool-max-open", "8"], ["REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS": "0"], "REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS is 0; it must be 1 or more"),
           ])
     func refuses(arguments: [String], environment: [String: String], message: String) async throws {
         let process = try ServerProcess.start(arguments, environment: environment)

@@ -129,7 +129,8 @@ public struct RealtimeServerConfiguration: Sendable {
     /// Snapshots that may run at once, server-wide; more wait their turn in arrival order (the
     /// client's later messages wait behind them). Each holds a pooled connection for its
     /// whole length, so this keeps clients from taking every connection the service's own
-    /// jobs need. Default 4; `RealtimeService` sets it to one less than its pool's `maxOpen`.
+    /// jobs need. Default 4; `RealtimeService` lowers it to one less than its pool's `maxOpen`
+    /// when that is smaller.
     public var maxConcurrentSnapshots: Int
     /// A `snapshot` message is sent once its rows reach this many bytes; each FETCH aims at
     /// about this much row text too, so wide rows are fetched a few at a time. Default 64 KiB.
