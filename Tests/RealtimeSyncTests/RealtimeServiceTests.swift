@@ -128,6 +128,8 @@ struct RealtimeServiceTests {
             await dropCapture(url: url, slot: slot, publication: slot + "_pub")
             let error = try #require(failure as? RealtimeServiceError, "\(String(describing: failure))")
             #expect(error.code == .captureFailed, "\(error)")
+            // What the process prints on exit (OPERATIONS.md: searchable by its code).
+            #expect("\(error)".hasPrefix("SERVICE_CAPTURE_FAILED: "), "\(error)")
         }
     }
 

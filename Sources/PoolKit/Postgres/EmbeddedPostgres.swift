@@ -359,8 +359,8 @@ public struct EmbeddedPostgresError: Error, Sendable, CustomStringConvertible {
     public var code: Code
     /// What went wrong and what to do.
     public var message: String
-    /// The message.
-    public var description: String { "EmbeddedPostgres: \(message)" }
+    /// `EmbeddedPostgres EMBEDDED_PG_…: message` (the code is searchable in logs).
+    public var description: String { "EmbeddedPostgres \(code.rawValue): \(message)" }
 }
 
 /// Every running embedded cluster, stopped at process exit.

@@ -21,8 +21,8 @@ public struct JWTAuthenticatorError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-    /// The message.
-    public var description: String { message }
+    /// The code and the message, e.g. `SERVICE_CAPTURE_FAILED: ...` (searchable in logs).
+    public var description: String { "\(code.rawValue): \(message)" }
 }
 
 /// Why a token was refused. Logged by the server, never sent to the client (which only

@@ -90,8 +90,8 @@ public struct RealtimeServerError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-    /// The message.
-    public var description: String { message }
+    /// The code and the message, e.g. `SERVICE_CAPTURE_FAILED: ...` (searchable in logs).
+    public var description: String { "\(code.rawValue): \(message)" }
 }
 
 /// The realtime service: HTTP and WebSocket endpoints (PROTOCOL.md), one session per
@@ -113,10 +113,11 @@ public final class RealtimeServer: Service, Sendable {
     private let shutdownContinuation: AsyncStream<Void>.Continuation
     private let runOnce = Atomic<Bool>(false)
 
-    /// Creates a server over `source`.
     /// Bounds concurrent snapshots (`maxConcurrentSnapshots`).
     let snapshotGate: AsyncGate
 
+    /// Creates a server over `source`; `run()` starts it. Throws nothing: the configuration
+    /// is checked by `run()`, which fails with `SERVER_INVALID_CONFIGURATION` naming the field.
     public init(source: some ChangeSource, configuration: RealtimeServerConfiguration) {
         self.configuration = configuration
         self.source = source

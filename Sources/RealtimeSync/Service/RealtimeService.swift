@@ -35,8 +35,8 @@ public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-    /// The message.
-    public var description: String { message }
+    /// The code and the message, e.g. `SERVICE_CAPTURE_FAILED: ...` (searchable in logs).
+    public var description: String { "\(code.rawValue): \(message)" }
 }
 
 /// The realtime service as users run it: a database (the given URL, or a throwaway
