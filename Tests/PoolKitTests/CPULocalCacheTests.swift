@@ -184,23 +184,33 @@ struct CPULocalCacheTests {
 
     @Test func theDrainTakesParkedConnectionsAndCutsOffLentOnesByName() async throws {
         let configuration = baseConfiguration { $0.maxOpen = 3; $0.minIdle = 3; $0.maxIdle = 3 }
+        // One lent from the stripe: cut off by name. (Nothing parks beside a lend: a stripe
+        // lends one connection at a time, so the parked case is the second pool below.)
         try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, clock, factory in
             await eventually("warm-up") { pool.statistics.idle == 3 }
             let x = try await pool.lease()
-            let y = try await pool.lease()
             await pool.release(x)                          // parked
             let stuck = try await pool.lease(label: "stuck")
             #expect(stuck.lend != 0 && stuck.connectionID == x.connectionID, "lent from the stripe")
-            await pool.release(y)                          // parked beside the lent one
-            #expect(parked(pool) == 1)
             let report = await pool.drain(deadline: clock.now)
-            #expect(report.idleClosed == 2, "the parked one and the idle one")
+            #expect(report.idleClosed == 2, "the two idle ones")
             #expect(report.cutOff.map(\.label) == ["stuck"])
             #expect(stuck.connection.state.withLock { $0.cancels } == 1)
-            #expect(factory.made.allSatisfy { $0.closeCount == 1 })
+            #expect(factory.made.count == 3 && factory.made.allSatisfy { $0.closeCount == 1 })
             #expect(parked(pool) == 0)
             await pool.release(stuck)   // after the cut-off: harmless
             #expect(pool.statistics.open == 0)
+        }
+        // One parked: closed with the idle ones.
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, clock, factory in
+            await eventually("warm-up") { pool.statistics.idle == 3 }
+            try await pool.withConnection { _ in }
+            #expect(parked(pool) == 1)
+            let report = await pool.drain(deadline: clock.now)
+            #expect(report.idleClosed == 3, "the parked one and the two idle ones")
+            #expect(report.cutOff.isEmpty)
+            #expect(factory.made.count == 3 && factory.made.allSatisfy { $0.closeCount == 1 })
+            #expect(parked(pool) == 0 && pool.statistics.open == 0)
         }
     }
 
@@ -298,6 +308,77 @@ struct CPULocalCacheTests {
             try await pool.withConnection { _ in }
             #expect(pool.stripes.stripes.isEmpty && parked(pool) == 0)
             #expect(pool.statistics.idle == 1)
+        }
+    }
+
+    // Audit, session 12: a connection returned through the machine was parked beside the one
+    // lent from the same stripe, where it could not be lent until the next flush.
+    @Test func aConnectionReturnedWhileTheStripeLendsAnotherIsLentAtOnce() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2; $0.maxIdle = 2; $0.maxWaiters = 0 }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 2 }
+            let a = try await pool.lease(label: "a")
+            let b = try await pool.lease(label: "b")
+            await pool.release(a)
+            #expect(parked(pool) == 1)
+            let x = try await pool.lease(label: "x")
+            #expect(x.lend != 0, "lent from the stripe")
+            await pool.release(b)
+            // Before: b sat in the stripe beside x's lend, and with `maxWaiters` 0 this was
+            // refused ("0/2 in use") with b idle.
+            let y = try await pool.lease(label: "y")
+            #expect(y.connectionID == b.connectionID)
+            #expect(pool.statistics.inUse == 2 && pool.statistics.idle == 0)
+            await pool.release(x)
+            await pool.release(y)
+        }
+    }
+
+    @Test func aRefusalUnderMaxWaitersZeroCountsAStripeLendAndOpensAConnectionForTheDemand() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 1; $0.maxIdle = 2; $0.maxWaiters = 0 }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, _, factory in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            let held = try await pool.lease(label: "held")
+            #expect(held.lend != 0, "lent from the stripe")
+            do {
+                _ = try await pool.lease(label: "refused")
+                Issue.record("a second lease was served with one connection open and lent")
+            } catch let error as ConnectionPoolError {
+                #expect(error.code == .tooManyWaiters)
+                // Before: "0/2 in use", the stripe's lend unknown to the machine.
+                #expect(error.message.contains("1/2 in use"), "\(error)")
+            }
+            // Before: the machine counted the lent connection idle and opened nothing for the
+            // refused demand until a flush, which the manual clock never brings.
+            await eventually("a connection opened for the refused caller") { factory.made.count == 2 && pool.statistics.idle == 1 }
+            let next = try await pool.lease(label: "next")
+            #expect(next.connectionID == 2)
+            await pool.release(next)
+            await pool.release(held)
+        }
+    }
+
+    @Test func aTimeoutNamesTheHolderOfAConnectionLentFromTheStripe() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true), stripes: 1) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            try await pool.withConnection { _ in }
+            let held = try await pool.lease(label: "slow")
+            #expect(held.lend != 0, "lent from the stripe")
+            let late = Task { try await pool.lease(label: "late", timeout: .milliseconds(50)) }
+            await eventually("queued") { pool.statistics.waiting == 1 }
+            // Before the stripes' flush (100 ms): the holder was known only to its stripe.
+            clock.advance(by: .milliseconds(50))
+            do {
+                _ = try await late.value
+                Issue.record("the late caller was served while the only connection was held")
+            } catch let error as ConnectionPoolError {
+                #expect(error.code == .acquireTimeout)
+                #expect(error.message.contains("1/1 in use"), "\(error)")
+                #expect(error.message.contains("'slow' at"), "\(error)")
+            }
+            await pool.release(held)
+            #expect(pool.statistics.inUse == 0 && pool.holders().isEmpty)
         }
     }
 }

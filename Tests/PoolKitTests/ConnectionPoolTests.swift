@@ -226,6 +226,58 @@ struct ConnectionPoolTests {
         }
     }
 
+    // Audit, session 12: the idle list was lent from without a look at lifetimes, so a lease
+    // that ran before the timer's task got connection #1 after its lifetime.
+    @Test func anIdleConnectionPastItsLifetimeIsNotLentEvenBeforeTheTimerRuns() async throws {
+        let configuration = baseConfiguration { $0.maxOpen = 1; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero }
+        try await withRunningPool(configuration) { pool, clock, factory in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            clock.advance(by: .seconds(61))
+            // At once, before the timer's task has run its tick.
+            let lease = try await pool.lease(label: "after-expiry")
+            #expect(lease.connectionID == 2, "connection #1 was lent past its lifetime")
+            #expect(factory.made.first?.closeCount == 1)
+            await pool.release(lease)
+        }
+    }
+
+    // Audit, session 12: a waiter handed a broken connection queues again at the front; its
+    // timeout message counted only the wait after that.
+    @Test func aTimeoutAfterABrokenHandoffReportsTheWholeWait() async throws {
+        let factory = MockFactory()
+        let opened = AsyncStream.makeStream(of: Void.self)
+        let attempts = Mutex(0)
+        let connect: @Sendable () async throws -> MockConnection = {
+            let attempt = attempts.withLock { n -> Int in n += 1; return n }
+            guard attempt == 1 else {
+                // The database stops answering: the replacement never comes.
+                try await Task.sleep(for: .seconds(3_600))
+                throw CancellationError()
+            }
+            for await _ in opened.stream { break }
+            let connection = try factory.make()
+            connection.breakIt()
+            return connection
+        }
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1; $0.minIdle = 0 }, factory: factory, connect: connect) { pool, clock, _ in
+            let waiter = Task { try await pool.lease(label: "patient") }
+            try await pollUntil(seconds: 5) { attempts.withLock { $0 } == 1 && pool.statistics.waiting == 1 }
+            clock.advance(by: .seconds(4))
+            opened.continuation.yield()
+            // Handed the broken connection, the waiter discards it and queues again.
+            try await pollUntil(seconds: 5) { attempts.withLock { $0 } == 2 && pool.statistics.waiting == 1 }
+            #expect(factory.made.first?.closeCount == 1)
+            clock.advance(by: .seconds(1))
+            do {
+                _ = try await waiter.value
+                Issue.record("served with no connection to give")
+            } catch let error as ConnectionPoolError {
+                #expect(error.code == .acquireTimeout)
+                #expect(error.message.contains(" for 5s"), "\(error)")
+            }
+        }
+    }
+
     @Test func drainReturnsOnlyOnceTheLastReturnedConnectionIsClosed() async throws {
         try await withRunningPool(baseConfiguration { $0.maxOpen = 1 }, factory: MockFactory(clean: true)) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }

@@ -269,6 +269,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                     )
                 }
             }
+            // About to be refused: connections lent from stripes become ordinary leases first,
+            // so that the refusal names their holders and counts them in use, and so that the
+            // machine, which counts a stripe's connection idle until then, plans a connect for
+            // the refused demand.
+            adoptStripeLends()
         }
         return nil
     }
@@ -310,9 +315,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     func leaseWaiting(_ request: Machine.Request, timeout: Duration?) async throws -> ConnectionLease<Connection> {
         var deadline: Duration?
+        var waitingSince: Duration?
         var requeue = false
         while true {
-            let (raw, checked) = try await acquire(request, timeout: timeout, deadline: &deadline, atFront: requeue)
+            let (raw, checked) = try await acquire(
+                request, timeout: timeout, deadline: &deadline, waitingSince: &waitingSince, atFront: requeue)
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
             if checked || !connection.isBroken {
                 return ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID, lend: 0)
@@ -623,7 +630,10 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     private func parkInStripe(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) -> Bool {
         let now = self.now()
         let parked = stripes.withCurrent { stripe in stripe.state.withLock { s -> (stash: Machine.Stash, armed: Bool)? in
-            guard s.parked == nil, !s.closed else { return nil }
+            // Not beside a connection lent from this stripe: a stripe lends one connection at a
+            // time, so a second one parked there could not be lent until the next flush (a
+            // caller would wait, or be refused under `maxWaiters` 0, with it idle).
+            guard s.parked == nil, s.lent == nil, !s.closed else { return nil }
             let granted = state.withLock { m -> (stash: Machine.Stash, armed: Bool)? in
                 guard let stash = m.machine.stash(slot: slot, leaseID: leaseID, now: now) else { return nil }
                 // Under the pool's lock, so that a waiter queuing after this sees it.
@@ -644,8 +654,34 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         return true
     }
 
-    /// A waiter just queued: it (and any behind it) gets every parked connection it can use.
+    /// Makes every connection lent from a stripe an ordinary lease of its holder (as a flush
+    /// does, without touching parked ones): the machine then counts it in use and knows its
+    /// holder, for the errors it writes (`POOL_ACQUIRE_TIMEOUT`, `POOL_TOO_MANY_WAITERS`) and its
+    /// connect planning. Its holder's return finds it gone from the stripe and goes through the
+    /// machine. Slow paths only: a waiter queues, or a caller is about to be refused.
+    private func adoptStripeLends() {
+        var rescheduleTimer = false
+        for stripe in stripes.stripes {
+            stripe.state.withLock { s in
+                guard let lent = s.lent else { return }
+                s.lent = nil
+                if metrics.enabled { stripe.lentNow.store(0, ordering: .relaxed) }
+                state.withLock { m in
+                    if m.machine.adopt(slot: lent.slot, leaseID: lent.leaseID, lend: lent.lend, request: lent.request, since: lent.since) {
+                        rescheduleTimer = true
+                    }
+                    m.publish(metrics, flags, stripes: stripes)
+                }
+            }
+        }
+        if rescheduleTimer { timerWake.signal() }
+    }
+
+    /// A waiter just queued: it (and any behind it) gets every parked connection it can use,
+    /// and the connections lent from stripes become ordinary leases (``adoptStripeLends()``),
+    /// so that a timeout names their holders.
     private func handStripesToWaiters() {
+        adoptStripeLends()
         for stripe in stripes.stripes {
             let result = stripe.state.withLock { s -> Machine.ReleaseResult? in
                 guard let parked = s.parked else { return nil }
@@ -931,7 +967,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
 
     nonisolated(nonsending)
     private func acquire(
-        _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, atFront: Bool
+        _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, waitingSince: inout Duration?, atFront: Bool
     ) async throws -> (lease: Machine.Lease, checked: Bool) {
         let now = self.now()
         let immediate = state.withLock { s -> Machine.ImmediateLease in
@@ -952,6 +988,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         let waitDeadline = deadline ?? now + (timeout ?? configuration.acquireTimeout).sleepable
         deadline = waitDeadline
+        let firstWait = waitingSince ?? now
+        waitingSince = firstWait
         let outcome: WaitOutcome = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<WaitOutcome, Never>) in
                 let enqueueAt = self.now()
@@ -959,7 +997,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                     if Task.isCancelled { return nil }
                     let result = s.machine.enqueue(
                         waiterID: waiterID, waiter: continuation, request: request,
-                        now: enqueueAt, deadline: waitDeadline, atFront: atFront, callTimeout: timeout
+                        now: enqueueAt, deadline: waitDeadline, atFront: atFront, callTimeout: timeout,
+                        waitingSince: firstWait
                     )
                     s.publish(metrics, flags, stripes: stripes)
                     return result

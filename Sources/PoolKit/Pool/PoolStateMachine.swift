@@ -191,6 +191,9 @@ struct PoolStateMachine<Connection, Waiter> {
         var waiter: Waiter
         var request: Request
         var enqueuedAt: Time
+        /// When the acquire began waiting: `enqueuedAt` of its first queuing, before a broken
+        /// connection handed to it sent it back to the front. The timeout error counts from here.
+        var waitingSince: Time
         var deadline: Time
         /// The timeout the wait was given, and whether the call gave it (`lease(timeout:)`)
         /// rather than `acquireTimeout`: the timeout error names the one in force.
@@ -260,9 +263,9 @@ struct PoolStateMachine<Connection, Waiter> {
     /// The fast path: lends the most recently used idle connection if nobody waits.
     mutating func leaseImmediately(request: Request, now: Time) -> ImmediateLease {
         guard phase == .running else { return .failed(shutDownError()) }
-        if waiters.isEmpty, let slot = idle.popLast() {
+        if waiters.isEmpty, let (slot, sawExpired) = popUsableIdle(now: now) {
             let lease = hold(slot: slot, request: request, now: now)
-            return .leased(lease, rescheduleTimer: noteLeakDeadline(now: now))
+            return .leased(lease, rescheduleTimer: noteLeakDeadline(now: now) || sawExpired)
         }
         nextWaiterID &+= 1
         return .mustWait(waiterID: nextWaiterID)
@@ -271,9 +274,25 @@ struct PoolStateMachine<Connection, Waiter> {
     /// The synchronous fast path without side effects on failure: the most
     /// recently used idle connection if nobody waits, else nil.
     mutating func leaseIfIdle(request: Request, now: Time) -> (lease: Lease, rescheduleTimer: Bool)? {
-        guard phase == .running, waiters.isEmpty, let slot = idle.popLast() else { return nil }
+        guard phase == .running, waiters.isEmpty, let (slot, sawExpired) = popUsableIdle(now: now) else { return nil }
         let lease = hold(slot: slot, request: request, now: now)
-        return (lease, noteLeakDeadline(now: now))
+        return (lease, noteLeakDeadline(now: now) || sawExpired)
+    }
+
+    /// The most recently used idle connection within its lifetime, taken off the idle list.
+    /// Expired ones stay there for the timer's tick to close (the lease paths return no
+    /// closes); `sawExpired` says to wake the timer now rather than at its planned instant,
+    /// which may be later than a lease that runs before the timer task does.
+    private mutating func popUsableIdle(now: Time) -> (slot: Int, sawExpired: Bool)? {
+        guard let last = idle.last else { return nil }
+        if slots[last].expiresAt.map({ $0 > now }) ?? true {
+            idle.removeLast()
+            return (last, false)
+        }
+        // Only expired ones: the caller waits for the replacement the tick opens (the timer is
+        // due already: `scheduleNextWakeup` counts every idle connection's expiry, past or not).
+        guard let k = idle.lastIndex(where: { slots[$0].expiresAt.map({ $0 > now }) ?? true }) else { return nil }
+        return (idle.remove(at: k), true)
     }
 
     /// Queues a waiter (at the back; at the front for a waiter whose handed-over
@@ -281,12 +300,12 @@ struct PoolStateMachine<Connection, Waiter> {
     /// meanwhile and nobody else waits.
     mutating func enqueue(
         waiterID: UInt64, waiter: Waiter, request: Request, now: Time, deadline: Time, atFront: Bool = false,
-        callTimeout: Duration? = nil
+        callTimeout: Duration? = nil, waitingSince: Time? = nil
     ) -> EnqueueResult {
         guard phase == .running else { return .failed(shutDownError(), Actions()) }
-        if waiters.isEmpty, let slot = idle.popLast() {
+        if waiters.isEmpty, let (slot, sawExpired) = popUsableIdle(now: now) {
             let lease = hold(slot: slot, request: request, now: now)
-            return .leased(lease, rescheduleTimer: noteLeakDeadline(now: now))
+            return .leased(lease, rescheduleTimer: noteLeakDeadline(now: now) || sawExpired)
         }
         if !atFront && waiters.count >= configuration.maxWaiters {
             stats.rejected += 1
@@ -296,7 +315,9 @@ struct PoolStateMachine<Connection, Waiter> {
             if waiters.isEmpty && stashedCount == 0 { planConnectForRefused(now: now, into: &actions) }
             return .failed(tooManyWaitersError(), actions)
         }
-        let entry = WaiterEntry(id: waiterID, waiter: waiter, request: request, enqueuedAt: now, deadline: deadline, timeout: callTimeout)
+        let entry = WaiterEntry(
+            id: waiterID, waiter: waiter, request: request, enqueuedAt: now, waitingSince: waitingSince ?? now,
+            deadline: deadline, timeout: callTimeout)
         if atFront { waiters.prepend(entry) } else { waiters.append(entry) }
         // Counted when the wait begins (as Go's database/sql does); its time is added when it
         // ends, however it ends (served, timed out, cancelled, failed by a drain).
@@ -900,7 +921,7 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private func timeoutError(for entry: WaiterEntry, now: Time) -> ConnectionPoolError {
-        let waited = formatDuration(now - entry.enqueuedAt)
+        let waited = formatDuration(now - entry.waitingSince)
         let limits = entry.timeout.map { "maxOpen=\(configuration.maxOpen), the call's timeout=\(formatDuration($0))" }
             ?? "maxOpen=\(configuration.maxOpen), acquireTimeout=\(formatDuration(configuration.acquireTimeout))"
         var message: String

@@ -27,6 +27,13 @@ public protocol PoolableConnection: AnyObject, Sendable {
     /// Asks the server to cancel whatever the connection is running now (used by drain after its deadline). Must not block a cooperative thread.
     func cancelRunningQuery() async
     /// Closes the connection; idempotent.
+    ///
+    /// Should return promptly: send the goodbye and let the socket close in the background
+    /// (`PostgresConnection` calls `PQfinish`, which does not wait). The pool counts a
+    /// connection gone when it decides to close it, so while a slow close runs a replacement
+    /// may open beside it (more than `maxOpen` sessions on the server for that long), and a
+    /// close the pool's timer made (lifetime, idle time) delays its next round of timeouts
+    /// and leak checks until it returns.
     func close() async
 }
 
