@@ -51,6 +51,25 @@ struct ChangeHubTests {
         #expect(ids(try await drain(live, 2)) == [7, 8])
     }
 
+    // Audit, session 12: the window's start was Cursor(origin, 0), which is also the cursor of
+    // the first change of a transaction committing exactly at the origin (Postgres replays a
+    // transaction whose commit is at the slot's position). "After" the start skipped it.
+    @Test("A transaction committing exactly at the window's origin reaches a consumer that starts at the window's start, whole")
+    func transactionAtTheOrigin() async throws {
+        let hub = ChangeHub(limits: .init(maxCount: 1_000), bufferLimit: 100)
+        hub.openWindow(origin: LSN(0x200))
+        // What ChangeStreamSource.currentCursor gives (and the fan-out starts after) with an empty window.
+        let start = try #require(hub.snapshot().window?.oldestResumable)
+        #expect(start < Cursor(commitLSN: LSN(0x200), index: 0))
+        let fromStart = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: start)))
+        _ = hub.deliver(committed(lsn: 0x200, firstID: 1, count: 2))
+        _ = hub.deliver(committed(lsn: 0x300, firstID: 3, count: 1))
+        #expect(ids(try await drain(fromStart, 3)) == [1, 2, 3])
+        // A client given that start as its cursor resumes with it: the same changes, from the window.
+        let resumed = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: start)))
+        #expect(ids(try await drain(resumed, 3)) == [1, 2, 3])
+    }
+
     @Test("A resume from far back reads the window a page at a time: every change once, in order, live ones after, even when they arrive mid-way")
     func pagedResume() async throws {
         let hub = ChangeHub(limits: .init(maxCount: 100_000), bufferLimit: 100)

@@ -14,6 +14,14 @@ public struct Cursor: Sendable, Hashable, Comparable, CustomStringConvertible, L
         self.index = index
     }
 
+    /// The cursor just before every change of a transaction that commits at `lsn` or later
+    /// (the greatest cursor of the position before it): the start of a stream that begins at
+    /// `lsn`. Not `Cursor(commitLSN: lsn, index: 0)`, which is the first change of a
+    /// transaction committing exactly at `lsn`: "after" that one would skip it.
+    public static func start(at lsn: LSN) -> Cursor {
+        lsn.rawValue == 0 ? Cursor(commitLSN: .zero, index: 0) : Cursor(commitLSN: LSN(lsn.rawValue - 1), index: .max)
+    }
+
     /// The length of the text form: 16 + 1 + 8.
     public static let textLength = 25
 

@@ -36,9 +36,10 @@ public struct ResumeWindowError: Error, Sendable, Hashable, CustomStringConverti
 /// `events(after:)` finds its start by binary search, O(log n).
 ///
 /// Semantics: the window can serve every cursor `c >= oldestResumable`. Initially
-/// that is `Cursor(commitLSN: origin, index: 0)`: the stream feeding the window
-/// starts at `origin` (the slot's confirmed position), so every transaction that
-/// commits at or after it will be appended. When an event is evicted,
+/// that is `Cursor.start(at: origin)`, just before `Cursor(commitLSN: origin, index: 0)`:
+/// the stream feeding the window starts at `origin` (the slot's confirmed position), so
+/// every transaction that commits at or after it, including one committing exactly at it
+/// (whose first change is `Cursor(commitLSN: origin, index: 0)`), will be appended. When an event is evicted,
 /// `oldestResumable` becomes that event's cursor (a client that saw it misses
 /// nothing). `retainLSN` is where the slot's confirmed position must be held so
 /// that a restarted server rebuilds the same window from the WAL.
@@ -74,11 +75,14 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
     /// The furthest position the feeding stream is known to have passed with nothing
     /// held (see `markIdle(through:now:)`); nil until then.
     public private(set) var idleThrough: LSN?
+    /// `retainLSN` with nothing held: the origin, then the commit LSN of the last evicted change.
+    private var emptyRetainLSN: LSN
 
     /// Creates an empty window fed by a stream that starts at `origin`.
     public init(limits: Limits = Limits(), origin: LSN) {
         self.limits = limits
-        self.oldestResumable = Cursor(commitLSN: origin, index: 0)
+        self.oldestResumable = Cursor.start(at: origin)
+        self.emptyRetainLSN = origin
     }
 
     /// Number of events held.
@@ -97,8 +101,8 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
     /// (nothing between them is held, so nothing needs replaying).
     public var retainLSN: LSN {
         if let first { return first.commitLSN }
-        guard let idleThrough else { return oldestResumable.commitLSN }
-        return max(idleThrough, oldestResumable.commitLSN)
+        guard let idleThrough else { return emptyRetainLSN }
+        return max(idleThrough, emptyRetainLSN)
     }
 
     /// Records that the feeding stream has passed `position` with no transaction half
@@ -147,6 +151,7 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
     private mutating func evictFirst() {
         let entry = ring.removeFirst()
         oldestResumable = entry.event.cursor
+        emptyRetainLSN = entry.event.commitLSN
         evictedCount += 1
     }
 
