@@ -107,6 +107,7 @@ struct Serve: AsyncParsableCommand {
               --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only empty tables)
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
               --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, at most --pool-max-open - 1; more wait their turn)
+              --max-transaction-changes REALTIME_SYNC_MAX_TRANSACTION_CHANGES (1000000 changes held until a transaction commits)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -129,6 +130,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most rows a snapshot may send (more: snapshot_too_large).") var snapshotMaxRows: Int?
     @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
     @Option(help: "Snapshots running at once (each holds a pooled connection); at most --pool-max-open - 1.") var maxConcurrentSnapshots: Int?
+    @Option(help: "Most changes in one transaction (held in memory until it commits); more stop the capture with a clear error.") var maxTransactionChanges: Int?
 
     func run() async throws {
         let registry = try RealtimeService.bootstrapObservability(
@@ -160,6 +162,11 @@ struct Serve: AsyncParsableCommand {
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
         configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
+        configuration.maxTransactionChanges = try Setting.int(
+            maxTransactionChanges, "max-transaction-changes", "REALTIME_SYNC_MAX_TRANSACTION_CHANGES", 1_000_000, minimum: 1)
+        guard configuration.maxTransactionChanges <= Int(UInt32.max) else {
+            throw ValidationError("--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES is \(configuration.maxTransactionChanges); it must be at most \(UInt32.max)")
+        }
         // Unset: 4, or fewer if the pool is smaller (one connection stays for the service's jobs).
         let snapshotsAsked = try Setting.int(maxConcurrentSnapshots, "max-concurrent-snapshots", "REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS", 0, minimum: 1)
         if snapshotsAsked > 0 {

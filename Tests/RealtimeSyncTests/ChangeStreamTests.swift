@@ -117,7 +117,7 @@ struct ChangeStreamTests {
         }
     }
 
-    @Test("A domain column counts as its base type: written as a JSON number, and compared as a number by a filter built from the catalog")
+    @Test("A domain column counts as its base type (a user's, and information_schema's, whose OIDs are below 16384): written as a JSON number, and compared as a number by a filter built from the catalog")
     func domainColumns() async throws {
         try await TestDatabase.withDatabase { url in
             let table = uniqueCaptureName("cs_domain")
@@ -125,7 +125,7 @@ struct ChangeStreamTests {
             try await runSQL(url, """
                 CREATE DOMAIN \(positive) AS int8 CHECK (VALUE > 0);
                 CREATE DOMAIN \(level) AS \(positive);
-                CREATE TABLE \(table) (id int PRIMARY KEY, lvl \(level), tag text)
+                CREATE TABLE \(table) (id int PRIMARY KEY, lvl \(level), tag text, n information_schema.cardinal_number)
                 """)
             let conn = try await PostgresConnection.connect(to: url)
             let catalog = try await ChangeStreamSource.catalog(of: ["public.\(table)"], using: conn)
@@ -134,11 +134,12 @@ struct ChangeStreamTests {
             let filter = try Filter(parsing: "lvl=lte.3", columns: columns)
             try await withChangeStream(url: url, tables: [table]) { stream, sql in
                 let changes = stream.changes()
-                try await sql.execute("INSERT INTO \(table) VALUES (1, 3, 'a'), (2, 10, 'b')")
+                try await sql.execute("INSERT INTO \(table) VALUES (1, 3, 'a', 5), (2, 10, 'b', 40)")
                 let events = try await take(2, from: changes)
                 let texts = events.map { String(decoding: $0.jsonBytes(), as: UTF8.self) }
-                #expect(texts[0].contains(#""new":{"id":1,"lvl":3,"tag":"a"}"#), "\(texts[0])")
-                #expect(texts[1].contains(#""new":{"id":2,"lvl":10,"tag":"b"}"#), "\(texts[1])")
+                // Before: information_schema.cardinal_number (OID below 16384) was not looked up: "n":"5".
+                #expect(texts[0].contains(#""new":{"id":1,"lvl":3,"tag":"a","n":5}"#), "\(texts[0])")
+                #expect(texts[1].contains(#""new":{"id":2,"lvl":10,"tag":"b","n":40}"#), "\(texts[1])")
                 // As text, "10" sorts before "3": only a numeric comparison gets these right.
                 #expect(filter.matches(events[0]))
                 #expect(!filter.matches(events[1]))
@@ -425,8 +426,8 @@ struct ChangeStreamTests {
                     for try await _ in stream.changes() {}
                     return true
                 }
-                try await Task.sleep(for: .milliseconds(50))
-                #expect(stream.statistics.consumers == 1)
+                // The task registers when it calls changes(): wait for that, not for a fixed time.
+                #expect(await eventually(10) { stream.statistics.consumers == 1 }, "the waiting consumer never registered")
                 waiting.cancel()
                 _ = try await waiting.value
                 #expect(stream.statistics.consumers == 0)
@@ -435,7 +436,8 @@ struct ChangeStreamTests {
                     for try await _ in stream.changes() { n += 1 }
                     return n
                 }
-                try await Task.sleep(for: .milliseconds(50))
+                // Subscribed before the insert, or it would (rightly) miss the change.
+                try #require(await eventually(10) { stream.statistics.consumers == 1 }, "the surviving consumer never registered")
                 try await sql.execute("INSERT INTO \(table) VALUES (1)")
                 while stream.statistics.changes < 1 { try await Task.sleep(for: .milliseconds(10)) }
                 return survivor

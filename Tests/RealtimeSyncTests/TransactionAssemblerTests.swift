@@ -6,6 +6,30 @@ import Testing
 struct TransactionAssemblerTests {
     let relationMessage = PgOutputMessageBuilder.relation(ordersRelation)
 
+    @Test("A transaction with more changes than maxChanges fails with transaction_too_large naming the knob and the LSN to skip it at; one at the limit is emitted whole")
+    func transactionTooLarge() throws {
+        var decoder = PgOutputDecoder()
+        let insert = { (id: Int) in PgOutputMessageBuilder.insert(relationOID: 16_400, new: [t(String(id)), t("open"), .null, t("1")]) }
+        var fits = TransactionAssembler(maxChanges: 3)
+        _ = try fits.apply(try decoder.decode(relationMessage))
+        var outputs: [AssembledOutput] = []
+        for message in transaction(lsn: 0x500, xid: 7, (1...3).map(insert)) {
+            if let output = try fits.apply(try decoder.decode(message)) { outputs.append(output) }
+        }
+        guard case .transaction(let committed)? = outputs.first else { Issue.record("expected the transaction"); return }
+        #expect(committed.changes.count == 3)
+
+        var tooSmall = TransactionAssembler(maxChanges: 2)
+        let messages = transaction(lsn: 0x600, xid: 8, (1...3).map(insert))
+        _ = try tooSmall.apply(try decoder.decode(messages[0]))
+        _ = try tooSmall.apply(try decoder.decode(messages[1]))
+        _ = try tooSmall.apply(try decoder.decode(messages[2]))
+        let error = #expect(throws: ChangeAssemblyError.self) { _ = try tooSmall.apply(try decoder.decode(messages[3])) }
+        #expect(error?.code == .transactionTooLarge)
+        #expect(error?.message.contains("maxTransactionChanges") == true && error?.message.contains("--max-transaction-changes") == true)
+        #expect(error?.message.contains("pg_replication_slot_advance") == true && error?.message.contains("0/601") == true, "\(String(describing: error))")
+    }
+
     @Test("Changes are emitted at Commit, in order, with cursors from the commit LSN")
     func emitsAtCommit() throws {
         var decoder = PgOutputDecoder()

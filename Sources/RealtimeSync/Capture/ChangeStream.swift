@@ -84,6 +84,12 @@ public final class ChangeStream: Service, Sendable {
         /// has no complete message (see `ReplicationConnection.connect`). Default 50 µs;
         /// `.zero` turns it off where CPU is scarcer than throughput matters.
         public var busyPoll: Duration
+        /// Most changes one transaction may have. pgoutput (protocol 1) sends a transaction
+        /// after it committed, and the stream holds all of it until its Commit; one larger than
+        /// this stops the stream with `assembly_transaction_too_large` naming this knob, instead
+        /// of growing until the process is killed for memory. Default 1,000,000 (about 250 MB of
+        /// small rows: some 250 bytes per change of a row with four short columns, more for wider rows).
+        public var maxTransactionChanges: Int
         /// Where the stream logs.
         public var logger: Logger
 
@@ -95,6 +101,7 @@ public final class ChangeStream: Service, Sendable {
                     reconnectInitialDelay: Duration = .milliseconds(100), reconnectMaxDelay: Duration = .seconds(5),
                     consumerBufferLimit: Int = 10_000, connectTimeout: Duration = .seconds(10),
                     busyPoll: Duration = .microseconds(50), stopCatchUp: Duration = .seconds(2),
+                    maxTransactionChanges: Int = 1_000_000,
                     logger: Logger = Logger(label: "RealtimeSync.ChangeStream")) {
             self.connectionString = connectionString
             self.slotName = slotName
@@ -110,6 +117,7 @@ public final class ChangeStream: Service, Sendable {
             self.connectTimeout = connectTimeout
             self.busyPoll = busyPoll
             self.stopCatchUp = stopCatchUp
+            self.maxTransactionChanges = maxTransactionChanges
             self.logger = logger
         }
 
@@ -122,6 +130,9 @@ public final class ChangeStream: Service, Sendable {
             guard window.maxCount >= 1 else { throw bad("window.maxCount is \(window.maxCount); it must be at least 1") }
             guard window.maxAge >= .zero else { throw bad("window.maxAge is \(window.maxAge); it must not be negative") }
             guard consumerBufferLimit >= 1 else { throw bad("consumerBufferLimit is \(consumerBufferLimit); it must be at least 1") }
+            guard maxTransactionChanges >= 1, maxTransactionChanges <= Int(UInt32.max) else {
+                throw bad("maxTransactionChanges is \(maxTransactionChanges); it must be from 1 to \(UInt32.max)")
+            }
             for (name, value) in [("statusInterval", statusInterval), ("lagInterval", lagInterval),
                                   ("reconnectInitialDelay", reconnectInitialDelay), ("connectTimeout", connectTimeout)] {
                 guard value > .zero else { throw bad("\(name) is \(value); it must be positive") }
@@ -304,7 +315,7 @@ public final class ChangeStream: Service, Sendable {
     private func capture() async throws {
         let logger = configuration.logger
         var decoder = PgOutputDecoder()
-        var assembler = TransactionAssembler()
+        var assembler = TransactionAssembler(maxChanges: configuration.maxTransactionChanges)
         var failures = 0
         var prepared = false
         while !stopRequested {
@@ -317,11 +328,31 @@ public final class ChangeStream: Service, Sendable {
                 }
                 let repl = try await ReplicationConnection.connect(connectionConfiguration)
                 replication = repl
-                try await repl.createSlotIfMissing(configuration.slotName)
+                // A reconnect (the window is open: this stream has read from the slot before)
+                // must find the slot where it left it. Recreated, or moved on by someone else,
+                // it would start after changes this stream never read: a silent gap.
+                let reconnecting = hub.snapshot().window != nil
+                if !reconnecting {
+                    try await repl.createSlotIfMissing(configuration.slotName)
+                }
                 // A short wal_sender_timeout sends reply requests close together: see ReplyRequests.
                 var quickReplies = Duration.milliseconds(100)
                 if let timeout = try? await repl.walSenderTimeout() { quickReplies = min(quickReplies, timeout / 4) }
-                let origin = try await slotPosition()
+                let slotAt = try await withSQL { try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }
+                if reconnecting {
+                    let resumeAt = max(state.withLock { $0.confirmed }, hub.openWindow(origin: slotAt ?? .zero))
+                    guard let slotAt else {
+                        throw ChangeStreamError(.slotLost,
+                            "replication slot \(configuration.slotName) is gone at reconnect (dropped, or a failover to a server without it); changes committed after \(resumeAt) cannot be read from it. The stream stopped instead of going on with a gap: restart it (it creates the slot anew; clients resuming from older cursors get resync_required)")
+                    }
+                    guard slotAt <= resumeAt else {
+                        throw ChangeStreamError(.slotLost,
+                            "replication slot \(configuration.slotName) was moved to \(slotAt) while this stream was at \(resumeAt) (by another consumer of the slot, or pg_replication_slot_advance); the changes in between cannot be read. The stream stopped instead of going on with a gap: give each stream its own slot, and restart it (clients resuming from older cursors get resync_required)")
+                    }
+                }
+                guard let origin = slotAt else {
+                    throw PostgresError(code: .invalidUsage, message: "replication slot \(configuration.slotName) has no confirmed position (is it a logical slot?)")
+                }
                 let retain = hub.openWindow(origin: origin)
                 let start = max(state.withLock { $0.confirmed }, retain)
                 decoder.reset()
@@ -406,19 +437,22 @@ public final class ChangeStream: Service, Sendable {
                 if case .relation(let relation) = decoded {
                     let unknown = decoder.unresolvedTypes(of: relation)
                     if !unknown.isEmpty {
-                        do {
-                            if let resolved = decoder.resolveTypes(try await baseTypes(of: unknown), relation: relation.oid) {
-                                decoded = .relation(resolved)
-                            }
-                        } catch {
-                            // Not worth the stream: those columns go out as text until the next
-                            // Relation message of the table (or the next session) tries again.
-                            configuration.logger.warning("could not look up the base types of \(relation.qualifiedName)'s user-defined column types; their values are sent as strings for now",
-                                           metadata: ["error": "\(error)", "types": "\(unknown)"])
+                        // A failed lookup ends the session (a connection failure is retried with
+                        // backoff, and the next session's Relation message asks again): going on
+                        // would send a domain over int8 as strings, and a filter on such a column
+                        // (an auth filter among them) would withhold every change until then.
+                        if let resolved = decoder.resolveTypes(try await baseTypes(of: unknown), relation: relation.oid) {
+                            decoded = .relation(resolved)
                         }
                     }
                 }
-                let output = try assembler.apply(decoded)
+                let output: AssembledOutput?
+                do {
+                    output = try assembler.apply(decoded)
+                } catch let error as ChangeAssemblyError where error.code == .transactionTooLarge {
+                    // The assembler does not know the slot its advice must name.
+                    throw ChangeAssemblyError(error.code, error.message.replacingOccurrences(of: "'<slot>'", with: "'\(configuration.slotName)'"))
+                }
                 if case .message(let logical)? = output {
                     // Non-transactional messages (the heartbeat's among them) are sent when
                     // written: every transaction that committed before one was sent already.
@@ -615,15 +649,6 @@ public final class ChangeStream: Service, Sendable {
                                            createPublication: configuration.createPublication, logger: configuration.logger)
         }
         state.withLock { $0.setupReport = report }
-    }
-
-    private func slotPosition() async throws -> LSN {
-        try await withSQL { conn in
-            guard let lsn = try await CaptureSetup.confirmedFlush(conn, slot: configuration.slotName) else {
-                throw PostgresError(code: .invalidUsage, message: "replication slot \(configuration.slotName) has no confirmed position (is it a logical slot?)")
-            }
-            return lsn
-        }
     }
 
     private func quotedPublication() throws -> String {

@@ -15,9 +15,12 @@ public struct PgOutputDecoder: Sendable {
     /// `resolveTypes(_:relation:)` (the change stream asks the database for `unresolvedTypes(of:)`).
     public private(set) var baseTypes: [UInt32: UInt32] = [:]
 
-    /// The lowest OID of a user-defined object (`FirstNormalObjectId`): built-in types are
-    /// below it and are never domains.
-    public static let firstUserOID: UInt32 = 16_384
+    /// The lowest OID of a type that may be a domain: `FirstGenbkiObjectId`. Types below it
+    /// are built in (never domains); from it on come types made by SQL, including the
+    /// `information_schema` domains initdb creates (`cardinal_number` over `int4`, below
+    /// `FirstNormalObjectId`, 16384) and every user type. pgoutput describes the same range
+    /// with Type messages.
+    public static let firstUserOID: UInt32 = 10_000
 
     /// Column type OIDs of `relation` that may be domains and are not resolved yet.
     public func unresolvedTypes(of relation: Relation) -> [UInt32] {

@@ -34,7 +34,7 @@ public struct ChangeAssemblyError: Error, Sendable, Hashable, CustomStringConver
         case outsideTransaction = "assembly_outside_transaction"
         /// The Commit's LSN differs from its Begin's final LSN.
         case commitMismatch = "assembly_commit_mismatch"
-        /// More changes in one transaction than a cursor index can number (2^32).
+        /// More changes in one transaction than `maxChanges` (`ChangeStream.Configuration.maxTransactionChanges`).
         case transactionTooLarge = "assembly_transaction_too_large"
     }
 
@@ -85,13 +85,19 @@ public struct TransactionAssembler: Sendable {
     public private(set) var emittedThrough: LSN
     /// Number of transactions skipped as already emitted.
     public private(set) var skippedTransactions = 0
+    /// Most changes one transaction may have (they are held until its Commit); more throw
+    /// `assembly_transaction_too_large`, naming this knob.
+    public let maxChanges: Int
 
     /// Creates an assembler.
-    /// - Parameter skipThrough: the commit LSN of the last transaction already
-    ///   delivered; transactions at or before it are not emitted again.
-    public init(skipThrough: LSN = .zero) {
+    /// - Parameters:
+    ///   - skipThrough: the commit LSN of the last transaction already
+    ///     delivered; transactions at or before it are not emitted again.
+    ///   - maxChanges: most changes in one transaction (`ChangeStream.Configuration.maxTransactionChanges`).
+    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max)) {
         self.skipThrough = skipThrough
         self.emittedThrough = skipThrough
+        self.maxChanges = min(max(1, maxChanges), Int(UInt32.max))
     }
 
     /// Whether a Begin was received and its Commit not yet.
@@ -176,8 +182,10 @@ public struct TransactionAssembler: Sendable {
         }
         if open!.skipped { return }
         let count = open!.changes.count
-        guard count <= Int(UInt32.max) else {
-            throw ChangeAssemblyError(.transactionTooLarge, "xid \(open!.begin.xid) has more than 2^32 changes")
+        guard count < maxChanges else {
+            let begin = open!.begin
+            throw ChangeAssemblyError(.transactionTooLarge,
+                "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has more than \(maxChanges) changes, the most held in memory until its commit (ChangeStream.Configuration.maxTransactionChanges, realtime-sync --max-transaction-changes). Raise the limit if memory allows (about 250 bytes per change of a small row), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('<slot>', '\(LSN(begin.finalLSN.rawValue + 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
         }
         let begin = open!.begin
         open!.changes.append(ChangeEvent(

@@ -83,6 +83,9 @@ public final class RealtimeService: Service, Sendable {
         public var pool: ConnectionPoolConfiguration
         /// The capture's resume window bounds.
         public var window: ResumeWindow<ContinuousClock.Instant>.Limits
+        /// Most changes in one transaction (`ChangeStream.Configuration.maxTransactionChanges`,
+        /// held in memory until its commit). Default 1,000,000.
+        public var maxTransactionChanges: Int
         /// How often the heartbeat (`pg_logical_emit_message`) runs. Default 10 s.
         public var heartbeatInterval: Duration
         /// How often slot lag and pool statistics are sampled and the publication's tables and
@@ -117,6 +120,7 @@ public final class RealtimeService: Service, Sendable {
             self.server = server
             self.pool = ConnectionPoolConfiguration(name: "realtime-sync", maxOpen: 4)
             self.window = .init()
+            self.maxTransactionChanges = 1_000_000
             self.heartbeatInterval = .seconds(10)
             self.samplingInterval = .seconds(10)
             self.startTimeout = .seconds(30)
@@ -292,7 +296,8 @@ public final class RealtimeService: Service, Sendable {
         let stream = ChangeStream(.init(
             connectionString: url, slotName: configuration.slot, publicationName: configuration.publication,
             tables: tables, window: configuration.window, lagInterval: configuration.samplingInterval,
-            stopCatchUp: min(.seconds(2), configuration.captureShutdownDeadline / 2), logger: child("capture")))
+            stopCatchUp: min(.seconds(2), configuration.captureShutdownDeadline / 2),
+            maxTransactionChanges: configuration.maxTransactionChanges, logger: child("capture")))
         let source = ChangeStreamSource(stream: stream)
         let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: configuration.pool, logger: child("pool"))
         let scheduler = JobScheduler(logger: child("scheduler"))
