@@ -505,14 +505,19 @@ struct ConnectionPoolLongDurationTests {
             group.addTask { try await pool.run() }
             let held = try await pool.lease(label: "held")
             // Waits with the pool's "forever" timeout (the timer sleeps towards its deadline).
+            // The waiter must really queue (an immediate POOL_ACQUIRE_TIMEOUT from an overflowing
+            // deadline would also end it) and end by its cancellation, not by a timeout.
             let waiter = Task { try await pool.lease(label: "waiter") }
-            try await Task.sleep(for: .milliseconds(100))
+            await eventually("the waiter is queued") { pool.statistics.waiting == 1 }
             waiter.cancel()
-            #expect(await (try? waiter.value) == nil)
+            await #expect(throws: CancellationError.self) { _ = try await waiter.value }
+            await eventually("the cancelled waiter left the queue") { pool.statistics.waiting == 0 }
             let perCall = Task { try await pool.lease(label: "per-call", timeout: .seconds(Int64.max)) }
-            try await Task.sleep(for: .milliseconds(50))
+            await eventually("the per-call waiter is queued") { pool.statistics.waiting == 1 }
             perCall.cancel()
-            #expect(await (try? perCall.value) == nil)
+            await #expect(throws: CancellationError.self) { _ = try await perCall.value }
+            #expect(pool.statistics.timeouts == 0, "a huge timeout fired as a timeout")
+            #expect(pool.statistics.cancelledWaits == 2)
             let releaser = Task {
                 try await Task.sleep(for: .milliseconds(100))
                 await pool.release(held)

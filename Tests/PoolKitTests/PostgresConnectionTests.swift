@@ -97,7 +97,7 @@ struct PostgresConnectionTests {
         }
     }
 
-    @Test("cancelling the Task during pg_sleep(10) returns within 1 s and the connection stays usable")
+    @Test("cancelling the Task during pg_sleep(10) returns well before the statement would have ended, and the connection stays usable")
     func cancellation() async throws {
         try await TestDatabase.withDatabase { url in
             let conn = try await PostgresConnection.connect(to: url)
@@ -108,7 +108,9 @@ struct PostgresConnectionTests {
             task.cancel()
             let result = await task.result
             let ms = elapsedMilliseconds(since: start)
-            #expect(ms < 1000, "cancel took \(ms) ms")
+            // Bounded against the statement's own 10 s, not against the machine's speed: only a
+            // cancel that cut the statement short ends this early.
+            #expect(ms < 5000, "cancel took \(ms) ms of pg_sleep(10)")
             switch result {
             case .success: Issue.record("pg_sleep(10) should have been cancelled")
             case .failure(let error): #expect(error is CancellationError, "got \(error)")
@@ -200,23 +202,35 @@ struct PostgresConnectionTests {
         try await TestDatabase.withDatabase { url in
             let conn = try await PostgresConnection.connect(PostgresConnection.Configuration(url, busyPoll: .zero))
             defer { conn.closeNow() }
-            var cancelledStatements = 0
-            for round in 0..<600 {
+            let rounds = 600
+            // Rounds whose next statement ran and answered right, and among them those that
+            // followed a cancelled statement (a cancel was requested: the server either cut the
+            // statement short or had already finished it, the late cancel this test is about).
+            var completedRounds = 0
+            var checkedAfterCancel = 0
+            for round in 0..<rounds {
                 if conn.isBroken { break }  // a connection marked broken is not reused: that is allowed
                 let task = Task { try await conn.query("SELECT pg_sleep(0.001)") }
                 // Cancel around the moment the statement ends.
                 try await Task.sleep(for: .microseconds(Int64(500 + (round % 13) * 100)))
                 task.cancel()
-                if case .failure(let error) = await task.result, error is CancellationError { cancelledStatements += 1 }
+                var cancelled = false
+                if case .failure(let error) = await task.result, error is CancellationError { cancelled = true }
                 if conn.isBroken { break }
                 do {
-                    _ = try await conn.query("SELECT $1::int", round)
+                    let next = try await conn.query("SELECT $1::int", round)
+                    #expect(try next[0].decode(Int.self, at: 0) == round, "round \(round): the next statement answered wrong")
                 } catch let error as PostgresError {
                     Issue.record("round \(round): the next statement failed: \(error)")
                     break
                 }
+                completedRounds += 1
+                if cancelled { checkedAfterCancel += 1 }
             }
-            #expect(cancelledStatements > 0, "no statement was cancelled: the test did not test anything")
+            // Broken is allowed, but only after a cancel request outlived cancelGracePeriod (5 s):
+            // most rounds must have run, or the test did not test much.
+            #expect(completedRounds >= rounds / 2, "only \(completedRounds) of \(rounds) rounds ran a statement after the cancel")
+            #expect(checkedAfterCancel > 0, "no statement was cancelled before a next one ran: the test did not test anything")
         }
     }
 
@@ -240,7 +254,8 @@ struct PostgresConnectionTests {
             try await Task.sleep(for: .milliseconds(100))
             sleeper.cancel()
             await #expect(throws: CancellationError.self) { try await sleeper.value }
-            #expect(elapsedMilliseconds(since: start) < 2000)
+            let ms = elapsedMilliseconds(since: start)
+            #expect(ms < 5000, "cancel took \(ms) ms of pg_sleep(10): the statement was not cut short")
             #expect(try await conn.query("SELECT 7")[0].decode(Int.self, at: 0) == 7)
         }
     }
@@ -341,8 +356,19 @@ struct PostgresConnectionTests {
     func blockedCallsDoNotDelayConnects() async throws {
         try await TestDatabase.withDatabase { url in
             // Six calls stuck for 3 s, as a lookup of an unreachable DNS server would be.
-            for _ in 0..<6 { Task.detached { _ = await BlockingExecutor.run { sleep(3); return 0 } } }
-            try await Task.sleep(for: .milliseconds(50))
+            let blocked = SharedCounter()
+            for _ in 0..<6 {
+                Task.detached {
+                    _ = await BlockingExecutor.run {
+                        blocked.increment()
+                        sleep(3)
+                        return 0
+                    }
+                }
+            }
+            // Every one of them is stuck before the connect starts (not merely scheduled).
+            try await pollUntil(seconds: 2) { blocked.value == 6 }
+            try #require(blocked.value == 6, "only \(blocked.value) of 6 blocking calls started")
             let start = ContinuousClock.now
             let conn = try await PostgresConnection.connect(to: url, connectTimeout: .seconds(2))
             let ms = elapsedMilliseconds(since: start)

@@ -98,8 +98,10 @@ struct PostgresPoolTests {
                     // A failed transaction is rolled back too.
                     try await c.execute("BEGIN")
                     _ = try? await c.query("SELECT 1/0")
+                    #expect(c.transactionStatus == .inFailedTransaction, "the failed statement must leave the transaction aborted")
                 }
                 try await pool.withConnection { c in
+                    #expect(c.backendPID == first, "the session with the aborted transaction was closed instead of rolled back and reused")
                     #expect(c.transactionStatus == .idle)
                     try await c.execute("DROP TABLE pool_rollback")
                 }
@@ -145,11 +147,13 @@ struct PostgresPoolTests {
             var config = ConnectionPoolConfiguration()
             config.maxOpen = 1
             try await withPool(url, config) { pool in
-                try await pool.withConnection { c in
+                let first = try await pool.withConnection { c -> Int32 in
                     try await c.listen("pool_chan")
                     #expect(c.needsReset, "ran LISTEN: the pool must reset it")
+                    return c.backendPID
                 }
                 try await pool.withConnection { c in
+                    #expect(c.backendPID == first, "maxOpen=1: the listening session must be cleaned and reused, not replaced")
                     #expect(!c.needsReset, "cleaned on return")
                     let rows = try await c.query("SELECT count(*) FROM pg_listening_channels()")
                     #expect(try rows[0].decode(Int.self, at: 0) == 0)
@@ -164,11 +168,13 @@ struct PostgresPoolTests {
             var config = ConnectionPoolConfiguration()
             config.maxOpen = 1
             try await withPool(url, config) { pool in
-                try await pool.withConnection { c in
+                let first = try await pool.withConnection { c -> Int32 in
                     if simple { try await c.execute("select 1; Listen pool_plain") } else { try await c.query("LISTEN pool_plain") }
                     #expect(c.needsReset, "ran LISTEN: the pool must reset it")
+                    return c.backendPID
                 }
                 try await pool.withConnection { c in
+                    #expect(c.backendPID == first, "maxOpen=1: the listening session must be cleaned and reused, not replaced")
                     let rows = try await c.query("SELECT count(*) FROM pg_listening_channels()")
                     #expect(try rows[0].decode(Int.self, at: 0) == 0, "the next holder's session still listens")
                 }
@@ -278,11 +284,19 @@ struct PostgresPoolTests {
             try await withPool(pg.url, config) { pool in
                 for _ in 0..<10 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
                 try await stopServer(pg)
-                // While the server is down, acquires fail with an error that names the cause.
+                // While the server is down, acquires fail with a connection-level error: either a
+                // pooled connection that still looked alive breaks under the statement
+                // (PostgresError, isConnectionBroken), or the broken idle connections are
+                // discarded and every reconnect fails until acquireTimeout (2 s) passes.
                 do {
                     try await pool.withConnection { c in try await c.query("SELECT 1") }
+                    Issue.record("an acquire and a statement succeeded while the server was down")
+                } catch let error as PostgresError {
+                    #expect(error.isConnectionBroken, "not a connection failure: \(error)")
+                } catch let error as ConnectionPoolError {
+                    #expect(error.code == .acquireTimeout, "unexpected pool error while the server is down: \(error)")
                 } catch {
-                    #expect("\(error)".count > 0)
+                    Issue.record("unexpected error while the server is down: \(error)")
                 }
                 try await startServer(pg)
                 let start = ContinuousClock.now

@@ -29,6 +29,11 @@ struct AsyncGateTests {
         #expect(gate.counts.waiting == 2)
         #expect(gate.counts.free == 0)
         gate.leave()
+        // The first permit goes to the longest waiter: check before giving the second one back,
+        // so that a LIFO gate fails here instead of leaving `second` waiting for ever.
+        #expect(await Self.poll { !order.values.isEmpty }, "the permit given back reached no waiter")
+        try #require(order.values == [1], "the permit went to waiter \(order.values), not to the longest waiter")
+        #expect(gate.counts.waiting == 1)
         #expect(await second.value)
         gate.leave()
         #expect(await third.value)

@@ -37,15 +37,25 @@ func within<T: Sendable>(_ limit: Duration, _ what: String = "operation", _ body
     }
 }
 
-/// Reads exactly `count` changes (or fails after `timeout`).
+/// The subscription ended normally before `take` had all the changes it was asked for.
+struct ChangesEndedEarly: Error, CustomStringConvertible {
+    var expected: Int
+    var received: Int
+    var description: String { "the subscription ended after \(received) of the \(expected) changes expected" }
+}
+
+/// Reads exactly `count` changes: fails after `timeout`, and with `ChangesEndedEarly` when the
+/// subscription ends before `count` changes came (never returns fewer).
 func take(_ count: Int, from subscription: ChangeSubscription, timeout: Duration = .seconds(30)) async throws -> [ChangeEvent] {
     try await within(timeout, "\(count) changes") {
         var events: [ChangeEvent] = []
         events.reserveCapacity(count)
+        guard count > 0 else { return events }
         for try await event in subscription {
             events.append(event)
             if events.count == count { break }
         }
+        guard events.count == count else { throw ChangesEndedEarly(expected: count, received: events.count) }
         return events
     }
 }

@@ -154,11 +154,19 @@ struct OutboundQueueTests {
             if let batch = written(queue.next(maxMessages: Int.random(in: 1...8, using: &rng))) { received += batch }
         }
         queue.close(.goingAway)
-        while let batch = written(queue.next()) { received += batch }
+        // Keep the value that ends the loop: after the flush it must be the close itself.
+        var last = queue.next()
+        while let batch = written(last) {
+            received += batch
+            last = queue.next()
+        }
+        #expect(closeCode(last) == .goingAway, "the flush did not end with the close: \(last)")
         #expect(received == Array(0..<next))
         #expect(queue.queuedBytes == 0)
+        #expect(queue.queuedMessages == 0)
         let r31 = queue.next()
-        #expect(closeCode(r31) == nil)  // the close was handed out by the loop's last call
+        #expect(isFinished(r31), "the close was handed out once; finished after it: \(r31)")
+        #expect(!queue.isOpen && queue.closeCode == nil)
     }
 }
 

@@ -182,6 +182,12 @@ struct RealtimeServiceTests {
                     ids.append((change["new"] as? [String: Any])?["id"] as? Int ?? -1)
                 }
                 #expect(ids == [2, 3, 4])
+                // Once: a live marker row written now is the very next message (a replayed
+                // duplicate of 1...4 would come first).
+                _ = try await sql.execute("INSERT INTO \(table) (id, status) VALUES (5, 'marker')")
+                let marker = try await second.receiveJSON(timeout: 15)
+                #expect(marker["type"] as? String == "change", "\(marker)")
+                #expect((marker["new"] as? [String: Any])?["id"] as? Int == 5, "expected the marker row 5 next, got \(marker)")
                 await second.close()
                 await sql.close()
             }

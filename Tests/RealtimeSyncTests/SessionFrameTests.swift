@@ -126,7 +126,7 @@ struct AutoPingPauseTests {
         return channel
     }
 
-    @Test("no pong while reads are paused is not a timeout; once reading resumes, a pong still missing is")
+    @Test("no pong while reads are paused is not a timeout; once reading resumes, a pong still missing counts as one missed ping, and a second missed one drops the socket")
     func pausedReadsAreNotATimeout() throws {
         let flag = Flag()
         let channel = try pingedChannel(paused: flag)
@@ -136,7 +136,28 @@ struct AutoPingPauseTests {
         #expect(channel.isActive)
         flag.paused = false
         channel.embeddedEventLoop.advanceTime(by: .seconds(1))
-        #expect(try sentOpcodes(channel) == [.connectionClose])
+        #expect(try sentOpcodes(channel) == [.ping], "one ping missed: asked again")
+        #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.connectionClose], "two pings in a row missed")
+        _ = try? channel.finish()
+    }
+
+    @Test("a late pong for the ping before the last still counts as an answer")
+    func latePongForThePreviousPing() throws {
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1)))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        let first = try #require(try channel.readOutbound(as: WebSocketFrame.self))
+        #expect(first.opcode == .ping)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.ping], "the first ping unanswered: a second one")
+        // The answer to the first ping arrives now (a slow client).
+        try channel.writeInbound(WebSocketFrame(fin: true, opcode: .pong, data: first.unmaskedData))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.ping], "answered: pinged again, not dropped")
+        #expect(channel.isActive)
         _ = try? channel.finish()
     }
 

@@ -326,6 +326,13 @@ struct SnapshotTests {
             let change = try await client.receiveJSON(timeout: 15)
             #expect(change["ids"] as? [String] == ["s1"])
             #expect((change["new"] as? [String: Any])?["id"] as? Int == 100)
+            // Once: a matching marker row written after it is the very next message (a second
+            // delivery of row 100 would come first).
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) (id, status) VALUES (101, 'paid')")
+            let marker = try await client.receiveJSON(timeout: 15)
+            #expect(marker["type"] as? String == "change", "\(marker)")
+            #expect(marker["ids"] as? [String] == ["s1"])
+            #expect((marker["new"] as? [String: Any])?["id"] as? Int == 101, "expected the marker row 101 next, got \(marker)")
         }
     }
 
@@ -339,6 +346,12 @@ struct SnapshotTests {
             try await runSQL(running.databaseURL, "INSERT INTO \(table) VALUES (31, 'open', 1000), (33, 'paid', 1000), (36, 'paid', 5)")
             let change = try await client.receiveJSON(timeout: 15)
             #expect((change["new"] as? [String: Any])?["id"] as? Int == 33)
+            // Rows 31 (open) and 36 (amount 5) do not match: a matching marker row written after
+            // them must be the very next message.
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) VALUES (39, 'paid', 1000)")
+            let marker = try await client.receiveJSON(timeout: 15)
+            #expect(marker["type"] as? String == "change", "\(marker)")
+            #expect((marker["new"] as? [String: Any])?["id"] as? Int == 39, "a non-matching row was delivered before the marker: \(marker)")
 
             try await client.sendSnapshotSubscribe("both", table: table, since: reply.cursor)
             let refused = try await client.receiveJSON(timeout: 15)

@@ -72,33 +72,44 @@ struct ContinuousClockBurstTests {
         // fourth worker may be added for stalled ones)
         let fast = 200
         let ran = Mutex(0)
-        let lastFastEnd = Mutex<ContinuousClock.Instant?>(nil)
-        let slowEnds = Mutex<[ContinuousClock.Instant]>([])
+        let slowStarted = Mutex(0)
+        let slowEnded = Mutex(0)
+        // The slow bodies hold their workers until the test has seen every fast run (or the
+        // bounded wait gives up): no race between the fast runs and a fixed sleep.
+        let gateOpen = Mutex(false)
         try await withContinuousScheduler(.init(maxStartsPerWakeup: 16, maxWorkers: 4)) { scheduler, clock in
             let at = clock.now.advanced(by: .milliseconds(100))
-            // two slow runs first (scheduled first, so queued first): each keeps its worker 400 ms
+            // two slow runs first (scheduled first, so queued first): each keeps its worker until the gate opens
             for _ in 0..<2 {
                 try scheduler.schedule(.once(at: at)) { _ in
-                    try? await Task.sleep(for: .milliseconds(400))
-                    slowEnds.withLock { $0.append(clock.now) }
+                    slowStarted.withLock { $0 += 1 }
+                    let limit = clock.now.advanced(by: .seconds(30))
+                    while !gateOpen.withLock({ $0 }), !Task.isCancelled, clock.now < limit {
+                        try? await Task.sleep(for: .milliseconds(5))
+                    }
+                    slowEnded.withLock { $0 += 1 }
                 }
             }
             for _ in 0..<fast {
                 try scheduler.schedule(.once(at: at)) { _ in
                     ran.withLock { $0 += 1 }
-                    lastFastEnd.withLock { $0 = clock.now }
                 }
             }
             let patience = clock.now.advanced(by: .seconds(20))
-            while clock.now < patience, ran.withLock({ $0 }) < fast || slowEnds.withLock({ $0.count }) < 2 {
+            while clock.now < patience, ran.withLock({ $0 }) < fast || slowStarted.withLock({ $0 }) < 2 {
                 try await clock.sleep(for: .milliseconds(5))
             }
+            // every fast run ended while both slow ones still held their workers (the gate was
+            // still closed): the stall rule added workers although the driver had parked
             #expect(ran.withLock { $0 } == fast)
-            // every fast run ended while both slow ones still held their workers:
-            // the stall rule added workers although the driver had parked
-            let fastEnd = try #require(lastFastEnd.withLock { $0 })
-            let firstSlowEnd = try #require(slowEnds.withLock { $0.min() })
-            #expect(fastEnd < firstSlowEnd)
+            #expect(slowStarted.withLock { $0 } == 2)
+            #expect(slowEnded.withLock { $0 } == 0, "a slow run ended before the gate opened")
+            gateOpen.withLock { $0 = true }
+            let drain = clock.now.advanced(by: .seconds(20))
+            while clock.now < drain, slowEnded.withLock({ $0 }) < 2 {
+                try await clock.sleep(for: .milliseconds(5))
+            }
+            #expect(slowEnded.withLock { $0 } == 2)
         }
     }
 

@@ -154,17 +154,12 @@ struct CronExpressionTests {
         let cron = try CronExpression("* * * * * *", timeZone: TimeZone(identifier: "Europe/Berlin")!)
         let t = Int(Self.date("2024-01-01T00:00:00Z").timeIntervalSince1970)
         let end = t + 366 * 86_400
-        let clock = ContinuousClock()
-        let start = clock.now
         let result = cron.catchUp(after: t, through: end, keep: 3)
-        let elapsed = start.duration(to: clock.now)
         // Every second of the leap year, less the second pass of the repeated hour in October
         // (each local time fires once; the skipped hour in March costs nothing: 03:00 follows 01:59:59).
         #expect(result.count == 366 * 86_400 - 3_600)
         #expect(result.last == [end - 2, end - 1, end])
         #expect(result.next == end + 1)
-        // Not a speed assertion: the walk it replaces took minutes; this bound only catches a walk.
-        #expect(elapsed < .seconds(10), "\(elapsed)")
     }
 
     @Test("invalid expressions name the field and the knob")

@@ -34,10 +34,16 @@ struct TimerQueueTests {
             case 2:
                 #expect(q.remove(id) == (reference.removeValue(forKey: id) != nil))
             default:
-                if let e = q.popDue(now: Int64(step / 2)) {
+                let now = Int64(step / 2)
+                if let e = q.popDue(now: now) {
                     let best = reference.min { ($0.value, $0.key) < ($1.value, $1.key) }!
                     #expect(e.id == best.key && e.deadline == best.value)
+                    #expect(e.deadline <= now, "popped \(e.id) due at \(e.deadline) before it was due (now \(now))")
                     reference[e.id] = nil
+                } else {
+                    // Nothing popped: nothing in the reference may be due (due means deadline <= now).
+                    let due = reference.filter { $0.value <= now }.map { "\($0.key)@\($0.value)" }.sorted()
+                    #expect(due.isEmpty, "popDue(now: \(now)) returned nil while these were due: \(due.prefix(5))")
                 }
             }
             if step % 1000 == 0 { #expect(q.isValid()) }
