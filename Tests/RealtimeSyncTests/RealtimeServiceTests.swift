@@ -386,6 +386,50 @@ struct RealtimeServiceTests {
     }
 }
 
+/// `/readyz` as a load balancer sees it, against a real database that goes away and comes back.
+@Suite("RealtimeService: readiness against a real outage")
+struct RealtimeServiceReadinessTests {
+    @Test("GET /readyz: 503 change_stream_disconnected while PostgreSQL is down, 200 again once the capture has reconnected; a change made after that reaches a client")
+    func readyzFollowsTheDatabase() async throws {
+        try await withPrivateCluster { pg in
+            let table = try await createServiceTable(url: pg.url)
+            try await withRealtimeService(url: pg.url, tables: [table]) { _, running, _ in
+                func readiness() async -> (Int, String)? {
+                    guard let connection = try? await TestConnection.open(port: running.port) else { return nil }
+                    let answer = try? await connection.request("GET", "/readyz")
+                    await connection.close()
+                    return answer.map { ($0.status, $0.body) }
+                }
+                let ready = await readiness()
+                #expect(ready?.0 == 200 && ready?.1 == #"{"ready":true}"#, "\(String(describing: ready))")
+                try await offPool { try pg.stopServer() }
+                var down: (Int, String)?
+                for _ in 0..<100 {
+                    down = await readiness()
+                    if down?.0 == 503 { break }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                #expect(down?.0 == 503 && down?.1 == #"{"ready":false,"reason":"change_stream_disconnected"}"#, "\(String(describing: down))")
+                try await offPool { try pg.startAgain() }
+                var up: (Int, String)?
+                for _ in 0..<300 {
+                    up = await readiness()
+                    if up?.0 == 200 { break }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+                #expect(up?.0 == 200, "\(String(describing: up))")
+                let client = try await connectWebSocket(port: running.port)
+                try await client.subscribe("s", table: table)
+                try await runSQL(pg.url, "INSERT INTO \(table) (status) VALUES ('after the outage')")
+                let change = try await client.receiveJSON(timeout: 15)
+                #expect(change["type"] as? String == "change", "\(change)")
+                #expect((change["new"] as? [String: Any])?["status"] as? String == "after the outage", "\(change)")
+                await client.close()
+            }
+        }
+    }
+}
+
 extension TestConnection {
     /// Subscribes (ids `k1`, `k2`, …) every 100 ms, up to 50 times, until the server knows what
     /// the subscription names (after its catalog refresh); each refusal must carry `code`.
