@@ -89,113 +89,48 @@ struct ChangeStreamFailureTests {
     // WAL position) and started after everything committed while it had none: a silent gap.
     @Test("The slot is dropped while the stream is disconnected: the stream fails with slot_lost instead of recreating it and skipping what was committed meanwhile")
     func slotLostWhileDisconnected() async throws {
-        try await TestDatabase.withDatabase { url in
-            let table = uniqueCaptureName("cs_lost")
-            let slot = uniqueCaptureName("cs_slot")
-            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
-            // A reconnect delay long enough to drop the slot in between.
-            let stream = ChangeStream(ChangeStream.Configuration(
-                connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table],
-                statusInterval: .milliseconds(200), lagInterval: .milliseconds(500),
-                reconnectInitialDelay: .seconds(2), reconnectMaxDelay: .seconds(2)))
-            let sql = try await PostgresConnection.connect(to: url)
-            let outcome = Mutex<Result<Void, any Error>?>(nil)
-            let running = Task {
+        // A reconnect delay long enough to drop the slot in between.
+        try await withFailingStream(prefix: "cs_lost", { $0.reconnectInitialDelay = .seconds(2); $0.reconnectMaxDelay = .seconds(2) }) { run, sql in
+            let changes = run.stream.changes()
+            try await sql.execute("INSERT INTO \(run.table) VALUES (1)")
+            #expect(try await take(1, from: changes).map { newText($0, "id") } == ["1"])
+            _ = try await sql.query("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", run.slot)
+            // The walsender takes a moment to exit (55006 until then).
+            var dropped = false
+            for _ in 0..<200 where !dropped {
                 do {
-                    try await stream.run()
-                    outcome.withLock { $0 = .success(()) }
-                } catch {
-                    outcome.withLock { $0 = .failure(error) }
+                    _ = try await sql.query("SELECT pg_drop_replication_slot($1)", run.slot)
+                    dropped = true
+                } catch let error as PostgresError where error.sqlState == "55006" {
+                    try await Task.sleep(for: .milliseconds(10))
                 }
             }
-            do {
-                try await waitUntilStreaming(stream)
-                let changes = stream.changes()
-                try await sql.execute("INSERT INTO \(table) VALUES (1)")
-                #expect(try await take(1, from: changes).map { newText($0, "id") } == ["1"])
-                _ = try await sql.query("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", slot)
-                // The walsender takes a moment to exit (55006 until then).
-                var dropped = false
-                for _ in 0..<200 where !dropped {
-                    do {
-                        _ = try await sql.query("SELECT pg_drop_replication_slot($1)", slot)
-                        dropped = true
-                    } catch let error as PostgresError where error.sqlState == "55006" {
-                        try await Task.sleep(for: .milliseconds(10))
-                    }
-                }
-                try #require(dropped, "the slot could not be dropped")
-                try await sql.execute("INSERT INTO \(table) SELECT generate_series(2, 11)")
-                // Before: the stream made a new slot and went on as if nothing was missing.
-                let patience = ContinuousClock.now + .seconds(30)
-                while outcome.withLock({ $0 == nil }) && ContinuousClock.now < patience { try await Task.sleep(for: .milliseconds(20)) }
-                guard case .failure(let failure)? = outcome.withLock({ $0 }) else {
-                    throw StreamWentOn()
-                }
-                let error = failure as? ChangeStreamError
-                #expect(error?.code == .slotLost, "\(failure)")
-                #expect(error?.message.contains(slot) == true)
-                let ended = await #expect(throws: (any Error).self) { _ = try await take(1, from: changes, timeout: .seconds(10)) }
-                #expect(ended is ChangeStreamError, "\(String(describing: ended))")
-                let slots = try await sql.query("SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1", slot)
-                #expect(try slots[0].decode(Int.self, at: 0) == 0, "no slot was made in the old one's place")
-            } catch {
-                stream.stop()
-                await running.value
-                await sql.close()
-                throw error
-            }
-            stream.stop()
-            await running.value
-            await sql.close()
-            try await runSQL(url, "DROP TABLE \(table)")
-            try? await runSQL(url, "DROP PUBLICATION IF EXISTS \(slot)_pub")
+            try #require(dropped, "the slot could not be dropped")
+            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(2, 11)")
+            // Before: the stream made a new slot and went on as if nothing was missing.
+            let failure = try await run.failure()
+            let error = failure as? ChangeStreamError
+            #expect(error?.code == .slotLost, "\(failure)")
+            #expect(error?.message.contains(run.slot) == true)
+            let ended = await #expect(throws: (any Error).self) { _ = try await take(1, from: changes, timeout: .seconds(10)) }
+            #expect(ended is ChangeStreamError, "\(String(describing: ended))")
+            let slots = try await sql.query("SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1", run.slot)
+            #expect(try slots[0].decode(Int.self, at: 0) == 0, "no slot was made in the old one's place")
         }
     }
 
     @Test("A transaction with more changes than maxTransactionChanges stops the stream with transaction_too_large, naming the knob and the slot to advance; smaller ones before it are delivered")
     func transactionTooLarge() async throws {
-        try await TestDatabase.withDatabase { url in
-            let table = uniqueCaptureName("cs_big")
-            let slot = uniqueCaptureName("cs_slot")
-            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
-            let stream = ChangeStream(ChangeStream.Configuration(
-                connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table],
-                statusInterval: .milliseconds(200), lagInterval: .milliseconds(500), maxTransactionChanges: 5))
-            let outcome = Mutex<Result<Void, any Error>?>(nil)
-            let running = Task {
-                do {
-                    try await stream.run()
-                    outcome.withLock { $0 = .success(()) }
-                } catch {
-                    outcome.withLock { $0 = .failure(error) }
-                }
-            }
-            let sql = try await PostgresConnection.connect(to: url)
-            do {
-                try await waitUntilStreaming(stream)
-                let changes = stream.changes()
-                try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 5)")
-                #expect(try await take(5, from: changes).count == 5, "a transaction at the limit is delivered")
-                try await sql.execute("INSERT INTO \(table) SELECT generate_series(6, 11)")
-                let patience = ContinuousClock.now + .seconds(30)
-                while outcome.withLock({ $0 == nil }) && ContinuousClock.now < patience { try await Task.sleep(for: .milliseconds(20)) }
-                guard case .failure(let failure)? = outcome.withLock({ $0 }) else { throw StreamWentOn() }
-                let error = failure as? ChangeAssemblyError
-                #expect(error?.code == .transactionTooLarge, "\(failure)")
-                #expect(error?.message.contains("maxTransactionChanges") == true)
-                #expect(error?.message.contains("pg_replication_slot_advance('\(slot)'") == true, "\(failure)")
-            } catch {
-                stream.stop()
-                await running.value
-                await sql.close()
-                throw error
-            }
-            await running.value
-            _ = try? await sql.query("SELECT pg_drop_replication_slot($1)", slot)
-            await sql.close()
-            try await runSQL(url, "DROP TABLE \(table)")
-            try? await runSQL(url, "DROP PUBLICATION IF EXISTS \(slot)_pub")
+        try await withFailingStream(prefix: "cs_big", { $0.maxTransactionChanges = 5 }) { run, sql in
+            let changes = run.stream.changes()
+            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(1, 5)")
+            #expect(try await take(5, from: changes).count == 5, "a transaction at the limit is delivered")
+            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(6, 11)")
+            let failure = try await run.failure()
+            let error = failure as? ChangeAssemblyError
+            #expect(error?.code == .transactionTooLarge, "\(failure)")
+            #expect(error?.message.contains("maxTransactionChanges") == true)
+            #expect(error?.message.contains("pg_replication_slot_advance('\(run.slot)'") == true, "\(failure)")
         }
     }
 
@@ -327,6 +262,70 @@ struct ChangeStreamFailureTests {
             #expect(try rows[0].decode(Int.self, at: 0) == 0)
             try await runSQL(url, "DROP TABLE \(table)")
         }
+    }
+}
+
+/// A stream a test expects to fail: `run()` in a task of its own, watched.
+private final class WatchedRun: Sendable {
+    let stream: ChangeStream
+    let table: String
+    let slot: String
+    let outcome = Mutex<Result<Void, any Error>?>(nil)
+
+    init(stream: ChangeStream, table: String, slot: String) {
+        self.stream = stream
+        self.table = table
+        self.slot = slot
+    }
+
+    /// The error `run()` ended with, waiting up to 30 s; throws if it went on (or ended without one).
+    func failure() async throws -> any Error {
+        let patience = ContinuousClock.now + .seconds(30)
+        while outcome.withLock({ $0 == nil }) && ContinuousClock.now < patience { try await Task.sleep(for: .milliseconds(20)) }
+        guard case .failure(let failure)? = outcome.withLock({ $0 }) else { throw StreamWentOn() }
+        return failure
+    }
+}
+
+/// Runs a stream on a new table (one `id int` column) in a task of its own, configured by
+/// `configure`, streaming before `body` runs; stops it and drops what it made at the end.
+private func withFailingStream(
+    prefix: String, _ configure: @escaping @Sendable (inout ChangeStream.Configuration) -> Void,
+    _ body: @Sendable (WatchedRun, PostgresConnection) async throws -> Void
+) async throws {
+    try await TestDatabase.withDatabase { url in
+        let table = uniqueCaptureName(prefix)
+        let slot = uniqueCaptureName("cs_slot")
+        try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
+        var configuration = ChangeStream.Configuration(
+            connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table],
+            statusInterval: .milliseconds(200), lagInterval: .milliseconds(500))
+        configure(&configuration)
+        let stream = ChangeStream(configuration)
+        let run = WatchedRun(stream: stream, table: table, slot: slot)
+        let running = Task {
+            do {
+                try await stream.run()
+                run.outcome.withLock { $0 = .success(()) }
+            } catch {
+                run.outcome.withLock { $0 = .failure(error) }
+            }
+        }
+        let sql = try await PostgresConnection.connect(to: url)
+        var failure: (any Error)?
+        do {
+            try await waitUntilStreaming(stream)
+            try await body(run, sql)
+        } catch {
+            failure = error
+        }
+        stream.stop()
+        await running.value
+        _ = try? await sql.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", slot)
+        await sql.close()
+        try? await runSQL(url, "DROP TABLE \(table)")
+        try? await runSQL(url, "DROP PUBLICATION IF EXISTS \(slot)_pub")
+        if let failure { throw failure }
     }
 }
 

@@ -394,29 +394,26 @@ struct RealtimeServiceReadinessTests {
         try await withPrivateCluster { pg in
             let table = try await createServiceTable(url: pg.url)
             try await withRealtimeService(url: pg.url, tables: [table]) { _, running, _ in
-                func readiness() async -> (Int, String)? {
-                    guard let connection = try? await TestConnection.open(port: running.port) else { return nil }
-                    let answer = try? await connection.request("GET", "/readyz")
-                    await connection.close()
-                    return answer.map { ($0.status, $0.body) }
+                /// `/readyz`'s status and body, asked every 100 ms until it answers `status` (at most `tries` times).
+                func readiness(until status: Int, tries: Int) async throws -> (Int, String)? {
+                    var last: (Int, String)?
+                    for _ in 0..<tries {
+                        if let connection = try? await TestConnection.open(port: running.port) {
+                            last = (try? await connection.request("GET", "/readyz")).map { ($0.status, $0.body) }
+                            await connection.close()
+                        }
+                        if last?.0 == status { break }
+                        try await Task.sleep(for: .milliseconds(100))
+                    }
+                    return last
                 }
-                let ready = await readiness()
+                let ready = try await readiness(until: 200, tries: 1)
                 #expect(ready?.0 == 200 && ready?.1 == #"{"ready":true}"#, "\(String(describing: ready))")
                 try await offPool { try pg.stopServer() }
-                var down: (Int, String)?
-                for _ in 0..<100 {
-                    down = await readiness()
-                    if down?.0 == 503 { break }
-                    try await Task.sleep(for: .milliseconds(100))
-                }
+                let down = try await readiness(until: 503, tries: 100)
                 #expect(down?.0 == 503 && down?.1 == #"{"ready":false,"reason":"change_stream_disconnected"}"#, "\(String(describing: down))")
                 try await offPool { try pg.startAgain() }
-                var up: (Int, String)?
-                for _ in 0..<300 {
-                    up = await readiness()
-                    if up?.0 == 200 { break }
-                    try await Task.sleep(for: .milliseconds(100))
-                }
+                let up = try await readiness(until: 200, tries: 300)
                 #expect(up?.0 == 200, "\(String(describing: up))")
                 let client = try await connectWebSocket(port: running.port)
                 try await client.subscribe("s", table: table)
