@@ -90,22 +90,11 @@ struct ChangeStreamFailureTests {
     @Test("The slot is dropped while the stream is disconnected: the stream fails with slot_lost instead of recreating it and skipping what was committed meanwhile")
     func slotLostWhileDisconnected() async throws {
         // A reconnect delay long enough to drop the slot in between.
-        try await withFailingStream(prefix: "cs_lost", { $0.reconnectInitialDelay = .seconds(2); $0.reconnectMaxDelay = .seconds(2) }) { run, sql in
+        try await withFailingStream(prefix: "cs_lost", { $0.reconnectInitialDelay = .seconds(5); $0.reconnectMaxDelay = .seconds(5) }) { run, sql in
             let changes = run.stream.changes()
             try await sql.execute("INSERT INTO \(run.table) VALUES (1)")
             #expect(try await take(1, from: changes).map { newText($0, "id") } == ["1"])
-            _ = try await sql.query("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", run.slot)
-            // The walsender takes a moment to exit (55006 until then).
-            var dropped = false
-            for _ in 0..<200 where !dropped {
-                do {
-                    _ = try await sql.query("SELECT pg_drop_replication_slot($1)", run.slot)
-                    dropped = true
-                } catch let error as PostgresError where error.sqlState == "55006" {
-                    try await Task.sleep(for: .milliseconds(10))
-                }
-            }
-            try #require(dropped, "the slot could not be dropped")
+            try await whileDisconnected(sql, run.slot, "SELECT pg_drop_replication_slot($1)")
             try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(2, 11)")
             // Before: the stream made a new slot and went on as if nothing was missing.
             let failure = try await run.failure()
@@ -116,6 +105,70 @@ struct ChangeStreamFailureTests {
             #expect(ended is ChangeStreamError, "\(String(describing: ended))")
             let slots = try await sql.query("SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1", run.slot)
             #expect(try slots[0].decode(Int.self, at: 0) == 0, "no slot was made in the old one's place")
+        }
+    }
+
+    @Test("The slot is moved on while the stream is disconnected (pg_replication_slot_advance, another consumer): the stream fails with slot_lost instead of starting after changes it never read")
+    func slotMovedWhileDisconnected() async throws {
+        try await withFailingStream(prefix: "cs_moved", { $0.reconnectInitialDelay = .seconds(5); $0.reconnectMaxDelay = .seconds(5) }) { run, sql in
+            let changes = run.stream.changes()
+            try await sql.execute("INSERT INTO \(run.table) VALUES (1)")
+            #expect(try await take(1, from: changes).map { newText($0, "id") } == ["1"])
+            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(2, 11)")
+            try await whileDisconnected(sql, run.slot, "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())")
+            let failure = try await run.failure()
+            let error = failure as? ChangeStreamError
+            #expect(error?.code == .slotLost, "\(failure)")
+            #expect(error?.message.contains("was moved to") == true, "\(failure)")
+        }
+    }
+
+    // Review, session 12: a stream whose first session never started (another instance still
+    // held the slot, 55006) took its retry for a reconnect and failed with slot_lost once the
+    // other instance had moved the slot on. Nothing was lost: its window was never fed.
+    @Test("A new stream waits while the old one still holds the slot (a rolling restart), then starts where the old one left the slot, without slot_lost")
+    func startsAfterTheOldInstanceReleasesTheSlot() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_handover")
+            let slot = uniqueCaptureName("cs_slot")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
+            // The old instance keeps one change in its window, so it moves the slot on with every transaction.
+            try await withChangeStream(url: url, tables: [table], slot: slot, window: .init(maxCount: 1), dropSlotAtEnd: false) { old, sql in
+                let oldChanges = old.changes()
+                let new = ChangeStream(ChangeStream.Configuration(
+                    connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table],
+                    statusInterval: .milliseconds(200), lagInterval: .milliseconds(500),
+                    reconnectInitialDelay: .milliseconds(50), reconnectMaxDelay: .milliseconds(200)))
+                let outcome = Mutex<Result<Void, any Error>?>(nil)
+                let running = Task {
+                    do {
+                        try await new.run()
+                        outcome.withLock { $0 = .success(()) }
+                    } catch {
+                        outcome.withLock { $0 = .failure(error) }
+                    }
+                }
+                // The new stream tries (and fails, 55006) while the old one streams and confirms.
+                for id in 1...5 {
+                    try await sql.execute("INSERT INTO \(table) VALUES (\(id))")
+                    _ = try await take(1, from: oldChanges)
+                    try await Task.sleep(for: .milliseconds(300))
+                }
+                #expect(new.statistics.reconnects >= 1, "the new stream met the slot in use")
+                #expect(!new.statistics.connected)
+                old.stop()
+                try await waitUntilStreaming(new)
+                let newChanges = new.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (6)")
+                #expect(try await take(1, from: newChanges).map { newText($0, "id") } == ["6"])
+                #expect(outcome.withLock { $0 == nil }, "the new stream ended: \(String(describing: outcome.withLock { $0 }))")
+                new.stop()
+                await running.value
+                if case .failure(let error)? = outcome.withLock({ $0 }) { Issue.record("the new stream failed: \(error)") }
+                try await new.dropSlot()
+            }
+            try await runSQL(url, "DROP TABLE \(table)")
+            try? await runSQL(url, "DROP PUBLICATION IF EXISTS \(slot)_pub")
         }
     }
 
@@ -263,6 +316,22 @@ struct ChangeStreamFailureTests {
             try await runSQL(url, "DROP TABLE \(table)")
         }
     }
+}
+
+/// Ends the stream's walsender, then runs `statement` (`$1`: the slot) as soon as the slot is
+/// free (55006 while the walsender exits), before the stream reconnects.
+private func whileDisconnected(_ sql: PostgresConnection, _ slot: String, _ statement: String) async throws {
+    _ = try await sql.query("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", slot)
+    for _ in 0..<200 {
+        do {
+            _ = try await sql.query(statement, slot)
+            return
+        } catch let error as PostgresError where error.sqlState == "55006" {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+    Issue.record("the slot stayed in use: \(statement)")
+    throw CancellationError()
 }
 
 /// A stream a test expects to fail: `run()` in a task of its own, watched.

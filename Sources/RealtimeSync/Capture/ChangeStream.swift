@@ -160,6 +160,8 @@ public final class ChangeStream: Service, Sendable {
         var connected = false
         var reconnects = 0
         var confirmed = LSN.zero
+        /// A session has started streaming (and opened the window): later sessions are reconnects.
+        var streamed = false
         var slotLag: Int?
         var setupReport: CaptureSetupReport?
         var replication: ReplicationConnection?
@@ -328,19 +330,20 @@ public final class ChangeStream: Service, Sendable {
                 }
                 let repl = try await ReplicationConnection.connect(connectionConfiguration)
                 replication = repl
-                // A reconnect (the window is open: this stream has read from the slot before)
-                // must find the slot where it left it. Recreated, or moved on by someone else,
-                // it would start after changes this stream never read: a silent gap.
-                let reconnecting = hub.snapshot().window != nil
-                if !reconnecting {
+                // A session after one that streamed (its window is open and fed from the slot)
+                // must find the slot where the stream left it. Recreated, or moved on by
+                // someone else, it would start after changes this stream never read: a gap.
+                let streamed = state.withLock { $0.streamed }
+                if !streamed {
                     try await repl.createSlotIfMissing(configuration.slotName)
                 }
                 // A short wal_sender_timeout sends reply requests close together: see ReplyRequests.
                 var quickReplies = Duration.milliseconds(100)
                 if let timeout = try? await repl.walSenderTimeout() { quickReplies = min(quickReplies, timeout / 4) }
                 let slotAt = try await withSQL { try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }
-                if reconnecting {
-                    let resumeAt = max(state.withLock { $0.confirmed }, hub.openWindow(origin: slotAt ?? .zero))
+                let start: LSN
+                if streamed {
+                    let resumeAt = max(state.withLock { $0.confirmed }, hub.openWindow(origin: .zero))
                     guard let slotAt else {
                         throw ChangeStreamError(.slotLost,
                             "replication slot \(configuration.slotName) is gone at reconnect (dropped, or a failover to a server without it); changes committed after \(resumeAt) cannot be read from it. The stream stopped instead of going on with a gap: restart it (it creates the slot anew; clients resuming from older cursors get resync_required)")
@@ -349,12 +352,13 @@ public final class ChangeStream: Service, Sendable {
                         throw ChangeStreamError(.slotLost,
                             "replication slot \(configuration.slotName) was moved to \(slotAt) while this stream was at \(resumeAt) (by another consumer of the slot, or pg_replication_slot_advance); the changes in between cannot be read. The stream stopped instead of going on with a gap: give each stream its own slot, and restart it (clients resuming from older cursors get resync_required)")
                     }
+                    start = resumeAt
+                } else {
+                    guard let slotAt else {
+                        throw PostgresError(code: .invalidUsage, message: "replication slot \(configuration.slotName) has no confirmed position (is it a logical slot?)")
+                    }
+                    start = max(state.withLock { $0.confirmed }, slotAt)
                 }
-                guard let origin = slotAt else {
-                    throw PostgresError(code: .invalidUsage, message: "replication slot \(configuration.slotName) has no confirmed position (is it a logical slot?)")
-                }
-                let retain = hub.openWindow(origin: origin)
-                let start = max(state.withLock { $0.confirmed }, retain)
                 decoder.reset()
                 assembler.abandonOpenTransaction()
                 try await repl.startReplication(
@@ -362,14 +366,26 @@ public final class ChangeStream: Service, Sendable {
                     options: [("proto_version", "1"), ("publication_names", try quotedPublication()),
                               ("messages", "true")],
                     statusInterval: configuration.statusInterval)
-                repl.confirm(flushedThrough: start.rawValue)
+                var streamStart = start
+                if !streamed {
+                    // The window opens where the stream really starts. This stream holds the slot
+                    // now, so its position cannot move any more; it may have moved since it was
+                    // read (another instance streamed the slot until a moment ago), and Postgres
+                    // starts at the later of the two.
+                    if let held = try await withSQL({ try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }) {
+                        streamStart = max(start, held)
+                    }
+                    _ = hub.openWindow(origin: streamStart)
+                }
+                repl.confirm(flushedThrough: streamStart.rawValue)
                 state.withLock { s in
                     s.connected = true
-                    s.confirmed = start
+                    s.streamed = true
+                    s.confirmed = streamStart
                     s.replication = repl
                 }
                 logger.info("change stream started", metadata: [
-                    "slot": "\(configuration.slotName)", "start": "\(start)", "backend": "\(repl.backendPID)"])
+                    "slot": "\(configuration.slotName)", "start": "\(streamStart)", "backend": "\(repl.backendPID)"])
                 failures = 0
                 let stopped = try await session(repl, decoder: &decoder, assembler: &assembler, quickReplies: quickReplies)
                 state.withLock { $0.connected = false; $0.replication = nil }
@@ -437,12 +453,18 @@ public final class ChangeStream: Service, Sendable {
                 if case .relation(let relation) = decoded {
                     let unknown = decoder.unresolvedTypes(of: relation)
                     if !unknown.isEmpty {
-                        // A failed lookup ends the session (a connection failure is retried with
-                        // backoff, and the next session's Relation message asks again): going on
-                        // would send a domain over int8 as strings, and a filter on such a column
-                        // (an auth filter among them) would withhold every change until then.
-                        if let resolved = decoder.resolveTypes(try await baseTypes(of: unknown), relation: relation.oid) {
-                            decoded = .relation(resolved)
+                        // A failed lookup, whatever the error, ends the session and is retried with
+                        // backoff (`TypeLookupFailed`; the next session's Relation message asks
+                        // again): going on would send a domain over int8 as strings, and a filter on
+                        // such a column (an auth filter among them) would withhold every change.
+                        let resolved: [UInt32: UInt32]
+                        do {
+                            resolved = try await baseTypes(of: unknown)
+                        } catch {
+                            throw TypeLookupFailed(table: relation.qualifiedName, underlying: error)
+                        }
+                        if let relation = decoder.resolveTypes(resolved, relation: relation.oid) {
+                            decoded = .relation(relation)
                         }
                     }
                 }
@@ -597,6 +619,7 @@ public final class ChangeStream: Service, Sendable {
 
     /// Connection-level failures (and a slot still held by the previous walsender) are retried.
     static func isRetryable(_ error: any Error) -> Bool {
+        if error is TypeLookupFailed { return true }
         guard let error = error as? PostgresError else { return false }
         if error.isConnectionBroken { return true }
         switch error.sqlState {
@@ -709,4 +732,14 @@ public final class ChangeStream: Service, Sendable {
             throw ChangeStreamError(.slotActive, "replication slot \(configuration.slotName) is active in another session: stop that consumer (see pg_replication_slots.active_pid) before dropping it")
         }
     }
+}
+
+/// The base types of a table's columns could not be looked up (any error: a connection
+/// failure, a `statement_timeout`, a recovery conflict). Retried like a connection failure:
+/// the next session's Relation message asks again. Going on instead would send a domain over
+/// `int8` as strings and withhold every change from subscriptions filtered on such a column.
+struct TypeLookupFailed: Error, CustomStringConvertible {
+    var table: String
+    var underlying: any Error
+    var description: String { "could not look up the base types of \(table)'s column types: \(underlying)" }
 }
