@@ -106,7 +106,7 @@ struct Serve: AsyncParsableCommand {
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
               --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only empty tables)
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
-              --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, at most --pool-max-open - 1; more wait their turn)
+              --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, or --pool-max-open - 1 if less: 3 by default; more wait their turn)
               --max-transaction-changes REALTIME_SYNC_MAX_TRANSACTION_CHANGES (1000000 changes held until a transaction commits)
             """)
 

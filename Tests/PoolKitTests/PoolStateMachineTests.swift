@@ -157,6 +157,29 @@ struct PoolStateMachineTests {
         #expect(d.machine.statistics().closedLifetime == 4)
     }
 
+    // Audit, session 12: idle connections were lent without a look at their lifetime, so a
+    // lease that came before the timer's tick got an expired one.
+    @Test func anExpiredIdleConnectionIsNeverLentEvenBeforeTheTick() {
+        var d = MachineDriver(config { $0.maxOpen = 2; $0.minIdle = 1; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero })
+        d.warmUp()                                   // #1, expires at 60 s
+        d.now = .seconds(30)
+        let first = d.lease()!
+        guard case .enqueued(let actions) = d.wait(1) else { Issue.record("expected to wait"); return }
+        let served = d.complete(actions.connects)    // #2, expires at 90 s, handed to the waiter
+        let second = served.handoffs.first!.lease
+        _ = d.release(second)
+        _ = d.release(first)                         // #1 is now the most recently used idle one
+        d.now = .seconds(61)
+        let lease = d.lease()
+        #expect(lease?.connectionID == second.connectionID, "the expired #1 was lent (or nothing): \(String(describing: lease))")
+        _ = d.release(lease!)
+        // Only expired ones left: nothing is lent, the caller waits for the tick's replacement.
+        d.now = .seconds(91)
+        #expect(d.lease() == nil)
+        let tick = d.tick()
+        #expect(tick.closes.map(\.reason) == [.lifetime, .lifetime])
+    }
+
     @Test func lifetimeExpiryWhileHeldClosesOnlyOnReturn() {
         var d = MachineDriver(config { $0.minIdle = 1; $0.maxLifetime = .seconds(100); $0.lifetimeJitter = .zero })
         d.warmUp()

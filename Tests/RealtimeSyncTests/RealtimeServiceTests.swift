@@ -92,6 +92,15 @@ struct RealtimeServiceTests {
         } catch {
             #expect("\(error)".contains("closeTimeout"), "\(error)")
         }
+        var none = RealtimeService.Configuration(databaseURL: "postgres://unused@127.0.0.1:1/x")
+        none.maxTransactionChanges = 0
+        do {
+            let service = RealtimeService(none)
+            try await withTimeout(20, "run") { try await service.run() }
+            Issue.record("maxTransactionChanges 0 must be refused")
+        } catch let error as RealtimeServiceError {
+            #expect(error.code == .invalidSetting && error.message.contains("maxTransactionChanges"), "\(error)")
+        }
     }
 
     @Test("A capture that fails for good while serving (its publication dropped) shuts the server down and run() throws captureFailed")

@@ -158,6 +158,9 @@ struct AutoPingPauseTests {
         channel.embeddedEventLoop.advanceTime(by: .seconds(1))
         #expect(try sentOpcodes(channel) == [.ping], "answered: pinged again, not dropped")
         #expect(channel.isActive)
+        // The late answer was to the first ping only: the second and third are now two missed.
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(try sentOpcodes(channel) == [.connectionClose])
         _ = try? channel.finish()
     }
 

@@ -313,6 +313,9 @@ struct PoolStateMachine<Connection, Waiter> {
             // With `maxWaiters` 0 nobody ever waits, so no waiter ever asks for a connection:
             // the refused acquire is the demand (with `minIdle` 0, none was ever opened).
             if waiters.isEmpty && stashedCount == 0 { planConnectForRefused(now: now, into: &actions) }
+            // Idle connections past their lifetime (`popUsableIdle` lends none of them): the
+            // timer closes and replaces them now, so that the next caller is served.
+            if !idle.isEmpty { actions.rescheduleTimer = true }
             return .failed(tooManyWaitersError(), actions)
         }
         let entry = WaiterEntry(

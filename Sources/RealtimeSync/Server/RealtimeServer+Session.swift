@@ -309,8 +309,11 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch frame.opcode {
         case .pong:
             let data = frame.unmaskedData
-            if data == unanswered || data == previousUnanswered {
+            if data == unanswered {
                 unanswered = nil
+                previousUnanswered = nil
+            } else if data == previousUnanswered {
+                // A late answer to the ping before: the latest one is still unanswered.
                 previousUnanswered = nil
             }
         case .connectionClose:

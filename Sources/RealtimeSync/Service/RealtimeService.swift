@@ -254,6 +254,9 @@ public final class RealtimeService: Service, Sendable {
         if configuration.server.snapshotReader == nil, configuration.pool.maxOpen < 2 {
             throw RealtimeServiceError(.invalidSetting, "pool.maxOpen is \(configuration.pool.maxOpen); the service needs 2 or more (--pool-max-open / REALTIME_SYNC_POOL_MAX_OPEN): snapshots take at most maxOpen - 1, so that one connection stays for its jobs")
         }
+        guard (1...Int(UInt32.max)).contains(configuration.maxTransactionChanges) else {
+            throw RealtimeServiceError(.invalidSetting, "maxTransactionChanges is \(configuration.maxTransactionChanges); it must be from 1 to \(UInt32.max) (--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES)")
+        }
     }
 
     private func runOnce() async throws {
