@@ -180,6 +180,20 @@ struct PoolStateMachineTests {
         #expect(tick.closes.map(\.reason) == [.lifetime, .lifetime])
     }
 
+    @Test func aRefusalWhileOnlyExpiredIdleConnectionsRemainWakesTheTimerToReplaceThem() {
+        var d = MachineDriver(config { $0.maxOpen = 1; $0.minIdle = 1; $0.maxWaiters = 0; $0.maxLifetime = .seconds(60); $0.lifetimeJitter = .zero })
+        d.warmUp()
+        d.now = .seconds(61)
+        let r = d.machine.leaseImmediately(request: .init(label: nil, fileID: "T.swift", line: 1), now: d.now)
+        guard case .mustWait(let id) = r else { Issue.record("the expired connection was lent: \(r)"); return }
+        let e = d.machine.enqueue(waiterID: id, waiter: 1, request: .init(label: nil, fileID: "T.swift", line: 1), now: d.now, deadline: d.now + .seconds(5))
+        guard case .failed(let error, let actions) = e else { Issue.record("expected a refusal: \(e)"); return }
+        #expect(error.code == .tooManyWaiters)
+        #expect(actions.rescheduleTimer, "the timer must replace the expired connection now, not at its next planned wake")
+        let tick = d.tick()
+        #expect(tick.closes.map(\.reason) == [.lifetime] && tick.connects.count == 1)
+    }
+
     @Test func lifetimeExpiryWhileHeldClosesOnlyOnReturn() {
         var d = MachineDriver(config { $0.minIdle = 1; $0.maxLifetime = .seconds(100); $0.lifetimeJitter = .zero })
         d.warmUp()
