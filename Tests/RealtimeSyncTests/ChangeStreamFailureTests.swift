@@ -86,40 +86,29 @@ struct ChangeStreamFailureTests {
     }
 
     // Audit, session 12: at a reconnect the stream recreated a missing slot (at the current
-    // WAL position) and started after everything committed while it had none: a silent gap.
-    @Test("The slot is dropped while the stream is disconnected: the stream fails with slot_lost instead of recreating it and skipping what was committed meanwhile")
-    func slotLostWhileDisconnected() async throws {
-        // A reconnect delay long enough to drop the slot in between.
+    // WAL position), or took a slot moved on by someone else, and started after changes
+    // committed while it was away: a silent gap.
+    @Test("The slot is dropped, or moved on (pg_replication_slot_advance, another consumer), while the stream is disconnected: the stream fails with slot_lost instead of going on after changes it never read",
+          arguments: [("SELECT pg_drop_replication_slot($1)", "is gone at reconnect", 0),
+                      ("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())", "was moved to", 1)])
+    func slotLostWhileDisconnected(statement: String, reason: String, slotsAfter: Int) async throws {
+        // A reconnect delay long enough to act on the slot in between.
         try await withFailingStream(prefix: "cs_lost", { $0.reconnectInitialDelay = .seconds(5); $0.reconnectMaxDelay = .seconds(5) }) { run, sql in
             let changes = run.stream.changes()
             try await sql.execute("INSERT INTO \(run.table) VALUES (1)")
             #expect(try await take(1, from: changes).map { newText($0, "id") } == ["1"])
-            try await whileDisconnected(sql, run.slot, "SELECT pg_drop_replication_slot($1)")
+            try await disconnect(sql, run.slot)
             try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(2, 11)")
-            // Before: the stream made a new slot and went on as if nothing was missing.
+            _ = try await sql.query(statement, run.slot)
+            // Before: the stream went on (with a new slot, or from the moved one) as if nothing was missing.
             let failure = try await run.failure()
             let error = failure as? ChangeStreamError
             #expect(error?.code == .slotLost, "\(failure)")
-            #expect(error?.message.contains(run.slot) == true)
+            #expect(error?.message.contains(run.slot) == true && error?.message.contains(reason) == true, "\(failure)")
             let ended = await #expect(throws: (any Error).self) { _ = try await take(1, from: changes, timeout: .seconds(10)) }
             #expect(ended is ChangeStreamError, "\(String(describing: ended))")
             let slots = try await sql.query("SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1", run.slot)
-            #expect(try slots[0].decode(Int.self, at: 0) == 0, "no slot was made in the old one's place")
-        }
-    }
-
-    @Test("The slot is moved on while the stream is disconnected (pg_replication_slot_advance, another consumer): the stream fails with slot_lost instead of starting after changes it never read")
-    func slotMovedWhileDisconnected() async throws {
-        try await withFailingStream(prefix: "cs_moved", { $0.reconnectInitialDelay = .seconds(5); $0.reconnectMaxDelay = .seconds(5) }) { run, sql in
-            let changes = run.stream.changes()
-            try await sql.execute("INSERT INTO \(run.table) VALUES (1)")
-            #expect(try await take(1, from: changes).map { newText($0, "id") } == ["1"])
-            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(2, 11)")
-            try await whileDisconnected(sql, run.slot, "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())")
-            let failure = try await run.failure()
-            let error = failure as? ChangeStreamError
-            #expect(error?.code == .slotLost, "\(failure)")
-            #expect(error?.message.contains("was moved to") == true, "\(failure)")
+            #expect(try slots[0].decode(Int.self, at: 0) == slotsAfter, "no slot was made in a dropped one's place")
         }
     }
 
@@ -139,15 +128,7 @@ struct ChangeStreamFailureTests {
                     connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table],
                     statusInterval: .milliseconds(200), lagInterval: .milliseconds(500),
                     reconnectInitialDelay: .milliseconds(50), reconnectMaxDelay: .milliseconds(200)))
-                let outcome = Mutex<Result<Void, any Error>?>(nil)
-                let running = Task {
-                    do {
-                        try await new.run()
-                        outcome.withLock { $0 = .success(()) }
-                    } catch {
-                        outcome.withLock { $0 = .failure(error) }
-                    }
-                }
+                let (watched, running) = WatchedRun.start(new, table: table, slot: slot)
                 // The new stream tries (and fails, 55006) while the old one streams and confirms.
                 for id in 1...5 {
                     try await sql.execute("INSERT INTO \(table) VALUES (\(id))")
@@ -161,10 +142,10 @@ struct ChangeStreamFailureTests {
                 let newChanges = new.changes()
                 try await sql.execute("INSERT INTO \(table) VALUES (6)")
                 #expect(try await take(1, from: newChanges).map { newText($0, "id") } == ["6"])
-                #expect(outcome.withLock { $0 == nil }, "the new stream ended: \(String(describing: outcome.withLock { $0 }))")
+                #expect(watched.outcome.withLock { $0 == nil }, "the new stream ended: \(String(describing: watched.outcome.withLock { $0 }))")
                 new.stop()
                 await running.value
-                if case .failure(let error)? = outcome.withLock({ $0 }) { Issue.record("the new stream failed: \(error)") }
+                if case .failure(let error)? = watched.outcome.withLock({ $0 }) { Issue.record("the new stream failed: \(error)") }
                 try await new.dropSlot()
             }
             try await runSQL(url, "DROP TABLE \(table)")
@@ -318,19 +299,15 @@ struct ChangeStreamFailureTests {
     }
 }
 
-/// Ends the stream's walsender, then runs `statement` (`$1`: the slot) as soon as the slot is
-/// free (55006 while the walsender exits), before the stream reconnects.
-private func whileDisconnected(_ sql: PostgresConnection, _ slot: String, _ statement: String) async throws {
+/// Ends the stream's walsender and waits until its slot is free (before the stream reconnects).
+private func disconnect(_ sql: PostgresConnection, _ slot: String) async throws {
     _ = try await sql.query("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", slot)
     for _ in 0..<200 {
-        do {
-            _ = try await sql.query(statement, slot)
-            return
-        } catch let error as PostgresError where error.sqlState == "55006" {
-            try await Task.sleep(for: .milliseconds(10))
-        }
+        let active = try await sql.query("SELECT active FROM pg_replication_slots WHERE slot_name = $1", slot)
+        if try active.count == 1 && active[0].decode(Bool.self, at: 0) == false { return }
+        try await Task.sleep(for: .milliseconds(10))
     }
-    Issue.record("the slot stayed in use: \(statement)")
+    Issue.record("the slot stayed in use")
     throw CancellationError()
 }
 
@@ -341,10 +318,24 @@ private final class WatchedRun: Sendable {
     let slot: String
     let outcome = Mutex<Result<Void, any Error>?>(nil)
 
-    init(stream: ChangeStream, table: String, slot: String) {
+    private init(stream: ChangeStream, table: String, slot: String) {
         self.stream = stream
         self.table = table
         self.slot = slot
+    }
+
+    /// Starts `stream.run()` in a task of its own that records how it ended.
+    static func start(_ stream: ChangeStream, table: String, slot: String) -> (WatchedRun, Task<Void, Never>) {
+        let run = WatchedRun(stream: stream, table: table, slot: slot)
+        let task = Task {
+            do {
+                try await stream.run()
+                run.outcome.withLock { $0 = .success(()) }
+            } catch {
+                run.outcome.withLock { $0 = .failure(error) }
+            }
+        }
+        return (run, task)
     }
 
     /// The error `run()` ended with, waiting up to 30 s; throws if it went on (or ended without one).
@@ -371,15 +362,7 @@ private func withFailingStream(
             statusInterval: .milliseconds(200), lagInterval: .milliseconds(500))
         configure(&configuration)
         let stream = ChangeStream(configuration)
-        let run = WatchedRun(stream: stream, table: table, slot: slot)
-        let running = Task {
-            do {
-                try await stream.run()
-                run.outcome.withLock { $0 = .success(()) }
-            } catch {
-                run.outcome.withLock { $0 = .failure(error) }
-            }
-        }
+        let (run, running) = WatchedRun.start(stream, table: table, slot: slot)
         let sql = try await PostgresConnection.connect(to: url)
         var failure: (any Error)?
         do {
