@@ -108,6 +108,7 @@ struct Serve: AsyncParsableCommand {
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
               --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, or --pool-max-open - 1 if less: 3 by default; more wait their turn)
               --max-transaction-changes REALTIME_SYNC_MAX_TRANSACTION_CHANGES (1000000 changes held until a transaction commits)
+              --allowed-origins       REALTIME_SYNC_ALLOWED_ORIGINS   (browser origins that may open /ws, comma-separated, or *; none: the server's own only with auth off, any with auth on)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -131,6 +132,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
     @Option(help: "Snapshots running at once (each holds a pooled connection); at most --pool-max-open - 1.") var maxConcurrentSnapshots: Int?
     @Option(help: "Most changes in one transaction (held in memory until it commits); more stop the capture with a clear error.") var maxTransactionChanges: Int?
+    @Option(help: "Browser origins allowed to open /ws (comma-separated scheme://host[:port], or *).") var allowedOrigins: String?
 
     func run() async throws {
         let registry = try RealtimeService.bootstrapObservability(
@@ -162,6 +164,9 @@ struct Serve: AsyncParsableCommand {
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
         configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
+        if let origins = Setting.string(allowedOrigins, "REALTIME_SYNC_ALLOWED_ORIGINS") {
+            configuration.server.allowedOrigins = origins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        }
         configuration.maxTransactionChanges = try Setting.int(
             maxTransactionChanges, "max-transaction-changes", "REALTIME_SYNC_MAX_TRANSACTION_CHANGES", 1_000_000, minimum: 1)
         guard configuration.maxTransactionChanges <= Int(UInt32.max) else {

@@ -29,6 +29,29 @@ struct ServerAuthTests {
         }
     }
 
+    @Test("With auth on, a page from any origin may open /ws with a token (a token is needed anyway), unless allowedOrigins says otherwise")
+    func originWithAuth() async throws {
+        let token = try await testToken(["public.items": ""])
+        try await withAuthServer { test, _ in
+            let connection = try await TestConnection.open(port: test.port)
+            let response = try await connection.upgrade(extraHeaders: [("Origin", "https://app.example.com"), ("Authorization", "Bearer \(token)")])
+            #expect(response.status == 101)
+            await connection.close()
+        }
+        let auth = try await JWTAuthenticator(secret: testJWTSecret)
+        try await withTestServer(source: InMemoryChangeSource(catalog: Self.tenantCatalog), configure: {
+            $0.auth = auth
+            $0.allowedOrigins = ["https://app.example.com"]
+        }) { test in
+            for (origin, status) in [("https://app.example.com", 101), ("https://other.example", 403)] {
+                let connection = try await TestConnection.open(port: test.port)
+                let response = try await connection.upgrade(extraHeaders: [("Origin", origin), ("Authorization", "Bearer \(token)")])
+                #expect(response.status == status, "\(origin): \(response.body)")
+                await connection.close()
+            }
+        }
+    }
+
     @Test("401 unauthorized, no upgrade: missing token, bad signature, expired, malformed, unparsable rt filter; the reason is logged, never sent")
     func refusedUpgrades() async throws {
         let capture = LogCapture()

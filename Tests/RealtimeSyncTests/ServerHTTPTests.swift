@@ -45,6 +45,45 @@ struct ServerHTTPTests {
         }
     }
 
+    // Audit, session 12: with auth off any web page could open /ws through a visitor's browser
+    // (browsers send no token but do reach localhost and the intranet) and read every change.
+    @Test("With auth off, a page from another origin cannot open /ws (403 origin_not_allowed); the server's own origin, a client sending no Origin, and allowedOrigins can")
+    func originCheck() async throws {
+        @Sendable func status(_ port: Int, origin: String?) async throws -> (Int, String) {
+            let connection = try await TestConnection.open(port: port)
+            let response = try await connection.upgrade(extraHeaders: origin.map { [("Origin", $0)] } ?? [])
+            await connection.close()
+            return (response.status, response.body)
+        }
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            // The test client sends `Host: 127.0.0.1`.
+            let evil = try await status(test.port, origin: "http://evil.example")
+            #expect(evil.0 == 403 && evil.1 == #"{"error":"origin_not_allowed"}"#, "\(evil)")
+            let r1 = try await status(test.port, origin: "null").0
+            #expect(r1 == 403, "a sandboxed or file: page")
+            let r2 = try await status(test.port, origin: "http://127.0.0.1").0
+            #expect(r2 == 101, "the live page's own origin")
+            let r3 = try await status(test.port, origin: nil).0
+            #expect(r3 == 101, "not a browser")
+        }
+        try await withTestServer(source: source, configure: { $0.allowedOrigins = ["https://app.example.com"] }) { test in
+            let r4 = try await status(test.port, origin: "https://app.example.com").0
+            #expect(r4 == 101)
+            let r5 = try await status(test.port, origin: "HTTPS://App.Example.COM").0
+            #expect(r5 == 101, "origins compare case-insensitively")
+            let r6 = try await status(test.port, origin: "https://app.example.com.evil.example").0
+            #expect(r6 == 403)
+        }
+        try await withTestServer(source: source, configure: { $0.allowedOrigins = ["*"] }) { test in
+            let r7 = try await status(test.port, origin: "http://evil.example").0
+            #expect(r7 == 101)
+        }
+        var configuration = RealtimeServerConfiguration()
+        configuration.allowedOrigins = ["https://app.example.com/"]
+        #expect(throws: RealtimeServerError.self) { try configuration.validate() }
+    }
+
     @Test("GET /readyz: 200 while the source is connected, 503 with a reason when not")
     func readyz() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

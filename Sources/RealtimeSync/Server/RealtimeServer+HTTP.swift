@@ -11,6 +11,7 @@ extension RealtimeServer {
     func upgradeGrant(_ request: UpgradeRequest) -> SessionGrant? {
         guard request.path == "/ws", request.header("sec-websocket-version") == "13" else { return nil }
         guard !isDraining else { return nil }
+        guard originAllowed(request) else { return nil }
         guard case .admit(let access, let subject, let expiresAt) = admission(request) else { return nil }
         return SessionGrant(access: access, subject: subject, expiry: expiresAt.map(TokenExpiry.init))
     }
@@ -47,11 +48,31 @@ extension RealtimeServer {
             response.headers[.secWebSocketVersion] = "13"
             return response
         }
+        if upgrade.header(Self.refusedUpgradeHeader) != nil, !originAllowed(upgrade) {
+            logger.info("websocket upgrade refused: origin not allowed (RealtimeServerConfiguration.allowedOrigins, --allowed-origins)",
+                        metadata: ["origin": "\(upgrade.header("origin") ?? "")", "host": "\(upgrade.header("host") ?? "")"])
+            return Self.json(.forbidden, #"{"error":"origin_not_allowed"}"#)
+        }
         if upgrade.header(Self.refusedUpgradeHeader) != nil, case .unauthorized(let reason) = admission(upgrade) {
             logger.info("websocket upgrade refused: unauthorized", metadata: ["reason": "\(reason)"])
             return Self.json(.unauthorized, #"{"error":"unauthorized"}"#)
         }
         return Self.json(.badRequest, #"{"error":"websocket_upgrade_required"}"#)
+    }
+
+    /// Whether a browser page from the request's `Origin` may open `/ws`
+    /// (`RealtimeServerConfiguration.allowedOrigins`).
+    func originAllowed(_ request: UpgradeRequest) -> Bool {
+        guard let origin = request.header("origin"), !origin.isEmpty else { return true }  // not a browser
+        if Self.isSameOrigin(origin, host: request.header("host")) { return true }
+        guard let allowed = configuration.allowedOrigins else { return configuration.auth != nil }
+        return allowed.contains { $0 == "*" || $0.caseInsensitiveCompare(origin) == .orderedSame }
+    }
+
+    /// Whether `origin` (`scheme://host[:port]`) names the host the request was sent to.
+    static func isSameOrigin(_ origin: String, host: String?) -> Bool {
+        guard let host, !host.isEmpty, let separator = origin.range(of: "://") else { return false }
+        return origin[separator.upperBound...].caseInsensitiveCompare(host) == .orderedSame
     }
 
     static func json(_ status: HTTPResponse.Status, _ body: String) -> Response {

@@ -96,6 +96,14 @@ public struct RealtimeServerConfiguration: Sendable {
     /// `admission` is not consulted. Default nil: auth off, and the server logs a warning at
     /// start (set `--jwt-secret` / `REALTIME_SYNC_JWT_SECRET` to turn it on).
     public var auth: JWTAuthenticator?
+    /// Browser origins (`https://app.example.com`, as the `Origin` header gives them) whose
+    /// pages may open `/ws`; `["*"]` allows any. A request without `Origin` (not a browser)
+    /// and one from the server's own origin (its `Host`, as the live page) are always allowed.
+    /// Default nil: with `auth` off, only those (so that a page on another site cannot read the
+    /// changes through a visitor's browser, which sends it no token but reaches a server on
+    /// localhost or the intranet); with `auth` on, any origin (every socket needs a token).
+    /// A refused origin gets `403 {"error":"origin_not_allowed"}`.
+    public var allowedOrigins: [String]?
     /// Decides each `/ws` upgrade when `auth` is nil (a custom hook). Default: admit everyone
     /// to every table.
     public var admission: @Sendable (UpgradeRequest) -> UpgradeDecision
@@ -150,6 +158,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.queueLimits = .init()
         self.hubLimits = .init()
         self.auth = nil
+        self.allowedOrigins = nil
         self.admission = { _ in .admit(.unrestricted, subject: nil) }
         self.shutdownHooks = []
         self.fanoutDrainDeadline = .seconds(3)
@@ -176,6 +185,13 @@ public struct RealtimeServerConfiguration: Sendable {
         guard pingInterval > .zero else { throw bad("pingInterval is \(pingInterval); it must be positive") }
         guard firstRequestTimeout > .zero else { throw bad("firstRequestTimeout is \(firstRequestTimeout); it must be positive") }
         guard closeTimeout > .zero else { throw bad("closeTimeout is \(closeTimeout); it must be positive") }
+        for origin in allowedOrigins ?? [] where origin != "*" {
+            // An Origin header is scheme://host[:port], never with a path or a trailing slash:
+            // such an entry would silently match nothing.
+            guard let separator = origin.range(of: "://"), !origin[separator.upperBound...].isEmpty,
+                  !origin[separator.upperBound...].contains("/")
+            else { throw bad("allowedOrigins has \"\(origin)\"; each entry must be \"*\" or scheme://host[:port], as browsers send it in Origin (e.g. https://app.example.com; --allowed-origins / REALTIME_SYNC_ALLOWED_ORIGINS)") }
+        }
         guard queueLimits.maxMessages >= 1 else { throw bad("queueLimits.maxMessages is \(queueLimits.maxMessages); it must be at least 1") }
         guard queueLimits.maxBytes >= 1 else { throw bad("queueLimits.maxBytes is \(queueLimits.maxBytes); it must be at least 1") }
         guard hubLimits.maxSubscriptionsPerClient >= 1 else { throw bad("hubLimits.maxSubscriptionsPerClient is \(hubLimits.maxSubscriptionsPerClient); it must be at least 1") }
