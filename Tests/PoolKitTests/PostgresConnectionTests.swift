@@ -470,6 +470,26 @@ struct PostgresConnectionTests {
         }
     }
 
+    // Audit, session 12: the embedded cluster trusted every TCP login on 127.0.0.1, so any
+    // local user was its superuser (and could read the parent's secrets from its environment).
+    @Test("the embedded cluster asks TCP logins for its password (its URL carries it; logs get redactedURL); the socket in its private folder needs none",
+          .enabled(if: ProcessInfo.processInfo.environment["REALTIME_SYNC_TEST_DATABASE_URL"] == nil,
+                   "needs the embedded cluster"))
+    func embeddedClusterPassword() async throws {
+        let pg = try #require(try await TestDatabase.shared.embedded())
+        try await TestDatabase.withDatabase { _ in
+            let withoutPassword = "postgres://postgres@127.0.0.1:\(pg.port)/postgres?sslmode=disable"
+            let error = await #expect(throws: PostgresError.self) { _ = try await PostgresConnection.connect(to: withoutPassword) }
+            #expect(error?.message.contains("password") == true, "\(String(describing: error))")
+            let conn = try await PostgresConnection.connect(to: pg.url)
+            let rows = try await conn.query("SELECT current_setting('password_encryption')")
+            #expect(try rows[0].decode(String.self, at: 0) == "scram-sha-256")
+            await conn.close()
+            #expect(pg.redactedURL == "postgres://postgres:***@127.0.0.1:\(pg.port)/postgres?sslmode=disable")
+            #expect(!pg.redactedURL.contains(String(pg.url.split(separator: "@")[0].split(separator: ":").last!)))
+        }
+    }
+
     @Test("a bad connection string is reported as such")
     func badConnectionString() async throws {
         await #expect(throws: PostgresError.self) {

@@ -221,6 +221,40 @@ struct ServerProcessTests {
     }
 }
 
+/// The embedded cluster outlives no `realtime-sync`, however it ends.
+@Suite("realtime-sync: the embedded cluster after a SIGKILL")
+struct EmbeddedClusterOrphanTests {
+    // Audit, session 12: only atexit and the next start's cleanup removed a cluster; after a
+    // SIGKILL (or a crash, or a closed terminal) its server ran on, holding its port and folder.
+    @Test("SIGKILL of realtime-sync (no database): its embedded PostgreSQL stops and its folder is removed, by the watchdog")
+    func clusterEndsWithItsProcess() async throws {
+        let port = try EmbeddedPostgres.freePort()
+        let server = try ServerProcess.start(["--port", "\(port)"])
+        do {
+            try await server.waitUntilReady(port: port, timeout: .seconds(120))
+            let log = server.log
+            let line = try #require(log.split(separator: "\n").first { $0.contains("embedded PostgreSQL running") })
+            let directory = try #require(line.split(separator: " ").first { $0.hasPrefix("directory=") }.map { String($0.dropFirst("directory=".count)) })
+            #expect(line.contains("postgres:***@"), "the password is not logged: \(line)")
+            let postmaster = try #require(try? String(contentsOfFile: directory + "/data/postmaster.pid", encoding: .utf8))
+            let pid = try #require(postmaster.split(separator: "\n").first.flatMap { Int32($0) })
+            #expect(kill(pid, 0) == 0, "the cluster runs")
+            server.send(SIGKILL)
+            _ = await server.wait(timeout: .seconds(10))
+            let deadline = ContinuousClock.now + .seconds(30)
+            while ContinuousClock.now < deadline && (kill(pid, 0) == 0 || FileManager.default.fileExists(atPath: directory)) {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(kill(pid, 0) != 0, "the embedded server (pid \(pid)) outlived its process")
+            #expect(!FileManager.default.fileExists(atPath: directory), "\(directory) was left behind")
+        } catch {
+            await server.cleanUp()
+            throw error
+        }
+        await server.cleanUp()
+    }
+}
+
 @Suite("realtime-sync: settings it refuses at start")
 struct ServeSettingsTests {
     @Test("an empty JWT secret or database URL variable (neither may fall back to a default) and numbers out of range: refused, naming the flag and the variable",
@@ -248,5 +282,7 @@ struct ServeSettingsTests {
         let status = await process.wait(timeout: .seconds(30))
         #expect(status != nil && status != 0, "exit status \(String(describing: status))")
         #expect(process.log.contains(message), "\(process.log)")
+        // Its log file goes (and, were a setting ever accepted by mistake, the server it started).
+        await process.cleanUp()
     }
 }

@@ -38,8 +38,17 @@ public final class EmbeddedPostgres: Sendable {
         }
     }
 
-    /// A `postgres://` URL for the superuser `postgres`, database `postgres`, over TCP on 127.0.0.1.
+    /// A `postgres://` URL for the superuser `postgres`, database `postgres`, over TCP on
+    /// 127.0.0.1, with the cluster's random password (TCP logins need it, so that another local
+    /// user cannot log in as superuser; the Unix socket in `directory`, reachable only by this
+    /// process's user, needs none). Log `redactedURL` instead.
     public let url: String
+    /// `url` with the password replaced by `***`, for logs.
+    public var redactedURL: String {
+        guard let at = url.firstIndex(of: "@"), let colon = url[..<at].lastIndex(of: ":"),
+              url[..<colon].hasSuffix("//postgres") else { return url }
+        return String(url[...colon]) + "***" + String(url[at...])
+    }
     /// The TCP port the server listens on (127.0.0.1 only).
     public let port: Int
     /// The cluster's temporary folder (data, socket and log).
@@ -49,13 +58,17 @@ public final class EmbeddedPostgres: Sendable {
 
     private let runAsUser: String?
     private let stopped = Mutex(false)
+    /// The write end of the watchdog's pipe and the watchdog's pid (see `spawnWatchdog`).
+    private let watchdog: (fd: Int32, pid: pid_t)?
 
-    private init(url: String, port: Int, directory: String, binDirectory: String, runAsUser: String?) {
+    private init(url: String, port: Int, directory: String, binDirectory: String, runAsUser: String?,
+                 watchdog: (fd: Int32, pid: pid_t)? = nil) {
         self.url = url
         self.port = port
         self.directory = directory
         self.binDirectory = binDirectory
         self.runAsUser = runAsUser
+        self.watchdog = watchdog
     }
 
     /// The data folder inside `directory`.
@@ -103,9 +116,20 @@ public final class EmbeddedPostgres: Sendable {
             EmbeddedPostgres(url: "", port: 0, directory: dir, binDirectory: bin, runAsUser: user).stop()
             return error
         }
+        // TCP logins need this password: the server listens on 127.0.0.1, which every local
+        // user can reach, and a superuser login reads files and runs programs as `postgres`.
+        // The Unix socket (in the 0700 folder) stays password-free for this process's user.
+        let password = (0..<4).map { _ in String(UInt64.random(in: 0...UInt64.max), radix: 16) }.joined()
+        let passwordFile = dir + "/pwfile"
         do {
-            try tool("initdb", ["-D", dataDirectory, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                                "--locale=C", "--no-sync", "--no-instructions"])
+            guard FileManager.default.createFile(atPath: passwordFile, contents: Data((password + "\n").utf8),
+                                                 attributes: [.posixPermissions: 0o600]) else {
+                throw EmbeddedPostgresError(code: .system, message: "could not write \(passwordFile) (Options.parentDirectory: a writable folder; or set TMPDIR)")
+            }
+            if let user, let pw = getpwnam(user) { chown(passwordFile, pw.pointee.pw_uid, pw.pointee.pw_gid) }
+            defer { unlink(passwordFile) }
+            try tool("initdb", ["-D", dataDirectory, "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
+                                "--pwfile=" + passwordFile, "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
             var settings: [(String, String)] = [
                 ("listen_addresses", "'127.0.0.1'"),
                 ("unix_socket_directories", "'\(dir)'"),
@@ -146,8 +170,9 @@ public final class EmbeddedPostgres: Sendable {
                 message += log.isEmpty ? ": \(error)" : "; server.log ends with:\n\(log.suffix(2000))"
                 throw giveUp(EmbeddedPostgresError(code: .startFailed, message: message))
             }
-            let pg = EmbeddedPostgres(url: "postgres://postgres@127.0.0.1:\(port)/postgres?sslmode=disable",
-                                      port: port, directory: dir, binDirectory: bin, runAsUser: user)
+            let pg = EmbeddedPostgres(url: "postgres://postgres:\(password)@127.0.0.1:\(port)/postgres?sslmode=disable",
+                                      port: port, directory: dir, binDirectory: bin, runAsUser: user,
+                                      watchdog: spawnWatchdog(directory: dir, pgCtl: bin + "/pg_ctl", user: user))
             EmbeddedRegistry.shared.add(pg)
             return pg
         }
@@ -185,6 +210,66 @@ public final class EmbeddedPostgres: Sendable {
             if processIsAlive(pid) { kill(pid, SIGKILL) }
         }
         try? FileManager.default.removeItem(atPath: directory)
+        if let watchdog {
+            // Done here: the watchdog reads the end of its pipe, finds nothing left to do, exits.
+            close(watchdog.fd)
+            var status: Int32 = 0
+            var waited = 0
+            while waitpid(watchdog.pid, &status, WNOHANG) == 0 && waited < 5000 {
+                usleep(10_000)
+                waited += 10
+            }
+        }
+    }
+
+    /// Starts a process that stops the cluster and removes its folder when this process dies
+    /// without `stop()` (SIGKILL, a crash, a closed terminal: `atexit` does not run then, and
+    /// the server, which `pg_ctl` put in a session of its own, would run on). It waits on a
+    /// pipe whose write end only this process holds (close-on-exec): the kernel closes it when
+    /// this process ends, however it ends. In a session of its own, so that the signals of
+    /// this process's terminal do not end it first. Nil if it could not be started (the
+    /// cluster then relies on `stop()` and the next start's orphan cleanup, as before).
+    private static func spawnWatchdog(directory: String, pgCtl: String, user: String?) -> (fd: Int32, pid: pid_t)? {
+        var fds: [Int32] = [-1, -1]
+        guard pipe2(&fds, O_CLOEXEC) == 0 else { return nil }
+        let script = #"read _; if [ -n "$3" ]; then runuser -u "$3" -- "$1" -D "$2/data" -m immediate -w -t 10 stop; else "$1" -D "$2/data" -m immediate -w -t 10 stop; fi; rm -rf "$2""#
+        let argv = ["/bin/sh", "-c", script, "realtime-sync-pg-watchdog", pgCtl, directory, user ?? ""]
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, fds[0], 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addchdir_np(&actions, "/")
+        posix_spawn_file_actions_addclosefrom_np(&actions, 3)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setflags(&attributes, Int16(CLIBPQ_POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK))
+        var cargs = argv.map { strdup($0) } + [nil]
+        defer { cargs.forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cargs, minimalEnvironment())
+        close(fds[0])
+        guard rc == 0 else {
+            close(fds[1])
+            return nil
+        }
+        return (fds[1], pid)
+    }
+
+    /// The environment of the tools and server this starts: a `PATH`, the C locale and the
+    /// time zone, not this process's whole environment (its secrets would be readable through
+    /// the server, e.g. `pg_read_file('/proc/self/environ')`, and libpq variables such as
+    /// `PGOPTIONS` would change the server's tools).
+    static func minimalEnvironment() -> [UnsafeMutablePointer<CChar>?] {
+        let environment = ProcessInfo.processInfo.environment
+        var entries = ["PATH=" + (environment["PATH"] ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL=C", "LANG=C"]
+        if let zone = environment["TZ"] { entries.append("TZ=" + zone) }
+        return entries.map { strdup($0) } + [nil]
     }
 
     /// Stops the server and removes the folder without blocking a Swift concurrency thread.
@@ -249,7 +334,9 @@ public final class EmbeddedPostgres: Sendable {
         var cargs = argv.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, nil, &cargs, environ)
+        var environment = minimalEnvironment()
+        defer { environment.forEach { free($0) } }
+        let rc = posix_spawn(&pid, argv[0], &actions, nil, &cargs, &environment)
         guard rc == 0 else {
             throw EmbeddedPostgresError(code: .toolFailed, message: "could not run \(argv[0]): \(String(cString: strerror(rc)))")
         }

@@ -86,11 +86,11 @@ extension RealtimeService {
         return registry
     }
 
-    /// Runs the service in a `ServiceGroup` until SIGINT or SIGTERM, then shuts it down in
+    /// Runs the service in a `ServiceGroup` until SIGINT, SIGTERM or SIGHUP (a closed terminal), then shuts it down in
     /// order (the documented root of the program). `onRunning` is called once it listens.
     public func runUntilSignalled(onRunning: @escaping @Sendable (Running) -> Void = { _ in }) async throws {
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: self)], gracefulShutdownSignals: [.sigterm, .sigint], logger: configuration.logger))
+            services: [.init(service: self)], gracefulShutdownSignals: [.sigterm, .sigint, .sighup], logger: configuration.logger))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
             tasks.addTask {

@@ -270,7 +270,7 @@ public final class RealtimeService: Service, Sendable {
             let cluster = try await EmbeddedPostgres.start(configuration.embedded)
             embedded = cluster
             url = cluster.url
-            logger.info("embedded PostgreSQL running", metadata: ["url": "\(url)", "directory": "\(cluster.directory)"])
+            logger.info("embedded PostgreSQL running", metadata: ["url": "\(cluster.redactedURL)", "directory": "\(cluster.directory)"])
         }
         do {
             try await serve(url: url, embeddedDirectory: embedded?.directory)
