@@ -189,13 +189,17 @@ struct ServerHTTPTests {
         }
     }
 
-    @Test("GET / serves the page; unknown paths 404")
+    @Test("GET / serves the page, not sniffed, cached, framed or referred on; unknown paths 404")
     func indexPage() async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
             let connection = try await TestConnection.open(port: test.port)
             let page = try await connection.request("GET", "/")
             #expect(page.status == 200)
             #expect(page.headers["content-type"]?.hasPrefix("text/html") == true)
+            #expect(page.headers["x-content-type-options"] == "nosniff")
+            #expect(page.headers["cache-control"] == "no-store")
+            #expect(page.headers["x-frame-options"] == "DENY")
+            #expect(page.headers["referrer-policy"] == "no-referrer")
             #expect(page.body.contains("/ws"))
             let missing = try await connection.request("GET", "/nope")
             #expect(missing.status == 404)

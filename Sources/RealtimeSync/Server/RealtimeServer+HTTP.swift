@@ -34,8 +34,7 @@ extension RealtimeServer {
                             body: .init(byteBuffer: ByteBuffer(bytes: text)))
         }
         router.get("/") { _, _ -> Response in
-            Response(status: .ok, headers: [.contentType: "text/html; charset=utf-8"],
-                     body: .init(byteBuffer: ByteBuffer(string: self.configuration.indexHTML)))
+            Response(status: .ok, headers: Self.pageHeaders, body: .init(byteBuffer: ByteBuffer(string: self.configuration.indexHTML)))
         }
     }
 
@@ -74,6 +73,16 @@ extension RealtimeServer {
         guard let host, !host.isEmpty, let separator = origin.range(of: "://") else { return false }
         return origin[separator.upperBound...].caseInsensitiveCompare(host) == .orderedSame
     }
+
+    /// The page's headers: HTML, never sniffed as anything else, not cached (a token may be in
+    /// the address that loaded it), not framed by another site, and no referrer sent on.
+    static let pageHeaders: HTTPFields = [
+        .contentType: "text/html; charset=utf-8",
+        HTTPField.Name("X-Content-Type-Options")!: "nosniff",
+        .cacheControl: "no-store",
+        HTTPField.Name("X-Frame-Options")!: "DENY",
+        HTTPField.Name("Referrer-Policy")!: "no-referrer",
+    ]
 
     static func json(_ status: HTTPResponse.Status, _ body: String) -> Response {
         Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: body)))

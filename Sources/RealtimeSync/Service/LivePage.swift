@@ -1,7 +1,8 @@
 /// The live page served at `/`: plain HTML and JavaScript, no build step. It connects to
 /// `/ws`, subscribes to a table with an optional filter, shows each change as it arrives
 /// (operation, commit time, row), remembers the last cursor and, after a drop, reconnects
-/// and resubscribes with `since` so nothing is missed. When the server has auth on, a token
+/// (with a jittered backoff) and resubscribes with `since` so nothing is missed; when the
+/// server cannot resume (`resync_required`), it marks the gap in the list. When the server has auth on, a token
 /// pasted into the page (or given as `?access_token=` in the page's URL) is sent as the
 /// `access_token` query parameter of `/ws`.
 public enum LivePage {
@@ -32,6 +33,7 @@ public enum LivePage {
         th, td { text-align: left; padding: .25em .5em; border-bottom: 1px solid #eee; vertical-align: top; }
         td.row { font-family: monospace; white-space: pre-wrap; word-break: break-all; }
         .INSERT { color: #1a7f37; } .UPDATE { color: #9a6700; } .DELETE { color: #cf222e; }
+        td.gap { color: #cf222e; font-style: italic; }
         </style>
         </head>
         <body>
@@ -50,9 +52,13 @@ public enum LivePage {
         const statusEl = document.getElementById("status");
         const cursorEl = document.getElementById("cursor");
         const rows = document.getElementById("changes");
-        let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0, usedToken = "";
         const tokenEl = document.getElementById("token");
-        tokenEl.value = new URLSearchParams(location.search).get("access_token") || "";
+        let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0, usedToken = "";
+        let reconnectTimer = null, waitingForUser = false, gap = false;
+        const params = new URLSearchParams(location.search);
+        tokenEl.value = params.get("access_token") || "";
+        // Not left in the address bar, history and bookmarks.
+        if (params.has("access_token")) history.replaceState(null, "", location.pathname);
 
         function currentToken() { return tokenEl.value.trim(); }
 
@@ -60,6 +66,7 @@ public enum LivePage {
 
         function subscribe() {
           if (!socket || socket.readyState !== WebSocket.OPEN || !subscription) return;
+          if (!subscription.table) { setStatus("enter a table, then press subscribe"); return; }
           const message = { type: "subscribe", id: subscription.id, table: subscription.table };
           if (subscription.filter) message.filter = subscription.filter;
           if (lastCursor) message.since = lastCursor;
@@ -77,44 +84,109 @@ public enum LivePage {
           while (rows.children.length > 200) rows.lastChild.remove();
         }
 
+        // Changes were missed at this point of the list (the resume window no longer had them).
+        function markGap(reason) {
+          gap = true;
+          const tr = document.createElement("tr");
+          const td = document.createElement("td"); td.colSpan = 3; td.className = "gap";
+          td.textContent = "changes missed here (" + reason + "): the rows below are older";
+          tr.append(td);
+          rows.prepend(tr);
+        }
+
+        function scheduleReconnect() {
+          clearTimeout(reconnectTimer);
+          // Jittered, so that the tabs a server restart dropped do not all come back at once.
+          reconnectTimer = setTimeout(connect, retry / 2 + Math.random() * retry / 2);
+          retry = Math.min(retry * 2, 10000);
+        }
+
         function connect() {
+          reconnectTimer = null;
           usedToken = currentToken();
           const query = usedToken ? "?access_token=" + encodeURIComponent(usedToken) : "";
           const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws" + query;
-          socket = new WebSocket(url);
-          socket.onopen = () => { retry = 500; setStatus("connected"); subscribe(); };
-          socket.onmessage = (event) => {
+          const ws = new WebSocket(url);
+          socket = ws;
+          ws.onopen = () => { setStatus("connected"); subscribe(); };
+          ws.onmessage = (event) => {
+            if (ws !== socket) return;
             const message = JSON.parse(event.data);
+            // Only the current subscription's messages: an earlier one's may still be in flight.
+            const mine = !!subscription && (message.id === subscription.id
+              || (Array.isArray(message.ids) && message.ids.includes(subscription.id)));
             switch (message.type) {
-              case "subscribed": setStatus("subscribed to " + subscription.table); if (!lastCursor) lastCursor = message.cursor; break;
-              case "change": show(message); lastCursor = message.cursor; break;
-              case "resync_required": lastCursor = null; setStatus("resync required: " + message.message); subscribe(); break;
-              case "error": setStatus("error " + message.code + ": " + message.message); break;
+              case "subscribed":
+                if (!mine) return;
+                retry = 500;  // reset once the server serves us, not merely accepts the socket
+                setStatus("subscribed to " + subscription.table + (gap ? " (some changes were missed: see the marked row)" : ""));
+                if (!lastCursor) lastCursor = message.cursor;
+                break;
+              case "change":
+                if (!mine) return;
+                retry = 500;
+                show(message);
+                lastCursor = message.cursor;
+                break;
+              case "resync_required":
+                if (!mine) return;
+                lastCursor = null;
+                markGap("the resume window no longer had them");
+                subscribe();
+                break;
+              case "error":
+                if (message.id !== undefined && !mine) return;
+                setStatus("error " + message.code + ": " + message.message);
+                if (mine && message.code === "invalid_message" && lastCursor && message.message.includes("ahead of this database")) {
+                  // The cursor is from another database (a restarted demo cluster): start afresh.
+                  lastCursor = null;
+                  markGap("the cursor was from another database");
+                  subscribe();
+                } else if (mine && message.code === "internal") {
+                  const delay = retry; retry = Math.min(retry * 2, 10000);
+                  setTimeout(() => { if (ws === socket) subscribe(); }, delay);
+                }
+                break;
             }
             cursorEl.textContent = lastCursor || "none";
           };
-          socket.onclose = (event) => {
-            const hint = event.code === 1008 ? " (token expired: paste a new one)" : event.code === 1006 ? " (refused? a missing or bad token gets 401)" : "";
-            setStatus("disconnected (" + event.code + ")" + hint + ", reconnecting in " + retry + " ms…");
-            setTimeout(connect, retry);
-            retry = Math.min(retry * 2, 10000);
+          ws.onclose = (event) => {
+            if (ws !== socket) return;
+            if (event.code === 1008 || event.code === 1009) {
+              // Trying again would meet the same answer: wait for the user.
+              waitingForUser = true;
+              setStatus("disconnected (" + event.code + "): " + (event.code === 1008
+                ? "the token expired or was refused; paste a new one and press subscribe"
+                : "a message was too big (a very long filter?); change it and press subscribe"));
+              return;
+            }
+            const hint = event.code === 1006 ? " (refused? a missing or bad token gets 401)" : "";
+            setStatus("disconnected (" + event.code + ")" + hint + ", reconnecting…");
+            scheduleReconnect();
           };
         }
 
         document.getElementById("form").addEventListener("submit", (event) => {
           event.preventDefault();
+          const table = document.getElementById("table").value.trim();
+          const filter = document.getElementById("filter").value.trim();
+          // The same table and filter (a new token, say): keep the cursor and rows, so that the
+          // new subscription resumes where the last one stopped.
+          const same = !!subscription && subscription.table === table && subscription.filter === filter;
           if (subscription && socket && socket.readyState === WebSocket.OPEN) {
             socket.send(JSON.stringify({ type: "unsubscribe", id: subscription.id }));
           }
-          lastCursor = null;
-          rows.replaceChildren();
-          subscription = {
-            id: "s" + (++counter),
-            table: document.getElementById("table").value.trim(),
-            filter: document.getElementById("filter").value.trim()
-          };
-          if (socket && currentToken() !== usedToken) {
-            socket.close();  // reconnect with the new token; onclose reconnects and subscribes
+          if (!same) { lastCursor = null; gap = false; rows.replaceChildren(); }
+          subscription = { id: "s" + (++counter), table, filter };
+          if (waitingForUser || currentToken() !== usedToken || !socket || socket.readyState !== WebSocket.OPEN) {
+            // Connect now, with the token as it is: not after a pending backoff.
+            waitingForUser = false;
+            retry = 500;
+            clearTimeout(reconnectTimer);
+            const old = socket;
+            socket = null;
+            if (old) old.close();
+            connect();
           } else {
             subscribe();
           }
