@@ -568,4 +568,35 @@ struct EmbeddedPostgresTests {
         let found = try EmbeddedPostgres.findBinDirectory()
         #expect(FileManager.default.isExecutableFile(atPath: found + "/initdb"))
     }
+
+    // Audit, session 12: the orphan cleanup removed any folder with the prefix and a dead owner,
+    // whoever made it (as root, a planted one could point pg_ctl at another cluster).
+    @Test("the orphan cleanup removes a dead process's folder, but not another user's or a symbolic link")
+    func orphanCleanupTakesOnlyItsOwn() throws {
+        let parent = NSTemporaryDirectory() + "/embedded-orphans-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: parent) }
+        // A pid that is not running: above the kernel's pid_max.
+        let dead = "99999999"
+        let mine = parent + "/realtime-sync-pg-mine"
+        try FileManager.default.createDirectory(atPath: mine, withIntermediateDirectories: false)
+        try dead.write(toFile: mine + "/owner.pid", atomically: true, encoding: .utf8)
+        let target = parent + "/elsewhere"
+        try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: false)
+        try dead.write(toFile: target + "/owner.pid", atomically: true, encoding: .utf8)
+        try FileManager.default.createSymbolicLink(atPath: parent + "/realtime-sync-pg-link", withDestinationPath: target)
+        var others: String?
+        if geteuid() == 0, let nobody = getpwnam("nobody") {
+            let theirs = parent + "/realtime-sync-pg-theirs"
+            try FileManager.default.createDirectory(atPath: theirs, withIntermediateDirectories: false)
+            try dead.write(toFile: theirs + "/owner.pid", atomically: true, encoding: .utf8)
+            chown(theirs, nobody.pointee.pw_uid, nobody.pointee.pw_gid)
+            others = theirs
+        }
+        EmbeddedPostgres.reapOrphans(parent: parent, bin: try EmbeddedPostgres.findBinDirectory())
+        #expect(!FileManager.default.fileExists(atPath: mine), "a dead process's own folder stays")
+        #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: parent + "/realtime-sync-pg-link")) == target, "took a symbolic link for its own folder")
+        #expect(FileManager.default.fileExists(atPath: target + "/owner.pid"))
+        if let others { #expect(FileManager.default.fileExists(atPath: others), "removed another user's folder") }
+    }
 }

@@ -403,17 +403,43 @@ public final class EmbeddedPostgres: Sendable {
     /// Stops and removes clusters whose owning process is gone (left by a killed test run).
     static func reapOrphans(parent: String, bin: String) {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
+        let user: String? = geteuid() == 0 ? "postgres" : nil
+        // Only folders this process's user (or, as root, `postgres`) made, and no symbolic
+        // links: in a shared /tmp another user could plant one pointing at a cluster of theirs.
+        var owners: Set<uid_t> = [geteuid()]
+        if let user, let pw = getpwnam(user) { owners.insert(pw.pointee.pw_uid) }
+        func ownedDirectory(_ path: String) -> Bool {
+            var info = stat()
+            return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR && owners.contains(info.st_uid)
+        }
         for name in entries where name.hasPrefix("realtime-sync-pg-") {
             let dir = (parent as NSString).appendingPathComponent(name)
-            guard let text = try? String(contentsOfFile: dir + "/owner.pid", encoding: .utf8),
+            guard ownedDirectory(dir),
+                  let text = try? String(contentsOfFile: dir + "/owner.pid", encoding: .utf8),
                   let owner = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { continue }
             if processIsAlive(owner) { continue }
-            let user: String? = geteuid() == 0 ? "postgres" : nil
             if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") {
+                guard ownedDirectory(dir + "/data") else { continue }
                 _ = try? run(bin + "/pg_ctl", ["-D", dir + "/data", "-m", "immediate", "-w", "-t", "10", "stop"], as: user)
+                // Still running (another user's, a timeout): its folder stays, or it could never be found again.
+                if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") { continue }
             }
             try? FileManager.default.removeItem(atPath: dir)
         }
+        // The output files of tools whose process was killed while they ran.
+        let tmp = NSTemporaryDirectory()
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: tmp)) ?? [] where name.hasPrefix("realtime-sync-pgtool-") {
+            let parts = name.split(separator: "-")
+            guard parts.count >= 4, let pid = Int32(parts[3]), !processIsAlive(pid) else { continue }
+            let path = (tmp as NSString).appendingPathComponent(name)
+            if ownedFile(path, owners: owners) { unlink(path) }
+        }
+    }
+
+    /// Whether `path` is a regular file owned by one of `owners` (not a link).
+    private static func ownedFile(_ path: String, owners: Set<uid_t>) -> Bool {
+        var info = stat()
+        return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG && owners.contains(info.st_uid)
     }
 }
 
