@@ -98,7 +98,7 @@ public final class EmbeddedPostgres: Sendable {
         // mkdtemp fills in the template itself; its result points into the array only while
         // the call lasts, so the name is read from the array.
         guard mkdtemp(&template) != nil else {
-            throw EmbeddedPostgresError(code: .system, message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno)))")
+            throw EmbeddedPostgresError(code: .system, message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno))) (choose another folder with EmbeddedPostgres.Options.parentDirectory, or TMPDIR; as root it must be reachable by the postgres user)")
         }
         let dir = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         // Record who owns this cluster so a later start can reap it if this process dies.
