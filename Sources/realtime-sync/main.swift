@@ -108,7 +108,7 @@ struct Serve: AsyncParsableCommand {
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
               --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, or --pool-max-open - 1 if less: 3 by default; more wait their turn)
               --max-transaction-changes REALTIME_SYNC_MAX_TRANSACTION_CHANGES (1000000 changes held until a transaction commits)
-              --allowed-origins       REALTIME_SYNC_ALLOWED_ORIGINS   (browser origins that may open /ws, comma-separated, or *; none: the server's own only with auth off, any with auth on)
+              --allowed-origins       REALTIME_SYNC_ALLOWED_ORIGINS   (browser origins that may open /ws, comma-separated, or *; none: with auth off the server's own by IP or localhost only, with auth on any)
             """)
 
     @Option(help: "postgres:// URL or libpq string; none starts an embedded PostgreSQL with a demo table.")
@@ -165,7 +165,11 @@ struct Serve: AsyncParsableCommand {
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
         configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
         if let origins = Setting.string(allowedOrigins, "REALTIME_SYNC_ALLOWED_ORIGINS") {
-            configuration.server.allowedOrigins = origins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            let list = origins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            guard !list.isEmpty else {
+                throw ValidationError("--allowed-origins / REALTIME_SYNC_ALLOWED_ORIGINS is empty; leave it out for the default, or list origins (scheme://host[:port], or *)")
+            }
+            configuration.server.allowedOrigins = list
         }
         configuration.maxTransactionChanges = try Setting.int(
             maxTransactionChanges, "max-transaction-changes", "REALTIME_SYNC_MAX_TRANSACTION_CHANGES", 1_000_000, minimum: 1)

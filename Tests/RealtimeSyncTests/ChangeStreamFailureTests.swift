@@ -195,12 +195,16 @@ struct ChangeStreamFailureTests {
             let pub = uniqueCaptureName("cs_pub")
             let admin = try await PostgresConnection.connect(to: url)
             try await admin.execute("""
-                CREATE ROLE \(role) LOGIN; CREATE TABLE \(bare) (v text); CREATE TABLE \(keyed) (id int PRIMARY KEY);
+                CREATE ROLE \(role) LOGIN PASSWORD '\(role)_pw'; CREATE TABLE \(bare) (v text); CREATE TABLE \(keyed) (id int PRIMARY KEY);
                 CREATE PUBLICATION \(pub) FOR TABLE \(keyed)
                 """)
 
-            let userURL = url.replacingOccurrences(of: "postgres@", with: "\(role)@")
-            let asRole = try await PostgresConnection.connect(to: userURL)
+            // The same server as the role (with its password: TCP logins need one).
+            var userURL = try #require(URLComponents(string: url))
+            userURL.user = role
+            userURL.password = role + "_pw"
+            let asRole = try await PostgresConnection.connect(to: try #require(userURL.string))
+            #expect(try await asRole.query("SELECT current_user::text")[0].decode(String.self, at: 0) == role)
             do {
                 _ = try await CaptureSetup.prepare(asRole, publication: pub, tables: [keyed])
                 Issue.record("expected missing_replication_privilege")

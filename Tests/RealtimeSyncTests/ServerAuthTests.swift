@@ -49,6 +49,11 @@ struct ServerAuthTests {
                 #expect(response.status == status, "\(origin): \(response.body)")
                 await connection.close()
             }
+            // An allowed origin (the server's own) with a bad token: the token is the reason, 401.
+            let connection = try await TestConnection.open(port: test.port)
+            let response = try await connection.upgrade(extraHeaders: [("Origin", "http://127.0.0.1"), ("Authorization", "Bearer not.a.jwt")])
+            #expect(response.status == 401, "\(response.body)")
+            await connection.close()
         }
     }
 

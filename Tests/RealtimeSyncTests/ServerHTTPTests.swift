@@ -49,9 +49,9 @@ struct ServerHTTPTests {
     // (browsers send no token but do reach localhost and the intranet) and read every change.
     @Test("With auth off, a page from another origin cannot open /ws (403 origin_not_allowed); the server's own origin, a client sending no Origin, and allowedOrigins can")
     func originCheck() async throws {
-        @Sendable func status(_ port: Int, origin: String?) async throws -> (Int, String) {
+        @Sendable func status(_ port: Int, origin: String?, host: String = "127.0.0.1") async throws -> (Int, String) {
             let connection = try await TestConnection.open(port: port)
-            let response = try await connection.upgrade(extraHeaders: origin.map { [("Origin", $0)] } ?? [])
+            let response = try await connection.upgrade(extraHeaders: [("Host", host)] + (origin.map { [("Origin", $0)] } ?? []))
             await connection.close()
             return (response.status, response.body)
         }
@@ -66,6 +66,11 @@ struct ServerHTTPTests {
             #expect(r2 == 101, "the live page's own origin")
             let r3 = try await status(test.port, origin: nil).0
             #expect(r3 == 101, "not a browser")
+            let local = try await status(test.port, origin: "http://localhost:8080", host: "localhost:8080").0
+            #expect(local == 101, "localhost is the server's own origin")
+            // A name its owner can point at this server (DNS rebinding): their page looks same-origin.
+            let rebound = try await status(test.port, origin: "http://evil.example:8080", host: "evil.example:8080").0
+            #expect(rebound == 403, "a page under a DNS name is not trusted as same-origin while auth is off")
         }
         try await withTestServer(source: source, configure: { $0.allowedOrigins = ["https://app.example.com"] }) { test in
             let r4 = try await status(test.port, origin: "https://app.example.com").0
@@ -79,9 +84,11 @@ struct ServerHTTPTests {
             let r7 = try await status(test.port, origin: "http://evil.example").0
             #expect(r7 == 101)
         }
-        var configuration = RealtimeServerConfiguration()
-        configuration.allowedOrigins = ["https://app.example.com/"]
-        #expect(throws: RealtimeServerError.self) { try configuration.validate() }
+        for bad in [["https://app.example.com/"], ["https://app.example.com:443"], ["https://app.example.com?x"], []] {
+            var configuration = RealtimeServerConfiguration()
+            configuration.allowedOrigins = bad
+            #expect(throws: RealtimeServerError.self, "\(bad)") { try configuration.validate() }
+        }
     }
 
     @Test("GET /readyz: 200 while the source is connected, 503 with a reason when not")

@@ -238,14 +238,20 @@ struct EmbeddedClusterOrphanTests {
             #expect(line.contains("postgres:***@"), "the password is not logged: \(line)")
             let postmaster = try #require(try? String(contentsOfFile: directory + "/data/postmaster.pid", encoding: .utf8))
             let pid = try #require(postmaster.split(separator: "\n").first.flatMap { Int32($0) })
-            #expect(kill(pid, 0) == 0, "the cluster runs")
+            // Running, and not a zombie (one whose parent, here PID 1, does not reap it yet).
+            func running(_ pid: Int32) -> Bool {
+                guard kill(pid, 0) == 0, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                      let close = stat.lastIndex(of: ")") else { return false }
+                return stat[stat.index(after: close)...].split(separator: " ").first != "Z"
+            }
+            #expect(running(pid), "the cluster runs")
             server.send(SIGKILL)
             _ = await server.wait(timeout: .seconds(10))
             let deadline = ContinuousClock.now + .seconds(30)
-            while ContinuousClock.now < deadline && (kill(pid, 0) == 0 || FileManager.default.fileExists(atPath: directory)) {
+            while ContinuousClock.now < deadline && (running(pid) || FileManager.default.fileExists(atPath: directory)) {
                 try await Task.sleep(for: .milliseconds(50))
             }
-            #expect(kill(pid, 0) != 0, "the embedded server (pid \(pid)) outlived its process")
+            #expect(!running(pid), "the embedded server (pid \(pid)) outlived its process")
             #expect(!FileManager.default.fileExists(atPath: directory), "\(directory) was left behind")
         } catch {
             await server.cleanUp()

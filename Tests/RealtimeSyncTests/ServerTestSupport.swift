@@ -131,7 +131,9 @@ final class TestConnection: @unchecked Sendable {
     /// Sends an HTTP request and reads the response head (and a body of Content-Length bytes).
     func request(_ method: String = "GET", _ target: String, headers: [(String, String)] = []) async throws
         -> (status: Int, headers: [String: String], body: String) {
-        var text = "\(method) \(target) HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        // `Host: 127.0.0.1` unless the caller gives one.
+        var text = "\(method) \(target) HTTP/1.1\r\n"
+        if !headers.contains(where: { $0.0.lowercased() == "host" }) { text += "Host: 127.0.0.1\r\n" }
         for (name, value) in headers { text += "\(name): \(value)\r\n" }
         text += "\r\n"
         try await send(Array(text.utf8))

@@ -209,17 +209,15 @@ public final class EmbeddedPostgres: Sendable {
             }
             if processIsAlive(pid) { kill(pid, SIGKILL) }
         }
-        try? FileManager.default.removeItem(atPath: directory)
         if let watchdog {
-            // Done here: the watchdog reads the end of its pipe, finds nothing left to do, exits.
+            // Stood down first: a line on the pipe (not its end) means "nothing to do", so it
+            // exits at once and never races this removal. Reaped, so that no zombie is left.
+            _ = "done\n".withCString { write(watchdog.fd, $0, 5) }
             close(watchdog.fd)
             var status: Int32 = 0
-            var waited = 0
-            while waitpid(watchdog.pid, &status, WNOHANG) == 0 && waited < 5000 {
-                usleep(10_000)
-                waited += 10
-            }
+            while waitpid(watchdog.pid, &status, 0) < 0 && errno == EINTR {}
         }
+        try? FileManager.default.removeItem(atPath: directory)
     }
 
     /// Starts a process that stops the cluster and removes its folder when this process dies
@@ -230,10 +228,24 @@ public final class EmbeddedPostgres: Sendable {
     /// this process's terminal do not end it first. Nil if it could not be started (the
     /// cluster then relies on `stop()` and the next start's orphan cleanup, as before).
     private static func spawnWatchdog(directory: String, pgCtl: String, user: String?) -> (fd: Int32, pid: pid_t)? {
-        var fds: [Int32] = [-1, -1]
-        guard pipe2(&fds, O_CLOEXEC) == 0 else { return nil }
-        let script = #"read _; if [ -n "$3" ]; then runuser -u "$3" -- "$1" -D "$2/data" -m immediate -w -t 10 stop; else "$1" -D "$2/data" -m immediate -w -t 10 stop; fi; rm -rf "$2""#
-        let argv = ["/bin/sh", "-c", script, "realtime-sync-pg-watchdog", pgCtl, directory, user ?? ""]
+        var pair: [Int32] = [-1, -1]
+        guard pipe2(&pair, O_CLOEXEC) == 0 else { return nil }
+        // Both ends above the standard descriptors (a process started with 0-2 closed would
+        // get them there, and its output would then reach the watchdog), still close-on-exec.
+        let fds = pair.map { fd -> Int32 in
+            let moved = fcntl(fd, F_DUPFD_CLOEXEC, 3)
+            close(fd)
+            return moved
+        }
+        guard fds.allSatisfy({ $0 >= 3 }) else {
+            fds.filter { $0 >= 0 }.forEach { close($0) }
+            return nil
+        }
+        // A line ("done", from stop()) means stand down; the end of the pipe means this process
+        // died: stop the server (as `postgres` when root) and remove the folder.
+        let script = #"if read _; then exit 0; fi; if [ -n "$3" ]; then "$4" -u "$3" -- "$1" -D "$2/data" -m immediate -w -t 10 stop; else "$1" -D "$2/data" -m immediate -w -t 10 stop; fi; rm -rf "$2""#
+        let runuser = findExecutable("runuser", path: "/usr/sbin:/usr/bin:/sbin:/bin") ?? "/usr/sbin/runuser"
+        let argv = ["/bin/sh", "-c", script, "realtime-sync-pg-watchdog", pgCtl, directory, user ?? "", runuser]
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -252,7 +264,9 @@ public final class EmbeddedPostgres: Sendable {
         var cargs = argv.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cargs, minimalEnvironment())
+        var environment = minimalEnvironment()
+        defer { environment.forEach { free($0) } }
+        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cargs, &environment)
         close(fds[0])
         guard rc == 0 else {
             close(fds[1])
@@ -421,8 +435,10 @@ public final class EmbeddedPostgres: Sendable {
             if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") {
                 guard ownedDirectory(dir + "/data") else { continue }
                 _ = try? run(bin + "/pg_ctl", ["-D", dir + "/data", "-m", "immediate", "-w", "-t", "10", "stop"], as: user)
-                // Still running (another user's, a timeout): its folder stays, or it could never be found again.
-                if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") { continue }
+                // Still running (another user's, a timeout): its folder stays, or it could never
+                // be found again. A server that died with its owner left a stale file: it goes.
+                if let text = try? String(contentsOfFile: dir + "/data/postmaster.pid", encoding: .utf8),
+                   let server = text.split(separator: "\n").first.flatMap({ Int32($0) }), processIsAlive(server) { continue }
             }
             try? FileManager.default.removeItem(atPath: dir)
         }

@@ -78,7 +78,10 @@ extension UpgradeRequest {
 
     /// From a Hummingbird request.
     init(_ request: HTTPRequest) {
-        self.init(target: request.path ?? "/", headers: request.headerFields.map { ($0.name.canonicalName, $0.value) })
+        var headers = request.headerFields.map { ($0.name.canonicalName, $0.value) }
+        // HTTPTypes moves HTTP/1's Host into the authority.
+        if let authority = request.authority, !headers.contains(where: { $0.0 == "host" }) { headers.append(("host", authority)) }
+        self.init(target: request.path ?? "/", headers: headers)
     }
 }
 

@@ -68,10 +68,18 @@ extension RealtimeServer {
         return allowed.contains { $0 == "*" || $0.caseInsensitiveCompare(origin) == .orderedSame }
     }
 
-    /// Whether `origin` (`scheme://host[:port]`) names the host the request was sent to.
+    /// Whether `origin` (`scheme://host[:port]`) names the host the request was sent to, and
+    /// that host is an address or `localhost`. A name is not trusted so: its owner can point it
+    /// at this server after their page loaded (DNS rebinding), and their page would then be
+    /// "same-origin"; a name must be listed in `allowedOrigins`.
     static func isSameOrigin(_ origin: String, host: String?) -> Bool {
-        guard let host, !host.isEmpty, let separator = origin.range(of: "://") else { return false }
-        return origin[separator.upperBound...].caseInsensitiveCompare(host) == .orderedSame
+        guard let host, !host.isEmpty, let separator = origin.range(of: "://"),
+              origin[separator.upperBound...].caseInsensitiveCompare(host) == .orderedSame else { return false }
+        if host.hasPrefix("[") { return true }  // an IPv6 address, [::1]:8080
+        let name = host.lastIndex(of: ":").map { host[..<$0] } ?? host[...]
+        if name.lowercased() == "localhost" { return true }
+        let octets = name.split(separator: ".", omittingEmptySubsequences: false)
+        return octets.count == 4 && octets.allSatisfy { UInt8($0) != nil }
     }
 
     /// The page's headers: HTML, never sniffed as anything else, not cached (a token may be in

@@ -98,7 +98,10 @@ public struct RealtimeServerConfiguration: Sendable {
     public var auth: JWTAuthenticator?
     /// Browser origins (`https://app.example.com`, as the `Origin` header gives them) whose
     /// pages may open `/ws`; `["*"]` allows any. A request without `Origin` (not a browser)
-    /// and one from the server's own origin (its `Host`, as the live page) are always allowed.
+    /// and one from the server's own origin when it is addressed by IP address or `localhost`
+    /// (the live page on `http://127.0.0.1:8080`) are always allowed; a page served under a DNS
+    /// name must be listed here while auth is off (the name's owner could point it at this
+    /// server: DNS rebinding).
     /// Default nil: with `auth` off, only those (so that a page on another site cannot read the
     /// changes through a visitor's browser, which sends it no token but reaches a server on
     /// localhost or the intranet); with `auth` on, any origin (every socket needs a token).
@@ -185,12 +188,18 @@ public struct RealtimeServerConfiguration: Sendable {
         guard pingInterval > .zero else { throw bad("pingInterval is \(pingInterval); it must be positive") }
         guard firstRequestTimeout > .zero else { throw bad("firstRequestTimeout is \(firstRequestTimeout); it must be positive") }
         guard closeTimeout > .zero else { throw bad("closeTimeout is \(closeTimeout); it must be positive") }
+        if let allowedOrigins, allowedOrigins.isEmpty {
+            throw bad("allowedOrigins is empty; leave it nil for the default, or list origins (--allowed-origins / REALTIME_SYNC_ALLOWED_ORIGINS)")
+        }
         for origin in allowedOrigins ?? [] where origin != "*" {
-            // An Origin header is scheme://host[:port], never with a path or a trailing slash:
-            // such an entry would silently match nothing.
-            guard let separator = origin.range(of: "://"), !origin[separator.upperBound...].isEmpty,
-                  !origin[separator.upperBound...].contains("/")
-            else { throw bad("allowedOrigins has \"\(origin)\"; each entry must be \"*\" or scheme://host[:port], as browsers send it in Origin (e.g. https://app.example.com; --allowed-origins / REALTIME_SYNC_ALLOWED_ORIGINS)") }
+            // An Origin header is scheme://host[:port], never with a path, query or trailing
+            // slash, nor a default port: such an entry would silently match nothing.
+            let authority = origin.range(of: "://").map { origin[$0.upperBound...] } ?? ""
+            let defaultPort = (origin.lowercased().hasPrefix("https://") && authority.hasSuffix(":443"))
+                || (origin.lowercased().hasPrefix("http://") && authority.hasSuffix(":80"))
+            guard !authority.isEmpty, !authority.contains(where: { "/?#".contains($0) }), !defaultPort else {
+                throw bad("allowedOrigins has \"\(origin)\"; each entry must be \"*\" or scheme://host[:port] without a path and without the scheme's default port, as browsers send it in Origin (e.g. https://app.example.com; --allowed-origins / REALTIME_SYNC_ALLOWED_ORIGINS)")
+            }
         }
         guard queueLimits.maxMessages >= 1 else { throw bad("queueLimits.maxMessages is \(queueLimits.maxMessages); it must be at least 1") }
         guard queueLimits.maxBytes >= 1 else { throw bad("queueLimits.maxBytes is \(queueLimits.maxBytes); it must be at least 1") }

@@ -143,8 +143,9 @@ public enum LivePage {
                   markGap("the cursor was from another database");
                   subscribe();
                 } else if (mine && message.code === "internal") {
-                  const delay = retry; retry = Math.min(retry * 2, 10000);
-                  setTimeout(() => { if (ws === socket) subscribe(); }, delay);
+                  const delay = retry, id = subscription.id; retry = Math.min(retry * 2, 10000);
+                  // Only if this is still the socket and subscription it was for.
+                  setTimeout(() => { if (ws === socket && subscription.id === id) subscribe(); }, delay);
                 }
                 break;
             }
@@ -160,7 +161,7 @@ public enum LivePage {
                 : "a message was too big (a very long filter?); change it and press subscribe"));
               return;
             }
-            const hint = event.code === 1006 ? " (refused? a missing or bad token gets 401)" : "";
+            const hint = event.code === 1006 ? " (refused? a missing or bad token gets 401; a page origin the server does not allow, 403: --allowed-origins)" : "";
             setStatus("disconnected (" + event.code + ")" + hint + ", reconnecting…");
             scheduleReconnect();
           };
