@@ -586,11 +586,11 @@ struct EmbeddedPostgresTests {
         try dead.write(toFile: target + "/owner.pid", atomically: true, encoding: .utf8)
         try FileManager.default.createSymbolicLink(atPath: parent + "/realtime-sync-pg-link", withDestinationPath: target)
         var others: String?
-        if geteuid() == 0, let nobody = getpwnam("nobody") {
+        if geteuid() == 0, let nobody = EmbeddedPostgres.userIDs("nobody") {
             let theirs = parent + "/realtime-sync-pg-theirs"
             try FileManager.default.createDirectory(atPath: theirs, withIntermediateDirectories: false)
             try dead.write(toFile: theirs + "/owner.pid", atomically: true, encoding: .utf8)
-            chown(theirs, nobody.pointee.pw_uid, nobody.pointee.pw_gid)
+            #expect(chown(theirs, nobody.uid, nobody.gid) == 0)
             others = theirs
         }
         EmbeddedPostgres.reapOrphans(parent: parent, bin: try EmbeddedPostgres.findBinDirectory())

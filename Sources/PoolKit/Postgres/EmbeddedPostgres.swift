@@ -90,7 +90,7 @@ public final class EmbeddedPostgres: Sendable {
         reapOrphans(parent: options.parentDirectory, bin: bin)
         let asRoot = geteuid() == 0
         let user: String? = asRoot ? "postgres" : nil
-        if asRoot, getpwnam("postgres") == nil {
+        if asRoot, userIDs("postgres") == nil {
             throw EmbeddedPostgresError(code: .noPostgresUser, message: "running as root, but there is no 'postgres' user to run the server as (PostgreSQL refuses to run as root): install postgresql, which creates it")
         }
         var template = Array((options.parentDirectory.hasSuffix("/") ? options.parentDirectory : options.parentDirectory + "/").utf8CString.dropLast())
@@ -103,8 +103,8 @@ public final class EmbeddedPostgres: Sendable {
         let dir = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         // Record who owns this cluster so a later start can reap it if this process dies.
         try? "\(getpid())".write(toFile: dir + "/owner.pid", atomically: true, encoding: .utf8)
-        if let user, let pw = getpwnam(user) {
-            chown(dir, pw.pointee.pw_uid, pw.pointee.pw_gid)
+        if let user, let ids = userIDs(user) {
+            chown(dir, ids.uid, ids.gid)
             chmod(dir, 0o700)
         }
         let dataDirectory = dir + "/data"
@@ -126,7 +126,7 @@ public final class EmbeddedPostgres: Sendable {
                                                  attributes: [.posixPermissions: 0o600]) else {
                 throw EmbeddedPostgresError(code: .system, message: "could not write \(passwordFile) (Options.parentDirectory: a writable folder; or set TMPDIR)")
             }
-            if let user, let pw = getpwnam(user) { chown(passwordFile, pw.pointee.pw_uid, pw.pointee.pw_gid) }
+            if let user, let ids = userIDs(user) { chown(passwordFile, ids.uid, ids.gid) }
             defer { unlink(passwordFile) }
             try tool("initdb", ["-D", dataDirectory, "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
                                 "--pwfile=" + passwordFile, "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
@@ -421,7 +421,7 @@ public final class EmbeddedPostgres: Sendable {
         // Only folders this process's user (or, as root, `postgres`) made, and no symbolic
         // links: in a shared /tmp another user could plant one pointing at a cluster of theirs.
         var owners: Set<uid_t> = [geteuid()]
-        if let user, let pw = getpwnam(user) { owners.insert(pw.pointee.pw_uid) }
+        if let user, let ids = userIDs(user) { owners.insert(ids.uid) }
         func ownedDirectory(_ path: String) -> Bool {
             var info = stat()
             return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR && owners.contains(info.st_uid)
@@ -450,6 +450,16 @@ public final class EmbeddedPostgres: Sendable {
             let path = (tmp as NSString).appendingPathComponent(name)
             if ownedFile(path, owners: owners) { unlink(path) }
         }
+    }
+
+    /// The user and group IDs of user `name`, or nil. `getpwnam_r`: `getpwnam` returns one
+    /// static record that another thread's call (a parallel start) may overwrite meanwhile.
+    static func userIDs(_ name: String) -> (uid: uid_t, gid: gid_t)? {
+        var record = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 4096)
+        guard getpwnam_r(name, &record, &buffer, buffer.count, &result) == 0, result != nil else { return nil }
+        return (record.pw_uid, record.pw_gid)
     }
 
     /// Whether `path` is a regular file owned by one of `owners` (not a link).
