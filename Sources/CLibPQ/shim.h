@@ -10,9 +10,8 @@
    that the long-lived server it starts inherits none of the test process's descriptors. */
 extern int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *actions, int from);
 extern int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *actions, const char *path);
-/* EmbeddedPostgres's watchdog: a close-on-exec pipe, and a child in a session of its own
-   (glibc >= 2.26; both declared only under _GNU_SOURCE). */
-extern int pipe2(int pipefd[2], int flags);
+/* EmbeddedPostgres's watchdog runs in a session of its own (glibc >= 2.26; declared only
+   under _GNU_SOURCE). */
 #define CLIBPQ_POSIX_SPAWN_SETSID 0x80
 /* Names PoolKit's reactor threads (glibc; declared only under _GNU_SOURCE). */
 #include <pthread.h>

@@ -599,4 +599,27 @@ struct EmbeddedPostgresTests {
         #expect(FileManager.default.fileExists(atPath: target + "/owner.pid"))
         if let others { #expect(FileManager.default.fileExists(atPath: others), "removed another user's folder") }
     }
+
+    @Test("a cluster's watchdog runs beside it and is gone, reaped, once the cluster shuts down")
+    func watchdogIsReaped() async throws {
+        let parent = NSTemporaryDirectory() + "/embedded-watchdog-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        chmod(parent, 0o777)  // initdb runs as postgres when the tests run as root
+        defer { try? FileManager.default.removeItem(atPath: parent) }
+        let pg = try await EmbeddedPostgres.start(.init(parentDirectory: parent))
+        // This cluster's watchdog: a child of this process whose arguments name its folder.
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        let watchdog = entries.compactMap(Int32.init).first { pid in
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            let arguments = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            return arguments.contains("realtime-sync-pg-watchdog") && arguments.contains(pg.directory)
+        }
+        #expect(watchdog != nil, "no watchdog beside the cluster")
+        await pg.shutdown()
+        if let watchdog {
+            // Gone from /proc: exited and reaped (a zombie would still be listed).
+            #expect(!FileManager.default.fileExists(atPath: "/proc/\(watchdog)"), "the watchdog outlived shutdown, or was left a zombie")
+        }
+        #expect(!FileManager.default.fileExists(atPath: pg.directory))
+    }
 }

@@ -58,7 +58,7 @@ public final class EmbeddedPostgres: Sendable {
 
     private let runAsUser: String?
     private let stopped = Mutex(false)
-    /// The write end of the watchdog's pipe and the watchdog's pid (see `spawnWatchdog`).
+    /// This end of the watchdog's socket pair and the watchdog's pid (see `spawnWatchdog`).
     private let watchdog: (fd: Int32, pid: pid_t)?
 
     private init(url: String, port: Int, directory: String, binDirectory: String, runAsUser: String?,
@@ -210,9 +210,9 @@ public final class EmbeddedPostgres: Sendable {
             if processIsAlive(pid) { kill(pid, SIGKILL) }
         }
         if let watchdog {
-            // Stood down first: a line on the pipe (not its end) means "nothing to do", so it
+            // Stood down first: a line on the socket (not its end) means "nothing to do", so it
             // exits at once and never races this removal. Reaped, so that no zombie is left.
-            _ = "done\n".withCString { write(watchdog.fd, $0, 5) }
+            _ = "done\n".withCString { send(watchdog.fd, $0, 5, Int32(MSG_NOSIGNAL)) }
             close(watchdog.fd)
             var status: Int32 = 0
             while waitpid(watchdog.pid, &status, 0) < 0 && errno == EINTR {}
@@ -222,14 +222,16 @@ public final class EmbeddedPostgres: Sendable {
 
     /// Starts a process that stops the cluster and removes its folder when this process dies
     /// without `stop()` (SIGKILL, a crash, a closed terminal: `atexit` does not run then, and
-    /// the server, which `pg_ctl` put in a session of its own, would run on). It waits on a
-    /// pipe whose write end only this process holds (close-on-exec): the kernel closes it when
-    /// this process ends, however it ends. In a session of its own, so that the signals of
+    /// the server, which `pg_ctl` put in a session of its own, would run on). It reads a
+    /// socket whose other end only this process holds (close-on-exec): the kernel closes it
+    /// when this process ends, however it ends. In a session of its own, so that the signals of
     /// this process's terminal do not end it first. Nil if it could not be started (the
     /// cluster then relies on `stop()` and the next start's orphan cleanup, as before).
     private static func spawnWatchdog(directory: String, pgCtl: String, user: String?) -> (fd: Int32, pid: pid_t)? {
+        // A socket pair rather than a pipe: `stop()` writes to it with MSG_NOSIGNAL, so a
+        // watchdog that died meanwhile cannot kill this process with SIGPIPE.
         var pair: [Int32] = [-1, -1]
-        guard pipe2(&pair, O_CLOEXEC) == 0 else { return nil }
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else { return nil }
         // Both ends above the standard descriptors (a process started with 0-2 closed would
         // get them there, and its output would then reach the watchdog), still close-on-exec.
         let fds = pair.map { fd -> Int32 in
@@ -241,7 +243,7 @@ public final class EmbeddedPostgres: Sendable {
             fds.filter { $0 >= 0 }.forEach { close($0) }
             return nil
         }
-        // A line ("done", from stop()) means stand down; the end of the pipe means this process
+        // A line ("done", from stop()) means stand down; the end of the socket means this process
         // died: stop the server (as `postgres` when root) and remove the folder.
         let script = #"if read _; then exit 0; fi; if [ -n "$3" ]; then "$4" -u "$3" -- "$1" -D "$2/data" -m immediate -w -t 10 stop; else "$1" -D "$2/data" -m immediate -w -t 10 stop; fi; rm -rf "$2""#
         let runuser = findExecutable("runuser", path: "/usr/sbin:/usr/bin:/sbin:/bin") ?? "/usr/sbin/runuser"
