@@ -164,6 +164,11 @@ struct Serve: AsyncParsableCommand {
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
         configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
+        if allowedOrigins == nil, Setting.environment["REALTIME_SYNC_ALLOWED_ORIGINS"] == "" {
+            // Set but empty (a missing deployment value) must not mean "the default": with auth
+            // on that is any origin.
+            throw ValidationError("REALTIME_SYNC_ALLOWED_ORIGINS is set but empty: list origins (scheme://host[:port], or *), or unset it for the default")
+        }
         if let origins = Setting.string(allowedOrigins, "REALTIME_SYNC_ALLOWED_ORIGINS") {
             let list = origins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
             guard !list.isEmpty else {

@@ -71,6 +71,8 @@ struct ServerHTTPTests {
             // A name its owner can point at this server (DNS rebinding): their page looks same-origin.
             let rebound = try await status(test.port, origin: "http://evil.example:8080", host: "evil.example:8080").0
             #expect(rebound == 403, "a page under a DNS name is not trusted as same-origin while auth is off")
+            let signed = try await status(test.port, origin: "http://1.2.3.+4", host: "1.2.3.+4").0
+            #expect(signed == 403, "a name that merely parses as numbers with a sign is not an address")
         }
         try await withTestServer(source: source, configure: { $0.allowedOrigins = ["https://app.example.com"] }) { test in
             let r4 = try await status(test.port, origin: "https://app.example.com").0

@@ -280,6 +280,7 @@ struct ServeSettingsTests {
               // More snapshots than the pool can hold beside the service's own jobs.
               (["serve", "--max-concurrent-snapshots", "4"], [:], "raise --pool-max-open to at least 5 (it is 4)"),
               (["serve", "--pool-max-open", "8"], ["REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS": "0"], "REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS is 0; it must be 1 or more"),
+              (["serve"], ["REALTIME_SYNC_ALLOWED_ORIGINS": ""], "REALTIME_SYNC_ALLOWED_ORIGINS is set but empty"),
               (["serve", "--max-transaction-changes", "0"], [:], "--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES is 0; it must be 1 or more"),
               (["serve"], ["REALTIME_SYNC_MAX_TRANSACTION_CHANGES": "5000000000"], "it must be at most 4294967295"),
           ])

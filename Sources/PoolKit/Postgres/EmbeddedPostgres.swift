@@ -245,7 +245,9 @@ public final class EmbeddedPostgres: Sendable {
         }
         // A line ("done", from stop()) means stand down; the end of the socket means this process
         // died: stop the server (as `postgres` when root) and remove the folder.
-        let script = #"if read _; then exit 0; fi; if [ -n "$3" ]; then "$4" -u "$3" -- "$1" -D "$2/data" -m immediate -w -t 10 stop; else "$1" -D "$2/data" -m immediate -w -t 10 stop; fi; rm -rf "$2""#
+        // The folder goes only once the server stopped (a server still running must keep it,
+        // or it could never be found again; the next start's cleanup takes a stale one).
+        let script = #"if read _; then exit 0; fi; if [ -n "$3" ]; then "$4" -u "$3" -- "$1" -D "$2/data" -m immediate -w -t 10 stop; else "$1" -D "$2/data" -m immediate -w -t 10 stop; fi && rm -rf "$2""#
         let runuser = findExecutable("runuser", path: "/usr/sbin:/usr/bin:/sbin:/bin") ?? "/usr/sbin/runuser"
         let argv = ["/bin/sh", "-c", script, "realtime-sync-pg-watchdog", pgCtl, directory, user ?? "", runuser]
         var actions = posix_spawn_file_actions_t()
@@ -459,9 +461,15 @@ public final class EmbeddedPostgres: Sendable {
     static func userIDs(_ name: String) -> (uid: uid_t, gid: gid_t)? {
         var record = passwd()
         var result: UnsafeMutablePointer<passwd>?
-        var buffer = [CChar](repeating: 0, count: 4096)
-        guard getpwnam_r(name, &record, &buffer, buffer.count, &result) == 0, result != nil else { return nil }
-        return (record.pw_uid, record.pw_gid)
+        var size = max(1024, sysconf(Int32(_SC_GETPW_R_SIZE_MAX)))
+        while size <= 1 << 20 {
+            var buffer = [CChar](repeating: 0, count: size)
+            let rc = getpwnam_r(name, &record, &buffer, buffer.count, &result)
+            if rc == ERANGE { size *= 2; continue }  // a long entry (directory services): a larger buffer
+            guard rc == 0, result != nil else { return nil }
+            return (record.pw_uid, record.pw_gid)
+        }
+        return nil
     }
 
     /// Whether `path` is a regular file owned by one of `owners` (not a link).

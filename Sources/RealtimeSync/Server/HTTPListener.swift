@@ -79,8 +79,8 @@ extension UpgradeRequest {
     /// From a Hummingbird request.
     init(_ request: HTTPRequest) {
         var headers = request.headerFields.map { ($0.name.canonicalName, $0.value) }
-        // HTTPTypes moves HTTP/1's Host into the authority.
-        if let authority = request.authority, !headers.contains(where: { $0.0 == "host" }) { headers.append(("host", authority)) }
+        // HTTPTypes moves HTTP/1's (first) Host into the authority: first again, as the gate saw it.
+        if let authority = request.authority { headers.insert(("host", authority), at: 0) }
         self.init(target: request.path ?? "/", headers: headers)
     }
 }

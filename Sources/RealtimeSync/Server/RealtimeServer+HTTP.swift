@@ -78,8 +78,12 @@ extension RealtimeServer {
         if host.hasPrefix("[") { return true }  // an IPv6 address, [::1]:8080
         let name = host.lastIndex(of: ":").map { host[..<$0] } ?? host[...]
         if name.lowercased() == "localhost" { return true }
+        // Four decimal octets, digits only (`UInt8("+4")` would take a sign, and a browser
+        // treats such a host as a name).
         let octets = name.split(separator: ".", omittingEmptySubsequences: false)
-        return octets.count == 4 && octets.allSatisfy { UInt8($0) != nil }
+        return octets.count == 4 && octets.allSatisfy { octet in
+            (1...3).contains(octet.count) && octet.allSatisfy { $0.isASCII && $0.isNumber } && UInt8(octet) != nil
+        }
     }
 
     /// The page's headers: HTML, never sniffed as anything else, not cached (a token may be in
