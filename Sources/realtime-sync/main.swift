@@ -176,11 +176,9 @@ struct Serve: AsyncParsableCommand {
             }
             configuration.server.allowedOrigins = list
         }
+        // Its upper bound is RealtimeService's check, which names the flag too.
         configuration.maxTransactionChanges = try Setting.int(
             maxTransactionChanges, "max-transaction-changes", "REALTIME_SYNC_MAX_TRANSACTION_CHANGES", 1_000_000, minimum: 1)
-        guard configuration.maxTransactionChanges <= Int(UInt32.max) else {
-            throw ValidationError("--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES is \(configuration.maxTransactionChanges); it must be at most \(UInt32.max)")
-        }
         // Unset: 4, or fewer if the pool is smaller (one connection stays for the service's jobs).
         let snapshotsAsked = try Setting.int(maxConcurrentSnapshots, "max-concurrent-snapshots", "REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS", 0, minimum: 1)
         if snapshotsAsked > 0 {

@@ -341,14 +341,10 @@ struct CPULocalCacheTests {
             try await pool.withConnection { _ in }
             let held = try await pool.lease(label: "held")
             #expect(held.lend != 0, "lent from the stripe")
-            do {
-                _ = try await pool.lease(label: "refused")
-                Issue.record("a second lease was served with one connection open and lent")
-            } catch let error as ConnectionPoolError {
-                #expect(error.code == .tooManyWaiters)
-                // Before: "0/2 in use", the stripe's lend unknown to the machine.
-                #expect(error.message.contains("1/2 in use"), "\(error)")
-            }
+            let refused = await #expect(throws: ConnectionPoolError.self) { _ = try await pool.lease(label: "refused") }
+            #expect(refused?.code == .tooManyWaiters)
+            // Before: "0/2 in use", the stripe's lend unknown to the machine.
+            #expect(refused?.message.contains("1/2 in use") == true, "\(String(describing: refused))")
             // Before: the machine counted the lent connection idle and opened nothing for the
             // refused demand until a flush, which the manual clock never brings.
             await eventually("a connection opened for the refused caller") { factory.made.count == 2 && pool.statistics.idle == 1 }
@@ -369,14 +365,10 @@ struct CPULocalCacheTests {
             await eventually("queued") { pool.statistics.waiting == 1 }
             // Before the stripes' flush (100 ms): the holder was known only to its stripe.
             clock.advance(by: .milliseconds(50))
-            do {
-                _ = try await late.value
-                Issue.record("the late caller was served while the only connection was held")
-            } catch let error as ConnectionPoolError {
-                #expect(error.code == .acquireTimeout)
-                #expect(error.message.contains("1/1 in use"), "\(error)")
-                #expect(error.message.contains("'slow' at"), "\(error)")
-            }
+            let error = await #expect(throws: ConnectionPoolError.self) { _ = try await late.value }
+            #expect(error?.code == .acquireTimeout)
+            #expect(error?.message.contains("1/1 in use") == true, "\(String(describing: error))")
+            #expect(error?.message.contains("'slow' at") == true, "\(String(describing: error))")
             await pool.release(held)
             #expect(pool.statistics.inUse == 0 && pool.holders().isEmpty)
         }

@@ -268,13 +268,9 @@ struct ConnectionPoolTests {
             try await pollUntil(seconds: 5) { attempts.withLock { $0 } == 2 && pool.statistics.waiting == 1 }
             #expect(factory.made.first?.closeCount == 1)
             clock.advance(by: .seconds(1))
-            do {
-                _ = try await waiter.value
-                Issue.record("served with no connection to give")
-            } catch let error as ConnectionPoolError {
-                #expect(error.code == .acquireTimeout)
-                #expect(error.message.contains(" for 5s"), "\(error)")
-            }
+            let error = await #expect(throws: ConnectionPoolError.self) { _ = try await waiter.value }
+            #expect(error?.code == .acquireTimeout)
+            #expect(error?.message.contains(" for 5s") == true, "\(String(describing: error))")
         }
     }
 

@@ -19,7 +19,7 @@ struct TransactionAssemblerTests {
         guard case .transaction(let committed)? = outputs.first else { Issue.record("expected the transaction"); return }
         #expect(committed.changes.count == 3)
 
-        var tooSmall = TransactionAssembler(maxChanges: 2)
+        var tooSmall = TransactionAssembler(maxChanges: 2, slotName: "orders_slot")
         let messages = transaction(lsn: 0x600, xid: 8, (1...3).map(insert))
         _ = try tooSmall.apply(try decoder.decode(messages[0]))
         _ = try tooSmall.apply(try decoder.decode(messages[1]))
@@ -27,7 +27,7 @@ struct TransactionAssemblerTests {
         let error = #expect(throws: ChangeAssemblyError.self) { _ = try tooSmall.apply(try decoder.decode(messages[3])) }
         #expect(error?.code == .transactionTooLarge)
         #expect(error?.message.contains("maxTransactionChanges") == true && error?.message.contains("--max-transaction-changes") == true)
-        #expect(error?.message.contains("pg_replication_slot_advance") == true && error?.message.contains("0/601") == true, "\(String(describing: error))")
+        #expect(error?.message.contains("pg_replication_slot_advance") == true && error?.message.contains("pg_replication_slot_advance('orders_slot', '0/601')") == true, "\(String(describing: error))")
     }
 
     @Test("Changes are emitted at Commit, in order, with cursors from the commit LSN")

@@ -426,18 +426,14 @@ public final class EmbeddedPostgres: Sendable {
         // links: in a shared /tmp another user could plant one pointing at a cluster of theirs.
         var owners: Set<uid_t> = [geteuid()]
         if let user, let ids = userIDs(user) { owners.insert(ids.uid) }
-        func ownedDirectory(_ path: String) -> Bool {
-            var info = stat()
-            return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR && owners.contains(info.st_uid)
-        }
         for name in entries where name.hasPrefix("realtime-sync-pg-") {
             let dir = (parent as NSString).appendingPathComponent(name)
-            guard ownedDirectory(dir),
+            guard owned(dir, S_IFDIR, by: owners),
                   let text = try? String(contentsOfFile: dir + "/owner.pid", encoding: .utf8),
                   let owner = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { continue }
             if processIsAlive(owner) { continue }
             if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") {
-                guard ownedDirectory(dir + "/data") else { continue }
+                guard owned(dir + "/data", S_IFDIR, by: owners) else { continue }
                 _ = try? run(bin + "/pg_ctl", ["-D", dir + "/data", "-m", "immediate", "-w", "-t", "10", "stop"], as: user)
                 // Still running (another user's, a timeout): its folder stays, or it could never
                 // be found again. A server that died with its owner left a stale file: it goes.
@@ -452,7 +448,7 @@ public final class EmbeddedPostgres: Sendable {
             let parts = name.split(separator: "-")
             guard parts.count >= 4, let pid = Int32(parts[3]), !processIsAlive(pid) else { continue }
             let path = (tmp as NSString).appendingPathComponent(name)
-            if ownedFile(path, owners: owners) { unlink(path) }
+            if owned(path, S_IFREG, by: owners) { unlink(path) }
         }
     }
 
@@ -472,10 +468,11 @@ public final class EmbeddedPostgres: Sendable {
         return nil
     }
 
-    /// Whether `path` is a regular file owned by one of `owners` (not a link).
-    private static func ownedFile(_ path: String, owners: Set<uid_t>) -> Bool {
+    /// Whether `path` is itself (not through a symbolic link) of file type `type` (`S_IFDIR`,
+    /// `S_IFREG`) and owned by one of `owners`.
+    private static func owned(_ path: String, _ type: mode_t, by owners: Set<uid_t>) -> Bool {
         var info = stat()
-        return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG && owners.contains(info.st_uid)
+        return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == type && owners.contains(info.st_uid)
     }
 }
 

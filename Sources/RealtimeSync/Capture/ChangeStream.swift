@@ -317,7 +317,7 @@ public final class ChangeStream: Service, Sendable {
     private func capture() async throws {
         let logger = configuration.logger
         var decoder = PgOutputDecoder()
-        var assembler = TransactionAssembler(maxChanges: configuration.maxTransactionChanges)
+        var assembler = TransactionAssembler(maxChanges: configuration.maxTransactionChanges, slotName: configuration.slotName)
         var failures = 0
         var prepared = false
         while !stopRequested {
@@ -468,13 +468,7 @@ public final class ChangeStream: Service, Sendable {
                         }
                     }
                 }
-                let output: AssembledOutput?
-                do {
-                    output = try assembler.apply(decoded)
-                } catch let error as ChangeAssemblyError where error.code == .transactionTooLarge {
-                    // The assembler does not know the slot its advice must name.
-                    throw ChangeAssemblyError(error.code, error.message.replacingOccurrences(of: "'<slot>'", with: "'\(configuration.slotName)'"))
-                }
+                let output = try assembler.apply(decoded)
                 if case .message(let logical)? = output {
                     // Non-transactional messages (the heartbeat's among them) are sent when
                     // written: every transaction that committed before one was sent already.

@@ -88,16 +88,20 @@ public struct TransactionAssembler: Sendable {
     /// Most changes one transaction may have (they are held until its Commit); more throw
     /// `assembly_transaction_too_large`, naming this knob.
     public let maxChanges: Int
+    /// The replication slot the changes come from, named in the advice of that error.
+    public let slotName: String
 
     /// Creates an assembler.
     /// - Parameters:
     ///   - skipThrough: the commit LSN of the last transaction already
     ///     delivered; transactions at or before it are not emitted again.
     ///   - maxChanges: most changes in one transaction (`ChangeStream.Configuration.maxTransactionChanges`).
-    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max)) {
+    ///   - slotName: the slot being read, for the advice on skipping a transaction over `maxChanges`.
+    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max), slotName: String = "<slot>") {
         self.skipThrough = skipThrough
         self.emittedThrough = skipThrough
         self.maxChanges = min(max(1, maxChanges), Int(UInt32.max))
+        self.slotName = slotName
     }
 
     /// Whether a Begin was received and its Commit not yet.
@@ -185,7 +189,7 @@ public struct TransactionAssembler: Sendable {
         guard count < maxChanges else {
             let begin = open!.begin
             throw ChangeAssemblyError(.transactionTooLarge,
-                "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has more than \(maxChanges) changes, the most held in memory until its commit (ChangeStream.Configuration.maxTransactionChanges, realtime-sync --max-transaction-changes). Raise the limit if memory allows (about 250 bytes per change of a small row), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('<slot>', '\(LSN(begin.finalLSN.rawValue + 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
+                "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has more than \(maxChanges) changes, the most held in memory until its commit (ChangeStream.Configuration.maxTransactionChanges, realtime-sync --max-transaction-changes). Raise the limit if memory allows (about 250 bytes per change of a small row), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('\(slotName)', '\(LSN(begin.finalLSN.rawValue + 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
         }
         let begin = open!.begin
         open!.changes.append(ChangeEvent(
