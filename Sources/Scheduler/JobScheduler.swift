@@ -51,8 +51,9 @@ final class RunMarker: Sendable {
 /// - One driver: `run()` owns a task group. Its own task pops due jobs from a
 ///   single indexed heap and hands their runs, a batch at a time, to a small
 ///   elastic set of worker tasks (children of the same group) that call job
-///   bodies directly, one after another; it sleeps on the injected `Clock`
-///   until the next deadline. There is never a sleeping task per job, nor a
+///   bodies directly, one after another; it sleeps until the next deadline
+///   (on the scheduler's own threads with `ContinuousClock` or `SuspendingClock`,
+///   see `Configuration.threads`; on the injected `Clock` otherwise). There is never a sleeping task per job, nor a
 ///   task per run.
 /// - Decisions (policies, retries, statistics, shutdown) are made by a pure
 ///   state machine (`SchedulerState`) under one lock; this class only performs
@@ -63,7 +64,7 @@ final class RunMarker: Sendable {
 ///   picked up at the next occurrence. With a `ManualClock`, the wall clock
 ///   defaults to `ManualClock.wallClock()`, so tests control both.
 /// - Lifetime: `run()` returns after shutdown, once every run has ended and
-///   every timer is gone. Use it as a swift-service-lifecycle `Service`, or
+///   every timer and thread of the scheduler is gone. Use it as a swift-service-lifecycle `Service`, or
 ///   call `run()` in a task of your own and `shutdown(deadline:)`.
 public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.Duration == Duration {
     /// A job body. `nonisolated(nonsending)`: it starts on the worker that
@@ -96,13 +97,24 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         /// 1 ms, or zero on a `ManualClock` (every run in progress then has a
         /// worker of its own, as if each run were its own task).
         public var workerStallThreshold: Duration?
+        /// Threads of the scheduler's own that run the driver, the timer and the job bodies
+        /// (a task executor, started by `run()` and ended before it returns). An idle one
+        /// sleeps until the next deadline and runs what is due itself: one thread wake-up
+        /// per fire, where Swift's global executor takes two (its timer thread, then a
+        /// cooperative thread). Nil: as many as the machine has processors. 0: run on
+        /// Swift's global executor instead. Used with `ContinuousClock` and
+        /// `SuspendingClock`; other clocks (`ManualClock`) always use the global executor.
+        /// A body that blocks its thread (a synchronous call that waits) holds one of these
+        /// threads, as it would hold one of the cooperative pool's.
+        public var threads: Int?
 
         /// Creates a configuration with the documented defaults.
         public init(
             shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 256,
             metricsLabel: String = "default", maxWorkers: Int = 64, workerStallThreshold: Duration? = nil,
-            metricsFactory: (any MetricsFactory)? = nil
+            metricsFactory: (any MetricsFactory)? = nil, threads: Int? = nil
         ) {
+            self.threads = threads
             self.metricsFactory = metricsFactory
             self.shutdownDeadline = shutdownDeadline
             self.randomSeed = randomSeed
@@ -179,6 +191,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// False when the metrics go to the no-op factory: the gauges are then not
     /// fed from `schedule` and `cancel` (a call per job for nothing).
     let metricsEnabled: Bool
+    /// The scheduler's own threads (`Configuration.threads`); nil on Swift's global executor.
+    let threads: SchedulerThreads?
 
     /// Creates a scheduler on `clock`.
     /// - Parameters:
@@ -213,6 +227,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         latenessTimer = Metrics.Timer(label: "scheduler.job.lateness", dimensions: dims, factory: factory)
         jobsGauge = Gauge(label: "scheduler.jobs", dimensions: dims, factory: factory)
         inFlightGauge = Gauge(label: "scheduler.runs.in_flight", dimensions: dims, factory: factory)
+        let threadCount = configuration.threads ?? ProcessInfo.processInfo.activeProcessorCount
+        if threadCount > 0 && (C.self == ContinuousClock.self || C.self == SuspendingClock.self) {
+            let clock = self.clock
+            let epoch = self.epoch
+            threads = SchedulerThreads(count: threadCount, name: "scheduler") { epoch.duration(to: clock.now).nanoseconds }
+        } else {
+            threads = nil
+        }
     }
 
     // MARK: - Time conversion
@@ -483,12 +505,19 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             let now = ticks(clock.now)
             let step = core.withLock { coreStep(&$0, done: done, now: now, limit: limit, byDriver: true) }
-            perform(step)
+            // A single worker resumed follows the driver on its thread (the driver parks or
+            // loops at once); more wake other threads.
+            if let threads { threads.lazily { perform(step) } } else { perform(step) }
             for slot in step.plan.spawn {
                 group.addTask { await self.worker(slot) }
             }
             if let (id, deadline) = step.arm {
-                group.addTask { await self.timer(id, deadline) }
+                // The timer only registers its sleep: it may wait for this thread.
+                if let threads {
+                    threads.lazily { group.addTask { await self.timer(id, deadline) } }
+                } else {
+                    group.addTask { await self.timer(id, deadline) }
+                }
             }
             carried = step.rejected
             if step.exit { return }
@@ -543,17 +572,24 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         }
         var fired = false
         if listed {
-            do {
-                try await clock.sleep(until: instant(deadline), tolerance: nil)
-                fired = true
-            } catch {}
+            if let threads {
+                fired = await threads.sleep(until: deadline)
+            } else {
+                do {
+                    try await clock.sleep(until: instant(deadline), tolerance: nil)
+                    fired = true
+                } catch {}
+            }
         }
         let wake = core.withLock { core -> DriverWake? in
             if let i = core.liveTimers.firstIndex(where: { $0.id == id }) { core.liveTimers.remove(at: i) }
             core.timerTasks -= 1
             return fired ? Self.signal(&core) : nil
         }
-        wake?.resume()
+        if let wake {
+            // The driver follows on this thread; no other thread need wake for it.
+            if let threads { threads.lazily { wake.resume() } } else { wake.resume() }
+        }
         withExtendedLifetime(me) {}
         activity?()
     }
@@ -655,7 +691,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 finishedRun = start
             case .park:
                 let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
-                perform(step)
+                // This worker parks next (or runs what it popped): the driver or the one
+                // worker it wakes may follow on this thread.
+                if let threads { threads.lazily { perform(step) } } else { perform(step) }
                 if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
                 activity?()
                 if step.started > 0 { continue }
@@ -772,12 +810,17 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         case .idle: break
         }
         logger.debug("scheduler started")
+        threads?.start()
         await withTaskCancellationHandler {
             await withGracefulShutdownHandler {
-                await withDiscardingTaskGroup { group in
-                    await self.driverLoop(&group)
-                    // Only superseded timers can be left; every run has ended.
-                    group.cancelAll()
+                // On the scheduler's own threads, if it has them: the driver, every timer
+                // and worker (children of this group) and so the job bodies.
+                await withTaskExecutorPreference(threads) {
+                    await withDiscardingTaskGroup { group in
+                        await self.driverLoop(&group)
+                        // Only superseded timers can be left; every run has ended.
+                        group.cancelAll()
+                    }
                 }
             } onGracefulShutdown: {
                 self.beginShutdown(deadline: self.configuration.shutdownDeadline)
@@ -785,6 +828,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         } onCancel: {
             self.cancelEverything()
         }
+        // Every child has ended: the threads end once their queue is empty.
+        await threads?.stop()
         let (report, waiters) = core.withLock { core -> (ShutdownReport, [CheckedContinuation<ShutdownReport, Never>]) in
             core.lifecycle = .finished
             let r = Self.makeReport(core)

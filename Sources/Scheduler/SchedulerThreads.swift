@@ -1,0 +1,385 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The scheduler's own threads (`Configuration.threads`): a task executor whose idle
+/// threads also keep the scheduler's timer.
+///
+/// Why: on Swift's global executor every fire of a job took two thread wake-ups, the
+/// Dispatch timer thread that ends `clock.sleep`, then a cooperative thread for the task it
+/// resumes (`perf sched` of the 10k-jobs benchmark: each wake-up waited up to 2.3 ms
+/// runnable on a busy machine). Here an idle thread sleeps on a condition variable until
+/// the earliest deadline and, when it passes, resumes the sleeping timer task itself: the
+/// timer, the driver and the worker that runs the body follow on that same thread, so a
+/// fire costs one wake-up, as a Java executor's worker does.
+///
+/// The driver, the timers and the workers are child tasks of `run()`'s group with this
+/// executor as their preference (`withTaskExecutorPreference`); bodies run on it too, and
+/// anything they await elsewhere comes back to it. The threads start in `run()` and end
+/// before it returns.
+///
+/// One mutex guards everything below; nobody holds it while running a job or resuming a
+/// continuation. Each thread waits on a condition of its own, so that a wake-up reaches one
+/// thread: at most one idle thread waits with a timeout (the *timekeeper*), the others
+/// without one.
+final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
+    // @unchecked Sendable: every `var` below is read and written only with `mutex` held
+    // (the threads' `lazy` flags only by their own thread); the condition variables and
+    // the mutex are pthread objects made for exactly this sharing.
+
+    /// One thread's wait slot, also its thread-specific value.
+    final class Slot {
+        let cond: UnsafeMutablePointer<pthread_cond_t>
+        unowned let owner: SchedulerThreads
+        /// Set (under the mutex) by whoever wakes this thread.
+        var signaled = false
+        /// Touched only by this slot's thread: the job running now only hands work on to
+        /// the task that follows it on this thread (see `lazily`).
+        var lazy = false
+
+        init(owner: SchedulerThreads) {
+            self.owner = owner
+            cond = .allocate(capacity: 1)
+            var attr = pthread_condattr_t()
+            pthread_condattr_init(&attr)
+            #if !canImport(Darwin)
+            pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+            #endif
+            pthread_cond_init(cond, &attr)
+            pthread_condattr_destroy(&attr)
+        }
+
+        deinit {
+            pthread_cond_destroy(cond)
+            cond.deallocate()
+        }
+    }
+
+    /// A pending `sleep(until:)`.
+    // @unchecked Sendable: its `var`s are read and written only with the executor's mutex held.
+    private final class Sleep: @unchecked Sendable {
+        let deadline: Int64
+        /// nil until the sleeper has published its continuation.
+        var continuation: UnsafeContinuation<Bool, Never>?
+        /// Fired or cancelled: nothing may resume it any more.
+        var done = false
+        init(deadline: Int64) { self.deadline = deadline }
+    }
+
+    /// Threads started by `start()`.
+    let count: Int
+    private let now: @Sendable () -> Int64
+    private let name: String
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private var jobs: [UnownedJob] = []
+    private var head = 0
+    private var slots: [Slot] = []
+    /// Idle threads waiting without a timeout.
+    private var idle: [Slot] = []
+    /// The idle thread waiting until the earliest sleep's deadline.
+    private var timekeeper: Slot?
+    private var sleeps: [Sleep] = []
+    private var stopping = false
+    private var running = 0
+    private var stopped: UnsafeContinuation<Void, Never>?
+
+    /// Marks the threads of every `SchedulerThreads`: the value is the thread's `Slot`.
+    private static let slotKey: pthread_key_t = {
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+        return key
+    }()
+
+    /// - Parameters:
+    ///   - count: threads to run (at least 1).
+    ///   - now: the scheduler's clock in ticks (nanoseconds from its epoch), the unit of
+    ///     `sleep(until:)`'s deadlines.
+    init(count: Int, name: String, now: @escaping @Sendable () -> Int64) {
+        self.count = Swift.max(1, count)
+        self.now = now
+        self.name = name
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    /// Threads that have not yet left their loop (tests).
+    var liveThreads: Int {
+        lock()
+        defer { unlock() }
+        return running
+    }
+
+    /// Sleeps registered and not yet fired or cancelled (tests).
+    var pendingSleeps: Int {
+        lock()
+        defer { unlock() }
+        return sleeps.count
+    }
+
+    /// True on one of these threads.
+    var isCurrentThread: Bool { Self.isCurrentThread(of: self) }
+
+    @inline(__always) private func lock() { pthread_mutex_lock(mutex) }
+    @inline(__always) private func unlock() { pthread_mutex_unlock(mutex) }
+
+    /// Starts the threads.
+    func start() {
+        lock()
+        stopping = false
+        running = count
+        let made = (0..<count).map { _ in Slot(owner: self) }
+        slots = made
+        unlock()
+        for (index, slot) in made.enumerated() {
+            let box = Unmanaged.passRetained(ThreadStart(threads: self, slot: slot, index: index + 1))
+            var tid = pthread_t()
+            let rc = pthread_create(&tid, nil, { arg in
+                #if canImport(Darwin)
+                let start = Unmanaged<ThreadStart>.fromOpaque(arg).takeRetainedValue()
+                #else
+                let start = Unmanaged<ThreadStart>.fromOpaque(arg!).takeRetainedValue()
+                #endif
+                start.threads.loop(start.slot, index: start.index)
+                return nil
+            }, box.toOpaque())
+            precondition(rc == 0, "JobScheduler could not start its thread (\(rc)); set Configuration.threads = 0 to run on Swift's global executor")
+            pthread_detach(tid)
+        }
+    }
+
+    /// Asks the threads to end once no job is queued, and returns when every one has left
+    /// its loop. Sleeps still pending end as cancelled.
+    func stop() async {
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            lock()
+            stopping = true
+            let pending = sleeps
+            sleeps = []
+            for s in pending { s.done = true }
+            if running == 0 {
+                unlock()
+                c.resume()
+            } else {
+                stopped = c
+                for slot in idle { wake(slot) }
+                idle = []
+                if let t = timekeeper { wake(t) }
+                unlock()
+            }
+            for s in pending { s.continuation?.resume(returning: false) }
+        }
+    }
+
+    /// Runs a job of a task that prefers this executor.
+    func enqueue(_ job: consuming ExecutorJob) {
+        lock()
+        if stopping && running == 0 {
+            unlock()
+            // Only a task that outlived `run()` can get here; let it finish elsewhere.
+            globalConcurrentExecutor.enqueue(job)
+            return
+        }
+        jobs.append(UnownedJob(job))
+        let queued = jobs.count - head
+        // The task that follows on the current thread (it queued one job, it will run it
+        // next): no other thread needs to wake. Anything more wakes one.
+        if !(queued == 1 && Self.currentSlotIsLazy(of: self)) { wakeOne() }
+        unlock()
+    }
+
+    /// Runs `body` so that the one task it resumes runs next on this thread, without
+    /// waking another (a scheduler-internal hand-over: the timer to the driver, the driver
+    /// to one worker). More than one resumed task still wakes a second thread.
+    @inline(__always)
+    func lazily<T>(_ body: () -> T) -> T {
+        guard let raw = pthread_getspecific(Self.slotKey) else { return body() }
+        let slot = Unmanaged<Slot>.fromOpaque(raw).takeUnretainedValue()
+        guard slot.owner === self, !slot.lazy else { return body() }
+        slot.lazy = true
+        defer { slot.lazy = false }
+        return body()
+    }
+
+    private static func isCurrentThread(of threads: SchedulerThreads) -> Bool {
+        guard let raw = pthread_getspecific(slotKey) else { return false }
+        return Unmanaged<Slot>.fromOpaque(raw).takeUnretainedValue().owner === threads
+    }
+
+    private static func currentSlotIsLazy(of threads: SchedulerThreads) -> Bool {
+        guard let raw = pthread_getspecific(slotKey) else { return false }
+        let slot = Unmanaged<Slot>.fromOpaque(raw).takeUnretainedValue()
+        return slot.owner === threads && slot.lazy
+    }
+
+    /// Suspends until the scheduler's clock reaches `deadline` (ticks). Returns false if
+    /// the calling task was cancelled first (or the threads stopped).
+    func sleep(until deadline: Int64) async -> Bool {
+        let sleep = Sleep(deadline: deadline)
+        return await withTaskCancellationHandler {
+            await withUnsafeContinuation { (c: UnsafeContinuation<Bool, Never>) in
+                lock()
+                if sleep.done || stopping {
+                    sleep.done = true
+                    unlock()
+                    c.resume(returning: false)
+                    return
+                }
+                sleep.continuation = c
+                let earliest = sleeps.allSatisfy { $0.deadline > deadline }
+                sleeps.append(sleep)
+                if earliest {
+                    // The timekeeper waits for a later deadline, or nobody keeps time. On one
+                    // of these threads, nobody need wake: the task is about to suspend, and
+                    // this thread keeps time next (or, if it finds a job to run first, wakes
+                    // an idle thread to keep it; see `loop`).
+                    if let t = timekeeper {
+                        wake(t)
+                    } else if !Self.isCurrentThread(of: self), let s = idle.popLast() {
+                        wake(s)
+                    }
+                }
+                unlock()
+            }
+        } onCancel: {
+            lock()
+            guard !sleep.done else {
+                unlock()
+                return
+            }
+            sleep.done = true
+            if let i = sleeps.firstIndex(where: { $0 === sleep }) { sleeps.remove(at: i) }
+            let c = sleep.continuation
+            unlock()
+            c?.resume(returning: false)
+        }
+    }
+
+    /// Under the mutex.
+    private func wake(_ slot: Slot) {
+        slot.signaled = true
+        pthread_cond_signal(slot.cond)
+    }
+
+    /// Under the mutex: wakes an idle thread for a queued job (the timekeeper only when no
+    /// other thread is idle: it takes the job and hands the timer on).
+    private func wakeOne() {
+        if let s = idle.popLast() {
+            wake(s)
+        } else if let t = timekeeper, !t.signaled {
+            wake(t)
+        }
+    }
+
+    private func loop(_ slot: Slot, index: Int) {
+        pthread_setspecific(Self.slotKey, Unmanaged.passUnretained(slot).toOpaque())
+        #if !canImport(Darwin)
+        // Named so that top -H and perf show which threads are the scheduler's (Linux takes
+        // 15 bytes at most). `pthread_setname_np` is not exported to Swift here; this is
+        // what it does for the calling thread.
+        let fd = open("/proc/thread-self/comm", O_WRONLY)
+        if fd >= 0 {
+            let bytes = Array(String("\(name)-\(index)".prefix(15)).utf8)
+            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            close(fd)
+        }
+        #endif
+        let me = asUnownedTaskExecutor()
+        lock()
+        while true {
+            if !sleeps.isEmpty {
+                let t = now()
+                if sleeps.contains(where: { $0.deadline <= t }) {
+                    var due: [UnsafeContinuation<Bool, Never>] = []
+                    sleeps.removeAll { s in
+                        guard s.deadline <= t else { return false }
+                        s.done = true
+                        if let c = s.continuation { due.append(c) }
+                        return true
+                    }
+                    unlock()
+                    slot.lazy = due.count == 1
+                    for c in due { c.resume(returning: true) }
+                    slot.lazy = false
+                    lock()
+                    continue
+                }
+            }
+            if head < jobs.count {
+                let job = jobs[head]
+                head += 1
+                if head == jobs.count {
+                    jobs.removeAll(keepingCapacity: true)
+                    head = 0
+                } else if head >= 1024 && head * 2 >= jobs.count {
+                    jobs.removeFirst(head)
+                    head = 0
+                }
+                // A job may run long: a sleep nobody keeps time for gets an idle thread.
+                if timekeeper == nil && !sleeps.isEmpty, let s = idle.popLast() { wake(s) }
+                unlock()
+                job.runSynchronously(on: me)
+                lock()
+                continue
+            }
+            if stopping { break }
+            if timekeeper == nil, let earliest = sleeps.map(\.deadline).min() {
+                timekeeper = slot
+                let wait = earliest - now()
+                if wait > 0 {
+                    var ts = timespec()
+                    #if canImport(Darwin)
+                    ts.tv_sec = wait / 1_000_000_000
+                    ts.tv_nsec = Int(wait % 1_000_000_000)
+                    while !slot.signaled {
+                        if pthread_cond_timedwait_relative_np(slot.cond, mutex, &ts) == ETIMEDOUT { break }
+                    }
+                    #else
+                    clock_gettime(CLOCK_MONOTONIC, &ts)
+                    let nsec = Int64(ts.tv_nsec) + wait % 1_000_000_000
+                    ts.tv_sec += Int(wait / 1_000_000_000 + nsec / 1_000_000_000)
+                    ts.tv_nsec = Int(nsec % 1_000_000_000)
+                    while !slot.signaled {
+                        if pthread_cond_timedwait(slot.cond, mutex, &ts) == ETIMEDOUT { break }
+                    }
+                    #endif
+                }
+                slot.signaled = false
+                if timekeeper === slot { timekeeper = nil }
+            } else {
+                idle.append(slot)
+                while !slot.signaled { pthread_cond_wait(slot.cond, mutex) }
+                slot.signaled = false
+            }
+        }
+        running -= 1
+        let done = running == 0 ? stopped : nil
+        if running == 0 {
+            stopped = nil
+            slots = []
+        }
+        unlock()
+        pthread_setspecific(Self.slotKey, nil)
+        done?.resume()
+    }
+}
+
+/// What a new thread is handed.
+private final class ThreadStart {
+    let threads: SchedulerThreads
+    let slot: SchedulerThreads.Slot
+    let index: Int
+    init(threads: SchedulerThreads, slot: SchedulerThreads.Slot, index: Int) {
+        self.threads = threads
+        self.slot = slot
+        self.index = index
+    }
+}

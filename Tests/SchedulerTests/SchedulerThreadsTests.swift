@@ -1,0 +1,210 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Scheduler
+
+/// The calling thread's kernel id, from `/proc/thread-self` (a link to `<pid>/task/<tid>`).
+private func currentThreadID() -> Int? {
+    guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self") else { return nil }
+    return target.split(separator: "/").last.flatMap { Int($0) }
+}
+
+/// True while the process still has a thread with this kernel id.
+private func threadExists(_ tid: Int) -> Bool {
+    FileManager.default.fileExists(atPath: "/proc/self/task/\(tid)")
+}
+
+/// Polls `condition` every 5 ms for up to `seconds`.
+private func eventually(_ seconds: Double = 5, _ condition: () -> Bool) async throws -> Bool {
+    let end = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < end {
+        if condition() { return true }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+    return condition()
+}
+
+@Suite("JobScheduler's own threads")
+struct SchedulerThreadsTests {
+    @Test("job bodies run on the scheduler's threads, and every one of them has exited once run() returns")
+    func bodiesRunOnOwnThreads() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 2))
+        let threads = try #require(scheduler.threads)
+        let seen = Mutex<(onOwn: Int, elsewhere: Int, tids: Set<Int>)>((0, 0, []))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            let handle = try scheduler.schedule(.every(.milliseconds(5))) { _ in
+                let own = threads.isCurrentThread
+                    && (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8))?.hasPrefix("scheduler-") == true
+                let tid = currentThreadID()
+                seen.withLock {
+                    if own { $0.onOwn += 1 } else { $0.elsewhere += 1 }
+                    if let tid { $0.tids.insert(tid) }
+                }
+            }
+            #expect(try await eventually { seen.withLock { $0.onOwn } >= 20 })
+            #expect(threads.liveThreads == 2)
+            handle.cancel()
+            await scheduler.shutdown(deadline: .seconds(1))
+            try await group.waitForAll()
+        }
+        let (onOwn, elsewhere, tids) = seen.withLock { $0 }
+        #expect(onOwn >= 20)
+        #expect(elsewhere == 0)
+        #expect(!tids.isEmpty)
+        // run() has returned: the threads left their loops; the kernel threads end right after.
+        #expect(threads.liveThreads == 0)
+        #expect(threads.pendingSleeps == 0)
+        #expect(try await eventually { tids.allSatisfy { !threadExists($0) } })
+    }
+
+    @Test("threads: 0 runs the bodies on Swift's global executor")
+    func globalExecutorOnRequest() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 0))
+        #expect(scheduler.threads == nil)
+        let runs = Mutex(0)
+        let names = Mutex<Set<String>>([])
+        try await withContinuousSchedulerInstance(scheduler) { scheduler in
+            _ = try scheduler.schedule(.every(.milliseconds(5))) { _ in
+                let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
+                names.withLock { _ = $0.insert(name.trimmingCharacters(in: .whitespacesAndNewlines)) }
+                runs.withLock { $0 += 1 }
+            }
+            // Patient: other tests of this process may keep the cooperative threads busy.
+            #expect(try await eventually(30) { runs.withLock { $0 } >= 3 })
+        }
+        #expect(!names.withLock { $0 }.contains { $0.hasPrefix("scheduler-") })
+    }
+
+    @Test("a body that blocks its thread does not hold up another job's fires: the other thread keeps time and runs them")
+    func blockedBodyDoesNotStopTheClock() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 2))
+        let fastRuns = Mutex<[ContinuousClock.Instant]>([])
+        let blocked = Mutex<(start: ContinuousClock.Instant?, end: ContinuousClock.Instant?)>((nil, nil))
+        try await withContinuousSchedulerInstance(scheduler) { scheduler in
+            _ = try scheduler.schedule(.every(.milliseconds(10))) { _ in
+                fastRuns.withLock { $0.append(.now) }
+            }
+            _ = try scheduler.schedule(.once(after: .milliseconds(50))) { _ in
+                blocked.withLock { $0.start = .now }
+                usleep(400_000)  // a synchronous wait: holds its thread
+                blocked.withLock { $0.end = .now }
+            }
+            #expect(try await eventually { blocked.withLock { $0.end } != nil })
+        }
+        let (start, end) = blocked.withLock { $0 }
+        let s = try #require(start)
+        let e = try #require(end)
+        let during = fastRuns.withLock { $0.filter { $0 > s && $0 < e } }
+        // 40 fires are due while it blocks; a loaded machine may miss some, a stopped clock all.
+        #expect(during.count >= 10, "only \(during.count) runs of the 10 ms job during the 400 ms block")
+    }
+
+    @Test("jobs scheduled ever earlier on the real clock fire in deadline order, each on time, and superseded sleeps are cancelled")
+    func supersededSleepsAreCancelled() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 2))
+        let threads = try #require(scheduler.threads)
+        let fired = Mutex<[(due: Int, lateness: Duration)]>([])
+        let started = Mutex(false)
+        var base = ContinuousClock.now
+        var allScheduled = ContinuousClock.now
+        try await withContinuousSchedulerInstance(scheduler) { scheduler in
+            // Once a first run has happened, the driver runs on the scheduler's threads: what
+            // follows no longer waits for Swift's cooperative threads (which other tests of
+            // this process may keep busy).
+            _ = try scheduler.schedule(.once(after: .zero)) { _ in started.withLock { $0 = true } }
+            #expect(try await eventually { started.withLock { $0 } })
+            // 10 jobs at fixed instants, each earlier than the one before: base + 1000, 900, ..., 100 ms.
+            base = ContinuousClock.now.advanced(by: .milliseconds(200))
+            for i in 0..<10 {
+                let due = 1000 - 100 * i
+                _ = try scheduler.schedule(.once(at: base.advanced(by: .milliseconds(due)))) { ctx in
+                    fired.withLock { $0.append((due, ctx.lateness)) }
+                }
+            }
+            allScheduled = ContinuousClock.now
+            // One sleep is pending: the later ones were superseded (cancelled), not left waiting.
+            #expect(try await eventually { threads.pendingSleeps == 1 })
+            #expect(try await eventually { fired.withLock { $0.count } == 10 })
+            #expect(threads.pendingSleeps == 0)
+        }
+        let runs = fired.withLock { $0 }
+        // A sleep kept for a later deadline would have held the earlier jobs until then.
+        #expect(runs.map(\.due) == Array(stride(from: 100, through: 1000, by: 100)))
+        for run in runs where base.advanced(by: .milliseconds(run.due)) > allScheduled {
+            #expect(run.lateness < .milliseconds(90), "the job due at +\(run.due) ms ran \(run.lateness) late")
+        }
+    }
+
+    @Test("shutdown with a job due in an hour returns at once: the pending sleep is cancelled and the threads end")
+    func shutdownCancelsAFarSleep() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 2))
+        let threads = try #require(scheduler.threads)
+        let runs = Mutex(0)
+        let t0 = ContinuousClock.now
+        try await withContinuousSchedulerInstance(scheduler) { scheduler in
+            _ = try scheduler.schedule(.once(after: .seconds(3600))) { _ in runs.withLock { $0 += 1 } }
+            #expect(try await eventually { threads.pendingSleeps == 1 })
+        }
+        #expect(ContinuousClock.now - t0 < .seconds(5))
+        #expect(runs.withLock { $0 } == 0)
+        #expect(threads.liveThreads == 0 && threads.pendingSleeps == 0)
+    }
+
+    @Test("the executor alone: sleeps fire in deadline order, a cancelled sleep returns false at once, a task that outlives stop() still runs")
+    func executorDirectly() async throws {
+        let clock = ContinuousClock()
+        let epoch = clock.now
+        let threads = SchedulerThreads(count: 2, name: "test-sched") { epoch.duration(to: clock.now).nanoseconds }
+        threads.start()
+        let order = Mutex<[Int]>([])
+        let now = epoch.duration(to: clock.now).nanoseconds
+        await withTaskGroup(of: Void.self) { group in
+            for (i, ms) in [60, 20, 40].enumerated() {
+                group.addTask(executorPreference: threads) { @Sendable in
+                    let fired = await threads.sleep(until: now + Int64(ms) * 1_000_000)
+                    #expect(fired)
+                    #expect(threads.isCurrentThread)
+                    order.withLock { $0.append(i) }
+                }
+            }
+        }
+        #expect(order.withLock { $0 } == [1, 2, 0])
+        // An earlier sleep registered while the timekeeper waits for a later one: the
+        // timekeeper is woken to wait for the earlier deadline instead.
+        let later = Task(executorPreference: threads) { await threads.sleep(until: epoch.duration(to: clock.now).nanoseconds + 3_000_000_000) }
+        #expect(try await eventually { threads.pendingSleeps == 1 })
+        try await Task.sleep(for: .milliseconds(20))  // the timekeeper is in its timed wait now
+        let t0 = clock.now
+        let earlier = Task(executorPreference: threads) { await threads.sleep(until: epoch.duration(to: clock.now).nanoseconds + 50_000_000) }
+        #expect(await earlier.value)
+        #expect(clock.now - t0 < .milliseconds(1500), "a 50 ms sleep took \(clock.now - t0): it waited for the 3 s one")
+        later.cancel()
+        #expect(await later.value == false)
+        // Cancelled while sleeping for an hour: returns false promptly.
+        let sleeper = Task(executorPreference: threads) { await threads.sleep(until: now + 3_600_000_000_000) }
+        #expect(try await eventually { threads.pendingSleeps == 1 })
+        sleeper.cancel()
+        #expect(await sleeper.value == false)
+        #expect(threads.pendingSleeps == 0)
+        await threads.stop()
+        #expect(threads.liveThreads == 0)
+        // A task preferring the stopped executor is run elsewhere, not lost.
+        let late = Task(executorPreference: threads) { 42 }
+        #expect(await late.value == 42)
+    }
+}
+
+/// Runs `body` while `scheduler` runs, then shuts it down and waits for `run()` to return.
+private func withContinuousSchedulerInstance(
+    _ scheduler: JobScheduler<ContinuousClock>,
+    _ body: (JobScheduler<ContinuousClock>) async throws -> Void
+) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { try await scheduler.run() }
+        try await body(scheduler)
+        await scheduler.shutdown(deadline: .seconds(1))
+        try await group.waitForAll()
+    }
+}
