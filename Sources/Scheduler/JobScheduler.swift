@@ -505,15 +505,16 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             }
             let now = ticks(clock.now)
             let step = core.withLock { coreStep(&$0, done: done, now: now, limit: limit, byDriver: true) }
-            // A single worker resumed follows the driver on its thread (the driver parks or
-            // loops at once); more wake other threads.
-            if let threads { threads.lazily { perform(step) } } else { perform(step) }
+            // A single worker resumed follows the driver on its thread when the driver parks
+            // next; more wake other threads (and so does any when the driver goes round again).
+            let parksNext = !step.more && !step.exit
+            if let threads, parksNext { threads.lazily { perform(step) } } else { perform(step) }
             for slot in step.plan.spawn {
                 group.addTask { await self.worker(slot) }
             }
             if let (id, deadline) = step.arm {
                 // The timer only registers its sleep: it may wait for this thread.
-                if let threads {
+                if let threads, parksNext {
                     threads.lazily { group.addTask { await self.timer(id, deadline) } }
                 } else {
                     group.addTask { await self.timer(id, deadline) }
@@ -691,9 +692,10 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 finishedRun = start
             case .park:
                 let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
-                // This worker parks next (or runs what it popped): the driver or the one
-                // worker it wakes may follow on this thread.
-                if let threads { threads.lazily { perform(step) } } else { perform(step) }
+                // When this worker parks next, the driver or the one worker it wakes may follow
+                // on this thread; when it runs what it popped (a body that may be slow), a
+                // worker it wakes gets a thread of its own.
+                if let threads, step.started == 0 { threads.lazily { perform(step) } } else { perform(step) }
                 if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
                 activity?()
                 if step.started > 0 { continue }

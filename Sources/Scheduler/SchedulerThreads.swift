@@ -85,7 +85,7 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
     private var sleeps: [Sleep] = []
     private var stopping = false
     private var running = 0
-    private var stopped: UnsafeContinuation<Void, Never>?
+    private var stopped: [UnsafeContinuation<Void, Never>] = []
 
     /// Marks the threads of every `SchedulerThreads`: the value is the thread's `Slot`.
     private static let slotKey: pthread_key_t = {
@@ -141,7 +141,11 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         unlock()
         for (index, slot) in made.enumerated() {
             let box = Unmanaged.passRetained(ThreadStart(threads: self, slot: slot, index: index + 1))
+            #if canImport(Darwin)
+            var tid: pthread_t? = nil
+            #else
             var tid = pthread_t()
+            #endif
             let rc = pthread_create(&tid, nil, { arg in
                 #if canImport(Darwin)
                 let start = Unmanaged<ThreadStart>.fromOpaque(arg).takeRetainedValue()
@@ -152,7 +156,11 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
                 return nil
             }, box.toOpaque())
             precondition(rc == 0, "JobScheduler could not start its thread (\(rc)); set Configuration.threads = 0 to run on Swift's global executor")
+            #if canImport(Darwin)
+            pthread_detach(tid!)
+            #else
             pthread_detach(tid)
+            #endif
         }
     }
 
@@ -169,7 +177,7 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
                 unlock()
                 c.resume()
             } else {
-                stopped = c
+                stopped.append(c)
                 for slot in idle { wake(slot) }
                 idle = []
                 if let t = timekeeper { wake(t) }
@@ -333,15 +341,16 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
             if stopping { break }
             if timekeeper == nil, let earliest = sleeps.map(\.deadline).min() {
                 timekeeper = slot
-                let wait = earliest - now()
+                let (difference, overflow) = earliest.subtractingReportingOverflow(now())
+                // At most a day per wait (the loop then looks again): no overflow below.
+                let wait = overflow ? 86_400_000_000_000 : Swift.min(difference, 86_400_000_000_000)
                 if wait > 0 {
                     var ts = timespec()
                     #if canImport(Darwin)
-                    ts.tv_sec = wait / 1_000_000_000
+                    ts.tv_sec = Int(wait / 1_000_000_000)
                     ts.tv_nsec = Int(wait % 1_000_000_000)
-                    while !slot.signaled {
-                        if pthread_cond_timedwait_relative_np(slot.cond, mutex, &ts) == ETIMEDOUT { break }
-                    }
+                    // One call: a spurious return goes round the loop, which measures again.
+                    if !slot.signaled { _ = pthread_cond_timedwait_relative_np(slot.cond, mutex, &ts) }
                     #else
                     clock_gettime(CLOCK_MONOTONIC, &ts)
                     let nsec = Int64(ts.tv_nsec) + wait % 1_000_000_000
@@ -361,14 +370,15 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
             }
         }
         running -= 1
-        let done = running == 0 ? stopped : nil
+        var done: [UnsafeContinuation<Void, Never>] = []
         if running == 0 {
-            stopped = nil
+            done = stopped
+            stopped = []
             slots = []
         }
         unlock()
         pthread_setspecific(Self.slotKey, nil)
-        done?.resume()
+        for c in done { c.resume() }
     }
 }
 
