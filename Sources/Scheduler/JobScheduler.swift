@@ -52,9 +52,9 @@ final class RunMarker: Sendable {
 ///   single indexed heap and hands their runs, a batch at a time, to a small
 ///   elastic set of worker tasks (children of the same group) that call job
 ///   bodies directly, one after another; it sleeps until the next deadline
-///   (on the scheduler's own threads with `ContinuousClock` or `SuspendingClock`,
-///   see `Configuration.threads`; on the injected `Clock` otherwise). There is never a sleeping task per job, nor a
-///   task per run.
+///   (on the injected `Clock`, or on the scheduler's own threads when
+///   `Configuration.threads` asks for them). There is never a sleeping task per job,
+///   nor a task per run.
 /// - Decisions (policies, retries, statistics, shutdown) are made by a pure
 ///   state machine (`SchedulerState`) under one lock; this class only performs
 ///   them: starts and cancels tasks, sleeps, logs, counts.
@@ -99,20 +99,22 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         public var workerStallThreshold: Duration?
         /// Threads of the scheduler's own that run the driver, the timer and the job bodies
         /// (a task executor, started by `run()` and ended before it returns). An idle one
-        /// sleeps until the next deadline and runs what is due itself: one thread wake-up
-        /// per fire, where Swift's global executor takes two (its timer thread, then a
-        /// cooperative thread). Nil: as many as the machine has processors. 0: run on
-        /// Swift's global executor instead. Used with `ContinuousClock` and
+        /// sleeps until the next deadline and runs the timer itself, and the driver and a
+        /// worker follow on that thread: one wake-up per fire, where Swift's global executor
+        /// takes two (its timer thread, then a cooperative thread). At 100k fires/s it cut
+        /// the scheduler's CPU by about 40 % and its context switches by about half, but its
+        /// lateness tail was no better on a busy 2-core machine (docs/BENCHMARKS.md), so
+        /// 0, Swift's global executor, is the default. Used with `ContinuousClock` and
         /// `SuspendingClock`; other clocks (`ManualClock`) always use the global executor.
         /// A body that blocks its thread (a synchronous call that waits) holds one of these
         /// threads, as it would hold one of the cooperative pool's.
-        public var threads: Int?
+        public var threads: Int
 
         /// Creates a configuration with the documented defaults.
         public init(
             shutdownDeadline: Duration = .seconds(10), randomSeed: UInt64? = nil, maxStartsPerWakeup: Int = 256,
             metricsLabel: String = "default", maxWorkers: Int = 64, workerStallThreshold: Duration? = nil,
-            metricsFactory: (any MetricsFactory)? = nil, threads: Int? = nil
+            metricsFactory: (any MetricsFactory)? = nil, threads: Int = 0
         ) {
             self.threads = threads
             self.metricsFactory = metricsFactory
@@ -142,6 +144,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         /// its entry under the lock before it ends, so the task outlives every use.
         /// Unretained: scanning the list (on every schedule) then costs no reference counting.
         var task: Unmanaged<WorkerTask>?
+        /// On the scheduler's threads, the timer is no task but an action they run at its
+        /// deadline: its token (`SchedulerThreads.arm`), 0 otherwise.
+        var token: UInt64 = 0
     }
 
     struct Core: Sendable {
@@ -227,7 +232,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         latenessTimer = Metrics.Timer(label: "scheduler.job.lateness", dimensions: dims, factory: factory)
         jobsGauge = Gauge(label: "scheduler.jobs", dimensions: dims, factory: factory)
         inFlightGauge = Gauge(label: "scheduler.runs.in_flight", dimensions: dims, factory: factory)
-        let threadCount = configuration.threads ?? ProcessInfo.processInfo.activeProcessorCount
+        let threadCount = configuration.threads
         if threadCount > 0 && (C.self == ContinuousClock.self || C.self == SuspendingClock.self) {
             let clock = self.clock
             let epoch = self.epoch
@@ -460,7 +465,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 // which only the driver starts).
                 let wake = [core.workerRecheck, core.machine.nextTimeout].compactMap { $0 }.min()
                 if let w = wake, !core.liveTimers.contains(where: { $0.deadline <= w }) {
-                    step.arm = Self.armTimer(&core, at: w)
+                    step.arm = armTimer(&core, at: w)
                 }
             } else {
                 step.more = true
@@ -469,7 +474,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             if d <= now {
                 step.more = true
             } else if !core.liveTimers.contains(where: { $0.deadline <= d }) {
-                step.arm = Self.armTimer(&core, at: d)
+                step.arm = armTimer(&core, at: d)
             }
         }
         return step
@@ -512,13 +517,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             for slot in step.plan.spawn {
                 group.addTask { await self.worker(slot) }
             }
-            if let (id, deadline) = step.arm {
-                // The timer only registers its sleep: it may wait for this thread.
-                if let threads, parksNext {
-                    threads.lazily { group.addTask { await self.timer(id, deadline) } }
-                } else {
-                    group.addTask { await self.timer(id, deadline) }
-                }
+            if let (id, deadline) = step.arm, threads == nil {
+                group.addTask { await self.timer(id, deadline) }
             }
             carried = step.rejected
             if step.exit { return }
@@ -543,20 +543,54 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         }
     }
 
-    /// Lists a timer for `deadline` and cancels the timers it supersedes (later ones);
-    /// the caller starts its task. Under the core lock.
-    static func armTimer(_ core: inout Core, at deadline: Int64) -> (id: UInt64, deadline: Int64) {
+    /// Lists a timer for `deadline` and drops the timers it supersedes (later ones). On the
+    /// scheduler's threads it arms the timer there; otherwise the caller starts its task.
+    /// Under the core lock.
+    func armTimer(_ core: inout Core, at deadline: Int64) -> (id: UInt64, deadline: Int64) {
+        var disarmed = 0
         core.liveTimers.removeAll { timer in
             guard timer.deadline > deadline else { return false }
-            // Its task only sleeps on the clock (no code of a job runs in it): cancelling
-            // it here, under the lock, runs nothing that takes the lock.
-            timer.task?.takeUnretainedValue().task.cancel()
+            if drop(timer) { disarmed += 1 }
             return true
         }
+        core.timerTasks -= disarmed
         core.nextTimerID &+= 1
-        core.liveTimers.append(LiveTimer(id: core.nextTimerID, deadline: deadline, task: nil))
+        let id = core.nextTimerID
+        var timer = LiveTimer(id: id, deadline: deadline, task: nil)
+        if let threads {
+            // The executor's lock inside the core lock (never the other way round: it runs
+            // the action without its own lock).
+            timer.token = threads.arm(at: deadline) { self.timerFired(id) }
+        }
+        core.liveTimers.append(timer)
         core.timerTasks += 1
-        return (core.nextTimerID, deadline)
+        return (id, deadline)
+    }
+
+    /// Stops a listed timer that is no longer wanted. True if it is gone for good (the caller
+    /// counts it out of `timerTasks`); false if it ends by itself (a task, cancelled here,
+    /// or an action that fired already) and counts itself out. Under the core lock.
+    private func drop(_ timer: LiveTimer) -> Bool {
+        if timer.token != 0, let threads { return threads.disarm(timer.token) }
+        // Its task only sleeps on the clock (no code of a job runs in it): cancelling
+        // it here, under the lock, runs nothing that takes the lock.
+        timer.task?.takeUnretainedValue().task.cancel()
+        return false
+    }
+
+    /// A timer armed on the scheduler's threads reached its deadline: wakes the driver,
+    /// which follows on this thread, unless the timer was superseded meanwhile.
+    private func timerFired(_ id: UInt64) {
+        let wake = core.withLock { core -> DriverWake? in
+            core.timerTasks -= 1
+            guard let i = core.liveTimers.firstIndex(where: { $0.id == id }) else { return nil }
+            core.liveTimers.remove(at: i)
+            return Self.signal(&core)
+        }
+        if let wake {
+            if let threads { threads.lazily { wake.resume() } } else { wake.resume() }
+        }
+        activity?()
     }
 
     /// The one timer: sleeps on the clock until `deadline`, then wakes the driver;
@@ -573,24 +607,17 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         }
         var fired = false
         if listed {
-            if let threads {
-                fired = await threads.sleep(until: deadline)
-            } else {
-                do {
-                    try await clock.sleep(until: instant(deadline), tolerance: nil)
-                    fired = true
-                } catch {}
-            }
+            do {
+                try await clock.sleep(until: instant(deadline), tolerance: nil)
+                fired = true
+            } catch {}
         }
         let wake = core.withLock { core -> DriverWake? in
             if let i = core.liveTimers.firstIndex(where: { $0.id == id }) { core.liveTimers.remove(at: i) }
             core.timerTasks -= 1
             return fired ? Self.signal(&core) : nil
         }
-        if let wake {
-            // The driver follows on this thread; no other thread need wake for it.
-            if let threads { threads.lazily { wake.resume() } } else { wake.resume() }
-        }
+        wake?.resume()
         withExtendedLifetime(me) {}
         activity?()
     }
@@ -944,10 +971,12 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             // until the cancelled job's time (only then: a timer re-armed on every cancel of
             // the earliest job would cost a task per cancel).
             if controls != nil, core.lifecycle == .running, Self.nextDeadline(&core) == nil {
+                var disarmed = 0
                 core.liveTimers.removeAll { timer in
-                    timer.task?.takeUnretainedValue().task.cancel()
+                    if drop(timer) { disarmed += 1 }
                     return true
                 }
+                core.timerTasks -= disarmed
             }
             return (controls, core.machine.takeResumes(), core.machine.liveJobs)
         }

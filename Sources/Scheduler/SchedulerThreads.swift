@@ -13,17 +13,17 @@ import Darwin
 /// Dispatch timer thread that ends `clock.sleep`, then a cooperative thread for the task it
 /// resumes (`perf sched` of the 10k-jobs benchmark: each wake-up waited up to 2.3 ms
 /// runnable on a busy machine). Here an idle thread sleeps on a condition variable until
-/// the earliest deadline and, when it passes, resumes the sleeping timer task itself: the
-/// timer, the driver and the worker that runs the body follow on that same thread, so a
-/// fire costs one wake-up, as a Java executor's worker does.
+/// the earliest deadline and, when it passes, runs the timer's action itself (no task: it
+/// wakes the driver); the driver and the worker that runs the body follow on that same
+/// thread, so a fire costs one wake-up, as a Java executor's worker does.
 ///
-/// The driver, the timers and the workers are child tasks of `run()`'s group with this
+/// The driver and the workers are child tasks of `run()`'s group with this
 /// executor as their preference (`withTaskExecutorPreference`); bodies run on it too, and
 /// anything they await elsewhere comes back to it. The threads start in `run()` and end
 /// before it returns.
 ///
-/// One mutex guards everything below; nobody holds it while running a job or resuming a
-/// continuation. Each thread waits on a condition of its own, so that a wake-up reaches one
+/// One mutex guards everything below; nobody holds it while running a job or a timer's
+/// action. Each thread waits on a condition of its own, so that a wake-up reaches one
 /// thread: at most one idle thread waits with a timeout (the *timekeeper*), the others
 /// without one.
 final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
@@ -59,15 +59,11 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         }
     }
 
-    /// A pending `sleep(until:)`.
-    // @unchecked Sendable: its `var`s are read and written only with the executor's mutex held.
-    private final class Sleep: @unchecked Sendable {
+    /// A timer armed with `arm(at:_:)`.
+    private struct Timer {
         let deadline: Int64
-        /// nil until the sleeper has published its continuation.
-        var continuation: UnsafeContinuation<Bool, Never>?
-        /// Fired or cancelled: nothing may resume it any more.
-        var done = false
-        init(deadline: Int64) { self.deadline = deadline }
+        let token: UInt64
+        let action: @Sendable () -> Void
     }
 
     /// Threads started by `start()`.
@@ -80,10 +76,11 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
     private var slots: [Slot] = []
     /// Idle threads waiting without a timeout.
     private var idle: [Slot] = []
-    /// The idle thread waiting until the earliest sleep's deadline.
+    /// The idle thread waiting until the earliest timer's deadline.
     private var timekeeper: Slot?
-    private var sleeps: [Sleep] = []
+    private var timers: [Timer] = []
     private var stopping = false
+    private var nextToken: UInt64 = 0
     private var running = 0
     private var stopped: [UnsafeContinuation<Void, Never>] = []
 
@@ -97,7 +94,7 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
     /// - Parameters:
     ///   - count: threads to run (at least 1).
     ///   - now: the scheduler's clock in ticks (nanoseconds from its epoch), the unit of
-    ///     `sleep(until:)`'s deadlines.
+    ///     `arm(at:_:)`'s deadlines.
     init(count: Int, name: String, now: @escaping @Sendable () -> Int64) {
         self.count = Swift.max(1, count)
         self.now = now
@@ -118,11 +115,11 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         return running
     }
 
-    /// Sleeps registered and not yet fired or cancelled (tests).
-    var pendingSleeps: Int {
+    /// Timers armed and not yet fired or disarmed (tests).
+    var pendingTimers: Int {
         lock()
         defer { unlock() }
-        return sleeps.count
+        return timers.count
     }
 
     /// True on one of these threads.
@@ -165,14 +162,12 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
     }
 
     /// Asks the threads to end once no job is queued, and returns when every one has left
-    /// its loop. Sleeps still pending end as cancelled.
+    /// its loop. Timers still armed are dropped (their actions never run).
     func stop() async {
         await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
             lock()
             stopping = true
-            let pending = sleeps
-            sleeps = []
-            for s in pending { s.done = true }
+            timers = []
             if running == 0 {
                 unlock()
                 c.resume()
@@ -183,7 +178,6 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
                 if let t = timekeeper { wake(t) }
                 unlock()
             }
-            for s in pending { s.continuation?.resume(returning: false) }
         }
     }
 
@@ -228,47 +222,41 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         return slot.owner === threads && slot.lazy
     }
 
-    /// Suspends until the scheduler's clock reaches `deadline` (ticks). Returns false if
-    /// the calling task was cancelled first (or the threads stopped).
-    func sleep(until deadline: Int64) async -> Bool {
-        let sleep = Sleep(deadline: deadline)
-        return await withTaskCancellationHandler {
-            await withUnsafeContinuation { (c: UnsafeContinuation<Bool, Never>) in
-                lock()
-                if sleep.done || stopping {
-                    sleep.done = true
-                    unlock()
-                    c.resume(returning: false)
-                    return
+    /// Runs `action` on one of these threads once the scheduler's clock reaches `deadline`
+    /// (ticks), as a scheduler-internal hand-over (`lazily`): a timer without a task. Returns
+    /// a token for `disarm`. Never runs it after `stop()`.
+    func arm(at deadline: Int64, _ action: @escaping @Sendable () -> Void) -> UInt64 {
+        lock()
+        nextToken &+= 1
+        let token = nextToken
+        if !stopping {
+            let earliest = timers.allSatisfy { $0.deadline > deadline }
+            timers.append(Timer(deadline: deadline, token: token, action: action))
+            if earliest {
+                // The timekeeper waits for a later deadline, or nobody keeps time. On one of
+                // these threads nobody need wake: the task arming it is scheduler-internal
+                // and suspends soon, and this thread keeps time next (or, if it finds a job
+                // to run first, wakes an idle thread to keep it; see `loop`).
+                if let t = timekeeper {
+                    wake(t)
+                } else if !Self.isCurrentThread(of: self), let s = idle.popLast() {
+                    wake(s)
                 }
-                sleep.continuation = c
-                let earliest = sleeps.allSatisfy { $0.deadline > deadline }
-                sleeps.append(sleep)
-                if earliest {
-                    // The timekeeper waits for a later deadline, or nobody keeps time. On one
-                    // of these threads, nobody need wake: the task is about to suspend, and
-                    // this thread keeps time next (or, if it finds a job to run first, wakes
-                    // an idle thread to keep it; see `loop`).
-                    if let t = timekeeper {
-                        wake(t)
-                    } else if !Self.isCurrentThread(of: self), let s = idle.popLast() {
-                        wake(s)
-                    }
-                }
-                unlock()
             }
-        } onCancel: {
-            lock()
-            guard !sleep.done else {
-                unlock()
-                return
-            }
-            sleep.done = true
-            if let i = sleeps.firstIndex(where: { $0 === sleep }) { sleeps.remove(at: i) }
-            let c = sleep.continuation
-            unlock()
-            c?.resume(returning: false)
         }
+        unlock()
+        return token
+    }
+
+    /// Removes a timer armed with `arm(at:_:)`. True if it was removed before it fired (its
+    /// action will never run); false if it has fired (its action runs or ran) or was dropped
+    /// at `stop()`.
+    func disarm(_ token: UInt64) -> Bool {
+        lock()
+        defer { unlock() }
+        guard let i = timers.firstIndex(where: { $0.token == token }) else { return false }
+        timers.remove(at: i)
+        return true
     }
 
     /// Under the mutex.
@@ -303,19 +291,19 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         let me = asUnownedTaskExecutor()
         lock()
         while true {
-            if !sleeps.isEmpty {
+            if !timers.isEmpty {
                 let t = now()
-                if sleeps.contains(where: { $0.deadline <= t }) {
-                    var due: [UnsafeContinuation<Bool, Never>] = []
-                    sleeps.removeAll { s in
-                        guard s.deadline <= t else { return false }
-                        s.done = true
-                        if let c = s.continuation { due.append(c) }
+                if timers.contains(where: { $0.deadline <= t }) {
+                    var actions: [@Sendable () -> Void] = []
+                    timers.removeAll { timer in
+                        guard timer.deadline <= t else { return false }
+                        actions.append(timer.action)
                         return true
                     }
                     unlock()
-                    slot.lazy = due.count == 1
-                    for c in due { c.resume(returning: true) }
+                    // A single action hands over to one task (the driver), which runs next here.
+                    slot.lazy = actions.count == 1
+                    for a in actions { a() }
                     slot.lazy = false
                     lock()
                     continue
@@ -331,15 +319,15 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
                     jobs.removeFirst(head)
                     head = 0
                 }
-                // A job may run long: a sleep nobody keeps time for gets an idle thread.
-                if timekeeper == nil && !sleeps.isEmpty, let s = idle.popLast() { wake(s) }
+                // A job may run long: a timer nobody keeps time for gets an idle thread.
+                if timekeeper == nil && !timers.isEmpty, let s = idle.popLast() { wake(s) }
                 unlock()
                 job.runSynchronously(on: me)
                 lock()
                 continue
             }
             if stopping { break }
-            if timekeeper == nil, let earliest = sleeps.map(\.deadline).min() {
+            if timekeeper == nil, let earliest = timers.map(\.deadline).min() {
                 timekeeper = slot
                 let (difference, overflow) = earliest.subtractingReportingOverflow(now())
                 // At most a day per wait (the loop then looks again): no overflow below.

@@ -65,13 +65,13 @@ struct SchedulerThreadsTests {
         #endif
         // run() has returned: the threads left their loops; the kernel threads end right after.
         #expect(threads.liveThreads == 0)
-        #expect(threads.pendingSleeps == 0)
+        #expect(threads.pendingTimers == 0)
         #expect(try await eventually { tids.allSatisfy { !threadExists($0) } })
     }
 
-    @Test("threads: 0 runs the bodies on Swift's global executor")
-    func globalExecutorOnRequest() async throws {
-        let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 0))
+    @Test("by default (threads: 0) the bodies run on Swift's global executor, with no thread of the scheduler's")
+    func globalExecutorByDefault() async throws {
+        let scheduler = JobScheduler(logger: quiet, configuration: .init())
         #expect(scheduler.threads == nil)
         let runs = Mutex(0)
         let names = Mutex<Set<String>>([])
@@ -137,7 +137,7 @@ struct SchedulerThreadsTests {
         }
     }
 
-    @Test("jobs scheduled ever earlier on the real clock fire in deadline order, each on time, and superseded sleeps are cancelled")
+    @Test("jobs scheduled ever earlier on the real clock fire in deadline order, each on time, and superseded timers are disarmed")
     func supersededSleepsAreCancelled() async throws {
         let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 2))
         let threads = try #require(scheduler.threads)
@@ -160,10 +160,10 @@ struct SchedulerThreadsTests {
                 }
             }
             allScheduled = ContinuousClock.now
-            // One sleep is pending: the later ones were superseded (cancelled), not left waiting.
-            #expect(try await eventually { threads.pendingSleeps == 1 })
+            // One timer is armed: the later ones were superseded (disarmed), not left waiting.
+            #expect(try await eventually { threads.pendingTimers == 1 })
             #expect(try await eventually { fired.withLock { $0.count } == 10 })
-            #expect(threads.pendingSleeps == 0)
+            #expect(threads.pendingTimers == 0)
         }
         let runs = fired.withLock { $0 }
         // A sleep kept for a later deadline would have held the earlier jobs until then.
@@ -173,7 +173,7 @@ struct SchedulerThreadsTests {
         }
     }
 
-    @Test("shutdown with a job due in an hour returns at once: the pending sleep is cancelled and the threads end")
+    @Test("shutdown with a job due in an hour returns at once: the armed timer is dropped and the threads end")
     func shutdownCancelsAFarSleep() async throws {
         let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 2))
         let threads = try #require(scheduler.threads)
@@ -181,51 +181,54 @@ struct SchedulerThreadsTests {
         let t0 = ContinuousClock.now
         try await withContinuousSchedulerInstance(scheduler) { scheduler in
             _ = try scheduler.schedule(.once(after: .seconds(3600))) { _ in runs.withLock { $0 += 1 } }
-            #expect(try await eventually { threads.pendingSleeps == 1 })
+            #expect(try await eventually { threads.pendingTimers == 1 })
         }
         #expect(ContinuousClock.now - t0 < .seconds(5))
         #expect(runs.withLock { $0 } == 0)
-        #expect(threads.liveThreads == 0 && threads.pendingSleeps == 0)
+        #expect(threads.liveThreads == 0 && threads.pendingTimers == 0)
     }
 
-    @Test("the executor alone: sleeps fire in deadline order, a cancelled sleep returns false at once, a task that outlives stop() still runs")
+    @Test("the executor alone: timers fire in deadline order on its threads, a disarmed one never runs, an earlier one wakes the timekeeper, a task that outlives stop() still runs")
     func executorDirectly() async throws {
         let clock = ContinuousClock()
         let epoch = clock.now
         let threads = SchedulerThreads(count: 2, name: "test-sched") { epoch.duration(to: clock.now).nanoseconds }
         threads.start()
-        let order = Mutex<[Int]>([])
-        let now = epoch.duration(to: clock.now).nanoseconds
-        await withTaskGroup(of: Void.self) { group in
-            for (i, ms) in [60, 20, 40].enumerated() {
-                group.addTask(executorPreference: threads) { @Sendable in
-                    let fired = await threads.sleep(until: now + Int64(ms) * 1_000_000)
-                    #expect(fired)
-                    #expect(threads.isCurrentThread)
-                    order.withLock { $0.append(i) }
-                }
-            }
+        func ticks() -> Int64 { epoch.duration(to: clock.now).nanoseconds }
+        let fired = Mutex<[(Int, Bool)]>([])
+        let now = ticks()
+        for (i, ms) in [60, 20, 40].enumerated() {
+            _ = threads.arm(at: now + Int64(ms) * 1_000_000) { fired.withLock { $0.append((i, threads.isCurrentThread)) } }
         }
-        #expect(order.withLock { $0 } == [1, 2, 0])
-        // An earlier sleep registered while the timekeeper waits for a later one: the
-        // timekeeper is woken to wait for the earlier deadline instead.
-        let later = Task(executorPreference: threads) { await threads.sleep(until: epoch.duration(to: clock.now).nanoseconds + 3_000_000_000) }
-        #expect(try await eventually { threads.pendingSleeps == 1 })
+        let never = threads.arm(at: now + 30_000_000) { fired.withLock { $0.append((99, true)) } }
+        #expect(threads.disarm(never))
+        #expect(try await eventually { fired.withLock { $0.count } == 3 })
+        try await Task.sleep(for: .milliseconds(50))
+        let order = fired.withLock { $0 }
+        #expect(order.map(\.0) == [1, 2, 0])
+        #expect(order.allSatisfy { $0.1 }, "a timer's action ran off the executor's threads")
+        #expect(!threads.disarm(never), "disarmed twice")
+        // An earlier timer armed while the timekeeper waits for a later one: the timekeeper is
+        // woken to wait for the earlier deadline instead.
+        let later = threads.arm(at: ticks() + 3_000_000_000) {}
         try await Task.sleep(for: .milliseconds(20))  // the timekeeper is in its timed wait now
         let t0 = clock.now
-        let earlier = Task(executorPreference: threads) { await threads.sleep(until: epoch.duration(to: clock.now).nanoseconds + 50_000_000) }
-        #expect(await earlier.value)
-        #expect(clock.now - t0 < .milliseconds(1500), "a 50 ms sleep took \(clock.now - t0): it waited for the 3 s one")
-        later.cancel()
-        #expect(await later.value == false)
-        // Cancelled while sleeping for an hour: returns false promptly.
-        let sleeper = Task(executorPreference: threads) { await threads.sleep(until: now + 3_600_000_000_000) }
-        #expect(try await eventually { threads.pendingSleeps == 1 })
-        sleeper.cancel()
-        #expect(await sleeper.value == false)
-        #expect(threads.pendingSleeps == 0)
+        let early = Mutex<ContinuousClock.Instant?>(nil)
+        _ = threads.arm(at: ticks() + 50_000_000) { early.withLock { $0 = .now } }
+        #expect(try await eventually { early.withLock { $0 } != nil })
+        let took = early.withLock { $0 }.map { t0.duration(to: $0) }
+        #expect(took.map { $0 < .milliseconds(1500) } == true, "a 50 ms timer took \(String(describing: took)): it waited for the 3 s one")
+        #expect(threads.pendingTimers == 1)
+        #expect(threads.disarm(later))
+        // Jobs of a task that prefers it run on its threads.
+        let onOwn = await Task(executorPreference: threads) { threads.isCurrentThread }.value
+        #expect(onOwn)
+        // stop() drops armed timers and ends the threads.
+        let dropped = Mutex(false)
+        _ = threads.arm(at: ticks() + 3_600_000_000_000) { dropped.withLock { $0 = true } }
         await threads.stop()
-        #expect(threads.liveThreads == 0)
+        #expect(threads.liveThreads == 0 && threads.pendingTimers == 0)
+        #expect(!dropped.withLock { $0 })
         // A task preferring the stopped executor is run elsewhere, not lost.
         let late = Task(executorPreference: threads) { 42 }
         #expect(await late.value == 42)

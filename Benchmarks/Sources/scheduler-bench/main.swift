@@ -117,8 +117,8 @@ func latenessOurs(_ s: Scenario) async throws {
     // SCHEDULER_BENCH_WORKERS=1 measures one worker's cost per run, without
     // the kernel's placement of the second worker's thread in the figure
     if let v = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_WORKERS"].flatMap(Int.init) { config.maxWorkers = v }
-    // SCHEDULER_BENCH_THREADS=0 runs on Swift's global executor (the scheduler before it had
-    // threads of its own), for side-by-side runs of the two.
+    // SCHEDULER_BENCH_THREADS=n runs the scheduler on n threads of its own
+    // (Configuration.threads; default 0, Swift's global executor), for side-by-side runs.
     if let v = ProcessInfo.processInfo.environment["SCHEDULER_BENCH_THREADS"].flatMap(Int.init) { config.threads = v }
     let scheduler = JobScheduler(logger: quietLogger, configuration: config)
     let setup = Duration.milliseconds(s.jobs >= 100_000 ? 700 : 300)
