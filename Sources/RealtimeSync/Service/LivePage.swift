@@ -2,7 +2,9 @@
 /// `/ws`, subscribes to a table with an optional filter, shows each change as it arrives
 /// (operation, commit time, row), remembers the last cursor and, after a drop, reconnects
 /// (with a jittered backoff) and resubscribes with `since` so nothing is missed; when the
-/// server cannot resume (`resync_required`), it marks the gap in the list. When the server has auth on, a token
+/// server cannot resume (`resync_required`), it marks the gap in the list and subscribes
+/// again with `snapshot: true`, so that the table's current rows follow the mark (plain
+/// changes only, if the snapshot is refused, e.g. `snapshot_too_large`). When the server has auth on, a token
 /// pasted into the page (or given as `?access_token=` in the page's URL) is sent as the
 /// `access_token` query parameter of `/ws`.
 public enum LivePage {
@@ -34,6 +36,7 @@ public enum LivePage {
         td.row { font-family: monospace; white-space: pre-wrap; word-break: break-all; }
         .INSERT { color: #1a7f37; } .UPDATE { color: #9a6700; } .DELETE { color: #cf222e; }
         td.gap { color: #cf222e; font-style: italic; }
+        .snapshot { color: #57606a; }
         </style>
         </head>
         <body>
@@ -55,6 +58,8 @@ public enum LivePage {
         const tokenEl = document.getElementById("token");
         let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0, usedToken = "";
         let reconnectTimer = null, waitingForUser = false, gap = false;
+        // After a gap: the next subscription asks for the table's current rows.
+        let wantSnapshot = false, snapshotCursor = null;
         const params = new URLSearchParams(location.search);
         tokenEl.value = params.get("access_token") || "";
         // Not left in the address bar, history and bookmarks.
@@ -70,12 +75,14 @@ public enum LivePage {
           const message = { type: "subscribe", id: subscription.id, table: subscription.table };
           if (subscription.filter) message.filter = subscription.filter;
           if (lastCursor) message.since = lastCursor;
+          else if (wantSnapshot) message.snapshot = true;
           socket.send(JSON.stringify(message));
         }
 
         function show(message) {
           const tr = document.createElement("tr");
           const op = document.createElement("td"); op.textContent = message.op; op.className = message.op;
+          if (message.op === "snapshot") tr.className = "snapshot";
           const time = document.createElement("td"); time.textContent = message.commit_time || "";
           const row = document.createElement("td"); row.className = "row";
           row.textContent = JSON.stringify(message.new || message.old || {});
@@ -120,7 +127,10 @@ public enum LivePage {
                 if (!mine) return;
                 retry = 500;  // reset once the server serves us, not merely accepts the socket
                 setStatus("subscribed to " + subscription.table + (gap ? " (some changes were missed: see the marked row)" : ""));
-                if (!lastCursor) lastCursor = message.cursor;
+                // While the current rows arrive, a drop must ask for them again (no `since`):
+                // the cursor is adopted once they are all here.
+                if (wantSnapshot) snapshotCursor = message.cursor;
+                else if (!lastCursor) lastCursor = message.cursor;
                 break;
               case "change":
                 if (!mine) return;
@@ -128,9 +138,19 @@ public enum LivePage {
                 show(message);
                 lastCursor = message.cursor;
                 break;
+              case "snapshot":
+                if (!mine) return;
+                for (const row of message.rows || []) show({ op: "snapshot", commit_time: "current row", new: row });
+                if (message.done) {
+                  wantSnapshot = false;
+                  if (!lastCursor) lastCursor = snapshotCursor;
+                  setStatus("subscribed to " + subscription.table + ": the table's current rows follow the marked gap");
+                }
+                break;
               case "resync_required":
                 if (!mine) return;
                 lastCursor = null;
+                wantSnapshot = true;
                 markGap("the resume window no longer had them");
                 subscribe();
                 break;
@@ -140,7 +160,13 @@ public enum LivePage {
                 if (mine && message.code === "invalid_message" && lastCursor && message.message.includes("ahead of this database")) {
                   // The cursor is from another database (a restarted demo cluster): start afresh.
                   lastCursor = null;
+                  wantSnapshot = true;
                   markGap("the cursor was from another database");
+                  subscribe();
+                } else if (mine && wantSnapshot && !lastCursor && message.code !== "internal") {
+                  // The snapshot was refused (snapshot_too_large, or no database behind the
+                  // server): the changes from now on, without the current rows.
+                  wantSnapshot = false;
                   subscribe();
                 } else if (mine && message.code === "internal") {
                   const delay = retry, id = subscription.id; retry = Math.min(retry * 2, 10000);
@@ -177,7 +203,7 @@ public enum LivePage {
           if (subscription && socket && socket.readyState === WebSocket.OPEN) {
             socket.send(JSON.stringify({ type: "unsubscribe", id: subscription.id }));
           }
-          if (!same) { lastCursor = null; gap = false; rows.replaceChildren(); }
+          if (!same) { lastCursor = null; gap = false; wantSnapshot = false; rows.replaceChildren(); }
           subscription = { id: "s" + (++counter), table, filter };
           if (waitingForUser || currentToken() !== usedToken || !socket || socket.readyState !== WebSocket.OPEN) {
             // Connect now, with the token as it is: not after a pending backoff.

@@ -1,0 +1,101 @@
+import Foundation
+import RealtimeSync
+import Testing
+
+/// The live page's script, run by Node.js against a stand-in for the DOM and `WebSocket`
+/// (the harness below): what it sends and shows when the server asks it to resync. The
+/// browser test (`LivePageBrowserTests`) covers the page as a whole in Chromium; a resync
+/// cannot be provoked there without a server that drops changes on purpose.
+@Suite("Live page script (Node.js)")
+struct LivePageScriptTests {
+    /// Node.js: NODE (when set), else the first `node` or `nodejs` on the usual paths.
+    static let node: String? = {
+        let candidates = [ProcessInfo.processInfo.environment["NODE"], "/usr/bin/node", "/usr/local/bin/node", "/usr/bin/nodejs"]
+        return candidates.compactMap { $0 }.first { FileManager.default.isExecutableFile(atPath: $0) }
+    }()
+
+    @Test("after resync_required the page subscribes with snapshot: true, shows the current rows, adopts the cursor only when they are all in, asks again after a drop, and falls back to plain changes when the snapshot is refused")
+    func resyncTakesASnapshot() throws {
+        let node = try #require(Self.node, "Node.js is not installed (.ci/run installs Debian's nodejs; or set NODE)")
+        let html = LivePage.html(table: "public.t")
+        let start = try #require(html.range(of: "<script>"))
+        let end = try #require(html.range(of: "</script>"))
+        let script = String(html[start.upperBound..<end.lowerBound])
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("live-page-script-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let page = folder.appendingPathComponent("page.js")
+        let harnessFile = folder.appendingPathComponent("harness.js")
+        try script.write(to: page, atomically: true, encoding: .utf8)
+        try Self.harness.write(to: harnessFile, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: node)
+        process.arguments = [harnessFile.path, page.path]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "\(text)")
+        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 10, "\(text)")
+    }
+
+    /// A stand-in for the DOM and `WebSocket`, and the steps it checks (each prints `ok` or `FAIL`).
+    static let harness = #"""
+const fs = require("fs");
+const src = fs.readFileSync(process.argv[2], "utf8");
+function el(id) {
+  return { id, value: id === "table" ? "public.t" : "", textContent: "", children: [], className: "", colSpan: 0,
+    listeners: {}, addEventListener(t, f) { this.listeners[t] = f; },
+    prepend(x) { this.children.unshift(x); }, append(...xs) { this.children.push(...xs); },
+    replaceChildren() { this.children = []; }, get lastChild() { const c = this; return { remove() { c.children.pop(); } }; } };
+}
+const els = {}; ["status", "cursor", "changes", "token", "table", "filter", "form"].forEach(i => els[i] = el(i));
+global.document = { getElementById: (i) => els[i], createElement: (t) => el(t) };
+global.location = { search: "", protocol: "http:", host: "h", pathname: "/" };
+global.history = { replaceState() {} };
+const sockets = [];
+global.WebSocket = class { constructor(url) { this.url = url; this.sent = []; this.readyState = 1; sockets.push(this); }
+  send(m) { this.sent.push(JSON.parse(m)); } close() {} };
+WebSocket.OPEN = 1;
+const timers = []; global.setTimeout = (f, d) => { timers.push(f); return timers.length; }; global.clearTimeout = () => {};
+eval(src);
+const ws = sockets[0];
+const recv = (m) => ws.onmessage({ data: JSON.stringify(m) });
+ws.onopen();
+let ok = true; const check = (c, what) => { if (!c) { ok = false; console.log("FAIL", what); } else console.log("ok  ", what); };
+check(ws.sent.length === 1 && !ws.sent[0].snapshot && !ws.sent[0].since, "first subscribe: no snapshot, no since");
+const id = ws.sent[0].id;
+recv({ type: "subscribed", id, cursor: "c1" });
+recv({ type: "change", id, op: "INSERT", cursor: "c2", new: { id: 1 } });
+recv({ type: "resync_required", id });
+check(ws.sent.length === 2 && ws.sent[1].snapshot === true && !ws.sent[1].since, "after resync: subscribe with snapshot, no since");
+recv({ type: "subscribed", id, cursor: "c9" });
+check(els.cursor.textContent === "none", "cursor not adopted before the snapshot is complete");
+recv({ type: "snapshot", id, rows: [{ id: 1 }, { id: 2 }], done: false });
+// drop mid-snapshot: reconnect must ask for the snapshot again
+ws.onclose({ code: 1006 });
+timers.shift()();
+const ws2 = sockets[1]; ws2.onopen();
+check(ws2.sent.length === 1 && ws2.sent[0].snapshot === true && !ws2.sent[0].since, "drop mid-snapshot: resubscribe asks for the snapshot again");
+const id2 = ws2.sent[0].id;
+const recv2 = (m) => ws2.onmessage({ data: JSON.stringify(m) });
+recv2({ type: "subscribed", id: id2, cursor: "c10" });
+recv2({ type: "snapshot", id: id2, rows: [{ id: 1 }, { id: 2 }, { id: 3 }], done: true });
+check(els.cursor.textContent === "c10", "cursor adopted once the snapshot is done");
+const snapRows = els.changes.children.filter(r => r.className === "snapshot").length;
+check(snapRows >= 3, "snapshot rows shown (" + snapRows + ")");
+recv2({ type: "change", id: id2, op: "UPDATE", cursor: "c11", new: { id: 3 } });
+check(els.cursor.textContent === "c11", "changes after the snapshot move the cursor");
+// another resync; snapshot refused
+recv2({ type: "resync_required", id: id2 });
+check(ws2.sent.at(-1).snapshot === true, "second resync asks for a snapshot");
+recv2({ type: "error", id: id2, code: "snapshot_too_large", message: "too many rows (snapshotMaxRows=10000)" });
+const last = ws2.sent.at(-1);
+check(ws2.sent.length === 3 && !last.snapshot && !last.since, "refused snapshot: plain subscribe follows");
+recv2({ type: "subscribed", id: id2, cursor: "c20" });
+check(els.cursor.textContent === "c20", "plain subscription adopts its cursor");
+process.exit(ok ? 0 : 1);
+"""#
+}
