@@ -538,7 +538,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 core.driver = c
                 return false
             }
-            if resumeNow { c.resume() }
+            if resumeNow {
+                c.resume()
+                // Not parked after all: a task handed over lazily must not wait for this round.
+                threads?.wakeIfQueued()
+            }
             activity?()
         }
     }
@@ -569,7 +573,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// Stops a listed timer that is no longer wanted. True if it is gone for good (the caller
     /// counts it out of `timerTasks`); false if it ends by itself (a task, cancelled here,
-    /// or an action that fired already) and counts itself out. Under the core lock.
+    /// or an action that fired already) and counts itself out, or if the threads have
+    /// stopped (`run()` then clears the count). Under the core lock.
     private func drop(_ timer: LiveTimer) -> Bool {
         if timer.token != 0, let threads { return threads.disarm(timer.token) }
         // Its task only sleeps on the clock (no code of a job runs in it): cancelling
@@ -727,7 +732,12 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 activity?()
                 if step.started > 0 { continue }
                 await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                    if !pool.withLock({ $0.park(c) }) { c.resume() }
+                    if !pool.withLock({ $0.park(c) }) {
+                        c.resume()
+                        // Runs came in: this worker runs them instead of parking, so a task it
+                        // handed over lazily above gets another thread if one is idle.
+                        threads?.wakeIfQueued()
+                    }
                 }
             case .exit:
                 if !toRecord.isEmpty || replace { record(toRecord, wakeDriver: replace) }
@@ -858,7 +868,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             self.cancelEverything()
         }
         // Every child has ended: the threads end once their queue is empty.
-        await threads?.stop()
+        if let threads {
+            await threads.stop()
+            // Timers still armed were dropped with the threads: none is live.
+            core.withLock { core in
+                core.liveTimers = []
+                core.timerTasks = 0
+            }
+        }
         let (report, waiters) = core.withLock { core -> (ShutdownReport, [CheckedContinuation<ShutdownReport, Never>]) in
             core.lifecycle = .finished
             let r = Self.makeReport(core)

@@ -17,7 +17,7 @@ import Darwin
 /// wakes the driver); the driver and the worker that runs the body follow on that same
 /// thread, so a fire costs one wake-up, as a Java executor's worker does.
 ///
-/// The driver and the workers are child tasks of `run()`'s group with this
+/// The driver (`run()`'s own task) and the workers (children of its group) run with this
 /// executor as their preference (`withTaskExecutorPreference`); bodies run on it too, and
 /// anything they await elsewhere comes back to it. The threads start in `run()` and end
 /// before it returns.
@@ -198,6 +198,15 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         unlock()
     }
 
+    /// Wakes an idle thread if a job is queued: for a caller that handed over `lazily` but
+    /// then did not return to its loop (it goes on running, e.g. a body), so that the task
+    /// it resumed does not wait for it while another thread is idle.
+    func wakeIfQueued() {
+        lock()
+        if head < jobs.count { wakeOne() }
+        unlock()
+    }
+
     /// Runs `body` so that the one task it resumes runs next on this thread, without
     /// waking another (a scheduler-internal hand-over: the timer to the driver, the driver
     /// to one worker). More than one resumed task still wakes a second thread.
@@ -234,8 +243,8 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
             timers.append(Timer(deadline: deadline, token: token, action: action))
             if earliest {
                 // The timekeeper waits for a later deadline, or nobody keeps time. On one of
-                // these threads nobody need wake: the task arming it is scheduler-internal
-                // and suspends soon, and this thread keeps time next (or, if it finds a job
+                // these threads nobody need wake: the driver arming it parks or goes round,
+                // and this thread keeps time when it is back in its loop (or, if it finds a job
                 // to run first, wakes an idle thread to keep it; see `loop`).
                 if let t = timekeeper {
                     wake(t)
@@ -294,12 +303,14 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
             if !timers.isEmpty {
                 let t = now()
                 if timers.contains(where: { $0.deadline <= t }) {
-                    var actions: [@Sendable () -> Void] = []
+                    var due: [Timer] = []
                     timers.removeAll { timer in
                         guard timer.deadline <= t else { return false }
-                        actions.append(timer.action)
+                        due.append(timer)
                         return true
                     }
+                    // Earliest first (several can be due at once when the thread woke late).
+                    let actions = due.sorted { ($0.deadline, $0.token) < ($1.deadline, $1.token) }.map(\.action)
                     unlock()
                     // A single action hands over to one task (the driver), which runs next here.
                     slot.lazy = actions.count == 1
