@@ -852,14 +852,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         threads?.start()
         await withTaskCancellationHandler {
             await withGracefulShutdownHandler {
-                // On the scheduler's own threads, if it has them: the driver, every timer
-                // and worker (children of this group) and so the job bodies.
-                await withTaskExecutorPreference(threads) {
-                    await withDiscardingTaskGroup { group in
-                        await self.driverLoop(&group)
-                        // Only superseded timers can be left; every run has ended.
-                        group.cancelAll()
-                    }
+                if let threads {
+                    // On the scheduler's own threads: the driver and the workers (children of
+                    // this group), and so the job bodies.
+                    await withTaskExecutorPreference(threads) { await self.driveGroup() }
+                } else {
+                    // As before there were threads of its own: no preference scope at all.
+                    await driveGroup()
                 }
             } onGracefulShutdown: {
                 self.beginShutdown(deadline: self.configuration.shutdownDeadline)
@@ -889,6 +888,15 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             "scheduler stopped",
             metadata: ["drained": "\(report.drainedRuns)", "cutOff": "\(report.cutOff.count)", "duration": "\(report.duration)"])
         activity?()
+    }
+
+    /// The driver's group: the driver loop in this task, timers and workers as children.
+    private func driveGroup() async {
+        await withDiscardingTaskGroup { group in
+            await self.driverLoop(&group)
+            // Only superseded timers can be left; every run has ended.
+            group.cancelAll()
+        }
     }
 
     private static func makeReport(_ core: Core) -> ShutdownReport {
