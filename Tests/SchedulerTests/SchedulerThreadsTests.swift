@@ -208,9 +208,7 @@ struct SchedulerThreadsTests {
     @Test("the executor's hand-over rule: one task resumed lazily follows on the same thread; two wake another thread, so a long job does not hold both")
     func lazyHandOver() async throws {
         let clock = ContinuousClock()
-        let epoch = clock.now
-        let threads = SchedulerThreads(count: 2, name: "test-lazy") { epoch.duration(to: clock.now).nanoseconds }
-        threads.start()
+        let threads = startedThreads("test-lazy")
         // Two tasks parked on continuations, on the executor.
         let parked = Mutex<[CheckedContinuation<Void, Never>]>([])
         let ranAt = Mutex<[ContinuousClock.Instant]>([])
@@ -221,17 +219,17 @@ struct SchedulerThreadsTests {
             }
         }
         #expect(try await eventually { parked.withLock { $0.count } == 2 })
-        // A job on the executor resumes both inside `lazily`, then blocks its thread 300 ms.
+        // A job on the executor resumes both inside `lazily`, then blocks its thread 600 ms.
         let t0 = clock.now
         await Task(executorPreference: threads) { @Sendable in
             let both = parked.withLock { $0 }
             threads.lazily { for c in both { c.resume() } }
-            usleep(300_000)
+            usleep(600_000)
         }.value
         for w in waiters { await w.value }
         let first = try #require(ranAt.withLock { $0.min() })
         // The second resumed task woke the other thread: one of them ran during the block.
-        #expect(t0.duration(to: first) < .milliseconds(200), "both resumed tasks waited \(t0.duration(to: first)) for the blocked thread")
+        #expect(t0.duration(to: first) < .milliseconds(400), "both resumed tasks waited \(t0.duration(to: first)) for the blocked thread")
         await threads.stop()
         #expect(threads.liveThreads == 0)
     }
@@ -240,8 +238,7 @@ struct SchedulerThreadsTests {
     func executorDirectly() async throws {
         let clock = ContinuousClock()
         let epoch = clock.now
-        let threads = SchedulerThreads(count: 2, name: "test-sched") { epoch.duration(to: clock.now).nanoseconds }
-        threads.start()
+        let threads = startedThreads("test-sched", epoch: epoch)
         func ticks() -> Int64 { epoch.duration(to: clock.now).nanoseconds }
         let fired = Mutex<[(Int, Bool)]>([])
         let now = ticks()
@@ -281,6 +278,13 @@ struct SchedulerThreadsTests {
         let late = Task(executorPreference: threads) { 42 }
         #expect(await late.value == 42)
     }
+}
+
+/// Two started `SchedulerThreads` whose ticks count from `epoch`.
+private func startedThreads(_ name: String, epoch: ContinuousClock.Instant = .now) -> SchedulerThreads {
+    let threads = SchedulerThreads(count: 2, name: name) { epoch.duration(to: .now).nanoseconds }
+    threads.start()
+    return threads
 }
 
 /// Runs `body` while `scheduler` runs, then shuts it down and waits for `run()` to return.
