@@ -73,7 +73,6 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private var jobs: [UnownedJob] = []
     private var head = 0
-    private var slots: [Slot] = []
     /// Idle threads waiting without a timeout.
     private var idle: [Slot] = []
     /// The idle thread waiting until the earliest timer's deadline.
@@ -133,9 +132,8 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         lock()
         stopping = false
         running = count
-        let made = (0..<count).map { _ in Slot(owner: self) }
-        slots = made
         unlock()
+        let made = (0..<count).map { _ in Slot(owner: self) }
         for (index, slot) in made.enumerated() {
             let box = Unmanaged.passRetained(ThreadStart(threads: self, slot: slot, index: index + 1))
             #if canImport(Darwin)
@@ -373,7 +371,6 @@ final class SchedulerThreads: TaskExecutor, @unchecked Sendable {
         if running == 0 {
             done = stopped
             stopped = []
-            slots = []
         }
         unlock()
         pthread_setspecific(Self.slotKey, nil)
