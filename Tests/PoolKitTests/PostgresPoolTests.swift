@@ -243,14 +243,19 @@ struct PostgresPoolTests {
                             }
                         }
                     }
+                    // Five rounds at least, and on until five backends were killed: on a loaded
+                    // machine (a CI run) the pool may not have reconnected by every round (one CI
+                    // dry run killed 2 in 5 rounds).
                     var totalKilled = 0
-                    for _ in 0..<5 {
+                    var rounds = 0
+                    while rounds < 5 || (totalKilled < 5 && rounds < 60) {
                         try await Task.sleep(for: .milliseconds(150))
                         let killed = try await killer.query(
                             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", appName)
                         totalKilled += try killed[0].decode(Int.self, at: 0) ?? 0
+                        rounds += 1
                     }
-                    #expect(totalKilled >= 5, "only \(totalKilled) pooled backends were killed")
+                    #expect(totalKilled >= 5, "only \(totalKilled) pooled backends were killed in \(rounds) rounds")
                     try await Task.sleep(for: .milliseconds(300))
                     let before = shared.successes.load(ordering: .relaxed)
                     try await Task.sleep(for: .milliseconds(300))
