@@ -15,7 +15,7 @@ struct LivePageScriptTests {
     }()
 
     @Test("after resync_required the page subscribes with snapshot: true, shows the current rows, adopts the cursor only when they are all in, asks again after a drop, and falls back to plain changes when the snapshot is refused")
-    func resyncTakesASnapshot() throws {
+    func resyncTakesASnapshot() async throws {
         let node = try #require(Self.node, "Node.js is not installed (.ci/run installs Debian's nodejs; or set NODE)")
         let html = LivePage.html(table: "public.t")
         let start = try #require(html.range(of: "<script>"))
@@ -34,9 +34,19 @@ struct LivePageScriptTests {
         let output = Pipe()
         process.standardOutput = output
         process.standardError = output
-        try process.run()
-        let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
+        // Read and waited for on a Dispatch thread, not on a cooperative one.
+        let text = try await withCheckedThrowingContinuation { (c: CheckedContinuation<String, any Error>) in
+            DispatchQueue(label: "LivePageScriptTests.node").async {
+                do {
+                    try process.run()
+                    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                    process.waitUntilExit()
+                    c.resume(returning: text)
+                } catch {
+                    c.resume(throwing: error)
+                }
+            }
+        }
         #expect(process.terminationStatus == 0, "\(text)")
         #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 10, "\(text)")
     }
