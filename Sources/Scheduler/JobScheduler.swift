@@ -159,7 +159,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         /// earlier one cancels the later ones (the driver re-arms after it wakes), so
         /// jobs scheduled ever earlier keep one timer task, not one each.
         var liveTimers: [LiveTimer] = []
-        /// Timer tasks alive, superseded ones included until they end.
+        /// Timer tasks alive, superseded ones included until they end (on the scheduler's
+        /// threads: timer actions armed; kept there too so that the count means the same in
+        /// both modes, although only the `ManualClock` idle check reads it).
         var timerTasks = 0
         var nextTimerID: UInt64 = 0
         /// Runs handed to the workers whose end is not recorded yet.

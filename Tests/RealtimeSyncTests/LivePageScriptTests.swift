@@ -8,13 +8,18 @@ import Testing
 /// cannot be provoked there without a server that drops changes on purpose.
 @Suite("Live page script (Node.js)")
 struct LivePageScriptTests {
-    /// Node.js: NODE (when set), else the first `node` or `nodejs` on the usual paths.
+    /// Node.js: NODE (when set), else the first `node` or `nodejs` on the PATH (as `.ci/run`
+    /// looks for it before installing Debian's).
     static let node: String? = {
-        let candidates = [ProcessInfo.processInfo.environment["NODE"], "/usr/bin/node", "/usr/local/bin/node", "/usr/bin/nodejs"]
-        return candidates.compactMap { $0 }.first { FileManager.default.isExecutableFile(atPath: $0) }
+        let environment = ProcessInfo.processInfo.environment
+        let onPath = (environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":").flatMap { dir in
+            ["node", "nodejs"].map { "\(dir)/\($0)" }
+        }
+        let candidates = [environment["NODE"]].compactMap { $0 } + onPath
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) }
     }()
 
-    @Test("after resync_required the page subscribes with snapshot: true, shows the current rows, adopts the cursor only when they are all in, asks again after a drop, and falls back to plain changes when the snapshot is refused")
+    @Test("after resync_required the page subscribes with snapshot: true, shows the current rows (150 at most) once each, adopts the cursor only when they are all in, asks again after a drop, and falls back to plain changes, saying why, when the snapshot is refused")
     func resyncTakesASnapshot() async throws {
         let node = try #require(Self.node, "Node.js is not installed (.ci/run installs Debian's nodejs; or set NODE)")
         let html = LivePage.html(table: "public.t")
@@ -48,7 +53,7 @@ struct LivePageScriptTests {
             }
         }
         #expect(process.terminationStatus == 0, "\(text)")
-        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 10, "\(text)")
+        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 13, "\(text)")
     }
 
     /// A stand-in for the DOM and `WebSocket`, and the steps it checks (each prints `ok` or `FAIL`).
@@ -56,10 +61,11 @@ struct LivePageScriptTests {
 const fs = require("fs");
 const src = fs.readFileSync(process.argv[2], "utf8");
 function el(id) {
-  return { id, value: id === "table" ? "public.t" : "", textContent: "", children: [], className: "", colSpan: 0,
+  return { id, value: id === "table" ? "public.t" : "", textContent: "", children: [], className: "", colSpan: 0, parent: null,
     listeners: {}, addEventListener(t, f) { this.listeners[t] = f; },
-    prepend(x) { this.children.unshift(x); }, append(...xs) { this.children.push(...xs); },
-    replaceChildren() { this.children = []; }, get lastChild() { const c = this; return { remove() { c.children.pop(); } }; } };
+    prepend(x) { x.parent = this; this.children.unshift(x); }, append(...xs) { for (const x of xs) { x.parent = this; this.children.push(x); } },
+    remove() { if (this.parent) { const i = this.parent.children.indexOf(this); if (i >= 0) this.parent.children.splice(i, 1); this.parent = null; } },
+    replaceChildren() { this.children = []; }, get lastChild() { return this.children[this.children.length - 1]; } };
 }
 const els = {}; ["status", "cursor", "changes", "token", "table", "filter", "form"].forEach(i => els[i] = el(i));
 global.document = { getElementById: (i) => els[i], createElement: (t) => el(t) };
@@ -71,6 +77,8 @@ global.WebSocket = class { constructor(url) { this.url = url; this.sent = []; th
 WebSocket.OPEN = 1;
 const timers = []; global.setTimeout = (f, d) => { timers.push(f); return timers.length; }; global.clearTimeout = () => {};
 eval(src);
+const last = (a) => a[a.length - 1];
+const snapshotRows = () => els.changes.children.filter(r => r.className === "snapshot").length;
 const ws = sockets[0];
 const recv = (m) => ws.onmessage({ data: JSON.stringify(m) });
 ws.onopen();
@@ -78,7 +86,7 @@ let ok = true; const check = (c, what) => { if (!c) { ok = false; console.log("F
 check(ws.sent.length === 1 && !ws.sent[0].snapshot && !ws.sent[0].since, "first subscribe: no snapshot, no since");
 const id = ws.sent[0].id;
 recv({ type: "subscribed", id, cursor: "c1" });
-recv({ type: "change", id, op: "INSERT", cursor: "c2", new: { id: 1 } });
+recv({ type: "change", ids: [id], op: "INSERT", cursor: "c2", new: { id: 1 } });
 recv({ type: "resync_required", id });
 check(ws.sent.length === 2 && ws.sent[1].snapshot === true && !ws.sent[1].since, "after resync: subscribe with snapshot, no since");
 recv({ type: "subscribed", id, cursor: "c9" });
@@ -89,23 +97,32 @@ ws.onclose({ code: 1006 });
 timers.shift()();
 const ws2 = sockets[1]; ws2.onopen();
 check(ws2.sent.length === 1 && ws2.sent[0].snapshot === true && !ws2.sent[0].since, "drop mid-snapshot: resubscribe asks for the snapshot again");
+check(snapshotRows() === 0, "the partial snapshot's rows are taken away before asking again");
 const id2 = ws2.sent[0].id;
 const recv2 = (m) => ws2.onmessage({ data: JSON.stringify(m) });
 recv2({ type: "subscribed", id: id2, cursor: "c10" });
 recv2({ type: "snapshot", id: id2, rows: [{ id: 1 }, { id: 2 }, { id: 3 }], done: true });
 check(els.cursor.textContent === "c10", "cursor adopted once the snapshot is done");
-const snapRows = els.changes.children.filter(r => r.className === "snapshot").length;
-check(snapRows >= 3, "snapshot rows shown (" + snapRows + ")");
-recv2({ type: "change", id: id2, op: "UPDATE", cursor: "c11", new: { id: 3 } });
+check(snapshotRows() === 3, "each current row shown once (" + snapshotRows() + ")");
+recv2({ type: "change", ids: [id2], op: "UPDATE", cursor: "c11", new: { id: 3 } });
 check(els.cursor.textContent === "c11", "changes after the snapshot move the cursor");
-// another resync; snapshot refused
+// another resync with a big table: at most 150 rows shown, then one summary row
 recv2({ type: "resync_required", id: id2 });
-check(ws2.sent.at(-1).snapshot === true, "second resync asks for a snapshot");
+check(last(ws2.sent).snapshot === true, "second resync asks for a snapshot");
+recv2({ type: "subscribed", id: id2, cursor: "c30" });
+const many = Array.from({ length: 400 }, (_, i) => ({ id: i }));
+recv2({ type: "snapshot", id: id2, rows: many, done: true });
+const newestGap = els.changes.children.findIndex(r => r.children.some(td => td.className === "gap"));
+const above = els.changes.children.slice(0, newestGap).filter(r => r.className === "snapshot").length;
+check(newestGap === 151 && above === 151, "a large snapshot shows 150 rows and a summary, and its gap mark stays (" + above + " above the mark at " + newestGap + ")");
+// a third resync; snapshot refused
+recv2({ type: "resync_required", id: id2 });
 recv2({ type: "error", id: id2, code: "snapshot_too_large", message: "too many rows (snapshotMaxRows=10000)" });
-const last = ws2.sent.at(-1);
-check(ws2.sent.length === 3 && !last.snapshot && !last.since, "refused snapshot: plain subscribe follows");
-recv2({ type: "subscribed", id: id2, cursor: "c20" });
-check(els.cursor.textContent === "c20", "plain subscription adopts its cursor");
+const plain = last(ws2.sent);
+check(!plain.snapshot && !plain.since, "refused snapshot: plain subscribe follows");
+recv2({ type: "subscribed", id: id2, cursor: "c40" });
+check(els.cursor.textContent === "c40", "plain subscription adopts its cursor");
+check(els.status.textContent.includes("current rows not shown: snapshot_too_large"), "the refusal is told in the status: " + els.status.textContent);
 process.exit(ok ? 0 : 1);
 """#
 }

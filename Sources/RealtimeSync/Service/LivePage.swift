@@ -59,7 +59,9 @@ public enum LivePage {
         let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0, usedToken = "";
         let reconnectTimer = null, waitingForUser = false, gap = false;
         // After a gap: the next subscription asks for the table's current rows.
-        let wantSnapshot = false, snapshotCursor = null;
+        let wantSnapshot = false, snapshotCursor = null, snapshotShown = [], snapshotMore = 0, snapshotNote = "";
+        // Current rows shown after a gap at most (the list keeps 200 entries in all).
+        const snapshotRowsShown = 150;
         const params = new URLSearchParams(location.search);
         tokenEl.value = params.get("access_token") || "";
         // Not left in the address bar, history and bookmarks.
@@ -75,7 +77,12 @@ public enum LivePage {
           const message = { type: "subscribe", id: subscription.id, table: subscription.table };
           if (subscription.filter) message.filter = subscription.filter;
           if (lastCursor) message.since = lastCursor;
-          else if (wantSnapshot) message.snapshot = true;
+          else if (wantSnapshot) {
+            message.snapshot = true;
+            // Asked again (a drop, a retry, a new token): the rows of the last attempt go.
+            for (const tr of snapshotShown) tr.remove();
+            snapshotShown = []; snapshotMore = 0;
+          }
           socket.send(JSON.stringify(message));
         }
 
@@ -89,6 +96,7 @@ public enum LivePage {
           tr.append(op, time, row);
           rows.prepend(tr);
           while (rows.children.length > 200) rows.lastChild.remove();
+          return tr;
         }
 
         // Changes were missed at this point of the list (the resume window no longer had them).
@@ -125,8 +133,10 @@ public enum LivePage {
             switch (message.type) {
               case "subscribed":
                 if (!mine) return;
-                retry = 500;  // reset once the server serves us, not merely accepts the socket
-                setStatus("subscribed to " + subscription.table + (gap ? " (some changes were missed: see the marked row)" : ""));
+                // Reset once the server serves us, not merely accepts the socket (for a
+                // snapshot, once it is complete).
+                if (!wantSnapshot) retry = 500;
+                setStatus("subscribed to " + subscription.table + (gap ? " (some changes were missed: see the marked row)" : "") + snapshotNote);
                 // While the current rows arrive, a drop must ask for them again (no `since`):
                 // the cursor is adopted once they are all here.
                 if (wantSnapshot) snapshotCursor = message.cursor;
@@ -140,17 +150,32 @@ public enum LivePage {
                 break;
               case "snapshot":
                 if (!mine) return;
-                for (const row of message.rows || []) show({ op: "snapshot", commit_time: "current row", new: row });
+                for (const row of message.rows || []) {
+                  if (snapshotShown.length < snapshotRowsShown) {
+                    snapshotShown.push(show({ op: "snapshot", commit_time: "current row", new: row }));
+                  } else {
+                    snapshotMore += 1;
+                  }
+                }
                 if (message.done) {
                   wantSnapshot = false;
+                  retry = 500;
                   if (!lastCursor) lastCursor = snapshotCursor;
-                  setStatus("subscribed to " + subscription.table + ": the table's current rows follow the marked gap");
+                  if (snapshotMore > 0) {
+                    const tr = document.createElement("tr"); tr.className = "snapshot";
+                    const td = document.createElement("td"); td.colSpan = 3;
+                    td.textContent = "… and " + snapshotMore + " more current rows, not shown";
+                    tr.append(td);
+                    rows.prepend(tr);
+                    snapshotShown.push(tr);
+                  }
+                  setStatus("subscribed to " + subscription.table + ": the table's current rows (up to " + snapshotRowsShown + ") follow the marked gap");
                 }
                 break;
               case "resync_required":
                 if (!mine) return;
                 lastCursor = null;
-                wantSnapshot = true;
+                wantSnapshot = true; snapshotShown = []; snapshotNote = "";
                 markGap("the resume window no longer had them");
                 subscribe();
                 break;
@@ -160,13 +185,14 @@ public enum LivePage {
                 if (mine && message.code === "invalid_message" && lastCursor && message.message.includes("ahead of this database")) {
                   // The cursor is from another database (a restarted demo cluster): start afresh.
                   lastCursor = null;
-                  wantSnapshot = true;
+                  wantSnapshot = true; snapshotShown = []; snapshotNote = "";
                   markGap("the cursor was from another database");
                   subscribe();
                 } else if (mine && wantSnapshot && !lastCursor && message.code !== "internal") {
                   // The snapshot was refused (snapshot_too_large, or no database behind the
                   // server): the changes from now on, without the current rows.
                   wantSnapshot = false;
+                  snapshotNote = "; current rows not shown: " + message.code;
                   subscribe();
                 } else if (mine && message.code === "internal") {
                   const delay = retry, id = subscription.id; retry = Math.min(retry * 2, 10000);
@@ -203,7 +229,7 @@ public enum LivePage {
           if (subscription && socket && socket.readyState === WebSocket.OPEN) {
             socket.send(JSON.stringify({ type: "unsubscribe", id: subscription.id }));
           }
-          if (!same) { lastCursor = null; gap = false; wantSnapshot = false; rows.replaceChildren(); }
+          if (!same) { lastCursor = null; gap = false; wantSnapshot = false; snapshotShown = []; snapshotNote = ""; rows.replaceChildren(); }
           subscription = { id: "s" + (++counter), table, filter };
           if (waitingForUser || currentToken() !== usedToken || !socket || socket.readyState !== WebSocket.OPEN) {
             // Connect now, with the token as it is: not after a pending backoff.
