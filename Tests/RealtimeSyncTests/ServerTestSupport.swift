@@ -271,7 +271,7 @@ final class TestConnection: @unchecked Sendable {
             } catch is CancellationError {
                 throw CancellationError()
             } catch {
-                return true  // the socket failed: closed all the same
+                // The socket failed (a reset): closed all the same.
             }
             return true
         }) ?? false

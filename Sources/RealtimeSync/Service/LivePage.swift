@@ -109,6 +109,15 @@ public enum LivePage {
           rows.prepend(tr);
         }
 
+        // The server cannot resume from our cursor: mark the gap, then subscribe afresh with
+        // the table's current rows.
+        function resync(reason) {
+          lastCursor = null;
+          wantSnapshot = true; snapshotShown = []; snapshotNote = "";
+          markGap(reason);
+          subscribe();
+        }
+
         function scheduleReconnect() {
           clearTimeout(reconnectTimer);
           // Jittered, so that the tabs a server restart dropped do not all come back at once.
@@ -174,20 +183,14 @@ public enum LivePage {
                 break;
               case "resync_required":
                 if (!mine) return;
-                lastCursor = null;
-                wantSnapshot = true; snapshotShown = []; snapshotNote = "";
-                markGap("the resume window no longer had them");
-                subscribe();
+                resync("the resume window no longer had them");
                 break;
               case "error":
                 if (message.id !== undefined && !mine) return;
                 setStatus("error " + message.code + ": " + message.message);
                 if (mine && message.code === "invalid_message" && lastCursor && message.message.includes("ahead of this database")) {
                   // The cursor is from another database (a restarted demo cluster): start afresh.
-                  lastCursor = null;
-                  wantSnapshot = true; snapshotShown = []; snapshotNote = "";
-                  markGap("the cursor was from another database");
-                  subscribe();
+                  resync("the cursor was from another database");
                 } else if (mine && wantSnapshot && !lastCursor && message.code !== "internal") {
                   // The snapshot was refused (snapshot_too_large, or no database behind the
                   // server): the changes from now on, without the current rows.
