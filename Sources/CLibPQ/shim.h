@@ -16,6 +16,27 @@ extern int posix_spawn_file_actions_addchdir_np(posix_spawn_file_actions_t *acti
 /* Names PoolKit's reactor threads (glibc; declared only under _GNU_SOURCE). */
 #include <pthread.h>
 extern int pthread_setname_np(pthread_t thread, const char *name);
+/* EmbeddedPostgres holds the server's process by a pidfd while it stops it (Linux >= 5.3), so that
+   a pid reused meanwhile is never signalled; -1 with errno ENOSYS where the call is missing. */
+#include <errno.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline int clibpq_pidfd_open(int pid) {
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+static inline int clibpq_pidfd_send_signal(int pidfd, int sig) {
+#ifdef SYS_pidfd_send_signal
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, (void *)0, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
 /* The calling thread's CPU, for the pool's CPU-local cache (glibc; declared only under _GNU_SOURCE). */
 extern int sched_getcpu(void);
 #endif

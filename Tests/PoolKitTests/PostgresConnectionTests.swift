@@ -540,6 +540,59 @@ struct EmbeddedPostgresTests {
         #expect(stragglers.isEmpty, "processes still using \(dir): \(stragglers)")
     }
 
+    @Test("a server that does not stop within stopTimeout is killed with all its children")
+    func stuckServerIsKilled() async throws {
+        let pg = try await EmbeddedPostgres.start(.init(stopTimeout: .seconds(1)))
+        let pid = try #require(pg.serverPID)
+        // The server's children (checkpointer, writers, launchers).
+        let children = childProcesses(of: pid)
+        #expect(children.count >= 3, "children of \(pid): \(children)")
+        // A postmaster that does not act on pg_ctl's request, and a child that cannot notice
+        // its death: only a kill of each ends both.
+        let stuck = try #require(children.first)
+        kill(pid, SIGSTOP)
+        kill(stuck, SIGSTOP)
+        let started = ContinuousClock.now
+        await pg.shutdown()
+        let took = started.duration(to: .now)
+        #expect(!processIsAlive(pid), "postmaster \(pid) still alive")
+        let left = children.filter { processIsAlive($0) }
+        #expect(left.isEmpty, "children still alive: \(left)")
+        #expect(!FileManager.default.fileExists(atPath: pg.directory))
+        #expect(took < .seconds(15), "stop took \(took)")
+        for c in left { kill(c, SIGKILL) }  // not left behind if this fails
+    }
+
+    @Test("startAgain on a port another process took meanwhile says so from server.log, and works once it is free")
+    func startAgainOnATakenPort() async throws {
+        let pg = try await EmbeddedPostgres.start()
+        defer { pg.stop() }
+        try pg.stopServer()
+        // Another process's listener on the cluster's port.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(pg.port).bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        try #require(bound == 0 && listen(fd, 1) == 0, "could not take port \(pg.port): \(String(cString: strerror(errno)))")
+        do {
+            try pg.startAgain()
+            Issue.record("the server must not start on a port in use")
+        } catch let error as EmbeddedPostgresError {
+            #expect(error.message.contains("server.log ends with"), "\(error.message)")
+            #expect(error.message.contains("could not bind") || error.message.contains("already in use"), "\(error.message)")
+        }
+        close(fd)
+        try pg.startAgain()
+        let conn = try await PostgresConnection.connect(to: pg.url)
+        #expect(try await conn.query("SELECT 1")[0].decode(Int.self, at: 0) == 1)
+        await conn.close()
+    }
+
     @Test("a server that refuses to start: the error quotes server.log and the folder is removed")
     func failedStartQuotesTheLog() async throws {
         let parent = NSTemporaryDirectory() + "/embedded-fail-\(UInt32.random(in: 0...UInt32.max))"

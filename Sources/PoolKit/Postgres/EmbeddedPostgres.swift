@@ -28,13 +28,17 @@ public final class EmbeddedPostgres: Sendable {
         public var parentDirectory: String
         /// The longest `pg_ctl start` may wait for the server to accept connections. Default 60 s.
         public var startTimeout: Duration
+        /// The longest `stop()` waits for a fast shutdown (`pg_ctl stop -m fast`) before it kills
+        /// the server and every process of its group (SIGKILL). Default 30 s.
+        public var stopTimeout: Duration
 
         /// Creates options.
         public init(settings: [String: String] = [:], parentDirectory: String = NSTemporaryDirectory(),
-                    startTimeout: Duration = .seconds(60)) {
+                    startTimeout: Duration = .seconds(60), stopTimeout: Duration = .seconds(30)) {
             self.settings = settings
             self.parentDirectory = parentDirectory
             self.startTimeout = startTimeout
+            self.stopTimeout = stopTimeout
         }
     }
 
@@ -57,18 +61,26 @@ public final class EmbeddedPostgres: Sendable {
     public let binDirectory: String
 
     private let runAsUser: String?
+    /// `pg_ctl stop`'s `-t`, whole seconds (`Options.stopTimeout`).
+    private let stopWait: Int
     private let stopped = Mutex(false)
     /// This end of the watchdog's socket pair and the watchdog's pid (see `spawnWatchdog`).
     private let watchdog: (fd: Int32, pid: pid_t)?
 
     private init(url: String, port: Int, directory: String, binDirectory: String, runAsUser: String?,
-                 watchdog: (fd: Int32, pid: pid_t)? = nil) {
+                 stopWait: Int, watchdog: (fd: Int32, pid: pid_t)? = nil) {
         self.url = url
         self.port = port
         self.directory = directory
         self.binDirectory = binDirectory
         self.runAsUser = runAsUser
+        self.stopWait = stopWait
         self.watchdog = watchdog
+    }
+
+    /// Whole seconds for `pg_ctl`'s `-t`, rounded up so that a sub-second timeout is not 0.
+    static func wholeSeconds(_ d: Duration) -> Int {
+        max(1, Int((Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18).rounded(.up)))
     }
 
     /// The data folder inside `directory`.
@@ -108,12 +120,13 @@ public final class EmbeddedPostgres: Sendable {
             chmod(dir, 0o700)
         }
         let dataDirectory = dir + "/data"
+        let stopWait = wholeSeconds(options.stopTimeout)
         func tool(_ name: String, _ args: [String]) throws {
             _ = try run(bin + "/" + name, args, as: user)
         }
         func giveUp(_ error: any Error) -> any Error {
             // The same cleanup as stop(): a server that did start is stopped, the folder removed.
-            EmbeddedPostgres(url: "", port: 0, directory: dir, binDirectory: bin, runAsUser: user).stop()
+            EmbeddedPostgres(url: "", port: 0, directory: dir, binDirectory: bin, runAsUser: user, stopWait: stopWait).stop()
             return error
         }
         // TCP logins need this password: the server listens on 127.0.0.1, which every local
@@ -142,9 +155,7 @@ public final class EmbeddedPostgres: Sendable {
         } catch {
             throw giveUp(error)
         }
-        // pg_ctl's -t is whole seconds; round up so that a sub-second timeout is not 0.
-        let wait = max(1, Int((Double(options.startTimeout.components.seconds)
-                               + Double(options.startTimeout.components.attoseconds) / 1e18).rounded(.up)))
+        let wait = wholeSeconds(options.startTimeout)
         // The port is free when chosen but may be taken before the server binds it (another
         // process, or a parallel test): try again on a new one, a few times.
         var attempt = 0
@@ -171,7 +182,7 @@ public final class EmbeddedPostgres: Sendable {
                 throw giveUp(EmbeddedPostgresError(code: .startFailed, message: message))
             }
             let pg = EmbeddedPostgres(url: "postgres://postgres:\(password)@127.0.0.1:\(port)/postgres?sslmode=disable",
-                                      port: port, directory: dir, binDirectory: bin, runAsUser: user,
+                                      port: port, directory: dir, binDirectory: bin, runAsUser: user, stopWait: stopWait,
                                       watchdog: spawnWatchdog(directory: dir, pgCtl: bin + "/pg_ctl", user: user))
             EmbeddedRegistry.shared.add(pg)
             return pg
@@ -187,8 +198,9 @@ public final class EmbeddedPostgres: Sendable {
         try handle.write(contentsOf: Data(text.utf8))
     }
 
-    /// Stops the server (fast shutdown) and removes the folder. Idempotent; blocking for up to a
-    /// few seconds while the server exits.
+    /// Stops the server (fast shutdown) and removes the folder. Idempotent; blocking while the
+    /// server exits. A server that has not stopped within `Options.stopTimeout` is killed with
+    /// its children (backends and auxiliary processes), which are waited for.
     public func stop() {
         let already = stopped.withLock { s -> Bool in
             defer { s = true }
@@ -196,18 +208,29 @@ public final class EmbeddedPostgres: Sendable {
         }
         guard !already else { return }
         EmbeddedRegistry.shared.remove(self)
-        let pid = serverPID
+        // Held before it is asked to stop, so that its pid, once free, is never signalled.
+        let server = Postmaster.open(dataDirectory: dataDirectory)
+        var stoppedInTime = true
         if FileManager.default.fileExists(atPath: dataDirectory + "/postmaster.pid") {
-            _ = try? runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "-t", "30", "stop"])
-        }
-        // pg_ctl returns once postmaster.pid is gone; wait (bounded) for the process itself.
-        if let pid {
-            var waited = 0
-            while processIsAlive(pid) && waited < 5000 {
-                usleep(10_000)
-                waited += 10
+            do {
+                try runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "-t", "\(stopWait)", "stop"])
+            } catch {
+                stoppedInTime = false
             }
-            if processIsAlive(pid) { kill(pid, SIGKILL) }
+        }
+        if let server {
+            // pg_ctl returns once postmaster.pid is gone, which the server removes after its
+            // children exited; wait (bounded) for the process itself.
+            if !stoppedInTime || !server.waitForExit(milliseconds: 5000) {
+                let children = server.kill()
+                _ = server.waitForExit(milliseconds: 5000)
+                var waited = 0
+                while children.contains(where: processIsAlive) && waited < 5000 {
+                    usleep(10_000)
+                    waited += 10
+                }
+            }
+            server.close()
         }
         if let watchdog {
             // Stood down first: a line on the socket (not its end) means "nothing to do", so it
@@ -301,18 +324,35 @@ public final class EmbeddedPostgres: Sendable {
     }
 
     /// Restarts the server on the same port and data (for tests of reconnect behaviour).
+    /// It keeps the port, so that clients reconnect to the same `url`: if another process took
+    /// the port meanwhile, this throws, quoting the end of `server.log`.
     public func restart() throws {
-        try runTool("pg_ctl", ["-D", dataDirectory, "-l", directory + "/server.log", "-m", "fast", "-w", "-t", "60", "restart"])
+        try startTool(["-m", "fast", "restart"])
     }
 
     /// Stops the server but keeps the data, so that `startAgain()` can bring it back.
     public func stopServer() throws {
-        try runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "-t", "30", "stop"])
+        try runTool("pg_ctl", ["-D", dataDirectory, "-m", "fast", "-w", "-t", "\(stopWait)", "stop"])
     }
 
-    /// Starts a server stopped with `stopServer()`.
+    /// Starts a server stopped with `stopServer()`, on the same port (see `restart()`).
     public func startAgain() throws {
-        try runTool("pg_ctl", ["-D", dataDirectory, "-l", directory + "/server.log", "-w", "-t", "60", "start"])
+        try startTool(["start"])
+    }
+
+    /// `pg_ctl start` or `restart`; a failure quotes the end of `server.log`, where the server
+    /// says why (pg_ctl's own output only says to look there).
+    private func startTool(_ args: [String]) throws {
+        let log = directory + "/server.log"
+        let before = (try? FileManager.default.attributesOfItem(atPath: log)[.size] as? Int) ?? 0
+        do {
+            try runTool("pg_ctl", ["-D", dataDirectory, "-l", log, "-w", "-t", "60"] + args)
+        } catch let error as EmbeddedPostgresError {
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            let new = text.utf8.count > before ? String(decoding: text.utf8.dropFirst(before), as: UTF8.self) : ""
+            guard !new.isEmpty else { throw error }
+            throw EmbeddedPostgresError(code: error.code, message: error.message + "; server.log ends with:\n" + new.suffix(2000))
+        }
     }
 
     /// The postmaster's process ID, when the server is running.
@@ -473,6 +513,90 @@ public final class EmbeddedPostgres: Sendable {
     private static func owned(_ path: String, _ type: mode_t, by owners: Set<uid_t>) -> Bool {
         var info = stat()
         return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == type && owners.contains(info.st_uid)
+    }
+}
+
+/// A cluster's postmaster, held by a pidfd where the kernel has them (Linux 5.3+): a process
+/// whose exit can be awaited and which can be killed without ever signalling another process
+/// that got its pid afterwards.
+struct Postmaster {
+    let pid: Int32
+    /// The pidfd, or -1 where `pidfd_open` is missing (the pid is then checked each time).
+    let fd: Int32
+
+    /// The process named in `dataDirectory/postmaster.pid`, if it runs and its working
+    /// directory is that folder (the postmaster's; a stale file's pid reused by another
+    /// process fails this). Nil otherwise.
+    static func open(dataDirectory: String) -> Postmaster? {
+        guard let text = try? String(contentsOfFile: dataDirectory + "/postmaster.pid", encoding: .utf8),
+              let pid = text.split(separator: "\n").first.flatMap({ Int32($0) }), pid > 0 else { return nil }
+        let fd = clibpq_pidfd_open(pid)
+        if fd < 0 && errno != ENOSYS { return nil }  // ESRCH: gone already
+        // Checked after the pidfd is held: the process checked is the one the pidfd names.
+        let cwd = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/cwd")) ?? ""
+        let folder = URL(fileURLWithPath: dataDirectory).resolvingSymlinksInPath().path
+        guard processIsAlive(pid), !cwd.isEmpty, URL(fileURLWithPath: cwd).resolvingSymlinksInPath().path == folder else {
+            if fd >= 0 { Glibc.close(fd) }
+            return nil
+        }
+        return Postmaster(pid: pid, fd: fd)
+    }
+
+    /// True once the process has exited (a zombie counts as exited).
+    func hasExited() -> Bool {
+        guard fd >= 0 else { return !processIsAlive(pid) }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, 0) > 0
+    }
+
+    /// Waits up to `milliseconds` for the process to exit; true if it did.
+    func waitForExit(milliseconds: Int) -> Bool {
+        var waited = 0
+        while !hasExited() {
+            if waited >= milliseconds { return false }
+            usleep(10_000)
+            waited += 10
+        }
+        return true
+    }
+
+    /// Kills the postmaster and its children (SIGKILL) and returns the children's pids. The
+    /// postmaster is stopped first (SIGSTOP), so that it starts no child meanwhile and the pids
+    /// of its children, exited or not, stay theirs (an exited child is a zombie it has not
+    /// reaped); each child leads a process group of its own, which is killed with it.
+    /// Nothing if the postmaster has exited already: its pid may be another's by now.
+    func kill() -> [Int32] {
+        guard !hasExited() else { return [] }
+        send(SIGSTOP)
+        let children = childProcesses(of: pid)
+        for child in children {
+            if getpgid(child) == child { killpg(child, SIGKILL) } else { Glibc.kill(child, SIGKILL) }
+        }
+        send(SIGKILL)
+        return children
+    }
+
+    private func send(_ signal: Int32) {
+        if fd >= 0 { _ = clibpq_pidfd_send_signal(fd, signal) } else if !hasExited() { Glibc.kill(pid, signal) }
+    }
+
+    /// Closes the pidfd.
+    func close() {
+        if fd >= 0 { Glibc.close(fd) }
+    }
+}
+
+/// The live (not zombie) children of `parent`, from `/proc`.
+func childProcesses(of parent: Int32) -> [Int32] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { name -> Int32? in
+        guard let pid = Int32(name),
+              let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return nil }
+        // After the command: state, ppid.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 1, fields[0] != "Z", fields[0] != "X", Int32(fields[1]) == parent else { return nil }
+        return pid
     }
 }
 
