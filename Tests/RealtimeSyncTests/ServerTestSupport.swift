@@ -106,9 +106,14 @@ final class TestConnection: @unchecked Sendable {
     }
 
     /// Opens a TCP connection to 127.0.0.1:`port`.
-    static func open(port: Int) async throws -> TestConnection {
+    /// Connects to the server on `port`. `receiveBuffer` fixes the socket's receive buffer
+    /// (SO_RCVBUF, set before the connect): the kernel then does not grow it, up to
+    /// `tcp_rmem`'s maximum (32 MB on the project's machine), while the test reads nothing.
+    static func open(port: Int, receiveBuffer: Int? = nil) async throws -> TestConnection {
         let (stream, continuation) = AsyncThrowingStream.makeStream(of: ByteBuffer.self)
-        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        if let receiveBuffer { bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(receiveBuffer)) }
+        let channel = try await bootstrap
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ByteCollector(continuation)) }
@@ -302,8 +307,8 @@ final class TestConnection: @unchecked Sendable {
 }
 
 /// A WebSocket session opened by `TestConnection.open` + upgrade.
-func connectWebSocket(port: Int) async throws -> TestConnection {
-    let connection = try await TestConnection.open(port: port)
+func connectWebSocket(port: Int, receiveBuffer: Int? = nil) async throws -> TestConnection {
+    let connection = try await TestConnection.open(port: port, receiveBuffer: receiveBuffer)
     let response = try await connection.upgrade()
     guard response.status == 101 else { throw TestClientError("upgrade answered \(response.status): \(response.body)") }
     return connection

@@ -190,10 +190,12 @@ struct PingFloodTests {
     func pingFlood() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
         try await withTestServer(source: source, alone: true) { test in
-            let socket = try await connectWebSocket(port: test.port)
+            // A fixed 64 KB receive buffer: one the kernel may grow (up to tcp_rmem's maximum,
+            // 32 MB here) could take all the pongs in one full-suite run.
+            let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
             try await socket.stopReading()
             // 60,000 pings of 125 bytes: 7.5 MB of pongs, more than the socket buffers between
-            // server and client hold (tcp_wmem's 4 MB and the unread receive buffer).
+            // server and client hold (tcp_wmem's 4 MB and the fixed receive buffer).
             let count = 60_000
             try await flood(socket, count: count)
             try await Task.sleep(for: .milliseconds(500))
