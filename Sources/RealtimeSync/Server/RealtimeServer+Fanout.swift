@@ -57,6 +57,9 @@ extension RealtimeServer {
         let cursor = event.cursor
         // Clients whose changes, held while their snapshot ran, went over the queue limits.
         var heldOverflow: [FanoutClientID] = []
+        // Sessions whose writer must run, per event loop (`SessionChannel.loopIndex`): one
+        // event-loop task per loop and change, started once the lock is released.
+        var pumps: [[SessionChannel]] = []
         let overflowed = state.withLock { state -> [FanoutClientID] in
             guard cursor > state.lastDelivered else { return [] }
             if event.index == 0 { state.recentTransactions.append(xid: event.xid, after: state.lastDelivered) }
@@ -96,7 +99,13 @@ extension RealtimeServer {
                 } else {
                     frame = SessionChannel.textFrame(change.frame(for: delivery))
                 }
-                if session.enqueue(encodedFrame: frame) == .overflow {
+                let (result, needsPump) = session.enqueueLeavingPump(encodedFrame: frame)
+                if needsPump {
+                    let loop = session.loopIndex
+                    while pumps.count <= loop { pumps.append([]) }
+                    pumps[loop].append(session)
+                }
+                if result == .overflow {
                     state.dropClient(delivery.client)
                     overflowed.append(delivery.client)
                 }
@@ -116,6 +125,7 @@ extension RealtimeServer {
             }
             return overflowed
         }
+        for sessions in pumps where !sessions.isEmpty { SessionChannel.pumps(sessions) }
         metrics.changesProcessed.increment()
         for client in heldOverflow {
             logger.notice("client closed with 1013: the changes held while its snapshot ran went over the send queue's maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes) (RealtimeServerConfiguration.queueLimits; a snapshot also waits for a pooled connection and for maxConcurrentSnapshots)",

@@ -107,6 +107,27 @@ final class SessionChannel: Sendable {
         return result
     }
 
+    /// Queues a frame made by `textFrame` like `enqueue(encodedFrame:)`, but leaves the
+    /// writer to the caller: true when it must run `pumps` for this session on its event loop.
+    /// The fan-out queues one change for hundreds of sessions of a loop; one event-loop task
+    /// that runs all their writers costs less than a task per session (an allocation and a
+    /// lock round on the loop's task queue each, against the loop that is the bottleneck).
+    func enqueueLeavingPump(encodedFrame frame: ByteBuffer) -> (result: OutboundQueue<ByteBuffer>.EnqueueResult, needsPump: Bool) {
+        let (result, began, pump) = queue.withLock { state in
+            let result = state.queue.enqueue(frame, byteCount: frame.readableBytes)
+            return (result, state.noteClose(), result != .closed && state.needsPump())
+        }
+        if began { armWatchdog() }
+        return (result, pump)
+    }
+
+    /// Runs the writers of `sessions`, all of one event loop, in one task on that loop
+    /// (`enqueueLeavingPump`).
+    static func pumps(_ sessions: [SessionChannel]) {
+        guard let loop = sessions.first?.channel.eventLoop else { return }
+        loop.execute { for session in sessions { session.pump() } }
+    }
+
     /// Queues a server message.
     @discardableResult
     func enqueue(_ message: ServerMessage) -> OutboundQueue<ByteBuffer>.EnqueueResult { enqueue(message.jsonBytes()) }
