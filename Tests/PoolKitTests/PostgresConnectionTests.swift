@@ -497,6 +497,31 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("query(eachRow:) hands rows over one at a time in order; an error part way throws after the rows before it, and the connection stays usable")
+    func rowByRow() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            var seen: [Int] = []
+            var widths: Set<Int> = []
+            let end = try await conn.query("SELECT g FROM generate_series(1, 1000) g") { row in
+                widths.insert(row.count)
+                seen.append((try? row[0].decode(Int.self, at: 0)) ?? -1)
+            }
+            #expect(seen == Array(1...1000))
+            #expect(widths == [1], "each call gets a one-row result")
+            #expect(end.commandTag == "SELECT 1000" && end.count == 0)
+            var before: [Int] = []
+            await #expect(throws: PostgresError.self) {
+                try await conn.query("SELECT 1 / (500 - g) FROM generate_series(1, 1000) g") { row in
+                    before.append((try? row[0].decode(Int.self, at: 0)) ?? -1)
+                }
+            }
+            #expect(before.count < 500, "rows after the error must not be handed out: \(before.count)")
+            #expect(try await conn.query("SELECT $1::int", 7)[0].decode(Int.self, at: 0) == 7)
+            await conn.close()
+        }
+    }
+
     @Test("1,000 open/close cycles leave open file descriptors within 2 of the start")
     func noDescriptorLeak() async throws {
         try await TestDatabase.withDatabaseAlone { url in

@@ -156,17 +156,23 @@ struct SnapshotVisibilityTests {
         #expect(state.snapshots.isEmpty)
     }
 
-    @Test("Each FETCH is sized by the previous one's bytes: wide rows a few at a time, narrow ones up to snapshotChunkRows")
+    @Test("Each FETCH is sized by the previous one's bytes, at most doubling: wide rows a few at a time, narrow ones up to snapshotChunkRows")
     func fetchSizing() {
         var sizer = SnapshotFetchSizer(maxRows: 500, targetBytes: 64 << 10)
         #expect(sizer.nextCount == 16)
         sizer.record(rows: 16, bytes: 16 << 20)       // 1 MiB rows: one at a time
         #expect(sizer.nextCount == 1)
-        sizer.record(rows: 1, bytes: 8 << 10)         // 8 KiB rows: 8 per FETCH
+        sizer.record(rows: 1, bytes: 8 << 10)         // 8 KiB rows: 8 would fit, at most twice the last
+        #expect(sizer.nextCount == 2)
+        sizer.record(rows: 2, bytes: 16 << 10)
+        #expect(sizer.nextCount == 4)
+        sizer.record(rows: 4, bytes: 32 << 10)
         #expect(sizer.nextCount == 8)
         sizer.record(rows: 0, bytes: 0)               // the end: unchanged
         #expect(sizer.nextCount == 8)
-        sizer.record(rows: 8, bytes: 800)             // 100-byte rows: capped by maxRows
+        sizer.record(rows: 8, bytes: 800)             // 100-byte rows: doubling
+        #expect(sizer.nextCount == 16)
+        sizer.record(rows: 300, bytes: 30_000)        // then capped by maxRows
         #expect(sizer.nextCount == 500)
         sizer.record(rows: 500, bytes: 0)             // all NULL: still capped
         #expect(sizer.nextCount == 500)
@@ -478,6 +484,45 @@ struct SnapshotTests {
             }
             _ = try await open.execute("ROLLBACK")
             await open.close()
+        }
+    }
+
+    @Test("A FETCH keeps rows within maxBytes (the first always) and moves the cursor back before the rest: wide rows after narrow ones come once each, in order")
+    func fetchKeepsWithinBytes() async throws {
+        try await TestDatabase.withDatabase { url in
+            let name = uniqueCaptureName("snap_bytes")
+            // 5 narrow rows, then 10 of 100 KB: a FETCH of 100 brings all 15.
+            try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) SELECT g, CASE WHEN g <= 5 THEN 'x' ELSE repeat('w', 100000) END FROM generate_series(1, 15) g")
+            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await pool.run() }
+                // FETCHes of 100 reach the table's end (the cursor is then past the last row);
+                // FETCHes of 3 mostly do not (it is then on the last row fetched).
+                for count in [100, 3] {
+                let batches = try await TableSnapshotReader(pool: pool).withSnapshot(of: "public.\(name)", columns: columns) { snapshot in
+                    var batches: [[Int]] = []
+                    while true {
+                        let rows = try await snapshot.nextRows(count, maxBytes: 64 << 10)
+                        if rows.isEmpty { break }
+                        batches.append(rows.map { Int(String(decoding: $0[0] ?? [], as: UTF8.self)) ?? -1 })
+                        for row in rows {
+                            let id = Int(String(decoding: row[0] ?? [], as: UTF8.self)) ?? -1
+                            #expect(row[1]?.count == (id <= 5 ? 1 : 100_000), "row \(id) not whole")
+                        }
+                        if batches.count > 20 { break }
+                    }
+                    return batches
+                }
+                let narrow: [[Int]] = count == 100 ? [[1, 2, 3, 4, 5]] : [[1, 2, 3], [4, 5]]
+                #expect(batches == narrow + (6...15).map { [$0] }, "FETCH \(count): \(batches)")
+                }
+                // The pooled connection is fine afterwards.
+                let one = try await pool.withConnection { c in try await c.query("SELECT 1")[0].decode(Int.self, at: 0) }
+                #expect(one == 1)
+                tasks.cancelAll()
+            }
         }
     }
 

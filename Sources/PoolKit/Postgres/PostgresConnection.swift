@@ -294,6 +294,30 @@ public final class PostgresConnection: @unchecked Sendable {
         return last
     }
 
+    /// Runs one statement like `query(_:parameters:)`, but hands its rows to `eachRow` one at a
+    /// time as they arrive (libpq's single-row mode), each as a one-row result, instead of
+    /// collecting them: memory holds one row, however many the statement returns. `eachRow` runs
+    /// while the connection is busy with the statement: it must not use this connection and
+    /// should be quick. Returns the statement's final result (its command tag; no rows). If the
+    /// statement fails part way, the rows handed out before stay handed out and this throws.
+    @discardableResult
+    nonisolated(nonsending)
+    public func query(_ sql: String, parameters: [(any PostgresBindable)?] = [],
+                      eachRow: (PostgresQueryResult) -> Void) async throws -> PostgresQueryResult {
+        let params = parameters.map { $0?.postgresParameter }
+        try Self.refuseNUL(sql, params)
+        noteListen(sql)
+        let results = try await run(singleRows: true, eachRow: eachRow) { pg in
+            let sent = sendQueryParams(pg, sql, params)
+            if sent == 1 { _ = PQsetSingleRowMode(pg) }
+            return sent
+        }
+        guard let last = results.last else {
+            throw PostgresError(code: .invalidUsage, message: "statement returned no result")
+        }
+        return last
+    }
+
     /// Runs one or more `;`-separated statements with the simple protocol (`PQsendQuery`), for
     /// DDL, transaction control and scripts. Returns one result per statement.
     @discardableResult
@@ -455,9 +479,11 @@ public final class PostgresConnection: @unchecked Sendable {
         case wait(Int32, SocketInterest)
     }
 
-    /// Sends with `send`, flushes and collects every result until libpq reports the end.
+    /// Sends with `send`, flushes and collects every result until libpq reports the end; the
+    /// rows of single-row mode go to `eachRow` instead, one result each, as they come.
     nonisolated(nonsending)
-    func run(_ send: (OpaquePointer) -> Int32) async throws -> [PostgresQueryResult] {
+    func run(singleRows: Bool = false, eachRow: (PostgresQueryResult) -> Void = { _ in },
+             _ send: (OpaquePointer) -> Int32) async throws -> [PostgresQueryResult] {
         try Task.checkCancellation()
         let (fd, kickListener, spinBudget, serial): (Int32, Bool, Int, UInt64) = try state.withLock { s in
             guard let pg = s.pg else { throw closedError() }
@@ -553,6 +579,9 @@ public final class PostgresConnection: @unchecked Sendable {
                     let box = ResultBox(r)
                     let status = PQresultStatus(r)
                     switch status {
+                    case PGRES_SINGLE_TUPLE where singleRows:
+                        // After an error only the end is awaited; nothing more is handed out.
+                        if firstError == nil { eachRow(makeResult(box)) }
                     case PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_EMPTY_QUERY, PGRES_SINGLE_TUPLE:
                         results.append(makeResult(box))
                     case PGRES_COPY_IN, PGRES_COPY_OUT, PGRES_COPY_BOTH:

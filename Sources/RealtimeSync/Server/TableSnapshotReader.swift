@@ -77,19 +77,44 @@ public struct TableSnapshot: Sendable {
     public let walPosition: LSN
 
     /// Up to `count` more rows, each value as its Postgres text (nil for NULL) in the order of the
-    /// columns given to `withSnapshot`; empty at the end.
-    public func nextRows(_ count: Int) async throws -> [[[UInt8]?]] {
-        let result = try await connection.query("FETCH FORWARD \(max(1, count)) FROM \(cursor)")
+    /// columns given to `withSnapshot`; empty at the end. The rows come one at a time (single-row
+    /// mode) and are kept while their text stays within `maxBytes` in all, the first row always:
+    /// the rows after that are let go as they arrive and the cursor is moved back before them,
+    /// so that the next call starts with them. So the memory this takes is bounded by `maxBytes`
+    /// plus one row, however wide the rows `count` brings turn out to be.
+    public func nextRows(_ count: Int, maxBytes: Int = .max) async throws -> [[[UInt8]?]] {
         var rows: [[[UInt8]?]] = []
-        rows.reserveCapacity(result.count)
-        for row in result {
+        var bytes = 0
+        var passed = 0
+        let columns = columnCount
+        let asked = max(1, count)
+        try await connection.query("FETCH FORWARD \(asked) FROM \(cursor)") { result in
+            guard passed == 0, result.count > 0 else {
+                passed += 1
+                return
+            }
+            let row = result[0]
+            let width = min(columns, row.count)
+            var size = 0
+            for column in 0..<width { size += row[column].isNull ? 0 : row[column].withUTF8 { $0.count } }
+            if !rows.isEmpty && bytes + size > maxBytes {
+                passed = 1
+                return
+            }
             var values: [[UInt8]?] = []
-            values.reserveCapacity(columnCount)
-            for column in 0..<min(columnCount, row.count) {
+            values.reserveCapacity(columns)
+            for column in 0..<width {
                 let cell = row[column]
                 values.append(cell.isNull ? nil : cell.withUTF8 { Array($0) })
             }
             rows.append(values)
+            bytes += size
+        }
+        if passed > 0 {
+            // The cursor is on the last row fetched, or past the end if fewer than asked came:
+            // back onto the last row kept, so that the next FETCH starts with the first let go.
+            let back = rows.count + passed < asked ? passed + 1 : passed
+            _ = try await connection.execute("MOVE BACKWARD \(back) IN \(cursor)")
         }
         return rows
     }
