@@ -101,6 +101,7 @@ struct Serve: AsyncParsableCommand {
               --pool-acquire-timeout  REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT (30 s)
               --window-max-age        REALTIME_SYNC_WINDOW_MAX_AGE    (300 s)
               --window-max-count      REALTIME_SYNC_WINDOW_MAX_COUNT  (100000)
+              --window-max-bytes      REALTIME_SYNC_WINDOW_MAX_BYTES  (268435456 = 256 MiB)
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
@@ -125,6 +126,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Seconds a snapshot or a service job waits for a pooled connection.") var poolAcquireTimeout: Double?
     @Option(help: "Seconds of changes kept for resume.") var windowMaxAge: Double?
     @Option(help: "Changes kept for resume.") var windowMaxCount: Int?
+    @Option(help: "Bytes of changes kept for resume (row values plus 128 per change).") var windowMaxBytes: Int?
     @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
     @Option(help: "Seconds the whole ordered shutdown may take.") var shutdownDeadline: Double?
     @Option(help: "HS256 secret (at least 32 bytes) for JWT auth on /ws; none: auth off.") var jwtSecret: String?
@@ -160,6 +162,7 @@ struct Serve: AsyncParsableCommand {
         configuration.pool.acquireTimeout = try Setting.seconds(poolAcquireTimeout, "pool-acquire-timeout", "REALTIME_SYNC_POOL_ACQUIRE_TIMEOUT", 30)
         configuration.window.maxAge = try Setting.seconds(windowMaxAge, "window-max-age", "REALTIME_SYNC_WINDOW_MAX_AGE", 300)
         configuration.window.maxCount = try Setting.int(windowMaxCount, "window-max-count", "REALTIME_SYNC_WINDOW_MAX_COUNT", 100_000, minimum: 1)
+        configuration.window.maxBytes = try Setting.int(windowMaxBytes, "window-max-bytes", "REALTIME_SYNC_WINDOW_MAX_BYTES", 256 << 20, minimum: 1)
         configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "heartbeat-interval", "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)

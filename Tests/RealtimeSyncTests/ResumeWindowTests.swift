@@ -31,6 +31,31 @@ struct ResumeWindowTests {
         #expect(window.retainLSN == LSN(0x100))
     }
 
+    @Test("maxBytes: wide changes push the oldest out once their bytes pass the bound (the newest always stays); older cursors then need a resync")
+    func byteBound() throws {
+        // Changes of about 10 KB each (a 10,000-byte value plus the fixed 128 and cell records).
+        func wide(_ transaction: Int) -> ChangeEvent {
+            ChangeEvent(operation: .insert, relation: ordersRelation,
+                        new: TupleData([t(String(repeating: "w", count: 10_000)), .null, .null, .null]),
+                        old: nil, oldKind: nil, xid: UInt32(transaction), commitLSN: LSN(0x100 + UInt64(transaction) * 0x100),
+                        commitTime: fixedTime, index: 0)
+        }
+        let all = (0..<10).map(wide)
+        let each = all[0].approximateBytes
+        #expect(each > 10_000 && each < 10_300, "\(each)")
+        var window = ResumeWindow<TestInstant>(limits: .init(maxBytes: 3 * each + each / 2), origin: LSN(0x100))
+        window.append(contentsOf: all, at: .zero)
+        #expect(window.count == 3, "3.5 changes' worth of bytes holds 3")
+        #expect(window.heldBytes == 3 * each)
+        #expect(try window.events(after: all[6].cursor).map(\.cursor) == all[7...].map(\.cursor))
+        #expect(throws: ResumeWindowError.self) { try window.events(after: all[5].cursor) }
+        // One change larger than the bound: it alone stays.
+        var tiny = ResumeWindow<TestInstant>(limits: .init(maxBytes: 100), origin: LSN(0x100))
+        tiny.append(contentsOf: all[0..<2], at: .zero)
+        #expect(tiny.count == 1 && tiny.heldBytes == each)
+        #expect(try tiny.events(after: all[0].cursor).map(\.cursor) == [all[1].cursor])
+    }
+
     @Test("markIdle: the retain position moves past an empty window only, never backwards, and held cursors keep resuming")
     func markIdle() throws {
         var window = ResumeWindow<TestInstant>(limits: .init(maxAge: .seconds(10)), origin: LSN(0x100))

@@ -197,3 +197,14 @@ public struct ChangeEvent: Sendable {
         }
     }
 }
+
+extension ChangeEvent {
+    /// About how much memory the event holds: its rows' values (new and old) and their cell
+    /// records, plus a fixed 128 bytes for the rest. What `ResumeWindow.Limits.maxBytes` counts.
+    public var approximateBytes: Int {
+        var bytes = 128
+        if let new { bytes += new.storage.count + new.cells.count * MemoryLayout<TupleData.Cell>.stride }
+        if let old { bytes += old.storage.count + old.cells.count * MemoryLayout<TupleData.Cell>.stride }
+        return bytes
+    }
+}

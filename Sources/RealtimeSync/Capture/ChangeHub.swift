@@ -122,6 +122,7 @@ final class ChangeHub: Sendable {
     init(limits: Window.Limits, bufferLimit: Int) {
         var limits = limits
         limits.maxCount = max(1, limits.maxCount)
+        limits.maxBytes = max(1, limits.maxBytes)
         limits.maxAge = max(.zero, limits.maxAge)
         self.limits = limits
         self.bufferLimit = max(1, bufferLimit)

@@ -128,6 +128,7 @@ public final class ChangeStream: Service, Sendable {
             guard !slotName.isEmpty else { throw bad("slotName is empty") }
             guard !publicationName.isEmpty else { throw bad("publicationName is empty") }
             guard window.maxCount >= 1 else { throw bad("window.maxCount is \(window.maxCount); it must be at least 1") }
+            guard window.maxBytes >= 1 else { throw bad("window.maxBytes is \(window.maxBytes); it must be at least 1") }
             guard window.maxAge >= .zero else { throw bad("window.maxAge is \(window.maxAge); it must not be negative") }
             guard consumerBufferLimit >= 1 else { throw bad("consumerBufferLimit is \(consumerBufferLimit); it must be at least 1") }
             guard maxTransactionChanges >= 1, maxTransactionChanges <= Int(UInt32.max) else {

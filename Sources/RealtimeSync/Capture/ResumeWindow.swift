@@ -14,7 +14,7 @@ public struct ResumeWindowError: Error, Sendable, Hashable, CustomStringConverti
     public var oldestResumable: Cursor
     /// What is wrong and what to do.
     public var message: String {
-        "cursor \(cursor) is older than the resume window (oldest resumable cursor \(oldestResumable)); resynchronise with a snapshot (the window's bounds: ResumeWindow.Limits.maxAge / maxCount, realtime-sync --window-max-age / --window-max-count)"
+        "cursor \(cursor) is older than the resume window (oldest resumable cursor \(oldestResumable)); resynchronise with a snapshot (the window's bounds: ResumeWindow.Limits.maxAge / maxCount / maxBytes, realtime-sync --window-max-age / --window-max-count / --window-max-bytes)"
     }
 
     /// Creates the error.
@@ -28,8 +28,8 @@ public struct ResumeWindowError: Error, Sendable, Hashable, CustomStringConverti
     public var description: String { "\(code.rawValue): \(message)" }
 }
 
-/// The most recent committed changes, bounded by age and count (whichever keeps
-/// fewer), for clients that resume with a cursor.
+/// The most recent committed changes, bounded by age, count and bytes (whichever keeps
+/// fewest), for clients that resume with a cursor.
 ///
 /// A pure value: time is passed in (`Instant`, e.g. `ContinuousClock.Instant` or
 /// a test clock's). Appending and evicting are O(1) amortised (ring buffer);
@@ -50,24 +50,33 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
         public var maxAge: Duration
         /// At most this many events are kept. Default 100,000.
         public var maxCount: Int
+        /// At most about this many bytes of events are kept (`ChangeEvent.approximateBytes`:
+        /// their row values and a fixed overhead each), the newest event always. Default 256 MiB:
+        /// without it, 100,000 changes of 1 MB rows would be 100 GB.
+        public var maxBytes: Int
 
-        /// Creates limits; `maxCount` must be at least 1.
-        public init(maxAge: Duration = .seconds(300), maxCount: Int = 100_000) {
+        /// Creates limits; `maxCount` and `maxBytes` must be at least 1.
+        public init(maxAge: Duration = .seconds(300), maxCount: Int = 100_000, maxBytes: Int = 256 << 20) {
             precondition(maxCount >= 1, "ResumeWindow.Limits.maxCount must be at least 1, got \(maxCount)")
+            precondition(maxBytes >= 1, "ResumeWindow.Limits.maxBytes must be at least 1, got \(maxBytes)")
             precondition(maxAge >= .zero, "ResumeWindow.Limits.maxAge must not be negative, got \(maxAge)")
             self.maxAge = maxAge
             self.maxCount = maxCount
+            self.maxBytes = maxBytes
         }
     }
 
     private struct Entry: Sendable {
         var event: ChangeEvent
         var appendedAt: Instant
+        var bytes: Int
     }
 
     /// The bounds in force.
     public let limits: Limits
     private var ring = RingBuffer<Entry>()
+    /// `ChangeEvent.approximateBytes` of the held events, in all.
+    public private(set) var heldBytes = 0
     /// The oldest cursor after which every change is held (or will be appended).
     public private(set) var oldestResumable: Cursor
     /// Number of events evicted so far.
@@ -129,8 +138,10 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
         let cursor = event.cursor
         if let last = last, cursor <= last.cursor { evictExpired(now: now); return false }
         if ring.count == 0, evictedCount > 0, cursor <= oldestResumable { evictExpired(now: now); return false }
-        ring.append(Entry(event: event, appendedAt: now))
-        while ring.count > limits.maxCount { evictFirst() }
+        let bytes = event.approximateBytes
+        ring.append(Entry(event: event, appendedAt: now, bytes: bytes))
+        heldBytes += bytes
+        while ring.count > limits.maxCount || (heldBytes > limits.maxBytes && ring.count > 1) { evictFirst() }
         evictExpired(now: now)
         return true
     }
@@ -150,6 +161,7 @@ public struct ResumeWindow<Instant: InstantProtocol>: Sendable where Instant.Dur
 
     private mutating func evictFirst() {
         let entry = ring.removeFirst()
+        heldBytes -= entry.bytes
         oldestResumable = entry.event.cursor
         emptyRetainLSN = entry.event.commitLSN
         evictedCount += 1

@@ -40,7 +40,7 @@ extension RealtimeServer {
                     return clients.compactMap { state.sessions[$0] }
                 }
                 for session in closing { session.close(.tryAgainLater) }
-                logger.error("fan-out fell behind the resume window; subscribed clients closed with 1013 so that they resume with since (older cursors get resync_required); raise the resume window's maxCount or maxAge",
+                logger.error("fan-out fell behind the resume window; subscribed clients closed with 1013 so that they resume with since (older cursors get resync_required); raise the resume window's maxCount, maxBytes or maxAge (--window-max-count, --window-max-bytes, --window-max-age)",
                              metadata: ["error": "\(error)", "cursor": "\(current)", "clients_closed": "\(closing.count)"])
             } catch {
                 if Task.isCancelled { return }
