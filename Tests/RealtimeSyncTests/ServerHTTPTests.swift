@@ -16,6 +16,24 @@ struct ServerHTTPTests {
         }
     }
 
+    @Test("A first request that cannot be parsed gets 400 and the connection closed at once, not after firstRequestTimeout")
+    func unparsableRequest() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in
+            for garbage in ["GARBAGE\r\n\r\n", "GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", "\u{01}\u{02} binary\r\n\r\n"] {
+                let connection = try await TestConnection.open(port: test.port)
+                try await connection.send(Array(garbage.utf8))
+                let answer = try await connection.readToEnd(timeout: 10)
+                await connection.close()
+                let text = answer.map { String(decoding: $0, as: UTF8.self) }
+                #expect(text?.hasPrefix("HTTP/1.1 400 Bad Request\r\n") == true, "\(garbage.debugDescription): \(text ?? "still open after 10 s")")
+            }
+            // The server still answers.
+            let connection = try await TestConnection.open(port: test.port)
+            #expect(try await connection.request("GET", "/healthz").status == 200)
+            await connection.close()
+        }
+    }
+
     /// The listening socket's accept-queue limit, as `ss -ltn` reports it (Send-Q of a LISTEN socket).
     private func listenBacklog(port: Int) throws -> Int? {
         let process = Process()

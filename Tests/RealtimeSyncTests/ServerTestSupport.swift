@@ -126,6 +126,16 @@ final class TestConnection: @unchecked Sendable {
         try await channel.writeAndFlush(ByteBuffer(bytes: bytes)).get()
     }
 
+    /// Everything the server sends until it closes the connection, or nil if it is still open
+    /// after `timeout` seconds.
+    func readToEnd(timeout: Double) async throws -> [UInt8]? {
+        try? await withTimeout(timeout, "waiting for the server to close") {
+            while try await self.fill() {}
+            defer { self.buffer.removeAll() }
+            return self.buffer
+        }
+    }
+
     /// More bytes, or false at end of stream.
     private func fill() async throws -> Bool {
         guard let chunk = try await iterator.next() else { return false }

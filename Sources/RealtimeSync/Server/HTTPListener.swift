@@ -115,6 +115,14 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         }
     }
+
+    /// A first request that cannot be parsed: NIO's protocol error handler, before this one,
+    /// has answered 400; the connection is closed (nothing else would close it before
+    /// `firstRequestTimeout`, and the decoder would read and drop all the client sends).
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.fireErrorCaught(error)
+        if error is HTTPParserError { context.close(promise: nil) }
+    }
 }
 
 extension UpgradeGate {

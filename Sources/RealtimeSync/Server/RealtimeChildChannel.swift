@@ -95,7 +95,12 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             )
             var pipeline = NIOUpgradableHTTPServerPipelineConfiguration<UpgradeResult>(upgradeConfiguration: upgradeConfiguration)
             pipeline.enablePipelining = false  // NIOAsyncChannel serializes HTTP requests
-            pipeline.enableErrorHandling = false  // Hummingbird answers parse errors
+            // NIO's protocol error handler answers a request it cannot parse with 400 and closes.
+            // Without it, the first request's parse error went unanswered: the connection stayed
+            // open until `firstRequestTimeout` while the decoder read and threw away whatever the
+            // client kept sending (a black-box test: 1.7 GB per connection in those 10 s). It is
+            // removed with the other HTTP handlers when the connection upgrades.
+            pipeline.enableErrorHandling = true
             pipeline.enableResponseHeaderValidation = false  // HTTPTypes validates
             // Hummingbird's request limits (NIO's own allow 65,534 header fields).
             let limits = HTTP1Channel.Configuration().httpDecoder
