@@ -139,17 +139,35 @@ struct ServerHTTPTests {
         }
     }
 
-    @Test("A malformed upgrade of /ws answers 400 websocket_upgrade_required (not a redirect a client would follow forever)", arguments: [
+    /// Malformed upgrades of /ws: what is wrong, the method, the headers.
+    static let malformedUpgrades: [(String, String, [(String, String)])] = [
         ("no Sec-WebSocket-Key", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13")]),
         ("no Connection: upgrade", "GET", [("Upgrade", "websocket"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]),
         ("an upgrade to another protocol", "GET", [("Upgrade", "h2c"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]),
-    ])
+        ("a key too short", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "abc"), ("Sec-WebSocket-Version", "13")]),
+        ("a key that is not base64", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "!!!!!!!!!!!!!!!!!!!!!!=="), ("Sec-WebSocket-Version", "13")]),
+        ("two keys", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                             ("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA=="), ("Sec-WebSocket-Version", "13")]),
+    ]
+
+    @Test("A malformed upgrade of /ws answers 400 websocket_upgrade_required (not a redirect a client would follow forever)", arguments: Self.malformedUpgrades)
     func malformedUpgrade(_ case: (String, String, [(String, String)])) async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
             let connection = try await TestConnection.open(port: test.port)
             let response = try await connection.request(`case`.1, "/ws", headers: `case`.2)
             #expect(response.status == 400, "\(`case`.0)")
             #expect(response.body == #"{"error":"websocket_upgrade_required"}"#, "\(`case`.0)")
+            await connection.close()
+        }
+    }
+
+    @Test("An HTTP/1.0 upgrade of /ws is not upgraded (RFC 6455 asks for HTTP/1.1 or later)")
+    func http10Upgrade() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            try await connection.send(Array("GET /ws HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".utf8))
+            let text = try await connection.read(until: "websocket_upgrade_required", timeout: 10)
+            #expect(!text.contains(" 101 ") && text.contains(" 400 ") && text.contains("websocket_upgrade_required"), "\(text)")
             await connection.close()
         }
     }

@@ -136,6 +136,17 @@ final class TestConnection: @unchecked Sendable {
         }
     }
 
+    /// What the server sent until `text` appears in it (then taken from the buffer), or what
+    /// came before the end of the stream or `timeout` seconds.
+    func read(until text: String, timeout: Double) async throws -> String {
+        let marker = Array(text.utf8)
+        _ = try? await withTimeout(timeout, "waiting for \(text)") {
+            while self.buffer.firstRange(of: marker) == nil, try await self.fill() {}
+        }
+        defer { buffer.removeAll() }
+        return String(decoding: buffer, as: UTF8.self)
+    }
+
     /// More bytes, or false at end of stream.
     private func fill() async throws -> Bool {
         guard let chunk = try await iterator.next() else { return false }

@@ -129,10 +129,24 @@ extension UpgradeGate {
     /// Whether NIO's WebSocket upgrader would take `head` (RFC 6455 4.2.1), the version aside
     /// (the router answers a wrong version with 426).
     static func isWellFormedUpgrade(_ head: HTTPRequestHead) -> Bool {
-        guard head.method == .GET else { return false }
+        guard head.method == .GET, (head.version.major, head.version.minor) >= (1, 1) else { return false }
         guard head.headers[canonicalForm: "upgrade"].contains(where: { $0.lowercased() == "websocket" }) else { return false }
         guard head.headers[canonicalForm: "connection"].contains(where: { $0.lowercased() == "upgrade" }) else { return false }
-        return head.headers["sec-websocket-key"].contains { !$0.isEmpty }
+        // Exactly one key, the base64 of 16 bytes (RFC 6455 4.2.1 item 5); NIO's upgrader
+        // takes any non-empty value, and with two keys it closed the connection unanswered.
+        let keys = head.headers["sec-websocket-key"]
+        guard keys.count == 1, let key = keys.first?.trimmingCharacters(in: .whitespaces) else { return false }
+        return Self.isWebSocketKey(key)
+    }
+
+    /// Whether `key` is 24 characters of base64 that decode to 16 bytes (the last two `=`).
+    static func isWebSocketKey(_ key: String) -> Bool {
+        let bytes = Array(key.utf8)
+        guard bytes.count == 24, bytes[22] == UInt8(ascii: "="), bytes[23] == UInt8(ascii: "=") else { return false }
+        func isBase64(_ c: UInt8) -> Bool {
+            (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || (c >= 48 && c <= 57) || c == 43 || c == 47
+        }
+        return bytes[0..<22].allSatisfy(isBase64)
     }
 }
 
