@@ -25,7 +25,11 @@ extension RealtimeServer {
                     deliver(event)
                     backoff = .milliseconds(50)
                 }
-                if !Task.isCancelled { logger.info("change stream ended; fan-out stopped", metadata: ["cursor": "\(after)"]) }
+                if !Task.isCancelled {
+                    // The last change delivered (`after` is where this stream began).
+                    let last = state.withLock { $0.lastDelivered }
+                    logger.info("change stream ended; fan-out stopped", metadata: ["cursor": "\(last)"])
+                }
                 return
             } catch let error as ResumeWindowError {
                 // Changes after `after` are gone: every subscribed client would miss them.
