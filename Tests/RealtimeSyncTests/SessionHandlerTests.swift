@@ -190,15 +190,20 @@ struct PingFloodTests {
     func pingFlood() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
         try await withTestServer(source: source, alone: true) { test in
-            // A fixed 64 KB receive buffer: one the kernel may grow (up to tcp_rmem's maximum,
-            // 32 MB here) could take all the pongs in one full-suite run.
+            // A fixed 64 KB receive buffer, so that the pongs cannot all fit between the two.
             let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
             try await socket.stopReading()
             // 60,000 pings of 125 bytes: 7.5 MB of pongs, more than the socket buffers between
             // server and client hold (tcp_wmem's 4 MB and the fixed receive buffer).
             let count = 60_000
             try await flood(socket, count: count)
-            try await Task.sleep(for: .milliseconds(500))
+            // Until the server has read every ping: the pings can all sit in its receive buffer
+            // (tcp_rmem allows 32 MB here), and in a full-suite run it had answered too few
+            // after a fixed 500 ms for its socket to have filled (every ping then got a pong).
+            let port = try #require(socket.channel.localAddress?.port)
+            #expect(await eventually(60) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 },
+                    "the server did not read the pings within 60 s")
+            try await Task.sleep(for: .milliseconds(300))
             try await socket.startReading()
             // `statistics.queuedBytes` cannot show pongs piling up: it counts the sessions'
             // message queues (OutboundQueue), not NIO's pending writes, where pongs go; it stays
@@ -324,4 +329,19 @@ struct SessionWireFuzzTests {
             await socket.close()
         }
     }
+}
+
+/// Bytes the server has not yet read from the connection of local `clientPort` to
+/// 127.0.0.1:`serverPort` (its socket's receive queue in /proc/net/tcp), or nil if not found.
+func serverReceiveQueue(serverPort: Int, clientPort: Int) -> Int? {
+    guard let table = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return nil }
+    let local = String(format: "0100007F:%04X", serverPort)
+    let remote = String(format: "0100007F:%04X", clientPort)
+    for line in table.split(separator: "\n").dropFirst() {
+        let fields = line.split(separator: " ")
+        // sl, local_address, rem_address, st, tx_queue:rx_queue, ...
+        guard fields.count > 4, fields[1] == local, fields[2] == remote else { continue }
+        return fields[4].split(separator: ":").last.flatMap { Int($0, radix: 16) }
+    }
+    return nil
 }
