@@ -189,7 +189,10 @@ struct PingFloodTests {
     @Test("Pings from a client that reads nothing do not pile up pongs: only the latest is answered once the socket drains")
     func pingFlood() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
-        try await withTestServer(source: source, alone: true) { test in
+        // A ping interval longer than the test: a client that reads nothing never answers the
+        // server's pings, and in a slow full-suite run the flood alone took over a minute, so
+        // the default (30 s, dropped after two) closed the socket mid-test.
+        try await withTestServer(source: source, alone: true, configure: { $0.pingInterval = .seconds(600) }) { test in
             // A fixed 64 KB receive buffer, so that the pongs cannot all fit between the two.
             let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
             try await socket.stopReading()
@@ -201,8 +204,8 @@ struct PingFloodTests {
             // (tcp_rmem allows 32 MB here), and in a full-suite run it had answered too few
             // after a fixed 500 ms for its socket to have filled (every ping then got a pong).
             let port = try #require(socket.channel.localAddress?.port)
-            #expect(await eventually(60) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 },
-                    "the server did not read the pings within 60 s")
+            let drained = await eventually(120) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 }
+            #expect(drained, "the server did not read the pings within 120 s: \(String(describing: serverReceiveQueue(serverPort: test.port, clientPort: port))) bytes left; /proc/net/tcp: \((try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8))?.split(separator: "\n").filter { $0.contains(String(format: "%04X", port)) } ?? [])")
             try await Task.sleep(for: .milliseconds(300))
             try await socket.startReading()
             // `statistics.queuedBytes` cannot show pongs piling up: it counts the sessions'

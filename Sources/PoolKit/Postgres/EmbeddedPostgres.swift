@@ -29,7 +29,7 @@ public final class EmbeddedPostgres: Sendable {
         /// The longest `pg_ctl start` may wait for the server to accept connections. Default 60 s.
         public var startTimeout: Duration
         /// The longest `stop()` waits for a fast shutdown (`pg_ctl stop -m fast`) before it kills
-        /// the server and every process of its group (SIGKILL). Default 30 s.
+        /// the server and its children (SIGKILL). Default 30 s.
         public var stopTimeout: Duration
 
         /// Creates options.
@@ -221,14 +221,10 @@ public final class EmbeddedPostgres: Sendable {
         if let server {
             // pg_ctl returns once postmaster.pid is gone, which the server removes after its
             // children exited; wait (bounded) for the process itself.
-            if !stoppedInTime || !server.waitForExit(milliseconds: 5000) {
+            if !stoppedInTime || !waitUntil(milliseconds: 5000, server.hasExited) {
                 let children = server.kill()
-                _ = server.waitForExit(milliseconds: 5000)
-                var waited = 0
-                while children.contains(where: processIsAlive) && waited < 5000 {
-                    usleep(10_000)
-                    waited += 10
-                }
+                _ = waitUntil(milliseconds: 5000, server.hasExited)
+                _ = waitUntil(milliseconds: 5000) { !children.contains(where: processIsAlive) }
             }
             server.close()
         }
@@ -357,6 +353,11 @@ public final class EmbeddedPostgres: Sendable {
 
     /// The postmaster's process ID, when the server is running.
     public var serverPID: Int32? {
+        Self.postmasterPID(in: dataDirectory)
+    }
+
+    /// The pid on the first line of `dataDirectory/postmaster.pid`, if the file is there.
+    static func postmasterPID(in dataDirectory: String) -> Int32? {
         guard let text = try? String(contentsOfFile: dataDirectory + "/postmaster.pid", encoding: .utf8),
               let first = text.split(separator: "\n").first else { return nil }
         return Int32(first)
@@ -477,8 +478,7 @@ public final class EmbeddedPostgres: Sendable {
                 _ = try? run(bin + "/pg_ctl", ["-D", dir + "/data", "-m", "immediate", "-w", "-t", "10", "stop"], as: user)
                 // Still running (another user's, a timeout): its folder stays, or it could never
                 // be found again. A server that died with its owner left a stale file: it goes.
-                if let text = try? String(contentsOfFile: dir + "/data/postmaster.pid", encoding: .utf8),
-                   let server = text.split(separator: "\n").first.flatMap({ Int32($0) }), processIsAlive(server) { continue }
+                if let server = postmasterPID(in: dir + "/data"), processIsAlive(server) { continue }
             }
             try? FileManager.default.removeItem(atPath: dir)
         }
@@ -528,8 +528,7 @@ struct Postmaster {
     /// directory is that folder (the postmaster's; a stale file's pid reused by another
     /// process fails this). Nil otherwise.
     static func open(dataDirectory: String) -> Postmaster? {
-        guard let text = try? String(contentsOfFile: dataDirectory + "/postmaster.pid", encoding: .utf8),
-              let pid = text.split(separator: "\n").first.flatMap({ Int32($0) }), pid > 0 else { return nil }
+        guard let pid = EmbeddedPostgres.postmasterPID(in: dataDirectory), pid > 0 else { return nil }
         let fd = clibpq_pidfd_open(pid)
         if fd < 0 && errno != ENOSYS { return nil }  // ESRCH: gone already
         // Checked after the pidfd is held: the process checked is the one the pidfd names.
@@ -547,17 +546,6 @@ struct Postmaster {
         guard fd >= 0 else { return !processIsAlive(pid) }
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         return poll(&p, 1, 0) > 0
-    }
-
-    /// Waits up to `milliseconds` for the process to exit; true if it did.
-    func waitForExit(milliseconds: Int) -> Bool {
-        var waited = 0
-        while !hasExited() {
-            if waited >= milliseconds { return false }
-            usleep(10_000)
-            waited += 10
-        }
-        return true
     }
 
     /// Kills the postmaster and its children (SIGKILL) and returns the children's pids. The
@@ -584,6 +572,17 @@ struct Postmaster {
     func close() {
         if fd >= 0 { Glibc.close(fd) }
     }
+}
+
+/// Checks `condition` every 10 ms for up to `milliseconds`; true once it holds.
+func waitUntil(milliseconds: Int, _ condition: () -> Bool) -> Bool {
+    var waited = 0
+    while !condition() {
+        if waited >= milliseconds { return false }
+        usleep(10_000)
+        waited += 10
+    }
+    return true
 }
 
 /// The live (not zombie) children of `parent`, from `/proc`.

@@ -98,12 +98,8 @@ final class SessionChannel: Sendable {
     /// only read it).
     @discardableResult
     func enqueue(encodedFrame frame: ByteBuffer) -> OutboundQueue<ByteBuffer>.EnqueueResult {
-        let (result, began, pump) = queue.withLock { state in
-            let result = state.queue.enqueue(frame, byteCount: frame.readableBytes)
-            return (result, state.noteClose(), result != .closed && state.needsPump())
-        }
+        let (result, pump) = enqueueLeavingPump(encodedFrame: frame)
         if pump { schedulePump() }
-        if began { armWatchdog() }
         return result
     }
 
