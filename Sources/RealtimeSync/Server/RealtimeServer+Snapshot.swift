@@ -374,9 +374,7 @@ struct SnapshotFetchSizer {
 
     /// The next rows of `snapshot`, sized as above.
     mutating func nextRows(of snapshot: TableSnapshot) async throws -> [[[UInt8]?]] {
-        let rows = try await snapshot.nextRows(nextCount, maxBytes: targetBytes)
-        var bytes = 0
-        for row in rows { for value in row { bytes += value?.count ?? 0 } }
+        let (rows, bytes) = try await snapshot.fetch(nextCount, maxBytes: targetBytes)
         record(rows: rows.count, bytes: bytes)
         return rows
     }

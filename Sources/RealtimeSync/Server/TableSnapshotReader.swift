@@ -83,17 +83,22 @@ public struct TableSnapshot: Sendable {
     /// so that the next call starts with them. So the memory this takes is bounded by `maxBytes`
     /// plus one row, however wide the rows `count` brings turn out to be.
     public func nextRows(_ count: Int, maxBytes: Int = .max) async throws -> [[[UInt8]?]] {
+        try await fetch(count, maxBytes: maxBytes).rows
+    }
+
+    /// `nextRows`, with the bytes of text the kept rows hold (what the FETCH sizer needs).
+    func fetch(_ count: Int, maxBytes: Int) async throws -> (rows: [[[UInt8]?]], bytes: Int) {
         var rows: [[[UInt8]?]] = []
         var bytes = 0
         var passed = 0
         let columns = columnCount
         let asked = max(1, count)
         try await connection.query("FETCH FORWARD \(asked) FROM \(cursor)") { result in
-            guard passed == 0, result.count > 0 else {
+            // Single-row mode: each result is one row.
+            guard passed == 0, let row = result.first else {
                 passed += 1
                 return
             }
-            let row = result[0]
             let width = min(columns, row.count)
             var size = 0
             for column in 0..<width { size += row[column].isNull ? 0 : row[column].withUTF8 { $0.count } }
@@ -116,7 +121,7 @@ public struct TableSnapshot: Sendable {
             let back = rows.count + passed < asked ? passed + 1 : passed
             _ = try await connection.execute("MOVE BACKWARD \(back) IN \(cursor)")
         }
-        return rows
+        return (rows, bytes)
     }
 
     /// Moves back to before the first row (the same rows follow again: same snapshot).
