@@ -40,4 +40,15 @@ static inline int clibpq_pidfd_send_signal(int pidfd, int sig) {
 /* The calling thread's CPU, for the pool's CPU-local cache (glibc; declared only under _GNU_SOURCE). */
 extern int sched_getcpu(void);
 #endif
+/* The CPU's time-stamp counter (x86-64; 0 elsewhere): PoolKit times a connection's use with it when
+   the kernel itself keeps time by it (clocksource "tsc"), for half the cost of clock_gettime. */
+static inline unsigned long long clibpq_ticks(void) {
+#if defined(__x86_64__)
+    unsigned int lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((unsigned long long)hi << 32) | lo;
+#else
+    return 0;
+#endif
+}
 #endif

@@ -51,6 +51,57 @@ struct PoolMetricsTests {
         }
     }
 
+    @Test("use time of a connection lent from a stripe: true to the clock, whichever clock times it")
+    func stripeUseTime() async throws {
+        let metrics = TestMetrics()
+        var configuration = baseConfiguration { $0.maxOpen = 1; $0.minIdle = 1 }
+        configuration.name = "timed"
+        configuration.metricsFactory = metrics
+        let factory = MockFactory(clean: true)
+        let pool = ConnectionPool<MockConnection, ContinuousClock>(
+            configuration: configuration, clock: ContinuousClock(), logger: Logger(label: "test"), seed: 1, stripes: 1
+        ) { try factory.make() }
+        #if arch(x86_64)
+        #expect(pool.ticksAreCounter == (TickClock.kernelClockSource() == "tsc"), "the CPU's counter exactly where the kernel keeps time by it")
+        #else
+        #expect(!pool.ticksAreCounter)
+        #endif
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await pool.run() }
+            try await pool.withConnection(timeout: .seconds(30)) { _ in }   // parked in the stripe on its return
+            let lease = try await pool.lease(label: "timed")
+            #expect(lease.lend != 0, "lent from the stripe")
+            // The stripes' times (held times, leaks, lifetimes) agree with the pool's own clock.
+            let gap = pool.stripeNow() - pool.now()
+            #expect(gap < .milliseconds(1) && gap > .milliseconds(-1), "stripe time minus pool time: \(gap)")
+            let started = ContinuousClock.now
+            try await Task.sleep(for: .milliseconds(50))
+            let heldAtMost = started.duration(to: .now)
+            await pool.release(lease)
+            let use = try metrics.expectTimer("db.client.connection.use_time", [("db.client.connection.pool.name", "timed")]).values
+            let timed = Duration.nanoseconds(use.last ?? -1)
+            #expect(use.count == 2)
+            #expect(timed >= .milliseconds(50) && timed <= heldAtMost + .milliseconds(5), "recorded \(timed), held \(heldAtMost)")
+            _ = await pool.drain(deadline: .now)
+            try await group.waitForAll()
+        }
+    }
+
+    @Test("the CPU's counter: used only where the kernel keeps time by it, and then its rate matches CLOCK_MONOTONIC")
+    func tickClockRate() async throws {
+        guard let perTick = TickClock.nanosecondsPerTick else {
+            #if arch(x86_64)
+            #expect(TickClock.kernelClockSource() != "tsc", "calibration failed although the clock source is tsc")
+            #endif
+            return
+        }
+        let ticks = TickClock.read(), nanoseconds = TickClock.monotonicNanoseconds()
+        try await Task.sleep(for: .milliseconds(100))
+        let elapsedTicks = TickClock.read() - ticks, elapsed = TickClock.monotonicNanoseconds() - nanoseconds
+        let error = abs(Double(elapsedTicks) * perTick - Double(elapsed)) / Double(elapsed)
+        #expect(error < 0.001, "counter against CLOCK_MONOTONIC over \(elapsed) ns: relative error \(error)")
+    }
+
     @Test("count gauges with the CPU-local cache: a connection lent from a stripe counts as used; a stripe flush publishes where each one is")
     func stripeLendsInGauges() async throws {
         let metrics = TestMetrics()

@@ -44,8 +44,8 @@ enum PoolWaitOutcome: Sendable {
 /// Where a connection lent from a stripe went on its return (outside the generic pool, so
 /// that the hot path needs no generic metadata).
 enum StripeReturn {
-    case parked(useTime: Duration)
-    case unstashed(PoolMachine.ReleaseResult?, useTime: Duration)
+    case parked(useTime: Int64)
+    case unstashed(PoolMachine.ReleaseResult?, useTime: Int64)
     /// A flush adopted the lend (it is an ordinary lease now), or a stale release.
     case notInStripe
 }
@@ -141,6 +141,17 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// ``stripeNow()``; refreshed at every timer wake and stripe flush (it changes only when the
     /// system sleeps).
     let coarseOffsetNanoseconds = Atomic<Int64>(0)
+    /// With metrics on and `continuousEpochNanoseconds`: nanoseconds per unit of
+    /// ``stripeStamp()``'s `ticks` (the CPU's counter, see ``TickClock``, or 1 where the
+    /// stripes read `CLOCK_BOOTTIME` itself); nil otherwise (no ticks are read).
+    let useTickScale: Double?
+    /// True when `ticks` are ``TickClock``'s counter: the stripes' times then come from it too.
+    let ticksAreCounter: Bool
+    /// The counter when the pool was made (a small difference converts to `Double` exactly).
+    let tickBase: Int64
+    /// With `ticksAreCounter`: the pool's time at `tickBase` as ``stripeStamp()`` computes it,
+    /// refreshed with `coarseOffsetNanoseconds` (it absorbs the rate's calibration error).
+    let tickOffsetNanoseconds = Atomic<Int64>(0)
     /// The CPU-local cache (`cpuLocalCache`); see ``PoolStripes``.
     let stripes: PoolStripes
     let flags = PoolFlags()
@@ -180,6 +191,15 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         logger[metadataKey: "db.client.connection.pool.name"] = .string(configuration.name)
         self.logger = logger
         self.metrics = PoolMetrics(configuration: configuration)
+        if metrics.enabled, continuousEpochNanoseconds != nil {
+            let counter = TickClock.nanosecondsPerTick
+            self.useTickScale = counter ?? 1
+            self.ticksAreCounter = counter != nil
+        } else {
+            self.useTickScale = nil
+            self.ticksAreCounter = false
+        }
+        self.tickBase = ticksAreCounter ? TickClock.read() : 0
         self.stripes = PoolStripes(
             count: configuration.cpuLocalCache ? stripes ?? PoolStripes.defaultCount(enabled: true) : 0
         )
@@ -438,7 +458,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         guard let (raw, rescheduleTimer) = leased else { return nil }
         if rescheduleTimer { timerWake.signal() }
-        if metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
+        if metrics.enabled { metrics.recordNoWait() }
         return raw
     }
 
@@ -488,20 +508,20 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Lends this CPU's parked connection to `request`, if there is one and nobody waits.
     @inline(__always)
     private func lendFromStripe(_ request: Machine.Request) -> (lease: Machine.Lease, lend: UInt64)? {
-        let now = stripeNow()
+        let stamp = stripeStamp()
         let lent = stripes.withCurrent { stripe in
-            stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, now: now) }
+            stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, stamp: stamp) }
         }
-        if lent != nil, metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
+        if lent != nil, metrics.enabled { metrics.recordNoWait() }
         return lent
     }
 
     /// Lends the connection parked in `stripe`, if there is one and nobody waits (the
     /// `maxWaiters: 0` sweep of every stripe; the fast path is `lendFromStripe`).
     private func lend(from stripe: PoolStripe, _ request: Machine.Request) -> (lease: Machine.Lease, lend: UInt64)? {
-        let now = stripeNow()
-        let lent = stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, now: now) }
-        if lent != nil, metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
+        let stamp = stripeStamp()
+        let lent = stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, stamp: stamp) }
+        if lent != nil, metrics.enabled { metrics.recordNoWait() }
         return lent
     }
 
@@ -510,8 +530,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// function around the lock, the fast path cost about 25 ns more per cycle.
     @inline(__always)
     private func lendLocked(
-        _ s: inout StripeState, stripe: PoolStripe, _ request: Machine.Request, now: Duration
+        _ s: inout StripeState, stripe: PoolStripe, _ request: Machine.Request, stamp: StripeStamp
     ) -> (lease: Machine.Lease, lend: UInt64)? {
+        let now = stamp.now
         guard s.parked != nil, s.lent == nil, !flags.waitersPresent.load(ordering: .relaxed),
               s.expiresAt.map({ $0 > now }) ?? true
         else { return nil }
@@ -519,7 +540,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         let parked = s.parked.take()!
         s.lent = StripeLent(
             slot: parked.slot, leaseID: parked.leaseID, connectionID: parked.connectionID,
-            lend: lend, request: request, since: now, expiresAt: s.expiresAt
+            lend: lend, request: request, since: now, sinceTicks: stamp.ticks, expiresAt: s.expiresAt
         )
         s.lends += 1
         if metrics.enabled { stripe.lentNow.store(1, ordering: .relaxed) }
@@ -580,10 +601,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
 
     @inline(__always)
     private func returnLentSynchronously(_ raw: Machine.Lease, lend: UInt64, reusable: Bool) -> Machine.Actions? {
-        let now = stripeNow()
+        let stamp = stripeStamp()
+        let now = stamp.now
         let outcome = stripes.withStripe(ofLend: lend) { stripe in stripe.state.withLock { s -> StripeReturn in
             guard s.lent?.lend == lend else { return .notInStripe }
-            let useTime = now - s.lent.unsafelyUnwrapped.since
+            let useTime = useNanoseconds(since: s.lent.unsafelyUnwrapped, until: stamp)
             let expiresAt = s.lent.unsafelyUnwrapped.expiresAt
             s.lent = nil
             if metrics.enabled { stripe.lentNow.store(0, ordering: .relaxed) }
@@ -608,10 +630,10 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         } }
         switch outcome {
         case .parked(let useTime):
-            if metrics.enabled { metrics.useTime.record(useTime) }
+            if metrics.enabled { metrics.recordUseTime(nanoseconds: useTime) }
             return nil
         case .unstashed(let result, let useTime):
-            if metrics.enabled { metrics.useTime.record(useTime) }
+            if metrics.enabled { metrics.recordUseTime(nanoseconds: useTime) }
             guard let result else { return nil }
             return performReleaseResult(result, reusable: reusable)
         case .notInStripe:
@@ -650,7 +672,12 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         guard let parked else { return false }
         if metrics.enabled { metrics.useTime.record(parked.stash.useTime) }
         // The timer flushes the stripes `flushInterval` after the first park.
-        if parked.armed { timerWake.signal() }
+        if parked.armed {
+            // The first park since a flush, perhaps after hours without one: the counter's
+            // offset is brought up to date before the lends it starts (``stripeStamp()``).
+            if ticksAreCounter { refreshCoarseOffset() }
+            timerWake.signal()
+        }
         return true
     }
 
@@ -908,25 +935,56 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         return epoch.duration(to: clock.now)
     }
 
-    /// The time stamps of the CPU-local stripes (a lend's start, a park): ``now()`` to within
-    /// the kernel's tick (4 ms on this project's machines; 1-10 ms by kernel configuration),
-    /// read from `CLOCK_MONOTONIC_COARSE` (3 ns instead of 21 ns;
-    /// two reads per lease+release had been a fifth of a cycle). They feed held times, leak
-    /// reports, idle times and lifetimes, where milliseconds do not matter. With metrics on,
-    /// the exact clock is read instead, for `db.client.connection.use_time`.
+    /// The time stamps of the CPU-local stripes (a lend's start, a park).
+    ///
+    /// Metrics off: ``now()`` to within the kernel's tick (4 ms on this project's machines;
+    /// 1-10 ms by kernel configuration), read from `CLOCK_MONOTONIC_COARSE` (3 ns instead of
+    /// 21 ns; two reads per lease+release had been a fifth of a cycle). They feed held times,
+    /// leak reports, idle times and lifetimes, where milliseconds do not matter.
+    ///
+    /// Metrics on, `db.client.connection.use_time` needs exact times: `ticks` is the CPU's
+    /// counter where the kernel keeps time by it (``TickClock``; `now` is then derived from it,
+    /// within microseconds of ``now()``), else `CLOCK_BOOTTIME` in nanoseconds.
     @inline(__always)
-    func stripeNow() -> Duration {
+    func stripeStamp() -> StripeStamp {
         #if os(Linux) && canImport(Glibc)
-        if continuousEpochNanoseconds != nil, !metrics.enabled {
-            var ts = timespec()
-            if clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) == 0 {
-                return .nanoseconds(
-                    Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec) &+ coarseOffsetNanoseconds.load(ordering: .relaxed)
-                )
+        if let base = continuousEpochNanoseconds {
+            if let scale = useTickScale {
+                if ticksAreCounter {
+                    let ticks = TickClock.read()
+                    let nanoseconds = Int64(Double(ticks &- tickBase) * scale) &+ tickOffsetNanoseconds.load(ordering: .relaxed)
+                    return StripeStamp(now: .nanoseconds(nanoseconds), ticks: ticks)
+                }
+                if let boot = Self.bootTimeNanoseconds() {
+                    return StripeStamp(now: .nanoseconds(boot &- base), ticks: boot)
+                }
+            } else {
+                var ts = timespec()
+                if clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) == 0 {
+                    return StripeStamp(now: .nanoseconds(
+                        Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec) &+ coarseOffsetNanoseconds.load(ordering: .relaxed)
+                    ), ticks: 0)
+                }
             }
         }
         #endif
-        return now()
+        return StripeStamp(now: now(), ticks: 0)
+    }
+
+    /// ``stripeStamp()``'s time alone.
+    @inline(__always)
+    func stripeNow() -> Duration {
+        stripeStamp().now
+    }
+
+    /// How long `lent` has been held at `stamp`, in nanoseconds (0 if the clocks disagree).
+    @inline(__always)
+    func useNanoseconds(since lent: StripeLent, until stamp: StripeStamp) -> Int64 {
+        if let scale = useTickScale, lent.sinceTicks != 0 {
+            return max(0, Int64(Double(stamp.ticks &- lent.sinceTicks) * scale))
+        }
+        let (seconds, attoseconds) = max(.zero, stamp.now - lent.since).components
+        return seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000
     }
 
     /// Recomputes the offset ``stripeNow()`` adds to `CLOCK_MONOTONIC_COARSE`.
@@ -950,6 +1008,20 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             if gap < 2_000 { break }
         }
         if let best { coarseOffsetNanoseconds.store(best.offset, ordering: .relaxed) }
+        if ticksAreCounter, let scale = useTickScale {
+            // The pool's time at `tickBase`, as the counter's rate puts it: the stamps' error
+            // is then that rate's (about 1e-5) over the time since this refresh.
+            var best: (spread: Int64, offset: Int64)?
+            for _ in 0..<3 {
+                let before = TickClock.read()
+                guard let boot = Self.bootTimeNanoseconds() else { return }
+                let after = TickClock.read()
+                let spread = after &- before
+                let middle = before &+ spread / 2
+                if best == nil || spread < best!.spread { best = (spread, boot &- base &- Int64(Double(middle &- tickBase) * scale)) }
+            }
+            if let best { tickOffsetNanoseconds.store(best.offset, ordering: .relaxed) }
+        }
         #endif
     }
 
@@ -979,7 +1051,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         switch immediate {
         case .leased(let lease, let rescheduleTimer):
             if rescheduleTimer { timerWake.signal() }
-            if metrics.enabled { metrics.waitTime.recordNanoseconds(0) }
+            if metrics.enabled { metrics.recordNoWait() }
             return (lease, false)
         case .failed(let error):
             throw error

@@ -21,6 +21,11 @@ final class PoolMetrics: Sendable {
     let waitTime: Metrics.Timer
     /// `db.client.connection.use_time`: time between lease and release.
     let useTime: Metrics.Timer
+    /// The handlers behind `waitTime` and `useTime`, called directly on the CPU-local fast
+    /// path: through the `Timer`, each record retained and released it around the call (two
+    /// atomic operations, about a sixth of what the metrics cost a cycle).
+    let waitTimeHandler: any TimerHandler
+    let useTimeHandler: any TimerHandler
     /// `db.client.connection.create_time`: time to open a connection.
     let createTime: Metrics.Timer
     /// `db.client.connection.leaks` (not an OpenTelemetry name): leases held past `leakThreshold`.
@@ -42,13 +47,32 @@ final class PoolMetrics: Sendable {
         idleMax = Gauge(label: "db.client.connection.idle.max", dimensions: [pool], factory: factory)
         idleMin = Gauge(label: "db.client.connection.idle.min", dimensions: [pool], factory: factory)
         timeouts = Counter(label: "db.client.connection.timeouts", dimensions: [pool], factory: factory)
-        waitTime = Metrics.Timer(label: "db.client.connection.wait_time", dimensions: [pool], preferredDisplayUnit: .seconds, factory: factory)
-        useTime = Metrics.Timer(label: "db.client.connection.use_time", dimensions: [pool], preferredDisplayUnit: .seconds, factory: factory)
+        func timer(_ label: String) -> (Metrics.Timer, any TimerHandler) {
+            let handler = factory.makeTimer(label: label, dimensions: [pool])
+            handler.preferDisplayUnit(.seconds)
+            return (Metrics.Timer(label: label, dimensions: [pool], handler: handler, factory: factory), handler)
+        }
+        (waitTime, waitTimeHandler) = timer("db.client.connection.wait_time")
+        (useTime, useTimeHandler) = timer("db.client.connection.use_time")
         createTime = Metrics.Timer(label: "db.client.connection.create_time", dimensions: [pool], preferredDisplayUnit: .seconds, factory: factory)
         leaks = Counter(label: "db.client.connection.leaks", dimensions: [pool], factory: factory)
         max.record(configuration.maxOpen)
         idleMax.record(configuration.maxIdle)
         idleMin.record(configuration.minIdle)
+    }
+}
+
+extension PoolMetrics {
+    /// Records a lease that did not wait (`wait_time` 0).
+    @inline(__always)
+    func recordNoWait() {
+        waitTimeHandler.recordNanoseconds(0)
+    }
+
+    /// Records a use time in nanoseconds.
+    @inline(__always)
+    func recordUseTime(nanoseconds: Int64) {
+        useTimeHandler.recordNanoseconds(nanoseconds)
     }
 }
 

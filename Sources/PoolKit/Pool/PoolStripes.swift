@@ -16,7 +16,16 @@ struct StripeLent {
     var lend: UInt64
     var request: PoolMachine.Request
     var since: Duration
+    /// ``ConnectionPool/stripeStamp()``'s `ticks` at the lend (0 with metrics off).
+    var sinceTicks: Int64
     var expiresAt: Duration?
+}
+
+/// A stripe time stamp: the pool's time, and with metrics on a finer count for use times
+/// (see ``ConnectionPool/stripeStamp()``).
+struct StripeStamp {
+    var now: Duration
+    var ticks: Int64
 }
 
 /// One CPU's slot: at most one parked (idle) connection and one lent from it.
