@@ -109,6 +109,7 @@ struct Serve: AsyncParsableCommand {
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
               --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, or --pool-max-open - 1 if less: 3 by default; more wait their turn)
               --max-transaction-changes REALTIME_SYNC_MAX_TRANSACTION_CHANGES (1000000 changes held until a transaction commits)
+              --max-transaction-bytes REALTIME_SYNC_MAX_TRANSACTION_BYTES (268435456 = 256 MiB held until a transaction commits)
               --allowed-origins       REALTIME_SYNC_ALLOWED_ORIGINS   (browser origins that may open /ws, comma-separated, or *; none: with auth off the server's own by IP or localhost only, with auth on any)
             """)
 
@@ -134,6 +135,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
     @Option(help: "Snapshots running at once (each holds a pooled connection); at most --pool-max-open - 1.") var maxConcurrentSnapshots: Int?
     @Option(help: "Most changes in one transaction (held in memory until it commits); more stop the capture with a clear error.") var maxTransactionChanges: Int?
+    @Option(help: "Most bytes one transaction may hold until it commits (row values plus 128 per change); more stop the capture with a clear error.") var maxTransactionBytes: Int?
     @Option(help: "Browser origins allowed to open /ws (comma-separated scheme://host[:port], or *).") var allowedOrigins: String?
 
     func run() async throws {
@@ -182,6 +184,8 @@ struct Serve: AsyncParsableCommand {
         // Its upper bound is RealtimeService's check, which names the flag too.
         configuration.maxTransactionChanges = try Setting.int(
             maxTransactionChanges, "max-transaction-changes", "REALTIME_SYNC_MAX_TRANSACTION_CHANGES", 1_000_000, minimum: 1)
+        configuration.maxTransactionBytes = try Setting.int(
+            maxTransactionBytes, "max-transaction-bytes", "REALTIME_SYNC_MAX_TRANSACTION_BYTES", 256 << 20, minimum: 1)
         // Unset: 4, or fewer if the pool is smaller (one connection stays for the service's jobs).
         let snapshotsAsked = try Setting.int(maxConcurrentSnapshots, "max-concurrent-snapshots", "REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS", 0, minimum: 1)
         if snapshotsAsked > 0 {

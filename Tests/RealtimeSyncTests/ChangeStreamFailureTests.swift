@@ -174,6 +174,22 @@ struct ChangeStreamFailureTests {
         }
     }
 
+    @Test("A transaction holding more bytes than maxTransactionBytes stops the stream with transaction_too_large, naming the knob; smaller ones before it are delivered")
+    func transactionTooManyBytes() async throws {
+        // A change of this table's one-integer rows counts 128 bytes and its row: 5 fit in 2,000, 20 do not.
+        try await withFailingStream(prefix: "cs_bytes", { $0.maxTransactionBytes = 2_000 }) { run, sql in
+            let changes = run.stream.changes()
+            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(1, 5)")
+            #expect(try await take(5, from: changes).count == 5, "a transaction under the limit is delivered")
+            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(6, 25)")
+            let failure = try await run.failure()
+            let error = failure as? ChangeAssemblyError
+            #expect(error?.code == .transactionTooLarge, "\(failure)")
+            #expect(error?.message.contains("maxTransactionBytes") == true, "\(failure)")
+            #expect(error?.message.contains("pg_replication_slot_advance('\(run.slot)'") == true, "\(failure)")
+        }
+    }
+
     @Test("wal_level other than logical: a setup error naming the setting and the fix; run() fails with it")
     func walLevelNotLogical() async throws {
         try await withPrivateCluster(.init(settings: ["wal_level": "replica"])) { pg in

@@ -92,14 +92,20 @@ struct RealtimeServiceTests {
         } catch {
             #expect("\(error)".contains("closeTimeout"), "\(error)")
         }
-        var none = RealtimeService.Configuration(databaseURL: "postgres://unused@127.0.0.1:1/x")
-        none.maxTransactionChanges = 0
-        do {
-            let service = RealtimeService(none)
-            try await withTimeout(20, "run") { try await service.run() }
-            Issue.record("maxTransactionChanges 0 must be refused")
-        } catch let error as RealtimeServiceError {
-            #expect(error.code == .invalidSetting && error.message.contains("maxTransactionChanges"), "\(error)")
+        let transactionLimits: [(String, String, @Sendable (inout RealtimeService.Configuration) -> Void)] = [
+            ("maxTransactionChanges", "--max-transaction-changes", { $0.maxTransactionChanges = 0 }),
+            ("maxTransactionBytes", "--max-transaction-bytes", { $0.maxTransactionBytes = 0 }),
+        ]
+        for (knob, flag, zero) in transactionLimits {
+            var none = RealtimeService.Configuration(databaseURL: "postgres://unused@127.0.0.1:1/x")
+            zero(&none)
+            do {
+                let service = RealtimeService(none)
+                try await withTimeout(20, "run") { try await service.run() }
+                Issue.record("\(knob) 0 must be refused")
+            } catch let error as RealtimeServiceError {
+                #expect(error.code == .invalidSetting && error.message.contains(knob) && error.message.contains(flag), "\(error)")
+            }
         }
     }
 

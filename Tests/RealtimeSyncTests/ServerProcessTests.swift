@@ -283,6 +283,7 @@ struct ServeSettingsTests {
               (["serve"], ["REALTIME_SYNC_ALLOWED_ORIGINS": ""], "REALTIME_SYNC_ALLOWED_ORIGINS is set but empty"),
               (["serve", "--max-transaction-changes", "0"], [:], "--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES is 0; it must be 1 or more"),
               (["serve"], ["REALTIME_SYNC_MAX_TRANSACTION_CHANGES": "5000000000"], "maxTransactionChanges is 5000000000; it must be from 1 to 4294967295 (--max-transaction-changes"),
+              (["serve", "--max-transaction-bytes", "0"], [:], "--max-transaction-bytes / REALTIME_SYNC_MAX_TRANSACTION_BYTES is 0; it must be 1 or more"),
           ])
     func refuses(arguments: [String], environment: [String: String], message: String) async throws {
         let process = try ServerProcess.start(arguments, environment: environment)

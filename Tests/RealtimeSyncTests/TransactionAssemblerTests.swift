@@ -30,6 +30,53 @@ struct TransactionAssemblerTests {
         #expect(error?.message.contains("pg_replication_slot_advance") == true && error?.message.contains("pg_replication_slot_advance('orders_slot', '0/601')") == true, "\(String(describing: error))")
     }
 
+    @Test("A transaction holding more bytes than maxBytes fails with transaction_too_large naming the knob; one at the limit is emitted whole, the count starts again at each Begin, a skipped one holds nothing")
+    func transactionTooManyBytes() throws {
+        var decoder = PgOutputDecoder()
+        let wide = String(repeating: "x", count: 1_000)
+        let insert = { (id: Int) in PgOutputMessageBuilder.insert(relationOID: 16_400, new: [t(String(id)), t(wide), .null, t("1")]) }
+        func run(_ assembler: inout TransactionAssembler, _ messages: [[UInt8]]) throws -> [CommittedTransaction] {
+            var committed: [CommittedTransaction] = []
+            for message in messages {
+                if case .transaction(let transaction)? = try assembler.apply(try decoder.decode(message)) { committed.append(transaction) }
+            }
+            return committed
+        }
+        // What one change of these holds, as the assembler counts it.
+        var unbounded = TransactionAssembler()
+        let one = try run(&unbounded, [relationMessage] + transaction(lsn: 0x400, xid: 6, [insert(0)]))
+        let perChange = try #require(one.first?.changes.first).approximateBytes
+        #expect(perChange > 1_000 && perChange < 1_400, "a 1,000-byte value and three short ones: \(perChange)")
+
+        // Exactly three changes' worth: two transactions of three, each emitted whole.
+        var fits = TransactionAssembler(maxBytes: 3 * perChange)
+        let both = try run(&fits, [relationMessage]
+            + transaction(lsn: 0x500, xid: 7, (1...3).map(insert)) + transaction(lsn: 0x510, xid: 8, (4...6).map(insert)))
+        #expect(both.map(\.changes.count) == [3, 3])
+
+        // One byte less: the third change throws, naming the knob and the way past.
+        var tooSmall = TransactionAssembler(maxBytes: 3 * perChange - 1, slotName: "orders_slot")
+        let messages = [relationMessage] + transaction(lsn: 0x600, xid: 9, (1...3).map(insert))
+        for message in messages.prefix(4) { _ = try tooSmall.apply(try decoder.decode(message)) }
+        let error = #expect(throws: ChangeAssemblyError.self) { _ = try tooSmall.apply(try decoder.decode(messages[4])) }
+        #expect(error?.code == .transactionTooLarge)
+        #expect(error?.message.contains("more than \(3 * perChange - 1) bytes") == true, "\(String(describing: error))")
+        #expect(error?.message.contains("maxTransactionBytes") == true && error?.message.contains("--max-transaction-bytes") == true)
+        #expect(error?.message.contains("pg_replication_slot_advance('orders_slot', '0/601')") == true, "\(String(describing: error))")
+
+        // Already emitted (at or before skipThrough): decoded, not held, so not refused.
+        var resumed = TransactionAssembler(skipThrough: LSN(0x700), maxBytes: perChange)
+        #expect(try run(&resumed, [relationMessage] + transaction(lsn: 0x700, xid: 10, (1...3).map(insert))).isEmpty)
+        #expect(resumed.skippedTransactions == 1)
+
+        // A transactional message's content counts too.
+        var messagesBound = TransactionAssembler(maxBytes: 1_000)
+        let big = PgOutputMessageBuilder.message(transactional: true, lsn: LSN(0x800), prefix: "p", content: Array(repeating: 1, count: 1_000))
+        _ = try messagesBound.apply(try decoder.decode(PgOutputMessageBuilder.begin(finalLSN: LSN(0x810), commitTime: PostgresTimestamp(microsecondsSince2000: 0), xid: 11)))
+        let messageError = #expect(throws: ChangeAssemblyError.self) { _ = try messagesBound.apply(try decoder.decode(big)) }
+        #expect(messageError?.code == .transactionTooLarge)
+    }
+
     @Test("Changes are emitted at Commit, in order, with cursors from the commit LSN")
     func emitsAtCommit() throws {
         var decoder = PgOutputDecoder()

@@ -90,6 +90,12 @@ public final class ChangeStream: Service, Sendable {
         /// of growing until the process is killed for memory. Default 1,000,000 (about 250 MB of
         /// small rows: some 250 bytes per change of a row with four short columns, more for wider rows).
         public var maxTransactionChanges: Int
+        /// Most bytes one transaction may hold until its Commit (`ChangeEvent.approximateBytes`:
+        /// row values plus 128 bytes per change); more stop the stream with
+        /// `assembly_transaction_too_large` naming this knob. Default 256 MiB, the resume
+        /// window's default byte bound: a transaction of a thousand 1 MB rows, under
+        /// `maxTransactionChanges` by far, would otherwise take a gigabyte.
+        public var maxTransactionBytes: Int
         /// Where the stream logs.
         public var logger: Logger
 
@@ -101,7 +107,7 @@ public final class ChangeStream: Service, Sendable {
                     reconnectInitialDelay: Duration = .milliseconds(100), reconnectMaxDelay: Duration = .seconds(5),
                     consumerBufferLimit: Int = 10_000, connectTimeout: Duration = .seconds(10),
                     busyPoll: Duration = .microseconds(50), stopCatchUp: Duration = .seconds(2),
-                    maxTransactionChanges: Int = 1_000_000,
+                    maxTransactionChanges: Int = 1_000_000, maxTransactionBytes: Int = 256 << 20,
                     logger: Logger = Logger(label: "RealtimeSync.ChangeStream")) {
             self.connectionString = connectionString
             self.slotName = slotName
@@ -118,6 +124,7 @@ public final class ChangeStream: Service, Sendable {
             self.busyPoll = busyPoll
             self.stopCatchUp = stopCatchUp
             self.maxTransactionChanges = maxTransactionChanges
+            self.maxTransactionBytes = maxTransactionBytes
             self.logger = logger
         }
 
@@ -134,6 +141,7 @@ public final class ChangeStream: Service, Sendable {
             guard maxTransactionChanges >= 1, maxTransactionChanges <= Int(UInt32.max) else {
                 throw bad("maxTransactionChanges is \(maxTransactionChanges); it must be from 1 to \(UInt32.max)")
             }
+            guard maxTransactionBytes >= 1 else { throw bad("maxTransactionBytes is \(maxTransactionBytes); it must be at least 1") }
             for (name, value) in [("statusInterval", statusInterval), ("lagInterval", lagInterval),
                                   ("reconnectInitialDelay", reconnectInitialDelay), ("connectTimeout", connectTimeout)] {
                 guard value > .zero else { throw bad("\(name) is \(value); it must be positive") }
@@ -318,7 +326,9 @@ public final class ChangeStream: Service, Sendable {
     private func capture() async throws {
         let logger = configuration.logger
         var decoder = PgOutputDecoder()
-        var assembler = TransactionAssembler(maxChanges: configuration.maxTransactionChanges, slotName: configuration.slotName)
+        var assembler = TransactionAssembler(
+            maxChanges: configuration.maxTransactionChanges, maxBytes: configuration.maxTransactionBytes, slotName: configuration.slotName
+        )
         var failures = 0
         var prepared = false
         while !stopRequested {

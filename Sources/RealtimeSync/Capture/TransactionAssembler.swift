@@ -34,7 +34,8 @@ public struct ChangeAssemblyError: Error, Sendable, Hashable, CustomStringConver
         case outsideTransaction = "assembly_outside_transaction"
         /// The Commit's LSN differs from its Begin's final LSN.
         case commitMismatch = "assembly_commit_mismatch"
-        /// More changes in one transaction than `maxChanges` (`ChangeStream.Configuration.maxTransactionChanges`).
+        /// More changes in one transaction than `maxChanges` (`ChangeStream.Configuration.maxTransactionChanges`),
+        /// or more bytes than `maxBytes` (`ChangeStream.Configuration.maxTransactionBytes`).
         case transactionTooLarge = "assembly_transaction_too_large"
     }
 
@@ -72,6 +73,8 @@ public struct TransactionAssembler: Sendable {
         var origin: String?
         var changes: [ChangeEvent] = []
         var messages: [LogicalMessage] = []
+        /// `approximateBytes` of `changes`, plus the messages' contents (128 bytes each beside).
+        var bytes = 0
         var skipped: Bool
     }
 
@@ -88,6 +91,10 @@ public struct TransactionAssembler: Sendable {
     /// Most changes one transaction may have (they are held until its Commit); more throw
     /// `assembly_transaction_too_large`, naming this knob.
     public let maxChanges: Int
+    /// Most bytes one transaction may hold (`ChangeEvent.approximateBytes` of its changes, plus
+    /// its transactional messages' contents); more throw `assembly_transaction_too_large`,
+    /// naming this knob. A single change larger than this throws too.
+    public let maxBytes: Int
     /// The replication slot the changes come from, named in the advice of that error.
     public let slotName: String
 
@@ -96,11 +103,13 @@ public struct TransactionAssembler: Sendable {
     ///   - skipThrough: the commit LSN of the last transaction already
     ///     delivered; transactions at or before it are not emitted again.
     ///   - maxChanges: most changes in one transaction (`ChangeStream.Configuration.maxTransactionChanges`).
-    ///   - slotName: the slot being read, for the advice on skipping a transaction over `maxChanges`.
-    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max), slotName: String = "<slot>") {
+    ///   - maxBytes: most bytes one transaction holds (`ChangeStream.Configuration.maxTransactionBytes`).
+    ///   - slotName: the slot being read, for the advice on skipping a transaction over either limit.
+    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max), maxBytes: Int = .max, slotName: String = "<slot>") {
         self.skipThrough = skipThrough
         self.emittedThrough = skipThrough
         self.maxChanges = min(max(1, maxChanges), Int(UInt32.max))
+        self.maxBytes = max(1, maxBytes)
         self.slotName = slotName
     }
 
@@ -153,7 +162,10 @@ public struct TransactionAssembler: Sendable {
             guard open != nil else {
                 throw ChangeAssemblyError(.outsideTransaction, "transactional Message '\(logical.prefix)' outside a transaction")
             }
-            if !open!.skipped { open!.messages.append(logical) }
+            if !open!.skipped {
+                try hold(bytes: 128 + logical.content.count)
+                open!.messages.append(logical)
+            }
             return nil
         case .insert(let insert):
             try add(.insert, insert.relation, new: insert.new, old: nil, oldKind: nil)
@@ -187,14 +199,35 @@ public struct TransactionAssembler: Sendable {
         if open!.skipped { return }
         let count = open!.changes.count
         guard count < maxChanges else {
-            let begin = open!.begin
-            throw ChangeAssemblyError(.transactionTooLarge,
-                "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has more than \(maxChanges) changes, the most held in memory until its commit (ChangeStream.Configuration.maxTransactionChanges, realtime-sync --max-transaction-changes). Raise the limit if memory allows (about 250 bytes per change of a small row), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('\(slotName)', '\(LSN(begin.finalLSN.rawValue + 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
+            throw tooLarge("more than \(maxChanges) changes",
+                           knob: "ChangeStream.Configuration.maxTransactionChanges, realtime-sync --max-transaction-changes",
+                           size: "about 250 bytes per change of a small row")
         }
         let begin = open!.begin
-        open!.changes.append(ChangeEvent(
+        let event = ChangeEvent(
             operation: operation, relation: relation, new: new, old: old, oldKind: oldKind,
             xid: begin.xid, commitLSN: begin.finalLSN, commitTime: begin.commitTime, index: UInt32(count),
-            truncateOptions: truncateOptions))
+            truncateOptions: truncateOptions)
+        try hold(bytes: event.approximateBytes)
+        open!.changes.append(event)
+    }
+
+    /// Counts `bytes` more into the open transaction, or throws if that takes it over `maxBytes`.
+    private mutating func hold(bytes: Int) throws(ChangeAssemblyError) {
+        let total = open!.bytes + bytes
+        guard total <= maxBytes else {
+            throw tooLarge("more than \(maxBytes) bytes (\(total) at its change \(open!.changes.count + open!.messages.count + 1), counting row values plus 128 bytes per change)",
+                           knob: "ChangeStream.Configuration.maxTransactionBytes, realtime-sync --max-transaction-bytes",
+                           size: "the process holds these bytes, and more while clients are sent the transaction")
+        }
+        open!.bytes = total
+    }
+
+    /// `assembly_transaction_too_large` for the open transaction: what it exceeds, the knob
+    /// that sets that limit, and the way past it (raise the knob, or skip the transaction).
+    private func tooLarge(_ what: String, knob: String, size: String) -> ChangeAssemblyError {
+        let begin = open!.begin
+        return ChangeAssemblyError(.transactionTooLarge,
+            "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has \(what), the most held in memory until its commit (\(knob)). Raise the limit if memory allows (\(size)), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('\(slotName)', '\(LSN(begin.finalLSN.rawValue + 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
     }
 }

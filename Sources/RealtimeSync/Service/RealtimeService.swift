@@ -86,6 +86,9 @@ public final class RealtimeService: Service, Sendable {
         /// Most changes in one transaction (`ChangeStream.Configuration.maxTransactionChanges`,
         /// held in memory until its commit). Default 1,000,000.
         public var maxTransactionChanges: Int
+        /// Most bytes one transaction may hold until its commit
+        /// (`ChangeStream.Configuration.maxTransactionBytes`). Default 256 MiB.
+        public var maxTransactionBytes: Int
         /// How often the heartbeat (`pg_logical_emit_message`) runs. Default 10 s.
         public var heartbeatInterval: Duration
         /// How often slot lag and pool statistics are sampled and the publication's tables and
@@ -121,6 +124,7 @@ public final class RealtimeService: Service, Sendable {
             self.pool = ConnectionPoolConfiguration(name: "realtime-sync", maxOpen: 4)
             self.window = .init()
             self.maxTransactionChanges = 1_000_000
+            self.maxTransactionBytes = 256 << 20
             self.heartbeatInterval = .seconds(10)
             self.samplingInterval = .seconds(10)
             self.startTimeout = .seconds(30)
@@ -257,6 +261,9 @@ public final class RealtimeService: Service, Sendable {
         guard (1...Int(UInt32.max)).contains(configuration.maxTransactionChanges) else {
             throw RealtimeServiceError(.invalidSetting, "maxTransactionChanges is \(configuration.maxTransactionChanges); it must be from 1 to \(UInt32.max) (--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES)")
         }
+        guard configuration.maxTransactionBytes >= 1 else {
+            throw RealtimeServiceError(.invalidSetting, "maxTransactionBytes is \(configuration.maxTransactionBytes); it must be at least 1 (--max-transaction-bytes / REALTIME_SYNC_MAX_TRANSACTION_BYTES)")
+        }
     }
 
     private func runOnce() async throws {
@@ -300,7 +307,8 @@ public final class RealtimeService: Service, Sendable {
             connectionString: url, slotName: configuration.slot, publicationName: configuration.publication,
             tables: tables, window: configuration.window, lagInterval: configuration.samplingInterval,
             stopCatchUp: min(.seconds(2), configuration.captureShutdownDeadline / 2),
-            maxTransactionChanges: configuration.maxTransactionChanges, logger: child("capture")))
+            maxTransactionChanges: configuration.maxTransactionChanges, maxTransactionBytes: configuration.maxTransactionBytes,
+            logger: child("capture")))
         let source = ChangeStreamSource(stream: stream)
         let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: configuration.pool, logger: child("pool"))
         let scheduler = JobScheduler(logger: child("scheduler"))
