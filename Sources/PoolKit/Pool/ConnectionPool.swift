@@ -141,16 +141,18 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// ``stripeNow()``; refreshed at every timer wake and stripe flush (it changes only when the
     /// system sleeps).
     let coarseOffsetNanoseconds = Atomic<Int64>(0)
-    /// With metrics on and `continuousEpochNanoseconds`: nanoseconds per unit of
-    /// ``stripeStamp()``'s `ticks` (the CPU's counter, see ``TickClock``, or 1 where the
-    /// stripes read `CLOCK_BOOTTIME` itself); nil otherwise (no ticks are read).
-    let useTickScale: Double?
-    /// True when `ticks` are ``TickClock``'s counter: the stripes' times then come from it too.
-    let ticksAreCounter: Bool
+    /// With metrics on and `continuousEpochNanoseconds`, where the kernel keeps time by the
+    /// CPU's counter: nanoseconds per tick (``TickClock``), and ``stripeStamp()`` reads the
+    /// counter while `counterOn`; nil otherwise.
+    let counterScale: Double?
+    /// Cleared for good when the kernel stops keeping time by the counter (its watchdog found
+    /// it unstable): the stamps then read `CLOCK_BOOTTIME`.
+    let counterOn = Atomic<Bool>(true)
     /// The counter when the pool was made (a small difference converts to `Double` exactly).
     let tickBase: Int64
-    /// With `ticksAreCounter`: the pool's time at `tickBase` as ``stripeStamp()`` computes it,
-    /// refreshed with `coarseOffsetNanoseconds` (it absorbs the rate's calibration error).
+    /// With `counterScale`: the pool's time at `tickBase` as ``stripeStamp()`` computes it,
+    /// refreshed with `coarseOffsetNanoseconds` (it absorbs the drift between the counter's
+    /// rate and `CLOCK_BOOTTIME`'s, and a system sleep).
     let tickOffsetNanoseconds = Atomic<Int64>(0)
     /// The CPU-local cache (`cpuLocalCache`); see ``PoolStripes``.
     let stripes: PoolStripes
@@ -191,15 +193,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         logger[metadataKey: "db.client.connection.pool.name"] = .string(configuration.name)
         self.logger = logger
         self.metrics = PoolMetrics(configuration: configuration)
-        if metrics.enabled, continuousEpochNanoseconds != nil {
-            let counter = TickClock.nanosecondsPerTick
-            self.useTickScale = counter ?? 1
-            self.ticksAreCounter = counter != nil
-        } else {
-            self.useTickScale = nil
-            self.ticksAreCounter = false
-        }
-        self.tickBase = ticksAreCounter ? TickClock.read() : 0
+        self.counterScale = metrics.enabled && continuousEpochNanoseconds != nil ? TickClock.nanosecondsPerTick : nil
+        self.tickBase = counterScale != nil ? TickClock.read() : 0
         self.stripes = PoolStripes(
             count: configuration.cpuLocalCache ? stripes ?? PoolStripes.defaultCount(enabled: true) : 0
         )
@@ -540,7 +535,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         let parked = s.parked.take()!
         s.lent = StripeLent(
             slot: parked.slot, leaseID: parked.leaseID, connectionID: parked.connectionID,
-            lend: lend, request: request, since: now, sinceTicks: stamp.ticks, expiresAt: s.expiresAt
+            lend: lend, request: request, since: now, sinceNanoseconds: stamp.nanoseconds, expiresAt: s.expiresAt
         )
         s.lends += 1
         if metrics.enabled { stripe.lentNow.store(1, ordering: .relaxed) }
@@ -605,7 +600,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         let now = stamp.now
         let outcome = stripes.withStripe(ofLend: lend) { stripe in stripe.state.withLock { s -> StripeReturn in
             guard s.lent?.lend == lend else { return .notInStripe }
-            let useTime = useNanoseconds(since: s.lent.unsafelyUnwrapped, until: stamp)
+            let useTime = metrics.enabled ? useNanoseconds(since: s.lent.unsafelyUnwrapped, until: stamp) : 0
             let expiresAt = s.lent.unsafelyUnwrapped.expiresAt
             s.lent = nil
             if metrics.enabled { stripe.lentNow.store(0, ordering: .relaxed) }
@@ -650,6 +645,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Ends a lease of the machine by parking its connection in this CPU's stripe, if that
     /// stripe is empty and the machine agrees (nobody waits, within lifetime and `maxIdle`).
     private func parkInStripe(_ connection: Connection, slot: Int, leaseID: UInt64, connectionID: UInt64) -> Bool {
+        // The first park since a flush, perhaps after hours without one: the stamps' offsets
+        // are brought up to date before any lend of it can read them (``stripeStamp()``).
+        if counterScale != nil, !flags.stripesInUse.load(ordering: .relaxed) { refreshCoarseOffset() }
         let now = self.now()
         let parked = stripes.withCurrent { stripe in stripe.state.withLock { s -> (stash: Machine.Stash, armed: Bool)? in
             // Not beside a connection lent from this stripe: a stripe lends one connection at a
@@ -672,12 +670,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         guard let parked else { return false }
         if metrics.enabled { metrics.useTime.record(parked.stash.useTime) }
         // The timer flushes the stripes `flushInterval` after the first park.
-        if parked.armed {
-            // The first park since a flush, perhaps after hours without one: the counter's
-            // offset is brought up to date before the lends it starts (``stripeStamp()``).
-            if ticksAreCounter { refreshCoarseOffset() }
-            timerWake.signal()
-        }
+        if parked.armed { timerWake.signal() }
         return true
     }
 
@@ -942,33 +935,32 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// 21 ns; two reads per lease+release had been a fifth of a cycle). They feed held times,
     /// leak reports, idle times and lifetimes, where milliseconds do not matter.
     ///
-    /// Metrics on, `db.client.connection.use_time` needs exact times: `ticks` is the CPU's
-    /// counter where the kernel keeps time by it (``TickClock``; `now` is then derived from it,
-    /// within microseconds of ``now()``), else `CLOCK_BOOTTIME` in nanoseconds.
+    /// Metrics on, `db.client.connection.use_time` needs exact times: they come from the CPU's
+    /// counter where the kernel keeps time by it (``TickClock``; within microseconds of
+    /// ``now()``, to which its offset is refreshed at every timer wake and first park), else
+    /// from `CLOCK_BOOTTIME` as ``now()`` reads it.
     @inline(__always)
     func stripeStamp() -> StripeStamp {
         #if os(Linux) && canImport(Glibc)
         if let base = continuousEpochNanoseconds {
-            if let scale = useTickScale {
-                if ticksAreCounter {
-                    let ticks = TickClock.read()
-                    let nanoseconds = Int64(Double(ticks &- tickBase) * scale) &+ tickOffsetNanoseconds.load(ordering: .relaxed)
-                    return StripeStamp(now: .nanoseconds(nanoseconds), ticks: ticks)
-                }
-                if let boot = Self.bootTimeNanoseconds() {
-                    return StripeStamp(now: .nanoseconds(boot &- base), ticks: boot)
+            let nanoseconds: Int64
+            if metrics.enabled {
+                if let scale = counterScale, counterOn.load(ordering: .relaxed) {
+                    nanoseconds = Int64(Double(TickClock.read() &- tickBase) * scale) &+ tickOffsetNanoseconds.load(ordering: .relaxed)
+                } else if let boot = Self.bootTimeNanoseconds() {
+                    nanoseconds = boot &- base
+                } else {
+                    return StripeStamp(now: now(), nanoseconds: 0)
                 }
             } else {
                 var ts = timespec()
-                if clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) == 0 {
-                    return StripeStamp(now: .nanoseconds(
-                        Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec) &+ coarseOffsetNanoseconds.load(ordering: .relaxed)
-                    ), ticks: 0)
-                }
+                guard clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) == 0 else { return StripeStamp(now: now(), nanoseconds: 0) }
+                nanoseconds = Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec) &+ coarseOffsetNanoseconds.load(ordering: .relaxed)
             }
+            return StripeStamp(now: .nanoseconds(nanoseconds), nanoseconds: nanoseconds)
         }
         #endif
-        return StripeStamp(now: now(), ticks: 0)
+        return StripeStamp(now: now(), nanoseconds: 0)
     }
 
     /// ``stripeStamp()``'s time alone.
@@ -977,11 +969,12 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         stripeStamp().now
     }
 
-    /// How long `lent` has been held at `stamp`, in nanoseconds (0 if the clocks disagree).
+    /// How long `lent` has been held at `stamp`, in nanoseconds (never negative: an offset
+    /// refreshed in between, after a system sleep, could make it so).
     @inline(__always)
     func useNanoseconds(since lent: StripeLent, until stamp: StripeStamp) -> Int64 {
-        if let scale = useTickScale, lent.sinceTicks != 0 {
-            return max(0, Int64(Double(stamp.ticks &- lent.sinceTicks) * scale))
+        if continuousEpochNanoseconds != nil {
+            return max(0, stamp.nanoseconds &- lent.sinceNanoseconds)
         }
         let (seconds, attoseconds) = max(.zero, stamp.now - lent.since).components
         return seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000
@@ -1008,9 +1001,17 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             if gap < 2_000 { break }
         }
         if let best { coarseOffsetNanoseconds.store(best.offset, ordering: .relaxed) }
-        if ticksAreCounter, let scale = useTickScale {
-            // The pool's time at `tickBase`, as the counter's rate puts it: the stamps' error
-            // is then that rate's (about 1e-5) over the time since this refresh.
+        if let scale = counterScale, counterOn.load(ordering: .relaxed) {
+            // The kernel's watchdog may have found the counter unstable since (common on
+            // virtual machines): then it is never read again.
+            guard TickClock.kernelClockSource() == "tsc" else {
+                counterOn.store(false, ordering: .relaxed)
+                logger.notice("the kernel no longer keeps time by the CPU's counter: connection use times come from clock_gettime from now on")
+                return
+            }
+            // The pool's time at `tickBase`, as the counter's rate puts it: the stamps then
+            // drift from ``now()`` only by the difference between the counter's rate and
+            // `CLOCK_BOOTTIME`'s (NTP's slew, normally under 500 ppm) until the next refresh.
             var best: (spread: Int64, offset: Int64)?
             for _ in 0..<3 {
                 let before = TickClock.read()

@@ -25,6 +25,7 @@ final class PoolMetrics: Sendable {
     /// path: through the `Timer`, each record retained and released it around the call (two
     /// atomic operations, about a sixth of what the metrics cost a cycle).
     let waitTimeHandler: any TimerHandler
+    /// The handler behind `useTime` (see `waitTimeHandler`).
     let useTimeHandler: any TimerHandler
     /// `db.client.connection.create_time`: time to open a connection.
     let createTime: Metrics.Timer

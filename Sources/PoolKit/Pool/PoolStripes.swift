@@ -16,16 +16,19 @@ struct StripeLent {
     var lend: UInt64
     var request: PoolMachine.Request
     var since: Duration
-    /// ``ConnectionPool/stripeStamp()``'s `ticks` at the lend (0 with metrics off).
-    var sinceTicks: Int64
+    /// `since` in nanoseconds, as ``ConnectionPool/stripeStamp()`` read it (0 for a clock other
+    /// than `ContinuousClock`): use times are taken from it without `Duration` arithmetic.
+    var sinceNanoseconds: Int64
     var expiresAt: Duration?
 }
 
-/// A stripe time stamp: the pool's time, and with metrics on a finer count for use times
-/// (see ``ConnectionPool/stripeStamp()``).
+/// A stripe time stamp: the pool's time, also in whole nanoseconds (see
+/// ``ConnectionPool/stripeStamp()``).
 struct StripeStamp {
+    /// The pool's time (since its epoch).
     var now: Duration
-    var ticks: Int64
+    /// `now` in nanoseconds, on `ContinuousClock`; 0 for other clocks.
+    var nanoseconds: Int64
 }
 
 /// One CPU's slot: at most one parked (idle) connection and one lent from it.
