@@ -77,6 +77,29 @@ struct TransactionAssemblerTests {
         #expect(messageError?.code == .transactionTooLarge)
     }
 
+    @Test("approximateBytes counts an UPDATE's message once: its old and new rows share it")
+    func updateBytesCountedOnce() throws {
+        var decoder = PgOutputDecoder()
+        var assembler = TransactionAssembler()
+        let wide = String(repeating: "x", count: 1_000)
+        let row: [TupleValue] = [t("1"), t(wide), .null, t("1")]
+        let messages = [relationMessage] + transaction(lsn: 0x900, xid: 12, [
+            PgOutputMessageBuilder.insert(relationOID: 16_400, new: row),
+            PgOutputMessageBuilder.update(relationOID: 16_400, old: (.full, row), new: row),
+            PgOutputMessageBuilder.update(relationOID: 16_400, new: row),   // key unchanged: the new row is the old one
+        ])
+        var changes: [ChangeEvent] = []
+        for message in messages {
+            if case .transaction(let committed)? = try assembler.apply(try decoder.decode(message)) { changes = committed.changes }
+        }
+        try #require(changes.count == 3)
+        let insert = changes[0].approximateBytes, full = changes[1].approximateBytes, keyOnly = changes[2].approximateBytes
+        // The full-row UPDATE's message holds the row twice (about 1,040 bytes more than the
+        // INSERT's); counted per row it would be about 2,100 more.
+        #expect(full > insert + 1_000 && full < insert + 1_400, "insert \(insert), update with old row \(full)")
+        #expect(keyOnly < insert + 200, "insert \(insert), key-unchanged update \(keyOnly)")
+    }
+
     @Test("Changes are emitted at Commit, in order, with cursors from the commit LSN")
     func emitsAtCommit() throws {
         var decoder = PgOutputDecoder()

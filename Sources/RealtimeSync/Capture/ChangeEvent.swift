@@ -199,12 +199,17 @@ public struct ChangeEvent: Sendable {
 }
 
 extension ChangeEvent {
-    /// About how much memory the event holds: its rows' values (new and old) and their cell
-    /// records, plus a fixed 128 bytes for the rest. What `ResumeWindow.Limits.maxBytes` counts.
+    /// About how much memory the event holds: the bytes its rows' values live in (the decoded
+    /// message, once when the new and old row share it, as an UPDATE's do) and their cell
+    /// records, plus a fixed 128 bytes for the rest. What `ResumeWindow.Limits.maxBytes` and
+    /// `ChangeStream.Configuration.maxTransactionBytes` count.
     public var approximateBytes: Int {
         var bytes = 128
         if let new { bytes += new.storage.count + new.cells.count * MemoryLayout<TupleData.Cell>.stride }
-        if let old { bytes += old.storage.count + old.cells.count * MemoryLayout<TupleData.Cell>.stride }
+        if let old {
+            bytes += old.cells.count * MemoryLayout<TupleData.Cell>.stride
+            if new.map({ !$0.sharesStorage(with: old) }) ?? true { bytes += old.storage.count }
+        }
         return bytes
     }
 }

@@ -140,6 +140,14 @@ public struct TupleData: Sendable, RandomAccessCollection {
         self.cells = cells
     }
 
+    /// Whether both tuples' values live in one buffer (the decoded message of an UPDATE).
+    func sharesStorage(with other: TupleData) -> Bool {
+        guard !storage.isEmpty else { return false }
+        return storage.withUnsafeBufferPointer { mine in
+            other.storage.withUnsafeBufferPointer { $0.baseAddress == mine.baseAddress && $0.count == mine.count }
+        }
+    }
+
     /// Builds a tuple from values (tests, fakes); the decoder does not copy like this.
     public init(_ values: [TupleValue]) {
         var storage: [UInt8] = []

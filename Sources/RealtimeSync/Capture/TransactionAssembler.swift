@@ -216,7 +216,7 @@ public struct TransactionAssembler: Sendable {
     private mutating func hold(bytes: Int) throws(ChangeAssemblyError) {
         let total = open!.bytes + bytes
         guard total <= maxBytes else {
-            throw tooLarge("more than \(maxBytes) bytes (\(total) at its change \(open!.changes.count + open!.messages.count + 1), counting row values plus 128 bytes per change)",
+            throw tooLarge("more than \(maxBytes) bytes (\(total) at its change or message \(open!.changes.count + open!.messages.count + 1), counting each change's decoded message plus 128 bytes)",
                            knob: "ChangeStream.Configuration.maxTransactionBytes, realtime-sync --max-transaction-bytes",
                            size: "the process holds these bytes, and more while clients are sent the transaction")
         }
