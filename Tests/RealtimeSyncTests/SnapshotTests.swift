@@ -526,6 +526,84 @@ struct SnapshotTests {
         }
     }
 
+    @Test("A table's snapshot has its own rows only, not its inheritance children's (streamed under their own names); a partitioned table's has its partitions'")
+    func inheritanceAndPartitions() async throws {
+        try await TestDatabase.withDatabase { url in
+            let parent = uniqueCaptureName("snap_parent"), child = uniqueCaptureName("snap_child")
+            let root = uniqueCaptureName("snap_root"), part = uniqueCaptureName("snap_part")
+            try await runSQL(url, """
+                CREATE TABLE \(parent) (id int PRIMARY KEY, status text); INSERT INTO \(parent) VALUES (1, 'a'), (2, 'b');
+                CREATE TABLE \(child) () INHERITS (\(parent)); INSERT INTO \(child) VALUES (100, 'c'), (101, 'd');
+                CREATE TABLE \(root) (id int PRIMARY KEY, status text) PARTITION BY RANGE (id);
+                CREATE TABLE \(part) PARTITION OF \(root) FOR VALUES FROM (0) TO (1000); INSERT INTO \(root) VALUES (7, 'e'), (8, 'f')
+                """)
+            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await pool.run() }
+                func ids(_ table: String) async throws -> [Int] {
+                    try await TableSnapshotReader(pool: pool).withSnapshot(of: "public.\(table)", columns: columns) { snapshot in
+                        try await snapshot.nextRows(100).map { Int(String(decoding: $0[0] ?? [], as: UTF8.self)) ?? -1 }.sorted()
+                    }
+                }
+                let (ofParent, ofChild, ofRoot) = (try await ids(parent), try await ids(child), try await ids(root))
+                #expect(ofParent == [1, 2], "the parent's own rows, not its child's")
+                #expect(ofChild == [100, 101])
+                #expect(ofRoot == [7, 8], "a partitioned table's rows are its partitions'")
+                tasks.cancelAll()
+            }
+            try await runSQL(url, "DROP TABLE \(child); DROP TABLE \(parent); DROP TABLE \(root)")
+        }
+    }
+
+    @Test("Row-level security does not silently thin a snapshot (the change stream is not filtered by policies): a role policies apply to gets Postgres's error")
+    func rowLevelSecurity() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("snap_rls"), role = uniqueCaptureName("snap_role")
+            try await runSQL(url, """
+                CREATE TABLE \(table) (id int PRIMARY KEY, status text); INSERT INTO \(table) SELECT g, 'x' FROM generate_series(1, 5) g;
+                ALTER TABLE \(table) ENABLE ROW LEVEL SECURITY; CREATE POLICY only_two ON \(table) FOR SELECT USING (id <= 2);
+                CREATE ROLE \(role) LOGIN PASSWORD '\(role)_pw'; GRANT SELECT ON \(table) TO \(role)
+                """)
+            var userURL = try #require(URLComponents(string: url))
+            userURL.user = role
+            userURL.password = role + "_pw"
+            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            // The role itself sees 2 of the 5 rows through the policy.
+            let asRole = try await PostgresConnection.connect(to: try #require(userURL.string))
+            #expect(try await asRole.query("SELECT count(*)::int FROM \(table)")[0].decode(Int.self, at: 0) == 2)
+            await asRole.close()
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(
+                postgres: try #require(userURL.string), configuration: .init(name: "snap", maxOpen: 1)
+            )
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await pool.run() }
+                do {
+                    let rows = try await TableSnapshotReader(pool: pool).withSnapshot(of: "public.\(table)", columns: columns) { snapshot in
+                        try await snapshot.nextRows(100).count
+                    }
+                    Issue.record("the snapshot succeeded with \(rows) rows; expected Postgres's row-level security error")
+                } catch {
+                    #expect("\(error)".contains("row-level security"), "\(error)")
+                }
+                tasks.cancelAll()
+            }
+            // The owner (not subject to its policies) reads every row.
+            let admin = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await admin.run() }
+                let count = try await TableSnapshotReader(pool: admin).withSnapshot(of: "public.\(table)", columns: columns) { snapshot in
+                    try await snapshot.nextRows(100).count
+                }
+                #expect(count == 5)
+                tasks.cancelAll()
+            }
+            try await runSQL(url, "DROP TABLE \(table); DROP ROLE \(role)")
+        }
+    }
+
     @Test("5 writers insert, update and delete while 20 clients subscribe with snapshot:true at staggered times; each client's final view equals the table")
     func concurrentWritersAndSnapshots() async throws {
         try await TestDatabase.withDatabaseAlone { url in

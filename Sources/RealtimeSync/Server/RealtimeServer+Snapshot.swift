@@ -297,6 +297,9 @@ extension RealtimeServer {
                 chunkBytes = 0
             }
         }
+        // Every row is read: the transaction ends before the wait for the client and the
+        // handoff (a failure to end it then hands nothing over).
+        try await snapshot.finish()
         while session.isOpen && session.channel.isActive && session.isHalfFull {
             guard await space.next() != nil else { break }
         }

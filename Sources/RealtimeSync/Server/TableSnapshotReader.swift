@@ -1,4 +1,5 @@
 import PoolKit
+import Synchronization
 
 /// Reads a streamed table's rows as of one database snapshot, for `subscribe` with
 /// `snapshot: true`, on a connection borrowed from a PoolKit `ConnectionPool`.
@@ -7,7 +8,12 @@ import PoolKit
 /// `ACCESS SHARE` lock (so that a running table rewrite ends first), and its first query
 /// fixes the transaction's snapshot and reads it (`pg_current_snapshot()`) with
 /// the WAL insert position taken just after it (`pg_current_wal_insert_lsn()`); the rows
-/// are then read through a `SCROLL` cursor in that same snapshot. The connection goes back
+/// are then read through a `SCROLL` cursor in that same snapshot. Row-level security is
+/// turned off for the transaction (`row_security = off`): the change stream is not filtered by
+/// policies, so a snapshot silently filtered by them would not match it; a role that policies
+/// apply to gets Postgres's error instead (the role needs `BYPASSRLS` or the table's
+/// ownership). An ordinary table is read with `ONLY`: its inheritance children are published
+/// and streamed under their own names. The connection goes back
 /// to the pool however `body` ends (the pool rolls back what is left open); cancelling the
 /// calling task cancels the running statement on the server (`PQcancel`).
 public final class TableSnapshotReader: Sendable {
@@ -36,23 +42,29 @@ public final class TableSnapshotReader: Sendable {
     ) async throws -> Result {
         try await pool.withConnection(label: "snapshot \(table)") { connection in
             _ = try await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            _ = try await connection.execute("SET LOCAL row_security = off")
             // The table's lock before the snapshot (LOCK takes none): a table rewrite (ALTER
             // TABLE … TYPE, VACUUM FULL, CLUSTER) is not MVCC-safe, and a snapshot taken while
             // one was running would read its new copy as empty.
             let quotedTable = try Self.quoted(table, connection)
             _ = try await connection.execute("LOCK TABLE \(quotedTable) IN ACCESS SHARE MODE")
-            let marks = try await connection.query("SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text")
+            let marks = try await connection.query(
+                "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, (SELECT relkind::text FROM pg_class WHERE oid = $1::regclass)",
+                parameters: [quotedTable]
+            )
             guard marks.count == 1, let visibility = SnapshotVisibility(parsing: marks[0][0].string),
                   let position = LSN(marks[0][1].string) else {
                 throw RealtimeServerError(.unexpectedDatabaseAnswer, "pg_current_snapshot() / pg_current_wal_insert_lsn() gave an unexpected answer (PostgreSQL 13 or later is required for snapshots)")
             }
             let list = try columns.map { try connection.escapeIdentifier($0.name) }.joined(separator: ", ")
             let cursor = "realtime_sync_snapshot"
-            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(quotedTable)")
+            // A partitioned table ('p') is read whole: ONLY would give none of its partitions' rows.
+            let only = marks[0][2].string == "r" ? "ONLY " : ""
+            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(only)\(quotedTable)")
             let snapshot = TableSnapshot(connection: connection, cursor: cursor, columnCount: columns.count,
                                          visibility: visibility, walPosition: position)
             let result = try await body(snapshot)
-            _ = try await connection.execute("COMMIT")
+            try await snapshot.finish()
             return result
         }
     }
@@ -70,6 +82,13 @@ public struct TableSnapshot: Sendable {
     let connection: PostgresConnection
     let cursor: String
     let columnCount: Int
+    /// Set by `finish()`.
+    let finished = Finished()
+
+    /// Whether the snapshot's transaction has ended (a class, so that copies share it).
+    final class Finished: Sendable {
+        let value = Atomic<Bool>(false)
+    }
     /// Which committed transactions the rows include.
     public let visibility: SnapshotVisibility
     /// `pg_current_wal_insert_lsn()` read just after the snapshot was taken: the commit record of
@@ -127,5 +146,16 @@ public struct TableSnapshot: Sendable {
     /// Moves back to before the first row (the same rows follow again: same snapshot).
     public func rewind() async throws {
         _ = try await connection.execute("MOVE ABSOLUTE 0 IN \(cursor)")
+    }
+
+    /// Ends the snapshot's transaction (`COMMIT`) once every row wanted has been read, so that
+    /// nothing after it (waiting for a slow client, the handoff to the stream) runs with the
+    /// transaction open: its lock and its hold on vacuum end here, and a failure to end it
+    /// (the backend terminated meanwhile, e.g. by `idle_in_transaction_session_timeout`)
+    /// comes before anything is handed over. No row can be read after it. Once only; later
+    /// calls, and the one `withSnapshot` makes after its body, do nothing.
+    public func finish() async throws {
+        guard !finished.value.exchange(true, ordering: .relaxed) else { return }
+        _ = try await connection.execute("COMMIT")
     }
 }
