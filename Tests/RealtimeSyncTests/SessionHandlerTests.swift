@@ -171,11 +171,16 @@ struct PingFloodTests {
     func closeWhileNotReading() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
         try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1) }) { test in
-            let socket = try await connectWebSocket(port: test.port)
+            let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
             try await socket.subscribe("s")
             try await socket.stopReading()
-            // Fill the way back with pongs, so the server's answer to the close cannot be written.
-            try await flood(socket, count: 60_000)
+            // Fill the way back with pongs, so the server's answer to the close cannot be
+            // written: 2.6 MB of them, against about 200 KB of buffers with the server's send
+            // buffer fixed (see `pingFlood`).
+            let port = try #require(socket.channel.localAddress?.port)
+            try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
+                         "could not find the server's end of the connection")
+            try await flood(socket, count: 20_000)
             try await Task.sleep(for: .milliseconds(500))
             try await socket.sendClose(1000)
             let began = ContinuousClock.now
@@ -193,17 +198,21 @@ struct PingFloodTests {
         // server's pings, and in a slow full-suite run the flood alone took over a minute, so
         // the default (30 s, dropped after two) closed the socket mid-test.
         try await withTestServer(source: source, alone: true, configure: { $0.pingInterval = .seconds(600) }) { test in
-            // A fixed 64 KB receive buffer, so that the pongs cannot all fit between the two.
+            // A fixed 64 KB receive buffer, and the server's send buffer fixed at 32 KB (the
+            // kernel doubles it): otherwise it grows up to tcp_wmem's 4 MB, and a flood large
+            // enough to overflow it took minutes in a loaded full-suite run of this debug build.
             let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
             try await socket.stopReading()
-            // 60,000 pings of 125 bytes: 7.5 MB of pongs, more than the socket buffers between
-            // server and client hold (tcp_wmem's 4 MB and the fixed receive buffer).
-            let count = 60_000
+            let port = try #require(socket.channel.localAddress?.port)
+            try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
+                         "could not find the server's end of the connection")
+            // 20,000 pings of 125 bytes: 2.6 MB of pongs, several times what the buffers between
+            // server and client hold (about 64 + 64 KB, and NIO's 64 KB before it stops writing).
+            let count = 20_000
             try await flood(socket, count: count)
             // Until the server has read every ping: the pings can all sit in its receive buffer
             // (tcp_rmem allows 32 MB here), and in a full-suite run it had answered too few
             // after a fixed 500 ms for its socket to have filled (every ping then got a pong).
-            let port = try #require(socket.channel.localAddress?.port)
             let drained = await eventually(120) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 }
             #expect(drained, "the server did not read the pings within 120 s: \(serverReceiveQueue(serverPort: test.port, clientPort: port).map { "\($0) bytes left" } ?? "its socket is gone")")
             try await Task.sleep(for: .milliseconds(300))
@@ -337,14 +346,38 @@ struct SessionWireFuzzTests {
 /// Bytes the server has not yet read from the connection of local `clientPort` to
 /// 127.0.0.1:`serverPort` (its socket's receive queue in /proc/net/tcp), or nil if not found.
 func serverReceiveQueue(serverPort: Int, clientPort: Int) -> Int? {
+    serverSocketFields(serverPort: serverPort, clientPort: clientPort).flatMap { fields in
+        fields[4].split(separator: ":").last.flatMap { Int($0, radix: 16) }
+    }
+}
+
+/// The /proc/net/tcp fields of the server's end of the connection from local `clientPort` to
+/// 127.0.0.1:`serverPort` (sl, local_address, rem_address, st, tx_queue:rx_queue, tr, retrnsmt,
+/// uid, timeout, inode, ...), or nil if not found.
+func serverSocketFields(serverPort: Int, clientPort: Int) -> [Substring]? {
     guard let table = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return nil }
     let local = String(format: "0100007F:%04X", serverPort)
     let remote = String(format: "0100007F:%04X", clientPort)
     for line in table.split(separator: "\n").dropFirst() {
         let fields = line.split(separator: " ")
-        // sl, local_address, rem_address, st, tx_queue:rx_queue, ...
-        guard fields.count > 4, fields[1] == local, fields[2] == remote else { continue }
-        return fields[4].split(separator: ":").last.flatMap { Int($0, radix: 16) }
+        guard fields.count > 9, fields[1] == local, fields[2] == remote else { continue }
+        return fields
     }
     return nil
+}
+
+/// Fixes the send buffer of the server's end of that connection (the server runs in this
+/// process: its descriptor is found by the socket's inode), so that how much the kernel holds
+/// for a client that reads nothing does not depend on the kernel's autotuning. True if set.
+func setServerSendBuffer(serverPort: Int, clientPort: Int, bytes: Int32) -> Bool {
+    guard let fields = serverSocketFields(serverPort: serverPort, clientPort: clientPort) else { return false }
+    let target = "socket:[\(fields[9])]"
+    guard let descriptors = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") else { return false }
+    for name in descriptors {
+        guard let fd = Int32(name),
+              (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(name)")) == target else { continue }
+        var size = bytes
+        return setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size)) == 0
+    }
+    return false
 }
