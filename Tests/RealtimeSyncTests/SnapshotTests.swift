@@ -487,6 +487,93 @@ struct SnapshotTests {
         }
     }
 
+    @Test("The xid test, deterministically: changes held while the rows are sent, and changes the fan-out tests after them, are dropped if the snapshot saw their transaction and delivered if it was running; from the WAL position on, every change is delivered")
+    func heldChangesByVisibility() async throws {
+        try await TestDatabase.withDatabase { url in
+            let name = uniqueCaptureName("snap_xid")
+            // 12 MB of rows: more than the socket's buffers hold once the client stops reading,
+            // so the server is still sending rows (and holding changes) when the changes come.
+            try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g")
+            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
+            let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
+            // T and U stay open; V begins after them and commits before the snapshot. So the
+            // snapshot sees V, and T and U are running below its xmax (V's id + 1): listed in
+            // xip, the one rule that separates them from V (the xmin and xmax rules do not).
+            var running: [(PostgresConnection, Int)] = []
+            for id in [2, 4] {
+                let open = try await PostgresConnection.connect(to: url)
+                _ = try await open.execute("BEGIN; INSERT INTO \(name) VALUES (\(id), 'open')")
+                running.append((open, try #require(try await open.query("SELECT txid_current()")[0].decode(Int.self, at: 0))))
+            }
+            let v = try await PostgresConnection.connect(to: url)
+            _ = try await v.execute("BEGIN; INSERT INTO \(name) VALUES (3, 'v')")
+            let vXID = try #require(try await v.query("SELECT txid_current()")[0].decode(Int.self, at: 0))
+            _ = try await v.execute("COMMIT")
+            await v.close()
+            #expect(running.allSatisfy { $0.1 < vXID })
+            func change(_ id: Int, xid: Int, lsn: UInt64, _ operation: ChangeOperation = .insert) -> ChangeEvent {
+                ChangeEvent(operation: operation, relation: relation, new: TupleData([t(String(id)), t("c\(lsn)")]), old: nil, oldKind: nil,
+                            xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(lsn), commitTime: fixedTime, index: 0)
+            }
+            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+            var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
+            configuration.snapshotReader = TableSnapshotReader(pool: pool)
+            configuration.snapshotMaxRows = 50_000
+            configuration.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20)
+            let server = RealtimeServer(source: source, configuration: configuration)
+            let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                do {
+                    let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+                    let client = try await connectWebSocket(port: port)
+                    try await client.sendSnapshotSubscribe("s", table: "public.\(name)")
+                    #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
+                    try await client.stopReading()
+                    // Held while the rows go out: V's change (the rows have it) and T's (they do not).
+                    let held = [change(3, xid: vXID, lsn: 0x100), change(2, xid: running[0].1, lsn: 0x200)]
+                    for event in held { source.publish(event) }
+                    #expect(await eventually(10) { server.statistics.fanoutCursor == held[1].cursor })
+                    try await client.startReading()
+                    var rows = 0
+                    while true {
+                        let message = try await client.receiveJSON(timeout: 30)
+                        try #require(message["type"] as? String == "snapshot", "expected the rows first, got \(message)")
+                        rows += (message["rows"] as? [Any])?.count ?? 0
+                        if message["done"] as? Bool == true { break }
+                    }
+                    #expect(rows == 20_001, "the 20,000 seeded rows and V's")
+                    // Tested by the fan-out after the rows (the stream still before the snapshot's
+                    // WAL position): V's again (dropped), U's (delivered); then one at the very end
+                    // of the WAL (delivered untested), and V's once more after it (delivered: the
+                    // subscription is an ordinary one by then).
+                    let after = [change(3, xid: vXID, lsn: 0x300, .update), change(4, xid: running[1].1, lsn: 0x400),
+                                 change(5, xid: 1, lsn: UInt64(Int64.max) - 10), change(3, xid: vXID, lsn: UInt64(Int64.max) - 5, .update)]
+                    for event in after { source.publish(event) }
+                    var delivered: [String] = []
+                    for _ in 0..<4 {
+                        let message = try await client.receiveJSON(timeout: 10)
+                        #expect(message["ids"] as? [String] == ["s"], "\(message)")
+                        delivered.append(message["cursor"] as? String ?? "?")
+                    }
+                    #expect(delivered == [held[1], after[1], after[2], after[3]].map(\.cursor.description),
+                            "T's held change, U's tested one, then everything from the WAL position on")
+                    await client.close()
+                } catch {
+                    await group.triggerGracefulShutdown()
+                    try? await tasks.waitForAll()
+                    for (open, _) in running { _ = try? await open.execute("ROLLBACK"); await open.close() }
+                    throw error
+                }
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            }
+            for (open, _) in running { _ = try await open.execute("ROLLBACK"); await open.close() }
+        }
+    }
+
     @Test("A FETCH keeps rows within maxBytes (the first always) and moves the cursor back before the rest: wide rows after narrow ones come once each, in order")
     func fetchKeepsWithinBytes() async throws {
         try await TestDatabase.withDatabase { url in
