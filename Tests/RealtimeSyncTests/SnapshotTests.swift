@@ -256,6 +256,33 @@ private func withSeededTable(
     }
 }
 
+/// Runs a `RealtimeServer` over `source` (whose changes a test publishes by hand) with a
+/// snapshot pool on `url`, and `body` with it and its port; shuts both down however it ends.
+private func withStagedSnapshotServer(
+    url: String, source: InMemoryChangeSource, configure: (inout RealtimeServerConfiguration) -> Void = { _ in },
+    _ body: (RealtimeServer, Int) async throws -> Void
+) async throws {
+    let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
+    var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
+    configuration.snapshotReader = TableSnapshotReader(pool: pool)
+    configure(&configuration)
+    let server = RealtimeServer(source: source, configuration: configuration)
+    let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
+    try await withThrowingTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try await group.run() }
+        do {
+            let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+            try await body(server, port)
+        } catch {
+            await group.triggerGracefulShutdown()
+            try? await tasks.waitForAll()
+            throw error
+        }
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
+    }
+}
+
 @Suite("Snapshots: subscribe with snapshot:true against a real Postgres and real WebSocket clients", .serialized)
 struct SnapshotTests {
     @Test("A small table's rows arrive as one snapshot (same JSON forms as changes), then live changes")
@@ -449,15 +476,8 @@ struct SnapshotTests {
             let open = try await PostgresConnection.connect(to: url)
             _ = try await open.execute("BEGIN; INSERT INTO \(name) VALUES (2, 'b')")
             let xid = try #require(try await open.query("SELECT txid_current()")[0].decode(Int.self, at: 0))
-            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
-            var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
-            configuration.snapshotReader = TableSnapshotReader(pool: pool)
-            let server = RealtimeServer(source: source, configuration: configuration)
-            let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
-            try await withThrowingTaskGroup(of: Void.self) { tasks in
-                tasks.addTask { try await group.run() }
-                do {
-                    let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+            do {
+                try await withStagedSnapshotServer(url: url, source: source) { server, port in
                     // The stream delivers T's commit before T leaves the process array (the race PostgreSQL allows).
                     let streamed = ChangeEvent(operation: .insert, relation: relation, new: TupleData([t("2"), t("b")]), old: nil, oldKind: nil,
                                                xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(0x2000), commitTime: fixedTime, index: 0)
@@ -472,15 +492,11 @@ struct SnapshotTests {
                     #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
                     #expect(change["cursor"] as? String == streamed.cursor.description)
                     await client.close()
-                } catch {
-                    await group.triggerGracefulShutdown()
-                    try? await tasks.waitForAll()
-                    _ = try? await open.execute("ROLLBACK")
-                    await open.close()
-                    throw error
                 }
-                await group.triggerGracefulShutdown()
-                try await tasks.waitForAll()
+            } catch {
+                _ = try? await open.execute("ROLLBACK")
+                await open.close()
+                throw error
             }
             _ = try await open.execute("ROLLBACK")
             await open.close()
@@ -517,17 +533,11 @@ struct SnapshotTests {
                 ChangeEvent(operation: operation, relation: relation, new: TupleData([t(String(id)), t("c\(lsn)")]), old: nil, oldKind: nil,
                             xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(lsn), commitTime: fixedTime, index: 0)
             }
-            let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
-            var configuration = RealtimeServerConfiguration(host: "127.0.0.1", port: 0)
-            configuration.snapshotReader = TableSnapshotReader(pool: pool)
-            configuration.snapshotMaxRows = 50_000
-            configuration.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20)
-            let server = RealtimeServer(source: source, configuration: configuration)
-            let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
-            try await withThrowingTaskGroup(of: Void.self) { tasks in
-                tasks.addTask { try await group.run() }
-                do {
-                    let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+            do {
+                try await withStagedSnapshotServer(url: url, source: source, configure: {
+                    $0.snapshotMaxRows = 50_000
+                    $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20)
+                }) { server, port in
                     let client = try await connectWebSocket(port: port)
                     try await client.sendSnapshotSubscribe("s", table: "public.\(name)")
                     #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
@@ -561,14 +571,10 @@ struct SnapshotTests {
                     #expect(delivered == [held[1], after[1], after[2], after[3]].map(\.cursor.description),
                             "T's held change, U's tested one, then everything from the WAL position on")
                     await client.close()
-                } catch {
-                    await group.triggerGracefulShutdown()
-                    try? await tasks.waitForAll()
-                    for (open, _) in running { _ = try? await open.execute("ROLLBACK"); await open.close() }
-                    throw error
                 }
-                await group.triggerGracefulShutdown()
-                try await tasks.waitForAll()
+            } catch {
+                for (open, _) in running { _ = try? await open.execute("ROLLBACK"); await open.close() }
+                throw error
             }
             for (open, _) in running { _ = try await open.execute("ROLLBACK"); await open.close() }
         }
