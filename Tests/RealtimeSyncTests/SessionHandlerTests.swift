@@ -179,7 +179,7 @@ struct PingFloodTests {
             // buffer fixed (see `pingFlood`).
             let port = try #require(socket.channel.localAddress?.port)
             try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
-                         "could not find the server's end of the connection")
+                         "could not set the send buffer of the server's end of the connection: /proc/net/tcp has \(serverSocketFields(serverPort: test.port, clientPort: port).map { $0.joined(separator: " ") } ?? "no established entry")")
             try await flood(socket, count: 20_000)
             try await Task.sleep(for: .milliseconds(500))
             try await socket.sendClose(1000)
@@ -205,7 +205,7 @@ struct PingFloodTests {
             try await socket.stopReading()
             let port = try #require(socket.channel.localAddress?.port)
             try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
-                         "could not find the server's end of the connection")
+                         "could not set the send buffer of the server's end of the connection: /proc/net/tcp has \(serverSocketFields(serverPort: test.port, clientPort: port).map { $0.joined(separator: " ") } ?? "no established entry")")
             // 20,000 pings of 125 bytes: 2.6 MB of pongs, several times what the buffers between
             // server and client hold (about 64 + 64 KB, and NIO's 64 KB before it stops writing).
             let count = 20_000
@@ -351,16 +351,21 @@ func serverReceiveQueue(serverPort: Int, clientPort: Int) -> Int? {
     }
 }
 
-/// The /proc/net/tcp fields of the server's end of the connection from local `clientPort` to
+/// The /proc/net/tcp fields of the server's end of the established connection from local `clientPort` to
 /// 127.0.0.1:`serverPort` (sl, local_address, rem_address, st, tx_queue:rx_queue, tr, retrnsmt,
 /// uid, timeout, inode, ...), or nil if not found.
 func serverSocketFields(serverPort: Int, clientPort: Int) -> [Substring]? {
-    guard let table = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return nil }
+    // Read to the end: /proc files report size 0, and a reader that trusts the size can stop
+    // after the first page (a long full-suite run has more sockets than a page lists).
+    guard let data = FileHandle(forReadingAtPath: "/proc/net/tcp")?.readDataToEndOfFile() else { return nil }
+    let table = String(decoding: data, as: UTF8.self)
     let local = String(format: "0100007F:%04X", serverPort)
     let remote = String(format: "0100007F:%04X", clientPort)
     for line in table.split(separator: "\n").dropFirst() {
         let fields = line.split(separator: " ")
-        guard fields.count > 9, fields[1] == local, fields[2] == remote else { continue }
+        // Established (01) only: an earlier connection between the same two ports can linger
+        // in TIME_WAIT, with no socket (inode 0), in a long run that reuses ports.
+        guard fields.count > 9, fields[1] == local, fields[2] == remote, fields[3] == "01", fields[9] != "0" else { continue }
         return fields
     }
     return nil
