@@ -234,6 +234,7 @@ struct ChangeStreamBackoffTests {
         // A lookup that failed for any reason (here a statement_timeout) reconnects: going on
         // would send a domain over int8 as strings.
         #expect(ChangeStream.isRetryable(TypeLookupFailed(table: "public.t", underlying: PostgresError(code: .server, message: "x", sqlState: "57014"))))
+        #expect(ChangeStream.isRetryable(ChangeStream.ServerShuttingDown()))
         #expect(!ChangeStream.isRetryable(ChangeStreamError(.slotLost, "x")))
         #expect(!ChangeStream.isRetryable(ChangeAssemblyError(.transactionTooLarge, "x")))
         #expect(ChangeStream.isRetryable(PostgresError(code: .connectionBroken, message: "x")))

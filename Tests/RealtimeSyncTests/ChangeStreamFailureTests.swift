@@ -59,6 +59,43 @@ struct ChangeStreamFailureTests {
         }
     }
 
+    // Audit, session 15: at a fast shutdown the stream confirmed all WAL so that the server
+    // could stop, and the server saved that at its shutdown checkpoint: a capture started after
+    // the restart (a reboot, a deploy) rebuilt its window from the end of WAL, and every client
+    // cursor from before needed a resync.
+    @Test("Postgres restarts while the stream holds its window: the shutdown is not held up, the slot keeps the hold, and a capture started after it resumes from before the restart")
+    func restartKeepsHold() async throws {
+        try await withPrivateCluster { pg in
+            let url = pg.url
+            let table = uniqueCaptureName("cs_hold")
+            let slot = uniqueCaptureName("cs_hold_slot")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
+            let first = try await withChangeStream(url: url, tables: [table], slot: slot, dropSlotAtEnd: false) { stream, sql in
+                let changes = stream.changes()
+                for id in 1...5 { try await sql.query("INSERT INTO \(table) VALUES ($1)", id) }
+                let got = try await take(5, from: changes)
+                let began = ContinuousClock.now
+                try await offPool { try pg.restart() }
+                #expect(began.duration(to: .now) < .seconds(20), "the shutdown waited for the stream")
+                try await within(.seconds(60), "reconnected") {
+                    while !stream.statistics.connected { try await Task.sleep(for: .milliseconds(20)) }
+                }
+                return got[0]
+            }
+            let sql = try await PostgresConnection.connect(to: url)
+            let confirmed = try await sql.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot)
+            let text = try #require(try confirmed.first?.decode(String.self, at: 0))
+            let held = try #require(LSN(text))
+            #expect(held <= first.commitLSN, "the slot moved past the window: \(held) after the first change at \(first.commitLSN)")
+            await sql.close()
+            // A new capture on the slot rebuilds the window from before the restart.
+            try await withChangeStream(url: url, tables: [table], slot: slot) { stream, _ in
+                let resumed = try await take(4, from: try await stream.changes(after: first.cursor))
+                #expect(resumed.map { newText($0, "id") } == ["2", "3", "4", "5"])
+            }
+        }
+    }
+
     @Test("The walsender is terminated mid-stream: the stream replays from the window's start, skips what it emitted, and the consumer gets every row exactly once")
     func walsenderTerminated() async throws {
         try await TestDatabase.withDatabase { url in

@@ -348,9 +348,9 @@ public final class ChangeStream: Service, Sendable {
                 if !streamed {
                     try await repl.createSlotIfMissing(configuration.slotName)
                 }
-                // A short wal_sender_timeout sends reply requests close together: see ReplyRequests.
-                var quickReplies = Duration.milliseconds(100)
-                if let timeout = try? await repl.walSenderTimeout() { quickReplies = min(quickReplies, timeout / 4) }
+                // What counts as a shutdown's quick reply requests: see ReplyRequests.
+                var quickReplies = Duration.seconds(1)
+                if let timeout = try? await repl.walSenderTimeout() { quickReplies = timeout / 4 }
                 let slotAt = try await withSQL { try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }
                 let start: LSN
                 if streamed {
@@ -554,25 +554,28 @@ public final class ChangeStream: Service, Sendable {
         var last: ContinuousClock.Instant?
         var lastWALEnd: UInt64 = 0
         var quickInARow = 0
-        /// Requests closer together than this count as "quick": 100 ms, or a quarter of
-        /// `wal_sender_timeout` when that is shorter (its own requests come half a timeout
-        /// apart, and must not be taken for a shutdown's).
-        var quick: Duration = .milliseconds(100)
+        /// Requests closer together than this count as "quick": a quarter of
+        /// `wal_sender_timeout` (its own requests come half a timeout after our last reply,
+        /// and must not be taken for a shutdown's), or 1 s when it is off or unknown. A
+        /// shutting-down walsender asks again one round trip after each reply, however long
+        /// that round trip is (150 ms over a slow link kept a fixed 100 ms from noticing).
+        var quick: Duration = .seconds(1)
     }
 
     /// A keepalive asked for a reply (`readMessage()` already sent one with the held position).
     ///
     /// A walsender that is shutting down (fast or smart shutdown, after the shutdown
-    /// checkpoint) exits only once the client has confirmed everything it sent, and asks for a
-    /// reply again as soon as each one arrives: requests a round trip apart, with the same end
-    /// of WAL. Holding the confirmed position at the window's start would then block
-    /// PostgreSQL's shutdown, so after three such requests in a row (each within 100 ms of the
-    /// previous, same end of WAL) the hold is released to that end of WAL: every transaction
-    /// before it was already delivered (a transaction is sent whole at commit). This process
-    /// keeps its window in memory across the reconnect; only a capture that restarts while the
-    /// hold is released rebuilds a shorter window (older cursors then get `resync_required`,
-    /// never a gap). Requests caused by `wal_sender_timeout` come half a timeout after our
-    /// answer and keep the hold.
+    /// checkpoint) exits only once the client has confirmed everything it sent or gone away,
+    /// and asks for a reply again as soon as each one arrives: requests a round trip apart,
+    /// with the same end of WAL. Holding the confirmed position at the window's start would
+    /// then block PostgreSQL's shutdown; confirming everything instead would move the slot
+    /// past the window for good (it is saved at the shutdown checkpoint), so a capture started
+    /// after the server is back (a host reboot, a deploy) would rebuild a window starting at
+    /// the end of WAL, and every client's cursor would need a resync. So after three such
+    /// requests in a row (each within `quick` of the previous, same end of WAL) the stream
+    /// disconnects, keeping its hold, and reconnects with backoff as after any dropped
+    /// connection. Requests caused by `wal_sender_timeout` come half a timeout after our
+    /// answer and keep the stream connected.
     private func replyRequested(_ keepalive: PrimaryKeepalive, _ repl: ReplicationConnection,
                                 previous: inout ReplyRequests) async throws {
         let now = ContinuousClock.now
@@ -586,17 +589,17 @@ public final class ChangeStream: Service, Sendable {
             previous.quickInARow = 0
         }
         guard previous.quickInARow >= 2 else { return }
-        let end = LSN(keepalive.walEnd)
-        let released = state.withLock { s -> Bool in
-            guard s.confirmed < end else { return false }
-            s.confirmed = end
-            return true
-        }
-        guard released else { return }
-        configuration.logger.notice("the server is waiting for the stream to confirm all WAL (shutting down?); releasing the resume window's hold on the slot", metadata: [
-            "slot": "\(configuration.slotName)", "confirmed": "\(end)"])
-        repl.confirm(flushedThrough: end.rawValue)
-        try await repl.sendStatus()
+        let held = state.withLock { $0.confirmed }
+        guard held < LSN(keepalive.walEnd) else { return }   // everything confirmed: it can stop
+        configuration.logger.notice("the server asks for replies right after each one (shutting down?); disconnecting so that it can stop, keeping the resume window's hold on the slot", metadata: [
+            "slot": "\(configuration.slotName)", "confirmed": "\(held)", "walEnd": "\(LSN(keepalive.walEnd))"])
+        throw ServerShuttingDown()
+    }
+
+    /// The server is shutting down and waits for the stream to confirm all WAL or go away:
+    /// the stream goes away (and reconnects, as after a dropped connection).
+    struct ServerShuttingDown: Error, CustomStringConvertible {
+        var description: String { "the server is shutting down" }
     }
 
     private func backoff(_ failures: Int) -> Duration {
@@ -624,7 +627,7 @@ public final class ChangeStream: Service, Sendable {
 
     /// Connection-level failures (and a slot still held by the previous walsender) are retried.
     static func isRetryable(_ error: any Error) -> Bool {
-        if error is TypeLookupFailed { return true }
+        if error is TypeLookupFailed || error is ServerShuttingDown { return true }
         guard let error = error as? PostgresError else { return false }
         if error.isConnectionBroken { return true }
         switch error.sqlState {
