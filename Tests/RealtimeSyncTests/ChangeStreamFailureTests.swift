@@ -96,6 +96,39 @@ struct ChangeStreamFailureTests {
         }
     }
 
+    // Audit, session 15: START_REPLICATION on an invalidated slot failed with a raw error at
+    // every start, for good (the slot exists, so it was never made anew).
+    @Test("A slot invalidated while no stream ran (its WAL removed past max_slot_wal_keep_size): the next stream makes it anew, older cursors get resync_required, new changes flow")
+    func invalidatedSlotAtStart() async throws {
+        try await withPrivateCluster(.init(settings: ["max_slot_wal_keep_size": "1MB", "wal_keep_size": "0"])) { pg in
+            let url = pg.url
+            let table = uniqueCaptureName("cs_lostwal")
+            let slot = uniqueCaptureName("cs_lostwal_slot")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY, pad text)")
+            let old = try await withChangeStream(url: url, tables: [table], slot: slot, dropSlotAtEnd: false) { stream, sql in
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (1, 'x')")
+                return try await take(1, from: changes)[0]
+            }
+            // Several WAL segments past the slot, then a checkpoint: the slot is invalidated.
+            let sql = try await PostgresConnection.connect(to: url)
+            for round in 0..<3 {
+                try await sql.execute("INSERT INTO \(table) SELECT g, repeat('p', 200) FROM generate_series(\(round * 40_000 + 2), \(round * 40_000 + 40_001)) g")
+                _ = try await sql.query("SELECT pg_switch_wal()::text")
+            }
+            try await sql.execute("CHECKPOINT")
+            let status = try await sql.query("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", slot)
+            try #require(try status.first?.decode(String.self, at: 0) == "lost", "the setup did not invalidate the slot")
+            try await withChangeStream(url: url, tables: [table], slot: slot) { stream, sql in
+                await #expect(throws: ResumeWindowError.self) { _ = try await stream.changes(after: old.cursor) }
+                let changes = stream.changes()
+                try await sql.execute("INSERT INTO \(table) VALUES (0, 'new')")
+                #expect(try await take(1, from: changes).map { newText($0, "id") } == ["0"])
+            }
+            await sql.close()
+        }
+    }
+
     @Test("The walsender is terminated mid-stream: the stream replays from the window's start, skips what it emitted, and the consumer gets every row exactly once")
     func walsenderTerminated() async throws {
         try await TestDatabase.withDatabase { url in

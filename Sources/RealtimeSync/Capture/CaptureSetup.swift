@@ -204,6 +204,14 @@ public enum CaptureSetup {
         return LSN(text)
     }
 
+    /// Whether the slot exists but was invalidated (`wal_status = 'lost'`: the WAL it held was
+    /// removed, e.g. past `max_slot_wal_keep_size`); such a slot cannot be read from again.
+    public static func slotIsLost(_ conn: PostgresConnection, slot: String) async throws -> Bool {
+        let rows = try await conn.query("SELECT wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = $1", slot)
+        guard rows.count == 1 else { return false }
+        return try rows[0].decode(Bool.self, at: 0) ?? false
+    }
+
     /// Bytes of WAL the slot holds (`pg_current_wal_lsn() - confirmed_flush_lsn`), nil when the
     /// slot does not exist.
     public static func slotLagBytes(_ conn: PostgresConnection, slot: String) async throws -> Int? {

@@ -345,6 +345,19 @@ public final class ChangeStream: Service, Sendable {
                 // must find the slot where the stream left it. Recreated, or moved on by
                 // someone else, it would start after changes this stream never read: a gap.
                 let streamed = state.withLock { $0.streamed }
+                // An invalidated slot (its WAL removed past max_slot_wal_keep_size) fails every
+                // START_REPLICATION. At start nothing is lost by making it anew (the WAL it
+                // held is gone either way; clients with older cursors get resync_required);
+                // after streaming from it, going on would be a gap.
+                if try await withSQL({ try await CaptureSetup.slotIsLost($0, slot: configuration.slotName) }) {
+                    if streamed {
+                        throw ChangeStreamError(.slotLost,
+                            "replication slot \(configuration.slotName) was invalidated while the stream was away (PostgreSQL removed the WAL it held: max_slot_wal_keep_size); changes committed after \(state.withLock { $0.confirmed }) cannot be read from it. The stream stopped instead of going on with a gap: restart it (it creates the slot anew; clients resuming from older cursors get resync_required)")
+                    }
+                    logger.warning("replication slot was invalidated (PostgreSQL removed the WAL it held: max_slot_wal_keep_size); dropping it and creating it anew: clients resuming from cursors before now get resync_required", metadata: [
+                        "slot": "\(configuration.slotName)"])
+                    _ = try await withSQL { try await $0.query("SELECT pg_drop_replication_slot($1)", configuration.slotName) }
+                }
                 if !streamed {
                     try await repl.createSlotIfMissing(configuration.slotName)
                 }
