@@ -372,10 +372,7 @@ public final class ChangeStream: Service, Sendable {
                         throw ChangeStreamError(.slotLost,
                             "replication slot \(configuration.slotName) is gone at reconnect (dropped, or a failover to a server without it); changes committed after \(resumeAt) cannot be read from it. The stream stopped instead of going on with a gap: restart it (it creates the slot anew; clients resuming from older cursors get resync_required)")
                     }
-                    guard slotAt <= resumeAt else {
-                        throw ChangeStreamError(.slotLost,
-                            "replication slot \(configuration.slotName) was moved to \(slotAt) while this stream was at \(resumeAt) (by another consumer of the slot, or pg_replication_slot_advance); the changes in between cannot be read. The stream stopped instead of going on with a gap: give each stream its own slot, and restart it (clients resuming from older cursors get resync_required)")
-                    }
+                    guard slotAt <= resumeAt else { throw slotMoved(to: slotAt, from: resumeAt) }
                     start = resumeAt
                 } else {
                     guard let slotAt else {
@@ -391,7 +388,14 @@ public final class ChangeStream: Service, Sendable {
                               ("messages", "true")],
                     statusInterval: configuration.statusInterval)
                 var streamStart = start
-                if !streamed {
+                if streamed {
+                    // Moved between the check above and the start (Postgres then starts at the
+                    // later position, silently): this stream holds the slot now, so a second
+                    // read is final.
+                    if let held = try await withSQL({ try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }), held > start {
+                        throw slotMoved(to: held, from: start)
+                    }
+                } else {
                     // The window opens where the stream really starts. This stream holds the slot
                     // now, so its position cannot move any more; it may have moved since it was
                     // read (another instance streamed the slot until a moment ago), and Postgres
@@ -613,6 +617,12 @@ public final class ChangeStream: Service, Sendable {
     /// the stream goes away (and reconnects, as after a dropped connection).
     struct ServerShuttingDown: Error, CustomStringConvertible {
         var description: String { "the server is shutting down" }
+    }
+
+    /// `slot_lost` for a slot that someone else moved past this stream's position.
+    private func slotMoved(to slotAt: LSN, from resumeAt: LSN) -> ChangeStreamError {
+        ChangeStreamError(.slotLost,
+            "replication slot \(configuration.slotName) was moved to \(slotAt) while this stream was at \(resumeAt) (by another consumer of the slot, or pg_replication_slot_advance); the changes in between cannot be read. The stream stopped instead of going on with a gap: give each stream its own slot, and restart it (clients resuming from older cursors get resync_required)")
     }
 
     private func backoff(_ failures: Int) -> Duration {
