@@ -356,7 +356,13 @@ public final class ChangeStream: Service, Sendable {
                     }
                     logger.warning("replication slot was invalidated (PostgreSQL removed the WAL it held: max_slot_wal_keep_size); dropping it and creating it anew: clients resuming from cursors before now get resync_required", metadata: [
                         "slot": "\(configuration.slotName)"])
-                    _ = try await withSQL { try await $0.query("SELECT pg_drop_replication_slot($1)", configuration.slotName) }
+                    // Checked and dropped in one statement, and a slot already gone is fine: two
+                    // starts overlapping (a deploy) must not drop the one the other just made.
+                    do {
+                        _ = try await withSQL {
+                            try await $0.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND wal_status = 'lost'", configuration.slotName)
+                        }
+                    } catch let error as PostgresError where error.sqlState == "42704" {}
                 }
                 if !streamed {
                     try await repl.createSlotIfMissing(configuration.slotName)

@@ -11,8 +11,8 @@ import Synchronization
 /// are then read through a `SCROLL` cursor in that same snapshot. Row-level security is
 /// turned off for the transaction (`row_security = off`): the change stream is not filtered by
 /// policies, so a snapshot silently filtered by them would not match it; a role that policies
-/// apply to gets Postgres's error instead (the role needs `BYPASSRLS` or the table's
-/// ownership). An ordinary table is read with `ONLY`: its inheritance children are published
+/// apply to gets Postgres's error instead (the role needs `BYPASSRLS`, superuser, or the
+/// ownership of a table without `FORCE ROW LEVEL SECURITY`). An ordinary table is read with `ONLY`: its inheritance children are published
 /// and streamed under their own names. The connection goes back
 /// to the pool however `body` ends (the pool rolls back what is left open); cancelling the
 /// calling task cancels the running statement on the server (`PQcancel`).
