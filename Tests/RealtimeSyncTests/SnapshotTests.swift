@@ -256,6 +256,10 @@ private func withSeededTable(
     }
 }
 
+/// The columns of the `(id int PRIMARY KEY, status text)` tables these tests make.
+private let idStatusColumns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
+                               RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+
 /// Runs a `RealtimeServer` over `source` (whose changes a test publishes by hand) with a
 /// snapshot pool on `url`, and `body` with it and its port; shuts both down however it ends.
 private func withStagedSnapshotServer(
@@ -468,8 +472,7 @@ struct SnapshotTests {
         try await TestDatabase.withDatabase { url in
             let name = uniqueCaptureName("snap_late")
             try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) VALUES (1, 'a')")
-            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
-                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let columns = idStatusColumns
             let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
             let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
             // T: inserts row 2 and stays open, so every snapshot lists it in xip.
@@ -510,8 +513,7 @@ struct SnapshotTests {
             // 12 MB of rows: more than the socket's buffers hold once the client stops reading,
             // so the server is still sending rows (and holding changes) when the changes come.
             try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g")
-            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
-                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let columns = idStatusColumns
             let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
             let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
             // T and U stay open; V begins after them and commits before the snapshot. So the
@@ -586,8 +588,7 @@ struct SnapshotTests {
             let name = uniqueCaptureName("snap_bytes")
             // 5 narrow rows, then 10 of 100 KB: a FETCH of 100 brings all 15.
             try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) SELECT g, CASE WHEN g <= 5 THEN 'x' ELSE repeat('w', 100000) END FROM generate_series(1, 15) g")
-            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
-                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let columns = idStatusColumns
             let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
             try await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask { try await pool.run() }
@@ -630,8 +631,7 @@ struct SnapshotTests {
                 CREATE TABLE \(root) (id int PRIMARY KEY, status text) PARTITION BY RANGE (id);
                 CREATE TABLE \(part) PARTITION OF \(root) FOR VALUES FROM (0) TO (1000); INSERT INTO \(root) VALUES (7, 'e'), (8, 'f')
                 """)
-            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
-                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let columns = idStatusColumns
             let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: url, configuration: .init(name: "snap", maxOpen: 1))
             try await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask { try await pool.run() }
@@ -662,8 +662,7 @@ struct SnapshotTests {
             var userURL = try #require(URLComponents(string: url))
             userURL.user = role
             userURL.password = role + "_pw"
-            let columns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
-                           RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
+            let columns = idStatusColumns
             // The role itself sees 2 of the 5 rows through the policy.
             let asRole = try await PostgresConnection.connect(to: try #require(userURL.string))
             #expect(try await asRole.query("SELECT count(*)::int FROM \(table)")[0].decode(Int.self, at: 0) == 2)
@@ -671,7 +670,7 @@ struct SnapshotTests {
             let pool = ConnectionPool<PostgresConnection, ContinuousClock>(
                 postgres: try #require(userURL.string), configuration: .init(name: "snap", maxOpen: 1)
             )
-            try await withThrowingTaskGroup(of: Void.self) { tasks in
+            await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask { try await pool.run() }
                 do {
                     let rows = try await TableSnapshotReader(pool: pool).withSnapshot(of: "public.\(table)", columns: columns) { snapshot in

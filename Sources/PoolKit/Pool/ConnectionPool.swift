@@ -1030,9 +1030,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     @inline(__always)
     static func bootTimeNanoseconds() -> Int64? {
         #if os(Linux) && canImport(Glibc)
-        var ts = timespec()
-        guard clock_gettime(CLOCK_BOOTTIME, &ts) == 0 else { return nil }
-        return Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
+        TickClock.nanoseconds(of: CLOCK_BOOTTIME)
         #else
         return nil
         #endif

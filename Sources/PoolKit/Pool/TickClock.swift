@@ -47,13 +47,21 @@ enum TickClock {
     /// `CLOCK_MONOTONIC_RAW` in nanoseconds, nil if it cannot be read.
     static func rawNanoseconds() -> Int64? {
         #if os(Linux) && canImport(Glibc)
-        var ts = timespec()
-        guard clock_gettime(CLOCK_MONOTONIC_RAW, &ts) == 0 else { return nil }
-        return Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
+        nanoseconds(of: CLOCK_MONOTONIC_RAW)
         #else
-        return nil
+        nil
         #endif
     }
+
+    #if os(Linux) && canImport(Glibc)
+    /// `clock_gettime(clock)` in nanoseconds, nil if it fails.
+    @inline(__always)
+    static func nanoseconds(of clock: clockid_t) -> Int64? {
+        var ts = timespec()
+        guard clock_gettime(clock, &ts) == 0 else { return nil }
+        return Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
+    }
+    #endif
 
     /// A `CLOCK_MONOTONIC_RAW` reading and the counter at the same moment: the middle of two
     /// counter reads around it, the tightest of a few tries (a preemption between the reads
