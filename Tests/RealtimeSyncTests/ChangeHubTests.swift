@@ -243,4 +243,29 @@ struct ChangeStreamBackoffTests {
         #expect(!ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "42704")))
         #expect(!ChangeStream.isRetryable(CaptureSetupError(.walLevelNotLogical, "x")))
     }
+
+    @Test("A reconnect to another cluster, or to a timeline that forked before what the stream delivered, is a gap; a fork after it is not")
+    func failoverProblem() {
+        func identity(_ system: String = "7301", timeline: Int) -> ReplicationSystemIdentity {
+            ReplicationSystemIdentity(systemID: system, timeline: timeline, xlogPosition: 0, databaseName: "db")
+        }
+        let history2 = "1\t0/5000000\tno recovery target specified\n"
+        let history3 = "1\t0/3000000\tno recovery target specified\n2\t0/7000000\tno recovery target specified\n"
+        func problem(_ was: ReplicationSystemIdentity, _ now: ReplicationSystemIdentity, _ history: String?, _ delivered: String) -> String? {
+            ChangeStream.failoverProblem(was: was, now: now, history: history, deliveredThrough: LSN(delivered)!)
+        }
+        #expect(problem(identity(timeline: 1), identity(timeline: 1), nil, "0/9000000") == nil)
+        #expect(problem(identity(timeline: 1), identity("9999", timeline: 1), nil, "0/1")?.contains("another database cluster") == true)
+        // Timeline 2 left timeline 1 at 0/5000000.
+        #expect(problem(identity(timeline: 1), identity(timeline: 2), history2, "0/4FFFFFF") == nil)
+        #expect(problem(identity(timeline: 1), identity(timeline: 2), history2, "0/5000000") == nil, "delivered exactly up to the fork")
+        let lagged = problem(identity(timeline: 1), identity(timeline: 2), history2, "0/5000001")
+        #expect(lagged?.contains("left timeline 1 at 0/5000000") == true, "\(String(describing: lagged))")
+        // Two failovers: from timeline 2 the switch point is 2's line, not 1's.
+        #expect(problem(identity(timeline: 2), identity(timeline: 3), history3, "0/6000000") == nil)
+        #expect(problem(identity(timeline: 2), identity(timeline: 3), history3, "0/8000000")?.contains("0/7000000") == true)
+        // No history (TIMELINE_HISTORY failed), or one that does not list the old timeline.
+        #expect(problem(identity(timeline: 1), identity(timeline: 2), nil, "0/1")?.contains("does not say") == true)
+        #expect(problem(identity(timeline: 4), identity(timeline: 5), history3, "0/1")?.contains("does not say") == true)
+    }
 }

@@ -15,6 +15,14 @@ public struct ReplicationSystemIdentity: Sendable, Hashable {
     public var xlogPosition: UInt64
     /// The database this replication connection is bound to (`replication=database`).
     public var databaseName: String?
+
+    /// Creates an identity (`identifySystem()` reads one from the server).
+    public init(systemID: String, timeline: Int, xlogPosition: UInt64, databaseName: String?) {
+        self.systemID = systemID
+        self.timeline = timeline
+        self.xlogPosition = xlogPosition
+        self.databaseName = databaseName
+    }
 }
 
 /// One `w` (XLogData) message of the replication stream.
@@ -145,6 +153,17 @@ public final class ReplicationConnection: Sendable {
             timeline: try row.decode(Int.self, at: 1) ?? 0,
             xlogPosition: lsn,
             databaseName: try row.decode(String.self, at: 3))
+    }
+
+    /// Runs `TIMELINE_HISTORY timeline`: the timeline's history file, one line per ancestor
+    /// (`parent timeline`, tab, the LSN where it was left, tab, a reason). Timeline 1 has none.
+    public func timelineHistory(_ timeline: Int) async throws -> String {
+        let results = try await connection.execute("TIMELINE_HISTORY \(timeline)")
+        guard let result = results.last, result.count == 1 else {
+            throw PostgresError(code: .invalidUsage, message: "TIMELINE_HISTORY \(timeline) returned no row (backend \(backendPID) at \(host):\(port))")
+        }
+        // The file's bytes as sent (the column is typed bytea on some versions, sent raw).
+        return result[0][1].withUTF8 { String(decoding: $0, as: UTF8.self) }
     }
 
     /// The server's `wal_sender_timeout` (`SHOW wal_sender_timeout`); nil when it is 0

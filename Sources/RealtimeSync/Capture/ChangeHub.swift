@@ -13,9 +13,10 @@ public struct ChangeStreamError: Error, Sendable, CustomStringConvertible {
         /// A `ChangeStream.Configuration` field is out of range (the message names it).
         case invalidConfiguration = "invalid_configuration"
         /// At a reconnect, the replication slot was gone (dropped, or a failover to a server
-        /// without it) or had been moved past the stream's position by someone else: what was
-        /// committed in between cannot be read, so the stream fails instead of going on with
-        /// a gap. A new stream (a restart) creates the slot anew; clients resuming from older
+        /// without it), had been moved past the stream's position by someone else or
+        /// invalidated, or the server is another cluster or on a timeline that forked before
+        /// what the stream delivered: what was committed in between cannot be read, so the
+        /// stream fails instead of going on with a gap. A new stream (a restart) creates the slot anew; clients resuming from older
         /// cursors then get `resync_required`.
         case slotLost = "slot_lost"
     }

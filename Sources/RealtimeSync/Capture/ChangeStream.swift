@@ -171,6 +171,8 @@ public final class ChangeStream: Service, Sendable {
         var confirmed = LSN.zero
         /// A session has started streaming (and opened the window): later sessions are reconnects.
         var streamed = false
+        /// The cluster and timeline the stream last read from (`IDENTIFY_SYSTEM`).
+        var identity: ReplicationSystemIdentity?
         var slotLag: Int?
         var setupReport: CaptureSetupReport?
         var replication: ReplicationConnection?
@@ -341,6 +343,22 @@ public final class ChangeStream: Service, Sendable {
                 }
                 let repl = try await ReplicationConnection.connect(connectionConfiguration)
                 replication = repl
+                // A reconnect that reached another cluster, or a new timeline that forked before
+                // what this stream delivered (a failover to a standby that lagged), would go on
+                // with a gap: the transactions committed there below that point are skipped.
+                let identity = try await repl.identifySystem()
+                if state.withLock({ $0.streamed }), let was = state.withLock({ $0.identity }),
+                   was.systemID != identity.systemID || was.timeline != identity.timeline {
+                    let history = identity.timeline != was.timeline ? try? await repl.timelineHistory(identity.timeline) : nil
+                    if let problem = Self.failoverProblem(
+                        was: was, now: identity, history: history, deliveredThrough: assembler.emittedThrough
+                    ) {
+                        throw ChangeStreamError(.slotLost, "replication slot \(configuration.slotName): \(problem). The stream stopped instead of going on with a gap: restart it (clients resuming from older cursors get resync_required)")
+                    }
+                    logger.notice("the server is on a new timeline that forked after what this stream delivered; going on", metadata: [
+                        "slot": "\(configuration.slotName)", "timeline": "\(identity.timeline)", "was": "\(was.timeline)"])
+                }
+                state.withLock { $0.identity = identity }
                 // A session after one that streamed (its window is open and fed from the slot)
                 // must find the slot where the stream left it. Recreated, or moved on by
                 // someone else, it would start after changes this stream never read: a gap.
@@ -623,6 +641,30 @@ public final class ChangeStream: Service, Sendable {
     /// the stream goes away (and reconnects, as after a dropped connection).
     struct ServerShuttingDown: Error, CustomStringConvertible {
         var description: String { "the server is shutting down" }
+    }
+
+    /// Why going on after a reconnect to `now` would leave a gap, or nil if it would not: `was`
+    /// is where the stream read before, `deliveredThrough` the end of the last transaction it
+    /// handed out, `history` the new timeline's history file (`TIMELINE_HISTORY`).
+    static func failoverProblem(was: ReplicationSystemIdentity, now: ReplicationSystemIdentity,
+                                history: String?, deliveredThrough: LSN) -> String? {
+        if was.systemID != now.systemID {
+            return "the reconnect reached another database cluster (system identifier \(now.systemID), this stream read from \(was.systemID)): a restore, or a failover to a server that is not a copy of the old one"
+        }
+        if was.timeline == now.timeline { return nil }
+        // Each line: parent timeline, tab, the LSN where it ended, tab, reason.
+        let switchPoint = (history ?? "").split(separator: "\n").lazy.compactMap { line -> LSN? in
+            let fields = line.split(separator: "\t")
+            guard fields.count >= 2, Int(fields[0].trimmingCharacters(in: .whitespaces)) == was.timeline else { return nil }
+            return LSN(fields[1].trimmingCharacters(in: .whitespaces))
+        }.first
+        guard let switchPoint else {
+            return "the server is on timeline \(now.timeline), and its history does not say where timeline \(was.timeline), which this stream read, ended"
+        }
+        if switchPoint < deliveredThrough {
+            return "the server is on timeline \(now.timeline), which left timeline \(was.timeline) at \(switchPoint), before \(deliveredThrough), the end of the last transaction this stream delivered (a failover to a standby that lagged): what was delivered after \(switchPoint) does not exist there, and what was committed there before \(deliveredThrough) would be skipped"
+        }
+        return nil
     }
 
     /// `slot_lost` for a slot that someone else moved past this stream's position.
