@@ -53,10 +53,7 @@ struct PoolMetricsTests {
 
     @Test("use time of a connection lent from a stripe: true to the clock, whichever clock times it")
     func stripeUseTime() async throws {
-        let metrics = TestMetrics()
-        var configuration = baseConfiguration { $0.maxOpen = 1; $0.minIdle = 1 }
-        configuration.name = "timed"
-        configuration.metricsFactory = metrics
+        let (metrics, configuration) = metered("timed") { $0.maxOpen = 1; $0.minIdle = 1 }
         let factory = MockFactory(clean: true)
         let pool = ConnectionPool<MockConnection, ContinuousClock>(
             configuration: configuration, clock: ContinuousClock(), logger: Logger(label: "test"), seed: 1, stripes: 1
@@ -104,10 +101,7 @@ struct PoolMetricsTests {
 
     @Test("count gauges with the CPU-local cache: a connection lent from a stripe counts as used; a stripe flush publishes where each one is")
     func stripeLendsInGauges() async throws {
-        let metrics = TestMetrics()
-        var configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }
-        configuration.name = "striped"
-        configuration.metricsFactory = metrics
+        let (metrics, configuration) = metered("striped") { $0.maxOpen = 2; $0.minIdle = 2 }
         let name = ("db.client.connection.pool.name", "striped")
         func count(_ state: String) throws -> Double? {
             try metrics.expectGauge("db.client.connection.count", [name, ("db.client.connection.state", state)]).lastValue
@@ -131,4 +125,13 @@ struct PoolMetricsTests {
             #expect(try count("used") == 0 && count("idle") == 2)
         }
     }
+}
+
+/// A fresh `TestMetrics` and `baseConfiguration(edit)` named `name` that records into it.
+private func metered(_ name: String, _ edit: (inout ConnectionPoolConfiguration) -> Void) -> (TestMetrics, ConnectionPoolConfiguration) {
+    let metrics = TestMetrics()
+    var configuration = baseConfiguration(edit)
+    configuration.name = name
+    configuration.metricsFactory = metrics
+    return (metrics, configuration)
 }

@@ -90,7 +90,7 @@ struct ChangeStreamFailureTests {
             await sql.close()
             // A new capture on the slot rebuilds the window from before the restart.
             try await withChangeStream(url: url, tables: [table], slot: slot) { stream, _ in
-                let resumed = try await take(4, from: try await stream.changes(after: first.cursor))
+                let resumed = try await take(4, from: try stream.changes(after: first.cursor))
                 #expect(resumed.map { newText($0, "id") } == ["2", "3", "4", "5"])
             }
         }
@@ -120,7 +120,7 @@ struct ChangeStreamFailureTests {
             let status = try await sql.query("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", slot)
             try #require(try status.first?.decode(String.self, at: 0) == "lost", "the setup did not invalidate the slot")
             try await withChangeStream(url: url, tables: [table], slot: slot) { stream, sql in
-                await #expect(throws: ResumeWindowError.self) { _ = try await stream.changes(after: old.cursor) }
+                #expect(throws: ResumeWindowError.self) { _ = try stream.changes(after: old.cursor) }
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(table) VALUES (0, 'new')")
                 #expect(try await take(1, from: changes).map { newText($0, "id") } == ["0"])
@@ -229,33 +229,32 @@ struct ChangeStreamFailureTests {
         }
     }
 
-    @Test("A transaction with more changes than maxTransactionChanges stops the stream with transaction_too_large, naming the knob and the slot to advance; smaller ones before it are delivered")
-    func transactionTooLarge() async throws {
-        try await withFailingStream(prefix: "cs_big", { $0.maxTransactionChanges = 5 }) { run, sql in
-            let changes = run.stream.changes()
-            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(1, 5)")
-            #expect(try await take(5, from: changes).count == 5, "a transaction at the limit is delivered")
-            try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(6, 11)")
-            let failure = try await run.failure()
-            let error = failure as? ChangeAssemblyError
-            #expect(error?.code == .transactionTooLarge, "\(failure)")
-            #expect(error?.message.contains("maxTransactionChanges") == true)
-            #expect(error?.message.contains("pg_replication_slot_advance('\(run.slot)'") == true, "\(failure)")
+    /// The two bounds on a transaction held until its commit, as a test drives them.
+    enum TransactionBound: String, CaseIterable, Sendable {
+        case changes = "maxTransactionChanges", bytes = "maxTransactionBytes"
+
+        /// Sets the bound: 5 changes, or 2,000 bytes (a change of a one-integer row counts 128
+        /// bytes and its row, so 5 fit and 20 do not).
+        func apply(_ configuration: inout ChangeStream.Configuration) {
+            switch self {
+            case .changes: configuration.maxTransactionChanges = 5
+            case .bytes: configuration.maxTransactionBytes = 2_000
+            }
         }
     }
 
-    @Test("A transaction holding more bytes than maxTransactionBytes stops the stream with transaction_too_large, naming the knob; smaller ones before it are delivered")
-    func transactionTooManyBytes() async throws {
-        // A change of this table's one-integer rows counts 128 bytes and its row: 5 fit in 2,000, 20 do not.
-        try await withFailingStream(prefix: "cs_bytes", { $0.maxTransactionBytes = 2_000 }) { run, sql in
+    @Test("A transaction over maxTransactionChanges or maxTransactionBytes stops the stream with transaction_too_large, naming the knob and the slot to advance; smaller ones before it are delivered",
+          arguments: TransactionBound.allCases)
+    func transactionTooLarge(bound: TransactionBound) async throws {
+        try await withFailingStream(prefix: "cs_big", { bound.apply(&$0) }) { run, sql in
             let changes = run.stream.changes()
             try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(1, 5)")
-            #expect(try await take(5, from: changes).count == 5, "a transaction under the limit is delivered")
+            #expect(try await take(5, from: changes).count == 5, "a transaction within the bound is delivered")
             try await sql.execute("INSERT INTO \(run.table) SELECT generate_series(6, 25)")
             let failure = try await run.failure()
             let error = failure as? ChangeAssemblyError
             #expect(error?.code == .transactionTooLarge, "\(failure)")
-            #expect(error?.message.contains("maxTransactionBytes") == true, "\(failure)")
+            #expect(error?.message.contains(bound.rawValue) == true, "\(failure)")
             #expect(error?.message.contains("pg_replication_slot_advance('\(run.slot)'") == true, "\(failure)")
         }
     }

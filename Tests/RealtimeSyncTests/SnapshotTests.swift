@@ -260,6 +260,74 @@ private func withSeededTable(
 private let idStatusColumns = [RelationColumn(name: "id", typeOID: PostgresTypeOID.int4, isKey: true),
                                RelationColumn(name: "status", typeOID: PostgresTypeOID.text)]
 
+/// An `(id int PRIMARY KEY, status text)` table for tests that stage the change stream by hand.
+private struct StagedTable: Sendable {
+    let url: String
+    /// `public.<name>`.
+    let table: String
+    let relation: Relation
+    /// The server's source: the test publishes the table's changes here.
+    let source: InMemoryChangeSource
+    /// The ids of the transactions left open (one per id asked for), in order.
+    let openXIDs: [Int]
+
+    /// An INSERT (or another operation) of row `id` by transaction `xid`, committed at `lsn`.
+    func change(_ id: Int, status: String, xid: Int, lsn: UInt64, _ operation: ChangeOperation = .insert) -> ChangeEvent {
+        ChangeEvent(operation: operation, relation: relation, new: TupleData([t(String(id)), t(status)]), old: nil, oldKind: nil,
+                    xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(lsn), commitTime: fixedTime, index: 0)
+    }
+
+    /// Inserts row `id` in a transaction of its own and commits it; returns its id.
+    func commitInsert(_ id: Int, status: String) async throws -> Int {
+        let connection = try await PostgresConnection.connect(to: url)
+        _ = try await connection.execute("BEGIN; INSERT INTO \(table) VALUES (\(id), '\(status)')")
+        let xid = try await connection.query("SELECT txid_current()")[0].decode(Int.self, at: 0)
+        _ = try await connection.execute("COMMIT")
+        await connection.close()
+        return try #require(xid)
+    }
+}
+
+/// Makes a `StagedTable` (seeded with `seed`, `{t}` standing for its name), leaves one
+/// transaction open per id in `openIDs` (each inserting that row), and runs `body` with a staged
+/// server over it; the open transactions are rolled back however it ends.
+private func withStagedSnapshotTable(
+    _ prefix: String, seed: String, openIDs: [Int],
+    configure: @escaping @Sendable (inout RealtimeServerConfiguration) -> Void = { _ in },
+    _ body: @escaping @Sendable (StagedTable, RealtimeServer, Int) async throws -> Void
+) async throws {
+    try await TestDatabase.withDatabase { url in
+        let table = "public." + uniqueCaptureName(prefix)
+        try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY, status text); " + seed.replacingOccurrences(of: "{t}", with: table))
+        var open: [PostgresConnection] = []
+        func rollBack() async {
+            for connection in open { _ = try? await connection.execute("ROLLBACK"); await connection.close() }
+        }
+        do {
+            var xids: [Int] = []
+            for id in openIDs {
+                let connection = try await PostgresConnection.connect(to: url)
+                open.append(connection)
+                _ = try await connection.execute("BEGIN; INSERT INTO \(table) VALUES (\(id), 'open')")
+                xids.append(try #require(try await connection.query("SELECT txid_current()")[0].decode(Int.self, at: 0)))
+            }
+            let name = String(table.dropFirst("public.".count))
+            let staged = StagedTable(
+                url: url, table: table,
+                relation: Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: idStatusColumns),
+                source: InMemoryChangeSource(catalog: TableCatalog([table: idStatusColumns])), openXIDs: xids
+            )
+            try await withStagedSnapshotServer(url: url, source: staged.source, configure: configure) { server, port in
+                try await body(staged, server, port)
+            }
+        } catch {
+            await rollBack()
+            throw error
+        }
+        await rollBack()
+    }
+}
+
 /// Runs a `RealtimeServer` over `source` (whose changes a test publishes by hand) with a
 /// snapshot pool on `url`, and `body` with it and its port; shuts both down however it ends.
 private func withStagedSnapshotServer(
@@ -469,116 +537,74 @@ struct SnapshotTests {
 
     @Test("A transaction streamed before it became visible (commit in WAL, still running for the snapshot) is sent after the snapshot, not lost")
     func transactionStreamedBeforeVisible() async throws {
-        try await TestDatabase.withDatabase { url in
-            let name = uniqueCaptureName("snap_late")
-            try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) VALUES (1, 'a')")
-            let columns = idStatusColumns
-            let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
-            let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
-            // T: inserts row 2 and stays open, so every snapshot lists it in xip.
-            let open = try await PostgresConnection.connect(to: url)
-            _ = try await open.execute("BEGIN; INSERT INTO \(name) VALUES (2, 'b')")
-            let xid = try #require(try await open.query("SELECT txid_current()")[0].decode(Int.self, at: 0))
-            do {
-                try await withStagedSnapshotServer(url: url, source: source) { server, port in
-                    // The stream delivers T's commit before T leaves the process array (the race PostgreSQL allows).
-                    let streamed = ChangeEvent(operation: .insert, relation: relation, new: TupleData([t("2"), t("b")]), old: nil, oldKind: nil,
-                                               xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(0x2000), commitTime: fixedTime, index: 0)
-                    source.publish(streamed)
-                    #expect(await eventually(10) { server.statistics.fanoutCursor == streamed.cursor })
-                    let client = try await connectWebSocket(port: port)
-                    let reply = try await client.subscribeWithSnapshot("s", table: "public.\(name)")
-                    #expect(reply.rows.compactMap { $0["id"] as? Int } == [1])
-                    #expect(reply.cursor < streamed.cursor.description)
-                    let change = try await client.receiveJSON(timeout: 10)
-                    #expect(change["ids"] as? [String] == ["s"])
-                    #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
-                    #expect(change["cursor"] as? String == streamed.cursor.description)
-                    await client.close()
-                }
-            } catch {
-                _ = try? await open.execute("ROLLBACK")
-                await open.close()
-                throw error
-            }
-            _ = try await open.execute("ROLLBACK")
-            await open.close()
+        // T: inserts row 2 and stays open, so every snapshot lists it in xip.
+        try await withStagedSnapshotTable("snap_late", seed: "INSERT INTO {t} VALUES (1, 'a')", openIDs: [2]) { staged, server, port in
+            // The stream delivers T's commit before T leaves the process array (the race PostgreSQL allows).
+            let streamed = staged.change(2, status: "open", xid: staged.openXIDs[0], lsn: 0x2000)
+            staged.source.publish(streamed)
+            #expect(await eventually(10) { server.statistics.fanoutCursor == streamed.cursor })
+            let client = try await connectWebSocket(port: port)
+            let reply = try await client.subscribeWithSnapshot("s", table: staged.table)
+            #expect(reply.rows.compactMap { $0["id"] as? Int } == [1])
+            #expect(reply.cursor < streamed.cursor.description)
+            let change = try await client.receiveJSON(timeout: 10)
+            #expect(change["ids"] as? [String] == ["s"])
+            #expect((change["new"] as? [String: Any])?["id"] as? Int == 2)
+            #expect(change["cursor"] as? String == streamed.cursor.description)
+            await client.close()
         }
     }
 
     @Test("The xid test, deterministically: changes held while the rows are sent, and changes the fan-out tests after them, are dropped if the snapshot saw their transaction and delivered if it was running; from the WAL position on, every change is delivered")
     func heldChangesByVisibility() async throws {
-        try await TestDatabase.withDatabase { url in
-            let name = uniqueCaptureName("snap_xid")
-            // 12 MB of rows: more than the socket's buffers hold once the client stops reading,
-            // so the server is still sending rows (and holding changes) when the changes come.
-            try await runSQL(url, "CREATE TABLE \(name) (id int PRIMARY KEY, status text); INSERT INTO \(name) SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g")
-            let columns = idStatusColumns
-            let relation = Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: columns)
-            let source = InMemoryChangeSource(catalog: TableCatalog(["public.\(name)": columns]))
-            // T and U stay open; V begins after them and commits before the snapshot. So the
-            // snapshot sees V, and T and U are running below its xmax (V's id + 1): listed in
-            // xip, the one rule that separates them from V (the xmin and xmax rules do not).
-            var running: [(PostgresConnection, Int)] = []
-            for id in [2, 4] {
-                let open = try await PostgresConnection.connect(to: url)
-                _ = try await open.execute("BEGIN; INSERT INTO \(name) VALUES (\(id), 'open')")
-                running.append((open, try #require(try await open.query("SELECT txid_current()")[0].decode(Int.self, at: 0))))
-            }
-            let v = try await PostgresConnection.connect(to: url)
-            _ = try await v.execute("BEGIN; INSERT INTO \(name) VALUES (3, 'v')")
-            let vXID = try #require(try await v.query("SELECT txid_current()")[0].decode(Int.self, at: 0))
-            _ = try await v.execute("COMMIT")
-            await v.close()
-            #expect(running.allSatisfy { $0.1 < vXID })
+        // 12 MB of rows: more than the socket's buffers hold once the client stops reading, so
+        // the server is still sending rows (and holding changes) when the changes come. T and U
+        // stay open; V begins after them and commits before the snapshot. So the snapshot sees
+        // V, and T and U are running below its xmax (V's id + 1): listed in xip, the one rule
+        // that separates them from V (the xmin and xmax rules do not).
+        try await withStagedSnapshotTable(
+            "snap_xid", seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g", openIDs: [2, 4],
+            configure: { $0.snapshotMaxRows = 50_000; $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20) }
+        ) { staged, server, port in
+            let (t, u) = (staged.openXIDs[0], staged.openXIDs[1])
+            let v = try await staged.commitInsert(3, status: "v")
+            #expect(t < v && u < v)
             func change(_ id: Int, xid: Int, lsn: UInt64, _ operation: ChangeOperation = .insert) -> ChangeEvent {
-                ChangeEvent(operation: operation, relation: relation, new: TupleData([t(String(id)), t("c\(lsn)")]), old: nil, oldKind: nil,
-                            xid: UInt32(truncatingIfNeeded: xid), commitLSN: LSN(lsn), commitTime: fixedTime, index: 0)
+                staged.change(id, status: "c\(lsn)", xid: xid, lsn: lsn, operation)
             }
-            do {
-                try await withStagedSnapshotServer(url: url, source: source, configure: {
-                    $0.snapshotMaxRows = 50_000
-                    $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20)
-                }) { server, port in
-                    let client = try await connectWebSocket(port: port)
-                    try await client.sendSnapshotSubscribe("s", table: "public.\(name)")
-                    #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
-                    try await client.stopReading()
-                    // Held while the rows go out: V's change (the rows have it) and T's (they do not).
-                    let held = [change(3, xid: vXID, lsn: 0x100), change(2, xid: running[0].1, lsn: 0x200)]
-                    for event in held { source.publish(event) }
-                    #expect(await eventually(10) { server.statistics.fanoutCursor == held[1].cursor })
-                    try await client.startReading()
-                    var rows = 0
-                    while true {
-                        let message = try await client.receiveJSON(timeout: 30)
-                        try #require(message["type"] as? String == "snapshot", "expected the rows first, got \(message)")
-                        rows += (message["rows"] as? [Any])?.count ?? 0
-                        if message["done"] as? Bool == true { break }
-                    }
-                    #expect(rows == 20_001, "the 20,000 seeded rows and V's")
-                    // Tested by the fan-out after the rows (the stream still before the snapshot's
-                    // WAL position): V's again (dropped), U's (delivered); then one at the very end
-                    // of the WAL (delivered untested), and V's once more after it (delivered: the
-                    // subscription is an ordinary one by then).
-                    let after = [change(3, xid: vXID, lsn: 0x300, .update), change(4, xid: running[1].1, lsn: 0x400),
-                                 change(5, xid: 1, lsn: UInt64(Int64.max) - 10), change(3, xid: vXID, lsn: UInt64(Int64.max) - 5, .update)]
-                    for event in after { source.publish(event) }
-                    var delivered: [String] = []
-                    for _ in 0..<4 {
-                        let message = try await client.receiveJSON(timeout: 10)
-                        #expect(message["ids"] as? [String] == ["s"], "\(message)")
-                        delivered.append(message["cursor"] as? String ?? "?")
-                    }
-                    #expect(delivered == [held[1], after[1], after[2], after[3]].map(\.cursor.description),
-                            "T's held change, U's tested one, then everything from the WAL position on")
-                    await client.close()
-                }
-            } catch {
-                for (open, _) in running { _ = try? await open.execute("ROLLBACK"); await open.close() }
-                throw error
+            let client = try await connectWebSocket(port: port)
+            try await client.sendSnapshotSubscribe("s", table: staged.table)
+            #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
+            try await client.stopReading()
+            // Held while the rows go out: V's change (the rows have it) and T's (they do not).
+            let held = [change(3, xid: v, lsn: 0x100), change(2, xid: t, lsn: 0x200)]
+            for event in held { staged.source.publish(event) }
+            #expect(await eventually(10) { server.statistics.fanoutCursor == held[1].cursor })
+            try await client.startReading()
+            var rows = 0
+            while true {
+                let message = try await client.receiveJSON(timeout: 30)
+                try #require(message["type"] as? String == "snapshot", "expected the rows first, got \(message)")
+                rows += (message["rows"] as? [Any])?.count ?? 0
+                if message["done"] as? Bool == true { break }
             }
-            for (open, _) in running { _ = try await open.execute("ROLLBACK"); await open.close() }
+            #expect(rows == 20_001, "the 20,000 seeded rows and V's")
+            // Tested by the fan-out after the rows (the stream still before the snapshot's WAL
+            // position): V's again (dropped), U's (delivered); then one at the very end of the
+            // WAL (delivered untested), and V's once more after it (delivered: the subscription
+            // is an ordinary one by then).
+            let after = [change(3, xid: v, lsn: 0x300, .update), change(4, xid: u, lsn: 0x400),
+                         change(5, xid: 1, lsn: UInt64(Int64.max) - 10), change(3, xid: v, lsn: UInt64(Int64.max) - 5, .update)]
+            for event in after { staged.source.publish(event) }
+            var delivered: [String] = []
+            for _ in 0..<4 {
+                let message = try await client.receiveJSON(timeout: 10)
+                #expect(message["ids"] as? [String] == ["s"], "\(message)")
+                delivered.append(message["cursor"] as? String ?? "?")
+            }
+            #expect(delivered == [held[1], after[1], after[2], after[3]].map(\.cursor.description),
+                    "T's held change, U's tested one, then everything from the WAL position on")
+            await client.close()
         }
     }
 

@@ -154,6 +154,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// refreshed with `coarseOffsetNanoseconds` (it absorbs the drift between the counter's
     /// rate and `CLOCK_BOOTTIME`'s, and a system sleep).
     let tickOffsetNanoseconds = Atomic<Int64>(0)
+    /// `CLOCK_BOOTTIME` when ``refreshCoarseOffset()`` last read the kernel's clock source.
+    let clockSourceCheckedAt = Atomic<Int64>(0)
     /// The CPU-local cache (`cpuLocalCache`); see ``PoolStripes``.
     let stripes: PoolStripes
     let flags = PoolFlags()
@@ -984,44 +986,27 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     func refreshCoarseOffset() {
         #if os(Linux) && canImport(Glibc)
         guard let base = continuousEpochNanoseconds else { return }
-        func monotonic() -> Int64 {
-            var ts = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            return Int64(ts.tv_sec) &* 1_000_000_000 &+ Int64(ts.tv_nsec)
-        }
-        // BOOTTIME between two MONOTONIC reads; of a few tries, the tightest bracket (a
-        // preemption between the reads would otherwise skew the offset by its length).
-        var best: (gap: Int64, offset: Int64)?
-        for _ in 0..<3 {
-            let before = monotonic()
-            guard let boot = Self.bootTimeNanoseconds() else { return }
-            let after = monotonic()
-            let gap = after &- before
-            if best == nil || gap < best!.gap { best = (gap, boot &- (before &+ gap / 2) &- base) }
-            if gap < 2_000 { break }
-        }
-        if let best { coarseOffsetNanoseconds.store(best.offset, ordering: .relaxed) }
+        // CLOCK_BOOTTIME between two CLOCK_MONOTONIC reads.
+        guard let coarse = TickClock.bracket(tries: 3, outer: { TickClock.nanoseconds(of: CLOCK_MONOTONIC) ?? 0 },
+                                             inner: Self.bootTimeNanoseconds) else { return }
+        coarseOffsetNanoseconds.store(coarse.inner &- coarse.outer &- base, ordering: .relaxed)
         if let scale = counterScale, counterOn.load(ordering: .relaxed) {
             // The kernel's watchdog may have found the counter unstable since (common on
-            // virtual machines): then it is never read again.
-            guard TickClock.kernelClockSource() == "tsc" else {
-                counterOn.store(false, ordering: .relaxed)
-                logger.notice("the kernel no longer keeps time by the CPU's counter: connection use times come from clock_gettime from now on")
-                return
+            // virtual machines): then it is never read again. Its clock source is read at
+            // most every 10 s (three system calls; refreshes come up to ten times a second).
+            if coarse.inner &- clockSourceCheckedAt.load(ordering: .relaxed) >= 10_000_000_000 {
+                clockSourceCheckedAt.store(coarse.inner, ordering: .relaxed)
+                guard TickClock.kernelClockSource() == "tsc" else {
+                    counterOn.store(false, ordering: .relaxed)
+                    logger.notice("the kernel no longer keeps time by the CPU's counter: connection use times come from clock_gettime from now on")
+                    return
+                }
             }
             // The pool's time at `tickBase`, as the counter's rate puts it: the stamps then
             // drift from ``now()`` only by the difference between the counter's rate and
             // `CLOCK_BOOTTIME`'s (NTP's slew, normally under 500 ppm) until the next refresh.
-            var best: (spread: Int64, offset: Int64)?
-            for _ in 0..<3 {
-                let before = TickClock.read()
-                guard let boot = Self.bootTimeNanoseconds() else { return }
-                let after = TickClock.read()
-                let spread = after &- before
-                let middle = before &+ spread / 2
-                if best == nil || spread < best!.spread { best = (spread, boot &- base &- Int64(Double(middle &- tickBase) * scale)) }
-            }
-            if let best { tickOffsetNanoseconds.store(best.offset, ordering: .relaxed) }
+            guard let pair = TickClock.bracket(tries: 3, outer: TickClock.read, inner: Self.bootTimeNanoseconds) else { return }
+            tickOffsetNanoseconds.store(pair.inner &- base &- Int64(Double(pair.outer &- tickBase) * scale), ordering: .relaxed)
         }
         #endif
     }

@@ -63,25 +63,27 @@ enum TickClock {
     }
     #endif
 
-    /// A `CLOCK_MONOTONIC_RAW` reading and the counter at the same moment: the middle of two
-    /// counter reads around it, the tightest of a few tries (a preemption between the reads
-    /// would skew it); nil if the clock cannot be read.
-    static func pair() -> (ticks: Int64, nanoseconds: Int64)? {
-        var best: (ticks: Int64, nanoseconds: Int64, spread: Int64)?
-        for _ in 0..<5 {
-            let before = read()
-            guard let nanoseconds = rawNanoseconds() else { return nil }
-            let after = read()
-            let spread = after &- before
-            if best == nil || spread < best!.spread { best = (before &+ spread / 2, nanoseconds, spread) }
+    /// `inner` read between two reads of `outer`, as one moment: the middle of the two `outer`
+    /// reads and the `inner` one, the tightest of `tries` tries (a preemption between the reads
+    /// would skew it); nil if `inner` cannot be read.
+    static func bracket(tries: Int, outer: () -> Int64, inner: () -> Int64?) -> (outer: Int64, inner: Int64)? {
+        var best: (outer: Int64, inner: Int64, spread: Int64)?
+        for _ in 0..<tries {
+            let before = outer()
+            guard let value = inner() else { return nil }
+            let spread = outer() &- before
+            if best == nil || spread < best!.spread { best = (before &+ spread / 2, value, spread) }
         }
-        return best.map { ($0.ticks, $0.nanoseconds) }
+        return best.map { ($0.outer, $0.inner) }
     }
 
     /// Measures the counter's rate over 2 ms of `CLOCK_MONOTONIC_RAW` where the kernel keeps
     /// time by it (x86-64 Linux, clock source `tsc`); nil elsewhere or if the result is absurd.
     static func calibrate() -> Double? {
         #if os(Linux) && canImport(Glibc) && arch(x86_64)
+        func pair() -> (ticks: Int64, nanoseconds: Int64)? {
+            bracket(tries: 5, outer: read, inner: rawNanoseconds).map { ($0.outer, $0.inner) }
+        }
         guard kernelClockSource() == "tsc", let start = pair() else { return nil }
         // At most about 2 ms; bounded in reads too, should the clock stand still.
         var spins = 0

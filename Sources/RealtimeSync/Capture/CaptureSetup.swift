@@ -199,17 +199,17 @@ public enum CaptureSetup {
 
     /// The slot's confirmed position, or nil when the slot does not exist.
     public static func confirmedFlush(_ conn: PostgresConnection, slot: String) async throws -> LSN? {
-        let rows = try await conn.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot)
-        guard rows.count == 1, let text = try rows[0].decode(String.self, at: 0) else { return nil }
-        return LSN(text)
+        try await slotState(conn, slot: slot)?.confirmedFlush
     }
 
-    /// Whether the slot exists but was invalidated (`wal_status = 'lost'`: the WAL it held was
-    /// removed, e.g. past `max_slot_wal_keep_size`); such a slot cannot be read from again.
-    public static func slotIsLost(_ conn: PostgresConnection, slot: String) async throws -> Bool {
-        let rows = try await conn.query("SELECT wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = $1", slot)
-        guard rows.count == 1 else { return false }
-        return try rows[0].decode(Bool.self, at: 0) ?? false
+    /// The slot's confirmed position, and whether it was invalidated (`wal_status = 'lost'`:
+    /// the WAL it held was removed, e.g. past `max_slot_wal_keep_size`; such a slot cannot be
+    /// read from again); nil when the slot does not exist.
+    public static func slotState(_ conn: PostgresConnection, slot: String) async throws -> (confirmedFlush: LSN?, lost: Bool)? {
+        let rows = try await conn.query(
+            "SELECT confirmed_flush_lsn::text, wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = $1", slot)
+        guard rows.count == 1 else { return nil }
+        return (try rows[0].decode(String.self, at: 0).flatMap(LSN.init), try rows[0].decode(Bool.self, at: 1) ?? false)
     }
 
     /// Bytes of WAL the slot holds (`pg_current_wal_lsn() - confirmed_flush_lsn`), nil when the

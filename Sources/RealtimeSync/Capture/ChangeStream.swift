@@ -363,11 +363,18 @@ public final class ChangeStream: Service, Sendable {
                 // must find the slot where the stream left it. Recreated, or moved on by
                 // someone else, it would start after changes this stream never read: a gap.
                 let streamed = state.withLock { $0.streamed }
+                if !streamed {
+                    try await repl.createSlotIfMissing(configuration.slotName)
+                }
+                // What counts as a shutdown's quick reply requests: see ReplyRequests.
+                var quickReplies = Duration.seconds(1)
+                if let timeout = try? await repl.walSenderTimeout() { quickReplies = timeout / 4 }
+                var slot = try await withSQL { try await CaptureSetup.slotState($0, slot: configuration.slotName) }
                 // An invalidated slot (its WAL removed past max_slot_wal_keep_size) fails every
                 // START_REPLICATION. At start nothing is lost by making it anew (the WAL it
                 // held is gone either way; clients with older cursors get resync_required);
                 // after streaming from it, going on would be a gap.
-                if try await withSQL({ try await CaptureSetup.slotIsLost($0, slot: configuration.slotName) }) {
+                if slot?.lost == true {
                     if streamed {
                         throw ChangeStreamError(.slotLost,
                             "replication slot \(configuration.slotName) was invalidated while the stream was away (PostgreSQL removed the WAL it held: max_slot_wal_keep_size); changes committed after \(state.withLock { $0.confirmed }) cannot be read from it. The stream stopped instead of going on with a gap: restart it (it creates the slot anew; clients resuming from older cursors get resync_required)")
@@ -381,14 +388,10 @@ public final class ChangeStream: Service, Sendable {
                             try await $0.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND wal_status = 'lost'", configuration.slotName)
                         }
                     } catch let error as PostgresError where error.sqlState == "42704" {}
-                }
-                if !streamed {
                     try await repl.createSlotIfMissing(configuration.slotName)
+                    slot = try await withSQL { try await CaptureSetup.slotState($0, slot: configuration.slotName) }
                 }
-                // What counts as a shutdown's quick reply requests: see ReplyRequests.
-                var quickReplies = Duration.seconds(1)
-                if let timeout = try? await repl.walSenderTimeout() { quickReplies = timeout / 4 }
-                let slotAt = try await withSQL { try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }
+                let slotAt = slot?.confirmedFlush
                 let start: LSN
                 if streamed {
                     let resumeAt = max(state.withLock { $0.confirmed }, hub.openWindow(origin: .zero))
@@ -411,22 +414,17 @@ public final class ChangeStream: Service, Sendable {
                     options: [("proto_version", "1"), ("publication_names", try quotedPublication()),
                               ("messages", "true")],
                     statusInterval: configuration.statusInterval)
+                // This stream holds the slot now, so its position cannot move any more; it may
+                // have moved since it was read (another instance streamed the slot until a moment
+                // ago, pg_replication_slot_advance), and Postgres starts at the later of the two.
                 var streamStart = start
+                let held = try await withSQL { try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }
                 if streamed {
-                    // Moved between the check above and the start (Postgres then starts at the
-                    // later position, silently): this stream holds the slot now, so a second
-                    // read is final.
-                    if let held = try await withSQL({ try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }), held > start {
-                        throw slotMoved(to: held, from: start)
-                    }
+                    // After streaming, a later start is a gap.
+                    if let held, held > start { throw slotMoved(to: held, from: start) }
                 } else {
-                    // The window opens where the stream really starts. This stream holds the slot
-                    // now, so its position cannot move any more; it may have moved since it was
-                    // read (another instance streamed the slot until a moment ago), and Postgres
-                    // starts at the later of the two.
-                    if let held = try await withSQL({ try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }) {
-                        streamStart = max(start, held)
-                    }
+                    // At start, the window opens where the stream really starts.
+                    if let held { streamStart = max(start, held) }
                     _ = hub.openWindow(origin: streamStart)
                 }
                 repl.confirm(flushedThrough: streamStart.rawValue)
