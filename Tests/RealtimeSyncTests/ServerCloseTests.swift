@@ -160,6 +160,55 @@ struct ServerCloseTests {
         #expect(statistics.queuedBytes == 0)
     }
 
+    @Test("1013: a since catch-up that the source cuts off because the client reads too slowly closes the socket with 1013 and leaves nothing behind; other clients keep their stream")
+    func slowCatchUp() async throws {
+        // Each stream may hold 100 unread changes beyond its backlog, as the capture's hub
+        // (`consumerBufferLimit`) cuts off a reader that falls further behind.
+        let source = InMemoryChangeSource(catalog: serverCatalog, streamBufferLimit: 100)
+        try await withTestServer(source: source, alone: true, configure: { configuration in
+            configuration.queueLimits = .init(maxMessages: 8, maxBytes: 1 << 20)
+            configuration.closeTimeout = .seconds(10)
+        }) { test in
+            let live = try await connectWebSocket(port: test.port)
+            try await live.subscribe("l")
+            // Four at a time, each read before the next: the live client stays within its queue.
+            func publishAndRead(_ ids: ClosedRange<Int>) async throws {
+                for first in stride(from: ids.lowerBound, through: ids.upperBound, by: 4) {
+                    let batch = first...min(first + 3, ids.upperBound)
+                    source.publish(itemInserts(batch, padding: 4_000))
+                    for id in batch { #expect((try await live.receiveJSON(timeout: 20)["new"] as? [String: Any])?["id"] as? Int == id) }
+                }
+            }
+            try await publishAndRead(1...300)  // 1.2 MB in the window
+            // A client that reads nothing resumes from the first change: its catch-up stops once
+            // about 200 KB fill its send queue and the fixed socket buffers.
+            let slow = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
+            let port = try #require(slow.channel.localAddress?.port)
+            try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
+                         "could not set the send buffer of the server's end of the connection")
+            try await slow.subscribe("other", filter: "status=eq.none")
+            try await slow.stopReading()
+            let since = itemInserts([1])[0].cursor.description
+            try await slow.sendText(#"{"type":"subscribe","id":"s","table":"items","since":"\#(since)"}"#)
+            #expect(await eventually(10) { source.openStreamCount == 2 }, "the catch-up did not open its stream")
+            // 200 live changes: more than the catch-up's stream may hold unread (the reader took
+            // about 50 of its backlog before it waited).
+            try await publishAndRead(301...500)
+            // The reader, waiting for the client, learns of the cut-off once the client reads
+            // the changes sent and queued before it: then the close.
+            try await slow.startReading()
+            #expect(try await slow.receiveClose(timeout: 30) == 1013)
+            #expect(await eventually(10) { test.server.statistics.sessions == 1 }, "the slow client's session was not released")
+            let statistics = test.server.statistics
+            #expect(statistics.closes[1013] == 1)
+            #expect(statistics.subscriptions == 1)  // the live client's; nothing of the slow one's
+            #expect(await eventually { source.openStreamCount == 1 })  // only the fan-out's
+            try await publishAndRead(501...501)
+            await slow.close()
+            await live.close()
+        }
+    }
+
     @Test("Close watchdog: a client that reads nothing while the server closes it is dropped after closeTimeout, and the session is released")
     func closeWatchdog() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

@@ -31,8 +31,10 @@ public protocol ChangeSource: Sendable {
 /// An in-memory `ChangeSource` backed by a `ResumeWindow`: `publish` appends
 /// changes and hands them to every open stream. For tests and demos.
 ///
-/// Streams buffer without bound (a consumer that never reads keeps what was
-/// published for it); `finish()` ends every stream, as a stopped capture does.
+/// Streams buffer without bound by default (a consumer that never reads keeps what was
+/// published for it); with `streamBufferLimit`, a stream that would hold more than that many
+/// unread changes beyond its backlog ends with `ChangeStreamError.consumerTooSlow`, as the
+/// capture's hub cuts off a slow consumer. `finish()` ends every stream, as a stopped capture does.
 public final class InMemoryChangeSource: ChangeSource {
     /// The sequence `changes(after:)` returns.
     public typealias Changes = AsyncThrowingStream<ChangeEvent, any Error>
@@ -47,21 +49,37 @@ public final class InMemoryChangeSource: ChangeSource {
     }
 
     private let state: Mutex<State>
+    private let streamBufferLimit: Int?
 
-    /// Creates a source serving `catalog`, whose stream starts at `origin`.
-    public init(catalog: TableCatalog, origin: LSN = LSN(0x100), windowLimits: ResumeWindow<ContinuousClock.Instant>.Limits = .init()) {
+    /// Creates a source serving `catalog`, whose stream starts at `origin`; `streamBufferLimit`
+    /// bounds each stream's unread changes beyond its backlog (nil: no bound).
+    public init(catalog: TableCatalog, origin: LSN = LSN(0x100), windowLimits: ResumeWindow<ContinuousClock.Instant>.Limits = .init(),
+                streamBufferLimit: Int? = nil) {
+        precondition(streamBufferLimit.map { $0 > 0 } ?? true, "streamBufferLimit must be positive")
         state = Mutex(State(window: ResumeWindow(limits: windowLimits, origin: origin), catalog: catalog))
+        self.streamBufferLimit = streamBufferLimit
     }
 
     /// Appends committed changes (in stream order, after every earlier one) and delivers
     /// them to every open stream. Changes not after the newest held one are ignored.
     public func publish(_ events: [ChangeEvent]) {
         let now = ContinuousClock.now
-        state.withLock { state in
-            guard !state.isFinished else { return }
+        let cutOff = state.withLock { state -> [AsyncThrowingStream<ChangeEvent, any Error>.Continuation] in
+            guard !state.isFinished else { return [] }
+            var cutOff: [AsyncThrowingStream<ChangeEvent, any Error>.Continuation] = []
             for event in events where state.window.append(event, at: now) {
-                for continuation in state.streams.values { continuation.yield(event) }
+                for (id, continuation) in state.streams {
+                    guard case .dropped = continuation.yield(event) else { continue }
+                    state.streams[id] = nil
+                    cutOff.append(continuation)
+                }
             }
+            return cutOff
+        }
+        // Outside the lock: finishing runs the stream's termination handler, which takes it.
+        for continuation in cutOff {
+            continuation.finish(throwing: ChangeStreamError(.consumerTooSlow,
+                "consumer fell more than \(streamBufferLimit ?? 0) changes behind (streamBufferLimit)"))
         }
     }
 
@@ -102,15 +120,13 @@ public final class InMemoryChangeSource: ChangeSource {
 
     /// See `ChangeSource.changes(after:)`.
     public func changes(after cursor: Cursor?) async throws -> Changes {
-        let (stream, continuation) = AsyncThrowingStream<ChangeEvent, any Error>.makeStream()
-        let id = try state.withLock { state throws(ResumeWindowError) -> Int? in
+        let limit = streamBufferLimit
+        let (stream, continuation, id) = try state.withLock { state throws(ResumeWindowError) in
             let backlog = try cursor.map { cursor throws(ResumeWindowError) in try state.window.events(after: cursor) } ?? []
-            for event in backlog { continuation.yield(event) }
-            if state.isFinished { return nil }
-            let id = state.nextStreamID
-            state.nextStreamID += 1
-            state.streams[id] = continuation
-            return id
+            let (stream, continuation) = AsyncThrowingStream<ChangeEvent, any Error>.makeStream(
+                bufferingPolicy: limit.map { .bufferingOldest(backlog.count + $0) } ?? .unbounded)
+            let id = Self.register(backlog, continuation, in: &state)
+            return (stream, continuation, id)
         }
         guard let id else {
             continuation.finish()
@@ -120,6 +136,16 @@ public final class InMemoryChangeSource: ChangeSource {
             _ = self?.state.withLock { $0.streams.removeValue(forKey: id) }
         }
         return stream
+    }
+
+    private static func register(_ backlog: [ChangeEvent], _ continuation: AsyncThrowingStream<ChangeEvent, any Error>.Continuation,
+                                 in state: inout State) -> Int? {
+        for event in backlog { continuation.yield(event) }
+        if state.isFinished { return nil }
+        let id = state.nextStreamID
+        state.nextStreamID += 1
+        state.streams[id] = continuation
+        return id
     }
 
     /// See `ChangeSource.currentCursor`.

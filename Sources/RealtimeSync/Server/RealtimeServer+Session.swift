@@ -183,8 +183,7 @@ extension RealtimeServer {
                     }
                     if event.table == subscription.table && subscription.events.contains(event.operation) && subscription.filter.matches(event) {
                         if session.enqueue(EncodedChange(event).frame(ids: [id])) == .overflow {
-                            state.hub.removeClient(session.id)
-                            state.startAfter[session.id] = nil
+                            state.dropClient(session.id)
                             logger.notice("slow consumer closed with 1013 during a since catch-up (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
                                           metadata: ["id": "\(id)", "since": "\(since)"])
                             overflowed = true  // the session is closing: no join, no more catch-up
@@ -211,6 +210,15 @@ extension RealtimeServer {
         } catch let error as ResumeWindowError {
             reader.openIDs.remove(id)
             session.enqueue(.resyncRequired(id: id, message: error.message))
+        } catch let error as ChangeStreamError where error.code == .consumerTooSlow {
+            // The source cut this catch-up off because the client reads too slowly (the reader
+            // waits for its send queue): a slow consumer, closed with 1013 like one the fan-out
+            // finds, with none of its subscriptions left behind; it resumes with `since`.
+            reader.openIDs.remove(id)
+            state.withLock { $0.dropClient(session.id) }
+            session.closeNow(.tryAgainLater)
+            logger.notice("slow consumer closed with 1013 during a since catch-up (the change source cut it off: \(error.message))",
+                          metadata: ["id": "\(id)", "since": "\(since)"])
         } catch {
             reader.openIDs.remove(id)
             session.enqueue(ProtocolError(.internal, id: id, "the change stream failed while resuming (\(error)); resubscribe with 'since'").serverMessage)
