@@ -172,6 +172,38 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var shutdownEndedAt: Int64?
         var shutdownWaiters: [CheckedContinuation<ShutdownReport, Never>] = []
         var report: ShutdownReport?
+        /// Counts the gauge readings taken under this lock (only with metrics on).
+        var gaugeReadings: UInt64 = 0
+
+        /// The jobs and runs in flight now, numbered, for `publishGauges` (0: metrics off).
+        mutating func gauges(_ enabled: Bool) -> GaugeReading {
+            guard enabled else { return GaugeReading() }
+            gaugeReadings &+= 1
+            return GaugeReading(number: gaugeReadings, jobs: machine.liveJobs, inFlight: machine.inFlight)
+        }
+    }
+
+    /// What the gauges should show, as read under the core lock, and in which order it was read.
+    struct GaugeReading: Sendable {
+        var number: UInt64 = 0
+        var jobs = 0
+        var inFlight = 0
+    }
+
+    /// The number of the reading the gauges show. Readings are written outside the core
+    /// lock, so two writers can finish out of order: a writer whose reading is older than
+    /// the one shown skips. (Otherwise a stale in-flight count could stay for good once the
+    /// scheduler went quiet: a worker's 0 written, then the driver's earlier 1.)
+    private let gaugesShown = Mutex<UInt64>(0)
+
+    func publishGauges(_ reading: GaugeReading) {
+        guard reading.number != 0 else { return }
+        gaugesShown.withLock { shown in
+            guard reading.number > shown else { return }
+            shown = reading.number
+            jobsGauge.record(reading.jobs)
+            inFlightGauge.record(reading.inFlight)
+        }
     }
 
     /// The clock everything waits on.
@@ -318,14 +350,15 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             grid = Int64(next)
             due = now.saturatingAdd(Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9)))
         }
-        let (id, wake, jobs) = try core.withLock { core -> (JobID, DriverWake?, Int) in
+        let metrics = metricsEnabled
+        let (id, wake, gauges) = try core.withLock { core -> (JobID, DriverWake?, GaugeReading) in
             let id = try core.machine.schedule(
                 name: name, trigger: compactTrigger, options: compactOptions, body: body,
                 firstGrid: grid, firstDue: due)
-            return (id, Self.needsDriver(&core) ? Self.signal(&core) : nil, core.machine.liveJobs)
+            return (id, Self.needsDriver(&core) ? Self.signal(&core) : nil, core.gauges(metrics))
         }
         wake?.resume()
-        if metricsEnabled { jobsGauge.record(jobs) }
+        if metrics { publishGauges(gauges) }
         activity?()
         return JobHandle(id: id, owner: self)
     }
@@ -381,8 +414,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var skipped: UInt64 = 0
         var missed: UInt64 = 0
         var coalesced: UInt64 = 0
-        var jobs = 0
-        var inFlight = 0
+        var gauges = GaugeReading()
     }
 
     /// One round of the driver's work, under the core lock: records finished
@@ -430,8 +462,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 }
             }
         }
-        step.jobs = core.machine.liveJobs
-        step.inFlight = core.machine.inFlight
+        step.gauges = core.gauges(metricsEnabled)
         step.resumes = core.machine.takeResumes()
         guard byDriver else {
             let needs =
@@ -491,10 +522,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         if step.skipped > 0 { skippedCounter.increment(by: Int64(clamping: step.skipped)) }
         if step.missed > 0 { missedCounter.increment(by: Int64(clamping: step.missed)) }
         if step.coalesced > 0 { coalescedCounter.increment(by: Int64(clamping: step.coalesced)) }
-        if metricsEnabled {
-            jobsGauge.record(step.jobs)
-            inFlightGauge.record(step.inFlight)
-        }
+        if metricsEnabled { publishGauges(step.gauges) }
     }
 
     /// The driver: records finished runs, pops due jobs from the timer queue,
@@ -655,6 +683,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         withExtendedLifetime(workerTask) {}
     }
 
+    /// A worker running bodies back to back yields its thread after this many ticks (1 ms).
+    private static var yieldInterval: Int64 { 1_000_000 }
+
     @_specialize(where C == ContinuousClock)
     private func workerLoop(_ slot: Int, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async {
         let limit = Swift.max(1, configuration.maxStartsPerWakeup)
@@ -666,6 +697,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var finished: RunCompletion?
         var finishedPrompt = false
         var finishedRun: SchedulerState<C.Instant>.RunStart?
+        // When this worker last gave its thread up (see the yield after a run).
+        var lastSuspension = ticks(clock.now)
         while true {
             let startInstant = clock.now
             let now = ticks(startInstant)
@@ -724,6 +757,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 finished = c
                 finishedPrompt = start.prompt || c.outcome != .success
                 finishedRun = start
+                if now &- lastSuspension >= Self.yieldInterval {
+                    // Runs that never suspend, back to back for this long: let the executor's
+                    // other tasks have the thread. (With more due than the workers manage, the
+                    // workers held the cooperative threads for good and starved every other
+                    // task of the process: the app's server, its pool, a test's sleep.)
+                    await Task.yield()
+                    lastSuspension = now
+                }
             case .park:
                 let step = core.withLock { coreStep(&$0, done: toRecord, now: now, limit: limit, byDriver: false) }
                 // When this worker parks next, the driver or the one worker it wakes may follow
@@ -733,6 +774,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 if !step.rejected.isEmpty { record(step.rejected) }  // the pool closed meanwhile
                 activity?()
                 if step.started > 0 { continue }
+                lastSuspension = now
                 await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
                     if !pool.withLock({ $0.park(c) }) {
                         c.resume()
@@ -751,7 +793,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     /// Records finished runs in the state machine and wakes whoever follows.
     private func record(_ done: [RunCompletion], wakeDriver: Bool = false) {
-        let (wake, resumes, inFlight) = core.withLock { core -> (DriverWake?, [CheckedContinuation<Void, Never>], Int) in
+        let metrics = metricsEnabled
+        let (wake, resumes, gauges) = core.withLock { core -> (DriverWake?, [CheckedContinuation<Void, Never>], GaugeReading) in
             var end: Int64 = 0
             for c in done {
                 core.machine.finish(c)
@@ -762,11 +805,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 core.shutdownEndedAt = end
             }
             let wake = (wakeDriver && core.lifecycle == .running) || Self.needsDriver(&core) ? Self.signal(&core) : nil
-            return (wake, core.machine.takeResumes(), core.machine.inFlight)
+            return (wake, core.machine.takeResumes(), core.gauges(metrics))
         }
         wake?.resume()
         for r in resumes { r.resume() }
-        if metricsEnabled { inFlightGauge.record(inFlight) }
+        if metrics { publishGauges(gauges) }
         activity?()
     }
 
@@ -915,21 +958,24 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         flags.markShuttingDown()
         let (abandoned, done, idle) = pool.withLock { $0.close() }
         for w in idle { w.resume() }
-        let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], DriverWake?, [CheckedContinuation<Void, Never>]) in
+        let (shutdown, wake, resumes) = core.withLock { core -> ((cancels: [(RunCancel, CancelReason)], draining: [RunCancel]), DriverWake?, [CheckedContinuation<Void, Never>]) in
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
-            let cancels = core.machine.beginShutdown(deadline: now.saturatingAdd(deadline.nanoseconds))
+            let shutdown = core.machine.beginShutdown(deadline: now.saturatingAdd(deadline.nanoseconds))
             if core.lifecycle == .idle {
                 core.lifecycle = .finished
                 core.shutdownEndedAt = now
                 core.report = Self.makeReport(core)
-                return (cancels, nil, core.machine.takeResumes())
+                return (shutdown, nil, core.machine.takeResumes())
             }
             if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil { core.shutdownEndedAt = now }
-            return (cancels, Self.signal(&core), core.machine.takeResumes())
+            return (shutdown, Self.signal(&core), core.machine.takeResumes())
         }
-        for (c, r) in cancels { c.cancel(r) }
+        for (c, r) in shutdown.cancels { c.cancel(r) }
+        // A `.drain` run a worker took before the pool closed but has not begun never begins:
+        // no run starts once this call returns.
+        for c in shutdown.draining { c.preventStart() }
         wake?.resume()
         for r in resumes { r.resume() }
         activity?()
@@ -992,7 +1038,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     @_specialize(where C == ContinuousClock)
     func cancelJob(_ id: JobID) {
-        let (controls, resumes, jobs) = core.withLock { core in
+        let metrics = metricsEnabled
+        let (controls, resumes, gauges) = core.withLock { core in
             let controls = core.machine.cancel(id)
             // Nothing left to wait for: the armed timer goes too, at once, instead of sleeping
             // until the cancelled job's time (only then: a timer re-armed on every cancel of
@@ -1005,11 +1052,11 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 }
                 core.timerTasks -= disarmed
             }
-            return (controls, core.machine.takeResumes(), core.machine.liveJobs)
+            return (controls, core.machine.takeResumes(), core.gauges(metrics))
         }
         if let controls {
             for c in controls { c.cancel(.jobCancelled) }
-            if metricsEnabled { jobsGauge.record(jobs) }
+            if metrics { publishGauges(gauges) }
             if !controls.isEmpty { abandonQueuedRuns(of: id) }
         }
         for r in resumes { r.resume() }

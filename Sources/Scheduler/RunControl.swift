@@ -14,6 +14,9 @@ enum CancelReason: UInt8, Sendable {
     case shutdownPolicy
     case shutdownDeadline
     case schedulerCancelled
+    /// Shutdown began before a worker started the run (a `.drain` job's run taken from the
+    /// queue but not yet begun): it never starts.
+    case shutdownBeforeStart
 }
 
 /// Cancels a run from outside it.
@@ -95,6 +98,19 @@ final class RunControl: Sendable {
         }
     }
 
+    /// Keeps run `serial` from starting if its worker has not installed itself yet: `install`
+    /// then reports it cancelled. A run already installed (started) is left alone. Ignored
+    /// for a run older than the slot's newest.
+    func preventStart(serial: UInt64) {
+        state.withLock { s in
+            guard serial >= s.latest, s.installedSerial != serial, s.cancelledSerial != serial else { return }
+            s.latest = serial
+            s.cancelledSerial = serial
+            s.reason = .shutdownBeforeStart
+            cancelledMirror.store(serial, ordering: .releasing)
+        }
+    }
+
     /// Requests cancellation of run `serial` (the first reason wins) and
     /// cancels its task if it runs. Ignored for a run older than the slot's newest.
     func cancel(serial: UInt64, _ reason: CancelReason) {
@@ -135,6 +151,9 @@ struct RunCancel: Sendable {
     /// Requests cancellation of this run (see `RunControl.cancel`).
     @inline(__always)
     func cancel(_ reason: CancelReason) { control.cancel(serial: serial, reason) }
+
+    /// Keeps this run from starting (see `RunControl.preventStart`).
+    func preventStart() { control.preventStart(serial: serial) }
 }
 
 /// A worker's own task, captured once when the worker starts (not once per

@@ -501,8 +501,18 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             cancels.append(runCancel(Int(r)))
             r = runs[Int(r)].next
         }
+        defer { compactIfEmpty() }
+        // A run made ready by the job's previous end (its queued or burst run) has no worker
+        // yet, and none may come: with every worker busy, one of them perhaps in a body that
+        // waits in `cancelAndWait` for this job, it would wait forever. It never starts.
+        if !ready.isEmpty, ready.contains(where: { $0.job == id }) {
+            let dropped = ready.filter { $0.job == id }
+            ready.removeAll { $0.job == id }
+            // Each is finished as not started; the last one frees the slot.
+            for start in dropped { abandon(start, now: 0) }
+            return cancels
+        }
         if jobs[s].inFlight == 0 { freeSlot(s) }
-        compactIfEmpty()
         return cancels
     }
 
@@ -619,6 +629,14 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     private mutating func fire(_ s: Int, due: Int64, now: Int64, wall: Date, into starts: inout [RunStart]) {
         if jobs[s].flags.contains(.retryPending) {
             jobs[s].flags.remove(.retryPending)
+            if jobs[s].regularDue <= now {
+                // A stall passed both the retry and the next regular occurrence: the regular
+                // one came first, so the retry is dropped and the job runs as due, at attempt 1
+                // (`RetryPolicy`), under its missed-run policy. (The late retry ran instead, and
+                // the regular occurrences it overlapped were counted as skipped overlaps.)
+                fire(s, due: jobs[s].regularDue, now: now, wall: wall, into: &starts)
+                return
+            }
             if case .fixedDelay = jobs[s].trigger {
                 // The next regular run comes a delay after this retry ends (`finish`), not
                 // after the failed run: that one fell due during a long retry.
@@ -878,26 +896,27 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     // MARK: - Shutdown
 
     /// Stops firing: removes every job from the queue, drops ready runs, and
-    /// returns the runs to cancel now (jobs with `ShutdownBehavior.cancel`).
-    /// Runs of other jobs drain until `deadline`, after which `advance`
-    /// cancels them.
-    mutating func beginShutdown(deadline: Int64) -> [(RunCancel, CancelReason)] {
-        guard phase == .running else { return [] }
+    /// returns the runs to cancel now (jobs with `ShutdownBehavior.cancel`) and the
+    /// other runs in flight, which drain until `deadline` (after which `advance` cancels
+    /// them) if they have started, and must not start if they have not (`preventStart`).
+    mutating func beginShutdown(deadline: Int64) -> (cancels: [(RunCancel, CancelReason)], draining: [RunCancel]) {
+        guard phase == .running else { return ([], []) }
         phase = .draining(deadline: deadline)
         var cancels: [(RunCancel, CancelReason)] = []
+        var draining: [RunCancel] = []
         for s in jobs.indices where jobs[s].flags.contains(.inUse) {
             if !jobs[s].flags.contains(.gone) { jobsRemovedAtShutdown += 1 }
             markGone(s)
-            if jobs[s].options.cancelOnShutdown {
-                var r = jobs[s].firstRun
-                while r >= 0 {
-                    if !runs[Int(r)].cut {
-                        runs[Int(r)].cut = true
-                        cancels.append((runCancel(Int(r)), .shutdownPolicy))
-                        cutOff.append(.init(jobName: jobs[s].name, attempt: Int(runs[Int(r)].attempt), reason: .cancelledByPolicy))
-                    }
-                    r = runs[Int(r)].next
+            var r = jobs[s].firstRun
+            while r >= 0 {
+                if !jobs[s].options.cancelOnShutdown {
+                    draining.append(runCancel(Int(r)))
+                } else if !runs[Int(r)].cut {
+                    runs[Int(r)].cut = true
+                    cancels.append((runCancel(Int(r)), .shutdownPolicy))
+                    cutOff.append(.init(jobName: jobs[s].name, attempt: Int(runs[Int(r)].attempt), reason: .cancelledByPolicy))
                 }
+                r = runs[Int(r)].next
             }
         }
         // ready runs never start
@@ -909,12 +928,12 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             freeSlot(s)
         }
         compactIfEmpty()
-        return cancels
+        return (cancels, draining)
     }
 
     /// The scheduler's own task was cancelled: cancel every run now.
     mutating func cancelEverything() -> [(RunCancel, CancelReason)] {
-        var cancels = beginShutdown(deadline: .min)
+        var cancels = beginShutdown(deadline: .min).cancels
         deadlinePassed = true
         for i in runs.indices {
             if runs[i].serial != 0, !runs[i].cut {

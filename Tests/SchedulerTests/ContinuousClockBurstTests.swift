@@ -65,6 +65,34 @@ struct ContinuousClockBurstTests {
         }
     }
 
+    @Test("no run starts once beginShutdown has returned, also one a worker had already taken from the queue; a saturated scheduler does not starve other tasks", arguments: 0..<3)
+    func noStartAfterShutdown(round: Int) async throws {
+        let shutdownReturned = Atomic(false)
+        let started = Atomic(0)
+        let startedLate = Atomic(0)
+        // A few starts per wake-up: the workers refill the run queue in small chunks, taking
+        // the scheduler's lock between taking a run and starting it, where shutdown can begin.
+        try await withContinuousScheduler(.init(maxStartsPerWakeup: 8, maxWorkers: 2)) { scheduler, clock in
+            let at = clock.now.advanced(by: .milliseconds(50))
+            for _ in 0..<5_000 {
+                try scheduler.schedule(.once(at: at)) { _ in
+                    if shutdownReturned.load(ordering: .acquiring) { startedLate.add(1, ordering: .relaxed) }
+                    started.add(1, ordering: .relaxed)
+                }
+            }
+            // Mid-burst (this task gets a thread although the workers always have runs to do).
+            let patience = clock.now.advanced(by: .seconds(20))
+            while started.load(ordering: .relaxed) < 200 + 300 * round, clock.now < patience {
+                try await clock.sleep(for: .microseconds(50))
+            }
+            scheduler.beginShutdown(deadline: .seconds(5))
+            shutdownReturned.store(true, ordering: .releasing)
+            #expect(started.load(ordering: .relaxed) < 5_000, "the burst was over before shutdown began: the test proves nothing")
+        }
+        #expect(started.load(ordering: .relaxed) > 0)
+        #expect(startedLate.load(ordering: .relaxed) == 0)
+    }
+
     @Test("in a burst the driver parks after one hand-over, yet bodies stuck in a slow run still get another worker for the rest")
     func burstWithSlowBodies() async throws {
         // 2 workers (the default base on a 2-core machine is at most 2; fix it

@@ -352,6 +352,20 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("metrics: gauge readings written out of order (a worker's 0, then the driver's older 1) leave the newer one shown")
+    func gaugeReadingsInOrder() throws {
+        let metrics = TestMetrics()
+        let scheduler = JobScheduler(clock: ManualClock(), logger: quiet, configuration: .init(metricsLabel: "o", metricsFactory: metrics))
+        let older = JobScheduler<ManualClock>.GaugeReading(number: 1, jobs: 1, inFlight: 1)
+        let newer = JobScheduler<ManualClock>.GaugeReading(number: 2, jobs: 0, inFlight: 0)
+        scheduler.publishGauges(newer)
+        scheduler.publishGauges(older)
+        #expect(try metrics.expectGauge("scheduler.runs.in_flight", [("scheduler", "o")]).lastValue == 0)
+        #expect(try metrics.expectGauge("scheduler.jobs", [("scheduler", "o")]).lastValue == 0)
+        scheduler.publishGauges(JobScheduler<ManualClock>.GaugeReading(number: 3, jobs: 2, inFlight: 1))
+        #expect(try metrics.expectGauge("scheduler.runs.in_flight", [("scheduler", "o")]).lastValue == 1)
+    }
+
     @Test("jobs scheduled ever earlier keep one timer task, not one each, and cancelling them leaves at most one")
     func oneTimerForEarlierDeadlines() async throws {
         try await withScheduler { scheduler, _ in

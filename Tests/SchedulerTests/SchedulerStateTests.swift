@@ -39,6 +39,48 @@ struct SchedulerStateTests {
         #expect(state.statistics.skippedOverlaps == 1)
     }
 
+    @Test("cancel drops a run made ready by the previous run's end (queueOne, burst): it never starts and nothing stays in flight")
+    func cancelDropsReadyRuns() throws {
+        // queueOne: an occurrence due while the first run is in progress is queued; burst: the
+        // first advance comes two periods late, and two of the three occurrences are held.
+        for (options, firstAdvance) in [(JobOptions(overlap: .queueOne), Self.second), (JobOptions(missedRuns: .burst(max: 3)), 3 * Self.second)] {
+            var state = State(seed: 1)
+            let id = try Self.add(&state, .every(.seconds(1)), options, first: Self.second)
+            let first = state.advance(now: firstAdvance, wall: Self.wall).starts
+            #expect(first.count == 1)
+            #expect(state.advance(now: firstAdvance + Self.second, wall: Self.wall).starts.isEmpty)
+            // Its end makes the next run ready; no worker has taken it yet when the job is cancelled.
+            state.finish(first[0], outcome: .success, lateness: 0, now: firstAdvance + Self.second + 1)
+            #expect(state.inFlight == 1, "\(options.overlap) \(options.missedRuns): no run was made ready")
+            #expect(state.cancel(id) != nil)
+            #expect(state.inFlight == 0, "\(options.overlap) \(options.missedRuns)")
+            #expect(state.advance(now: firstAdvance + Self.second + 2, wall: Self.wall).starts.isEmpty)
+            #expect(state.isGone(id) && state.liveJobs == 0)
+            #expect(state.statistics.runs == 1)
+            // The slot is free and reused cleanly.
+            _ = try Self.add(&state, .every(.seconds(1)), first: 10 * Self.second)
+            #expect(state.advance(now: 10 * Self.second, wall: Self.wall).starts.count == 1)
+        }
+    }
+
+    @Test("after a stall past both a pending retry and the next regular occurrence, the regular run takes over at attempt 1 under the missed-run policy")
+    func stalledRetryYieldsToRegularRun() throws {
+        var state = State(seed: 1)
+        let options = JobOptions(missedRuns: .coalesce, retry: RetryPolicy(maxAttempts: 3, initialBackoff: .seconds(10)))
+        _ = try Self.add(&state, .every(.seconds(60)), options, first: 0)
+        let first = state.advance(now: 0, wall: Self.wall).starts
+        #expect(first.count == 1)
+        state.finish(first[0], outcome: .failure, lateness: 0, now: Self.second)  // retry due at 11 s
+        // The process stalls until 200 s: the retry (11 s) and the occurrences at 60, 120, 180 s passed.
+        let due = state.advance(now: 200 * Self.second, wall: Self.wall).starts
+        #expect(due.count == 1)
+        #expect(due.first?.attempt == 1)
+        #expect(due.first?.scheduled == 180 * Self.second)
+        let statistics = state.statistics
+        #expect(statistics.skippedOverlaps == 0)
+        #expect(statistics.coalescedRuns == 2)
+    }
+
     @Test("a job's record stays 136 bytes and its options 15 (memory per scheduled job, docs/BENCHMARKS.md)")
     func recordLayout() {
         #expect(MemoryLayout<State.Job>.stride <= 136)
@@ -169,8 +211,9 @@ struct SchedulerStateTests {
         _ = try Self.add(&state, .every(.seconds(1)), JobOptions(name: "drain"), first: Self.second)
         _ = try Self.add(&state, .every(.seconds(1)), JobOptions(name: "cancel", shutdown: .cancel), first: Self.second)
         let runs = state.advance(now: Self.second, wall: Self.wall).starts
-        let cancels = state.beginShutdown(deadline: 5 * Self.second)
+        let (cancels, draining) = state.beginShutdown(deadline: 5 * Self.second)
         #expect(cancels.count == 1 && cancels[0].1 == .shutdownPolicy)
+        #expect(draining.count == 1)  // the .drain job's run: kept from starting if it has not
         #expect(state.queue.isEmpty && state.liveJobs == 0)
         #expect(state.nextDeadline == 5 * Self.second)
         let late = state.advance(now: 5 * Self.second, wall: Self.wall)
