@@ -182,6 +182,31 @@ struct CPULocalCacheTests {
         }
     }
 
+    @Test func acquiresFailOnceTheDrainIsCalledAlsoWhileItClosesAParkedConnection() async throws {
+        // maxIdle 1: of two returned connections, one parks in the stripe and one idles; the
+        // drain's flush finds the parked one surplus and closes it, slowly.
+        let configuration = baseConfiguration { $0.maxOpen = 2; $0.minIdle = 0; $0.maxIdle = 1 }
+        try await withRunningPool(configuration, factory: MockFactory(clean: true), stripes: 1) { pool, clock, _ in
+            let a = try await pool.lease(), b = try await pool.lease()
+            await pool.release(a)
+            await pool.release(b)
+            #expect(parked(pool) == 1 && pool.statistics.idle == 2)
+            a.connection.state.withLock { $0.closeDelay = .milliseconds(500) }
+            b.connection.state.withLock { $0.closeDelay = .milliseconds(500) }
+            let drain = Task { await pool.drain(deadline: clock.now) }
+            try await pollUntil(seconds: 5) { pool.statistics.idle < 2 }
+            try await Task.sleep(for: .milliseconds(50))
+            let e = await #expect(throws: ConnectionPoolError.self, "an acquire after drain() was called must fail") {
+                let lease = try await pool.lease(label: "after-drain")
+                await pool.release(lease)
+            }
+            #expect(e?.code == .shutDown)
+            let report = await drain.value
+            #expect(report.cutOff.isEmpty)
+            #expect(pool.statistics.open == 0)
+        }
+    }
+
     @Test func theDrainTakesParkedConnectionsAndCutsOffLentOnesByName() async throws {
         let configuration = baseConfiguration { $0.maxOpen = 3; $0.minIdle = 3; $0.maxIdle = 3 }
         // One lent from the stripe: cut off by name. (Nothing parks beside a lend: a stripe

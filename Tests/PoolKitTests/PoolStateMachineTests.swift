@@ -475,6 +475,49 @@ struct PoolStateMachineTests {
         #expect(d.machine.statistics().open == 0)
     }
 
+    @Test func aSuccessfulConnectEndsTheBackoffAnotherConnectsFailureBegan() {
+        // Two connects at once after a failover: one meets the server still starting, one succeeds.
+        var d = MachineDriver(config {
+            $0.minIdle = 0; $0.maxOpen = 4; $0.maxConcurrentConnects = 2
+            $0.connectBackoff = .init(initial: .seconds(5), maximum: .seconds(10), jitter: 0)
+        })
+        guard case .enqueued(let a) = d.wait(1), case .enqueued(let b) = d.wait(2) else { Issue.record(); return }
+        let requests = a.connects + b.connects
+        #expect(requests.count == 2)
+        d.now = .seconds(1)
+        let failed = d.machine.connectFailed(requests[0], error: MockError.connectRefused, now: d.now)
+        #expect(failed.backoff == .seconds(5))
+        let served = d.machine.connected(requests[1], connection: d.makeConnection(), now: d.now)
+        #expect(served.handoffs.map(\.waiter) == [1])
+        // The server accepts connects: waiter 2 gets one of its own now, not in 5 s.
+        #expect(served.connects.count == 1, "the backoff outlived a successful connect")
+    }
+
+    @Test func theDrainsOwnCancelledConnectsAreNotConnectFailures() {
+        var d = MachineDriver(config { $0.minIdle = 0; $0.maxOpen = 2 })
+        guard case .enqueued(let w) = d.wait(1) else { Issue.record(); return }
+        #expect(w.connects.count == 1)
+        _ = d.machine.beginDrain(now: .zero)
+        let cancelled = d.machine.connectFailed(w.connects[0], error: CancellationError(), now: .ms(1))
+        #expect(cancelled.drained)
+        #expect(d.machine.statistics().connectFailures == 0)
+        #expect(d.machine.lastConnectError == nil)
+    }
+
+    @Test func aBrokenConnectionReturnedDuringTheDrainIsCountedBroken() {
+        var d = MachineDriver(config { $0.minIdle = 1; $0.maxOpen = 1 })
+        d.warmUp()
+        let l = d.lease()!
+        _ = d.machine.beginDrain(now: .zero)
+        guard d.machine.beginRelease(slot: l.slot, leaseID: l.leaseID) else { Issue.record(); return }
+        guard case .actions(let a) = d.machine.finishRelease(slot: l.slot, leaseID: l.leaseID, now: .ms(1), reusable: false).action else {
+            Issue.record(); return
+        }
+        #expect(a.closes.map(\.reason) == [.broken])
+        #expect(a.drained)
+        #expect(d.machine.statistics().closedBroken == 1 && d.machine.statistics().closedByDrain == 0)
+    }
+
     @Test func timerWakeupNeverRequiresAWakeOnTheHotPath() {
         var d = MachineDriver(config { $0.minIdle = 2; $0.leakThreshold = .seconds(60); $0.maxIdleTime = .seconds(600) })
         d.warmUp()

@@ -197,6 +197,33 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("close() while another task's statement runs: the statement fails with connectionClosed, close returns, the backend's session ends")
+    func closeDuringAStatement() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(PostgresConnection.Configuration(url))
+            let pid = conn.backendPID
+            let task = Task { try await conn.query("SELECT pg_sleep(28)") }
+            try await Task.sleep(for: .milliseconds(200))
+            let start = ContinuousClock.now
+            _ = try await finishes(within: 10) { await conn.close() }  // fails the test if close() hangs
+            let ended = try await finishes(within: 10) { await task.result }
+            #expect(elapsedMilliseconds(since: start) < 3000)
+            guard case .success(let outcome) = ended, case .failure(let error) = outcome else {
+                Issue.record("the statement did not fail: \(String(describing: ended))"); return
+            }
+            #expect((error as? PostgresError)?.code == .connectionClosed, "\(error)")
+            #expect(conn.isBroken)
+            let other = try await PostgresConnection.connect(PostgresConnection.Configuration(url))
+            defer { other.closeNow() }
+            var gone = false
+            for _ in 0..<100 where !gone {
+                gone = try await other.query("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", Int(pid))[0].decode(Int.self, at: 0) == 0
+                if !gone { try await Task.sleep(for: .milliseconds(50)) }
+            }
+            #expect(gone, "backend \(pid) is still there")
+        }
+    }
+
     @Test("a cancel request that arrives after its statement ended never fails the next statement on the connection")
     func lateCancelDoesNotHitTheNextStatement() async throws {
         try await TestDatabase.withDatabase { url in

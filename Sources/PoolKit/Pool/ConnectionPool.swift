@@ -729,7 +729,13 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// `closing` (the drain) also shuts the stripes for good.
     nonisolated(nonsending)
     func flushStripes(closing: Bool) async {
-        guard stripes.enabled else { return }
+        await perform(takeStripes(closing: closing))
+    }
+
+    /// The synchronous half of `flushStripes`: gives every stripe's connections back to the
+    /// state machine and returns what that asks for, without doing it.
+    private func takeStripes(closing: Bool) -> Machine.Actions {
+        guard stripes.enabled else { return Machine.Actions() }
         flags.stripesInUse.store(false, ordering: .relaxed)
         var actions = Machine.Actions()
         for stripe in stripes.stripes {
@@ -764,7 +770,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 }
             }
         }
-        await perform(actions)
+        return actions
     }
 
     // MARK: - Introspection
@@ -853,13 +859,18 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// Idempotent: later calls wait for the first drain and return its report.
     /// Cancelling the calling task cuts off at once.
     public func drain(deadline: C.Instant) async -> DrainReport {
-        await flushStripes(closing: true)
+        // The stripes' connections go back to the state machine and the drain begins with no
+        // suspension between: acquires fail from here on. (What the flush asks for, such as
+        // closing a parked connection past its lifetime, is done after; done first, it let
+        // acquires through for as long as a close took.)
+        let flushed = takeStripes(closing: true)
         let startedAt = now()
         let start = state.withLock { s -> Machine.DrainStart in
             let start = s.machine.beginDrain(now: startedAt)
             s.publish(metrics, flags, stripes: stripes)
             return start
         }
+        await perform(flushed)
         if start.alreadyStarted { return await waitForDrainReport() }
         drainBegan.fire()
         logger.info("draining pool", metadata: ["waiters": "\(start.waitersFailed)", "idle": "\(start.idleClosed)"])

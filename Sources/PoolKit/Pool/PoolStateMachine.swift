@@ -395,7 +395,7 @@ struct PoolStateMachine<Connection, Waiter> {
         if phase != .running {
             var actions = Actions()
             drainReturned += 1
-            close(slot: slot, connection: connection, reason: .drain, into: &actions)
+            close(slot: slot, connection: connection, reason: reusable ? .drain : .broken, into: &actions)
             checkDrained(&actions)
             result.action = .actions(actions)
             return result
@@ -548,6 +548,9 @@ struct PoolStateMachine<Connection, Waiter> {
         stats.connectsSucceeded += 1
         consecutiveConnectFailures = 0
         lastConnectError = nil
+        // The server accepts connects again: a backoff begun by another connect's failure
+        // ends (it kept waiters on this one connection until it ran out, e.g. after a failover).
+        backoffUntil = nil
         if phase != .running {
             close(slot: request.slot, connection: connection, reason: .drain, into: &actions)
             checkDrained(&actions)
@@ -576,6 +579,11 @@ struct PoolStateMachine<Connection, Waiter> {
         else { return actions }
         connecting -= 1
         freeSlot(request.slot)
+        if phase != .running && error is CancellationError {
+            // The drain cancelled it: not a connect failure to count or tell waiters about.
+            checkDrained(&actions)
+            return actions
+        }
         stats.connectFailures += 1
         consecutiveConnectFailures += 1
         lastConnectError = error

@@ -104,6 +104,9 @@ public final class PostgresConnection: @unchecked Sendable {
         /// Set by the cancel watchdog: the statement loop closes the connection itself (a close
         /// from the watchdog's task could free the fd while the loop is about to wait on it).
         var abandoned = false
+        /// Set by `close()` while a statement runs: the statement loop closes the connection
+        /// itself, for the same reason, and its statement fails with `connectionClosed`.
+        var closeRequested = false
         var notifications: [PostgresNotification] = []
         var notificationHead = 0
         var droppedNotifications = 0
@@ -441,9 +444,49 @@ public final class PostgresConnection: @unchecked Sendable {
     // MARK: Closing
 
     /// Closes the connection and frees the `PGconn` exactly once. Idempotent. A statement or
-    /// notification wait in progress ends with `connectionClosed`.
+    /// notification wait in progress ends with `connectionClosed`; a statement in progress is
+    /// also cancelled on the server (the request is given at most a second to go out).
     public func close() async {
+        // A statement running on another task closes the connection itself: it may be between
+        // deciding to wait on the socket and registering that wait, and a socket closed here
+        // meanwhile frees its fd number for the next file the process opens, whose readiness
+        // that statement would then wait for. It is woken until it has seen the request
+        // (an interrupt that lands just before it parks is lost), for at most a second.
+        // The statement is cancelled on the server too: a backend notices a closed socket only
+        // when it next reads from it, and would run the statement to its end, locks held.
+        let (fd, cancel) = state.withLock { s -> (Int32?, CancelHandle?) in
+            guard let pg = s.pg, s.busy else { return (nil, nil) }
+            s.broken = true
+            s.closeRequested = true
+            return (s.fd, PQgetCancel(pg).map(CancelHandle.init))
+        }
+        if let cancel {
+            // Given at most a second to go out (PQcancel blocks while it connects).
+            let delivered = OneTimeEvent()
+            Task {
+                _ = await BlockingExecutor.run { cancel.send() }
+                delivered.fire()
+            }
+            _ = await delivered.wait(atMost: .seconds(1))
+        }
+        if let fd {
+            let giveUp = ContinuousClock.now.advanced(by: .seconds(1))
+            while state.withLock({ $0.pg != nil && $0.busy }), ContinuousClock.now < giveUp {
+                SocketReactor.shared.interrupt(fd: fd)
+                await PostgresConnection.pause(.milliseconds(1))
+            }
+        }
         closeNow()
+    }
+
+    /// Sleeps for `duration`, also in a cancelled task (a close must finish).
+    private static func pause(_ duration: Duration) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            Task.detached {
+                try? await Task.sleep(for: duration)
+                c.resume()
+            }
+        }
     }
 
     func closeNow() {
@@ -527,7 +570,7 @@ public final class PostgresConnection: @unchecked Sendable {
                     if cancelRequested { throw CancellationError() }
                     throw closedError()
                 }
-                if s.abandoned { return nil }
+                if s.abandoned || s.closeRequested { return nil }
                 /// The connection ended: the server's own error if it sent one first (the FATAL
                 /// before it closes, e.g. 57P01 from pg_terminate_backend), else libpq's.
                 func lost(_ context: String) -> PostgresError {
@@ -614,8 +657,11 @@ public final class PostgresConnection: @unchecked Sendable {
                 return .wait(s.fd, .readable)
             }
             guard let step else {
-                // The cancel watchdog gave up on the server's answer: close here, on this task.
+                // The cancel watchdog gave up on the server's answer, or close() was called:
+                // close here, on this task.
+                let closing = state.withLock { $0.closeRequested && !$0.abandoned }
                 closeNow()
+                if closing && !cancelRequested { throw closedError() }
                 throw CancellationError()
             }
             guard case let .wait(fd, interest) = step else { break }
