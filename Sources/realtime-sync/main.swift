@@ -46,6 +46,21 @@ struct Setting {
         return nil
     }
 
+    /// A name (a slot, a publication) from `--flag` or `variable`, else `fallback`. Set but
+    /// empty is an error naming both: an empty slot name from a missing deployment value must
+    /// not quietly mean the default slot (or fail only once the database is connected).
+    static func name(_ flag: String?, _ name: String, _ variable: String, _ fallback: String) throws -> String {
+        if let flag {
+            guard !flag.isEmpty else { throw ValidationError("--\(name) is empty; leave it out for the default (\(fallback))") }
+            return flag
+        }
+        if let value = environment[variable] {
+            guard !value.isEmpty else { throw ValidationError("\(variable) is set but empty: set it, or unset it for the default (\(fallback))") }
+            return value
+        }
+        return fallback
+    }
+
     /// A whole number of at least `minimum`, from `--flag` or `variable`; the error names both.
     static func int(_ flag: Int?, _ name: String, _ variable: String, _ fallback: Int, minimum: Int) throws -> Int {
         let number: Int
@@ -105,7 +120,7 @@ struct Serve: AsyncParsableCommand {
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
-              --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only empty tables)
+              --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only snapshots with no rows after the filter)
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
               --max-concurrent-snapshots REALTIME_SYNC_MAX_CONCURRENT_SNAPSHOTS (4, or --pool-max-open - 1 if less: 3 by default; more wait their turn)
               --max-transaction-changes REALTIME_SYNC_MAX_TRANSACTION_CHANGES (1000000 changes held until a transaction commits)
@@ -147,8 +162,8 @@ struct Serve: AsyncParsableCommand {
         var configuration = url == nil ? RealtimeService.embeddedDemo() : RealtimeService.Configuration(databaseURL: url)
         configuration.tables = (Setting.string(tables, "REALTIME_SYNC_TABLES") ?? "")
             .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-        configuration.publication = Setting.string(publication, "REALTIME_SYNC_PUBLICATION", "realtime_sync")!
-        configuration.slot = Setting.string(slot, "REALTIME_SYNC_SLOT", "realtime_sync")!
+        configuration.publication = try Setting.name(publication, "publication", "REALTIME_SYNC_PUBLICATION", "realtime_sync")
+        configuration.slot = try Setting.name(slot, "slot", "REALTIME_SYNC_SLOT", "realtime_sync")
         configuration.server.host = Setting.string(host, "REALTIME_SYNC_HOST", "127.0.0.1")!
         configuration.server.port = try Setting.int(port, "port", "REALTIME_SYNC_PORT", 8080, minimum: 0)
         guard (0...65535).contains(configuration.server.port) else {
@@ -202,7 +217,7 @@ struct Serve: AsyncParsableCommand {
             do {
                 configuration.server.auth = try await JWTAuthenticator(secret: secret)
             } catch {
-                throw ValidationError("--jwt-secret / REALTIME_SYNC_JWT_SECRET: \(error.message)")
+                throw ValidationError("--jwt-secret / REALTIME_SYNC_JWT_SECRET: \(error)")
             }
         }
 
@@ -237,12 +252,12 @@ struct Token: AsyncParsableCommand {
         do {
             options = try TokenOptions(tables: tables, ttl: ttl, subject: sub)
         } catch {
-            throw ValidationError(error.message)
+            throw ValidationError("\(error)")
         }
         do {
             authenticator = try await JWTAuthenticator(secret: secret)
         } catch {
-            throw ValidationError("--secret / REALTIME_SYNC_JWT_SECRET: \(error.message)")
+            throw ValidationError("--secret / REALTIME_SYNC_JWT_SECRET: \(error)")
         }
         print(try await authenticator.sign(options.claims()))
     }
@@ -265,6 +280,7 @@ struct Slot: AsyncParsableCommand {
             guard let url = try Setting.databaseURL(databaseURL) else {
                 throw ValidationError("no database given: pass --database-url or set REALTIME_SYNC_DATABASE_URL or DATABASE_URL")
             }
+            if slot?.isEmpty == true { throw ValidationError("--slot is empty: name the slot to drop") }
             guard let slot = Setting.string(slot, "REALTIME_SYNC_SLOT") else {
                 throw ValidationError("no slot given: pass --slot or set REALTIME_SYNC_SLOT")
             }
@@ -293,8 +309,9 @@ struct Check: AsyncParsableCommand {
         guard let url = try Setting.databaseURL(databaseURL) else {
             throw ValidationError("no database given: pass --database-url or set REALTIME_SYNC_DATABASE_URL or DATABASE_URL")
         }
-        guard connectTimeout > 0, connectTimeout.isFinite, connectTimeout < 1e9 else {
-            throw ValidationError("--connect-timeout is \(connectTimeout); it must be a positive number of seconds")
+        // At least 1 ms, as for serve's durations: the value is rounded to whole milliseconds.
+        guard connectTimeout.isFinite, connectTimeout >= 0.001, connectTimeout < 1e9 else {
+            throw ValidationError("--connect-timeout is \(connectTimeout); it must be a number of seconds from 0.001 (1 ms) to below 1e9")
         }
         do {
             let report = try await DatabaseCheck.run(url: url, connectTimeout: .milliseconds(Int64((connectTimeout * 1000).rounded())))

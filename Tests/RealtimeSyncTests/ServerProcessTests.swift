@@ -284,6 +284,14 @@ struct ServeSettingsTests {
               (["serve", "--max-transaction-changes", "0"], [:], "--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES is 0; it must be 1 or more"),
               (["serve"], ["REALTIME_SYNC_MAX_TRANSACTION_CHANGES": "5000000000"], "maxTransactionChanges is 5000000000; it must be from 1 to 4294967295 (--max-transaction-changes"),
               (["serve", "--max-transaction-bytes", "0"], [:], "--max-transaction-bytes / REALTIME_SYNC_MAX_TRANSACTION_BYTES is 0; it must be 1 or more"),
+              // Before the database: an empty slot or publication name must not mean the default.
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--slot", ""], [:], "--slot is empty"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_PUBLICATION": ""], "REALTIME_SYNC_PUBLICATION is set but empty"),
+              (["slot", "drop", "--slot", "", "--database-url", "postgres://unused@127.0.0.1:1/x"], [:], "--slot is empty"),
+              (["check", "--database-url", "postgres://unused@127.0.0.1:1/x", "--connect-timeout", "0.0004"], [:], "--connect-timeout is 0.0004; it must be a number of seconds from 0.001"),
+              // Auth errors keep their code.
+              (["serve", "--jwt-secret", "short"], [:], "--jwt-secret / REALTIME_SYNC_JWT_SECRET: AUTH_WEAK_SECRET:"),
+              (["token", "--secret", String(repeating: "k", count: 32), "--ttl", "soon"], [:], "AUTH_INVALID_TOKEN_OPTION:"),
           ])
     func refuses(arguments: [String], environment: [String: String], message: String) async throws {
         let process = try ServerProcess.start(arguments, environment: environment)

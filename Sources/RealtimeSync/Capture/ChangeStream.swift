@@ -62,7 +62,7 @@ public final class ChangeStream: Service, Sendable {
         public var tables: [String]
         /// Whether to create the publication when it does not exist. Default true.
         public var createPublication: Bool
-        /// Resume window bounds (default 5 min / 100,000 changes).
+        /// Resume window bounds (default 5 min / 100,000 changes / 256 MiB).
         public var window: ResumeWindow<ContinuousClock.Instant>.Limits
         /// How often a standby status update is sent. Default 10 s.
         public var statusInterval: Duration

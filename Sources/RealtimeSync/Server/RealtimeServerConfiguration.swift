@@ -83,8 +83,9 @@ public struct RealtimeServerConfiguration: Sendable {
     /// A connection that has not sent a complete first request head within this is closed
     /// (idle probes, slow-loris clients). Default 10 s.
     public var firstRequestTimeout: Duration
-    /// How often the server pings each socket. A socket whose ping is still unanswered
-    /// when the next is due is dropped (so at most two intervals of silence). Default 30 s.
+    /// How often the server pings each socket. A socket that answered neither of its last
+    /// two pings when the next is due is dropped with 1001 (after two to three intervals of
+    /// silence). Default 30 s.
     public var pingInterval: Duration
     /// How long the server waits for the client's close frame after sending its own. Default 5 s.
     public var closeTimeout: Duration
