@@ -176,6 +176,31 @@ struct RealtimeServiceTests {
         }
     }
 
+    @Test("ALTER TABLE … RENAME COLUMN in Postgres ends the subscription whose filter names the column with invalid_filter; an unfiltered one goes on")
+    func columnRenameEndsFilteredSubscription() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table]) { _, running, _ in
+                let client = try await connectWebSocket(port: running.port)
+                try await client.subscribe("paid", table: table, filter: "status=eq.paid")
+                try await client.subscribe("all", table: table)
+                let sql = try await PostgresConnection.connect(to: url)
+                _ = try await sql.execute("INSERT INTO \(table) (status) VALUES ('paid')")
+                #expect(try await client.receiveJSON(timeout: 15)["ids"] as? [String] == ["paid", "all"])
+                _ = try await sql.execute("ALTER TABLE \(table) RENAME COLUMN status TO state")
+                _ = try await sql.execute("INSERT INTO \(table) (state) VALUES ('paid')")
+                let error = try await client.receiveJSON(timeout: 15)
+                #expect(error["type"] as? String == "error" && error["code"] as? String == "invalid_filter" && error["id"] as? String == "paid", "\(error)")
+                #expect((error["message"] as? String)?.contains("column 'status'") == true, "\(error)")
+                let change = try await client.receiveJSON(timeout: 15)
+                #expect(change["ids"] as? [String] == ["all"])
+                #expect((change["new"] as? [String: Any])?["state"] as? String == "paid")
+                await sql.close()
+                await client.close()
+            }
+        }
+    }
+
     @Test("A client resumes with since after reconnecting: the changes it missed, once, in order")
     func resumeAfterReconnect() async throws {
         try await TestDatabase.withDatabase { url in

@@ -1,4 +1,5 @@
 import Foundation
+import PoolKit
 import RealtimeSync
 import Testing
 
@@ -220,6 +221,45 @@ struct ServerProtocolTests {
             #expect(try await socket.subscribe("f", since: ahead) == ahead)
             source.publish(itemInserts(4...6))
             #expect((try await socket.receiveJSON()["new"] as? [String: Any])?["id"] as? Int == 6)
+            await socket.close()
+        }
+    }
+
+    @Test("a schema change that drops, renames or retypes a filtered column ends the subscriptions it breaks with invalid_filter; the others go on, and the id can be subscribed again")
+    func schemaChangeEndsBrokenSubscriptions() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("s", filter: "status=eq.open")
+            try await socket.subscribe("q", filter: "qty=gt.0")
+            try await socket.subscribe("all")
+            source.publish(itemInserts([1]))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["s", "q", "all"])
+            // ALTER TABLE items RENAME status TO state; ALTER TABLE items ALTER qty TYPE text.
+            let columns = itemsColumns.map { column -> RelationColumn in
+                switch column.name {
+                case "status": RelationColumn(name: "state", typeOID: column.typeOID)
+                case "qty": RelationColumn(name: "qty", typeOID: PostgresTypeOID.text)
+                default: column
+                }
+            }
+            let altered = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: columns)
+            source.setCatalog(TableCatalog(relations: [altered]))
+            source.publish(insertEvent(["id": "2", "state": "open", "qty": "2"], relation: altered, lsn: 0x1002))
+            var errors: [String: String] = [:]
+            for _ in 0..<2 {
+                let error = try await socket.receiveJSON()
+                #expect(error["type"] as? String == "error" && error["code"] as? String == "invalid_filter", "\(error)")
+                errors[error["id"] as? String ?? "?"] = error["message"] as? String
+            }
+            #expect(errors["s"]?.contains("column 'status' of public.items") == true, "\(errors)")
+            #expect(errors["q"]?.contains("column 'qty'") == true, "\(errors)")
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all"])
+            #expect(test.server.statistics.subscriptions == 1)
+            // The ids are free again: a subscription on the current columns.
+            try await socket.subscribe("s", filter: "state=eq.open")
+            source.publish(insertEvent(["id": "3", "state": "open", "qty": "3"], relation: altered, lsn: 0x1003))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all", "s"])
             await socket.close()
         }
     }

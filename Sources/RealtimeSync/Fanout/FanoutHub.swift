@@ -184,6 +184,23 @@ public struct FanoutHub: Sendable {
         return true
     }
 
+    /// Closes the subscriptions to `relation`'s table whose filter names a column the table no
+    /// longer has, or has with another type (`Filter.brokenColumn(in:)`): after such a schema
+    /// change they could never match again. Returns them, each with the column. Walks every
+    /// subscription: for a new relation description, not for each change.
+    public mutating func removeSubscriptions(brokenBy relation: Relation) -> [(client: FanoutClientID, id: String, column: String)] {
+        let table = relation.qualifiedName
+        guard tables[table] != nil else { return [] }
+        var broken: [(client: FanoutClientID, id: String, column: String)] = []
+        for subscriptions in clients.values {
+            for record in subscriptions.values where record.table == table {
+                if let column = record.filter.brokenColumn(in: relation) { broken.append((record.client, record.id, column)) }
+            }
+        }
+        for entry in broken { unsubscribe(client: entry.client, id: entry.id) }
+        return broken.sorted { ($0.client, $0.id) < ($1.client, $1.id) }
+    }
+
     /// Closes every subscription of a client (its socket ended); returns how many.
     @discardableResult
     public mutating func removeClient(_ client: FanoutClientID) -> Int {

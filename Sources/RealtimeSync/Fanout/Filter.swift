@@ -196,7 +196,8 @@ public struct FilterCondition: Sendable, Hashable, CustomStringConvertible {
 /// the row does not carry (a non-key column of a key-only old row, an unchanged
 /// TOAST value, a binary-format value, a column dropped or retyped since the
 /// filter was compiled) makes its condition `unknown`, and only `true` matches:
-/// the filter fails closed. SQL NULL is a value: `is.null` holds, every other
+/// the filter fails closed. (The server ends a subscription whose filter a schema change
+/// broke for good: `brokenColumn(in:)`.) SQL NULL is a value: `is.null` holds, every other
 /// operator is false.
 public struct Filter: Sendable, Hashable, CustomStringConvertible {
     /// The conditions, all of which must hold; empty matches every row.
@@ -250,6 +251,18 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
 
     /// Whether the event's row passes: `evaluate(event) == .true` (unknown fails closed).
     public func matches(_ event: ChangeEvent) -> Bool { evaluate(event) == .true }
+
+    /// The first column a condition names that `relation` no longer has, or has with a type
+    /// its operands do not compare with (dropped, renamed or retyped by a schema change): the
+    /// filter could then never be true again. Nil when every column is there.
+    public func brokenColumn(in relation: Relation) -> String? {
+        for condition in conditions {
+            guard let index = relation.columnIndex(named: condition.column) else { return condition.column }
+            let typeOID = relation.columns[index].typeOID
+            if typeOID != condition.typeOID && ColumnClass(typeOID: typeOID) != condition.columnClass { return condition.column }
+        }
+        return nil
+    }
 
     /// The first condition that equality-indexing can use (`eq`, or `in` with at most
     /// `maxIndexedValues` items): its column and the keys it is indexed under.

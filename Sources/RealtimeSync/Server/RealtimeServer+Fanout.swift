@@ -64,11 +64,16 @@ extension RealtimeServer {
         // Sessions whose writer must run, per event loop (`SessionChannel.loopIndex`): one
         // event-loop task per loop and change, started once the lock is released.
         var pumps: [[SessionChannel]] = []
+        // Subscriptions ended because this change's table no longer has a column they filter on.
+        var schemaChanges: [(client: FanoutClientID, id: String, column: String)] = []
         let overflowed = state.withLock { state -> [FanoutClientID] in
             guard cursor > state.lastDelivered else { return [] }
             if event.index == 0 { state.recentTransactions.append(xid: event.xid, after: state.lastDelivered) }
             state.lastDelivered = cursor
             state.changesProcessed += 1
+            if state.relationsChecked[event.relation.oid] != ObjectIdentifier(event.relation.json) {
+                schemaChanges = state.endSubscriptionsBroken(by: event.relation)
+            }
             let deliveries = state.hub.match(event)
             var (snapshotIDs, held) = state.snapshots.isEmpty ? ([:], []) : state.routeToSnapshots(event)
             if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return [] }
@@ -131,6 +136,10 @@ extension RealtimeServer {
         }
         for sessions in pumps where !sessions.isEmpty { SessionChannel.pumps(sessions) }
         metrics.changesProcessed.increment()
+        for ended in schemaChanges {
+            logger.notice("subscription ended: its filter names a column the table no longer has, or has with another type (a schema change)",
+                          metadata: ["client": "\(ended.client)", "id": "\(ended.id)", "table": "\(event.table)", "column": "\(ended.column)"])
+        }
         for client in heldOverflow {
             logger.notice("client closed with 1013: the changes held while its snapshot ran went over the send queue's maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes) (RealtimeServerConfiguration.queueLimits; a snapshot also waits for a pooled connection and for maxConcurrentSnapshots)",
                           metadata: ["client": "\(client)", "cursor": "\(cursor)"])
@@ -204,5 +213,25 @@ struct SharedFrames {
         if loop >= frames.count { frames += Array(repeating: nil, count: loop - frames.count + 1) }
         frames[loop] = frame
         return frames
+    }
+}
+
+extension ServerState {
+    /// A new description of `relation`'s table reached the fan-out: ends the subscriptions
+    /// whose filter can no longer match it (a column dropped, renamed or retyped), each with
+    /// an `invalid_filter` error carrying its id, instead of leaving them silent for good.
+    mutating func endSubscriptionsBroken(by relation: Relation) -> [(client: FanoutClientID, id: String, column: String)] {
+        relationsChecked[relation.oid] = ObjectIdentifier(relation.json)
+        let ended = hub.removeSubscriptions(brokenBy: relation)
+        for entry in ended {
+            if startAfter[entry.client]?.removeValue(forKey: entry.id) != nil, startAfter[entry.client]?.isEmpty == true {
+                startAfter[entry.client] = nil
+            }
+            guard let session = sessions[entry.client] else { continue }
+            session.noteEndedByServer(entry.id)
+            session.enqueue(ProtocolError(.invalidFilter, id: entry.id,
+                "column '\(entry.column)' of \(relation.qualifiedName) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns").serverMessage)
+        }
+        return ended
     }
 }

@@ -53,6 +53,8 @@ extension RealtimeServer {
     /// Answers one client message. What can be answered at once is (the reply is queued
     /// on the session); a catch-up or snapshot is returned, for the caller to run.
     func handleMessage(_ bytes: [UInt8], session: SessionChannel, openIDs: inout Set<String>, access: TableAccess) -> SessionWork? {
+        // Subscriptions the fan-out ended (a schema change broke their filter) are not open.
+        openIDs.subtract(session.takeEndedIDs())
         let message: ClientMessage
         do {
             message = try ClientMessage.parse(bytes)

@@ -44,6 +44,9 @@ struct ServerState: Sendable {
     var recentTransactions = RecentTransactions(capacity: 8_192)
     /// The cursor of the last change the fan-out processed.
     var lastDelivered: Cursor
+    /// Per table OID, the relation description the fan-out last checked subscriptions
+    /// against (its identity: a new `Relation` message makes a new one).
+    var relationsChecked: [UInt32: ObjectIdentifier] = [:]
     var nextClientID: UInt64 = 1
     /// The event loops sessions run on, in order of first use (`SessionChannel.loopIndex`).
     var eventLoops: [ObjectIdentifier] = []

@@ -47,6 +47,20 @@ final class SessionChannel: Sendable {
     private let spaceContinuation: AsyncStream<Void>.Continuation
     /// Yields after the writer sent a batch (only a catch-up or snapshot iterates it).
     let spaceFreed: AsyncStream<Void>
+    /// Subscription ids the server ended on its own (a schema change broke their filter),
+    /// not yet taken out of the session handler's open ids.
+    private let endedIDs = Mutex<Set<String>>([])
+
+    /// Notes that the server ended subscription `id` (see `takeEndedIDs`).
+    func noteEndedByServer(_ id: String) { endedIDs.withLock { _ = $0.insert(id) } }
+
+    /// The ids the server ended since the last call: no longer open for the client.
+    func takeEndedIDs() -> Set<String> {
+        endedIDs.withLock { ids in
+            defer { ids = [] }
+            return ids
+        }
+    }
 
     init(id: FanoutClientID, channel: any Channel, loopIndex: Int = 0, limits: OutboundQueue<[UInt8]>.Limits, closeTimeout: Duration,
          written: @escaping @Sendable (Int) -> Void) {
