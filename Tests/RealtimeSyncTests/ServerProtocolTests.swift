@@ -264,6 +264,38 @@ struct ServerProtocolTests {
         }
     }
 
+    @Test("a schema change is judged by position: a subscription checked against a catalog older than the stream's description is refused; one checked against a newer catalog survives a replay of the old description")
+    func schemaChangeByPosition() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        let renamed = itemsColumns.map { $0.name == "status" ? RelationColumn(name: "state", typeOID: $0.typeOID) : $0 }
+        let altered = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: renamed)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("all")
+            // The stream describes the renamed table; the catalog (re-read every 10 s) does not yet.
+            source.publish(insertEvent(["id": "1", "state": "open"], relation: altered, lsn: 0x1001))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all"])
+            try await socket.sendText(#"{"type":"subscribe","id":"stale","table":"items","filter":"status=eq.open"}"#)
+            let refused = try await socket.receiveJSON()
+            #expect(refused["code"] as? String == "invalid_filter" && refused["id"] as? String == "stale", "\(refused)")
+            #expect((refused["message"] as? String)?.contains("column 'status'") == true, "\(refused)")
+            // A catalog read at 0x2000 knows the new name. A restarted stream replays changes from
+            // before the rename (a new description of the old columns, at 0x1002): not a schema
+            // change for a filter checked against the newer catalog.
+            var current = TableCatalog(relations: [altered])
+            current.asOf = LSN(0x2000)
+            source.setCatalog(current)
+            try await socket.subscribe("new", filter: "state=eq.open")
+            let replayed = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: itemsColumns)
+            source.publish(insertEvent(["id": "2", "status": "open"], relation: replayed, lsn: 0x1002))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all"])
+            source.publish(insertEvent(["id": "3", "state": "open"], relation: altered, lsn: 0x2001))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all", "new"])
+            #expect(test.server.statistics.subscriptions == 2)
+            await socket.close()
+        }
+    }
+
     @Test("since older than the resume window answers resync_required")
     func resyncRequired() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog, windowLimits: .init(maxCount: 3))

@@ -25,9 +25,12 @@ final class FanoutSubscription: Sendable {
     let quotedID: [UInt8]
     /// Where it is indexed: nil for the table's scan list.
     let placement: (column: FanoutColumnKey, keys: [FilterIndexKey])?
+    /// See `ResolvedSubscription.schemaAsOf`.
+    let schemaAsOf: LSN?
 
     init(client: FanoutClientID, id: String, sequence: UInt64, table: String, events: ChangeOperationSet, filter: Filter,
-         placement: (column: FanoutColumnKey, keys: [FilterIndexKey])?) {
+         placement: (column: FanoutColumnKey, keys: [FilterIndexKey])?, schemaAsOf: LSN? = nil) {
+        self.schemaAsOf = schemaAsOf
         self.client = client
         self.id = id
         self.sequence = sequence
@@ -151,7 +154,8 @@ public struct FanoutHub: Sendable {
             probe = condition
         }
         let record = FanoutSubscription(client: client, id: subscription.id, sequence: nextSequence, table: subscription.table,
-                                        events: subscription.events, filter: subscription.filter, placement: placement)
+                                        events: subscription.events, filter: subscription.filter, placement: placement,
+                                        schemaAsOf: subscription.schemaAsOf)
         nextSequence += 1
         clients[client, default: [:]][subscription.id] = record
         // Mutated in place (`tables[key, default:]` and the nested subscripts yield their
@@ -186,16 +190,23 @@ public struct FanoutHub: Sendable {
 
     /// Closes the subscriptions to `relation`'s table whose filter names a column the table no
     /// longer has, or has with another type (`Filter.brokenColumn(in:)`): after such a schema
-    /// change they could never match again. Returns them, each with the column. Walks every
-    /// subscription: for a new relation description, not for each change.
-    public mutating func removeSubscriptions(brokenBy relation: Relation) -> [(client: FanoutClientID, id: String, column: String)] {
-        let table = relation.qualifiedName
-        guard tables[table] != nil else { return [] }
-        var broken: [(client: FanoutClientID, id: String, column: String)] = []
-        for subscriptions in clients.values {
-            for record in subscriptions.values where record.table == table {
-                if let column = record.filter.brokenColumn(in: relation) { broken.append((record.client, record.id, column)) }
+    /// change they could never match again. `position` is where the change stream described
+    /// the table so: a subscription whose filter was checked against a catalog newer than that
+    /// (`schemaAsOf` after it, e.g. while a restarted stream replays changes from before an
+    /// ALTER) is left alone. Returns those closed, each with the column. Walks the table's
+    /// subscriptions: for a new description of the table, not for each change.
+    public mutating func removeSubscriptions(brokenBy relation: Relation, at position: LSN) -> [(client: FanoutClientID, id: String, column: String)] {
+        guard let index = tables[relation.qualifiedName] else { return [] }
+        var records = Array(index.scan.values)
+        for column in index.columns.values {
+            var seen = Set<UInt64>()  // an `in` list puts one subscription in several buckets
+            for bucket in column.buckets.values {
+                for record in bucket.values where seen.insert(record.sequence).inserted { records.append(record) }
             }
+        }
+        var broken: [(client: FanoutClientID, id: String, column: String)] = []
+        for record in records where record.schemaAsOf.map({ position >= $0 }) ?? true {
+            if let column = record.filter.brokenColumn(in: relation) { broken.append((record.client, record.id, column)) }
         }
         for entry in broken { unsubscribe(client: entry.client, id: entry.id) }
         return broken.sorted { ($0.client, $0.id) < ($1.client, $1.id) }

@@ -1,6 +1,10 @@
 /// The tables a server streams, with their columns: what subscriptions are checked against.
 public struct TableCatalog: Sendable {
     private var tables: [String: [RelationColumn]]
+    /// A WAL position read after the columns were: every schema change the catalog reflects
+    /// committed before it (nil: unknown, e.g. a catalog built by hand). A change stream's
+    /// table description from before it may be older than the catalog.
+    public var asOf: LSN?
 
     /// Creates a catalog from `schema.table` names and their columns.
     public init(_ tables: [String: [RelationColumn]] = [:]) { self.tables = tables }
@@ -53,8 +57,10 @@ public struct TableCatalog: Sendable {
         } catch {
             throw error.answering(request.id)
         }
-        return ResolvedSubscription(id: request.id, table: table, events: request.events, filter: mandatory.and(own),
-                                    snapshot: request.snapshot, since: request.since)
+        var resolved = ResolvedSubscription(id: request.id, table: table, events: request.events, filter: mandatory.and(own),
+                                            snapshot: request.snapshot, since: request.since)
+        resolved.schemaAsOf = asOf
+        return resolved
     }
 }
 
@@ -81,6 +87,9 @@ public struct ResolvedSubscription: Sendable, Hashable {
     public var snapshot: Bool
     /// Resume after this cursor.
     public var since: Cursor?
+    /// The catalog's `asOf` when the filter was checked against it: a table description from
+    /// the change stream at or after it is at least as new as the columns the filter names.
+    public var schemaAsOf: LSN?
 
     /// Creates one (tests and callers that compile filters themselves).
     public init(id: String, table: String, events: ChangeOperationSet = .default, filter: Filter = .all,

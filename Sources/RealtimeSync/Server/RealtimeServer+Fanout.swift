@@ -71,14 +71,14 @@ extension RealtimeServer {
             if event.index == 0 { state.recentTransactions.append(xid: event.xid, after: state.lastDelivered) }
             state.lastDelivered = cursor
             state.changesProcessed += 1
-            if state.relationsChecked[event.relation.oid] != ObjectIdentifier(event.relation.json) {
-                schemaChanges = state.endSubscriptionsBroken(by: event.relation)
+            var overflowed: [FanoutClientID] = []
+            if state.relations[event.table]?.relation.json !== event.relation.json {
+                (schemaChanges, overflowed) = state.noteRelation(event.relation, at: event.commitLSN)
             }
             let deliveries = state.hub.match(event)
             var (snapshotIDs, held) = state.snapshots.isEmpty ? ([:], []) : state.routeToSnapshots(event)
-            if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return [] }
+            if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return overflowed }
             let change = EncodedChange(event)
-            var overflowed: [FanoutClientID] = []
             // Clients with one matching subscription of the same id get the same bytes (see
             // `SharedFrames`).
             var shared = SharedFrames()
@@ -217,21 +217,44 @@ struct SharedFrames {
 }
 
 extension ServerState {
-    /// A new description of `relation`'s table reached the fan-out: ends the subscriptions
-    /// whose filter can no longer match it (a column dropped, renamed or retyped), each with
-    /// an `invalid_filter` error carrying its id, instead of leaving them silent for good.
-    mutating func endSubscriptionsBroken(by relation: Relation) -> [(client: FanoutClientID, id: String, column: String)] {
-        relationsChecked[relation.oid] = ObjectIdentifier(relation.json)
-        let ended = hub.removeSubscriptions(brokenBy: relation)
+    /// A description of `relation`'s table reached the fan-out with the change committed at
+    /// `position`. With other columns than the last one, ends the subscriptions whose filter
+    /// can no longer match it (a column dropped, renamed or retyped), each with an
+    /// `invalid_filter` error carrying its id, instead of leaving them silent for good.
+    /// Returns them, and the clients whose send queue that error overflowed (closed with 1013).
+    mutating func noteRelation(_ relation: Relation, at position: LSN)
+        -> (ended: [(client: FanoutClientID, id: String, column: String)], overflowed: [FanoutClientID]) {
+        let previous = relations[relation.qualifiedName]
+        relations[relation.qualifiedName] = (relation, position)
+        // The same columns again (re-sent after a cache invalidation or a reconnect): nothing new.
+        if let previous, previous.relation.columns == relation.columns { return ([], []) }
+        let ended = hub.removeSubscriptions(brokenBy: relation, at: position)
+        var overflowed: [FanoutClientID] = []
         for entry in ended {
             if startAfter[entry.client]?.removeValue(forKey: entry.id) != nil, startAfter[entry.client]?.isEmpty == true {
                 startAfter[entry.client] = nil
             }
             guard let session = sessions[entry.client] else { continue }
             session.noteEndedByServer(entry.id)
-            session.enqueue(ProtocolError(.invalidFilter, id: entry.id,
-                "column '\(entry.column)' of \(relation.qualifiedName) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns").serverMessage)
+            if session.enqueue(Self.schemaChangeError(id: entry.id, column: entry.column, table: relation.qualifiedName).serverMessage) == .overflow {
+                dropClient(entry.client)
+                overflowed.append(entry.client)
+            }
         }
-        return ended
+        return (ended, overflowed)
+    }
+
+    /// The column of `subscription`'s filter that the stream's latest description of its table
+    /// lacks (or has with another type), if that description is at least as new as the
+    /// catalog the filter was checked against; nil otherwise.
+    func schemaBrokenColumn(of subscription: ResolvedSubscription) -> String? {
+        guard let seen = relations[subscription.table], subscription.schemaAsOf.map({ seen.at >= $0 }) ?? true else { return nil }
+        return subscription.filter.brokenColumn(in: seen.relation)
+    }
+
+    /// The error that ends (or refuses) a subscription whose filter a schema change broke.
+    static func schemaChangeError(id: String, column: String, table: String) -> ProtocolError {
+        ProtocolError(.invalidFilter, id: id,
+            "column '\(column)' of \(table) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns (the server re-reads them every 10 s; a column of the token's own filter needs a new token)")
     }
 }

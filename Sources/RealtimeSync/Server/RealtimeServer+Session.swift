@@ -115,6 +115,10 @@ extension RealtimeServer {
         if subscription.snapshot { return .snapshot(subscription) }
         guard let since = subscription.since else {
             let failure = state.withLock { state -> ProtocolError? in
+                if let column = state.schemaBrokenColumn(of: subscription) {
+                    // Checked against a catalog older than the stream's view of the table.
+                    return ServerState.schemaChangeError(id: subscription.id, column: column, table: subscription.table)
+                }
                 do throws(ProtocolError) {
                     try state.hub.subscribe(client: session.id, subscription)
                 } catch {

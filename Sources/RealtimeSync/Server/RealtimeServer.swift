@@ -44,9 +44,9 @@ struct ServerState: Sendable {
     var recentTransactions = RecentTransactions(capacity: 8_192)
     /// The cursor of the last change the fan-out processed.
     var lastDelivered: Cursor
-    /// Per table OID, the relation description the fan-out last checked subscriptions
-    /// against (its identity: a new `Relation` message makes a new one).
-    var relationsChecked: [UInt32: ObjectIdentifier] = [:]
+    /// Per table, the change stream's latest description of it and the commit position of the
+    /// change that carried it (`noteRelation`).
+    var relations: [String: (relation: Relation, at: LSN)] = [:]
     var nextClientID: UInt64 = 1
     /// The event loops sessions run on, in order of first use (`SessionChannel.loopIndex`).
     var eventLoops: [ObjectIdentifier] = []
@@ -60,6 +60,14 @@ struct ServerState: Sendable {
 
     /// Adds a subscription that has caught up (see `RealtimeServer.resume`).
     mutating func join(_ subscription: ResolvedSubscription, client: FanoutClientID, lastCovered: Cursor) {
+        if let column = schemaBrokenColumn(of: subscription) {
+            // The table changed while it caught up or ran its snapshot: it could never match.
+            if let session = sessions[client] {
+                session.noteEndedByServer(subscription.id)
+                session.enqueue(Self.schemaChangeError(id: subscription.id, column: column, table: subscription.table).serverMessage)
+            }
+            return
+        }
         do {
             try hub.subscribe(client: client, subscription)
         } catch {

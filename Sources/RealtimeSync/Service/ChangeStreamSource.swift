@@ -82,7 +82,10 @@ public final class ChangeStreamSource: ChangeSource {
             let names = try await CaptureSetup.publishedTables(connection, publication: stream.configuration.publicationName)
             if !names.isEmpty { tables = names }
         }
-        let catalog = try await Self.catalog(of: tables, using: connection)
+        var catalog = try await Self.catalog(of: tables, using: connection)
+        // Read after the columns: every ALTER they reflect committed before this position.
+        let position: String? = try await connection.query("SELECT pg_current_wal_lsn()::text")[0].decode(String.self, at: 0)
+        catalog.asOf = position.flatMap { LSN($0) }
         setCatalog(catalog)
         return catalog
     }
