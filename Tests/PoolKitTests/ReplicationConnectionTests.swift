@@ -39,6 +39,23 @@ private func pgoutputOptions(_ table: String) -> [(String, String)] {
 
 @Suite("ReplicationConnection (real Postgres)", .serialized)
 struct ReplicationConnectionTests {
+    @Test("A malformed CopyData message (short XLogData or keepalive, unknown tag) is a decoding error, not a broken connection to reconnect for")
+    func malformedMessages() {
+        for bytes in [[UInt8(ascii: "w")] + Array(repeating: 0, count: 10), [UInt8(ascii: "k"), 0, 0], [UInt8(ascii: "x"), 1], []] {
+            let error = #expect(throws: PostgresError.self) {
+                _ = try bytes.withUnsafeBytes { try ReplicationConnection.parse($0, backend: 1) }
+            }
+            #expect(error?.code == .decoding, "\(bytes)")
+            #expect(error?.isConnectionBroken == false)
+        }
+        var keepalive: [UInt8] = [UInt8(ascii: "k")] + Array(repeating: 0, count: 17)
+        keepalive[17] = 1
+        guard case .keepalive(let parsed)? = try? keepalive.withUnsafeBytes({ try ReplicationConnection.parse($0, backend: 1) }) else {
+            Issue.record("a well-formed keepalive must parse"); return
+        }
+        #expect(parsed.replyRequested)
+    }
+
     @Test("IDENTIFY_SYSTEM, slot created once, COPY BOTH stream of one transaction, status updates, clean stop")
     func streamOneTransaction() async throws {
         try await TestDatabase.withDatabase { url in try await withReplicationFixture(url, columns: "id int PRIMARY KEY, v text") { sql, slot, table in

@@ -242,6 +242,8 @@ struct ChangeStreamBackoffTests {
         #expect(ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "57P03")))
         #expect(!ChangeStream.isRetryable(PostgresError(code: .server, message: "x", sqlState: "42704")))
         #expect(!ChangeStream.isRetryable(CaptureSetupError(.walLevelNotLogical, "x")))
+        // A malformed replication message: another protocol, which no reconnect cures.
+        #expect(!ChangeStream.isRetryable(PostgresError(code: .decoding, message: "x")))
     }
 
     @Test("A reconnect to another cluster, or to a timeline that forked before what the stream delivered, is a gap; a fork after it is not")
@@ -267,5 +269,13 @@ struct ChangeStreamBackoffTests {
         // No history (TIMELINE_HISTORY failed), or one that does not list the old timeline.
         #expect(problem(identity(timeline: 1), identity(timeline: 2), nil, "0/1")?.contains("does not say") == true)
         #expect(problem(identity(timeline: 4), identity(timeline: 5), history3, "0/1")?.contains("does not say") == true)
+        // Nothing captured for a while: heartbeats moved the resume position (0/6000000) past the
+        // last transaction delivered (0/1000000) and past the fork (0/5000000): commits on the new
+        // timeline between the two would be skipped.
+        let resumed = ChangeStream.failoverProblem(was: identity(timeline: 1), now: identity(timeline: 2), history: history2,
+                                                   deliveredThrough: LSN("0/1000000")!, resumeAt: LSN("0/6000000")!)
+        #expect(resumed?.contains("where this stream would resume") == true, "\(String(describing: resumed))")
+        #expect(ChangeStream.failoverProblem(was: identity(timeline: 1), now: identity(timeline: 2), history: history2,
+                                             deliveredThrough: LSN("0/1000000")!, resumeAt: LSN("0/5000000")!) == nil)
     }
 }

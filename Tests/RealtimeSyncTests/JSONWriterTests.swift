@@ -117,6 +117,7 @@ struct CursorTests {
         #expect(LSN("0/0") == .zero)
         #expect(LSN("16B374D848") == nil)
         #expect(LSN("1/2/3") == nil)
+        #expect(LSN("+1/0") == nil && LSN("1/-0") == nil && LSN(" 1/0") == nil)
         #expect(LSN("G/0") == nil)
     }
 

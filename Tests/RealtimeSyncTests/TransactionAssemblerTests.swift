@@ -75,6 +75,15 @@ struct TransactionAssemblerTests {
         _ = try messagesBound.apply(try decoder.decode(PgOutputMessageBuilder.begin(finalLSN: LSN(0x810), commitTime: PostgresTimestamp(microsecondsSince2000: 0), xid: 11)))
         let messageError = #expect(throws: ChangeAssemblyError.self) { _ = try messagesBound.apply(try decoder.decode(big)) }
         #expect(messageError?.code == .transactionTooLarge)
+
+        // Unless messages are not kept (as the change stream assembles: no consumer reads them):
+        // then another application's large transactional message is neither held nor counted.
+        var withoutMessages = TransactionAssembler(maxBytes: 3 * perChange, keepsMessages: false)
+        let mixed = transaction(lsn: 0x900, xid: 12, [insert(1), PgOutputMessageBuilder.message(
+            transactional: true, lsn: LSN(0x8F0), prefix: "outbox", content: Array(repeating: 7, count: 100 * perChange))])
+        let kept = try run(&withoutMessages, [relationMessage] + mixed)
+        #expect(kept.map(\.changes.count) == [1])
+        #expect(kept.first?.messages.isEmpty == true)
     }
 
     @Test("approximateBytes counts an UPDATE's message once: its old and new rows share it")

@@ -18,7 +18,8 @@ public struct PostgresError: Error, Sendable, CustomStringConvertible {
         case connectionClosed
         /// The connection string could not be understood.
         case invalidConfiguration
-        /// A value could not be decoded into the requested Swift type.
+        /// A value could not be decoded into the requested Swift type, or a replication protocol
+        /// message was malformed.
         case decoding
         /// A result or parameter was not what the caller asked for.
         case invalidUsage

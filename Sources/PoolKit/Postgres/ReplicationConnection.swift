@@ -394,23 +394,25 @@ public final class ReplicationConnection: Sendable {
         return .waitEnding(s.fd, failure)
     }
 
+    /// Parses one CopyData message of the stream. A malformed one is a `decoding` error, not a
+    /// broken connection: the server speaks another protocol, and reconnecting cannot cure it.
     static func parse(_ raw: UnsafeRawBufferPointer, backend: Int32) throws -> ReplicationMessage {
         func u64(_ offset: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: offset, as: UInt64.self)) }
         switch raw.first {
         case UInt8(ascii: "w"):
             guard raw.count >= 25 else {
-                throw PostgresError(code: .connectionBroken, message: "XLogData message of \(raw.count) bytes is shorter than its 25-byte header (backend \(backend))")
+                throw PostgresError(code: .decoding, message: "XLogData message of \(raw.count) bytes is shorter than its 25-byte header (backend \(backend))")
             }
             return .xLogData(XLogData(walStart: u64(1), walEnd: u64(9), sendTime: Int64(bitPattern: u64(17)),
                                       payload: Array(UnsafeRawBufferPointer(rebasing: raw[25...]))))
         case UInt8(ascii: "k"):
             guard raw.count >= 18 else {
-                throw PostgresError(code: .connectionBroken, message: "keepalive message of \(raw.count) bytes is shorter than 18 bytes (backend \(backend))")
+                throw PostgresError(code: .decoding, message: "keepalive message of \(raw.count) bytes is shorter than 18 bytes (backend \(backend))")
             }
             return .keepalive(PrimaryKeepalive(walEnd: u64(1), sendTime: Int64(bitPattern: u64(9)), replyRequested: raw[17] != 0))
         default:
             let tag = raw.first.map { String(UnicodeScalar($0)) } ?? "empty"
-            throw PostgresError(code: .connectionBroken, message: "unexpected replication message '\(tag)' (\(raw.count) bytes) from backend \(backend); expected 'w' or 'k'")
+            throw PostgresError(code: .decoding, message: "unexpected replication message '\(tag)' (\(raw.count) bytes) from backend \(backend); expected 'w' or 'k'")
         }
     }
 

@@ -328,8 +328,11 @@ public final class ChangeStream: Service, Sendable {
     private func capture() async throws {
         let logger = configuration.logger
         var decoder = PgOutputDecoder()
+        // Transactional logical messages (another application's pg_logical_emit_message(true, …))
+        // reach no consumer of the stream: not held, not counted against maxTransactionBytes.
         var assembler = TransactionAssembler(
-            maxChanges: configuration.maxTransactionChanges, maxBytes: configuration.maxTransactionBytes, slotName: configuration.slotName
+            maxChanges: configuration.maxTransactionChanges, maxBytes: configuration.maxTransactionBytes, slotName: configuration.slotName,
+            keepsMessages: false
         )
         var failures = 0
         var prepared = false
@@ -347,18 +350,18 @@ public final class ChangeStream: Service, Sendable {
                 // what this stream delivered (a failover to a standby that lagged), would go on
                 // with a gap: the transactions committed there below that point are skipped.
                 let identity = try await repl.identifySystem()
+                // Checked once the resume position is known (below); another cluster at once.
+                var failover: (was: ReplicationSystemIdentity, history: String?)?
                 if state.withLock({ $0.streamed }), let was = state.withLock({ $0.identity }),
                    was.systemID != identity.systemID || was.timeline != identity.timeline {
                     let history = identity.timeline != was.timeline ? try? await repl.timelineHistory(identity.timeline) : nil
                     if let problem = Self.failoverProblem(
                         was: was, now: identity, history: history, deliveredThrough: assembler.emittedThrough
                     ) {
-                        throw ChangeStreamError(.slotLost, "replication slot \(configuration.slotName): \(problem). The stream stopped instead of going on with a gap: restart it (clients resuming from older cursors get resync_required)")
+                        throw failoverError(problem)
                     }
-                    logger.notice("the server is on a new timeline that forked after what this stream delivered; going on", metadata: [
-                        "slot": "\(configuration.slotName)", "timeline": "\(identity.timeline)", "was": "\(was.timeline)"])
+                    failover = (was, history)
                 }
-                state.withLock { $0.identity = identity }
                 // A session after one that streamed (its window is open and fed from the slot)
                 // must find the slot where the stream left it. Recreated, or moved on by
                 // someone else, it would start after changes this stream never read: a gap.
@@ -400,6 +403,19 @@ public final class ChangeStream: Service, Sendable {
                             "replication slot \(configuration.slotName) is gone at reconnect (dropped, or a failover to a server without it); changes committed after \(resumeAt) cannot be read from it. The stream stopped instead of going on with a gap: restart it (it creates the slot anew; clients resuming from older cursors get resync_required)")
                     }
                     guard slotAt <= resumeAt else { throw slotMoved(to: slotAt, from: resumeAt) }
+                    if let failover {
+                        // With nothing captured for a while, keepalives and heartbeats move the
+                        // resume position past the last transaction delivered: a timeline that
+                        // forked before it would have its commits in between skipped.
+                        if let problem = Self.failoverProblem(
+                            was: failover.was, now: identity, history: failover.history,
+                            deliveredThrough: assembler.emittedThrough, resumeAt: resumeAt
+                        ) {
+                            throw failoverError(problem)
+                        }
+                        logger.notice("the server is on a new timeline that forked after where this stream resumes; going on", metadata: [
+                            "slot": "\(configuration.slotName)", "timeline": "\(identity.timeline)", "was": "\(failover.was.timeline)"])
+                    }
                     start = resumeAt
                 } else {
                     guard let slotAt else {
@@ -407,6 +423,7 @@ public final class ChangeStream: Service, Sendable {
                     }
                     start = max(state.withLock { $0.confirmed }, slotAt)
                 }
+                state.withLock { $0.identity = identity }
                 decoder.reset()
                 assembler.abandonOpenTransaction()
                 try await repl.startReplication(
@@ -645,7 +662,7 @@ public final class ChangeStream: Service, Sendable {
     /// is where the stream read before, `deliveredThrough` the end of the last transaction it
     /// handed out, `history` the new timeline's history file (`TIMELINE_HISTORY`).
     static func failoverProblem(was: ReplicationSystemIdentity, now: ReplicationSystemIdentity,
-                                history: String?, deliveredThrough: LSN) -> String? {
+                                history: String?, deliveredThrough: LSN, resumeAt: LSN = .zero) -> String? {
         if was.systemID != now.systemID {
             return "the reconnect reached another database cluster (system identifier \(now.systemID), this stream read from \(was.systemID)): a restore, or a failover to a server that is not a copy of the old one"
         }
@@ -662,7 +679,15 @@ public final class ChangeStream: Service, Sendable {
         if switchPoint < deliveredThrough {
             return "the server is on timeline \(now.timeline), which left timeline \(was.timeline) at \(switchPoint), before \(deliveredThrough), the end of the last transaction this stream delivered (a failover to a standby that lagged): what was delivered after \(switchPoint) does not exist there, and what was committed there before \(deliveredThrough) would be skipped"
         }
+        if switchPoint < resumeAt {
+            return "the server is on timeline \(now.timeline), which left timeline \(was.timeline) at \(switchPoint), before \(resumeAt), where this stream would resume (keepalives and heartbeats moved it past the last transaction delivered while nothing was captured; a failover to a standby that lagged): what was committed there between \(switchPoint) and \(resumeAt) would be skipped"
+        }
         return nil
+    }
+
+    /// `slot_lost` for a failover the stream cannot follow without a gap.
+    private func failoverError(_ problem: String) -> ChangeStreamError {
+        ChangeStreamError(.slotLost, "replication slot \(configuration.slotName): \(problem). The stream stopped instead of going on with a gap: restart it (clients resuming from older cursors get resync_required)")
     }
 
     /// `slot_lost` for a slot that someone else moved past this stream's position.

@@ -15,7 +15,9 @@ public struct LSN: RawRepresentable, Sendable, Hashable, Comparable, CustomStrin
     /// Parses Postgres's `XXXXXXXX/XXXXXXXX` text form; returns nil when malformed.
     public init?(_ text: some StringProtocol) {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        // Hex digits only: `UInt32(_:radix:)` also takes a leading + or -.
         guard parts.count == 2, (1...8).contains(parts[0].count), (1...8).contains(parts[1].count),
+              parts.allSatisfy({ $0.allSatisfy(\.isHexDigit) }),
               let high = UInt32(parts[0], radix: 16), let low = UInt32(parts[1], radix: 16)
         else { return nil }
         self.rawValue = UInt64(high) << 32 | UInt64(low)

@@ -97,6 +97,9 @@ public struct TransactionAssembler: Sendable {
     public let maxBytes: Int
     /// The replication slot the changes come from, named in the advice of that error.
     public let slotName: String
+    /// Whether transactional logical messages are kept in the transaction (`messages`); when
+    /// false they are dropped as they arrive, held and counted against `maxBytes` by nothing.
+    public let keepsMessages: Bool
 
     /// Creates an assembler.
     /// - Parameters:
@@ -105,7 +108,10 @@ public struct TransactionAssembler: Sendable {
     ///   - maxChanges: most changes in one transaction (`ChangeStream.Configuration.maxTransactionChanges`).
     ///   - maxBytes: most bytes one transaction holds (`ChangeStream.Configuration.maxTransactionBytes`).
     ///   - slotName: the slot being read, for the advice on skipping a transaction over either limit.
-    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max), maxBytes: Int = .max, slotName: String = "<slot>") {
+    ///   - keepsMessages: whether to keep transactional logical messages (see the property).
+    public init(skipThrough: LSN = .zero, maxChanges: Int = Int(UInt32.max), maxBytes: Int = .max, slotName: String = "<slot>",
+                keepsMessages: Bool = true) {
+        self.keepsMessages = keepsMessages
         self.skipThrough = skipThrough
         self.emittedThrough = skipThrough
         self.maxChanges = min(max(1, maxChanges), Int(UInt32.max))
@@ -162,7 +168,7 @@ public struct TransactionAssembler: Sendable {
             guard open != nil else {
                 throw ChangeAssemblyError(.outsideTransaction, "transactional Message '\(logical.prefix)' outside a transaction")
             }
-            if !open!.skipped {
+            if !open!.skipped && keepsMessages {
                 try hold(bytes: 128 + logical.content.count)
                 open!.messages.append(logical)
             }
@@ -228,6 +234,6 @@ public struct TransactionAssembler: Sendable {
     private func tooLarge(_ what: String, knob: String, size: String) -> ChangeAssemblyError {
         let begin = open!.begin
         return ChangeAssemblyError(.transactionTooLarge,
-            "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has \(what), the most held in memory until its commit (\(knob)). Raise the limit if memory allows (\(size)), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('\(slotName)', '\(LSN(begin.finalLSN.rawValue + 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
+            "transaction xid \(begin.xid) (commit LSN \(begin.finalLSN)) has \(what), the most held in memory until its commit (\(knob)). Raise the limit if memory allows (\(size)), or, with the service stopped, skip the transaction with SELECT pg_replication_slot_advance('\(slotName)', '\(LSN(begin.finalLSN.rawValue &+ 1))') (its changes then reach no client; clients resuming from before it get resync_required)")
     }
 }
