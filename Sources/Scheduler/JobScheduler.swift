@@ -683,8 +683,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         withExtendedLifetime(workerTask) {}
     }
 
-    /// A worker running bodies back to back yields its thread after this many ticks (1 ms).
-    private static var yieldInterval: Int64 { 1_000_000 }
+    /// A worker running bodies back to back yields its thread after this many ticks (10 ms:
+    /// at 1 ms, the yields made a 10,000-run burst about 13 % slower on this 2-core machine).
+    private static var yieldInterval: Int64 { 10_000_000 }
 
     @_specialize(where C == ContinuousClock)
     private func workerLoop(_ slot: Int, marker: RunMarker, workerTask: WorkerTask, runOwner: RunOwner) async {
