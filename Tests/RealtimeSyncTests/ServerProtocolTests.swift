@@ -296,6 +296,37 @@ struct ServerProtocolTests {
         }
     }
 
+    @Test("a schema change the stream describes before the catalog's position is checked again once the stream passes that position: the broken subscriptions then end")
+    func schemaChangeRecheckedAtCatalogPosition() async throws {
+        // The catalog's columns were read before a rename committed at 0x1500, its position after
+        // it (0x2000): it still lists 'status', and the stream's description at 0x1500 cannot
+        // tell whether it is older than the catalog.
+        var stale = serverCatalog
+        stale.asOf = LSN(0x2000)
+        let source = InMemoryChangeSource(catalog: stale)
+        let renamed = itemsColumns.map { $0.name == "status" ? RelationColumn(name: "state", typeOID: $0.typeOID) : $0 }
+        let altered = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: renamed)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.subscribe("all")
+            try await socket.subscribe("s", filter: "status=eq.open")
+            source.publish(insertEvent(["id": "1", "state": "open"], relation: altered, lsn: 0x1500))
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all"])
+            try await socket.subscribe("t", filter: "status=eq.open")  // also let through, also checked again
+            source.publish(insertEvent(["id": "2", "state": "open"], relation: altered, lsn: 0x2001))
+            var ended: Set<String> = []
+            for _ in 0..<2 {
+                let error = try await socket.receiveJSON()
+                #expect(error["code"] as? String == "invalid_filter", "\(error)")
+                ended.insert(error["id"] as? String ?? "?")
+            }
+            #expect(ended == ["s", "t"])
+            #expect(try await socket.receiveJSON()["ids"] as? [String] == ["all"])
+            #expect(test.server.statistics.subscriptions == 1)
+            await socket.close()
+        }
+    }
+
     @Test("since older than the resume window answers resync_required")
     func resyncRequired() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog, windowLimits: .init(maxCount: 3))

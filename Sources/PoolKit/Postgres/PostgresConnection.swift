@@ -107,6 +107,9 @@ public final class PostgresConnection: @unchecked Sendable {
         /// Set by `close()` while a statement runs: the statement loop closes the connection
         /// itself, for the same reason, and its statement fails with `connectionClosed`.
         var closeRequested = false
+        /// The statement `cancelRunningQuery` last asked the server to cancel (0: none), so
+        /// that `close()` right after it (a pool drain's cut-off) does not send another.
+        var cancelSentFor: UInt64 = 0
         var notifications: [PostgresNotification] = []
         var notificationHead = 0
         var droppedNotifications = 0
@@ -458,6 +461,8 @@ public final class PostgresConnection: @unchecked Sendable {
             guard let pg = s.pg, s.busy else { return (nil, nil) }
             s.broken = true
             s.closeRequested = true
+            // Already asked for this statement (a pool drain cancels, then closes): not again.
+            guard s.cancelSentFor != s.statementSerial else { return (s.fd, nil) }
             return (s.fd, PQgetCancel(pg).map(CancelHandle.init))
         }
         if let cancel {
@@ -509,6 +514,7 @@ public final class PostgresConnection: @unchecked Sendable {
     public func cancelRunningQuery() async {
         let cancel: CancelHandle? = state.withLock { s in
             guard let pg = s.pg, let c = PQgetCancel(pg) else { return nil }
+            if s.busy { s.cancelSentFor = s.statementSerial }
             return CancelHandle(c)
         }
         guard let cancel else { return }

@@ -193,10 +193,13 @@ public struct FanoutHub: Sendable {
     /// change they could never match again. `position` is where the change stream described
     /// the table so: a subscription whose filter was checked against a catalog newer than that
     /// (`schemaAsOf` after it, e.g. while a restarted stream replays changes from before an
-    /// ALTER) is left alone. Returns those closed, each with the column. Walks the table's
-    /// subscriptions: for a new description of the table, not for each change.
-    public mutating func removeSubscriptions(brokenBy relation: Relation, at position: LSN) -> [(client: FanoutClientID, id: String, column: String)] {
-        guard let index = tables[relation.qualifiedName] else { return [] }
+    /// ALTER) is left alone. Returns those closed, each with the column, and the earliest
+    /// `schemaAsOf` of those left alone that this description would break (check again once
+    /// the stream passes it: from there on its description is at least as new as their
+    /// catalog). Walks the table's subscriptions: for a new description, not for each change.
+    public mutating func removeSubscriptions(brokenBy relation: Relation, at position: LSN)
+        -> (ended: [(client: FanoutClientID, id: String, column: String)], recheckAt: LSN?) {
+        guard let index = tables[relation.qualifiedName] else { return ([], nil) }
         var records = Array(index.scan.values)
         for column in index.columns.values {
             var seen = Set<UInt64>()  // an `in` list puts one subscription in several buckets
@@ -205,11 +208,17 @@ public struct FanoutHub: Sendable {
             }
         }
         var broken: [(client: FanoutClientID, id: String, column: String)] = []
-        for record in records where record.schemaAsOf.map({ position >= $0 }) ?? true {
-            if let column = record.filter.brokenColumn(in: relation) { broken.append((record.client, record.id, column)) }
+        var recheckAt: LSN?
+        for record in records {
+            guard let column = record.filter.brokenColumn(in: relation) else { continue }
+            if let asOf = record.schemaAsOf, position < asOf {
+                recheckAt = min(recheckAt ?? asOf, asOf)
+            } else {
+                broken.append((record.client, record.id, column))
+            }
         }
         for entry in broken { unsubscribe(client: entry.client, id: entry.id) }
-        return broken.sorted { ($0.client, $0.id) < ($1.client, $1.id) }
+        return (broken.sorted { ($0.client, $0.id) < ($1.client, $1.id) }, recheckAt)
     }
 
     /// Closes every subscription of a client (its socket ended); returns how many.

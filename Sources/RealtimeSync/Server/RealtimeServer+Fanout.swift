@@ -72,7 +72,10 @@ extension RealtimeServer {
             state.lastDelivered = cursor
             state.changesProcessed += 1
             var overflowed: [FanoutClientID] = []
-            if state.relations[event.table]?.relation.json !== event.relation.json {
+            if let seen = state.relations[event.table], seen.relation.json === event.relation.json,
+               seen.recheckAt.map({ event.commitLSN < $0 }) ?? true {
+                // The description already checked, and no check pending: the common case.
+            } else {
                 (schemaChanges, overflowed) = state.noteRelation(event.relation, at: event.commitLSN)
             }
             let deliveries = state.hub.match(event)
@@ -216,19 +219,32 @@ struct SharedFrames {
     }
 }
 
+/// The change stream's latest description of a table, as the fan-out saw it.
+struct SeenRelation: Sendable {
+    var relation: Relation
+    /// The commit position of the change that carried it.
+    var at: LSN
+    /// Where the table's subscriptions are to be checked again: some were checked against a
+    /// catalog newer than `at` (`FanoutHub.removeSubscriptions(brokenBy:at:)`).
+    var recheckAt: LSN?
+}
+
 extension ServerState {
     /// A description of `relation`'s table reached the fan-out with the change committed at
-    /// `position`. With other columns than the last one, ends the subscriptions whose filter
-    /// can no longer match it (a column dropped, renamed or retyped), each with an
-    /// `invalid_filter` error carrying its id, instead of leaving them silent for good.
-    /// Returns them, and the clients whose send queue that error overflowed (closed with 1013).
+    /// `position` (new, or a check is due). With other columns than the last one, or a check
+    /// due, ends the subscriptions whose filter can no longer match it (a column dropped,
+    /// renamed or retyped), each with an `invalid_filter` error carrying its id, instead of
+    /// leaving them silent for good. Returns them, and the clients whose send queue that error
+    /// overflowed (closed with 1013).
     mutating func noteRelation(_ relation: Relation, at position: LSN)
         -> (ended: [(client: FanoutClientID, id: String, column: String)], overflowed: [FanoutClientID]) {
         let previous = relations[relation.qualifiedName]
-        relations[relation.qualifiedName] = (relation, position)
+        let recheckDue = previous?.recheckAt.map { position >= $0 } ?? false
+        relations[relation.qualifiedName] = SeenRelation(relation: relation, at: position, recheckAt: previous?.recheckAt)
         // The same columns again (re-sent after a cache invalidation or a reconnect): nothing new.
-        if let previous, previous.relation.columns == relation.columns { return ([], []) }
-        let ended = hub.removeSubscriptions(brokenBy: relation, at: position)
+        if let previous, previous.relation.columns == relation.columns, !recheckDue { return ([], []) }
+        let (ended, recheckAt) = hub.removeSubscriptions(brokenBy: relation, at: position)
+        relations[relation.qualifiedName]!.recheckAt = recheckAt
         var overflowed: [FanoutClientID] = []
         for entry in ended {
             if startAfter[entry.client]?.removeValue(forKey: entry.id) != nil, startAfter[entry.client]?.isEmpty == true {
@@ -246,15 +262,21 @@ extension ServerState {
 
     /// The column of `subscription`'s filter that the stream's latest description of its table
     /// lacks (or has with another type), if that description is at least as new as the
-    /// catalog the filter was checked against; nil otherwise.
-    func schemaBrokenColumn(of subscription: ResolvedSubscription) -> String? {
-        guard let seen = relations[subscription.table], subscription.schemaAsOf.map({ seen.at >= $0 }) ?? true else { return nil }
-        return subscription.filter.brokenColumn(in: seen.relation)
+    /// catalog the filter was checked against; nil otherwise. A description older than the
+    /// catalog that would break it marks the table for a check once the stream passes the
+    /// catalog's position.
+    mutating func schemaBrokenColumn(of subscription: ResolvedSubscription) -> String? {
+        guard let seen = relations[subscription.table], let column = subscription.filter.brokenColumn(in: seen.relation) else { return nil }
+        if let asOf = subscription.schemaAsOf, seen.at < asOf {
+            relations[subscription.table]!.recheckAt = min(seen.recheckAt ?? asOf, asOf)
+            return nil
+        }
+        return column
     }
 
     /// The error that ends (or refuses) a subscription whose filter a schema change broke.
     static func schemaChangeError(id: String, column: String, table: String) -> ProtocolError {
         ProtocolError(.invalidFilter, id: id,
-            "column '\(column)' of \(table) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns (the server re-reads them every 10 s; a column of the token's own filter needs a new token)")
+            "column '\(column)' of \(table) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns (a RealtimeService re-reads them every samplingInterval, 10 s by default; a column of the token's own filter needs a new token)")
     }
 }

@@ -44,9 +44,9 @@ struct ServerState: Sendable {
     var recentTransactions = RecentTransactions(capacity: 8_192)
     /// The cursor of the last change the fan-out processed.
     var lastDelivered: Cursor
-    /// Per table, the change stream's latest description of it and the commit position of the
-    /// change that carried it (`noteRelation`).
-    var relations: [String: (relation: Relation, at: LSN)] = [:]
+    /// Per table, the change stream's latest description of it, the commit position of the
+    /// change that carried it, and where to check its subscriptions again (`noteRelation`).
+    var relations: [String: SeenRelation] = [:]
     var nextClientID: UInt64 = 1
     /// The event loops sessions run on, in order of first use (`SessionChannel.loopIndex`).
     var eventLoops: [ObjectIdentifier] = []
@@ -64,7 +64,9 @@ struct ServerState: Sendable {
             // The table changed while it caught up or ran its snapshot: it could never match.
             if let session = sessions[client] {
                 session.noteEndedByServer(subscription.id)
-                session.enqueue(Self.schemaChangeError(id: subscription.id, column: column, table: subscription.table).serverMessage)
+                if session.enqueue(Self.schemaChangeError(id: subscription.id, column: column, table: subscription.table).serverMessage) == .overflow {
+                    dropClient(client)  // closed with 1013 by its queue
+                }
             }
             return
         }
