@@ -267,8 +267,7 @@ struct ServerProtocolTests {
     @Test("a schema change is judged by position: a subscription checked against a catalog older than the stream's description is refused; one checked against a newer catalog survives a replay of the old description")
     func schemaChangeByPosition() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
-        let renamed = itemsColumns.map { $0.name == "status" ? RelationColumn(name: "state", typeOID: $0.typeOID) : $0 }
-        let altered = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: renamed)
+        let altered = itemsRelation(renaming: "status", to: "state")
         try await withTestServer(source: source) { test in
             let socket = try await connectWebSocket(port: test.port)
             try await socket.subscribe("all")
@@ -304,8 +303,7 @@ struct ServerProtocolTests {
         var stale = serverCatalog
         stale.asOf = LSN(0x2000)
         let source = InMemoryChangeSource(catalog: stale)
-        let renamed = itemsColumns.map { $0.name == "status" ? RelationColumn(name: "state", typeOID: $0.typeOID) : $0 }
-        let altered = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: renamed)
+        let altered = itemsRelation(renaming: "status", to: "state")
         try await withTestServer(source: source) { test in
             let socket = try await connectWebSocket(port: test.port)
             try await socket.subscribe("all")
@@ -348,4 +346,11 @@ struct ServerProtocolTests {
             await socket.close()
         }
     }
+}
+
+/// public.items after `ALTER TABLE items RENAME <column> TO <name>`: a new description (as a
+/// Relation message after the change makes one).
+func itemsRelation(renaming column: String, to name: String) -> Relation {
+    let columns = itemsColumns.map { $0.name == column ? RelationColumn(name: name, typeOID: $0.typeOID, isKey: $0.isKey) : $0 }
+    return Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: columns)
 }

@@ -257,9 +257,8 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
     /// filter could then never be true again. Nil when every column is there.
     public func brokenColumn(in relation: Relation) -> String? {
         for condition in conditions {
-            guard let index = relation.columnIndex(named: condition.column) else { return condition.column }
-            let typeOID = relation.columns[index].typeOID
-            if typeOID != condition.typeOID && ColumnClass(typeOID: typeOID) != condition.columnClass { return condition.column }
+            guard let index = relation.columnIndex(named: condition.column),
+                  condition.compares(with: relation.columns[index]) else { return condition.column }
         }
         return nil
     }
@@ -295,6 +294,13 @@ enum FilterCell {
 }
 
 extension FilterCondition {
+    /// Whether this condition's operands compare with `column`'s values: its type, or one of
+    /// the same comparison class (a column retyped since the filter was compiled may not be).
+    @inline(__always)
+    func compares(with column: RelationColumn) -> Bool {
+        column.typeOID == typeOID || ColumnClass(typeOID: column.typeOID) == columnClass
+    }
+
     /// The event's value of this condition's column (see `Filter` for which row).
     @inline(__always)
     func cell(in event: ChangeEvent) -> FilterCell {
@@ -304,9 +310,7 @@ extension FilterCondition {
             guard let found = relation.columnIndex(named: column) else { return .missing }
             index = found
         }
-        guard relation.columns[index].typeOID == typeOID
-            || ColumnClass(typeOID: relation.columns[index].typeOID) == columnClass
-        else { return .missing }
+        guard compares(with: relation.columns[index]) else { return .missing }
         switch event.operation {
         case .insert, .update:
             guard let new = event.new, index < new.count else { return .missing }
