@@ -244,6 +244,23 @@ struct ClientMessageTests {
         #expect(catalog.tableNames == ["public.items", "public.notes"])
     }
 
+    @Test("Table names are compared byte for byte, as Postgres does: a canonically equivalent spelling (a Kelvin sign for K, a decomposed accent) is another table, for grants and for the catalog")
+    func namesComparedAsBytes() throws {
+        let kunden = TableCatalog(["public.Kunden": itemsColumns, "public.caf\u{E9}": itemsColumns])
+        let kelvin = "public.\u{212A}unden"  // == "public.Kunden" as a Swift String
+        #expect(kelvin == "public.Kunden")
+        let granted = #expect(throws: ProtocolError.self) {
+            try kunden.resolve(request(kelvin), access: .restricted(["public.Kunden": "tenant_id=eq.42"]))
+        }
+        #expect(granted?.code == .forbidden)
+        let unknown = #expect(throws: ProtocolError.self) { try kunden.resolve(request(kelvin)) }
+        #expect(unknown?.code == .unknownTable)
+        let decomposed = #expect(throws: ProtocolError.self) { try kunden.resolve(request("public.cafe\u{301}")) }
+        #expect(decomposed?.code == .unknownTable)
+        #expect(try kunden.resolve(request("public.Kunden"), access: .restricted(["public.Kunden": ""])).table == "public.Kunden")
+        #expect(try kunden.resolve(request("public.caf\u{E9}")).table == "public.caf\u{E9}")
+    }
+
     @Test("forbidden: a table outside the grant (even an unknown one), or a grant whose filter is broken; the mandatory filter comes first")
     func access() throws {
         let grants = TableAccess.restricted(["public.items": "tenant_id=eq.42", "public.notes": "", "public.ghost": ""])

@@ -34,6 +34,26 @@ struct ServerHTTPTests {
         }
     }
 
+    @Test("No connection outlives firstRequestTimeout idle: one silent after its first answer, and an upgrade request with a body (which NIO refuses) are closed")
+    func idleAfterFirstRequest() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .milliseconds(500) }) { test in
+            let kept = try await TestConnection.open(port: test.port)
+            #expect(try await kept.request("GET", "/healthz").status == 200)
+            // Kept alive, then silent.
+            #expect(try await kept.waitForEndOfStream(timeout: 5), "an idle kept-alive connection was not closed")
+            await kept.close()
+            let upgrade = try await TestConnection.open(port: test.port)
+            try await upgrade.send(Array(("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 1000000000\r\n\r\nx").utf8))
+            #expect(try await upgrade.waitForEndOfStream(timeout: 5), "an upgrade request with a body held its connection")
+            await upgrade.close()
+            // The server still answers.
+            let connection = try await TestConnection.open(port: test.port)
+            #expect(try await connection.request("GET", "/healthz").status == 200)
+            await connection.close()
+        }
+    }
+
     /// The listening socket's accept-queue limit, as `ss -ltn` reports it (Send-Q of a LISTEN socket).
     private func listenBacklog(port: Int) throws -> Int? {
         let process = Process()

@@ -26,6 +26,15 @@ public struct TableCatalog: Sendable {
     /// The streamed tables' names, sorted.
     public var tableNames: [String] { tables.keys.sorted() }
 
+    /// `dictionary[name]`, but only for a key with the same bytes, as Postgres compares names:
+    /// Swift's `String` equality also equates canonically equivalent spellings (a Kelvin sign
+    /// and a K, composed and decomposed accents), which would let a grant for one table admit
+    /// a request for another.
+    static func exactly<Value>(_ name: String, in dictionary: [String: Value]) -> Value? {
+        guard let index = dictionary.index(forKey: name), dictionary[index].key.utf8.elementsEqual(name.utf8) else { return nil }
+        return dictionary[index].value
+    }
+
     /// Checks a subscribe request against the catalog and the client's grants, and
     /// compiles its filter (the mandatory filter first, ANDed with the client's).
     ///
@@ -37,12 +46,12 @@ public struct TableCatalog: Sendable {
         let table = request.table.description
         var mandatoryText = ""
         if case .restricted(let grants) = access {
-            guard let grant = grants[table] else {
+            guard let grant = Self.exactly(table, in: grants) else {
                 throw ProtocolError(.forbidden, id: request.id, "the token does not grant table \(quoteForMessage(table))")
             }
             mandatoryText = grant
         }
-        guard let columns = tables[table] else {
+        guard let columns = Self.exactly(table, in: tables) else {
             throw ProtocolError(.unknownTable, id: request.id, "table \(quoteForMessage(table)) is not streamed by this server")
         }
         let mandatory: Filter

@@ -59,6 +59,7 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65_536)
         )
         let server = self.server
+        let idleTimeout = server.configuration.firstRequestTimeout
         return channel.eventLoop.makeCompletedFuture {
             let upgradeAttempted = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
             // The gate's decision on the first request, which the upgrader then acts on.
@@ -84,7 +85,10 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
                     channel.eventLoop.makeCompletedFuture {
                         let operations = channel.pipeline.syncOperations
                         try operations.addHandler(HTTP1ToHTTPServerCodec(secure: false))
-                        try operations.addHandler(HTTPConnectionStateHandler(idleTimeout: nil, logger: logger))
+                        // A kept-alive connection idle between requests for `firstRequestTimeout`
+                        // is closed (without it, one left silent after its first answer was
+                        // held, with its descriptor and task, for good).
+                        try operations.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout, logger: logger))
                         let asyncChannel = try NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>(
                             wrappingChannelSynchronously: channel,
                             configuration: .init(isOutboundHalfClosureEnabled: true)
@@ -118,7 +122,7 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             // A connection that has not completed its first request head within
             // `firstRequestTimeout` is closed (an idle probe, a slow-loris client: nothing
             // else would ever end it, and each holds a descriptor and a task).
-            let timeout = server.configuration.firstRequestTimeout
+            let timeout = idleTimeout
             let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)) {
                 channel.close(promise: nil)
             }
@@ -154,8 +158,12 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             }
         } catch let error as ChannelError where error == .inputClosed {
             logger.trace("connection closed before its first request")
+            value.channel.close(promise: nil)
         } catch {
+            // E.g. an upgrade request with a body (NIO fails the upgrade): nothing owns the
+            // socket any more, and the first-request timer is gone: close it here.
             logger.debug("connection ended during the upgrade: \(error)")
+            value.channel.close(promise: nil)
         }
     }
 

@@ -37,7 +37,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// The running catch-up or snapshot, if any.
     private var work: Task<Void, Never>?
     /// Complete messages that arrived while `work` runs.
-    private var held: [[UInt8]] = []
+    /// (A ring: answering them pops from the front, and an array shifted its whole rest per
+    /// message, quadratic in the messages one read burst delivers while reads are pausing.)
+    private var held = CircularBuffer<[UInt8]>()
     private var readsPaused = false
     private var closeReceived = false
     /// The latest ping that came while the channel was not writable.
@@ -267,7 +269,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         ended = true
         expiryTimer?.cancel()
         expiryTimer = nil
-        held = []
+        held.removeAll()
         // The close frame that went out (an echo, when the client closed first), or 1006
         // when none did (reset, vanished client).
         let sent = session.sentCloseCode.load(ordering: .relaxed)
