@@ -187,6 +187,33 @@ struct ServerProcessTests {
         }
     }
 
+    @Test("A second SIGTERM while the ordered shutdown waits (here for a client that reads nothing to take its close) cancels the rest: the process exits at once")
+    func secondSignalForces() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let port = try EmbeddedPostgres.freePort()
+            try await withServeProcesses(url: url) { slot, start in
+                let server = try start(serveArguments(url: url, table: table, slot: slot, port: port))
+                try await server.waitUntilReady(port: port)
+                // It never reads its 1001: the last step waits for it up to closeTimeout (5 s).
+                let client = try await connectWebSocket(port: port, receiveBuffer: 4096)
+                try await client.subscribe("all", table: table)
+                try await client.stopReading()
+                server.send(SIGTERM)
+                try await Task.sleep(for: .milliseconds(700))
+                #expect(server.poll() == nil, "the shutdown was over before the second signal: the test proves nothing")
+                let second = ContinuousClock.now
+                server.send(SIGTERM)
+                let status = await server.wait(timeout: .seconds(30))
+                let took = ContinuousClock.now - second
+                #expect(status != nil)
+                #expect(took < .seconds(3), "exited \(took) after the second signal: \(server.log.suffix(2000))")
+                #expect(server.log.contains("second"), "\(server.log.suffix(2000))")
+                await client.close()
+            }
+        }
+    }
+
     @Test("`realtime-sync` with no database: serves the live page, a demo row reaches a WebSocket client, SIGINT exits 0 with no error logged and the embedded cluster removed")
     func embeddedDemoProcess() async throws {
         let port = try EmbeddedPostgres.freePort()

@@ -55,7 +55,9 @@ extension RealtimeServer {
         while true {
             let (position, ended) = state.withLock { ($0.lastDelivered, $0.fanoutEnded) }
             if position >= target { reached = true; break }
-            if ended || clock.now >= drainDeadline { break }
+            // Cancelled (a second signal): go on at once (a cancelled sleep returns at once, and
+            // this loop spun until its deadline).
+            if ended || clock.now >= drainDeadline || Task.isCancelled { break }
             try? await Task.sleep(for: .milliseconds(5))
         }
         stopFanout.yield()
@@ -73,7 +75,7 @@ extension RealtimeServer {
         for session in sessions { session.close(.goingAway) }
         let closeDeadline = start.advanced(by: configuration.socketCloseDeadline)
         var remaining = sessions.count
-        while remaining > 0 && clock.now < closeDeadline {
+        while remaining > 0 && clock.now < closeDeadline && !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(5))
             remaining = state.withLock { $0.sessions.count }
         }
@@ -84,13 +86,15 @@ extension RealtimeServer {
                 session.closeNow(.goingAway)
                 session.channel.close(promise: nil)
             }
-            cut = "\(stragglers.count) sockets dropped without a finished close handshake (socketCloseDeadline=\(configuration.socketCloseDeadline))"
+            cut = Task.isCancelled
+                ? "\(stragglers.count) sockets dropped: the shutdown was cancelled (a second signal)"
+                : "\(stragglers.count) sockets dropped without a finished close handshake (socketCloseDeadline=\(configuration.socketCloseDeadline))"
             let dropDeadline = clock.now.advanced(by: .seconds(1))
-            while state.withLock({ !$0.sessions.isEmpty }) && clock.now < dropDeadline {
+            while state.withLock({ !$0.sessions.isEmpty }) && clock.now < dropDeadline && !Task.isCancelled {
                 try? await Task.sleep(for: .milliseconds(5))
             }
             let ending = state.withLock { $0.sessions.count }
-            if ending > 0 {
+            if ending > 0 && !Task.isCancelled {
                 cut! += "; \(ending) sessions still ending 1 s after their sockets were dropped (a catch-up or snapshot that did not stop when cancelled)"
             }
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import UnixSignals
 
 /// How the program writes its log lines (`--log-format`).
 public enum LogFormat: String, Sendable, CaseIterable {
@@ -87,16 +88,38 @@ extension RealtimeService {
     }
 
     /// Runs the service in a `ServiceGroup` until SIGINT, SIGTERM or SIGHUP (a closed terminal), then shuts it down in
-    /// order (the documented root of the program). `onRunning` is called once it listens.
+    /// order (the documented root of the program). A second such signal while it shuts down cancels the
+    /// shutdown's remaining steps instead of waiting for them (press Ctrl-C again to force; the run then
+    /// throws `CancellationError`). `onRunning` is called once it listens.
     public func runUntilSignalled(onRunning: @escaping @Sendable (Running) -> Void = { _ in }) async throws {
+        let signals: [UnixSignal] = [.sigterm, .sigint, .sighup]
+        let logger = configuration.logger
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: self)], gracefulShutdownSignals: [.sigterm, .sigint, .sighup], logger: configuration.logger))
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            tasks.addTask {
-                if let running = try? await self.waitUntilRunning() { onRunning(running) }
+            services: [.init(service: self)], gracefulShutdownSignals: signals, logger: logger))
+        // Unstructured, so that the signal watcher can cancel it.
+        let run = Task { try await group.run() }
+        // Trapped before the run can see its first signal, so that the count starts there.
+        let trapped = await UnixSignalsSequence(trapping: signals)
+        try await withTaskCancellationHandler {
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask {
+                    if let running = try? await self.waitUntilRunning() { onRunning(running) }
+                }
+                tasks.addTask {
+                    var seen = 0
+                    for await signal in trapped {
+                        seen += 1
+                        guard seen == 2 else { continue }
+                        logger.warning("second \(signal) while shutting down: cancelling the remaining shutdown steps")
+                        run.cancel()
+                    }
+                }
+                let outcome = await run.result
+                tasks.cancelAll()
+                try outcome.get()
             }
-            try await tasks.waitForAll()
+        } onCancel: {
+            run.cancel()
         }
     }
 }
