@@ -24,20 +24,11 @@ func withRealtimeService(
     configure(&configuration)
     let service = RealtimeService(configuration)
     let (slotName, publication) = (configuration.slot, configuration.publication)
-    let group = ServiceGroup(configuration: .init(services: [service], logger: quiet))
     do {
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            do {
-                let running = try await withTimeout(60, "service start") { try await service.waitUntilRunning() }
-                try await body(service, running, group)
-            } catch {
-                await group.triggerGracefulShutdown()
-                try? await tasks.waitForAll()
-                throw error
-            }
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
+        try await withRunningServices([service], start: {
+            try await withTimeout(60, "service start") { try await service.waitUntilRunning() }
+        }) { running, group in
+            try await body(service, running, group)
         }
     } catch {
         await dropCapture(url: url, slot: slotName, publication: publication)

@@ -405,12 +405,23 @@ func withTestServer(source: InMemoryChangeSource, logger: Logger? = nil, alone: 
 private func runTestServer(source: InMemoryChangeSource, configuration: RealtimeServerConfiguration,
                            _ body: @Sendable (TestServer) async throws -> Void) async throws {
     let server = RealtimeServer(source: source, configuration: configuration)
-    let group = ServiceGroup(configuration: .init(services: [server], logger: Logger(label: "test.group") { _ in SwiftLogNoOpLogHandler() }))
+    try await withRunningServices([server], start: {
+        try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+    }) { port, group in
+        try await body(TestServer(server: server, group: group, port: port))
+    }
+}
+
+/// Runs `services` in a `ServiceGroup`; `start` waits until they serve and returns what `body`
+/// needs. The group is shut down gracefully after `body`, also when `start` or `body` throws (a
+/// start that failed while the group ran used to leave the test waiting on the group for good).
+func withRunningServices<Started>(_ services: [any Service], start: () async throws -> Started,
+                                  _ body: (Started, ServiceGroup) async throws -> Void) async throws {
+    let group = ServiceGroup(configuration: .init(services: services, logger: Logger(label: "test.group") { _ in SwiftLogNoOpLogHandler() }))
     try await withThrowingTaskGroup(of: Void.self) { tasks in
         tasks.addTask { try await group.run() }
-        let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
         do {
-            try await body(TestServer(server: server, group: group, port: port))
+            try await body(try await start(), group)
         } catch {
             await group.triggerGracefulShutdown()
             try? await tasks.waitForAll()

@@ -339,19 +339,10 @@ private func withStagedSnapshotServer(
     configuration.snapshotReader = TableSnapshotReader(pool: pool)
     configure(&configuration)
     let server = RealtimeServer(source: source, configuration: configuration)
-    let group = ServiceGroup(configuration: .init(services: [pool, server], logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }))
-    try await withThrowingTaskGroup(of: Void.self) { tasks in
-        tasks.addTask { try await group.run() }
-        do {
-            let port = try await withTimeout(30, "server start") { try await server.waitUntilListening() }
-            try await body(server, port)
-        } catch {
-            await group.triggerGracefulShutdown()
-            try? await tasks.waitForAll()
-            throw error
-        }
-        await group.triggerGracefulShutdown()
-        try await tasks.waitForAll()
+    try await withRunningServices([pool, server], start: {
+        try await withTimeout(30, "server start") { try await server.waitUntilListening() }
+    }) { port, _ in
+        try await body(server, port)
     }
 }
 

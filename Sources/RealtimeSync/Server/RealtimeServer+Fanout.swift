@@ -245,19 +245,25 @@ extension ServerState {
         if let previous, previous.relation.columns == relation.columns, !recheckDue { return ([], []) }
         let (ended, recheckAt) = hub.removeSubscriptions(brokenBy: relation, at: position)
         relations[relation.qualifiedName]!.recheckAt = recheckAt
-        var overflowed: [FanoutClientID] = []
-        for entry in ended {
-            if startAfter[entry.client]?.removeValue(forKey: entry.id) != nil, startAfter[entry.client]?.isEmpty == true {
-                startAfter[entry.client] = nil
-            }
-            guard let session = sessions[entry.client] else { continue }
-            session.noteEndedByServer(entry.id)
-            if session.enqueue(Self.schemaChangeError(id: entry.id, column: entry.column, table: relation.qualifiedName).serverMessage) == .overflow {
-                dropClient(entry.client)
-                overflowed.append(entry.client)
-            }
-        }
+        let overflowed = ended.filter {
+            endForSchemaChange(client: $0.client, id: $0.id, column: $0.column, table: relation.qualifiedName)
+        }.map(\.client)
         return (ended, overflowed)
+    }
+
+    /// Tells a client that the server ended (or would not add) its subscription `id` because a
+    /// schema change broke its filter: the `invalid_filter` error, the id freed for the session
+    /// handler, no start cursor left for it. True when the error overflowed the client's send
+    /// queue (closed with 1013): the client is dropped.
+    mutating func endForSchemaChange(client: FanoutClientID, id: String, column: String, table: String) -> Bool {
+        if startAfter[client]?.removeValue(forKey: id) != nil, startAfter[client]?.isEmpty == true {
+            startAfter[client] = nil
+        }
+        guard let session = sessions[client] else { return false }
+        session.noteEndedByServer(id)
+        guard session.enqueue(Self.schemaChangeError(id: id, column: column, table: table).serverMessage) == .overflow else { return false }
+        dropClient(client)
+        return true
     }
 
     /// The column of `subscription`'s filter that the stream's latest description of its table

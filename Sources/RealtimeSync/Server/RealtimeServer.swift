@@ -62,12 +62,7 @@ struct ServerState: Sendable {
     mutating func join(_ subscription: ResolvedSubscription, client: FanoutClientID, lastCovered: Cursor) {
         if let column = schemaBrokenColumn(of: subscription) {
             // The table changed while it caught up or ran its snapshot: it could never match.
-            if let session = sessions[client] {
-                session.noteEndedByServer(subscription.id)
-                if session.enqueue(Self.schemaChangeError(id: subscription.id, column: column, table: subscription.table).serverMessage) == .overflow {
-                    dropClient(client)  // closed with 1013 by its queue
-                }
-            }
+            _ = endForSchemaChange(client: client, id: subscription.id, column: column, table: subscription.table)
             return
         }
         do {

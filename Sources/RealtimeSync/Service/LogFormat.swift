@@ -96,10 +96,10 @@ extension RealtimeService {
         let logger = configuration.logger
         let group = ServiceGroup(configuration: .init(
             services: [.init(service: self)], gracefulShutdownSignals: signals, logger: logger))
+        // Trapped before the group runs, so that this count sees its first signal too.
+        let trapped = await UnixSignalsSequence(trapping: signals)
         // Unstructured, so that the signal watcher can cancel it.
         let run = Task { try await group.run() }
-        // Trapped before the run can see its first signal, so that the count starts there.
-        let trapped = await UnixSignalsSequence(trapping: signals)
         try await withTaskCancellationHandler {
             try await withThrowingTaskGroup(of: Void.self) { tasks in
                 tasks.addTask {
