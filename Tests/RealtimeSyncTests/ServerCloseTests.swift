@@ -198,6 +198,8 @@ struct ServerCloseTests {
             // the changes sent and queued before it: then the close.
             try await slow.startReading()
             #expect(try await slow.receiveClose(timeout: 30) == 1013)
+            // Answered, as a client does: otherwise the session ends only at closeTimeout (10 s here).
+            try await slow.sendClose(1000)
             #expect(await eventually(10) { test.server.statistics.sessions == 1 }, "the slow client's session was not released")
             let statistics = test.server.statistics
             #expect(statistics.closes[1013] == 1)
