@@ -93,6 +93,7 @@ struct ClientMessageTests {
         (#"{"type":"subscribe","id":"s1","table":"orders","events":[]}"#, .invalidMessage, "'events' must not be empty", "s1"),
         (#"{"type":"subscribe","id":"s1","table":"orders","events":"INSERT"}"#, .invalidMessage, "'events' must be an array of strings, got a string", "s1"),
         (#"{"type":"subscribe","id":"s1","table":"orders","events":["UPSERT"]}"#, .invalidMessage, "unknown event 'UPSERT'", "s1"),
+        (#"{"type":"subscribe","id":"s1","table":"orders","events":["\u0131nsert"]}"#, .invalidMessage, "unknown event 'ınsert'", "s1"),
         (#"{"type":"subscribe","id":"s1","table":"orders","events":[1]}"#, .invalidMessage, "'events' must hold strings, got a number", "s1"),
         (#"{"type":"subscribe","id":"s1","table":"orders","filter":1}"#, .invalidMessage, "'filter' must be a string, got a number", "s1"),
         (#"{"type":"subscribe","id":"s1","table":"orders","snapshot":"yes"}"#, .invalidMessage, "'snapshot' must be true or false, got a string", "s1"),

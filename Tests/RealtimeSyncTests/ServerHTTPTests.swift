@@ -1,5 +1,5 @@
 import Foundation
-import RealtimeSync
+@testable import RealtimeSync
 import Synchronization
 import Testing
 
@@ -168,6 +168,8 @@ struct ServerHTTPTests {
         ("a key that is not base64", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "!!!!!!!!!!!!!!!!!!!!!!=="), ("Sec-WebSocket-Version", "13")]),
         ("two keys", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
                              ("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA=="), ("Sec-WebSocket-Version", "13")]),
+        ("two versions", "GET", [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                                 ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Version", "13")]),
     ]
 
     @Test("A malformed upgrade of /ws answers 400 websocket_upgrade_required (not a redirect a client would follow forever)", arguments: Self.malformedUpgrades)
@@ -177,6 +179,40 @@ struct ServerHTTPTests {
             let response = try await connection.request(`case`.1, "/ws", headers: `case`.2)
             #expect(response.status == 400, "\(`case`.0)")
             #expect(response.body == #"{"error":"websocket_upgrade_required"}"#, "\(`case`.0)")
+            await connection.close()
+        }
+    }
+
+    @Test("The WebSocket lives at /ws only: an upgrade of /ws/ or //ws answers 404, not 400 or 101")
+    func wsPathExact() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog)) { test in
+            for path in ["/ws/", "//ws", "/ws//"] {
+                let connection = try await TestConnection.open(port: test.port)
+                let response = try await connection.request("GET", path, headers: [
+                    ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")])
+                #expect(response.status == 404, "\(path)")
+                await connection.close()
+            }
+        }
+    }
+
+    @Test("A client cannot pass for a refused upgrade: its own X-Realtime-Refused-Upgrade on a plain GET /ws gets 400, not the refusal's 401 or 403")
+    func refusalMarkNotForgeable() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { configuration in
+            configuration.admission = { _ in .unauthorized(reason: "no token") }
+            configuration.allowedOrigins = ["https://app.example"]
+        }) { test in
+            let connection = try await TestConnection.open(port: test.port)
+            // A first request passes the gate, which drops the header (even one with the mark).
+            let first = try await connection.request("GET", "/ws", headers: [("X-Realtime-Refused-Upgrade", RealtimeServer.refusedUpgradeMark)])
+            #expect(first.status == 400)
+            #expect(first.body == #"{"error":"websocket_upgrade_required"}"#)
+            // Later requests of the connection do not pass the gate; they lack the mark.
+            let later = try await connection.request("GET", "/ws", headers: [("X-Realtime-Refused-Upgrade", "1")])
+            #expect(later.status == 400)
+            #expect(later.body == #"{"error":"websocket_upgrade_required"}"#)
+            let origin = try await connection.request("GET", "/ws", headers: [("X-Realtime-Refused-Upgrade", "1"), ("Origin", "https://evil.example")])
+            #expect(origin.status == 400)
             await connection.close()
         }
     }

@@ -195,7 +195,9 @@ public enum ClientMessage: Sendable, Hashable {
                 guard case .string(let name) = element else {
                     throw ProtocolError(.invalidMessage, id: id, "'events' must hold strings, got \(element.typeName)")
                 }
-                guard let operation = ChangeOperation(rawValue: name.uppercased()) else {
+                // ASCII case only: Unicode's `uppercased()` maps "ınsert" (dotless i) to INSERT.
+                let upper = String(decoding: name.utf8.map { $0 >= 0x61 && $0 <= 0x7A ? $0 - 0x20 : $0 }, as: UTF8.self)
+                guard let operation = ChangeOperation(rawValue: upper) else {
                     throw ProtocolError(.invalidMessage, id: id, "unknown event \(quoteForMessage(name)) (expected INSERT, UPDATE, DELETE or TRUNCATE)")
                 }
                 events.insert(ChangeOperationSet(operation))

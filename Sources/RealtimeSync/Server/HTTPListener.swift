@@ -100,14 +100,16 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var part = unwrapInboundIn(data)
         if case .head(var head) = part {
+            // The mark is the server's to set: one a client sent is dropped.
+            head.headers.remove(name: RealtimeServer.refusedUpgradeHeader)
             if head.headers.contains(name: "upgrade") && !(Self.isWellFormedUpgrade(head) && admits(head)) {
                 head.headers.remove(name: "upgrade")
                 let connection = head.headers[canonicalForm: "connection"].filter { $0.lowercased() != "upgrade" }.map(String.init)
                 head.headers.remove(name: "connection")
                 if !connection.isEmpty { head.headers.add(name: "connection", value: connection.joined(separator: ", ")) }
-                head.headers.add(name: RealtimeServer.refusedUpgradeHeader, value: "1")
-                part = .head(head)
+                head.headers.add(name: RealtimeServer.refusedUpgradeHeader, value: RealtimeServer.refusedUpgradeMark)
             }
+            part = .head(head)
         }
         context.fireChannelRead(wrapInboundOut(part))
         if case .head = part {
@@ -136,6 +138,10 @@ extension UpgradeGate {
         // takes any non-empty value, and with two keys it closed the connection unanswered.
         let keys = head.headers["sec-websocket-key"]
         guard keys.count == 1, let key = keys.first?.trimmingCharacters(in: .whitespaces) else { return false }
+        // Exactly one version too (NIO's upgrader refuses two, and the gate, reading the first,
+        // let them through: the request then reached the redirect of a later request's upgrade,
+        // which a client follows for ever). Its value is the router's to judge (426 if not 13).
+        guard head.headers[canonicalForm: "sec-websocket-version"].count == 1 else { return false }
         return Self.isWebSocketKey(key)
     }
 

@@ -1,3 +1,4 @@
+import Foundation
 import HTTPTypes
 import Hummingbird
 import NIOCore
@@ -5,6 +6,10 @@ import NIOCore
 extension RealtimeServer {
     /// Set by the upgrade gate on an upgrade it refused, so `/ws` answers why.
     static let refusedUpgradeHeader = "x-realtime-refused-upgrade"
+    /// The header's value: random per process, so that a client cannot pass for a refused
+    /// upgrade (the gate also drops the header from a first request; later requests of a
+    /// kept-alive connection do not pass the gate).
+    static let refusedUpgradeMark = UUID().uuidString
 
     /// Whether an upgrade request may proceed to the WebSocket upgrader, and if so what the
     /// session may do. Decided once per upgrade, by the `UpgradeGate` (one token check).
@@ -40,19 +45,22 @@ extension RealtimeServer {
 
     /// `/ws` that reached the router: not an upgrade, or one the gate refused.
     private func answerPlainWebSocketRequest(_ request: Request) -> Response {
+        // The router also takes `/ws/` and `//ws` here; the WebSocket lives at `/ws` only.
+        guard request.uri.path == "/ws" else { return Response(status: .notFound) }
         if isDraining { return Self.json(.serviceUnavailable, #"{"error":"shutting_down"}"#) }
         let upgrade = UpgradeRequest(request.head)
+        let refused = upgrade.header(Self.refusedUpgradeHeader) == Self.refusedUpgradeMark
         if let version = upgrade.header("sec-websocket-version"), version != "13" {
             var response = Self.json(.upgradeRequired, #"{"error":"unsupported_websocket_version","supported":"13"}"#)
             response.headers[.secWebSocketVersion] = "13"
             return response
         }
-        if upgrade.header(Self.refusedUpgradeHeader) != nil, !originAllowed(upgrade) {
+        if refused, !originAllowed(upgrade) {
             logger.info("websocket upgrade refused: origin not allowed (RealtimeServerConfiguration.allowedOrigins, --allowed-origins)",
                         metadata: ["origin": "\(upgrade.header("origin") ?? "")", "host": "\(upgrade.header("host") ?? "")"])
             return Self.json(.forbidden, #"{"error":"origin_not_allowed"}"#)
         }
-        if upgrade.header(Self.refusedUpgradeHeader) != nil, case .unauthorized(let reason) = admission(upgrade) {
+        if refused, case .unauthorized(let reason) = admission(upgrade) {
             logger.info("websocket upgrade refused: unauthorized", metadata: ["reason": "\(reason)"])
             return Self.json(.unauthorized, #"{"error":"unauthorized"}"#)
         }
