@@ -27,7 +27,7 @@ struct PostgresPoolTests {
         }
     }
 
-    @Test("32 tasks preferring the reactor executor share 4 pooled connections: every answer is right and every task runs on a reactor thread", .timeLimit(.minutes(1)))
+    @Test("32 tasks preferring the reactor executor share 4 pooled connections: every answer is right and every task runs on a reactor thread")
     func tasksOnTheReactorExecutor() async throws {
         try await TestDatabase.withDatabase { url in
             var config = ConnectionPoolConfiguration()

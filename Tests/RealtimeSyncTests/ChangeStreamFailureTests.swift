@@ -350,7 +350,8 @@ struct ChangeStreamFailureTests {
             try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let separator = url.contains("?") ? "&" : "?"
             let shortTimeout = url + separator + "options=-c%20wal_sender_timeout%3D300"
-            try await withChangeStream(url: shortTimeout, tables: [table]) { stream, sql in
+            let slot = uniqueCaptureName("cs_slot")
+            try await withChangeStream(url: shortTimeout, tables: [table], slot: slot) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(table) SELECT generate_series(1, 10)")
                 let events = try await take(10, from: changes)
@@ -359,6 +360,8 @@ struct ChangeStreamFailureTests {
                 #expect(stream.statistics.connected)
                 #expect(stream.statistics.reconnects == 0)
                 #expect(stream.statistics.confirmedFlush == events[0].commitLSN)
+                // What the server holds, not only what the stream thinks it reported.
+                #expect(try await slotConfirmedFlush(sql, slot: slot) == events[0].commitLSN)
             }
             try await runSQL(url, "DROP TABLE \(table)")
         }

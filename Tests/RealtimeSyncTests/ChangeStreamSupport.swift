@@ -145,3 +145,9 @@ private func runPrivateCluster<T: Sendable>(_ options: EmbeddedPostgres.Options,
         throw error
     }
 }
+
+/// The slot's `confirmed_flush_lsn` as the server holds it.
+func slotConfirmedFlush(_ sql: PostgresConnection, slot: String) async throws -> LSN {
+    let rows = try await sql.query("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '\(slot)'")
+    return try #require(try rows.first?.decode(String.self, at: 0).flatMap { LSN($0) }, "no slot \(slot)")
+}

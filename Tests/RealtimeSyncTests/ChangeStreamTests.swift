@@ -186,7 +186,8 @@ struct ChangeStreamTests {
             let table = uniqueCaptureName("cs_wst")
             try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
             let shortTimeout = url + (url.contains("?") ? "&" : "?") + "options=-c%20wal_sender_timeout%3D120ms"
-            try await withChangeStream(url: shortTimeout, tables: [table]) { stream, sql in
+            let slot = uniqueCaptureName("cs_slot")
+            try await withChangeStream(url: shortTimeout, tables: [table], slot: slot) { stream, sql in
                 let changes = stream.changes()
                 try await sql.execute("INSERT INTO \(table) VALUES (1)")
                 let event = try #require(try await take(1, from: changes).first)
@@ -194,6 +195,10 @@ struct ChangeStreamTests {
                 try await Task.sleep(for: .milliseconds(1_500))
                 #expect(stream.statistics.confirmedFlush <= event.commitLSN,
                         "the hold was released on an idle database: \(stream.statistics.confirmedFlush) > \(event.commitLSN)")
+                // What the server holds, not only what the stream thinks it reported.
+                let onServer = try await slotConfirmedFlush(sql, slot: slot)
+                #expect(onServer <= event.commitLSN, "the slot moved past the held change: \(onServer) > \(event.commitLSN)")
+                #expect(stream.statistics.connected && stream.statistics.reconnects == 0, "the replies kept the connection")
             }
             try await runSQL(url, "DROP TABLE \(table)")
         }

@@ -225,9 +225,7 @@ struct ServerCloseTests {
             try await socket.stopReading()
             source.publish(itemInserts(1...600, padding: 60_000))
             #expect(await eventually(20) { test.server.statistics.subscriptions == 0 })
-            let began = ContinuousClock.now
             #expect(await eventually(15) { test.server.statistics.sessions == 0 }, "the session was not released")
-            #expect(began.duration(to: .now) < .seconds(10))
             #expect(test.server.statistics.closes[1013] == 1)
             await socket.close()
         }

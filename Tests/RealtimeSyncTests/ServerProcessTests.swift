@@ -207,8 +207,11 @@ struct ServerProcessTests {
                 let status = await server.wait(timeout: .seconds(30))
                 let took = ContinuousClock.now - second
                 #expect(status != nil)
-                #expect(took < .seconds(3), "exited \(took) after the second signal: \(server.log.suffix(2000))")
-                #expect(server.log.contains("second"), "\(server.log.suffix(2000))")
+                // From the log, not a speed: the close step was cut by the cancellation, not by
+                // its socketCloseDeadline (5 s after the first signal, the unforced end).
+                #expect(server.log.contains("the shutdown was cancelled (a second signal)"), "exited \(took) after the second signal: \(server.log.suffix(2000))")
+                #expect(!server.log.contains("without a finished close handshake"), "\(server.log.suffix(2000))")
+                #expect(server.log.contains("second SIGTERM while shutting down"), "\(server.log.suffix(2000))")
                 await client.close()
             }
         }

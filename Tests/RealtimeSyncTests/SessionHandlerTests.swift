@@ -183,9 +183,7 @@ struct PingFloodTests {
             try await flood(socket, count: 20_000)
             try await Task.sleep(for: .milliseconds(500))
             try await socket.sendClose(1000)
-            let began = ContinuousClock.now
             #expect(await eventually(10) { test.server.statistics.sessions == 0 }, "the session was not released")
-            #expect(began.duration(to: .now) < .seconds(5))
             #expect(test.server.statistics.subscriptions == 0)
             await socket.close()
         }

@@ -108,14 +108,17 @@ struct SchedulerThreadsTests {
         let s = try #require(start)
         let e = try #require(end)
         let during = fastRuns.withLock { $0.filter { $0 > s && $0 < e } }
-        // 40 fires are due while it blocks; a loaded machine may miss some, a stopped clock all.
-        #expect(during.count >= 10, "only \(during.count) runs of the 10 ms job during the 400 ms block")
+        // 40 fires are due while it blocks; a loaded machine may miss many, a stopped clock all
+        // (one could have been taken before the block began: two show the clock kept going).
+        #expect(during.count >= 2, "only \(during.count) runs of the 10 ms job during the 400 ms block")
     }
 
     @Test("two runs due at once, one of them blocking its thread: the other starts at once on another thread, also when a worker popped both")
     func blockedBodyDoesNotHoldUpItsBatchMate() async throws {
         let scheduler = JobScheduler(logger: quiet, configuration: .init(threads: 4))
-        let late = Mutex<[Duration]>([])
+        // Per round: when the blocking body ended, when its batch mate started.
+        let blockerEnds = Mutex<[Int: ContinuousClock.Instant]>([:])
+        let mateStarts = Mutex<[Int: ContinuousClock.Instant]>([:])
         let started = Mutex(false)
         try await withContinuousSchedulerInstance(scheduler) { scheduler in
             _ = try scheduler.schedule(.once(after: .zero)) { _ in started.withLock { $0 = true } }
@@ -126,16 +129,21 @@ struct SchedulerThreadsTests {
             let base = ContinuousClock.now.advanced(by: .milliseconds(100))
             for round in 0..<6 {
                 let at = base.advanced(by: .milliseconds(350 * round))
-                _ = try scheduler.schedule(.once(at: at)) { _ in usleep(300_000) }
-                _ = try scheduler.schedule(.once(at: at)) { ctx in late.withLock { $0.append(ctx.lateness) } }
+                _ = try scheduler.schedule(.once(at: at)) { _ in
+                    usleep(300_000)
+                    blockerEnds.withLock { $0[round] = .now }
+                }
+                _ = try scheduler.schedule(.once(at: at)) { _ in mateStarts.withLock { $0[round] = .now } }
             }
-            #expect(try await eventually { late.withLock { $0.count } == 6 })
+            #expect(try await eventually { blockerEnds.withLock { $0.count } == 6 && mateStarts.withLock { $0.count } == 6 })
             ticker.cancel()
         }
-        for l in late.withLock({ $0 }) {
-            // The elastic rule promises about one stall threshold (1 ms); 100 ms leaves room for
-            // a loaded machine and is far below the 300 ms of the blocking body.
-            #expect(l < .milliseconds(100), "a run due with a blocking one started \(l) late")
+        // Cause and effect, not a speed: held up by the blocking body, the mate would start
+        // only after that body's 300 ms ended.
+        let ends = blockerEnds.withLock { $0 }
+        for (round, start) in mateStarts.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
+            let end = try #require(ends[round])
+            #expect(start < end, "round \(round): the run due with a blocking one started \(end.duration(to: start)) after that one ended")
         }
     }
 
@@ -153,13 +161,13 @@ struct SchedulerThreadsTests {
             // this process may keep busy).
             _ = try scheduler.schedule(.once(after: .zero)) { _ in started.withLock { $0 = true } }
             #expect(try await eventually { started.withLock { $0 } })
-            // 10 jobs at fixed instants, each earlier than the one before: base + 1000, 900, ..., 100 ms,
+            // 10 jobs at fixed instants, each earlier than the one before: base + 3000, 2700, ..., 300 ms,
             // scheduled 15 ms apart, from a task on the scheduler's threads (the cooperative ones
             // may be kept busy by other tests for longer than the whole schedule).
             let (b, a, most) = try await Task(executorPreference: threads) { @Sendable () async throws -> (ContinuousClock.Instant, ContinuousClock.Instant, Int) in
                 let base = ContinuousClock.now.advanced(by: .milliseconds(400))
                 for i in 0..<10 {
-                    let due = 1000 - 100 * i
+                    let due = 3000 - 300 * i
                     _ = try scheduler.schedule(.once(at: base.advanced(by: .milliseconds(due)))) { ctx in
                         fired.withLock { $0.append((due, ctx.lateness)) }
                     }
@@ -170,7 +178,7 @@ struct SchedulerThreadsTests {
                 // Never more than one timer armed: the later ones were superseded (disarmed),
                 // not left to fire one by one.
                 var most = 0
-                let patience = ContinuousClock.now.advanced(by: .seconds(5))
+                let patience = ContinuousClock.now.advanced(by: .seconds(8))
                 while fired.withLock({ $0.count }) < 10 && ContinuousClock.now < patience {
                     most = max(most, threads.pendingTimers)
                     try await Task.sleep(for: .milliseconds(2))
@@ -187,8 +195,9 @@ struct SchedulerThreadsTests {
         // due before the last was scheduled, on a machine that slow, run as they come.)
         let inTime = runs.filter { base.advanced(by: .milliseconds($0.due)) > allScheduled }
         #expect(inTime.map(\.due) == inTime.map(\.due).sorted())
+        // A job held by the superseded timer runs when the next later job is due, 300 ms on.
         for run in inTime {
-            #expect(run.lateness < .milliseconds(90), "the job due at +\(run.due) ms ran \(run.lateness) late")
+            #expect(run.lateness < .milliseconds(250), "the job due at +\(run.due) ms ran \(run.lateness) late")
         }
     }
 
@@ -213,7 +222,6 @@ struct SchedulerThreadsTests {
 
     @Test("the executor's hand-over rule: one task resumed lazily follows on the same thread; two wake another thread, so a long job does not hold both")
     func lazyHandOver() async throws {
-        let clock = ContinuousClock()
         let threads = startedThreads("test-lazy")
         // Two tasks parked on continuations, on the executor.
         let parked = Mutex<[CheckedContinuation<Void, Never>]>([])
@@ -226,16 +234,16 @@ struct SchedulerThreadsTests {
         }
         #expect(try await eventually { parked.withLock { $0.count } == 2 })
         // A job on the executor resumes both inside `lazily`, then blocks its thread 600 ms.
-        let t0 = clock.now
-        await Task(executorPreference: threads) { @Sendable in
+        let blockEnd = await Task(executorPreference: threads) { @Sendable in
             let both = parked.withLock { $0 }
             threads.lazily { for c in both { c.resume() } }
             usleep(600_000)
+            return ContinuousClock.now
         }.value
         for w in waiters { await w.value }
         let first = try #require(ranAt.withLock { $0.min() })
         // The second resumed task woke the other thread: one of them ran during the block.
-        #expect(t0.duration(to: first) < .milliseconds(400), "both resumed tasks waited \(t0.duration(to: first)) for the blocked thread")
+        #expect(first < blockEnd, "both resumed tasks waited \(blockEnd.duration(to: first)) past the end of the block")
         await threads.stop()
         #expect(threads.liveThreads == 0)
     }
@@ -261,14 +269,16 @@ struct SchedulerThreadsTests {
         #expect(!threads.disarm(never), "disarmed twice")
         // An earlier timer armed while the timekeeper waits for a later one: the timekeeper is
         // woken to wait for the earlier deadline instead.
-        let later = threads.arm(at: ticks() + 3_000_000_000) {}
+        let laterDeadline = ticks() + 3_000_000_000
+        let later = threads.arm(at: laterDeadline) {}
         try await Task.sleep(for: .milliseconds(20))  // the timekeeper is in its timed wait now
         let t0 = clock.now
         let early = Mutex<ContinuousClock.Instant?>(nil)
         _ = threads.arm(at: ticks() + 50_000_000) { early.withLock { $0 = .now } }
         #expect(try await eventually { early.withLock { $0 } != nil })
-        let took = early.withLock { $0 }.map { t0.duration(to: $0) }
-        #expect(took.map { $0 < .milliseconds(1500) } == true, "a 50 ms timer took \(String(describing: took)): it waited for the 3 s one")
+        // Not held until the later timer's deadline (a cause, not a speed).
+        let firedAt = try #require(early.withLock { $0 })
+        #expect(firedAt < epoch.advanced(by: .nanoseconds(laterDeadline)), "a 50 ms timer took \(t0.duration(to: firedAt)): it waited for the 3 s one")
         #expect(threads.pendingTimers == 1)
         #expect(threads.disarm(later))
         // Jobs of a task that prefers it run on its threads.
