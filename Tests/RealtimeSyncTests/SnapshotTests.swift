@@ -379,6 +379,31 @@ struct SnapshotTests {
         }
     }
 
+    @Test("A publication's column list and row filter, and generated columns, bound snapshots and filters as they bound the stream: only published columns and rows, and no filter on a column never streamed")
+    func publishedColumnsAndRows() async throws {
+        let publication = uniqueCaptureName("snap_pub")
+        try await withSeededTable("snap_pubcols", columns: "id int PRIMARY KEY, status text, secret text, doubled int GENERATED ALWAYS AS (id * 2) STORED",
+                                  seed: "INSERT INTO {t} (id, status, secret) VALUES (1, 'open', 's1'), (2, 'draft', 's2'); "
+                                      + "CREATE PUBLICATION \(publication) FOR TABLE {t} (id, status) WHERE (status <> 'draft')",
+                                  configure: { $0.publication = publication }) { running, client, table in
+            let reply = try await client.subscribeWithSnapshot("s1", table: table)
+            #expect(reply.rows.map { $0["id"] as? Int } == [1], "the draft row is not published: \(reply.rows)")
+            #expect(reply.rows.map { Set($0.keys) } == [["id", "status"]], "only the listed columns: \(reply.rows)")
+            // Neither the unlisted column nor the generated one is ever streamed: a filter on
+            // either is refused at once (not accepted, then starved or ended at the next change).
+            for (id, filter) in [("secret", "secret=eq.s1"), ("generated", "doubled=eq.2")] {
+                try await client.sendText(#"{"type":"subscribe","id":"\#(id)","table":"\#(table)","filter":"\#(filter)"}"#)
+                let refused = try await client.receiveJSON(timeout: 15)
+                #expect(refused["type"] as? String == "error" && refused["code"] as? String == "invalid_filter" && refused["id"] as? String == id, "\(refused)")
+            }
+            try await runSQL(running.databaseURL, "INSERT INTO \(table) (id, status, secret) VALUES (3, 'draft', 's3'), (4, 'open', 's4')")
+            let insert = try await client.receiveJSON(timeout: 15)
+            #expect(insert["type"] as? String == "change" && insert["ids"] as? [String] == ["s1"], "\(insert)")
+            #expect((insert["new"] as? [String: Any]).map { Set($0.keys) } == ["id", "status"], "\(insert)")
+            #expect((insert["new"] as? [String: Any])?["id"] as? Int == 4, "\(insert)")
+        }
+    }
+
     @Test("A snapshot larger than snapshotChunkRows comes in several snapshot messages, only the last with done:true")
     func chunking() async throws {
         try await withSeededTable("snap_chunks", seed: "INSERT INTO {t} SELECT g, 'row ' || g FROM generate_series(1, 250) g",

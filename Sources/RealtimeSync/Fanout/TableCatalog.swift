@@ -1,6 +1,10 @@
 /// The tables a server streams, with their columns: what subscriptions are checked against.
 public struct TableCatalog: Sendable {
     private var tables: [String: [RelationColumn]]
+    /// Each table's row filter in its publication (`CREATE PUBLICATION … WHERE (…)`,
+    /// PostgreSQL 15+), as SQL: the stream carries only rows that pass it, so a snapshot
+    /// reads only those.
+    private var rowFilters: [String: String] = [:]
     /// A WAL position read after the columns were: every schema change the catalog reflects
     /// committed before it (nil: unknown, e.g. a catalog built by hand). A change stream's
     /// table description from before it may be older than the catalog.
@@ -14,8 +18,15 @@ public struct TableCatalog: Sendable {
         self.tables = Dictionary(relations.map { ($0.qualifiedName, $0.columns) }, uniquingKeysWith: { _, last in last })
     }
 
-    /// Adds or replaces a table.
-    public mutating func set(_ table: String, columns: [RelationColumn]) { tables[table] = columns }
+    /// Adds or replaces a table: its published columns and, if its publication has one, its
+    /// row filter (SQL, as `pg_publication_tables.rowfilter` gives it).
+    public mutating func set(_ table: String, columns: [RelationColumn], rowFilter: String? = nil) {
+        tables[table] = columns
+        rowFilters[table] = rowFilter
+    }
+
+    /// The row filter of `table` in its publication (SQL), if it has one.
+    public func rowFilter(of table: String) -> String? { rowFilters[table] }
 
     /// Adds or replaces a table from a relation (after an ALTER TABLE, say).
     public mutating func update(with relation: Relation) { tables[relation.qualifiedName] = relation.columns }

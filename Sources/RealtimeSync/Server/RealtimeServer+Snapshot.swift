@@ -217,7 +217,8 @@ extension RealtimeServer {
         let began = ContinuousClock.now
         let end: SnapshotEnd
         do {
-            end = try await snapshotReader.withSnapshot(of: subscription.table, columns: columns) { snapshot in
+            end = try await snapshotReader.withSnapshot(of: subscription.table, columns: columns,
+                                                        rowFilter: source.catalog.rowFilter(of: subscription.table)) { snapshot in
                 try await self.streamSnapshot(snapshot, subscription: subscription, columns: columns, start: start, session: session)
             }
         } catch {

@@ -35,9 +35,11 @@ public final class TableSnapshotReader: Sendable {
     }
 
     /// Opens a snapshot of `table` (`schema.table`, as the catalog names it) selecting `columns`
-    /// in their order, runs `body` with it, and ends the transaction.
+    /// in their order, and only the rows that pass `rowFilter` (the publication's row filter,
+    /// SQL from the database's catalog, never from a client), runs `body` with it, and ends
+    /// the transaction.
     public func withSnapshot<Result: Sendable>(
-        of table: String, columns: [RelationColumn],
+        of table: String, columns: [RelationColumn], rowFilter: String? = nil,
         _ body: @Sendable (TableSnapshot) async throws -> Result
     ) async throws -> Result {
         try await pool.withConnection(label: "snapshot \(table)") { connection in
@@ -60,7 +62,8 @@ public final class TableSnapshotReader: Sendable {
             let cursor = "realtime_sync_snapshot"
             // A partitioned table ('p') is read whole: ONLY would give none of its partitions' rows.
             let only = marks[0][2].string == "r" ? "ONLY " : ""
-            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(only)\(quotedTable)")
+            let condition = rowFilter.map { " WHERE (\($0))" } ?? ""
+            _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(only)\(quotedTable)\(condition)")
             let snapshot = TableSnapshot(connection: connection, cursor: cursor, columnCount: columns.count,
                                          visibility: visibility, walPosition: position)
             let result = try await body(snapshot)

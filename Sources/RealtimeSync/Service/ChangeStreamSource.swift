@@ -82,7 +82,7 @@ public final class ChangeStreamSource: ChangeSource {
             let names = try await CaptureSetup.publishedTables(connection, publication: stream.configuration.publicationName)
             if !names.isEmpty { tables = names }
         }
-        var catalog = try await Self.catalog(of: tables, using: connection)
+        var catalog = try await Self.catalog(of: tables, using: connection, publication: stream.configuration.publicationName)
         // Read after the columns: every ALTER they reflect committed before this position.
         let position: String? = try await connection.query("SELECT pg_current_wal_lsn()::text")[0].decode(String.self, at: 0)
         catalog.asOf = position.flatMap { LSN($0) }
@@ -93,8 +93,17 @@ public final class ChangeStreamSource: ChangeSource {
     /// The columns of `tables` (`schema.table` or `table`), as pgoutput describes them
     /// (type OID, a domain resolved to its base type; modifier; whether part of the primary
     /// key / replica identity index).
-    public static func catalog(of tables: [String], using connection: PostgresConnection) async throws -> TableCatalog {
+    ///
+    /// Only the columns pgoutput sends: never a generated column (PostgreSQL 12-17 do not
+    /// stream them), and, for a table of `publication` with a column list (PostgreSQL 15+),
+    /// only the listed columns; that publication's row filter is kept for snapshots. (A
+    /// snapshot or filter reading more than the stream carries would hand clients columns and
+    /// rows the publication leaves out, and a filter on such a column could never be met.)
+    public static func catalog(of tables: [String], using connection: PostgresConnection,
+                               publication: String? = nil) async throws -> TableCatalog {
         var catalog = TableCatalog()
+        let version = try await connection.query("SELECT current_setting('server_version_num')::int8")
+        let listsColumns = (try version.first?.decode(Int.self, at: 0) ?? 0) >= 150_000
         for table in tables {
             let parts = table.split(separator: ".", maxSplits: 1).map(String.init)
             let (schema, name) = parts.count == 2 ? (parts[0], parts[1]) : ("public", parts[0])
@@ -112,8 +121,23 @@ public final class ChangeStreamSource: ChangeSource {
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 JOIN pg_attribute a ON a.attrelid = c.oid
                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                  AND a.attgenerated = ''
                 ORDER BY a.attnum
                 """, schema, name)
+            // The publication's column list and row filter (one row per listed column).
+            var published: Set<[UInt8]>?  // names as bytes, as Postgres compares them
+            var rowFilter: String?
+            if let publication, listsColumns {
+                let entries = try await connection.query("""
+                    SELECT p.rowfilter, x.name::text
+                    FROM pg_publication_tables p LEFT JOIN LATERAL unnest(p.attnames) x(name) ON true
+                    WHERE p.pubname = $1 AND p.schemaname = $2 AND p.tablename = $3
+                    """, publication, schema, name)
+                if !entries.isEmpty {
+                    rowFilter = try entries[0].decode(String.self, at: 0)
+                    published = Set(try entries.compactMap { try $0.decode(String.self, at: 1).map { Array($0.utf8) } })
+                }
+            }
             var columns: [RelationColumn] = []
             for row in rows {
                 columns.append(RelationColumn(
@@ -122,7 +146,8 @@ public final class ChangeStreamSource: ChangeSource {
                     typeModifier: Int32(truncatingIfNeeded: try row.decode(Int.self, named: "modifier") ?? -1),
                     isKey: try row.decode(Bool.self, named: "key") ?? false))
             }
-            if !columns.isEmpty { catalog.set("\(schema).\(name)", columns: columns) }
+            if let published { columns.removeAll { !published.contains(Array($0.name.utf8)) } }
+            if !columns.isEmpty { catalog.set("\(schema).\(name)", columns: columns, rowFilter: rowFilter) }
         }
         return catalog
     }
