@@ -223,7 +223,7 @@ struct Serve: AsyncParsableCommand {
 
         let service = RealtimeService(configuration)
         try await service.runUntilSignalled { running in
-            FileHandle.standardOutput.write(Data("realtime-sync: live page at \(running.pageURL)  (WebSocket ws\(running.pageURL.dropFirst(4))ws; Ctrl-C to stop)\n".utf8))
+            StandardStream.output.write("realtime-sync: live page at \(running.pageURL)  (WebSocket ws\(running.pageURL.dropFirst(4))ws; Ctrl-C to stop)\n")
         }
     }
 }
@@ -320,7 +320,7 @@ struct Check: AsyncParsableCommand {
                 throw ExitCode(2)
             }
         } catch let error as PostgresError {
-            FileHandle.standardError.write(Data("realtime-sync check: \(error)\n".utf8))
+            StandardStream.error.write("realtime-sync check: \(error)\n")
             throw ExitCode(1)
         }
     }

@@ -26,8 +26,9 @@ final class ServerProcess: @unchecked Sendable {
         return path
     }
 
-    /// Starts `realtime-sync` with `arguments`; stdout and stderr go to a fresh log file.
-    static func start(_ arguments: [String], environment: [String: String] = [:]) throws -> ServerProcess {
+    /// Starts `realtime-sync` with `arguments`; stdout and stderr go to a fresh log file
+    /// (stderr to `standardError` instead, if given: `/dev/full` fails every write).
+    static func start(_ arguments: [String], environment: [String: String] = [:], standardError: String? = nil) throws -> ServerProcess {
         let path = try executablePath()
         let logPath = NSTemporaryDirectory() + "/realtime-sync-process-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
         var actions = posix_spawn_file_actions_t()
@@ -35,7 +36,11 @@ final class ServerProcess: @unchecked Sendable {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        if let standardError {
+            posix_spawn_file_actions_addopen(&actions, 2, standardError, O_WRONLY, 0)
+        } else {
+            posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        }
         var env = ProcessInfo.processInfo.environment
         for (key, value) in environment { env[key] = value }
         // The child takes its settings from the arguments, not from the test's environment.

@@ -21,13 +21,14 @@ struct ServerProcessTests {
     /// afterwards, also when `body` throws, every process it started is killed if still
     /// running and the slot and its publication are dropped.
     private func withServeProcesses(url: String,
+                                    standardError: String? = nil,
                                     _ body: (_ slot: String, _ start: ([String]) throws -> ServerProcess) async throws -> Void) async throws {
         let slot = uniqueCaptureName("proc_slot")
         var started: [ServerProcess] = []
         let outcome: Result<Void, any Error>
         do {
             try await body(slot) { arguments in
-                let process = try ServerProcess.start(arguments)
+                let process = try ServerProcess.start(arguments, standardError: standardError)
                 started.append(process)
                 return process
             }
@@ -183,6 +184,29 @@ struct ServerProcessTests {
                 await sql.close()
                 server.send(SIGTERM)
                 #expect(await server.wait(timeout: .seconds(30)) == 0, "\(server.log.suffix(3000))")
+            }
+        }
+    }
+
+    @Test("JSON logs to a standard error that fails every write (/dev/full; a closed pipe or terminal alike) lose their lines, not the process: it serves, and SIGTERM still exits 0")
+    func failingStandardError() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let port = try EmbeddedPostgres.freePort()
+            try await withServeProcesses(url: url, standardError: "/dev/full") { slot, start in
+                var arguments = serveArguments(url: url, table: table, slot: slot, port: port)
+                arguments[arguments.firstIndex(of: "text")!] = "json"
+                let server = try start(arguments + ["--log-level", "debug"])
+                try await server.waitUntilReady(port: port)
+                let client = try await connectWebSocket(port: port)
+                try await client.subscribe("all", table: table)
+                try await runSQL(url, "INSERT INTO \(table) (status) VALUES ('logged')")
+                #expect(try await client.receiveJSON(timeout: 15)["type"] as? String == "change")
+                server.send(SIGTERM)
+                #expect(try await client.receiveClose(timeout: 15) == 1001, "the ordered shutdown closes with 1001")
+                #expect(await server.wait(timeout: .seconds(30)) == 0, "\(server.log.suffix(2000))")
+                #expect(server.log.contains("live page at"), "standard output still written: \(server.log.suffix(500))")
+                await client.close()
             }
         }
     }

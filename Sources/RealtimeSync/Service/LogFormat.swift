@@ -2,6 +2,40 @@ import Foundation
 import Logging
 import UnixSignals
 
+/// Standard output or error, written so that a failed write loses only its own line.
+/// (`FileHandle.write(_:)` traps on any error: a closed pipe, a closed terminal on SIGHUP or a
+/// full disk crashed the process at its next log line, skipping the ordered shutdown.)
+public struct StandardStream: Sendable {
+    /// The file descriptor written.
+    public let fileDescriptor: Int32
+    /// Standard output.
+    public static let output = StandardStream(fileDescriptor: 1)
+    /// Standard error.
+    public static let error = StandardStream(fileDescriptor: 2)
+    /// One record at a time, so that concurrent lines (beyond a pipe's atomic size) do not interleave.
+    private static let lock = NSLock()
+
+    /// Writes `data` whole, or as much as the stream takes before it fails (then the rest is dropped).
+    public func write(_ data: Data) {
+        Self.lock.lock()
+        defer { Self.lock.unlock() }
+        data.withUnsafeBytes { (buffer: UnsafeRawBufferPointer) in
+            guard var next = buffer.baseAddress else { return }
+            var left = buffer.count
+            while left > 0 {
+                let written = Foundation.write(fileDescriptor, next, left)
+                if written < 0 && errno == EINTR { continue }
+                guard written > 0 else { return }
+                next += written
+                left -= written
+            }
+        }
+    }
+
+    /// Writes `text` as UTF-8.
+    public func write(_ text: String) { write(Data(text.utf8)) }
+}
+
 /// How the program writes its log lines (`--log-format`).
 public enum LogFormat: String, Sendable, CaseIterable {
     /// One JSON object per line: `ts`, `level`, `label`, `message`, then the metadata.
@@ -53,7 +87,7 @@ public struct JSONLogHandler: LogHandler {
         if let extra = event.metadata { merged.merge(extra) { _, new in new } }
         for (key, value) in merged where object[key] == nil { object[key] = Self.plain(value) }
         guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
-        FileHandle.standardError.write(data + Data("\n".utf8))
+        StandardStream.error.write(data + Data("\n".utf8))
     }
 
     private static func plain(_ value: Logger.MetadataValue) -> Any {
