@@ -16,15 +16,30 @@ struct RealtimeSyncCommand: AsyncParsableCommand {
 }
 
 /// Reads a setting from its flag, else its environment variable, else the default; an
-/// unparsable environment value is an error naming the variable.
+/// unparsable environment value is an error naming the variable, and so is a flag or a
+/// variable that is set but empty (a deployment value that did not arrive must not quietly
+/// mean the default: an empty REALTIME_SYNC_HOST bound to loopback, an empty
+/// REALTIME_SYNC_TABLES streamed every table of the publication).
 struct Setting {
     static let environment = ProcessInfo.processInfo.environment
 
-    static func string(_ flag: String?, _ variable: String, _ fallback: String? = nil) -> String? {
-        if let flag { return flag }
-        if let value = environment[variable], !value.isEmpty { return value }
-        return fallback
+    /// The text of `--name` or `variable`, else `fallback`.
+    static func string(_ flag: String?, _ name: String, _ variable: String, _ fallback: String? = nil) throws -> String? {
+        if let flag {
+            guard !flag.isEmpty else { throw ValidationError("--\(name) is empty: give a value, or leave it out for the default\(shown(fallback))") }
+            return flag
+        }
+        return try environmentValue(variable, fallback)
     }
+
+    /// `variable`'s value if it is set; set but empty is an error naming it.
+    static func environmentValue(_ variable: String, _ fallback: String? = nil) throws -> String? {
+        guard let value = environment[variable] else { return fallback }
+        guard !value.isEmpty else { throw ValidationError("\(variable) is set but empty: set it, or unset it for the default\(shown(fallback))") }
+        return value
+    }
+
+    private static func shown(_ fallback: String?) -> String { fallback.map { " (\($0))" } ?? "" }
 
     /// The database URL: `--database-url`, else `REALTIME_SYNC_DATABASE_URL`, else
     /// `DATABASE_URL` (the more specific variable wins); nil when none is set. A flag or
@@ -66,7 +81,7 @@ struct Setting {
         let number: Int
         if let flag {
             number = flag
-        } else if let value = environment[variable], !value.isEmpty {
+        } else if let value = try environmentValue(variable) {
             guard let parsed = Int(value) else { throw ValidationError("\(variable)=\(value) is not a whole number") }
             number = parsed
         } else {
@@ -81,7 +96,7 @@ struct Setting {
         let value: Double
         if let flag {
             value = flag
-        } else if let text = environment[variable], !text.isEmpty {
+        } else if let text = try environmentValue(variable) {
             guard let number = Double(text) else { throw ValidationError("\(variable)=\(text) is not a number of seconds") }
             value = number
         } else {
@@ -154,17 +169,33 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Browser origins allowed to open /ws (comma-separated scheme://host[:port], or *).") var allowedOrigins: String?
 
     func run() async throws {
+        // A setting the library refuses is a usage error too (exit 64, as for the parser's
+        // own), not a runtime failure (exit 1): an orchestrator can tell the two apart.
+        do {
+            try await serve()
+        } catch let error as RealtimeServiceError where error.code == .invalidSetting {
+            throw ValidationError("\(error)")
+        } catch let error as RealtimeServerError where error.code == .invalidConfiguration {
+            throw ValidationError("\(error)")
+        }
+    }
+
+    private func serve() async throws {
         let registry = try RealtimeService.bootstrapObservability(
-            logFormat: Setting.string(logFormat, "REALTIME_SYNC_LOG_FORMAT", "text")!,
-            logLevel: Setting.string(logLevel, "REALTIME_SYNC_LOG_LEVEL", "info")!)
+            logFormat: try Setting.string(logFormat, "log-format", "REALTIME_SYNC_LOG_FORMAT", "text")!,
+            logLevel: try Setting.string(logLevel, "log-level", "REALTIME_SYNC_LOG_LEVEL", "info")!)
 
         let url = try Setting.databaseURL(databaseURL)
         var configuration = url == nil ? RealtimeService.embeddedDemo() : RealtimeService.Configuration(databaseURL: url)
-        configuration.tables = (Setting.string(tables, "REALTIME_SYNC_TABLES") ?? "")
-            .split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        if let list = try Setting.string(tables, "tables", "REALTIME_SYNC_TABLES") {
+            configuration.tables = list.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            guard !configuration.tables.isEmpty else {
+                throw ValidationError("--tables / REALTIME_SYNC_TABLES lists no table ('\(list)'); name them (schema.table, comma-separated), or leave it out for the publication's tables")
+            }
+        }
         configuration.publication = try Setting.name(publication, "publication", "REALTIME_SYNC_PUBLICATION", "realtime_sync")
         configuration.slot = try Setting.name(slot, "slot", "REALTIME_SYNC_SLOT", "realtime_sync")
-        configuration.server.host = Setting.string(host, "REALTIME_SYNC_HOST", "127.0.0.1")!
+        configuration.server.host = try Setting.string(host, "host", "REALTIME_SYNC_HOST", "127.0.0.1")!
         configuration.server.port = try Setting.int(port, "port", "REALTIME_SYNC_PORT", 8080, minimum: 0)
         guard (0...65535).contains(configuration.server.port) else {
             throw ValidationError("--port / REALTIME_SYNC_PORT: \(configuration.server.port) is not a port (0-65535)")
@@ -189,7 +220,7 @@ struct Serve: AsyncParsableCommand {
             // on that is any origin.
             throw ValidationError("REALTIME_SYNC_ALLOWED_ORIGINS is set but empty: list origins (scheme://host[:port], or *), or unset it for the default")
         }
-        if let origins = Setting.string(allowedOrigins, "REALTIME_SYNC_ALLOWED_ORIGINS") {
+        if let origins = try Setting.string(allowedOrigins, "allowed-origins", "REALTIME_SYNC_ALLOWED_ORIGINS") {
             let list = origins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
             guard !list.isEmpty else {
                 throw ValidationError("--allowed-origins / REALTIME_SYNC_ALLOWED_ORIGINS is empty; leave it out for the default, or list origins (scheme://host[:port], or *)")
@@ -213,7 +244,7 @@ struct Serve: AsyncParsableCommand {
             // An empty secret from a missing deployment secret must not turn auth off.
             throw ValidationError("REALTIME_SYNC_JWT_SECRET is set but empty: set the secret (32 bytes or more), or unset the variable to run without auth")
         }
-        if let secret = Setting.string(jwtSecret, "REALTIME_SYNC_JWT_SECRET") {
+        if let secret = try Setting.string(jwtSecret, "jwt-secret", "REALTIME_SYNC_JWT_SECRET") {
             do {
                 configuration.server.auth = try await JWTAuthenticator(secret: secret)
             } catch {
@@ -244,7 +275,7 @@ struct Token: AsyncParsableCommand {
     @Option(help: "The sub claim (who the token is for; logged by the server).") var sub: String?
 
     func run() async throws {
-        guard let secret = Setting.string(secret, "REALTIME_SYNC_JWT_SECRET") else {
+        guard let secret = try Setting.string(secret, "secret", "REALTIME_SYNC_JWT_SECRET") else {
             throw ValidationError("no secret given: pass --secret or set REALTIME_SYNC_JWT_SECRET")
         }
         let options: TokenOptions
@@ -281,7 +312,7 @@ struct Slot: AsyncParsableCommand {
                 throw ValidationError("no database given: pass --database-url or set REALTIME_SYNC_DATABASE_URL or DATABASE_URL")
             }
             if slot?.isEmpty == true { throw ValidationError("--slot is empty: name the slot to drop") }
-            guard let slot = Setting.string(slot, "REALTIME_SYNC_SLOT") else {
+            guard let slot = try Setting.string(slot, "slot", "REALTIME_SYNC_SLOT") else {
                 throw ValidationError("no slot given: pass --slot or set REALTIME_SYNC_SLOT")
             }
             if try await RealtimeService.dropSlot(slot, url: url) {

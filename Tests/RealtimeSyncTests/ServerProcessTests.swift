@@ -317,7 +317,7 @@ struct EmbeddedClusterOrphanTests {
 
 @Suite("realtime-sync: settings it refuses at start")
 struct ServeSettingsTests {
-    @Test("an empty JWT secret or database URL variable (neither may fall back to a default) and numbers out of range: refused, naming the flag and the variable",
+    @Test("empty settings (none may fall back to a default) and values out of range: refused with exit 64, naming the flag and the variable",
           arguments: [
               (["serve"], ["REALTIME_SYNC_JWT_SECRET": ""], "REALTIME_SYNC_JWT_SECRET is set but empty"),
               (["serve", "--window-max-count=-1"], [:], "--window-max-count / REALTIME_SYNC_WINDOW_MAX_COUNT is -1; it must be 1 or more"),
@@ -346,11 +346,24 @@ struct ServeSettingsTests {
               // Auth errors keep their code.
               (["serve", "--jwt-secret", "short"], [:], "--jwt-secret / REALTIME_SYNC_JWT_SECRET: AUTH_WEAK_SECRET:"),
               (["token", "--secret", String(repeating: "k", count: 32), "--ttl", "soon"], [:], "AUTH_INVALID_TOKEN_OPTION:"),
+              // Set but empty is never the default: not loopback for a host, not every table.
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_HOST": ""], "REALTIME_SYNC_HOST is set but empty"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--host", ""], [:], "--host is empty"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_TABLES": ""], "REALTIME_SYNC_TABLES is set but empty"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--tables", " , "], [:], "--tables / REALTIME_SYNC_TABLES lists no table"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_PORT": ""], "REALTIME_SYNC_PORT is set but empty"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_SHUTDOWN_DEADLINE": ""], "REALTIME_SYNC_SHUTDOWN_DEADLINE is set but empty"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_LOG_LEVEL": ""], "REALTIME_SYNC_LOG_LEVEL is set but empty"),
+              (["slot", "drop", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_SLOT": ""], "REALTIME_SYNC_SLOT is set but empty"),
+              // The library's refusals are usage errors too (64), not runtime failures (1).
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--log-level", "bogus"], [:], "SERVICE_INVALID_SETTING: --log-level"),
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--allowed-origins", "https://app.example/"], [:], "SERVER_INVALID_CONFIGURATION:"),
           ])
     func refuses(arguments: [String], environment: [String: String], message: String) async throws {
         let process = try ServerProcess.start(arguments, environment: environment)
         let status = await process.wait(timeout: .seconds(30))
-        #expect(status != nil && status != 0, "exit status \(String(describing: status))")
+        // 64 (EX_USAGE) for every one: a setting to change, not a failure to retry.
+        #expect(status == 64, "exit status \(String(describing: status)): \(process.log)")
         #expect(process.log.contains(message), "\(process.log)")
         // Its log file goes (and, were a setting ever accepted by mistake, the server it started).
         await process.cleanUp()
