@@ -59,4 +59,24 @@ struct AuthFanoutTests {
         let into = updateEvent(["id": "1", "tenant_id": "42"], old: ["id": "1", "tenant_id": "43"], oldKind: .full)
         #expect(ids(hub, into) == ["t42"])
     }
+
+    @Test("A row moved into the tenant: its old row (the other tenant's values) is withheld from the tenant (old: null); an unrestricted client, and a row moving within the tenant, keep the whole old row")
+    func movedInRowHidesOldValues() throws {
+        var hub = FanoutHub()
+        try hub.subscribe(client: FanoutClientID(1), resolve("t42", grant: "tenant_id=eq.42"))
+        try hub.subscribe(client: FanoutClientID(2), try catalog.resolve(SubscribeRequest(id: "all", table: TableName(schema: "public", name: "items"))))
+        func olds(_ event: ChangeEvent) throws -> [UInt64: [String: Any]] {
+            var result: [UInt64: [String: Any]] = [:]
+            for (client, frame) in hub.frames(for: event) {
+                let message = try #require(try JSONSerialization.jsonObject(with: Data(frame)) as? [String: Any])
+                result[client.rawValue] = message["old"] as? [String: Any] ?? ["null": message["old"] is NSNull]
+            }
+            return result
+        }
+        let into = try olds(updateEvent(["id": "1", "tenant_id": "42", "status": "open"], old: ["id": "1", "tenant_id": "43", "status": "secret"], oldKind: .full))
+        #expect(into[1]?["null"] as? Bool == true, "\(into)")
+        #expect(into[2]?["status"] as? String == "secret", "\(into)")
+        let within = try olds(updateEvent(["id": "1", "tenant_id": "42", "status": "paid"], old: ["id": "1", "tenant_id": "42", "status": "open"], oldKind: .full))
+        #expect(within[1]?["status"] as? String == "open" && within[1]?["tenant_id"] as? Int == 42, "\(within)")
+    }
 }

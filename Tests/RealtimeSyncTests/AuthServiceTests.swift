@@ -31,7 +31,7 @@ struct AuthServiceTests {
                 try await withRealtimeService(url: url, tables: tables, configure: { $0.server.auth = auth }) { _, running, _ in
                     let client = try await connectWebSocket(port: running.port, token: token)
                     try await client.subscribe("k", table: tables[0])
-                    try await client.subscribe("f", table: tables[1])
+                    let fullCursor = try await client.subscribe("f", table: tables[1])
                     try await client.subscribe("p", table: tables[2])
                     try await client.subscribe("k-open", table: tables[0], filter: "status=eq.open")
                     let tenant43 = try await connectWebSocket(port: running.port, token: other)
@@ -40,25 +40,43 @@ struct AuthServiceTests {
                         _ = try await sql.execute("INSERT INTO \(table) (id, tenant_id, status) VALUES (1, 42, 'open'), (2, 43, 'open')")
                     }
                     _ = try await sql.execute("UPDATE \(full) SET tenant_id = 43 WHERE id = 1")  // moves out of 42: not sent to 42
-                    _ = try await sql.execute("UPDATE \(full) SET tenant_id = 42 WHERE id = 2")  // moves into 42: sent
+                    _ = try await sql.execute("UPDATE \(full) SET tenant_id = 42 WHERE id = 2")  // moves into 42: sent, its old row withheld
+                    _ = try await sql.execute("UPDATE \(full) SET status = 'moved' WHERE id = 2")  // within 42: sent with the whole old row
                     for table in [keyOnly, full, keyed] { _ = try await sql.execute("DELETE FROM \(table)") }
                     _ = try await sql.execute("INSERT INTO \(keyOnly) (id, tenant_id, status) VALUES (3, 42, 'closed')")  // marker
 
                     var seen: [String] = []
+                    var updateOlds: [[String: Any]] = []
                     while seen.last != "INSERT k 3" {
                         let change = try await client.receiveJSON(timeout: 20)
+                        if change["op"] as? String == "UPDATE" { updateOlds.append(change["old"] as? [String: Any] ?? ["null": change["old"] is NSNull]) }
                         let row = (change["new"] as? [String: Any]) ?? (change["old"] as? [String: Any]) ?? [:]
                         let ids = (change["ids"] as? [String] ?? []).joined(separator: ",")
                         seen.append("\(change["op"] as? String ?? "?") \(ids) \(row["id"] as? Int ?? -1)")
                     }
                     #expect(seen == [
                         "INSERT k,k-open 1", "INSERT f 1", "INSERT p 1",
-                        "UPDATE f 2",
+                        "UPDATE f 2", "UPDATE f 2",
                         // DELETE FROM keyOnly: withheld (its old row carries only id)
                         "DELETE f 2",  // full old row: tenant_id 42 (row 1 had moved to 43)
                         "DELETE p 1",  // tenant_id is part of the key
                         "INSERT k 3",
                     ])
+                    // The row as it was in tenant 43 is not 42's to see: old is null. Once in 42, all of it.
+                    #expect(updateOlds.count == 2)
+                    #expect(updateOlds.first?["null"] as? Bool == true, "\(updateOlds)")
+                    #expect(updateOlds.last?["tenant_id"] as? Int == 42 && updateOlds.last?["status"] as? String == "open", "\(updateOlds)")
+                    // The same from a `since` catch-up (read from the window, not the live fan-out).
+                    let resumed = try await connectWebSocket(port: running.port, token: token)
+                    try await resumed.subscribe("again", table: tables[1], since: fullCursor)
+                    var replayedOlds: [[String: Any]] = []
+                    while replayedOlds.count < 2 {
+                        let change = try await resumed.receiveJSON(timeout: 20)
+                        if change["op"] as? String == "UPDATE" { replayedOlds.append(change["old"] as? [String: Any] ?? ["null": change["old"] is NSNull]) }
+                    }
+                    #expect(replayedOlds.first?["null"] as? Bool == true, "\(replayedOlds)")
+                    #expect(replayedOlds.last?["status"] as? String == "open", "\(replayedOlds)")
+                    await resumed.close()
                     // The other tenant saw its own row only, and no DELETE from the key-only table either.
                     let theirs = try await tenant43.receiveJSON(timeout: 20)
                     #expect(theirs["op"] as? String == "INSERT")

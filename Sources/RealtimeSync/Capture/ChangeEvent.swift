@@ -107,7 +107,10 @@ public struct ChangeEvent: Sendable {
     /// microseconds), `new` (null for DELETE/TRUNCATE; unchanged TOAST columns left
     /// out), `old` (null when absent; only key columns for a key), `unchanged`
     /// (names of the columns left out of `new`, always present).
-    public func writeJSONMembers(into buffer: inout [UInt8]) {
+    ///
+    /// `hidingOld` writes `old` as null (see `Filter.hidesOldRow`: under `REPLICA IDENTITY
+    /// FULL` pgoutput marks every column as the key, so there is no key to cut the row to).
+    public func writeJSONMembers(into buffer: inout [UInt8], hidingOld: Bool = false) {
         let json = relation.json
         buffer.append(contentsOf: #""cursor":""#.utf8)
         cursor.write(into: &buffer)
@@ -132,7 +135,7 @@ public struct ChangeEvent: Sendable {
             buffer.append(contentsOf: "null".utf8)
         }
         buffer.append(contentsOf: #","old":"#.utf8)
-        if let old {
+        if let old, !hidingOld {
             _ = Self.writeRow(old, keysOnly: oldKind == .key, json: json, keyIndices: relation.keyColumnIndices, into: &buffer)
         } else {
             buffer.append(contentsOf: "null".utf8)

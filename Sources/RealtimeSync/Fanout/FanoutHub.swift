@@ -21,6 +21,8 @@ final class FanoutSubscription: Sendable {
     let table: String
     let events: ChangeOperationSet
     let filter: Filter
+    /// The auth token's part of `filter` (`Filter.all` with auth off or an empty grant).
+    let mandatory: Filter
     /// `"id"` as a JSON string, escaped once.
     let quotedID: [UInt8]
     /// Where it is indexed: nil for the table's scan list.
@@ -29,7 +31,8 @@ final class FanoutSubscription: Sendable {
     let schemaAsOf: LSN?
 
     init(client: FanoutClientID, id: String, sequence: UInt64, table: String, events: ChangeOperationSet, filter: Filter,
-         placement: (column: FanoutColumnKey, keys: [FilterIndexKey])?, schemaAsOf: LSN? = nil) {
+         mandatory: Filter = .all, placement: (column: FanoutColumnKey, keys: [FilterIndexKey])?, schemaAsOf: LSN? = nil) {
+        self.mandatory = mandatory
         self.schemaAsOf = schemaAsOf
         self.client = client
         self.id = id
@@ -154,7 +157,8 @@ public struct FanoutHub: Sendable {
             probe = condition
         }
         let record = FanoutSubscription(client: client, id: subscription.id, sequence: nextSequence, table: subscription.table,
-                                        events: subscription.events, filter: subscription.filter, placement: placement,
+                                        events: subscription.events, filter: subscription.filter, mandatory: subscription.mandatory,
+                                        placement: placement,
                                         schemaAsOf: subscription.schemaAsOf)
         nextSequence += 1
         clients[client, default: [:]][subscription.id] = record
@@ -301,7 +305,12 @@ public struct FanoutHub: Sendable {
         let deliveries = match(event)
         if deliveries.isEmpty { return [] }
         let change = EncodedChange(event)
-        return deliveries.map { ($0.client, change.frame(for: $0)) }
+        var withoutOld: EncodedChange?
+        return deliveries.map { delivery in
+            guard delivery.first.mandatory.hidesOldRow(of: event) else { return (delivery.client, change.frame(for: delivery)) }
+            if withoutOld == nil { withoutOld = EncodedChange(event, hidingOld: true) }
+            return (delivery.client, withoutOld!.frame(for: delivery))
+        }
     }
 }
 
@@ -313,11 +322,12 @@ public struct EncodedChange: Sendable {
 
     private static let prefix = Array(#"{"type":"change","ids":["#.utf8)
 
-    /// Encodes the event's members.
-    public init(_ event: ChangeEvent) {
+    /// Encodes the event's members (`old` as null with `hidingOld`, for clients whose
+    /// mandatory filter the old row does not pass: `Filter.hidesOldRow`).
+    public init(_ event: ChangeEvent, hidingOld: Bool = false) {
         var members: [UInt8] = []
         members.reserveCapacity(256)
-        event.writeJSONMembers(into: &members)
+        event.writeJSONMembers(into: &members, hidingOld: hidingOld)
         self.members = members
     }
 

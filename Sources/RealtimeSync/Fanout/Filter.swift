@@ -252,6 +252,18 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
     /// Whether the event's row passes: `evaluate(event) == .true` (unknown fails closed).
     public func matches(_ event: ChangeEvent) -> Bool { evaluate(event) == .true }
 
+    /// For an auth token's mandatory filter: whether an UPDATE's full old row (`REPLICA
+    /// IDENTITY FULL`) must be withheld (`old: null`) from the client this filter binds,
+    /// because the row as it was does not pass (a row moved into the client's view from
+    /// another tenant's: its old values are that tenant's). Unknown fails closed, as everywhere.
+    public func hidesOldRow(of event: ChangeEvent) -> Bool {
+        guard !conditions.isEmpty, event.operation == .update, event.oldKind == .full, let old = event.old else { return false }
+        // The old row judged as a DELETE's is: the same cells, read from `old`.
+        let before = ChangeEvent(operation: .delete, relation: event.relation, new: nil, old: old, oldKind: .full,
+                                 xid: event.xid, commitLSN: event.commitLSN, commitTime: event.commitTime, index: event.index)
+        return evaluate(before) != .true
+    }
+
     /// The first column a condition names that `relation` no longer has, or has with a type
     /// its operands do not compare with (dropped, renamed or retyped by a schema change): the
     /// filter could then never be true again. Nil when every column is there.

@@ -80,6 +80,7 @@ public struct TableCatalog: Sendable {
         var resolved = ResolvedSubscription(id: request.id, table: table, events: request.events, filter: mandatory.and(own),
                                             snapshot: request.snapshot, since: request.since)
         resolved.schemaAsOf = asOf
+        resolved.mandatory = mandatory
         return resolved
     }
 }
@@ -103,6 +104,9 @@ public struct ResolvedSubscription: Sendable, Hashable {
     public var events: ChangeOperationSet
     /// The compiled filter (mandatory AND client's).
     public var filter: Filter
+    /// The auth token's mandatory part of `filter` (`Filter.all` when there is none): an
+    /// UPDATE's old row that does not pass it is withheld, `old: null` (`Filter.hidesOldRow`).
+    public var mandatory: Filter = .all
     /// Whether a snapshot comes first.
     public var snapshot: Bool
     /// Resume after this cursor.

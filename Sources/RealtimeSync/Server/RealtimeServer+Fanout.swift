@@ -79,9 +79,21 @@ extension RealtimeServer {
                 (schemaChanges, overflowed) = state.noteRelation(event.relation, at: event.commitLSN)
             }
             let deliveries = state.hub.match(event)
-            var (snapshotIDs, held) = state.snapshots.isEmpty ? ([:], []) : state.routeToSnapshots(event)
+            var (snapshotIDs, held, hidingOld) = state.snapshots.isEmpty ? ([:], [], []) : state.routeToSnapshots(event)
             if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return overflowed }
             let change = EncodedChange(event)
+            // For clients whose token's filter the row did not pass before this UPDATE (it moved
+            // into their view): the old row withheld. Only an UPDATE with a full old row can
+            // need it; encoded at most once.
+            let mayHideOld = event.operation == .update && event.oldKind == .full
+            var withoutOld: EncodedChange?
+            func encoding(hidingOld hide: Bool) -> EncodedChange {
+                guard hide else { return change }
+                if let withoutOld { return withoutOld }
+                let encoded = EncodedChange(event, hidingOld: true)
+                withoutOld = encoded
+                return encoded
+            }
             // Clients with one matching subscription of the same id get the same bytes (see
             // `SharedFrames`).
             var shared = SharedFrames()
@@ -89,6 +101,8 @@ extension RealtimeServer {
                 guard let session = state.sessions[delivery.client] else { continue }
                 // Both dictionaries are usually empty: skip hashing the client id for them.
                 let extra = snapshotIDs.isEmpty ? [] : snapshotIDs.removeValue(forKey: delivery.client) ?? []
+                let hide = mayHideOld && (delivery.first.mandatory.hidesOldRow(of: event) || hidingOld.contains(delivery.client))
+                let change = encoding(hidingOld: hide)
                 let frame: ByteBuffer
                 if !state.startAfter.isEmpty, let starts = state.startAfter[delivery.client] {
                     var ids: [String] = []
@@ -104,7 +118,7 @@ extension RealtimeServer {
                     frame = SessionChannel.textFrame(change.frame(ids: ids))
                 } else if !extra.isEmpty {
                     frame = SessionChannel.textFrame(change.frame(ids: delivery.subscriptionIDs + extra))
-                } else if delivery.rest.isEmpty {
+                } else if delivery.rest.isEmpty && !hide {
                     frame = shared.frame(quotedID: delivery.first.quotedID, loop: session.loopIndex) {
                         SessionChannel.textFrame(change.frame(for: delivery))
                     }
@@ -125,12 +139,12 @@ extension RealtimeServer {
             // Snapshot subscriptions of clients the hub did not match, then held changes.
             for (client, ids) in snapshotIDs {
                 guard let session = state.sessions[client] else { continue }
-                if session.enqueue(change.frame(ids: ids)) == .overflow {
+                if session.enqueue(encoding(hidingOld: hidingOld.contains(client)).frame(ids: ids)) == .overflow {
                     state.dropClient(client)
                     overflowed.append(client)
                 }
             }
-            for (client, id) in held where !state.hold(change.frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits) {
+            for (client, id) in held where !state.hold(encoding(hidingOld: hidingOld.contains(client)).frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits) {
                 state.sessions[client]?.closeNow(.tryAgainLater)
                 state.dropClient(client)
                 heldOverflow.append(client)

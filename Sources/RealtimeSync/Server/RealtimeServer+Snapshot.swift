@@ -94,15 +94,19 @@ extension ServerState {
     /// returns the ids that get it now, per client, and the (client, id) pairs that hold it.
     /// A filtering subscription that sees a change committed at or after its `until` joins the
     /// hub here, after the hub matched this change (so it gets it once).
-    mutating func routeToSnapshots(_ event: ChangeEvent) -> (now: [FanoutClientID: [String]], hold: [(FanoutClientID, String)]) {
+    /// `hidingOld`: the clients among them whose mandatory filter the event's old row does not
+    /// pass (`Filter.hidesOldRow`; one filter per client and table, the token's).
+    mutating func routeToSnapshots(_ event: ChangeEvent) -> (now: [FanoutClientID: [String]], hold: [(FanoutClientID, String)], hidingOld: Set<FanoutClientID>) {
         var now: [FanoutClientID: [String]] = [:]
         var hold: [(FanoutClientID, String)] = []
+        var hidingOld: Set<FanoutClientID> = []
         var joins: [(FanoutClientID, ResolvedSubscription)] = []
         for (client, pending) in snapshots {
             for (id, entry) in pending {
                 let subscription = entry.subscription
                 let matches = event.table == subscription.table && subscription.events.contains(event.operation)
                     && subscription.filter.matches(event)
+                if matches && subscription.mandatory.hidesOldRow(of: event) { hidingOld.insert(client) }
                 switch entry.phase {
                 case .reading:
                     if matches { hold.append((client, id)) }
@@ -117,7 +121,7 @@ extension ServerState {
             dropPendingSnapshot(client: client, id: subscription.id)
             join(subscription, client: client, lastCovered: lastDelivered)
         }
-        return (now, hold)
+        return (now, hold, hidingOld)
     }
 
     /// Holds `frame` for a reading snapshot; false when the held changes would exceed the
@@ -338,7 +342,7 @@ extension RealtimeServer {
             if event.cursor > through { break }
             if !visibility.isVisible(xid: event.xid), event.table == subscription.table, subscription.events.contains(event.operation),
                subscription.filter.matches(event) {
-                frames.append(EncodedChange(event).frame(ids: [subscription.id]))
+                frames.append(EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [subscription.id]))
             }
             if event.cursor == through { break }
         }
