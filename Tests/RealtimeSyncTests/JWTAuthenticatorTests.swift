@@ -49,7 +49,7 @@ struct JWTAuthenticatorTests {
         #expect(expiresAt != nil)
     }
 
-    @Test("Refused: bad signature, another secret, expired, alg none/HS512, malformed, missing exp or rt, rt filter that does not parse")
+    @Test("Refused: bad signature, another secret, expired, not yet valid (nbf), alg none/HS512, malformed, missing exp or rt, rt filter that does not parse")
     func refusals() async throws {
         let now = Date(timeIntervalSince1970: 1_800_000_000)
         let auth = try await authenticator(now: now)
@@ -77,6 +77,11 @@ struct JWTAuthenticatorTests {
         #expect(try await signed(good, secret: String(testJWTSecret.reversed())).contains("bad signature"))
         #expect(try await signed(#"{"exp":\#(exp - 120),"rt":{}}"#).contains("expired"))
         #expect(try await signed(#"{"exp":\#(Int(now.timeIntervalSince1970)),"rt":{}}"#).contains("expired"))
+        // nbf: refused before it, admitted at and after it.
+        let nowSeconds = Int(now.timeIntervalSince1970)
+        #expect(try await signed(#"{"exp":\#(exp),"nbf":\#(nowSeconds + 1),"rt":{}}"#).contains("not valid before"))
+        #expect(try await signed(#"{"exp":\#(exp),"nbf":\#(nowSeconds),"rt":{}}"#) == "accepted")
+        #expect(try await signed(#"{"exp":\#(exp),"nbf":\#(nowSeconds - 60),"rt":{}}"#) == "accepted")
         #expect(try await signed(header: #"{"alg":"none"}"#, good, signature: "").contains("only HS256"))
         #expect(try await signed(header: #"{"alg":"HS512"}"#, good).contains("only HS256"))
         #expect(reason("not-a-jwt").contains("malformed"))

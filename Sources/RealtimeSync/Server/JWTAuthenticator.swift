@@ -44,6 +44,8 @@ public struct RealtimeTokenClaims: JWTPayload, Sendable, Equatable {
     public var exp: ExpirationClaim
     /// `sub`, optional: who the token is for; logged with the session.
     public var sub: SubjectClaim?
+    /// `nbf`, optional: the token is refused before this moment (RFC 7519 4.1.5).
+    public var nbf: NotBeforeClaim?
     /// `rt`, required: `schema.table` (or `table` for `public`) to the mandatory row filter
     /// (`""`: every row). Tables not named here are `forbidden`.
     public var rt: [String: String]
@@ -137,10 +139,14 @@ public struct JWTAuthenticator: Sendable {
         }
         guard valid else { throw JWTRejection("bad signature (not signed with this server's secret)") }
         var claims = parsed.payload
+        let current = now()
         do {
-            try claims.exp.verifyNotExpired(currentDate: now())
+            try claims.exp.verifyNotExpired(currentDate: current)
         } catch {
             throw JWTRejection("token expired at \(claims.exp.value.formatted(.iso8601))")
+        }
+        if let notBefore = claims.nbf, current < notBefore.value {
+            throw JWTRejection("token not valid before \(notBefore.value.formatted(.iso8601)) (nbf)")
         }
         var tables: [String: String] = [:]
         for (name, filter) in claims.rt {
