@@ -705,6 +705,73 @@ struct EmbeddedPostgresTests {
         if let others { #expect(FileManager.default.fileExists(atPath: others), "removed another user's folder") }
     }
 
+    // Audit, session 17: the cleanup ran `pg_ctl stop` on a stale postmaster.pid (which
+    // signals whatever process got that pid), and judged the owner by its pid alone (reused:
+    // in a container the owner is often pid 1 every time, so a killed one's folder stayed).
+    @Test("the orphan cleanup signals no process a stale postmaster.pid names, and judges the owner by its lock, not its pid")
+    func orphanCleanupTrustsNoBarePid() throws {
+        let parent = NSTemporaryDirectory() + "/embedded-orphans-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: parent) }
+        // A live process that is no postmaster, named by a dead owner's stale postmaster.pid;
+        // as root, one of the `postgres` user's (whom the cleanup's tools run as, so a signal
+        // from them would reach it), with every signal at its default action.
+        let bystander = Process()
+        if geteuid() == 0 {
+            bystander.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+            bystander.arguments = ["--reuid=postgres", "--regid=postgres", "--clear-groups", "/usr/bin/env", "--default-signal", "/bin/sleep", "60"]
+        } else {
+            bystander.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            bystander.arguments = ["--default-signal", "/bin/sleep", "60"]
+        }
+        try bystander.run()
+        #expect(waitUntil(milliseconds: 5_000) {
+            FileManager.default.contents(atPath: "/proc/\(bystander.processIdentifier)/cmdline")?.starts(with: Array("/bin/sleep".utf8)) == true
+        }, "the bystander did not become sleep")
+        defer { kill(bystander.processIdentifier, SIGKILL); bystander.waitUntilExit() }
+        let stale = parent + "/realtime-sync-pg-stale"
+        try FileManager.default.createDirectory(atPath: stale + "/data", withIntermediateDirectories: true)
+        try "99999999".write(toFile: stale + "/owner.pid", atomically: true, encoding: .utf8)
+        try "15\n".write(toFile: stale + "/data/PG_VERSION", atomically: true, encoding: .utf8)
+        try "\(bystander.processIdentifier)\n\(stale)/data\n".write(toFile: stale + "/data/postmaster.pid", atomically: true, encoding: .utf8)
+        // An owner that is gone although its pid runs (here: this very process's pid), and one
+        // that still holds its lock.
+        let reused = parent + "/realtime-sync-pg-reused"
+        try FileManager.default.createDirectory(atPath: reused, withIntermediateDirectories: false)
+        try "\(getpid())".write(toFile: reused + "/owner.pid", atomically: true, encoding: .utf8)
+        #expect(FileManager.default.createFile(atPath: reused + "/owner.lock", contents: nil))
+        let held = parent + "/realtime-sync-pg-held"
+        try FileManager.default.createDirectory(atPath: held, withIntermediateDirectories: false)
+        let lock = EmbeddedPostgres.holdOwnerLock(in: held)
+        #expect(lock >= 0)
+        defer { close(lock) }
+        try "99999999".write(toFile: held + "/owner.pid", atomically: true, encoding: .utf8)
+
+        EmbeddedPostgres.reapOrphans(parent: parent, bin: try EmbeddedPostgres.findBinDirectory())
+        #expect(bystander.isRunning, "the process a stale postmaster.pid named was signalled")
+        #expect(!FileManager.default.fileExists(atPath: stale), "the dead owner's folder stays")
+        #expect(!FileManager.default.fileExists(atPath: reused), "an unlocked owner.lock: the owner is gone, whatever its pid names now")
+        #expect(FileManager.default.fileExists(atPath: held), "a folder whose owner holds its lock was removed")
+    }
+
+    @Test("a postmaster is known by its command line where its working directory cannot be read (root without CAP_SYS_PTRACE): postgres -D <folder>, nothing else")
+    func postmasterByCommandLine() async throws {
+        let parent = NSTemporaryDirectory() + "/embedded-cmdline-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        chmod(parent, 0o777)  // initdb runs as postgres when the tests run as root
+        defer { try? FileManager.default.removeItem(atPath: parent) }
+        let pg = try await EmbeddedPostgres.start(.init(parentDirectory: parent))
+        let data = pg.directory + "/data"
+        let folder = URL(fileURLWithPath: data).resolvingSymlinksInPath().path
+        let pid = try #require(EmbeddedPostgres.postmasterPID(in: data))
+        #expect(Postmaster.commandLineNames(pid, data, resolved: folder))
+        #expect(!Postmaster.commandLineNames(pid, parent + "/other/data", resolved: parent + "/other/data"), "another folder's")
+        #expect(!Postmaster.commandLineNames(getpid(), data, resolved: folder), "not a postgres process")
+        let open = try #require(Postmaster.open(dataDirectory: data))
+        open.close()
+        await pg.shutdown()
+    }
+
     @Test("a cluster's watchdog runs beside it and is gone, reaped, once the cluster shuts down")
     func watchdogIsReaped() async throws {
         let parent = NSTemporaryDirectory() + "/embedded-watchdog-\(UInt32.random(in: 0...UInt32.max))"

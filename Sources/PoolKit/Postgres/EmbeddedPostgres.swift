@@ -66,9 +66,12 @@ public final class EmbeddedPostgres: Sendable {
     private let stopped = Mutex(false)
     /// This end of the watchdog's socket pair and the watchdog's pid (see `spawnWatchdog`).
     private let watchdog: (fd: Int32, pid: pid_t)?
+    /// `owner.lock`, held (flock) for the cluster's life: see `holdOwnerLock`.
+    private let ownerLock: Int32
 
     private init(url: String, port: Int, directory: String, binDirectory: String, runAsUser: String?,
-                 stopWait: Int, watchdog: (fd: Int32, pid: pid_t)? = nil) {
+                 stopWait: Int, ownerLock: Int32, watchdog: (fd: Int32, pid: pid_t)? = nil) {
+        self.ownerLock = ownerLock
         self.url = url
         self.port = port
         self.directory = directory
@@ -113,7 +116,9 @@ public final class EmbeddedPostgres: Sendable {
             throw EmbeddedPostgresError(code: .system, message: "could not create a temporary folder under \(options.parentDirectory): \(String(cString: strerror(errno))) (choose another folder with EmbeddedPostgres.Options.parentDirectory, or TMPDIR; as root it must be reachable by the postgres user)")
         }
         let dir = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        // Record who owns this cluster so a later start can reap it if this process dies.
+        // Record who owns this cluster so a later start can reap it if this process dies: the
+        // lock first (a reaper never sees a pid without it), then the pid for older reapers.
+        let ownerLock = holdOwnerLock(in: dir)
         try? "\(getpid())".write(toFile: dir + "/owner.pid", atomically: true, encoding: .utf8)
         if let user, let ids = userIDs(user) {
             chown(dir, ids.uid, ids.gid)
@@ -126,7 +131,7 @@ public final class EmbeddedPostgres: Sendable {
         }
         func giveUp(_ error: any Error) -> any Error {
             // The same cleanup as stop(): a server that did start is stopped, the folder removed.
-            EmbeddedPostgres(url: "", port: 0, directory: dir, binDirectory: bin, runAsUser: user, stopWait: stopWait).stop()
+            EmbeddedPostgres(url: "", port: 0, directory: dir, binDirectory: bin, runAsUser: user, stopWait: stopWait, ownerLock: ownerLock).stop()
             return error
         }
         // TCP logins need this password: the server listens on 127.0.0.1, which every local
@@ -183,7 +188,7 @@ public final class EmbeddedPostgres: Sendable {
             }
             let pg = EmbeddedPostgres(url: "postgres://postgres:\(password)@127.0.0.1:\(port)/postgres?sslmode=disable",
                                       port: port, directory: dir, binDirectory: bin, runAsUser: user, stopWait: stopWait,
-                                      watchdog: spawnWatchdog(directory: dir, pgCtl: bin + "/pg_ctl", user: user))
+                                      ownerLock: ownerLock, watchdog: spawnWatchdog(directory: dir, pgCtl: bin + "/pg_ctl", user: user))
             EmbeddedRegistry.shared.add(pg)
             return pg
         }
@@ -237,6 +242,36 @@ public final class EmbeddedPostgres: Sendable {
             while waitpid(watchdog.pid, &status, 0) < 0 && errno == EINTR {}
         }
         try? FileManager.default.removeItem(atPath: directory)
+        if ownerLock >= 0 { close(ownerLock) }
+    }
+
+    /// Opens `directory/owner.lock` and takes an exclusive `flock` on it, held until `stop()`
+    /// closes it (the kernel drops it when this process ends, however it ends). A reaper that
+    /// can take the lock knows the owner is gone, whatever its pid now names (pids are reused:
+    /// in a container the owner is often pid 1 every time). -1 if it could not be made.
+    static func holdOwnerLock(in directory: String) -> Int32 {
+        let fd = Glibc.open(directory + "/owner.lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard fd >= 0 else { return -1 }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            return -1
+        }
+        return fd
+    }
+
+    /// Whether the process that made the cluster folder `directory` has ended: its
+    /// `owner.lock` can be locked (then the lock is held until the returned descriptor is
+    /// closed), or, for a folder without one, its `owner.pid` names no running process.
+    static func ownerIsGone(_ directory: String) -> (gone: Bool, lock: Int32) {
+        let fd = Glibc.open(directory + "/owner.lock", O_RDWR | O_CLOEXEC | O_NOFOLLOW)
+        if fd >= 0 {
+            if flock(fd, LOCK_EX | LOCK_NB) == 0 { return (true, fd) }
+            close(fd)
+            return (false, -1)
+        }
+        guard errno == ENOENT, let text = try? String(contentsOfFile: directory + "/owner.pid", encoding: .utf8),
+              let owner = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return (false, -1) }
+        return (!processIsAlive(owner), -1)
     }
 
     /// Starts a process that stops the cluster and removes its folder when this process dies
@@ -469,16 +504,25 @@ public final class EmbeddedPostgres: Sendable {
         if let user, let ids = userIDs(user) { owners.insert(ids.uid) }
         for name in entries where name.hasPrefix("realtime-sync-pg-") {
             let dir = (parent as NSString).appendingPathComponent(name)
-            guard owned(dir, S_IFDIR, by: owners),
-                  let text = try? String(contentsOfFile: dir + "/owner.pid", encoding: .utf8),
-                  let owner = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { continue }
-            if processIsAlive(owner) { continue }
+            guard owned(dir, S_IFDIR, by: owners) else { continue }
+            let (gone, lock) = ownerIsGone(dir)
+            guard gone else { continue }
+            defer { if lock >= 0 { close(lock) } }
             if FileManager.default.fileExists(atPath: dir + "/data/postmaster.pid") {
                 guard owned(dir + "/data", S_IFDIR, by: owners) else { continue }
-                _ = try? run(bin + "/pg_ctl", ["-D", dir + "/data", "-m", "immediate", "-w", "-t", "10", "stop"], as: user)
-                // Still running (another user's, a timeout): its folder stays, or it could never
-                // be found again. A server that died with its owner left a stale file: it goes.
-                if let server = postmasterPID(in: dir + "/data"), processIsAlive(server) { continue }
+                // Only a postmaster shown to be this folder's is signalled (not `pg_ctl stop`,
+                // which signals whatever pid a stale postmaster.pid names: after a reboot, that
+                // may be another server, or any process). SIGQUIT is an immediate shutdown.
+                if let server = Postmaster.open(dataDirectory: dir + "/data") {
+                    server.signal(SIGQUIT)
+                    if !waitUntil(milliseconds: 10_000, server.hasExited) {
+                        // Still running: its folder stays, or it could never be found again.
+                        server.close()
+                        continue
+                    }
+                    server.close()
+                }
+                // A server that died with its owner left a stale file: it goes.
             }
             try? FileManager.default.removeItem(atPath: dir)
         }
@@ -524,21 +568,41 @@ struct Postmaster {
     /// The pidfd, or -1 where `pidfd_open` is missing (the pid is then checked each time).
     let fd: Int32
 
-    /// The process named in `dataDirectory/postmaster.pid`, if it runs and its working
-    /// directory is that folder (the postmaster's; a stale file's pid reused by another
-    /// process fails this). Nil otherwise.
+    /// The process named in `dataDirectory/postmaster.pid`, if it runs and is that folder's
+    /// postmaster: its working directory is the folder, or, where that cannot be read (root
+    /// without CAP_SYS_PTRACE, the default in containers, may not read another user's
+    /// `/proc/<pid>/cwd`), its command line is `postgres … -D <folder>`. A stale file's pid
+    /// reused by another process fails this. Nil otherwise.
     static func open(dataDirectory: String) -> Postmaster? {
         guard let pid = EmbeddedPostgres.postmasterPID(in: dataDirectory), pid > 0 else { return nil }
         let fd = clibpq_pidfd_open(pid)
         if fd < 0 && errno != ENOSYS { return nil }  // ESRCH: gone already
         // Checked after the pidfd is held: the process checked is the one the pidfd names.
-        let cwd = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/cwd")) ?? ""
         let folder = URL(fileURLWithPath: dataDirectory).resolvingSymlinksInPath().path
-        guard processIsAlive(pid), !cwd.isEmpty, URL(fileURLWithPath: cwd).resolvingSymlinksInPath().path == folder else {
+        guard processIsAlive(pid), isPostmaster(pid, of: dataDirectory, resolved: folder) else {
             if fd >= 0 { Glibc.close(fd) }
             return nil
         }
         return Postmaster(pid: pid, fd: fd)
+    }
+
+    /// See `open(dataDirectory:)`.
+    static func isPostmaster(_ pid: Int32, of dataDirectory: String, resolved folder: String) -> Bool {
+        if let cwd = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/cwd"), !cwd.isEmpty {
+            return URL(fileURLWithPath: cwd).resolvingSymlinksInPath().path == folder
+        }
+        return commandLineNames(pid, dataDirectory, resolved: folder)
+    }
+
+    /// Whether process `pid`'s command line is `postgres … -D <dataDirectory>` (`pg_ctl start`
+    /// runs it so; the postmaster keeps its arguments). Readable by every user.
+    static func commandLineNames(_ pid: Int32, _ dataDirectory: String, resolved folder: String) -> Bool {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let arguments = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        guard let program = arguments.first, program == "postgres" || program.hasSuffix("/postgres"),
+              let flag = arguments.firstIndex(of: "-D"), flag + 1 < arguments.count else { return false }
+        let named = arguments[flag + 1]
+        return named == dataDirectory || URL(fileURLWithPath: named).resolvingSymlinksInPath().path == folder
     }
 
     /// True once the process has exited (a zombie counts as exited).
@@ -563,6 +627,9 @@ struct Postmaster {
         send(SIGKILL)
         return children
     }
+
+    /// Sends `signal` to the postmaster (through its pidfd where there is one).
+    func signal(_ signal: Int32) { send(signal) }
 
     private func send(_ signal: Int32) {
         if fd >= 0 { _ = clibpq_pidfd_send_signal(fd, signal) } else if !hasExited() { Glibc.kill(pid, signal) }
