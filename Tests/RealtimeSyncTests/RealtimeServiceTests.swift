@@ -412,6 +412,21 @@ struct RealtimeServiceTests {
         }
     }
 
+    @Test("No database given and the embedded one cannot start: the error says no database was given and names the flag and both variables")
+    func embeddedStartFailureNamesTheDatabaseSettings() async throws {
+        var configuration = RealtimeService.embeddedDemo(logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        configuration.embedded.parentDirectory = "/nonexistent-\(UInt32.random(in: 0...UInt32.max))/clusters"
+        configuration.server.port = 0
+        do {
+            try await RealtimeService(configuration).run()
+            Issue.record("the service ran without a database")
+        } catch {
+            #expect("\(error)".contains("SERVICE_START_FAILED"), "\(error)")
+            #expect("\(error)".contains("--database-url, REALTIME_SYNC_DATABASE_URL or DATABASE_URL"), "\(error)")
+            #expect("\(error)".contains("Options.parentDirectory"), "the cause is kept: \(error)")
+        }
+    }
+
     @Test("A setup error stops the start and names the fix (publication missing, no tables)")
     func setupErrorNamesTheFix() async throws {
         try await TestDatabase.withDatabase { url in

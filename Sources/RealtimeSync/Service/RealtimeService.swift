@@ -273,8 +273,14 @@ public final class RealtimeService: Service, Sendable {
         if let given = configuration.databaseURL, !given.isEmpty {
             url = given
         } else {
-            logger.info("no database given (--database-url / DATABASE_URL): starting an embedded PostgreSQL")
-            let cluster = try await EmbeddedPostgres.start(configuration.embedded)
+            // A warning: a deployment whose database URL did not arrive runs the demo instead.
+            logger.warning("no database given (--database-url, REALTIME_SYNC_DATABASE_URL or DATABASE_URL): starting an embedded PostgreSQL with the demo table (not for production)")
+            let cluster: EmbeddedPostgres
+            do {
+                cluster = try await EmbeddedPostgres.start(configuration.embedded)
+            } catch {
+                throw RealtimeServiceError(.startFailed, "no database given (--database-url, REALTIME_SYNC_DATABASE_URL or DATABASE_URL), and the embedded PostgreSQL for the demo did not start: \(error)")
+            }
             embedded = cluster
             url = cluster.url
             logger.info("embedded PostgreSQL running", metadata: ["url": "\(cluster.redactedURL)", "directory": "\(cluster.directory)"])
