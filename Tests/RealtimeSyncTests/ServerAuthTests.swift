@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import RealtimeSync
+import Synchronization
 import Testing
 
 /// Signs a token for the tests' secret.
@@ -185,6 +186,27 @@ struct ServerAuthTests {
             let expiredLogs = capture.messages.filter { $0.contains("token expired") }
             #expect(expiredLogs.count == 1)
             #expect(test.server.statistics.subscriptions == 0)
+        }
+    }
+
+    @Test("Expiry follows the authenticator's clock, looked at every tokenExpiryCheckInterval: a clock that jumps past exp (a host that was suspended) closes the socket with 1008 at the next look, not an hour of monotonic time later")
+    func expiryFollowsTheAuthenticatorsClock() async throws {
+        let start = Date(timeIntervalSince1970: 1_900_000_000)
+        let clock = Mutex(start)
+        let auth = try await JWTAuthenticator(secret: testJWTSecret, now: { clock.withLock { $0 } })
+        let token = try await auth.sign(RealtimeTokenClaims(expiresAt: start.addingTimeInterval(3600), tables: ["public.items": ""]))
+        try await withTestServer(source: InMemoryChangeSource(catalog: Self.tenantCatalog), configure: {
+            $0.auth = auth
+            $0.tokenExpiryCheckInterval = .milliseconds(200)
+        }) { test in
+            let socket = try await connectWebSocket(port: test.port, token: token)
+            try await socket.subscribe("s")
+            try await Task.sleep(for: .milliseconds(500))  // a few looks at the clock, before exp: still open
+            try await socket.subscribe("still-open")
+            clock.withLock { $0 = start.addingTimeInterval(3601) }
+            #expect(try await socket.receiveClose(timeout: 10) == 1008)
+            try await socket.sendClose(1008)
+            #expect(await eventually { test.server.statistics.sessions == 0 })
         }
     }
 

@@ -89,6 +89,10 @@ public struct RealtimeServerConfiguration: Sendable {
     public var pingInterval: Duration
     /// How long the server waits for the client's close frame after sending its own. Default 5 s.
     public var closeTimeout: Duration
+    /// The longest an open socket's token expiry waits before it looks at the wall clock
+    /// again (`JWTAuthenticator.now`): a monotonic timer does not count time the host was
+    /// suspended, so a token's `exp` is re-checked at least this often. Default 60 s.
+    public var tokenExpiryCheckInterval: Duration
     /// Each socket's send queue bounds (close 1013 beyond). Default 1,024 messages or 8 MiB.
     public var queueLimits: OutboundQueue<[UInt8]>.Limits
     /// Fan-out bounds (`maxSubscriptionsPerClient`, default 100).
@@ -159,6 +163,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.firstRequestTimeout = .seconds(10)
         self.pingInterval = .seconds(30)
         self.closeTimeout = .seconds(5)
+        self.tokenExpiryCheckInterval = .seconds(60)
         self.queueLimits = .init()
         self.hubLimits = .init()
         self.auth = nil
@@ -187,6 +192,7 @@ public struct RealtimeServerConfiguration: Sendable {
         guard (0...65_535).contains(port) else { throw bad("port is \(port); it must be 0 (any free port) to 65535") }
         guard maxClientMessageBytes >= 16 else { throw bad("maxClientMessageBytes is \(maxClientMessageBytes); it must be at least 16") }
         guard pingInterval > .zero else { throw bad("pingInterval is \(pingInterval); it must be positive") }
+        guard tokenExpiryCheckInterval > .zero else { throw bad("tokenExpiryCheckInterval is \(tokenExpiryCheckInterval); it must be positive") }
         guard firstRequestTimeout > .zero else { throw bad("firstRequestTimeout is \(firstRequestTimeout); it must be positive") }
         guard closeTimeout > .zero else { throw bad("closeTimeout is \(closeTimeout); it must be positive") }
         if let allowedOrigins, allowedOrigins.isEmpty {
@@ -216,6 +222,7 @@ public struct RealtimeServerConfiguration: Sendable {
         // Clocks cannot sleep that far (the runtime traps converting the instant).
         let longest = ConnectionPoolConfiguration.longestWait
         for (name, value) in [("pingInterval", pingInterval), ("firstRequestTimeout", firstRequestTimeout), ("closeTimeout", closeTimeout),
+                              ("tokenExpiryCheckInterval", tokenExpiryCheckInterval),
                               ("fanoutDrainDeadline", fanoutDrainDeadline), ("socketCloseDeadline", socketCloseDeadline),
                               ("listenerStopDeadline", listenerStopDeadline)] {
             guard value <= longest else { throw bad("\(name) is \(value); it must be at most \(longest) (about 100 years)") }

@@ -29,7 +29,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let grant: SessionGrant
     private let logger: Logger
     private var context: ChannelHandlerContext?
-    private var expiryTimer: Scheduled<Void>?
+    private var expiryTimer: TokenExpiryTimer?
     /// Subscription ids open on this socket (joined or catching up).
     private var openIDs: Set<String> = []
     private var message: [UInt8] = []
