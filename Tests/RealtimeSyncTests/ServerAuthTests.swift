@@ -210,6 +210,32 @@ struct ServerAuthTests {
         }
     }
 
+    @Test("A schema change that breaks the token's own filter ends the subscription with forbidden (a new token is needed); one that breaks only the client's filter, with invalid_filter")
+    func schemaChangeOfTheTokensColumn() async throws {
+        let source = InMemoryChangeSource(catalog: Self.tenantCatalog)
+        try await withAuthServer(source: source) { test, _ in
+            let tenant = try await connectWebSocket(port: test.port, token: try await testToken(["public.items": "tenant_id=eq.42"]))
+            try await tenant.subscribe("mine", filter: "status=eq.open")
+            let open = try await connectWebSocket(port: test.port, token: try await testToken(["public.items": ""]))
+            try await open.subscribe("ours", filter: "tenant_id=eq.42")
+            // ALTER TABLE items RENAME tenant_id TO tenant.
+            let altered = itemsRelation(renaming: "tenant_id", to: "tenant")
+            source.setCatalog(TableCatalog(relations: [altered]))
+            source.publish(insertEvent(["id": "2", "tenant": "42", "status": "open"], relation: altered, lsn: 0x1002))
+            let ended = try await tenant.receiveJSON()
+            #expect(ended["type"] as? String == "error" && ended["code"] as? String == "forbidden" && ended["id"] as? String == "mine", "\(ended)")
+            #expect((ended["message"] as? String)?.contains("the token's filter for public.items names column 'tenant_id'") == true, "\(ended)")
+            let own = try await open.receiveJSON()
+            #expect(own["type"] as? String == "error" && own["code"] as? String == "invalid_filter" && own["id"] as? String == "ours", "\(own)")
+            // A new subscription under the old token is refused the same way.
+            try await tenant.sendText(#"{"type":"subscribe","id":"again","table":"items"}"#)
+            let refused = try await tenant.receiveJSON()
+            #expect(refused["code"] as? String == "forbidden" && refused["id"] as? String == "again", "\(refused)")
+            await tenant.close()
+            await open.close()
+        }
+    }
+
     @Test("Auth on is logged at start; auth off logs a warning and admits everyone to every table")
     func authModeAtStart() async throws {
         let on = LogCapture()

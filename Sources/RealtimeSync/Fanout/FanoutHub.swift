@@ -202,7 +202,7 @@ public struct FanoutHub: Sendable {
     /// the stream passes it: from there on its description is at least as new as their
     /// catalog). Walks the table's subscriptions: for a new description, not for each change.
     public mutating func removeSubscriptions(brokenBy relation: Relation, at position: LSN)
-        -> (ended: [(client: FanoutClientID, id: String, column: String)], recheckAt: LSN?) {
+        -> (ended: [(client: FanoutClientID, id: String, column: String, byToken: Bool)], recheckAt: LSN?) {
         guard let index = tables[relation.qualifiedName] else { return ([], nil) }
         var records = Array(index.scan.values)
         for column in index.columns.values {
@@ -211,14 +211,14 @@ public struct FanoutHub: Sendable {
                 for record in bucket.values where seen.insert(record.sequence).inserted { records.append(record) }
             }
         }
-        var broken: [(client: FanoutClientID, id: String, column: String)] = []
+        var broken: [(client: FanoutClientID, id: String, column: String, byToken: Bool)] = []
         var recheckAt: LSN?
         for record in records {
             guard let column = record.filter.brokenColumn(in: relation) else { continue }
             if let asOf = record.schemaAsOf, position < asOf {
                 recheckAt = min(recheckAt ?? asOf, asOf)
             } else {
-                broken.append((record.client, record.id, column))
+                broken.append((record.client, record.id, column, record.mandatory.brokenColumn(in: relation) != nil))
             }
         }
         for entry in broken { unsubscribe(client: entry.client, id: entry.id) }

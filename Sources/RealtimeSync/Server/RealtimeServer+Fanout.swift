@@ -65,7 +65,7 @@ extension RealtimeServer {
         // event-loop task per loop and change, started once the lock is released.
         var pumps: [[SessionChannel]] = []
         // Subscriptions ended because this change's table no longer has a column they filter on.
-        var schemaChanges: [(client: FanoutClientID, id: String, column: String)] = []
+        var schemaChanges: [(client: FanoutClientID, id: String, column: String, byToken: Bool)] = []
         let overflowed = state.withLock { state -> [FanoutClientID] in
             guard cursor > state.lastDelivered else { return [] }
             if event.index == 0 { state.recentTransactions.append(xid: event.xid, after: state.lastDelivered) }
@@ -251,7 +251,7 @@ extension ServerState {
     /// leaving them silent for good. Returns them, and the clients whose send queue that error
     /// overflowed (closed with 1013).
     mutating func noteRelation(_ relation: Relation, at position: LSN)
-        -> (ended: [(client: FanoutClientID, id: String, column: String)], overflowed: [FanoutClientID]) {
+        -> (ended: [(client: FanoutClientID, id: String, column: String, byToken: Bool)], overflowed: [FanoutClientID]) {
         let previous = relations[relation.qualifiedName]
         let recheckDue = previous?.recheckAt.map { position >= $0 } ?? false
         relations[relation.qualifiedName] = SeenRelation(relation: relation, at: position, recheckAt: previous?.recheckAt)
@@ -260,7 +260,7 @@ extension ServerState {
         let (ended, recheckAt) = hub.removeSubscriptions(brokenBy: relation, at: position)
         relations[relation.qualifiedName]!.recheckAt = recheckAt
         let overflowed = ended.filter {
-            endForSchemaChange(client: $0.client, id: $0.id, column: $0.column, table: relation.qualifiedName)
+            endForSchemaChange(client: $0.client, id: $0.id, column: $0.column, byToken: $0.byToken, table: relation.qualifiedName)
         }.map(\.client)
         return (ended, overflowed)
     }
@@ -269,13 +269,13 @@ extension ServerState {
     /// schema change broke its filter: the `invalid_filter` error, the id freed for the session
     /// handler, no start cursor left for it. True when the error overflowed the client's send
     /// queue (closed with 1013): the client is dropped.
-    mutating func endForSchemaChange(client: FanoutClientID, id: String, column: String, table: String) -> Bool {
+    mutating func endForSchemaChange(client: FanoutClientID, id: String, column: String, byToken: Bool, table: String) -> Bool {
         if startAfter[client]?.removeValue(forKey: id) != nil, startAfter[client]?.isEmpty == true {
             startAfter[client] = nil
         }
         guard let session = sessions[client] else { return false }
         session.noteEndedByServer(id)
-        guard session.enqueue(Self.schemaChangeError(id: id, column: column, table: table).serverMessage) == .overflow else { return false }
+        guard session.enqueue(Self.schemaChangeError(id: id, column: column, byToken: byToken, table: table).serverMessage) == .overflow else { return false }
         dropClient(client)
         return true
     }
@@ -285,18 +285,25 @@ extension ServerState {
     /// catalog the filter was checked against; nil otherwise. A description older than the
     /// catalog that would break it marks the table for a check once the stream passes the
     /// catalog's position.
-    mutating func schemaBrokenColumn(of subscription: ResolvedSubscription) -> String? {
+    /// `byToken`: the column is one of the auth token's mandatory filter.
+    mutating func schemaBrokenColumn(of subscription: ResolvedSubscription) -> (column: String, byToken: Bool)? {
         guard let seen = relations[subscription.table], let column = subscription.filter.brokenColumn(in: seen.relation) else { return nil }
         if let asOf = subscription.schemaAsOf, seen.at < asOf {
             relations[subscription.table]!.recheckAt = min(seen.recheckAt ?? asOf, asOf)
             return nil
         }
-        return column
+        return (column, subscription.mandatory.brokenColumn(in: seen.relation) != nil)
     }
 
-    /// The error that ends (or refuses) a subscription whose filter a schema change broke.
-    static func schemaChangeError(id: String, column: String, table: String) -> ProtocolError {
-        ProtocolError(.invalidFilter, id: id,
-            "column '\(column)' of \(table) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns (a RealtimeService re-reads them every samplingInterval, 10 s by default; a column of the token's own filter needs a new token)")
+    /// The error that ends (or refuses) a subscription whose filter a schema change broke:
+    /// `invalid_filter` for the client's own filter, `forbidden` for the auth token's (the
+    /// client cannot mend that; a token naming the table's current columns can).
+    static func schemaChangeError(id: String, column: String, byToken: Bool = false, table: String) -> ProtocolError {
+        if byToken {
+            return ProtocolError(.forbidden, id: id,
+                "the token's filter for \(table) names column '\(column)', which was dropped, renamed or changed type (a schema change): this subscription can no longer match, so it has ended; it needs a new token whose filter names the table's current columns")
+        }
+        return ProtocolError(.invalidFilter, id: id,
+            "column '\(column)' of \(table) was dropped, renamed or changed type (a schema change): this subscription's filter can no longer match, so it has ended; subscribe again with a filter on the table's current columns (a RealtimeService re-reads them every samplingInterval, 10 s by default)")
     }
 }

@@ -115,9 +115,9 @@ extension RealtimeServer {
         if subscription.snapshot { return .snapshot(subscription) }
         guard let since = subscription.since else {
             let failure = state.withLock { state -> ProtocolError? in
-                if let column = state.schemaBrokenColumn(of: subscription) {
+                if let broken = state.schemaBrokenColumn(of: subscription) {
                     // Checked against a catalog older than the stream's view of the table.
-                    return ServerState.schemaChangeError(id: subscription.id, column: column, table: subscription.table)
+                    return ServerState.schemaChangeError(id: subscription.id, column: broken.column, byToken: broken.byToken, table: subscription.table)
                 }
                 do throws(ProtocolError) {
                     try state.hub.subscribe(client: session.id, subscription)

@@ -60,9 +60,9 @@ struct ServerState: Sendable {
 
     /// Adds a subscription that has caught up (see `RealtimeServer.resume`).
     mutating func join(_ subscription: ResolvedSubscription, client: FanoutClientID, lastCovered: Cursor) {
-        if let column = schemaBrokenColumn(of: subscription) {
+        if let broken = schemaBrokenColumn(of: subscription) {
             // The table changed while it caught up or ran its snapshot: it could never match.
-            _ = endForSchemaChange(client: client, id: subscription.id, column: column, table: subscription.table)
+            _ = endForSchemaChange(client: client, id: subscription.id, column: broken.column, byToken: broken.byToken, table: subscription.table)
             return
         }
         do {
