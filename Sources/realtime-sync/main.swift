@@ -134,6 +134,7 @@ struct Serve: AsyncParsableCommand {
               --window-max-bytes      REALTIME_SYNC_WINDOW_MAX_BYTES  (268435456 = 256 MiB)
               --heartbeat-interval    REALTIME_SYNC_HEARTBEAT_INTERVAL (10 s)
               --shutdown-deadline     REALTIME_SYNC_SHUTDOWN_DEADLINE (10 s, the whole ordered shutdown)
+              --start-timeout         REALTIME_SYNC_START_TIMEOUT     (30 s for the change stream to open)
               --jwt-secret            REALTIME_SYNC_JWT_SECRET        (none: auth off, with a warning)
               --snapshot-max-rows     REALTIME_SYNC_SNAPSHOT_MAX_ROWS (10000 rows per snapshot; more: snapshot_too_large; 0: only snapshots with no rows after the filter)
               --snapshot-chunk-rows   REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS (500 rows per snapshot message)
@@ -160,6 +161,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Bytes of changes kept for resume (row values plus 128 per change).") var windowMaxBytes: Int?
     @Option(help: "Seconds between heartbeats (pg_logical_emit_message).") var heartbeatInterval: Double?
     @Option(help: "Seconds the whole ordered shutdown may take.") var shutdownDeadline: Double?
+    @Option(help: "Seconds the start may wait for the change stream to open (e.g. for a slot another process still holds).") var startTimeout: Double?
     @Option(help: "HS256 secret (at least 32 bytes) for JWT auth on /ws; none: auth off.") var jwtSecret: String?
     @Option(help: "Most rows a snapshot may send (more: snapshot_too_large).") var snapshotMaxRows: Int?
     @Option(help: "Most rows in one snapshot message.") var snapshotChunkRows: Int?
@@ -213,6 +215,7 @@ struct Serve: AsyncParsableCommand {
         configuration.window.maxBytes = try Setting.int(windowMaxBytes, "window-max-bytes", "REALTIME_SYNC_WINDOW_MAX_BYTES", 256 << 20, minimum: 1)
         configuration.heartbeatInterval = try Setting.seconds(heartbeatInterval, "heartbeat-interval", "REALTIME_SYNC_HEARTBEAT_INTERVAL", 10)
         configuration.setShutdownDeadline(try Setting.seconds(shutdownDeadline, "shutdown-deadline", "REALTIME_SYNC_SHUTDOWN_DEADLINE", 10))
+        configuration.startTimeout = try Setting.seconds(startTimeout, "start-timeout", "REALTIME_SYNC_START_TIMEOUT", 30)
         configuration.server.snapshotMaxRows = try Setting.int(snapshotMaxRows, "snapshot-max-rows", "REALTIME_SYNC_SNAPSHOT_MAX_ROWS", 10_000, minimum: 0)
         configuration.server.snapshotChunkRows = try Setting.int(snapshotChunkRows, "snapshot-chunk-rows", "REALTIME_SYNC_SNAPSHOT_CHUNK_ROWS", 500, minimum: 1)
         if allowedOrigins == nil, Setting.environment["REALTIME_SYNC_ALLOWED_ORIGINS"] == "" {

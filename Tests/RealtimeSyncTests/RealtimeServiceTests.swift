@@ -60,6 +60,29 @@ struct RealtimeServiceTests {
         #expect(took < .seconds(15), "took \(took)")
     }
 
+    @Test("A second instance on a slot the first one streams from fails its start after startTimeout, saying another process holds the slot and naming the settings to change")
+    func slotHeldByAnotherInstance() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            try await withRealtimeService(url: url, tables: [table]) { first, _, _ in
+                var configuration = RealtimeService.Configuration(
+                    databaseURL: url, tables: [table], publication: first.configuration.publication, slot: first.configuration.slot,
+                    server: RealtimeServerConfiguration(host: "127.0.0.1", port: 0), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+                configuration.startTimeout = .seconds(2)
+                configuration.captureShutdownDeadline = .seconds(1)
+                do {
+                    try await RealtimeService(configuration).run()
+                    Issue.record("a second instance started on a slot in use")
+                } catch {
+                    let text = "\(error)"
+                    #expect(text.contains("SERVICE_CAPTURE_NOT_READY") && text.contains("startTimeout, --start-timeout"), "\(text)")
+                    #expect(text.contains("another process streams from slot \(first.configuration.slot)"), "\(text)")
+                    #expect(text.contains("--slot"), "\(text)")
+                }
+            }
+        }
+    }
+
     @Test("A graceful shutdown (SIGTERM) while the service starts ends the start, without an error")
     func shutdownWhileStarting() async throws {
         let (took, failure) = try await runBlockedStart(shutdownAfter: .seconds(1)) {

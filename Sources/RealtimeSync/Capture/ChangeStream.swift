@@ -31,6 +31,8 @@ public struct ChangeStreamStatistics: Sendable {
     /// How many times the current replication connection's reader parked on the reactor
     /// waiting for data (0 when not connected; diagnostics for throughput tuning).
     public var readerWaits: Int
+    /// Why the last connection attempt failed, while the stream retries (nil once streaming).
+    public var lastError: String?
 }
 
 /// Streams committed row changes from a persistent logical replication slot (pgoutput) into
@@ -180,6 +182,8 @@ public final class ChangeStream: Service, Sendable {
         var catchUpTarget: LSN?
         /// Set on stop when catching up is over (reached, timed out or skipped).
         var stopNow = false
+        /// See `ChangeStreamStatistics.lastError`.
+        var lastError: String?
     }
 
     /// The configuration in force.
@@ -233,7 +237,7 @@ public final class ChangeStream: Service, Sendable {
                 oldestResumable: oldestResumable, lastCursor: lastCursor,
                 confirmedFlush: s.confirmed, slotLagBytes: s.slotLag,
                 consumers: consumers, consumersCutOff: consumersCutOff,
-                readerWaits: s.replication?.readerWaits ?? 0)
+                readerWaits: s.replication?.readerWaits ?? 0, lastError: s.lastError)
         }
     }
 
@@ -454,6 +458,7 @@ public final class ChangeStream: Service, Sendable {
                 logger.info("change stream started", metadata: [
                     "slot": "\(configuration.slotName)", "start": "\(streamStart)", "backend": "\(repl.backendPID)"])
                 failures = 0
+                state.withLock { $0.lastError = nil }
                 let stopped = try await session(repl, decoder: &decoder, assembler: &assembler, quickReplies: quickReplies)
                 state.withLock { $0.connected = false; $0.replication = nil }
                 if stopped {
@@ -471,10 +476,15 @@ public final class ChangeStream: Service, Sendable {
                 if stopRequested { return }
                 failures += 1
                 let delay = backoff(failures)
-                state.withLock { $0.reconnects += 1 }
+                var reason = "\(error)"
+                if let error = error as? PostgresError, error.sqlState == "55006" {
+                    // "replication slot … is active for PID …": another process streams from it.
+                    reason += " (another process streams from slot \(configuration.slotName): stop it, or give this one a slot of its own, --slot / REALTIME_SYNC_SLOT)"
+                }
+                state.withLock { $0.reconnects += 1; $0.lastError = reason }
                 reconnectCounter.increment()
                 logger.warning("replication connection failed; reconnecting", metadata: [
-                    "slot": "\(configuration.slotName)", "attempt": "\(failures)", "delay": "\(delay)", "error": "\(error)"])
+                    "slot": "\(configuration.slotName)", "attempt": "\(failures)", "delay": "\(delay)", "error": "\(reason)"])
                 await sleepUnlessStopped(delay)
             }
         }

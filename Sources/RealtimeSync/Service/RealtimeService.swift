@@ -483,7 +483,8 @@ public final class RealtimeService: Service, Sendable {
                 throw RealtimeServiceError(.captureNotReady, "the change stream for slot \(configuration.slot) ended before it opened its window: \(ended.error ?? "stopped")")
             }
             if ContinuousClock.now >= deadline {
-                throw RealtimeServiceError(.captureNotReady, "the change stream for slot \(configuration.slot) did not open its window within \(configuration.startTimeout) (startTimeout); is the database reachable and wal_level=logical?")
+                let cause = stream.statistics.lastError.map { "; its last attempt failed: \($0)" } ?? "; is the database reachable and wal_level=logical?"
+                throw RealtimeServiceError(.captureNotReady, "the change stream for slot \(configuration.slot) did not open its window within \(configuration.startTimeout) (startTimeout, --start-timeout / REALTIME_SYNC_START_TIMEOUT)\(cause)")
             }
             try await Task.sleep(for: .milliseconds(20))
         }
