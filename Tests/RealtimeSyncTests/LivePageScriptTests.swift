@@ -3,7 +3,8 @@ import RealtimeSync
 import Testing
 
 /// The live page's script, run by Node.js against a stand-in for the DOM and `WebSocket`
-/// (the harness below): what it sends and shows when the server asks it to resync. The
+/// (the harness below): what it sends and shows when the server asks it to resync, how it
+/// shows TRUNCATE, UPDATEs and huge values, and how its reconnects back off. The
 /// browser test (`LivePageBrowserTests`) covers the page as a whole in Chromium; a resync
 /// cannot be provoked there without a server that drops changes on purpose.
 @Suite("Live page script (Node.js)")
@@ -53,7 +54,7 @@ struct LivePageScriptTests {
             }
         }
         #expect(process.terminationStatus == 0, "\(text)")
-        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 13, "\(text)")
+        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 18, "\(text)")
     }
 
     /// A stand-in for the DOM and `WebSocket`, and the steps it checks (each prints `ok` or `FAIL`).
@@ -75,7 +76,7 @@ const sockets = [];
 global.WebSocket = class { constructor(url) { this.url = url; this.sent = []; this.readyState = 1; sockets.push(this); }
   send(m) { this.sent.push(JSON.parse(m)); } close() {} };
 WebSocket.OPEN = 1;
-const timers = []; global.setTimeout = (f, d) => { timers.push(f); return timers.length; }; global.clearTimeout = () => {};
+const timers = [], delays = []; global.setTimeout = (f, d) => { timers.push(f); delays.push(d); return timers.length; }; global.clearTimeout = () => {};
 eval(src);
 const last = (a) => a[a.length - 1];
 const snapshotRows = () => els.changes.children.filter(r => r.className === "snapshot").length;
@@ -84,6 +85,7 @@ const recv = (m) => ws.onmessage({ data: JSON.stringify(m) });
 ws.onopen();
 let ok = true; const check = (c, what) => { if (!c) { ok = false; console.log("FAIL", what); } else console.log("ok  ", what); };
 check(ws.sent.length === 1 && !ws.sent[0].snapshot && !ws.sent[0].since, "first subscribe: no snapshot, no since");
+check(JSON.stringify(ws.sent[0].events) === JSON.stringify(["INSERT", "UPDATE", "DELETE", "TRUNCATE"]), "unfiltered: TRUNCATE asked for too");
 const id = ws.sent[0].id;
 recv({ type: "subscribed", id, cursor: "c1" });
 recv({ type: "change", ids: [id], op: "INSERT", cursor: "c2", new: { id: 1 } });
@@ -123,6 +125,24 @@ check(!plain.snapshot && !plain.since, "refused snapshot: plain subscribe follow
 recv2({ type: "subscribed", id: id2, cursor: "c40" });
 check(els.cursor.textContent === "c40", "plain subscription adopts its cursor");
 check(els.status.textContent.includes("current rows not shown: snapshot_too_large"), "the refusal is told in the status: " + els.status.textContent);
+const shown = () => els.changes.children[0].children[2].textContent;
+recv2({ type: "change", ids: [id2], op: "TRUNCATE", cursor: "c41", new: null, old: null });
+check(shown().includes("truncated"), "a TRUNCATE is shown as one: " + shown());
+recv2({ type: "change", ids: [id2], op: "INSERT", cursor: "c42", new: { id: 5, big: "x".repeat(1000000) } });
+check(shown().length < 5000 && shown().includes("more characters"), "a huge value is cut (" + shown().length + " characters shown)");
+recv2({ type: "change", ids: [id2], op: "UPDATE", cursor: "c43", new: { id: 2, s: "paid" }, old: { id: 1 }, unchanged: ["notes"] });
+check(shown().includes('"id":1') && shown().includes("unchanged: notes"), "an UPDATE that changed the key shows the old key and the unchanged columns: " + shown());
+// A server that accepts each subscription, then closes with 1013: the waits grow.
+const before = delays.length;
+for (let i = 0; i < 6; i++) {
+  const s = last(sockets);
+  s.onmessage({ data: JSON.stringify({ type: "subscribed", id: last(s.sent).id, cursor: "c50" }) });
+  s.onclose({ code: 1013 });
+  timers.shift()();
+  last(sockets).onopen();
+}
+const waits = delays.slice(before);
+check(waits.length === 6 && Math.max(...waits) >= 4000, "accepted, then closed, again and again: the waits grow (" + waits.map(Math.round).join(", ") + " ms)");
 process.exit(ok ? 0 : 1);
 """#
 }

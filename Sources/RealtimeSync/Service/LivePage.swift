@@ -57,7 +57,7 @@ public enum LivePage {
         const rows = document.getElementById("changes");
         const tokenEl = document.getElementById("token");
         let socket = null, lastCursor = null, subscription = null, retry = 500, counter = 0, usedToken = "";
-        let reconnectTimer = null, waitingForUser = false, gap = false;
+        let reconnectTimer = null, waitingForUser = false, gap = false, openedAt = 0;
         // After a gap: the next subscription asks for the table's current rows.
         let wantSnapshot = false, snapshotCursor = null, snapshotShown = [], snapshotMore = 0, snapshotNote = "";
         // Current rows shown after a gap at most (the list keeps 200 entries in all).
@@ -76,6 +76,8 @@ public enum LivePage {
           if (!subscription.table) { setStatus("enter a table, then press subscribe"); return; }
           const message = { type: "subscribe", id: subscription.id, table: subscription.table };
           if (subscription.filter) message.filter = subscription.filter;
+          // Unfiltered, a TRUNCATE reaches us too (a filtered subscription never gets one).
+          else message.events = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"];
           if (lastCursor) message.since = lastCursor;
           else if (wantSnapshot) {
             message.snapshot = true;
@@ -92,7 +94,23 @@ public enum LivePage {
           if (message.op === "snapshot") tr.className = "snapshot";
           const time = document.createElement("td"); time.textContent = message.commit_time || "";
           const row = document.createElement("td"); row.className = "row";
-          row.textContent = JSON.stringify(message.new || message.old || {});
+          let text;
+          if (message.op === "TRUNCATE") {
+            text = "table truncated: every row removed";
+          } else {
+            text = JSON.stringify(message.new || message.old || {});
+            // An UPDATE's old values where they differ (a changed key; all of them with
+            // REPLICA IDENTITY FULL), and the columns left out of `new` (unchanged TOAST values).
+            const old = message.op === "UPDATE" && message.old ? message.old : null;
+            if (old && message.new && Object.keys(old).some(k => JSON.stringify(old[k]) !== JSON.stringify(message.new[k]))) {
+              text += "  (was " + JSON.stringify(old) + ")";
+            }
+            if (Array.isArray(message.unchanged) && message.unchanged.length) text += "  (unchanged: " + message.unchanged.join(", ") + ")";
+          }
+          // A few KB per row: 200 rows of multi-megabyte values would hold gigabytes in the page.
+          const most = 4096;
+          if (text.length > most) text = text.slice(0, most) + "… (" + (text.length - most) + " more characters)";
+          row.textContent = text;
           tr.append(op, time, row);
           rows.prepend(tr);
           while (rows.children.length > 200) rows.lastChild.remove();
@@ -132,7 +150,7 @@ public enum LivePage {
           const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws" + query;
           const ws = new WebSocket(url);
           socket = ws;
-          ws.onopen = () => { setStatus("connected"); subscribe(); };
+          ws.onopen = () => { openedAt = Date.now(); setStatus("connected"); subscribe(); };
           ws.onmessage = (event) => {
             if (ws !== socket) return;
             const message = JSON.parse(event.data);
@@ -142,9 +160,9 @@ public enum LivePage {
             switch (message.type) {
               case "subscribed":
                 if (!mine) return;
-                // Reset once the server serves us, not merely accepts the socket (for a
-                // snapshot, once it is complete).
-                if (!wantSnapshot) retry = 500;
+                // The backoff is not reset here: a server that accepts the subscription and
+                // then closes every time would be retried twice a second for ever. It is reset
+                // by a change, a complete snapshot, or a socket that lasted 10 s.
                 setStatus("subscribed to " + subscription.table + (gap ? " (some changes were missed: see the marked row)" : "") + snapshotNote);
                 // While the current rows arrive, a drop must ask for them again (no `since`):
                 // the cursor is adopted once they are all here.
@@ -216,6 +234,7 @@ public enum LivePage {
                 : "a message was too big (a very long filter?); change it and press subscribe"));
               return;
             }
+            if (Date.now() - openedAt >= 10000) retry = 500;
             const hint = event.code === 1006 ? " (refused? a missing or bad token gets 401; a page origin the server does not allow, 403: --allowed-origins)" : "";
             setStatus("disconnected (" + event.code + ")" + hint + ", reconnecting…");
             scheduleReconnect();
