@@ -168,7 +168,8 @@ public struct FilterCondition: Sendable, Hashable, CustomStringConvertible {
 
 /// A row filter (PROTOCOL.md `filter`): conditions joined by `&`, all must hold.
 /// Parsed once against a table's columns, evaluated in memory on each change,
-/// never turned into SQL.
+/// never turned into SQL (a snapshot's SELECT gets only `snapshotPrefilter()`: integer and
+/// uuid literals the server prints itself).
 ///
 /// Grammar (bytes of the filter string):
 /// ```
@@ -251,6 +252,50 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
 
     /// Whether the event's row passes: `evaluate(event) == .true` (unknown fails closed).
     public func matches(_ event: ChangeEvent) -> Bool { evaluate(event) == .true }
+
+    /// For a snapshot's SELECT: the `eq` and `in` conditions on int2/int4/int8 and uuid
+    /// columns, each as its column and SQL literals this function printed itself (integers,
+    /// and uuids in their canonical form, checked): `column IN (literals)` for each, ANDed,
+    /// holds for every row the filter can accept, so Postgres can read only those (through
+    /// an index on a tenant column, say) instead of the whole table. The filter still judges
+    /// every row read. No client text reaches SQL; other conditions are left out.
+    func snapshotPrefilter() -> [(column: String, literals: [String])] {
+        var result: [(column: String, literals: [String])] = []
+        for condition in conditions where condition.operator == .eq || condition.operator == .in {
+            var literals: [String] = []
+            switch condition.typeOID {
+            case PostgresTypeOID.int2, PostgresTypeOID.int4, PostgresTypeOID.int8:
+                for operand in condition.operands {
+                    // A value that is no integer (4.5) never equals an integer column's: dropped.
+                    if case .number(_, let int?) = operand { literals.append(String(int)) }
+                }
+            case PostgresTypeOID.uuid:
+                for operand in condition.operands {
+                    guard case .text(let bytes) = operand else { continue }
+                    // Operands are lower-cased; one not in the canonical form matches no row's text.
+                    if Self.isCanonicalUUID(bytes) { literals.append("'" + String(decoding: bytes, as: UTF8.self) + "'::uuid") }
+                }
+            default:
+                continue
+            }
+            // An empty list: no row can match (the filter would accept none).
+            result.append((condition.column, literals.isEmpty ? ["NULL"] : literals))
+        }
+        return result
+    }
+
+    /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower-case hex.
+    static func isCanonicalUUID(_ bytes: [UInt8]) -> Bool {
+        guard bytes.count == 36 else { return false }
+        for (position, byte) in bytes.enumerated() {
+            if position == 8 || position == 13 || position == 18 || position == 23 {
+                guard byte == UInt8(ascii: "-") else { return false }
+            } else {
+                guard (byte >= 48 && byte <= 57) || (byte >= 97 && byte <= 102) else { return false }
+            }
+        }
+        return true
+    }
 
     /// For an auth token's mandatory filter: whether an UPDATE's full old row (`REPLICA
     /// IDENTITY FULL`) must be withheld (`old: null`) from the client this filter binds,

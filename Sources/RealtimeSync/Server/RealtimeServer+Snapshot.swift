@@ -222,7 +222,8 @@ extension RealtimeServer {
         let end: SnapshotEnd
         do {
             end = try await snapshotReader.withSnapshot(of: subscription.table, columns: columns,
-                                                        rowFilter: source.catalog.rowFilter(of: subscription.table)) { snapshot in
+                                                        rowFilter: source.catalog.rowFilter(of: subscription.table),
+                                                        prefilter: subscription.filter.snapshotPrefilter()) { snapshot in
                 try await self.streamSnapshot(snapshot, subscription: subscription, columns: columns, start: start, session: session)
             }
         } catch {

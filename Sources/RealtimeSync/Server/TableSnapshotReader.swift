@@ -38,8 +38,11 @@ public final class TableSnapshotReader: Sendable {
     /// in their order, and only the rows that pass `rowFilter` (the publication's row filter,
     /// SQL from the database's catalog, never from a client), runs `body` with it, and ends
     /// the transaction.
+    /// `prefilter` (`Filter.snapshotPrefilter`): columns and SQL literals the rows must be
+    /// among, ANDed into the SELECT so that Postgres reads only candidate rows.
     public func withSnapshot<Result: Sendable>(
         of table: String, columns: [RelationColumn], rowFilter: String? = nil,
+        prefilter: [(column: String, literals: [String])] = [],
         _ body: @Sendable (TableSnapshot) async throws -> Result
     ) async throws -> Result {
         try await pool.withConnection(label: "snapshot \(table)") { connection in
@@ -62,7 +65,11 @@ public final class TableSnapshotReader: Sendable {
             let cursor = "realtime_sync_snapshot"
             // A partitioned table ('p') is read whole: ONLY would give none of its partitions' rows.
             let only = marks[0][2].string == "r" ? "ONLY " : ""
-            let condition = rowFilter.map { " WHERE (\($0))" } ?? ""
+            var conditions = rowFilter.map { ["(\($0))"] } ?? []
+            for (column, literals) in prefilter {
+                conditions.append("\(try connection.escapeIdentifier(column)) IN (\(literals.joined(separator: ", ")))")
+            }
+            let condition = conditions.isEmpty ? "" : " WHERE " + conditions.joined(separator: " AND ")
             _ = try await connection.execute("DECLARE \(cursor) SCROLL CURSOR FOR SELECT \(list) FROM \(only)\(quotedTable)\(condition)")
             let snapshot = TableSnapshot(connection: connection, cursor: cursor, columnCount: columns.count,
                                          visibility: visibility, walPosition: position)
