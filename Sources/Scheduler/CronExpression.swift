@@ -40,16 +40,21 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
     public init(_ expression: String, timeZone: TimeZone = .current) throws {
         self.source = expression
         self.timeZone = timeZone
-        var text = expression.trimmingCharacters(in: .whitespaces)
+        // Any whitespace separates fields (a value read from a file ends with a newline).
+        var text = expression.trimmingCharacters(in: .whitespacesAndNewlines)
         switch text.lowercased() {
         case "@yearly", "@annually": text = "0 0 1 1 *"
         case "@monthly": text = "0 0 1 * *"
         case "@weekly": text = "0 0 * * 0"
         case "@daily", "@midnight": text = "0 0 * * *"
         case "@hourly": text = "0 * * * *"
-        default: break
+        default:
+            if text.hasPrefix("@") {
+                throw SchedulerError(.invalidCronExpression,
+                    "cron expression '\(expression)': unknown macro '\(text)'; the macros are @yearly, @annually, @monthly, @weekly, @daily, @midnight and @hourly (@reboot has no meaning for a scheduler) (Trigger.cron)")
+            }
         }
-        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        let fields = text.split(whereSeparator: { $0.isWhitespace }).map(String.init)
         guard fields.count == 5 || fields.count == 6 else {
             throw SchedulerError(
                 .invalidCronExpression,
@@ -138,7 +143,9 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
                 guard a <= b else { throw fail("has range \(a)-\(b) whose start is after its end") }
             } else {
                 a = try value(range)
-                b = parts.count == 2 ? hi : a
+                // `a/n` runs to the field's end; for day-of-week that is Saturday (6), as for
+                // `*`: 7 is Sunday again, which `1/2` (Monday, Wednesday, Friday) must not add.
+                b = parts.count == 2 ? (name == "day-of-week" ? Swift.max(a, 6) : hi) : a
             }
             var v = a
             while v <= b {
@@ -229,8 +236,15 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
         return hi > after ? hi : nil
     }
 
+    /// How far ahead `nextDate(after:)` looks: 400 years, one cycle of the Gregorian calendar
+    /// (February 29 on a weekend, `0 0 29 2 */6` with `*` weekdays ANDed, recurs only every
+    /// 12 to 28 years).
+    static let horizonSeconds = 400 * 366 * 86_400
+
     /// The first instant strictly after `date` at which the expression fires,
-    /// or nil if there is none within the next 8 years.
+    /// or nil if there is none within the next 400 years (one Gregorian cycle: an
+    /// expression that matches at all matches within it; one that can never match, such as
+    /// February 30, is refused when parsed).
     public func nextDate(after date: Date) -> Date? {
         guard let s = nextSecond(after: Int(date.timeIntervalSince1970.rounded(.down))) else { return nil }
         return Date(timeIntervalSince1970: TimeInterval(s))
@@ -239,7 +253,7 @@ public struct CronExpression: Sendable, Hashable, CustomStringConvertible {
     /// `nextDate(after:)` on whole seconds since 1970.
     func nextSecond(after t: Int) -> Int? {
         var wall = t + offset(at: t) + 1
-        let limit = wall + 8 * 366 * 86_400
+        let limit = wall + Self.horizonSeconds
         while wall < limit {
             guard let w = nextMatchingWall(from: wall, before: limit) else { return nil }
             if let instant = instant(forWall: w, after: t) {

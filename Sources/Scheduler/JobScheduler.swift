@@ -345,7 +345,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             guard let expression = trigger.cron?.expression else { preconditionFailure("a cron trigger always has its expression") }
             let wall = wallClock()
             guard let next = expression.nextSecond(after: Int(wall.timeIntervalSince1970.rounded(.down))) else {
-                throw SchedulerError(.invalidCronExpression, "job '\(name)': cron expression '\(expression.source)' has no occurrence in the next 8 years (Trigger.cron)")
+                throw SchedulerError(.invalidCronExpression, "job '\(name)': cron expression '\(expression.source)' has no occurrence in the next 400 years (Trigger.cron)")
             }
             grid = Int64(next)
             due = now.saturatingAdd(Swift.max(0, Int64((Double(next) - wall.timeIntervalSince1970) * 1e9)))

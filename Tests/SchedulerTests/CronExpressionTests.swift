@@ -84,6 +84,14 @@ struct CronExpressionTests {
              note: "weekday 7 is Sunday"),
         Case(expression: "@hourly", zone: "UTC", after: "2024-06-07T10:00:00Z", expected: "2024-06-07T11:00:00Z",
              note: "macro"),
+        Case(expression: "0 0 * * 1/2", zone: "UTC", after: "2024-06-07T00:00:00Z", expected: "2024-06-10T00:00:00Z",
+             note: "a weekday with a step runs to Saturday: Monday, Wednesday, Friday, not Sunday"),
+        Case(expression: "0 0 * * 7/2", zone: "UTC", after: "2024-06-07T00:00:00Z", expected: "2024-06-09T00:00:00Z",
+             note: "7 with a step is Sunday"),
+        Case(expression: "0 0 29 2 */6", zone: "UTC", after: "2032-03-01T00:00:00Z", expected: "2048-02-29T00:00:00Z",
+             note: "February 29 on a weekend: 16 years on, beyond an 8-year search"),
+        Case(expression: "0 3 * * *\n", zone: "UTC", after: "2024-06-07T00:00:00Z", expected: "2024-06-07T03:00:00Z",
+             note: "a trailing newline (a value read from a file) is whitespace"),
     ]
 
     @Test("next fire time matches the known answer", arguments: cases)
@@ -165,7 +173,8 @@ struct CronExpressionTests {
     @Test("invalid expressions name the field and the knob")
     func invalid() {
         for (text, word) in [("61 * * * *", "minute"), ("* * *", "fields"), ("0 0 31 2 *", "never fires"),
-                             ("0 25 * * *", "hour"), ("*/0 * * * *", "step"), ("0 0 * FOO *", "month")] {
+                             ("0 25 * * *", "hour"), ("*/0 * * * *", "step"), ("0 0 * FOO *", "month"),
+                             ("@reboot", "unknown macro '@reboot'"), ("0 0 L * *", "day-of-month")] {
             do {
                 _ = try CronExpression(text, timeZone: TimeZone(identifier: "UTC")!)
                 Issue.record("'\(text)' should not parse")
