@@ -262,6 +262,23 @@ struct ClientMessageTests {
         #expect(try kunden.resolve(request("public.caf\u{E9}")).table == "public.caf\u{E9}")
     }
 
+    @Test("Two tables whose names are canonically equivalent are two tables: the catalog keeps both, and the fan-out gives each one's changes to its own subscribers only")
+    func equivalentNamesStayApart() throws {
+        let composed = Relation(oid: 17_001, namespace: "public", name: "caf\u{E9}", replicaIdentity: .default, columns: itemsColumns)
+        let decomposedColumns = Array(itemsColumns.prefix(3))
+        let decomposed = Relation(oid: 17_002, namespace: "public", name: "cafe\u{301}", replicaIdentity: .default, columns: decomposedColumns)
+        #expect(composed.qualifiedName == decomposed.qualifiedName, "equal as Swift Strings")
+        let catalog = TableCatalog(relations: [composed, decomposed])
+        #expect(catalog.tableNames.count == 2)
+        #expect(catalog.columns(of: composed.qualifiedName)?.count == itemsColumns.count)
+        #expect(catalog.columns(of: decomposed.qualifiedName)?.count == 3)
+        var hub = FanoutHub()
+        try hub.subscribe(client: FanoutClientID(1), try catalog.resolve(request(composed.qualifiedName)))
+        try hub.subscribe(client: FanoutClientID(2), try catalog.resolve(request(decomposed.qualifiedName)))
+        #expect(hub.match(insertEvent(["id": "1"], relation: composed)).map(\.client) == [FanoutClientID(1)])
+        #expect(hub.match(insertEvent(["id": "1"], relation: decomposed)).map(\.client) == [FanoutClientID(2)])
+    }
+
     @Test("forbidden: a table outside the grant (even an unknown one), or a grant whose filter is broken; the mandatory filter comes first")
     func access() throws {
         let grants = TableAccess.restricted(["public.items": "tenant_id=eq.42", "public.notes": "", "public.ghost": ""])

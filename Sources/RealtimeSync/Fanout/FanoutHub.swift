@@ -113,7 +113,7 @@ public struct FanoutHub: Sendable {
 
     /// The bounds in force.
     public let limits: Limits
-    private var tables: [String: FanoutTableIndex] = [:]
+    private var tables: [TableKey: FanoutTableIndex] = [:]
     private var clients: [FanoutClientID: [String: FanoutSubscription]] = [:]
     private var nextSequence: UInt64 = 0
     /// Open subscriptions in all.
@@ -131,7 +131,7 @@ public struct FanoutHub: Sendable {
     public var clientIDs: [FanoutClientID] { Array(clients.keys) }
 
     /// Open subscriptions of `table` (`schema.table`).
-    public func subscriptionCount(table: String) -> Int { tables[table]?.count ?? 0 }
+    public func subscriptionCount(table: String) -> Int { tables[TableKey(table)]?.count ?? 0 }
 
     /// The ids of a client's open subscriptions, in the order it subscribed them.
     public func subscriptionIDs(of client: FanoutClientID) -> [String] {
@@ -165,7 +165,7 @@ public struct FanoutHub: Sendable {
         // Mutated in place (`tables[key, default:]` and the nested subscripts yield their
         // storage): copying an index out and back made every subscribe copy its table's
         // dictionaries, O(n) each, which made connecting 10,000 sockets take 20 s.
-        Self.update(&tables[subscription.table, default: FanoutTableIndex()]) { table in
+        Self.update(&tables[TableKey(subscription.table), default: FanoutTableIndex()]) { table in
             if let placement, let probe {
                 Self.update(&table.columns[placement.column, default: FanoutColumnIndex(probe: probe)]) { column in
                     for key in placement.keys { column.buckets[key, default: [:]][record.sequence] = record }
@@ -203,7 +203,7 @@ public struct FanoutHub: Sendable {
     /// catalog). Walks the table's subscriptions: for a new description, not for each change.
     public mutating func removeSubscriptions(brokenBy relation: Relation, at position: LSN)
         -> (ended: [(client: FanoutClientID, id: String, column: String, byToken: Bool)], recheckAt: LSN?) {
-        guard let index = tables[relation.qualifiedName] else { return ([], nil) }
+        guard let index = tables[TableKey(relation.qualifiedName)] else { return ([], nil) }
         var records = Array(index.scan.values)
         for column in index.columns.values {
             var seen = Set<UInt64>()  // an `in` list puts one subscription in several buckets
@@ -234,9 +234,9 @@ public struct FanoutHub: Sendable {
     }
 
     private mutating func unindex(_ record: FanoutSubscription) {
-        guard tables[record.table] != nil else { return }
+        guard tables[TableKey(record.table)] != nil else { return }
         var tableEmpty = false
-        Self.update(&tables[record.table]!) { table in
+        Self.update(&tables[TableKey(record.table)]!) { table in
             if let placement = record.placement {
                 if table.columns[placement.column] != nil {
                     var columnEmpty = false
@@ -256,7 +256,7 @@ public struct FanoutHub: Sendable {
             table.count -= 1
             tableEmpty = table.count == 0
         }
-        if tableEmpty { tables[record.table] = nil }
+        if tableEmpty { tables[TableKey(record.table)] = nil }
         if record.placement != nil { indexedSubscriptionCount -= 1 }
         subscriptionCount -= 1
     }
@@ -264,7 +264,7 @@ public struct FanoutHub: Sendable {
     /// Who gets `event`: each client once, with all its subscriptions that the change
     /// matches (table, `events`, filter). Sorted by client id; ids in subscription order.
     public func match(_ event: ChangeEvent) -> [FanoutDelivery] {
-        guard let table = tables[event.table] else { return [] }
+        guard let table = tables[TableKey(event.table)] else { return [] }
         let operation = ChangeOperationSet(event.operation)
         var matched: [FanoutSubscription] = []
         @inline(__always) func consider(_ record: FanoutSubscription) {

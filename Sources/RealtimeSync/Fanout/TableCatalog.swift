@@ -1,41 +1,60 @@
+/// A `schema.table` name as a dictionary key, equal and hashed by its bytes, as Postgres
+/// compares names: Swift's `String` equality equates canonically equivalent spellings (a
+/// Kelvin sign and a K, composed and decomposed accents), which would make two tables one
+/// (a subscription to one would get the other's changes).
+struct TableKey: Hashable, Sendable {
+    let name: String
+
+    init(_ name: String) { self.name = name }
+
+    static func == (lhs: TableKey, rhs: TableKey) -> Bool { lhs.name.utf8.elementsEqual(rhs.name.utf8) }
+
+    func hash(into hasher: inout Hasher) {
+        var name = name
+        name.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+    }
+}
+
 /// The tables a server streams, with their columns: what subscriptions are checked against.
 public struct TableCatalog: Sendable {
-    private var tables: [String: [RelationColumn]]
+    private var tables: [TableKey: [RelationColumn]]
     /// Each table's row filter in its publication (`CREATE PUBLICATION … WHERE (…)`,
     /// PostgreSQL 15+), as SQL: the stream carries only rows that pass it, so a snapshot
     /// reads only those.
-    private var rowFilters: [String: String] = [:]
+    private var rowFilters: [TableKey: String] = [:]
     /// A WAL position read after the columns were: every schema change the catalog reflects
     /// committed before it (nil: unknown, e.g. a catalog built by hand). A change stream's
     /// table description from before it may be older than the catalog.
     public var asOf: LSN?
 
     /// Creates a catalog from `schema.table` names and their columns.
-    public init(_ tables: [String: [RelationColumn]] = [:]) { self.tables = tables }
+    public init(_ tables: [String: [RelationColumn]] = [:]) {
+        self.tables = Dictionary(tables.map { (TableKey($0.key), $0.value) }, uniquingKeysWith: { _, last in last })
+    }
 
     /// Creates a catalog from relations (e.g. those the capture has seen).
     public init(relations: [Relation]) {
-        self.tables = Dictionary(relations.map { ($0.qualifiedName, $0.columns) }, uniquingKeysWith: { _, last in last })
+        self.tables = Dictionary(relations.map { (TableKey($0.qualifiedName), $0.columns) }, uniquingKeysWith: { _, last in last })
     }
 
     /// Adds or replaces a table: its published columns and, if its publication has one, its
     /// row filter (SQL, as `pg_publication_tables.rowfilter` gives it).
     public mutating func set(_ table: String, columns: [RelationColumn], rowFilter: String? = nil) {
-        tables[table] = columns
-        rowFilters[table] = rowFilter
+        tables[TableKey(table)] = columns
+        rowFilters[TableKey(table)] = rowFilter
     }
 
     /// The row filter of `table` in its publication (SQL), if it has one.
-    public func rowFilter(of table: String) -> String? { rowFilters[table] }
+    public func rowFilter(of table: String) -> String? { rowFilters[TableKey(table)] }
 
     /// Adds or replaces a table from a relation (after an ALTER TABLE, say).
-    public mutating func update(with relation: Relation) { tables[relation.qualifiedName] = relation.columns }
+    public mutating func update(with relation: Relation) { tables[TableKey(relation.qualifiedName)] = relation.columns }
 
     /// The columns of `table` (`schema.table`), if it is streamed.
-    public func columns(of table: String) -> [RelationColumn]? { tables[table] }
+    public func columns(of table: String) -> [RelationColumn]? { tables[TableKey(table)] }
 
     /// The streamed tables' names, sorted.
-    public var tableNames: [String] { tables.keys.sorted() }
+    public var tableNames: [String] { tables.keys.map(\.name).sorted() }
 
     /// `dictionary[name]`, but only for a key with the same bytes, as Postgres compares names:
     /// Swift's `String` equality also equates canonically equivalent spellings (a Kelvin sign
@@ -62,7 +81,7 @@ public struct TableCatalog: Sendable {
             }
             mandatoryText = grant
         }
-        guard let columns = Self.exactly(table, in: tables) else {
+        guard let columns = tables[TableKey(table)] else {
             throw ProtocolError(.unknownTable, id: request.id, "table \(quoteForMessage(table)) is not streamed by this server")
         }
         let mandatory: Filter

@@ -72,7 +72,7 @@ extension RealtimeServer {
             state.lastDelivered = cursor
             state.changesProcessed += 1
             var overflowed: [FanoutClientID] = []
-            if let seen = state.relations[event.table], seen.relation.json === event.relation.json,
+            if let seen = state.relations[TableKey(event.table)], seen.relation.json === event.relation.json,
                seen.recheckAt.map({ event.commitLSN < $0 }) ?? true {
                 // The description already checked, and no check pending: the common case.
             } else {
@@ -252,13 +252,13 @@ extension ServerState {
     /// overflowed (closed with 1013).
     mutating func noteRelation(_ relation: Relation, at position: LSN)
         -> (ended: [(client: FanoutClientID, id: String, column: String, byToken: Bool)], overflowed: [FanoutClientID]) {
-        let previous = relations[relation.qualifiedName]
+        let previous = relations[TableKey(relation.qualifiedName)]
         let recheckDue = previous?.recheckAt.map { position >= $0 } ?? false
-        relations[relation.qualifiedName] = SeenRelation(relation: relation, at: position, recheckAt: previous?.recheckAt)
+        relations[TableKey(relation.qualifiedName)] = SeenRelation(relation: relation, at: position, recheckAt: previous?.recheckAt)
         // The same columns again (re-sent after a cache invalidation or a reconnect): nothing new.
         if let previous, previous.relation.columns == relation.columns, !recheckDue { return ([], []) }
         let (ended, recheckAt) = hub.removeSubscriptions(brokenBy: relation, at: position)
-        relations[relation.qualifiedName]!.recheckAt = recheckAt
+        relations[TableKey(relation.qualifiedName)]!.recheckAt = recheckAt
         let overflowed = ended.filter {
             endForSchemaChange(client: $0.client, id: $0.id, column: $0.column, byToken: $0.byToken, table: relation.qualifiedName)
         }.map(\.client)
@@ -287,9 +287,9 @@ extension ServerState {
     /// catalog's position.
     /// `byToken`: the column is one of the auth token's mandatory filter.
     mutating func schemaBrokenColumn(of subscription: ResolvedSubscription) -> (column: String, byToken: Bool)? {
-        guard let seen = relations[subscription.table], let column = subscription.filter.brokenColumn(in: seen.relation) else { return nil }
+        guard let seen = relations[TableKey(subscription.table)], let column = subscription.filter.brokenColumn(in: seen.relation) else { return nil }
         if let asOf = subscription.schemaAsOf, seen.at < asOf {
-            relations[subscription.table]!.recheckAt = min(seen.recheckAt ?? asOf, asOf)
+            relations[TableKey(subscription.table)]!.recheckAt = min(seen.recheckAt ?? asOf, asOf)
             return nil
         }
         return (column, subscription.mandatory.brokenColumn(in: seen.relation) != nil)

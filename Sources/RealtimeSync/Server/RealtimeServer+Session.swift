@@ -187,7 +187,7 @@ extension RealtimeServer {
                         state.join(subscription, client: session.id, lastCovered: covered)
                         return true
                     }
-                    if event.table == subscription.table && subscription.events.contains(event.operation) && subscription.filter.matches(event) {
+                    if TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation) && subscription.filter.matches(event) {
                         if session.enqueue(EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id])) == .overflow {
                             state.dropClient(session.id)
                             logger.notice("slow consumer closed with 1013 during a since catch-up (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",

@@ -104,7 +104,7 @@ extension ServerState {
         for (client, pending) in snapshots {
             for (id, entry) in pending {
                 let subscription = entry.subscription
-                let matches = event.table == subscription.table && subscription.events.contains(event.operation)
+                let matches = TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation)
                     && subscription.filter.matches(event)
                 if matches && subscription.mandatory.hidesOldRow(of: event) { hidingOld.insert(client) }
                 switch entry.phase {
@@ -341,7 +341,7 @@ extension RealtimeServer {
         var frames: [[UInt8]] = []
         for try await event in try await source.changes(after: from) {
             if event.cursor > through { break }
-            if !visibility.isVisible(xid: event.xid), event.table == subscription.table, subscription.events.contains(event.operation),
+            if !visibility.isVisible(xid: event.xid), TableKey(event.table) == TableKey(subscription.table), subscription.events.contains(event.operation),
                subscription.filter.matches(event) {
                 frames.append(EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [subscription.id]))
             }

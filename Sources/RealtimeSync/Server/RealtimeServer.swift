@@ -46,7 +46,7 @@ struct ServerState: Sendable {
     var lastDelivered: Cursor
     /// Per table, the change stream's latest description of it, the commit position of the
     /// change that carried it, and where to check its subscriptions again (`noteRelation`).
-    var relations: [String: SeenRelation] = [:]
+    var relations: [TableKey: SeenRelation] = [:]
     var nextClientID: UInt64 = 1
     /// The event loops sessions run on, in order of first use (`SessionChannel.loopIndex`).
     var eventLoops: [ObjectIdentifier] = []
