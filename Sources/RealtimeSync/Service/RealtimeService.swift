@@ -342,9 +342,16 @@ public final class RealtimeService: Service, Sendable {
                 return report.cutOff.isEmpty ? nil : "\(report.cutOff.count) running jobs cancelled (jobsShutdownDeadline=\(jobsDeadline))"
             },
             ShutdownHook(name: "stop capture at the shutdown position and drain the pool", deadline: captureDeadline) {
+                // Both parts within the step's deadline, whatever the capture took: the pool's
+                // drain ends by 85 % of it (its cut-off, cancelling queries on the server and
+                // closing, gets the rest), and the capture is waited for until 60 % at most
+                // (one that has not ended by then is cancelled by the teardown). The drain
+                // had 40 % counted from the capture's end, so a slow stop left it no time
+                // and the step's deadline cancelled it before its cut-off ran.
+                let start = ContinuousClock.now
                 stream.stop()
-                await captureEnded.wait()
-                let report = await pool.drain(deadline: .now.advanced(by: captureDeadline * 0.4))
+                _ = await captureEnded.wait(atMost: captureDeadline * 0.6)
+                let report = await pool.drain(deadline: start.advanced(by: captureDeadline * 0.85))
                 return report.cutOff.isEmpty ? nil : "pool: \(report)"
             },
         ] + configuration.server.shutdownHooks
