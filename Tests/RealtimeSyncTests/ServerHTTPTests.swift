@@ -1,4 +1,5 @@
 import Foundation
+import Prometheus
 @testable import RealtimeSync
 import Synchronization
 import Testing
@@ -306,6 +307,21 @@ struct ServerHTTPTests {
             #expect(missing.status == 404)
             await connection.close()
         }
+    }
+
+    @Test("The metrics factory's timer buckets resolve sub-millisecond values (the scheduler's 0.5 ms bar, the pool's waits): 300 µs lands at or below 0.5 ms, not in a first bucket of 5 ms")
+    func timerBucketsResolveMicroseconds() {
+        let registry = PrometheusCollectorRegistry()
+        let factory = RealtimeService.makeMetricsFactory(registry: registry)
+        let timer = factory.makeTimer(label: "scheduler.job.lateness", dimensions: [("scheduler", "t")])
+        timer.recordNanoseconds(300_000)
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        let text = String(decoding: buffer, as: UTF8.self)
+        let bucket = text.split(separator: "\n").first { $0.hasPrefix("scheduler_job_lateness_bucket") && $0.contains(#"le="0.0005""#) }
+        #expect(bucket?.hasSuffix(" 1") == true, "\(text)")
+        let below = text.split(separator: "\n").first { $0.hasPrefix("scheduler_job_lateness_bucket") && $0.contains(#"le="0.00025""#) }
+        #expect(below?.hasSuffix(" 0") == true, "\(text)")
     }
 
     @Test("GET /metrics exposes sessions, subscriptions, queued bytes, delivered messages and closes by code")
