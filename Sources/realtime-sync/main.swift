@@ -13,6 +13,14 @@ struct RealtimeSyncCommand: AsyncParsableCommand {
         subcommands: [Serve.self, Check.self, Slot.self, Token.self],
         defaultSubcommand: Serve.self
     )
+
+    /// The entry point: SIGPIPE ignored first, so that a closed stdout or stderr pipe (a log
+    /// shipper that exited) fails only the write, also before the first socket exists (NIO
+    /// ignores SIGPIPE only from then on); then the parser's own `main`.
+    static func main() async {
+        signal(SIGPIPE, SIG_IGN)
+        await main(nil)
+    }
 }
 
 /// Reads a setting from its flag, else its environment variable, else the default; an

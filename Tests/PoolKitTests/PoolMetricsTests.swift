@@ -73,7 +73,9 @@ struct PoolMetricsTests {
             // the stripe's reading lies between two of the pool's (a pause between the reads
             // widens the window, it cannot fail the check), give or take the conversion's rounding.
             let before = pool.now(), stripe = pool.stripeNow(), after = pool.now()
-            #expect(stripe >= before - .microseconds(100) && stripe <= after + .microseconds(100),
+            // 1 ms: the counter's offset to the pool's clock is calibrated from a bracketed
+            // pair and refreshed while running, each within a loaded machine's scheduling noise.
+            #expect(stripe >= before - .milliseconds(1) && stripe <= after + .milliseconds(1),
                     "stripe time \(stripe) outside the pool's \(before)...\(after)")
             try await Task.sleep(for: .milliseconds(50))
             await pool.release(lease)
@@ -81,7 +83,7 @@ struct PoolMetricsTests {
             let use = try metrics.expectTimer("db.client.connection.use_time", [("db.client.connection.pool.name", "timed")]).values
             let timed = Duration.nanoseconds(use.last ?? -1)
             #expect(use.count == 2)
-            #expect(timed >= .milliseconds(50) && timed <= heldAtMost + .microseconds(100), "recorded \(timed), held at most \(heldAtMost)")
+            #expect(timed >= .milliseconds(50) && timed <= heldAtMost + .milliseconds(1), "recorded \(timed), held at most \(heldAtMost)")
             _ = await pool.drain(deadline: .now)
             try await group.waitForAll()
         }

@@ -54,7 +54,7 @@ struct LivePageScriptTests {
             }
         }
         #expect(process.terminationStatus == 0, "\(text)")
-        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 18, "\(text)")
+        #expect(text.components(separatedBy: "\n").filter { $0.hasPrefix("ok ") }.count == 19, "\(text)")
     }
 
     /// A stand-in for the DOM and `WebSocket`, and the steps it checks (each prints `ok` or `FAIL`).
@@ -143,6 +143,18 @@ for (let i = 0; i < 6; i++) {
 }
 const waits = delays.slice(before);
 check(waits.length === 6 && Math.max(...waits) >= 4000, "accepted, then closed, again and again: the waits grow (" + waits.map(Math.round).join(", ") + " ms)");
+// A socket that lived a minute resets the backoff when it closes; attempts that then fail
+// to connect (never opened) back off again, whatever the earlier socket's age.
+const realNow = Date.now; let fake = realNow();
+Date.now = () => fake;
+const lived = last(sockets);
+fake += 60000;
+const afterLong = delays.length;
+lived.onclose({ code: 1001 });
+for (let i = 0; i < 6; i++) { timers.shift()(); fake += 100; last(sockets).onclose({ code: 1006 }); }
+Date.now = realNow;
+const failing = delays.slice(afterLong);
+check(failing.length === 7 && failing[0] <= 500 && Math.max(...failing) >= 4000, "after a long-lived socket, failed connects back off (" + failing.map(Math.round).join(", ") + " ms)");
 process.exit(ok ? 0 : 1);
 """#
 }

@@ -36,7 +36,16 @@ final class ServerProcess: @unchecked Sendable {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        if let standardError {
+        // "closed-pipe": a pipe whose reading end is closed before the process starts (a log
+        // shipper that exited): every write fails with EPIPE, and raises SIGPIPE unless ignored.
+        var pipeEnds: [Int32] = [-1, -1]
+        defer { for fd in pipeEnds where fd >= 0 { close(fd) } }
+        if standardError == "closed-pipe" {
+            guard pipe(&pipeEnds) == 0 else { throw TestClientError("pipe: \(String(cString: strerror(errno)))") }
+            close(pipeEnds[0])
+            pipeEnds[0] = -1
+            posix_spawn_file_actions_adddup2(&actions, pipeEnds[1], 2)
+        } else if let standardError {
             posix_spawn_file_actions_addopen(&actions, 2, standardError, O_WRONLY, 0)
         } else {
             posix_spawn_file_actions_adddup2(&actions, 1, 2)
@@ -52,8 +61,18 @@ final class ServerProcess: @unchecked Sendable {
         defer { cargs.forEach { free($0) } }
         var cenv = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { cenv.forEach { free($0) } }
+        // Signals at their default actions, as a shell starts a program (this test process
+        // ignores SIGPIPE, and an ignored signal stays ignored across exec).
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        sigaddset(&defaults, SIGPIPE)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF))
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, path, &actions, nil, &cargs, &cenv)
+        let rc = posix_spawn(&pid, path, &actions, &attributes, &cargs, &cenv)
         guard rc == 0 else { throw TestClientError("could not start \(path): \(String(cString: strerror(rc)))") }
         return ServerProcess(pid: pid, logPath: logPath)
     }

@@ -188,12 +188,13 @@ struct ServerProcessTests {
         }
     }
 
-    @Test("JSON logs to a standard error that fails every write (/dev/full; a closed pipe or terminal alike) lose their lines, not the process: it serves, and SIGTERM still exits 0")
-    func failingStandardError() async throws {
+    @Test("JSON logs to a standard error that fails every write (a full disk, a pipe whose reader exited, from the first line on) lose their lines, not the process: it serves, and SIGTERM still exits 0",
+          arguments: ["/dev/full", "closed-pipe"])
+    func failingStandardError(_ standardError: String) async throws {
         try await TestDatabase.withDatabase { url in
             let table = try await createServiceTable(url: url)
             let port = try EmbeddedPostgres.freePort()
-            try await withServeProcesses(url: url, standardError: "/dev/full") { slot, start in
+            try await withServeProcesses(url: url, standardError: standardError) { slot, start in
                 var arguments = serveArguments(url: url, table: table, slot: slot, port: port)
                 arguments[arguments.firstIndex(of: "text")!] = "json"
                 let server = try start(arguments + ["--log-level", "debug"])

@@ -145,6 +145,9 @@ public enum LivePage {
 
         function connect() {
           reconnectTimer = null;
+          // Unopened until this socket opens: an earlier socket's long life must not reset
+          // the backoff of attempts that fail to connect.
+          openedAt = 0;
           usedToken = currentToken();
           const query = usedToken ? "?access_token=" + encodeURIComponent(usedToken) : "";
           const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws" + query;
@@ -234,7 +237,7 @@ public enum LivePage {
                 : "a message was too big (a very long filter?); change it and press subscribe"));
               return;
             }
-            if (Date.now() - openedAt >= 10000) retry = 500;
+            if (openedAt > 0 && Date.now() - openedAt >= 10000) retry = 500;
             const hint = event.code === 1006 ? " (refused? a missing or bad token gets 401; a page origin the server does not allow, 403: --allowed-origins)" : "";
             setStatus("disconnected (" + event.code + ")" + hint + ", reconnecting…");
             scheduleReconnect();
