@@ -249,11 +249,16 @@ public final class EmbeddedPostgres: Sendable {
     /// closes it (the kernel drops it when this process ends, however it ends). A reaper that
     /// can take the lock knows the owner is gone, whatever its pid now names (pids are reused:
     /// in a container the owner is often pid 1 every time). -1 if it could not be made.
+    ///
+    /// The file is made and locked under another name, then renamed: a reaper never sees an
+    /// `owner.lock` that is not locked yet (it would take the owner for gone).
     static func holdOwnerLock(in directory: String) -> Int32 {
-        let fd = Glibc.open(directory + "/owner.lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        let temporary = directory + "/owner.lock.\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+        let fd = Glibc.open(temporary, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { return -1 }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0, rename(temporary, directory + "/owner.lock") == 0 else {
             close(fd)
+            unlink(temporary)
             return -1
         }
         return fd

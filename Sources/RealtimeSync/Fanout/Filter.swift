@@ -258,10 +258,14 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
     /// and uuids in their canonical form, checked): `column IN (literals)` for each, ANDed,
     /// holds for every row the filter can accept, so Postgres can read only those (through
     /// an index on a tenant column, say) instead of the whole table. The filter still judges
-    /// every row read. No client text reaches SQL; other conditions are left out.
-    func snapshotPrefilter() -> [(column: String, literals: [String])] {
+    /// every row read. No client text reaches SQL; other conditions are left out, and so is
+    /// a condition whose column `columns` (the snapshot's, read later than the filter was
+    /// compiled) lacks or has with another type: a schema change meanwhile must not turn
+    /// into an SQL error (the join then ends the subscription as for any schema change).
+    func snapshotPrefilter(columns: [RelationColumn]) -> [(column: String, literals: [String])] {
         var result: [(column: String, literals: [String])] = []
         for condition in conditions where condition.operator == .eq || condition.operator == .in {
+            guard columns.contains(where: { $0.name.utf8.elementsEqual(condition.column.utf8) && $0.typeOID == condition.typeOID }) else { continue }
             var literals: [String] = []
             switch condition.typeOID {
             case PostgresTypeOID.int2, PostgresTypeOID.int4, PostgresTypeOID.int8:

@@ -223,7 +223,7 @@ extension RealtimeServer {
         do {
             end = try await snapshotReader.withSnapshot(of: subscription.table, columns: columns,
                                                         rowFilter: source.catalog.rowFilter(of: subscription.table),
-                                                        prefilter: subscription.filter.snapshotPrefilter()) { snapshot in
+                                                        prefilter: subscription.filter.snapshotPrefilter(columns: columns)) { snapshot in
                 try await self.streamSnapshot(snapshot, subscription: subscription, columns: columns, start: start, session: session)
             }
         } catch {

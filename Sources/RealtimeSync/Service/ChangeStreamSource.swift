@@ -103,7 +103,11 @@ public final class ChangeStreamSource: ChangeSource {
                                publication: String? = nil) async throws -> TableCatalog {
         var catalog = TableCatalog()
         let version = try await connection.query("SELECT current_setting('server_version_num')::int8")
-        let listsColumns = (try version.first?.decode(Int.self, at: 0) ?? 0) >= 150_000
+        let serverVersion = try version.first?.decode(Int.self, at: 0) ?? 0
+        let listsColumns = serverVersion >= 150_000
+        // PostgreSQL 18 streams a generated column its publication names (a column list, or
+        // publish_generated_columns); `attnames` then says which. Before, none is streamed.
+        let streamsGenerated = serverVersion >= 180_000 && publication != nil
         for table in tables {
             let parts = table.split(separator: ".", maxSplits: 1).map(String.init)
             let (schema, name) = parts.count == 2 ? (parts[0], parts[1]) : ("public", parts[0])
@@ -121,9 +125,9 @@ public final class ChangeStreamSource: ChangeSource {
                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 JOIN pg_attribute a ON a.attrelid = c.oid
                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
-                  AND a.attgenerated = ''
+                  AND (a.attgenerated = '' OR $3)
                 ORDER BY a.attnum
-                """, schema, name)
+                """, schema, name, streamsGenerated)
             // The publication's column list and row filter (one row per listed column).
             var published: Set<[UInt8]>?  // names as bytes, as Postgres compares them
             var rowFilter: String?
