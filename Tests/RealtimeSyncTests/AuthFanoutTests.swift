@@ -78,5 +78,17 @@ struct AuthFanoutTests {
         #expect(into[2]?["status"] as? String == "secret", "\(into)")
         let within = try olds(updateEvent(["id": "1", "tenant_id": "42", "status": "paid"], old: ["id": "1", "tenant_id": "42", "status": "open"], oldKind: .full))
         #expect(within[1]?["status"] as? String == "open" && within[1]?["tenant_id"] as? Int == 42, "\(within)")
+        // A key that holds the tenant column ((tenant_id, id)): the old key of a row moved in
+        // shows the other tenant; one of a row that stayed is kept.
+        let keyed = itemsColumns.map { RelationColumn(name: $0.name, typeOID: $0.typeOID, isKey: $0.name == "id" || $0.name == "tenant_id") }
+        let keyedRelation = Relation(oid: itemsRelation.oid, namespace: "public", name: "items", replicaIdentity: .default, columns: keyed)
+        let movedKey = try olds(updateEvent(["id": "1", "tenant_id": "42"], old: ["id": "1", "tenant_id": "43"], oldKind: .key, relation: keyedRelation))
+        #expect(movedKey[1]?["null"] as? Bool == true, "\(movedKey)")
+        #expect(movedKey[2]?["tenant_id"] as? Int == 43, "\(movedKey)")
+        let keptKey = try olds(updateEvent(["id": "2", "tenant_id": "42"], old: ["id": "1", "tenant_id": "42"], oldKind: .key, relation: keyedRelation))
+        #expect(keptKey[1]?["id"] as? Int == 1, "\(keptKey)")
+        // A key without the tenant column shows nothing of the other tenant: kept.
+        let idOnly = try olds(updateEvent(["id": "2", "tenant_id": "42"], old: ["id": "1"], oldKind: .key))
+        #expect(idOnly[1]?["id"] as? Int == 1, "\(idOnly)")
     }
 }

@@ -305,12 +305,18 @@ public struct Filter: Sendable, Hashable, CustomStringConvertible {
     /// IDENTITY FULL`) must be withheld (`old: null`) from the client this filter binds,
     /// because the row as it was does not pass (a row moved into the client's view from
     /// another tenant's: its old values are that tenant's). Unknown fails closed, as everywhere.
+    ///
+    /// A key (the default replica identity, or an index's) is withheld when it shows the row
+    /// was not the client's: the filter is false on it (a key of `(tenant_id, id)` that moved
+    /// from tenant 43). A key that lacks the filter's columns shows nothing of another
+    /// tenant's row, and is kept.
     public func hidesOldRow(of event: ChangeEvent) -> Bool {
-        guard !conditions.isEmpty, event.operation == .update, event.oldKind == .full, let old = event.old else { return false }
+        guard !conditions.isEmpty, event.operation == .update, let kind = event.oldKind, let old = event.old else { return false }
         // The old row judged as a DELETE's is: the same cells, read from `old`.
-        let before = ChangeEvent(operation: .delete, relation: event.relation, new: nil, old: old, oldKind: .full,
+        let before = ChangeEvent(operation: .delete, relation: event.relation, new: nil, old: old, oldKind: kind,
                                  xid: event.xid, commitLSN: event.commitLSN, commitTime: event.commitTime, index: event.index)
-        return evaluate(before) != .true
+        let truth = evaluate(before)
+        return kind == .full ? truth != .true : truth == .false
     }
 
     /// The first column a condition names that `relation` no longer has, or has with a type

@@ -83,9 +83,9 @@ extension RealtimeServer {
             if deliveries.isEmpty && snapshotIDs.isEmpty && held.isEmpty { return overflowed }
             let change = EncodedChange(event)
             // For clients whose token's filter the row did not pass before this UPDATE (it moved
-            // into their view): the old row withheld. Only an UPDATE with a full old row can
+            // into their view): the old row withheld. Only an UPDATE with an old row or key can
             // need it; encoded at most once.
-            let mayHideOld = event.operation == .update && event.oldKind == .full
+            let mayHideOld = event.operation == .update && event.old != nil
             var withoutOld: EncodedChange?
             func encoding(hidingOld hide: Bool) -> EncodedChange {
                 guard hide else { return change }
