@@ -517,10 +517,41 @@ struct PostgresConnectionTests {
         }
     }
 
-    @Test("a bad connection string is reported as such")
-    func badConnectionString() async throws {
-        await #expect(throws: PostgresError.self) {
-            _ = try await PostgresConnection.connect(to: "postgres://[not-a-url")
+    @Test("a bad connection string is reported as invalidConfiguration (not retried as a failed connection), naming what libpq refused",
+          arguments: [("postgres://[not-a-url", "IPv6"), ("host=127.0.0.1 bogus=1", "bogus"), ("host=127.0.0.1 sslmode=bogus", "sslmode"),
+                      ("postgres://127.0.0.1:notaport/x", "notaport"), ("postgres://127.0.0.1/x?foo=bar", "foo")])
+    func badConnectionString(_ case: (String, String)) async throws {
+        let error = await #expect(throws: PostgresError.self) {
+            _ = try await PostgresConnection.connect(to: `case`.0)
+        }
+        #expect(error?.code == .invalidConfiguration, "\(String(describing: error))")
+        #expect(error?.message.contains(`case`.1) == true, "\(String(describing: error))")
+        #expect(error?.isConnectionBroken == false)
+    }
+
+    @Test("a client_encoding the connection string sets is kept (the driver's UTF8 default comes first, and libpq lets the later one win)")
+    func clientEncodingFromTheString() async throws {
+        try await TestDatabase.withDatabase { url in
+            let separator = url.contains("?") ? "&" : "?"
+            let conn = try await PostgresConnection.connect(to: url + separator + "client_encoding=LATIN1")
+            let rows = try await conn.query("SHOW client_encoding")
+            #expect(try rows[0].decode(String.self, at: 0) == "LATIN1")
+            await conn.close()
+            let plain = try await PostgresConnection.connect(to: url)
+            #expect(try await plain.query("SHOW client_encoding")[0].decode(String.self, at: 0) == "UTF8")
+            await plain.close()
+        }
+    }
+
+    @Test("a parameter over 1 GB is refused with invalidUsage before anything is sent (its length would not fit libpq's int)")
+    func oversizedParameter() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            let huge = [UInt8](repeating: 7, count: (1 << 30) + 1)
+            let error = await #expect(throws: PostgresError.self) { _ = try await conn.query("SELECT length($1::bytea)", huge) }
+            #expect(error?.code == .invalidUsage && error?.message.contains("at most 1 GB") == true, "\(String(describing: error))")
+            #expect(try await conn.query("SELECT 1")[0].decode(Int.self, at: 0) == 1, "the connection stays usable")
+            await conn.close()
         }
     }
 

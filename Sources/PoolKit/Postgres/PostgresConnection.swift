@@ -341,6 +341,10 @@ public final class PostgresConnection: @unchecked Sendable {
             throw PostgresError(code: .invalidUsage, message: "the SQL text contains a NUL byte (U+0000), which libpq would cut it at; pass values as $n parameters")
         }
         for (i, p) in params.enumerated() {
+            // PostgreSQL takes at most 1 GB in one value; a length past Int32 would trap here.
+            if let p, p.bytes.count > 1 << 30 {
+                throw PostgresError(code: .invalidUsage, message: "parameter $\(i + 1) is \(p.bytes.count) bytes; PostgreSQL takes at most 1 GB (1,073,741,824 bytes) in one value")
+            }
             if let p, !p.isBinary, p.bytes.contains(0) {
                 throw PostgresError(code: .invalidUsage, message: "parameter $\(i + 1) contains a NUL byte (U+0000), which PostgreSQL text cannot hold and libpq would cut the value at; strip it, or send the bytes as bytea ([UInt8])")
             }
@@ -1085,8 +1089,10 @@ final class ConnectAttempt: Sendable {
         // Name resolution happens inside PQconnectStartParams/PQconnectPoll, so both run on a
         // Dispatch thread, never on the cooperative pool.
         let handle = await BlockingExecutor.run { () -> ConnHandle? in
-            let keys = ["dbname", "fallback_application_name", "client_encoding"] + extra.map(\.0)
-            let values = [cs, "swift-realtime-sync", "UTF8"] + extra.map(\.1)
+            // Ours before the user's string: a later keyword wins in libpq, so a
+            // client_encoding (or application name) the string sets is kept.
+            let keys = ["fallback_application_name", "client_encoding", "dbname"] + extra.map(\.0)
+            let values = ["swift-realtime-sync", "UTF8", cs] + extra.map(\.1)
             let kp = keys.map { strdup($0) } + [nil]
             let vp = values.map { strdup($0) } + [nil]
             defer { (kp + vp).forEach { free($0) } }
@@ -1105,11 +1111,14 @@ final class ConnectAttempt: Sendable {
         let pg = handle.pointer
         recordTarget(pg)
         if PQstatus(pg) == CONNECTION_BAD {
-            let e = failure(pg)
-            if PQhost(pg) == nil {
-                throw PostgresError(code: .invalidConfiguration, message: "invalid connection string: \(lastError(pg))")
+            // A string libpq refused before any connection attempt (an unknown keyword, an
+            // invalid value: "invalid sslmode value"): not to be retried. (PQhost is never nil
+            // here, so it cannot tell.)
+            let message = lastError(pg)
+            if Self.isConfigurationError(message) {
+                throw PostgresError(code: .invalidConfiguration, message: "invalid connection string: \(message)")
             }
-            throw e
+            throw failure(pg)
         }
         var poll = PGRES_POLLING_WRITING
         while true {
@@ -1142,6 +1151,16 @@ final class ConnectAttempt: Sendable {
                 throw failure(pg)
             }
         }
+    }
+
+    /// Whether libpq's message says the connection string itself is wrong (its messages for
+    /// unknown keywords, malformed URIs and invalid option values), not a host.
+    static func isConfigurationError(_ message: String) -> Bool {
+        let text = message.lowercased()
+        return text.hasPrefix("invalid ") || text.contains("invalid connection option") || text.contains("invalid uri")
+            || text.contains("missing \"=\"") || text.contains("unterminated quoted string")
+            || text.contains("could not match") || text.contains("invalid value for parameter")
+            || text.contains("end of string reached") || text.contains("unexpected spaces found")
     }
 
     private func recordTarget(_ pg: OpaquePointer) {
