@@ -134,6 +134,45 @@ struct PostgresConnectionTests {
         return try #require(outcome.withLock { $0 }, "still running after \(seconds) s")
     }
 
+    @Test("a cancelled Task whose statement completes anyway (it caught the cancel) gets the statement's result, not CancellationError: what it did is not undone")
+    func cancelledButCompleted() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            let table = "cancel_done_\(UInt32.random(in: 0...UInt32.max))"
+            try await conn.execute("""
+                CREATE TABLE \(table) (id int);
+                CREATE FUNCTION \(table)_f() RETURNS int LANGUAGE plpgsql AS $$
+                BEGIN
+                    INSERT INTO \(table) VALUES (1);
+                    BEGIN PERFORM pg_sleep(20); EXCEPTION WHEN query_canceled THEN NULL; END;
+                    RETURN 7;
+                END $$;
+                """)
+            let task = Task { try await conn.query("SELECT \(table)_f()") }
+            try await Task.sleep(for: .milliseconds(300))
+            task.cancel()
+            let result = await task.result
+            let value = try (try? result.get())?[0].decode(Int.self, at: 0)
+            #expect(value == 7, "\(result)")
+            #expect(try await conn.query("SELECT count(*)::int8 FROM \(table)")[0].decode(Int.self, at: 0) == 1)
+            try await conn.execute("DROP FUNCTION \(table)_f(); DROP TABLE \(table)")
+            await conn.close()
+        }
+    }
+
+    @Test("query(eachRow:) may ask its connection about itself from the callback (the rows are handed out with the connection's lock released)")
+    func eachRowAsksTheConnection() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            let seen = Mutex<[PostgresTransactionStatus]>([])
+            _ = try await conn.query("SELECT g FROM generate_series(1, 3) g", eachRow: { _ in
+                seen.withLock { $0.append(conn.transactionStatus) }
+            })
+            #expect(seen.withLock { $0.count } == 3)
+            await conn.close()
+        }
+    }
+
     @Test("COPY TO STDOUT and COPY FROM STDIN are refused with invalidUsage, load nothing, and leave the connection usable")
     func copyIsRefused() async throws {
         try await TestDatabase.withDatabase { url in

@@ -36,7 +36,9 @@ public enum PostgresTransactionStatus: Sendable, Hashable {
 /// connect, `PQcancel`) run on a Dispatch thread. A connection runs one statement at a time; a
 /// second concurrent call fails with `PostgresError.Code.invalidUsage` rather than corrupting the
 /// protocol. Cancelling the calling Task during a statement sends a cancel request to the server
-/// and throws `CancellationError`, and the connection stays usable.
+/// and throws `CancellationError` once the server cancelled it, and the connection stays usable;
+/// a statement that completed before the cancel reached it keeps its outcome (its results, or
+/// its own error), so that a COMMIT that committed does not look undone.
 ///
 /// ```swift
 /// let conn = try await PostgresConnection.connect(to: "postgres://app@localhost:5432/app")
@@ -566,6 +568,9 @@ public final class PostgresConnection: @unchecked Sendable {
         }
 
         var results: [PostgresQueryResult] = []
+        // Single rows read under the lock, handed to `eachRow` once it is released (a callback
+        // that asked this connection anything would have taken the lock twice).
+        var pendingRows: [PostgresQueryResult] = []
         var firstError: PostgresError?
         var cancelRequested = false
         var flushed = false
@@ -634,7 +639,7 @@ public final class PostgresConnection: @unchecked Sendable {
                     switch status {
                     case PGRES_SINGLE_TUPLE where singleRows:
                         // After an error only the end is awaited; nothing more is handed out.
-                        if firstError == nil { eachRow(makeResult(box)) }
+                        if firstError == nil { pendingRows.append(makeResult(box)) }
                     case PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_EMPTY_QUERY, PGRES_SINGLE_TUPLE:
                         results.append(makeResult(box))
                     case PGRES_COPY_IN, PGRES_COPY_OUT, PGRES_COPY_BOTH:
@@ -665,6 +670,10 @@ public final class PostgresConnection: @unchecked Sendable {
                     }
                 }
                 return .wait(s.fd, .readable)
+            }
+            if !pendingRows.isEmpty {
+                for row in pendingRows { eachRow(row) }
+                pendingRows.removeAll(keepingCapacity: true)
             }
             guard let step else {
                 // The cancel watchdog gave up on the server's answer, or close() was called:
@@ -713,7 +722,12 @@ public final class PostgresConnection: @unchecked Sendable {
             if let delivered = cancelDelivered, await !delivered.wait(atMost: configuration.cancelGracePeriod) {
                 state.withLock { $0.broken = true }
             }
-            throw CancellationError()
+            // Cancelled on the server (57014): CancellationError. A statement that completed
+            // before the cancel reached it keeps its outcome: its results, or its own error (a
+            // COMMIT that committed must not look undone, or a caller retrying would repeat it).
+            if firstError == nil ? results.isEmpty : firstError?.sqlState == "57014" {
+                throw CancellationError()
+            }
         }
         if let firstError {
             if firstError.code == .server, firstError.severity == "FATAL" || firstError.severity == "PANIC" {
