@@ -53,6 +53,21 @@ public actor TestDatabase {
         }
     }
 
+    /// Runs `body` while no exclusive test runs, without the shared database: for tests that
+    /// start clusters or processes of their own, whose descriptors an fd-counting test
+    /// (`withDatabaseAlone`) would otherwise count.
+    public static func withoutExclusiveTests<T: Sendable>(_ body: @Sendable () async throws -> T) async throws -> T {
+        await shared.acquire(exclusive: false)
+        do {
+            let r = try await body()
+            await shared.release(exclusive: false)
+            return r
+        } catch {
+            await shared.release(exclusive: false)
+            throw error
+        }
+    }
+
     /// Runs `body` alone among the tests that use this lock (fd counting, server restarts).
     public static func withDatabaseAlone<T: Sendable>(_ body: @Sendable (String) async throws -> T) async throws -> T {
         let url = try await shared.connectionURL()
@@ -96,6 +111,44 @@ public actor TestDatabase {
 /// Open file descriptors of this process.
 public func openFileDescriptorCount() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+}
+
+/// A /proc file read to its end (its size shows as 0, which some readers take at its word).
+func readProcFile(_ path: String) -> String? {
+    guard let file = fopen(path, "r") else { return nil }
+    defer { fclose(file) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65_536)
+    while true {
+        let n = fread(&buffer, 1, buffer.count, file)
+        if n <= 0 { break }
+        bytes.append(contentsOf: buffer[0..<n])
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+/// This process's open TCP sockets connected to `port` (from `/proc/self/fd` and
+/// `/proc/net/tcp{,6}`): what a leaked database connection leaves behind, unaffected by the
+/// files and sockets that tests running meanwhile open and close.
+public func openSocketCount(toPort port: Int) -> Int {
+    var inodes = Set<String>()
+    for fd in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+        guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd),
+              target.hasPrefix("socket:[") else { continue }
+        inodes.insert(String(target.dropFirst(8).dropLast()))
+    }
+    let hexPort = String(format: "%04X", port)
+    var count = 0
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        guard let text = readProcFile(table) else { continue }
+        for line in text.split(separator: "\n").dropFirst() {
+            let fields = line.split(separator: " ")
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            guard fields.count > 9, fields[2].hasSuffix(":" + hexPort), inodes.contains(String(fields[9])) else { continue }
+            count += 1
+        }
+    }
+    return count
 }
 
 /// Milliseconds since `start`.

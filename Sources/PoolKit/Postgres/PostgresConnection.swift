@@ -305,7 +305,8 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Runs one statement like `query(_:parameters:)`, but hands its rows to `eachRow` one at a
     /// time as they arrive (libpq's single-row mode), each as a one-row result, instead of
     /// collecting them: memory holds one row, however many the statement returns. `eachRow` runs
-    /// while the connection is busy with the statement: it must not use this connection and
+    /// while the connection is busy with the statement: it must not run statements on this
+    /// connection (asking its state, such as `transactionStatus`, is fine) and
     /// should be quick. Returns the statement's final result (its command tag; no rows). If the
     /// statement fails part way, the rows handed out before stay handed out and this throws.
     @discardableResult
@@ -463,13 +464,26 @@ public final class PostgresConnection: @unchecked Sendable {
         // (an interrupt that lands just before it parks is lost), for at most a second.
         // The statement is cancelled on the server too: a backend notices a closed socket only
         // when it next reads from it, and would run the statement to its end, locks held.
+        // With no statement running, the connection is taken here, under the same lock that
+        // saw it idle: a statement that starts after finds it closed (decided, then closed
+        // under a second lock, a statement could start in between and wait on the socket
+        // closed under it).
+        var taken: (pg: OpaquePointer, fd: Int32, parked: CheckedContinuation<Void, Never>?)?
         let (fd, cancel) = state.withLock { s -> (Int32?, CancelHandle?) in
-            guard let pg = s.pg, s.busy else { return (nil, nil) }
+            guard let pg = s.pg else { return (nil, nil) }
+            guard s.busy else {
+                taken = Self.takeForClose(&s)
+                return (nil, nil)
+            }
             s.broken = true
             s.closeRequested = true
             // Already asked for this statement (a pool drain cancels, then closes): not again.
             guard s.cancelSentFor != s.statementSerial else { return (s.fd, nil) }
             return (s.fd, PQgetCancel(pg).map(CancelHandle.init))
+        }
+        if let taken {
+            Self.finishClose(taken.pg, fd: taken.fd, parked: taken.parked)
+            return
         }
         if let cancel {
             // Given at most a second to go out (PQcancel blocks while it connects).
@@ -501,14 +515,21 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 
     func closeNow() {
-        let (pg, fd, parked) = state.withLock { s -> (OpaquePointer?, Int32, CheckedContinuation<Void, Never>?) in
-            let pg = s.pg
-            s.pg = nil
-            let parked = s.listenerParked
-            s.listenerParked = nil
-            return (pg, s.fd, parked)
-        }
-        guard let pg else { return }
+        guard let taken = state.withLock({ Self.takeForClose(&$0) }) else { return }
+        Self.finishClose(taken.pg, fd: taken.fd, parked: taken.parked)
+    }
+
+    /// Takes the `PGconn` out of the state (nil if already closed): from then on the
+    /// connection is closed for every caller. `finishClose` frees it, outside the lock.
+    private static func takeForClose(_ s: inout State) -> (pg: OpaquePointer, fd: Int32, parked: CheckedContinuation<Void, Never>?)? {
+        guard let pg = s.pg else { return nil }
+        s.pg = nil
+        let parked = s.listenerParked
+        s.listenerParked = nil
+        return (pg, s.fd, parked)
+    }
+
+    private static func finishClose(_ pg: OpaquePointer, fd: Int32, parked: CheckedContinuation<Void, Never>?) {
         SocketReactor.shared.forget(fd: fd)
         parked?.resume()
         // PQfinish sends Terminate and closes the socket; in non-blocking mode it does not wait.
