@@ -572,6 +572,39 @@ struct PostgresConnectionTests {
         #expect(error?.isConnectionBroken == false)
     }
 
+    @Test("several hosts with connect_timeout: a host that accepts and never answers gives way to the next after connect_timeout (libpq enforces it only in its blocking connect); when none answers, the error names each")
+    func connectTimeoutPerHost() async throws {
+        try await TestDatabase.withDatabase { url in
+            let parts = try #require(URLComponents(string: url))
+            let (host, port) = (try #require(parts.host), try #require(parts.port))
+            // Silent hosts: listening sockets nobody accepts from (the kernel completes the
+            // handshake; the startup message is never answered).
+            func silentListener() throws -> (fd: Int32, port: Int) {
+                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                var address = sockaddr_in()
+                address.sin_family = sa_family_t(AF_INET)
+                address.sin_addr.s_addr = inet_addr("127.0.0.1")
+                _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+                listen(fd, 16)
+                var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+                _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+                return (fd, Int(UInt16(bigEndian: address.sin_port)))
+            }
+            let first = try silentListener(), second = try silentListener()
+            defer { close(first.fd); close(second.fd) }
+            var common = "user=\(parts.user ?? "postgres") dbname=\(parts.path.dropFirst()) connect_timeout=2 sslmode=disable"
+            if let password = parts.password { common += " password=\(password)" }
+            let conn = try await PostgresConnection.connect(to: "host=127.0.0.1,\(host) port=\(first.port),\(port) " + common, connectTimeout: .seconds(9))
+            #expect(try await conn.query("SELECT inet_server_port()::int8")[0].decode(Int.self, at: 0) == port, "connected to the second host")
+            await conn.close()
+            let error = await #expect(throws: PostgresError.self) {
+                _ = try await PostgresConnection.connect(to: "host=127.0.0.1,127.0.0.1 port=\(first.port),\(second.port) " + common, connectTimeout: .seconds(9))
+            }
+            #expect(error?.message.contains("could not connect to any of 2 hosts") == true, "\(String(describing: error))")
+            #expect(error?.message.components(separatedBy: "connect_timeout=").count == 3, "\(String(describing: error))")
+        }
+    }
+
     @Test("a client_encoding the connection string sets is kept (the driver's UTF8 default comes first, and libpq lets the later one win)")
     func clientEncodingFromTheString() async throws {
         try await TestDatabase.withDatabase { url in

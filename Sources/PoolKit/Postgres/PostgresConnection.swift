@@ -1118,22 +1118,112 @@ final class ConnectAttempt: Sendable {
                              host: host, port: port)
     }
 
+    /// Connects. A string that names several hosts (`host=a,b`, `postgres://a,b/db`) with a
+    /// `connect_timeout` is tried one host at a time, each for at most `connect_timeout`, so
+    /// that a host that does not answer (a frozen machine, a dropped route) gives way to the
+    /// next: libpq enforces `connect_timeout` only in its blocking connect, never in the
+    /// non-blocking `PQconnectPoll` this driver uses. `connectTimeout` bounds the whole.
     func run() async throws -> PostgresConnection {
-        let cs = configuration.connectionString
-        let extra = extraKeywords
+        // Ours before the user's string: a later keyword wins in libpq, so a
+        // client_encoding (or application name) the string sets is kept.
+        let ours = [("fallback_application_name", "swift-realtime-sync"), ("client_encoding", "UTF8")]
+        guard let plan = try Self.hostPlan(configuration.connectionString) else {
+            return try await runOne(ours + [("dbname", configuration.connectionString)] + extraKeywords, expandDBName: true)
+        }
+        var failures: [String] = []
+        var lastError: PostgresError?
+        for (index, host) in plan.hosts.enumerated() {
+            try Task.checkCancellation()
+            var options = ours + plan.common
+            options.append(("host", host))
+            if let hostaddrs = plan.hostaddrs { options.append(("hostaddr", hostaddrs[index])) }
+            if let ports = plan.ports { options.append(("port", ports.count == 1 ? ports[0] : ports[index])) }
+            let one = Task { try await self.runOne(options + self.extraKeywords, expandDBName: false) }
+            let timedOut = Mutex(false)
+            let timer = Task {
+                try? await Task.sleep(for: plan.perHost.sleepable)
+                if !Task.isCancelled {
+                    timedOut.withLock { $0 = true }
+                    one.cancel()
+                }
+            }
+            do {
+                let connection = try await withTaskCancellationHandler { try await one.value } onCancel: { one.cancel() }
+                timer.cancel()
+                return connection
+            } catch {
+                timer.cancel()
+                let shown = host.isEmpty ? "the default host" : host
+                if timedOut.withLock({ $0 }) {
+                    failures.append("\(shown): no answer within connect_timeout=\(plan.perHost)")
+                    lastError = PostgresError(code: .connectionFailed, message: "could not connect to \(shown) within connect_timeout=\(plan.perHost)",
+                                              host: host, port: plan.ports.map { $0.count == 1 ? $0[0] : $0[index] })
+                    continue
+                }
+                if error is CancellationError { throw error }
+                guard let error = error as? PostgresError, error.code != .invalidConfiguration else { throw error }
+                failures.append("\(shown): \(error.message)")
+                lastError = error
+            }
+        }
+        guard var error = lastError else { throw PostgresError(code: .connectionFailed, message: "no host to connect to") }
+        if plan.hosts.count > 1 { error.message = "could not connect to any of \(plan.hosts.count) hosts: " + failures.joined(separator: "; ") }
+        throw error
+    }
+
+    /// The hosts of a connection string to try one by one, with the options they share, or nil
+    /// to leave it to libpq (no `connect_timeout`).
+    struct HostPlan {
+        var common: [(String, String)]
+        var hosts: [String]
+        var hostaddrs: [String]?
+        var ports: [String]?
+        var perHost: Duration
+    }
+
+    static func hostPlan(_ connectionString: String) throws -> HostPlan? {
+        var message: UnsafeMutablePointer<CChar>?
+        guard let parsed = PQconninfoParse(connectionString, &message) else {
+            let text = message.map { String(cString: $0) } ?? "could not parse it"
+            if let message { PQfreemem(message) }
+            throw PostgresError(code: .invalidConfiguration, message: "invalid connection string: \(text.trimmingTrailingNewlines())")
+        }
+        defer { PQconninfoFree(parsed) }
+        var options: [(String, String)] = []
+        var option = parsed
+        while let keyword = option.pointee.keyword {
+            if let value = option.pointee.val { options.append((String(cString: keyword), String(cString: value))) }
+            option += 1
+        }
+        func value(_ name: String) -> String? { options.last { $0.0 == name }?.1 }
+        // libpq: zero, negative or absent waits for ever; 1 counts as 2 seconds.
+        guard let text = value("connect_timeout"), let seconds = Int(text.trimmingCharacters(in: .whitespaces)), seconds > 0 else { return nil }
+        let hosts = value("host")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let hostaddrs = value("hostaddr")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let ports = value("port")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let count = hosts?.count ?? hostaddrs?.count ?? 1
+        // Mismatched lists: libpq's own error ("could not match …") says it best.
+        if let hostaddrs, hostaddrs.count != count { return nil }
+        if let hosts, hosts.count != count { return nil }
+        if let ports, ports.count != 1, ports.count != count { return nil }
+        return HostPlan(
+            common: options.filter { !["host", "hostaddr", "port"].contains($0.0) },
+            hosts: hosts ?? Array(repeating: "", count: count), hostaddrs: hostaddrs, ports: ports,
+            perHost: .seconds(max(2, seconds)))
+    }
+
+    /// One libpq connect: `keywords` in order (a later one wins), `dbname` expanded as a
+    /// connection string when `expandDBName`.
+    private func runOne(_ keywords: [(String, String)], expandDBName: Bool) async throws -> PostgresConnection {
         // Name resolution happens inside PQconnectStartParams/PQconnectPoll, so both run on a
         // Dispatch thread, never on the cooperative pool.
         let handle = await BlockingExecutor.run { () -> ConnHandle? in
-            // Ours before the user's string: a later keyword wins in libpq, so a
-            // client_encoding (or application name) the string sets is kept.
-            let keys = ["fallback_application_name", "client_encoding", "dbname"] + extra.map(\.0)
-            let values = ["swift-realtime-sync", "UTF8", cs] + extra.map(\.1)
-            let kp = keys.map { strdup($0) } + [nil]
-            let vp = values.map { strdup($0) } + [nil]
+            let kp = keywords.map { strdup($0.0) } + [nil]
+            let vp = keywords.map { strdup($0.1) } + [nil]
             defer { (kp + vp).forEach { free($0) } }
             let pg = kp.map { UnsafePointer($0) }.withUnsafeBufferPointer { k in
                 vp.map { UnsafePointer($0) }.withUnsafeBufferPointer { v in
-                    PQconnectStartParams(k.baseAddress, v.baseAddress, 1)
+                    PQconnectStartParams(k.baseAddress, v.baseAddress, expandDBName ? 1 : 0)
                 }
             }
             return pg.map(ConnHandle.init)
