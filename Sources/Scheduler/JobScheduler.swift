@@ -1069,15 +1069,18 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// of them perhaps in the waiting body, that was forever). A second lock round, only for
     /// a job with runs in flight (not on the path of cancelling a pending job).
     private func abandonQueuedRuns(of id: JobID) {
-        let resumes = core.withLock { core -> [CheckedContinuation<Void, Never>] in
+        let metrics = metricsEnabled
+        let (resumes, gauges) = core.withLock { core -> ([CheckedContinuation<Void, Never>], GaugeReading?) in
             // The pool's lock after the scheduler's: the documented order.
             let removed = pool.withLock { $0.removeQueued { $0.job == id } }
-            guard !removed.isEmpty else { return [] }
+            guard !removed.isEmpty else { return ([], nil) }
             let now = ticks(clock.now)
             for start in removed { core.machine.abandon(start, now: now) }
             core.runTasks -= removed.count
-            return core.machine.takeResumes()
+            // The in-flight gauge drops with them now (it waited for some worker's next end).
+            return (core.machine.takeResumes(), core.gauges(metrics))
         }
+        if metrics, let gauges { publishGauges(gauges) }
         for r in resumes { r.resume() }
     }
 

@@ -352,6 +352,29 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("metrics: cancelling a job whose run waits for a busy worker lowers in_flight at once (it waited for some worker's next end)")
+    func inFlightAfterCancellingAQueuedRun() async throws {
+        let metrics = TestMetrics()
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet,
+                                     configuration: .init(metricsLabel: "q", maxWorkers: 1, metricsFactory: metrics))
+        func inFlight() throws -> Double? { try metrics.expectGauge("scheduler.runs.in_flight", [("scheduler", "q")]).lastValue }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            _ = try scheduler.schedule(.once(after: .seconds(1))) { _ in try await clock.sleep(for: .seconds(10)) }
+            let queued = try scheduler.schedule(.once(after: .seconds(1))) { _ in }
+            await scheduler.advance(by: .seconds(1))
+            #expect(scheduler.statistics.inFlight == 2, "one run on the worker, one waiting for it")
+            queued.cancel()
+            #expect(scheduler.statistics.inFlight == 1)
+            #expect(try inFlight() == 1)
+            await scheduler.advance(by: .seconds(10))
+            #expect(try inFlight() == 0)
+            await scheduler.shutdown(deadline: .zero)
+            try await group.waitForAll()
+        }
+    }
+
     @Test("metrics: gauge readings written out of order (a worker's 0, then the driver's older 1) leave the newer one shown")
     func gaugeReadingsInOrder() throws {
         let metrics = TestMetrics()
