@@ -1104,12 +1104,13 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         switch outcome {
         case .leased(let lease, let waited, let checked):
-            if metrics.enabled { metrics.waitTime.record(waited) }
             if Task.isCancelled {
-                // Handed over just as the caller gave up: the connection goes back.
+                // Handed over just as the caller gave up: the connection goes back (and the
+                // wait, which obtained nothing, is not recorded as one that did).
                 await giveBack(lease, reusable: true)
                 throw CancellationError()
             }
+            if metrics.enabled { metrics.waitTime.record(waited) }
             return (lease, checked)
         case .failed(let error):
             throw error
