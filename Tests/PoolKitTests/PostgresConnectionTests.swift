@@ -770,9 +770,7 @@ struct EmbeddedPostgresTests {
     @Test("a server that refuses to start: the error quotes server.log and the folder is removed")
     func failedStartQuotesTheLog() async throws {
         try await TestDatabase.withoutExclusiveTests {
-            let parent = NSTemporaryDirectory() + "/embedded-fail-\(UInt32.random(in: 0...UInt32.max))"
-            try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
-            chmod(parent, 0o777)  // initdb runs as postgres when the tests run as root
+            let parent = try clusterParent("embedded-fail-")
             defer { try? FileManager.default.removeItem(atPath: parent) }
             do {
                 let pg = try await EmbeddedPostgres.start(.init(settings: ["no_such_setting": "1"], parentDirectory: parent))
@@ -883,9 +881,7 @@ struct EmbeddedPostgresTests {
     @Test("a postmaster is known by its command line where its working directory cannot be read (root without CAP_SYS_PTRACE): postgres -D <folder>, nothing else")
     func postmasterByCommandLine() async throws {
         try await TestDatabase.withoutExclusiveTests {
-            let parent = NSTemporaryDirectory() + "/embedded-cmdline-\(UInt32.random(in: 0...UInt32.max))"
-            try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
-            chmod(parent, 0o777)  // initdb runs as postgres when the tests run as root
+            let parent = try clusterParent("embedded-cmdline-")
             defer { try? FileManager.default.removeItem(atPath: parent) }
             let pg = try await EmbeddedPostgres.start(.init(parentDirectory: parent))
             let data = pg.directory + "/data"
@@ -903,9 +899,7 @@ struct EmbeddedPostgresTests {
     @Test("a cluster's watchdog runs beside it and is gone, reaped, once the cluster shuts down")
     func watchdogIsReaped() async throws {
         try await TestDatabase.withoutExclusiveTests {
-            let parent = NSTemporaryDirectory() + "/embedded-watchdog-\(UInt32.random(in: 0...UInt32.max))"
-            try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
-            chmod(parent, 0o777)  // initdb runs as postgres when the tests run as root
+            let parent = try clusterParent("embedded-watchdog-")
             defer { try? FileManager.default.removeItem(atPath: parent) }
             let pg = try await EmbeddedPostgres.start(.init(parentDirectory: parent))
             // This cluster's watchdog: a child of this process whose arguments name its folder.
@@ -924,4 +918,13 @@ struct EmbeddedPostgresTests {
             #expect(!FileManager.default.fileExists(atPath: pg.directory))
         }
     }
+}
+
+/// A fresh folder for clusters under the temporary directory, open to `postgres` (which runs
+/// initdb when the tests run as root); the caller removes it.
+func clusterParent(_ prefix: String) throws -> String {
+    let parent = NSTemporaryDirectory() + "/" + prefix + "\(UInt32.random(in: 0...UInt32.max))"
+    try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+    chmod(parent, 0o777)
+    return parent
 }
