@@ -279,50 +279,53 @@ struct PostgresPoolTests {
 
     @Test("server stop and restart: acquires recover after the restart")
     func serverRestart() async throws {
-        let pg = try await EmbeddedPostgres.start()
-        do {
-            var config = ConnectionPoolConfiguration()
-            config.maxOpen = 4
-            config.minIdle = 2
-            // 5 s, not less: in the full suite on a loaded machine, reconnects after the restart
-            // took over 2 s (an acquire timed out with 2 connecting, right after the recovery).
-            config.acquireTimeout = .seconds(5)
-            config.connectBackoff = .init(initial: .milliseconds(20), maximum: .milliseconds(250))
-            try await withPool(pg.url, config) { pool in
-                for _ in 0..<10 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
-                try await stopServer(pg)
-                // While the server is down, acquires fail with a connection-level error: either a
-                // pooled connection that still looked alive breaks under the statement
-                // (PostgresError, isConnectionBroken), or the broken idle connections are
-                // discarded and every reconnect fails until acquireTimeout (5 s) passes.
-                do {
-                    try await pool.withConnection { c in try await c.query("SELECT 1") }
-                    Issue.record("an acquire and a statement succeeded while the server was down")
-                } catch let error as PostgresError {
-                    #expect(error.isConnectionBroken, "not a connection failure: \(error)")
-                } catch let error as ConnectionPoolError {
-                    #expect(error.code == .acquireTimeout, "unexpected pool error while the server is down: \(error)")
-                } catch {
-                    Issue.record("unexpected error while the server is down: \(error)")
-                }
-                try await startServer(pg)
-                let start = ContinuousClock.now
-                var recovered = false
-                while ContinuousClock.now - start < .seconds(15) {
-                    if (try? await pool.withConnection { c in try await c.query("SELECT 1") }) != nil {
-                        recovered = true
-                        break
+        // Its own cluster: kept apart from the fd-counting test.
+        try await TestDatabase.withoutExclusiveTests {
+            let pg = try await EmbeddedPostgres.start()
+            do {
+                var config = ConnectionPoolConfiguration()
+                config.maxOpen = 4
+                config.minIdle = 2
+                // 5 s, not less: in the full suite on a loaded machine, reconnects after the restart
+                // took over 2 s (an acquire timed out with 2 connecting, right after the recovery).
+                config.acquireTimeout = .seconds(5)
+                config.connectBackoff = .init(initial: .milliseconds(20), maximum: .milliseconds(250))
+                try await withPool(pg.url, config) { pool in
+                    for _ in 0..<10 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
+                    try await stopServer(pg)
+                    // While the server is down, acquires fail with a connection-level error: either a
+                    // pooled connection that still looked alive breaks under the statement
+                    // (PostgresError, isConnectionBroken), or the broken idle connections are
+                    // discarded and every reconnect fails until acquireTimeout (5 s) passes.
+                    do {
+                        try await pool.withConnection { c in try await c.query("SELECT 1") }
+                        Issue.record("an acquire and a statement succeeded while the server was down")
+                    } catch let error as PostgresError {
+                        #expect(error.isConnectionBroken, "not a connection failure: \(error)")
+                    } catch let error as ConnectionPoolError {
+                        #expect(error.code == .acquireTimeout, "unexpected pool error while the server is down: \(error)")
+                    } catch {
+                        Issue.record("unexpected error while the server is down: \(error)")
                     }
+                    try await startServer(pg)
+                    let start = ContinuousClock.now
+                    var recovered = false
+                    while ContinuousClock.now - start < .seconds(15) {
+                        if (try? await pool.withConnection { c in try await c.query("SELECT 1") }) != nil {
+                            recovered = true
+                            break
+                        }
+                    }
+                    #expect(recovered, "no successful acquire within 15 s of the restart")
+                    // And it stays healthy: several in a row succeed.
+                    for _ in 0..<20 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
                 }
-                #expect(recovered, "no successful acquire within 15 s of the restart")
-                // And it stays healthy: several in a row succeed.
-                for _ in 0..<20 { try await pool.withConnection { c in try await c.query("SELECT 1") } }
+            } catch {
+                await pg.shutdown()
+                throw error
             }
-        } catch {
             await pg.shutdown()
-            throw error
         }
-        await pg.shutdown()
     }
 
     @Test("drain cancels held queries on the server and reports who held them")

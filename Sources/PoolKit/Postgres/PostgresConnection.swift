@@ -1124,20 +1124,23 @@ final class ConnectAttempt: Sendable {
     /// next: libpq enforces `connect_timeout` only in its blocking connect, never in the
     /// non-blocking `PQconnectPoll` this driver uses. `connectTimeout` bounds the whole.
     func run() async throws -> PostgresConnection {
-        // Ours before the user's string: a later keyword wins in libpq, so a
-        // client_encoding (or application name) the string sets is kept.
-        let ours = [("fallback_application_name", "swift-realtime-sync"), ("client_encoding", "UTF8")]
+        // The application name before the user's string (a later keyword wins in libpq, so
+        // one the string sets is kept); client_encoding after it: the driver sends and reads
+        // UTF-8 (a string asking for another encoding is refused by `hostPlan`).
+        let name = [("fallback_application_name", "swift-realtime-sync")]
+        let encoding = [("client_encoding", "UTF8")]
         guard let plan = try Self.hostPlan(configuration.connectionString) else {
-            return try await runOne(ours + [("dbname", configuration.connectionString)] + extraKeywords, expandDBName: true)
+            return try await runOne(name + [("dbname", configuration.connectionString)] + encoding + extraKeywords, expandDBName: true)
         }
         var failures: [String] = []
         var lastError: PostgresError?
         for (index, host) in plan.hosts.enumerated() {
             try Task.checkCancellation()
-            var options = ours + plan.common
+            var options = name + plan.common
             options.append(("host", host))
             if let hostaddrs = plan.hostaddrs { options.append(("hostaddr", hostaddrs[index])) }
             if let ports = plan.ports { options.append(("port", ports.count == 1 ? ports[0] : ports[index])) }
+            options += encoding
             let one = Task { try await self.runOne(options + self.extraKeywords, expandDBName: false) }
             let timedOut = Mutex(false)
             let timer = Task {
@@ -1167,12 +1170,15 @@ final class ConnectAttempt: Sendable {
             }
         }
         guard var error = lastError else { throw PostgresError(code: .connectionFailed, message: "no host to connect to") }
-        if plan.hosts.count > 1 { error.message = "could not connect to any of \(plan.hosts.count) hosts: " + failures.joined(separator: "; ") }
+        error.message = "could not connect to any of \(plan.hosts.count) hosts: " + failures.joined(separator: "; ")
         throw error
     }
 
     /// The hosts of a connection string to try one by one, with the options they share, or nil
-    /// to leave it to libpq (no `connect_timeout`).
+    /// to leave it to libpq: one host, no `connect_timeout`, a string `PQconninfoParse` does
+    /// not take (a bare database name, which libpq's expanded dbname does), or options whose
+    /// meaning spans the hosts (`load_balance_hosts`, `target_session_attrs=prefer-standby`,
+    /// a `service`). Throws for a `client_encoding` other than UTF8.
     struct HostPlan {
         var common: [(String, String)]
         var hosts: [String]
@@ -1184,9 +1190,9 @@ final class ConnectAttempt: Sendable {
     static func hostPlan(_ connectionString: String) throws -> HostPlan? {
         var message: UnsafeMutablePointer<CChar>?
         guard let parsed = PQconninfoParse(connectionString, &message) else {
-            let text = message.map { String(cString: $0) } ?? "could not parse it"
+            // libpq itself judges it (and names what is wrong).
             if let message { PQfreemem(message) }
-            throw PostgresError(code: .invalidConfiguration, message: "invalid connection string: \(text.trimmingTrailingNewlines())")
+            return nil
         }
         defer { PQconninfoFree(parsed) }
         var options: [(String, String)] = []
@@ -1196,12 +1202,18 @@ final class ConnectAttempt: Sendable {
             option += 1
         }
         func value(_ name: String) -> String? { options.last { $0.0 == name }?.1 }
+        if let encoding = value("client_encoding"), !["utf8", "utf-8", "unicode"].contains(encoding.lowercased()) {
+            throw PostgresError(code: .invalidConfiguration,
+                message: "invalid connection string: client_encoding=\(encoding); this driver sends and reads UTF-8 text, so it is always UTF8 (the server converts from the database's encoding)")
+        }
+        if value("load_balance_hosts") != nil || value("service") != nil || value("target_session_attrs") == "prefer-standby" { return nil }
         // libpq: zero, negative or absent waits for ever; 1 counts as 2 seconds.
         guard let text = value("connect_timeout"), let seconds = Int(text.trimmingCharacters(in: .whitespaces)), seconds > 0 else { return nil }
         let hosts = value("host")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         let hostaddrs = value("hostaddr")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         let ports = value("port")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         let count = hosts?.count ?? hostaddrs?.count ?? 1
+        guard count > 1 else { return nil }
         // Mismatched lists: libpq's own error ("could not match …") says it best.
         if let hostaddrs, hostaddrs.count != count { return nil }
         if let hosts, hosts.count != count { return nil }

@@ -200,7 +200,7 @@ extension RealtimeServer {
                 "this server has no database pool for snapshots (RealtimeServerConfiguration.snapshotReader); subscribe without 'snapshot'").serverMessage)
             return
         }
-        guard let columns = source.catalog.columns(of: subscription.table) else {
+        guard let columnsAtSubscribe = source.catalog.columns(of: subscription.table) else {
             session.enqueue(ProtocolError(.unknownTable, id: id, "table \(quoteForMessage(subscription.table)) is not streamed by this server").serverMessage)
             return
         }
@@ -213,6 +213,9 @@ extension RealtimeServer {
         guard admitted else { return }
         defer { snapshotGate.leave() }
         guard session.isOpen && session.channel.isActive else { return }
+        // The table's columns as of now: the catalog may have been re-read while this waited
+        // for its turn (a dropped column in the SELECT would fail it).
+        let columns = source.catalog.columns(of: subscription.table) ?? columnsAtSubscribe
         let start = state.withLock { state -> Cursor in
             state.snapshots[session.id, default: [:]][id] = PendingSnapshot(subscription: subscription)
             return state.lastDelivered

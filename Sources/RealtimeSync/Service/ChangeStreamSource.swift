@@ -94,9 +94,9 @@ public final class ChangeStreamSource: ChangeSource {
     /// (type OID, a domain resolved to its base type; modifier; whether part of the primary
     /// key / replica identity index).
     ///
-    /// Only the columns pgoutput sends: never a generated column (PostgreSQL 12-17 do not
-    /// stream them), and, for a table of `publication` with a column list (PostgreSQL 15+),
-    /// only the listed columns; that publication's row filter is kept for snapshots. (A
+    /// Only the columns pgoutput sends: no generated column (PostgreSQL 12-17 never stream
+    /// them; 18 streams those its publication names), and, for a table of `publication` with
+    /// a column list (PostgreSQL 15+), only the listed columns; that publication's row filter is kept for snapshots. (A
     /// snapshot or filter reading more than the stream carries would hand clients columns and
     /// rows the publication leaves out, and a filter on such a column could never be met.)
     public static func catalog(of tables: [String], using connection: PostgresConnection,
