@@ -1,7 +1,7 @@
 import Foundation
 import Logging
 import PoolKit
-import RealtimeSync
+@testable import RealtimeSync
 import ServiceLifecycle
 import Synchronization
 import Testing
@@ -448,6 +448,26 @@ struct RealtimeServiceTests {
             #expect("\(error)".contains("--database-url, REALTIME_SYNC_DATABASE_URL or DATABASE_URL"), "\(error)")
             #expect("\(error)".contains("Options.parentDirectory"), "the cause is kept: \(error)")
         }
+    }
+
+    @Test("The pool's counters for /metrics grow by what statistics grew by between samples, from zero at the first, never backwards")
+    func poolCounterIncrements() {
+        var first = PoolStatistics()
+        first.connectFailures = 3
+        first.closedBroken = 2
+        first.closedLifetime = 1
+        let start = RealtimeService.poolCounterIncrements(from: nil, to: first)
+        #expect(start.connectFailures == 3)
+        #expect(start.closes == ["broken": 2, "lifetime": 1, "idle_time": 0, "max_idle": 0])
+        var second = first
+        second.connectFailures = 5
+        second.closedMaxIdle = 4
+        let next = RealtimeService.poolCounterIncrements(from: first, to: second)
+        #expect(next.connectFailures == 2)
+        #expect(next.closes == ["broken": 0, "lifetime": 0, "idle_time": 0, "max_idle": 4])
+        #expect(Set(next.closes.keys) == Set(RealtimeService.poolCloseReasons))
+        // A pool replaced by a new one (its counts start again): nothing negative.
+        #expect(RealtimeService.poolCounterIncrements(from: second, to: PoolStatistics()).connectFailures == 0)
     }
 
     @Test("A setup error stops the start and names the fix (publication missing, no tables)")

@@ -499,6 +499,19 @@ public final class RealtimeService: Service, Sendable {
 
     // MARK: Jobs
 
+    /// The `reason` values of `realtime_sync_pool_closes`.
+    static let poolCloseReasons = ["broken", "lifetime", "idle_time", "max_idle"]
+
+    /// What the pool's counters grew by from one sample to the next (from zero for the first):
+    /// failed connects, and closes by `poolCloseReasons`. Never negative.
+    static func poolCounterIncrements(from previous: PoolStatistics?, to current: PoolStatistics) -> (connectFailures: Int, closes: [String: Int]) {
+        func grew(_ count: (PoolStatistics) -> Int) -> Int { max(0, count(current) - (previous.map(count) ?? 0)) }
+        return (grew(\.connectFailures), [
+            "broken": grew(\.closedBroken), "lifetime": grew(\.closedLifetime),
+            "idle_time": grew(\.closedIdleTime), "max_idle": grew(\.closedMaxIdle),
+        ])
+    }
+
     private func scheduleJobs(_ scheduler: JobScheduler<ContinuousClock>, pool: ConnectionPool<PostgresConnection, ContinuousClock>,
                               stream: ChangeStream, source: ChangeStreamSource) throws {
         let slot = configuration.slot
@@ -506,6 +519,12 @@ public final class RealtimeService: Service, Sendable {
         let poolGauges = ["open", "in_use", "idle", "waiting"].map {
             ($0, Gauge(label: "realtime_sync_pool_connections", dimensions: [("state", $0)]))
         }
+        // What otherwise only `statistics` tells: failed connects (a database outage shows
+        // here first) and closes by reason, counted from one sample to the next.
+        let connectFailures = Counter(label: "realtime_sync_pool_connect_failures")
+        let closes = Dictionary(uniqueKeysWithValues: Self.poolCloseReasons.map {
+            ($0, Counter(label: "realtime_sync_pool_closes", dimensions: [("reason", $0)]))
+        })
         // A run may wait for a connection for the pool's acquireTimeout, then gets 5 s for its
         // statement: an exhausted pool then fails the run with the pool's own error (naming
         // maxOpen and acquireTimeout), not with a timeout of the job's.
@@ -528,7 +547,13 @@ public final class RealtimeService: Service, Sendable {
                 default: gauge.record(statistics.waiting)
                 }
             }
-            self.state.withLock { $0.samples.pool = statistics }
+            let previous = self.state.withLock { state -> PoolStatistics? in
+                defer { state.samples.pool = statistics }
+                return state.samples.pool
+            }
+            let counts = Self.poolCounterIncrements(from: previous, to: statistics)
+            connectFailures.increment(by: counts.connectFailures)
+            for (reason, increment) in counts.closes { closes[reason]?.increment(by: increment) }
         }
         // The catalog was read once at start: re-read it, so that after an ALTER TABLE new
         // subscriptions resolve the new columns and snapshots stop selecting dropped ones, and
