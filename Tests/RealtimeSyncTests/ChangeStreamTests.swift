@@ -198,7 +198,6 @@ struct ChangeStreamTests {
                 // What the server holds, not only what the stream thinks it reported.
                 let onServer = try await slotConfirmedFlush(sql, slot: slot)
                 #expect(onServer <= event.commitLSN, "the slot moved past the held change: \(onServer) > \(event.commitLSN)")
-                #expect(stream.statistics.connected && stream.statistics.reconnects == 0, "the replies kept the connection")
             }
             try await runSQL(url, "DROP TABLE \(table)")
         }
