@@ -850,7 +850,7 @@ struct EmbeddedPostgresTests {
             #expect(chown(theirs, nobody.uid, nobody.gid) == 0)
             others = theirs
         }
-        EmbeddedPostgres.reapOrphans(parent: parent, bin: try EmbeddedPostgres.findBinDirectory())
+        EmbeddedPostgres.reapOrphans(parent: parent)
         #expect(!FileManager.default.fileExists(atPath: mine), "a dead process's own folder stays")
         #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: parent + "/realtime-sync-pg-link")) == target, "took a symbolic link for its own folder")
         #expect(FileManager.default.fileExists(atPath: target + "/owner.pid"))
@@ -900,7 +900,7 @@ struct EmbeddedPostgresTests {
             defer { close(lock) }
             try "99999999".write(toFile: held + "/owner.pid", atomically: true, encoding: .utf8)
 
-            EmbeddedPostgres.reapOrphans(parent: parent, bin: try EmbeddedPostgres.findBinDirectory())
+            EmbeddedPostgres.reapOrphans(parent: parent)
             #expect(bystander.isRunning, "the process a stale postmaster.pid named was signalled")
             #expect(!FileManager.default.fileExists(atPath: stale), "the dead owner's folder stays")
             #expect(!FileManager.default.fileExists(atPath: reused), "an unlocked owner.lock: the owner is gone, whatever its pid names now")

@@ -102,7 +102,7 @@ public final class EmbeddedPostgres: Sendable {
     /// Starts a new cluster, blocking the calling thread; use from synchronous code only.
     public static func startBlocking(_ options: Options = Options()) throws -> EmbeddedPostgres {
         let bin = try findBinDirectory()
-        reapOrphans(parent: options.parentDirectory, bin: bin)
+        reapOrphans(parent: options.parentDirectory)
         let asRoot = geteuid() == 0
         let user: String? = asRoot ? "postgres" : nil
         if asRoot, userIDs("postgres") == nil {
@@ -500,7 +500,7 @@ public final class EmbeddedPostgres: Sendable {
     }
 
     /// Stops and removes clusters whose owning process is gone (left by a killed test run).
-    static func reapOrphans(parent: String, bin: String) {
+    static func reapOrphans(parent: String) {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
         let user: String? = geteuid() == 0 ? "postgres" : nil
         // Only folders this process's user (or, as root, `postgres`) made, and no symbolic
