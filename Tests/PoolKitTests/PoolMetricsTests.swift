@@ -144,6 +144,33 @@ struct PoolMetricsTests {
             #expect(try count("used") == 0 && count("idle") == 2)
         }
     }
+
+    @Test("a lease that waited past a discarded broken connection is one wait_time sample, of its whole wait")
+    func oneWaitSamplePerLease() async throws {
+        let (metrics, configuration) = metered("legs") { $0.maxOpen = 1; $0.minIdle = 0 }
+        let name = ("db.client.connection.pool.name", "legs")
+        let factory = MockFactory()
+        try await withRunningPool(configuration, factory: factory, connect: {
+            let made = try factory.make()
+            if made.id == 2 { made.breakIt() }   // the holder's replacement is broken from the start
+            return made
+        }) { pool, clock, _ in
+            let held = try await pool.lease(label: "holder")   // connection 1, opened for it
+            held.connection.breakIt()
+            let waiter = Task { try await pool.lease(label: "waiter") }
+            await eventually("waiting") { pool.statistics.waiting == 1 }
+            clock.advance(by: .milliseconds(30))
+            // 1 is closed; 2 goes to the waiter, which discards it and waits at the front for 3.
+            await pool.release(held)
+            let lease = try await waiter.value
+            #expect(lease.connection.id == 3, "the waiter's second leg")
+            await pool.release(lease)
+            let waits = try metrics.expectTimer("db.client.connection.wait_time", [name]).values
+            #expect(waits.count == 2, "one sample per lease (the holder's, the waiter's), not per leg: \(waits)")
+            #expect((waits.last ?? 0) >= 30_000_000, "the waiter's sample covers its first leg too: \(waits)")
+            #expect(pool.statistics.waitCount == 2, "the holder waited for its connect, the waiter once for both legs")
+        }
+    }
 }
 
 /// A fresh `TestMetrics` and `baseConfiguration(edit)` named `name` that records into it.

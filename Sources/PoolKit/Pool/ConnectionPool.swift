@@ -334,11 +334,18 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         var deadline: Duration?
         var waitingSince: Duration?
         var requeue = false
+        // What the legs waited (a broken connection discarded sends the caller back to the
+        // queue's front): one `wait_time` sample per lease, for the wait as a whole.
+        var waited: Duration?
         while true {
-            let (raw, checked) = try await acquire(
+            let (raw, checked, legWait) = try await acquire(
                 request, timeout: timeout, deadline: &deadline, waitingSince: &waitingSince, atFront: requeue)
+            if let legWait { waited = (waited ?? .zero) + legWait }
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
             if checked || !connection.isBroken {
+                if metrics.enabled {
+                    if let waited { metrics.waitTime.record(waited) } else { metrics.recordNoWait() }
+                }
                 return ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID, lend: 0)
             }
             logger.debug("discarding broken connection on lease", metadata: ["db.client.connection.id": "\(raw.connectionID)"])
@@ -1035,7 +1042,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     nonisolated(nonsending)
     private func acquire(
         _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, waitingSince: inout Duration?, atFront: Bool
-    ) async throws -> (lease: Machine.Lease, checked: Bool) {
+    ) async throws -> (lease: Machine.Lease, checked: Bool, waited: Duration?) {
         let now = self.now()
         let immediate = state.withLock { s -> Machine.ImmediateLease in
             let result = s.machine.leaseImmediately(request: request, now: now)
@@ -1046,8 +1053,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         switch immediate {
         case .leased(let lease, let rescheduleTimer):
             if rescheduleTimer { timerWake.signal() }
-            if metrics.enabled { metrics.recordNoWait() }
-            return (lease, false)
+            return (lease, false, nil)
         case .failed(let error):
             throw error
         case .mustWait(let id):
@@ -1110,8 +1116,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 await giveBack(lease, reusable: true)
                 throw CancellationError()
             }
-            if metrics.enabled { metrics.waitTime.record(waited) }
-            return (lease, checked)
+            return (lease, checked, waited)
         case .failed(let error):
             throw error
         case .cancelled:
