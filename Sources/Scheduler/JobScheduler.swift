@@ -219,14 +219,12 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// the same thread, except inside `core` (order: core, then pool).
     let pool: Mutex<WorkerPool<SchedulerState<C.Instant>.RunStart>>
     let activity: (@Sendable () -> Void)?
-    let runsCounter: Counter
-    let failuresCounter: Counter
-    let skippedCounter: Counter
-    let missedCounter: Counter
-    let coalescedCounter: Counter
-    let latenessTimer: Metrics.Timer
+    /// The per-run series every job without series of its own records into.
+    let shared: JobSeries
     let jobsGauge: Gauge
     let inFlightGauge: Gauge
+    /// Where the metrics go (`Configuration.metricsFactory`, else the bootstrapped one).
+    let metricsFactory: any MetricsFactory
     /// False when the metrics go to the no-op factory: the gauges are then not
     /// fed from `schedule` and `cancel` (a call per job for nothing).
     let metricsEnabled: Bool
@@ -257,13 +255,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         self.pool = Mutex(WorkerPool(base: base, cap: configuration.maxWorkers, stallThreshold: threshold.nanoseconds, prompt: isManual))
         let dims = [("scheduler", configuration.metricsLabel)]
         let factory = configuration.metricsFactory ?? MetricsSystem.factory
+        metricsFactory = factory
         metricsEnabled = !(factory is NOOPMetricsHandler)
-        runsCounter = Counter(label: "scheduler.job.runs", dimensions: dims, factory: factory)
-        failuresCounter = Counter(label: "scheduler.job.failures", dimensions: dims, factory: factory)
-        skippedCounter = Counter(label: "scheduler.job.skipped_overlaps", dimensions: dims, factory: factory)
-        missedCounter = Counter(label: "scheduler.job.missed_runs", dimensions: dims, factory: factory)
-        coalescedCounter = Counter(label: "scheduler.job.coalesced_runs", dimensions: dims, factory: factory)
-        latenessTimer = Metrics.Timer(label: "scheduler.job.lateness", dimensions: dims, factory: factory)
+        shared = JobSeries(dimensions: dims, factory: factory)
         jobsGauge = Gauge(label: "scheduler.jobs", dimensions: dims, factory: factory)
         inFlightGauge = Gauge(label: "scheduler.runs.in_flight", dimensions: dims, factory: factory)
         let threadCount = configuration.threads
@@ -295,7 +289,9 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @discardableResult
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions, _ body: @escaping Body) throws -> JobHandle {
         let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
-        return try schedule(trigger, compactTrigger, name: options.name, compactOptions, body)
+        let series = options.ownMetrics && metricsEnabled
+            ? JobSeries(dimensions: [("scheduler", configuration.metricsLabel), ("job", options.name)], factory: metricsFactory) : nil
+        return try schedule(trigger, compactTrigger, name: options.name, compactOptions, series: series, body)
     }
 
     /// Schedules `body` on `trigger` with the default `JobOptions` (name "job",
@@ -314,7 +310,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     @inline(__always)
     private func schedule(
         _ trigger: Trigger<C.Instant>, _ compactTrigger: SchedulerState<C.Instant>.CompactTrigger, name: String,
-        _ compactOptions: SchedulerState<C.Instant>.CompactOptions, _ body: @escaping Body
+        _ compactOptions: SchedulerState<C.Instant>.CompactOptions, series: JobSeries? = nil, _ body: @escaping Body
     ) throws -> JobHandle {
         // The clock is read only for triggers relative to now, and at most once (a clock read
         // is a tenth of a schedule call; a fixed-rate job with its first instant given needs none).
@@ -353,7 +349,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         let metrics = metricsEnabled
         let (id, wake, gauges) = try core.withLock { core -> (JobID, DriverWake?, GaugeReading) in
             let id = try core.machine.schedule(
-                name: name, trigger: compactTrigger, options: compactOptions, body: body,
+                name: name, trigger: compactTrigger, options: compactOptions, body: body, series: series,
                 firstGrid: grid, firstDue: due)
             return (id, Self.needsDriver(&core) ? Self.signal(&core) : nil, core.gauges(metrics))
         }
@@ -414,6 +410,8 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         var skipped: UInt64 = 0
         var missed: UInt64 = 0
         var coalesced: UInt64 = 0
+        /// The same counts of jobs with series of their own (not in the three above).
+        var own: [OwnSeriesCount] = []
         var gauges = GaugeReading()
     }
 
@@ -445,6 +443,12 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             step.skipped = core.machine.totalSkipped &- skippedBefore
             step.missed = core.machine.totalMissed &- missedBefore
             step.coalesced = core.machine.totalCoalesced &- coalescedBefore
+            step.own = core.machine.takeOwnSeriesCounts()
+            for c in step.own {
+                step.skipped &-= c.skipped
+                step.missed &-= c.missed
+                step.coalesced &-= c.coalesced
+            }
             let starts = due.starts
             step.started = starts.count
             core.runTasks += starts.count
@@ -519,9 +523,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
         for (control, reason) in step.cancels { control.cancel(reason) }
         for w in step.plan.wake { w.resume() }
         step.wakeDriver?.resume()
-        if step.skipped > 0 { skippedCounter.increment(by: Int64(clamping: step.skipped)) }
-        if step.missed > 0 { missedCounter.increment(by: Int64(clamping: step.missed)) }
-        if step.coalesced > 0 { coalescedCounter.increment(by: Int64(clamping: step.coalesced)) }
+        if step.skipped > 0 { shared.skipped.increment(by: Int64(clamping: step.skipped)) }
+        if step.missed > 0 { shared.missed.increment(by: Int64(clamping: step.missed)) }
+        if step.coalesced > 0 { shared.coalesced.increment(by: Int64(clamping: step.coalesced)) }
+        for c in step.own {
+            if c.skipped > 0 { c.series.skipped.increment(by: Int64(clamping: c.skipped)) }
+            if c.missed > 0 { c.series.missed.increment(by: Int64(clamping: c.missed)) }
+            if c.coalesced > 0 { c.series.coalesced.increment(by: Int64(clamping: c.coalesced)) }
+        }
         if metricsEnabled { publishGauges(step.gauges) }
     }
 
@@ -847,7 +856,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                     outcome = .cancelled
                 } else {
                     outcome = why == .timeout ? .cancelled : .failure
-                    failuresCounter.increment()
+                    (job.series?.failures ?? shared.failures).increment()
                     logger.warning(
                         why == .timeout ? "job run timed out (JobOptions.timeout); its task was cancelled" : "job run failed",
                         metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)", "error": "\(error)"])
@@ -858,12 +867,13 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
                 logger.warning("job run timed out and returned anyway (its body ignored the cancellation); counted as a timeout, not retried",
                                metadata: ["job": "\(job.name)", "attempt": "\(start.attempt)"])
             }
-            runsCounter.increment()
-            latenessTimer.recordNanoseconds(lateness)
+            let series = job.series ?? shared
+            series.runs.increment()
+            series.lateness.recordNanoseconds(lateness)
         } else {
             reason = start.cancelReason
             if reason == .timeout {
-                failuresCounter.increment()
+                (start.jobBox.series?.failures ?? shared.failures).increment()
                 logger.warning(
                     "job run timed out before a worker took it: all JobScheduler.Configuration.maxWorkers=\(configuration.maxWorkers) workers were in other bodies (raise maxWorkers or JobOptions.timeout)",
                     metadata: ["job": "\(start.jobBox.name)", "attempt": "\(start.attempt)"])

@@ -136,10 +136,13 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     final class JobBox: Sendable {
         let body: Body
         let name: String
+        /// The job's own metric series (`JobOptions.ownMetrics`), nil for the shared ones.
+        let series: JobSeries?
 
-        init(body: @escaping Body, name: String) {
+        init(body: @escaping Body, name: String, series: JobSeries?) {
             self.body = body
             self.name = name
+            self.series = series
         }
     }
 
@@ -404,6 +407,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         guard options.jitter >= .zero else { throw bad(.invalidOption, "jitter \(options.jitter) must not be negative (JobOptions.jitter)") }
         // In whole nanoseconds, the scheduler's unit: under 1 ns would silently mean "no timeout".
         if let t = options.timeout, t.nanoseconds <= 0 { throw bad(.invalidOption, "timeout \(t) must be at least 1 nanosecond (JobOptions.timeout)") }
+        if options.ownMetrics && options.name.isEmpty {
+            throw bad(.invalidOption, "series of its own need a name for their job dimension (JobOptions.ownMetrics, JobOptions.name)")
+        }
         var o = CompactOptions(
             extras: nil, overlapMax: 1, missedMax: 1, overlapKind: 0, missedKind: 0, cancelOnShutdown: options.shutdown == .cancel)
         switch options.overlap {
@@ -441,7 +447,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     /// the first occurrence in ticks (and, for cron, its wall second).
     mutating func schedule(
         name: String, trigger: CompactTrigger, options: CompactOptions, body: @escaping Body,
-        firstGrid: Int64, firstDue: Int64
+        series: JobSeries? = nil, firstGrid: Int64, firstDue: Int64
     ) throws -> JobID {
         guard phase == .running else {
             throw SchedulerError(.shutDown, "job '\(name)' not scheduled: the scheduler is shutting down or shut down (JobScheduler.shutdown)")
@@ -467,12 +473,12 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if let s = reuse {
             slot = s
             jobs[Int(s)] = Job(
-                box: JobBox(body: body, name: name), trigger: trigger, flags: [.inUse], options: options, serial: serial,
+                box: JobBox(body: body, name: name, series: series), trigger: trigger, flags: [.inUse], options: options, serial: serial,
                 grid: firstGrid, regularDue: due)
         } else {
             slot = UInt32(jobs.count)
             jobs.append(Job(
-                box: JobBox(body: body, name: name), trigger: trigger, flags: [.inUse], options: options, serial: serial,
+                box: JobBox(body: body, name: name, series: series), trigger: trigger, flags: [.inUse], options: options, serial: serial,
                 grid: firstGrid, regularDue: due))
         }
         queue.insert(slot, deadline: due)
@@ -721,14 +727,17 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             case 0:
                 jobs[s].stats.missed &+= UInt32(truncatingIfNeeded: k)
                 totalMissed &+= UInt64(k)
+                countOwn(s) { $0.missed &+= UInt64(k) }
             case 1:
                 jobs[s].stats.coalesced &+= UInt32(truncatingIfNeeded: k - 1)
                 totalCoalesced &+= UInt64(k - 1)
+                countOwn(s) { $0.coalesced &+= UInt64(k - 1) }
                 startOrOverlap(s, scheduled: times.last!, attempt: 1, now: now, into: &starts)
             default:
                 let n = times.count
                 jobs[s].stats.missed &+= UInt32(truncatingIfNeeded: k - Int64(n))
                 totalMissed &+= UInt64(k - Int64(n))
+                countOwn(s) { $0.missed &+= UInt64(k - Int64(n)) }
                 startOrOverlap(s, scheduled: times[0], attempt: 1, now: now, into: &starts)
                 if n > 1 {
                     jobs[s].burstRemaining = UInt16(n - 1)
@@ -758,6 +767,27 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         }
         jobs[s].stats.skipped &+= 1
         totalSkipped &+= 1
+        countOwn(s) { $0.skipped &+= 1 }
+    }
+
+    /// Counts of jobs with series of their own since the shell last took them
+    /// (`takeOwnSeriesCounts`); they are in the totals too.
+    private(set) var ownSeriesCounts: [OwnSeriesCount] = []
+
+    /// Adds to the counts of job slot `s` if it has series of its own.
+    @inline(__always)
+    private mutating func countOwn(_ s: Int, _ add: (inout OwnSeriesCount) -> Void) {
+        guard let series = jobs[s].box?.series else { return }
+        var count = OwnSeriesCount(series: series)
+        add(&count)
+        ownSeriesCounts.append(count)
+    }
+
+    /// The counts of jobs with series of their own since the last call.
+    mutating func takeOwnSeriesCounts() -> [OwnSeriesCount] {
+        guard !ownSeriesCounts.isEmpty else { return [] }
+        defer { ownSeriesCounts = [] }
+        return ownSeriesCounts
     }
 
     private mutating func start(_ s: Int, scheduled: Int64, attempt: UInt16, now: Int64) -> RunStart {

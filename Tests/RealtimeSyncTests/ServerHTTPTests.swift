@@ -1,6 +1,8 @@
 import Foundation
 import Prometheus
 @testable import RealtimeSync
+import Scheduler
+import Logging
 import Synchronization
 import Testing
 
@@ -307,6 +309,28 @@ struct ServerHTTPTests {
             #expect(missing.status == 404)
             await connection.close()
         }
+    }
+
+    @Test("The service's jobs have series of their own on /metrics (job=<name>) beside the scheduler's shared ones, in one Prometheus family each")
+    func jobSeriesOnPrometheus() async throws {
+        let registry = PrometheusCollectorRegistry()
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: Logger(label: "test"),
+                                     configuration: .init(metricsLabel: "t", metricsFactory: RealtimeService.makeMetricsFactory(registry: registry)))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            _ = try scheduler.schedule(.every(.seconds(1)), options: .init(name: "slot lag", ownMetrics: true)) { _ in }
+            _ = try scheduler.schedule(.every(.seconds(1))) { _ in }
+            await scheduler.advance(by: .seconds(1))
+            await scheduler.shutdown(deadline: .zero)
+            try await group.waitForAll()
+        }
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        let lines = String(decoding: buffer, as: UTF8.self).split(separator: "\n")
+        #expect(lines.contains { $0.hasPrefix("scheduler_job_runs{") && $0.contains(#"job="slot lag""#) && $0.hasSuffix(" 1") }, "\(lines)")
+        #expect(lines.contains { $0 == #"scheduler_job_runs{scheduler="t"} 1"# }, "\(lines)")
+        #expect(lines.filter { $0.hasPrefix("# TYPE scheduler_job_runs ") }.count == 1, "\(lines)")
     }
 
     @Test("The metrics factory's timer buckets resolve sub-millisecond values (the scheduler's 0.5 ms bar, the pool's waits): 300 µs lands at or below 0.5 ms, not in a first bucket of 5 ms")

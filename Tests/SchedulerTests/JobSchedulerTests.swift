@@ -352,6 +352,48 @@ struct JobSchedulerTests {
         }
     }
 
+    @Test("metrics: a job with series of its own (JobOptions.ownMetrics) is counted under job=<name>, and not in the shared series")
+    func ownSeries() async throws {
+        let metrics = TestMetrics()
+        let clock = ManualClock()
+        let scheduler = JobScheduler(clock: clock, logger: quiet,
+                                     configuration: .init(randomSeed: 42, metricsLabel: "j", metricsFactory: metrics))
+        let shared = [("scheduler", "j")], sync = [("scheduler", "j"), ("job", "sync")], flaky = [("scheduler", "j"), ("job", "flaky")]
+        func counter(_ label: String, _ dims: [(String, String)]) -> Int64 { metrics.counterTotal(label: label, dimensions: dims) }
+        let unnamed = #expect(throws: SchedulerError.self) {
+            try scheduler.schedule(.every(.seconds(1)), options: .init(name: "", ownMetrics: true)) { _ in }
+        }
+        #expect(unnamed?.description.contains("JobOptions.ownMetrics") == true, "\(String(describing: unnamed))")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await scheduler.run() }
+            _ = try scheduler.schedule(.every(.seconds(1)), options: .init(name: "sync", missedRuns: .coalesce, ownMetrics: true)) { _ in }
+            _ = try scheduler.schedule(.every(.seconds(1)), options: .init(name: "flaky", ownMetrics: true)) { _ in throw CancellationError() }
+            _ = try scheduler.schedule(.every(.seconds(1))) { _ in }
+            await scheduler.advance(by: s(1.5))
+            await scheduler.stall(for: s(10))
+            scheduler.drainCompletions()
+            #expect(counter("scheduler.job.runs", sync) == 2, "its first run, then the 10 missed folded into one")
+            #expect(counter("scheduler.job.coalesced_runs", sync) == 9)
+            #expect(counter("scheduler.job.runs", flaky) == 1 && counter("scheduler.job.failures", flaky) == 1)
+            #expect(counter("scheduler.job.missed_runs", flaky) == 10)
+            #expect(try metrics.expectTimer("scheduler.job.lateness", sync).values.count == 2)
+            // The shared series (exactly these dimensions): the third job alone.
+            func sharedOnly(_ label: String) throws -> Int64 { try metrics.expectCounter(label, shared).totalValue }
+            #expect(try sharedOnly("scheduler.job.runs") == 1)
+            #expect(try sharedOnly("scheduler.job.failures") == 0)
+            #expect(try sharedOnly("scheduler.job.coalesced_runs") == 0)
+            #expect(try sharedOnly("scheduler.job.missed_runs") == 10)
+            #expect(try metrics.expectTimer("scheduler.job.lateness", shared).values.count == 1)
+            // Summed over every series with scheduler=j (as `sum by (scheduler)`): the statistics' totals.
+            let totals = scheduler.statistics
+            #expect(totals.runs == 4 && totals.failures == 1 && totals.missedRuns == 20 && totals.coalescedRuns == 9)
+            #expect(counter("scheduler.job.runs", shared) == 4 && counter("scheduler.job.failures", shared) == 1)
+            #expect(counter("scheduler.job.missed_runs", shared) == 20 && counter("scheduler.job.coalesced_runs", shared) == 9)
+            await scheduler.shutdown(deadline: .zero)
+            try await group.waitForAll()
+        }
+    }
+
     @Test("metrics: cancelling a job whose run waits for a busy worker lowers in_flight at once (it waited for some worker's next end)")
     func inFlightAfterCancellingAQueuedRun() async throws {
         let metrics = TestMetrics()

@@ -529,7 +529,7 @@ public final class RealtimeService: Service, Sendable {
         // statement: an exhausted pool then fails the run with the pool's own error (naming
         // maxOpen and acquireTimeout), not with a timeout of the job's.
         let jobTimeout = configuration.pool.acquireTimeout + .seconds(5)
-        let jobOptions = { (name: String) in JobOptions(name: name, overlap: .skip, timeout: jobTimeout) }
+        let jobOptions = { (name: String) in JobOptions(name: name, overlap: .skip, timeout: jobTimeout, ownMetrics: true) }
         try scheduler.schedule(.every(configuration.samplingInterval), options: jobOptions("slot lag")) { _ in
             let lag = try await pool.withConnection(label: "slot lag") { connection in
                 try await CaptureSetup.slotLagBytes(connection, slot: slot)
