@@ -200,6 +200,35 @@ struct ChangeHubTests {
         #expect(hub.snapshot().cutOff == 1)
     }
 
+    @Test("A consumer reading only part of each big transaction before the next falls behind and is cut off; its queue does not grow without bound")
+    func partReaderOfLargeTransactions() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 10)
+        hub.openWindow(origin: LSN(0x100))
+        let slow = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        var iterator = slow.makeAsyncIterator()
+        var read = 0
+        var cutOff: ChangeStreamError?
+        for t in 0..<20 {
+            _ = hub.deliver(committed(lsn: UInt64(0x1000 + t * 0x100), firstID: t * 25 + 1, count: 25))
+            if hub.snapshot().cutOff > 0 { break }
+            for _ in 0..<5 {
+                #expect(try await nextID(&iterator) == read + 1)
+                read += 1
+            }
+        }
+        // Each 25-change transaction counts as 5 (half the limit) and gives back 1 per 5 read:
+        // 5, then 4 + 5, then 8 + 5 > 10: the third is refused.
+        #expect(hub.snapshot().cutOff == 1)
+        do {
+            while let event = try await iterator.next() { #expect(id(event) == read + 1); read += 1 }
+        } catch let error as ChangeStreamError {
+            cutOff = error
+        }
+        #expect(cutOff?.code == .consumerTooSlow)
+        #expect(read == 50, "it received the two transactions it was given, whole")
+        #expect(cutOff?.resumeAfter == Cursor(commitLSN: LSN(0x1100), index: 24), "the last change of the second transaction")
+    }
+
     @Test("Dropping a subscription unregisters it; close ends consumers after their queue")
     func release() async throws {
         let hub = ChangeHub(limits: .init(), bufferLimit: 10)

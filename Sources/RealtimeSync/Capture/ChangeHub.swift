@@ -69,9 +69,13 @@ final class ChangeHub: Sendable {
         /// Still reading its resume backlog from the window, a page at a time, after
         /// `pageAfter`; live deliveries skip it meanwhile (they are in the window too).
         var paging = false
-        /// How many queued changes of transactions larger than half the limit are not counted
-        /// against `capacity` (they were let in whole); shrinks with the queue.
-        var excess = 0
+        /// What the queue counts against `capacity`: one per queued change, except that a
+        /// transaction larger than half the limit counts as half of it, released in proportion
+        /// as the consumer reads through it (see `Charge`).
+        var charged = 0
+        /// The queue's segments (a backlog page, a transaction) in order, with what each counts.
+        var charges: [Charge] = []
+        var chargeHead = 0
         var pageAfter = Cursor(commitLSN: LSN(0), index: 0)
         var queued: Int { buffer.count - head }
         /// Paging, and its queue ran dry: the next page comes from the window.
@@ -89,8 +93,59 @@ final class ChangeHub: Sendable {
                 head = 0
             }
             lastDelivered = event.cursor
-            if excess > queued { excess = queued }
+            release()
             return event
+        }
+
+        /// Queues `events` as one segment counting `units` against `capacity`.
+        mutating func push<C: Collection<ChangeEvent>>(_ events: C, units: Int) {
+            guard !events.isEmpty else { return }
+            buffer.append(contentsOf: events)
+            charges.append(Charge(count: events.count, units: units))
+            charged += units
+        }
+
+        /// One change of the first segment was read: gives back its share of the segment's units.
+        private mutating func release() {
+            guard chargeHead < charges.count else { return }
+            let freed = charges[chargeHead].read()
+            charged -= freed
+            if charges[chargeHead].remaining == 0 {
+                chargeHead += 1
+                if chargeHead == charges.count {
+                    charges.removeAll(keepingCapacity: charges.capacity <= 64)
+                    chargeHead = 0
+                } else if chargeHead >= 64 && chargeHead * 2 >= charges.count {
+                    charges.removeFirst(chargeHead)
+                    chargeHead = 0
+                }
+            }
+        }
+    }
+
+    /// A queued segment's count against the consumer's capacity. A transaction larger than
+    /// half the limit counts as half of it, and gives that back in proportion to what the
+    /// consumer has read of it: a consumer reading a fifth of each big transaction before
+    /// the next arrives gains a tenth of the limit each time and is cut off, instead of
+    /// being charged only for the part it read first (its queue then grew without bound).
+    struct Charge {
+        let count: Int
+        let units: Int
+        var remaining: Int
+        var released = 0
+
+        init(count: Int, units: Int) {
+            self.count = count
+            self.units = units
+            self.remaining = count
+        }
+
+        /// One change read: the units released by it (all that is left at the segment's end).
+        mutating func read() -> Int {
+            remaining -= 1
+            let due = remaining == 0 ? units : (count - remaining) * units / count
+            defer { released = due }
+            return due - released
         }
     }
 
@@ -185,17 +240,16 @@ final class ChangeHub: Sendable {
                     // A transaction is never split, and one larger than the limit (an UPDATE of
                     // 150,000 rows) must not cut off a consumer that keeps up: it counts as at
                     // most half the limit. (Its events are held by the window anyway.) A consumer
-                    // that then stops reading is cut off at the next transaction.
+                    // that stops reading is cut off at the latest at the third such transaction.
                     let counted = min(batch.count, max(1, bufferLimit / 2))
-                    if sub.queued - sub.excess + counted > sub.capacity {
+                    if sub.charged + counted > sub.capacity {
                         s.cutOff += 1
                         let last = sub.buffer.last?.cursor ?? sub.lastDelivered
                         sub.ending = .some(ChangeStreamError(.consumerTooSlow,
                             "consumer fell more than \(bufferLimit) changes behind (consumerBufferLimit=\(bufferLimit)); resume with changes(after: \(last.map { "\($0)" } ?? "its last cursor"))",
                             resumeAfter: last))
                     } else {
-                        sub.buffer.append(contentsOf: batch)
-                        sub.excess += batch.count - counted
+                        sub.push(batch, units: counted)
                     }
                     if let waiter = sub.waiter, let result = Self.take(&sub) {
                         sub.waiter = nil
@@ -318,7 +372,7 @@ final class ChangeHub: Sendable {
     /// window page by page (`take`) and goes live once a page reaches the window's end.
     private static func startPaging(_ sub: inout Subscriber, after cursor: Cursor, window: Window, bufferLimit: Int) throws(ResumeWindowError) {
         let page = try window.events(after: cursor, limit: pageSize)
-        sub.buffer = page
+        sub.push(page, units: page.count)
         sub.capacity = bufferLimit + pageSize
         sub.paging = page.count == pageSize
         if let last = page.last { sub.pageAfter = last.cursor }
@@ -329,7 +383,7 @@ final class ChangeHub: Sendable {
     fileprivate static func nextPage(_ sub: inout Subscriber, from window: Window) {
         do {
             let page = try window.events(after: sub.pageAfter, limit: pageSize)
-            sub.buffer.append(contentsOf: page)
+            sub.push(page, units: page.count)
             sub.paging = page.count == pageSize
             if let last = page.last { sub.pageAfter = last.cursor }
         } catch {
