@@ -74,8 +74,7 @@ final class ChangeHub: Sendable {
         /// as the consumer reads through it (see `Charge`).
         var charged = 0
         /// The queue's segments (a backlog page, a transaction) in order, with what each counts.
-        var charges: [Charge] = []
-        var chargeHead = 0
+        var charges = FIFOBuffer<Charge>()
         var pageAfter = Cursor(commitLSN: LSN(0), index: 0)
         var queued: Int { buffer.count - head }
         /// Paging, and its queue ran dry: the next page comes from the window.
@@ -107,19 +106,9 @@ final class ChangeHub: Sendable {
 
         /// One change of the first segment was read: gives back its share of the segment's units.
         private mutating func release() {
-            guard chargeHead < charges.count else { return }
-            let freed = charges[chargeHead].read()
+            guard let (freed, done) = charges.withFirst({ charge in (charge.read(), charge.remaining == 0) }) else { return }
             charged -= freed
-            if charges[chargeHead].remaining == 0 {
-                chargeHead += 1
-                if chargeHead == charges.count {
-                    charges.removeAll(keepingCapacity: charges.capacity <= 64)
-                    chargeHead = 0
-                } else if chargeHead >= 64 && chargeHead * 2 >= charges.count {
-                    charges.removeFirst(chargeHead)
-                    chargeHead = 0
-                }
-            }
+            if done { charges.removeFirst() }
         }
     }
 

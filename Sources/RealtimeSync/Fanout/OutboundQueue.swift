@@ -188,6 +188,12 @@ struct FIFOBuffer<Element: Sendable>: Sendable {
 
     mutating func append(_ element: Element) { storage.append(element) }
 
+    /// Changes the first element in place (nil when empty).
+    mutating func withFirst<R>(_ body: (inout Element) -> R) -> R? {
+        guard !isEmpty else { return nil }
+        return body(&storage[head]!)
+    }
+
     mutating func removeFirst() {
         guard !isEmpty else { return }
         storage[head] = nil
