@@ -292,6 +292,25 @@ struct ConnectionPoolTests {
         }
     }
 
+    @Test func drainWaitsForEveryReturnedConnectionsCloseNotOnlyTheLast() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 2; $0.minIdle = 2 }, factory: MockFactory(clean: true)) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 2 }
+            let slow = try await pool.lease(label: "slow close")
+            let quick = try await pool.lease(label: "quick close")
+            slow.connection.state.withLock { $0.closeDelay = .milliseconds(500) }
+            let draining = Task { await pool.drain(deadline: clock.now.advanced(by: .seconds(60))) }
+            await eventually("draining") { pool.drainBegan.hasFired }
+            let slowReturn = Task { await pool.release(slow) }
+            await eventually("slow one returned, its close running") { pool.statistics.inUse == 1 }
+            await pool.release(quick)   // the last return: the lending is over, one close still runs
+            let report = await draining.value
+            #expect(slow.connection.closeCount == 1, "drain returned while an earlier return's close still ran")
+            #expect(quick.connection.closeCount == 1)
+            #expect(report.returnedInTime == 2 && report.cutOff.isEmpty)
+            await slowReturn.value
+        }
+    }
+
     @Test func aConnectionStuckInItsResetIsReportedAsALeak() async throws {
         try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }

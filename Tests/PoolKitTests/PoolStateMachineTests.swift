@@ -455,7 +455,10 @@ struct PoolStateMachineTests {
         let start = d.machine.beginDrain(now: .zero)
         #expect(start.idleClosed == 3)
         #expect(start.actions.closes.count == 3 && start.actions.closes.allSatisfy { $0.reason == .drain })
-        #expect(start.actions.drained)
+        // Drained once the shell has closed all three, not when it is told to close them.
+        #expect(!start.actions.drained)
+        let closed = (0..<3).map { _ in d.machine.closeFinished() }
+        #expect(closed == [false, false, true])
         #expect(d.machine.endDrain(now: .zero).cutOff.isEmpty)
     }
 
@@ -469,10 +472,29 @@ struct PoolStateMachineTests {
         #expect(start.waitersFailed == 1)
         guard case .actions(let a) = d.release(l).action else { Issue.record(); return }
         #expect(!a.drained, "a connect is still in flight")
+        let returnedClosed = d.machine.closeFinished()
+        #expect(a.closes.count == 1 && !returnedClosed, "a connect is still in flight")
         let late = d.machine.connected(w.connects[0], connection: d.makeConnection(), now: .ms(5))
         #expect(late.closes.map(\.reason) == [.drain])
-        #expect(late.drained)
+        #expect(!late.drained, "its close is still to be done")
+        let lateClosed = d.machine.closeFinished()
+        #expect(lateClosed)
         #expect(d.machine.statistics().open == 0)
+    }
+
+    @Test func aDrainWaitsForClosesDecidedBeforeTheLastReturn() {
+        // Two holders: the first one's close is slow, the second's return ends the lending.
+        var d = MachineDriver(config { $0.minIdle = 2; $0.maxOpen = 2; $0.maxConcurrentConnects = 2 })
+        d.warmUp()
+        let a = d.lease()!, b = d.lease()!
+        let start = d.machine.beginDrain(now: .zero)
+        #expect(!start.actions.drained)
+        guard case .actions(let first) = d.release(a, reusable: false).action,
+              case .actions(let last) = d.release(b, reusable: false).action else { Issue.record(); return }
+        #expect(first.closes.count == 1 && last.closes.count == 1)
+        #expect(!last.drained, "a's close is still running")
+        let closed = [d.machine.closeFinished(), d.machine.closeFinished()]
+        #expect(closed == [false, true], "drained only once both closes are done")
     }
 
     @Test func aSuccessfulConnectEndsTheBackoffAnotherConnectsFailureBegan() {
@@ -514,7 +536,8 @@ struct PoolStateMachineTests {
             Issue.record(); return
         }
         #expect(a.closes.map(\.reason) == [.broken])
-        #expect(a.drained)
+        let closed = d.machine.closeFinished()
+        #expect(!a.drained && closed)
         #expect(d.machine.statistics().closedBroken == 1 && d.machine.statistics().closedByDrain == 0)
     }
 

@@ -862,7 +862,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// connections close, held connections are awaited until `deadline` (and
     /// closed as they come back); at the deadline their queries are cancelled on
     /// the server and they are closed (a cancel request that cannot go out within
-    /// a second does not hold the close up). Returns what it did and whom it cut off.
+    /// a second does not hold the close up). Returns what it did and whom it cut off, once
+    /// every close the pool had begun is done (also those begun by other tasks before the
+    /// last return: an idle connection the timer was closing, an earlier holder's return).
     /// Idempotent: later calls wait for the first drain and return its report.
     /// Cancelling the calling task cuts off at once.
     public func drain(deadline: C.Instant) async -> DrainReport {
@@ -1309,6 +1311,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             "db.client.connection.id": "\(close.connectionID)", "reason": "\(close.reason.rawValue)",
         ])
         await unsafeDowncast(close.connection, to: Connection.self).close()
+        if state.withLock({ $0.machine.closeFinished() }) { drainedSignal.signal() }
     }
 
     private func waitForDrainReport() async -> DrainReport {

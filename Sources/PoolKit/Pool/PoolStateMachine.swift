@@ -214,6 +214,8 @@ struct PoolStateMachine<Connection, Waiter> {
     private var established = 0
     private var connecting = 0
     private var inUse = 0
+    /// Closes handed to the shell in `Actions` and not yet reported done (`closeFinished()`).
+    private(set) var closesInFlight = 0
     /// Connections the shell holds in its stripes (``stash(slot:leaseID:now:)``): counted as idle.
     private(set) var stashedCount = 0
     private var nextLeaseID: UInt64 = 0
@@ -541,6 +543,7 @@ struct PoolStateMachine<Connection, Waiter> {
               slots[request.slot].connectionID == request.connectionID
         else {
             actions.closes.append(Close(connection: connection, connectionID: request.connectionID, reason: .drain))
+            closesInFlight += 1
             return actions
         }
         connecting -= 1
@@ -841,6 +844,7 @@ struct PoolStateMachine<Connection, Waiter> {
 
     private mutating func close(slot: Int, connection: Connection, reason: CloseReason, into actions: inout Actions) {
         actions.closes.append(Close(connection: connection, connectionID: slots[slot].connectionID, reason: reason))
+        closesInFlight += 1
         established -= 1
         switch reason {
         case .maxIdle: stats.closedMaxIdle += 1
@@ -873,7 +877,17 @@ struct PoolStateMachine<Connection, Waiter> {
     }
 
     private mutating func checkDrained(_ actions: inout Actions) {
-        if phase == .draining && inUse == 0 && connecting == 0 { actions.drained = true }
+        if phase == .draining && inUse == 0 && connecting == 0 && closesInFlight == 0 { actions.drained = true }
+    }
+
+    /// The shell finished a close this machine asked for (any `Close` in `Actions`). True when
+    /// that completes a drain: the drain waits for every close, also those decided before it
+    /// began or by other tasks (a timer's idle close, a release's), not only the last one.
+    mutating func closeFinished() -> Bool {
+        closesInFlight -= 1
+        var actions = Actions()
+        checkDrained(&actions)
+        return actions.drained
     }
 
     /// Records a new deadline; true if it is earlier than the timer's wake-up.
