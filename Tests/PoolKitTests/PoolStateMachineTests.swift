@@ -12,6 +12,20 @@ struct PoolStateMachineTests {
         return c
     }
 
+    @Test func zeroLifetimeIdleTimeAndLeakThresholdMeanOff() {
+        var d = MachineDriver(config { $0.minIdle = 2; $0.maxLifetime = .zero; $0.maxIdleTime = .zero; $0.leakThreshold = .zero })
+        d.warmUp()
+        let held = d.lease()
+        #expect(held != nil)
+        d.now = .seconds(1)
+        let tick = d.tick()
+        // Taken literally: the idle one closed for its lifetime and reopened at once, the held
+        // one reported as a leak, and the timer asked to wake again right away.
+        #expect(tick.closes.isEmpty && tick.connects.isEmpty && tick.leaks.isEmpty)
+        #expect(d.machine.scheduleNextWakeup(now: d.now) == nil)
+        #expect(d.machine.configuration.maxLifetime == nil && d.machine.configuration.maxIdleTime == nil && d.machine.configuration.leakThreshold == nil)
+    }
+
     @Test func minIdleWarmUpIsBoundedByMaxConcurrentConnects() {
         var d = MachineDriver(config { $0.minIdle = 3; $0.maxConcurrentConnects = 2 })
         let start = d.machine.start(now: .zero)

@@ -121,6 +121,13 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
     /// The configuration with every value clamped into its valid range.
     var normalized: ConnectionPoolConfiguration {
         var c = self
+        // Zero or less means "off", as nil does (as in HikariCP and Go's database/sql). Taken
+        // literally, a zero idle time or leak threshold woke the timer without pause for the
+        // pool's whole life, and a zero lifetime closed and reopened connections as fast as
+        // the server accepted them.
+        if let v = c.maxLifetime, v <= .zero { c.maxLifetime = nil }
+        if let v = c.maxIdleTime, v <= .zero { c.maxIdleTime = nil }
+        if let v = c.leakThreshold, v <= .zero { c.leakThreshold = nil }
         c.acquireTimeout = c.acquireTimeout.sleepable
         c.drainTimeout = c.drainTimeout.sleepable
         c.maxLifetime = c.maxLifetime?.sleepable
