@@ -51,3 +51,14 @@ func createServiceTable(url: String, _ name: String = uniqueCaptureName("svc_ite
     try await runSQL(url, "CREATE TABLE \(name) (id serial PRIMARY KEY, status text)")
     return "public.\(name)"
 }
+
+/// Polls every 20 ms, for at most 15 s, until a session waits for a lock on `table`; true if one does.
+func waitForLockWaiter(_ probe: PostgresConnection, table: String) async throws -> Bool {
+    let deadline = ContinuousClock.now + .seconds(15)
+    while ContinuousClock.now < deadline {
+        let rows = try await probe.query("SELECT count(*) FROM pg_locks WHERE relation = '\(table)'::regclass AND NOT granted")
+        if try rows[0].decode(Int.self, at: 0) ?? 0 >= 1 { return true }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    return false
+}

@@ -171,6 +171,56 @@ struct RealtimeServiceTests {
         }
     }
 
+    @Test("A capture that fails for good while the server shuts down (a job still running) makes run() throw captureFailed, not return as if every change was read")
+    func captureFailureDuringShutdown() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("svc_fail_late")
+            let demo = "public." + uniqueCaptureName("svc_demo")
+            let quiet = Logger(label: "test.service") { _ in SwiftLogNoOpLogHandler() }
+            var configuration = RealtimeService.Configuration(
+                databaseURL: url, tables: [table], publication: slot + "_pub", slot: slot,
+                server: RealtimeServerConfiguration(host: "127.0.0.1", port: 0, logger: quiet), logger: quiet)
+            configuration.demo = .init(table: demo, writeInterval: .milliseconds(100))
+            configuration.jobsShutdownDeadline = .seconds(10)
+            let service = RealtimeService(configuration)
+            let group = ServiceGroup(configuration: .init(services: [service], logger: quiet))
+            var failure: (any Error)?
+            let ranAfter = OneShot()
+            await withTaskGroup(of: Void.self) { tasks in
+                tasks.addTask {
+                    do {
+                        let running = try await withTimeout(60, "service start") { try await service.waitUntilRunning() }
+                        // The demo writer blocks on this lock, so the shutdown's job step waits for it.
+                        let locker = try await PostgresConnection.connect(to: url)
+                        _ = try await locker.execute("BEGIN; LOCK TABLE \(demo) IN ACCESS EXCLUSIVE MODE")
+                        let probe = try await PostgresConnection.connect(to: url)
+                        #expect(try await waitForLockWaiter(probe, table: demo), "the demo writer waits for the lock")
+                        await group.triggerGracefulShutdown()
+                        while !running.server.isDraining { try await Task.sleep(for: .milliseconds(10)) }
+                        // The server is draining, the capture still runs: it now fails for good.
+                        _ = try await probe.execute("DROP PUBLICATION \(slot)_pub")
+                        _ = try await probe.execute("INSERT INTO \(table) (status) VALUES ('after the drop')")
+                        try await Task.sleep(for: .milliseconds(500))
+                        if running.server.isDraining { ranAfter.signal() }
+                        _ = try await locker.execute("ROLLBACK")
+                        await locker.close()
+                        await probe.close()
+                    } catch {
+                        Issue.record("setup: \(error)")
+                    }
+                }
+                do { try await group.run() } catch { failure = error }
+                await tasks.waitForAll()
+            }
+            await dropCapture(url: url, slot: slot, publication: slot + "_pub")
+            try? await runSQL(url, "DROP TABLE IF EXISTS \(demo)")
+            #expect(ranAfter.isSignalled, "the shutdown was still in its job step when the capture failed")
+            let error = try #require(failure as? RealtimeServiceError, "run() returned normally: \(String(describing: failure))")
+            #expect(error.code == .captureFailed, "\(error)")
+        }
+    }
+
     @Test("A row inserted in Postgres reaches a subscribed WebSocket client as a change; GET / serves the live page")
     func insertReachesClient() async throws {
         try await TestDatabase.withDatabase { url in

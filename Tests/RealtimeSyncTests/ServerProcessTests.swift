@@ -231,7 +231,8 @@ struct ServerProcessTests {
                 server.send(SIGTERM)
                 let status = await server.wait(timeout: .seconds(30))
                 let took = ContinuousClock.now - second
-                #expect(status != nil)
+                #expect(status != nil && status != 0, "a forced shutdown exits non-zero: \(String(describing: status))")
+                #expect(server.log.contains("SERVICE_SHUTDOWN_FORCED"), "\(server.log.suffix(2000))")
                 // From the log, not a speed: the close step was cut by the cancellation, not by
                 // its socketCloseDeadline (5 s after the first signal, the unforced end).
                 #expect(server.log.contains("the shutdown was cancelled (a second signal)"), "exited \(took) after the second signal: \(server.log.suffix(2000))")

@@ -569,13 +569,7 @@ struct SnapshotTests {
                 try await client.sendSnapshotSubscribe("s", table: table)
                 // The snapshot's transaction now waits for the table's lock.
                 let probe = try await PostgresConnection.connect(to: running.databaseURL)
-                var waiting = false
-                let deadline = ContinuousClock.now + .seconds(15)
-                while !waiting && ContinuousClock.now < deadline {
-                    let rows = try await probe.query("SELECT count(*) FROM pg_locks WHERE relation = '\(table)'::regclass AND NOT granted")
-                    waiting = try rows[0].decode(Int.self, at: 0) ?? 0 >= 1
-                    if !waiting { try await Task.sleep(for: .milliseconds(20)) }
-                }
+                let waiting = try await waitForLockWaiter(probe, table: table)
                 await probe.close()
                 #expect(waiting, "the snapshot waits for the rewrite's lock")
                 _ = try await alter.execute("COMMIT")

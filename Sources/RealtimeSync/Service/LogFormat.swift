@@ -142,15 +142,20 @@ extension RealtimeService {
 
     /// Runs the service in a `ServiceGroup` until SIGINT, SIGTERM or SIGHUP (a closed terminal), then shuts it down in
     /// order (the documented root of the program). A second such signal while it shuts down cancels the
-    /// shutdown's remaining steps instead of waiting for them (press Ctrl-C again to force; the run then
-    /// throws `CancellationError`). `onRunning` is called once it listens.
+    /// shutdown's remaining steps instead of waiting for them (press Ctrl-C again to force); the run then
+    /// throws `RealtimeServiceError` `shutdownForced`, so that the process exits non-zero. `onRunning` is
+    /// called once it listens.
     public func runUntilSignalled(onRunning: @escaping @Sendable (Running) -> Void = { _ in }) async throws {
         let signals: [UnixSignal] = [.sigterm, .sigint, .sighup]
         let logger = configuration.logger
+        // The group traps no signal itself: one watcher, trapping before the group runs, starts
+        // the graceful shutdown at the first signal and forces it at the second. (With the group
+        // trapping too, a signal in the moments before the group's own trap existed was counted
+        // here only: the service went on serving, and the next signal counted as the second.)
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: self)], gracefulShutdownSignals: signals, logger: logger))
-        // Trapped before the group runs, so that this count sees its first signal too.
+            services: [.init(service: self)], gracefulShutdownSignals: [], logger: logger))
         let trapped = await UnixSignalsSequence(trapping: signals)
+        let forced = OneShot()
         // Unstructured, so that the signal watcher can cancel it.
         let run = Task { try await group.run() }
         try await withTaskCancellationHandler {
@@ -162,13 +167,22 @@ extension RealtimeService {
                     var seen = 0
                     for await signal in trapped {
                         seen += 1
-                        guard seen == 2 else { continue }
-                        logger.warning("second \(signal) while shutting down: cancelling the remaining shutdown steps")
-                        run.cancel()
+                        if seen == 1 {
+                            logger.info("\(signal): shutting down in order (send it again to force)")
+                            await group.triggerGracefulShutdown()
+                        } else if seen == 2 {
+                            logger.warning("second \(signal) while shutting down: cancelling the remaining shutdown steps")
+                            forced.signal()
+                            run.cancel()
+                        }
                     }
                 }
                 let outcome = await run.result
                 tasks.cancelAll()
+                if case .failure(let error) = outcome, !(error is CancellationError) { throw error }
+                if forced.isSignalled {
+                    throw RealtimeServiceError(.shutdownForced, "a second signal cut the shutdown short: the steps still running were cancelled (sockets dropped without their close handshake, the pool cut off); a single SIGTERM shuts down in order within --shutdown-deadline")
+                }
                 try outcome.get()
             }
         } onCancel: {

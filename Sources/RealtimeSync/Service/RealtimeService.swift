@@ -25,6 +25,9 @@ public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
         /// the publication dropped):
         /// the server was shut down in order so that the process can be restarted.
         case captureFailed = "SERVICE_CAPTURE_FAILED"
+        /// A second SIGTERM, SIGINT or SIGHUP cut the ordered shutdown short
+        /// (`runUntilSignalled`): what was still to do was dropped.
+        case shutdownForced = "SERVICE_SHUTDOWN_FORCED"
     }
     /// The stable code.
     public var code: Code
@@ -448,12 +451,17 @@ public final class RealtimeService: Service, Sendable {
             } catch let error as CaptureSetupError {
                 throw error
             } catch {
-                if !captureFailed.isSignalled {
+                if !captureFailed.isSignalled && captureEnded.error == nil {
                     logger.warning("a component ended with an error at shutdown", metadata: ["error": "\(error)"])
                 }
             }
-            if captureFailed.isSignalled {
-                throw RealtimeServiceError(.captureFailed, "the change stream for slot \(configuration.slot) failed and cannot resume by reconnecting: \(captureFailed.error ?? "unknown error"); the server was shut down (check the slot and the publication \(configuration.publication); see OPERATIONS.md)")
+            // Failed while serving (the watcher shut the server down), or during the shutdown
+            // (the watcher stood aside, the server being stopped already): either way the
+            // process must not exit 0 as if every change had been read.
+            if captureFailed.isSignalled || captureEnded.error != nil {
+                let failure = captureFailed.error ?? captureEnded.error ?? "unknown error"
+                let when = captureFailed.isSignalled ? "the server was shut down" : "during the shutdown, so changes committed before it may not have reached the clients"
+                throw RealtimeServiceError(.captureFailed, "the change stream for slot \(configuration.slot) failed and cannot resume by reconnecting: \(failure); \(when) (check the slot and the publication \(configuration.publication); see OPERATIONS.md)")
             }
         }
     }
