@@ -23,6 +23,15 @@ struct ConfigurationValidationTests {
         window.window.maxCount = 0
         #expect(throws: ChangeStreamError.self) { try window.validate() }
         #expect(throws: Never.self) { try ChangeStream.Configuration(connectionString: "x", slotName: "s", publicationName: "p").validate() }
+        // A slot name PostgreSQL refuses fails here, before the publication is created.
+        for name in ["MyApp", "my-app", String(repeating: "s", count: 64)] {
+            #expect {
+                try ChangeStream.Configuration(connectionString: "x", slotName: name, publicationName: "p").validate()
+            } throws: { error in
+                (error as? ChangeStreamError)?.message.contains("ChangeStream.Configuration.slotName '\(name)' is not a valid replication slot name") == true
+            }
+        }
+        #expect(throws: Never.self) { try ChangeStream.Configuration(connectionString: "x", slotName: "my_app_2", publicationName: "p").validate() }
     }
 
     @Test("RealtimeServerConfiguration.validate() names the field", arguments: [

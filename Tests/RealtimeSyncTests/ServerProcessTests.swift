@@ -342,6 +342,8 @@ struct ServeSettingsTests {
               (["serve", "--max-transaction-bytes", "0"], [:], "--max-transaction-bytes / REALTIME_SYNC_MAX_TRANSACTION_BYTES is 0; it must be 1 or more"),
               // Before the database: an empty slot or publication name must not mean the default.
               (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--slot", ""], [:], "--slot is empty"),
+              // A name PostgreSQL refuses, refused before anything (the publication) is created.
+              (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--slot", "MyApp"], [:], "slot 'MyApp' is not a valid replication slot name: use 1-63 characters from a-z, 0-9 and _ (--slot / REALTIME_SYNC_SLOT)"),
               (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x"], ["REALTIME_SYNC_PUBLICATION": ""], "REALTIME_SYNC_PUBLICATION is set but empty"),
               (["slot", "drop", "--slot", "", "--database-url", "postgres://unused@127.0.0.1:1/x"], [:], "--slot is empty"),
               (["check", "--database-url", "postgres://unused@127.0.0.1:1/x", "--connect-timeout", "0.0004"], [:], "--connect-timeout is 0.0004; it must be a number of seconds from 0.001"),

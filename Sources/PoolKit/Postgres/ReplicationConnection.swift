@@ -652,11 +652,16 @@ public final class ReplicationConnection: Sendable {
 
     // MARK: Helpers
 
-    static func validateSlotName(_ name: String) throws {
-        let ok = !name.isEmpty && name.utf8.count <= 63 && name.utf8.allSatisfy {
+    /// True if PostgreSQL accepts `name` as a replication slot's: 1-63 characters from
+    /// a-z, 0-9 and _ (checked before anything is created, so that a bad name fails first).
+    public static func isValidSlotName(_ name: String) -> Bool {
+        !name.isEmpty && name.utf8.count <= 63 && name.utf8.allSatisfy {
             ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z")) || ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || $0 == UInt8(ascii: "_")
         }
-        guard ok else {
+    }
+
+    static func validateSlotName(_ name: String) throws {
+        guard isValidSlotName(name) else {
             throw PostgresError(code: .invalidUsage, message: "replication slot name '\(name)' is invalid: use 1-63 characters from a-z, 0-9 and _")
         }
     }

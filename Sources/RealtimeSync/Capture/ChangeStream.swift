@@ -135,6 +135,9 @@ public final class ChangeStream: Service, Sendable {
         public func validate() throws(ChangeStreamError) {
             func bad(_ message: String) -> ChangeStreamError { ChangeStreamError(.invalidConfiguration, "ChangeStream.Configuration." + message) }
             guard !slotName.isEmpty else { throw bad("slotName is empty") }
+            guard ReplicationConnection.isValidSlotName(slotName) else {
+                throw bad("slotName '\(slotName)' is not a valid replication slot name: use 1-63 characters from a-z, 0-9 and _")
+            }
             guard !publicationName.isEmpty else { throw bad("publicationName is empty") }
             guard window.maxCount >= 1 else { throw bad("window.maxCount is \(window.maxCount); it must be at least 1") }
             guard window.maxBytes >= 1 else { throw bad("window.maxBytes is \(window.maxBytes); it must be at least 1") }

@@ -258,6 +258,9 @@ public final class RealtimeService: Service, Sendable {
     /// `RealtimeServer.run()` came after the pool, capture and scheduler had started).
     private func validate() throws {
         try configuration.server.validate()
+        guard ReplicationConnection.isValidSlotName(configuration.slot) else {
+            throw RealtimeServiceError(.invalidSetting, "slot '\(configuration.slot)' is not a valid replication slot name: use 1-63 characters from a-z, 0-9 and _ (--slot / REALTIME_SYNC_SLOT)")
+        }
         if configuration.server.snapshotReader == nil, configuration.pool.maxOpen < 2 {
             throw RealtimeServiceError(.invalidSetting, "pool.maxOpen is \(configuration.pool.maxOpen); the service needs 2 or more (--pool-max-open / REALTIME_SYNC_POOL_MAX_OPEN): snapshots take at most maxOpen - 1, so that one connection stays for its jobs")
         }
