@@ -259,6 +259,30 @@ struct ChangeStreamFailureTests {
         }
     }
 
+    @Test("A slot of the stream's name made for something else (another output plugin, a physical slot) fails the start at once, naming the slot, what it is and the setting",
+          arguments: ["test_decoding", "physical"])
+    func slotMadeForSomethingElse(kind: String) async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("foreign")
+            try await runSQL(url, kind == "physical"
+                ? "SELECT pg_create_physical_replication_slot('\(slot)', true)"
+                : "SELECT pg_create_logical_replication_slot('\(slot)', 'test_decoding')")
+            let stream = ChangeStream(.init(connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table]))
+            do {
+                try await withTimeout(60, "the stream's start") { try await stream.run() }
+                Issue.record("the stream ran on a \(kind) slot")
+            } catch {
+                // Before: START_REPLICATION's own error (`option "proto_version" = "1" is unknown`, or a
+                // physical slot's), retried or reported without the slot or the setting.
+                let text = "\(error)"
+                #expect(text.contains("replication slot \(slot) exists") && text.contains(kind) && text.contains("--slot"), "\(text)")
+            }
+            try await runSQL(url, "SELECT pg_drop_replication_slot('\(slot)')")
+            try await runSQL(url, "DROP PUBLICATION IF EXISTS \(slot)_pub")
+        }
+    }
+
     @Test("wal_level other than logical: a setup error naming the setting and the fix; run() fails with it")
     func walLevelNotLogical() async throws {
         try await withPrivateCluster(.init(settings: ["wal_level": "replica"])) { pg in

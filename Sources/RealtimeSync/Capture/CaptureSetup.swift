@@ -206,10 +206,50 @@ public enum CaptureSetup {
     /// the WAL it held was removed, e.g. past `max_slot_wal_keep_size`; such a slot cannot be
     /// read from again); nil when the slot does not exist.
     public static func slotState(_ conn: PostgresConnection, slot: String) async throws -> (confirmedFlush: LSN?, lost: Bool)? {
+        try await slotInfo(conn, slot: slot).map { ($0.confirmedFlush, $0.lost) }
+    }
+
+    /// What `pg_replication_slots` says of a slot.
+    struct SlotInfo: Sendable {
+        var confirmedFlush: LSN?
+        var lost: Bool
+        /// `logical` or `physical`.
+        var type: String
+        /// The output plugin (logical slots).
+        var plugin: String?
+        /// The database the slot was made in (logical slots).
+        var database: String?
+        /// The database `conn` is connected to.
+        var currentDatabase: String
+
+        /// Why a change stream cannot read from this slot, nil if it can: a slot of the same
+        /// name made for something else (a physical slot, another plugin, another database)
+        /// fails `START_REPLICATION` with an error that names neither the slot nor the setting.
+        func problem(slot: String) -> String? {
+            let choose = "choose another slot name (ChangeStream.Configuration.slotName, --slot / REALTIME_SYNC_SLOT), or drop that slot if nothing uses it"
+            if type != "logical" {
+                return "replication slot \(slot) exists as a \(type) slot; the change stream needs a logical slot with the pgoutput plugin: \(choose)"
+            }
+            if let plugin, plugin != "pgoutput" {
+                return "replication slot \(slot) exists with the output plugin \(plugin); the change stream needs pgoutput: \(choose)"
+            }
+            if let database, database != currentDatabase {
+                return "replication slot \(slot) belongs to the database \(database), not to \(currentDatabase) (a logical slot reads one database): \(choose)"
+            }
+            return nil
+        }
+    }
+
+    /// The slot's row of `pg_replication_slots`, nil when there is no such slot.
+    static func slotInfo(_ conn: PostgresConnection, slot: String) async throws -> SlotInfo? {
         let rows = try await conn.query(
-            "SELECT confirmed_flush_lsn::text, wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = $1", slot)
+            "SELECT confirmed_flush_lsn::text, wal_status = 'lost', slot_type, plugin::text, database::text, current_database()::text FROM pg_replication_slots WHERE slot_name = $1", slot)
         guard rows.count == 1 else { return nil }
-        return (try rows[0].decode(String.self, at: 0).flatMap(LSN.init), try rows[0].decode(Bool.self, at: 1) ?? false)
+        let row = rows[0]
+        return SlotInfo(
+            confirmedFlush: try row.decode(String.self, at: 0).flatMap(LSN.init), lost: try row.decode(Bool.self, at: 1) ?? false,
+            type: try row.decode(String.self, at: 2) ?? "unknown", plugin: try row.decode(String.self, at: 3),
+            database: try row.decode(String.self, at: 4), currentDatabase: try row.decode(String.self, at: 5) ?? "")
     }
 
     /// Bytes of WAL the slot holds (`pg_current_wal_lsn() - confirmed_flush_lsn`), nil when the

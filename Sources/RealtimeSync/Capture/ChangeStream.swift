@@ -379,7 +379,11 @@ public final class ChangeStream: Service, Sendable {
                 // What counts as a shutdown's quick reply requests: see ReplyRequests.
                 var quickReplies = Duration.seconds(1)
                 if let timeout = try? await repl.walSenderTimeout() { quickReplies = timeout / 4 }
-                var slot = try await withSQL { try await CaptureSetup.slotState($0, slot: configuration.slotName) }
+                let info = try await withSQL { try await CaptureSetup.slotInfo($0, slot: configuration.slotName) }
+                if let problem = info?.problem(slot: configuration.slotName) {
+                    throw PostgresError(code: .invalidUsage, message: problem)
+                }
+                var slot = info.map { (confirmedFlush: $0.confirmedFlush, lost: $0.lost) }
                 // An invalidated slot (its WAL removed past max_slot_wal_keep_size) fails every
                 // START_REPLICATION. At start nothing is lost by making it anew (the WAL it
                 // held is gone either way; clients with older cursors get resync_required);
