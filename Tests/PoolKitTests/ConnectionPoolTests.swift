@@ -270,7 +270,8 @@ struct ConnectionPoolTests {
             clock.advance(by: .seconds(1))
             let error = await #expect(throws: ConnectionPoolError.self) { _ = try await waiter.value }
             #expect(error?.code == .acquireTimeout)
-            #expect(error?.message.contains(" for 5s") == true, "\(String(describing: error))")
+            // The whole wait (both legs), and what it waited for: the replacement's connect.
+            #expect(error?.message.contains("within 5s: 1 connect still in progress") == true, "\(String(describing: error))")
         }
     }
 

@@ -222,6 +222,17 @@ struct PoolStateMachineTests {
         #expect(ra.connects.count == 1, "replaced to keep minIdle")
     }
 
+    @Test func acquireTimeoutWhileAConnectHangsSaysSoNotExhausted() throws {
+        var d = MachineDriver(config { $0.minIdle = 0; $0.maxOpen = 20; $0.acquireTimeout = .seconds(5) })
+        guard case .enqueued(let w) = d.wait(1, timeout: .seconds(5)) else { Issue.record(); return }
+        #expect(w.connects.count == 1, "its connect starts and never finishes")
+        d.now = .seconds(5)
+        let failure = try #require(d.tick().failures.first)
+        let message = failure.1.description
+        #expect(!message.contains("exhausted"), "0 of 20 in use is not exhausted: \(message)")
+        #expect(message.contains("1 connect still in progress, none finished") && message.contains("connect_timeout") && message.contains("0/20 in use"), "\(message)")
+    }
+
     @Test func acquireTimeoutFailsTheWaiterWithAnErrorNamingTheKnobsAndHolders() throws {
         var d = MachineDriver(config { $0.minIdle = 1; $0.maxOpen = 1; $0.acquireTimeout = .seconds(5) })
         d.warmUp()

@@ -952,6 +952,11 @@ struct PoolStateMachine<Connection, Waiter> {
         var message: String
         if let lastConnectError, established < configuration.maxOpen {
             message = "pool '\(configuration.name)' got no connection within \(waited): connects are failing (\(consecutiveConnectFailures) in a row; last: \(lastConnectError)); \(inUse)/\(configuration.maxOpen) in use (\(limits), connectBackoff max=\(formatDuration(configuration.connectBackoff.maximum)))"
+        } else if connecting > 0 && established < configuration.maxOpen {
+            // Not exhausted: what it waited for is a connect that has not finished (a database
+            // slow to accept, or unreachable with packets dropped), and raising maxOpen would
+            // not help.
+            message = "pool '\(configuration.name)' got no connection within \(waited): \(connecting) connect\(connecting == 1 ? "" : "s") still in progress, none finished (the database is slow to accept or unreachable; the connect's own timeout, e.g. connect_timeout in a Postgres URL, is longer than this wait); \(inUse)/\(configuration.maxOpen) in use (\(limits))"
         } else {
             message = "pool '\(configuration.name)' exhausted: \(inUse)/\(configuration.maxOpen) in use for \(waited) (\(limits))"
             if connecting > 0 { message += "; \(connecting) connecting" }
