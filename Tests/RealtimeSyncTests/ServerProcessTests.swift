@@ -243,6 +243,28 @@ struct ServerProcessTests {
         }
     }
 
+    @Test("A shutdown step cut off by its share of --shutdown-deadline says so in its log line, naming the flag the program is run with")
+    func cutOffStepNamesTheFlag() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let port = try EmbeddedPostgres.freePort()
+            try await withServeProcesses(url: url) { slot, start in
+                let server = try start(serveArguments(url: url, table: table, slot: slot, port: port) + ["--shutdown-deadline", "2"])
+                try await server.waitUntilReady(port: port)
+                // It never reads its 1001: the socket step (30 % of 2 s) is cut off.
+                let client = try await connectWebSocket(port: port, receiveBuffer: 4096)
+                try await client.subscribe("all", table: table)
+                try await client.stopReading()
+                server.send(SIGTERM)
+                let status = await server.wait(timeout: .seconds(30))
+                #expect(status == 0, "\(server.log.suffix(2000))")
+                let line = server.log.split(separator: "\n").first { $0.contains("without a finished close handshake") }
+                #expect(line?.contains("socketCloseDeadline=") == true && line?.contains("--shutdown-deadline") == true, "\(server.log.suffix(2000))")
+                await client.close()
+            }
+        }
+    }
+
     @Test("`realtime-sync` with no database: serves the live page, a demo row reaches a WebSocket client, SIGINT exits 0 with no error logged and the embedded cluster removed")
     func embeddedDemoProcess() async throws {
         let port = try EmbeddedPostgres.freePort()

@@ -63,7 +63,7 @@ extension RealtimeServer {
         stopFanout.yield()
         let position = state.withLock { $0.lastDelivered }
         log("fan-out delivered changes through the shutdown cursor", since: start,
-            cutOff: reached ? nil : "changes after \(position) up to \(target) not delivered (fanoutDrainDeadline=\(configuration.fanoutDrainDeadline))",
+            cutOff: reached ? nil : "changes after \(position) up to \(target) not delivered (fanoutDrainDeadline=\(configuration.fanoutDrainDeadline); RealtimeService sets it from --shutdown-deadline)",
             ["cursor": "\(target)"])
 
         // 4. Flush each socket's queue, close it with 1001, wait for the client's close frame.
@@ -88,7 +88,7 @@ extension RealtimeServer {
             }
             cut = Task.isCancelled
                 ? "\(stragglers.count) sockets dropped: the shutdown was cancelled (a second signal)"
-                : "\(stragglers.count) sockets dropped without a finished close handshake (socketCloseDeadline=\(configuration.socketCloseDeadline))"
+                : "\(stragglers.count) sockets dropped without a finished close handshake (socketCloseDeadline=\(configuration.socketCloseDeadline); RealtimeService sets it from --shutdown-deadline)"
             let dropDeadline = clock.now.advanced(by: .seconds(1))
             while state.withLock({ !$0.sessions.isEmpty }) && clock.now < dropDeadline && !Task.isCancelled {
                 try? await Task.sleep(for: .milliseconds(5))
@@ -107,7 +107,7 @@ extension RealtimeServer {
             return nil
         }
         if case .timedOut = stopped {
-            log("stopped the HTTP listener", since: start, cutOff: "listenerStopDeadline=\(configuration.listenerStopDeadline) exceeded; cancelled")
+            log("stopped the HTTP listener", since: start, cutOff: "listenerStopDeadline=\(configuration.listenerStopDeadline) exceeded (RealtimeService sets it from --shutdown-deadline); cancelled")
         } else {
             log("stopped the HTTP listener", since: start, cutOff: nil)
         }
