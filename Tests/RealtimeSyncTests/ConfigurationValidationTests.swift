@@ -1,5 +1,6 @@
 import Testing
 import RealtimeSync
+import PoolKit
 
 @Suite("Configurations refuse out-of-range limits at start, naming the field")
 struct ConfigurationValidationTests {
@@ -32,6 +33,24 @@ struct ConfigurationValidationTests {
             }
         }
         #expect(throws: Never.self) { try ChangeStream.Configuration(connectionString: "x", slotName: "my_app_2", publicationName: "p").validate() }
+    }
+
+    @Test("ChangeStreamSource: a resume from a stream that stops before its window opens ends the sequence (as ChangeSource asks), it does not throw stream_stopped")
+    func sourceEndsWhenTheStreamStops() async throws {
+        let stream = ChangeStream(.init(connectionString: "postgres://nobody@127.0.0.1:1/none", slotName: "s", publicationName: "p"))
+        let source = ChangeStreamSource(stream: stream)
+        let running = Task { try await stream.run() }
+        let changes = try await source.changes(after: Cursor(commitLSN: LSN(0x1000), index: 0))
+        let reading = Task { () throws -> Int in
+            var count = 0
+            for try await _ in changes { count += 1 }
+            return count
+        }
+        try await Task.sleep(for: .milliseconds(300))   // it retries its connect meanwhile
+        stream.stop()
+        _ = await running.result
+        let outcome = await reading.result
+        #expect((try? outcome.get()) == 0, "the sequence threw: \(outcome)")
     }
 
     @Test("RealtimeServerConfiguration.validate() names the field", arguments: [

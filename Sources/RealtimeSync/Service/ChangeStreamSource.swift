@@ -6,8 +6,9 @@ import Synchronization
 /// - `changes(after:)`: `nil` is the live stream from now; a cursor resumes from the
 ///   stream's window. A cursor older than the window throws `ResumeWindowError`
 ///   (`resync_required`), at once or, while the stream is still opening its window, from
-///   the iteration. A stopped stream yields an ended sequence (as `ChangeSource` asks)
-///   instead of `ChangeStreamError.streamStopped`.
+///   the iteration. A stream that stopped or failed ends the sequence after what it
+///   delivered (as `ChangeSource` asks) instead of throwing `ChangeStreamError.streamStopped`
+///   (the service learns of a failure from `ChangeStream.run()`).
 /// - `catalog`: the publication's tables and columns, loaded with `loadCatalog(using:)`
 ///   once the stream's setup has run.
 public final class ChangeStreamSource: ChangeSource {
@@ -21,8 +22,8 @@ public final class ChangeStreamSource: ChangeSource {
         self.catalogState = Mutex(catalog)
     }
 
-    /// The sequence `changes(after:)` returns: the stream's subscription, or nothing
-    /// when the stream has stopped.
+    /// The sequence `changes(after:)` returns: the stream's subscription, which ends
+    /// (rather than throws) when the stream stops or fails.
     public struct Changes: AsyncSequence, Sendable {
         /// Elements are committed changes.
         public typealias Element = ChangeEvent
@@ -35,10 +36,16 @@ public final class ChangeStreamSource: ChangeSource {
         public struct Iterator: AsyncIteratorProtocol {
             var inner: ChangeSubscription.Iterator?
 
-            /// The next change, `nil` at the end; throws `ResumeWindowError` for a cursor older than the window.
+            /// The next change, `nil` at the end (also when the stream stopped or failed);
+            /// throws `ResumeWindowError` for a cursor older than the window.
             public mutating func next() async throws -> ChangeEvent? {
                 guard inner != nil else { return nil }
-                return try await inner!.next()
+                do {
+                    return try await inner!.next()
+                } catch let error as ChangeStreamError where error.code == .streamStopped {
+                    inner = nil
+                    return nil
+                }
             }
         }
     }
@@ -46,14 +53,7 @@ public final class ChangeStreamSource: ChangeSource {
     /// See `ChangeSource.changes(after:)`.
     public func changes(after cursor: Cursor?) async throws -> Changes {
         guard let cursor else { return Changes(subscription: stream.changes()) }
-        do {
-            return Changes(subscription: try stream.changes(after: cursor))
-        } catch let error as ChangeStreamError where error.code == .streamStopped && !stream.statistics.connected {
-            if let oldest = stream.statistics.oldestResumable, cursor < oldest {
-                throw ResumeWindowError(cursor: cursor, oldestResumable: oldest)
-            }
-            return Changes(subscription: nil)
-        }
+        return Changes(subscription: try stream.changes(after: cursor))
     }
 
     /// See `ChangeSource.currentCursor`: the newest change in the window, or the window's
