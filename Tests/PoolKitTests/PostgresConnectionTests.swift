@@ -510,6 +510,36 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("a notification a statement reads into the buffer while the listener is between its step and its wait wakes that wait (the statement's read left the socket empty)")
+    func notificationReadBetweenStepAndWait() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            defer { conn.closeNow() }
+            let channel = "self_\(UInt32.random(in: 0...UInt32.max))"
+            try await conn.listen(channel)
+            // The listener's step: nothing buffered, so it is about to wait on the socket.
+            try conn.beginListening()
+            defer { conn.endListening() }
+            guard case .waitSocket(let socket) = try conn.nextNotificationStep() else {
+                Issue.record("expected the listener to wait on the socket")
+                return
+            }
+            // Before it registers its wait, a statement on this connection sends a NOTIFY: its
+            // kick finds no wait to end, and its own read takes the notification off the socket.
+            try await conn.query("SELECT pg_notify($1, 'between')", channel)
+            #expect(conn.hasBufferedNotifications)
+            // The wait the listener now makes ends at once instead of sleeping on the empty socket.
+            let outcome = try await withTimeout(.seconds(10)) { await conn.waitForNotifications(on: socket) }
+            #expect(outcome == .interrupted)
+            conn.leftSocket()
+            guard case .deliver(let n) = try conn.nextNotificationStep() else {
+                Issue.record("the buffered notification was not delivered")
+                return
+            }
+            #expect(n.payload == "between")
+        }
+    }
+
     @Test("connecting to a closed port fails fast, naming host and port")
     func closedPort() async throws {
         // A timing bound: hold the shared lock so that the CPU-heaviest tests (exclusive) do not run beside it.

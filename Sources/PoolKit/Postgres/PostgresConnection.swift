@@ -98,7 +98,9 @@ public final class PostgresConnection: @unchecked Sendable {
     // @unchecked Sendable: holds the libpq handle; it only ever lives inside `state`'s Mutex.
     struct State: @unchecked Sendable {
         var pg: OpaquePointer?
-        var fd: Int32
+        /// The socket, claimed with the reactor when the connection was made.
+        var socket: ReactorSocket
+        var fd: Int32 { socket.fd }
         var busy = false
         var broken = false
         /// Counts statements, so that a late cancel watchdog cannot close a later one's connection.
@@ -138,7 +140,7 @@ public final class PostgresConnection: @unchecked Sendable {
     /// The port this connection reached.
     public let port: String
 
-    fileprivate init(pg: OpaquePointer, configuration: Configuration, noticeSink: NoticeSink) {
+    fileprivate init(pg: OpaquePointer, socket: ReactorSocket, configuration: Configuration, noticeSink: NoticeSink) {
         self.configuration = configuration
         self.noticeSink = noticeSink
         self.backendPID = PQbackendPID(pg)
@@ -146,7 +148,7 @@ public final class PostgresConnection: @unchecked Sendable {
         self.serverVersion = PQparameterStatus(pg, "server_version").map { String(cString: $0) } ?? "unknown"
         self.host = PQhost(pg).map { String(cString: $0) } ?? ""
         self.port = PQport(pg).map { String(cString: $0) } ?? ""
-        var initial = State(pg: pg, fd: PQsocket(pg))
+        var initial = State(pg: pg, socket: socket)
         let (secs, atto) = configuration.busyPoll.components
         initial.spin.maxBudget = max(0, Int(secs) * 1_000_000_000 + Int(atto / 1_000_000_000))
         self.state = Mutex(initial)
@@ -154,9 +156,9 @@ public final class PostgresConnection: @unchecked Sendable {
 
     deinit {
         // The owner should call close(); this is the safety net so the PGconn is never leaked.
-        let (pg, fd) = state.withLock { s in (s.pg, s.fd) }
+        let (pg, socket) = state.withLock { s in (s.pg, s.socket) }
         if let pg {
-            SocketReactor.shared.forget(fd: fd)
+            SocketReactor.shared.release(socket)
             PQfinish(pg)
         }
     }
@@ -468,8 +470,8 @@ public final class PostgresConnection: @unchecked Sendable {
         // saw it idle: a statement that starts after finds it closed (decided, then closed
         // under a second lock, a statement could start in between and wait on the socket
         // closed under it).
-        var taken: (pg: OpaquePointer, fd: Int32, parked: CheckedContinuation<Void, Never>?)?
-        let (fd, cancel) = state.withLock { s -> (Int32?, CancelHandle?) in
+        var taken: (pg: OpaquePointer, socket: ReactorSocket, parked: CheckedContinuation<Void, Never>?)?
+        let (socket, cancel) = state.withLock { s -> (ReactorSocket?, CancelHandle?) in
             guard let pg = s.pg else { return (nil, nil) }
             guard s.busy else {
                 taken = Self.takeForClose(&s)
@@ -478,11 +480,11 @@ public final class PostgresConnection: @unchecked Sendable {
             s.broken = true
             s.closeRequested = true
             // Already asked for this statement (a pool drain cancels, then closes): not again.
-            guard s.cancelSentFor != s.statementSerial else { return (s.fd, nil) }
-            return (s.fd, PQgetCancel(pg).map(CancelHandle.init))
+            guard s.cancelSentFor != s.statementSerial else { return (s.socket, nil) }
+            return (s.socket, PQgetCancel(pg).map(CancelHandle.init))
         }
         if let taken {
-            Self.finishClose(taken.pg, fd: taken.fd, parked: taken.parked)
+            Self.finishClose(taken.pg, socket: taken.socket, parked: taken.parked)
             return
         }
         if let cancel {
@@ -494,10 +496,10 @@ public final class PostgresConnection: @unchecked Sendable {
             }
             _ = await delivered.wait(atMost: .seconds(1))
         }
-        if let fd {
+        if let socket {
             let giveUp = ContinuousClock.now.advanced(by: .seconds(1))
             while state.withLock({ $0.pg != nil && $0.busy }), ContinuousClock.now < giveUp {
-                SocketReactor.shared.interrupt(fd: fd)
+                SocketReactor.shared.interrupt(socket)
                 await PostgresConnection.pause(.milliseconds(1))
             }
         }
@@ -516,21 +518,21 @@ public final class PostgresConnection: @unchecked Sendable {
 
     func closeNow() {
         guard let taken = state.withLock({ Self.takeForClose(&$0) }) else { return }
-        Self.finishClose(taken.pg, fd: taken.fd, parked: taken.parked)
+        Self.finishClose(taken.pg, socket: taken.socket, parked: taken.parked)
     }
 
     /// Takes the `PGconn` out of the state (nil if already closed): from then on the
     /// connection is closed for every caller. `finishClose` frees it, outside the lock.
-    private static func takeForClose(_ s: inout State) -> (pg: OpaquePointer, fd: Int32, parked: CheckedContinuation<Void, Never>?)? {
+    private static func takeForClose(_ s: inout State) -> (pg: OpaquePointer, socket: ReactorSocket, parked: CheckedContinuation<Void, Never>?)? {
         guard let pg = s.pg else { return nil }
         s.pg = nil
         let parked = s.listenerParked
         s.listenerParked = nil
-        return (pg, s.fd, parked)
+        return (pg, s.socket, parked)
     }
 
-    private static func finishClose(_ pg: OpaquePointer, fd: Int32, parked: CheckedContinuation<Void, Never>?) {
-        SocketReactor.shared.forget(fd: fd)
+    private static func finishClose(_ pg: OpaquePointer, socket: ReactorSocket, parked: CheckedContinuation<Void, Never>?) {
+        SocketReactor.shared.release(socket)
         parked?.resume()
         // PQfinish sends Terminate and closes the socket; in non-blocking mode it does not wait.
         PQfinish(pg)
@@ -552,7 +554,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
     private enum Step {
         case done
-        case wait(Int32, SocketInterest)
+        case wait(ReactorSocket, SocketInterest)
     }
 
     /// Sends with `send`, flushes and collects every result until libpq reports the end; the
@@ -561,7 +563,7 @@ public final class PostgresConnection: @unchecked Sendable {
     func run(singleRows: Bool = false, eachRow: (PostgresQueryResult) -> Void = { _ in },
              _ send: (OpaquePointer) -> Int32) async throws -> [PostgresQueryResult] {
         try Task.checkCancellation()
-        let (fd, kickListener, spinBudget, serial): (Int32, Bool, Int, UInt64) = try state.withLock { s in
+        let (socket, kickListener, spinBudget, serial): (ReactorSocket, Bool, Int, UInt64) = try state.withLock { s in
             guard let pg = s.pg else { throw closedError() }
             guard !s.busy else {
                 throw PostgresError(code: .invalidUsage,
@@ -578,9 +580,9 @@ public final class PostgresConnection: @unchecked Sendable {
                 if bad { s.broken = true }
                 throw bad ? brokenError(pg, context: "could not send statement") : PostgresError(code: .invalidUsage, message: lastError(pg))
             }
-            return (s.fd, s.listenerOnSocket, s.spin.budgetNanoseconds(), s.statementSerial)
+            return (s.socket, s.listenerOnSocket, s.spin.budgetNanoseconds(), s.statementSerial)
         }
-        if kickListener { SocketReactor.shared.interrupt(fd: fd) }
+        if kickListener { SocketReactor.shared.interrupt(socket) }
         var spinOutcome: Bool? = nil
         SpinPolicy.statementsInFlight.add(1, ordering: .relaxed)
         defer {
@@ -633,7 +635,7 @@ public final class PostgresConnection: @unchecked Sendable {
                         // Must also read: the server may be waiting for us to drain its output
                         // (libpq: wait until the socket is read-ready or write-ready).
                         if PQconsumeInput(pg) == 0 { throw lost("connection lost") }
-                        return .wait(s.fd, .readableOrWritable)
+                        return .wait(s.socket, .readableOrWritable)
                     }
                     flushed = true
                 }
@@ -652,7 +654,7 @@ public final class PostgresConnection: @unchecked Sendable {
                         return true
                     }
                 }
-                if copyOut, try !drainCopyOut() { return .wait(s.fd, .readable) }
+                if copyOut, try !drainCopyOut() { return .wait(s.socket, .readable) }
                 while PQisBusy(pg) == 0 {
                     guard let r = PQgetResult(pg) else { return .done }
                     let box = ResultBox(r)
@@ -675,12 +677,12 @@ public final class PostgresConnection: @unchecked Sendable {
                         if status == PGRES_COPY_IN {
                             let ended = PQputCopyEnd(pg, "COPY FROM STDIN is not supported by this client")
                             if ended < 0 { s.broken = true; throw brokenError(pg, context: "could not end COPY FROM STDIN") }
-                            if ended == 0 { return .wait(s.fd, .writable) }  // retried: libpq is still in COPY_IN
+                            if ended == 0 { return .wait(s.socket, .writable) }  // retried: libpq is still in COPY_IN
                             flushed = false
-                            return .wait(s.fd, .writable)
+                            return .wait(s.socket, .writable)
                         } else if status == PGRES_COPY_OUT {
                             copyOut = true
-                            if try !drainCopyOut() { return .wait(s.fd, .readable) }
+                            if try !drainCopyOut() { return .wait(s.socket, .readable) }
                         } else {
                             // COPY BOTH (replication) has no clean end here: give the connection up.
                             s.broken = true
@@ -690,7 +692,7 @@ public final class PostgresConnection: @unchecked Sendable {
                         if firstError == nil { firstError = serverError(box.pointer, pg) }
                     }
                 }
-                return .wait(s.fd, .readable)
+                return .wait(s.socket, .readable)
             }
             if !pendingRows.isEmpty {
                 for row in pendingRows { eachRow(row) }
@@ -704,16 +706,16 @@ public final class PostgresConnection: @unchecked Sendable {
                 if closing && !cancelRequested { throw closedError() }
                 throw CancellationError()
             }
-            guard case let .wait(fd, interest) = step else { break }
+            guard case let .wait(socket, interest) = step else { break }
             if interest == .readable, spinBudget > 0, spinOutcome == nil, !cancelRequested,
                SpinPolicy.statementsInFlight.load(ordering: .relaxed) <= 1 {
                 // Adaptive busy-poll (see SpinPolicy): most answers on a local server arrive
                 // within tens of microseconds, far sooner than two thread wake-ups via the reactor.
-                let hit = spinUntilReadable(fd: fd, budgetNanoseconds: spinBudget)
+                let hit = spinUntilReadable(fd: socket.fd, budgetNanoseconds: spinBudget)
                 spinOutcome = hit
                 if hit { continue }
             }
-            switch await SocketReactor.shared.wait(fd: fd, for: interest, cancellable: !cancelRequested) {
+            switch await SocketReactor.shared.wait(socket, for: interest, cancellable: !cancelRequested) {
             case .ready:
                 continue
             case .cancelled:
@@ -723,7 +725,7 @@ public final class PostgresConnection: @unchecked Sendable {
                 let grace = configuration.cancelGracePeriod
                 watchdog = Task { [weak self] in
                     try? await Task.sleep(for: grace.sleepable)
-                    if !Task.isCancelled { await self?.abandonStatement(serial, fd: fd) }
+                    if !Task.isCancelled { await self?.abandonStatement(serial, socket: socket) }
                 }
                 let delivered = OneTimeEvent()
                 cancelDelivered = delivered
@@ -733,7 +735,7 @@ public final class PostgresConnection: @unchecked Sendable {
                 }
             case .interrupted:
                 // A notification listener held the socket, or close() ran; kick and re-check.
-                SocketReactor.shared.interrupt(fd: fd)
+                SocketReactor.shared.interrupt(socket)
             }
         }
         if cancelRequested {
@@ -767,7 +769,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Closes the connection if statement `serial` still runs (its cancel got no answer within
     /// `cancelGracePeriod`); it is marked broken first, so a pool never lends it again.
-    private func abandonStatement(_ serial: UInt64, fd: Int32) async {
+    private func abandonStatement(_ serial: UInt64, socket: ReactorSocket) async {
         let stuck = state.withLock { s -> Bool in
             guard s.busy, s.statementSerial == serial, s.pg != nil else { return false }
             s.broken = true
@@ -781,7 +783,7 @@ public final class PostgresConnection: @unchecked Sendable {
         // Wake the statement loop until it has seen `abandoned` (an interrupt that lands just
         // before it parks is lost, hence the repeats).
         while state.withLock({ $0.busy && $0.statementSerial == serial && $0.pg != nil }) {
-            SocketReactor.shared.interrupt(fd: fd)
+            SocketReactor.shared.interrupt(socket)
             do { try await Task.sleep(for: .milliseconds(5)) } catch { return }
         }
     }
@@ -810,7 +812,7 @@ public final class PostgresConnection: @unchecked Sendable {
         case deliver(PostgresNotification)
         case finished
         case park
-        case waitSocket(Int32)
+        case waitSocket(ReactorSocket)
     }
 
     func nextNotificationStep() throws -> ListenerStep {
@@ -825,7 +827,7 @@ public final class PostgresConnection: @unchecked Sendable {
             drainNotifications(pg, into: &s)
             if let n = takeBuffered(&s) { return .deliver(n) }
             s.listenerOnSocket = true
-            return .waitSocket(s.fd)
+            return .waitSocket(s.socket)
         }
     }
 
@@ -903,6 +905,22 @@ public final class PostgresConnection: @unchecked Sendable {
             s.listenerParked = nil
             parked.resume()
         }
+        // A listener waiting on the socket: the statement that read these has emptied it, so no
+        // readiness would wake the listener (a NOTIFY sent on this very connection came with its
+        // statement's answer). Its wait is ended; one not yet registered re-checks the buffer.
+        if any && s.listenerOnSocket { SocketReactor.shared.interrupt(s.socket) }
+    }
+
+    /// Whether notifications wait in the buffer for the listener.
+    var hasBufferedNotifications: Bool { state.withLock { $0.notificationHead < $0.notifications.count } }
+
+    /// The listener's wait on the socket after `nextNotificationStep` said `.waitSocket`. A
+    /// statement on another task may have read a notification into the buffer since that step
+    /// (its kick then found no wait to end, and the socket is empty): the buffer is looked at
+    /// again once the wait is registered.
+    nonisolated(nonsending)
+    func waitForNotifications(on socket: ReactorSocket) async -> SocketWaitOutcome {
+        await SocketReactor.shared.wait(socket, for: .readable, recheck: { [self] in hasBufferedNotifications })
     }
 
     // MARK: Errors
@@ -1270,18 +1288,16 @@ final class ConnectAttempt: Sendable {
                     sink.logger.debug("postgres notice: \(e.message)", metadata: ["sqlstate": "\(e.sqlState ?? "")"])
                 }, Unmanaged.passUnretained(sink).toOpaque())
                 owned = false
-                return PostgresConnection(pg: pg, configuration: configuration, noticeSink: sink)
+                // The socket libpq ended up with (a multi-host connect may have changed it).
+                if PQsocket(pg) != handle.socket.fd { handle.reclaim(PQsocket(pg)) }
+                return PostgresConnection(pg: pg, socket: handle.socket, configuration: configuration, noticeSink: sink)
             case PGRES_POLLING_FAILED:
                 throw failure(pg)
             case PGRES_POLLING_READING, PGRES_POLLING_WRITING:
-                let fd = PQsocket(pg)
-                let outcome = await SocketReactor.shared.wait(fd: fd, for: poll == PGRES_POLLING_READING ? .readable : .writable)
-                if outcome == .cancelled {
-                    SocketReactor.shared.forget(fd: fd)
-                    throw CancellationError()
-                }
+                if PQsocket(pg) != handle.socket.fd { handle.reclaim(PQsocket(pg)) }
+                let outcome = await SocketReactor.shared.wait(handle.socket, for: poll == PGRES_POLLING_READING ? .readable : .writable)
+                if outcome == .cancelled { throw CancellationError() }   // `handle.finish()` releases the socket
                 let next = await BlockingExecutor.run { PQconnectPoll(handle.pointer) }
-                if PQsocket(pg) != fd { SocketReactor.shared.forget(fd: fd) }
                 recordTarget(pg)
                 poll = next
             default:
@@ -1312,10 +1328,19 @@ final class ConnectAttempt: Sendable {
 final class ConnHandle: @unchecked Sendable {
     // @unchecked: used by one connect attempt at a time (the poll loop), handed over on success.
     let pointer: OpaquePointer
+    /// The socket the reactor knows as this connect's (libpq opens a new one per host or
+    /// address it tries: each is claimed as it appears, and the last one released).
+    private(set) var socket = ReactorSocket.none
     init(_ pointer: OpaquePointer) { self.pointer = pointer }
+
+    /// Claims `fd`, libpq's socket now, releasing the one claimed before.
+    func reclaim(_ fd: Int32) {
+        SocketReactor.shared.release(socket)
+        socket = SocketReactor.shared.claim(fd: fd)
+    }
+
     func finish() {
-        let fd = PQsocket(pointer)
-        if fd >= 0 { SocketReactor.shared.forget(fd: fd) }
+        SocketReactor.shared.release(socket)
         PQfinish(pointer)
     }
 }
@@ -1351,8 +1376,8 @@ public struct PostgresNotificationSequence: AsyncSequence, Sendable {
                     } onCancel: {
                         conn.unpark()
                     }
-                case .waitSocket(let fd):
-                    let outcome = await SocketReactor.shared.wait(fd: fd, for: .readable)
+                case .waitSocket(let socket):
+                    let outcome = await connection.waitForNotifications(on: socket)
                     connection.leftSocket()
                     if outcome == .cancelled { return nil }
                 }

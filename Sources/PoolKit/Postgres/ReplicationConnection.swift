@@ -241,9 +241,9 @@ public final class ReplicationConnection: Sendable {
 
     private enum ReadStep {
         case message(ReplicationMessage)
-        case wait(Int32, SocketInterest)
+        case wait(ReactorSocket, SocketInterest)
         /// More results are to come; the error among those read so far, if any.
-        case waitEnding(Int32, PostgresError?)
+        case waitEnding(ReactorSocket, PostgresError?)
         case ended
     }
 
@@ -282,30 +282,30 @@ public final class ReplicationConnection: Sendable {
             case .ended:
                 stream.withLock { $0.phase = .ended }
                 return nil
-            case .waitEnding(let fd, let failure):
+            case .waitEnding(let socket, let failure):
                 stream.withLock {
                     $0.copyEnding = true
                     $0.endingFailure = $0.endingFailure ?? failure
                 }
-                switch await SocketReactor.shared.wait(fd: fd, for: .readable) {
+                switch await SocketReactor.shared.wait(socket, for: .readable) {
                 case .ready, .interrupted: continue
                 case .cancelled: throw CancellationError()
                 }
-            case .wait(let fd, let interest):
+            case .wait(let socket, let interest):
                 let budget = stream.withLock { $0.spin.budgetNanoseconds() }
                 if interest == .readable, budget > 0 {
-                    let hit = spinUntilReadable(fd: fd, budgetNanoseconds: budget)
+                    let hit = spinUntilReadable(fd: socket.fd, budgetNanoseconds: budget)
                     stream.withLock { $0.spin.record(hit: hit) }
                     if hit { continue }
                 }
                 stream.withLock { $0.waits += 1 }
-                switch await SocketReactor.shared.wait(fd: fd, for: interest) {
+                switch await SocketReactor.shared.wait(socket, for: interest) {
                 case .ready: continue
                 case .interrupted:
                     // Nudged, or a `sendStatus` from another task waits on the socket (one
                     // waiter per socket): end its wait (it leaves the rest of its update to
                     // this reader) rather than retry against it at once.
-                    SocketReactor.shared.interrupt(fd: fd)
+                    SocketReactor.shared.interrupt(socket)
                     continue
                 case .cancelled: throw CancellationError()
                 }
@@ -333,7 +333,7 @@ public final class ReplicationConnection: Sendable {
                         // take the rest as well as for input.
                         let f = PQflush(pg)
                         if f < 0 { s.broken = true; throw connection.brokenError(pg, context: "could not flush the replication connection") }
-                        return .wait(s.fd, f == 1 ? .readableOrWritable : .readable)
+                        return .wait(s.socket, f == 1 ? .readableOrWritable : .readable)
                     }
                     attempt += 1
                     if PQconsumeInput(pg) == 0 {
@@ -391,7 +391,7 @@ public final class ReplicationConnection: Sendable {
             s.broken = true
             throw failure ?? connection.brokenError(pg, context: "replication stream lost while ending")
         }
-        return .waitEnding(s.fd, failure)
+        return .waitEnding(s.socket, failure)
     }
 
     /// Parses one CopyData message of the stream. A malformed one is a `decoding` error, not a
@@ -444,7 +444,7 @@ public final class ReplicationConnection: Sendable {
     private func putCopyData(_ message: [UInt8]) async throws {
         var queued = false
         while true {
-            let wait: Int32? = try connection.state.withLock { s -> Int32? in
+            let wait: ReactorSocket? = try connection.state.withLock { s -> ReactorSocket? in
                 guard let pg = s.pg else { throw connection.closedError() }
                 if !queued {
                     let rc = message.withUnsafeBufferPointer { buf in
@@ -453,13 +453,13 @@ public final class ReplicationConnection: Sendable {
                         }
                     }
                     if rc < 0 { s.broken = true; throw connection.brokenError(pg, context: "could not send standby status update") }
-                    if rc == 0 { return s.fd }
+                    if rc == 0 { return s.socket }
                     queued = true
                 }
                 return try flushLocked(pg, &s)
             }
-            guard let fd = wait else { return }
-            switch await SocketReactor.shared.wait(fd: fd, for: .writable) {
+            guard let socket = wait else { return }
+            switch await SocketReactor.shared.wait(socket, for: .writable) {
             case .ready: continue
             case .cancelled: throw CancellationError()
             case .interrupted:
@@ -469,7 +469,7 @@ public final class ReplicationConnection: Sendable {
                 // after a pause, not at once.
                 // A close also ends the wait this way (`forget`): then the update is lost.
                 if connection.state.withLock({ $0.pg == nil }) { throw connection.closedError() }
-                SocketReactor.shared.interrupt(fd: fd)
+                SocketReactor.shared.interrupt(socket)
                 if queued { return }
                 try await Task.sleep(for: .milliseconds(1))
             }
@@ -477,13 +477,13 @@ public final class ReplicationConnection: Sendable {
     }
 
     /// `PQflush`; returns the fd to wait writable on when output remains.
-    private func flushLocked(_ pg: OpaquePointer, _ s: inout PostgresConnection.State) throws -> Int32? {
+    private func flushLocked(_ pg: OpaquePointer, _ s: inout PostgresConnection.State) throws -> ReactorSocket? {
         let f = PQflush(pg)
         if f < 0 { s.broken = true; throw connection.brokenError(pg, context: "could not flush the replication connection") }
         if f == 1 {
             // The server may be waiting for us to read: keep input moving while output is stuck.
             if PQconsumeInput(pg) == 0 { s.broken = true; throw connection.brokenError(pg, context: "replication stream lost") }
-            return s.fd
+            return s.socket
         }
         return nil
     }
@@ -497,8 +497,8 @@ public final class ReplicationConnection: Sendable {
             if phase == .ended || connection.isClosed { return }
             do { try await Task.sleep(for: interval.sleepable) } catch { return }
             stream.withLock { $0.statusDue = true }
-            let fd = connection.state.withLock { $0.fd }
-            SocketReactor.shared.interrupt(fd: fd)
+            let socket = connection.state.withLock { $0.socket }
+            SocketReactor.shared.interrupt(socket)
         }
     }
 
@@ -524,10 +524,10 @@ public final class ReplicationConnection: Sendable {
     /// Interrupts the reader's socket wait until `taken` holds. An interrupt that arrives just
     /// before the reader parks is lost, hence the retries.
     private func nudge(timeout: Duration, until taken: (StreamState) -> Bool) async {
-        let fd = connection.state.withLock { $0.fd }
+        let socket = connection.state.withLock { $0.socket }
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
-            SocketReactor.shared.interrupt(fd: fd)
+            SocketReactor.shared.interrupt(socket)
             if stream.withLock({ taken($0) }) || connection.isClosed { return }
             do { try await Task.sleep(for: .milliseconds(1)) } catch { return }
         }
@@ -563,19 +563,19 @@ public final class ReplicationConnection: Sendable {
     private func endCopy() async throws {
         var sent = false
         while true {
-            let wait: Int32? = try connection.state.withLock { s -> Int32? in
+            let wait: ReactorSocket? = try connection.state.withLock { s -> ReactorSocket? in
                 guard let pg = s.pg else { throw connection.closedError() }
                 if !sent {
                     let rc = PQputCopyEnd(pg, nil)
                     if rc < 0 { s.broken = true; throw connection.brokenError(pg, context: "could not end COPY") }
-                    if rc == 0 { return s.fd }
+                    if rc == 0 { return s.socket }
                     sent = true
                     stream.withLock { $0.copyDoneSent = true }
                 }
                 return try flushLocked(pg, &s)
             }
-            guard let fd = wait else { return }
-            if await SocketReactor.shared.wait(fd: fd, for: .writable) == .cancelled { throw CancellationError() }
+            guard let socket = wait else { return }
+            if await SocketReactor.shared.wait(socket, for: .writable) == .cancelled { throw CancellationError() }
         }
     }
 
@@ -608,11 +608,11 @@ public final class ReplicationConnection: Sendable {
         var flushed = false
         var failure: PostgresError?
         while true {
-            enum Step { case inCopy, done, wait(Int32, SocketInterest) }
+            enum Step { case inCopy, done, wait(ReactorSocket, SocketInterest) }
             let step: Step = try connection.state.withLock { s in
                 guard let pg = s.pg else { throw connection.closedError() }
                 if !flushed {
-                    if let fd = try flushLocked(pg, &s) { return .wait(fd, .writable) }
+                    if let socket = try flushLocked(pg, &s) { return .wait(socket, .writable) }
                     flushed = true
                 }
                 if PQconsumeInput(pg) == 0 { s.broken = true; throw connection.brokenError(pg, context: "connection lost") }
@@ -628,7 +628,7 @@ public final class ReplicationConnection: Sendable {
                         if failure == nil { failure = serverError(r, pg) }
                     }
                 }
-                return .wait(s.fd, .readable)
+                return .wait(s.socket, .readable)
             }
             switch step {
             case .inCopy:
@@ -639,8 +639,8 @@ public final class ReplicationConnection: Sendable {
                     e.message += " (START_REPLICATION on \(connection.host):\(connection.port))"
                 }
                 throw e
-            case .wait(let fd, let interest):
-                if await SocketReactor.shared.wait(fd: fd, for: interest) == .cancelled {
+            case .wait(let socket, let interest):
+                if await SocketReactor.shared.wait(socket, for: interest) == .cancelled {
                     closeAfterCancel()
                     throw CancellationError()
                 }

@@ -16,6 +16,20 @@ enum SocketInterest: Sendable {
     case readableOrWritable
 }
 
+/// A connection's socket as the reactor knows it: the number, and the claim that made it
+/// this connection's (``SocketReactor/claim(fd:)``). Socket numbers are reused as soon as they
+/// are closed: a wait, an interrupt or a release with a claim that is no longer the number's
+/// does nothing to the socket's new owner.
+struct ReactorSocket: Sendable, Equatable {
+    /// The file descriptor (-1: none).
+    let fd: Int32
+    /// The claim (0: none).
+    let token: UInt64
+
+    /// No socket.
+    static let none = ReactorSocket(fd: -1, token: 0)
+}
+
 /// How a wait on a socket ended.
 enum SocketWaitOutcome: Sendable {
     /// The socket is ready (or in error/hang-up state, which libpq will report on its next call).
@@ -64,6 +78,7 @@ final class SocketReactor: TaskExecutor, Sendable {
 
     private struct Waiter {
         var id: UInt64
+        var events: UInt32
         var continuation: CheckedContinuation<SocketWaitOutcome, Never>
     }
 
@@ -71,6 +86,8 @@ final class SocketReactor: TaskExecutor, Sendable {
         var waiters: [Int32: Waiter] = [:]
         /// fds currently known to the epoll set (registered and not yet removed).
         var registered: Set<Int32> = []
+        /// Each claimed socket number's current claim (``claim(fd:)``).
+        var owners: [Int32: UInt64] = [:]
     }
 
     /// Number of reactor threads.
@@ -90,6 +107,7 @@ final class SocketReactor: TaskExecutor, Sendable {
     /// waits and the reactor threads take it, so a syscall inside it makes them spin.
     private let state = Mutex(State())
     private let nextID = Atomic<UInt64>(0)
+    private let nextToken = Atomic<UInt64>(0)
 
     private init(threads: Int) {
         threadCount = threads
@@ -104,7 +122,7 @@ final class SocketReactor: TaskExecutor, Sendable {
         // Edge-triggered: one write wakes one sleeping thread, not every thread in epoll_wait
         // (the thread that gets it reads the counter back to zero).
         ev.events = UInt32(EPOLLIN.rawValue) | UInt32(EPOLLET.rawValue)
-        ev.data.fd = wakeFD
+        ev.data.u64 = Self.eventData(fd: wakeFD, id: 0)
         precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &ev) == 0, "epoll_ctl(eventfd) failed: errno \(errno)")
         let fd = epollFD
         for index in 1...threads {
@@ -116,20 +134,43 @@ final class SocketReactor: TaskExecutor, Sendable {
     /// True when the calling thread is one of this reactor's threads.
     var isCurrentThreadReactor: Bool { pthread_getspecific(threadKey) != nil }
 
-    /// Waits until `fd` is readable or writable. Cancellation of the calling Task ends the wait
-    /// with `.cancelled` when `cancellable` is true; otherwise the wait ignores cancellation.
+    /// Makes `fd` the caller's: the socket a connection just opened (or found libpq had opened
+    /// anew). Later waits, interrupts and the release name the claim; once the number is
+    /// released (closed) and claimed by another connection, they do nothing to that one.
+    func claim(fd: Int32) -> ReactorSocket {
+        guard fd >= 0 else { return .none }
+        let token = nextToken.add(1, ordering: .relaxed).newValue
+        let stale = state.withLock { s -> Waiter? in
+            s.owners[fd] = token
+            // A wait of the number's last owner that got in before this claim ends now.
+            return s.waiters.removeValue(forKey: fd)
+        }
+        stale?.continuation.resume(returning: .interrupted)
+        return ReactorSocket(fd: fd, token: token)
+    }
+
+    /// Waits until `socket` is readable or writable. Cancellation of the calling Task ends the
+    /// wait with `.cancelled` when `cancellable` is true; otherwise the wait ignores
+    /// cancellation. A socket released meanwhile (closed by another task) ends it at once
+    /// with `.interrupted`, also when its number already belongs to another connection.
+    ///
+    /// `recheck`, if given, is called once the wait is published and before it is armed; true
+    /// ends the wait with `.interrupted` (what an `interrupt` landing just before the wait
+    /// existed would have done).
     nonisolated(nonsending)
-    func wait(fd: Int32, for interest: SocketInterest, cancellable: Bool = true) async -> SocketWaitOutcome {
+    func wait(_ socket: ReactorSocket, for interest: SocketInterest, cancellable: Bool = true,
+              recheck: (@Sendable () -> Bool)? = nil) async -> SocketWaitOutcome {
         if cancellable && Task.isCancelled { return .cancelled }
         let id = nextID.add(1, ordering: .relaxed).newValue
+        let fd = socket.fd
         if !cancellable {
             return await withCheckedContinuation { cont in
-                self.arm(fd: fd, interest: interest, waiter: Waiter(id: id, continuation: cont))
+                self.arm(socket, interest: interest, id: id, continuation: cont, recheck: recheck)
             }
         }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { cont in
-                self.arm(fd: fd, interest: interest, waiter: Waiter(id: id, continuation: cont))
+                self.arm(socket, interest: interest, id: id, continuation: cont, recheck: recheck)
                 // A cancellation between the check above and the handler's installation ran
                 // `onCancel` before the waiter existed, which then found nothing to end: look
                 // again now that it is published (`resume` ends it at most once).
@@ -140,59 +181,81 @@ final class SocketReactor: TaskExecutor, Sendable {
         }
     }
 
-    /// Ends a pending wait on `fd` (if any) with `.interrupted`.
-    func interrupt(fd: Int32) {
-        resume(fd: fd, id: nil, with: .interrupted)
-    }
-
-    /// Removes `fd` from the epoll set before its owner closes it. Any pending wait ends with
-    /// `.interrupted`.
-    func forget(fd: Int32) {
+    /// Ends a pending wait on `socket` (if any) with `.interrupted`; nothing if its number
+    /// is no longer this claim's.
+    func interrupt(_ socket: ReactorSocket) {
         let waiter = state.withLock { s -> Waiter? in
-            if s.registered.remove(fd) != nil {
-                var ev = epoll_event()
-                _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &ev)
-            }
-            return s.waiters.removeValue(forKey: fd)
+            guard socket.token != 0, s.owners[socket.fd] == socket.token else { return nil }
+            return s.waiters.removeValue(forKey: socket.fd)
         }
         waiter?.continuation.resume(returning: .interrupted)
     }
 
-    private func arm(fd: Int32, interest: SocketInterest, waiter: Waiter) {
-        // Publish the waiter first, then arm the (one-shot) registration outside the lock: an
-        // event can only arrive after the arm, and it finds the waiter in place.
-        let op: Int32? = state.withLock { s in
-            if s.waiters[fd] != nil {
-                // One waiter per socket: a libpq connection is used by one task at a time.
-                return nil
+    /// Removes `socket` from the epoll set before its owner closes it; any pending wait ends
+    /// with `.interrupted`. Nothing if the number is no longer this claim's (libpq closed it
+    /// and another connection has the number now).
+    func release(_ socket: ReactorSocket) {
+        let waiter = state.withLock { s -> Waiter? in
+            guard socket.token != 0, s.owners[socket.fd] == socket.token else { return nil }
+            s.owners[socket.fd] = nil
+            if s.registered.remove(socket.fd) != nil {
+                var ev = epoll_event()
+                _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, socket.fd, &ev)
             }
-            s.waiters[fd] = waiter
-            return s.registered.insert(fd).inserted ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
+            return s.waiters.removeValue(forKey: socket.fd)
         }
-        guard let op else {
-            waiter.continuation.resume(returning: .interrupted)
-            return
-        }
-        var ev = epoll_event()
+        waiter?.continuation.resume(returning: .interrupted)
+    }
+
+    /// An event's data: the socket number and the low 32 bits of the wait's id, so that an
+    /// event of an earlier registration does not wake a later wait on the same socket.
+    private static func eventData(fd: Int32, id: UInt64) -> UInt64 {
+        UInt64(UInt32(bitPattern: fd)) | (id << 32)
+    }
+
+    private func arm(_ socket: ReactorSocket, interest: SocketInterest, id: UInt64, continuation: CheckedContinuation<SocketWaitOutcome, Never>,
+                     recheck: (@Sendable () -> Bool)? = nil) {
+        let fd = socket.fd
         let base: UInt32 = switch interest {
         case .readable: UInt32(EPOLLIN.rawValue)
         case .writable: UInt32(EPOLLOUT.rawValue)
         case .readableOrWritable: UInt32(EPOLLIN.rawValue) | UInt32(EPOLLOUT.rawValue)
         }
-        ev.events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
-        ev.data.fd = fd
-        var rc = epoll_ctl(epollFD, op, fd, &ev)
-        if rc != 0 && op == EPOLL_CTL_MOD && errno == ENOENT {
-            // The fd was closed and its number reused: register it anew.
-            rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
-        } else if rc != 0 && op == EPOLL_CTL_ADD && errno == EEXIST {
-            rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
+        let events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
+        // Publish the waiter first, then arm the (one-shot) registration outside the lock: an
+        // event can only arrive after the arm, and it finds the waiter in place.
+        let op: Int32? = state.withLock { s in
+            // Not (or no longer) this connection's socket: closed by another task, its number
+            // perhaps already another connection's. One waiter per socket: a libpq connection
+            // is used by one task at a time.
+            guard socket.token != 0, s.owners[fd] == socket.token, s.waiters[fd] == nil else { return nil }
+            s.waiters[fd] = Waiter(id: id, events: events, continuation: continuation)
+            return s.registered.insert(fd).inserted ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
+        }
+        guard let op else {
+            continuation.resume(returning: .interrupted)
+            return
+        }
+        if let recheck, recheck() {
+            resume(fd: fd, id: id, with: .interrupted)
+            return
+        }
+        let rc = control(fd: fd, op: op, events: events, id: id)
+        // An earlier wait's registration may land after this one's (its waiter was ended and
+        // this one published while its thread was between the two steps): it would leave its
+        // interest, and its id, in place of the current wait's. The current waiter's
+        // registration is made again once this one is in.
+        if rc == 0, let current = state.withLock({ s -> Waiter? in
+            guard let w = s.waiters[fd], w.id != id else { return nil }
+            return w
+        }) {
+            _ = control(fd: fd, op: EPOLL_CTL_MOD, events: current.events, id: current.id)
         }
         if rc != 0 {
             // A bad fd: let libpq discover and report the broken connection.
             let mine = state.withLock { s -> Waiter? in
                 s.registered.remove(fd)
-                guard let w = s.waiters[fd], w.id == waiter.id else { return nil }
+                guard let w = s.waiters[fd], w.id == id else { return nil }
                 s.waiters[fd] = nil
                 return w
             }
@@ -200,9 +263,28 @@ final class SocketReactor: TaskExecutor, Sendable {
         }
     }
 
-    private func resume(fd: Int32, id: UInt64?, with outcome: SocketWaitOutcome) {
+    /// `epoll_ctl` for a wait, adding the socket if it was closed and its number reused, and
+    /// modifying it if it is already known to the set.
+    private func control(fd: Int32, op: Int32, events: UInt32, id: UInt64) -> Int32 {
+        var ev = epoll_event()
+        ev.events = events
+        ev.data.u64 = Self.eventData(fd: fd, id: id)
+        var rc = epoll_ctl(epollFD, op, fd, &ev)
+        if rc != 0 && op == EPOLL_CTL_MOD && errno == ENOENT {
+            // The fd was closed and its number reused: register it anew.
+            rc = epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &ev)
+        } else if rc != 0 && op == EPOLL_CTL_ADD && errno == EEXIST {
+            rc = epoll_ctl(epollFD, EPOLL_CTL_MOD, fd, &ev)
+        }
+        return rc
+    }
+
+    /// Ends the wait on `fd` with `outcome` if it is wait `id` (any wait when nil). With
+    /// `low32`, only the id's low 32 bits are compared (an epoll event's data).
+    private func resume(fd: Int32, id: UInt64?, low32: Bool = false, with outcome: SocketWaitOutcome) {
         let waiter = state.withLock { s -> Waiter? in
-            guard let w = s.waiters[fd], id == nil || w.id == id else { return nil }
+            guard let w = s.waiters[fd] else { return nil }
+            if let id, (low32 ? w.id & 0xFFFF_FFFF : w.id) != id { return nil }
             s.waiters[fd] = nil
             return w
         }
@@ -268,13 +350,14 @@ final class SocketReactor: TaskExecutor, Sendable {
                 fatalError("epoll_wait failed: errno \(errno)")
             }
             for i in 0..<Int(n) {
-                let fd = events[i].data.fd
+                let data = events[i].data.u64
+                let fd = Int32(bitPattern: UInt32(truncatingIfNeeded: data))
                 if fd == wakeFD {
                     var value: UInt64 = 0
                     _ = read(wakeFD, &value, 8)
                     wakePending.store(false, ordering: .releasing)
                 } else {
-                    resume(fd: fd, id: nil, with: .ready)
+                    resume(fd: fd, id: data >> 32, low32: true, with: .ready)
                 }
             }
         }
