@@ -111,10 +111,11 @@ final class SocketReactor: TaskExecutor, Sendable {
 
     private init(threads: Int) {
         threadCount = threads
+        // Made at the process's first connect; without them no connection can be driven.
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
-        precondition(epollFD >= 0, "epoll_create1 failed: errno \(errno)")
+        precondition(epollFD >= 0, "PoolKit could not create its epoll set (errno \(errno)\(Self.limitHint(errno)))")
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
-        precondition(wakeFD >= 0, "eventfd failed: errno \(errno)")
+        precondition(wakeFD >= 0, "PoolKit could not create its eventfd (errno \(errno)\(Self.limitHint(errno)))")
         var key = pthread_key_t()
         precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
         threadKey = key
@@ -130,6 +131,21 @@ final class SocketReactor: TaskExecutor, Sendable {
             thread.start()
         }
     }
+
+    /// What to change when a descriptor could not be made: the open-file limit for EMFILE and
+    /// ENFILE (errno 24, 23), memory otherwise.
+    static func limitHint(_ code: Int32) -> String {
+        switch code {
+        case EMFILE: ": too many open files in this process; raise its open-file limit (ulimit -n, systemd's LimitNOFILE)"
+        case ENFILE: ": too many open files in the system (fs.file-max)"
+        case ENOMEM: ": out of memory"
+        default: ""
+        }
+    }
+
+    /// Set once an `epoll_ctl` was refused for want of resources (`fs.epoll.max_user_watches`,
+    /// memory): reported once on standard error.
+    private let watchLimitReported = Atomic<Bool>(false)
 
     /// True when the calling thread is one of this reactor's threads.
     var isCurrentThreadReactor: Bool { pthread_getspecific(threadKey) != nil }
@@ -252,14 +268,31 @@ final class SocketReactor: TaskExecutor, Sendable {
             _ = control(fd: fd, op: EPOLL_CTL_MOD, events: current.events, id: current.id)
         }
         if rc != 0 {
-            // A bad fd: let libpq discover and report the broken connection.
+            let code = errno
             let mine = state.withLock { s -> Waiter? in
                 s.registered.remove(fd)
                 guard let w = s.waiters[fd], w.id == id else { return nil }
                 s.waiters[fd] = nil
                 return w
             }
-            mine?.continuation.resume(returning: .ready)
+            guard let mine else { return }
+            if code == ENOSPC || code == ENOMEM {
+                // The socket is fine, the epoll set is full (the user's fs.epoll.max_user_watches,
+                // shared with every epoll instance of the user) or memory is short: ready at once,
+                // libpq would find nothing and wait again at once, a core spinning for as long.
+                // Looked at again every 10 ms instead, and said once.
+                if !watchLimitReported.exchange(true, ordering: .relaxed) {
+                    let message = Array("PoolKit: epoll_ctl refused a socket (errno \(code)): raise fs.epoll.max_user_watches (sysctl) or free memory; until then waits poll every 10 ms\n".utf8)
+                    _ = message.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+                }
+                Task.detached {
+                    try? await Task.sleep(for: .milliseconds(10))
+                    mine.continuation.resume(returning: .ready)
+                }
+                return
+            }
+            // A bad fd: let libpq discover and report the broken connection.
+            mine.continuation.resume(returning: .ready)
         }
     }
 
@@ -378,7 +411,7 @@ private final class ReactorThread: Sendable {
             me.body()
             return nil
         }, unmanaged.toOpaque())
-        precondition(rc == 0, "could not start the PoolKit reactor thread: \(rc)")
+        precondition(rc == 0, "could not start a PoolKit reactor thread (error \(rc)): the process is out of threads or memory (ulimit -u; POOLKIT_REACTOR_THREADS sets how many the reactor starts)")
         pthread_detach(tid)
     }
 }
