@@ -167,6 +167,31 @@ struct PingFloodTests {
         }
     }
 
+    @Test("A frame the decoder rejects while the client reads nothing: the server's 1009 cannot be written, and the connection is dropped after closeTimeout all the same")
+    func rejectedFrameWhileNotReading() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1); $0.pingInterval = .seconds(600) }) { test in
+            let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
+            try await socket.subscribe("s")
+            try await socket.stopReading()
+            // The way back filled with pongs, as in `closeWhileNotReading`.
+            let port = try #require(socket.channel.localAddress?.port)
+            try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
+                         "could not set the send buffer of the server's end of the connection: /proc/net/tcp has \(serverSocketFields(serverPort: test.port, clientPort: port).map { $0.joined(separator: " ") } ?? "no established entry")")
+            try await flood(socket, count: 20_000)
+            let drained = await eventually(120) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 }
+            #expect(drained, "the server did not read the pings")
+            // A text frame announcing 1 MiB, over maxClientMessageBytes: NIO's decoder rejects it,
+            // and its error handler closes only once its 1009 is written, which never happens.
+            var header: [UInt8] = [0x81, 0x80 | 127]
+            for shift in stride(from: 56, through: 0, by: -8) { header.append(UInt8(((1 << 20) >> shift) & 0xFF)) }
+            try await socket.send(header + [0xA1, 0x5C, 0x03, 0x7E])
+            #expect(await eventually(15) { test.server.statistics.sessions == 0 }, "the session was not released")
+            #expect(test.server.statistics.subscriptions == 0)
+            await socket.close()
+        }
+    }
+
     @Test("A client that sends its close while reading nothing is dropped after closeTimeout")
     func closeWhileNotReading() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

@@ -291,12 +291,18 @@ final class SessionChannel: Sendable {
         let channel = self.channel
         let timer = channel.eventLoop.scheduleTask(in: closeTimeout) { channel.close(promise: nil) }
         let armed = watchdog.withLock { state -> Bool in
-            guard !state.ended else { return false }
+            guard !state.ended, state.timer == nil else { return false }
             state.timer = timer
             return true
         }
         if !armed { timer.cancel() }
     }
+
+    /// A close frame went out that this session's queue did not send (NIO's answer to a frame
+    /// its decoder rejected, which closes the connection only once that frame is written): the
+    /// connection is dropped after `closeTimeout` all the same, also when the client reads
+    /// nothing and the frame is never written.
+    func closeSentElsewhere() { armWatchdog() }
 
     /// Ends the signals and the close watchdog (the session is over).
     func finishSignals() {

@@ -248,8 +248,12 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.debug("socket error: \(error)")
         // A frame the decoder rejected: NIO's protocol error handler sends 1002 or 1009 and
-        // closes once that frame is written. Anything else ends the connection now.
-        if error is NIOWebSocketError { return }
+        // closes once that frame is written, which a client that reads nothing never lets
+        // happen: dropped after closeTimeout then. Anything else ends the connection now.
+        if error is NIOWebSocketError {
+            session.closeSentElsewhere()
+            return
+        }
         context.close(promise: nil)
     }
 
