@@ -167,20 +167,27 @@ struct PingFloodTests {
         }
     }
 
+    /// A subscribed client that reads nothing, with the way back filled by 2.6 MB of pongs
+    /// against about 200 KB of buffers (the server's send buffer fixed, see `pingFlood`), read
+    /// by the server: nothing the server writes to it now goes out.
+    func stuckClient(_ test: TestServer) async throws -> TestConnection {
+        let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
+        try await socket.subscribe("s")
+        try await socket.stopReading()
+        let port = try #require(socket.channel.localAddress?.port)
+        try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
+                     "could not set the send buffer of the server's end of the connection: /proc/net/tcp has \(serverSocketFields(serverPort: test.port, clientPort: port).map { $0.joined(separator: " ") } ?? "no established entry")")
+        try await flood(socket, count: 20_000)
+        let drained = await eventually(120) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 }
+        #expect(drained, "the server did not read the pings")
+        return socket
+    }
+
     @Test("A frame the decoder rejects while the client reads nothing: the server's 1009 cannot be written, and the connection is dropped after closeTimeout all the same")
     func rejectedFrameWhileNotReading() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
         try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1); $0.pingInterval = .seconds(600) }) { test in
-            let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
-            try await socket.subscribe("s")
-            try await socket.stopReading()
-            // The way back filled with pongs, as in `closeWhileNotReading`.
-            let port = try #require(socket.channel.localAddress?.port)
-            try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
-                         "could not set the send buffer of the server's end of the connection: /proc/net/tcp has \(serverSocketFields(serverPort: test.port, clientPort: port).map { $0.joined(separator: " ") } ?? "no established entry")")
-            try await flood(socket, count: 20_000)
-            let drained = await eventually(120) { serverReceiveQueue(serverPort: test.port, clientPort: port) == 0 }
-            #expect(drained, "the server did not read the pings")
+            let socket = try await stuckClient(test)
             // A text frame announcing 1 MiB, over maxClientMessageBytes: NIO's decoder rejects it,
             // and its error handler closes only once its 1009 is written, which never happens.
             var header: [UInt8] = [0x81, 0x80 | 127]
@@ -195,18 +202,8 @@ struct PingFloodTests {
     @Test("A client that sends its close while reading nothing is dropped after closeTimeout")
     func closeWhileNotReading() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)
-        try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1) }) { test in
-            let socket = try await connectWebSocket(port: test.port, receiveBuffer: 64 * 1024)
-            try await socket.subscribe("s")
-            try await socket.stopReading()
-            // Fill the way back with pongs, so the server's answer to the close cannot be
-            // written: 2.6 MB of them, against about 200 KB of buffers with the server's send
-            // buffer fixed (see `pingFlood`).
-            let port = try #require(socket.channel.localAddress?.port)
-            try #require(await eventually(10) { setServerSendBuffer(serverPort: test.port, clientPort: port, bytes: 32 * 1024) },
-                         "could not set the send buffer of the server's end of the connection: /proc/net/tcp has \(serverSocketFields(serverPort: test.port, clientPort: port).map { $0.joined(separator: " ") } ?? "no established entry")")
-            try await flood(socket, count: 20_000)
-            try await Task.sleep(for: .milliseconds(500))
+        try await withTestServer(source: source, alone: true, configure: { $0.closeTimeout = .seconds(1); $0.pingInterval = .seconds(600) }) { test in
+            let socket = try await stuckClient(test)
             try await socket.sendClose(1000)
             #expect(await eventually(10) { test.server.statistics.sessions == 0 }, "the session was not released")
             #expect(test.server.statistics.subscriptions == 0)
