@@ -62,6 +62,31 @@ struct SessionHandlerTests {
         }
     }
 
+    @Test("A ping or pong with a reserved bit set (no extension was agreed: RFC 6455 5.2) is answered with 1002, like a data frame with one",
+          arguments: [0x9, 0xA])
+    func reservedBitsOnControlFrames(opcode: Int) async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.send(maskedFrame(opcode: UInt8(opcode), [0x41], rsv: 0x4))
+            #expect(try await socket.receiveClose() == 1002)
+            await socket.close()
+        }
+    }
+
+    @Test("A close with a registered code a client may send (1012 service restart, 1013 try again later, 1014 bad gateway, 1000, 4000) is answered with 1000, not 1002",
+          arguments: [1000, 1012, 1013, 1014, 4000])
+    func registeredCloseCodes(code: Int) async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.send(maskedFrame(opcode: 0x8, [UInt8(code >> 8), UInt8(code & 0xFF)]))
+            #expect(try await socket.receiveClose() == 1000, "close \(code)")
+            #expect(await eventually { test.server.statistics.sessions == 0 })
+            await socket.close()
+        }
+    }
+
     @Test("A close frame without a payload is answered with 1000")
     func emptyClose() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

@@ -87,7 +87,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .connectionClose:
             receivedClose(frame, context: context)
         case .ping:
-            guard frame.fin else { return session.close(.protocolError) }
+            guard frame.fin, frame.reservedBits.isEmpty else { return session.close(.protocolError) }
             guard !closeReceived else { return }
             if context.channel.isWritable {
                 pong(frame.unmaskedData, context: context)
@@ -97,7 +97,8 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
                 unansweredPing = frame.unmaskedData
             }
         case .pong:
-            if !frame.fin { session.close(.protocolError) }  // the AutoPingHandler saw it already
+            // (the AutoPingHandler saw it already)
+            if !frame.fin || !frame.reservedBits.isEmpty { session.close(.protocolError) }
         case .text, .binary, .continuation:
             guard !closeReceived, session.isOpen else { return }  // closing: wait for the client's close frame
             guard frame.reservedBits.isEmpty else { return session.close(.protocolError) }
@@ -226,14 +227,16 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// The code to answer a client's close frame with: 1000 for a well-formed one; 1002 for
-    /// reserved bits, a one-byte payload, a code no endpoint may send, or a reason that is
-    /// not UTF-8.
+    /// reserved bits, a one-byte payload, a code no endpoint may send (1004-1006, 1015, or
+    /// one outside every range), or a reason that is not UTF-8.
     static func echoCode(_ frame: WebSocketFrame) -> WebSocketCloseCode {
         guard frame.reservedBits.isEmpty else { return .protocolError }
         var data = frame.unmaskedData
         if data.readableBytes == 0 { return .normalClosure }
         guard let code = data.readInteger(as: UInt16.self) else { return .protocolError }
-        let sendable = (1000...1003).contains(code) || (1007...1011).contains(code) || (3000...4999).contains(code)
+        // 1012-1014 are registered with IANA (service restart, try again later, bad gateway):
+        // an endpoint may send them (this server sends 1013 itself).
+        let sendable = (1000...1003).contains(code) || (1007...1014).contains(code) || (3000...4999).contains(code)
         guard sendable, String(validating: data.readableBytesView, as: UTF8.self) != nil else { return .protocolError }
         return .normalClosure
     }
