@@ -225,6 +225,25 @@ struct ServerProtocolTests {
         }
     }
 
+    @Test("since ahead of this server's stream, when the database cannot be asked whether it issued it: refused with internal (retry), not taken unchecked")
+    func sinceAheadUncheckable() async throws {
+        struct Unreachable: Error {}
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        source.publish(itemInserts(1...3))
+        try await withTestServer(source: source, configure: { $0.walPosition = { throw Unreachable() } }) { test in
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.sendText(#"{"type":"subscribe","id":"f","table":"items","since":"FFFFFFFFFFFFFFFF.00000000"}"#)
+            let answer = try await socket.receiveJSON()
+            #expect(answer["type"] as? String == "error" && answer["code"] as? String == "internal", "\(answer)")
+            #expect((answer["message"] as? String)?.contains("retry") == true, "\(answer)")
+            #expect(test.server.statistics.subscriptions == 0)
+            // A cursor the stream holds needs no question: taken.
+            let held = itemInserts([2])[0].cursor.description
+            #expect(try await socket.subscribe("g", since: held) == held)
+            await socket.close()
+        }
+    }
+
     @Test("a schema change that drops, renames or retypes a filtered column ends the subscriptions it breaks with invalid_filter; the others go on, and the id can be subscribed again")
     func schemaChangeEndsBrokenSubscriptions() async throws {
         let source = InMemoryChangeSource(catalog: serverCatalog)

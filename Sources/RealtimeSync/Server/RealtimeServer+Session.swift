@@ -145,9 +145,24 @@ extension RealtimeServer {
         let id = subscription.id
         if since > source.currentCursor, let walPosition = configuration.walPosition {
             // Ahead of this server's stream: a lagging instance's normal case, unless the
-            // cursor is ahead of the database itself. (If the database cannot be asked, the
-            // subscription proceeds as before.)
-            if let wal = try? await walPosition(), since.commitLSN > wal {
+            // cursor is ahead of the database itself. The question takes a pooled connection:
+            // asked under the snapshots' gate (`maxConcurrentSnapshots`), so that a burst of
+            // such resumes (clients back after a restart, while the stream catches up) cannot
+            // take every connection the service's own jobs need.
+            let admitted = await snapshotGate.enter()
+            guard admitted else { return }
+            let wal: LSN
+            do {
+                defer { snapshotGate.leave() }
+                wal = try await walPosition()
+            } catch {
+                // Unchecked, a foreign cursor would be taken and stay silent until the stream
+                // passed it, then skip what lay before it: refused, and the client retries.
+                session.enqueue(ProtocolError(.internal, id: id,
+                    "since \(since) is ahead of this server's stream, and the database could not be asked whether it issued it (\(error)); retry later").serverMessage)
+                return
+            }
+            if since.commitLSN > wal {
                 session.enqueue(ProtocolError(.invalidMessage, id: id,
                     "since \(since) is ahead of this database's WAL (\(Cursor(commitLSN: wal, index: 0))): the cursor was not issued by this database (another one, or one restored from a backup); subscribe without since, or with snapshot").serverMessage)
                 return

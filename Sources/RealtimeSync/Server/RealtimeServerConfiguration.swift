@@ -134,8 +134,9 @@ public struct RealtimeServerConfiguration: Sendable {
     /// Reads the database's current WAL position. A `since` cursor beyond it cannot have come
     /// from this database (another database, or one restored from a backup) and is refused
     /// with `invalid_message`; without the check such a subscription would stay silent until
-    /// the stream passed the cursor. nil: not checked. `RealtimeService` sets it (a pooled
-    /// connection, asked only for a `since` ahead of the server's own stream).
+    /// the stream passed the cursor. nil: not checked (such a cursor is taken). `RealtimeService`
+    /// sets it (a pooled connection, asked only for a `since` ahead of the server's own stream,
+    /// under `maxConcurrentSnapshots`' gate); when it throws, the subscription gets `internal`.
     public var walPosition: (@Sendable () async throws -> LSN)?
     /// Most rows a snapshot may send (after the filter); more gives `snapshot_too_large`. Default 10,000.
     public var snapshotMaxRows: Int
