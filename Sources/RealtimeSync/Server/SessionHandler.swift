@@ -44,6 +44,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var closeReceived = false
     /// The latest ping that came while the channel was not writable.
     private var unansweredPing: ByteBuffer?
+    /// Pongs written in this read batch, flushed together at its end (one `writev` for a
+    /// read of thousands of pings, not one each, which held the event loop's other sockets).
+    private var pongsUnflushed = false
     private var inactive = false
     private var ended = false
 
@@ -90,7 +93,8 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
             guard frame.fin, frame.reservedBits.isEmpty else { return session.close(.protocolError) }
             guard !closeReceived else { return }
             if context.channel.isWritable {
-                pong(frame.unmaskedData, context: context)
+                context.write(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
+                pongsUnflushed = true
             } else {
                 // A client that pings but does not read would otherwise grow NIO's pending
                 // writes without bound. RFC 6455 5.5.3 allows answering only the most recent ping.
@@ -106,6 +110,14 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
         default:
             session.close(.protocolError)  // a reserved opcode
         }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if pongsUnflushed {
+            pongsUnflushed = false
+            context.flush()
+        }
+        context.fireChannelReadComplete()
     }
 
     private func pong(_ payload: ByteBuffer, context: ChannelHandlerContext) {
