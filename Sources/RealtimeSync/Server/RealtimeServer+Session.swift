@@ -196,14 +196,20 @@ extension RealtimeServer {
                 }
                 guard session.isOpen else { return }
                 let covered = lastCovered
+                // Matched and encoded before the state lock, which the fan-out and every other
+                // socket share (a thousand clients catching up after a restart held it for every
+                // change of their windows, encoding included).
+                let frame: [UInt8]? =
+                    TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation) && subscription.filter.matches(event)
+                    ? EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id]) : nil
                 let joined = state.withLock { state -> Bool in
                     let cursor = event.cursor
                     if cursor > state.lastDelivered {
                         state.join(subscription, client: session.id, lastCovered: covered)
                         return true
                     }
-                    if TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation) && subscription.filter.matches(event) {
-                        if session.enqueue(EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id])) == .overflow {
+                    if let frame {
+                        if session.enqueue(frame) == .overflow {
                             state.dropClient(session.id)
                             logger.notice("slow consumer closed with 1013 during a since catch-up (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
                                           metadata: ["id": "\(id)", "since": "\(since)"])
