@@ -283,6 +283,34 @@ struct ChangeStreamFailureTests {
         }
     }
 
+    @Test("A slot's creation that waits for a transaction left open says so (statistics.lastError names pg_stat_activity and pg_prepared_xacts), and the stream starts once the transaction ends")
+    func slotCreationWaitsForAnOpenTransaction() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = try await createServiceTable(url: url)
+            let slot = uniqueCaptureName("waiting")
+            let holder = try await PostgresConnection.connect(to: url)
+            _ = try await holder.execute("BEGIN; INSERT INTO \(table) (status) VALUES ('held open')")
+            let stream = ChangeStream(.init(connectionString: url, slotName: slot, publicationName: slot + "_pub", tables: [table]))
+            let running = Task { try await stream.run() }
+            func within(_ seconds: Double, _ condition: () -> Bool) async throws -> Bool {
+                let end = ContinuousClock.now + .seconds(seconds)
+                while !condition() && ContinuousClock.now < end { try await Task.sleep(for: .milliseconds(50)) }
+                return condition()
+            }
+            let said = try await within(30) { stream.statistics.lastError?.contains("pg_prepared_xacts") == true }
+            #expect(said, "lastError: \(stream.statistics.lastError ?? "nil")")
+            #expect(stream.statistics.oldestResumable == nil, "started while the transaction was open")
+            _ = try await holder.execute("ROLLBACK")
+            await holder.close()
+            #expect(try await within(30) { stream.statistics.oldestResumable != nil }, "the stream did not start once the transaction ended")
+            #expect(stream.statistics.lastError == nil)
+            stream.stop()
+            _ = await running.result
+            try? await runSQL(url, "SELECT pg_drop_replication_slot('\(slot)')")
+            try? await runSQL(url, "DROP PUBLICATION IF EXISTS \(slot)_pub")
+        }
+    }
+
     @Test("wal_level other than logical: a setup error naming the setting and the fix; run() fails with it")
     func walLevelNotLogical() async throws {
         try await withPrivateCluster(.init(settings: ["wal_level": "replica"])) { pg in

@@ -374,7 +374,7 @@ public final class ChangeStream: Service, Sendable {
                 // someone else, it would start after changes this stream never read: a gap.
                 let streamed = state.withLock { $0.streamed }
                 if !streamed {
-                    try await repl.createSlotIfMissing(configuration.slotName)
+                    try await createSlotSayingWhyItWaits(repl)
                 }
                 // What counts as a shutdown's quick reply requests: see ReplyRequests.
                 var quickReplies = Duration.seconds(1)
@@ -745,6 +745,32 @@ public final class ChangeStream: Service, Sendable {
         case "55006", "57P01", "57P02", "57P03", "53300": return true  // slot in use, shutdown, starting, too many connections
         case let state? where state.hasPrefix("08"): return true
         default: return false
+        }
+    }
+
+    /// Creates the slot unless it exists. Creating one waits for every transaction that holds
+    /// a transaction id to end, in any database of the cluster: a session left idle in a
+    /// transaction, or a forgotten prepared transaction, holds it for as long as it stays.
+    /// After 5 s of that, the wait is said (a warning, and `statistics.lastError`), naming
+    /// where to look, instead of a start that hangs with nothing to show.
+    private func createSlotSayingWhyItWaits(_ repl: ReplicationConnection) async throws {
+        let slot = configuration.slotName
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await repl.createSlotIfMissing(slot)
+                return true
+            }
+            group.addTask { [self] in
+                try await Task.sleep(for: .seconds(5))
+                let note = "creating replication slot \(slot) waits for transactions that were open when it began to end (a session idle in a transaction, or a prepared transaction, in any database of the cluster: see pg_stat_activity rows with a backend_xid, and pg_prepared_xacts); it goes on once they end"
+                state.withLock { $0.lastError = note }
+                configuration.logger.warning("\(note)", metadata: ["slot": "\(slot)"])
+                return false
+            }
+            while let created = try await group.next() {
+                if created { break }
+            }
+            group.cancelAll()
         }
     }
 
