@@ -437,16 +437,22 @@ public final class ChangeStream: Service, Sendable {
                 state.withLock { $0.identity = identity }
                 decoder.reset()
                 assembler.abandonOpenTransaction()
-                try await repl.startReplication(
-                    slot: configuration.slotName, startLSN: start.rawValue,
-                    options: [("proto_version", "1"), ("publication_names", try quotedPublication()),
-                              ("messages", "true")],
-                    statusInterval: configuration.statusInterval)
-                // This stream holds the slot now, so its position cannot move any more; it may
-                // have moved since it was read (another instance streamed the slot until a moment
-                // ago, pg_replication_slot_advance), and Postgres starts at the later of the two.
+                // The connection for the question below is opened before the stream starts: from
+                // START_REPLICATION until the reader runs nobody answers the walsender's reply
+                // requests, so that gap is one query, not a connect (with a short
+                // wal_sender_timeout, a connect there ended the session, again at every retry).
+                let held: LSN? = try await withSQL { sql in
+                    try await repl.startReplication(
+                        slot: configuration.slotName, startLSN: start.rawValue,
+                        options: [("proto_version", "1"), ("publication_names", try quotedPublication()),
+                                  ("messages", "true")],
+                        statusInterval: configuration.statusInterval)
+                    // This stream holds the slot now, so its position cannot move any more; it may
+                    // have moved since it was read (another instance streamed the slot until a moment
+                    // ago, pg_replication_slot_advance), and Postgres starts at the later of the two.
+                    return try await CaptureSetup.confirmedFlush(sql, slot: configuration.slotName)
+                }
                 var streamStart = start
-                let held = try await withSQL { try await CaptureSetup.confirmedFlush($0, slot: configuration.slotName) }
                 if streamed {
                     // After streaming, a later start is a gap.
                     if let held, held > start { throw slotMoved(to: held, from: start) }
