@@ -25,7 +25,7 @@ enum ReadmeSnippets {
     static func scheduler() async throws {
         let scheduler = JobScheduler()
         let handle = try scheduler.schedule(.every(.seconds(5)),
-                                            options: .init(name: "sync", overlap: .queueOne, timeout: .seconds(30))) { ctx in
+                                            options: .init(name: "sync", overlap: .queueOne, timeout: .seconds(30), ownMetrics: true)) { ctx in
             ctx.logger.info("sync run", metadata: ["attempt": "\(ctx.attempt)"])
         }
         try scheduler.schedule(try .cron("0 3 * * *", timeZone: TimeZone(identifier: "Europe/Berlin")!)) { _ in }
@@ -103,7 +103,7 @@ enum ReadmeSnippets {
     static func schedulerGuide(logger: Logger, syncOnce: @escaping @Sendable () async throws -> Void) async throws {
         let scheduler = JobScheduler()
         let sync = try scheduler.schedule(.every(.seconds(5)),
-                                          options: .init(name: "sync", overlap: .queueOne, timeout: .seconds(30))) { ctx in
+                                          options: .init(name: "sync", overlap: .queueOne, timeout: .seconds(30), ownMetrics: true)) { ctx in
             ctx.logger.info("sync", metadata: ["late": "\(ctx.lateness)"])
             try await syncOnce()
         }
