@@ -540,6 +540,34 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("close() from another task while the listener is between its step and its wait, the socket's number already another file's: the wait ends at once and the iteration finishes")
+    func closeWhileListenerIsAboutToWait() async throws {
+        try await TestDatabase.withDatabase { url in
+            let conn = try await PostgresConnection.connect(to: url)
+            try await conn.listen("closing_\(UInt32.random(in: 0...UInt32.max))")
+            try conn.beginListening()
+            defer { conn.endListening() }
+            guard case .waitSocket(let socket) = try conn.nextNotificationStep() else {
+                Issue.record("expected the listener to wait on the socket")
+                return
+            }
+            await conn.close()   // idle: closed at once, its socket released and freed
+            // The process's next file gets the number (dup2: at once, without racing other tests).
+            var pair: [Int32] = [-1, -1]
+            try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+            try #require(dup2(pair[0], socket.fd) == socket.fd)
+            defer { close(socket.fd); close(pair[0]); close(pair[1]) }
+            // Before, this wait registered on the other file and slept as long as it stayed quiet.
+            let outcome = try await withTimeout(.seconds(10)) { await conn.waitForNotifications(on: socket) }
+            #expect(outcome == .interrupted)
+            conn.leftSocket()
+            guard case .finished = try conn.nextNotificationStep() else {
+                Issue.record("the iteration did not finish on a closed connection")
+                return
+            }
+        }
+    }
+
     @Test("connecting to a closed port fails fast, naming host and port")
     func closedPort() async throws {
         // A timing bound: hold the shared lock so that the CPU-heaviest tests (exclusive) do not run beside it.
