@@ -153,10 +153,10 @@ struct ChangeHubTests {
         var fastIterator = fast.makeAsyncIterator()
         var fastSeen: [ChangeEvent] = []
         for (n, lsn) in [0x200, 0x300, 0x400].enumerated() {
-            _ = hub.deliver(committed(lsn: UInt64(lsn), firstID: n * 3 + 1, count: 3))
-            for _ in 0..<3 { fastSeen.append(try #require(try await fastIterator.next())) }
+            _ = hub.deliver(committed(lsn: UInt64(lsn), firstID: n * 2 + 1, count: 2))
+            for _ in 0..<2 { fastSeen.append(try #require(try await fastIterator.next())) }
         }
-        #expect(ids(fastSeen) == Array(1...9))
+        #expect(ids(fastSeen) == Array(1...6))
         var got: [ChangeEvent] = []
         do {
             for try await event in slow { got.append(event) }
@@ -165,9 +165,9 @@ struct ChangeHubTests {
             #expect(error.code == .consumerTooSlow)
             #expect(error.resumeAfter == got.last?.cursor)
         }
-        // 3 fit in 5; the next 3 count as 2 (a transaction counts at most half the limit), so
-        // 3 + 2 fit too; with 6 queued, the third transaction does not.
-        #expect(ids(got) == [1, 2, 3, 4, 5, 6])
+        // Transactions of 2 (at most half the limit, so counted whole): 2 and 2 fit in 5; with
+        // 4 queued, the third does not.
+        #expect(ids(got) == [1, 2, 3, 4])
         #expect(hub.snapshot().cutOff == 1)
     }
 
@@ -216,8 +216,9 @@ struct ChangeHubTests {
                 read += 1
             }
         }
-        // Each 25-change transaction counts as 5 (half the limit) and gives back 1 per 5 read:
-        // 5, then 4 + 5, then 8 + 5 > 10: the third is refused.
+        // Each 25-change transaction counts as 5 (half the limit), gives back 1 per 5 read, and
+        // is let in while what is queued counts at most 10: 5; 4 + 5; 8 + 5; then 12 > 10, and
+        // the fourth is refused.
         #expect(hub.snapshot().cutOff == 1)
         do {
             while let event = try await iterator.next() { #expect(id(event) == read + 1); read += 1 }
@@ -225,8 +226,24 @@ struct ChangeHubTests {
             cutOff = error
         }
         #expect(cutOff?.code == .consumerTooSlow)
-        #expect(read == 50, "it received the two transactions it was given, whole")
-        #expect(cutOff?.resumeAfter == Cursor(commitLSN: LSN(0x1100), index: 24), "the last change of the second transaction")
+        #expect(read == 75, "it received the three transactions it was given, whole")
+        #expect(cutOff?.resumeAfter == Cursor(commitLSN: LSN(0x1200), index: 24), "the last change of the third transaction")
+    }
+
+    @Test("A run of large transactions committed back to back (a batched backfill) reaches a consumer still reading the first, whole: it is not cut off")
+    func backToBackLargeTransactions() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 10)
+        hub.openWindow(origin: LSN(0x100))
+        let reader = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
+        _ = hub.deliver(committed(lsn: 0x1000, firstID: 1, count: 25))
+        #expect(ids(try await drain(reader, 3)) == [1, 2, 3])
+        _ = hub.deliver(committed(lsn: 0x1100, firstID: 26, count: 25))
+        _ = hub.deliver(committed(lsn: 0x1200, firstID: 51, count: 25))
+        #expect(hub.snapshot().cutOff == 0)
+        #expect(ids(try await drain(reader, 72)) == Array(4...75))
+        _ = hub.deliver(committed(lsn: 0x1300, firstID: 76, count: 2))
+        #expect(ids(try await drain(reader, 2)) == [76, 77])
+        #expect(hub.snapshot().cutOff == 0)
     }
 
     @Test("Dropping a subscription unregisters it; close ends consumers after their queue")

@@ -226,12 +226,15 @@ final class ChangeHub: Sendable {
                         batch = batch.drop(while: { $0.cursor <= after })
                         if batch.isEmpty { continue }
                     }
-                    // A transaction is never split, and one larger than the limit (an UPDATE of
-                    // 150,000 rows) must not cut off a consumer that keeps up: it counts as at
-                    // most half the limit. (Its events are held by the window anyway.) A consumer
-                    // that stops reading is cut off at the latest at the third such transaction.
+                    // A transaction is never split, and one larger than half the limit (an UPDATE
+                    // of 150,000 rows) must not cut off a consumer that keeps up: it counts as half
+                    // the limit, and is let in while what is queued counts no more than the limit,
+                    // so that a run of them committed back to back (a batched backfill) reaches a
+                    // consumer still reading the first. A consumer that stops reading is cut off
+                    // at the fourth; one that reads less of them than arrives, a little later.
                     let counted = min(batch.count, max(1, bufferLimit / 2))
-                    if sub.charged + counted > sub.capacity {
+                    let large = counted < batch.count
+                    if large ? sub.charged > sub.capacity : sub.charged + counted > sub.capacity {
                         s.cutOff += 1
                         let last = sub.buffer.last?.cursor ?? sub.lastDelivered
                         sub.ending = .some(ChangeStreamError(.consumerTooSlow,
