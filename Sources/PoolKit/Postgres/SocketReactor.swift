@@ -103,11 +103,16 @@ final class SocketReactor: TaskExecutor, Sendable {
     private let wakePending = Atomic<Bool>(false)
     /// Marks reactor threads (a non-nil value), to enqueue from them without a wake-up.
     private let threadKey: pthread_key_t
-    /// Held only for dictionary updates, never across a system call: every statement that
-    /// waits and the reactor threads take it, so a syscall inside it makes them spin.
+    /// Held for dictionary updates, and across a system call only on two rare paths (a
+    /// release's `EPOLL_CTL_DEL`, and the re-registration after a wait ended early, see
+    /// `arm`): every statement that waits and the reactor threads take it.
     private let state = Mutex(State())
     private let nextID = Atomic<UInt64>(0)
     private let nextToken = Atomic<UInt64>(0)
+    /// Counts waits ended by anything but their socket's event (interrupt, cancellation, a
+    /// claim, a release, a recheck, a failed arm): only such a wait can have its registration
+    /// land after a later wait's (see `arm`).
+    private let earlyEnds = Atomic<UInt64>(0)
 
     private init(threads: Int) {
         threadCount = threads
@@ -159,7 +164,7 @@ final class SocketReactor: TaskExecutor, Sendable {
         let stale = state.withLock { s -> Waiter? in
             s.owners[fd] = token
             // A wait of the number's last owner that got in before this claim ends now.
-            return s.waiters.removeValue(forKey: fd)
+            return endedEarly(s.waiters.removeValue(forKey: fd))
         }
         stale?.continuation.resume(returning: .interrupted)
         return ReactorSocket(fd: fd, token: token)
@@ -202,7 +207,7 @@ final class SocketReactor: TaskExecutor, Sendable {
     func interrupt(_ socket: ReactorSocket) {
         let waiter = state.withLock { s -> Waiter? in
             guard socket.token != 0, s.owners[socket.fd] == socket.token else { return nil }
-            return s.waiters.removeValue(forKey: socket.fd)
+            return endedEarly(s.waiters.removeValue(forKey: socket.fd))
         }
         waiter?.continuation.resume(returning: .interrupted)
     }
@@ -218,9 +223,15 @@ final class SocketReactor: TaskExecutor, Sendable {
                 var ev = epoll_event()
                 _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, socket.fd, &ev)
             }
-            return s.waiters.removeValue(forKey: socket.fd)
+            return endedEarly(s.waiters.removeValue(forKey: socket.fd))
         }
         waiter?.continuation.resume(returning: .interrupted)
+    }
+
+    /// Counts `waiter` (if any) as a wait ended by something else than its event. Under the lock.
+    private func endedEarly(_ waiter: Waiter?) -> Waiter? {
+        if waiter != nil { earlyEnds.add(1, ordering: .releasing) }
+        return waiter
     }
 
     /// An event's data: the socket number and the low 32 bits of the wait's id, so that an
@@ -240,11 +251,13 @@ final class SocketReactor: TaskExecutor, Sendable {
         let events = base | UInt32(EPOLLONESHOT.rawValue) | UInt32(EPOLLRDHUP.rawValue)
         // Publish the waiter first, then arm the (one-shot) registration outside the lock: an
         // event can only arrive after the arm, and it finds the waiter in place.
+        var endsAtPublish: UInt64 = 0
         let op: Int32? = state.withLock { s in
             // Not (or no longer) this connection's socket: closed by another task, its number
             // perhaps already another connection's. One waiter per socket: a libpq connection
             // is used by one task at a time.
             guard socket.token != 0, s.owners[fd] == socket.token, s.waiters[fd] == nil else { return nil }
+            endsAtPublish = earlyEnds.load(ordering: .relaxed)
             s.waiters[fd] = Waiter(id: id, events: events, continuation: continuation)
             return s.registered.insert(fd).inserted ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
         }
@@ -257,15 +270,17 @@ final class SocketReactor: TaskExecutor, Sendable {
             return
         }
         let rc = control(fd: fd, op: op, events: events, id: id)
-        // An earlier wait's registration may land after this one's (its waiter was ended and
-        // this one published while its thread was between the two steps): it would leave its
-        // interest, and its id, in place of the current wait's. The current waiter's
-        // registration is made again once this one is in.
-        if rc == 0, let current = state.withLock({ s -> Waiter? in
-            guard let w = s.waiters[fd], w.id != id else { return nil }
-            return w
-        }) {
-            _ = control(fd: fd, op: EPOLL_CTL_MOD, events: current.events, id: current.id)
+        // A wait ended early (interrupted, cancelled) while its thread was between publishing
+        // and registering, followed by a later wait on the same socket, has its registration
+        // land after the later one's: it would leave its interest, and its id, in place of the
+        // current wait's. So a wait that finds an early end since its publication makes the
+        // current waiter's registration again, under the lock (a later wait publishes only
+        // after it, so this cannot in turn overwrite a newer one). Otherwise, one atomic load.
+        if rc == 0, earlyEnds.load(ordering: .acquiring) != endsAtPublish {
+            state.withLock { s in
+                guard let current = s.waiters[fd], current.id != id else { return }
+                _ = control(fd: fd, op: EPOLL_CTL_MOD, events: current.events, id: current.id)
+            }
         }
         if rc != 0 {
             let code = errno
@@ -273,7 +288,7 @@ final class SocketReactor: TaskExecutor, Sendable {
                 s.registered.remove(fd)
                 guard let w = s.waiters[fd], w.id == id else { return nil }
                 s.waiters[fd] = nil
-                return w
+                return endedEarly(w)
             }
             guard let mine else { return }
             if code == ENOSPC || code == ENOMEM {
@@ -285,8 +300,7 @@ final class SocketReactor: TaskExecutor, Sendable {
                     let message = Array("PoolKit: epoll_ctl refused a socket (errno \(code)): raise fs.epoll.max_user_watches (sysctl) or free memory; until then waits poll every 10 ms\n".utf8)
                     _ = message.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
                 }
-                Task.detached {
-                    try? await Task.sleep(for: .milliseconds(10))
+                DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(10)) {
                     mine.continuation.resume(returning: .ready)
                 }
                 return
@@ -319,7 +333,7 @@ final class SocketReactor: TaskExecutor, Sendable {
             guard let w = s.waiters[fd] else { return nil }
             if let id, (low32 ? w.id & 0xFFFF_FFFF : w.id) != id { return nil }
             s.waiters[fd] = nil
-            return w
+            return low32 ? w : endedEarly(w)
         }
         waiter?.continuation.resume(returning: outcome)
     }
