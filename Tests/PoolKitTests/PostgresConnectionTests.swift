@@ -537,6 +537,22 @@ struct PostgresConnectionTests {
                 return
             }
             #expect(n.payload == "between")
+            // The same with a multi-statement query, whose notification libpq parses only while
+            // handing out the results after the first.
+            guard case .waitSocket(let again) = try conn.nextNotificationStep() else {
+                Issue.record("expected the listener to wait on the socket")
+                return
+            }
+            try await conn.execute("SELECT pg_notify('\(channel)', 'behind a result'); SELECT 1")
+            #expect(conn.hasBufferedNotifications)
+            let second = try await withTimeout(.seconds(10)) { await conn.waitForNotifications(on: again) }
+            #expect(second == .interrupted)
+            conn.leftSocket()
+            guard case .deliver(let m) = try conn.nextNotificationStep() else {
+                Issue.record("the buffered notification was not delivered")
+                return
+            }
+            #expect(m.payload == "behind a result")
         }
     }
 

@@ -656,7 +656,14 @@ public final class PostgresConnection: @unchecked Sendable {
                 }
                 if copyOut, try !drainCopyOut() { return .wait(s.socket, .readable) }
                 while PQisBusy(pg) == 0 {
-                    guard let r = PQgetResult(pg) else { return .done }
+                    guard let r = PQgetResult(pg) else {
+                        // Notifications libpq parsed while handing out the results (behind a
+                        // result of a multi-statement query) go to the buffer now, not at the
+                        // next statement: the socket is empty, so nothing else would wake a
+                        // listener for them.
+                        drainNotifications(pg, into: &s)
+                        return .done
+                    }
                     let box = ResultBox(r)
                     let status = PQresultStatus(r)
                     switch status {
