@@ -145,6 +145,24 @@ struct PoolMetricsTests {
         }
     }
 
+    @Test("a lease whose idle connection turns out broken is one wait_time sample: the wait for its replacement, not a zero for the discarded one as well",
+          arguments: [true, false])
+    func brokenIdleIsOneSample(striped: Bool) async throws {
+        let (metrics, configuration) = metered("idle-broken") { $0.maxOpen = 1; $0.minIdle = 1; $0.cpuLocalCache = striped }
+        let name = ("db.client.connection.pool.name", "idle-broken")
+        try await withRunningPool(configuration, factory: MockFactory(clean: true)) { pool, _, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let first = try await pool.lease()
+            await pool.release(first)   // idle again (in this CPU's slot when striped)
+            first.connection.breakIt()
+            let second = try await pool.lease()
+            #expect(second.connection !== first.connection)
+            await pool.release(second)
+            let waits = try metrics.expectTimer("db.client.connection.wait_time", [name]).values
+            #expect(waits.count == 2, "one sample per lease: \(waits)")
+        }
+    }
+
     @Test("a lease that waited past a discarded broken connection is one wait_time sample, of its whole wait")
     func oneWaitSamplePerLease() async throws {
         let (metrics, configuration) = metered("legs") { $0.maxOpen = 1; $0.minIdle = 0 }

@@ -240,6 +240,9 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         let lease: ConnectionLease<Connection>
         if let fast {
+            // Its (zero) wait is recorded once it is known to be usable: a broken one discarded
+            // sends the caller to wait, and that wait is the lease's one sample.
+            if metrics.enabled { metrics.recordNoWait() }
             lease = fast
         } else {
             lease = try await leaseWaiting(request, timeout: timeout)
@@ -321,7 +324,10 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     ) async throws -> ConnectionLease<Connection> {
         let request = Machine.Request(label: label, fileID: fileID, line: line)
         if let fast = leaseWithoutWaiting(request) {
-            if !fast.connection.isBroken { return fast }
+            if !fast.connection.isBroken {
+                if metrics.enabled { metrics.recordNoWait() }
+                return fast
+            }
             await discard(fast)
         }
         return try await leaseWaiting(request, timeout: timeout)
@@ -462,7 +468,6 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         guard let (raw, rescheduleTimer) = leased else { return nil }
         if rescheduleTimer { timerWake.signal() }
-        if metrics.enabled { metrics.recordNoWait() }
         return raw
     }
 
@@ -516,7 +521,6 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         let lent = stripes.withCurrent { stripe in
             stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, stamp: stamp) }
         }
-        if lent != nil, metrics.enabled { metrics.recordNoWait() }
         return lent
     }
 
@@ -524,9 +528,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// `maxWaiters: 0` sweep of every stripe; the fast path is `lendFromStripe`).
     private func lend(from stripe: PoolStripe, _ request: Machine.Request) -> (lease: Machine.Lease, lend: UInt64)? {
         let stamp = stripeStamp()
-        let lent = stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, stamp: stamp) }
-        if lent != nil, metrics.enabled { metrics.recordNoWait() }
-        return lent
+        return stripe.state.withLock { s in lendLocked(&s, stripe: stripe, request, stamp: stamp) }
     }
 
     /// Under `stripe`'s lock: lends its parked connection if it may (nobody waits, within
