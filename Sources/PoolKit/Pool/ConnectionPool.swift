@@ -728,8 +728,12 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
                 if result != nil { s.parked = nil }
                 return result
             }
-            // Not checked for `isBroken` since it was parked: the waiter checks.
-            if let result { _ = performReleaseResult(result, reusable: false) }
+            // Not checked for `isBroken` since it was parked: the waiter checks. (`onlyToWaiter`:
+            // a handoff or nothing, never a close, whose `closeFinished` a drain would wait for.)
+            if let result {
+                let left = performReleaseResult(result, reusable: false)
+                assert(left?.closes.isEmpty ?? true, "a stripe's sweep to a waiter closed a connection")
+            }
         }
     }
 

@@ -149,8 +149,16 @@ extension RealtimeServer {
             // asked under the snapshots' gate (`maxConcurrentSnapshots`), so that a burst of
             // such resumes (clients back after a restart, while the stream catches up) cannot
             // take every connection the service's own jobs need.
+            // Waiting for the server, not the client: the ping timeout does not count it (as
+            // for a snapshot's turn).
+            session.waitingForServer.store(true, ordering: .relaxed)
             let admitted = await snapshotGate.enter()
+            session.waitingForServer.store(false, ordering: .relaxed)
             guard admitted else { return }
+            guard session.isOpen else {
+                snapshotGate.leave()
+                return
+            }
             let wal: LSN
             do {
                 defer { snapshotGate.leave() }

@@ -345,7 +345,7 @@ public final class RealtimeService: Service, Sendable {
         serverConfiguration.shutdownHooks = [
             ShutdownHook(name: "cancel scheduler jobs", deadline: jobsDeadline) {
                 let report = await scheduler.shutdown(deadline: jobsDeadline * 0.8)
-                return report.cutOff.isEmpty ? nil : "\(report.cutOff.count) running jobs cancelled (jobsShutdownDeadline=\(jobsDeadline), 20 % of --shutdown-deadline)"
+                return report.cutOff.isEmpty ? nil : "\(report.cutOff.count) running jobs cancelled (jobsShutdownDeadline=\(jobsDeadline); --shutdown-deadline sets it)"
             },
             ShutdownHook(name: "stop capture at the shutdown position and drain the pool", deadline: captureDeadline) {
                 // Both parts within the step's deadline, whatever the capture took: the pool's
@@ -479,7 +479,7 @@ public final class RealtimeService: Service, Sendable {
         await scheduler.shutdown(deadline: .seconds(1))
         stream.stop()
         if await !captureEnded.wait(atMost: firstWait) {
-            logger.warning("capture still running after stop() (captureShutdownDeadline=\(configuration.captureShutdownDeadline), 35 % of --shutdown-deadline); cancelling it")
+            logger.warning("capture still running after stop() (captureShutdownDeadline=\(configuration.captureShutdownDeadline); --shutdown-deadline sets it); cancelling it")
             cancelComponents()
             if await !captureEnded.wait(atMost: .seconds(2)) {
                 logger.error("capture did not end within 2 s of its cancellation; leaving it behind")
