@@ -741,7 +741,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
                 startOrOverlap(s, scheduled: times[0], attempt: 1, now: now, into: &starts)
                 if n > 1 {
                     jobs[s].burstRemaining = UInt16(n - 1)
-                    burstTimes[UInt32(s)] = Array(times.dropFirst())
+                    burstTimes[UInt32(s)] = Array(times.dropFirst().reversed())  // next last: popped in place
                 }
             }
         }
@@ -751,6 +751,8 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
     }
 
     /// Scheduled times of the remaining burst runs, per job slot (rare path).
+    /// (Latest first, so that each run pops the next from the end, in place: a front removal
+    /// from a copy moved the whole array under the lock for every run of a 65,535-run burst.)
     private var burstTimes: [UInt32: [Int64]] = [:]
 
     private mutating func startOrOverlap(_ s: Int, scheduled: Int64, attempt: UInt16, now: Int64, into starts: inout [RunStart]) {
@@ -898,13 +900,18 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             jobs[s].regularDue = now.saturatingAdd(delay).saturatingAdd(jitter(jobs[s].options))
             queue.insert(UInt32(s), deadline: jobs[s].regularDue)
         }
-        if failed, let retry = jobs[s].options.retry, attempt < retry.maxAttempts {
+        // A regular occurrence already waits to start (queued behind this run by `.queueOne`,
+        // or the rest of a burst): it came first, so this run's retry is dropped and the job
+        // goes on with it at attempt 1 (`RetryPolicy`). Scheduled as well, the retry fell due
+        // while that run went on, took the queue's one place, and the next regular occurrence
+        // was skipped for it.
+        let regularWaits = jobs[s].flags.contains(.queuedRun) || jobs[s].burstRemaining > 0
+        if failed, !regularWaits, let retry = jobs[s].options.retry, attempt < retry.maxAttempts {
             _ = scheduleRetry(s, retry: retry, attempt: attempt, now: now)
         }
-        if jobs[s].burstRemaining > 0, var times = burstTimes[UInt32(s)], !times.isEmpty {
+        if jobs[s].burstRemaining > 0, let t = burstTimes[UInt32(s)]?.popLast() {
             jobs[s].burstRemaining -= 1
-            let t = times.removeFirst()
-            burstTimes[UInt32(s)] = times.isEmpty ? nil : times
+            if burstTimes[UInt32(s)]?.isEmpty == true { burstTimes[UInt32(s)] = nil }
             ready.append(self.start(s, scheduled: t, attempt: 1, now: now))
         } else if jobs[s].flags.contains(.queuedRun) {
             jobs[s].flags.remove(.queuedRun)
