@@ -47,6 +47,17 @@ struct Counts8: Sendable {
     }
 }
 
+extension UInt32 {
+    /// Adds `n` (not negative), stopping at `UInt32.max`: a job's own counts are 32 bits to
+    /// keep its record small, and a count that wrapped would read as a few where there were
+    /// billions (the scheduler's totals are 64 bits).
+    @inline(__always)
+    mutating func addSaturating(_ n: Int64) {
+        let sum = UInt64(self) &+ UInt64(Swift.max(0, n))
+        self = sum > UInt64(UInt32.max) ? .max : UInt32(sum)
+    }
+}
+
 /// State bits of a job record.
 struct JobFlags: OptionSet, Sendable {
     var rawValue: UInt8
@@ -725,17 +736,17 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         } else {
             switch jobs[s].options.missedKind {
             case 0:
-                jobs[s].stats.missed &+= UInt32(truncatingIfNeeded: k)
+                jobs[s].stats.missed.addSaturating(k)
                 totalMissed &+= UInt64(k)
                 countOwn(s) { $0.missed &+= UInt64(k) }
             case 1:
-                jobs[s].stats.coalesced &+= UInt32(truncatingIfNeeded: k - 1)
+                jobs[s].stats.coalesced.addSaturating(k - 1)
                 totalCoalesced &+= UInt64(k - 1)
                 countOwn(s) { $0.coalesced &+= UInt64(k - 1) }
                 startOrOverlap(s, scheduled: times.last!, attempt: 1, now: now, into: &starts)
             default:
                 let n = times.count
-                jobs[s].stats.missed &+= UInt32(truncatingIfNeeded: k - Int64(n))
+                jobs[s].stats.missed.addSaturating(k - Int64(n))
                 totalMissed &+= UInt64(k - Int64(n))
                 countOwn(s) { $0.missed &+= UInt64(k - Int64(n)) }
                 startOrOverlap(s, scheduled: times[0], attempt: 1, now: now, into: &starts)
@@ -767,7 +778,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             jobs[s].queuedAttempt = attempt
             return
         }
-        jobs[s].stats.skipped &+= 1
+        jobs[s].stats.skipped.addSaturating(1)
         totalSkipped &+= 1
         countOwn(s) { $0.skipped &+= 1 }
     }
@@ -865,7 +876,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         if outcome != .notStarted {
             let b = LatenessHistogram.bucket(lateness)
             jobs[s].stats.runs &+= 1
-            jobs[s].stats.histogram[b] &+= 1
+            jobs[s].stats.histogram[b].addSaturating(1)
             totalRuns &+= 1
             histogram[b] &+= 1
             if case .draining = phase, !wasCut { drainedRuns += 1 }
@@ -875,7 +886,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         // timeout, not as a failure, and not retried (a retry would repeat its work).
         let failed = outcome == .failure || (reason == .timeout && outcome != .success)
         if failed {
-            jobs[s].stats.failures &+= 1
+            jobs[s].stats.failures.addSaturating(1)
             totalFailures &+= 1
         }
         if reason == .timeout { totalTimeouts &+= 1 }

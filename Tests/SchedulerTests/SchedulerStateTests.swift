@@ -29,6 +29,21 @@ struct SchedulerStateTests {
         #expect(state.inFlight == 0)
     }
 
+    @Test("a job's own counts (32 bits) stop at their largest value instead of wrapping to a few, while the totals (64 bits) count on")
+    func perJobCountsSaturate() throws {
+        var state = State(seed: 1)
+        let id = try Self.add(&state, .every(.nanoseconds(1)), first: 1)
+        let first = state.advance(now: 1, wall: Self.wall).starts
+        try #require(first.count == 1)
+        state.finish(first[0], outcome: .success, lateness: 0, now: 1)
+        // Five seconds of a 1 ns period missed at once (missed runs `.skip`).
+        _ = state.advance(now: 5_000_000_001, wall: Self.wall)
+        let total = state.statistics.missedRuns
+        #expect(total >= 5_000_000_000)
+        // Before: 5,000,000,000 wrapped to 705,032,704.
+        #expect(state.statistics(of: id)?.missedRuns == UInt64(UInt32.max))
+    }
+
     @Test("skip overlap: a due occurrence while in flight is counted, not started")
     func skipOverlap() throws {
         var state = State(seed: 1)
