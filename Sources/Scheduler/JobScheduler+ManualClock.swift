@@ -3,7 +3,9 @@
 /// "Idle" means: the driver is parked, and every other task of the scheduler
 /// (its timer and each run in progress) is parked in the manual clock's
 /// `sleep`. A job body used with these helpers may therefore wait only on the
-/// manual clock (one sleep at a time) or not at all.
+/// manual clock (one sleep at a time) or not at all. The clock's sleepers are counted:
+/// give each scheduler a `ManualClock` of its own (another sleeper on it, a second
+/// scheduler's timer or the test's own sleep, keeps it from ever looking idle).
 extension JobScheduler where C == ManualClock {
     /// True when the scheduler has processed everything due at the clock's
     /// current instant and all its tasks wait for time to pass (or it has finished).
