@@ -952,6 +952,9 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
         phase = .draining(deadline: deadline)
         var cancels: [(RunCancel, CancelReason)] = []
         var draining: [RunCancel] = []
+        // Runs made ready but not yet handed to a worker never start (abandoned below): not
+        // cut off, as runs waiting in the workers' queue are not (the shell abandons those).
+        let notStarted = ready.isEmpty ? [] : Set(ready.map { Int($0.runSlot) })
         for s in jobs.indices where jobs[s].flags.contains(.inUse) {
             if !jobs[s].flags.contains(.gone) { jobsRemovedAtShutdown += 1 }
             markGone(s)
@@ -959,7 +962,7 @@ struct SchedulerState<Instant: InstantProtocol>: Sendable where Instant.Duration
             while r >= 0 {
                 if !jobs[s].options.cancelOnShutdown {
                     draining.append(runCancel(Int(r)))
-                } else if !runs[Int(r)].cut {
+                } else if !runs[Int(r)].cut && !notStarted.contains(Int(r)) {
                     runs[Int(r)].cut = true
                     cancels.append((runCancel(Int(r)), .shutdownPolicy))
                     cutOff.append(.init(jobName: jobs[s].name, attempt: Int(runs[Int(r)].attempt), reason: .cancelledByPolicy))

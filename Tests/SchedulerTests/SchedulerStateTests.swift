@@ -44,6 +44,21 @@ struct SchedulerStateTests {
         #expect(state.statistics(of: id)?.missedRuns == UInt64(UInt32.max))
     }
 
+    @Test("the shutdown report lists as cut off only runs that started: a queued run made ready by its predecessor's end, not yet taken by a worker, never starts and is not listed")
+    func shutdownCutOffListsOnlyStartedRuns() throws {
+        var state = State(seed: 1)
+        _ = try Self.add(&state, .every(.seconds(1)), JobOptions(overlap: .queueOne, shutdown: .cancel), first: Self.second)
+        let first = state.advance(now: Self.second, wall: Self.wall).starts
+        try #require(first.count == 1)
+        #expect(state.advance(now: 2 * Self.second, wall: Self.wall).starts.isEmpty)   // queued behind it
+        state.finish(first[0], outcome: .success, lateness: 0, now: 2 * Self.second + 1)
+        #expect(state.inFlight == 1, "the queued run is ready")
+        let (cancels, _) = state.beginShutdown(deadline: 5 * Self.second)
+        #expect(cancels.isEmpty)
+        #expect(state.cutOff.isEmpty, "\(state.cutOff)")
+        #expect(state.inFlight == 0)
+    }
+
     @Test("skip overlap: a due occurrence while in flight is counted, not started")
     func skipOverlap() throws {
         var state = State(seed: 1)
