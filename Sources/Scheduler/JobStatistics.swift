@@ -26,7 +26,9 @@ public struct LatenessHistogram: Sendable, Hashable {
     }
 }
 
-/// Statistics of one job.
+/// Statistics of one job. Its failures, skipped, missed and coalesced counts and its lateness
+/// buckets are kept in 32 bits and stop at `UInt32.max` (4,294,967,295) instead of wrapping;
+/// `runs` and the scheduler's totals (`SchedulerStatistics`) are 64-bit.
 public struct JobStatistics: Sendable, Hashable {
     /// The job's name.
     public var name: String

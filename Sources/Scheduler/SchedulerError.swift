@@ -7,7 +7,8 @@ public struct SchedulerError: Error, Sendable, Hashable, CustomStringConvertible
         case invalidCronExpression = "SCHED_INVALID_CRON"
         /// A trigger's interval, delay or other duration is out of range.
         case invalidTrigger = "SCHED_INVALID_TRIGGER"
-        /// A job option (overlap, missed-run, retry, jitter, timeout) is out of range.
+        /// A job option (overlap, missed-run, retry, jitter, timeout) is out of range, or
+        /// `ownMetrics` is set with an empty name.
         case invalidOption = "SCHED_INVALID_OPTION"
         /// `schedule` was called after the scheduler began shutting down.
         case shutDown = "SCHED_SHUT_DOWN"

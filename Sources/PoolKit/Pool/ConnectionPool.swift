@@ -870,7 +870,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// the server and they are closed (a cancel request that cannot go out within
     /// a second does not hold the close up). Returns what it did and whom it cut off, once
     /// every close the pool had begun is done (also those begun by other tasks before the
-    /// last return: an idle connection the timer was closing, an earlier holder's return).
+    /// last return: an idle connection the timer was closing, an earlier holder's return),
+    /// or at `deadline`, which such a close still running does not hold up.
     /// Idempotent: later calls wait for the first drain and return its report.
     /// Cancelling the calling task cuts off at once.
     public func drain(deadline: C.Instant) async -> DrainReport {

@@ -39,11 +39,11 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
     public var maxIdle: Int
     /// A connection older than its own lifetime (`maxLifetime` minus a random share of
     /// `lifetimeJitter`) is closed when it is idle or returned, never while held, and
-    /// replaced as needed. `nil`: no limit. Default 30 min.
+    /// replaced as needed. `nil`, zero or negative: no limit. Default 30 min.
     public var maxLifetime: Duration?
     /// Spread of lifetimes so that connections opened together do not expire together. Default 1 min.
     public var lifetimeJitter: Duration
-    /// An idle connection unused for this long is closed (but never below `minIdle`). `nil`: never. Default 10 min.
+    /// An idle connection unused for this long is closed (but never below `minIdle`). `nil`, zero or negative: never. Default 10 min.
     public var maxIdleTime: Duration?
     /// How long an acquire may wait before it fails with ``ConnectionPoolError/Code/acquireTimeout``. Default 30 s.
     public var acquireTimeout: Duration
@@ -55,7 +55,7 @@ public struct ConnectionPoolConfiguration: Sendable, Hashable {
     public var connectBackoff: ConnectBackoff
     /// A connection held longer than this (counting a reset on return that hangs) is reported once
     /// (warning log + `db.client.connection.leaks` counter) with its holder's label and source
-    /// location. `nil`: off. Default 60 s.
+    /// location. `nil`, zero or negative: off. Default 60 s.
     public var leakThreshold: Duration?
     /// How long `run()` lets holders finish after graceful shutdown before their queries are cancelled and their connections closed. Default 10 s.
     public var drainTimeout: Duration

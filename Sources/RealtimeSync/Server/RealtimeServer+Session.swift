@@ -326,7 +326,7 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Whether the session has paused reading (its messages wait behind a catch-up or
     /// snapshot): the client's pong may then sit unread, which is no reason to drop it.
     private let readsPaused: () -> Bool
-    /// Whether the session waits for the server (a snapshot's turn): paused reads are then
+    /// Whether the session waits for the server (a turn under maxConcurrentSnapshots: a snapshot, or the WAL question of a since ahead of the stream): paused reads are then
     /// the server's doing, and do not count towards `maxPausedIntervals`.
     private let serverBusy: () -> Bool
 

@@ -87,7 +87,9 @@ public struct RealtimeServerConfiguration: Sendable {
     /// two pings when the next is due is dropped with 1001 (after two to three intervals of
     /// silence). Default 30 s.
     public var pingInterval: Duration
-    /// How long the server waits for the client's close frame after sending its own. Default 5 s.
+    /// How long the server waits for the client's close frame after sending its own, and at
+    /// most for its own close frame to be written (its answer to the client's close, or NIO's
+    /// to a frame its decoder refused) before the connection is dropped. Default 5 s.
     public var closeTimeout: Duration
     /// The longest an open socket's token expiry waits before it looks at the wall clock
     /// again (`JWTAuthenticator.now`): a monotonic timer does not count time the host was
@@ -147,7 +149,8 @@ public struct RealtimeServerConfiguration: Sendable {
     /// client's later messages wait behind them). Each holds a pooled connection for its
     /// whole length, so this keeps clients from taking every connection the service's own
     /// jobs need. Default 4; `RealtimeService` lowers it to one less than its pool's `maxOpen`
-    /// when that is smaller.
+    /// when that is smaller. The WAL question of a `since` ahead of the stream (`walPosition`)
+    /// takes a turn here too.
     public var maxConcurrentSnapshots: Int
     /// A `snapshot` message is sent once its rows reach this many bytes; each FETCH aims at
     /// about this much row text too, so wide rows are fetched a few at a time. Default 64 KiB.

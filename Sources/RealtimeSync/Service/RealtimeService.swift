@@ -23,7 +23,8 @@ public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
         /// The change stream failed for good while serving (an error a reconnect cannot cure,
         /// e.g. the slot invalidated by `max_slot_wal_keep_size`, or, on PostgreSQL 15-17,
         /// the publication dropped):
-        /// the server was shut down in order so that the process can be restarted.
+        /// the server was shut down in order so that the process can be restarted. Also when it
+        /// fails so during a shutdown (changes committed before it may not have reached clients).
         case captureFailed = "SERVICE_CAPTURE_FAILED"
         /// A second SIGTERM, SIGINT or SIGHUP cut the ordered shutdown short
         /// (`runUntilSignalled`): what was still to do was dropped.
