@@ -148,6 +148,9 @@ struct PoolMetricsTests {
     @Test("a lease whose idle connection turns out broken is one wait_time sample: the wait for its replacement, not a zero for the discarded one as well",
           arguments: [true, false])
     func brokenIdleIsOneSample(striped: Bool) async throws {
+        // (Striped, the task may land on another CPU between its release and its lease and reach
+        // the connection through the waiters' sweep instead of the fast path; unstriped, the
+        // fast path is certain.)
         let (metrics, configuration) = metered("idle-broken") { $0.maxOpen = 1; $0.minIdle = 1; $0.cpuLocalCache = striped }
         let name = ("db.client.connection.pool.name", "idle-broken")
         try await withRunningPool(configuration, factory: MockFactory(clean: true)) { pool, _, _ in

@@ -152,11 +152,11 @@ struct ChangeHubTests {
         let fast = ChangeSubscription(registration: .init(hub: hub, id: hub.subscribe()))
         var fastIterator = fast.makeAsyncIterator()
         var fastSeen: [ChangeEvent] = []
-        for (n, lsn) in [0x200, 0x300, 0x400].enumerated() {
+        for (n, lsn) in [0x200, 0x300, 0x400, 0x500].enumerated() {
             _ = hub.deliver(committed(lsn: UInt64(lsn), firstID: n * 2 + 1, count: 2))
             for _ in 0..<2 { fastSeen.append(try #require(try await fastIterator.next())) }
         }
-        #expect(ids(fastSeen) == Array(1...6))
+        #expect(ids(fastSeen) == Array(1...8))
         var got: [ChangeEvent] = []
         do {
             for try await event in slow { got.append(event) }
@@ -165,9 +165,9 @@ struct ChangeHubTests {
             #expect(error.code == .consumerTooSlow)
             #expect(error.resumeAfter == got.last?.cursor)
         }
-        // Transactions of 2 (at most half the limit, so counted whole): 2 and 2 fit in 5; with
-        // 4 queued, the third does not.
-        #expect(ids(got) == [1, 2, 3, 4])
+        // Transactions of 2 (at most half the limit, so counted whole), each let in while at most
+        // 5 are queued: 2, 4, 6; with 6 queued, the fourth is not.
+        #expect(ids(got) == [1, 2, 3, 4, 5, 6])
         #expect(hub.snapshot().cutOff == 1)
     }
 
@@ -185,10 +185,11 @@ struct ChangeHubTests {
         _ = hub.deliver(committed(lsn: 0x400, firstID: 29, count: 1))
         _ = hub.deliver(committed(lsn: 0x500, firstID: 30, count: 1))
         #expect(ids(try await drain(reader, 15)) == Array(16...30))
-        // The stuck one: the big transaction counted as 5 (half the limit), so 3 + 5 + 1 + 1 = 10
-        // still fit; the next commit does not.
+        // The stuck one: the big transaction counted as 5 (half the limit), so after 3 + 5 + 1 + 1
+        // = 10 queued one more is let in (at most the limit was queued); the next is not.
         _ = hub.deliver(committed(lsn: 0x600, firstID: 31, count: 1))
-        #expect(ids(try await drain(reader, 1)) == [31])
+        _ = hub.deliver(committed(lsn: 0x700, firstID: 32, count: 1))
+        #expect(ids(try await drain(reader, 2)) == [31, 32])
         var got: [ChangeEvent] = []
         do {
             for try await event in stuck { got.append(event) }
@@ -196,7 +197,7 @@ struct ChangeHubTests {
         } catch let error as ChangeStreamError {
             #expect(error.code == .consumerTooSlow)
         }
-        #expect(ids(got) == Array(1...30))
+        #expect(ids(got) == Array(1...31))
         #expect(hub.snapshot().cutOff == 1)
     }
 
@@ -244,6 +245,28 @@ struct ChangeHubTests {
         _ = hub.deliver(committed(lsn: 0x1300, firstID: 76, count: 2))
         #expect(ids(try await drain(reader, 2)) == [76, 77])
         #expect(hub.snapshot().cutOff == 0)
+    }
+
+    @Test("Ordinary writes between large transactions count as themselves: two large ones with a write between reach a reader still in the first; a consumer resuming from the window is held to the same limit (its backlog is not counted)")
+    func largeTransactionsWithWritesBetween() async throws {
+        let hub = ChangeHub(limits: .init(), bufferLimit: 10)
+        hub.openWindow(origin: LSN(0x100))
+        _ = hub.deliver(committed(lsn: 0x800, firstID: 900, count: 1))   // a change to resume after
+        let reader = ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: Cursor(commitLSN: LSN(0x800), index: 0))))
+        _ = hub.deliver(committed(lsn: 0x1000, firstID: 1, count: 25))   // counts 5
+        #expect(ids(try await drain(reader, 3)) == [1, 2, 3])
+        _ = hub.deliver(committed(lsn: 0x1100, firstID: 26, count: 1))   // 5 + 1
+        _ = hub.deliver(committed(lsn: 0x1200, firstID: 27, count: 25))  // 6 <= 10: let in, 11
+        #expect(hub.snapshot().cutOff == 0)
+        _ = hub.deliver(committed(lsn: 0x1300, firstID: 52, count: 1))   // 11 > 10: cut off
+        #expect(hub.snapshot().cutOff == 1)
+        var got: [ChangeEvent] = []
+        do {
+            for try await event in reader { got.append(event) }
+        } catch let error as ChangeStreamError {
+            #expect(error.code == .consumerTooSlow)
+        }
+        #expect(ids(got) == Array(4...51))
     }
 
     @Test("Dropping a subscription unregisters it; close ends consumers after their queue")

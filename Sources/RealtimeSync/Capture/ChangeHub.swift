@@ -46,9 +46,11 @@ public struct ChangeStreamError: Error, Sendable, CustomStringConvertible {
 /// under one lock, so a consumer that resumes from a cursor gets the window's changes after
 /// it and then live ones with no gap and no duplicate at the seam.
 ///
-/// Buffering policy: each consumer has its own queue of at most `bufferLimit` changes beyond
-/// the backlog it was given when it subscribed. When a committed transaction would push it
-/// past that, the consumer is cut off: it still receives what is queued, then its iteration
+/// Buffering policy: each consumer has its own queue, counted against `bufferLimit` beyond
+/// the backlog it resumed with (a transaction larger than half the limit counts as half of
+/// it). A committed transaction is let in while what is queued counts no more than the limit,
+/// so a queue holds at most the limit plus one transaction; past that, the consumer is cut
+/// off: it still receives what is queued, then its iteration
 /// throws `ChangeStreamError.consumerTooSlow` carrying the cursor of the last change it got,
 /// so it can resume with `changes(after:)` (served from the window) without growing memory.
 final class ChangeHub: Sendable {
@@ -226,15 +228,15 @@ final class ChangeHub: Sendable {
                         batch = batch.drop(while: { $0.cursor <= after })
                         if batch.isEmpty { continue }
                     }
-                    // A transaction is never split, and one larger than half the limit (an UPDATE
-                    // of 150,000 rows) must not cut off a consumer that keeps up: it counts as half
-                    // the limit, and is let in while what is queued counts no more than the limit,
-                    // so that a run of them committed back to back (a batched backfill) reaches a
-                    // consumer still reading the first. A consumer that stops reading is cut off
-                    // at the fourth; one that reads less of them than arrives, a little later.
+                    // A transaction is never split: one is let in while what is queued counts no
+                    // more than the limit, so a queue holds at most the limit plus one transaction.
+                    // One larger than half the limit (an UPDATE of 150,000 rows) counts as half of
+                    // it, given back as the consumer reads through it: a consumer that keeps up
+                    // gets it whole, and up to three of them committed back to back (a batched
+                    // backfill) while it reads the first; one that stops reading is cut off at the
+                    // fourth, and one that reads less of each than arrives, later.
                     let counted = min(batch.count, max(1, bufferLimit / 2))
-                    let large = counted < batch.count
-                    if large ? sub.charged > sub.capacity : sub.charged + counted > sub.capacity {
+                    if sub.charged > sub.capacity {
                         s.cutOff += 1
                         let last = sub.buffer.last?.cursor ?? sub.lastDelivered
                         sub.ending = .some(ChangeStreamError(.consumerTooSlow,
@@ -364,8 +366,9 @@ final class ChangeHub: Sendable {
     /// window page by page (`take`) and goes live once a page reaches the window's end.
     private static func startPaging(_ sub: inout Subscriber, after cursor: Cursor, window: Window, bufferLimit: Int) throws(ResumeWindowError) {
         let page = try window.events(after: cursor, limit: pageSize)
-        sub.push(page, units: page.count)
-        sub.capacity = bufferLimit + pageSize
+        // The backlog a consumer resumes with is not counted against its limit (it is read from
+        // the window a page at a time): only what arrives live is.
+        sub.push(page, units: 0)
         sub.paging = page.count == pageSize
         if let last = page.last { sub.pageAfter = last.cursor }
     }
@@ -375,7 +378,7 @@ final class ChangeHub: Sendable {
     fileprivate static func nextPage(_ sub: inout Subscriber, from window: Window) {
         do {
             let page = try window.events(after: sub.pageAfter, limit: pageSize)
-            sub.push(page, units: page.count)
+            sub.push(page, units: 0)
             sub.paging = page.count == pageSize
             if let last = page.last { sub.pageAfter = last.cursor }
         } catch {

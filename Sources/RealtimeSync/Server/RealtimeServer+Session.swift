@@ -152,8 +152,8 @@ extension RealtimeServer {
             // Waiting for the server, not the client: the ping timeout does not count it (as
             // for a snapshot's turn).
             session.waitingForServer.store(true, ordering: .relaxed)
+            defer { session.waitingForServer.store(false, ordering: .relaxed) }
             let admitted = await snapshotGate.enter()
-            session.waitingForServer.store(false, ordering: .relaxed)
             guard admitted else { return }
             guard session.isOpen else {
                 snapshotGate.leave()
