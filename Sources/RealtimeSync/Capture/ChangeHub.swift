@@ -59,7 +59,6 @@ final class ChangeHub: Sendable {
     struct Subscriber {
         var buffer: [ChangeEvent] = []
         var head = 0
-        var capacity: Int
         /// Only changes after this cursor are delivered (resume); nil for "from now".
         var after: Cursor?
         /// Waiting for the window to learn its origin before the cursor can be checked.
@@ -71,7 +70,7 @@ final class ChangeHub: Sendable {
         /// Still reading its resume backlog from the window, a page at a time, after
         /// `pageAfter`; live deliveries skip it meanwhile (they are in the window too).
         var paging = false
-        /// What the queue counts against `capacity`: one per queued change, except that a
+        /// What the queue counts against the hub's `bufferLimit`: one per queued change, except that a
         /// transaction larger than half the limit counts as half of it, released in proportion
         /// as the consumer reads through it (see `Charge`).
         var charged = 0
@@ -98,7 +97,7 @@ final class ChangeHub: Sendable {
             return event
         }
 
-        /// Queues `events` as one segment counting `units` against `capacity`.
+        /// Queues `events` as one segment counting `units` against the limit.
         mutating func push<C: Collection<ChangeEvent>>(_ events: C, units: Int) {
             guard !events.isEmpty else { return }
             buffer.append(contentsOf: events)
@@ -114,7 +113,7 @@ final class ChangeHub: Sendable {
         }
     }
 
-    /// A queued segment's count against the consumer's capacity. A transaction larger than
+    /// A queued segment's count against the consumer's limit. A transaction larger than
     /// half the limit counts as half of it, and gives that back in proportion to what the
     /// consumer has read of it: a consumer reading a fifth of each big transaction before
     /// the next arrives gains a tenth of the limit each time and is cut off, instead of
@@ -190,7 +189,7 @@ final class ChangeHub: Sendable {
                 guard let cursor = sub.pendingCursor else { continue }
                 sub.pendingCursor = nil
                 do {
-                    try Self.startPaging(&sub, after: cursor, window: s.window!, bufferLimit: bufferLimit)
+                    try Self.startPaging(&sub, after: cursor, window: s.window!)
                 } catch {
                     sub.ending = .some(error)
                 }
@@ -236,7 +235,7 @@ final class ChangeHub: Sendable {
                     // backfill) while it reads the first; one that stops reading is cut off at the
                     // fourth, and one that reads less of each than arrives, later.
                     let counted = min(batch.count, max(1, bufferLimit / 2))
-                    if sub.charged > sub.capacity {
+                    if sub.charged > bufferLimit {
                         s.cutOff += 1
                         let last = sub.buffer.last?.cursor ?? sub.lastDelivered
                         sub.ending = .some(ChangeStreamError(.consumerTooSlow,
@@ -297,7 +296,7 @@ final class ChangeHub: Sendable {
     func subscribe() -> UInt64 {
         state.withLock { s in
             s.nextID += 1
-            var sub = Subscriber(capacity: bufferLimit)
+            var sub = Subscriber()
             sub.after = s.window?.last?.cursor
             if let closed = s.closed { sub.ending = .some(closed) }
             s.subscribers[s.nextID] = sub
@@ -310,10 +309,10 @@ final class ChangeHub: Sendable {
     /// before the window is open the check is made when it opens (the iteration throws).
     func subscribe(after cursor: Cursor) throws -> UInt64 {
         try state.withLock { s in
-            var sub = Subscriber(capacity: bufferLimit)
+            var sub = Subscriber()
             sub.after = cursor
             if let window = s.window {
-                try Self.startPaging(&sub, after: cursor, window: window, bufferLimit: bufferLimit)
+                try Self.startPaging(&sub, after: cursor, window: window)
             } else {
                 sub.pendingCursor = cursor
             }
@@ -364,7 +363,7 @@ final class ChangeHub: Sendable {
 
     /// Queues the first page of a resuming consumer's backlog; it reads the rest from the
     /// window page by page (`take`) and goes live once a page reaches the window's end.
-    private static func startPaging(_ sub: inout Subscriber, after cursor: Cursor, window: Window, bufferLimit: Int) throws(ResumeWindowError) {
+    private static func startPaging(_ sub: inout Subscriber, after cursor: Cursor, window: Window) throws(ResumeWindowError) {
         let page = try window.events(after: cursor, limit: pageSize)
         // The backlog a consumer resumes with is not counted against its limit (it is read from
         // the window a page at a time): only what arrives live is.
