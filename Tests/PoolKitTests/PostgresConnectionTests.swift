@@ -517,42 +517,34 @@ struct PostgresConnectionTests {
             defer { conn.closeNow() }
             let channel = "self_\(UInt32.random(in: 0...UInt32.max))"
             try await conn.listen(channel)
-            // The listener's step: nothing buffered, so it is about to wait on the socket.
             try conn.beginListening()
             defer { conn.endListening() }
-            guard case .waitSocket(let socket) = try conn.nextNotificationStep() else {
-                Issue.record("expected the listener to wait on the socket")
-                return
+            /// The listener's step (nothing buffered: it is about to wait on the socket); then,
+            /// before it registers its wait, `send` runs a statement on this connection whose kick
+            /// finds no wait to end and whose read takes the notification off the socket; then the
+            /// wait the listener makes must end at once and the step deliver `payload`.
+            func betweenStepAndWait(_ payload: String, _ send: () async throws -> Void) async throws {
+                guard case .waitSocket(let socket) = try conn.nextNotificationStep() else {
+                    Issue.record("expected the listener to wait on the socket")
+                    return
+                }
+                try await send()
+                #expect(conn.hasBufferedNotifications)
+                let outcome = try await withTimeout(.seconds(10)) { await conn.waitForNotifications(on: socket) }
+                #expect(outcome == .interrupted)
+                conn.leftSocket()
+                guard case .deliver(let n) = try conn.nextNotificationStep() else {
+                    Issue.record("the buffered notification was not delivered")
+                    return
+                }
+                #expect(n.payload == payload)
             }
-            // Before it registers its wait, a statement on this connection sends a NOTIFY: its
-            // kick finds no wait to end, and its own read takes the notification off the socket.
-            try await conn.query("SELECT pg_notify($1, 'between')", channel)
-            #expect(conn.hasBufferedNotifications)
-            // The wait the listener now makes ends at once instead of sleeping on the empty socket.
-            let outcome = try await withTimeout(.seconds(10)) { await conn.waitForNotifications(on: socket) }
-            #expect(outcome == .interrupted)
-            conn.leftSocket()
-            guard case .deliver(let n) = try conn.nextNotificationStep() else {
-                Issue.record("the buffered notification was not delivered")
-                return
+            try await betweenStepAndWait("between") { try await conn.query("SELECT pg_notify($1, 'between')", channel) }
+            // A multi-statement query, whose notification libpq parses only while handing out
+            // the results after the first.
+            try await betweenStepAndWait("behind a result") {
+                try await conn.execute("SELECT pg_notify('\(channel)', 'behind a result'); SELECT 1")
             }
-            #expect(n.payload == "between")
-            // The same with a multi-statement query, whose notification libpq parses only while
-            // handing out the results after the first.
-            guard case .waitSocket(let again) = try conn.nextNotificationStep() else {
-                Issue.record("expected the listener to wait on the socket")
-                return
-            }
-            try await conn.execute("SELECT pg_notify('\(channel)', 'behind a result'); SELECT 1")
-            #expect(conn.hasBufferedNotifications)
-            let second = try await withTimeout(.seconds(10)) { await conn.waitForNotifications(on: again) }
-            #expect(second == .interrupted)
-            conn.leftSocket()
-            guard case .deliver(let m) = try conn.nextNotificationStep() else {
-                Issue.record("the buffered notification was not delivered")
-                return
-            }
-            #expect(m.payload == "behind a result")
         }
     }
 

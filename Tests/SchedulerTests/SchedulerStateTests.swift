@@ -3,6 +3,10 @@ import Testing
 
 @testable import Scheduler
 
+/// glibc's `malloc_usable_size` (malloc.h is not in the Glibc module): what an allocation holds.
+@_silgen_name("malloc_usable_size")
+private func mallocUsableSize(_ pointer: UnsafeMutableRawPointer?) -> Int
+
 /// The bookkeeping alone: no tasks, no clock, time passed in as ticks.
 @Suite("SchedulerState")
 struct SchedulerStateTests {
@@ -115,6 +119,11 @@ struct SchedulerStateTests {
     func recordLayout() {
         #expect(MemoryLayout<State.Job>.stride <= 136)
         #expect(MemoryLayout<State.CompactOptions>.size <= 15)
+        // The job's box (body, name, and since ownMetrics its series) takes the same 64-byte
+        // malloc chunk it took without the series: no byte more per job.
+        let box = State.JobBox(body: { _ in }, name: "job", series: nil)
+        let usable = withExtendedLifetime(box) { mallocUsableSize(Unmanaged.passUnretained(box).toOpaque()) }
+        #expect(usable <= 56, "the job box's allocation holds \(usable) usable bytes")
     }
 
     @Test("Duration.nanoseconds equals the 128-bit division it replaces, truncating and saturating")
