@@ -687,6 +687,41 @@ struct PostgresConnectionTests {
         }
     }
 
+    @Test("several hosts with connect_timeout: a host whose step blocks a thread (a name lookup that hangs, which no timeout or cancellation interrupts) gives way to the next after connect_timeout; the blocked step is not awaited, and a connection it makes late is closed")
+    func hungHostStepGivesWay() async throws {
+        try await TestDatabase.withDatabase { url in
+            let parts = try #require(URLComponents(string: url))
+            let (host, port) = (try #require(parts.host), try #require(parts.port))
+            var common = "user=\(parts.user ?? "postgres") dbname=\(parts.path.dropFirst()) connect_timeout=2 sslmode=disable"
+            if let password = parts.password { common += " password=\(password)" }
+            let lateClosed = Mutex<PostgresConnection?>(nil)
+            let real = ConnectAttempt(configuration: .init("host=\(host) port=\(port) " + common))
+            // The first host "hangs" for 6 s on a Dispatch thread, as libpq's getaddrinfo does
+            // inside PQconnectPoll, then connects for real (to the one server).
+            let attempt = ConnectAttempt(configuration: .init("host=dns-hangs.invalid,\(host) port=\(port) " + common, connectTimeout: .seconds(20))) { keywords in
+                guard keywords.contains(where: { $0 == ("host", "dns-hangs.invalid") }) else { return try await real.run() }
+                _ = await BlockingExecutor.run { usleep(6_000_000) }
+                // Connects even though the step was cancelled meanwhile (a new Task does not
+                // inherit it), as a step that ends without looking at cancellation would.
+                let late = try await Task { try await real.run() }.value
+                lateClosed.withLock { $0 = late }
+                return late
+            }
+            let start = ContinuousClock.now
+            let conn = try await ConnectAttempt.firstOf(limit: .seconds(20), timeout: { CancellationError() }) { try await attempt.run() }
+            let took = ContinuousClock.now - start
+            #expect(took < .seconds(5), "the hung host held the connect for \(took)")
+            #expect(try await conn.query("SELECT 1::int8")[0].decode(Int.self, at: 0) == 1)
+            await conn.close()
+            // The hung step ends later, connects, and its connection is closed (not leaked).
+            let deadline = ContinuousClock.now + .seconds(15)
+            while lateClosed.withLock({ $0 }) == nil, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+            let late = try #require(lateClosed.withLock { $0 })
+            while !late.isBroken, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+            #expect(late.isBroken, "the late connection was closed")
+        }
+    }
+
     @Test("a bare database name is a connection string libpq takes (it is not refused as invalid, as a parser of key=value strings would)")
     func bareDatabaseName() async throws {
         do {

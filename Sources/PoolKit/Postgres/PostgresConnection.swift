@@ -193,31 +193,8 @@ public final class PostgresConnection: @unchecked Sendable {
     static func connect(_ configuration: Configuration, extraKeywords: [(String, String)]) async throws -> PostgresConnection {
         try Task.checkCancellation()
         let starter = ConnectAttempt(configuration: configuration, extraKeywords: extraKeywords)
-        // Unstructured on purpose: a step of the attempt that blocks in libpq (a name lookup)
-        // cannot be interrupted, and a task group would wait for it past the timeout. The
-        // first of attempt, timer and cancellation decides; a connection that arrives after
-        // the caller gave up is closed.
-        let outcome = ConnectOutcome()
-        let attempt = Task {
-            do {
-                let conn = try await starter.run()
-                if !outcome.finish(.success(conn)) { await conn.close() }
-            } catch {
-                outcome.finish(.failure(error))
-            }
-        }
-        let timer = Task {
-            try? await Task.sleep(for: configuration.connectTimeout.sleepable)
-            if !Task.isCancelled { outcome.finish(.failure(starter.timeoutError())) }
-        }
-        defer {
-            timer.cancel()
-            attempt.cancel()
-        }
-        return try await withTaskCancellationHandler {
-            try await outcome.value()
-        } onCancel: {
-            outcome.finish(.failure(CancellationError()))
+        return try await ConnectAttempt.firstOf(limit: configuration.connectTimeout, timeout: { starter.timeoutError() }) {
+            try await starter.run()
         }
     }
 
@@ -1080,7 +1057,6 @@ final class NoticeSink: Sendable {
     init(logger: Logger) { self.logger = logger }
 }
 
-/// One non-blocking connect (`PQconnectStartParams` + `PQconnectPoll`).
 /// The first result of a connect: the attempt's, the timeout's or the caller's cancellation.
 final class ConnectOutcome: Sendable {
     private struct State {
@@ -1115,17 +1091,60 @@ final class ConnectOutcome: Sendable {
     }
 }
 
+/// One non-blocking connect (`PQconnectStartParams` + `PQconnectPoll`), host by host when
+/// the string names several with a `connect_timeout`.
 final class ConnectAttempt: Sendable {
     let configuration: Configuration
     typealias Configuration = PostgresConnection.Configuration
     /// Keywords appended after the connection string (later keywords win in libpq).
     let extraKeywords: [(String, String)]
     private let target = Mutex<(host: String, port: String, lastError: String)>(("?", "?", ""))
+    /// One host's connect, given its keywords; nil: libpq's (`runOne`). Tests stand in a step
+    /// that blocks as a name lookup does.
+    typealias HostStep = @Sendable (_ keywords: [(String, String)]) async throws -> PostgresConnection
+    private let hostStep: HostStep?
 
-    init(configuration: Configuration, extraKeywords: [(String, String)] = []) {
+    init(configuration: Configuration, extraKeywords: [(String, String)] = [], hostStep: HostStep? = nil) {
         self.configuration = configuration
         self.extraKeywords = extraKeywords
+        self.hostStep = hostStep
     }
+
+    /// The first of `work`'s result, `limit` passing (`timeout()`'s error) and the caller's
+    /// cancellation. `work` runs unstructured on purpose: a step of it that blocks in libpq (a
+    /// name lookup, on a Dispatch thread) cannot be interrupted, and a task group or an awaited
+    /// task would wait for it past the limit. Work that is left behind is cancelled, and a
+    /// connection it still makes is closed.
+    static func firstOf(
+        limit: Duration, timeout: @escaping @Sendable () -> any Error,
+        _ work: @escaping @Sendable () async throws -> PostgresConnection
+    ) async throws -> PostgresConnection {
+        let outcome = ConnectOutcome()
+        let attempt = Task {
+            do {
+                let conn = try await work()
+                if !outcome.finish(.success(conn)) { await conn.close() }
+            } catch {
+                outcome.finish(.failure(error))
+            }
+        }
+        let timer = Task {
+            try? await Task.sleep(for: limit.sleepable)
+            if !Task.isCancelled { outcome.finish(.failure(timeout())) }
+        }
+        defer {
+            timer.cancel()
+            attempt.cancel()
+        }
+        return try await withTaskCancellationHandler {
+            try await outcome.value()
+        } onCancel: {
+            outcome.finish(.failure(CancellationError()))
+        }
+    }
+
+    /// One host's turn ran out (`connect_timeout` of a multi-host string).
+    private struct HostTimedOut: Error {}
 
     func timeoutError() -> PostgresError {
         let t = target.withLock { $0 }
@@ -1166,23 +1185,17 @@ final class ConnectAttempt: Sendable {
             if let hostaddrs = plan.hostaddrs { options.append(("hostaddr", hostaddrs[index])) }
             if let ports = plan.ports { options.append(("port", ports.count == 1 ? ports[0] : ports[index])) }
             options += encoding
-            let one = Task { try await self.runOne(options + self.extraKeywords, expandDBName: false) }
-            let timedOut = Mutex(false)
-            let timer = Task {
-                try? await Task.sleep(for: plan.perHost.sleepable)
-                if !Task.isCancelled {
-                    timedOut.withLock { $0 = true }
-                    one.cancel()
-                }
-            }
+            let keywords = options + extraKeywords
             do {
-                let connection = try await withTaskCancellationHandler { try await one.value } onCancel: { one.cancel() }
-                timer.cancel()
-                return connection
+                // A host whose name lookup hangs gives way too: its step is left to end on its
+                // own (`firstOf`), not awaited.
+                return try await Self.firstOf(limit: plan.perHost, timeout: { HostTimedOut() }) { [self] in
+                    if let hostStep { return try await hostStep(keywords) }
+                    return try await runOne(keywords, expandDBName: false)
+                }
             } catch {
-                timer.cancel()
                 let shown = host.isEmpty ? "the default host" : host
-                if timedOut.withLock({ $0 }) {
+                if error is HostTimedOut {
                     failures.append("\(shown): no answer within connect_timeout=\(plan.perHost)")
                     lastError = PostgresError(code: .connectionFailed, message: "could not connect to \(shown) within connect_timeout=\(plan.perHost)",
                                               host: host, port: plan.ports.map { $0.count == 1 ? $0[0] : $0[index] })
