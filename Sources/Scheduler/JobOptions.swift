@@ -76,7 +76,7 @@ import Foundation
 
 /// Per-job options.
 public struct JobOptions: Sendable {
-    /// A name for logs, statistics, and the `job` dimension of `ownMetrics`.
+    /// A name for logs, statistics, and the `job_name` dimension of `ownMetrics`.
     public var name: String
     /// See `OverlapPolicy`; default `.skip`.
     public var overlap: OverlapPolicy
@@ -95,7 +95,7 @@ public struct JobOptions: Sendable {
     /// What in-progress runs do at shutdown; default `.drain`.
     public var shutdown: ShutdownBehavior
     /// When true, the job's runs, failures, lateness, skipped overlaps, missed and coalesced
-    /// runs go to series of its own, with the dimension `job` = `name` beside `scheduler`,
+    /// runs go to series of its own, with the dimension `job_name` = `name` beside `scheduler`,
     /// and not to the scheduler's shared series (summed by `scheduler`, the two still give
     /// every job's total). Default false: six series a job, for a few named jobs, not for
     /// thousands (jobs with the same name share their series).

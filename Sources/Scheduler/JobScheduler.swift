@@ -290,7 +290,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     public func schedule(_ trigger: Trigger<C.Instant>, options: JobOptions, _ body: @escaping Body) throws -> JobHandle {
         let (compactTrigger, compactOptions) = try SchedulerState<C.Instant>.validate(trigger, options)
         let series = options.ownMetrics && metricsEnabled
-            ? JobSeries(dimensions: [("scheduler", configuration.metricsLabel), ("job", options.name)], factory: metricsFactory) : nil
+            ? JobSeries(dimensions: [("scheduler", configuration.metricsLabel), ("job_name", options.name)], factory: metricsFactory) : nil
         return try schedule(trigger, compactTrigger, name: options.name, compactOptions, series: series, body)
     }
 

@@ -1,7 +1,7 @@
 import Metrics
 
 /// The per-run instruments of a scheduler: its shared ones (dimension `scheduler`), or those
-/// of a job with series of its own (`JobOptions.ownMetrics`: `scheduler` and `job`).
+/// of a job with series of its own (`JobOptions.ownMetrics`: `scheduler` and `job_name`).
 final class JobSeries: Sendable {
     let runs: Counter
     let failures: Counter

@@ -311,7 +311,7 @@ struct ServerHTTPTests {
         }
     }
 
-    @Test("The service's jobs have series of their own on /metrics (job=<name>) beside the scheduler's shared ones, in one Prometheus family each")
+    @Test("The service's jobs have series of their own on /metrics (job_name=<name>) beside the scheduler's shared ones, in one Prometheus family each; no series has a label `job`, which Prometheus sets to the scrape job (and renames ours to exported_job)")
     func jobSeriesOnPrometheus() async throws {
         let registry = PrometheusCollectorRegistry()
         let clock = ManualClock()
@@ -328,7 +328,8 @@ struct ServerHTTPTests {
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         let lines = String(decoding: buffer, as: UTF8.self).split(separator: "\n")
-        #expect(lines.contains { $0.hasPrefix("scheduler_job_runs{") && $0.contains(#"job="slot lag""#) && $0.hasSuffix(" 1") }, "\(lines)")
+        #expect(lines.contains { $0.hasPrefix("scheduler_job_runs{") && $0.contains(#"job_name="slot lag""#) && $0.hasSuffix(" 1") }, "\(lines)")
+        #expect(!lines.contains { $0.contains("{job=") || $0.contains(",job=") }, "\(lines)")
         #expect(lines.contains { $0 == #"scheduler_job_runs{scheduler="t"} 1"# }, "\(lines)")
         #expect(lines.filter { $0.hasPrefix("# TYPE scheduler_job_runs ") }.count == 1, "\(lines)")
     }

@@ -352,13 +352,13 @@ struct JobSchedulerTests {
         }
     }
 
-    @Test("metrics: a job with series of its own (JobOptions.ownMetrics) is counted under job=<name>, and not in the shared series")
+    @Test("metrics: a job with series of its own (JobOptions.ownMetrics) is counted under job_name=<name>, and not in the shared series")
     func ownSeries() async throws {
         let metrics = TestMetrics()
         let clock = ManualClock()
         let scheduler = JobScheduler(clock: clock, logger: quiet,
                                      configuration: .init(randomSeed: 42, metricsLabel: "j", metricsFactory: metrics))
-        let shared = [("scheduler", "j")], sync = [("scheduler", "j"), ("job", "sync")], flaky = [("scheduler", "j"), ("job", "flaky")]
+        let shared = [("scheduler", "j")], sync = [("scheduler", "j"), ("job_name", "sync")], flaky = [("scheduler", "j"), ("job_name", "flaky")]
         func counter(_ label: String, _ dims: [(String, String)]) -> Int64 { metrics.counterTotal(label: label, dimensions: dims) }
         let unnamed = #expect(throws: SchedulerError.self) {
             try scheduler.schedule(.every(.seconds(1)), options: .init(name: "", ownMetrics: true)) { _ in }
