@@ -265,7 +265,7 @@ struct ServerProcessTests {
         }
     }
 
-    @Test("`realtime-sync` with no database: serves the live page, a demo row reaches a WebSocket client, SIGINT exits 0 with no error logged and the embedded cluster removed")
+    @Test("`realtime-sync` with no database: serves the live page, a demo row reaches a WebSocket client, SIGINT exits 0 with no error logged and the embedded cluster removed, also when a second SIGINT comes after the ordered shutdown is done")
     func embeddedDemoProcess() async throws {
         let port = try EmbeddedPostgres.freePort()
         let server = try ServerProcess.start(["--port", "\(port)"])
@@ -284,11 +284,20 @@ struct ServerProcessTests {
             server.send(SIGINT)
             #expect(try await client.receiveClose(timeout: 30) == 1001)
             await client.close()
+            // A second signal once the ordered shutdown is done (the embedded cluster's stop
+            // still to come) has nothing left to force: the exit stays 0.
+            let complete = ContinuousClock.now + .seconds(30)
+            while !server.log.contains("shutdown complete"), server.poll() == nil, ContinuousClock.now < complete {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            #expect(server.poll() == nil, "the process ended before the second signal: the step below proves nothing")
+            server.send(SIGINT)
             let status = await server.wait(timeout: .seconds(30))
             let log = server.log
             #expect(status == 0, "\(log.suffix(3000))")
             #expect(log.contains("live page at http://127.0.0.1:\(port)/"))
             #expect(log.contains("embedded PostgreSQL stopped and removed"), "\(log.suffix(3000))")
+            #expect(log.contains("the ordered shutdown is already done") && !log.contains("SERVICE_SHUTDOWN_FORCED"), "\(log.suffix(3000))")
             let errorLines = server.errorLines
             #expect(errorLines.isEmpty, "a clean shutdown logged errors: \(errorLines)")
         } catch {

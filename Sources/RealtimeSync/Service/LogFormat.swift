@@ -170,7 +170,11 @@ extension RealtimeService {
                         if seen == 1 {
                             logger.info("\(signal): shutting down in order (send it again to force)")
                             await group.triggerGracefulShutdown()
-                        } else if seen == 2 {
+                        } else if self.orderedShutdownDone {
+                            // Nothing left to force: what runs is the clean-up after the steps
+                            // (the components ending, an embedded cluster's stop), bounded.
+                            logger.notice("\(signal) again: the ordered shutdown is already done; finishing its clean-up")
+                        } else if !forced.isSignalled {
                             logger.warning("second \(signal) while shutting down: cancelling the remaining shutdown steps")
                             forced.signal()
                             run.cancel()
