@@ -1,5 +1,5 @@
 import Testing
-import RealtimeSync
+@testable import RealtimeSync
 import PoolKit
 
 @Suite("Configurations refuse out-of-range limits at start, naming the field")
@@ -46,11 +46,38 @@ struct ConfigurationValidationTests {
             for try await _ in changes { count += 1 }
             return count
         }
-        try await Task.sleep(for: .milliseconds(300))   // it retries its connect meanwhile
+        // Stopped while it retries its connect (the address refuses).
+        let deadline = ContinuousClock.now + .seconds(10)
+        while stream.statistics.lastError == nil, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(stream.statistics.lastError != nil, "the stream never tried to connect")
         stream.stop()
         _ = await running.result
         let outcome = await reading.result
         #expect((try? outcome.get()) == 0, "the sequence threw: \(outcome)")
+    }
+
+    @Test("ChangeStreamSource: a stream that fails for good makes the sequence throw stream_failed with the cause, after what it delivered (a failure is not a stop: the fan-out logs it, a since catch-up answers internal)")
+    func sourceThrowsWhenTheStreamFails() async throws {
+        let stream = ChangeStream(.init(connectionString: "postgres://nobody@127.0.0.1:1/none", slotName: "s", publicationName: "p"))
+        let source = ChangeStreamSource(stream: stream)
+        let live = try await source.changes(after: nil)
+        let resumed = try await source.changes(after: Cursor(commitLSN: LSN(0x1000), index: 0))
+        // What ChangeStream.run() does when it fails for good (slot_lost, say).
+        stream.hub.close(error: ChangeStreamError(.streamFailed, "the change stream for slot s failed: slot_lost: gone"))
+        for changes in [live, resumed] {
+            let error = await #expect(throws: ChangeStreamError.self) { for try await _ in changes {} }
+            #expect(error?.code == .streamFailed && error?.message.contains("slot_lost") == true, "\(String(describing: error))")
+        }
+        // A plain stop ends both quietly, a cursor never served included.
+        let stopped = ChangeStream(.init(connectionString: "postgres://nobody@127.0.0.1:1/none", slotName: "s", publicationName: "p"))
+        let stoppedSource = ChangeStreamSource(stream: stopped)
+        let quiet = [try await stoppedSource.changes(after: nil), try await stoppedSource.changes(after: Cursor(commitLSN: LSN(0x1000), index: 0))]
+        stopped.hub.close(error: nil)
+        for changes in quiet {
+            var count = 0
+            for try await _ in changes { count += 1 }
+            #expect(count == 0)
+        }
     }
 
     @Test("RealtimeServerConfiguration.validate() names the field", arguments: [

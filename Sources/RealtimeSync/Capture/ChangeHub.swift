@@ -6,8 +6,12 @@ public struct ChangeStreamError: Error, Sendable, CustomStringConvertible {
     public enum Code: String, Sendable, Hashable {
         /// The consumer fell more than `consumerBufferLimit` changes behind and was cut off.
         case consumerTooSlow = "consumer_too_slow"
-        /// The stream was stopped or failed before the subscription could be served.
+        /// The stream was stopped before the subscription could be served (a subscription it
+        /// was serving ends without an error).
         case streamStopped = "stream_stopped"
+        /// The stream failed for good (the message says why: a lost slot, a setup the server
+        /// refuses): every subscription ends with this error after what it has queued.
+        case streamFailed = "stream_failed"
         /// The replication slot is in use by a running stream (e.g. `dropSlot()` while running).
         case slotActive = "slot_active"
         /// A `ChangeStream.Configuration` field is out of range (the message names it).
@@ -276,9 +280,11 @@ final class ChangeHub: Sendable {
                 guard var sub = s.subscribers.removeValue(forKey: id) else { continue }
                 defer { s.subscribers[id] = sub }
                 if sub.ending == nil {
-                    sub.ending = .some(sub.pendingCursor != nil
-                        ? ChangeStreamError(.streamStopped, "the change stream stopped before it could serve the cursor \(sub.pendingCursor!)")
-                        : error)
+                    // A failure says why; a plain stop ends a served subscription quietly, and
+                    // one whose cursor was never served with stream_stopped.
+                    sub.ending = .some(error ?? (sub.pendingCursor.map {
+                        ChangeStreamError(.streamStopped, "the change stream stopped before it could serve the cursor \($0)")
+                    }))
                 }
                 if sub.needsPage, let window = s.window { Self.nextPage(&sub, from: window) }
                 if let waiter = sub.waiter, let result = Self.take(&sub) {
@@ -317,9 +323,9 @@ final class ChangeHub: Sendable {
                 sub.pendingCursor = cursor
             }
             if let closed = s.closed, sub.ending == nil {
-                sub.ending = .some(sub.pendingCursor != nil
+                sub.ending = .some(closed ?? (sub.pendingCursor != nil
                     ? ChangeStreamError(.streamStopped, "the change stream is stopped; cannot serve the cursor \(cursor)")
-                    : closed)
+                    : nil))
             }
             s.nextID += 1
             s.subscribers[s.nextID] = sub

@@ -300,7 +300,7 @@ public final class ChangeStream: Service, Sendable {
             s.connected = false
             s.replication = nil
         }
-        hub.close(error: error.map { ChangeStreamError(.streamStopped, "the change stream for slot \(configuration.slotName) failed: \($0)") })
+        hub.close(error: error.map { ChangeStreamError(.streamFailed, "the change stream for slot \(configuration.slotName) failed: \($0)") })
     }
 
     private var stopRequested: Bool { state.withLock { $0.stopRequested } }

@@ -6,9 +6,11 @@ import Synchronization
 /// - `changes(after:)`: `nil` is the live stream from now; a cursor resumes from the
 ///   stream's window. A cursor older than the window throws `ResumeWindowError`
 ///   (`resync_required`), at once or, while the stream is still opening its window, from
-///   the iteration. A stream that stopped or failed ends the sequence after what it
-///   delivered (as `ChangeSource` asks) instead of throwing `ChangeStreamError.streamStopped`
-///   (the service learns of a failure from `ChangeStream.run()`).
+///   the iteration. A stream that stopped ends the sequence after what it delivered (as
+///   `ChangeSource` asks), also for a cursor it never got to serve
+///   (`ChangeStreamError.streamStopped`); one that failed throws
+///   `ChangeStreamError.streamFailed` after it, so that the fan-out logs the cause and a
+///   `since` catch-up answers `internal` instead of waiting on a stream that is gone.
 /// - `catalog`: the publication's tables and columns, loaded with `loadCatalog(using:)`
 ///   once the stream's setup has run.
 public final class ChangeStreamSource: ChangeSource {
@@ -23,7 +25,7 @@ public final class ChangeStreamSource: ChangeSource {
     }
 
     /// The sequence `changes(after:)` returns: the stream's subscription, which ends
-    /// (rather than throws) when the stream stops or fails.
+    /// (rather than throws) when the stream stops, and throws when it fails.
     public struct Changes: AsyncSequence, Sendable {
         /// Elements are committed changes.
         public typealias Element = ChangeEvent
@@ -36,8 +38,9 @@ public final class ChangeStreamSource: ChangeSource {
         public struct Iterator: AsyncIteratorProtocol {
             var inner: ChangeSubscription.Iterator?
 
-            /// The next change, `nil` at the end (also when the stream stopped or failed);
-            /// throws `ResumeWindowError` for a cursor older than the window.
+            /// The next change, `nil` at the end (also when the stream stopped); throws
+            /// `ChangeStreamError.streamFailed` when it failed, `ResumeWindowError` for a cursor
+            /// older than the window.
             public mutating func next() async throws -> ChangeEvent? {
                 guard inner != nil else { return nil }
                 do {
