@@ -1,6 +1,7 @@
 import Foundation
 import PoolKit
-import RealtimeSync
+@testable import RealtimeSync
+import Synchronization
 import Testing
 
 @Suite("server: WebSocket protocol")
@@ -222,6 +223,40 @@ struct ServerProtocolTests {
             source.publish(itemInserts(4...6))
             #expect((try await socket.receiveJSON()["new"] as? [String: Any])?["id"] as? Int == 6)
             await socket.close()
+        }
+    }
+
+    @Test("since ahead of the stream: the WAL question is asked once for a burst of resumes (the highest answer settles every cursor at or below it), again only for a cursor beyond it, and not behind a snapshot's turn")
+    func sinceAheadAsksOnce() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        source.publish(itemInserts(1...3))  // the stream is at LSN 0x1003
+        let asked = Mutex(0)
+        try await withTestServer(source: source, configure: { configuration in
+            configuration.maxConcurrentSnapshots = 1
+            configuration.walPosition = {
+                let n = asked.withLock { $0 += 1; return $0 }
+                try await Task.sleep(for: .milliseconds(50))  // a round trip, while the others arrive
+                return n == 1 ? LSN(0x1010) : LSN(0x2000)
+            }
+        }) { test in
+            // The one snapshot turn is taken, as by a long snapshot: the question does not wait for it.
+            #expect(await test.server.snapshotGate.enter())
+            defer { test.server.snapshotGate.leave() }
+            let ahead = itemInserts([5])[0].cursor.description
+            var sockets: [TestConnection] = []
+            for _ in 0..<10 { sockets.append(try await connectWebSocket(port: test.port)) }
+            try await withThrowingTaskGroup(of: String.self) { group in
+                for (index, socket) in sockets.enumerated() {
+                    group.addTask { try await socket.subscribe("r\(index)", since: ahead) }
+                }
+                for try await cursor in group { #expect(cursor == ahead) }
+            }
+            #expect(asked.withLock { $0 } == 1, "a question per resume")
+            // Beyond the highest answer (0x1010) but within the database: asked again, taken.
+            let further = Cursor(commitLSN: LSN(0x1F00), index: 0).description
+            #expect(try await sockets[0].subscribe("beyond", since: further) == further)
+            #expect(asked.withLock { $0 } == 2)
+            for socket in sockets { await socket.close() }
         }
     }
 

@@ -61,3 +61,26 @@ final class AsyncGate: Sendable {
     /// Permits free and callers waiting (for statistics and tests).
     var counts: (free: Int, waiting: Int) { state.withLock { ($0.permits, $0.waiters.count) } }
 }
+
+/// Answers "has the database's WAL reached this `since` cursor?" with as few queries as
+/// possible: positions only grow, so the highest answer seen settles every cursor at or below
+/// it without a query (a burst of clients back after a restart asks once); otherwise one query
+/// at a time, on a turn of its own (never behind a snapshot), and a cursor is refused only on
+/// an answer to a query begun after it was asked.
+final class WALCheck: Sendable {
+    private let known = Mutex<LSN?>(nil)
+    private let gate = AsyncGate(permits: 1)
+
+    /// The WAL position: one at or past `lsn` when known or found, else a position read after
+    /// this call began (below `lsn`). Nil when the calling task was cancelled while waiting.
+    func position(reaching lsn: LSN, ask: @Sendable () async throws -> LSN) async throws -> LSN? {
+        if let k = known.withLock({ $0 }), k >= lsn { return k }
+        guard await gate.enter() else { return nil }
+        defer { gate.leave() }
+        // A query that ended while this call waited its turn may settle it.
+        if let k = known.withLock({ $0 }), k >= lsn { return k }
+        let wal = try await ask()
+        known.withLock { $0 = Swift.max($0 ?? wal, wal) }
+        return wal
+    }
+}

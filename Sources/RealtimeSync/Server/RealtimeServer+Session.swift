@@ -145,24 +145,18 @@ extension RealtimeServer {
         let id = subscription.id
         if since > source.currentCursor, let walPosition = configuration.walPosition {
             // Ahead of this server's stream: a lagging instance's normal case, unless the
-            // cursor is ahead of the database itself. The question takes a pooled connection:
-            // asked under the snapshots' gate (`maxConcurrentSnapshots`), so that a burst of
-            // such resumes (clients back after a restart, while the stream catches up) cannot
-            // take every connection the service's own jobs need.
+            // cursor is ahead of the database itself. The question takes a pooled connection,
+            // one question at a time (`WALCheck`: the highest answer seen settles every cursor
+            // below it, so a burst of resumes after a restart asks once), on a turn of its own,
+            // not behind a snapshot.
             // Waiting for the server, not the client: the ping timeout does not count it (as
             // for a snapshot's turn).
             session.waitingForServer.store(true, ordering: .relaxed)
             defer { session.waitingForServer.store(false, ordering: .relaxed) }
-            let admitted = await snapshotGate.enter()
-            guard admitted else { return }
-            guard session.isOpen else {
-                snapshotGate.leave()
-                return
-            }
             let wal: LSN
             do {
-                defer { snapshotGate.leave() }
-                wal = try await walPosition()
+                guard let answer = try await walCheck.position(reaching: since.commitLSN, ask: walPosition) else { return }
+                wal = answer
             } catch {
                 // Unchecked, a foreign cursor would be taken and stay silent until the stream
                 // passed it, then skip what lay before it: refused, and the client retries.
@@ -170,6 +164,7 @@ extension RealtimeServer {
                     "since \(since) is ahead of this server's stream, and the database could not be asked whether it issued it (\(error)); retry later").serverMessage)
                 return
             }
+            guard session.isOpen else { return }
             if since.commitLSN > wal {
                 session.enqueue(ProtocolError(.invalidMessage, id: id,
                     "since \(since) is ahead of this database's WAL (\(Cursor(commitLSN: wal, index: 0))): the cursor was not issued by this database (another one, or one restored from a backup); subscribe without since, or with snapshot").serverMessage)
@@ -326,7 +321,7 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Whether the session has paused reading (its messages wait behind a catch-up or
     /// snapshot): the client's pong may then sit unread, which is no reason to drop it.
     private let readsPaused: () -> Bool
-    /// Whether the session waits for the server (a turn under maxConcurrentSnapshots: a snapshot, or the WAL question of a since ahead of the stream): paused reads are then
+    /// Whether the session waits for the server (a snapshot's turn under maxConcurrentSnapshots, or the WAL question of a since ahead of the stream): paused reads are then
     /// the server's doing, and do not count towards `maxPausedIntervals`.
     private let serverBusy: () -> Bool
 

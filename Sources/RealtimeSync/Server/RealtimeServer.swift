@@ -123,6 +123,8 @@ public final class RealtimeServer: Service, Sendable {
 
     /// Bounds concurrent snapshots (`maxConcurrentSnapshots`).
     let snapshotGate: AsyncGate
+    /// Answers the WAL question of `since` cursors ahead of the stream (`walPosition`).
+    let walCheck = WALCheck()
 
     /// Creates a server over `source`; `run()` starts it. Throws nothing: the configuration
     /// is checked by `run()`, which fails with `SERVER_INVALID_CONFIGURATION` naming the field.

@@ -137,8 +137,9 @@ public struct RealtimeServerConfiguration: Sendable {
     /// from this database (another database, or one restored from a backup) and is refused
     /// with `invalid_message`; without the check such a subscription would stay silent until
     /// the stream passed the cursor. nil: not checked (such a cursor is taken). `RealtimeService`
-    /// sets it (a pooled connection, asked only for a `since` ahead of the server's own stream,
-    /// under `maxConcurrentSnapshots`' gate); when it throws, the subscription gets `internal`.
+    /// sets it (a pooled connection, asked only for a `since` ahead of both the server's own
+    /// stream and the highest position an earlier question returned, one question at a time);
+    /// when it throws, the subscription gets `internal`.
     public var walPosition: (@Sendable () async throws -> LSN)?
     /// Most rows a snapshot may send (after the filter); more gives `snapshot_too_large`. Default 10,000.
     public var snapshotMaxRows: Int
@@ -149,8 +150,7 @@ public struct RealtimeServerConfiguration: Sendable {
     /// client's later messages wait behind them). Each holds a pooled connection for its
     /// whole length, so this keeps clients from taking every connection the service's own
     /// jobs need. Default 4; `RealtimeService` lowers it to one less than its pool's `maxOpen`
-    /// when that is smaller. The WAL question of a `since` ahead of the stream (`walPosition`)
-    /// takes a turn here too.
+    /// when that is smaller.
     public var maxConcurrentSnapshots: Int
     /// A `snapshot` message is sent once its rows reach this many bytes; each FETCH aims at
     /// about this much row text too, so wide rows are fetched a few at a time. Default 64 KiB.
