@@ -467,7 +467,7 @@ public final class ReplicationConnection: Sendable {
                 // update is in libpq's buffer, hand the rest to the reader: its wait re-arms
                 // for writable while output is pending (`readStep`). Not yet buffered: retry
                 // after a pause, not at once.
-                // A close also ends the wait this way (`forget`): then the update is lost.
+                // A close also ends the wait this way (`release`): then the update is lost.
                 if connection.state.withLock({ $0.pg == nil }) { throw connection.closedError() }
                 SocketReactor.shared.interrupt(socket)
                 if queued { return }

@@ -36,7 +36,8 @@ enum SocketWaitOutcome: Sendable {
     case ready
     /// The calling Task was cancelled while waiting.
     case cancelled
-    /// Another party asked the waiter to step aside (`interrupt(fd:)`).
+    /// Another party asked the waiter to step aside (`interrupt(_:)`), the socket was released
+    /// (`release(_:)`), or its number was claimed by another connection.
     case interrupted
 }
 
@@ -80,6 +81,10 @@ final class SocketReactor: TaskExecutor, Sendable {
         var id: UInt64
         var events: UInt32
         var continuation: CheckedContinuation<SocketWaitOutcome, Never>
+        /// Registered by another wait's repair (see `arm`) perhaps before its own `epoll_ctl`,
+        /// which may then land after a later wait's: an event that ends it counts as an early
+        /// end, so that its own check repairs that.
+        var armedByOther = false
     }
 
     private struct State {
@@ -151,6 +156,19 @@ final class SocketReactor: TaskExecutor, Sendable {
     /// Set once an `epoll_ctl` was refused for want of resources (`fs.epoll.max_user_watches`,
     /// memory): reported once on standard error.
     private let watchLimitReported = Atomic<Bool>(false)
+
+    #if DEBUG
+    /// Tests: called on a wait's thread between publishing wait `id` on the socket number and
+    /// its `epoll_ctl`, to replay a thread preempted there.
+    static let beforeRegistering = Mutex<[Int32: @Sendable (_ id: UInt64) -> Void]>([:])
+
+    /// Tests: `epoll_ctl` for a wait on socket number `fd` fails with this errno, and a wait
+    /// that then polls looks again after `pollAfter` (10 ms otherwise).
+    static let refuseRegistering = Mutex<[Int32: (code: Int32, pollAfter: DispatchTimeInterval)]>([:])
+
+    /// Tests: the id of the wait pending on socket number `fd`, if any.
+    func pendingWait(fd: Int32) -> UInt64? { state.withLock { $0.waiters[fd]?.id } }
+    #endif
 
     /// True when the calling thread is one of this reactor's threads.
     var isCurrentThreadReactor: Bool { pthread_getspecific(threadKey) != nil }
@@ -269,29 +287,46 @@ final class SocketReactor: TaskExecutor, Sendable {
             resume(fd: fd, id: id, with: .interrupted)
             return
         }
-        let rc = control(fd: fd, op: op, events: events, id: id)
+        #if DEBUG
+        Self.beforeRegistering.withLock { $0[fd] }?(id)
+        #endif
+        var rc = control(fd: fd, op: op, events: events, id: id)
+        #if DEBUG
+        var pollAfter = DispatchTimeInterval.milliseconds(10)
+        if let refusal = Self.refuseRegistering.withLock({ $0[fd] }) { (rc, errno, pollAfter) = (-1, refusal.code, refusal.pollAfter) }
+        #else
+        let pollAfter = DispatchTimeInterval.milliseconds(10)
+        #endif
         // A wait ended early (interrupted, cancelled) while its thread was between publishing
         // and registering, followed by a later wait on the same socket, has its registration
         // land after the later one's: it would leave its interest, and its id, in place of the
         // current wait's. So a wait that finds an early end since its publication makes the
         // current waiter's registration again, under the lock (a later wait publishes only
         // after it, so this cannot in turn overwrite a newer one). Otherwise, one atomic load.
+        //
+        // The current waiter may itself not have registered yet: its own `epoll_ctl` can then
+        // land after its event ended it and a newer wait registered. It is marked, and its
+        // event counts as an early end, so that its own check finds the change and repairs it.
         if rc == 0, earlyEnds.load(ordering: .acquiring) != endsAtPublish {
             state.withLock { s in
                 guard let current = s.waiters[fd], current.id != id else { return }
+                s.waiters[fd]?.armedByOther = true
                 _ = control(fd: fd, op: EPOLL_CTL_MOD, events: current.events, id: current.id)
             }
         }
         if rc != 0 {
             let code = errno
+            let polls = code == ENOSPC || code == ENOMEM
             let mine = state.withLock { s -> Waiter? in
                 s.registered.remove(fd)
                 guard let w = s.waiters[fd], w.id == id else { return nil }
+                // Polling, the wait stays in place: an interrupt, a release or a cancellation
+                // ends it at once, and no other wait takes the socket meanwhile.
+                if polls { return nil }
                 s.waiters[fd] = nil
                 return endedEarly(w)
             }
-            guard let mine else { return }
-            if code == ENOSPC || code == ENOMEM {
+            if polls {
                 // The socket is fine, the epoll set is full (the user's fs.epoll.max_user_watches,
                 // shared with every epoll instance of the user) or memory is short: ready at once,
                 // libpq would find nothing and wait again at once, a core spinning for as long.
@@ -300,13 +335,13 @@ final class SocketReactor: TaskExecutor, Sendable {
                     let message = Array("PoolKit: epoll_ctl refused a socket (errno \(code)): raise fs.epoll.max_user_watches (sysctl) or free memory; until then waits poll every 10 ms\n".utf8)
                     _ = message.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
                 }
-                DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(10)) {
-                    mine.continuation.resume(returning: .ready)
+                DispatchQueue.global().asyncAfter(deadline: .now() + pollAfter) {
+                    self.resume(fd: fd, id: id, with: .ready)
                 }
                 return
             }
             // A bad fd: let libpq discover and report the broken connection.
-            mine.continuation.resume(returning: .ready)
+            mine?.continuation.resume(returning: .ready)
         }
     }
 
@@ -333,7 +368,7 @@ final class SocketReactor: TaskExecutor, Sendable {
             guard let w = s.waiters[fd] else { return nil }
             if let id, (low32 ? w.id & 0xFFFF_FFFF : w.id) != id { return nil }
             s.waiters[fd] = nil
-            return low32 ? w : endedEarly(w)
+            return low32 && !w.armedByOther ? w : endedEarly(w)
         }
         waiter?.continuation.resume(returning: outcome)
     }
