@@ -54,6 +54,15 @@ private func socketPair() throws -> (Int32, Int32) {
     return (fds[0], fds[1])
 }
 
+/// Returns once `condition` holds; fails the test after 10 s.
+private func until(_ what: String, _ condition: () -> Bool) async throws {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while !condition() {
+        try #require(ContinuousClock.now < deadline, "timed out waiting until \(what)")
+        try await Task.sleep(for: .milliseconds(1))
+    }
+}
+
 @Suite("SocketReactor: a socket number reused by another connection is never waited on, interrupted or released for the old one")
 struct SocketReactorTests {
     let reactor = SocketReactor.shared
@@ -105,13 +114,6 @@ struct SocketReactorTests {
         defer { _ = SocketReactor.beforeRegistering.withLock { $0.removeValue(forKey: a) } }
         let first = OwnThreadExecutor(), second = OwnThreadExecutor()
         defer { first.stop(); second.stop() }
-        func until(_ what: String, _ condition: () -> Bool) async throws {
-            let deadline = ContinuousClock.now + .seconds(10)
-            while !condition() {
-                try #require(ContinuousClock.now < deadline, "timed out waiting until \(what)")
-                try await Task.sleep(for: .milliseconds(1))
-            }
-        }
         // 1. Wait Z (readable) is published; its thread stops before its epoll_ctl.
         let z = Task(executorPreference: first) { await SocketReactor.shared.wait(socket, for: .readable) }
         try await until("Z is published") { published.withLock { $0.count } == 1 }
@@ -157,13 +159,7 @@ struct SocketReactorTests {
         #expect(try await withTimeout(.seconds(10)) { await SocketReactor.shared.wait(socket, for: .readable) } == .ready)
         // A long poll interval: what ends the wait is the interrupt or the cancellation.
         SocketReactor.refuseRegistering.withLock { $0[a] = (ENOSPC, .seconds(20)) }
-        func pending() async throws {
-            let deadline = ContinuousClock.now + .seconds(10)
-            while reactor.pendingWait(fd: a) == nil {
-                try #require(ContinuousClock.now < deadline, "the wait was never published")
-                try await Task.sleep(for: .milliseconds(1))
-            }
-        }
+        func pending() async throws { try await until("the wait is published") { reactor.pendingWait(fd: a) != nil } }
         let interrupted = Task { await SocketReactor.shared.wait(socket, for: .readable) }
         try await pending()
         #expect(await SocketReactor.shared.wait(socket, for: .readable) == .interrupted, "a second wait took the socket")
