@@ -312,6 +312,27 @@ struct ConnectionPoolTests {
         }
     }
 
+    @Test func drainIsNotHeldPastItsDeadlineByAnIdleCloseThatHangs() async throws {
+        try await withRunningPool(baseConfiguration { $0.maxOpen = 1; $0.minIdle = 1 }, factory: MockFactory(clean: true)) { pool, clock, _ in
+            await eventually("warm-up") { pool.statistics.idle == 1 }
+            let lease = try await pool.lease(label: "hanging close")
+            lease.connection.state.withLock { $0.closeDelay = .seconds(5) }
+            await pool.release(lease)
+            await eventually("back in the pool") { pool.statistics.idle == 1 }
+            let draining = Task { await pool.drain(deadline: clock.now.advanced(by: .seconds(1))) }
+            await eventually("draining") { pool.drainBegan.hasFired }
+            clock.advance(by: .seconds(2))
+            let report = await draining.value
+            #expect(lease.connection.closeCount == 0, "the drain waited for the close past its deadline")
+            #expect(report.idleClosed == 1 && report.closesUnfinished == 1, "\(report)")
+            #expect(report.description.contains("1 closes still running"), "\(report)")
+            // The close ends in the background (its 5 s are real time).
+            let until = ContinuousClock.now + .seconds(15)
+            while lease.connection.closeCount == 0, ContinuousClock.now < until { try await Task.sleep(for: .milliseconds(20)) }
+            #expect(lease.connection.closeCount == 1)
+        }
+    }
+
     @Test func aConnectionStuckInItsResetIsReportedAsALeak() async throws {
         try await withRunningPool(baseConfiguration { $0.leakThreshold = .seconds(10) }) { pool, clock, _ in
             await eventually("warm-up") { pool.statistics.idle == 1 }

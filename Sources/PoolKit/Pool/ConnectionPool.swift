@@ -871,7 +871,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
     /// a second does not hold the close up). Returns what it did and whom it cut off, once
     /// every close the pool had begun is done (also those begun by other tasks before the
     /// last return: an idle connection the timer was closing, an earlier holder's return),
-    /// or at `deadline`, which such a close still running does not hold up.
+    /// or at `deadline`, which a close still running (the drain's own idle closes included)
+    /// does not hold up: the report counts it (`closesUnfinished`).
     /// Idempotent: later calls wait for the first drain and return its report.
     /// Cancelling the calling task cuts off at once.
     public func drain(deadline: C.Instant) async -> DrainReport {
@@ -886,11 +887,16 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             s.publish(metrics, flags, stripes: stripes)
             return start
         }
-        await perform(flushed)
-        if start.alreadyStarted { return await waitForDrainReport() }
+        if start.alreadyStarted {
+            await perform(flushed)
+            return await waitForDrainReport()
+        }
         drainBegan.fire()
         logger.info("draining pool", metadata: ["waiters": "\(start.waitersFailed)", "idle": "\(start.idleClosed)"])
-        await perform(start.actions)
+        // The idle connections' closes run beside the wait, not before it: one that hangs does
+        // not hold the drain past its deadline (each close is counted until it ends, so the
+        // drained signal waits for them when they end in time).
+        Task { await self.perform(flushed); await self.perform(start.actions) }
         timerWake.signal()
         if !start.actions.drained {
             await withTaskGroup(of: Void.self) { group in
@@ -934,6 +940,7 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         report.returnedInTime = end.returnedInTime
         report.cutOff = end.cutOff.map(\.holder)
         report.connectsAbandoned = end.connectsAbandoned
+        report.closesUnfinished = end.closesUnfinished
         let waiters = state.withLock { s -> [CheckedContinuation<DrainReport, Never>] in
             s.drainReport = report
             defer { s.drainReportWaiters = [] }

@@ -153,6 +153,7 @@ struct PoolStateMachine<Connection, Waiter> {
         var cutOff: [(connection: Connection, holder: ConnectionHolder)] = []
         var connectsAbandoned = 0
         var returnedInTime = 0
+        var closesUnfinished = 0
     }
 
     enum Phase: Equatable { case running, draining, closed }
@@ -742,6 +743,7 @@ struct PoolStateMachine<Connection, Waiter> {
         }
         end.connectsAbandoned = connecting
         end.returnedInTime = drainReturned
+        end.closesUnfinished = closesInFlight
         return end
     }
 

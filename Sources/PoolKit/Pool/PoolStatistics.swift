@@ -87,6 +87,9 @@ public struct DrainReport: Sendable, Hashable, CustomStringConvertible {
     public var cutOff: [ConnectionHolder] = []
     /// Connects still in flight at the deadline (their connections are closed when they arrive).
     public var connectsAbandoned: Int = 0
+    /// Closes still running at the deadline (a close that hangs: a network that drops the
+    /// Terminate, a driver that blocks); they go on in the background.
+    public var closesUnfinished: Int = 0
 
     /// Creates an empty report.
     public init() {}
@@ -96,6 +99,7 @@ public struct DrainReport: Sendable, Hashable, CustomStringConvertible {
         var s = "drained in \(formatDuration(duration)): \(idleClosed) idle closed, \(waitersFailed) waiters failed, \(returnedInTime) returned in time, \(cutOff.count) cut off"
         if !cutOff.isEmpty { s += " [" + cutOff.map(\.description).joined(separator: "; ") + "]" }
         if connectsAbandoned > 0 { s += ", \(connectsAbandoned) connects abandoned" }
+        if closesUnfinished > 0 { s += ", \(closesUnfinished) closes still running" }
         return s
     }
 }

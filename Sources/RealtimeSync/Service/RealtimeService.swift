@@ -365,7 +365,7 @@ public final class RealtimeService: Service, Sendable {
                 stream.stop()
                 _ = await captureEnded.wait(atMost: captureDeadline * 0.6)
                 let report = await pool.drain(deadline: start.advanced(by: captureDeadline * 0.85))
-                return report.cutOff.isEmpty ? nil : "pool: \(report)"
+                return report.cutOff.isEmpty && report.closesUnfinished == 0 ? nil : "pool: \(report)"
             },
         ] + configuration.server.shutdownHooks
         let server = RealtimeServer(source: source, configuration: serverConfiguration)
