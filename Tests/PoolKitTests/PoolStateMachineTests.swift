@@ -233,6 +233,27 @@ struct PoolStateMachineTests {
         #expect(message.contains("1 connect still in progress, none finished") && message.contains("connect_timeout") && message.contains("0/20 in use"), "\(message)")
     }
 
+    @Test func acquireTimeoutAfterAConnectFinishedDuringTheWaitSaysExhaustedNotSlowDatabase() throws {
+        var d = MachineDriver(config { $0.minIdle = 1; $0.maxOpen = 3; $0.acquireTimeout = .seconds(5) })
+        d.warmUp()
+        _ = d.lease("holder")
+        // Two waiters; one demand connect at a time while connections exist.
+        guard case .enqueued(let first) = d.wait(1, timeout: .seconds(60)) else { Issue.record(); return }
+        #expect(first.connects.count == 1)
+        d.now = .seconds(1)
+        guard case .enqueued = d.wait(2, timeout: .seconds(5)) else { Issue.record(); return }
+        // The connect finishes within the second waiter's wait, and goes to the first; the next
+        // connect starts for the second, which times out while it runs.
+        d.now = .seconds(2)
+        let done = d.machine.connected(first.connects[0], connection: d.makeConnection(), now: d.now)
+        #expect(done.handoffs.count == 1 && done.connects.count == 1)
+        d.now = .seconds(6)
+        let failure = try #require(d.tick().failures.first)
+        let message = failure.1.description
+        #expect(message.contains("exhausted: 2/3 in use") && message.contains("1 connecting"), "\(message)")
+        #expect(!message.contains("none finished"), "a connect finished during the wait: \(message)")
+    }
+
     @Test func acquireTimeoutFailsTheWaiterWithAnErrorNamingTheKnobsAndHolders() throws {
         var d = MachineDriver(config { $0.minIdle = 1; $0.maxOpen = 1; $0.acquireTimeout = .seconds(5) })
         d.warmUp()

@@ -214,6 +214,9 @@ struct PoolStateMachine<Connection, Waiter> {
     private var waiters = FIFOQueue<WaiterEntry>()
     private var established = 0
     private var connecting = 0
+    /// When the last connect succeeded (a timeout's message tells a database slow to accept
+    /// from a pool whose connects finish but go to earlier waiters).
+    private var lastConnectSucceededAt: Time?
     private var inUse = 0
     /// Closes handed to the shell in `Actions` and not yet reported done (`closeFinished()`).
     private(set) var closesInFlight = 0
@@ -550,6 +553,7 @@ struct PoolStateMachine<Connection, Waiter> {
         connecting -= 1
         established += 1
         stats.connectsSucceeded += 1
+        lastConnectSucceededAt = now
         consecutiveConnectFailures = 0
         lastConnectError = nil
         // The server accepts connects again: a backoff begun by another connect's failure
@@ -954,10 +958,12 @@ struct PoolStateMachine<Connection, Waiter> {
         var message: String
         if let lastConnectError, established < configuration.maxOpen {
             message = "pool '\(configuration.name)' got no connection within \(waited): connects are failing (\(consecutiveConnectFailures) in a row; last: \(lastConnectError)); \(inUse)/\(configuration.maxOpen) in use (\(limits), connectBackoff max=\(formatDuration(configuration.connectBackoff.maximum)))"
-        } else if connecting > 0 && established < configuration.maxOpen {
+        } else if connecting > 0 && established < configuration.maxOpen
+                    && lastConnectSucceededAt.map({ $0 < entry.waitingSince }) ?? true {
             // Not exhausted: what it waited for is a connect that has not finished (a database
             // slow to accept, or unreachable with packets dropped), and raising maxOpen would
-            // not help.
+            // not help. (Had a connect finished during the wait, connects work, and went to
+            // earlier waiters: the pool is short of connections, said below.)
             message = "pool '\(configuration.name)' got no connection within \(waited): \(connecting) connect\(connecting == 1 ? "" : "s") still in progress, none finished (the database is slow to accept or unreachable; the connect's own timeout, e.g. connect_timeout in a Postgres URL, is longer than this wait); \(inUse)/\(configuration.maxOpen) in use (\(limits))"
         } else {
             message = "pool '\(configuration.name)' exhausted: \(inUse)/\(configuration.maxOpen) in use for \(waited) (\(limits))"
