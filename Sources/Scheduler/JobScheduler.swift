@@ -967,9 +967,14 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
     /// runs, lets `.drain` runs finish until `deadline` from now.
     public func beginShutdown(deadline: Duration) {
         flags.markShuttingDown()
-        let (abandoned, done, idle) = pool.withLock { $0.close() }
-        for w in idle { w.resume() }
+        var idle: [CheckedContinuation<Void, Never>] = []
         let (shutdown, wake, resumes) = core.withLock { core -> ((cancels: [(RunCancel, CancelReason)], draining: [RunCancel]), DriverWake?, [CheckedContinuation<Void, Never>]) in
+            // The pool closes in the same core section as the machine's shutdown (lock order:
+            // core, then pool): a driver step between the two had the closed pool refuse its
+            // starts and carried them to its next step, so the machine counted them as
+            // started and the report listed runs that never began as cut off.
+            let (abandoned, done, workers) = pool.withLock { $0.close() }
+            idle = workers
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
@@ -983,6 +988,7 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
             if core.machine.isDrained && core.runTasks == 0 && core.shutdownEndedAt == nil { core.shutdownEndedAt = now }
             return (shutdown, Self.signal(&core), core.machine.takeResumes())
         }
+        for w in idle { w.resume() }
         for (c, r) in shutdown.cancels { c.cancel(r) }
         // A `.drain` run a worker took before the pool closed but has not begun never begins:
         // no run starts once this call returns.
@@ -1002,15 +1008,18 @@ public final class JobScheduler<C: Clock>: Service, Sendable, JobOwner where C.D
 
     private func cancelEverything() {
         flags.markShuttingDown()
-        let (abandoned, done, idle) = pool.withLock { $0.close() }
-        for w in idle { w.resume() }
+        var idle: [CheckedContinuation<Void, Never>] = []
         let (cancels, wake, resumes) = core.withLock { core -> ([(RunCancel, CancelReason)], DriverWake?, [CheckedContinuation<Void, Never>]) in
+            // One section with the machine's change, as in `beginShutdown`.
+            let (abandoned, done, workers) = pool.withLock { $0.close() }
+            idle = workers
             let now = ticks(clock.now)
             Self.recordClosed(&core, done: done, abandoned: abandoned, now: now)
             if core.shutdownStartedAt == nil { core.shutdownStartedAt = now }
             let cancels = core.machine.cancelEverything()
             return (cancels, Self.signal(&core), core.machine.takeResumes())
         }
+        for w in idle { w.resume() }
         for (c, r) in cancels { c.cancel(r) }
         wake?.resume()
         for r in resumes { r.resume() }
