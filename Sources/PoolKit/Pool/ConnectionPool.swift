@@ -730,9 +730,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             }
             // Not checked for `isBroken` since it was parked: the waiter checks. (`onlyToWaiter`:
             // a handoff or nothing, never a close, whose `closeFinished` a drain would wait for.)
-            if let result {
-                let left = performReleaseResult(result, reusable: false)
-                assert(left?.closes.isEmpty ?? true, "a stripe's sweep to a waiter closed a connection")
+            if let result, let left = performReleaseResult(result, reusable: false) {
+                // Not expected (`onlyToWaiter`); done all the same rather than dropped, which
+                // would leak a connection and hold a drain until its deadline.
+                assert(left.closes.isEmpty, "a stripe's sweep to a waiter closed a connection")
+                Task { await self.perform(left) }
             }
         }
     }
