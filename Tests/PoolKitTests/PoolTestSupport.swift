@@ -182,6 +182,8 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
         var hangReset = false
         /// `close()` takes this long (real time) before the session ends.
         var closeDelay: Duration?
+        /// Called as `close()` begins (a test moves its manual clock there, say).
+        var onClose: (@Sendable () -> Void)?
         var maxHolders = 0
         /// When true, `needsReset` answers false (the pool then skips `prepareForReuse`).
         var clean = false
@@ -202,6 +204,7 @@ final class MockConnection: PoolableConnection, CustomStringConvertible {
     }
     func cancelRunningQuery() async { state.withLock { $0.cancels += 1 } }
     func close() async {
+        state.withLock { $0.onClose }?()
         if let delay = state.withLock({ $0.closeDelay }) { try? await Task.sleep(for: delay) }
         state.withLock { $0.closed += 1 }
     }

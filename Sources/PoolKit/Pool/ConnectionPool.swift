@@ -340,9 +340,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         var deadline: Duration?
         var waitingSince: Duration?
         var requeue = false
-        // What the legs waited (a broken connection discarded sends the caller back to the
-        // queue's front): one `wait_time` sample per lease, for the wait as a whole.
+        // One `wait_time` sample per lease, for the wait as a whole: a broken connection
+        // discarded sends the caller back to the queue's front, and the sample then runs from
+        // the first leg's start to the end (the discard between the legs included).
         var waited: Duration?
+        let began = metrics.enabled ? now() : nil
         while true {
             let (raw, checked, legWait) = try await acquire(
                 request, timeout: timeout, deadline: &deadline, waitingSince: &waitingSince, atFront: requeue)
@@ -350,7 +352,8 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
             if checked || !connection.isBroken {
                 if metrics.enabled {
-                    if let waited { metrics.waitTime.record(waited) } else { metrics.recordNoWait() }
+                    if requeue, let began { metrics.waitTime.record(now() - began) }
+                    else if let waited { metrics.waitTime.record(waited) } else { metrics.recordNoWait() }
                 }
                 return ConnectionLease(connection: connection, connectionID: raw.connectionID, slot: raw.slot, leaseID: raw.leaseID, lend: 0)
             }

@@ -214,9 +214,11 @@ struct PoolStateMachine<Connection, Waiter> {
     private var waiters = FIFOQueue<WaiterEntry>()
     private var established = 0
     private var connecting = 0
-    /// When the last connect succeeded (a timeout's message tells a database slow to accept
-    /// from a pool whose connects finish but go to earlier waiters).
+    /// When the last connect succeeded, and when the last connect handed to a waiter did, with
+    /// that waiter's `waitingSince`: a timeout's message tells a database slow to accept from a
+    /// pool whose connects finish but go to callers that waited longer.
     private var lastConnectSucceededAt: Time?
+    private var lastConnectHandoff: (at: Time, receiverWaitingSince: Time)?
     private var inUse = 0
     /// Closes handed to the shell in `Actions` and not yet reported done (`closeFinished()`).
     private(set) var closesInFlight = 0
@@ -569,6 +571,7 @@ struct PoolStateMachine<Connection, Waiter> {
             slots[request.slot].expiresAt = now + lifetime - jitter
         }
         if let entry = waiters.popFirst() {
+            lastConnectHandoff = (now, entry.waitingSince)
             actions.handoffs.append(handOff(slot: request.slot, connection: connection, to: entry, now: now))
             actions.rescheduleTimer = noteLeakDeadline(now: now)
         } else {
@@ -958,13 +961,18 @@ struct PoolStateMachine<Connection, Waiter> {
         var message: String
         if let lastConnectError, established < configuration.maxOpen {
             message = "pool '\(configuration.name)' got no connection within \(waited): connects are failing (\(consecutiveConnectFailures) in a row; last: \(lastConnectError)); \(inUse)/\(configuration.maxOpen) in use (\(limits), connectBackoff max=\(formatDuration(configuration.connectBackoff.maximum)))"
-        } else if connecting > 0 && established < configuration.maxOpen
-                    && lastConnectSucceededAt.map({ $0 < entry.waitingSince }) ?? true {
-            // Not exhausted: what it waited for is a connect that has not finished (a database
-            // slow to accept, or unreachable with packets dropped), and raising maxOpen would
-            // not help. (Had a connect finished during the wait, connects work, and went to
-            // earlier waiters: the pool is short of connections, said below.)
-            message = "pool '\(configuration.name)' got no connection within \(waited): \(connecting) connect\(connecting == 1 ? "" : "s") still in progress, none finished (the database is slow to accept or unreachable; the connect's own timeout, e.g. connect_timeout in a Postgres URL, is longer than this wait); \(inUse)/\(configuration.maxOpen) in use (\(limits))"
+        } else if connecting > 0 && established < configuration.maxOpen {
+            // Not exhausted: what it waited for is a connect that has not finished, and raising
+            // maxOpen would not help.
+            let inProgress = "\(connecting) connect\(connecting == 1 ? "" : "s") still in progress"
+            if let handoff = lastConnectHandoff, handoff.at >= entry.waitingSince, handoff.receiverWaitingSince < entry.waitingSince {
+                // Connects finish, but went to callers ahead of this one.
+                message = "pool '\(configuration.name)' got no connection within \(waited): \(inProgress); connects finish, but while it has connections the pool opens one at a time (no connect storms), and the last went to a caller that waited longer; \(inUse)/\(configuration.maxOpen) in use (\(limits); minIdle=\(configuration.minIdle) keeps connections open ahead of demand)"
+            } else {
+                // A database slow to accept, or unreachable with packets dropped.
+                let noneFinished = lastConnectSucceededAt.map { $0 < entry.waitingSince } ?? true
+                message = "pool '\(configuration.name)' got no connection within \(waited): \(inProgress)\(noneFinished ? ", none finished" : "") (the database is slow to accept or unreachable; the connect's own timeout, e.g. connect_timeout in a Postgres URL, is longer than this wait); \(inUse)/\(configuration.maxOpen) in use (\(limits))"
+            }
         } else {
             message = "pool '\(configuration.name)' exhausted: \(inUse)/\(configuration.maxOpen) in use for \(waited) (\(limits))"
             if connecting > 0 { message += "; \(connecting) connecting" }
