@@ -344,10 +344,10 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         // discarded sends the caller back to the queue's front, and the sample then runs from
         // the first leg's start to the end (the discard between the legs included).
         var waited: Duration?
-        let began = metrics.enabled ? now() : nil
+        var began: Duration?
         while true {
             let (raw, checked, legWait) = try await acquire(
-                request, timeout: timeout, deadline: &deadline, waitingSince: &waitingSince, atFront: requeue)
+                request, timeout: timeout, deadline: &deadline, waitingSince: &waitingSince, began: &began, atFront: requeue)
             if let legWait { waited = (waited ?? .zero) + legWait }
             let connection = unsafeDowncast(raw.connection, to: Connection.self)
             if checked || !connection.isBroken {
@@ -1060,11 +1060,15 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         #endif
     }
 
+    /// One leg of a lease: the connection at once, or after a wait in the queue. `began` is
+    /// set to the first leg's start (no clock read of its own).
     nonisolated(nonsending)
     private func acquire(
-        _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, waitingSince: inout Duration?, atFront: Bool
+        _ request: Machine.Request, timeout: Duration?, deadline: inout Duration?, waitingSince: inout Duration?,
+        began: inout Duration?, atFront: Bool
     ) async throws -> (lease: Machine.Lease, checked: Bool, waited: Duration?) {
         let now = self.now()
+        if began == nil { began = now }
         let immediate = state.withLock { s -> Machine.ImmediateLease in
             let result = s.machine.leaseImmediately(request: request, now: now)
             s.publish(metrics, flags, stripes: stripes)
