@@ -71,6 +71,7 @@ let package = Package(
                 "RealtimeSync",
                 "PoolKit",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // Test-only helpers shared by the test targets (one database per test process).

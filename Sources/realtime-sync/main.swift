@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Logging
 import PoolKit
 import RealtimeSync
 
@@ -130,6 +131,7 @@ struct Serve: AsyncParsableCommand {
               --host                  REALTIME_SYNC_HOST              (127.0.0.1)
               --port                  REALTIME_SYNC_PORT              (8080; 0 picks a free port)
               --listen-backlog        REALTIME_SYNC_LISTEN_BACKLOG    (4096; capped by net.core.somaxconn)
+              --max-connections       REALTIME_SYNC_MAX_CONNECTIONS   (the open-file limit less an eighth; more get 503)
               --tables                REALTIME_SYNC_TABLES            (comma-separated schema.table)
               --publication           REALTIME_SYNC_PUBLICATION       (realtime_sync)
               --slot                  REALTIME_SYNC_SLOT              (realtime_sync)
@@ -157,6 +159,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Address to listen on.") var host: String?
     @Option(help: "Port to listen on.") var port: Int?
     @Option(help: "Connections queued before accept (listen backlog, capped by net.core.somaxconn).") var listenBacklog: Int?
+    @Option(help: "Most client connections open at once; more get 503 (default: the open-file limit less an eighth).") var maxConnections: Int?
     @Option(help: "Tables to stream, comma-separated (schema.table).") var tables: String?
     @Option(help: "Publication name (created for --tables when missing).") var publication: String?
     @Option(help: "Replication slot name (created when missing).") var slot: String?
@@ -190,11 +193,28 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
+    /// Raises the soft `RLIMIT_NOFILE` to the hard limit; the two limits when it changed.
+    static func raiseOpenFileLimit() -> (from: UInt, to: UInt)? {
+        var limit = rlimit()
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        guard getrlimit(resource, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return nil }
+        let from = limit.rlim_cur
+        limit.rlim_cur = limit.rlim_max
+        guard setrlimit(resource, &limit) == 0 else { return nil }
+        return (UInt(from), UInt(limit.rlim_max))
+    }
+
     private func serve() async throws {
         let registry = try RealtimeService.bootstrapObservability(
             logFormat: try Setting.string(logFormat, "log-format", "REALTIME_SYNC_LOG_FORMAT", "text")!,
             logLevel: try Setting.string(logLevel, "log-level", "REALTIME_SYNC_LOG_LEVEL", "info")!)
 
+        // Sockets are files: the soft open-file limit (often 1,024) goes up to the hard one, as
+        // Go's runtime does, so that clients are limited by --max-connections and the machine,
+        // not by a default meant for old programs' select(2).
+        if let (from, to) = Self.raiseOpenFileLimit() {
+            Logger(label: "realtime-sync").info("open-file limit raised from \(from) to \(to) (the hard limit; ulimit -Hn)")
+        }
         let url = try Setting.databaseURL(databaseURL)
         var configuration = url == nil ? RealtimeService.embeddedDemo() : RealtimeService.Configuration(databaseURL: url)
         if let list = try Setting.string(tables, "tables", "REALTIME_SYNC_TABLES") {
@@ -213,6 +233,9 @@ struct Serve: AsyncParsableCommand {
         configuration.server.listenBacklog = try Setting.int(listenBacklog, "listen-backlog", "REALTIME_SYNC_LISTEN_BACKLOG", 4_096, minimum: 1)
         guard (1...65_535).contains(configuration.server.listenBacklog) else {
             throw ValidationError("--listen-backlog / REALTIME_SYNC_LISTEN_BACKLOG: \(configuration.server.listenBacklog) is not from 1 to 65535 (the kernel caps it at net.core.somaxconn anyway)")
+        }
+        if maxConnections != nil || Setting.environment["REALTIME_SYNC_MAX_CONNECTIONS"] != nil {
+            configuration.server.maxConnections = try Setting.int(maxConnections, "max-connections", "REALTIME_SYNC_MAX_CONNECTIONS", 0, minimum: 1)
         }
         configuration.server.metricsRegistry = registry
         configuration.pool.maxOpen = try Setting.int(poolMaxOpen, "pool-max-open", "REALTIME_SYNC_POOL_MAX_OPEN", 4, minimum: 2)

@@ -72,6 +72,36 @@ struct ServerHTTPTests {
         return fields.count >= 3 ? Int(fields[2]) : nil
     }
 
+    @Test("at maxConnections open client connections, one more is answered 503 too_many_connections with Retry-After and closed without reading its request (clients cannot take every file the process needs); counted, and a place freed is taken again")
+    func maxConnectionsRefusesTheNextOne() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.maxConnections = 2 }) { test in
+            let first = try await TestConnection.open(port: test.port)
+            let second = try await connectWebSocket(port: test.port)
+            #expect(await eventually(10) { test.server.statistics.connections == 2 })
+            let refused = try await TestConnection.open(port: test.port)
+            let answer = try #require(try await refused.readToEnd(timeout: 10), "the refused connection was left open")
+            let text = String(decoding: answer, as: UTF8.self)
+            #expect(text.hasPrefix("HTTP/1.1 503 ") && text.lowercased().contains("retry-after: 1") && text.hasSuffix(#"{"error":"too_many_connections"}"#), "\(text)")
+            #expect(test.server.statistics.connectionsRefused == 1)
+            // The WebSocket still works; a closed connection's place is free again.
+            #expect(try await second.subscribe("s", filter: nil) == test.server.statistics.fanoutCursor.description)
+            await first.close()
+            #expect(await eventually(10) { test.server.statistics.connections == 1 }, "the closed ones uncounted")
+            let again = try await TestConnection.open(port: test.port)
+            let exposition = try await again.request("GET", "/metrics").body
+            #expect(exposition.contains("realtime_connections_refused_total 1") && exposition.contains("realtime_connections 2"), "\(exposition)")
+            await again.close()
+            await second.close()
+            await refused.close()
+        }
+        #expect(throws: RealtimeServerError.self) {
+            var configuration = RealtimeServerConfiguration()
+            configuration.maxConnections = 0
+            try configuration.validate()
+        }
+        #expect(RealtimeServer.defaultConnectionLimit() >= 1)
+    }
+
     @Test("the listener's accept queue is listenBacklog (default 4,096, capped by net.core.somaxconn), not Hummingbird's 256")
     func listenBacklogIsApplied() async throws {
         let somaxconn = Int(try String(contentsOfFile: "/proc/sys/net/core/somaxconn", encoding: .utf8)

@@ -371,6 +371,8 @@ struct ServeSettingsTests {
               (["serve", "--max-transaction-changes", "0"], [:], "--max-transaction-changes / REALTIME_SYNC_MAX_TRANSACTION_CHANGES is 0; it must be 1 or more"),
               (["serve"], ["REALTIME_SYNC_MAX_TRANSACTION_CHANGES": "5000000000"], "maxTransactionChanges is 5000000000; it must be from 1 to 4294967295 (--max-transaction-changes"),
               (["serve", "--max-transaction-bytes", "0"], [:], "--max-transaction-bytes / REALTIME_SYNC_MAX_TRANSACTION_BYTES is 0; it must be 1 or more"),
+              (["serve", "--max-connections", "0"], [:], "--max-connections / REALTIME_SYNC_MAX_CONNECTIONS is 0; it must be 1 or more"),
+              (["serve"], ["REALTIME_SYNC_MAX_CONNECTIONS": ""], "REALTIME_SYNC_MAX_CONNECTIONS is set but empty"),
               // Before the database: an empty slot or publication name must not mean the default.
               (["serve", "--database-url", "postgres://unused@127.0.0.1:1/x", "--slot", ""], [:], "--slot is empty"),
               // A name PostgreSQL refuses, refused before anything (the publication) is created.

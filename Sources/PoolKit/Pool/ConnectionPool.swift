@@ -1035,9 +1035,11 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
             // most every 10 s (three system calls; refreshes come up to ten times a second).
             if coarse.inner &- clockSourceCheckedAt.load(ordering: .relaxed) >= 10_000_000_000 {
                 clockSourceCheckedAt.store(coarse.inner, ordering: .relaxed)
-                guard TickClock.kernelClockSource() == "tsc" else {
+                // Unreadable (no file descriptor left, say): looked at again next time, not
+                // taken for a change of clock source.
+                if let source = TickClock.kernelClockSource(), source != "tsc" {
                     counterOn.store(false, ordering: .relaxed)
-                    logger.notice("the kernel no longer keeps time by the CPU's counter: connection use times come from clock_gettime from now on")
+                    logger.notice("the kernel no longer keeps time by the CPU's counter (clock source \(source)): connection use times come from clock_gettime from now on")
                     return
                 }
             }

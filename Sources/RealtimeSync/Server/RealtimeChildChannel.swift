@@ -34,6 +34,8 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
         /// NIO's upgrader refused a request that the gate passed (not expected: the gate passes
         /// only well-formed, admitted upgrades).
         case failedUpgrade(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
+        /// Refused at `maxConnections`: answered 503 and closed by `RefusedConnection`.
+        case refused
     }
 
     /// What `setup` hands to `handle`.
@@ -51,6 +53,14 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
     }
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        let admitted = server.admitConnection()
+        channel.closeFuture.whenComplete { [server] _ in server.connectionClosed() }
+        if !admitted {
+            return channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(RefusedConnection())
+                return Value(upgradeResult: channel.eventLoop.makeSucceededFuture(.refused), channel: channel)
+            }
+        }
         // Each channel keeps its receive buffer between reads; NIO's default starts at 2 KiB,
         // which was 7 % of an idle socket's memory. Clients send little (an upgrade request,
         // subscribe messages); the adaptive allocator still grows for larger reads.
@@ -145,7 +155,7 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
                 channel.close(promise: nil)
             }
             switch upgradeResult {
-            case .websocket:
+            case .websocket, .refused:
                 return
             case .notUpgraded(let http1):
                 await handleHTTP(asyncChannel: http1, logger: logger)
@@ -191,3 +201,32 @@ struct SessionGrant: Sendable {
     let subject: String?
     let expiry: TokenExpiry?
 }
+
+/// A connection over `maxConnections`: answered 503 (with `Retry-After`) without reading its
+/// request, and closed.
+final class RefusedConnection: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    private static let body = #"{"error":"too_many_connections"}"#
+    private static let answer = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: \(body.utf8.count)\r\n\r\n" + body
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { refuse(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        refuse(context: context)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+    private func refuse(context: ChannelHandlerContext) {
+        let buffer = context.channel.allocator.buffer(string: Self.answer)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+    }
+}
+
+@available(*, unavailable)
+extension RefusedConnection: Sendable {}

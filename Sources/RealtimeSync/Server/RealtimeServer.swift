@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Hummingbird
 import Logging
 import NIOCore
@@ -24,6 +27,10 @@ public struct RealtimeServerStatistics: Sendable, Hashable {
     public var isDraining: Bool
     /// The cursor of the last change the fan-out processed.
     public var fanoutCursor: Cursor
+    /// Client connections (HTTP and WebSocket) open now.
+    public var connections: Int = 0
+    /// Connections refused so far because `maxConnections` were open.
+    public var connectionsRefused: Int = 0
 }
 
 /// Where the server is in its life.
@@ -125,6 +132,13 @@ public final class RealtimeServer: Service, Sendable {
     let snapshotGate: AsyncGate
     /// Answers the WAL question of `since` cursors ahead of the stream (`walPosition`).
     let walCheck = WALCheck()
+    /// Client connections open now, and those refused at `connectionLimit`.
+    let openConnections = Atomic<Int>(0)
+    let refusedConnections = Atomic<Int>(0)
+    /// `maxConnections`, or its default from the open-file limit.
+    let connectionLimit: Int
+    /// When a refusal was last logged (seconds of `CLOCK_MONOTONIC`): one line per 10 s.
+    private let refusalLogged = Atomic<Int>(Int.min)
 
     /// Creates a server over `source`; `run()` starts it. Throws nothing: the configuration
     /// is checked by `run()`, which fails with `SERVER_INVALID_CONFIGURATION` naming the field.
@@ -135,6 +149,7 @@ public final class RealtimeServer: Service, Sendable {
         self.state = Mutex(ServerState(hub: FanoutHub(limits: configuration.hubLimits), lastDelivered: source.currentCursor))
         self.metrics = ServerMetrics(registry: configuration.metricsRegistry)
         self.snapshotGate = AsyncGate(permits: configuration.maxConcurrentSnapshots)
+        self.connectionLimit = configuration.maxConnections ?? Self.defaultConnectionLimit()
         (shutdownSignal, shutdownContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
@@ -154,7 +169,40 @@ public final class RealtimeServer: Service, Sendable {
             result.queuedMessages += queued.messages
         }
         result.deliveredMessages = deliveredCount.load(ordering: .relaxed)
+        result.connections = openConnections.load(ordering: .relaxed)
+        result.connectionsRefused = refusedConnections.load(ordering: .relaxed)
         return result
+    }
+
+    /// The default `maxConnections`: the open-file limit less an eighth of it, and at least
+    /// 64, for the database connections, the runtime and the process's other files.
+    static func defaultConnectionLimit() -> Int {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else { return 1_000_000 }  // rlim_t.max: RLIM_INFINITY
+        let files = Int(clamping: limit.rlim_cur)
+        return Swift.max(1, files - Swift.max(64, files / 8))
+    }
+
+    /// Counts a connection just accepted; false when `connectionLimit` are open already (it
+    /// is refused, and still counted until it closes: `connectionClosed()`).
+    func admitConnection() -> Bool {
+        let open = openConnections.add(1, ordering: .relaxed).newValue
+        guard open > connectionLimit else { return true }
+        refusedConnections.add(1, ordering: .relaxed)
+        metrics.connectionsRefused.increment()
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        let last = refusalLogged.load(ordering: .relaxed)
+        if now.tv_sec >= last &+ 10, refusalLogged.compareExchange(expected: last, desired: now.tv_sec, ordering: .relaxed).exchanged {
+            logger.warning("connection refused with 503: \(connectionLimit) client connections open (maxConnections, --max-connections / REALTIME_SYNC_MAX_CONNECTIONS; its default is the open-file limit, ulimit -n, less an eighth); logged once per 10 s", metadata: [
+                "refused_total": "\(refusedConnections.load(ordering: .relaxed))"])
+        }
+        return false
+    }
+
+    /// A connection counted by `admitConnection()` closed.
+    func connectionClosed() {
+        openConnections.subtract(1, ordering: .relaxed)
     }
 
     /// Whether shutdown has begun.

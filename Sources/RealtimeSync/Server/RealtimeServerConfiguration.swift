@@ -78,6 +78,13 @@ public struct RealtimeServerConfiguration: Sendable {
     /// connects (clients reconnecting after a deploy) needs room. Values are clamped to
     /// 1...65,535. Default 4,096.
     public var listenBacklog: Int
+    /// Most client connections (HTTP and WebSocket) open at once; one more is answered 503
+    /// with `Retry-After` and closed at once. The process's open files are shared with the
+    /// database connections and the runtime (libdispatch traps when it cannot get a
+    /// descriptor), so clients must not be able to take them all. nil (default): the
+    /// process's open-file limit (`RLIMIT_NOFILE`, `ulimit -n`) less an eighth of it, and at
+    /// least 64, kept for the rest; read when the server is created.
+    public var maxConnections: Int?
     /// Largest frame, and largest message, a client may send (close 1009 beyond). Default 64 KiB.
     public var maxClientMessageBytes: Int
     /// A connection that has not sent a complete first request head within this is closed
@@ -163,6 +170,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.host = host
         self.port = port
         self.listenBacklog = 4_096
+        self.maxConnections = nil
         self.maxClientMessageBytes = 64 << 10
         self.firstRequestTimeout = .seconds(10)
         self.pingInterval = .seconds(30)
@@ -194,6 +202,9 @@ public struct RealtimeServerConfiguration: Sendable {
     public func validate() throws(RealtimeServerError) {
         func bad(_ message: String) -> RealtimeServerError { RealtimeServerError(.invalidConfiguration, "RealtimeServerConfiguration." + message) }
         guard (0...65_535).contains(port) else { throw bad("port is \(port); it must be 0 (any free port) to 65535") }
+        if let maxConnections, maxConnections < 1 {
+            throw bad("maxConnections is \(maxConnections); it must be at least 1, or nil for the default from the open-file limit (--max-connections / REALTIME_SYNC_MAX_CONNECTIONS)")
+        }
         guard maxClientMessageBytes >= 16 else { throw bad("maxClientMessageBytes is \(maxClientMessageBytes); it must be at least 16") }
         guard pingInterval > .zero else { throw bad("pingInterval is \(pingInterval); it must be positive") }
         guard tokenExpiryCheckInterval > .zero else { throw bad("tokenExpiryCheckInterval is \(tokenExpiryCheckInterval); it must be positive") }

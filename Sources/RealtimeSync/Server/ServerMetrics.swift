@@ -11,6 +11,8 @@ struct ServerMetrics: Sendable {
     let draining: Gauge
     let deliveredMessages: Counter
     let changesProcessed: Counter
+    let connections: Gauge
+    let connectionsRefused: Counter
 
     init(registry: PrometheusCollectorRegistry) {
         self.registry = registry
@@ -28,6 +30,10 @@ struct ServerMetrics: Sendable {
                                                                    helpText: "Messages written to WebSocket clients"))
         changesProcessed = registry.makeCounter(descriptor: .init(namespace: "realtime", metricName: "changes", unitName: "total",
                                                                   helpText: "Changes read by the fan-out"))
+        connections = registry.makeGauge(descriptor: .init(namespace: "realtime", metricName: "connections", unitName: "",
+                                                           helpText: "Open client connections (HTTP and WebSocket)"))
+        connectionsRefused = registry.makeCounter(descriptor: .init(namespace: "realtime", metricName: "connections_refused", unitName: "total",
+                                                                    helpText: "Connections refused with 503 at maxConnections"))
     }
 
     /// Counts a socket that ended with `code` (1006: without a close handshake).
@@ -44,6 +50,7 @@ struct ServerMetrics: Sendable {
         queuedBytes.set(Int64(statistics.queuedBytes))
         queuedMessages.set(Int64(statistics.queuedMessages))
         draining.set(Int64(statistics.isDraining ? 1 : 0))
+        connections.set(Int64(statistics.connections))
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         return buffer
