@@ -223,6 +223,10 @@ public final class ChangeStream: Service, Sendable {
         ChangeSubscription(registration: .init(hub: hub, id: try hub.subscribe(after: cursor)))
     }
 
+    /// Whether the replication connection is streaming now (`statistics.connected`, without
+    /// the window's lock that `statistics` also takes: `/readyz` asks it on every probe).
+    public var isConnected: Bool { state.withLock { $0.connected } }
+
     /// Counters and positions now.
     public var statistics: ChangeStreamStatistics {
         // Plain values out of the snapshot first: borrowing the snapshot tuple inside the lock's

@@ -191,6 +191,7 @@ extension RealtimeServer {
         if joinedAtOnce { return }
         var lastCovered = since
         var caughtUp = 0
+        var read = 0
         var overflowed = false
         do {
             for try await event in stream {
@@ -233,6 +234,12 @@ extension RealtimeServer {
                     logger.debug("resumed subscription caught up", metadata: ["id": "\(id)", "since": "\(since)", "sent": "\(caughtUp)"])
                     return
                 }
+                // A window read from memory never suspends: every 64 changes the thread is
+                // offered to other tasks (HTTP answers, /readyz, other catch-ups), or hundreds
+                // of clients resuming after a restart held the few cooperative threads for
+                // seconds at a time.
+                read &+= 1
+                if read & 63 == 0 { await Task.yield() }
             }
             // The source stopped: join at what was covered (the fan-out has stopped too).
             let covered = lastCovered

@@ -67,7 +67,7 @@ public final class ChangeStreamSource: ChangeSource {
     }
 
     /// See `ChangeSource.isConnected`: the replication connection is streaming.
-    public var isConnected: Bool { stream.statistics.connected }
+    public var isConnected: Bool { stream.isConnected }
 
     /// See `ChangeSource.catalog`.
     public var catalog: TableCatalog { catalogState.withLock { $0 } }
