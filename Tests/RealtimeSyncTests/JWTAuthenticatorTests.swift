@@ -92,6 +92,14 @@ struct JWTAuthenticatorTests {
         #expect(try await signed(#"{"exp":\#(exp),"rt":{"public.items":"tenant_id=like.4"}}"#).contains("does not parse"))
         #expect(try await signed(#"{"exp":\#(exp),"rt":{"a.b.c":""}}"#).contains("not a table name"))
         #expect(try await signed(#"{"exp":\#(exp),"rt":{"items":"","public.items":"id=eq.1"}}"#).contains("twice"))
+        // A member named twice, correctly signed: refused (the decoder kept the first, an
+        // issuer in JavaScript or Python meant the last; the grant would differ).
+        #expect(try await signed(#"{"exp":\#(exp),"rt":{"public.items":"id=eq.1","public.items":""}}"#).contains("duplicate member"))
+        #expect(try await signed(#"{"exp":\#(exp - 120),"exp":\#(exp),"rt":{}}"#).contains("duplicate member"))
+        #expect(try await signed(header: #"{"alg":"HS256","alg":"HS256","typ":"JWT"}"#, good).contains("header is not strict JSON"))
+        // Text from an unverified token quoted in the reason (which is logged) cannot start a line.
+        let injected = try await signed(header: #"{"alg":"HS256\n2026 critical FAKE"}"#, good)
+        #expect(injected.contains("only HS256") && !injected.contains("\n") && injected.contains(#"HS256\n2026"#), "\(injected)")
     }
 
     @Test("The token: Bearer header (scheme in any case), else access_token percent-decoded; other Authorization forms refused")

@@ -58,5 +58,18 @@ public struct ProtocolError: Error, Sendable, Hashable, CustomStringConvertible 
 @usableFromInline
 func quoteForMessage(_ text: some StringProtocol, limit: Int = 60) -> String {
     let shown = text.count > limit ? String(text.prefix(limit)) + "…" : String(text)
-    return "'" + shown + "'"
+    // Control characters escaped: client text quoted into a log line (a token's alg, a
+    // table name) must not start a line of its own.
+    var quoted = "'"
+    for scalar in shown.unicodeScalars {
+        switch scalar {
+        case "\n": quoted += "\\n"
+        case "\r": quoted += "\\r"
+        case "\t": quoted += "\\t"
+        case _ where scalar.value < 0x20 || (0x7F...0x9F).contains(scalar.value) || scalar == "\u{2028}" || scalar == "\u{2029}":
+            quoted += "\\u{" + String(scalar.value, radix: 16) + "}"
+        default: quoted.unicodeScalars.append(scalar)
+        }
+    }
+    return quoted + "'"
 }

@@ -128,7 +128,7 @@ public struct JWTAuthenticator: Sendable {
             throw JWTRejection("malformed token: \(Self.describe(error))")
         }
         guard parsed.header.alg == "HS256" else {
-            throw JWTRejection("token algorithm is \(parsed.header.alg.map { "'\($0)'" } ?? "missing"); only HS256 is accepted")
+            throw JWTRejection("token algorithm is \(parsed.header.alg.map { quoteForMessage($0) } ?? "missing"); only HS256 is accepted")
         }
         let signingInput = Array(parts.header) + [UInt8(ascii: ".")] + Array(parts.payload)
         let valid: Bool
@@ -138,6 +138,17 @@ public struct JWTAuthenticator: Sendable {
             throw JWTRejection("signature check failed: \(Self.describe(error))")
         }
         guard valid else { throw JWTRejection("bad signature (not signed with this server's secret)") }
+        // A member named twice (`"rt"`, `"exp"`): the JSON decoder keeps one, the issuer's
+        // library may have meant the other (RFC 7519 4: reject or take the last; issuers in
+        // JavaScript and Python take the last). Refused, so the two cannot disagree.
+        for (part, name) in [(parts.header, "header"), (parts.payload, "payload")] {
+            guard let json = Self.base64URLDecoded(part) else { throw JWTRejection("malformed token: its \(name) is not base64url") }
+            do {
+                _ = try ClientJSONParser.parse(json)
+            } catch {
+                throw JWTRejection("malformed token: its \(name) is not strict JSON (\(error.message))")
+            }
+        }
         var claims = parsed.payload
         let current = now()
         do {
@@ -164,6 +175,19 @@ public struct JWTAuthenticator: Sendable {
         }
         claims.rt = tables
         return claims
+    }
+
+    /// The bytes of base64url text without padding (RFC 7515 2), nil if it is not that.
+    static func base64URLDecoded(_ text: ArraySlice<UInt8>) -> [UInt8]? {
+        var standard = text.map { c -> UInt8 in
+            switch c {
+            case UInt8(ascii: "-"): UInt8(ascii: "+")
+            case UInt8(ascii: "_"): UInt8(ascii: "/")
+            default: c
+            }
+        }
+        while standard.count % 4 != 0 { standard.append(UInt8(ascii: "=")) }
+        return Data(base64Encoded: Data(standard)).map(Array.init)
     }
 
     // MARK: Admission
