@@ -72,6 +72,26 @@ struct ServerHTTPTests {
         return fields.count >= 3 ? Int(fields[2]) : nil
     }
 
+    @Test("HEAD /healthz, /readyz, /metrics and / answer as GET does, without a body (load balancers probe with HEAD)")
+    func headAnswersLikeGet() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        try await withTestServer(source: source) { test in
+            for path in ["/healthz", "/readyz", "/metrics", "/"] {
+                let connection = try await TestConnection.open(port: test.port)
+                try await connection.send(Array("HEAD \(path) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+                let answer = String(decoding: try #require(try await connection.readToEnd(timeout: 10)), as: UTF8.self)
+                #expect(answer.hasPrefix("HTTP/1.1 200 ") && answer.hasSuffix("\r\n\r\n"), "\(path): \(answer)")
+                await connection.close()
+            }
+            source.setConnected(false)
+            let connection = try await TestConnection.open(port: test.port)
+            try await connection.send(Array("HEAD /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+            let answer = String(decoding: try #require(try await connection.readToEnd(timeout: 10)), as: UTF8.self)
+            #expect(answer.hasPrefix("HTTP/1.1 503 ") && answer.hasSuffix("\r\n\r\n"), "\(answer)")
+            await connection.close()
+        }
+    }
+
     @Test("at maxConnections open client connections, one more is answered 503 too_many_connections with Retry-After and closed without reading its request (clients cannot take every file the process needs); counted, and a place freed is taken again")
     func maxConnectionsRefusesTheNextOne() async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.maxConnections = 2 }) { test in

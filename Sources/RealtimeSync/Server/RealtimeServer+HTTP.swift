@@ -25,21 +25,34 @@ extension RealtimeServer {
         router.get("/ws") { request, _ -> Response in
             self.answerPlainWebSocketRequest(request)
         }
-        router.get("/healthz") { _, _ -> Response in
-            Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
-        }
-        router.get("/readyz") { _, _ -> Response in
-            if self.isDraining { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"shutting_down"}"#) }
-            if !self.source.isConnected { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"change_stream_disconnected"}"#) }
-            return Self.json(.ok, #"{"ready":true}"#)
-        }
-        router.get("/metrics") { _, _ -> Response in
-            let text = self.metrics.exposition(self.statistics)
-            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                            body: .init(byteBuffer: ByteBuffer(bytes: text)))
-        }
-        router.get("/") { _, _ -> Response in
-            Response(status: .ok, headers: Self.pageHeaders, body: .init(byteBuffer: ByteBuffer(string: self.configuration.indexHTML)))
+        // Each also answers HEAD (load balancers probe with it): the same status and headers,
+        // no body.
+        let pages: [(String, @Sendable () -> Response)] = [
+            ("/healthz", {
+                Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
+            }),
+            ("/readyz", {
+                if self.isDraining { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"shutting_down"}"#) }
+                if !self.source.isConnected { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"change_stream_disconnected"}"#) }
+                return Self.json(.ok, #"{"ready":true}"#)
+            }),
+            ("/metrics", {
+                let text = self.metrics.exposition(self.statistics)
+                return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                                body: .init(byteBuffer: ByteBuffer(bytes: text)))
+            }),
+            ("/", {
+                Response(status: .ok, headers: Self.pageHeaders, body: .init(byteBuffer: ByteBuffer(string: self.configuration.indexHTML)))
+            }),
+        ]
+        for (path, page) in pages {
+            router.get(RouterPath(path)) { _, _ -> Response in page() }
+            router.head(RouterPath(path)) { _, _ -> Response in
+                let response = page()
+                var headers = response.headers
+                headers[.contentLength] = nil
+                return Response(status: response.status, headers: headers)
+            }
         }
     }
 
