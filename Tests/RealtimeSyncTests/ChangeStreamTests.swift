@@ -295,6 +295,31 @@ struct ChangeStreamTests {
         }
     }
 
+    @Test("Caught up (isCaughtUp, what /readyz waits for) only once the window holds what was committed before the stream connected: a restart replays a backlog first; an idle stream is caught up soon")
+    func caughtUpAfterTheBacklog() async throws {
+        try await TestDatabase.withDatabase { url in
+            let table = uniqueCaptureName("cs_caught_up")
+            let slot = uniqueCaptureName("cs_slot")
+            try await runSQL(url, "CREATE TABLE \(table) (id int PRIMARY KEY)")
+            @Sendable func caughtUp(_ stream: ChangeStream) async throws {
+                try await within(.seconds(60), "the stream to catch up") {
+                    while !stream.isCaughtUp { try await Task.sleep(for: .milliseconds(1)) }
+                }
+            }
+            try await withChangeStream(url: url, tables: [table], slot: slot, dropSlotAtEnd: false) { stream, _ in
+                try await caughtUp(stream)
+            }
+            // 20,000 changes committed while no stream runs: the next one replays them first.
+            try await runSQL(url, "DO $$ BEGIN FOR t IN 0..199 LOOP INSERT INTO \(table) SELECT t * 100 + g FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$")
+            try await withChangeStream(url: url, tables: [table], slot: slot) { stream, _ in
+                try await caughtUp(stream)
+                let held = stream.statistics.windowCount
+                #expect(held == 20_000, "caught up with \(held) of the backlog's 20,000 changes in the window")
+            }
+            try await runSQL(url, "DROP TABLE \(table)")
+        }
+    }
+
     @Test("A cursor older than the window gets resync_required, not a silent gap")
     func resyncRequired() async throws {
         try await TestDatabase.withDatabase { url in

@@ -187,6 +187,10 @@ public final class ChangeStream: Service, Sendable {
         var stopNow = false
         /// See `ChangeStreamStatistics.lastError`.
         var lastError: String?
+        /// The session has read up to where the server's WAL was when it connected
+        /// (`IDENTIFY_SYSTEM`'s position): its window holds what was committed before (see
+        /// `isCaughtUp`).
+        var caughtUp = false
     }
 
     /// The configuration in force.
@@ -226,6 +230,13 @@ public final class ChangeStream: Service, Sendable {
     /// Whether the replication connection is streaming now (`statistics.connected`, without
     /// the window's lock that `statistics` also takes: `/readyz` asks it on every probe).
     public var isConnected: Bool { state.withLock { $0.connected } }
+
+    /// Whether the connected session has read up to where the server's WAL was when it
+    /// connected: after a start or a reconnect, it replays the slot's backlog first (the
+    /// resume window is rebuilt from it), and until then a client would be served changes
+    /// minutes old, and a wave of resuming clients would slow the replay itself. `/readyz`
+    /// answers 503 `catching_up` meanwhile.
+    public var isCaughtUp: Bool { state.withLock { $0.connected && $0.caughtUp } }
 
     /// Counters and positions now.
     public var statistics: ChangeStreamStatistics {
@@ -466,17 +477,22 @@ public final class ChangeStream: Service, Sendable {
                     _ = hub.openWindow(origin: streamStart)
                 }
                 repl.confirm(flushedThrough: streamStart.rawValue)
+                // Caught up once the session reads past where the WAL was at connect (a
+                // message at or after it, or a keepalive saying the server sent that far).
+                let caughtUpAt = LSN(identity.xlogPosition)
                 state.withLock { s in
                     s.connected = true
                     s.streamed = true
                     s.confirmed = streamStart
                     s.replication = repl
+                    s.caughtUp = streamStart >= caughtUpAt
                 }
                 logger.info("change stream started", metadata: [
                     "slot": "\(configuration.slotName)", "start": "\(streamStart)", "backend": "\(repl.backendPID)"])
                 failures = 0
                 state.withLock { $0.lastError = nil }
-                let stopped = try await session(repl, decoder: &decoder, assembler: &assembler, quickReplies: quickReplies)
+                let stopped = try await session(repl, decoder: &decoder, assembler: &assembler, quickReplies: quickReplies,
+                                                caughtUpAt: caughtUpAt)
                 state.withLock { $0.connected = false; $0.replication = nil }
                 if stopped {
                     await repl.stop()
@@ -510,8 +526,10 @@ public final class ChangeStream: Service, Sendable {
     /// Reads one replication session; returns true when stopped on request, false when the
     /// server ended the stream.
     private func session(_ repl: ReplicationConnection, decoder: inout PgOutputDecoder,
-                         assembler: inout TransactionAssembler, quickReplies: Duration) async throws -> Bool {
-        try await withThrowingTaskGroup(of: Void.self) { group in
+                         assembler: inout TransactionAssembler, quickReplies: Duration, caughtUpAt: LSN) async throws -> Bool {
+        // Until the session has read this far (nil once it has): see `isCaughtUp`.
+        var catchingUpTo: LSN? = state.withLock { $0.caughtUp } ? nil : caughtUpAt
+        return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await repl.runStatusSchedule() }
             group.addTask {
                 await self.waitForStop()
@@ -533,6 +551,19 @@ public final class ChangeStream: Service, Sendable {
                 if sinceYield == 512 {
                     sinceYield = 0
                     await Task.yield()
+                }
+                if let target = catchingUpTo {
+                    // Everything before this message has been delivered to the window.
+                    let reached = switch message {
+                    case .xLogData(let data): LSN(data.walStart)
+                    case .keepalive(let keepalive): LSN(keepalive.walEnd)
+                    }
+                    if reached >= target {
+                        catchingUpTo = nil
+                        state.withLock { $0.caughtUp = true }
+                        configuration.logger.info("change stream caught up with the server's WAL as of its connect", metadata: [
+                            "slot": "\(configuration.slotName)", "position": "\(reached)"])
+                    }
                 }
                 guard case .xLogData(let data) = message else {
                     guard case .keepalive(let keepalive) = message else { continue }

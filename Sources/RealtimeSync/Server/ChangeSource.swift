@@ -23,9 +23,17 @@ public protocol ChangeSource: Sendable {
 
     /// Whether the source is connected to its database (`/readyz`).
     var isConnected: Bool { get }
+    /// Whether the source has read what its database held when it connected (`/readyz`
+    /// answers 503 `catching_up` until then). A source that serves at once says true.
+    var isCaughtUp: Bool { get }
 
     /// The streamed tables and their columns (what `subscribe` is checked against).
     var catalog: TableCatalog { get }
+}
+
+extension ChangeSource {
+    /// See `ChangeSource.isCaughtUp`: a source that serves at once is caught up.
+    public var isCaughtUp: Bool { true }
 }
 
 /// An in-memory `ChangeSource` backed by a `ResumeWindow`: `publish` appends

@@ -34,6 +34,7 @@ extension RealtimeServer {
             ("/readyz", {
                 if self.isDraining { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"shutting_down"}"#) }
                 if !self.source.isConnected { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"change_stream_disconnected"}"#) }
+                if !self.source.isCaughtUp { return Self.json(.serviceUnavailable, #"{"ready":false,"reason":"catching_up"}"#) }
                 return Self.json(.ok, #"{"ready":true}"#)
             }),
             ("/metrics", {

@@ -69,6 +69,10 @@ public final class ChangeStreamSource: ChangeSource {
     /// See `ChangeSource.isConnected`: the replication connection is streaming.
     public var isConnected: Bool { stream.isConnected }
 
+    /// See `ChangeSource.isCaughtUp`: the stream has read the slot's backlog up to where the
+    /// server's WAL was when it connected (`ChangeStream.isCaughtUp`).
+    public var isCaughtUp: Bool { stream.isCaughtUp }
+
     /// See `ChangeSource.catalog`.
     public var catalog: TableCatalog { catalogState.withLock { $0 } }
 
