@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import PoolKit
 @testable import RealtimeSync
 import Synchronization
@@ -257,6 +258,30 @@ struct ServerProtocolTests {
             #expect(try await sockets[0].subscribe("beyond", since: further) == further)
             #expect(asked.withLock { $0 } == 2)
             for socket in sockets { await socket.close() }
+        }
+    }
+
+    @Test("snapshot: true waits for its turn under maxConcurrentSnapshots at most snapshotTurnTimeout, then gets internal naming the knob; the id is free again")
+    func snapshotTurnTimesOut() async throws {
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        // Never asked: the turn does not come.
+        let pool = ConnectionPool<PostgresConnection, ContinuousClock>(postgres: "postgres://nobody@127.0.0.1:1/none", configuration: .init(), logger: Logger(label: "test"))
+        try await withTestServer(source: source, configure: { configuration in
+            configuration.snapshotReader = TableSnapshotReader(pool: pool)
+            configuration.maxConcurrentSnapshots = 1
+            configuration.snapshotTurnTimeout = .milliseconds(300)
+        }) { test in
+            // The one turn is taken, as by a snapshot whose client stopped reading.
+            #expect(await test.server.snapshotGate.enter())
+            let socket = try await connectWebSocket(port: test.port)
+            try await socket.sendText(#"{"type":"subscribe","id":"s","table":"items","snapshot":true}"#)
+            let answer = try await socket.receiveJSON(timeout: 10)
+            #expect(answer["type"] as? String == "error" && answer["code"] as? String == "internal" && answer["id"] as? String == "s", "\(answer)")
+            #expect((answer["message"] as? String)?.contains("maxConcurrentSnapshots") == true, "\(answer)")
+            test.server.snapshotGate.leave()
+            // The id is free: a plain subscription takes it.
+            #expect(try await socket.subscribe("s") == test.server.statistics.fanoutCursor.description)
+            await socket.close()
         }
     }
 

@@ -46,6 +46,24 @@ final class AsyncGate: Sendable {
         }
     }
 
+    /// Waits for a permit at most `limit`: true once held (give it back with `leave()`), false
+    /// if the calling task was cancelled first, nil when `limit` passed first.
+    func enter(within limit: Duration) async -> Bool? {
+        await withTaskGroup(of: Bool?.self) { group in
+            group.addTask { await self.enter() }
+            group.addTask {
+                try? await Task.sleep(for: limit)
+                return nil
+            }
+            let first = await group.next() ?? false
+            group.cancelAll()
+            if let entered = first { return entered }
+            // The limit passed: the wait is cancelled; a permit it got meanwhile goes back.
+            if await group.next() == true { leave() }
+            return Task.isCancelled ? false : nil
+        }
+    }
+
     /// Gives a permit back: to the longest waiter, if any.
     func leave() {
         let next = state.withLock { s -> CheckedContinuation<Bool, Never>? in

@@ -208,8 +208,13 @@ extension RealtimeServer {
         // Wait for a turn before anything is held for this subscription (held changes would
         // pile up in the send queue while it waits).
         session.waitingForServer.store(true, ordering: .relaxed)
-        let admitted = await snapshotGate.enter()
+        let admitted = await snapshotGate.enter(within: configuration.snapshotTurnTimeout)
         session.waitingForServer.store(false, ordering: .relaxed)
+        guard let admitted else {
+            session.enqueue(ProtocolError(.internal, id: id,
+                "no snapshot turn within \(configuration.snapshotTurnTimeout): \(configuration.maxConcurrentSnapshots) snapshots run at once (maxConcurrentSnapshots, --max-concurrent-snapshots) and none ended meanwhile; subscribe again").serverMessage)
+            return
+        }
         guard admitted else { return }
         defer { snapshotGate.leave() }
         guard session.isOpen && session.channel.isActive else { return }

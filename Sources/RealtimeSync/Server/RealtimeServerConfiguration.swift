@@ -159,6 +159,11 @@ public struct RealtimeServerConfiguration: Sendable {
     /// jobs need. Default 4; `RealtimeService` lowers it to one less than its pool's `maxOpen`
     /// when that is smaller.
     public var maxConcurrentSnapshots: Int
+    /// How long a `snapshot: true` subscription waits for its turn under
+    /// `maxConcurrentSnapshots`; then it gets `internal` (subscribe again), instead of waiting
+    /// behind snapshots whose clients stopped reading until their ping timeout. Default 30 s;
+    /// `RealtimeService` sets it to its pool's `acquireTimeout` (`--pool-acquire-timeout`).
+    public var snapshotTurnTimeout: Duration
     /// A `snapshot` message is sent once its rows reach this many bytes; each FETCH aims at
     /// about this much row text too, so wide rows are fetched a few at a time. Default 64 KiB.
     public var snapshotChunkBytes: Int
@@ -193,6 +198,7 @@ public struct RealtimeServerConfiguration: Sendable {
         self.snapshotChunkRows = 500
         self.snapshotChunkBytes = 64 << 10
         self.maxConcurrentSnapshots = 4
+        self.snapshotTurnTimeout = .seconds(30)
         self.logger = logger
     }
 
@@ -231,6 +237,7 @@ public struct RealtimeServerConfiguration: Sendable {
             guard deadline >= .zero else { throw bad("\(name) is \(deadline); it must not be negative") }
         }
         guard snapshotMaxRows >= 0 else { throw bad("snapshotMaxRows is \(snapshotMaxRows); it must be 0 (only empty snapshots) or more") }
+        guard snapshotTurnTimeout > .zero else { throw bad("snapshotTurnTimeout is \(snapshotTurnTimeout); it must be positive") }
         guard snapshotChunkRows >= 1 else { throw bad("snapshotChunkRows is \(snapshotChunkRows); it must be at least 1") }
         guard snapshotChunkBytes >= 1 else { throw bad("snapshotChunkBytes is \(snapshotChunkBytes); it must be at least 1") }
         guard maxConcurrentSnapshots >= 1 else { throw bad("maxConcurrentSnapshots is \(maxConcurrentSnapshots); it must be at least 1") }

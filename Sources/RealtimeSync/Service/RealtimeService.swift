@@ -343,6 +343,7 @@ public final class RealtimeService: Service, Sendable {
             // One connection stays for the service's jobs (heartbeat, slot lag, catalog) and
             // the `since` checks, however many clients ask for snapshots.
             serverConfiguration.maxConcurrentSnapshots = min(serverConfiguration.maxConcurrentSnapshots, configuration.pool.maxOpen - 1)
+            serverConfiguration.snapshotTurnTimeout = configuration.pool.acquireTimeout
         }
         if serverConfiguration.walPosition == nil, let reader = serverConfiguration.snapshotReader {
             serverConfiguration.walPosition = { try await reader.currentWALPosition() }
