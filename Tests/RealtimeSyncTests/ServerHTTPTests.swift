@@ -164,6 +164,14 @@ struct ServerHTTPTests {
             #expect(rebound == 403, "a page under a DNS name is not trusted as same-origin while auth is off")
             let signed = try await status(test.port, origin: "http://1.2.3.+4", host: "1.2.3.+4").0
             #expect(signed == 403, "a name that merely parses as numbers with a sign is not an address")
+            // Two Origin (or Host) headers: whichever one a check read decided it. Refused.
+            for headers in [[("Host", "127.0.0.1"), ("Origin", "http://127.0.0.1"), ("Origin", "http://evil.example")],
+                            [("Host", "127.0.0.1"), ("Host", "evil.example"), ("Origin", "http://127.0.0.1")]] {
+                let connection = try await TestConnection.open(port: test.port)
+                let twice = try await connection.upgrade(extraHeaders: headers)
+                await connection.close()
+                #expect(twice.status == 403, "\(headers): \(twice.status)")
+            }
         }
         try await withTestServer(source: source, configure: { $0.allowedOrigins = ["https://app.example.com"] }) { test in
             let r4 = try await status(test.port, origin: "https://app.example.com").0

@@ -84,6 +84,10 @@ extension RealtimeServer {
     /// Whether a browser page from the request's `Origin` may open `/ws`
     /// (`RealtimeServerConfiguration.allowedOrigins`).
     func originAllowed(_ request: UpgradeRequest) -> Bool {
+        // A browser sends one Origin and one Host: with two, which one a check reads decides
+        // it (the server's own origin first, another site's second), so two are refused.
+        guard request.headers.count(where: { $0.name == "origin" }) <= 1,
+              request.headers.count(where: { $0.name == "host" }) <= 1 else { return false }
         guard let origin = request.header("origin"), !origin.isEmpty else { return true }  // not a browser
         if Self.isSameOrigin(origin, host: request.header("host")) { return true }
         guard let allowed = configuration.allowedOrigins else { return configuration.auth != nil }
