@@ -82,6 +82,13 @@ struct ServerHTTPTests {
                 let answer = String(decoding: try #require(try await connection.readToEnd(timeout: 10)), as: UTF8.self)
                 #expect(answer.hasPrefix("HTTP/1.1 200 ") && answer.hasSuffix("\r\n\r\n"), "\(path): \(answer)")
                 await connection.close()
+                // The Content-Length GET's body has (RFC 9110), never 0 for a page with a body.
+                if path != "/metrics" {
+                    let get = try await TestConnection.open(port: test.port)
+                    let body = try await get.request("GET", path).body
+                    await get.close()
+                    #expect(answer.lowercased().contains("content-length: \(body.utf8.count)\r\n"), "\(path): \(answer)")
+                }
             }
             source.setConnected(false)
             let connection = try await TestConnection.open(port: test.port)

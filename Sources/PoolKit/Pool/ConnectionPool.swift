@@ -898,10 +898,23 @@ public final class ConnectionPool<Connection: PoolableConnection, C: Clock>: Sen
         }
         drainBegan.fire()
         logger.info("draining pool", metadata: ["waiters": "\(start.waitersFailed)", "idle": "\(start.idleClosed)"])
-        // The idle connections' closes run beside the wait, not before it: one that hangs does
-        // not hold the drain past its deadline (each close is counted until it ends, so the
-        // drained signal waits for them when they end in time).
-        Task { await self.perform(flushed); await self.perform(start.actions) }
+        // Waiters fail now; the closes (the idle connections', and what the stripes' flush
+        // closed) run beside the wait, not before it: one that hangs neither holds the drain
+        // past its deadline nor the waiters behind it (each close is counted until it ends, so
+        // the drained signal waits for them when they end in time).
+        var promptly = flushed, later = Machine.Actions()
+        later.closes = flushed.closes + start.actions.closes
+        later.connects = flushed.connects
+        later.drained = flushed.drained || start.actions.drained
+        promptly.closes = []
+        promptly.connects = []
+        promptly.drained = false
+        performWithoutClosing(promptly)
+        var startNow = start.actions
+        startNow.closes = []
+        startNow.drained = false
+        performWithoutClosing(startNow)
+        Task { await self.perform(later) }
         timerWake.signal()
         if !start.actions.drained {
             await withTaskGroup(of: Void.self) { group in

@@ -290,11 +290,12 @@ final class SocketReactor: TaskExecutor, Sendable {
         #if DEBUG
         Self.beforeRegistering.withLock { $0[fd] }?(id)
         #endif
-        var rc = control(fd: fd, op: op, events: events, id: id)
         #if DEBUG
+        var rc = control(fd: fd, op: op, events: events, id: id)
         var pollAfter = DispatchTimeInterval.milliseconds(10)
         if let refusal = Self.refuseRegistering.withLock({ $0[fd] }) { (rc, errno, pollAfter) = (-1, refusal.code, refusal.pollAfter) }
         #else
+        let rc = control(fd: fd, op: op, events: events, id: id)
         let pollAfter = DispatchTimeInterval.milliseconds(10)
         #endif
         // A wait ended early (interrupted, cancelled) while its thread was between publishing

@@ -25,8 +25,7 @@ extension RealtimeServer {
         router.get("/ws") { request, _ -> Response in
             self.answerPlainWebSocketRequest(request)
         }
-        // Each also answers HEAD (load balancers probe with it): the same status and headers,
-        // no body.
+        // Each also answers HEAD (load balancers probe with it).
         let pages: [(String, @Sendable () -> Response)] = [
             ("/healthz", {
                 Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: "ok\n")))
@@ -48,12 +47,8 @@ extension RealtimeServer {
         ]
         for (path, page) in pages {
             router.get(RouterPath(path)) { _, _ -> Response in page() }
-            router.head(RouterPath(path)) { _, _ -> Response in
-                let response = page()
-                var headers = response.headers
-                headers[.contentLength] = nil
-                return Response(status: response.status, headers: headers)
-            }
+            // GET's headers, Content-Length included (RFC 9110 9.3.2), and no body.
+            router.head(RouterPath(path)) { _, _ -> Response in page().createHeadResponse() }
         }
     }
 

@@ -246,7 +246,7 @@ public struct RealtimeServerConfiguration: Sendable {
         for (name, value) in [("pingInterval", pingInterval), ("firstRequestTimeout", firstRequestTimeout), ("closeTimeout", closeTimeout),
                               ("tokenExpiryCheckInterval", tokenExpiryCheckInterval),
                               ("fanoutDrainDeadline", fanoutDrainDeadline), ("socketCloseDeadline", socketCloseDeadline),
-                              ("listenerStopDeadline", listenerStopDeadline)] {
+                              ("listenerStopDeadline", listenerStopDeadline), ("snapshotTurnTimeout", snapshotTurnTimeout)] {
             guard value <= longest else { throw bad("\(name) is \(value); it must be at most \(longest) (about 100 years)") }
         }
     }
