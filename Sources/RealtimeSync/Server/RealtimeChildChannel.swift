@@ -224,7 +224,14 @@ final class RefusedConnection: ChannelInboundHandler {
     private func refuse(context: ChannelHandlerContext) {
         let buffer = context.channel.allocator.buffer(string: Self.answer)
         let channel = context.channel
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+        // Output closed first, what the client still sends read and dropped for 100 ms: a full
+        // close with its request unread would answer it with a reset, which can reach the
+        // client before the 503 does. (Not longer: at the limit, each refused connection holds
+        // a descriptor meanwhile, out of the reserve kept below the open-file limit.)
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in
+            channel.close(mode: .output, promise: nil)
+            channel.eventLoop.scheduleTask(in: .milliseconds(100)) { channel.close(promise: nil) }
+        }
     }
 }
 

@@ -46,6 +46,11 @@ extension RealtimeServer {
                 for session in closing { session.close(.tryAgainLater) }
                 logger.error("fan-out fell behind the resume window; subscribed clients closed with 1013 so that they resume with since (older cursors get resync_required); raise the resume window's maxCount, maxBytes or maxAge (--window-max-count, --window-max-bytes, --window-max-age)",
                              metadata: ["error": "\(error)", "cursor": "\(current)", "clients_closed": "\(closing.count)"])
+            } catch let error as ChangeStreamError where error.code == .streamFailed {
+                // For good: a new stream from it fails the same way at once.
+                logger.error("change stream failed for good; fan-out stopped (clients get no more changes: restart the service)",
+                             metadata: ["error": "\(error)"])
+                return
             } catch {
                 if Task.isCancelled { return }
                 logger.warning("change stream failed; fan-out retries", metadata: ["error": "\(error)", "retry_in": "\(backoff)"])

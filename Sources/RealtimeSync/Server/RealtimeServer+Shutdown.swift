@@ -111,6 +111,8 @@ extension RealtimeServer {
         } else {
             log("stopped the HTTP listener", since: start, cutOff: nil)
         }
+        // Before the line that says so: a signal that comes after it has nothing to force.
+        if !Task.isCancelled { shutdownCompleted.store(true, ordering: .releasing) }
         logger.info("shutdown complete", metadata: ["duration_ms": "\(Self.milliseconds(began.duration(to: clock.now)))"])
     }
 

@@ -132,6 +132,8 @@ public final class RealtimeServer: Service, Sendable {
     let snapshotGate: AsyncGate
     /// Answers the WAL question of `since` cursors ahead of the stream (`walPosition`).
     let walCheck = WALCheck()
+    /// The ordered shutdown ran all its steps without being cancelled.
+    let shutdownCompleted = Atomic<Bool>(false)
     /// Client connections open now, and those refused at `connectionLimit`.
     let openConnections = Atomic<Int>(0)
     let refusedConnections = Atomic<Int>(0)

@@ -170,9 +170,6 @@ public final class RealtimeService: Service, Sendable {
         var failure: RealtimeServiceError?
         var waiters: [CheckedContinuation<Running, any Error>] = []
         var samples = Samples()
-        /// The server's ordered shutdown ran to its end without being cancelled: a signal
-        /// after it has nothing left to force.
-        var stepsFinished = false
     }
 
     /// The parts of a running service (available once it listens).
@@ -216,7 +213,9 @@ public final class RealtimeService: Service, Sendable {
     public var samples: Samples { self.state.withLock { $0.samples } }
 
     /// Whether the server's ordered shutdown ran to its end (not cut short by cancellation).
-    var orderedShutdownDone: Bool { state.withLock { $0.stepsFinished } }
+    var orderedShutdownDone: Bool {
+        state.withLock { $0.running?.server.shutdownCompleted.load(ordering: .acquiring) ?? false }
+    }
 
     /// Waits until the server listens and returns the running parts (port, URL, server).
     /// Throws when the service failed to start.
@@ -438,7 +437,6 @@ public final class RealtimeService: Service, Sendable {
                     server.requestShutdown()
                 }
                 try await server.run()
-                if !Task.isCancelled { state.withLock { $0.stepsFinished = true } }
             } catch {
                 let shutDownWhileStarting = error is StartInterrupted
                 if shutDownWhileStarting {
