@@ -285,6 +285,36 @@ struct ServerProtocolTests {
         }
     }
 
+    @Test("since ahead of the stream while the database fails slowly: the callers share the failing queries (a burst costs two queries, not one per caller), and each gets internal")
+    func sinceAheadSharesFailures() async throws {
+        struct Unreachable: Error {}
+        let source = InMemoryChangeSource(catalog: serverCatalog)
+        source.publish(itemInserts(1...3))
+        let asked = Mutex(0)
+        try await withTestServer(source: source, configure: { configuration in
+            configuration.walPosition = {
+                asked.withLock { $0 += 1 }
+                try await Task.sleep(for: .milliseconds(300))
+                throw Unreachable()
+            }
+        }) { test in
+            var sockets: [TestConnection] = []
+            for _ in 0..<10 { sockets.append(try await connectWebSocket(port: test.port)) }
+            let ahead = itemInserts([5])[0].cursor.description
+            try await withThrowingTaskGroup(of: String?.self) { group in
+                for (index, socket) in sockets.enumerated() {
+                    group.addTask {
+                        try await socket.sendText(#"{"type":"subscribe","id":"r\#(index)","table":"items","since":"\#(ahead)"}"#)
+                        return try await socket.receiveJSON(timeout: 20)["code"] as? String
+                    }
+                }
+                for try await code in group { #expect(code == "internal") }
+            }
+            #expect(asked.withLock { $0 } <= 2, "a query per caller: \(asked.withLock { $0 })")
+            for socket in sockets { await socket.close() }
+        }
+    }
+
     @Test("since ahead of this server's stream, when the database cannot be asked whether it issued it: refused with internal (retry), not taken unchecked")
     func sinceAheadUncheckable() async throws {
         struct Unreachable: Error {}

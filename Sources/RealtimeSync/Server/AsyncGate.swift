@@ -82,23 +82,62 @@ final class AsyncGate: Sendable {
 
 /// Answers "has the database's WAL reached this `since` cursor?" with as few queries as
 /// possible: positions only grow, so the highest answer seen settles every cursor at or below
-/// it without a query (a burst of clients back after a restart asks once); otherwise one query
-/// at a time, on a turn of its own (never behind a snapshot), and a cursor is refused only on
-/// an answer to a query begun after it was asked.
+/// it without a query (a burst of clients back after a restart asks once). Otherwise callers
+/// share queries: one runs at a time, and its answer, or its failure, goes to every caller
+/// that asked before it began; those that asked meanwhile share the next one (so a cursor is
+/// refused only on an answer to a query begun after it was asked), unless the answer just
+/// received already settles them. A slow or failing database costs a burst two queries' time,
+/// not one per caller.
 final class WALCheck: Sendable {
-    private let known = Mutex<LSN?>(nil)
-    private let gate = AsyncGate(permits: 1)
+    private typealias Waiter = (lsn: LSN, continuation: CheckedContinuation<Result<LSN, any Error>, Never>)
+    private struct State {
+        var known: LSN?
+        var running = false
+        /// Callers for the next query.
+        var waiting: [Waiter] = []
+    }
+    private let state = Mutex(State())
 
-    /// The WAL position: one at or past `lsn` when known or found, else a position read after
-    /// this call began (below `lsn`). Nil when the calling task was cancelled while waiting.
-    func position(reaching lsn: LSN, ask: @Sendable () async throws -> LSN) async throws -> LSN? {
-        if let k = known.withLock({ $0 }), k >= lsn { return k }
-        guard await gate.enter() else { return nil }
-        defer { gate.leave() }
-        // A query that ended while this call waited its turn may settle it.
-        if let k = known.withLock({ $0 }), k >= lsn { return k }
-        let wal = try await ask()
-        known.withLock { $0 = Swift.max($0 ?? wal, wal) }
-        return wal
+    /// The WAL position: one at or past `lsn` when known or found, else a position read by a
+    /// query begun after this call (below `lsn`). Throws what that query threw.
+    func position(reaching lsn: LSN, ask: @escaping @Sendable () async throws -> LSN) async throws -> LSN {
+        if let known = state.withLock({ $0.known }), known >= lsn { return known }
+        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<LSN, any Error>, Never>) in
+            let start = state.withLock { s -> Bool in
+                s.waiting.append((lsn, continuation))
+                if s.running { return false }
+                s.running = true
+                return true
+            }
+            // Owned by the callers: it ends once no caller waits.
+            if start { Task { await self.runQueries(ask) } }
+        }
+        return try result.get()
+    }
+
+    private func runQueries(_ ask: @Sendable () async throws -> LSN) async {
+        while true {
+            let round = state.withLock { s -> [Waiter] in
+                defer { s.waiting = [] }
+                return s.waiting
+            }
+            let result: Result<LSN, any Error>
+            do { result = .success(try await ask()) } catch { result = .failure(error) }
+            let settled = state.withLock { s -> [Waiter] in
+                guard case .success(let wal) = result else { return [] }
+                s.known = Swift.max(s.known ?? wal, wal)
+                // Those who asked meanwhile and whose cursor this answer reaches need no query.
+                let reached = s.waiting.filter { $0.lsn <= wal }
+                s.waiting.removeAll { $0.lsn <= wal }
+                return reached
+            }
+            for waiter in round { waiter.continuation.resume(returning: result) }
+            for waiter in settled { waiter.continuation.resume(returning: result) }
+            let more = state.withLock { s -> Bool in
+                if s.waiting.isEmpty { s.running = false }
+                return s.running
+            }
+            if !more { return }
+        }
     }
 }

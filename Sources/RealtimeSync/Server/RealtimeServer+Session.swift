@@ -146,17 +146,16 @@ extension RealtimeServer {
         if since > source.currentCursor, let walPosition = configuration.walPosition {
             // Ahead of this server's stream: a lagging instance's normal case, unless the
             // cursor is ahead of the database itself. The question takes a pooled connection,
-            // one question at a time (`WALCheck`: the highest answer seen settles every cursor
-            // below it, so a burst of resumes after a restart asks once), on a turn of its own,
-            // not behind a snapshot.
+            // one query at a time shared by the callers (`WALCheck`: the highest answer seen
+            // settles every cursor below it, so a burst of resumes after a restart asks once),
+            // on a turn of its own, not behind a snapshot.
             // Waiting for the server, not the client: the ping timeout does not count it (as
             // for a snapshot's turn).
             session.waitingForServer.store(true, ordering: .relaxed)
             defer { session.waitingForServer.store(false, ordering: .relaxed) }
             let wal: LSN
             do {
-                guard let answer = try await walCheck.position(reaching: since.commitLSN, ask: walPosition) else { return }
-                wal = answer
+                wal = try await walCheck.position(reaching: since.commitLSN, ask: walPosition)
             } catch {
                 // Unchecked, a foreign cursor would be taken and stay silent until the stream
                 // passed it, then skip what lay before it: refused, and the client retries.
