@@ -98,6 +98,12 @@ public final class ChangeStream: Service, Sendable {
         /// window's default byte bound: a transaction of a thousand 1 MB rows, under
         /// `maxTransactionChanges` by far, would otherwise take a gigabyte.
         public var maxTransactionBytes: Int
+        /// The longest `isCaughtUp` stays false after a connect while the session replays the
+        /// slot's backlog; then it turns true anyway (logged), so that a replay that cannot end
+        /// (a standby whose replay is delayed or paused) or every instance replaying after a
+        /// database restart does not leave a load balancer with no ready instance for good.
+        /// Default 60 s.
+        public var catchUpReadinessLimit: Duration = .seconds(60)
         /// Where the stream logs.
         public var logger: Logger
 
@@ -191,6 +197,9 @@ public final class ChangeStream: Service, Sendable {
         /// (`IDENTIFY_SYSTEM`'s position): its window holds what was committed before (see
         /// `isCaughtUp`).
         var caughtUp = false
+        /// When the session connected (the catch-up's readiness limit counts from there).
+        var connectedAt: ContinuousClock.Instant?
+        var catchUpLimitLogged = false
     }
 
     /// The configuration in force.
@@ -235,8 +244,21 @@ public final class ChangeStream: Service, Sendable {
     /// connected: after a start or a reconnect, it replays the slot's backlog first (the
     /// resume window is rebuilt from it), and until then a client would be served changes
     /// minutes old, and a wave of resuming clients would slow the replay itself. `/readyz`
-    /// answers 503 `catching_up` meanwhile.
-    public var isCaughtUp: Bool { state.withLock { $0.connected && $0.caughtUp } }
+    /// answers 503 `catching_up` meanwhile, at most `catchUpReadinessLimit` per connect.
+    public var isCaughtUp: Bool {
+        let (ready, overdue) = state.withLock { s -> (Bool, Bool) in
+            guard s.connected else { return (false, false) }
+            if s.caughtUp { return (true, false) }
+            guard let at = s.connectedAt, at.duration(to: .now) >= configuration.catchUpReadinessLimit else { return (false, false) }
+            defer { s.catchUpLimitLogged = true }
+            return (true, !s.catchUpLimitLogged)
+        }
+        if overdue {
+            configuration.logger.warning("change stream still replaying the slot's backlog after catchUpReadinessLimit=\(configuration.catchUpReadinessLimit); reporting ready anyway", metadata: [
+                "slot": "\(configuration.slotName)"])
+        }
+        return ready
+    }
 
     /// Counters and positions now.
     public var statistics: ChangeStreamStatistics {
@@ -486,6 +508,8 @@ public final class ChangeStream: Service, Sendable {
                     s.confirmed = streamStart
                     s.replication = repl
                     s.caughtUp = streamStart >= caughtUpAt
+                    s.connectedAt = .now
+                    s.catchUpLimitLogged = false
                 }
                 logger.info("change stream started", metadata: [
                     "slot": "\(configuration.slotName)", "start": "\(streamStart)", "backend": "\(repl.backendPID)"])
