@@ -202,8 +202,8 @@ struct SessionGrant: Sendable {
     let expiry: TokenExpiry?
 }
 
-/// A connection over `maxConnections`: answered 503 (with `Retry-After`) without reading its
-/// request, and closed.
+/// A connection over `maxConnections`: answered 503 (with `Retry-After`) before its request is
+/// looked at (what it sends is dropped), and closed.
 final class RefusedConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
