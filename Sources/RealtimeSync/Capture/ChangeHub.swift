@@ -231,8 +231,7 @@ final class ChangeHub: Sendable {
                 var index = s.subscribers.values.startIndex
                 while index != s.subscribers.values.endIndex {
                     defer { s.subscribers.values.formIndex(after: &index) }
-                    let takes = s.subscribers.values[index].takesLiveChanges
-                    guard takes else { continue }
+                    guard s.subscribers.values[index].takesLiveChanges else { continue }
                     Self.offer(kept, to: &s.subscribers.values[index], cutOff: &s.cutOff, bufferLimit: bufferLimit, wake: &wake)
                 }
             }
