@@ -104,7 +104,7 @@ struct SnapshotVisibilityTests {
         #expect(recent.earliest(before: cursor(40), now: start + .seconds(3_601)) { _ in true } == cursor(20))
     }
 
-    @Test("Handoff routing: held while reading; after the snapshot, changes it saw are skipped until one commits at or after the WAL position, then the hub takes over")
+    @Test("Handoff routing: held while reading (passed by once it reads back from the window); after the snapshot, changes it saw are skipped until one commits at or after the WAL position, then the hub takes over")
     func handoffRouting() throws {
         func event(xid: UInt32, lsn: UInt64, status: String = "open") -> ChangeEvent {
             ChangeEvent(operation: .insert, relation: itemsRelation, new: tuple(["id": "1", "status": status]), old: nil, oldKind: nil,
@@ -120,6 +120,11 @@ struct SnapshotVisibilityTests {
         #expect(routed.now.isEmpty && routed.hold.count == 1)
         routed = state.routeToSnapshots(event(xid: 13, lsn: 0x1200, status: "paid"))
         #expect(routed.now.isEmpty && routed.hold.isEmpty)
+        // Once it reads back from the window, the fan-out passes it by.
+        state.snapshots[client]?["s"]?.readsBack = true
+        routed = state.routeToSnapshots(event(xid: 12, lsn: 0x1150))
+        #expect(routed.now.isEmpty && routed.hold.isEmpty)
+        state.snapshots[client]?["s"]?.readsBack = false
         // Filtering: visible (12, 14) skipped, running (15) and later (25) delivered, until 0x2000.
         let visibility = SnapshotVisibility(xmin: 10, xmax: 20, xip: [10, 15])
         state.snapshots[client]?["s"]?.phase = .filtering(visibility, until: LSN(0x2000))
@@ -142,18 +147,50 @@ struct SnapshotVisibilityTests {
         #expect(matched.map(\.client) == [client])
     }
 
-    @Test("Held changes are bounded by the socket's send-queue limits")
+    @Test("Held changes stay within half the socket's send-queue bounds; the one over lets them all go and the snapshot reads back from the window instead (no close)")
     func holdBound() {
         let client = FanoutClientID(3)
         var state = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x100), index: 0))
         state.snapshots[client] = ["s": PendingSnapshot(subscription: ResolvedSubscription(id: "s", table: "public.items", snapshot: true))]
-        let limits = OutboundQueue<[UInt8]>.Limits(maxMessages: 2, maxBytes: 1_000)
+        let limits = OutboundQueue<[UInt8]>.Limits(maxMessages: 4, maxBytes: 1_000)
         let change = insertEvent(["id": "1"])
-        var within: [Bool] = []
-        for _ in 0..<3 { within.append(state.hold([1, 2, 3], of: change, client: client, id: "s", limits: limits)) }
-        #expect(within == [true, true, false])
+        var over: [Bool] = []
+        for _ in 0..<4 { over.append(state.hold([1, 2, 3], of: change, client: client, id: "s", limits: limits)) }
+        #expect(over == [false, false, true, false])
+        #expect(state.snapshots[client]?["s"]?.held.isEmpty == true)
+        #expect(state.snapshots[client]?["s"]?.heldBytes == 0)
+        #expect(state.snapshots[client]?["s"]?.readsBack == true)
+        // Bytes count too.
+        state.snapshots[client] = ["s": PendingSnapshot(subscription: ResolvedSubscription(id: "s", table: "public.items", snapshot: true))]
+        let first = state.hold([UInt8](repeating: 1, count: 500), of: change, client: client, id: "s", limits: limits)
+        let second = state.hold([1], of: change, client: client, id: "s", limits: limits)
+        #expect(!first && second)
         state.dropClient(client)
         #expect(state.snapshots.isEmpty)
+    }
+
+    @Test("The handoff's end: covered at or past the WAL position joins the hub (from after the covered change); before it, the fan-out tests visibility")
+    func handoffEnd() {
+        let client = FanoutClientID(3)
+        let subscription = ResolvedSubscription(id: "s", table: "public.items", snapshot: true)
+        let visibility = SnapshotVisibility(xmin: 10, xmax: 20, xip: [])
+        var state = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x3000), index: 0))
+        state.snapshots[client] = ["s": PendingSnapshot(subscription: subscription)]
+        state.endHandoff(subscription, client: client, covered: Cursor(commitLSN: LSN(0x1000), index: 0), visibility: visibility, until: LSN(0x2000))
+        guard case .filtering(_, let until)? = state.snapshots[client]?["s"]?.phase else {
+            Issue.record("expected the filtering phase, got \(String(describing: state.snapshots[client]?["s"]?.phase))")
+            return
+        }
+        #expect(until == LSN(0x2000))
+        #expect(state.hub.subscriptionCount == 0)
+        state.endHandoff(subscription, client: client, covered: Cursor(commitLSN: LSN(0x2000), index: 0), visibility: visibility, until: LSN(0x2000))
+        #expect(state.snapshots.isEmpty)
+        #expect(state.hub.subscriptionCount == 1)
+        // Covered ahead of the fan-out: the fan-out skips for it what the handoff already sent.
+        var ahead = ServerState(hub: FanoutHub(limits: .init()), lastDelivered: Cursor(commitLSN: LSN(0x3000), index: 0))
+        ahead.snapshots[client] = ["s": PendingSnapshot(subscription: subscription)]
+        ahead.endHandoff(subscription, client: client, covered: Cursor(commitLSN: LSN(0x3000), index: 2), visibility: visibility, until: LSN(0x2000))
+        #expect(ahead.startAfter[client]?["s"] == Cursor(commitLSN: LSN(0x3000), index: 2))
     }
 
     @Test("Each FETCH is sized by the previous one's bytes, at most doubling: wide rows a few at a time, narrow ones up to snapshotChunkRows")
@@ -236,6 +273,17 @@ extension TestConnection {
     }
 
     /// Subscribes with `snapshot: true` and reads `subscribed` and every `snapshot` message up to `done`.
+    /// Reads `snapshot` messages up to the one with `done: true`; returns how many rows they held.
+    func receiveSnapshotRows(timeout: Double = 30) async throws -> Int {
+        var rows = 0
+        while true {
+            let message = try await receiveJSON(timeout: timeout)
+            guard message["type"] as? String == "snapshot" else { throw TestClientError("expected the rows first, got \(message)") }
+            rows += (message["rows"] as? [Any])?.count ?? 0
+            if message["done"] as? Bool == true { return rows }
+        }
+    }
+
     func subscribeWithSnapshot(_ id: String, table: String, filter: String? = nil, timeout: Double = 30) async throws -> SnapshotReply {
         try await sendSnapshotSubscribe(id, table: table, filter: filter)
         let first = try await receiveJSON(timeout: timeout)
@@ -316,7 +364,7 @@ private struct StagedTable: Sendable {
 /// transaction open per id in `openIDs` (each inserting that row), and runs `body` with a staged
 /// server over it; the open transactions are rolled back however it ends.
 private func withStagedSnapshotTable(
-    _ prefix: String, seed: String, openIDs: [Int],
+    _ prefix: String, seed: String, openIDs: [Int], window: ResumeWindow<ContinuousClock.Instant>.Limits = .init(),
     configure: @escaping @Sendable (inout RealtimeServerConfiguration) -> Void = { _ in },
     _ body: @escaping @Sendable (StagedTable, RealtimeServer, Int) async throws -> Void
 ) async throws {
@@ -339,7 +387,7 @@ private func withStagedSnapshotTable(
             let staged = StagedTable(
                 url: url, table: table,
                 relation: Relation(oid: 1, namespace: "public", name: name, replicaIdentity: .default, columns: idStatusColumns),
-                source: InMemoryChangeSource(catalog: TableCatalog([table: idStatusColumns])), openXIDs: xids
+                source: InMemoryChangeSource(catalog: TableCatalog([table: idStatusColumns]), windowLimits: window), openXIDs: xids
             )
             try await withStagedSnapshotServer(url: url, source: staged.source, configure: configure) { server, port in
                 try await body(staged, server, port)
@@ -641,13 +689,7 @@ struct SnapshotTests {
             for event in held { staged.source.publish(event) }
             #expect(await eventually(10) { server.statistics.fanoutCursor == held[1].cursor })
             try await client.startReading()
-            var rows = 0
-            while true {
-                let message = try await client.receiveJSON(timeout: 30)
-                try #require(message["type"] as? String == "snapshot", "expected the rows first, got \(message)")
-                rows += (message["rows"] as? [Any])?.count ?? 0
-                if message["done"] as? Bool == true { break }
-            }
+            let rows = try await client.receiveSnapshotRows()
             #expect(rows == 20_001, "the 20,000 seeded rows and V's")
             // Tested by the fan-out after the rows (the stream still before the snapshot's WAL
             // position): V's again (dropped), U's (delivered); then one at the very end of the
@@ -664,6 +706,80 @@ struct SnapshotTests {
             }
             #expect(delivered == [held[1], after[1], after[2], after[3]].map(\.cursor.description),
                     "T's held change, U's tested one, then everything from the WAL position on")
+            await client.close()
+        }
+    }
+
+    @Test("More matching changes while the rows go out than the socket's queue holds: read back from the window after the rows, each once and in order (those the snapshot saw left out), not a 1013")
+    func changesBeyondTheQueueReadBack() async throws {
+        try await withStagedSnapshotTable(
+            "snap_back", seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g", openIDs: [2],
+            configure: { $0.snapshotMaxRows = 50_000; $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20) }
+        ) { staged, server, port in
+            let t = staged.openXIDs[0]
+            let v = try await staged.commitInsert(3, status: "v")
+            let client = try await connectWebSocket(port: port)
+            try await client.sendSnapshotSubscribe("s", table: staged.table)
+            #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
+            try await client.stopReading()
+            // 300 changes while the rows go out, five times what the queue holds: T's (running
+            // for the snapshot) are due, every tenth is V's (the snapshot has its row).
+            let changes = (0..<300).map { i in
+                staged.change(1_000 + i, status: "c\(i)", xid: i % 10 == 0 ? v : t, lsn: 0x1000 + UInt64(i) * 0x10)
+            }
+            for event in changes { staged.source.publish(event) }
+            #expect(await eventually(10) { server.statistics.fanoutCursor == changes.last!.cursor })
+            try await client.startReading()
+            let rows = try await client.receiveSnapshotRows()
+            #expect(rows == 20_001)
+            let due = changes.filter { $0.xid != UInt32(v) }.map(\.cursor.description)
+            var delivered: [String] = []
+            while delivered.count < due.count {
+                let message = try await client.receiveJSON(timeout: 10)
+                try #require(message["type"] as? String == "change", "\(message)")
+                #expect(message["ids"] as? [String] == ["s"])
+                delivered.append(message["cursor"] as? String ?? "?")
+            }
+            #expect(delivered == due)
+            // Then the fan-out has it: a change at the end of the WAL arrives once.
+            let last = staged.change(5_000, status: "end", xid: 1, lsn: UInt64(Int64.max) - 10)
+            staged.source.publish(last)
+            let message = try await client.receiveJSON(timeout: 10)
+            #expect(message["cursor"] as? String == last.cursor.description)
+            #expect(server.statistics.sessions == 1 && server.statistics.closes.isEmpty, "still open: no 1013")
+            await client.close()
+        }
+    }
+
+    @Test("A snapshot whose changes outgrow both the socket's queue and the resume window while its rows go out gets resync_required after them, naming the window's knobs")
+    func snapshotOutlastsTheWindow() async throws {
+        try await withStagedSnapshotTable(
+            "snap_gone", seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g", openIDs: [2],
+            window: .init(maxCount: 100),
+            configure: { $0.snapshotMaxRows = 50_000; $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20) }
+        ) { staged, server, port in
+            let t = staged.openXIDs[0]
+            let client = try await connectWebSocket(port: port)
+            try await client.sendSnapshotSubscribe("s", table: staged.table)
+            #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
+            try await client.stopReading()
+            let changes = (0..<300).map { i in staged.change(1_000 + i, status: "c\(i)", xid: t, lsn: 0x1000 + UInt64(i) * 0x10) }
+            for event in changes { staged.source.publish(event) }
+            #expect(await eventually(10) { server.statistics.fanoutCursor == changes.last!.cursor })
+            try await client.startReading()
+            #expect(try await client.receiveSnapshotRows() == 20_000)
+            let message = try await client.receiveJSON(timeout: 10)
+            #expect(message["type"] as? String == "resync_required")
+            #expect(message["id"] as? String == "s")
+            #expect((message["message"] as? String)?.contains("--window-max-count") == true, "\(message)")
+            // The id is free again and the socket open: the same id subscribes (without a
+            // snapshot: this test's T, streamed as committed while still running, is older than
+            // the window, which a snapshot refuses to lose), and gets the next change.
+            _ = try await client.subscribe("s", table: staged.table)
+            let next = staged.change(6_000, status: "next", xid: 1, lsn: UInt64(Int64.max) - 10)
+            staged.source.publish(next)
+            #expect(try await client.receiveJSON(timeout: 10)["cursor"] as? String == next.cursor.description)
+            #expect(server.statistics.closes.isEmpty)
             await client.close()
         }
     }

@@ -38,7 +38,8 @@ extension RealtimeServer {
                 let current = source.currentCursor
                 let closing = state.withLock { state -> [SessionChannel] in
                     state.lastDelivered = max(state.lastDelivered, current)
-                    // Clients in the hub and those whose snapshot holds changes: both miss them.
+                    // Clients in the hub and those with a snapshot pending (whose handoff reads
+                    // the window back from before the gap): both miss them.
                     let clients = Set(state.hub.clientIDs).union(state.snapshots.keys)
                     for client in clients { state.dropClient(client) }
                     return clients.compactMap { state.sessions[$0] }
@@ -64,8 +65,6 @@ extension RealtimeServer {
     /// under the state lock so that `subscribed`/`unsubscribed` and changes keep their order.
     func deliver(_ event: ChangeEvent) {
         let cursor = event.cursor
-        // Clients whose changes, held while their snapshot ran, went over the queue limits.
-        var heldOverflow: [FanoutClientID] = []
         // Sessions whose writer must run, per event loop (`SessionChannel.loopIndex`): one
         // event-loop task per loop and change, started once the lock is released.
         var pumps: [[SessionChannel]] = []
@@ -149,10 +148,9 @@ extension RealtimeServer {
                     overflowed.append(client)
                 }
             }
-            for (client, id) in held where !state.hold(encoding(hidingOld: hidingOld.contains(client)).frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits) {
-                state.sessions[client]?.closeNow(.tryAgainLater)
-                state.dropClient(client)
-                heldOverflow.append(client)
+            for (client, id) in held {
+                // Over the socket's bounds, the handoff reads the changes back from the window.
+                state.hold(encoding(hidingOld: hidingOld.contains(client)).frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits)
             }
             return overflowed
         }
@@ -161,10 +159,6 @@ extension RealtimeServer {
         for ended in schemaChanges {
             logger.notice("subscription ended: its filter names a column the table no longer has, or has with another type (a schema change)",
                           metadata: ["client": "\(ended.client)", "id": "\(ended.id)", "table": "\(event.table)", "column": "\(ended.column)"])
-        }
-        for client in heldOverflow {
-            logger.notice("client closed with 1013: the changes held while its snapshot ran went over the send queue's maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes) (RealtimeServerConfiguration.queueLimits; a snapshot also waits for a pooled connection and for maxConcurrentSnapshots)",
-                          metadata: ["client": "\(client)", "cursor": "\(cursor)"])
         }
         for client in overflowed {
             logger.notice("slow consumer closed with 1013 (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes))",

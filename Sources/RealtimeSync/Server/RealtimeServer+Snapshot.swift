@@ -13,10 +13,12 @@ struct HeldChange: Sendable {
 /// (see `RealtimeServer.subscribeWithSnapshot` and docs/PROTOCOL.md "Snapshots").
 struct PendingSnapshot: Sendable {
     enum Phase: Sendable {
-        /// The snapshot is being read: matching changes are held.
+        /// The snapshot is being read: matching changes are held (or, once they went over
+        /// the socket's bounds, read back from the source's window at the handoff).
         case reading
-        /// The snapshot was sent: changes are delivered unless the snapshot saw their
-        /// transaction, until one commits at or after `until`; then the subscription joins the hub.
+        /// The snapshot and the changes before the fan-out's position were sent: changes are
+        /// delivered unless the snapshot saw their transaction, until one commits at or after
+        /// `until`; then the subscription joins the hub.
         case filtering(SnapshotVisibility, until: LSN)
     }
 
@@ -24,11 +26,14 @@ struct PendingSnapshot: Sendable {
     var phase = Phase.reading
     var held: [HeldChange] = []
     var heldBytes = 0
+    /// The held changes went over the socket's send-queue bounds: they were let go, nothing
+    /// more is held, and the handoff reads the changes back from the source's resume window.
+    var readsBack = false
 }
 
 /// The most recent transactions the fan-out processed: each one's xid and the fan-out's
 /// position just before it. A snapshot looks up among them the transactions it does not see
-/// that were streamed before it was registered (see `RealtimeServer.lateChanges`).
+/// that were streamed before it was registered (see `RealtimeServer.subscribeWithSnapshot`, step 2).
 ///
 /// An entry older than `maxAge` is left out of every lookup. Its xid is 32 bits, which a
 /// snapshot widens within 2^31 of its own `xmax`: right for a transaction that was running
@@ -77,9 +82,26 @@ struct RecentTransactions: Sendable {
 
 /// Why a snapshot stopped before its handoff.
 private enum SnapshotEnd: Sendable {
+    /// Every row and the held changes went out; the fan-out has the subscription.
     case handedOver(rows: Int)
+    /// Every row went out (the last chunk with `done: true`); the changes are to be read back
+    /// from the window (the held ones went over the socket's bounds).
+    case sent(rows: Int, handoff: SnapshotHandoff)
     case tooLarge
     case abandoned
+}
+
+/// What the handoff after a sent snapshot needs (`RealtimeServer.handOver`).
+private struct SnapshotHandoff: Sendable {
+    /// Where the changes to send after the rows begin: the fan-out's position when the
+    /// subscription was registered, or earlier when a transaction the snapshot does not see
+    /// was streamed before it.
+    var from: Cursor
+    /// Which transactions the snapshot saw.
+    var visibility: SnapshotVisibility
+    /// The WAL insert position read just after the snapshot was taken: every change that
+    /// commits at or after it is one the snapshot did not see.
+    var until: LSN
 }
 
 extension ServerState {
@@ -91,7 +113,8 @@ extension ServerState {
     }
 
     /// Routes a change to the `snapshot: true` subscriptions that have not joined the hub:
-    /// returns the ids that get it now, per client, and the (client, id) pairs that hold it.
+    /// returns the ids that get it now, per client, and the (client, id) pairs that hold it
+    /// (none for a subscription that reads back from the window).
     /// A filtering subscription that sees a change committed at or after its `until` joins the
     /// hub here, after the hub matched this change (so it gets it once).
     /// `hidingOld`: the clients among them whose mandatory filter the event's old row does not
@@ -102,7 +125,7 @@ extension ServerState {
         var hidingOld: Set<FanoutClientID> = []
         var joins: [(FanoutClientID, ResolvedSubscription)] = []
         for (client, pending) in snapshots {
-            for (id, entry) in pending {
+            for (id, entry) in pending where !entry.readsBack {
                 let subscription = entry.subscription
                 let matches = TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation)
                     && subscription.filter.matches(event)
@@ -124,16 +147,39 @@ extension ServerState {
         return (now, hold, hidingOld)
     }
 
-    /// Holds `frame` for a reading snapshot; false when the held changes would exceed the
-    /// socket's send-queue bounds (the caller closes the socket with 1013).
+    /// Holds `frame` for a reading snapshot, within half the socket's send-queue bounds: the
+    /// change that would go over them lets every held change go instead, and the handoff then reads
+    /// them back from the source's window (`PendingSnapshot.readsBack`). Returns true when
+    /// that happened with this change.
+    @discardableResult
     mutating func hold(_ frame: [UInt8], of event: ChangeEvent, client: FanoutClientID, id: String,
                        limits: OutboundQueue<[UInt8]>.Limits) -> Bool {
-        guard snapshots[client]?[id] != nil else { return true }
+        guard let entry = snapshots[client]?[id], !entry.readsBack else { return false }
+        // Half the bounds: the handoff queues them behind a queue that may be half full.
+        guard entry.held.count < max(1, limits.maxMessages / 2) && entry.heldBytes + frame.count <= max(1, limits.maxBytes / 2) else {
+            snapshots[client]![id]!.held = []
+            snapshots[client]![id]!.heldBytes = 0
+            snapshots[client]![id]!.readsBack = true
+            return true
+        }
         // In place: a copy taken out and written back would copy the held changes each time.
         snapshots[client]![id]!.held.append(HeldChange(xid: event.xid, commitLSN: event.commitLSN, frame: frame))
         snapshots[client]![id]!.heldBytes += frame.count
-        let (count, bytes) = (snapshots[client]![id]!.held.count, snapshots[client]![id]!.heldBytes)
-        return count <= limits.maxMessages && bytes <= limits.maxBytes
+        return false
+    }
+
+    /// Ends the handoff of a reading snapshot whose changes up to `covered` were sent (the
+    /// fan-out's next change comes after it): it joins the hub if `covered` is at or past
+    /// `until` (every later change commits after the snapshot), else the fan-out tests each
+    /// change's visibility for it until one commits at or after `until`.
+    mutating func endHandoff(_ subscription: ResolvedSubscription, client: FanoutClientID, covered: Cursor,
+                             visibility: SnapshotVisibility, until: LSN) {
+        if covered.commitLSN >= until {
+            dropPendingSnapshot(client: client, id: subscription.id)
+            join(subscription, client: client, lastCovered: covered)
+        } else {
+            snapshots[client]?[subscription.id] = PendingSnapshot(subscription: subscription, phase: .filtering(visibility, until: until))
+        }
     }
 
     /// Drops everything held for `client` (slow consumer, closed socket).
@@ -176,17 +222,23 @@ extension RealtimeServer {
     /// `subscribe` with `snapshot: true` (docs/PROTOCOL.md "Snapshots"):
     ///
     /// 1. the subscription is registered as pending: from the fan-out's position `start` on,
-    ///    its matching changes are held (bounded by the socket's send-queue limits);
+    ///    its matching changes are held, up to half the socket's send-queue bounds (past them
+    ///    they are let go, and step 4 reads them back from the source's window instead);
     /// 2. on a pooled connection, a repeatable-read transaction takes the snapshot and reads
     ///    `xmin:xmax:xip` and the WAL insert position `until`; transactions the snapshot does
-    ///    not see but that the fan-out already passed are fetched from the source's window;
+    ///    not see but that the fan-out already passed are fetched from the source's window
+    ///    (the earliest of them is `from`, else `start`);
     /// 3. the matching rows are counted (`snapshotMaxRows`, else `snapshot_too_large` and
     ///    nothing is left behind), then `subscribed` and the rows go out in chunks, waiting
-    ///    for the writer when the send queue is half full;
-    /// 4. in one critical section: the last chunk (`done: true`), then every held change whose
-    ///    transaction the snapshot did not see; then either the subscription joins the hub (the
-    ///    fan-out is past `until`) or the fan-out keeps testing visibility for it until a change
-    ///    commits at or after `until`.
+    ///    for the writer when the send queue is half full; the transaction ends;
+    /// 4. in one critical section: the last chunk (`done: true`), then the late changes and
+    ///    every held change whose transaction the snapshot did not see, and the handoff ends
+    ///    (`ServerState.endHandoff`): the subscription joins the hub (the fan-out is past
+    ///    `until`) or the fan-out keeps testing visibility for it until a change commits at or
+    ///    after `until`. When the held changes went over their bound, the last chunk alone; the
+    ///    pooled connection and the snapshot turn are given back, and `handOver` reads the
+    ///    changes after `from` back from the window with the same test and ends the handoff
+    ///    where it reaches the fan-out (`resync_required` if the window no longer has `from`).
     func subscribeWithSnapshot(_ subscription: ResolvedSubscription, session: SessionChannel,
                                reader: inout SessionReaderState, logger: Logger) async {
         let id = subscription.id
@@ -205,8 +257,8 @@ extension RealtimeServer {
             return
         }
         session.wakeReaderOnClose()
-        // Wait for a turn before anything is held for this subscription (held changes would
-        // pile up in the send queue while it waits).
+        // Registered only once it has a turn: its changes are read back from the window from
+        // its registration on, so a wait before it would only lengthen that.
         session.waitingForServer.store(true, ordering: .relaxed)
         let admitted = await snapshotGate.enter(within: configuration.snapshotTurnTimeout)
         session.waitingForServer.store(false, ordering: .relaxed)
@@ -216,7 +268,9 @@ extension RealtimeServer {
             return
         }
         guard admitted else { return }
-        defer { snapshotGate.leave() }
+        // The turn is given back before the handoff (which needs no pooled connection).
+        var holdsTurn = true
+        defer { if holdsTurn { snapshotGate.leave() } }
         guard session.isOpen && session.channel.isActive else { return }
         // The table's columns as of now: the catalog may have been re-read while this waited
         // for its turn (a dropped column in the SELECT would fail it).
@@ -249,6 +303,16 @@ extension RealtimeServer {
         case .handedOver(let rows):
             logger.debug("snapshot sent", metadata: ["id": "\(id)", "table": "\(subscription.table)", "rows": "\(rows)",
                                                     "duration": "\(ContinuousClock.now - began)"])
+        case .sent(let rows, let handoff):
+            holdsTurn = false
+            snapshotGate.leave()
+            guard await handOver(source, subscription, handoff, session: session, reader: &reader, logger: logger) else {
+                reader.openIDs.remove(id)
+                state.withLock { $0.dropPendingSnapshot(client: session.id, id: id) }
+                return
+            }
+            logger.debug("snapshot sent, its changes read back from the window", metadata: ["id": "\(id)", "table": "\(subscription.table)", "rows": "\(rows)",
+                                                    "duration": "\(ContinuousClock.now - began)"])
         case .tooLarge:
             reader.openIDs.remove(id)
             state.withLock { $0.dropPendingSnapshot(client: session.id, id: id) }
@@ -266,8 +330,11 @@ extension RealtimeServer {
                                 start: Cursor, session: SessionChannel) async throws -> SnapshotEnd {
         let id = subscription.id
         let visibility = snapshot.visibility
-        // Transactions the snapshot does not see but that the fan-out passed before `start`.
+        // The earliest transaction the snapshot does not see that the fan-out passed before `start`.
         let lateFrom = state.withLock { $0.recentTransactions.earliest(before: start) { !visibility.isVisible(xid: $0) } }
+        let from = lateFrom.map { min($0, start) } ?? start
+        // Its changes, for the handoff from what was held (a handoff that reads back from the
+        // window reads them again from `from`).
         var late: [[UInt8]] = []
         if let lateFrom {
             late = try await lateChanges(source, subscription: subscription, visibility: visibility, from: lateFrom, through: start)
@@ -283,7 +350,7 @@ extension RealtimeServer {
             if matching > configuration.snapshotMaxRows { return .tooLarge }
             guard session.isOpen && session.channel.isActive else { return .abandoned }
         }
-        session.enqueue(.subscribed(id: id, cursor: lateFrom.map { min($0, start) } ?? start))
+        session.enqueue(.subscribed(id: id, cursor: from))
         try await snapshot.rewind()
         var space = session.spaceFreed.makeAsyncIterator()
         var chunk: [[UInt8]] = []
@@ -318,27 +385,24 @@ extension RealtimeServer {
             guard await space.next() != nil else { break }
         }
         let last = chunk
-        let handedOver = state.withLock { state -> Bool in
-            guard let entry = state.snapshots[session.id]?[id] else { return false }
+        // In one critical section with the fan-out: the last rows, then the changes held for it.
+        return state.withLock { state -> SnapshotEnd in
+            guard let entry = state.snapshots[session.id]?[id] else { return .abandoned }
             var ok = session.enqueue(.snapshot(id: id, rows: last, done: true)) == .queued
+            if ok && entry.readsBack {
+                return .sent(rows: sent + last.count, handoff: SnapshotHandoff(from: from, visibility: visibility, until: snapshot.walPosition))
+            }
             for frame in late where ok { ok = session.enqueue(frame) == .queued }
             for change in entry.held where ok && (change.commitLSN >= snapshot.walPosition || !visibility.isVisible(xid: change.xid)) {
                 ok = session.enqueue(change.frame) == .queued
             }
             guard ok else {
                 state.dropClient(session.id)
-                return false
+                return .abandoned
             }
-            if state.lastDelivered.commitLSN >= snapshot.walPosition {
-                state.dropPendingSnapshot(client: session.id, id: id)
-                state.join(subscription, client: session.id, lastCovered: state.lastDelivered)
-            } else {
-                state.snapshots[session.id]?[id] = PendingSnapshot(subscription: subscription,
-                                                                   phase: .filtering(visibility, until: snapshot.walPosition))
-            }
-            return true
+            state.endHandoff(subscription, client: session.id, covered: state.lastDelivered, visibility: visibility, until: snapshot.walPosition)
+            return .handedOver(rows: sent + last.count)
         }
-        return handedOver ? .handedOver(rows: sent + last.count) : .abandoned
     }
 
     /// The changes of transactions the snapshot does not see that the fan-out processed after
@@ -356,6 +420,103 @@ extension RealtimeServer {
             if event.cursor == through { break }
         }
         return frames
+    }
+
+    /// Step 4 of `subscribeWithSnapshot`: sends the changes after `handoff.from` whose
+    /// transaction the snapshot did not see, or that commit at or after `until`, read back from
+    /// the source's window as a `since` catch-up reads them (waiting while the send queue is
+    /// half full, yielding every 64 changes), then hands the subscription to the fan-out
+    /// (`ServerState.endHandoff`) in the critical section that finds the fan-out's position
+    /// reached. False when it ended otherwise: the client went away or was closed (1013 when
+    /// its queue overflowed or the source cut it off), or the window no longer held `from`
+    /// (`resync_required`) or the stream failed (`internal`).
+    private func handOver<Source: ChangeSource>(_ source: Source, _ subscription: ResolvedSubscription, _ handoff: SnapshotHandoff,
+                                                session: SessionChannel, reader: inout SessionReaderState, logger: Logger) async -> Bool {
+        let id = subscription.id
+        let client = session.id
+        // nil: no longer pending (closed meanwhile); true: handed over at once.
+        let atOnce = state.withLock { state -> Bool? in
+            guard state.snapshots[client]?[id] != nil else { return nil }
+            guard handoff.from >= state.lastDelivered else { return false }
+            state.endHandoff(subscription, client: client, covered: handoff.from, visibility: handoff.visibility, until: handoff.until)
+            return true
+        }
+        guard let atOnce else { return false }
+        if atOnce { return true }
+        var lastCovered = handoff.from
+        var read = 0
+        var overflowed = false
+        do {
+            let stream = try await source.changes(after: handoff.from)
+            for try await event in stream {
+                while session.isOpen && session.channel.isActive && session.isHalfFull {
+                    guard await reader.spaceFreed.next() != nil else { break }
+                }
+                guard session.isOpen && session.channel.isActive else { return false }
+                // Matched and encoded before the state lock (which the fan-out and every socket share).
+                let wanted = TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation)
+                    && (event.commitLSN >= handoff.until || !handoff.visibility.isVisible(xid: event.xid)) && subscription.filter.matches(event)
+                let frame = wanted ? EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id]) : nil
+                let covered = lastCovered
+                // nil: ended otherwise; true: handed over.
+                let outcome = state.withLock { state -> Bool? in
+                    guard state.snapshots[client]?[id] != nil else { return nil }
+                    if event.cursor > state.lastDelivered {
+                        // The window is ahead of the fan-out: it delivers this change itself.
+                        state.endHandoff(subscription, client: client, covered: covered, visibility: handoff.visibility, until: handoff.until)
+                        return true
+                    }
+                    if let frame {
+                        let result = session.enqueue(frame)
+                        guard result == .queued else {
+                            overflowed = result == .overflow
+                            state.dropClient(client)
+                            return nil
+                        }
+                    }
+                    if event.cursor >= state.lastDelivered {
+                        state.endHandoff(subscription, client: client, covered: event.cursor, visibility: handoff.visibility, until: handoff.until)
+                        return true
+                    }
+                    return false
+                }
+                guard let outcome else {
+                    if overflowed {
+                        logger.notice("slow consumer closed with 1013 while the changes after its snapshot were sent (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
+                                      metadata: ["id": "\(id)", "table": "\(subscription.table)"])
+                    }
+                    return false
+                }
+                if outcome { return true }
+                lastCovered = event.cursor
+                read &+= 1
+                if read & 63 == 0 { await Task.yield() }
+            }
+            // The source stopped (so has the fan-out): hand over at what was covered.
+            let covered = lastCovered
+            return state.withLock { state -> Bool in
+                guard state.snapshots[client]?[id] != nil else { return false }
+                state.endHandoff(subscription, client: client, covered: covered, visibility: handoff.visibility, until: handoff.until)
+                return true
+            }
+        } catch let error as ResumeWindowError {
+            session.enqueue(.resyncRequired(id: id, message:
+                "the changes since this snapshot began are no longer in the server's resume window (the snapshot and its delivery took longer than the window keeps changes: \(error.message)); subscribe again with snapshot"))
+            logger.notice("a snapshot outlasted the resume window; its client got resync_required", metadata: ["id": "\(id)", "table": "\(subscription.table)", "error": "\(error)"])
+            return false
+        } catch let error as ChangeStreamError where error.code == .consumerTooSlow {
+            // The source cut the read off because the client reads too slowly: a slow consumer.
+            state.withLock { $0.dropClient(client) }
+            session.closeNow(.tryAgainLater)
+            logger.notice("slow consumer closed with 1013 while the changes after its snapshot were sent (the change source cut it off: \(error.message))",
+                          metadata: ["id": "\(id)", "table": "\(subscription.table)"])
+            return false
+        } catch {
+            if session.isOpen && session.channel.isActive && !Task.isCancelled && !isDraining {
+                session.enqueue(ProtocolError(.internal, id: id, "the change stream failed while the changes after the snapshot of \(quoteForMessage(subscription.table)) were read (\(error)); subscribe again").serverMessage)
+            }
+            return false
+        }
     }
 }
 
