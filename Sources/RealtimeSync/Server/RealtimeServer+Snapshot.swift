@@ -264,7 +264,7 @@ extension RealtimeServer {
         session.waitingForServer.store(false, ordering: .relaxed)
         guard let admitted else {
             session.enqueue(ProtocolError(.internal, id: id,
-                "no snapshot turn within \(configuration.snapshotTurnTimeout): \(configuration.maxConcurrentSnapshots) snapshots run at once (maxConcurrentSnapshots, --max-concurrent-snapshots) and none ended meanwhile; subscribe again").serverMessage)
+                "no snapshot turn within \(configuration.snapshotTurnTimeout): \(configuration.maxConcurrentSnapshots) snapshots run at once (maxConcurrentSnapshots, --max-concurrent-snapshots) and none ended meanwhile (the wait is snapshotTurnTimeout, the service's --pool-acquire-timeout); subscribe again").serverMessage)
             return
         }
         guard admitted else { return }

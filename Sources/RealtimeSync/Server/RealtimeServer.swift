@@ -105,13 +105,13 @@ public struct RealtimeServerError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-    /// The code and the message, e.g. `SERVICE_CAPTURE_FAILED: ...` (searchable in logs).
+    /// The code and the message, e.g. `SERVER_LISTENER_FAILED: ...` (searchable in logs).
     public var description: String { "\(code.rawValue): \(message)" }
 }
 
 /// The realtime service: HTTP and WebSocket endpoints (PROTOCOL.md), one session per
 /// socket, the fan-out of the change source to subscriptions, and the ordered shutdown
-/// of DESIGN.md. A swift-service-lifecycle `Service`: `run()` serves until graceful
+/// of docs/OPERATIONS.md ("Shutdown order and deadlines"). A swift-service-lifecycle `Service`: `run()` serves until graceful
 /// shutdown, then stops admitting, runs the shutdown hooks, delivers every change up to
 /// the cursor at which shutdown began, closes every socket with 1001, and returns.
 public final class RealtimeServer: Service, Sendable {

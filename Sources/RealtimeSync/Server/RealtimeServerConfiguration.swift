@@ -79,7 +79,7 @@ public struct RealtimeServerConfiguration: Sendable {
     /// 1...65,535. Default 4,096.
     public var listenBacklog: Int
     /// Most client connections (HTTP and WebSocket) open at once; one more is answered 503
-    /// with `Retry-After` and closed at once. The process's open files are shared with the
+    /// with `Retry-After` and closed (after a short read of what it sent, so the answer is not lost to a reset). The process's open files are shared with the
     /// database connections and the runtime (libdispatch traps when it cannot get a
     /// descriptor), so clients must not be able to take them all. nil (default): the
     /// process's open-file limit (`RLIMIT_NOFILE`, `ulimit -n`) less an eighth of it, and at

@@ -46,7 +46,7 @@ public struct RealtimeServiceError: Error, Sendable, CustomStringConvertible {
 /// The realtime service as users run it: a database (the given URL, or a throwaway
 /// `EmbeddedPostgres`), a `ConnectionPool`, the `ChangeStream`, a `JobScheduler` with the
 /// service's jobs (slot lag and pool sampling, a heartbeat that advances the slot on an
-/// idle database, the demo writer) and the `RealtimeServer`, shut down in DESIGN.md's order.
+/// idle database, the demo writer) and the `RealtimeServer`, shut down in the order docs/OPERATIONS.md gives ("Shutdown order and deadlines").
 ///
 /// A swift-service-lifecycle `Service`: `run()` serves until graceful shutdown. The
 /// server alone reacts to the graceful-shutdown signal; pool, scheduler and capture run
