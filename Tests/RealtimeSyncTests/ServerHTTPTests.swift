@@ -57,6 +57,61 @@ struct ServerHTTPTests {
         }
     }
 
+    @Test("An upgrade without a Host header, or with a body, is not upgraded: 400, and the one with a body has its connection closed")
+    func upgradeWithoutHostOrWithBody() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in
+            let handshake = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            let noHost = try await TestConnection.open(port: test.port)
+            try await noHost.send(Array(("GET /ws HTTP/1.1\r\n" + handshake + "\r\n").utf8))
+            let noHostAnswer = try await noHost.read(until: "\r\n\r\n", timeout: 10)
+            await noHost.close()
+            #expect(noHostAnswer.hasPrefix("HTTP/1.1 400 "), "\(noHostAnswer)")
+            let body = try await TestConnection.open(port: test.port)
+            try await body.send(Array(("GET /ws HTTP/1.1\r\nHost: x\r\n" + handshake + "Content-Length: 5\r\n\r\nhello").utf8))
+            let bodyAnswer = try await body.readToEnd(timeout: 10).map { String(decoding: $0, as: UTF8.self) }
+            await body.close()
+            #expect(bodyAnswer?.hasPrefix("HTTP/1.1 400 ") == true, "\(bodyAnswer ?? "still open after 10 s")")
+            #expect(bodyAnswer?.contains("websocket_upgrade_required") == true)
+            #expect(test.server.statistics.sessions == 0)
+        }
+    }
+
+    @Test("Keep-alive follows the request's HTTP version: HTTP/1.0 closes after the answer unless it asks to keep alive; HTTP/1.1 `Connection: Close` closes")
+    func keepAliveByVersion() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in
+            func answer(_ request: String) async throws -> String? {
+                let connection = try await TestConnection.open(port: test.port)
+                defer { Task { await connection.close() } }
+                try await connection.send(Array(request.utf8))
+                return try await connection.readToEnd(timeout: 3).map { String(decoding: $0, as: UTF8.self) }
+            }
+            let old = try await answer("GET /healthz HTTP/1.0\r\n\r\n")
+            #expect(old?.hasPrefix("HTTP/1.1 200 ") == true && old?.hasSuffix("ok\n") == true, "\(old ?? "still open after 3 s")")
+            let capitalised = try await answer("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n")
+            #expect(capitalised?.hasPrefix("HTTP/1.1 200 ") == true, "\(capitalised ?? "still open after 3 s")")
+            // Controls: asked to keep alive, they stay open.
+            #expect(try await answer("GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n") == nil)
+            #expect(try await answer("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == nil)
+        }
+    }
+
+    @Test("A request whose chunked body cannot be parsed gets one 400 and its connection closed, also as a later request")
+    func badChunkedBody() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in
+            let bad = "GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n"
+            for first in [true, false] {
+                let connection = try await TestConnection.open(port: test.port)
+                if !first { #expect(try await connection.request("GET", "/healthz").status == 200) }
+                try await connection.send(Array(bad.utf8))
+                let answer = try await connection.readToEnd(timeout: 10).map { String(decoding: $0, as: UTF8.self) }
+                await connection.close()
+                let text = try #require(answer, "still open after 10 s")
+                #expect(text.hasPrefix("HTTP/1.1 400 "), "\(text)")
+                #expect(text.components(separatedBy: "HTTP/1.1 ").count == 2, "one response, got: \(text)")
+            }
+        }
+    }
+
     /// The listening socket's accept-queue limit, as `ss -ltn` reports it (Send-Q of a LISTEN socket).
     private func listenBacklog(port: Int) throws -> Int? {
         let process = Process()

@@ -201,6 +201,11 @@ final class TestConnection: @unchecked Sendable {
 
     /// Sends one masked frame.
     func sendFrame(opcode: UInt8, payload: [UInt8], fin: Bool = true) async throws {
+        try await send(Self.frameBytes(opcode: opcode, payload: payload, fin: fin))
+    }
+
+    /// One masked frame's bytes (several can go out in one `send`, so the server reads them at once).
+    static func frameBytes(opcode: UInt8, payload: [UInt8], fin: Bool = true) -> [UInt8] {
         var frame: [UInt8] = [(fin ? 0x80 : 0) | opcode]
         if payload.count < 126 {
             frame.append(0x80 | UInt8(payload.count))
@@ -215,7 +220,7 @@ final class TestConnection: @unchecked Sendable {
         let mask: [UInt8] = [0x12, 0x34, 0x56, 0x78]
         frame.append(contentsOf: mask)
         for (position, byte) in payload.enumerated() { frame.append(byte ^ mask[position % 4]) }
-        try await send(frame)
+        return frame
     }
 
     /// Sends a text frame.

@@ -108,6 +108,9 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
                 head.headers.remove(name: "connection")
                 if !connection.isEmpty { head.headers.add(name: "connection", value: connection.joined(separator: ", ")) }
                 head.headers.add(name: RealtimeServer.refusedUpgradeHeader, value: RealtimeServer.refusedUpgradeMark)
+                // Its body is not read for the answer: the connection ends after it, instead of
+                // waiting for (and throwing away) what the client declared it would send.
+                if Self.hasBody(head) { head.headers.replaceOrAdd(name: "connection", value: "close") }
             }
             part = .head(head)
         }
@@ -127,11 +130,40 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
     }
 }
 
+/// Every request of a plain HTTP connection, after NIO's decoder: the keep-alive rule of the
+/// request's own HTTP version is made explicit for Hummingbird, which ends a connection only
+/// for a `Connection` header that is exactly `close` (an HTTP/1.0 request without keep-alive,
+/// or `Connection: Close`, kept its connection open until the idle timeout); and a request
+/// that cannot be parsed (a bad chunk in a body, a later request) ends the connection after
+/// NIO's 400, instead of the route's answer and Hummingbird's own 400 following it.
+final class HTTP1ConnectionGuard: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .head(var head) = unwrapInboundIn(data), !head.isKeepAlive {
+            head.headers.replaceOrAdd(name: "connection", value: "close")
+            context.fireChannelRead(wrapInboundOut(.head(head)))
+            return
+        }
+        context.fireChannelRead(data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.fireErrorCaught(error)
+        if error is HTTPParserError { context.close(promise: nil) }
+    }
+}
+
 extension UpgradeGate {
     /// Whether NIO's WebSocket upgrader would take `head` (RFC 6455 4.2.1), the version aside
     /// (the router answers a wrong version with 426).
     static func isWellFormedUpgrade(_ head: HTTPRequestHead) -> Bool {
         guard head.method == .GET, (head.version.major, head.version.minor) >= (1, 1) else { return false }
+        // One Host (RFC 9112 3.2: an HTTP/1.1 request without one is answered 400), and no
+        // body (RFC 6455 4.1's handshake has none; NIO's upgrader fails on a body part, and
+        // the connection ended unanswered): otherwise the router answers it.
+        guard head.headers["host"].count == 1, !hasBody(head) else { return false }
         guard head.headers[canonicalForm: "upgrade"].contains(where: { $0.lowercased() == "websocket" }) else { return false }
         guard head.headers[canonicalForm: "connection"].contains(where: { $0.lowercased() == "upgrade" }) else { return false }
         // Exactly one key, the base64 of 16 bytes (RFC 6455 4.2.1 item 5); NIO's upgrader
@@ -143,6 +175,12 @@ extension UpgradeGate {
         // which a client follows for ever). Its value is the router's to judge (426 if not 13).
         guard head.headers[canonicalForm: "sec-websocket-version"].count == 1 else { return false }
         return Self.isWebSocketKey(key)
+    }
+
+    /// Whether `head` announces a body (a chunked one, or a Content-Length other than 0).
+    static func hasBody(_ head: HTTPRequestHead) -> Bool {
+        if head.headers.contains(name: "transfer-encoding") { return true }
+        return head.headers["content-length"].contains { $0.trimmingCharacters(in: .whitespaces) != "0" }
     }
 
     /// Whether `key` is 24 characters of base64 that decode to 16 bytes (the last two `=`).

@@ -94,6 +94,7 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
                 notUpgradingCompletionHandler: { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let operations = channel.pipeline.syncOperations
+                        try operations.addHandler(HTTP1ConnectionGuard())
                         try operations.addHandler(HTTP1ToHTTPServerCodec(secure: false))
                         // A kept-alive connection idle between requests for `firstRequestTimeout`
                         // is closed (without it, one left silent after its first answer was
@@ -170,8 +171,8 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             logger.trace("connection closed before its first request")
             value.channel.close(promise: nil)
         } catch {
-            // E.g. an upgrade request with a body (NIO fails the upgrade): nothing owns the
-            // socket any more, and the first-request timer is gone: close it here.
+            // E.g. the upgrader failing (the gate passes no upgrade with a body, which it would
+            // refuse): nothing owns the socket any more, and the first-request timer is gone.
             logger.debug("connection ended during the upgrade: \(error)")
             value.channel.close(promise: nil)
         }
