@@ -360,6 +360,34 @@ private struct StagedTable: Sendable {
     }
 }
 
+extension TestConnection {
+    /// Subscribes "s" to `staged`'s table with a snapshot, stops reading once it is subscribed,
+    /// publishes `changes` while the rows go out and waits until the fan-out processed them,
+    /// then reads the rows; returns how many there were.
+    fileprivate func snapshotWhilePublishing(_ changes: [ChangeEvent], staged: StagedTable, server: RealtimeServer) async throws -> Int {
+        try await sendSnapshotSubscribe("s", table: staged.table)
+        let first = try await receiveJSON(timeout: 30)
+        guard first["type"] as? String == "subscribed" else { throw TestClientError("expected subscribed, got \(first)") }
+        try await stopReading()
+        for event in changes { staged.source.publish(event) }
+        #expect(await eventually(10) { server.statistics.fanoutCursor == changes.last?.cursor })
+        try await startReading()
+        return try await receiveSnapshotRows()
+    }
+}
+
+/// `withStagedSnapshotTable` over 20,000 rows of 600 bytes (more than the socket's buffers hold
+/// once the client stops reading, so the rows are still going out while a test publishes), one
+/// transaction left open (row 2), and a send queue of 64 messages.
+private func withSmallQueueStagedTable(
+    _ prefix: String, window: ResumeWindow<ContinuousClock.Instant>.Limits = .init(),
+    _ body: @escaping @Sendable (StagedTable, RealtimeServer, Int) async throws -> Void
+) async throws {
+    try await withStagedSnapshotTable(
+        prefix, seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g", openIDs: [2], window: window,
+        configure: { $0.snapshotMaxRows = 50_000; $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20) }, body)
+}
+
 /// Makes a `StagedTable` (seeded with `seed`, `{t}` standing for its name), leaves one
 /// transaction open per id in `openIDs` (each inserting that row), and runs `body` with a staged
 /// server over it; the open transactions are rolled back however it ends.
@@ -712,26 +740,16 @@ struct SnapshotTests {
 
     @Test("More matching changes while the rows go out than the socket's queue holds: read back from the window after the rows, each once and in order (those the snapshot saw left out), not a 1013")
     func changesBeyondTheQueueReadBack() async throws {
-        try await withStagedSnapshotTable(
-            "snap_back", seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g", openIDs: [2],
-            configure: { $0.snapshotMaxRows = 50_000; $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20) }
-        ) { staged, server, port in
+        try await withSmallQueueStagedTable("snap_back") { staged, server, port in
             let t = staged.openXIDs[0]
             let v = try await staged.commitInsert(3, status: "v")
-            let client = try await connectWebSocket(port: port)
-            try await client.sendSnapshotSubscribe("s", table: staged.table)
-            #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
-            try await client.stopReading()
             // 300 changes while the rows go out, five times what the queue holds: T's (running
             // for the snapshot) are due, every tenth is V's (the snapshot has its row).
             let changes = (0..<300).map { i in
                 staged.change(1_000 + i, status: "c\(i)", xid: i % 10 == 0 ? v : t, lsn: 0x1000 + UInt64(i) * 0x10)
             }
-            for event in changes { staged.source.publish(event) }
-            #expect(await eventually(10) { server.statistics.fanoutCursor == changes.last!.cursor })
-            try await client.startReading()
-            let rows = try await client.receiveSnapshotRows()
-            #expect(rows == 20_001)
+            let client = try await connectWebSocket(port: port)
+            #expect(try await client.snapshotWhilePublishing(changes, staged: staged, server: server) == 20_001)
             let due = changes.filter { $0.xid != UInt32(v) }.map(\.cursor.description)
             var delivered: [String] = []
             while delivered.count < due.count {
@@ -751,23 +769,37 @@ struct SnapshotTests {
         }
     }
 
+    @Test("Late changes (streamed before the snapshot, not in it) and held ones that together do not fit in the socket's queue are read back from the window with backpressure, not queued at once into a 1013")
+    func lateAndHeldBeyondTheQueue() async throws {
+        try await withSmallQueueStagedTable("snap_fit") { staged, server, port in
+            let t = staged.openXIDs[0]
+            // T, running for every snapshot, streamed as committed: 50 changes before the
+            // subscription (late), 20 while its rows go out (held: within half the queue).
+            let before = (0..<50).map { i in staged.change(1_000 + i, status: "late\(i)", xid: t, lsn: 0x1000 + UInt64(i) * 0x10) }
+            for event in before { staged.source.publish(event) }
+            #expect(await eventually(10) { server.statistics.fanoutCursor == before.last!.cursor })
+            let during = (0..<20).map { i in staged.change(2_000 + i, status: "held\(i)", xid: t, lsn: 0x2000 + UInt64(i) * 0x10) }
+            let client = try await connectWebSocket(port: port)
+            #expect(try await client.snapshotWhilePublishing(during, staged: staged, server: server) == 20_000)
+            var delivered: [String] = []
+            while delivered.count < 70 {
+                let message = try await client.receiveJSON(timeout: 10)
+                try #require(message["type"] as? String == "change", "\(message)")
+                delivered.append(message["cursor"] as? String ?? "?")
+            }
+            #expect(delivered == (before + during).map(\.cursor.description))
+            #expect(server.statistics.sessions == 1 && server.statistics.closes.isEmpty, "still open: no 1013")
+            await client.close()
+        }
+    }
+
     @Test("A snapshot whose changes outgrow both the socket's queue and the resume window while its rows go out gets resync_required after them, naming the window's knobs")
     func snapshotOutlastsTheWindow() async throws {
-        try await withStagedSnapshotTable(
-            "snap_gone", seed: "INSERT INTO {t} SELECT g, repeat('x', 600) FROM generate_series(100, 20099) g", openIDs: [2],
-            window: .init(maxCount: 100),
-            configure: { $0.snapshotMaxRows = 50_000; $0.queueLimits = .init(maxMessages: 64, maxBytes: 1 << 20) }
-        ) { staged, server, port in
+        try await withSmallQueueStagedTable("snap_gone", window: .init(maxCount: 100)) { staged, server, port in
             let t = staged.openXIDs[0]
-            let client = try await connectWebSocket(port: port)
-            try await client.sendSnapshotSubscribe("s", table: staged.table)
-            #expect(try await client.receiveJSON(timeout: 30)["type"] as? String == "subscribed")
-            try await client.stopReading()
             let changes = (0..<300).map { i in staged.change(1_000 + i, status: "c\(i)", xid: t, lsn: 0x1000 + UInt64(i) * 0x10) }
-            for event in changes { staged.source.publish(event) }
-            #expect(await eventually(10) { server.statistics.fanoutCursor == changes.last!.cursor })
-            try await client.startReading()
-            #expect(try await client.receiveSnapshotRows() == 20_000)
+            let client = try await connectWebSocket(port: port)
+            #expect(try await client.snapshotWhilePublishing(changes, staged: staged, server: server) == 20_000)
             let message = try await client.receiveJSON(timeout: 10)
             #expect(message["type"] as? String == "resync_required")
             #expect(message["id"] as? String == "s")

@@ -68,6 +68,8 @@ extension RealtimeServer {
         // Sessions whose writer must run, per event loop (`SessionChannel.loopIndex`): one
         // event-loop task per loop and change, started once the lock is released.
         var pumps: [[SessionChannel]] = []
+        // Snapshot subscriptions whose held changes went over half the socket's bounds with this change.
+        var readingBack: [(FanoutClientID, String)] = []
         // Subscriptions ended because this change's table no longer has a column they filter on.
         var schemaChanges: [(client: FanoutClientID, id: String, column: String, byToken: Bool)] = []
         let overflowed = state.withLock { state -> [FanoutClientID] in
@@ -148,14 +150,18 @@ extension RealtimeServer {
                     overflowed.append(client)
                 }
             }
-            for (client, id) in held {
-                // Over the socket's bounds, the handoff reads the changes back from the window.
-                state.hold(encoding(hidingOld: hidingOld.contains(client)).frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits)
+            for (client, id) in held where state.hold(encoding(hidingOld: hidingOld.contains(client)).frame(ids: [id]), of: event, client: client, id: id, limits: configuration.queueLimits) {
+                // Over the socket's bounds: the handoff reads the changes back from the window.
+                readingBack.append((client, id))
             }
             return overflowed
         }
         for sessions in pumps where !sessions.isEmpty { SessionChannel.pumps(sessions) }
         metrics.changesProcessed.increment()
+        for (client, id) in readingBack {
+            logger.debug("a snapshot's changes went over half the send queue's bounds while its rows are sent; they will be read back from the resume window",
+                         metadata: ["client": "\(client)", "id": "\(id)", "cursor": "\(cursor)"])
+        }
         for ended in schemaChanges {
             logger.notice("subscription ended: its filter names a column the table no longer has, or has with another type (a schema change)",
                           metadata: ["client": "\(ended.client)", "id": "\(ended.id)", "table": "\(event.table)", "column": "\(ended.column)"])

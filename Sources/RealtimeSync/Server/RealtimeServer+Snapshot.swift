@@ -385,11 +385,23 @@ extension RealtimeServer {
             guard await space.next() != nil else { break }
         }
         let last = chunk
+        let lastFrame = ServerMessage.snapshot(id: id, rows: last, done: true).jsonBytes()
+        let lateBytes = late.reduce(0) { $0 + $1.count }
+        let limits = configuration.queueLimits
         // In one critical section with the fan-out: the last rows, then the changes held for it.
         return state.withLock { state -> SnapshotEnd in
             guard let entry = state.snapshots[session.id]?[id] else { return .abandoned }
-            var ok = session.enqueue(.snapshot(id: id, rows: last, done: true)) == .queued
-            if ok && entry.readsBack {
+            var ok = session.enqueue(lastFrame) == .queued
+            // What is held goes out only if it fits beside what the queue holds now (the wait
+            // above left it under half full, but the fan-out may have queued more since, and the
+            // late changes and the last rows count too); else it is read back with backpressure.
+            let (queuedBytes, queuedMessages) = session.queued
+            let fits = queuedMessages + late.count + entry.held.count <= limits.maxMessages
+                && queuedBytes + lateBytes + entry.heldBytes + 14 * (late.count + entry.held.count) <= limits.maxBytes
+            if ok && (entry.readsBack || !fits) {
+                state.snapshots[session.id]?[id]?.held = []
+                state.snapshots[session.id]?[id]?.heldBytes = 0
+                state.snapshots[session.id]?[id]?.readsBack = true
                 return .sent(rows: sent + last.count, handoff: SnapshotHandoff(from: from, visibility: visibility, until: snapshot.walPosition))
             }
             for frame in late where ok { ok = session.enqueue(frame) == .queued }
@@ -492,10 +504,12 @@ extension RealtimeServer {
                 read &+= 1
                 if read & 63 == 0 { await Task.yield() }
             }
-            // The source stopped (so has the fan-out): hand over at what was covered.
+            // The source stopped (so has the fan-out): hand over at what was covered, if that is
+            // where the fan-out stopped (a stream ended short of it, or by the session's own
+            // cancellation, hands over nothing: the session is ending).
             let covered = lastCovered
             return state.withLock { state -> Bool in
-                guard state.snapshots[client]?[id] != nil else { return false }
+                guard state.snapshots[client]?[id] != nil, covered >= state.lastDelivered, !Task.isCancelled else { return false }
                 state.endHandoff(subscription, client: client, covered: covered, visibility: handoff.visibility, until: handoff.until)
                 return true
             }
