@@ -930,8 +930,9 @@ struct SnapshotTests {
         }
     }
 
-    @Test("5 writers insert, update and delete while 20 clients subscribe with snapshot:true at staggered times; each client's final view equals the table")
-    func concurrentWritersAndSnapshots() async throws {
+    @Test("5 writers insert, update and delete while 20 clients subscribe with snapshot:true at staggered times; each client's final view equals the table (with the default send queue, and with one of 24 messages, where the changes during most snapshots are read back from the capture's window)",
+          arguments: [1_024, 24])
+    func concurrentWritersAndSnapshots(queueMessages: Int) async throws {
         try await TestDatabase.withDatabaseAlone { url in
             let name = uniqueCaptureName("snap_race")
             try await runSQL(url, """
@@ -939,7 +940,10 @@ struct SnapshotTests {
                 INSERT INTO \(name) SELECT g, 0, -1 FROM generate_series(1, 300) g
                 """)
             let table = "public.\(name)"
-            try await withRealtimeService(url: url, tables: [table], configure: { $0.server.snapshotChunkRows = 40 }) { _, running, _ in
+            try await withRealtimeService(url: url, tables: [table], configure: {
+                $0.server.snapshotChunkRows = 40
+                $0.server.queueLimits = .init(maxMessages: queueMessages)
+            }) { _, running, _ in
                 let control = WriterControl()
                 let markerID = 999_999_999
                 try await withThrowingTaskGroup(of: [Int: Int]?.self) { group in
