@@ -823,6 +823,35 @@ struct PostgresConnectionTests {
 
 @Suite("EmbeddedPostgres")
 struct EmbeddedPostgresTests {
+    @Test("A tool run with a time limit (initdb gets startTimeout) that hangs is killed with its children at the limit, and the error names the knob")
+    func hungToolIsKilled() throws {
+        // As root the tools run through `runuser -u postgres`, which must not take them out of the group.
+        for user in geteuid() == 0 ? [nil, "postgres"] : [nil] {
+            try hungToolIsKilled(as: user)
+        }
+    }
+
+    private func hungToolIsKilled(as user: String?) throws {
+        let pidFile = NSTemporaryDirectory() + "/hung-tool-\(UInt64.random(in: 0...UInt64.max)).pid"
+        defer { unlink(pidFile) }
+        let began = ContinuousClock.now
+        // The shell starts a child of its own (as initdb starts postgres) and waits.
+        #expect {
+            _ = try EmbeddedPostgres.run("/bin/sh", ["-c", "sleep 300 & echo $! > \(pidFile); wait"], as: user,
+                                         timeout: (.seconds(1), "EmbeddedPostgres.Options.startTimeout"))
+        } throws: { error in
+            guard let error = error as? EmbeddedPostgresError else { return false }
+            return error.code == .toolFailed && error.message.contains("did not finish within 1.0 seconds (EmbeddedPostgres.Options.startTimeout)")
+        }
+        #expect(ContinuousClock.now - began < .seconds(10))
+        let child = try #require(Int32((try? String(contentsOfFile: pidFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""))
+        // Its child went with it (killed, or reaped by init: not running either way).
+        let state = (try? String(contentsOfFile: "/proc/\(child)/stat", encoding: .utf8))?.split(separator: " ").dropFirst(2).first
+        #expect(state == nil || state == "Z", "the tool's child \(child) is still running (state \(state.map(String.init) ?? "-"))")
+        // Without a time limit (and within it) a tool's output comes back.
+        #expect(try EmbeddedPostgres.run("/bin/sh", ["-c", "echo done"], as: user, timeout: (.seconds(5), "knob")) == "done\n")
+    }
+
     @Test("start and stop leave no postgres process and no temporary folder")
     func startStop() async throws {
         try await TestDatabase.withoutExclusiveTests {

@@ -26,7 +26,8 @@ public final class EmbeddedPostgres: Sendable {
         /// The folder under which the cluster's temporary folder is made. Default: the system's
         /// temporary directory.
         public var parentDirectory: String
-        /// The longest `pg_ctl start` may wait for the server to accept connections. Default 60 s.
+        /// The longest `initdb` may run (then it is killed), and the longest `pg_ctl start` may
+        /// wait for the server to accept connections. Default 60 s.
         public var startTimeout: Duration
         /// The longest `stop()` waits for a fast shutdown (`pg_ctl stop -m fast`) before it kills
         /// the server and its children (SIGKILL). Default 30 s.
@@ -126,8 +127,8 @@ public final class EmbeddedPostgres: Sendable {
         }
         let dataDirectory = dir + "/data"
         let stopWait = wholeSeconds(options.stopTimeout)
-        func tool(_ name: String, _ args: [String]) throws {
-            _ = try run(bin + "/" + name, args, as: user)
+        func tool(_ name: String, _ args: [String], timeout: Duration? = nil) throws {
+            _ = try run(bin + "/" + name, args, as: user, timeout: timeout.map { ($0, "EmbeddedPostgres.Options.startTimeout") })
         }
         func giveUp(_ error: any Error) -> any Error {
             // The same cleanup as stop(): a server that did start is stopped, the folder removed.
@@ -147,7 +148,8 @@ public final class EmbeddedPostgres: Sendable {
             if let user, let ids = userIDs(user) { chown(passwordFile, ids.uid, ids.gid) }
             defer { unlink(passwordFile) }
             try tool("initdb", ["-D", dataDirectory, "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
-                                "--pwfile=" + passwordFile, "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+                                "--pwfile=" + passwordFile, "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+                     timeout: options.startTimeout)
             var settings: [(String, String)] = [
                 ("listen_addresses", "'127.0.0.1'"),
                 ("unix_socket_directories", "'\(dir)'"),
@@ -411,8 +413,11 @@ public final class EmbeddedPostgres: Sendable {
     /// Runs a tool to completion with its output in a file. Uses `posix_spawn` + `waitpid`, not
     /// Foundation's `Process`: on Linux, `Process` learns of the child's exit through a socket the
     /// child inherits, and the server that `pg_ctl start` leaves running would inherit it too, so
-    /// `waitUntilExit()` would never return.
-    static func run(_ path: String, _ args: [String], as user: String?) throws -> String {
+    /// `waitUntilExit()` would never return. With `timeout` (a limit and the knob that sets it),
+    /// the tool runs in a process group of its own, and one still running at the limit is killed
+    /// with its children (SIGKILL to the group) and reported naming the knob: a hung `initdb`
+    /// (a full or stalled disk, a locked-up NFS folder) held `start()` for good.
+    static func run(_ path: String, _ args: [String], as user: String?, timeout: (limit: Duration, knob: String)? = nil) throws -> String {
         var argv: [String]
         if let user {
             argv = [findExecutable("runuser", path: "/usr/sbin:/usr/bin:/sbin:/bin") ?? "/usr/sbin/runuser", "-u", user, "--", path] + args
@@ -432,15 +437,37 @@ public final class EmbeddedPostgres: Sendable {
         posix_spawn_file_actions_addclosefrom_np(&actions, 3)
         var cargs = argv.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        if timeout != nil {
+            posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+            posix_spawnattr_setpgroup(&attributes, 0)
+        }
         var pid: pid_t = 0
         var environment = minimalEnvironment()
         defer { environment.forEach { free($0) } }
-        let rc = posix_spawn(&pid, argv[0], &actions, nil, &cargs, &environment)
+        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cargs, &environment)
         guard rc == 0 else {
             throw EmbeddedPostgresError(code: .toolFailed, message: "could not run \(argv[0]): \(String(cString: strerror(rc)))")
         }
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        if let timeout {
+            let deadline = ContinuousClock.now + timeout.limit
+            while true {
+                let reaped = waitpid(pid, &status, WNOHANG)
+                if reaped == pid || (reaped < 0 && errno != EINTR) { break }
+                if ContinuousClock.now >= deadline {
+                    kill(-pid, SIGKILL)
+                    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                    let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+                    throw EmbeddedPostgresError(code: .toolFailed, message: "\((path as NSString).lastPathComponent) did not finish within \(timeout.limit) (\(timeout.knob)) and was killed\(text.isEmpty ? "" : "; its output ends with: \(text.suffix(2000))")")
+                }
+                usleep(10_000)
+            }
+        } else {
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
         let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
         let exited = (status & 0x7f) == 0
         let code = exited ? (status >> 8) & 0xff : 128 + (status & 0x7f)
