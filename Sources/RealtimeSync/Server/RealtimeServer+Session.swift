@@ -188,61 +188,22 @@ extension RealtimeServer {
             return true
         }
         if joinedAtOnce { return }
-        var lastCovered = since
-        var caughtUp = 0
-        var read = 0
-        var overflowed = false
         do {
-            for try await event in stream {
-                while session.isOpen && session.isHalfFull {
-                    guard await reader.spaceFreed.next() != nil else { break }
-                }
-                guard session.isOpen else { return }
-                let covered = lastCovered
-                // Matched and encoded before the state lock, which the fan-out and every other
-                // socket share (a thousand clients catching up after a restart held it for every
-                // change of their windows, encoding included).
-                let frame: [UInt8]? =
-                    TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation) && subscription.filter.matches(event)
+            let end = try await catchUp(stream, from: since, session: session, reader: &reader, frame: { event in
+                TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation) && subscription.filter.matches(event)
                     ? EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id]) : nil
-                let joined = state.withLock { state -> Bool in
-                    let cursor = event.cursor
-                    if cursor > state.lastDelivered {
-                        state.join(subscription, client: session.id, lastCovered: covered)
-                        return true
-                    }
-                    if let frame {
-                        if session.enqueue(frame) == .overflow {
-                            state.dropClient(session.id)
-                            logger.notice("slow consumer closed with 1013 during a since catch-up (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
-                                          metadata: ["id": "\(id)", "since": "\(since)"])
-                            overflowed = true  // the session is closing: no join, no more catch-up
-                            return true
-                        }
-                        caughtUp += 1
-                    }
-                    if cursor >= state.lastDelivered {
-                        state.join(subscription, client: session.id, lastCovered: cursor)
-                        return true
-                    }
-                    return false
-                }
-                lastCovered = event.cursor
-                if overflowed { return }
-                if joined {
-                    logger.debug("resumed subscription caught up", metadata: ["id": "\(id)", "since": "\(since)", "sent": "\(caughtUp)"])
-                    return
-                }
-                // A window read from memory never suspends: every 64 changes the thread is
-                // offered to other tasks (HTTP answers, /readyz, other catch-ups), or hundreds
-                // of clients resuming after a restart held the few cooperative threads for
-                // seconds at a time.
-                read &+= 1
-                if read & 63 == 0 { await Task.yield() }
+            }, isWanted: { _ in true }, handOver: { state, covered in
+                state.join(subscription, client: session.id, lastCovered: covered)
+            })
+            switch end {
+            case .caughtUp(let sent):
+                logger.debug("resumed subscription caught up", metadata: ["id": "\(id)", "since": "\(since)", "sent": "\(sent)"])
+            case .overflowed:
+                logger.notice("slow consumer closed with 1013 during a since catch-up (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
+                              metadata: ["id": "\(id)", "since": "\(since)"])
+            case .ended:
+                break  // the session is ending
             }
-            // The source stopped: join at what was covered (the fan-out has stopped too).
-            let covered = lastCovered
-            state.withLock { $0.join(subscription, client: session.id, lastCovered: covered) }
         } catch let error as ResumeWindowError {
             reader.openIDs.remove(id)
             session.enqueue(.resyncRequired(id: id, message: error.message))
@@ -258,6 +219,83 @@ extension RealtimeServer {
         } catch {
             reader.openIDs.remove(id)
             session.enqueue(ProtocolError(.internal, id: id, "the change stream failed while resuming (\(error)); resubscribe with 'since'").serverMessage)
+        }
+    }
+}
+
+/// How `RealtimeServer.catchUp` ended.
+enum CatchUpEnd: Sendable {
+    /// It reached the fan-out's position and handed the subscription over; `sent` frames were queued.
+    case caughtUp(sent: Int)
+    /// The socket's send queue overflowed: it is closing with 1013, and the client was dropped.
+    case overflowed
+    /// The socket closed, the subscription is no longer wanted, or the stream ended short of
+    /// the fan-out (the session is ending): nothing was handed over.
+    case ended
+}
+
+extension RealtimeServer {
+    /// The shared loop of a `since` catch-up and of a snapshot's read-back: queues the frame
+    /// `frame` makes of each change of `stream` (a window read after `from`), waiting while the
+    /// send queue is half full, until a change reaches the fan-out's position; in that critical
+    /// section `handOver` gets the last cursor covered and the fan-out takes the subscription
+    /// over (it delivers what comes after). `isWanted` is asked in every critical section (false:
+    /// the subscription was dropped meanwhile). The stream's errors are thrown.
+    func catchUp<Changes: AsyncSequence>(_ stream: Changes, from: Cursor, session: SessionChannel, reader: inout SessionReaderState,
+                                         frame: (ChangeEvent) -> [UInt8]?, isWanted: (ServerState) -> Bool,
+                                         handOver: (inout ServerState, Cursor) -> Void) async throws -> CatchUpEnd where Changes.Element == ChangeEvent {
+        var lastCovered = from
+        var sent = 0
+        var read = 0
+        for try await event in stream {
+            while session.isOpen && session.channel.isActive && session.isHalfFull {
+                guard await reader.spaceFreed.next() != nil else { break }
+            }
+            guard session.isOpen && session.channel.isActive else { return .ended }
+            // Matched and encoded before the state lock, which the fan-out and every other
+            // socket share (a thousand clients catching up after a restart held it for every
+            // change of their windows, encoding included).
+            let encoded = frame(event)
+            let covered = lastCovered
+            let outcome = state.withLock { state -> CatchUpEnd? in
+                guard isWanted(state) else { return .ended }
+                if event.cursor > state.lastDelivered {
+                    // The window is ahead of the fan-out: it delivers this change itself.
+                    handOver(&state, covered)
+                    return .caughtUp(sent: sent)
+                }
+                if let encoded {
+                    switch session.enqueue(encoded) {
+                    case .queued: sent += 1
+                    case .overflow:
+                        state.dropClient(session.id)
+                        return .overflowed
+                    case .closed: return .ended
+                    }
+                }
+                if event.cursor >= state.lastDelivered {
+                    handOver(&state, event.cursor)
+                    return .caughtUp(sent: sent)
+                }
+                return nil
+            }
+            if let outcome { return outcome }
+            lastCovered = event.cursor
+            // A window read from memory never suspends: every 64 changes the thread is
+            // offered to other tasks (HTTP answers, /readyz, other catch-ups), or hundreds
+            // of clients resuming after a restart held the few cooperative threads for
+            // seconds at a time.
+            read &+= 1
+            if read & 63 == 0 { await Task.yield() }
+        }
+        // The source stopped (so has the fan-out): hand over at what was covered if that is
+        // where the fan-out stopped; a stream that ended short of it, or ended by this task's
+        // cancellation, hands over nothing (the session is ending).
+        let covered = lastCovered
+        return state.withLock { state -> CatchUpEnd in
+            guard isWanted(state), covered >= state.lastDelivered, !Task.isCancelled else { return .ended }
+            handOver(&state, covered)
+            return .caughtUp(sent: sent)
         }
     }
 }

@@ -436,10 +436,9 @@ extension RealtimeServer {
 
     /// Step 4 of `subscribeWithSnapshot`: sends the changes after `handoff.from` whose
     /// transaction the snapshot did not see, or that commit at or after `until`, read back from
-    /// the source's window as a `since` catch-up reads them (waiting while the send queue is
-    /// half full, yielding every 64 changes), then hands the subscription to the fan-out
-    /// (`ServerState.endHandoff`) in the critical section that finds the fan-out's position
-    /// reached. False when it ended otherwise: the client went away or was closed (1013 when
+    /// the source's window by the loop of a `since` catch-up (`catchUp`), then hands the
+    /// subscription to the fan-out (`ServerState.endHandoff`) in the critical section that finds
+    /// the fan-out's position reached. False when it ended otherwise: the client went away or was closed (1013 when
     /// its queue overflowed or the source cut it off), or the window no longer held `from`
     /// (`resync_required`) or the stream failed (`internal`).
     private func handOver<Source: ChangeSource>(_ source: Source, _ subscription: ResolvedSubscription, _ handoff: SnapshotHandoff,
@@ -455,63 +454,24 @@ extension RealtimeServer {
         }
         guard let atOnce else { return false }
         if atOnce { return true }
-        var lastCovered = handoff.from
-        var read = 0
-        var overflowed = false
         do {
             let stream = try await source.changes(after: handoff.from)
-            for try await event in stream {
-                while session.isOpen && session.channel.isActive && session.isHalfFull {
-                    guard await reader.spaceFreed.next() != nil else { break }
-                }
-                guard session.isOpen && session.channel.isActive else { return false }
-                // Matched and encoded before the state lock (which the fan-out and every socket share).
-                let wanted = TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation)
+            let end = try await catchUp(stream, from: handoff.from, session: session, reader: &reader, frame: { event in
+                TableKey(event.table) == TableKey(subscription.table) && subscription.events.contains(event.operation)
                     && (event.commitLSN >= handoff.until || !handoff.visibility.isVisible(xid: event.xid)) && subscription.filter.matches(event)
-                let frame = wanted ? EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id]) : nil
-                let covered = lastCovered
-                // nil: ended otherwise; true: handed over.
-                let outcome = state.withLock { state -> Bool? in
-                    guard state.snapshots[client]?[id] != nil else { return nil }
-                    if event.cursor > state.lastDelivered {
-                        // The window is ahead of the fan-out: it delivers this change itself.
-                        state.endHandoff(subscription, client: client, covered: covered, visibility: handoff.visibility, until: handoff.until)
-                        return true
-                    }
-                    if let frame {
-                        let result = session.enqueue(frame)
-                        guard result == .queued else {
-                            overflowed = result == .overflow
-                            state.dropClient(client)
-                            return nil
-                        }
-                    }
-                    if event.cursor >= state.lastDelivered {
-                        state.endHandoff(subscription, client: client, covered: event.cursor, visibility: handoff.visibility, until: handoff.until)
-                        return true
-                    }
-                    return false
-                }
-                guard let outcome else {
-                    if overflowed {
-                        logger.notice("slow consumer closed with 1013 while the changes after its snapshot were sent (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
-                                      metadata: ["id": "\(id)", "table": "\(subscription.table)"])
-                    }
-                    return false
-                }
-                if outcome { return true }
-                lastCovered = event.cursor
-                read &+= 1
-                if read & 63 == 0 { await Task.yield() }
-            }
-            // The source stopped (so has the fan-out): hand over at what was covered, if that is
-            // where the fan-out stopped (a stream ended short of it, or by the session's own
-            // cancellation, hands over nothing: the session is ending).
-            let covered = lastCovered
-            return state.withLock { state -> Bool in
-                guard state.snapshots[client]?[id] != nil, covered >= state.lastDelivered, !Task.isCancelled else { return false }
+                    ? EncodedChange(event, hidingOld: subscription.mandatory.hidesOldRow(of: event)).frame(ids: [id]) : nil
+            }, isWanted: { $0.snapshots[client]?[id] != nil }, handOver: { state, covered in
                 state.endHandoff(subscription, client: client, covered: covered, visibility: handoff.visibility, until: handoff.until)
+            })
+            switch end {
+            case .caughtUp:
                 return true
+            case .overflowed:
+                logger.notice("slow consumer closed with 1013 while the changes after its snapshot were sent (send queue over maxMessages=\(configuration.queueLimits.maxMessages) or maxBytes=\(configuration.queueLimits.maxBytes): RealtimeServerConfiguration.queueLimits)",
+                              metadata: ["id": "\(id)", "table": "\(subscription.table)"])
+                return false
+            case .ended:
+                return false
             }
         } catch let error as ResumeWindowError {
             session.enqueue(.resyncRequired(id: id, message:
