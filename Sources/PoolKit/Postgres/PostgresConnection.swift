@@ -1337,6 +1337,9 @@ final class ConnectAttempt: Sendable {
     }
 
     private func recordTarget(_ pg: OpaquePointer) {
+        // A host's step left behind (its name lookup outlasted its turn, `firstOf`) is cancelled:
+        // the host it reaches later is not the one the timeout message must name.
+        guard !Task.isCancelled else { return }
         let host = PQhost(pg).map { String(cString: $0) } ?? "?"
         let port = PQport(pg).map { String(cString: $0) } ?? "?"
         let err = lastError(pg)
