@@ -95,6 +95,23 @@ struct ServerHTTPTests {
         }
     }
 
+    @Test("A request that ends its connection (Connection: close, HTTP/1.0) with more bytes behind it in the same write is answered (200), once, and the connection closed; the bytes are dropped")
+    func bytesAfterAClosingRequest() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in
+            for request in ["GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+                            "GET /healthz HTTP/1.0\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n",
+                            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\nG"] {
+                let connection = try await TestConnection.open(port: test.port)
+                try await connection.send(Array(request.utf8))
+                let answer = try await connection.readToEnd(timeout: 10).map { String(decoding: $0, as: UTF8.self) }
+                await connection.close()
+                let text = try #require(answer, "still open after 10 s: \(request.debugDescription)")
+                #expect(text.hasPrefix("HTTP/1.1 200 ") && text.hasSuffix("ok\n"), "\(request.debugDescription): \(text)")
+                #expect(text.components(separatedBy: "HTTP/1.1 ").count == 2, "one response for \(request.debugDescription), got: \(text)")
+            }
+        }
+    }
+
     @Test("A request whose chunked body cannot be parsed gets one 400 and its connection closed, also as a later request")
     func badChunkedBody() async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in

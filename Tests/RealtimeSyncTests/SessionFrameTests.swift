@@ -143,6 +143,21 @@ struct AutoPingPauseTests {
         _ = try? channel.finish()
     }
 
+    @Test("a drop for a ping timeout is logged at info (1001 alone does not tell it from a shutdown)")
+    func pingTimeoutIsLogged() throws {
+        let capture = LogCapture()
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(AutoPingHandler(interval: .seconds(1), logger: capture.logger()))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
+        #expect(capture.messages.isEmpty, "nothing before the timeout")
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        let logged = capture.records.withLock { $0 }
+        #expect(logged.count == 1 && logged.first?.level == .info, "\(logged)")
+        #expect(logged.first?.message.contains("ping timeout") == true && logged.first?.message.contains("pingInterval=") == true, "\(logged)")
+        _ = try? channel.finish()
+    }
+
     @Test("a late pong for the ping before the last still counts as an answer")
     func latePongForThePreviousPing() throws {
         let channel = EmbeddedChannel()

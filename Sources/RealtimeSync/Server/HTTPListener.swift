@@ -155,6 +155,26 @@ final class HTTP1ConnectionGuard: ChannelInboundHandler, RemovableChannelHandler
     }
 }
 
+/// Between NIO's request decoder and its protocol error handler: bytes that follow a request
+/// ending its connection (`Connection: close`, HTTP/1.0 without keep-alive) in the same read
+/// are not a malformed request. The decoder reports them as `closedConnection` (and any bytes
+/// after as data in its error state), on which the error handler answered 400 in place of the
+/// request's own answer, and the connection was closed before that answer (a client that
+/// pipelines, or sends a stray byte, got a 400 for a valid request). The request is answered
+/// and the connection ends after it, as its `Connection` asked; the bytes are dropped. Only
+/// `errorCaught` is overridden, so it passes any message through (it stays, inert, after an
+/// upgrade).
+final class BytesAfterCloseFilter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Any
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case HTTPParserError.closedConnection = error { return }
+        if case ByteToMessageDecoderError.dataReceivedInErrorState(let cause, _) = error,
+           case HTTPParserError.closedConnection = cause { return }
+        context.fireErrorCaught(error)
+    }
+}
+
 extension UpgradeGate {
     /// Whether NIO's WebSocket upgrader would take `head` (RFC 6455 4.2.1), the version aside
     /// (the router answers a wrong version with 426).

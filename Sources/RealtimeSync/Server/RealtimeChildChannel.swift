@@ -125,6 +125,7 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
             let result = try channel.pipeline.syncOperations.configureUpgradableHTTPServerPipeline(configuration: pipeline)
             let operations = channel.pipeline.syncOperations
             let upgradeHandler = try operations.handler(type: NIOTypedHTTPServerUpgradeHandler<UpgradeResult>.self)
+            try operations.addHandler(BytesAfterCloseFilter(), position: .before(try operations.handler(type: HTTPServerProtocolErrorHandler.self)))
             let gate = UpgradeGate { head in
                 grant.value = server.upgradeGrant(UpgradeRequest(head))
                 return grant.value != nil

@@ -39,7 +39,8 @@ extension RealtimeServer {
             try operations.addHandler(observer, position: .after(decoder))
             try operations.addHandler(AutoPingHandler(interval: TimeAmount(configuration.pingInterval),
                                                       readsPaused: { [session] in session.readsPaused.load(ordering: .relaxed) },
-                                                      serverBusy: { [session] in session.waitingForServer.load(ordering: .relaxed) }),
+                                                      serverBusy: { [session] in session.waitingForServer.load(ordering: .relaxed) },
+                                                      logger: logger),
                                       position: .after(observer))
             session.setFrameWriter(try? operations.context(handlerType: WebSocketFrameEncoder.self))
             try operations.addHandler(SessionHandler(server: self, session: session, grant: grant, logger: logger))
@@ -369,10 +370,16 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// the server's doing, and do not count towards `maxPausedIntervals`.
     private let serverBusy: () -> Bool
 
-    init(interval: TimeAmount, readsPaused: @escaping () -> Bool = { false }, serverBusy: @escaping () -> Bool = { false }) {
+    /// Where a drop for a ping timeout is logged (at info: the close code alone, 1001, does
+    /// not tell it from a shutdown).
+    private let logger: Logger?
+
+    init(interval: TimeAmount, readsPaused: @escaping () -> Bool = { false }, serverBusy: @escaping () -> Bool = { false },
+         logger: Logger? = nil) {
         self.interval = interval
         self.readsPaused = readsPaused
         self.serverBusy = serverBusy
+        self.logger = logger
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -439,6 +446,7 @@ final class AutoPingHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if unanswered != nil && (previousUnanswered != nil || pausedTooLong) {
             // Two pings in a row missed.
             stop()
+            logger?.info("socket dropped with 1001: ping timeout (no pong to two pings in a row\(pausedTooLong ? ", or to one while its reads stayed paused behind a catch-up or snapshot it did not read" : ""); pingInterval=\(interval))")
             var payload = context.channel.allocator.buffer(capacity: 2 + 12)
             payload.writeInteger(UInt16(1001))
             payload.writeString("Ping timeout")
