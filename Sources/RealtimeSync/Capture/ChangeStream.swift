@@ -553,6 +553,17 @@ public final class ChangeStream: Service, Sendable {
                          assembler: inout TransactionAssembler, quickReplies: Duration, caughtUpAt: LSN) async throws -> Bool {
         // Until the session has read this far (nil once it has): see `isCaughtUp`.
         var catchingUpTo: LSN? = state.withLock { $0.caughtUp } ? nil : caughtUpAt
+        // Called once a message has been handled: with no transaction half-received, everything
+        // up to `position` is in the window. (Checked before handling, a Commit whose position
+        // is the target's, the last transaction of a backlog, counted before it was delivered:
+        // the window was one transaction short when /readyz turned ready.)
+        func reached(_ position: LSN, inTransaction: Bool) {
+            guard let target = catchingUpTo, position >= target, !inTransaction else { return }
+            catchingUpTo = nil
+            state.withLock { $0.caughtUp = true }
+            configuration.logger.info("change stream caught up with the server's WAL as of its connect", metadata: [
+                "slot": "\(configuration.slotName)", "position": "\(position)"])
+        }
         return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { await repl.runStatusSchedule() }
             group.addTask {
@@ -576,25 +587,13 @@ public final class ChangeStream: Service, Sendable {
                     sinceYield = 0
                     await Task.yield()
                 }
-                if let target = catchingUpTo {
-                    // Everything before this message has been delivered to the window.
-                    let reached = switch message {
-                    case .xLogData(let data): LSN(data.walStart)
-                    case .keepalive(let keepalive): LSN(keepalive.walEnd)
-                    }
-                    if reached >= target {
-                        catchingUpTo = nil
-                        state.withLock { $0.caughtUp = true }
-                        configuration.logger.info("change stream caught up with the server's WAL as of its connect", metadata: [
-                            "slot": "\(configuration.slotName)", "position": "\(reached)"])
-                    }
-                }
                 guard case .xLogData(let data) = message else {
                     guard case .keepalive(let keepalive) = message else { continue }
                     if keepalive.replyRequested {
                         try await replyRequested(keepalive, repl, previous: &replyRequests)
                     }
                     if !assembler.isInTransaction { advanceIdle(through: LSN(keepalive.walEnd), repl) }
+                    reached(LSN(keepalive.walEnd), inTransaction: assembler.isInTransaction)
                     if caughtUp(LSN(keepalive.walEnd), assembler) { break }
                     continue
                 }
@@ -622,13 +621,18 @@ public final class ChangeStream: Service, Sendable {
                     // Non-transactional messages (the heartbeat's among them) are sent when
                     // written: every transaction that committed before one was sent already.
                     advanceIdle(through: logical.lsn, repl)
+                    reached(LSN(data.walStart), inTransaction: assembler.isInTransaction)
                     continue
                 }
-                guard case .transaction(let transaction)? = output else { continue }
+                guard case .transaction(let transaction)? = output else {
+                    reached(LSN(data.walStart), inTransaction: assembler.isInTransaction)
+                    continue
+                }
                 if let retain = hub.deliver(transaction) {
                     changesCounter.increment(by: transaction.changes.count)
                     confirm(retain, repl)
                 }
+                reached(LSN(data.walStart), inTransaction: assembler.isInTransaction)
                 if caughtUp(LSN(data.walStart), assembler) { break }
             }
             return stopRequested
