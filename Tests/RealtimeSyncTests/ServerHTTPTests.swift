@@ -95,6 +95,30 @@ struct ServerHTTPTests {
         }
     }
 
+    @Test("A refused upgrade closes its connection after the answer, and a connection whose answer closed it is closed within a second even while the client keeps it open and keeps sending")
+    func closedAfterTheLastAnswer() async throws {
+        try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in
+            // NIO's decoder took it for an upgrade and parses nothing more on this connection.
+            let refused = try await TestConnection.open(port: test.port)
+            #expect(try await refused.upgrade(version: "8").status == 426)
+            #expect(try await refused.waitForEndOfStream(timeout: 5), "a refused upgrade's connection stayed open")
+            #expect(await eventually(5) { test.server.statistics.connections == 0 }, "\(test.server.statistics.connections) connections open")
+            await refused.close()
+            // The client neither closes nor stops sending after a Connection: close answer.
+            let chatty = try await TestConnection.open(port: test.port)
+            #expect(try await chatty.request("GET", "/healthz", headers: [("Connection", "close")]).status == 200)
+            let sending = Task {
+                for _ in 0..<40 {
+                    try? await chatty.send(Array("junk".utf8))
+                    try? await Task.sleep(for: .milliseconds(50))
+                }
+            }
+            #expect(await eventually(5) { test.server.statistics.connections == 0 }, "\(test.server.statistics.connections) connections open")
+            sending.cancel()
+            await chatty.close()
+        }
+    }
+
     @Test("A request that ends its connection (Connection: close, HTTP/1.0) with more bytes behind it in the same write is answered (200), once, and the connection closed; the bytes are dropped")
     func bytesAfterAClosingRequest() async throws {
         try await withTestServer(source: InMemoryChangeSource(catalog: serverCatalog), configure: { $0.firstRequestTimeout = .seconds(30) }) { test in

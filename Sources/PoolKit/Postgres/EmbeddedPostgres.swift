@@ -459,7 +459,14 @@ public final class EmbeddedPostgres: Sendable {
                 if reaped == pid || (reaped < 0 && errno != EINTR) { break }
                 if ContinuousClock.now >= deadline {
                     kill(-pid, SIGKILL)
-                    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                    // A process in uninterruptible I/O (the stalled disk that hung it) dies only
+                    // when that I/O returns: reaped if it goes within 5 s, else left to init.
+                    let reapBy = ContinuousClock.now + .seconds(5)
+                    while ContinuousClock.now < reapBy {
+                        let gone = waitpid(pid, &status, WNOHANG)
+                        if gone == pid || (gone < 0 && errno != EINTR) { break }
+                        usleep(10_000)
+                    }
                     let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
                     throw EmbeddedPostgresError(code: .toolFailed, message: "\((path as NSString).lastPathComponent) did not finish within \(timeout.limit) (\(timeout.knob)) and was killed\(text.isEmpty ? "" : "; its output ends with: \(text.suffix(2000))")")
                 }

@@ -104,13 +104,11 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
             head.headers.remove(name: RealtimeServer.refusedUpgradeHeader)
             if head.headers.contains(name: "upgrade") && !(Self.isWellFormedUpgrade(head) && admits(head)) {
                 head.headers.remove(name: "upgrade")
-                let connection = head.headers[canonicalForm: "connection"].filter { $0.lowercased() != "upgrade" }.map(String.init)
-                head.headers.remove(name: "connection")
-                if !connection.isEmpty { head.headers.add(name: "connection", value: connection.joined(separator: ", ")) }
                 head.headers.add(name: RealtimeServer.refusedUpgradeHeader, value: RealtimeServer.refusedUpgradeMark)
-                // Its body is not read for the answer: the connection ends after it, instead of
-                // waiting for (and throwing away) what the client declared it would send.
-                if Self.hasBody(head) { head.headers.replaceOrAdd(name: "connection", value: "close") }
+                // The connection ends after the answer: NIO's decoder took the request as an
+                // upgrade and parses nothing more on this connection (later bytes would only pile
+                // up in its buffer), and a body is not read for the answer either.
+                head.headers.replaceOrAdd(name: "connection", value: "close")
             }
             part = .head(head)
         }
@@ -135,10 +133,24 @@ final class UpgradeGate: ChannelInboundHandler, RemovableChannelHandler {
 /// for a `Connection` header that is exactly `close` (an HTTP/1.0 request without keep-alive,
 /// or `Connection: Close`, kept its connection open until the idle timeout); and a request
 /// that cannot be parsed (a bad chunk in a body, a later request) ends the connection after
-/// NIO's 400, instead of the route's answer and Hummingbird's own 400 following it.
+/// NIO's 400, instead of the route's answer and Hummingbird's own 400 following it. Once the
+/// server's side is closed (Hummingbird half-closes after the last answer), the connection is
+/// closed `closeGrace` later however the client behaves: until then what it sends is read and
+/// dropped, so that the answer is not lost to a reset, but a client that keeps sending (bytes
+/// after `Connection: close`, after a refused upgrade) is not read for the idle timeout.
 final class HTTP1ConnectionGuard: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
+    /// How long a connection whose server side is closed stays open for the client's side.
+    static let closeGrace = TimeAmount.milliseconds(500)
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.outputClosed = event {
+            let channel = context.channel
+            context.eventLoop.scheduleTask(in: Self.closeGrace) { channel.close(promise: nil) }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if case .head(var head) = unwrapInboundIn(data), !head.isKeepAlive {

@@ -84,6 +84,9 @@ struct RealtimeChildChannel: ServerChildChannel, HTTPChannelHandler {
                     channel.eventLoop.makeCompletedFuture {
                         guard let admitted = grant.value else { throw ChannelError.inappropriateOperationForState }
                         grant.value = nil
+                        // Inert on a WebSocket (it sees HTTP errors only): not kept on every socket.
+                        let operations = channel.pipeline.syncOperations
+                        if let filter = try? operations.handler(type: BytesAfterCloseFilter.self) { operations.removeHandler(filter, promise: nil) }
                         try server.startSession(on: channel, grant: admitted)
                         return .websocket
                     }

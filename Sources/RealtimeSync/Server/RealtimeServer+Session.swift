@@ -204,6 +204,11 @@ extension RealtimeServer {
                               metadata: ["id": "\(id)", "since": "\(since)"])
             case .ended:
                 break  // the session is ending
+            case .streamEnded:
+                // Not joined: the id is free again, and the client is told (a no-op if the
+                // session is already closing, as it is at shutdown).
+                reader.openIDs.remove(id)
+                session.enqueue(ProtocolError(.internal, id: id, "the change stream ended while resuming; resubscribe with 'since'").serverMessage)
             }
         } catch let error as ResumeWindowError {
             reader.openIDs.remove(id)
@@ -230,9 +235,11 @@ enum CatchUpEnd: Sendable {
     case caughtUp(sent: Int)
     /// The socket's send queue overflowed: it is closing with 1013, and the client was dropped.
     case overflowed
-    /// The socket closed, the subscription is no longer wanted, or the stream ended short of
-    /// the fan-out (the session is ending): nothing was handed over.
+    /// The socket closed, or the subscription is no longer wanted: nothing was handed over.
     case ended
+    /// The stream ended (the source stopped) short of the fan-out's position, or by this task's
+    /// cancellation: nothing was handed over, and the subscription is not live.
+    case streamEnded
 }
 
 extension RealtimeServer {
@@ -294,7 +301,8 @@ extension RealtimeServer {
         // cancellation, hands over nothing (the session is ending).
         let covered = lastCovered
         return state.withLock { state -> CatchUpEnd in
-            guard isWanted(state), covered >= state.lastDelivered, !Task.isCancelled else { return .ended }
+            guard isWanted(state) else { return .ended }
+            guard covered >= state.lastDelivered, !Task.isCancelled else { return .streamEnded }
             handOver(&state, covered)
             return .caughtUp(sent: sent)
         }

@@ -472,6 +472,9 @@ extension RealtimeServer {
                 return false
             case .ended:
                 return false
+            case .streamEnded:
+                session.enqueue(ProtocolError(.internal, id: id, "the change stream ended while the changes after the snapshot were read; subscribe again").serverMessage)
+                return false
             }
         } catch let error as ResumeWindowError {
             session.enqueue(.resyncRequired(id: id, message:

@@ -91,9 +91,9 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
             receivedClose(frame, context: context)
         case .ping:
             guard frame.fin, frame.reservedBits.isEmpty else { return session.close(.protocolError) }
-            // Not once the session is closing (a fatal frame earlier in this read, a shutdown):
-            // its close frame comes next, and nothing is answered after the server decided to end.
-            guard !closeReceived, session.isOpen else { return }
+            // Answered until the client's close arrives (RFC 6455 5.5.2), also while the server's
+            // own close waits behind the queue or a fatal frame came first in this read.
+            guard !closeReceived else { return }
             if context.channel.isWritable {
                 context.write(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)), promise: nil)
                 pongsUnflushed = true
@@ -129,7 +129,7 @@ final class SessionHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable, let payload = unansweredPing {
             unansweredPing = nil
-            if !closeReceived, session.isOpen { pong(payload, context: context) }
+            if !closeReceived { pong(payload, context: context) }
         }
         context.fireChannelWritabilityChanged()
     }
