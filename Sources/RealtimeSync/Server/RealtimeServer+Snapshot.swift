@@ -395,9 +395,11 @@ extension RealtimeServer {
             // What is held goes out only if it fits beside what the queue holds now (the wait
             // above left it under half full, but the fan-out may have queued more since, and the
             // late changes and the last rows count too); else it is read back with backpressure.
+            // (All held ones counted, those the snapshot saw too: an upper bound.)
             let (queuedBytes, queuedMessages) = session.queued
+            let frameOverhead = 14  // a text frame's header (at most 10 bytes, `SessionChannel.textFrame`) and a margin
             let fits = queuedMessages + late.count + entry.held.count <= limits.maxMessages
-                && queuedBytes + lateBytes + entry.heldBytes + 14 * (late.count + entry.held.count) <= limits.maxBytes
+                && queuedBytes + lateBytes + entry.heldBytes + frameOverhead * (late.count + entry.held.count) <= limits.maxBytes
             if ok && (entry.readsBack || !fits) {
                 state.snapshots[session.id]?[id]?.held = []
                 state.snapshots[session.id]?[id]?.heldBytes = 0
